@@ -1,0 +1,61 @@
+"""The ``herd`` command: a thin dispatcher.
+
+Each subcommand lives in the plane it belongs to and owns its own argparse parser
+(``main(argv) -> int``). The table below names modules as strings and imports only the one that
+runs, so ``herd`` itself depends on neither coordinator/ nor worker/ and ``herd submit`` on a
+laptop never imports MLX.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> (module with main(argv), one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("worker.train_cli", "run one job locally, or as one rank under an MLX launcher"),
+    "tiny-model": ("herd.tiny", "write a small real model folder (random weights)"),
+    "tiny-data": ("herd.tiny", "write a small dataset with a pattern a LoRA can learn"),
+    "check": ("worker.train_cli", "validate a job config and its dataset without training"),
+    "plan": ("coordinator.planner_cli", "predict memory and pick a data x pipeline layout"),
+    "init": ("herd.client", "create the cluster secret and state directory"),
+    "coordinator": ("coordinator.main", "run the coordinator"),
+    "worker": ("worker.agent", "run a worker agent on this machine"),
+    "up": ("coordinator.local_cluster", "start a local cluster (coordinator + N workers)"),
+    "submit": ("herd.client", "validate a job locally and submit it"),
+    "jobs": ("herd.client", "list jobs"),
+    "watch": ("herd.client", "follow a job's progress"),
+    "cancel": ("herd.client", "cancel a job"),
+    "workers": ("herd.client", "list verified workers"),
+    "pull": ("herd.client", "download a job's adapter"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: herd COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "`herd COMMAND --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from herd import __version__
+
+        print(f"herd {__version__}")
+        return 0
+    name = argv[0]
+    if name not in COMMANDS:
+        print(f"herd: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return int(module.main(argv) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

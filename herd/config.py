@@ -1,0 +1,236 @@
+"""The job config: an ``mlx_lm.lora`` YAML (same keys, same defaults) plus herd's sections.
+
+Validated once, with pydantic, at ``herd submit`` / ``herd train``. Every error names the key, the
+bad value and the fix. An existing mlx-lm LoRA config validates unchanged.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from herd.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraParameters(_Strict):
+    rank: int = Field(8, ge=1, le=1024, description="LoRA rank r (mlx-lm default 8)")
+    scale: float = Field(20.0, gt=0, description="LoRA scale; mlx-lm uses 'scale', not 'alpha'")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    keys: list[str] | None = Field(None, description="module keys to adapt, e.g. self_attn.q_proj")
+
+
+class LrSchedule(_Strict):
+    name: str = Field(description="an mlx.optimizers.schedulers function, e.g. cosine_decay")
+    arguments: list[Any]
+    warmup: int = Field(0, ge=0)
+    warmup_init: float = 0.0
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        known = ["cosine_decay", "exponential_decay", "linear_schedule", "step_decay"]
+        if v not in known:
+            raise ValueError(f"unknown schedule {v!r}; one of {known}")
+        return v
+
+
+class Parallelism(_Strict):
+    data: int | Literal["auto"] = "auto"
+    pipeline: int = Field(1, ge=1)
+
+
+class Cluster(_Strict):
+    """herd's own section: where and how the job runs."""
+
+    workers: int | None = Field(None, ge=1, description="workers to use (default: data x pipeline)")
+    parallelism: Parallelism | Literal["auto"] = "auto"
+    exchange: Literal["mlx", "grpc", "auto"] = "auto"
+    backend: Literal["zeroconf", "ray", "static"] = "zeroconf"
+    max_restarts: int = Field(2, ge=0)
+    exchange_timeout_s: float = Field(60.0, gt=0, description="deadline of one gradient exchange")
+    wire_dtype: Literal["float32", "bfloat16"] = "float32"
+
+    def data_parallel(self) -> int | None:
+        """The data-parallel degree if fixed by the config, else None (decided at placement)."""
+        if isinstance(self.parallelism, Parallelism) and self.parallelism.data != "auto":
+            return int(self.parallelism.data)
+        return None
+
+    def pipeline_stages(self) -> int:
+        return self.parallelism.pipeline if isinstance(self.parallelism, Parallelism) else 1
+
+
+class Quantize(_Strict):
+    """Quantize the base model on load (QLoRA on an unquantized folder)."""
+
+    bits: Literal[2, 3, 4, 5, 6, 8] = 4
+    group_size: Literal[32, 64, 128] = 64
+
+
+class JobConfig(_Strict):
+    """mlx_lm.lora's keys with mlx_lm.lora's defaults (mlx-lm 0.32), plus cluster/quantize."""
+
+    model: str = "Qwen/Qwen3-0.6b"
+    train: bool = False
+    fine_tune_type: Literal["lora", "dora", "full"] = "lora"
+    optimizer: Literal["adam", "adamw", "muon", "sgd", "adafactor"] = "adam"
+    optimizer_config: dict[str, dict[str, Any]] = Field(
+        default_factory=lambda: {k: {} for k in ("adam", "adamw", "muon", "sgd", "adafactor")}
+    )
+    data: str = "mlx-community/WikiSQL"
+    hf_dataset: Any = None
+    seed: int = 0
+    num_layers: int = Field(16, ge=-1)
+    batch_size: int = Field(4, ge=1)
+    iters: int = Field(1000, ge=1)
+    val_batches: int = Field(25, ge=-1)
+    learning_rate: float = Field(1e-5, gt=0)
+    steps_per_report: int = Field(10, ge=1)
+    steps_per_eval: int = Field(200, ge=1)
+    resume_adapter_file: str | None = None
+    adapter_path: str = "adapters"
+    save_every: int = Field(100, ge=1)
+    test: bool = False
+    test_batches: int = Field(500, ge=-1)
+    max_seq_length: int = Field(2048, ge=2)
+    config: str | None = None
+    grad_checkpoint: bool = False
+    grad_accumulation_steps: int = Field(1, ge=1)
+    clear_cache_threshold: int = Field(0, ge=0)
+    lr_schedule: LrSchedule | None = None
+    lora_parameters: LoraParameters = Field(default_factory=LoraParameters)
+    mask_prompt: bool = False
+    report_to: str | None = None
+    project_name: str | None = None
+    trust_remote_code: bool = False
+
+    cluster: Cluster = Field(default_factory=Cluster)
+    quantize: Quantize | None = None
+
+    @field_validator("num_layers")
+    @classmethod
+    def _layers(cls, v: int) -> int:
+        if v == 0:
+            raise ValueError("0 layers trains nothing; use -1 for all layers or N for the last N")
+        return v
+
+    @model_validator(mode="after")
+    def _cross(self) -> "JobConfig":
+        dp = self.cluster.data_parallel()
+        if dp is not None and self.batch_size % dp != 0:
+            raise ValueError(
+                f"batch_size {self.batch_size} is not divisible by cluster.parallelism.data {dp}: "
+                f"each data-parallel rank takes batch_size / data examples; use a batch_size that is "
+                f"a multiple of {dp}"
+            )
+        return self
+
+    # mlx-lm's TrainingArgs and adapter_config.json speak these names.
+    def mlx_lm_dict(self) -> dict[str, Any]:
+        d = self.model_dump(exclude={"cluster", "quantize"}, mode="json")
+        return d
+
+
+# mlx-lm's YAML loader reads 1e-5 as a float (PyYAML's default reads it as a string).
+_yaml_loader = yaml.SafeLoader
+_yaml_loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+_HINTS = {
+    "alpha": "mlx-lm's LoRA config uses 'scale', not 'alpha'",
+    "lora_rank": "put it under lora_parameters: {rank: N}",
+    "rank": "put it under lora_parameters: {rank: N}",
+    "lr": "the key is learning_rate",
+    "epochs": "mlx-lm counts iterations: set iters",
+    "gradient_accumulation_steps": "the key is grad_accumulation_steps",
+    "gradient_checkpointing": "the key is grad_checkpoint",
+}
+
+
+def _model_for(loc: tuple) -> type[BaseModel] | None:
+    model: Any = JobConfig
+    for part in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        ann = field.annotation
+        for cand in getattr(ann, "__args__", (ann,)):
+            if isinstance(cand, type) and issubclass(cand, BaseModel):
+                model = cand
+                break
+        else:
+            return None
+    return model
+
+
+def _format(err: ValidationError, source: str) -> ConfigError:
+    lines, hints = [], []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not isinstance(p, int) or True)
+        key = ".".join(str(p) for p in loc if not str(p).startswith(("function-after", "Parallelism")))
+        key = key or "(top level)"
+        if e["type"] == "extra_forbidden":
+            name = str(loc[-1])
+            model = _model_for(loc)
+            known = list(model.model_fields) if model else []
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+            hint = _HINTS.get(name) or (f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}")
+            lines.append(f"{key}: unknown key ({hint})")
+        else:
+            value = e.get("input")
+            shown = repr(value) if not isinstance(value, dict) else "{...}"
+            lines.append(f"{key} = {shown}: {e['msg']}")
+    return ConfigError(
+        f"invalid job config {source}:\n  " + "\n  ".join(lines),
+        hint="see configs/ for complete examples; keys follow mlx_lm.lora",
+    )
+
+
+def parse_config(raw: dict[str, Any], source: str = "<dict>") -> JobConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: a job config is a YAML mapping, got {type(raw).__name__}")
+    try:
+        return JobConfig.model_validate(raw)
+    except ValidationError as e:
+        raise _format(e, source) from None
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> JobConfig:
+    """Read a YAML job config; relative ``model``/``data`` paths resolve against the YAML's folder
+    when they exist there (so a config travels with its data)."""
+    path = Path(path)
+    try:
+        raw = yaml.load(path.read_text(), _yaml_loader) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a job config is a YAML mapping, got {type(raw).__name__}")
+    raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    for key in ("model", "data"):
+        val = raw.get(key)
+        if isinstance(val, str) and not Path(val).is_absolute():
+            beside = path.parent / val
+            if beside.exists() and not Path(val).exists():
+                raw[key] = str(beside.resolve())
+    return parse_config(raw, str(path))

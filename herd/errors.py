@@ -1,0 +1,52 @@
+"""herd's error hierarchy. Raised early with a hint; caught only at boundaries
+(CLI entry, gRPC servicer, control loop, rank runner)."""
+
+
+class HerdError(Exception):
+    """Base of every error herd raises on purpose. ``hint`` says how to fix it."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message}\n  hint: {self.hint}" if self.hint else self.message
+
+
+class ConfigError(HerdError):
+    """The job config is invalid: names the key, the bad value and the fix."""
+
+    exit_code = 2
+
+
+class DatasetError(HerdError):
+    """The dataset is invalid: names the file, the line and how many lines are affected."""
+
+    exit_code = 3
+
+
+class PlacementError(HerdError):
+    """A job cannot be placed on the workers at hand: says what is missing."""
+
+    exit_code = 4
+
+
+class PeerLostError(HerdError):
+    """A peer of a collective died or stalled past its deadline."""
+
+    exit_code = 5
+
+
+class AuthError(HerdError):
+    """A call carried no cluster secret, or a wrong one."""
+
+    exit_code = 6
+
+
+class NotFoundError(HerdError):
+    """A job, worker or checkpoint that does not exist."""
+
+    exit_code = 7

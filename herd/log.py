@@ -1,0 +1,47 @@
+"""structlog set-up: JSON lines when stderr is not a terminal, readable key=value when it is.
+
+Events are snake_case; context (job_id, worker_id, rank, step) is bound, not formatted into text.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import structlog
+
+_configured = False
+
+
+def setup(level: str | None = None, json: bool | None = None) -> None:
+    global _configured
+    level = (level or os.environ.get("HERD_LOG_LEVEL", "info")).upper()
+    if json is None:
+        json = not sys.stderr.isatty()
+    processors = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.StackInfoRenderer(),
+        structlog.processors.format_exc_info,
+    ]
+    renderer = (
+        structlog.processors.JSONRenderer()
+        if json
+        else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    structlog.configure(
+        processors=processors + [renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level, logging.INFO)),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+    _configured = True
+
+
+def get(name: str | None = None, **bound):
+    if not _configured:
+        setup()
+    log = structlog.get_logger(name) if name else structlog.get_logger()
+    return log.bind(**bound) if bound else log

@@ -1,0 +1,131 @@
+"""Gradient exchange: one small interface, several transports.
+
+A transport only has to sum a flat float32 buffer across the group (``all_sum``). Everything
+else (flattening the gradient tree into buckets, carrying the token count, dividing) lives here,
+once, so the trainer never knows whether it talks to an MLX ring or to gRPC peers.
+
+Gradients are averaged *by tokens*, not by rank: each rank contributes the sum of its per-token
+gradients and its token count; after the exchange every rank divides by the global count. That
+makes N ranks give exactly the update of one process holding the whole global batch, which
+mlx-lm's ``average_gradients`` (a mean of per-rank means) does not (see shared/FACTS.md).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import mlx.core as mx
+
+# Gradients are concatenated into buckets of about this many bytes, one collective each.
+DEFAULT_BUCKET_BYTES = 32 * 1024 * 1024
+
+
+@runtime_checkable
+class GradientExchange(Protocol):
+    """A group of ``size`` ranks that can sum a flat float32 buffer.
+
+    ``all_sum`` must return the elementwise sum over all ranks, identical on every rank, or raise
+    ``herd.errors.PeerLostError`` within its deadline when a peer is gone. Never hang.
+    """
+
+    name: str
+    rank: int
+    size: int
+
+    def all_sum(self, flat: mx.array) -> mx.array: ...
+
+    def close(self) -> None: ...
+
+
+class LocalExchange:
+    """A group of one: the identity. Used by single-process training."""
+
+    name = "local"
+    rank = 0
+    size = 1
+
+    def all_sum(self, flat: mx.array) -> mx.array:
+        return flat
+
+    def close(self) -> None:
+        pass
+
+
+class MLXExchange:
+    """``mx.distributed.all_sum`` over an MLX group (ring, JACCL or MPI): the fast path.
+
+    ``mx.distributed.init()`` must already have been called once, at the top of the rank process;
+    the group is passed in, never created here.
+    """
+
+    name = "mlx"
+
+    def __init__(self, group: mx.distributed.Group):
+        self.group = group
+        self.rank = group.rank()
+        self.size = group.size()
+
+    def all_sum(self, flat: mx.array) -> mx.array:
+        # The CPU stream: collectives on Metal go through the CPU anyway, and this is the only
+        # stream on Linux.
+        out = mx.distributed.all_sum(flat, group=self.group, stream=mx.cpu)
+        mx.eval(out)
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+def _buckets(keys: list[str], grads: dict[str, mx.array], bucket_bytes: int) -> list[list[str]]:
+    out, cur, cur_bytes = [], [], 0
+    for k in keys:
+        nbytes = grads[k].size * 4
+        if cur and cur_bytes + nbytes > bucket_bytes:
+            out.append(cur)
+            cur, cur_bytes = [], 0
+        cur.append(k)
+        cur_bytes += nbytes
+    out.append(cur)
+    return out
+
+
+def reduce_gradients(
+    exchange: GradientExchange,
+    grads: dict[str, mx.array],
+    ntokens: mx.array,
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+) -> tuple[dict[str, mx.array], mx.array]:
+    """Sum token-summed gradients and token counts over the group.
+
+    ``grads`` is a flat ``{name: array}`` of gradients of the *summed* (not averaged) token loss.
+    Returns the group-wide sums; the caller divides by the returned token count.
+    The token count rides in the last bucket, so one optimizer step costs one collective per
+    bucket and no extra round trip.
+    """
+    ntok = ntokens.astype(mx.float32).reshape(1)
+    if exchange.size == 1:
+        return grads, ntok[0]
+    keys = sorted(grads)
+    buckets = _buckets(keys, grads, bucket_bytes)
+    out: dict[str, mx.array] = {}
+    total = None
+    for i, bucket in enumerate(buckets):
+        parts = [grads[k].astype(mx.float32).reshape(-1) for k in bucket]
+        last = i == len(buckets) - 1
+        if last:
+            parts.append(ntok)
+        summed = exchange.all_sum(mx.concatenate(parts))
+        offset = 0
+        for k in bucket:
+            n = grads[k].size
+            out[k] = summed[offset : offset + n].reshape(grads[k].shape).astype(grads[k].dtype)
+            offset += n
+        if last:
+            total = summed[offset]
+    return out, total
+
+
+def all_sum_scalars(exchange: GradientExchange, *values: float | mx.array) -> list[float]:
+    """Sum a few scalars (eval loss and token counts, metrics) over the group."""
+    flat = mx.array([float(v.item() if isinstance(v, mx.array) else v) for v in values], mx.float32)
+    return exchange.all_sum(flat).tolist()
