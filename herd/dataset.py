@@ -1,0 +1,429 @@
+"""The dataset check: a local mlx-lm data folder, validated before any training.
+
+Runs on the laptop at ``herd submit`` and in ``herd train`` before the model loads, so it never
+imports MLX (``transformers`` is imported lazily, only to load a tokenizer). It follows mlx-lm
+0.32's loader (``mlx_lm/tuner/datasets.py``) exactly:
+
+- a folder holding ``train.jsonl``, ``valid.jsonl`` and optionally ``test.jsonl``; mlx-lm parses
+  every file present, so a broken ``test.jsonl`` breaks training too;
+- one JSON object per line: ``{"text"}``, ``{"prompt", "completion"}`` or
+  ``{"messages"[, "tools"]}``,
+  with the key names overridable by ``text_feature``, ``prompt_feature``, ``completion_feature``
+  and ``chat_feature``; a file's format is its first record's (completions before chat before
+  text), and keys the format does not use are ignored;
+- tokens are counted as the dataset classes count them: ``encode`` plus EOS for text, the chat
+  template for chat and completions (a completion is a user/assistant exchange).
+
+Every problem in every file is collected in one pass per file and raised as one
+:class:`~herd.errors.DatasetError` naming the file, the first line numbers and how many lines are
+affected. Sequences longer than ``max_seq_length`` are only a warning: mlx-lm truncates them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from herd import log
+from herd.errors import DatasetError
+
+logger = log.get(__name__)
+
+SPLITS = ("train", "valid", "test")
+# Roles the chat templates of mainstream models accept (OpenAI adds "developer"; Llama 3.1 uses
+# "ipython" for tool output). A typo here ("asistant") silently breaks most templates.
+KNOWN_ROLES = frozenset({"system", "user", "assistant", "tool", "developer", "function", "ipython"})
+# How many line numbers an error message lists before it says "and N more".
+SHOWN_LINES = 5
+# Records tokenized per call: the fast tokenizer batches in Rust, and memory stays bounded.
+TOKENIZE_CHUNK = 512
+FORMATS_HELP = (
+    'mlx-lm reads one JSON object per line: {"text": ...}, {"prompt": ..., "completion": ...} or '
+    '{"messages": [{"role": ..., "content": ...}, ...]} (optionally with "tools"); '
+    "see mlx_lm/LORA.md#Data"
+)
+
+
+@dataclass(frozen=True)
+class SplitReport:
+    name: str  # train | valid | test
+    path: Path
+    records: int
+    format: str  # text | completions | chat | tools
+    too_long: int  # records longer than max_seq_length (0 without a tokenizer)
+    longest: int | None  # in tokens, when a tokenizer was given
+
+
+@dataclass(frozen=True)
+class DatasetReport:
+    splits: dict[str, SplitReport]
+    warnings: list[str]
+    sha256: dict[str, str]  # file name -> hex digest of its bytes
+
+
+@dataclass(frozen=True)
+class Features:
+    """The record keys mlx-lm looks for (its YAML's ``*_feature`` options)."""
+
+    text: str = "text"
+    prompt: str = "prompt"
+    completion: str = "completion"
+    chat: str = "messages"
+
+    def format_of(self, record: dict) -> str | None:
+        # mlx-lm's create_dataset order: completions, then chat, then text.
+        if self.prompt in record and self.completion in record:
+            return "completions"
+        if self.chat in record:
+            return "chat"
+        if self.text in record:
+            return "text"
+        return None
+
+    def known(self) -> str:
+        return f"{self.text!r} | {self.prompt!r}+{self.completion!r} | {self.chat!r}[+'tools']"
+
+
+@dataclass
+class _Issue:
+    """One kind of problem in one file: the lines it hits and the first example."""
+
+    what: str  # e.g. "malformed JSON line{s}": {s} is "s" unless there is exactly one
+    fix: str
+    lines: list[int] = field(default_factory=list)
+    example: str = ""
+
+    def describe(self, name: str) -> str:
+        n = len(self.lines)
+        shown = ", ".join(map(str, self.lines[:SHOWN_LINES]))
+        more = f" and {n - SHOWN_LINES} more" if n > SHOWN_LINES else ""
+        where = f"line {shown}" if n == 1 else f"lines {shown}{more}"
+        example = f"; line {self.lines[0]}: {self.example}" if self.example else ""
+        what = self.what.format(s="" if n == 1 else "s", is_="is" if n == 1 else "are")
+        return f"{name}: {n} {what} ({where}){example}. Fix: {self.fix}"
+
+
+class _FileCheck:
+    """Collects the issues of one file, grouped by kind so a message stays short."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.issues: dict[str, _Issue] = {}
+        self.whole_file: list[str] = []  # problems with no line (empty file, too few records)
+
+    def add(self, key: str, line: int, what: str, fix: str, example: str = "") -> None:
+        issue = self.issues.setdefault(key, _Issue(what, fix, example=example))
+        issue.lines.append(line)
+
+    def messages(self) -> list[str]:
+        return self.whole_file + [i.describe(self.name) for i in self.issues.values()]
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_record(rec: dict, fmt: str, feats: Features, line: int, fc: _FileCheck) -> bool:
+    """Type checks of one record in its file's format; True when it can be tokenized."""
+    if fmt == "text":
+        value = rec[feats.text]
+        if not isinstance(value, str):
+            fc.add("text_type", line, f"record{{s}} whose {feats.text!r} is not a string",
+                   f"make {feats.text!r} a string", _short(value))
+            return False
+        if not value:
+            # TextDataset.process indexes the last token: an empty text crashes it.
+            fc.add("text_empty", line, f"record{{s}} with an empty {feats.text!r}",
+                   "remove them or give them text")
+            return False
+        return True
+    if fmt == "completions":
+        ok = True
+        for key in (feats.prompt, feats.completion):
+            if not isinstance(rec[key], str):
+                fc.add(f"{key}_type", line, f"record{{s}} whose {key!r} is not a string",
+                       f"make {key!r} a string", _short(rec[key]))
+                ok = False
+        return ok
+    messages = rec[feats.chat]
+    if not isinstance(messages, list) or not messages:
+        fc.add("chat_type", line, f"record{{s}} whose {feats.chat!r} is not a non-empty list",
+               f"make {feats.chat!r} a list of {{\"role\", \"content\"}} objects", _short(messages))
+        return False
+    ok = True
+    for i, msg in enumerate(messages):
+        role = msg.get("role") if isinstance(msg, dict) else None
+        if role not in KNOWN_ROLES:
+            if isinstance(msg, dict):
+                shown = f"role {_short(role)}"
+            else:
+                shown = f"is {_short(msg)}, not an object"
+            fc.add("role", line, "record{s} with a message whose role is missing or unknown",
+                   f"give every message a role, one of {sorted(KNOWN_ROLES)}",
+                   f"message {i} {shown}")
+            ok = False
+            break
+    tools = rec.get("tools")
+    if tools is not None and not isinstance(tools, list):
+        fc.add("tools_type", line, "record{s} whose 'tools' is not a list",
+               "make 'tools' a list of tool definitions", _short(tools))
+        ok = False
+    return ok
+
+
+def _lines(path: Path, digest: Any) -> Iterator[tuple[int, bytes]]:
+    """Numbered lines (1-based) of a file, hashing its bytes on the way through."""
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            digest.update(raw)
+            yield number, raw
+
+
+def _enable_thinking(tokenizer: Any) -> bool:
+    # mlx-lm's TokenizerWrapper passes enable_thinking = "the vocab has think tokens" to every
+    # chat template; a plain transformers tokenizer must be told the same to count alike.
+    if hasattr(tokenizer, "has_thinking"):
+        return bool(tokenizer.has_thinking)
+    vocab = tokenizer.get_vocab()
+    pairs = [("<think>", "</think>"), ("<longcat_think>", "</longcat_think>"),
+             ("<|think:start|>", "<|think:end|>"), ("<|channel>", "<channel|>")]
+    return any(a in vocab and b in vocab for a, b in pairs)
+
+
+class _Lengths:
+    """Token counts of one file, tokenized in chunks exactly as mlx-lm's dataset classes do."""
+
+    def __init__(self, tokenizer: Any, fmt: str, feats: Features, fc: _FileCheck):
+        self.tok, self.fmt, self.feats, self.fc = tokenizer, fmt, feats, fc
+        self.pending: list[tuple[int, dict]] = []
+        self.lengths: list[tuple[int, int]] = []  # (line, tokens)
+        self.thinking = _enable_thinking(tokenizer) if fmt != "text" else False
+
+    def add(self, line: int, rec: dict) -> None:
+        self.pending.append((line, rec))
+        if len(self.pending) >= TOKENIZE_CHUNK:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        if self.fmt == "text":
+            texts = [rec[self.feats.text] for _, rec in self.pending]
+            eos = self.tok.eos_token_id
+            # A transformers tokenizer encodes a list at once (in Rust); mlx-lm's TokenizerWrapper
+            # is not callable, so it encodes one by one. Both equal tokenizer.encode(text).
+            if callable(self.tok):
+                encoded = self.tok(texts)["input_ids"]
+            else:
+                encoded = [self.tok.encode(t) for t in texts]
+            for (line, _), ids in zip(self.pending, encoded):
+                # TextDataset.process: encode, then append EOS unless it is already last.
+                self.lengths.append((line, len(ids) + (not ids or ids[-1] != eos)))
+        else:
+            for line, rec in self.pending:
+                self._chat_length(line, rec)
+        self.pending = []
+
+    def _chat_length(self, line: int, rec: dict) -> None:
+        if self.fmt == "completions":
+            messages = [{"role": "user", "content": rec[self.feats.prompt]},
+                        {"role": "assistant", "content": rec[self.feats.completion]}]
+        else:
+            messages = rec[self.feats.chat]
+        try:
+            ids = self.tok.apply_chat_template(
+                messages, tools=rec.get("tools"), tokenize=True, return_dict=False,
+                enable_thinking=self.thinking,
+            )
+        except Exception as e:  # noqa: BLE001 - a template error is the record's problem; reported
+            self.fc.add("template", line, "record{s} the chat template rejects",
+                        "make the conversation fit the model's chat template (roles, order)",
+                        f"{type(e).__name__}: {e}")
+            return
+        self.lengths.append((line, len(ids)))
+
+
+def _check_file(
+    path: Path, feats: Features, tokenizer: Any, mask_prompt: bool
+) -> tuple[_FileCheck, str | None, int, list[tuple[int, int]], str]:
+    """One pass over one file: parse, classify, type-check, tokenize, hash."""
+    fc = _FileCheck(path.name)
+    digest = hashlib.sha256()
+    fmt: str | None = None
+    first_line = 0
+    records = 0
+    has_tools = False
+    lengths: _Lengths | None = None
+    for line, raw in _lines(path, digest):
+        try:
+            rec = json.loads(raw.decode("utf-8").rstrip("\r\n"))
+        except UnicodeDecodeError as e:
+            fc.add("json", line, "malformed JSON line{s}", "write UTF-8 JSON, one object per line",
+                   f"not UTF-8 ({e.reason} at byte {e.start})")
+            continue
+        except json.JSONDecodeError as e:
+            example = "blank line" if not raw.strip() else e.msg + f" at column {e.colno}"
+            fc.add("json", line, "malformed JSON line{s}",
+                   "each line must be one complete JSON object (no blank lines, no objects "
+                   "split across lines)", example)
+            continue
+        if not isinstance(rec, dict):
+            fc.add("object", line, "line{s} that {is_} not a JSON object",
+                   'each line must be one JSON object, e.g. {"text": ...}', _short(rec))
+            continue
+        records += 1
+        rec_fmt = feats.format_of(rec)
+        if rec_fmt is None:
+            fc.add("keys", line, "record{s} with none of the known keys",
+                   f"give every record one of the known keys: {feats.known()}",
+                   f"its keys are {sorted(rec)[:8]}")
+            continue
+        if fmt is None:
+            fmt, first_line = rec_fmt, line
+            if tokenizer is not None:
+                lengths = _Lengths(tokenizer, fmt, feats, fc)
+        elif rec_fmt != fmt and _format_keys_missing(rec, fmt, feats):
+            fc.add(f"mixed_{rec_fmt}", line, f"{rec_fmt} record{{s}} in a {fmt} file",
+                   f"mlx-lm reads a whole file in the format of its first record ({fmt}, line "
+                   f"{first_line}); convert these records or move them to another dataset",
+                   f"keys {sorted(rec)[:8]}")
+            continue
+        if not _check_record(rec, fmt, feats, line, fc):
+            continue
+        has_tools = has_tools or "tools" in rec
+        if lengths is not None:
+            lengths.add(line, rec)
+    if lengths is not None:
+        lengths.flush()
+    if records == 0 and not fc.issues:
+        fc.whole_file.append(
+            f"{path.name}: the file is empty (0 records). Fix: add records or delete the file "
+            "(mlx-lm fails on an empty split file)"
+        )
+    if mask_prompt and fmt == "text":
+        fc.whole_file.append(
+            f"{path.name}: mask_prompt is set but the data is text (line {first_line}). Fix: use "
+            f"{feats.prompt!r}/{feats.completion!r} or {feats.chat!r} records, or set "
+            "mask_prompt: false (mlx-lm masks prompts only for completions and chat)"
+        )
+    shown_fmt = "tools" if fmt == "chat" and has_tools else (fmt or "")
+    return fc, shown_fmt, records, (lengths.lengths if lengths else []), digest.hexdigest()
+
+
+def _format_keys_missing(rec: dict, fmt: str, feats: Features) -> bool:
+    """True when mlx-lm, reading ``rec`` in the file's format, would miss a key it needs."""
+    needed = {"text": (feats.text,), "chat": (feats.chat,),
+              "completions": (feats.prompt, feats.completion)}[fmt]
+    return any(k not in rec for k in needed)
+
+
+def check_dataset(
+    data_dir: str | Path,
+    *,
+    max_seq_length: int = 2048,
+    tokenizer: Any = None,
+    mask_prompt: bool = False,
+    need_valid: bool = True,
+    need_test: bool = False,
+    batch_size: int | None = None,
+    text_feature: str = "text",
+    prompt_feature: str = "prompt",
+    completion_feature: str = "completion",
+    chat_feature: str = "messages",
+) -> DatasetReport:
+    """Check an mlx-lm data folder; raise one DatasetError listing every problem found.
+
+    ``tokenizer`` (a transformers tokenizer or mlx-lm's TokenizerWrapper) enables the token-length
+    check; without it the check is structural only.
+    """
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DatasetError(
+            f"dataset {data_dir} is not a local folder",
+            hint="herd trains on a local folder with train.jsonl and valid.jsonl "
+            "(and optionally test.jsonl); convert a Hugging Face dataset to that first",
+        )
+    feats = Features(text_feature, prompt_feature, completion_feature, chat_feature)
+    needed = {"train": True, "valid": need_valid, "test": need_test}
+    problems: list[str] = []
+    warnings: list[str] = []
+    splits: dict[str, SplitReport] = {}
+    sha256: dict[str, str] = {}
+    for split in SPLITS:
+        path = data_dir / f"{split}.jsonl"
+        if not path.is_file():
+            if needed[split]:
+                problems.append(f"{path.name}: missing from {data_dir}. Fix: add {path.name}"
+                                + (" (the training split is required)" if split == "train" else
+                                   f" or turn off the {split} step"))
+            elif split == "valid":
+                warnings.append(f"{path.name} not found in {data_dir}: training proceeds "
+                                "without validation")
+            continue
+        fc, fmt, records, lengths, digest = _check_file(path, feats, tokenizer, mask_prompt)
+        sha256[path.name] = digest
+        problems += fc.messages()
+        batched = needed[split] or split == "valid"
+        if records and batch_size is not None and records < batch_size and batched:
+            # mlx-lm's iterate_batches refuses a split smaller than one batch (valid included,
+            # since evaluation batches it the same way).
+            problems.append(
+                f"{path.name}: {records} records, fewer than batch_size {batch_size}. Fix: add "
+                f"records or lower batch_size to at most {records}"
+            )
+        too_long = [(n, line) for line, n in lengths if n > max_seq_length]
+        longest = max((n for _, n in lengths), default=None) if tokenizer is not None else None
+        if too_long:
+            n_max, line_max = max(too_long)
+            warnings.append(
+                f"{path.name}: {len(too_long)} of {records} records are longer than "
+                f"max_seq_length {max_seq_length} tokens (longest {n_max} tokens, line "
+                f"{line_max}); they will be truncated to {max_seq_length}"
+            )
+        splits[split] = SplitReport(split, path, records, fmt or "", len(too_long), longest)
+    if problems:
+        raise DatasetError(
+            f"dataset {data_dir} has {len(problems)} problem(s):\n  " + "\n  ".join(problems),
+            hint=FORMATS_HELP,
+        )
+    for w in warnings:
+        logger.warning("dataset_warning", data=str(data_dir), detail=w)
+    logger.info("dataset_checked", data=str(data_dir),
+                **{f"{s.name}_records": s.records for s in splits.values()})
+    return DatasetReport(splits=splits, warnings=warnings, sha256=sha256)
+
+
+def check_job_dataset(cfg: Any, tokenizer: Any = None) -> DatasetReport:
+    """``check_dataset`` with a job config's settings (a ``herd.config.JobConfig``, or any object
+    with mlx-lm's option names; the ``*_feature`` keys are read when the config has them)."""
+    return check_dataset(
+        cfg.data,
+        max_seq_length=cfg.max_seq_length,
+        tokenizer=tokenizer,
+        mask_prompt=cfg.mask_prompt,
+        need_valid=True,
+        need_test=bool(getattr(cfg, "test", False)),
+        batch_size=cfg.batch_size,
+        text_feature=getattr(cfg, "text_feature", None) or "text",
+        prompt_feature=getattr(cfg, "prompt_feature", None) or "prompt",
+        completion_feature=getattr(cfg, "completion_feature", None) or "completion",
+        chat_feature=getattr(cfg, "chat_feature", None) or "messages",
+    )
+
+
+def load_tokenizer_for(model_path: str | Path) -> Any:
+    """The tokenizer of a local model folder, or None when ``model_path`` is not one (a hub id
+    on a laptop without the weights): then the check is structural only."""
+    path = Path(model_path)
+    if not path.is_dir() or not any(
+        (path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    ):
+        return None
+    from transformers import AutoTokenizer  # heavy import; only when there is a tokenizer to load
+
+    return AutoTokenizer.from_pretrained(str(path))
