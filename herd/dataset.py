@@ -400,13 +400,16 @@ def check_dataset(
 
 def check_job_dataset(cfg: Any, tokenizer: Any = None) -> DatasetReport:
     """``check_dataset`` with a job config's settings (a ``herd.config.JobConfig``, or any object
-    with mlx-lm's option names; the ``*_feature`` keys are read when the config has them)."""
+    with mlx-lm's option names; the ``*_feature`` keys are read when the config has them).
+
+    valid.jsonl is optional, as in ``mlx_lm.lora`` (a warning), so an mlx-lm job runs unchanged.
+    """
     return check_dataset(
         cfg.data,
         max_seq_length=cfg.max_seq_length,
         tokenizer=tokenizer,
         mask_prompt=cfg.mask_prompt,
-        need_valid=True,
+        need_valid=False,
         need_test=bool(getattr(cfg, "test", False)),
         batch_size=cfg.batch_size,
         text_feature=getattr(cfg, "text_feature", None) or "text",

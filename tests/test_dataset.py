@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from herd.dataset import check_dataset, load_tokenizer_for
+from herd.dataset import check_dataset, check_job_dataset, load_tokenizer_for
 from herd.errors import DatasetError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -259,6 +259,20 @@ def test_all_problems_of_all_files_come_in_one_error(data: Path):
     assert "valid.jsonl: 1 record with none of the known keys (line 1)" in msg
     assert "test.jsonl: the file is empty" in msg
     assert "hint: mlx-lm reads one JSON object per line" in msg
+
+
+def test_check_job_dataset_reads_mlx_lm_option_names(tmp_path: Path):
+    from types import SimpleNamespace
+
+    write(tmp_path, "train.jsonl", [{"input": "q", "output": "a"}] * 4)
+    args = SimpleNamespace(data=str(tmp_path), max_seq_length=64, mask_prompt=True, batch_size=2,
+                           test=False, prompt_feature="input", completion_feature="output")
+    report = check_job_dataset(args)  # no valid.jsonl: a warning, as in mlx_lm.lora
+    assert report.splits["train"].format == "completions"
+    assert any("valid.jsonl not found" in w for w in report.warnings)
+    args.batch_size = 5
+    with pytest.raises(DatasetError, match="train.jsonl: 4 records, fewer than batch_size 5"):
+        check_job_dataset(args)
 
 
 def test_data_that_is_not_a_local_folder(tmp_path: Path):

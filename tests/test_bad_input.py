@@ -1,0 +1,200 @@
+"""Issue 2, "Done when" 5: bad configs and datasets fail before training, naming the key or line.
+
+Each row starts from a good job (which `herd check` accepts: the control test), breaks one thing,
+and runs the real CLI: `herd check` in-process through herd.cli.main, `herd train` as a real
+subprocess (it re-executes itself to preload OpenBLAS, so it cannot run inside pytest). Every row
+must exit non-zero, name the key or the file and line, and leave no adapter folder behind.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from herd.cli import main as herd_main
+from tests.conftest import herd, start_ranks
+
+GOOD_JOB = {
+    "model": "no-model-needed",  # every row fails before a model would load
+    "train": True,
+    "batch_size": 4,
+    "iters": 4,
+    "num_layers": -1,
+    "lora_parameters": {"rank": 4, "scale": 10.0, "dropout": 0.0},
+}
+
+
+@dataclass(frozen=True)
+class Job:
+    dir: Path
+    config: dict
+
+    @property
+    def data(self) -> Path:
+        return self.dir / "data"
+
+    @property
+    def adapters(self) -> Path:
+        return self.dir / "adapters"
+
+    def lines(self, split: str, lines: list[str]) -> None:
+        (self.data / f"{split}.jsonl").write_text("".join(f"{x}\n" for x in lines))
+
+    def write(self) -> Path:
+        cfg = {**self.config, "data": str(self.data), "adapter_path": str(self.adapters)}
+        path = self.dir / "job.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return path
+
+
+def records(n: int) -> list[str]:
+    return [json.dumps({"text": f"the cat is red. {i}"}) for i in range(n)]
+
+
+@pytest.fixture
+def job(tmp_path: Path) -> Job:
+    j = Job(tmp_path, json.loads(json.dumps(GOOD_JOB)))
+    j.data.mkdir()
+    j.lines("train", records(8))
+    j.lines("valid", records(4))
+    return j
+
+
+def set_key(key: str, value) -> Callable[[Job], None]:
+    def apply(job: Job) -> None:
+        *parents, last = key.split(".")
+        node = job.config
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+
+    return apply
+
+
+def malformed_line(job: Job) -> None:
+    job.lines("train", records(5) + ['{"text": "the cat is'] + records(2))
+
+
+def empty_file(job: Job) -> None:
+    job.lines("valid", [])
+
+
+def missing_train(job: Job) -> None:
+    (job.data / "train.jsonl").unlink()
+
+
+def unknown_record_keys(job: Job) -> None:
+    job.lines("valid", records(2) + [json.dumps({"question": "q", "answer": "a"})] + records(1))
+
+
+def too_few_records(job: Job) -> None:
+    job.lines("train", records(3))
+
+
+def mixed_formats(job: Job) -> None:
+    job.lines("train", records(6) + [json.dumps({"prompt": "p", "completion": "c"})])
+
+
+def mask_prompt_on_text(job: Job) -> None:
+    job.config["mask_prompt"] = True
+
+
+def missing_data_folder(job: Job) -> None:
+    for f in job.data.iterdir():
+        f.unlink()
+    job.data.rmdir()
+
+
+# (id, break the good job, exit code, strings the message must contain)
+ROWS = [
+    # -- config: herd.config.load_config (ConfigError, exit 2) --
+    ("unknown key", set_key("lora_rank", 8), 2,
+     ["lora_rank: unknown key", "lora_parameters"]),
+    ("misspelt key", set_key("learning_rat", 1e-4), 2,
+     ["learning_rat: unknown key", "did you mean 'learning_rate'"]),
+    ("unknown nested key", set_key("lora_parameters.alpha", 16), 2,
+     ["lora_parameters.alpha: unknown key", "'scale'"]),
+    ("wrong type", set_key("batch_size", "four"), 2,
+     ["batch_size = 'four'", "valid integer"]),
+    ("wrong type nested", set_key("cluster.exchange", "tcp"), 2,
+     ["cluster.exchange = 'tcp'", "'mlx'", "'grpc'"]),
+    ("rank 0", set_key("lora_parameters.rank", 0), 2,
+     ["lora_parameters.rank = 0", "greater than or equal to 1"]),
+    ("num_layers 0", set_key("num_layers", 0), 2,
+     ["num_layers = 0", "-1 for all layers"]),
+    ("batch not divisible by data ranks", lambda j: (set_key("batch_size", 3)(j),
+                                                     set_key("cluster.parallelism", {"data": 2})(j)),
+     2, ["batch_size 3 is not divisible by cluster.parallelism.data 2", "multiple of 2"]),
+    # -- dataset: herd.dataset.check_dataset (DatasetError, exit 3) --
+    ("missing split", missing_train, 3, ["train.jsonl: missing from"]),
+    ("missing data folder", missing_data_folder, 3, ["data is not a local folder"]),
+    ("malformed line", malformed_line, 3,
+     ["train.jsonl: 1 malformed JSON line (line 6)"]),
+    ("empty file", empty_file, 3, ["valid.jsonl: the file is empty (0 records)"]),
+    ("record with no known key", unknown_record_keys, 3,
+     ["valid.jsonl: 1 record with none of the known keys (line 3)", "['answer', 'question']"]),
+    ("mixed formats", mixed_formats, 3,
+     ["train.jsonl: 1 completions record in a text file (line 7)"]),
+    ("fewer records than batch_size", too_few_records, 3,
+     ["train.jsonl: 3 records, fewer than batch_size 4"]),
+    ("mask_prompt on text", mask_prompt_on_text, 3,
+     ["train.jsonl: mask_prompt is set but the data is text"]),
+]
+
+
+def _assert_failed_before_training(job: Job, code: int, out: str, expected: int, needles):
+    assert code == expected, f"exit {code}, expected {expected}:\n{out}"
+    for needle in needles:
+        assert needle in out, f"{needle!r} not in:\n{out}"
+    assert not job.adapters.exists(), "an adapter folder was created before the input was checked"
+
+
+def test_the_good_job_passes_the_check(job: Job, capsys):
+    assert herd_main(["check", str(job.write())]) == 0
+    out = capsys.readouterr().out
+    assert "train: 8 records (text)" in out and "ok" in out
+
+
+@pytest.mark.parametrize("name, breaks, code, needles", ROWS, ids=[r[0] for r in ROWS])
+def test_herd_check_rejects(job: Job, capsys, name, breaks, code, needles):
+    breaks(job)
+    rc = herd_main(["check", str(job.write())])
+    _assert_failed_before_training(job, rc, capsys.readouterr().err, code, needles)
+
+
+# `herd train` is slower (a process each), so it runs one config row and one dataset row per
+# kind of failure; `herd check` above covers the whole table.
+TRAIN_ROWS = [r for r in ROWS if r[0] in (
+    "unknown key", "wrong type", "rank 0", "batch not divisible by data ranks",
+    "missing split", "malformed line", "empty file",
+)]
+
+
+@pytest.mark.parametrize("name, breaks, code, needles", TRAIN_ROWS, ids=[r[0] for r in TRAIN_ROWS])
+def test_herd_train_rejects(job: Job, name, breaks, code, needles):
+    breaks(job)
+    proc = herd("train", job.write(), check=False, timeout=120, cwd=job.dir)
+    _assert_failed_before_training(job, proc.returncode, proc.stderr, code, needles)
+
+
+@pytest.mark.slow
+def test_batch_not_divisible_by_the_ranks_of_a_real_group(job: Job):
+    # No cluster section: the number of ranks is only known once the group forms (2 here).
+    job.config["batch_size"] = 3
+    job.lines("train", records(9))
+    procs = start_ranks(["train", str(job.write())], world=2, hostfile_dir=job.dir)
+    try:
+        results = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for code, err in results:
+        assert code != 0, err
+        assert "batch_size 3 is not divisible by 2 data-parallel ranks" in err, err
+    assert not job.adapters.exists()
