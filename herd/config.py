@@ -109,6 +109,11 @@ class JobConfig(_Strict):
     lr_schedule: LrSchedule | None = None
     lora_parameters: LoraParameters = Field(default_factory=LoraParameters)
     mask_prompt: bool = False
+    # mlx-lm reads these optional keys to map custom JSONL field names.
+    prompt_feature: str = "prompt"
+    completion_feature: str = "completion"
+    text_feature: str = "text"
+    chat_feature: str = "messages"
     report_to: str | None = None
     project_name: str | None = None
     trust_remote_code: bool = False
@@ -132,6 +137,13 @@ class JobConfig(_Strict):
                 f"each data-parallel rank takes batch_size / data examples; use a batch_size that is "
                 f"a multiple of {dp}"
             )
+        accum = self.grad_accumulation_steps
+        for key in ("iters", "save_every"):
+            if getattr(self, key) % accum != 0:
+                raise ValueError(
+                    f"{key} = {getattr(self, key)} is not a multiple of grad_accumulation_steps = {accum}: "
+                    f"checkpoints and the end of training fall on optimizer steps; use a multiple of {accum}"
+                )
         return self
 
     # mlx-lm's TrainingArgs and adapter_config.json speak these names.

@@ -1,0 +1,162 @@
+"""Shared fixtures: tiny real models and datasets, built once per session (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+# mx.compile JIT-compiles C++ on the CPU backend: ~25 s per new shape set, for identical numbers.
+# Tests run uncompiled (subprocesses inherit this); tests/test_training.py checks the compiled path once.
+os.environ.setdefault("MLX_DISABLE_COMPILE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HERD_LOG_LEVEL", "warning")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from herd.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "llama", arch="llama", layers=2, hidden=64)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory) -> Path:
+    from herd.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "qwen2", arch="qwen2", layers=2, hidden=64)
+
+
+@pytest.fixture(scope="session")
+def tiny_quantized(tmp_path_factory, tiny_model) -> Path:
+    """A 4-bit copy made by mlx-lm's own converter (a pre-quantized folder, as from the hub)."""
+    from mlx_lm import convert
+
+    out = tmp_path_factory.mktemp("models") / "llama-4bit"
+    convert(str(tiny_model), str(out), quantize=True, q_bits=4, q_group_size=64)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    from herd.tiny import make_tiny_data
+
+    return make_tiny_data(tmp_path_factory.mktemp("data") / "text", fmt="text", train=64, valid=16, test=8)
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_data(tmp_path_factory) -> Path:
+    from herd.tiny import make_tiny_data
+
+    return make_tiny_data(tmp_path_factory.mktemp("data") / "chat", fmt="chat", train=64, valid=16, test=8)
+
+
+def write_job(path: Path, model: Path, data: Path, **overrides) -> Path:
+    """A small job YAML in mlx_lm.lora's keys."""
+    job = {
+        "model": str(model),
+        "data": str(data),
+        "train": True,
+        "fine_tune_type": "lora",
+        "num_layers": -1,
+        "batch_size": 4,
+        "iters": 8,
+        "learning_rate": 1e-3,
+        "steps_per_report": 4,
+        "steps_per_eval": 1000,
+        "val_batches": 2,
+        "save_every": 4,
+        "seed": 7,
+        "max_seq_length": 128,
+        "lora_parameters": {"rank": 4, "scale": 10.0, "dropout": 0.0},
+        "adapter_path": str(path.parent / "adapters"),
+    }
+    job.update(overrides)
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
+def free_ports(n: int) -> list[int]:
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+def herd(*args: str, env: dict | None = None, timeout: float = 240, check: bool = True, cwd=None):
+    """Run the real `herd` CLI in a subprocess."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "herd", *map(str, args)],
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"herd {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def start_ranks(argv: list[str], world: int, extra_env: dict | None = None, hostfile_dir: Path | None = None):
+    """Start `world` ranks of `python -m herd ...` directly (MLX_RANK + MLX_HOSTFILE, as FACTS.md advises)."""
+    ports = free_ports(world)
+    hostfile = (hostfile_dir or Path(os.environ.get("TMPDIR", "/tmp"))) / f"hosts-{ports[0]}.json"
+    hostfile.write_text(json.dumps([f"127.0.0.1:{p}" for p in ports]))
+    procs = []
+    for r in range(world):
+        env = {
+            **os.environ,
+            "MLX_RANK": str(r),
+            "MLX_WORLD_SIZE": str(world),
+            "MLX_HOSTFILE": str(hostfile),
+            **(extra_env or {}),
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "herd", *argv], env=env,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            )
+        )
+    return procs
+
+
+def wait_all(procs, timeout: float = 240) -> list[str]:
+    outs = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=timeout)
+            if p.returncode != 0:
+                raise AssertionError(f"rank exited {p.returncode}:\n{err[-4000:]}")
+            outs.append(out)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return outs
+
+
+def load_adapter(path: Path) -> dict:
+    import mlx.core as mx
+
+    return dict(mx.load(str(Path(path) / "adapters.safetensors")))
+
+
+def max_abs_diff(a: dict, b: dict) -> float:
+    import mlx.core as mx
+
+    assert sorted(a) == sorted(b), f"different tensors: {sorted(set(a) ^ set(b))}"
+    return max(mx.abs(a[k].astype(mx.float32) - b[k].astype(mx.float32)).max().item() for k in a)

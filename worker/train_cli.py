@@ -1,0 +1,185 @@
+"""``herd train`` and ``herd check``: one job, as one process or one rank of a group.
+
+    herd train CONFIG [--adapter-path DIR] [--resume DIR] [--metrics-file PATH]
+    herd check CONFIG
+
+Under a launcher (``mlx.launch``, or MLX_RANK + MLX_HOSTFILE, or the herd worker agent) it is one
+data-parallel rank; otherwise a single process. On Linux it restarts itself with OpenBLAS preloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from herd import log
+from herd.config import JobConfig, load_config
+from herd.errors import HerdError
+
+
+def _parser(cmd: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"herd {cmd}", description=__doc__.splitlines()[0])
+    p.add_argument("config", help="job YAML (an mlx_lm.lora config, plus optional cluster:/quantize:)")
+    p.add_argument("--model", help="override the config's model")
+    p.add_argument("--data", help="override the config's data folder")
+    if cmd == "train":
+        p.add_argument("--adapter-path", help="where adapters and checkpoints go (config: adapter_path)")
+        p.add_argument("--resume", type=Path, help="an adapter path or checkpoint folder to resume from")
+        p.add_argument("--iters", type=int, help="override iters")
+        p.add_argument("--metrics-file", type=Path, help="append progress as JSON lines here")
+        p.add_argument("--quiet", action="store_true", help="no progress lines on stdout")
+    return p
+
+
+def check(job: JobConfig, with_tokenizer: bool = True):
+    """Validate the dataset before anything else is loaded; raises DatasetError."""
+    from herd.dataset import check_dataset, load_tokenizer_for
+
+    tokenizer = load_tokenizer_for(job.model) if with_tokenizer else None
+    return check_dataset(
+        job.data,
+        max_seq_length=job.max_seq_length,
+        tokenizer=tokenizer,
+        mask_prompt=job.mask_prompt,
+        need_valid=False,
+        need_test=job.test,
+        batch_size=job.batch_size,
+    )
+
+
+class Reporter:
+    """The trainer's callback: progress lines, JSON-lines metrics, checkpoints (rank 0 writes)."""
+
+    def __init__(self, job, model, optimizer, adapter_path, rank, world, metrics_file, quiet):
+        from worker.model import adapter_config
+
+        self.job, self.model, self.optimizer = job, model, optimizer
+        self.adapter_path, self.rank, self.world = Path(adapter_path), rank, world
+        self.adapter_config = adapter_config(job)
+        self.metrics = open(metrics_file, "a", buffering=1) if metrics_file else None
+        self.quiet = quiet or rank != 0
+
+    def emit(self, event: str, **info) -> None:
+        if self.metrics:
+            self.metrics.write(json.dumps({"event": event, "rank": self.rank, **info}) + "\n")
+
+    def on_train_report(self, info: dict) -> None:
+        self.emit("train", **info)
+        if not self.quiet:
+            print(
+                f"iter {info['iteration']:>6}/{self.job.iters}  loss {info['train_loss']:.4f}  "
+                f"tok/s {info['tokens_per_second']:8.1f}  lr {info['learning_rate']:.2e}  "
+                f"peak {info['peak_memory_gb']:.2f} GB",
+                flush=True,
+            )
+
+    def on_val_report(self, info: dict) -> None:
+        self.emit("val", **info)
+        if not self.quiet:
+            print(f"iter {info['iteration']:>6}/{self.job.iters}  val loss {info['val_loss']:.4f}", flush=True)
+
+    def on_save(self, iteration: int, trained_tokens: int) -> None:
+        if self.rank != 0:
+            return
+        from worker.checkpoint import TrainerState, save_checkpoint
+
+        state = TrainerState(iteration, trained_tokens, self.job.seed, self.world)
+        path = save_checkpoint(self.adapter_path, self.model, self.optimizer, self.adapter_config, state)
+        self.emit("checkpoint", step=iteration, path=str(path))
+        if not self.quiet:
+            print(f"iter {iteration:>6}/{self.job.iters}  saved {path}", flush=True)
+
+
+def run(job: JobConfig, adapter_path: Path, resume: Path | None, metrics_file: Path | None, quiet: bool):
+    import mlx.core as mx
+    import numpy as np
+    from mlx_lm.tuner.datasets import CacheDataset, load_dataset
+
+    from worker import blas, device
+    from worker.checkpoint import load_checkpoint, resolve_resume
+    from worker.group import open_exchange
+    from worker.model import apply_adapters, build_optimizer, load_base
+    from worker.trainer import LoopArgs, Progress, train
+
+    exchange = open_exchange(job.cluster)
+    logger = log.get("herd.train", rank=exchange.rank)
+    if job.batch_size % exchange.size:
+        raise HerdError(
+            f"batch_size {job.batch_size} is not divisible by {exchange.size} data-parallel ranks",
+            hint=f"use a multiple of {exchange.size}",
+        )
+    logger.info(
+        "train_start", world=exchange.size, exchange=exchange.name, blas=blas.blas_in_use(),
+        wired_limit=device.set_wired_limit(), model=job.model,
+    )
+    np.random.seed(job.seed)  # as mlx_lm.lora does before loading
+    model, tokenizer = load_base(job)
+    ns = argparse.Namespace(**job.mlx_lm_dict())
+    ns.train = True
+    train_set, valid_set, _ = load_dataset(ns, tokenizer)
+    apply_adapters(model, job)
+    optimizer = build_optimizer(job)
+    progress = Progress()
+    if resume is not None:
+        folder = resolve_resume(resume)
+        state = load_checkpoint(folder, model, optimizer)
+        progress = Progress(iteration=state.iteration, trained_tokens=state.trained_tokens)
+        logger.info("resumed", checkpoint=str(folder), iteration=state.iteration)
+
+    adapter_path.mkdir(parents=True, exist_ok=True)
+    reporter = Reporter(job, model, optimizer, adapter_path, exchange.rank, exchange.size, metrics_file, quiet)
+    tic = time.perf_counter()
+    try:
+        progress = train(
+            model, optimizer, CacheDataset(train_set),
+            CacheDataset(valid_set) if len(valid_set) else None,
+            LoopArgs.from_job(job), exchange, reporter, progress,
+        )
+    finally:
+        exchange.close()
+    reporter.emit("done", iteration=progress.iteration, seconds=time.perf_counter() - tic)
+    logger.info("train_done", iteration=progress.iteration, adapter_path=str(adapter_path))
+    mx.eval()
+    return progress
+
+
+def main(argv: list[str]) -> int:
+    cmd = argv[0]
+    args = _parser(cmd).parse_args(argv[1:])
+    if cmd == "train":
+        from worker.blas import reexec_with_openblas
+
+        reexec_with_openblas()  # before MLX is imported; returns if nothing would change
+    metrics = getattr(args, "metrics_file", None)
+    try:
+        overrides = {"model": args.model, "data": args.data}
+        if cmd == "train":
+            overrides.update({"adapter_path": args.adapter_path, "iters": args.iters})
+        job = load_config(args.config, overrides)
+        report = check(job)
+        for w in report.warnings:
+            print(f"warning: {w}", file=sys.stderr)
+        if cmd == "check":
+            for name, s in report.splits.items():
+                print(f"{name}: {s.records} records ({s.format}) in {s.path}")
+            print("ok")
+            return 0
+        run(job, Path(job.adapter_path), args.resume, metrics, args.quiet)
+        return 0
+    except HerdError as e:
+        _fail(metrics, str(e))
+        print(f"herd {cmd}: {e}", file=sys.stderr)
+        return e.exit_code
+    except (ValueError, FileNotFoundError) as e:
+        _fail(metrics, str(e))
+        print(f"herd {cmd}: {e}", file=sys.stderr)
+        return 1
+
+
+def _fail(metrics: Path | None, message: str) -> None:
+    if metrics:
+        with open(metrics, "a") as f:
+            f.write(json.dumps({"event": "error", "message": message}) + "\n")
