@@ -76,6 +76,13 @@ def set_key(key: str, value) -> Callable[[Job], None]:
     return apply
 
 
+def set_keys(**values) -> Callable[[Job], None]:
+    def apply(job: Job) -> None:
+        job.config.update(values)
+
+    return apply
+
+
 def malformed_line(job: Job) -> None:
     job.lines("train", records(5) + ['{"text": "the cat is'] + records(2))
 
@@ -127,8 +134,8 @@ ROWS = [
      ["lora_parameters.rank = 0", "greater than or equal to 1"]),
     ("num_layers 0", set_key("num_layers", 0), 2,
      ["num_layers = 0", "-1 for all layers"]),
-    ("batch not divisible by data ranks", lambda j: (set_key("batch_size", 3)(j),
-                                                     set_key("cluster.parallelism", {"data": 2})(j)),
+    ("batch not divisible by data ranks",
+     set_keys(batch_size=3, cluster={"parallelism": {"data": 2}}),
      2, ["batch_size 3 is not divisible by cluster.parallelism.data 2", "multiple of 2"]),
     # -- dataset: herd.dataset.check_dataset (DatasetError, exit 3) --
     ("missing split", missing_train, 3, ["train.jsonl: missing from"]),
