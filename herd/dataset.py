@@ -103,7 +103,9 @@ class _Issue:
         more = f" and {n - SHOWN_LINES} more" if n > SHOWN_LINES else ""
         where = f"line {shown}" if n == 1 else f"lines {shown}{more}"
         example = f"; line {self.lines[0]}: {self.example}" if self.example else ""
-        what = self.what.format(s="" if n == 1 else "s", is_="is" if n == 1 else "are")
+        # str.replace, not str.format: feature names from the config may hold braces.
+        what = self.what.replace("{s}", "" if n == 1 else "s")
+        what = what.replace("{is_}", "is" if n == 1 else "are")
         return f"{name}: {n} {what} ({where}){example}. Fix: {self.fix}"
 
 
@@ -164,7 +166,8 @@ def _check_record(rec: dict, fmt: str, feats: Features, line: int, fc: _FileChec
             else:
                 shown = f"is {_short(msg)}, not an object"
             fc.add("role", line, "record{s} with a message whose role is missing or unknown",
-                   f"give every message a role, one of {sorted(KNOWN_ROLES)}",
+                   f"give every message a role, one of {sorted(KNOWN_ROLES)} (ShareGPT's "
+                   "'human'/'gpt' are 'user'/'assistant')",
                    f"message {i} {shown}")
             ok = False
             break
@@ -248,9 +251,16 @@ class _Lengths:
         self.lengths.append((line, len(ids)))
 
 
-def _check_file(
-    path: Path, feats: Features, tokenizer: Any, mask_prompt: bool
-) -> tuple[_FileCheck, str | None, int, list[tuple[int, int]], str]:
+@dataclass(frozen=True)
+class _FileResult:
+    check: _FileCheck
+    format: str  # "" when no record was readable
+    records: int
+    lengths: list[tuple[int, int]]  # (line, tokens), empty without a tokenizer
+    sha256: str
+
+
+def _check_file(path: Path, feats: Features, tokenizer: Any, mask_prompt: bool) -> _FileResult:
     """One pass over one file: parse, classify, type-check, tokenize, hash."""
     fc = _FileCheck(path.name)
     digest = hashlib.sha256()
@@ -280,7 +290,9 @@ def _check_file(
         rec_fmt = feats.format_of(rec)
         if rec_fmt is None:
             fc.add("keys", line, "record{s} with none of the known keys",
-                   f"give every record one of the known keys: {feats.known()}",
+                   f"give every record one of the known keys: {feats.known()}, or name your "
+                   "keys in the job config (prompt_feature, completion_feature, text_feature, "
+                   "chat_feature)",
                    f"its keys are {sorted(rec)[:8]}")
             continue
         if fmt is None:
@@ -312,7 +324,8 @@ def _check_file(
             "mask_prompt: false (mlx-lm masks prompts only for completions and chat)"
         )
     shown_fmt = "tools" if fmt == "chat" and has_tools else (fmt or "")
-    return fc, shown_fmt, records, (lengths.lengths if lengths else []), digest.hexdigest()
+    return _FileResult(fc, shown_fmt, records, lengths.lengths if lengths else [],
+                       digest.hexdigest())
 
 
 def _format_keys_missing(rec: dict, fmt: str, feats: Features) -> bool:
@@ -365,9 +378,10 @@ def check_dataset(
                 warnings.append(f"{path.name} not found in {data_dir}: training proceeds "
                                 "without validation")
             continue
-        fc, fmt, records, lengths, digest = _check_file(path, feats, tokenizer, mask_prompt)
-        sha256[path.name] = digest
-        problems += fc.messages()
+        result = _check_file(path, feats, tokenizer, mask_prompt)
+        sha256[path.name] = result.sha256
+        problems += result.check.messages()
+        records, lengths = result.records, result.lengths
         batched = needed[split] or split == "valid"
         if records and batch_size is not None and records < batch_size and batched:
             # mlx-lm's iterate_batches refuses a split smaller than one batch (valid included,
@@ -385,7 +399,7 @@ def check_dataset(
                 f"max_seq_length {max_seq_length} tokens (longest {n_max} tokens, line "
                 f"{line_max}); they will be truncated to {max_seq_length}"
             )
-        splits[split] = SplitReport(split, path, records, fmt or "", len(too_long), longest)
+        splits[split] = SplitReport(split, path, records, result.format, len(too_long), longest)
     if problems:
         raise DatasetError(
             f"dataset {data_dir} has {len(problems)} problem(s):\n  " + "\n  ".join(problems),

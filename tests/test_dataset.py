@@ -240,6 +240,12 @@ def test_bad_value_types(data: Path, record, expected):
     assert f"train.jsonl: {expected}" in error_of(data)
 
 
+def test_feature_names_are_quoted_verbatim(data: Path):
+    write(data, "train.jsonl", [{"{s}": "ok"}, {"{s}": 1}, {"{s}": 2}])
+    msg = error_of(data, text_feature="{s}")
+    assert "train.jsonl: 2 records whose '{s}' is not a string (lines 2, 3)" in msg
+
+
 def test_mask_prompt_on_text_data_is_an_error(data: Path):
     msg = error_of(data, mask_prompt=True)
     assert "train.jsonl: mask_prompt is set but the data is text" in msg
