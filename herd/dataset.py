@@ -92,7 +92,7 @@ class Features:
 class _Issue:
     """One kind of problem in one file: the lines it hits and the first example."""
 
-    what: str  # e.g. "malformed JSON line{s}": {s} is "s" unless there is exactly one
+    what: str  # e.g. "malformed JSON line{s}": the noun's {s} is "s" unless there is exactly one
     fix: str
     lines: list[int] = field(default_factory=list)
     example: str = ""
@@ -103,9 +103,10 @@ class _Issue:
         more = f" and {n - SHOWN_LINES} more" if n > SHOWN_LINES else ""
         where = f"line {shown}" if n == 1 else f"lines {shown}{more}"
         example = f"; line {self.lines[0]}: {self.example}" if self.example else ""
-        # str.replace, not str.format: feature names from the config may hold braces.
-        what = self.what.replace("{s}", "" if n == 1 else "s")
-        what = what.replace("{is_}", "is" if n == 1 else "are")
+        # Only the first marker, which follows the noun: feature names from the job config come
+        # later in the text and may hold anything, braces included.
+        what = self.what.replace("{s}", "" if n == 1 else "s", 1)
+        what = what.replace("{is_}", "is" if n == 1 else "are", 1)
         return f"{name}: {n} {what} ({where}){example}. Fix: {self.fix}"
 
 
