@@ -1,0 +1,112 @@
+"""proto <-> domain, once, for every message the coordinator sends or receives."""
+
+from __future__ import annotations
+
+from coordinator.domain import (
+    Checkpoint,
+    EventKind,
+    FileDigest,
+    Job,
+    JobEvent,
+    JobState,
+    RankProgress,
+    WorkerRecord,
+)
+from protos.v1 import common_pb2
+
+_STATE_TO_PB = {
+    JobState.QUEUED: common_pb2.JOB_STATE_QUEUED,
+    JobState.PLACING: common_pb2.JOB_STATE_PLACING,
+    JobState.RUNNING: common_pb2.JOB_STATE_RUNNING,
+    JobState.SUCCEEDED: common_pb2.JOB_STATE_SUCCEEDED,
+    JobState.FAILED: common_pb2.JOB_STATE_FAILED,
+    JobState.CANCELLED: common_pb2.JOB_STATE_CANCELLED,
+}
+_STATE_FROM_PB = {v: k for k, v in _STATE_TO_PB.items()}
+_KIND_TO_PB = {
+    EventKind.STATE: common_pb2.JobEvent.KIND_STATE,
+    EventKind.PROGRESS: common_pb2.JobEvent.KIND_PROGRESS,
+    EventKind.CHECKPOINT: common_pb2.JobEvent.KIND_CHECKPOINT,
+    EventKind.LOG: common_pb2.JobEvent.KIND_LOG,
+}
+_KIND_FROM_PB = {v: k for k, v in _KIND_TO_PB.items()}
+
+
+def state_to_pb(s: JobState) -> int:
+    return _STATE_TO_PB[s]
+
+
+def state_from_pb(s: int) -> JobState:
+    return _STATE_FROM_PB[s]
+
+
+def digest_to_pb(d: FileDigest) -> common_pb2.FileDigest:
+    return common_pb2.FileDigest(name=d.name, sha256=d.sha256, bytes=d.bytes)
+
+
+def digest_from_pb(m: common_pb2.FileDigest) -> FileDigest:
+    return FileDigest(name=m.name, sha256=m.sha256, bytes=m.bytes)
+
+
+_PROGRESS_FIELDS = ("rank", "worker_id", "iteration", "train_loss", "val_loss", "learning_rate",
+                    "tokens_per_second", "trained_tokens", "peak_memory_gb")
+
+
+def progress_to_pb(p: RankProgress) -> common_pb2.RankProgress:
+    return common_pb2.RankProgress(**{f: getattr(p, f) for f in _PROGRESS_FIELDS})
+
+
+def progress_from_pb(m: common_pb2.RankProgress) -> RankProgress:
+    return RankProgress(**{f: getattr(m, f) for f in _PROGRESS_FIELDS})
+
+
+def checkpoint_to_pb(c: Checkpoint) -> common_pb2.CheckpointInfo:
+    return common_pb2.CheckpointInfo(job_id=c.job_id, step=c.step, created_unix_ms=c.created_ms,
+                                     files=[digest_to_pb(f) for f in c.files])
+
+
+def checkpoint_from_pb(m: common_pb2.CheckpointInfo) -> Checkpoint:
+    return Checkpoint(job_id=m.job_id, step=m.step, created_ms=m.created_unix_ms,
+                      files=[digest_from_pb(f) for f in m.files])
+
+
+def job_to_pb(job: Job, ranks: list[RankProgress] = (),
+              checkpoints: list[Checkpoint] = ()) -> common_pb2.JobStatus:
+    return common_pb2.JobStatus(
+        job_id=job.job_id, name=job.name, state=state_to_pb(job.state), message=job.message,
+        created_unix_ms=job.created_ms, updated_unix_ms=job.updated_ms,
+        workers=job.workers_needed, iters=job.iters, attempt=job.attempt,
+        ranks=[progress_to_pb(r) for r in ranks],
+        checkpoints=[checkpoint_to_pb(c) for c in checkpoints], worker_ids=job.worker_ids,
+    )
+
+
+def event_to_pb(e: JobEvent) -> common_pb2.JobEvent:
+    m = common_pb2.JobEvent(job_id=e.job_id, seq=e.seq, time_unix_ms=e.time_ms,
+                            kind=_KIND_TO_PB[e.kind], message=e.message, step=e.step)
+    if e.state is not None:
+        m.state = state_to_pb(e.state)
+    if e.progress is not None:
+        m.progress.CopyFrom(progress_to_pb(e.progress))
+    return m
+
+
+def event_from_pb(m: common_pb2.JobEvent) -> JobEvent:
+    return JobEvent(
+        job_id=m.job_id, seq=m.seq, time_ms=m.time_unix_ms, kind=_KIND_FROM_PB[m.kind],
+        state=state_from_pb(m.state) if m.state else None, message=m.message,
+        progress=progress_from_pb(m.progress) if m.HasField("progress") else None, step=m.step,
+    )
+
+
+_WORKER_FIELDS = ("worker_id", "host", "port", "ring_port", "exchange_port", "memory_bytes",
+                  "free_memory_bytes", "chip", "gpu_cores", "os", "mlx_version",
+                  "protocol_version", "running_job_id")
+
+
+def worker_to_pb(w: WorkerRecord) -> common_pb2.WorkerInfo:
+    return common_pb2.WorkerInfo(**{f: getattr(w, f) for f in _WORKER_FIELDS})
+
+
+def worker_from_pb(m: common_pb2.WorkerInfo) -> WorkerRecord:
+    return WorkerRecord(**{f: getattr(m, f) for f in _WORKER_FIELDS})

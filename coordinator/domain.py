@@ -1,0 +1,120 @@
+"""The coordinator's own types. Protobuf stays at the edge (coordinator/convert.py)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class JobState(enum.Enum):
+    QUEUED = "queued"
+    PLACING = "placing"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def final(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+    @property
+    def active(self) -> bool:
+        return self in (JobState.PLACING, JobState.RUNNING)
+
+
+# Which transitions the state machine allows; anything else is a bug, not a user error.
+TRANSITIONS: dict[JobState, set[JobState]] = {
+    JobState.QUEUED: {JobState.PLACING, JobState.FAILED, JobState.CANCELLED},
+    JobState.PLACING: {JobState.RUNNING, JobState.FAILED, JobState.CANCELLED},
+    JobState.RUNNING: {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED},
+    JobState.SUCCEEDED: set(),
+    JobState.FAILED: set(),
+    JobState.CANCELLED: set(),
+}
+
+
+class EventKind(enum.Enum):
+    STATE = "state"
+    PROGRESS = "progress"
+    CHECKPOINT = "checkpoint"
+    LOG = "log"
+
+
+@dataclass(frozen=True)
+class FileDigest:
+    name: str
+    sha256: str
+    bytes: int
+
+
+@dataclass
+class RankProgress:
+    rank: int
+    worker_id: str = ""
+    iteration: int = 0
+    train_loss: float = 0.0
+    val_loss: float = 0.0
+    learning_rate: float = 0.0
+    tokens_per_second: float = 0.0
+    trained_tokens: int = 0
+    peak_memory_gb: float = 0.0
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    job_id: str
+    step: int
+    files: list[FileDigest]
+    created_ms: int = 0
+
+
+@dataclass
+class Job:
+    job_id: str
+    name: str
+    config_yaml: str
+    dataset: list[FileDigest]
+    workers_needed: int
+    iters: int
+    state: JobState = JobState.QUEUED
+    message: str = ""
+    created_ms: int = 0
+    updated_ms: int = 0
+    attempt: int = 0
+    worker_ids: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    job_id: str
+    seq: int
+    time_ms: int
+    kind: EventKind
+    state: JobState | None = None
+    message: str = ""
+    progress: RankProgress | None = None
+    step: int = 0
+
+
+@dataclass
+class WorkerRecord:
+    """A worker that answered an authenticated Describe."""
+
+    worker_id: str
+    host: str
+    port: int
+    ring_port: int
+    exchange_port: int
+    memory_bytes: int
+    free_memory_bytes: int = 0
+    chip: str = ""
+    gpu_cores: int = 0
+    os: str = ""
+    mlx_version: str = ""
+    protocol_version: int = 0
+    running_job_id: str = ""
+
+    @property
+    def target(self) -> str:
+        return f"{self.host}:{self.port}"

@@ -1,0 +1,118 @@
+"""``herd coordinator``: the control plane process.
+
+Serves CoordinatorService with the cluster secret, keeps the registry of verified workers,
+runs the scheduler loop, stores jobs in SQLite and adapters on disk under --state-dir, and
+advertises itself as ``_herd._tcp.local.`` so the CLI finds it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import socket
+import threading
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+
+from coordinator.artifacts import AdapterStore, BlobStore
+from coordinator.registry import GrpcLauncher, Registry
+from coordinator.scheduler import Scheduler
+from coordinator.service import CoordinatorServicer, add_to_server
+from coordinator.store import JobStore
+from herd import discovery, log
+from herd.auth import SERVER_OPTIONS, ServerAuth, default_home, load_secret
+from herd.errors import HerdError
+
+logger = log.get(__name__)
+DEFAULT_PORT = 7450
+
+
+class Coordinator:
+    """All the coordinator's parts, wired; ``start`` / ``stop`` for tests and ``main``."""
+
+    def __init__(self, state_dir: Path, secret: str, host: str, port: int,
+                 static_workers: list[str] = (), placement_timeout_s: float = 600.0,
+                 advertise: bool = True):
+        self.state_dir = state_dir
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.store = JobStore(state_dir / "herd.db")
+        self.registry = Registry(secret, static_targets=list(static_workers))
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=32),
+                                  options=SERVER_OPTIONS, interceptors=[ServerAuth(secret)])
+        self.host = host
+        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        self.scheduler = Scheduler(self.store, self.registry.workers,
+                                   GrpcLauncher(self.registry, lambda: self.address),
+                                   placement_timeout_s=placement_timeout_s)
+        self.registry._on_lost = self.scheduler.on_worker_lost
+        add_to_server(CoordinatorServicer(self.scheduler, self.registry,
+                                          BlobStore(state_dir / "blobs"),
+                                          AdapterStore(state_dir / "adapters")), self.server)
+        self._advertise = advertise
+        self._stop = threading.Event()
+        self._zc = None
+        self._advert = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def start(self) -> None:
+        self.scheduler.recover()
+        self.server.start()
+        self._zc = discovery.make_zeroconf()
+        self.registry.browse(self._zc)
+        self.registry.start()
+        threading.Thread(target=self.scheduler.run, args=(self._stop,), daemon=True,
+                         name="scheduler").start()
+        if self._advertise:
+            self._advert = discovery.Advertiser(
+                self._zc, discovery.COORDINATOR_TYPE, f"herd-{socket.gethostname()}-{self.port}",
+                self.host, self.port,
+                {"port": str(self.port), "protocol": str(discovery.PROTOCOL_VERSION)})
+        logger.info("coordinator_started", address=self.address, state_dir=str(self.state_dir))
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._advert:
+            self._advert.close()
+        self.registry.close()
+        self.server.stop(grace=2).wait()
+        if self._zc:
+            self._zc.close()
+        self.store.close()
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="herd coordinator", description="run the coordinator")
+    p.add_argument("--state-dir", type=Path, default=None, help="default $HERD_HOME/coordinator")
+    p.add_argument("--host", default=None, help="address to serve and advertise (default: LAN IP)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}; 0 = any")
+    p.add_argument("--worker", action="append", default=[], metavar="HOST:PORT",
+                   help="a worker to use without zeroconf (repeatable); still verified")
+    p.add_argument("--placement-timeout", type=float, default=600.0,
+                   help="fail a job that cannot be placed for this many seconds")
+    p.add_argument("--secret-file", type=Path, default=None)
+    args = p.parse_args(argv[1:])
+    try:
+        secret = load_secret(args.secret_file)
+        coord = Coordinator(args.state_dir or default_home() / "coordinator", secret,
+                            args.host or discovery.local_ip(), args.port, args.worker,
+                            args.placement_timeout)
+    except HerdError as e:
+        print(f"herd coordinator: {e}", flush=True)
+        return e.exit_code
+    if coord.port == 0:
+        print(f"herd coordinator: cannot listen on {args.host}:{args.port}", flush=True)
+        return 1
+    coord.start()
+    print(f"herd coordinator listening on {coord.address}", flush=True)
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait()
+    logger.info("coordinator_stopping")
+    coord.stop()
+    return 0

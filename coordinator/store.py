@@ -1,0 +1,184 @@
+"""JobStore: jobs, attempts, events and checkpoints in SQLite in the coordinator's state dir.
+
+A coordinator restarted on the same state dir sees everything it knew. Schema changes go through
+the small migration table below: append a step, never edit one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sqlite3
+import threading
+from pathlib import Path
+
+from coordinator.domain import (
+    Checkpoint,
+    EventKind,
+    FileDigest,
+    Job,
+    JobEvent,
+    JobState,
+    RankProgress,
+)
+from herd.errors import NotFoundError
+
+_MIGRATIONS = [
+    """
+    CREATE TABLE jobs (
+        job_id TEXT PRIMARY KEY, name TEXT NOT NULL, config_yaml TEXT NOT NULL,
+        dataset TEXT NOT NULL, workers_needed INTEGER NOT NULL, iters INTEGER NOT NULL,
+        state TEXT NOT NULL, message TEXT NOT NULL, created_ms INTEGER NOT NULL,
+        updated_ms INTEGER NOT NULL, attempt INTEGER NOT NULL, worker_ids TEXT NOT NULL);
+    CREATE TABLE attempts (
+        job_id TEXT NOT NULL, attempt INTEGER NOT NULL, worker_ids TEXT NOT NULL,
+        started_ms INTEGER NOT NULL, ended_ms INTEGER, outcome TEXT,
+        PRIMARY KEY (job_id, attempt));
+    CREATE TABLE events (
+        job_id TEXT NOT NULL, seq INTEGER NOT NULL, time_ms INTEGER NOT NULL, kind TEXT NOT NULL,
+        state TEXT, message TEXT NOT NULL, progress TEXT, step INTEGER NOT NULL,
+        PRIMARY KEY (job_id, seq));
+    CREATE TABLE checkpoints (
+        job_id TEXT NOT NULL, step INTEGER NOT NULL, files TEXT NOT NULL,
+        created_ms INTEGER NOT NULL, PRIMARY KEY (job_id, step));
+    """,
+]
+
+
+def _job(row: sqlite3.Row) -> Job:
+    return Job(
+        job_id=row["job_id"], name=row["name"], config_yaml=row["config_yaml"],
+        dataset=[FileDigest(**d) for d in json.loads(row["dataset"])],
+        workers_needed=row["workers_needed"], iters=row["iters"], state=JobState(row["state"]),
+        message=row["message"], created_ms=row["created_ms"], updated_ms=row["updated_ms"],
+        attempt=row["attempt"], worker_ids=json.loads(row["worker_ids"]),
+    )
+
+
+def _event(row: sqlite3.Row) -> JobEvent:
+    return JobEvent(
+        job_id=row["job_id"], seq=row["seq"], time_ms=row["time_ms"], kind=EventKind(row["kind"]),
+        state=JobState(row["state"]) if row["state"] else None, message=row["message"],
+        progress=RankProgress(**json.loads(row["progress"])) if row["progress"] else None,
+        step=row["step"],
+    )
+
+
+class JobStore:
+    """Thread-safe: one connection, one lock (the coordinator's write rate is tiny)."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._lock = threading.Lock()
+        self._migrate()
+
+    def _migrate(self) -> None:
+        with self._lock:
+            self._db.execute("CREATE TABLE IF NOT EXISTS migrations (version INTEGER PRIMARY KEY)")
+            done = {r[0] for r in self._db.execute("SELECT version FROM migrations")}
+            for version, sql in enumerate(_MIGRATIONS, start=1):
+                if version in done:
+                    continue
+                self._db.executescript(f"BEGIN; {sql}; INSERT INTO migrations VALUES ({version}); COMMIT;")
+
+    def schema_version(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT MAX(version) FROM migrations").fetchone()[0] or 0
+
+    # --- jobs ------------------------------------------------------------------------------
+
+    def put_job(self, job: Job) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO jobs VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                (job.job_id, job.name, job.config_yaml,
+                 json.dumps([dataclasses.asdict(d) for d in job.dataset]), job.workers_needed,
+                 job.iters, job.state.value, job.message, job.created_ms, job.updated_ms,
+                 job.attempt, json.dumps(job.worker_ids)),
+            )
+
+    def get_job(self, job_id: str) -> Job:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM jobs WHERE job_id=?", (job_id,)).fetchone()
+        if row is None:
+            raise NotFoundError(f"no job {job_id!r}", hint="`herd jobs` lists the jobs")
+        return _job(row)
+
+    def list_jobs(self) -> list[Job]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM jobs ORDER BY created_ms DESC, job_id").fetchall()
+        return [_job(r) for r in rows]
+
+    # --- attempts --------------------------------------------------------------------------
+
+    def start_attempt(self, job_id: str, attempt: int, worker_ids: list[str], now_ms: int) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO attempts VALUES (?,?,?,?,NULL,NULL)",
+                             (job_id, attempt, json.dumps(worker_ids), now_ms))
+
+    def end_attempt(self, job_id: str, attempt: int, outcome: str, now_ms: int) -> None:
+        with self._lock:
+            self._db.execute(
+                "UPDATE attempts SET ended_ms=?, outcome=? WHERE job_id=? AND attempt=? "
+                "AND ended_ms IS NULL", (now_ms, outcome, job_id, attempt))
+
+    def attempts(self, job_id: str) -> list[tuple[int, list[str], str | None]]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM attempts WHERE job_id=? ORDER BY attempt",
+                                    (job_id,)).fetchall()
+        return [(r["attempt"], json.loads(r["worker_ids"]), r["outcome"]) for r in rows]
+
+    # --- events ----------------------------------------------------------------------------
+
+    def add_event(self, job_id: str, time_ms: int, kind: EventKind, *, state: JobState | None = None,
+                  message: str = "", progress: RankProgress | None = None, step: int = 0) -> JobEvent:
+        with self._lock:
+            seq = self._db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE job_id=?",
+                                   (job_id,)).fetchone()[0]
+            self._db.execute(
+                "INSERT INTO events VALUES (?,?,?,?,?,?,?,?)",
+                (job_id, seq, time_ms, kind.value, state.value if state else None, message,
+                 json.dumps(dataclasses.asdict(progress)) if progress else None, step),
+            )
+        return JobEvent(job_id, seq, time_ms, kind, state, message, progress, step)
+
+    def events(self, job_id: str, after_seq: int = 0, limit: int = 1000) -> list[JobEvent]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM events WHERE job_id=? AND seq>? ORDER BY seq LIMIT ?",
+                (job_id, after_seq, limit)).fetchall()
+        return [_event(r) for r in rows]
+
+    def latest_progress(self, job_id: str, attempt_start_ms: int = 0) -> list[RankProgress]:
+        """The last progress of each rank (rebuilt from events, so it survives a restart)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT progress FROM events WHERE job_id=? AND kind=? AND time_ms>=? ORDER BY seq",
+                (job_id, EventKind.PROGRESS.value, attempt_start_ms)).fetchall()
+        latest: dict[int, RankProgress] = {}
+        for r in rows:
+            p = RankProgress(**json.loads(r["progress"]))
+            latest[p.rank] = p
+        return [latest[k] for k in sorted(latest)]
+
+    # --- checkpoints -----------------------------------------------------------------------
+
+    def add_checkpoint(self, c: Checkpoint) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO checkpoints VALUES (?,?,?,?)",
+                             (c.job_id, c.step, json.dumps([dataclasses.asdict(f) for f in c.files]),
+                              c.created_ms))
+
+    def checkpoints(self, job_id: str) -> list[Checkpoint]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM checkpoints WHERE job_id=? ORDER BY step",
+                                    (job_id,)).fetchall()
+        return [Checkpoint(r["job_id"], r["step"], [FileDigest(**f) for f in json.loads(r["files"])],
+                           r["created_ms"]) for r in rows]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

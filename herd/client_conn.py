@@ -1,0 +1,127 @@
+"""The laptop's connection to the coordinator: finding it, and moving files in chunks.
+
+The coordinator is ``--coordinator HOST:PORT``, else $HERD_COORDINATOR, else found by zeroconf:
+every ``_herd._tcp.local.`` advert is tried with an authenticated call and the first that accepts
+the cluster secret wins (an advert alone is never trusted).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+
+
+from herd import discovery, log
+from herd.auth import secure_channel
+from herd.client_rpc import TRANSFER_DEADLINE_S, UNARY_DEADLINE_S, ChecksumError, rpc_errors
+from herd.errors import HerdError, PeerLostError
+from protos.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
+
+logger = log.get(__name__)
+CHUNK_BYTES = 1024 * 1024
+COORDINATOR_ENV = "HERD_COORDINATOR"
+
+
+class Coordinator:
+    """A signed channel to one coordinator; every call has a deadline."""
+
+    def __init__(self, target: str, secret: str):
+        self.target = target
+        self.channel = secure_channel(target, secret)
+        self.stub = coordinator_pb2_grpc.CoordinatorServiceStub(self.channel)
+
+    def call(self, method: str, request, timeout: float = UNARY_DEADLINE_S):
+        with rpc_errors(self.target):
+            return getattr(self.stub, method)(request, timeout=timeout)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    # --- files -----------------------------------------------------------------------------
+
+    def put_blob(self, path: Path, sha: str) -> None:
+        def parts() -> Iterator[coordinator_pb2.PutBlobRequest]:
+            yield coordinator_pb2.PutBlobRequest(sha256=sha)
+            with open(path, "rb") as f:
+                while block := f.read(CHUNK_BYTES):
+                    yield coordinator_pb2.PutBlobRequest(data=block)
+
+        with rpc_errors(self.target):
+            self.stub.PutBlob(parts(), timeout=TRANSFER_DEADLINE_S)
+
+    def pull(self, job_id: str, step: int, out: Path) -> common_pb2.CheckpointInfo:
+        """Writes the checkpoint's files into ``out``, each sha256-checked, each replaced
+        atomically."""
+        out.mkdir(parents=True, exist_ok=True)
+        header, files, hashes = None, {}, {}
+        try:
+            with rpc_errors(self.target):
+                stream = self.stub.GetAdapter(
+                    coordinator_pb2.GetAdapterRequest(job_id=job_id, step=step),
+                    timeout=TRANSFER_DEADLINE_S)
+                for msg in stream:
+                    if msg.WhichOneof("part") == "header":
+                        header = msg.header
+                        continue
+                    name = msg.chunk.name
+                    if header is None or name not in {f.name for f in header.files}:
+                        raise ChecksumError(f"unexpected file {name!r} in the adapter stream")
+                    if name not in files:
+                        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.")
+                        files[name] = (os.fdopen(fd, "wb"), Path(tmp))
+                        hashes[name] = hashlib.sha256()
+                    files[name][0].write(msg.chunk.data)
+                    hashes[name].update(msg.chunk.data)
+            if header is None:
+                raise ChecksumError("the coordinator sent no checkpoint header")
+            for f, _ in files.values():
+                f.close()
+            for d in header.files:
+                if d.name not in files:
+                    if d.bytes:
+                        raise ChecksumError(f"{d.name} missing from the adapter stream")
+                    (out / d.name).write_bytes(b"")
+                    continue
+                if hashes[d.name].hexdigest() != d.sha256:
+                    raise ChecksumError(f"{d.name} arrived corrupted", hint="pull again")
+            for name, (_, tmp) in files.items():
+                os.replace(tmp, out / name)
+            return header
+        finally:
+            for f, tmp in files.values():
+                f.close()
+                tmp.unlink(missing_ok=True)
+
+
+def _accepts(target: str, secret: str) -> bool:
+    c = Coordinator(target, secret)
+    try:
+        c.call("ListWorkers", coordinator_pb2.ListWorkersRequest(), timeout=2.0)
+        return True
+    except HerdError as e:
+        logger.debug("coordinator_candidate_refused", target=target, error=e.message)
+        return False
+    finally:
+        c.close()
+
+
+def find_coordinator(explicit: str | None, secret: str, wait_s: float = 3.0) -> str:
+    if explicit or (explicit := os.environ.get(COORDINATOR_ENV)):
+        return explicit
+    adverts = discovery.browse_once(discovery.COORDINATOR_TYPE, wait_s=wait_s, min_count=1)
+    for advert in adverts:
+        if _accepts(advert.target, secret):
+            return advert.target
+    seen = ", ".join(a.target for a in adverts)
+    raise PeerLostError(
+        "no coordinator found by zeroconf"
+        + (f" that accepts this cluster secret (saw {seen})" if adverts else ""),
+        hint="start `herd coordinator` (or `herd up`), or pass --coordinator HOST:PORT "
+        f"(or set {COORDINATOR_ENV})",
+    )
+
+

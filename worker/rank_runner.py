@@ -1,0 +1,325 @@
+"""One job's rank on this worker: its folder, its child process, and what it reports.
+
+The rank is ``python -m herd train`` started per the rank contract (MLX_RANK, MLX_HOSTFILE,
+MLX_WORLD_SIZE, HERD_EXCHANGE_PEERS, HERD_SECRET) in its own process group, so a stop kills the
+whole tree. A relay thread tails its --metrics-file, forwards progress to the coordinator,
+uploads each completed checkpoint (rank 0), and reports the exit last, after every upload,
+so a job is never marked done before its final adapter is stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import grpc
+import yaml
+
+from herd import log
+from herd.auth import SECRET_ENV, secure_channel
+from herd.client_rpc import TRANSFER_DEADLINE_S, UNARY_DEADLINE_S, ChecksumError, rpc_errors
+from herd.errors import ConfigError, DatasetError, HerdError, PlacementError
+from protos.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
+
+logger = log.get(__name__)
+
+CHUNK_BYTES = 1024 * 1024
+_FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class RankSpec:
+    """A StartRank request in domain terms."""
+
+    job_id: str
+    attempt: int
+    rank: int
+    world_size: int
+    config_yaml: str
+    dataset: list[tuple[str, str, int]]  # (name, sha256, bytes)
+    coordinator: str
+    ring_hosts: list[str]
+    exchange_peers: list[str]
+
+
+def safe_name(name: str) -> str:
+    """A peer-supplied file name, accepted only as a plain name inside one folder."""
+    if not _FILE_NAME.match(name) or name in (".", ".."):
+        raise DatasetError(f"refusing file name {name!r}", hint="dataset files are plain names")
+    return name
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK_BYTES):
+            h.update(block)
+    return h.hexdigest()
+
+
+class CoordinatorClient:
+    """The agent's calls to the coordinator; each has a deadline."""
+
+    def __init__(self, target: str, secret: str):
+        self.target = target
+        self._channel = secure_channel(target, secret)
+        self._stub = coordinator_pb2_grpc.CoordinatorServiceStub(self._channel)
+
+    def fetch_blob(self, sha: str, dest: Path) -> None:
+        tmp = dest.with_name(dest.name + f".part{os.getpid()}")
+        h = hashlib.sha256()
+        with rpc_errors(self.target), open(tmp, "wb") as f:
+            for chunk in self._stub.GetBlob(coordinator_pb2.GetBlobRequest(sha256=sha),
+                                            timeout=TRANSFER_DEADLINE_S):
+                h.update(chunk.data)
+                f.write(chunk.data)
+        if h.hexdigest() != sha:
+            tmp.unlink(missing_ok=True)
+            raise ChecksumError(f"blob {sha[:12]} arrived corrupted")
+        os.replace(tmp, dest)
+
+    def report(self, req: coordinator_pb2.ReportRankRequest) -> bool:
+        """Sends one report; True when the coordinator says the rank must stop."""
+        with rpc_errors(self.target):
+            return self._stub.ReportRank(req, timeout=UNARY_DEADLINE_S).stop
+
+    def put_checkpoint(self, job_id: str, attempt: int, step: int, folder: Path) -> None:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        names = sorted(manifest["files"]) + ["manifest.json"]
+        files = []
+        for name in names:
+            path = folder / safe_name(name)
+            files.append(common_pb2.FileDigest(name=name, sha256=sha256_file(path),
+                                               bytes=path.stat().st_size))
+
+        def parts() -> Iterator[coordinator_pb2.PutCheckpointRequest]:
+            header = coordinator_pb2.CheckpointHeader(job_id=job_id, attempt=attempt, step=step,
+                                                      files=files)
+            yield coordinator_pb2.PutCheckpointRequest(header=header)
+            for name in names:
+                with open(folder / name, "rb") as f:
+                    while block := f.read(CHUNK_BYTES):
+                        yield coordinator_pb2.PutCheckpointRequest(
+                            chunk=common_pb2.FileChunk(name=name, data=block))
+
+        with rpc_errors(self.target):
+            self._stub.PutCheckpoint(parts(), timeout=TRANSFER_DEADLINE_S)
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+class RankProcess:
+    """A running rank: started by ``start``, watched by its relay thread, killed by ``stop``."""
+
+    def __init__(self, spec: RankSpec, worker_id: str, state_dir: Path, secret: str,
+                 on_exit=None):
+        self.spec = spec
+        self.worker_id = worker_id
+        self.secret = secret
+        self.dir = state_dir / "jobs" / spec.job_id / f"attempt-{spec.attempt}"
+        self._blobs = state_dir / "blobs"
+        self._client = CoordinatorClient(spec.coordinator, secret)
+        self._on_exit = on_exit
+        self._stopping = threading.Event()
+        self.proc: subprocess.Popen | None = None
+        self._error = ""  # the rank's own error event, the best reason to report
+        self.log = logger.bind(job_id=spec.job_id, rank=spec.rank, attempt=spec.attempt)
+
+    # --- setting up -----------------------------------------------------------------------
+
+    def _materialize(self) -> Path:
+        """Job folder: data/ (from the content-addressed cache), config.yaml, hostfile.json."""
+        data = self.dir / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        self._blobs.mkdir(parents=True, exist_ok=True)
+        for name, sha, _size in self.spec.dataset:
+            if not re.fullmatch(r"[0-9a-f]{64}", sha):
+                raise DatasetError(f"bad sha256 {sha!r} for {name}")
+            cached = self._blobs / sha
+            if not cached.exists():
+                self._client.fetch_blob(sha, cached)
+            target = data / safe_name(name)
+            target.unlink(missing_ok=True)
+            os.link(cached, target)
+        raw = yaml.safe_load(self.spec.config_yaml) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError("job config is not a mapping")
+        model = str(raw.get("model", ""))
+        if model.startswith(("/", "./", "~")) and not Path(model).expanduser().exists():
+            raise PlacementError(
+                f"model path {model} does not exist on worker {self.worker_id}",
+                hint="copy the model folder to the same path on every worker",
+            )
+        raw["data"] = str(data)
+        raw["adapter_path"] = str(self.dir / "adapters")
+        raw["train"] = True
+        (self.dir / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+        (self.dir / "hostfile.json").write_text(json.dumps(self.spec.ring_hosts))
+        return self.dir / "config.yaml"
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update({
+            "MLX_RANK": str(self.spec.rank),
+            "MLX_WORLD_SIZE": str(self.spec.world_size),
+            "MLX_HOSTFILE": str(self.dir / "hostfile.json"),
+            "HERD_EXCHANGE_PEERS": ",".join(self.spec.exchange_peers),
+            SECRET_ENV: self.secret,
+            "HERD_JOB_ID": self.spec.job_id,
+        })
+        if self.spec.world_size == 1:
+            for key in ("MLX_RANK", "MLX_WORLD_SIZE", "MLX_HOSTFILE", "HERD_EXCHANGE_PEERS"):
+                env.pop(key)
+        return env
+
+    def start(self) -> int:
+        config = self._materialize()
+        metrics = self.dir / "metrics.jsonl"
+        metrics.unlink(missing_ok=True)
+        cmd = [sys.executable, "-m", "herd", "train", str(config),
+               "--adapter-path", str(self.dir / "adapters"), "--metrics-file", str(metrics)]
+        stderr = open(self.dir / "rank.log", "ab")
+        self.proc = subprocess.Popen(cmd, cwd=self.dir, env=self._env(), stdout=stderr,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     start_new_session=True)
+        stderr.close()
+        self.log.info("rank_started", pid=self.proc.pid, world_size=self.spec.world_size)
+        threading.Thread(target=self._relay, args=(metrics,), daemon=True,
+                         name=f"relay-{self.spec.job_id}").start()
+        return self.proc.pid
+
+    # --- running --------------------------------------------------------------------------
+
+    def stop(self, grace_s: float = 3.0) -> bool:
+        """Kills the rank's process group: SIGTERM, then SIGKILL after ``grace_s``."""
+        self._stopping.set()
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return False
+        for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        self.log.info("rank_stopped", pid=proc.pid, exit_code=proc.returncode)
+        return True
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def _request(self, **kw) -> coordinator_pb2.ReportRankRequest:
+        return coordinator_pb2.ReportRankRequest(job_id=self.spec.job_id, attempt=self.spec.attempt,
+                                                 rank=self.spec.rank, worker_id=self.worker_id, **kw)
+
+    def _send(self, req: coordinator_pb2.ReportRankRequest) -> None:
+        try:
+            if self._client.report(req) and not self._stopping.is_set():
+                self.log.info("rank_stop_requested_by_coordinator")
+                threading.Thread(target=self.stop, daemon=True).start()
+        except HerdError as e:
+            # The coordinator may be restarting; progress is best effort, the exit is retried.
+            self.log.warning("report_failed", error=str(e))
+
+    def _handle(self, event: dict, progress: common_pb2.RankProgress) -> None:
+        kind = event.get("event")
+        if kind == "train":
+            progress.iteration = int(event.get("iteration", 0))
+            progress.train_loss = float(event.get("train_loss", 0.0))
+            progress.learning_rate = float(event.get("learning_rate", 0.0))
+            progress.tokens_per_second = float(event.get("tokens_per_second", 0.0))
+            progress.trained_tokens = int(event.get("trained_tokens", 0))
+            progress.peak_memory_gb = float(event.get("peak_memory_gb", 0.0))
+            self._send(self._request(progress=progress))
+        elif kind == "val":
+            progress.val_loss = float(event.get("val_loss", 0.0))
+            progress.iteration = max(progress.iteration, int(event.get("iteration", 0)))
+            self._send(self._request(progress=progress))
+        elif kind == "checkpoint" and self.spec.rank == 0:
+            self._upload(int(event["step"]), event.get("path"))
+        elif kind == "error":
+            self._error = str(event.get("message", ""))
+            self._send(self._request(log=f"rank {self.spec.rank}: {event.get('message', '')}"))
+
+    def _upload(self, step: int, path: str | None) -> None:
+        folder = Path(path) if path else None
+        if folder is None or not (folder / "manifest.json").exists():
+            folder = self.dir / "adapters" / "checkpoints" / f"{step:07d}"
+        if not (folder / "manifest.json").exists():
+            self._send(self._request(log=f"checkpoint {step} has no manifest.json; not uploaded"))
+            return
+        t0 = time.monotonic()
+        for attempt in range(3):
+            try:
+                self._client.put_checkpoint(self.spec.job_id, self.spec.attempt, step, folder)
+                self.log.info("checkpoint_uploaded", step=step, seconds=round(time.monotonic() - t0, 2))
+                return
+            except HerdError as e:
+                self.log.warning("checkpoint_upload_failed", step=step, try_=attempt, error=str(e))
+                time.sleep(1.0 + attempt)
+        self._send(self._request(log=f"checkpoint {step} could not be uploaded"))
+
+    def _relay(self, metrics: Path) -> None:
+        progress = common_pb2.RankProgress(rank=self.spec.rank, worker_id=self.worker_id)
+        offset, buf = 0, b""
+        while True:
+            exited = self.proc.poll() is not None
+            if metrics.exists():
+                with open(metrics, "rb") as f:
+                    f.seek(offset)
+                    data = f.read()
+                offset += len(data)
+                buf += data
+                *lines, buf = buf.split(b"\n")
+                for line in lines:
+                    try:
+                        event = json.loads(line)
+                    except json.JSONDecodeError:
+                        self.log.warning("bad_metrics_line", line=line[:200])
+                        continue
+                    self._handle(event, progress)
+            if exited:
+                break
+            time.sleep(0.2)
+        self._report_exit()
+
+    def _last_error(self) -> str:
+        try:
+            lines = (self.dir / "rank.log").read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        errs = [ln for ln in lines if "Error" in ln or "error" in ln]
+        return (errs[-1] if errs else (lines[-1] if lines else ""))[-500:]
+
+    def _report_exit(self) -> None:
+        code = self.proc.returncode
+        error = "" if code == 0 else (self._error or self._last_error())
+        if self._stopping.is_set() and code != 0:
+            error = "stopped by the agent"
+        self.log.info("rank_exited", exit_code=code, error=error)
+        req = self._request(exit=coordinator_pb2.RankExit(exit_code=code, error=error))
+        for attempt in range(5):
+            try:
+                self._client.report(req)
+                break
+            except HerdError as e:
+                self.log.warning("exit_report_failed", try_=attempt, error=str(e))
+                time.sleep(1.0)
+        self._client.close()
+        if self._on_exit:
+            self._on_exit(self)
