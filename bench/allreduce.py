@@ -1,0 +1,258 @@
+"""All-reduce bus bandwidth on local processes: gRPC exchange vs MLX ring vs a plain TCP ring.
+
+    .venv/bin/python bench/allreduce.py                      # N = 2,3,4; 1,16,64,256 MB; one run
+    .venv/bin/python bench/allreduce.py --ranks 2 --sizes-mb 64,256 --reps 5
+
+Bus bandwidth = 2(N-1)/N x bytes / time (what every rank sends and receives in a ring
+all-reduce, per second). Each (transport, N) gets fresh processes: an MLX process can form only
+one group. MLX ranks are started directly with MLX_RANK + MLX_HOSTFILE, not through mlx.launch,
+whose output relaying costs a 2-core box dearly (shared/FACTS.md). The TCP ring runs the same
+chunked, pipelined schedule as the gRPC exchange (worker/grpc_exchange_ring.py) over bare
+sockets: the ceiling for this algorithm in Python on this machine.
+
+Times are the median of --reps, measured on rank 0 after a small all-reduce that lines the ranks
+up. Writes a markdown table to bench/results/allreduce-<date>.md (see --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+TRANSPORTS = ("grpc", "mlx", "tcp")
+MB = 1024 * 1024
+
+
+# ---- one rank ---------------------------------------------------------------------------------
+
+class TcpRing:
+    """The gRPC exchange's ring schedule over two plain sockets (right neighbour out, left in)."""
+
+    def __init__(self, rank: int, ports: list[int], chunk_bytes: int):
+        self.rank, self.size, self.chunk_elements = rank, len(ports), chunk_bytes // 4
+        listener = socket.create_server(("127.0.0.1", ports[rank]))
+        right_port = ports[(rank + 1) % self.size]
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                self.out = socket.create_connection(("127.0.0.1", right_port))
+                break
+            except ConnectionRefusedError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        self.inp, _ = listener.accept()
+        listener.close()
+
+    def all_sum(self, flat):
+        import mlx.core as mx
+        import numpy as np
+
+        from worker.grpc_exchange_ring import RingPlan
+
+        buf = np.array(flat, dtype=np.float32)
+        plan = RingPlan(buf.size, self.size, self.rank, self.chunk_elements)
+        c = plan.chunks_per_segment
+        received = [0]
+        cond = threading.Condition()
+
+        def send():
+            for i in range(plan.messages):
+                with cond:
+                    cond.wait_for(lambda: received[0] > i - c)
+                start, stop, _ = plan.outgoing(i)
+                self.out.sendall(memoryview(buf[start:stop]).cast("B"))
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        scratch = np.empty(-(-buf.size // self.size) // c + 1, dtype=np.float32)
+        for i in range(plan.messages):
+            start, stop, add = plan.incoming(i)
+            view = memoryview(scratch[: stop - start]).cast("B")
+            got = 0
+            while got < len(view):
+                n = self.inp.recv_into(view[got:])
+                if n == 0:
+                    raise ConnectionError("left neighbour closed")
+                got += n
+            if add:
+                np.add(buf[start:stop], scratch[: stop - start], out=buf[start:stop])
+            else:
+                buf[start:stop] = scratch[: stop - start]
+            with cond:
+                received[0] = i + 1
+                cond.notify_all()
+        sender.join()
+        return mx.array(buf)
+
+    def close(self):
+        self.out.close()
+        self.inp.close()
+
+
+class MlxRing:
+    def __init__(self):
+        import mlx.core as mx
+
+        self.group = mx.distributed.init(backend="ring", strict=True)
+
+    def all_sum(self, flat):
+        import mlx.core as mx
+
+        out = mx.distributed.all_sum(flat, group=self.group, stream=mx.cpu)
+        mx.eval(out)
+        return out
+
+    def close(self):
+        pass
+
+
+def worker(args) -> None:
+    import mlx.core as mx
+
+    rank = int(os.environ["HERD_RANK"])
+    ports = [int(p) for p in os.environ["BENCH_PORTS"].split(",")]
+    if args.worker == "grpc":
+        from worker.grpc_exchange import GrpcExchange
+
+        ring = GrpcExchange.from_env(timeout_s=300)
+        if args.chunk_bytes:
+            ring._chunk_elements = args.chunk_bytes // 4
+    elif args.worker == "mlx":
+        ring = MlxRing()
+    else:
+        ring = TcpRing(rank, ports, args.chunk_bytes or 4 * MB)
+    small = mx.ones((16,), dtype=mx.float32)
+    ring.all_sum(small)  # warm-up and line-up
+    results = {}
+    for mb in args.sizes_mb:
+        flat = mx.random.normal((int(mb * MB) // 4,), dtype=mx.float32)
+        mx.eval(flat)
+        times = []
+        for _ in range(args.reps):
+            ring.all_sum(small)
+            started = time.perf_counter()
+            ring.all_sum(flat)
+            times.append(time.perf_counter() - started)
+        results[str(mb)] = times
+        del flat
+    ring.close()
+    if rank == 0:
+        print(json.dumps(results), flush=True)
+
+
+# ---- the driver --------------------------------------------------------------------------------
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def run_group(transport: str, n: int, args, hostfile: Path) -> dict[str, list[float]]:
+    ports = free_ports(n)
+    mlx_ports = free_ports(n)
+    hostfile.write_text(json.dumps([f"127.0.0.1:{p}" for p in mlx_ports]))
+    base = {**os.environ, "BENCH_PORTS": ",".join(map(str, ports)),
+            "HERD_EXCHANGE_PEERS": ",".join(f"127.0.0.1:{p}" for p in ports),
+            "HERD_SECRET": os.environ.get("HERD_SECRET", "bench-secret-0123456789abcdef"),
+            "MLX_HOSTFILE": str(hostfile), "MLX_WORLD_SIZE": str(n), "HERD_LOG_LEVEL": "warning"}
+    cmd = [sys.executable, __file__, "--worker", transport, "--reps", str(args.reps),
+           "--sizes-mb", ",".join(map(str, args.sizes_mb)), "--chunk-bytes", str(args.chunk_bytes)]
+    procs = [subprocess.Popen(cmd, env={**base, "HERD_RANK": str(r), "MLX_RANK": str(r)},
+                              stdout=subprocess.PIPE, text=True) for r in range(n)]
+    outs = []
+    for p in procs:
+        out, _ = p.communicate(timeout=args.group_timeout)
+        if p.returncode != 0:
+            raise SystemExit(f"{transport} N={n}: a rank exited with {p.returncode}")
+        outs.append(out)
+    return json.loads(outs[0].strip().splitlines()[-1])
+
+
+def machine() -> str:
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()[:10]
+    load = os.getloadavg()
+    return "\n".join([*lscpu, f"nproc: {os.cpu_count()}",
+                      f"load average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"])
+
+
+def report(table: dict, args, elapsed: float) -> str:
+    import mlx.core as mx
+
+    lines = [
+        f"# All-reduce bus bandwidth, {datetime.date.today().isoformat()}",
+        "",
+        "`.venv/bin/python bench/allreduce.py " + " ".join(sys.argv[1:]) + "`, "
+        f"{elapsed:.0f} s, mlx {mx.__version__}. Bus bandwidth = 2(N-1)/N x bytes / time, GB/s "
+        f"(10^9 B/s), median of {args.reps} (min time in brackets). All local processes on loopback.",
+        "",
+        "```", machine(), "```",
+        "",
+        "| N | MB | gRPC | MLX ring | TCP ring | gRPC / MLX |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for n in args.ranks:
+        for mb in args.sizes_mb:
+            cells, bw = [], {}
+            for t in TRANSPORTS:
+                times = table[(t, n)][str(mb)]
+                scale = 2 * (n - 1) / n * mb * MB / 1e9
+                bw[t] = scale / statistics.median(times)
+                cells.append(f"{bw[t]:.3f} ({scale / min(times):.3f})")
+            lines.append(f"| {n} | {mb} | " + " | ".join(cells) + f" | {bw['grpc'] / bw['mlx']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ranks", default="2,3,4", type=lambda s: [int(x) for x in s.split(",")])
+    parser.add_argument("--sizes-mb", default="1,16,64,256",
+                        type=lambda s: [float(x) if "." in x else int(x) for x in s.split(",")])
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--transports", default=",".join(TRANSPORTS))
+    parser.add_argument("--chunk-bytes", type=int, default=0, help="0: the exchange's default")
+    parser.add_argument("--group-timeout", type=float, default=600)
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--worker", choices=TRANSPORTS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return 0
+    started = time.perf_counter()
+    table = {}
+    hostfile = Path(f"/tmp/herd-bench-hosts-{os.getpid()}.json")
+    for n in args.ranks:
+        for t in args.transports.split(","):
+            table[(t, n)] = run_group(t, n, args, hostfile)
+            print(t, n, {k: [round(x, 3) for x in v] for k, v in table[(t, n)].items()},
+                  file=sys.stderr, flush=True)
+    hostfile.unlink(missing_ok=True)
+    if set(args.transports.split(",")) != set(TRANSPORTS):
+        return 0  # a partial run is for tuning, not for the results table
+    text = report(table, args, time.perf_counter() - started)
+    out = args.out or ROOT / "bench" / "results" / f"allreduce-{datetime.date.today().isoformat()}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

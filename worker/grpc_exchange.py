@@ -1,0 +1,379 @@
+"""The ``grpc`` gradient exchange: a chunked, pipelined ring all-reduce between rank processes.
+
+Works where an MLX group cannot form (no ``Group.split`` on the ring backend, only ring
+neighbours, all ranks within ~30 s, aborts or hangs on a dead peer: FACTS.md). Every rank serves
+ExchangeService (protos/v1/exchange.proto) on its own port, behind the cluster-secret interceptor,
+and streams each all-reduce to its right neighbour in chunks (schedule: grpc_exchange_ring.py;
+bytes on the wire: grpc_exchange_wire.py). Chunks are far below any message-size limit, so a
+buffer of any length goes through.
+
+Every all-reduce has a deadline. A killed peer breaks a TCP stream, its neighbours see it at once
+and the failure travels around the ring in an ``abort`` message; a stalled peer is found by
+probing every rank just before the deadline. Either way each rank raises
+``herd.errors.PeerLostError`` naming the peer within ``timeout_s``, and the exchange is spent: a
+new group needs a new ``GrpcExchange``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from concurrent import futures
+
+import grpc
+import mlx.core as mx
+import numpy as np
+
+from herd import log
+from herd.auth import SERVER_OPTIONS, ServerAuth, load_secret, secure_channel
+from herd.errors import AuthError, ConfigError, HerdError, PeerLostError
+from protos.v1 import exchange_pb2 as pb
+from worker import grpc_exchange_wire as wire
+from worker.grpc_exchange_ring import Exchange, RingPlan
+
+logger = log.get(__name__)
+
+SERVICE = pb.DESCRIPTOR.services_by_name["ExchangeService"].full_name
+# Big enough that per-message Python overhead is small next to the copy, small enough that a ring
+# of a few ranks keeps several chunks in flight (bench/results/allreduce-*.md).
+DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
+_CONNECT_ATTEMPT_S = 1.0
+
+
+class GrpcExchange:
+    """A ring of ``len(peers)`` ranks summing float32 buffers over authenticated gRPC streams.
+
+    ``peers[i]`` is the ``host:port`` rank i serves on; this rank binds ``peers[rank]``. The
+    constructor returns once every peer has answered, or raises PeerLostError naming the missing
+    ones after ``timeout_s`` (AuthError when a peer refuses the secret).
+    """
+
+    name = "grpc"
+
+    def __init__(
+        self,
+        rank: int,
+        peers: list[str],
+        secret: str,
+        timeout_s: float = 60.0,
+        wire_dtype: str = "float32",
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    ):
+        if not 0 <= rank < len(peers):
+            raise ConfigError(f"rank {rank} is outside a group of {len(peers)} peers",
+                              hint="HERD_EXCHANGE_PEERS lists one host:port per rank, in rank order")
+        if wire_dtype not in wire.WIRE_DTYPES:
+            raise ConfigError(f"cluster.wire_dtype {wire_dtype!r} is not supported",
+                              hint=f"use one of {sorted(wire.WIRE_DTYPES)}")
+        if timeout_s <= 0 or chunk_bytes < 4:
+            raise ConfigError("cluster.exchange_timeout_s and chunk_bytes must be positive")
+        self.rank, self.size, self.peers = rank, len(peers), list(peers)
+        self.timeout_s = float(timeout_s)
+        self.wire_dtype = wire_dtype
+        self._dtype = wire.WIRE_DTYPES[wire_dtype]
+        self._chunk_elements = max(1, chunk_bytes // 4)
+        self._secret = secret
+        self._log = logger.bind(rank=rank, size=self.size)
+        self._seq = 0
+        self._broken: HerdError | None = None
+        self._closed = False
+        self._exchanges: dict[int, Exchange] = {}
+        self._registry = threading.Condition()
+        self._server: grpc.Server | None = None
+        self._channels: dict[int, grpc.Channel] = {}
+        if self.size == 1:
+            return
+        started = time.monotonic()
+        try:
+            self._server = self._serve()
+            self._await_peers(started + self.timeout_s)
+        except BaseException:
+            self.close()
+            raise
+        right = (rank + 1) % self.size
+        self._push = self._channels[right].stream_unary(
+            f"/{SERVICE}/PushChunks",
+            request_serializer=None,  # the request stream yields encoded bytes already
+            response_deserializer=pb.PushChunksReply.FromString,
+        )
+        self._log.info("exchange_ready", exchange="grpc", peers=self.peers, wire_dtype=wire_dtype,
+                       startup_s=round(time.monotonic() - started, 3))
+
+    @classmethod
+    def from_env(cls, timeout_s: float = 60.0, wire_dtype: str = "float32") -> "GrpcExchange":
+        """Rank from HERD_RANK (else MLX_RANK), peers from HERD_EXCHANGE_PEERS, the cluster secret."""
+        rank = os.environ.get("HERD_RANK") or os.environ.get("MLX_RANK")
+        peers = [p.strip() for p in os.environ.get("HERD_EXCHANGE_PEERS", "").split(",") if p.strip()]
+        if rank is None or not peers:
+            raise ConfigError(
+                "the grpc exchange needs HERD_RANK (or MLX_RANK) and HERD_EXCHANGE_PEERS",
+                hint='the launcher sets HERD_EXCHANGE_PEERS="host:port,host:port,..." in rank order',
+            )
+        try:
+            rank_i = int(rank)
+        except ValueError:
+            raise ConfigError(f"HERD_RANK/MLX_RANK must be an integer, not {rank!r}") from None
+        return cls(rank_i, peers, load_secret(), timeout_s=timeout_s, wire_dtype=wire_dtype)
+
+    # ---- the collective ----------------------------------------------------------------------
+
+    def all_sum(self, flat: mx.array) -> mx.array:
+        """The elementwise sum of ``flat`` over all ranks (float32, 1-D), identical on every rank."""
+        if flat.ndim != 1 or flat.dtype != mx.float32:
+            raise ValueError(f"all_sum takes a 1-D float32 array, got {flat.dtype} {flat.shape}")
+        if self.size == 1:
+            return flat
+        if self._closed:
+            raise PeerLostError("the grpc exchange is closed")
+        if self._broken is not None:
+            raise PeerLostError(f"the grpc exchange failed earlier: {self._broken.message}",
+                                hint="re-form the group with a new exchange")
+        # One copy, owned by MLX, summed in place through a numpy view and returned as is: a
+        # fresh buffer costs page faults, so there is no second one (FACTS: big copies are slow).
+        out = mx.array(flat)
+        mx.eval(out)
+        buf = np.asarray(out)
+        plan = RingPlan(buf.size, self.size, self.rank, self._chunk_elements)
+        deadline = time.monotonic() + self.timeout_s
+        with self._registry:
+            ex = Exchange(self._seq, plan, buf, self._dtype)
+            self._seq += 1
+            self._exchanges[ex.seq] = ex
+            self._registry.notify_all()
+        try:
+            call = self._push.future(self._outgoing(ex, deadline), timeout=self.timeout_s)
+            call.add_done_callback(lambda f: self._on_sent(ex, f))
+            # Stop waiting a little before the deadline: what is left goes to naming the culprit.
+            probe_s = min(1.0, 0.1 * self.timeout_s)
+            if not ex.wait(lambda: ex.done, deadline - probe_s - min(0.5, 0.05 * self.timeout_s)):
+                if ex.error is None:
+                    ex.fail(self._stalled_error(ex, probe_s))
+                self._abandon(ex, call)
+                raise ex.error
+        finally:
+            with self._registry:
+                self._exchanges.pop(ex.seq, None)
+        return out
+
+    def _outgoing(self, ex: Exchange, deadline: float):
+        """The request stream to the right neighbour; runs on gRPC's request-consumer thread."""
+        c = ex.plan.chunks_per_segment
+        for i in range(ex.plan.messages):
+            # Message i forwards what incoming message i - C completed.
+            if i >= c and not ex.wait(lambda: ex.received > i - c, deadline):
+                break
+            yield ex.encode_outgoing(i)
+        if ex.error is not None:
+            # Tell the rest of the ring now rather than letting every rank wait for its deadline.
+            yield wire.encode(ex.seq, 0, ex.plan.elements, ex.dtype, abort=ex.error.message)
+
+    def _on_sent(self, ex: Exchange, call: grpc.Future) -> None:
+        if call.cancelled():
+            ex.fail(PeerLostError(f"all-reduce #{ex.seq} was cancelled on rank {self.rank}"))
+        elif (err := call.exception()) is not None:
+            ex.fail(self._send_error(err))
+        else:
+            # The right neighbour has applied every chunk: it replies before our half-close, to
+            # save a round trip. (A message gRPC has accepted is not yet delivered: only this
+            # reply says our part is done and the process may exit.)
+            ex.mark_sent()
+
+    def _abandon(self, ex: Exchange, call: grpc.Future) -> None:
+        self._broken = ex.error
+        self._log.warning("exchange_failed", seq=ex.seq, error=ex.error.message,
+                          received=ex.received, messages=ex.plan.messages)
+        try:  # let the abort message reach the right neighbour, briefly
+            call.exception(timeout=min(0.5, 0.05 * self.timeout_s))
+        except (grpc.FutureTimeoutError, grpc.FutureCancelledError):
+            pass  # a stalled neighbour: cancelling below is all we can do
+        call.cancel()
+
+    def _name(self, rank: int) -> str:
+        return f"rank {rank} ({self.peers[rank]})"
+
+    def _send_error(self, err: grpc.RpcError) -> HerdError:
+        right = self._name((self.rank + 1) % self.size)
+        code, details = err.code(), err.details()
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            return AuthError(f"{right} refused rank {self.rank}'s credentials: {details}",
+                             hint="every rank must hold the same cluster secret")
+        if code == grpc.StatusCode.ABORTED:  # the neighbour reports a failure it saw
+            return PeerLostError(details)
+        return PeerLostError(f"lost {right} (seen by rank {self.rank}): {code.name}: {details}",
+                             hint="the rank process died or its machine dropped off the network")
+
+    def _stalled_error(self, ex: Exchange, probe_s: float) -> PeerLostError:
+        silent = self._probe(probe_s)
+        hint = ("a stalled rank (stopped, swapping, or overloaded) holds up the whole ring; "
+                "raise cluster.exchange_timeout_s if buffers are huge for the network")
+        if silent:
+            names = ", ".join(self._name(r) for r in silent)
+            return PeerLostError(f"{names} stopped answering: all-reduce #{ex.seq} got no further "
+                                 f"in {self.timeout_s:g}s (seen by rank {self.rank})", hint=hint)
+        waiting = (self.rank - 1) % self.size if ex.received < ex.plan.messages else (
+            (self.rank + 1) % self.size)
+        return PeerLostError(f"all-reduce #{ex.seq} did not finish within {self.timeout_s:g}s on "
+                             f"rank {self.rank}: waiting on {self._name(waiting)} "
+                             f"({ex.received}/{ex.plan.messages} chunks in)", hint=hint)
+
+    def _probe(self, timeout_s: float) -> list[int]:
+        """Ranks that do not answer Hello within ``timeout_s`` (asked all at once)."""
+        calls = {r: self._hello(r).future(pb.HelloRequest(rank=self.rank, world_size=self.size),
+                                          timeout=timeout_s) for r in self._channels}
+        silent = []
+        for r, call in calls.items():
+            try:
+                call.result()
+            except grpc.RpcError:
+                silent.append(r)
+        return sorted(silent)
+
+    # ---- the server side ---------------------------------------------------------------------
+
+    def _serve(self) -> grpc.Server:
+        handlers = {
+            "Hello": grpc.unary_unary_rpc_method_handler(
+                self._on_hello, request_deserializer=pb.HelloRequest.FromString,
+                response_serializer=pb.HelloReply.SerializeToString),
+            # Hand-decoded so the payload is a view of the received bytes (grpc_exchange_wire.py).
+            "PushChunks": grpc.stream_unary_rpc_method_handler(
+                self._on_push_chunks, request_deserializer=wire.decode,
+                response_serializer=pb.PushChunksReply.SerializeToString),
+        }
+        self._pool = futures.ThreadPoolExecutor(max_workers=self.size + 4,
+                                                thread_name_prefix="exchange")
+        server = grpc.server(
+            self._pool,
+            handlers=[grpc.method_handlers_generic_handler(SERVICE, handlers)],
+            interceptors=[ServerAuth(self._secret)],
+            options=SERVER_OPTIONS,
+        )
+        address = self.peers[self.rank]
+        try:
+            bound = server.add_insecure_port(address)
+        except RuntimeError:
+            bound = 0
+        if not bound:
+            raise HerdError(f"rank {self.rank} cannot listen on {address}",
+                            hint="the port is taken or the host is not this machine's address")
+        server.start()
+        return server
+
+    def _on_hello(self, request: pb.HelloRequest, context) -> pb.HelloReply:
+        return pb.HelloReply(rank=self.rank, world_size=self.size)
+
+    def _on_push_chunks(self, requests, context) -> pb.PushChunksReply:
+        left = self._name((self.rank - 1) % self.size)
+        try:
+            first = next(requests)
+        except (StopIteration, grpc.RpcError):
+            return pb.PushChunksReply(received=0)
+        ex = self._await_exchange(first.seq, context)
+        chunk = first
+        try:
+            while True:
+                if chunk.abort:
+                    ex.fail(PeerLostError(chunk.abort))
+                    break
+                if ex.error is not None:
+                    context.abort(grpc.StatusCode.ABORTED, ex.error.message)
+                ex.apply_incoming(chunk)
+                if ex.received == ex.plan.messages:
+                    break  # reply now, not at the client's half-close: it saves a round trip
+                chunk = next(requests)
+        except StopIteration:
+            pass
+        except grpc.RpcError:
+            ex.fail(PeerLostError(f"lost {left}: its stream broke mid-exchange "
+                                  f"(seen by rank {self.rank})",
+                                  hint="the rank process died or its machine dropped off the network"))
+        except HerdError as e:
+            ex.fail(e)
+            context.abort(grpc.StatusCode.ABORTED, f"rank {self.rank}: {e.message}")
+        if ex.error is None and ex.received < ex.plan.messages:
+            ex.fail(PeerLostError(f"{left} ended all-reduce #{ex.seq} after {ex.received} of "
+                                  f"{ex.plan.messages} chunks (seen by rank {self.rank})"))
+        return pb.PushChunksReply(received=ex.received)
+
+    def _await_exchange(self, seq: int, context) -> Exchange:
+        """The local all-reduce ``seq``; the left neighbour may start before this rank does."""
+        with self._registry:
+            self._registry.wait_for(
+                lambda: seq in self._exchanges or self._closed or self._broken is not None
+                or seq < self._seq,
+                timeout=self.timeout_s,
+            )
+            ex = self._exchanges.get(seq)
+        if ex is None:
+            reason = self._broken.message if self._broken else (
+                f"rank {self.rank} did not start all-reduce #{seq} within {self.timeout_s:g}s")
+            context.abort(grpc.StatusCode.ABORTED, reason)
+        return ex
+
+    # ---- start-up and shutdown ---------------------------------------------------------------
+
+    def _hello(self, rank: int):
+        return self._channels[rank].unary_unary(
+            f"/{SERVICE}/Hello", request_serializer=pb.HelloRequest.SerializeToString,
+            response_deserializer=pb.HelloReply.FromString)
+
+    def _await_peers(self, deadline: float) -> None:
+        """Hello every peer until all answer; peers may start seconds apart."""
+        missing = {r for r in range(self.size) if r != self.rank}
+        request = pb.HelloRequest(rank=self.rank, world_size=self.size)
+        while True:
+            for r in sorted(missing):
+                # A fresh channel per attempt: a refused connection puts a channel into
+                # exponential reconnect back-off, which would outlast a peer's slow start.
+                if r in self._channels:
+                    self._channels.pop(r).close()
+                self._channels[r] = secure_channel(self.peers[r], self._secret)
+                remaining = deadline - time.monotonic()
+                try:
+                    reply = self._hello(r)(request, timeout=max(0.05, min(_CONNECT_ATTEMPT_S, remaining)),
+                                           wait_for_ready=True)
+                except grpc.RpcError as e:
+                    if e.code() == grpc.StatusCode.UNAUTHENTICATED:
+                        raise AuthError(
+                            f"{self._name(r)} refused rank {self.rank}'s credentials: {e.details()}",
+                            hint="every rank must hold the same cluster secret "
+                            "($HERD_SECRET, or the secret file `herd init` wrote)") from None
+                    continue
+                if reply.rank != r or reply.world_size != self.size:
+                    raise ConfigError(
+                        f"{self.peers[r]} answers as rank {reply.rank} of {reply.world_size}, "
+                        f"expected rank {r} of {self.size}",
+                        hint="every rank must get the same HERD_EXCHANGE_PEERS, in rank order")
+                missing.discard(r)
+            if not missing:
+                return
+            if time.monotonic() >= deadline:
+                names = ", ".join(self._name(r) for r in sorted(missing))
+                raise PeerLostError(
+                    f"{names} did not come up within {self.timeout_s:g}s (rank {self.rank} waited)",
+                    hint="start every rank, and check HERD_EXCHANGE_PEERS and firewalls")
+            time.sleep(0.1)
+
+    def close(self) -> None:
+        """Stop serving and drop the channels; idempotent. In-flight all-reduces fail."""
+        if self._closed:
+            return
+        with self._registry:
+            self._closed = True
+            for ex in self._exchanges.values():
+                ex.fail(PeerLostError(f"the grpc exchange of rank {self.rank} was closed"))
+            self._registry.notify_all()
+        if self._server is not None:
+            # A short grace: the left neighbour may still be waiting for our reply to its stream.
+            self._server.stop(grace=1.0).wait(timeout=2.0)
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        for channel in self._channels.values():
+            channel.close()
+        self._channels.clear()
+
+    def __enter__(self) -> "GrpcExchange":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
