@@ -34,20 +34,11 @@ def _parser(cmd: str) -> argparse.ArgumentParser:
     return p
 
 
-def check(job: JobConfig, with_tokenizer: bool = True):
+def check(job: JobConfig):
     """Validate the dataset before anything else is loaded; raises DatasetError."""
-    from herd.dataset import check_dataset, load_tokenizer_for
+    from herd.dataset import check_job_dataset, load_tokenizer_for
 
-    tokenizer = load_tokenizer_for(job.model) if with_tokenizer else None
-    return check_dataset(
-        job.data,
-        max_seq_length=job.max_seq_length,
-        tokenizer=tokenizer,
-        mask_prompt=job.mask_prompt,
-        need_valid=False,
-        need_test=job.test,
-        batch_size=job.batch_size,
-    )
+    return check_job_dataset(job, tokenizer=load_tokenizer_for(job.model))
 
 
 class Reporter:
