@@ -89,6 +89,7 @@ class Coordinator:
                 if hashes[d.name].hexdigest() != d.sha256:
                     raise ChecksumError(f"{d.name} arrived corrupted", hint="pull again")
             for name, (_, tmp) in files.items():
+                os.chmod(tmp, 0o644)  # mkstemp makes 0600; an adapter is an ordinary file
                 os.replace(tmp, out / name)
             return header
         finally:

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# The main job, end to end on one machine (`make demo`):
+#   a cluster secret in a temp HERD_HOME, `herd up --workers 2` (coordinator + 2 worker agents on
+#   loopback), a tiny model and dataset, a 2-worker LoRA job submitted and watched through the CLI,
+#   the adapter pulled from the coordinator, and a sample generated with it by mlx-lm.
+# Every process it starts is stopped on exit. HERD_DEMO_KEEP=1 keeps the temp folder.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+herd() { "$PY" -m herd "$@"; }
+
+WORK=$(mktemp -d -t herd-demo-XXXXXX)
+export HERD_HOME="$WORK/home"
+export HERD_ZEROCONF_INTERFACES=127.0.0.1
+UP_PID=""
+cleanup() {
+  local code=$?
+  if [[ -n "$UP_PID" ]] && kill -0 "$UP_PID" 2>/dev/null; then
+    kill -TERM "$UP_PID" 2>/dev/null || true
+    wait "$UP_PID" 2>/dev/null || true
+  fi
+  if [[ "${HERD_DEMO_KEEP:-0}" == 1 || $code -ne 0 ]]; then
+    echo "demo: files (and logs, in $WORK/cluster) kept in $WORK"
+  else
+    rm -rf "$WORK"
+  fi
+  exit $code
+}
+trap cleanup EXIT INT TERM
+
+PORT=$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+COORD="127.0.0.1:$PORT"
+
+echo "== herd init"
+herd init
+echo "== herd up --workers 2"
+herd up --workers 2 --port "$PORT" --state-dir "$WORK/cluster" &
+UP_PID=$!
+
+echo "== tiny model and dataset"
+herd tiny-model "$WORK/model" --arch llama --layers 4 --hidden 64
+herd tiny-data "$WORK/data" --format text
+cp deploy/demo-config.yaml "$WORK/job.yaml"   # model: model, data: data resolve beside it
+
+echo "== waiting for 2 verified workers"
+for _ in $(seq 1 60); do
+  n=$(herd workers --coordinator "$COORD" 2>/dev/null | tail -n +2 | grep -c . || true)
+  [[ "$n" -ge 2 ]] && break
+  sleep 0.5
+done
+herd workers --coordinator "$COORD"
+
+echo "== herd submit"
+JOB=$(herd submit "$WORK/job.yaml" --coordinator "$COORD")
+echo "submitted $JOB"
+echo "== herd watch $JOB"
+herd watch "$JOB" --coordinator "$COORD"
+herd jobs --coordinator "$COORD"
+
+echo "== herd pull $JOB"
+herd pull "$JOB" -o "$WORK/adapter" --coordinator "$COORD"
+ls -l "$WORK/adapter"
+
+echo "== mlx_lm.generate with the pulled adapter"
+"$PY" -m mlx_lm generate --model "$WORK/model" --adapter-path "$WORK/adapter" \
+  --prompt "question: colour of the cat answer:" --max-tokens 12 --temp 0
+echo "demo: done"
