@@ -63,7 +63,7 @@ class Reporter:
             print(
                 f"iter {info['iteration']:>6}/{self.job.iters}  loss {info['train_loss']:.4f}  "
                 f"tok/s {info['tokens_per_second']:8.1f}  lr {info['learning_rate']:.2e}  "
-                f"peak {info['peak_memory_gb']:.2f} GB",
+                f"peak {info['peak_memory_gb']:.3f} GB",
                 flush=True,
             )
 
