@@ -406,9 +406,9 @@ def check_dataset(
             f"dataset {data_dir} has {len(problems)} problem(s):\n  " + "\n  ".join(problems),
             hint=FORMATS_HELP,
         )
-    for w in warnings:
-        logger.warning("dataset_warning", data=str(data_dir), detail=w)
-    logger.info("dataset_checked", data=str(data_dir),
+    # The warnings travel in the report: the caller shows them (the CLI prints, the service
+    # stores them with the job), so they are not logged twice here.
+    logger.info("dataset_checked", data=str(data_dir), warnings=len(warnings),
                 **{f"{s.name}_records": s.records for s in splits.values()})
     return DatasetReport(splits=splits, warnings=warnings, sha256=sha256)
 

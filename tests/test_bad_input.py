@@ -167,6 +167,25 @@ def test_the_good_job_passes_the_check(job: Job, capsys):
     assert "train: 8 records (text)" in out and "ok" in out
 
 
+def test_long_sequences_are_a_warning_not_an_error(job: Job, tiny_model: Path, capsys):
+    # With the model folder at hand the check tokenizes, as training will, and warns.
+    job.lines("train", [json.dumps({"text": "the cat is red. " * 3})] * 2 + records(6))
+    job.config.update(model=str(tiny_model), max_seq_length=8)
+    assert herd_main(["check", str(job.write())]) == 0
+    err = capsys.readouterr().err
+    assert "warning: train.jsonl: 2 of 8 records are longer than max_seq_length 8 tokens" in err
+    assert "truncated to 8" in err
+
+
+def test_custom_completion_keys_from_the_config_are_used(job: Job, capsys):
+    pairs = [json.dumps({"input": f"q{i}", "output": f"a{i}"}) for i in range(8)]
+    job.lines("train", pairs)
+    job.lines("valid", pairs[:4])
+    job.config.update(prompt_feature="input", completion_feature="output")
+    assert herd_main(["check", str(job.write())]) == 0, capsys.readouterr().err
+    assert "train: 8 records (completions)" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("name, breaks, code, needles", ROWS, ids=[r[0] for r in ROWS])
 def test_herd_check_rejects(job: Job, capsys, name, breaks, code, needles):
     breaks(job)

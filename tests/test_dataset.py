@@ -41,29 +41,9 @@ def data(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory) -> Path:
-    """A real tokenizer folder: byte-level BPE trained with `tokenizers`, with a chat template,
-    saved as a hub model's tokenizer is (what mlx-lm and transformers both load)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<|endoftext|>", "<|pad|>", "<|end|>"]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["the cat is red.", "what colour is the cat?", "be brief"] * 20,
-                            trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>",
-                                   eos_token="<|endoftext|>", pad_token="<|pad|>")
-    fast.chat_template = (
-        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-    )
-    out = tmp_path_factory.mktemp("tokenizer")
-    fast.save_pretrained(str(out))
-    return out
+def tokenizer_dir(tiny_model: Path) -> Path:
+    """A real model folder (tests/conftest.py): byte-level BPE tokenizer with a chat template."""
+    return tiny_model
 
 
 @pytest.fixture(scope="module")
