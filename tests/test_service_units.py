@@ -1,0 +1,227 @@
+"""The control plane without processes: converters, the job state machine stepped with a fake
+launcher and clock, the SQLite store across a reopen, and the adapter store's checks."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from coordinator import convert
+from coordinator.artifacts import AdapterStore, BlobStore
+from coordinator.domain import (
+    Checkpoint,
+    EventKind,
+    FileDigest,
+    Job,
+    JobEvent,
+    JobState,
+    RankProgress,
+    WorkerRecord,
+)
+from coordinator.scheduler import Scheduler
+from coordinator.store import JobStore
+from herd.client_rpc import ChecksumError
+from herd.errors import DatasetError, HerdError, NotFoundError
+
+GB = 1024**3
+
+
+def worker(i: int, mem: int = 16 * GB, **kw) -> WorkerRecord:
+    return WorkerRecord(worker_id=f"w{i}", host=f"10.0.0.{i}", port=7000 + i, ring_port=8000 + i,
+                        exchange_port=9000 + i, memory_bytes=mem, free_memory_bytes=mem,
+                        chip="Apple M2 Ultra", **kw)
+
+
+def job(workers: int = 2, iters: int = 10, model: str = "/nonexistent/model") -> Job:
+    cfg = {"model": model, "data": "data", "iters": iters, "batch_size": 4,
+           "cluster": {"workers": workers}}
+    return Job(job_id=f"j{workers}-{iters}", name="t", config_yaml=yaml.safe_dump(cfg),
+               dataset=[FileDigest("train.jsonl", "a" * 64, 10)], workers_needed=workers,
+               iters=iters)
+
+
+# --- converters ------------------------------------------------------------------------------
+
+def test_converters_round_trip():
+    p = RankProgress(rank=1, worker_id="w2", iteration=7, train_loss=1.5, val_loss=2.5,
+                     learning_rate=1e-4, tokens_per_second=900.0, trained_tokens=1234,
+                     peak_memory_gb=0.5)
+    assert convert.progress_from_pb(convert.progress_to_pb(p)) == p
+    w = worker(3, running_job_id="x")
+    assert convert.worker_from_pb(convert.worker_to_pb(w)) == w
+    c = Checkpoint("j", 20, [FileDigest("adapters.safetensors", "b" * 64, 99)], 1700)
+    assert convert.checkpoint_from_pb(convert.checkpoint_to_pb(c)) == c
+    for e in [JobEvent("j", 1, 5, EventKind.STATE, JobState.FAILED, "why"),
+              JobEvent("j", 2, 6, EventKind.PROGRESS, progress=p, step=7),
+              JobEvent("j", 3, 7, EventKind.CHECKPOINT, step=20, message="stored")]:
+        assert convert.event_from_pb(convert.event_to_pb(e)) == e
+    for s in JobState:
+        assert convert.state_from_pb(convert.state_to_pb(s)) is s
+
+
+# --- the state machine -----------------------------------------------------------------------
+
+class FakeLauncher:
+    def __init__(self, fail_rank: int | None = None):
+        self.started, self.stopped, self.fail_rank = [], [], fail_rank
+
+    def start_rank(self, launch):
+        if launch.rank == self.fail_rank:
+            raise HerdError("model path missing")
+        self.started.append(launch)
+
+    def stop_job(self, w, job_id):
+        self.stopped.append((w.worker_id, job_id))
+
+
+class Clock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self):
+        return self.t
+
+
+@pytest.fixture
+def rig(tmp_path):
+    workers: list[WorkerRecord] = []
+    launcher, clock = FakeLauncher(), Clock()
+    s = Scheduler(JobStore(tmp_path / "db"), lambda: list(workers), launcher, clock,
+                  placement_timeout_s=60)
+    return s, workers, launcher, clock
+
+
+def states(s: Scheduler, job_id: str) -> list[str]:
+    return [e.state.value for e in s.store.events(job_id) if e.kind is EventKind.STATE]
+
+
+def test_job_waits_with_a_reason_then_runs_and_succeeds(rig):
+    s, workers, launcher, clock = rig
+    workers.append(worker(1))
+    j = s.submit(job(workers=2))
+    s.tick()
+    got = s.store.get_job(j.job_id)
+    assert got.state is JobState.QUEUED
+    assert got.message == "waiting: needs 2 workers, 1 verified: missing 1"
+    workers.append(worker(2, mem=32 * GB))
+    s.tick()
+    got = s.store.get_job(j.job_id)
+    assert got.state is JobState.RUNNING
+    assert got.worker_ids == ["w2", "w1"]  # most free memory first
+    ring = launcher.started[0].ring_hosts
+    assert ring == ["10.0.0.2:8002", "10.0.0.1:8001"]
+    assert [la.exchange_peers for la in launcher.started] == [["10.0.0.2:9002", "10.0.0.1:9001"]] * 2
+    assert not s.on_progress(j.job_id, 1, RankProgress(rank=0, iteration=3, train_loss=2.0))
+    s.on_exit(j.job_id, 1, 0, "w2", 0, "")
+    assert s.store.get_job(j.job_id).state is JobState.RUNNING  # rank 1 still running
+    s.on_exit(j.job_id, 1, 1, "w1", 0, "")
+    assert states(s, j.job_id) == ["queued", "placing", "running", "succeeded"]
+    assert s.store.latest_progress(j.job_id)[0].iteration == 3
+    assert s.on_progress(j.job_id, 1, RankProgress(rank=0)) is True  # late report: stop
+
+
+def test_a_failed_rank_fails_the_job_and_stops_the_others(rig):
+    s, workers, launcher, _ = rig
+    workers += [worker(1), worker(2)]
+    j = s.submit(job())
+    s.tick()
+    s.on_exit(j.job_id, 1, 1, "w2", 3, "DatasetError: bad line 4")
+    got = s.store.get_job(j.job_id)
+    assert got.state is JobState.FAILED
+    assert got.message == "rank 1 on w2 exited with code 3: DatasetError: bad line 4"
+    assert sorted(launcher.stopped) == [("w1", j.job_id), ("w2", j.job_id)]
+    assert s.store.attempts(j.job_id) == [(1, ["w1", "w2"], "failed")]
+
+
+def test_a_rank_that_cannot_start_fails_the_job(rig):
+    s, workers, launcher, _ = rig
+    workers += [worker(1), worker(2)]
+    launcher.fail_rank = 1
+    j = s.submit(job())
+    s.tick()
+    got = s.store.get_job(j.job_id)
+    assert got.state is JobState.FAILED
+    assert "rank 1 could not start on w2: model path missing" in got.message
+
+
+def test_placement_timeout_fails_with_what_is_missing(rig):
+    s, workers, _, clock = rig
+    j = s.submit(job(workers=3))
+    s.tick()
+    assert s.store.get_job(j.job_id).state is JobState.QUEUED
+    clock.t += 61
+    s.tick()
+    got = s.store.get_job(j.job_id)
+    assert got.state is JobState.FAILED
+    assert got.message == "could not be placed within 60s: needs 3 workers, 0 verified: missing 3"
+
+
+def test_cancel_and_worker_loss(rig):
+    s, workers, launcher, _ = rig
+    workers += [worker(1), worker(2), worker(3), worker(4)]
+    a, b = s.submit(job(workers=2, iters=1)), s.submit(job(workers=2, iters=2))
+    s.tick()
+    assert s.store.get_job(b.job_id).worker_ids == ["w3", "w4"]  # busy workers are skipped
+    assert s.cancel(a.job_id) is JobState.CANCELLED
+    assert {w for w, jid in launcher.stopped if jid == a.job_id} == {"w1", "w2"}
+    assert s.cancel(a.job_id) is JobState.CANCELLED  # idempotent
+    s.on_worker_lost("w4")
+    assert s.store.get_job(b.job_id).message == "worker w4 was lost"
+    with pytest.raises(NotFoundError):
+        s.cancel("nope")
+
+
+def test_store_survives_a_reopen_and_restart_fails_active_jobs(tmp_path):
+    s = Scheduler(JobStore(tmp_path / "db"), lambda: [worker(1)], FakeLauncher(), Clock())
+    done, running = s.submit(job(workers=1, iters=1)), None
+    s.tick()
+    s.on_checkpoint(Checkpoint(done.job_id, 1, [FileDigest("adapters.safetensors", "c" * 64, 5)], 9))
+    s.on_exit(done.job_id, 1, 0, "w1", 0, "")
+    running = s.submit(job(workers=1, iters=5))
+    s.tick()
+    s.store.close()
+    store = JobStore(tmp_path / "db")
+    assert store.schema_version() == 1
+    again = Scheduler(store, lambda: [], FakeLauncher(), Clock())
+    again.recover()
+    assert store.get_job(done.job_id).state is JobState.SUCCEEDED
+    assert [c.step for c in store.checkpoints(done.job_id)] == [1]
+    got = store.get_job(running.job_id)
+    assert (got.state, got.message) == (JobState.FAILED, "the coordinator restarted while the job ran")
+
+
+# --- artifacts -------------------------------------------------------------------------------
+
+def test_adapter_store_checks_every_file_and_writes_atomically(tmp_path):
+    store = AdapterStore(tmp_path)
+    a, b = b"x" * 3000, b"y" * 10
+    files = [FileDigest("adapters.safetensors", hashlib.sha256(a).hexdigest(), len(a)),
+             FileDigest("adapter_config.json", hashlib.sha256(b).hexdigest(), len(b))]
+    chunks = [("adapters.safetensors", a[:1000]), ("adapters.safetensors", a[1000:]),
+              ("adapter_config.json", b)]
+    c = store.receive("job-1", 20, files, iter(chunks), 0)
+    assert (tmp_path / "job-1" / "0000020" / "adapters.safetensors").read_bytes() == a
+    assert b"".join(d for n, d in store.files(c) if n == "adapters.safetensors") == a
+    bad = [("adapters.safetensors", a[:-1] + b"z"), ("adapter_config.json", b)]
+    with pytest.raises(ChecksumError):
+        store.receive("job-1", 40, files, iter(bad), 0)
+    assert sorted(p.name for p in (tmp_path / "job-1").iterdir()) == ["0000020"]
+    with pytest.raises(DatasetError):
+        store.receive("job-1", 60, [FileDigest("../evil", "0" * 64, 0)], iter([]), 0)
+    with pytest.raises(NotFoundError):
+        store.step_dir("../x", 1)
+
+
+def test_blob_store_is_content_addressed(tmp_path):
+    blobs = BlobStore(tmp_path)
+    data = b"line\n" * 1000
+    sha = hashlib.sha256(data).hexdigest()
+    assert blobs.put(sha, [data[:7], data[7:]]) == len(data)
+    assert b"".join(blobs.read(sha)) == data
+    with pytest.raises(ChecksumError):
+        blobs.put("0" * 64, [data])
+    assert not blobs.has("0" * 64)
+    assert [p.name for p in Path(tmp_path).iterdir()] == [sha]
