@@ -22,14 +22,16 @@ GIB = 1 << 30
 # --- Copies MLX keeps alive per token during value_and_grad (measured, see module docstring). ---
 # Each entry is (copies at the activation dtype, copies at float32). LoRA's low-rank path runs in
 # float32 (lora_a/lora_b are fp32), so part of each block's saved tensors is fp32 whatever the base.
-_BLOCK_PER_HIDDEN = (2.0, 2.25)  # residual stream, norms, attention output, LoRA outputs of o/down
-_BLOCK_PER_INTERMEDIATE = (3.0, 3.5)  # gate, up, swiglu and the fp32 LoRA outputs of gate/up
-_BLOCK_PER_SCORE = (1.0, 0.0)  # attention probabilities, B x heads x L x L (the sdpa vjp saves them)
-_BLOCK_PER_RANK = (0.0, 0.75)  # x @ lora_a per adapted linear, fp32
+_BLOCK_PER_HIDDEN = (3.25, 4.5)  # residual stream, norm outputs, q/k/v/o, LoRA outputs of o/down
+_BLOCK_PER_INTERMEDIATE = (2.0, 4.5)  # gate, up, swiglu and the fp32 LoRA outputs of gate/up
+_BLOCK_PER_RANK = (0.0, 0.6)  # x @ lora_a per adapted linear, fp32
 _LOGIT_COPIES = 4.0  # logits, log-softmax, its exp and the logits' cotangent, at the activation dtype
-# The backward pass's working set outside the saved blocks: cotangents of the hidden state and the
-# float32 upcasts of RMSNorm / softmax; fp32 copies of one batch x seq x hidden tensor.
-_WORKSET_FP32_COPIES = {4: 17.0, 2: 23.0}
+# The fused attention saves no B x heads x L x L probabilities; its backward materializes about
+# 3.6 score-sized temporaries for the one block being differentiated.
+_WORKSET_SCORE_COPIES = 3.6
+# The rest of the backward working set: cotangents of the hidden state and the float32 upcasts of
+# RMSNorm (none needed when the model is already fp32), in fp32 copies of one token x hidden tensor.
+_WORKSET_FP32_COPIES = {4: 2.25, 2: 7.5}
 
 # Adam/AdamW keep two fp32 moments per trainable parameter; SGD without momentum keeps none.
 _OPTIMIZER_STATES = {"adam": 2, "adamw": 2, "muon": 1, "sgd": 0, "adafactor": 1}
@@ -225,7 +227,7 @@ def estimate_memory(
         shape.hidden * _copies(_BLOCK_PER_HIDDEN, ab)
         + shape.intermediate * _copies(_BLOCK_PER_INTERMEDIATE, ab)
         + r * len(keys) * _copies(_BLOCK_PER_RANK, ab)
-    ) + b_micro * shape.heads * seq * seq * _copies(_BLOCK_PER_SCORE, ab)
+    )
     hidden_state = tokens * shape.hidden * ab
     if saved_blocks == 0:
         activations = 0.0
@@ -239,7 +241,9 @@ def estimate_memory(
         activations += (microbatches - 1) * hidden_state
     logits = _LOGIT_COPIES * tokens * shape.vocab * ab if has_head and saved_blocks else 0.0
     overhead = (
-        _WORKSET_FP32_COPIES.get(ab, 23.0) * tokens * shape.hidden * 4 if saved_blocks else 0.0
+        _WORKSET_FP32_COPIES.get(ab, 7.5) * tokens * shape.hidden * 4
+        + _WORKSET_SCORE_COPIES * b_micro * shape.heads * seq * seq * ab
+        if saved_blocks else 0.0
     )
     return MemoryEstimate(
         weights=int(weights),
@@ -415,12 +419,15 @@ def fixes(model_config: dict, job: JobConfig, workers: list[WorkerMemory]) -> li
         if (p := _fits(model_config, j, workers)) is not None:
             out.append(f"num_layers {n} -> {_describe(p, model_config, j, workers)}")
             break
-    if job.batch_size > 1:
-        j = job.model_copy(update={"batch_size": 1, "cluster": job.cluster.model_copy(
+    batch = job.batch_size
+    while batch > 1:
+        batch //= 2
+        j = job.model_copy(update={"batch_size": batch, "cluster": job.cluster.model_copy(
             update={"parallelism": "auto"})})
         if (p := _fits(model_config, j, workers)) is not None:
-            out.append(f"batch_size 1 (raise grad_accumulation_steps to keep the batch) -> "
+            out.append(f"batch_size {batch} (raise grad_accumulation_steps to keep the batch) -> "
                        f"{_describe(p, model_config, j, workers)}")
+            break
     seq = job.max_seq_length
     while seq > 128:
         seq //= 2
@@ -442,10 +449,12 @@ def _refusal(cfg: dict, job: JobConfig, workers: list[WorkerMemory]) -> str:
     shape = ModelShape.from_config(cfg)
     mems = ", ".join(f"{w.worker_id} {w.memory_bytes / GB:.0f} GB" for w in workers)
     need = _least_peak(cfg, job, workers)
+    top = max(w.memory_bytes for w in workers)
     lines = [
-        f"the job does not fit: {shape.layers} blocks of a {shape.model_type} model need at least "
-        f"{need / GB:.1f} GB on the fullest worker (+{HEADROOM:.0%} headroom) even split across "
-        f"{min(len(workers), shape.layers)} pipeline stages; workers: {mems}",
+        f"the job does not fit: its {shape.layers}-block {shape.model_type} model needs "
+        f"{need / GB:.1f} GB on the fullest worker even cut into {min(len(workers), shape.layers)} "
+        f"pipeline stage(s); the largest worker offers {top * (1 - HEADROOM) / GB:.1f} GB "
+        f"({top / GB:.1f} GB usable less {HEADROOM:.0%} headroom). Workers: {mems}",
         "changes that would fit:",
     ]
     lines += [f"  - {f}" for f in fixes(cfg, job, workers)] or ["  - none found"]
