@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -110,19 +111,29 @@ def _accepts(target: str, secret: str) -> bool:
         c.close()
 
 
-def find_coordinator(explicit: str | None, secret: str, wait_s: float = 3.0) -> str:
+def find_coordinator(explicit: str | None, secret: str, wait_s: float = 4.0) -> str:
+    """The first advertised coordinator that accepts the secret; others (another cluster, a
+    stale record) are skipped."""
     if explicit or (explicit := os.environ.get(COORDINATOR_ENV)):
         return explicit
-    adverts = discovery.browse_once(discovery.COORDINATOR_TYPE, wait_s=wait_s, min_count=1)
-    for advert in adverts:
-        if _accepts(advert.target, secret):
-            return advert.target
-    seen = ", ".join(a.target for a in adverts)
+    zc = discovery.make_zeroconf()
+    tried: set[str] = set()
+    try:
+        browser = discovery.Browser(zc, discovery.COORDINATOR_TYPE)
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            for advert in browser.snapshot():
+                if advert.target not in tried:
+                    tried.add(advert.target)
+                    if _accepts(advert.target, secret):
+                        return advert.target
+            time.sleep(0.05)
+        browser.close()
+    finally:
+        zc.close()
     raise PeerLostError(
         "no coordinator found by zeroconf"
-        + (f" that accepts this cluster secret (saw {seen})" if adverts else ""),
+        + (f" that accepts this cluster secret (saw {', '.join(sorted(tried))})" if tried else ""),
         hint="start `herd coordinator` (or `herd up`), or pass --coordinator HOST:PORT "
         f"(or set {COORDINATOR_ENV})",
     )
-
-

@@ -1,0 +1,209 @@
+"""The service end to end with real processes on loopback: `herd up` (a coordinator and two
+worker agents, each its own process), the laptop CLI, real zeroconf, real MLX rings.
+
+One cluster is shared by the module (tests run in file order; the last one restarts the
+coordinator on the same state dir)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import free_ports, load_adapter, max_abs_diff, write_job
+
+pytestmark = pytest.mark.slow
+HOST = "127.0.0.1"
+
+
+class Cluster:
+    def __init__(self, root: Path):
+        self.root = root
+        self.home = root / "home"
+        self.state = root / "cluster"
+        self.port = free_ports(1)[0]
+        self.address = f"{HOST}:{self.port}"
+        self.env = {**os.environ, "HERD_HOME": str(self.home), "HERD_ZEROCONF_INTERFACES": HOST,
+                    "HERD_LOG_LEVEL": "warning"}
+        self.env.pop("HERD_SECRET", None)
+        self.env.pop("HERD_COORDINATOR", None)
+        self.up: subprocess.Popen | None = None
+        self.extra: list[subprocess.Popen] = []
+
+    def herd(self, *args: str, timeout: float = 120, check: bool = True,
+             coordinator: bool = True) -> subprocess.CompletedProcess:
+        argv = [sys.executable, "-m", "herd", *args]
+        if coordinator and args[0] not in ("init", "up", "worker", "coordinator", "train"):
+            argv += ["--coordinator", self.address]
+        proc = subprocess.run(argv, env=self.env, capture_output=True, text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"herd {' '.join(args)} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr[-3000:]}")
+        return proc
+
+    def start(self) -> None:
+        self.up = subprocess.Popen(
+            [sys.executable, "-m", "herd", "up", "--workers", "2", "--port", str(self.port),
+             "--state-dir", str(self.state), "--placement-timeout", "600"],
+            env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def workers(self) -> list[list[str]]:
+        out = self.herd("workers", check=False).stdout.strip().splitlines()
+        return [line.split() for line in out[1:]]
+
+    def wait_workers(self, n: int, timeout: float = 30) -> tuple[list[list[str]], float]:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            rows = self.workers()
+            if len(rows) == n:
+                return rows, time.monotonic() - t0
+            time.sleep(0.3)
+        raise AssertionError(f"expected {n} workers, have {self.workers()}")
+
+    def stop(self) -> None:
+        for p in self.extra + ([self.up] if self.up else []):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.extra + ([self.up] if self.up else []):
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = Cluster(tmp_path_factory.mktemp("service"))
+    c.herd("init")
+    c.start()
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def job_yaml(tmp_path_factory, tiny_model, tiny_data):
+    d = tmp_path_factory.mktemp("jobs")
+    return lambda name, **kw: write_job(d / f"{name}.yaml", tiny_model, tiny_data, **kw)
+
+
+def rank_pids(job_id: str) -> list[int]:
+    """Rank processes of a job, found by their job folder in the command line."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if " train " in cmd and f"/jobs/{job_id}/" in cmd:
+                pids.append(int(proc.name))
+    return pids
+
+
+def test_workers_are_found_and_a_stopped_worker_leaves(cluster):
+    rows, waited = cluster.wait_workers(2)
+    assert waited < 15
+    assert [r[0] for r in rows] == ["worker-1", "worker-2"]
+    for r in rows:
+        assert r[3] == "GB" and float(r[2]) > 0        # memory
+        assert "cores" in " ".join(r)                 # chip (a CPU model on Linux)
+    # The CLI also finds the coordinator by zeroconf alone.
+    found = cluster.herd("workers", coordinator=False)
+    assert "worker-1" in found.stdout
+    # A third worker joins, then stops and leaves the list.
+    extra = subprocess.Popen(
+        [sys.executable, "-m", "herd", "worker", "--host", HOST, "--id", "worker-x",
+         "--state-dir", str(cluster.root / "wx")], env=cluster.env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cluster.extra.append(extra)
+    cluster.wait_workers(3)
+    extra.send_signal(signal.SIGTERM)
+    extra.wait(timeout=20)
+    rows, waited = cluster.wait_workers(2)
+    assert "worker-x" not in [r[0] for r in rows] and waited < 10
+
+
+def test_two_worker_job_runs_checkpoints_and_pulls(cluster, job_yaml, tmp_path):
+    cfg = job_yaml("dp2", iters=8, save_every=4, cluster={"workers": 2, "exchange": "mlx"})
+    job_id = cluster.herd("submit", str(cfg)).stdout.strip().splitlines()[-1]
+    watch = cluster.herd("watch", job_id, "--plain", timeout=240)
+    lines = watch.stdout.splitlines()
+    assert f"{job_id}: state succeeded" in lines
+    assert any("rank 0 (worker-" in ln and "loss" in ln for ln in lines)
+    assert any("rank 1 (worker-" in ln for ln in lines)
+    assert f"{job_id}: checkpoint 4 stored" in lines and f"{job_id}: checkpoint 8 stored" in lines
+    # One rank on each worker.
+    assert {ln.split("(")[1].split(")")[0] for ln in lines if " rank " in ln} == {"worker-1", "worker-2"}
+    status = cluster.herd("jobs").stdout
+    assert job_id in status and "4,8" in status
+    # Pull the final and an intermediate adapter; both load in mlx-lm.
+    out = tmp_path / "pulled"
+    cluster.herd("pull", job_id, "-o", str(out))
+    assert (out / "adapters.safetensors").exists() and (out / "adapter_config.json").exists()
+    cluster.herd("pull", job_id, "--step", "4", "-o", str(tmp_path / "step4"))
+    missing = cluster.herd("pull", job_id, "--step", "5", "-o", str(tmp_path / "x"), check=False)
+    assert missing.returncode == 7 and "stored steps: [4, 8]" in missing.stderr
+    from mlx_lm.utils import load
+
+    model, _ = load(_model_of(cfg), adapter_path=str(out))
+    assert model is not None
+    # Same adapter as one `herd train` process with the same config and global batch.
+    single = job_yaml("single", iters=8, save_every=4, adapter_path=str(tmp_path / "single"))
+    env = {**cluster.env, "OPENBLAS_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "herd", "train", str(single), "--quiet"], env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    diff = max_abs_diff(load_adapter(out), load_adapter(tmp_path / "single"))
+    assert diff <= 1e-4, f"service adapter differs from a single process by {diff}"
+
+
+def _model_of(cfg: Path) -> str:
+    import yaml
+
+    return yaml.safe_load(cfg.read_text())["model"]
+
+
+def test_an_unplaceable_job_says_what_is_missing(cluster, job_yaml):
+    cfg = job_yaml("three", cluster={"workers": 3})
+    job_id = cluster.herd("submit", str(cfg)).stdout.strip().splitlines()[-1]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        jobs = cluster.herd("jobs").stdout
+        if "waiting: needs 3 workers, 2 verified: missing 1" in jobs:
+            break
+        time.sleep(0.3)
+    assert "waiting: needs 3 workers, 2 verified: missing 1" in jobs
+    assert cluster.herd("cancel", job_id).stdout.strip() == f"{job_id}: cancelled"
+
+
+def test_cancel_stops_every_rank(cluster, job_yaml):
+    cfg = job_yaml("long", iters=100000, save_every=100000, cluster={"workers": 2})
+    job_id = cluster.herd("submit", str(cfg)).stdout.strip().splitlines()[-1]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and len(rank_pids(job_id)) < 2:
+        time.sleep(0.2)
+    assert len(rank_pids(job_id)) == 2
+    t0 = time.monotonic()
+    cluster.herd("cancel", job_id)
+    while rank_pids(job_id) and time.monotonic() - t0 < 10:
+        time.sleep(0.1)
+    assert rank_pids(job_id) == [], "ranks still running after cancel"
+    assert time.monotonic() - t0 < 10
+    watch = cluster.herd("watch", job_id, "--plain", check=False)
+    assert watch.returncode == 11 and "cancelled by the user" in watch.stderr
+
+
+def test_a_restarted_coordinator_shows_past_jobs_and_checkpoints(cluster, tmp_path):
+    before = cluster.herd("jobs").stdout
+    cluster.stop()
+    cluster.start()
+    cluster.wait_workers(2)
+    after = cluster.herd("jobs").stdout
+    assert sorted(before.splitlines()) == sorted(after.splitlines())
+    dp2 = next(ln.split()[0] for ln in after.splitlines() if ln.startswith("dp2-"))
+    cluster.herd("pull", dp2, "--step", "4", "-o", str(tmp_path / "again"))
+    assert (tmp_path / "again" / "adapters.safetensors").exists()
