@@ -23,6 +23,13 @@ class _Strict(BaseModel):
 
 class LoraParameters(_Strict):
     rank: int = Field(8, ge=1, le=1024, description="LoRA rank r (mlx-lm default 8)")
+
+    @field_validator("rank", mode="before")
+    @classmethod
+    def _positive(cls, v):
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f"the LoRA rank must be at least 1 (mlx-lm's default is 8)")
+        return v
     scale: float = Field(20.0, gt=0, description="LoRA scale; mlx-lm uses 'scale', not 'alpha'")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     keys: list[str] | None = Field(None, description="module keys to adapt, e.g. self_attn.q_proj")
@@ -208,9 +215,13 @@ def _format(err: ValidationError, source: str) -> ConfigError:
             hint = _HINTS.get(name) or (f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}")
             lines.append(f"{key}: unknown key ({hint})")
         else:
+            msg = e["msg"].removeprefix("Value error, ")
+            if key == "(top level)":  # a cross-field rule: its message names the keys itself
+                lines.append(msg)
+                continue
             value = e.get("input")
             shown = repr(value) if not isinstance(value, dict) else "{...}"
-            lines.append(f"{key} = {shown}: {e['msg']}")
+            lines.append(f"{key} = {shown}: {msg}")
     return ConfigError(
         f"invalid job config {source}:\n  " + "\n  ".join(lines),
         hint="see configs/ for complete examples; keys follow mlx_lm.lora",

@@ -14,6 +14,16 @@ import structlog
 _configured = False
 
 
+class _CurrentStderr:
+    """Writes to sys.stderr as it is now: test runners and daemons swap it after set-up."""
+
+    def write(self, s: str) -> int:
+        return sys.stderr.write(s)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def setup(level: str | None = None, json: bool | None = None) -> None:
     global _configured
     level = (level or os.environ.get("HERD_LOG_LEVEL", "info")).upper()
@@ -34,7 +44,7 @@ def setup(level: str | None = None, json: bool | None = None) -> None:
     structlog.configure(
         processors=processors + [renderer],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level, logging.INFO)),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_CurrentStderr()),
         cache_logger_on_first_use=True,
     )
     _configured = True

@@ -131,7 +131,7 @@ ROWS = [
     ("wrong type nested", set_key("cluster.exchange", "tcp"), 2,
      ["cluster.exchange = 'tcp'", "'mlx'", "'grpc'"]),
     ("rank 0", set_key("lora_parameters.rank", 0), 2,
-     ["lora_parameters.rank = 0", "greater than or equal to 1"]),
+     ["lora_parameters.rank = 0", "must be at least 1"]),
     ("num_layers 0", set_key("num_layers", 0), 2,
      ["num_layers = 0", "-1 for all layers"]),
     ("batch not divisible by data ranks",

@@ -39,13 +39,16 @@ def preload_env(env: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def reexec_with_openblas() -> None:
-    """Restart this process with OpenBLAS preloaded, if that would change anything. Call before
-    importing mlx; returns (without exec) when nothing would change."""
+def reexec_with_openblas(argv: list[str]) -> None:
+    """Restart this process as ``herd ARGV`` with OpenBLAS preloaded, if that would change
+    anything. Call before importing mlx. Only a process started for exactly this command is
+    replaced: ``herd.cli.main([...])`` called inside another program (a test, an agent) is not."""
+    if list(sys.argv[1:]) != list(argv) or "mlx.core" in sys.modules:
+        return
     env = preload_env()
     if env.get("LD_PRELOAD") != os.environ.get("LD_PRELOAD"):
         env["HERD_REEXECED"] = "1"
-        os.execve(sys.executable, [sys.executable, "-m", "herd", *sys.argv[1:]], env)
+        os.execve(sys.executable, [sys.executable, "-m", "herd", *argv], env)
 
 
 def blas_in_use() -> str:

@@ -143,13 +143,15 @@ def main(argv: list[str]) -> int:
     if cmd == "train":
         from worker.blas import reexec_with_openblas
 
-        reexec_with_openblas()  # before MLX is imported; returns if nothing would change
+        reexec_with_openblas(argv)  # before MLX is imported; returns if nothing would change
     metrics = getattr(args, "metrics_file", None)
     try:
         overrides = {"model": args.model, "data": args.data}
         if cmd == "train":
             overrides.update({"adapter_path": args.adapter_path, "iters": args.iters})
         job = load_config(args.config, overrides)
+        if cmd == "train":
+            _check_world(job)
         report = check(job)
         for w in report.warnings:
             print(f"warning: {w}", file=sys.stderr)
@@ -168,6 +170,21 @@ def main(argv: list[str]) -> int:
         _fail(metrics, str(e))
         print(f"herd {cmd}: {e}", file=sys.stderr)
         return 1
+
+
+def _check_world(job: JobConfig) -> None:
+    """Fail before any ring forms when the launcher's world cannot split the global batch."""
+    import os
+
+    from herd.errors import ConfigError
+
+    peers = [p for p in os.environ.get("HERD_EXCHANGE_PEERS", "").split(",") if p]
+    world = int(os.environ.get("MLX_WORLD_SIZE") or len(peers) or 1)
+    if job.batch_size % world:
+        raise ConfigError(
+            f"batch_size = {job.batch_size} is not divisible by the {world} data-parallel ranks",
+            hint=f"batch_size is the global batch; use a multiple of {world}",
+        )
 
 
 def _fail(metrics: Path | None, message: str) -> None:
