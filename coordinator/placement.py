@@ -95,18 +95,14 @@ def _place_with_planner(planner, cfg: JobConfig, chosen: list[WorkerRecord],
     mem = [planner.WorkerMemory(worker_id=w.worker_id,
                                 memory_bytes=w.free_memory_bytes or w.memory_bytes) for w in chosen]
     plan = planner.plan_job(model_config, cfg, mem)
-    ids = _assigned_ids(plan.assignments) or [w.worker_id for w in chosen]
-    peak = plan.peak_bytes_per_worker
-    peak = max(peak.values()) if isinstance(peak, dict) else int(peak or 0)
+    if plan.pipeline_stages > 1:
+        # The rank process trains data-parallel only for now; never start a layout it cannot run.
+        raise PlacementError(
+            f"the model fits only cut into {plan.pipeline_stages} pipeline stages, and pipeline "
+            "training is not available in this version",
+            hint="quantize the base (quantize: {bits: 4}), enable grad_checkpoint, or use "
+            "workers with more memory",
+        )
+    ids = [replica[0] for replica in plan.assignments]
+    peak = max(plan.peak_bytes_per_worker.values(), default=0)
     return Placement(ids, int(peak))
-
-
-def _assigned_ids(assignments) -> list[str]:
-    """The planner's assignments as worker ids in rank order, whatever their shape."""
-    out = []
-    for a in assignments or []:
-        wid = a if isinstance(a, str) else getattr(a, "worker_id", None)
-        if not wid:
-            return []
-        out.append(wid)
-    return out

@@ -225,3 +225,15 @@ def test_blob_store_is_content_addressed(tmp_path):
         blobs.put("0" * 64, [data])
     assert not blobs.has("0" * 64)
     assert [p.name for p in Path(tmp_path).iterdir()] == [sha]
+
+
+def test_a_job_too_big_for_every_worker_says_so(tiny_model):
+    from coordinator.placement import place
+    from herd.config import parse_config
+    from herd.errors import PlacementError
+
+    cfg = parse_config({"model": str(tiny_model), "batch_size": 4, "cluster": {"workers": 2}})
+    small = [worker(1, mem=2_000_000), worker(2, mem=2_000_000)]
+    with pytest.raises(PlacementError, match="does not fit"):
+        place(cfg, small)
+    assert place(cfg, [worker(1), worker(2)]).worker_ids == ["w1", "w2"]
