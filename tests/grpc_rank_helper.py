@@ -85,8 +85,12 @@ def main() -> int:
     finally:
         if exchange is not None:
             exchange.close()
+    # Non-daemon threads would keep this process alive: give gRPC's shutdown a moment to finish.
+    for t in threading.enumerate():
+        if t is not threading.main_thread() and not t.daemon:
+            t.join(timeout=3)
     alive = [t.name for t in threading.enumerate()
-             if t is not threading.main_thread() and not t.daemon]
+             if t is not threading.main_thread() and not t.daemon and t.is_alive()]
     emit(event="closed", threads=alive)
     return code
 

@@ -7,11 +7,10 @@ and streams each all-reduce to its right neighbour in chunks (schedule: grpc_exc
 bytes on the wire: grpc_exchange_wire.py). Chunks are far below any message-size limit, so a
 buffer of any length goes through.
 
-Every all-reduce has a deadline. A killed peer breaks a TCP stream, its neighbours see it at once
-and the failure travels around the ring in an ``abort`` message; a stalled peer is found by
-probing every rank just before the deadline. Either way each rank raises
-``herd.errors.PeerLostError`` naming the peer within ``timeout_s``, and the exchange is spent: a
-new group needs a new ``GrpcExchange``.
+Every all-reduce has a deadline. A killed peer breaks a TCP stream and its neighbours see it at
+once; a stalled peer is found by probing every rank just before the deadline. The first rank to
+know tells every peer (Abort), so each rank raises ``herd.errors.PeerLostError`` naming the lost
+peer within ``timeout_s``, and the exchange is spent: a new group needs a new ``GrpcExchange``.
 """
 
 from __future__ import annotations
@@ -39,6 +38,7 @@ SERVICE = pb.DESCRIPTOR.services_by_name["ExchangeService"].full_name
 # of a few ranks keeps several chunks in flight (bench/results/allreduce-*.md).
 DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
 _CONNECT_ATTEMPT_S = 1.0
+_UNARY = {"Hello": (pb.HelloRequest, pb.HelloReply), "Abort": (pb.AbortRequest, pb.AbortReply)}
 
 
 class GrpcExchange:
@@ -126,9 +126,6 @@ class GrpcExchange:
             return flat
         if self._closed:
             raise PeerLostError("the grpc exchange is closed")
-        if self._broken is not None:
-            raise PeerLostError(f"the grpc exchange failed earlier: {self._broken.message}",
-                                hint="re-form the group with a new exchange")
         # One copy, owned by MLX, summed in place through a numpy view and returned as is: a
         # fresh buffer costs page faults, so there is no second one (FACTS: big copies are slow).
         out = mx.array(flat)
@@ -137,6 +134,9 @@ class GrpcExchange:
         plan = RingPlan(buf.size, self.size, self.rank, self._chunk_elements)
         deadline = time.monotonic() + self.timeout_s
         with self._registry:
+            if self._broken is not None:
+                raise PeerLostError(f"the grpc exchange failed earlier: {self._broken.message}",
+                                    hint="re-form the group with a new exchange")
             ex = Exchange(self._seq, plan, buf, self._dtype)
             self._seq += 1
             self._exchanges[ex.seq] = ex
@@ -152,6 +152,7 @@ class GrpcExchange:
                 self._abandon(ex, call)
                 raise ex.error
         finally:
+            ex.settled.set()
             with self._registry:
                 self._exchanges.pop(ex.seq, None)
         return out
@@ -162,11 +163,11 @@ class GrpcExchange:
         for i in range(ex.plan.messages):
             # Message i forwards what incoming message i - C completed.
             if i >= c and not ex.wait(lambda: ex.received > i - c, deadline):
-                break
+                # Keep the stream open until the peers have been told why (Abort): ended early,
+                # it would make the right neighbour blame this rank.
+                ex.settled.wait(timeout=max(0.0, deadline - time.monotonic()) + 1.0)
+                return
             yield ex.encode_outgoing(i)
-        if ex.error is not None:
-            # Tell the rest of the ring now rather than letting every rank wait for its deadline.
-            yield wire.encode(ex.seq, 0, ex.plan.elements, ex.dtype, abort=ex.error.message)
 
     def _on_sent(self, ex: Exchange, call: grpc.Future) -> None:
         if call.cancelled():
@@ -180,13 +181,23 @@ class GrpcExchange:
             ex.mark_sent()
 
     def _abandon(self, ex: Exchange, call: grpc.Future) -> None:
-        self._broken = ex.error
+        """Mark the group spent and, if this rank saw the failure first, tell every peer why."""
+        with self._registry:
+            first = self._broken is None
+            if first:
+                self._broken = ex.error
         self._log.warning("exchange_failed", seq=ex.seq, error=ex.error.message,
-                          received=ex.received, messages=ex.plan.messages)
-        try:  # let the abort message reach the right neighbour, briefly
-            call.exception(timeout=min(0.5, 0.05 * self.timeout_s))
-        except (grpc.FutureTimeoutError, grpc.FutureCancelledError):
-            pass  # a stalled neighbour: cancelling below is all we can do
+                          received=ex.received, messages=ex.plan.messages, first=first)
+        if first:
+            # Before cancelling our stream: a cancelled stream is all the peers would see.
+            request = pb.AbortRequest(rank=self.rank, seq=ex.seq, reason=ex.error.message)
+            budget = min(0.5, 0.05 * self.timeout_s)
+            calls = [self._rpc(r, "Abort").future(request, timeout=budget) for r in self._channels]
+            for told in calls:
+                try:
+                    told.result()
+                except grpc.RpcError:
+                    pass  # best effort: that peer is gone or stalled, and finds out by itself
         call.cancel()
 
     def _name(self, rank: int) -> str:
@@ -219,8 +230,9 @@ class GrpcExchange:
 
     def _probe(self, timeout_s: float) -> list[int]:
         """Ranks that do not answer Hello within ``timeout_s`` (asked all at once)."""
-        calls = {r: self._hello(r).future(pb.HelloRequest(rank=self.rank, world_size=self.size),
-                                          timeout=timeout_s) for r in self._channels}
+        request = pb.HelloRequest(rank=self.rank, world_size=self.size)
+        calls = {r: self._rpc(r, "Hello").future(request, timeout=timeout_s)
+                 for r in self._channels}
         silent = []
         for r, call in calls.items():
             try:
@@ -240,6 +252,9 @@ class GrpcExchange:
             "PushChunks": grpc.stream_unary_rpc_method_handler(
                 self._on_push_chunks, request_deserializer=wire.decode,
                 response_serializer=pb.PushChunksReply.SerializeToString),
+            "Abort": grpc.unary_unary_rpc_method_handler(
+                self._on_abort, request_deserializer=pb.AbortRequest.FromString,
+                response_serializer=pb.AbortReply.SerializeToString),
         }
         self._pool = futures.ThreadPoolExecutor(max_workers=self.size + 4,
                                                 thread_name_prefix="exchange")
@@ -263,6 +278,18 @@ class GrpcExchange:
     def _on_hello(self, request: pb.HelloRequest, context) -> pb.HelloReply:
         return pb.HelloReply(rank=self.rank, world_size=self.size)
 
+    def _on_abort(self, request: pb.AbortRequest, context) -> pb.AbortReply:
+        error = PeerLostError(request.reason)
+        with self._registry:
+            if self._broken is None:
+                self._broken = error
+                self._log.warning("exchange_aborted_by_peer", by=request.rank, seq=request.seq,
+                                  reason=request.reason)
+            for ex in self._exchanges.values():
+                ex.fail(error)
+            self._registry.notify_all()
+        return pb.AbortReply()
+
     def _on_push_chunks(self, requests, context) -> pb.PushChunksReply:
         left = self._name((self.rank - 1) % self.size)
         try:
@@ -273,9 +300,6 @@ class GrpcExchange:
         chunk = first
         try:
             while True:
-                if chunk.abort:
-                    ex.fail(PeerLostError(chunk.abort))
-                    break
                 if ex.error is not None:
                     context.abort(grpc.StatusCode.ABORTED, ex.error.message)
                 ex.apply_incoming(chunk)
@@ -313,10 +337,11 @@ class GrpcExchange:
 
     # ---- start-up and shutdown ---------------------------------------------------------------
 
-    def _hello(self, rank: int):
+    def _rpc(self, rank: int, method: str):
+        request, reply = _UNARY[method]
         return self._channels[rank].unary_unary(
-            f"/{SERVICE}/Hello", request_serializer=pb.HelloRequest.SerializeToString,
-            response_deserializer=pb.HelloReply.FromString)
+            f"/{SERVICE}/{method}", request_serializer=request.SerializeToString,
+            response_deserializer=reply.FromString)
 
     def _await_peers(self, deadline: float) -> None:
         """Hello every peer until all answer; peers may start seconds apart."""
@@ -331,7 +356,7 @@ class GrpcExchange:
                 self._channels[r] = secure_channel(self.peers[r], self._secret)
                 remaining = deadline - time.monotonic()
                 try:
-                    reply = self._hello(r)(request, timeout=max(0.05, min(_CONNECT_ATTEMPT_S, remaining)),
+                    reply = self._rpc(r, "Hello")(request, timeout=max(0.05, min(_CONNECT_ATTEMPT_S, remaining)),
                                            wait_for_ready=True)
                 except grpc.RpcError as e:
                     if e.code() == grpc.StatusCode.UNAUTHENTICATED:

@@ -91,6 +91,7 @@ class Exchange:
         self.received = 0
         self.sent = False
         self.error: HerdError | None = None
+        self.settled = threading.Event()  # set when the caller is done with it, failed or not
         self._cond = threading.Condition()
 
     @property

@@ -24,7 +24,7 @@ WIRE_DTYPES = {"float32": FLOAT32, "bfloat16": BFLOAT16}
 ITEMSIZE = {FLOAT32: 4, BFLOAT16: 2}
 
 # Field numbers and wire types of PushChunksRequest.
-_SEQ, _INDEX, _ELEMENTS, _DTYPE, _ABORT, _DATA = 1, 2, 3, 4, 5, 15
+_SEQ, _INDEX, _ELEMENTS, _DTYPE, _DATA = 1, 2, 3, 4, 15
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
 _DATA_KEY = bytes([(_DATA << 3) | _LEN])
 
@@ -37,7 +37,6 @@ class Chunk:
     index: int
     elements: int
     dtype: int
-    abort: str
     data: memoryview
 
 
@@ -61,9 +60,7 @@ def _get_varint(buf: bytes, pos: int) -> tuple[int, int]:
             raise ValueError("malformed varint in PushChunksRequest")
 
 
-def encode(
-    seq: int, index: int, elements: int, dtype: int, data=b"", abort: str = ""
-) -> bytes:
+def encode(seq: int, index: int, elements: int, dtype: int, data=b"") -> bytes:
     """Serialize a PushChunksRequest; ``data`` is any buffer (a numpy array is not copied twice).
 
     Fields equal to their default are left out, as proto3 does.
@@ -73,11 +70,6 @@ def encode(
         if value:
             head.append((field << 3) | _VARINT)
             _put_varint(head, value)
-    if abort:
-        text = abort.encode()
-        head.append((_ABORT << 3) | _LEN)
-        _put_varint(head, len(text))
-        head += text
     view = memoryview(data).cast("B")
     if view.nbytes:
         head += _DATA_KEY
@@ -88,7 +80,7 @@ def encode(
 def decode(raw: bytes) -> Chunk:
     """Parse a PushChunksRequest; unknown fields are skipped, as protobuf does."""
     values = {_SEQ: 0, _INDEX: 0, _ELEMENTS: 0, _DTYPE: 0}
-    abort, data = "", memoryview(b"")
+    data = memoryview(b"")
     view = memoryview(raw)
     pos, end = 0, len(raw)
     while pos < end:
@@ -104,8 +96,6 @@ def decode(raw: bytes) -> Chunk:
                 raise ValueError("truncated PushChunksRequest")
             if field == _DATA:
                 data = view[pos : pos + length]
-            elif field == _ABORT:
-                abort = bytes(view[pos : pos + length]).decode(errors="replace")
             pos += length
         elif wire_type == _I64:
             pos += 8
@@ -113,7 +103,7 @@ def decode(raw: bytes) -> Chunk:
             pos += 4
         else:
             raise ValueError(f"unsupported wire type {wire_type} in PushChunksRequest")
-    return Chunk(values[_SEQ], values[_INDEX], values[_ELEMENTS], values[_DTYPE], abort, data)
+    return Chunk(values[_SEQ], values[_INDEX], values[_ELEMENTS], values[_DTYPE], data)
 
 
 def to_bfloat16(x: np.ndarray) -> np.ndarray:

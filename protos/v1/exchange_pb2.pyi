@@ -29,23 +29,35 @@ class HelloReply(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., world_size: _Optional[int] = ...) -> None: ...
 
 class PushChunksRequest(_message.Message):
-    __slots__ = ("seq", "index", "elements", "dtype", "abort", "data")
+    __slots__ = ("seq", "index", "elements", "dtype", "data")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     ELEMENTS_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
-    ABORT_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     seq: int
     index: int
     elements: int
     dtype: WireDtype
-    abort: str
     data: bytes
-    def __init__(self, seq: _Optional[int] = ..., index: _Optional[int] = ..., elements: _Optional[int] = ..., dtype: _Optional[_Union[WireDtype, str]] = ..., abort: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, seq: _Optional[int] = ..., index: _Optional[int] = ..., elements: _Optional[int] = ..., dtype: _Optional[_Union[WireDtype, str]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class PushChunksReply(_message.Message):
     __slots__ = ("received",)
     RECEIVED_FIELD_NUMBER: _ClassVar[int]
     received: int
     def __init__(self, received: _Optional[int] = ...) -> None: ...
+
+class AbortRequest(_message.Message):
+    __slots__ = ("rank", "seq", "reason")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    seq: int
+    reason: str
+    def __init__(self, rank: _Optional[int] = ..., seq: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class AbortReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

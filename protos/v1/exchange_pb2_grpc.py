@@ -44,6 +44,11 @@ class ExchangeServiceStub:
                 request_serializer=protos_dot_v1_dot_exchange__pb2.PushChunksRequest.SerializeToString,
                 response_deserializer=protos_dot_v1_dot_exchange__pb2.PushChunksReply.FromString,
                 _registered_method=True)
+        self.Abort = channel.unary_unary(
+                '/herd.v1.ExchangeService/Abort',
+                request_serializer=protos_dot_v1_dot_exchange__pb2.AbortRequest.SerializeToString,
+                response_deserializer=protos_dot_v1_dot_exchange__pb2.AbortReply.FromString,
+                _registered_method=True)
 
 
 class ExchangeServiceServicer:
@@ -60,11 +65,19 @@ class ExchangeServiceServicer:
 
     def PushChunks(self, request_iterator, context):
         """All the traffic of one all-reduce from the left ring neighbour, in order: the reduce-scatter
-        chunks, then the all-gather chunks. The server replies once it has applied every chunk.
-        Not retried and not resumable: a broken stream fails the exchange on both sides
-        (the trainer's caller restarts the step or the attempt). A sender that fails mid-stream
-        sends one last message with `abort` set, so the failure travels around the ring at once
-        instead of every rank waiting for its deadline.
+        chunks, then the all-gather chunks. The server replies as soon as it has applied every chunk
+        (before the client half-closes); only that reply tells the sender its part is done.
+        Not retried and not resumable: a broken stream fails the exchange on both sides, and the
+        group is spent (the caller re-forms it or restarts the attempt).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Abort(self, request, context):
+        """A rank whose exchange failed tells every peer why, so that each one raises the real cause
+        (which rank was lost) at once instead of a vaguer error at its own deadline. Best effort:
+        sent once, with a short deadline, to peers that may themselves be gone. Idempotent.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -82,6 +95,11 @@ def add_ExchangeServiceServicer_to_server(servicer, server):
                     servicer.PushChunks,
                     request_deserializer=protos_dot_v1_dot_exchange__pb2.PushChunksRequest.FromString,
                     response_serializer=protos_dot_v1_dot_exchange__pb2.PushChunksReply.SerializeToString,
+            ),
+            'Abort': grpc.unary_unary_rpc_method_handler(
+                    servicer.Abort,
+                    request_deserializer=protos_dot_v1_dot_exchange__pb2.AbortRequest.FromString,
+                    response_serializer=protos_dot_v1_dot_exchange__pb2.AbortReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -138,6 +156,33 @@ class ExchangeService:
             '/herd.v1.ExchangeService/PushChunks',
             protos_dot_v1_dot_exchange__pb2.PushChunksRequest.SerializeToString,
             protos_dot_v1_dot_exchange__pb2.PushChunksReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Abort(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/herd.v1.ExchangeService/Abort',
+            protos_dot_v1_dot_exchange__pb2.AbortRequest.SerializeToString,
+            protos_dot_v1_dot_exchange__pb2.AbortReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,379 @@
+"""The grpc gradient exchange: exact sums, deadlines, dead and stalled peers, the cluster secret.
+
+Everything runs real gRPC servers on loopback. Groups whose ranks share one process (threads)
+check the algorithm over many awkward sizes cheaply; the slow tests start each rank as its own
+process (tests/grpc_rank_helper.py), configured through the environment like a real rank, and
+kill or stop one of them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from herd.auth import secure_channel
+from herd.errors import AuthError, ConfigError, HerdError, PeerLostError
+from protos.v1 import exchange_pb2 as pb
+from worker import grpc_exchange_wire as wire
+from worker.exchange import GradientExchange, reduce_gradients
+from worker.grpc_exchange import SERVICE, GrpcExchange
+from worker.grpc_exchange_ring import RingPlan
+
+ROOT = Path(__file__).resolve().parent.parent
+HELPER = ROOT / "tests" / "grpc_rank_helper.py"
+SECRET = "test-secret-0123456789abcdef0123"
+
+
+def free_peers(n: int) -> list[str]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    peers = [f"127.0.0.1:{s.getsockname()[1]}" for s in socks]
+    for s in socks:
+        s.close()
+    return peers
+
+
+def run_group(n: int, body, secrets: list[str] | None = None, timeout_s: float = 20.0, **kw):
+    """Run ``body(exchange)`` on n ranks, one thread each; returns (results, errors) by rank."""
+    peers = free_peers(n)
+    results, errors = [None] * n, [None] * n
+
+    def rank_main(r: int) -> None:
+        try:
+            with GrpcExchange(r, peers, (secrets or [SECRET] * n)[r], timeout_s=timeout_s,
+                              **kw) as ex:
+                results[r] = body(ex)
+        except HerdError as e:
+            errors[r] = e
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout_s * 3)
+        assert not t.is_alive(), "a rank hung"
+    return results, errors
+
+
+def integer_buffers(n: int, elements: int, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(-1000, 1000, elements).astype(np.float32) for _ in range(n)]
+
+
+# ---- pure pieces -------------------------------------------------------------------------------
+
+def test_wire_bytes_are_the_proto_message_both_ways():
+    payload = np.arange(5, dtype=np.float32)
+    raw = wire.encode(7, 3, 1 << 40, wire.BFLOAT16, payload)
+    parsed = pb.PushChunksRequest.FromString(raw)
+    assert (parsed.seq, parsed.index, parsed.elements, parsed.dtype) == (
+        7, 3, 1 << 40, pb.WIRE_DTYPE_BFLOAT16)
+    assert parsed.data == payload.tobytes()
+
+    msg = pb.PushChunksRequest(seq=1, index=0, elements=5, data=payload.tobytes())
+    chunk = wire.decode(msg.SerializeToString())
+    assert (chunk.seq, chunk.index, chunk.elements, chunk.dtype) == (1, 0, 5, 0)
+    assert np.array_equal(wire.values(chunk.data, chunk.dtype), payload)
+    assert wire.decode(wire.encode(0, 0, 0, 0)).data.nbytes == 0
+
+
+def test_bfloat16_rounding_matches_mlx():
+    x = np.random.default_rng(0).standard_normal(10_000).astype(np.float32) * 1e3
+    x[:4] = [0.0, -0.0, np.inf, 1.00390625]  # 1 + 2^-8: a tie, rounds to even
+    ours = wire.to_bfloat16(x)
+    theirs = np.array(mx.array(x).astype(mx.bfloat16).view(mx.uint16))
+    assert np.array_equal(ours, theirs)
+    assert np.array_equal(wire.from_bfloat16(ours), np.array(mx.array(x).astype(mx.bfloat16)
+                                                             .astype(mx.float32)))
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+@pytest.mark.parametrize("elements,chunk", [(1, 4), (2, 4), (7, 1), (7, 8), (1001, 3), (4099, 17)])
+def test_ring_schedule_sums_every_element(n, elements, chunk):
+    """Replay the schedule without a network: every rank ends with the exact sum."""
+    bufs = integer_buffers(n, elements, seed=elements)
+    expected = np.sum(bufs, axis=0)
+    plans = [RingPlan(elements, n, r, chunk) for r in range(n)]
+    for i in range(plans[0].messages):
+        sent = []
+        for r in range(n):
+            start, stop, _ = plans[r].outgoing(i)
+            sent.append(bufs[r][start:stop].copy())
+        for r in range(n):
+            start, stop, add = plans[r].incoming(i)
+            incoming = sent[(r - 1) % n]
+            assert incoming.size == stop - start
+            bufs[r][start:stop] = bufs[r][start:stop] + incoming if add else incoming
+    for r in range(n):
+        assert np.array_equal(bufs[r], expected)
+
+
+def test_from_env_needs_rank_and_peers(monkeypatch):
+    monkeypatch.delenv("HERD_RANK", raising=False)
+    monkeypatch.delenv("MLX_RANK", raising=False)
+    monkeypatch.setenv("HERD_EXCHANGE_PEERS", "127.0.0.1:1,127.0.0.1:2")
+    with pytest.raises(ConfigError, match="HERD_RANK"):
+        GrpcExchange.from_env()
+
+
+# ---- real gRPC, ranks as threads ---------------------------------------------------------------
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_all_sum_is_exact_for_awkward_sizes(n):
+    sizes = [1, 7, 16, 47, 1001, 5003]
+    data = {size: integer_buffers(n, size, seed=size) for size in sizes}
+
+    def body(ex):
+        assert isinstance(ex, GradientExchange) and ex.name == "grpc" and ex.size == n
+        return [np.array(ex.all_sum(mx.array(data[size][ex.rank]))) for size in sizes]
+
+    # 64-byte chunks: most segments end in a short chunk, and the ring runs many chunks deep.
+    results, errors = run_group(n, body, chunk_bytes=64)
+    assert errors == [None] * n
+    for i, size in enumerate(sizes):
+        expected = np.sum(data[size], axis=0)
+        for r in range(n):
+            out = results[r][i]
+            assert out.dtype == np.float32 and out.shape == (size,)
+            assert np.array_equal(out, expected), f"rank {r}, {size} elements"
+
+
+def test_bfloat16_wire_is_within_tolerance_and_identical_on_every_rank():
+    n, size = 3, 50_001
+    rng = np.random.default_rng(1)
+    data = [rng.standard_normal(size).astype(np.float32) for _ in range(n)]
+    results, errors = run_group(n, lambda ex: np.array(ex.all_sum(mx.array(data[ex.rank]))),
+                                wire_dtype="bfloat16", chunk_bytes=4096)
+    assert errors == [None] * n
+    for r in range(1, n):
+        assert np.array_equal(results[r], results[0])
+    exact = np.sum([d.astype(np.float64) for d in data], axis=0)
+    scale = np.sum([np.abs(d.astype(np.float64)) for d in data], axis=0)
+    # bfloat16 keeps 8 significant bits (unit roundoff 2^-8): the N-1 reduce-scatter hops round
+    # a partial sum each, the all-gather rounds the total once.
+    rel = np.abs(results[0] - exact) / scale
+    assert rel.max() <= n * 2.0**-8
+    assert rel.max() > 0  # it really went through bfloat16
+
+
+def test_reduce_gradients_over_grpc_matches_the_local_sum():
+    grads = [{"a": mx.full((3, 5), float(r + 1)), "b": mx.full((7,), 10.0 * (r + 1))}
+             for r in range(2)]
+    mx.eval(grads)  # built lazily on this thread: MLX evaluates a graph on the thread that made it
+
+    def body(ex):
+        out, tokens = reduce_gradients(ex, grads[ex.rank], mx.array(4 + ex.rank), bucket_bytes=64)
+        return {k: np.array(v) for k, v in out.items()}, tokens.item()
+
+    results, errors = run_group(2, body)
+    assert errors == [None, None]
+    for out, tokens in results:
+        assert tokens == 9.0
+        assert np.array_equal(out["a"], np.full((3, 5), 3.0, np.float32))
+        assert np.array_equal(out["b"], np.full((7,), 30.0, np.float32))
+
+
+def test_mismatched_buffer_sizes_fail_fast_on_both_ranks():
+    started = time.monotonic()
+    results, errors = run_group(2, lambda ex: ex.all_sum(mx.zeros((10 + ex.rank,))),
+                                timeout_s=20)
+    assert time.monotonic() - started < 10
+    assert all(isinstance(e, HerdError) for e in errors), errors
+    assert any("same buffer sizes" in str(e) for e in errors)
+
+
+def test_late_peer_is_waited_for_and_missing_peer_is_named():
+    peers = free_peers(2)
+    out = {}
+
+    def late():
+        time.sleep(1.5)
+        with GrpcExchange(1, peers, SECRET, timeout_s=10) as ex:
+            out[1] = np.array(ex.all_sum(mx.ones((5,))))
+
+    t = threading.Thread(target=late)
+    t.start()
+    with GrpcExchange(0, peers, SECRET, timeout_s=10) as ex:
+        out[0] = np.array(ex.all_sum(mx.ones((5,))))
+    t.join(timeout=20)
+    assert np.array_equal(out[0], np.full(5, 2.0)) and np.array_equal(out[1], out[0])
+
+    lonely = free_peers(2)
+    started = time.monotonic()
+    with pytest.raises(PeerLostError, match=f"rank 1 \\({lonely[1]}\\) did not come up"):
+        GrpcExchange(0, lonely, SECRET, timeout_s=2)
+    assert time.monotonic() - started < 2 + 1.5
+
+
+def test_a_client_without_the_secret_is_refused():
+    probes = {}
+
+    def body(ex):
+        if ex.rank == 0:
+            target = ex.peers[1]
+            for label, channel in (("wrong", secure_channel(target, "not-the-secret-at-all")),
+                                   ("none", grpc.insecure_channel(target))):
+                hello = channel.unary_unary(f"/{SERVICE}/Hello",
+                                            request_serializer=pb.HelloRequest.SerializeToString,
+                                            response_deserializer=pb.HelloReply.FromString)
+                push = channel.stream_unary(f"/{SERVICE}/PushChunks",
+                                            response_deserializer=pb.PushChunksReply.FromString)
+                for rpc, arg in ((hello, pb.HelloRequest(rank=0, world_size=2)),
+                                 (push, iter([wire.encode(0, 0, 1, 0, np.ones(1, np.float32))]))):
+                    try:
+                        rpc(arg, timeout=5)
+                        probes[label] = "accepted"
+                    except grpc.RpcError as e:
+                        probes.setdefault(label, []).append(e.code())
+                channel.close()
+        return np.array(ex.all_sum(mx.ones((3,))))  # the group itself still works
+
+    results, errors = run_group(2, body)
+    assert errors == [None, None]
+    unauth = grpc.StatusCode.UNAUTHENTICATED
+    assert probes == {"wrong": [unauth, unauth], "none": [unauth, unauth]}
+    assert np.array_equal(results[0], np.full(3, 2.0))
+
+
+# ---- real processes ----------------------------------------------------------------------------
+
+class Ranks:
+    """Helper rank processes, configured through the environment like `herd train` ranks."""
+
+    def __init__(self, n: int, *args: str, secrets: list[str] | None = None):
+        peers = ",".join(free_peers(n))
+        self.procs = []
+        for r in range(n):
+            env = {**os.environ, "HERD_RANK": str(r), "MLX_RANK": str(r),
+                   "HERD_EXCHANGE_PEERS": peers, "HERD_SECRET": (secrets or [SECRET] * n)[r],
+                   "HERD_LOG_LEVEL": "warning", "PYTHONPATH": str(ROOT)}
+            self.procs.append(subprocess.Popen([sys.executable, str(HELPER), *args], env=env,
+                                               stdout=subprocess.PIPE, text=True, cwd=ROOT))
+        self.events: list[list[dict]] = [[] for _ in range(n)]
+        self._readers = [threading.Thread(target=self._read, args=(r,), daemon=True)
+                         for r in range(n)]
+        for t in self._readers:
+            t.start()
+
+    def _read(self, r: int) -> None:
+        for line in self.procs[r].stdout:
+            self.events[r].append(json.loads(line))
+
+    def wait_until(self, predicate, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            assert time.monotonic() < deadline, f"timed out; events: {self.events}"
+            time.sleep(0.05)
+
+    def wait(self, timeout: float, ranks=None) -> dict[int, int] | list[int]:
+        """Exit codes of ``ranks`` (default all, as a list), once they have exited."""
+        which = range(len(self.procs)) if ranks is None else ranks
+        codes = {r: self.procs[r].wait(timeout=timeout) for r in which}
+        for r in which:
+            self._readers[r].join(timeout=5)
+        return list(codes.values()) if ranks is None else codes
+
+    def of(self, r: int, event: str) -> list[dict]:
+        return [e for e in self.events[r] if e["event"] == event]
+
+    def kill(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=10)
+
+
+@pytest.fixture
+def ranks():
+    started: list[Ranks] = []
+    yield lambda *a, **kw: started.append(Ranks(*a, **kw)) or started[-1]
+    for group in started:
+        group.kill()
+
+
+@pytest.mark.slow
+def test_two_processes_sum_256mb_and_tiny_buffers_exactly(ranks):
+    # 256 MB + 3 elements: neither the segments nor the 4 MB chunks divide it evenly.
+    sizes = [1, 7, 64 * 1024 * 1024 + 3]
+    group = ranks(2, "sum", "--sizes", ",".join(map(str, sizes)), "--timeout", "120")
+    assert group.wait(timeout=240) == [0, 0], group.events
+    sums = [group.of(r, "sum") for r in range(2)]
+    for i, size in enumerate(sizes):
+        a, b = sums[0][i], sums[1][i]
+        assert a["elements"] == size and a["shape"] == [size] and a["dtype"] == "float32"
+        assert a["max_err"] == 0.0 and b["max_err"] == 0.0
+        assert a["sha256"] == b["sha256"]
+
+
+@pytest.mark.slow
+def test_three_processes_sum_awkward_sizes_exactly(ranks):
+    sizes = [1, 7, 1_000_003, 4 * 1024 * 1024 + 15]
+    group = ranks(3, "sum", "--sizes", ",".join(map(str, sizes)))
+    assert group.wait(timeout=120) == [0, 0, 0], group.events
+    for i in range(len(sizes)):
+        got = [group.of(r, "sum")[i] for r in range(3)]
+        assert all(g["max_err"] == 0.0 for g in got)
+        assert len({g["sha256"] for g in got}) == 1
+
+
+def assert_peer_lost(group: Ranks, survivors, culprit: int, since: float, deadline_s: float):
+    codes = group.wait(timeout=deadline_s + 20, ranks=survivors)
+    for r in survivors:
+        errors = group.of(r, "error")
+        assert errors and errors[0]["type"] == "PeerLostError", group.events[r]
+        assert f"rank {culprit} (" in errors[0]["message"]
+        assert errors[0]["t"] - since < deadline_s + 2.0, errors[0]
+        assert codes[r] == PeerLostError.exit_code
+        assert group.of(r, "closed") == [{"event": "closed", "threads": []}]
+
+
+@pytest.mark.slow
+def test_killing_a_rank_mid_exchange_fails_the_others_within_the_deadline(ranks):
+    deadline_s = 10.0
+    group = ranks(3, "loop", "--elements", str(4 * 1024 * 1024), "--timeout", str(deadline_s))
+    group.wait_until(lambda: all(len(group.of(r, "summed")) >= 2 for r in range(3)), timeout=60)
+    group.procs[2].send_signal(signal.SIGKILL)
+    killed_at = time.time()
+    assert_peer_lost(group, [0, 1], culprit=2, since=killed_at, deadline_s=deadline_s)
+    # A killed peer breaks its TCP streams: found at once, not at the deadline.
+    assert max(group.of(r, "error")[0]["t"] for r in (0, 1)) - killed_at < 3.0
+
+
+@pytest.mark.slow
+def test_a_stalled_rank_fails_the_others_within_the_deadline(ranks):
+    deadline_s = 4.0
+    group = ranks(3, "loop", "--elements", str(1024 * 1024), "--timeout", str(deadline_s))
+    group.wait_until(lambda: all(len(group.of(r, "summed")) >= 2 for r in range(3)), timeout=60)
+    group.procs[1].send_signal(signal.SIGSTOP)
+    stopped_at = time.time()
+    try:
+        assert_peer_lost(group, [0, 2], culprit=1, since=stopped_at, deadline_s=deadline_s)
+    finally:
+        group.procs[1].send_signal(signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_a_rank_with_the_wrong_secret_cannot_join(ranks):
+    group = ranks(2, "join", "--timeout", "20",
+                  secrets=[SECRET, "someone-elses-secret-0123456789"])
+    codes = group.wait(timeout=60)
+    assert codes == [AuthError.exit_code] * 2, group.events
+    for r in range(2):
+        error = group.of(r, "error")[0]
+        assert error["type"] == "AuthError"
+        assert f"rank {1 - r} (" in error["message"] and "credentials" in error["message"]
+        assert "same cluster secret" in error["message"]
+        assert group.of(r, "ready") == []
