@@ -1,0 +1,306 @@
+"""Pipeline-parallel LoRA/QLoRA training: GPipe across stages, exact.
+
+Each rank is one stage (worker/pipeline_stage.py: its own blocks only). Per optimizer step the
+global batch is cut into microbatches; each flows forward as hidden states (``send`` to the next
+stage) and backward as cotangents (``send`` to the previous one). MLX's send/recv have no
+gradient, so autodiff never crosses a stage: every stage keeps only its microbatches' *inputs*
+and, in the backward pass, recomputes its blocks under ``mx.vjp`` with the cotangent it receives.
+The last stage computes the loss as the lead's trainer does, the *sum* of per-token losses; every
+stage divides its gradient sums by the global token count (it holds the same batch and counts the
+same targets), so the update equals one process's to float rounding.
+
+Run a stage: ``python -m worker.pipeline CONFIG --adapter-path DIR`` under MLX_RANK + MLX_HOSTFILE
+(rank = stage; ring neighbours are pipeline neighbours). Each stage writes its adapter piece
+(global parameter names) to DIR/stages/stage-NN/; ``merge_stage_adapters`` joins them into one
+mlx-lm adapter folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from herd.config import JobConfig
+from herd.errors import ConfigError, HerdError
+from worker.pipeline_stage import Stage, StageSpec, build_stage, even_split
+
+
+class Link(Protocol):
+    """Point-to-point transport between neighbouring stages (no autodiff through it)."""
+
+    seconds: float  # time spent inside send/recv, for the benchmark
+
+    def send(self, x: mx.array, dst: int) -> None: ...
+    def recv(self, shape: tuple[int, ...], dtype: mx.Dtype, src: int) -> mx.array: ...
+
+
+class MLXLink:
+    """MLX ring send/recv: reaches ring neighbours, which is all a pipeline needs."""
+
+    def __init__(self, group: mx.distributed.Group):
+        self.group, self.seconds = group, 0.0
+
+    def send(self, x: mx.array, dst: int) -> None:
+        mx.eval(x)  # compute first, so the timer measures the transfer only
+        tic = time.perf_counter()
+        mx.eval(mx.distributed.send(x, dst, group=self.group))
+        self.seconds += time.perf_counter() - tic
+
+    def recv(self, shape, dtype, src: int) -> mx.array:
+        tic = time.perf_counter()
+        y = mx.distributed.recv(shape, dtype, src, group=self.group)
+        mx.eval(y)
+        self.seconds += time.perf_counter() - tic
+        return y
+
+
+def _targets_mask(batch: mx.array, lengths: mx.array) -> mx.array:
+    steps = mx.arange(1, batch.shape[1])
+    return mx.logical_and(steps >= lengths[:, 0:1], steps <= lengths[:, 1:])
+
+
+@dataclass
+class StepResult:
+    loss_sum: float  # on the last stage; 0 elsewhere
+    ntoks: int
+    grads: dict  # summed over the step's tokens, divided by ntoks
+    compute_seconds: float = 0.0
+
+
+def gpipe_step(stage: Stage, link: Link, batch: mx.array, lengths: mx.array, microbatches: int) -> StepResult:
+    """One optimizer step's gradients: all microbatches forward, then all backward (GPipe)."""
+    spec = stage.spec
+    rows = batch.shape[0]
+    if rows % microbatches:
+        raise ConfigError(f"batch of {rows} does not split into {microbatches} microbatches")
+    bm = rows // microbatches
+    mbs = [(batch[i * bm:(i + 1) * bm], lengths[i * bm:(i + 1) * bm]) for i in range(microbatches)]
+    ntoks = _targets_mask(batch, lengths).sum()
+    flat = tree_flatten(stage.model.trainable_parameters())
+    names, values = [k for k, _ in flat], [v for _, v in flat]
+    hidden = stage.model.args.hidden_size
+    dtype = _activation_dtype(stage)
+    shape = (bm, batch.shape[1] - 1, hidden)
+
+    def run(x, params):
+        stage.model.update(tree_unflatten(list(zip(names, params))))
+        return stage.forward(x)
+
+    grads = [mx.zeros_like(v) for v in values]
+    loss_sum = mx.array(0.0)
+    saved: list[mx.array] = []
+    back: list[mx.array] = []
+    compute = 0.0
+    for b, lens in mbs:
+        x = b[:, :-1] if spec.first else link.recv(shape, dtype, spec.index - 1)
+        tic = time.perf_counter()
+        if spec.last:
+            targets, mask = b[:, 1:], _targets_mask(b, lens)
+
+            def loss_fn(*arrs):
+                logits = run(x if spec.first else arrs[0], arrs[0 if spec.first else 1:])
+                ce = (nn.losses.cross_entropy(logits, targets) * mask).astype(mx.float32).sum()
+                return [ce]
+
+            primals = values if spec.first else [x, *values]
+            (ce,), vj = mx.vjp(loss_fn, primals, [mx.array(1.0)])
+            gp = vj if spec.first else vj[1:]
+            grads = [g + d for g, d in zip(grads, gp)]
+            loss_sum = loss_sum + ce
+            if not spec.first:
+                back.append(vj[0])
+            mx.eval(grads, loss_sum, back)
+            compute += time.perf_counter() - tic
+        else:
+            y = run(x, values)
+            mx.eval(y)
+            compute += time.perf_counter() - tic
+            saved.append(x)
+            link.send(y, spec.index + 1)
+    if spec.last:
+        for dx in back:
+            link.send(dx, spec.index - 1)
+    else:
+        for x in saved:
+            ct = link.recv(shape, dtype, spec.index + 1)
+            tic = time.perf_counter()
+            if spec.first:
+                _, vj = mx.vjp(lambda *p: [run(x, p)], values, [ct])
+                gp = vj
+            else:
+                _, vj = mx.vjp(lambda xx, *p: [run(xx, p)], [x, *values], [ct])
+                gp = vj[1:]
+            grads = [g + d for g, d in zip(grads, gp)]
+            mx.eval(grads, vj)
+            compute += time.perf_counter() - tic
+            if not spec.first:
+                link.send(vj[0], spec.index - 1)
+    stage.model.update(tree_unflatten(list(zip(names, values))))
+    n = ntoks.item()
+    out = tree_unflatten([(k, g / n) for k, g in zip(names, grads)])
+    return StepResult(loss_sum.item(), int(n), out, compute)
+
+
+def _activation_dtype(stage: Stage) -> mx.Dtype:
+    # Hidden states keep the embedding's dtype through every block (LoRA casts back to it).
+    norm = stage.model.layers[0].input_layernorm.weight
+    return norm.dtype
+
+
+@dataclass
+class PipelineRun:
+    losses: list[float] = field(default_factory=list)  # per step, last stage only
+    step_seconds: list[float] = field(default_factory=list)
+    link_seconds: float = 0.0
+    compute_seconds: float = 0.0
+
+
+def train_stage(job: JobConfig, stage: Stage, link: Link, train_set, microbatches: int,
+                dp_rank: int = 0, dp_size: int = 1, iters: int | None = None) -> PipelineRun:
+    """The lead's loop (same batch order, same per-iteration seeding), one GPipe step per batch.
+    Gradient accumulation: ``grad_accumulation_steps`` batches summed before one update."""
+    from worker.batches import BatchStream
+    from worker.model import build_optimizer
+
+    optimizer = build_optimizer(job)
+    stream = BatchStream(train_set, job.batch_size, job.max_seq_length, dp_rank, dp_size, job.seed)
+    batches = stream.iterate()
+    run = PipelineRun()
+    stage.model.train()
+    accum = job.grad_accumulation_steps
+    acc, acc_tokens, acc_loss = None, 0, 0.0
+    for it in range(1, (iters or job.iters) + 1):
+        mx.random.seed((job.seed * 1_000_003 + dp_rank * 10_007 + it) % (2**63))
+        batch, lengths = next(batches)
+        tic = time.perf_counter()
+        res = gpipe_step(stage, link, batch, lengths, microbatches)
+        run.compute_seconds += res.compute_seconds
+        # gpipe_step returns per-token means; re-weight by tokens so accumulation stays exact.
+        summed = tree_map(lambda g: g * res.ntoks, res.grads)
+        acc = summed if acc is None else tree_map(mx.add, acc, summed)
+        acc_tokens += res.ntoks
+        acc_loss += res.loss_sum
+        if it % accum == 0:
+            optimizer.update(stage.model, tree_map(lambda g: g / acc_tokens, acc))
+            mx.eval(stage.model.parameters(), optimizer.state)
+            run.losses.append(acc_loss / acc_tokens)
+            acc, acc_tokens, acc_loss = None, 0, 0.0
+        run.step_seconds.append(time.perf_counter() - tic)
+    run.link_seconds = link.seconds
+    return run
+
+
+def save_stage_adapter(stage: Stage, job: JobConfig, out_dir: Path) -> Path:
+    """This stage's adapter weights under the full model's parameter names."""
+    from worker.model import adapter_config
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights = {stage.global_name(k): v for k, v in tree_flatten(stage.model.trainable_parameters())}
+    mx.save_safetensors(str(out_dir / "adapters.safetensors"), weights)
+    (out_dir / "adapter_config.json").write_text(json.dumps(adapter_config(job), indent=2))
+    meta = {"stage": stage.spec.index, "stages": stage.spec.count, "layers": [stage.spec.start, stage.spec.end]}
+    (out_dir / "stage.json").write_text(json.dumps(meta))
+    return out_dir
+
+
+def merge_stage_adapters(stage_dirs: list[Path], out_dir: Path) -> Path:
+    """Join the stages' adapter pieces into one folder ``mlx_lm.generate --adapter-path`` loads.
+    Refuses overlapping pieces and missing stages."""
+    merged: dict[str, mx.array] = {}
+    seen: set[int] = set()
+    count = None
+    for d in map(Path, stage_dirs):
+        meta = json.loads((d / "stage.json").read_text())
+        count = meta["stages"] if count is None else count
+        if meta["stages"] != count or meta["stage"] in seen:
+            raise HerdError(f"{d}: stage {meta['stage']} of {meta['stages']} does not belong with the others")
+        seen.add(meta["stage"])
+        for k, v in mx.load(str(d / "adapters.safetensors")).items():
+            if k in merged:
+                raise HerdError(f"{d}: {k} is in two stages' adapters")
+            merged[k] = v
+    if count is None or seen != set(range(count)):
+        raise HerdError(f"stages {sorted(seen)} of {count}: some stage's adapter is missing")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(out_dir / "adapters.safetensors"), merged)
+    config = (Path(stage_dirs[0]) / "adapter_config.json").read_text()
+    (out_dir / "adapter_config.json").write_text(config)
+    return out_dir
+
+
+def _spans(arg: str | None, total: int, stages: int) -> list[tuple[int, int]]:
+    if not arg:
+        return even_split(total, stages)
+    spans = [tuple(int(v) for v in part.split(":")) for part in arg.split(",")]
+    if len(spans) != stages or spans[0][0] != 0 or spans[-1][1] != total or any(
+        a[1] != b[0] for a, b in zip(spans, spans[1:])
+    ):
+        raise ConfigError(f"--stage-layers {arg} is not a cut of {total} blocks into {stages} stages")
+    return spans  # type: ignore[return-value]
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m worker.pipeline", description=__doc__)
+    p.add_argument("config")
+    p.add_argument("--adapter-path", required=True, type=Path)
+    p.add_argument("--stage-layers", help="the planner's cut, e.g. 0:3,3:4 (default: even)")
+    p.add_argument("--microbatches", type=int, default=0, help="per step (default: batch_size)")
+    p.add_argument("--iters", type=int)
+    p.add_argument("--metrics-file", type=Path)
+    args = p.parse_args(argv)
+    try:
+        return _run(args)
+    except HerdError as e:
+        print(f"pipeline stage: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+def _run(args) -> int:
+    from mlx_lm.tuner.datasets import CacheDataset, load_dataset
+    from mlx_lm.utils import load_tokenizer
+    import numpy as np
+
+    from herd.config import load_config
+    from worker.model import read_model_config
+
+    job = load_config(args.config, {"iters": args.iters})
+    group = mx.distributed.init(strict=True)
+    stages, index = group.size(), group.rank()
+    total = read_model_config(job.model)["num_hidden_layers"]
+    start, end = _spans(args.stage_layers, total, stages)[index]
+    spec = StageSpec(index, stages, start, end, total)
+    np.random.seed(job.seed)
+    tokenizer = load_tokenizer(Path(job.model))
+    ns = argparse.Namespace(**job.mlx_lm_dict())
+    ns.train = True
+    train_set, _, _ = load_dataset(ns, tokenizer)
+    mx.reset_peak_memory()
+    stage = build_stage(job, spec)
+    load_peak = mx.get_peak_memory()
+    run = train_stage(job, stage, MLXLink(group), CacheDataset(train_set),
+                      args.microbatches or job.batch_size)
+    out = save_stage_adapter(stage, job, args.adapter_path / "stages" / f"stage-{index:02d}")
+    mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group))  # every piece is on disk
+    if args.metrics_file:
+        with open(args.metrics_file, "a") as f:
+            f.write(json.dumps({
+                "event": "stage_done", "rank": index, "layers": [start, end], "losses": run.losses,
+                "step_seconds": run.step_seconds, "link_seconds": run.link_seconds,
+                "compute_seconds": run.compute_seconds, "load_peak_bytes": load_peak,
+                "peak_bytes": mx.get_peak_memory(), "adapter": str(out),
+            }) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
