@@ -63,21 +63,23 @@ def watch(coord: Coordinator, job_id: str, plain: bool) -> tuple[int, str]:
             if e.kind == KIND.KIND_STATE:
                 state, message = e.state, e.message
         return state, message
+    from rich.markup import escape
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     ranks: dict[int, common_pb2.RankProgress] = {}
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), transient=False) as bar:
-        task = bar.add_task(job_id, total=iters)
+    with Progress(TextColumn("{task.description}"), BarColumn(bar_width=24),
+                  TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+                  TextColumn("{task.fields[stats]}"), transient=False) as bar:
+        task = bar.add_task(escape(job_id), total=iters, stats="")
         for e in _events(coord, job_id):
             if e.kind == KIND.KIND_PROGRESS:
                 ranks[e.progress.rank] = e.progress
                 bar.update(task, completed=max(p.iteration for p in ranks.values()),
-                           description=f"{job_id} " + "  ".join(
-                               f"[{p.worker_id}] loss {p.train_loss:.3f} {p.tokens_per_second:.0f} tok/s"
-                               for p in ranks.values()))
+                           stats=escape("  ".join(
+                               f"{p.worker_id} loss {p.train_loss:.3f} {p.tokens_per_second:.0f} tok/s"
+                               for _, p in sorted(ranks.items()))))
             else:
-                bar.console.print(describe(e, iters))
+                bar.console.print(escape(describe(e, iters)))
             if e.kind == KIND.KIND_STATE:
                 state, message = e.state, e.message
     return state, message
