@@ -146,7 +146,7 @@ def gpipe_step(stage: Stage, link: Link, batch: mx.array, lengths: mx.array, mic
                 link.send(vj[0], spec.index - 1)
     stage.model.update(tree_unflatten(list(zip(names, values))))
     n = ntoks.item()
-    out = tree_unflatten([(k, g / n) for k, g in zip(names, grads)])
+    out = tree_unflatten([(k, g / n) for k, g in zip(names, grads)]) if names else {}
     return StepResult(loss_sum.item(), int(n), out, compute)
 
 
@@ -190,8 +190,9 @@ def train_stage(job: JobConfig, stage: Stage, link: Link, train_set, microbatche
         acc_tokens += res.ntoks
         acc_loss += res.loss_sum
         if it % accum == 0:
-            optimizer.update(stage.model, tree_map(lambda g: g / acc_tokens, acc))
-            mx.eval(stage.model.parameters(), optimizer.state)
+            if tree_flatten(acc):  # a stage before the adapted blocks only relays
+                optimizer.update(stage.model, tree_map(lambda g: g / acc_tokens, acc))
+                mx.eval(stage.model.parameters(), optimizer.state)
             run.losses.append(acc_loss / acc_tokens)
             acc, acc_tokens, acc_loss = None, 0, 0.0
         run.step_seconds.append(time.perf_counter() - tic)

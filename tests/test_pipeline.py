@@ -1,0 +1,128 @@
+"""Pipeline parallelism (issue 5): 2 and 3 real stage processes on a loopback MLX ring give the
+same losses and the same adapter as one process (``herd train``), and a stage holds only its own
+blocks' weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+
+from tests.conftest import free_ports, herd, load_adapter, max_abs_diff, write_job
+from worker.blas import preload_env
+
+REPO = Path(__file__).resolve().parent.parent
+# One process and a pipeline sum the same per-token terms in a different order (microbatches,
+# per-stage vjp): float32 rounding only.
+ADAPTER_TOL = 1e-5
+LOSS_RTOL = 1e-5
+
+
+def run_stages(cfg: Path, adapters: Path, stages: int, tmp: Path, *extra: str) -> list[dict]:
+    ports = free_ports(stages)
+    hostfile = tmp / f"hosts-{ports[0]}.json"
+    hostfile.write_text(json.dumps([f"127.0.0.1:{p}" for p in ports]))
+    metrics = tmp / f"metrics-{ports[0]}.jsonl"
+    procs = []
+    for r in range(stages):
+        env = {**preload_env(), "MLX_RANK": str(r), "MLX_WORLD_SIZE": str(stages), "MLX_HOSTFILE": str(hostfile),
+               "OPENBLAS_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "worker.pipeline", str(cfg), "--adapter-path", str(adapters),
+             "--metrics-file", str(metrics), *extra],
+            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        ))
+    try:
+        for p in procs:
+            _, err = p.communicate(timeout=180)
+            assert p.returncode == 0, f"stage exited {p.returncode}:\n{err[-3000:]}"
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    return sorted(rows, key=lambda r: r["rank"])
+
+
+def single_process_losses(metrics: Path) -> list[float]:
+    return [r["train_loss"] for r in map(json.loads, metrics.read_text().splitlines()) if r.get("event") == "train"]
+
+
+def _stage_weight_bytes(model_dir: Path, start: int, end: int, first: bool, last: bool, tied: bool) -> int:
+    from worker.pipeline_stage import StageSpec, _owned
+
+    spec = StageSpec(0 if first else 1, 2 if not (first and last) else 1, start, end, 10**6)
+    spec = StageSpec(0 if first else 1, 1 if (first and last) else (2 if first or last else 3),
+                     start, end, 10**6)
+    total = 0
+    for k, v in mx.load(str(model_dir / "model.safetensors")).items():
+        if _owned(k, spec, tied) is not None:
+            total += v.nbytes
+    return total
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch,stages,cut", [("llama", 2, None), ("qwen2", 3, "0:1,1:3,3:4")])
+def test_pipeline_equals_one_process(tmp_path, arch, stages, cut):
+    from herd.tiny import make_tiny_model
+    from worker.pipeline import merge_stage_adapters
+
+    model = make_tiny_model(tmp_path / arch, arch=arch, layers=4, hidden=64)
+    data = REPO_DATA(tmp_path)
+    kw = dict(iters=4, steps_per_report=1, save_every=4, batch_size=4, num_layers=3)
+    one = write_job(tmp_path / "one.yaml", model, data, adapter_path=str(tmp_path / "one"), **kw)
+    herd("train", one, "--quiet", "--metrics-file", tmp_path / "one.jsonl")
+    pp = write_job(tmp_path / "pp.yaml", model, data, adapter_path=str(tmp_path / "pp"), **kw)
+    rows = run_stages(pp, tmp_path / "pp", stages, tmp_path, *(["--stage-layers", cut] if cut else []))
+
+    want = single_process_losses(tmp_path / "one.jsonl")
+    got = rows[-1]["losses"]
+    assert len(got) == len(want) == 4
+    assert all(abs(g - w) <= LOSS_RTOL * abs(w) for g, w in zip(got, want)), (got, want)
+
+    merged = merge_stage_adapters(sorted((tmp_path / "pp" / "stages").iterdir()), tmp_path / "merged")
+    diff = max_abs_diff(load_adapter(tmp_path / "one"), load_adapter(merged))
+    assert diff <= ADAPTER_TOL, f"pipeline adapter differs from one process by {diff}"
+
+    # Each stage's memory right after loading is its own blocks' weights (+ LoRA), never the model's.
+    tied = arch == "qwen2"
+    full = sum(v.nbytes for v in mx.load(str(model / "model.safetensors")).values())
+    for r in rows:
+        start, end = r["layers"]
+        own = _stage_weight_bytes(model, start, end, r["rank"] == 0, r["rank"] == stages - 1, tied)
+        assert r["load_peak_bytes"] <= own * 1.10 + 64_000, (r["rank"], r["load_peak_bytes"], own)
+        assert r["load_peak_bytes"] < 0.8 * full
+
+
+def REPO_DATA(tmp_path: Path) -> Path:
+    from herd.tiny import make_tiny_data
+
+    return make_tiny_data(tmp_path / "data", fmt="text", train=64, valid=16, test=8)
+
+
+def test_merge_refuses_missing_or_overlapping_stages(tmp_path):
+    from herd.errors import HerdError
+    from worker.pipeline import merge_stage_adapters
+
+    def piece(name: str, stage: int, keys: list[str]) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        mx.save_safetensors(str(d / "adapters.safetensors"), {k: mx.zeros((2,)) for k in keys})
+        (d / "adapter_config.json").write_text("{}")
+        (d / "stage.json").write_text(json.dumps({"stage": stage, "stages": 2, "layers": [0, 1]}))
+        return d
+
+    a = piece("a", 0, ["model.layers.0.x"])
+    b = piece("b", 1, ["model.layers.1.x"])
+    c = piece("c", 1, ["model.layers.0.x"])
+    out = merge_stage_adapters([a, b], tmp_path / "out")
+    assert sorted(mx.load(str(out / "adapters.safetensors"))) == ["model.layers.0.x", "model.layers.1.x"]
+    with pytest.raises(HerdError, match="missing"):
+        merge_stage_adapters([a], tmp_path / "out2")
+    with pytest.raises(HerdError, match="two stages"):
+        merge_stage_adapters([a, c], tmp_path / "out3")
