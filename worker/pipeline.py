@@ -160,6 +160,7 @@ def _activation_dtype(stage: Stage) -> mx.Dtype:
 class PipelineRun:
     losses: list[float] = field(default_factory=list)  # per step, last stage only
     step_seconds: list[float] = field(default_factory=list)
+    step_compute_seconds: list[float] = field(default_factory=list)  # busy time, not waiting
     link_seconds: float = 0.0
     compute_seconds: float = 0.0
 
@@ -184,6 +185,7 @@ def train_stage(job: JobConfig, stage: Stage, link: Link, train_set, microbatche
         tic = time.perf_counter()
         res = gpipe_step(stage, link, batch, lengths, microbatches)
         run.compute_seconds += res.compute_seconds
+        run.step_compute_seconds.append(res.compute_seconds)
         # gpipe_step returns per-token means; re-weight by tokens so accumulation stays exact.
         summed = tree_map(lambda g: g * res.ntoks, res.grads)
         acc = summed if acc is None else tree_map(mx.add, acc, summed)
@@ -297,6 +299,7 @@ def _run(args) -> int:
             f.write(json.dumps({
                 "event": "stage_done", "rank": index, "layers": [start, end], "losses": run.losses,
                 "step_seconds": run.step_seconds, "link_seconds": run.link_seconds,
+                "step_compute_seconds": run.step_compute_seconds,
                 "compute_seconds": run.compute_seconds, "load_peak_bytes": load_peak,
                 "peak_bytes": mx.get_peak_memory(), "adapter": str(out),
             }) + "\n")
