@@ -38,7 +38,7 @@ herd up --workers 2 --port "$PORT" --state-dir "$WORK/cluster" &
 UP_PID=$!
 
 echo "== tiny model and dataset"
-herd tiny-model "$WORK/model" --arch llama --layers 4 --hidden 64
+herd tiny-model "$WORK/model" --arch llama --layers 4 --hidden 256
 herd tiny-data "$WORK/data" --format text
 cp deploy/demo-config.yaml "$WORK/job.yaml"   # model: model, data: data resolve beside it
 
@@ -61,7 +61,11 @@ echo "== herd pull $JOB"
 herd pull "$JOB" -o "$WORK/adapter" --coordinator "$COORD"
 ls -l "$WORK/adapter"
 
+PROMPT="question: colour of the dog"
+echo "== mlx_lm.generate, base model"
+"$PY" -m mlx_lm generate --model "$WORK/model" --ignore-chat-template \
+  --prompt "$PROMPT" --max-tokens 12 --temp 0
 echo "== mlx_lm.generate with the pulled adapter"
-"$PY" -m mlx_lm generate --model "$WORK/model" --adapter-path "$WORK/adapter" \
-  --prompt "question: colour of the cat answer:" --max-tokens 12 --temp 0
+"$PY" -m mlx_lm generate --model "$WORK/model" --adapter-path "$WORK/adapter" --ignore-chat-template \
+  --prompt "$PROMPT" --max-tokens 12 --temp 0
 echo "demo: done"
