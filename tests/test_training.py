@@ -21,12 +21,26 @@ def _mlx_lm_lora(cfg: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-@pytest.mark.parametrize("variant", ["lora", "qlora"])
+VARIANTS = {
+    "lora": {},
+    "qlora": {},  # on a folder quantized by mlx_lm.convert
+    # the rest of mlx-lm's knobs: a warmup + cosine schedule, AdamW, gradient checkpointing
+    "schedule-adamw-checkpointing": {
+        "optimizer": "adamw",
+        "optimizer_config": {"adamw": {"weight_decay": 0.01}},
+        "lr_schedule": {"name": "cosine_decay", "arguments": [1e-3, 8], "warmup": 2},
+        "grad_checkpoint": True,
+    },
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
 def test_same_adapter_as_mlx_lm_lora(tmp_path, tiny_model, tiny_quantized, tiny_data, variant):
     """Same config and seed, one process: herd's adapter equals the one `mlx_lm.lora` writes."""
     model = tiny_quantized if variant == "qlora" else tiny_model
-    ours = write_job(tmp_path / "herd.yaml", model, tiny_data, adapter_path=str(tmp_path / "herd"))
-    theirs = write_job(tmp_path / "mlx.yaml", model, tiny_data, adapter_path=str(tmp_path / "mlx"))
+    kw = VARIANTS[variant]
+    ours = write_job(tmp_path / "herd.yaml", model, tiny_data, adapter_path=str(tmp_path / "herd"), **kw)
+    theirs = write_job(tmp_path / "mlx.yaml", model, tiny_data, adapter_path=str(tmp_path / "mlx"), **kw)
     herd("train", ours, "--quiet")
     _mlx_lm_lora(theirs)
     a, b = load_adapter(tmp_path / "herd"), load_adapter(tmp_path / "mlx")
