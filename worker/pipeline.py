@@ -100,50 +100,52 @@ def gpipe_step(stage: Stage, link: Link, batch: mx.array, lengths: mx.array, mic
     saved: list[mx.array] = []
     back: list[mx.array] = []
     compute = 0.0
+    # The previous stage needs cotangents only if it has adapters of its own; a stage wholly
+    # before the adapted blocks only runs forward.
+    send_back = not spec.first and spec.start > spec.first_adapted
+
+    def grads_of(fn, x, ct):
+        """(param grads, input cotangent or None) of fn(x, params) under the cotangent ct."""
+        if send_back:
+            out, vj = mx.vjp(lambda xx, *p: [fn(xx, p)], [x, *values], [ct])
+            return out[0], vj[1:], vj[0]
+        out, vj = mx.vjp(lambda *p: [fn(x, p)], values, [ct])
+        return out[0], vj, None
+
     for b, lens in mbs:
         x = b[:, :-1] if spec.first else link.recv(shape, dtype, spec.index - 1)
         tic = time.perf_counter()
         if spec.last:
             targets, mask = b[:, 1:], _targets_mask(b, lens)
 
-            def loss_fn(*arrs):
-                logits = run(x if spec.first else arrs[0], arrs[0 if spec.first else 1:])
-                ce = (nn.losses.cross_entropy(logits, targets) * mask).astype(mx.float32).sum()
-                return [ce]
+            def loss_fn(xx, params):
+                logits = run(xx, params)
+                return (nn.losses.cross_entropy(logits, targets) * mask).astype(mx.float32).sum()
 
-            primals = values if spec.first else [x, *values]
-            (ce,), vj = mx.vjp(loss_fn, primals, [mx.array(1.0)])
-            gp = vj if spec.first else vj[1:]
+            ce, gp, dx = grads_of(loss_fn, x, mx.array(1.0))
             grads = [g + d for g, d in zip(grads, gp)]
             loss_sum = loss_sum + ce
-            if not spec.first:
-                back.append(vj[0])
+            back += [dx] if dx is not None else []
             mx.eval(grads, loss_sum, back)
             compute += time.perf_counter() - tic
         else:
             y = run(x, values)
             mx.eval(y)
             compute += time.perf_counter() - tic
-            saved.append(x)
+            if spec.trains:
+                saved.append(x)
             link.send(y, spec.index + 1)
-    if spec.last:
-        for dx in back:
+    for dx in back:
+        link.send(dx, spec.index - 1)
+    for x in saved:  # empty on the last stage and on stages that do not train
+        ct = link.recv(shape, dtype, spec.index + 1)
+        tic = time.perf_counter()
+        _, gp, dx = grads_of(run, x, ct)
+        grads = [g + d for g, d in zip(grads, gp)]
+        mx.eval(grads, dx) if dx is not None else mx.eval(grads)
+        compute += time.perf_counter() - tic
+        if dx is not None:
             link.send(dx, spec.index - 1)
-    else:
-        for x in saved:
-            ct = link.recv(shape, dtype, spec.index + 1)
-            tic = time.perf_counter()
-            if spec.first:
-                _, vj = mx.vjp(lambda *p: [run(x, p)], values, [ct])
-                gp = vj
-            else:
-                _, vj = mx.vjp(lambda xx, *p: [run(xx, p)], [x, *values], [ct])
-                gp = vj[1:]
-            grads = [g + d for g, d in zip(grads, gp)]
-            mx.eval(grads, vj)
-            compute += time.perf_counter() - tic
-            if not spec.first:
-                link.send(vj[0], spec.index - 1)
     stage.model.update(tree_unflatten(list(zip(names, values))))
     n = ntoks.item()
     out = tree_unflatten([(k, g / n) for k, g in zip(names, grads)]) if names else {}
@@ -281,7 +283,8 @@ def _run(args) -> int:
     stages, index = group.size(), group.rank()
     total = read_model_config(job.model)["num_hidden_layers"]
     start, end = _spans(args.stage_layers, total, stages)[index]
-    spec = StageSpec(index, stages, start, end, total)
+    n_lora = total if job.num_layers == -1 else min(job.num_layers, total)
+    spec = StageSpec(index, stages, start, end, total, first_adapted=total - n_lora)
     np.random.seed(job.seed)
     tokenizer = load_tokenizer(Path(job.model))
     ns = argparse.Namespace(**job.mlx_lm_dict())

@@ -38,6 +38,12 @@ class StageSpec:
     start: int  # first block (global index)
     end: int  # one past the last block
     total_layers: int
+    first_adapted: int = 0  # first block with LoRA (the last num_layers blocks are adapted)
+
+    @property
+    def trains(self) -> bool:
+        """Whether this stage has adapters: stages wholly before the adapted blocks need no backward."""
+        return self.end > self.first_adapted
 
     @property
     def first(self) -> bool:
