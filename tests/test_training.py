@@ -139,3 +139,4 @@ def test_progress_and_metrics(tmp_path, tiny_model, tiny_chat_data):
     assert kinds.count("checkpoint") == 2 and kinds[-1] == "done"
     train = [e for e in events if e["event"] == "train"]
     assert all(e["tokens_per_second"] > 0 and e["peak_memory_gb"] > 0 for e in train)
+    assert all(e["exchange"] == "local" and e["world_size"] == 1 for e in train)

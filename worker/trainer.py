@@ -173,6 +173,8 @@ def train(
                 "tokens_per_second": n / win_time if win_time else 0.0,
                 "trained_tokens": progress.trained_tokens,
                 "peak_memory_gb": mx.get_peak_memory() / 1e9,
+                "exchange": exchange.name,
+                "world_size": exchange.size,
                 "exchange_seconds": win_exchange,
                 "step_seconds": win_time,
             }
