@@ -33,9 +33,11 @@ def start_worker(tmp_path, secret: str, worker_id: str, zc):
     return server, advert, f"{HOST}:{port}"
 
 
-@pytest.fixture
-def cluster(tmp_path, monkeypatch):
-    monkeypatch.setenv(discovery.INTERFACES_ENV, HOST)
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv(discovery.INTERFACES_ENV, HOST)
+    tmp_path = tmp_path_factory.mktemp("auth")
     from coordinator.main import Coordinator
 
     secret = new_secret()
@@ -50,6 +52,7 @@ def cluster(tmp_path, monkeypatch):
         server.stop(0)
     zc.close()
     coord.stop()
+    mp.undo()
 
 
 def code_of(call) -> grpc.StatusCode | None:

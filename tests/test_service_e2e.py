@@ -158,6 +158,7 @@ def test_two_worker_job_runs_checkpoints_and_pulls(cluster, job_yaml, tmp_path):
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
     diff = max_abs_diff(load_adapter(out), load_adapter(tmp_path / "single"))
+    print(f"service vs single-process adapter: max abs diff {diff:.2e}")
     assert diff <= 1e-4, f"service adapter differs from a single process by {diff}"
 
 
