@@ -384,6 +384,13 @@ def plan_job(model_config: dict, job: JobConfig, workers: list[WorkerMemory]) ->
     plan = _layout(model_config, job, workers)
     if plan is not None:
         return plan
+    fixed = job.cluster.data_parallel() or 1, job.cluster.pipeline_stages()
+    if job.cluster.parallelism != "auto" and fixed[0] * fixed[1] > len(workers):
+        raise PlacementError(
+            f"cluster.parallelism asks for {fixed[0]} x {fixed[1]} (data x pipeline) = "
+            f"{fixed[0] * fixed[1]} workers; {len(workers)} available",
+            hint="add workers, or set cluster.parallelism: auto to let the planner choose",
+        )
     raise PlacementError(_refusal(model_config, job, workers), hint="apply one of the fixes above")
 
 

@@ -93,7 +93,7 @@ CASES = {
     "lora-fp32": ("llama", 256, 4, 2048, "float32", {}),
     "lora-bf16-qwen2": ("qwen2", 256, 4, 2048, "bfloat16", {"num_layers": 2}),
     "lora-rank64-bf16": ("llama", 256, 4, 2048, "bfloat16", {"lora_parameters": {"rank": 64}}),
-    "qlora-4bit": ("llama", 256, 2, 2048, "bfloat16",
+    "qlora-4bit": ("llama", 128, 2, 2048, "bfloat16",
                    {"quantize": {"bits": 4, "group_size": 64}, "batch_size": 1}),
     "long-seq-1024": ("llama", 128, 2, 1024, "float32", {"max_seq_length": 1024, "batch_size": 1}),
 }
@@ -197,4 +197,12 @@ def test_herd_plan_cli(tmp_path):
 
 
 if __name__ == "__main__":
-    print(json.dumps(measure(json.loads(sys.argv[1]))))
+    if sys.argv[1] == "--table":  # the calibration table in bench/results/planner-*.md
+        sys.path.insert(0, str(REPO))
+        print("| config | measured peak (MB) | predicted (MB) | predicted / measured |")
+        print("|---|---|---|---|")
+        for name, case in {**CASES, **CHECKPOINTED}.items():
+            p, m = _compare(case)
+            print(f"| {name} {case} | {m / 1e6:.1f} | {p / 1e6:.1f} | {p / m:.3f} |", flush=True)
+    else:
+        print(json.dumps(measure(json.loads(sys.argv[1]))))
