@@ -101,7 +101,7 @@ def event_from_pb(m: common_pb2.JobEvent) -> JobEvent:
 
 _WORKER_FIELDS = ("worker_id", "host", "port", "ring_port", "exchange_port", "memory_bytes",
                   "free_memory_bytes", "chip", "gpu_cores", "os", "mlx_version",
-                  "protocol_version", "running_job_id")
+                  "protocol_version", "running_job_id", "wired_limit_mb")
 
 
 def worker_to_pb(w: WorkerRecord) -> common_pb2.WorkerInfo:

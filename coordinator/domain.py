@@ -114,6 +114,7 @@ class WorkerRecord:
     mlx_version: str = ""
     protocol_version: int = 0
     running_job_id: str = ""
+    wired_limit_mb: int = 0
 
     @property
     def target(self) -> str:

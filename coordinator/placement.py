@@ -51,6 +51,16 @@ def _planner():
         return None
 
 
+def usable_bytes(w: WorkerRecord) -> int:
+    """What a job may use on this worker: free memory, and on a Mac no more than the GPU may
+    wire (iogpu.wired_limit_mb, or macOS's default share of RAM)."""
+    free = w.free_memory_bytes or w.memory_bytes
+    planner = _planner()
+    if w.os.startswith("macOS") and planner is not None:
+        return min(free, planner.macos_usable_bytes(w.memory_bytes, w.wired_limit_mb or None))
+    return free
+
+
 def _fmt(n: int) -> str:
     return f"{n / GB:.1f} GB"
 
@@ -73,18 +83,18 @@ def place(cfg: JobConfig, workers: list[WorkerRecord]) -> Placement:
             f"batch_size {cfg.batch_size} does not split over {dp} data-parallel ranks",
             hint=f"use a batch_size that is a multiple of {dp}",
         )
-    ranked = sorted(idle, key=lambda w: (-(w.free_memory_bytes or w.memory_bytes), w.worker_id))
+    ranked = sorted(idle, key=lambda w: (-usable_bytes(w), w.worker_id))
     planner = _planner()
     config_json = Path(cfg.model).expanduser() / "config.json"
     if planner is not None and config_json.exists():
         return _place_with_planner(planner, cfg, ranked[:need], json.loads(config_json.read_text()))
     per_worker = int(model_bytes(cfg.model) * OVERHEAD)
     chosen = ranked[:need]
-    short = [w for w in chosen if per_worker > (w.free_memory_bytes or w.memory_bytes)]
+    short = [w for w in chosen if per_worker > usable_bytes(w)]
     if short:
         w = short[0]
         raise PlacementError(
-            f"needs {_fmt(per_worker)} per worker; {w.worker_id} has {_fmt(w.free_memory_bytes or w.memory_bytes)} free",
+            f"needs {_fmt(per_worker)} per worker; {w.worker_id} has {_fmt(usable_bytes(w))} usable",
             hint="quantize the model (quantize: {bits: 4}), use pipeline stages, or add memory",
         )
     return Placement([w.worker_id for w in chosen], per_worker)
@@ -92,8 +102,7 @@ def place(cfg: JobConfig, workers: list[WorkerRecord]) -> Placement:
 
 def _place_with_planner(planner, cfg: JobConfig, chosen: list[WorkerRecord],
                         model_config: dict) -> Placement:
-    mem = [planner.WorkerMemory(worker_id=w.worker_id,
-                                memory_bytes=w.free_memory_bytes or w.memory_bytes) for w in chosen]
+    mem = [planner.WorkerMemory(worker_id=w.worker_id, memory_bytes=usable_bytes(w)) for w in chosen]
     plan = planner.plan_job(model_config, cfg, mem)
     if plan.pipeline_stages > 1:
         # The rank process trains data-parallel only for now; never start a layout it cannot run.

@@ -237,3 +237,14 @@ def test_a_job_too_big_for_every_worker_says_so(tiny_model):
     with pytest.raises(PlacementError, match="does not fit"):
         place(cfg, small)
     assert place(cfg, [worker(1), worker(2)]).worker_ids == ["w1", "w2"]
+
+
+def test_a_mac_offers_what_its_gpu_may_wire():
+    from coordinator.placement import usable_bytes
+
+    mac = worker(1, mem=192 * GB)
+    mac.os = "macOS 15.1"
+    assert usable_bytes(mac) == int(192 * GB * 0.75)
+    mac.wired_limit_mb = 180_000
+    assert usable_bytes(mac) == 180_000 * 2**20
+    assert usable_bytes(worker(2, mem=24 * GB)) == 24 * GB  # Linux: free memory

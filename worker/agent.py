@@ -62,7 +62,7 @@ class Worker:
             memory_bytes=self.machine.memory_bytes,
             free_memory_bytes=min(self.machine.memory_bytes, free_memory_bytes() or 2**62),
             chip=self.machine.chip, gpu_cores=self.machine.gpu_cores, os=self.machine.os,
-            mlx_version=self.machine.mlx_version,
+            mlx_version=self.machine.mlx_version, wired_limit_mb=self.machine.wired_limit_mb,
             running_job_id=rank.spec.job_id if rank and rank.running() else "",
         )
 

@@ -25,6 +25,7 @@ class Machine:
     gpu_cores: int
     os: str
     mlx_version: str
+    wired_limit_mb: int = 0  # macOS: how much the GPU may wire (0 = macOS's default share)
 
     def free_memory_bytes(self) -> int:
         return free_memory_bytes() or self.memory_bytes
@@ -66,6 +67,12 @@ def _mac_gpu_cores() -> int:
     return int(m.group(1)) if m else 0
 
 
+def _mac_wired_limit_mb() -> int:
+    """``iogpu.wired_limit_mb`` (0 when unset: macOS then wires about 2/3-3/4 of RAM)."""
+    value = _mac_sysctl("iogpu.wired_limit_mb")
+    return int(value) if value and value.isdigit() else 0
+
+
 def _probe_mac() -> Machine:
     mem = _mac_sysctl("hw.memsize")
     return Machine(
@@ -74,6 +81,7 @@ def _probe_mac() -> Machine:
         gpu_cores=_mac_gpu_cores(),
         os=f"macOS {platform.mac_ver()[0]}",
         mlx_version=_mlx_version(),
+        wired_limit_mb=_mac_wired_limit_mb(),
     )
 
 
@@ -129,5 +137,6 @@ def probe(memory_override: int | None = None, chip_override: str | None = None) 
     m = _probe_mac() if platform.system() == "Darwin" else _probe_linux()
     if memory_override or chip_override:
         m = Machine(chip=chip_override or m.chip, memory_bytes=memory_override or m.memory_bytes,
-                    gpu_cores=m.gpu_cores, os=m.os, mlx_version=m.mlx_version)
+                    gpu_cores=m.gpu_cores, os=m.os, mlx_version=m.mlx_version,
+                    wired_limit_mb=m.wired_limit_mb)
     return m

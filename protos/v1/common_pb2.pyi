@@ -25,7 +25,7 @@ JOB_STATE_FAILED: JobState
 JOB_STATE_CANCELLED: JobState
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "host", "port", "ring_port", "exchange_port", "protocol_version", "memory_bytes", "free_memory_bytes", "chip", "gpu_cores", "os", "mlx_version", "running_job_id")
+    __slots__ = ("worker_id", "host", "port", "ring_port", "exchange_port", "protocol_version", "memory_bytes", "free_memory_bytes", "chip", "gpu_cores", "os", "mlx_version", "running_job_id", "wired_limit_mb")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
     PORT_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +39,7 @@ class WorkerInfo(_message.Message):
     OS_FIELD_NUMBER: _ClassVar[int]
     MLX_VERSION_FIELD_NUMBER: _ClassVar[int]
     RUNNING_JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    WIRED_LIMIT_MB_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     host: str
     port: int
@@ -52,7 +53,8 @@ class WorkerInfo(_message.Message):
     os: str
     mlx_version: str
     running_job_id: str
-    def __init__(self, worker_id: _Optional[str] = ..., host: _Optional[str] = ..., port: _Optional[int] = ..., ring_port: _Optional[int] = ..., exchange_port: _Optional[int] = ..., protocol_version: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., free_memory_bytes: _Optional[int] = ..., chip: _Optional[str] = ..., gpu_cores: _Optional[int] = ..., os: _Optional[str] = ..., mlx_version: _Optional[str] = ..., running_job_id: _Optional[str] = ...) -> None: ...
+    wired_limit_mb: int
+    def __init__(self, worker_id: _Optional[str] = ..., host: _Optional[str] = ..., port: _Optional[int] = ..., ring_port: _Optional[int] = ..., exchange_port: _Optional[int] = ..., protocol_version: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., free_memory_bytes: _Optional[int] = ..., chip: _Optional[str] = ..., gpu_cores: _Optional[int] = ..., os: _Optional[str] = ..., mlx_version: _Optional[str] = ..., running_job_id: _Optional[str] = ..., wired_limit_mb: _Optional[int] = ...) -> None: ...
 
 class FileDigest(_message.Message):
     __slots__ = ("name", "sha256", "bytes")
