@@ -98,7 +98,6 @@ def gpipe_step(stage: Stage, link: Link, batch: mx.array, lengths: mx.array, mic
     grads = [mx.zeros_like(v) for v in values]
     loss_sum = mx.array(0.0)
     saved: list[mx.array] = []
-    back: list[mx.array] = []
     compute = 0.0
     # The previous stage needs cotangents only if it has adapters of its own; a stage wholly
     # before the adapted blocks only runs forward.
@@ -112,10 +111,16 @@ def gpipe_step(stage: Stage, link: Link, batch: mx.array, lengths: mx.array, mic
         out, vj = mx.vjp(lambda *p: [fn(x, p)], values, [ct])
         return out[0], vj, None
 
-    for b, lens in mbs:
-        x = b[:, :-1] if spec.first else link.recv(shape, dtype, spec.index - 1)
+    # Every link carries all its forward traffic before any backward traffic, so blocking
+    # send/recv cannot deadlock: the last stage first takes every microbatch's input, then runs
+    # forward + loss + backward per microbatch and returns each cotangent at once, while the
+    # stages before it (done with their forwards) run their backwards on the earlier ones.
+    inputs = [b[:, :-1] if spec.first else link.recv(shape, dtype, spec.index - 1) for b, _ in mbs] \
+        if spec.last else None
+    for i, (b, lens) in enumerate(mbs):
         tic = time.perf_counter()
         if spec.last:
+            x = inputs[i]
             targets, mask = b[:, 1:], _targets_mask(b, lens)
 
             def loss_fn(xx, params):
@@ -125,18 +130,19 @@ def gpipe_step(stage: Stage, link: Link, batch: mx.array, lengths: mx.array, mic
             ce, gp, dx = grads_of(loss_fn, x, mx.array(1.0))
             grads = [g + d for g, d in zip(grads, gp)]
             loss_sum = loss_sum + ce
-            back += [dx] if dx is not None else []
-            mx.eval(grads, loss_sum, back)
+            mx.eval(grads, loss_sum) if dx is None else mx.eval(grads, loss_sum, dx)
             compute += time.perf_counter() - tic
+            if dx is not None:
+                link.send(dx, spec.index - 1)
         else:
+            x = b[:, :-1] if spec.first else link.recv(shape, dtype, spec.index - 1)
+            tic = time.perf_counter()
             y = run(x, values)
             mx.eval(y)
             compute += time.perf_counter() - tic
             if spec.trains:
                 saved.append(x)
             link.send(y, spec.index + 1)
-    for dx in back:
-        link.send(dx, spec.index - 1)
     for x in saved:  # empty on the last stage and on stages that do not train
         ct = link.recv(shape, dtype, spec.index + 1)
         tic = time.perf_counter()
