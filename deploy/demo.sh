@@ -34,7 +34,9 @@ COORD="127.0.0.1:$PORT"
 echo "== herd init"
 herd init
 echo "== herd up --workers 2"
-herd up --workers 2 --port "$PORT" --state-dir "$WORK/cluster" &
+# Started directly (not through the shell function) so $! is herd up itself, which stops its
+# coordinator and workers on SIGTERM.
+"$PY" -m herd up --workers 2 --port "$PORT" --state-dir "$WORK/cluster" &
 UP_PID=$!
 
 echo "== tiny model and dataset"

@@ -299,16 +299,20 @@ class RankProcess:
         self._report_exit()
 
     def _last_error(self) -> str:
+        """The rank's last plain stderr line (its structured log lines are not an error)."""
         try:
             lines = (self.dir / "rank.log").read_text(errors="replace").strip().splitlines()
         except OSError:
             return ""
-        errs = [ln for ln in lines if "Error" in ln or "error" in ln]
-        return (errs[-1] if errs else (lines[-1] if lines else ""))[-500:]
+        plain = [ln for ln in lines if ln.strip() and not ln.lstrip().startswith("{")]
+        errs = [ln for ln in plain if "Error" in ln or "error" in ln]
+        return (errs[-1] if errs else (plain[-1] if plain else ""))[-500:]
 
     def _report_exit(self) -> None:
         code = self.proc.returncode
         error = "" if code == 0 else (self._error or self._last_error())
+        if code < 0 and not self._error:
+            error = f"killed by {signal.Signals(-code).name}"
         if self._stopping.is_set() and code != 0:
             error = "stopped by the agent"
         self.log.info("rank_exited", exit_code=code, error=error)
