@@ -126,3 +126,27 @@ def test_merge_refuses_missing_or_overlapping_stages(tmp_path):
         merge_stage_adapters([a], tmp_path / "out2")
     with pytest.raises(HerdError, match="two stages"):
         merge_stage_adapters([a, c], tmp_path / "out3")
+
+
+@pytest.mark.slow
+def test_two_pipelines_of_two_stages_equal_one_process(tmp_path):
+    """2 x 2 (data x pipeline) on 4 local ranks: one ring, pipeline hops and replica pairs are all
+    ring neighbours; gradients are summed per token across the replicas."""
+    from herd.tiny import make_tiny_model
+    from worker.pipeline import merge_stage_adapters
+
+    model = make_tiny_model(tmp_path / "llama", arch="llama", layers=4, hidden=64)
+    data = REPO_DATA(tmp_path)
+    kw = dict(iters=3, steps_per_report=1, save_every=3, batch_size=4, num_layers=-1)
+    one = write_job(tmp_path / "one.yaml", model, data, adapter_path=str(tmp_path / "one"), **kw)
+    herd("train", one, "--quiet", "--metrics-file", tmp_path / "one.jsonl")
+    pp = write_job(tmp_path / "pp.yaml", model, data, adapter_path=str(tmp_path / "pp"), **kw)
+    rows = run_stages(pp, tmp_path / "pp", 4, tmp_path, "--data-parallel", "2")
+
+    want = single_process_losses(tmp_path / "one.jsonl")
+    for r in rows:
+        if r["stage"] == 1:
+            assert all(abs(g - w) <= LOSS_RTOL * abs(w) for g, w in zip(r["losses"], want)), (r, want)
+    merged = merge_stage_adapters(sorted((tmp_path / "pp" / "stages").iterdir()), tmp_path / "merged")
+    diff = max_abs_diff(load_adapter(tmp_path / "one"), load_adapter(merged))
+    assert diff <= ADAPTER_TOL, f"2 x 2 adapter differs from one process by {diff}"

@@ -43,24 +43,80 @@ class Link(Protocol):
     def recv(self, shape: tuple[int, ...], dtype: mx.Dtype, src: int) -> mx.array: ...
 
 
-class MLXLink:
-    """MLX ring send/recv: reaches ring neighbours, which is all a pipeline needs."""
+@dataclass(frozen=True)
+class Topology:
+    """Where a rank sits in data x pipeline on one MLX ring, whose send/recv reach neighbours only.
 
-    def __init__(self, group: mx.distributed.Group):
-        self.group, self.seconds = group, 0.0
+    Replica 0 runs stages 0..S-1 on ranks 0..S-1; replica 1 runs them on ranks 2S-1..S (reversed),
+    so every pipeline hop is a ring hop, and for S <= 2 so is every data-parallel pair (rank r and
+    2S-1-r). Wider layouts need a transport that reaches any peer (herd's gRPC); refused here."""
+
+    replica: int
+    replicas: int
+    stage: int
+    stages: int
+    stage_ranks: tuple[int, ...]  # group rank of each stage of this rank's replica
+    dp_peer: int | None  # group rank of the same stage in the other replica
+
+    @classmethod
+    def of(cls, rank: int, world: int, replicas: int) -> "Topology":
+        if replicas not in (1, 2) or world % replicas:
+            raise ConfigError(
+                f"{replicas} data-parallel pipelines on {world} ranks: the MLX ring carries 1 or 2",
+                hint="use cluster.parallelism.data 1 or 2 (more needs the gRPC transport)",
+            )
+        stages = world // replicas
+        ranks0 = tuple(range(stages))
+        ranks1 = tuple(range(2 * stages - 1, stages - 1, -1))
+        replica = 0 if rank < stages else 1
+        ranks = ranks0 if replica == 0 else ranks1
+        stage = ranks.index(rank)
+        peer = None
+        if replicas == 2:
+            peer = (ranks1 if replica == 0 else ranks0)[stage]
+            if abs(peer - rank) != 1 and {peer, rank} != {0, world - 1}:
+                raise ConfigError(
+                    f"2 x {stages} (data x pipeline): stage {stage}'s replicas are not ring neighbours",
+                    hint="on the MLX ring use 2 x 1 or 2 x 2; wider layouts need the gRPC transport",
+                )
+        return cls(replica, replicas, stage, stages, ranks, peer)
+
+
+class MLXLink:
+    """MLX ring send/recv between stages (addressed by stage index) and to the data-parallel peer."""
+
+    def __init__(self, group: mx.distributed.Group, topology: Topology):
+        self.group, self.topo, self.seconds = group, topology, 0.0
 
     def send(self, x: mx.array, dst: int) -> None:
         mx.eval(x)  # compute first, so the timer measures the transfer only
         tic = time.perf_counter()
-        mx.eval(mx.distributed.send(x, dst, group=self.group))
+        mx.eval(mx.distributed.send(x, self.topo.stage_ranks[dst], group=self.group))
         self.seconds += time.perf_counter() - tic
 
     def recv(self, shape, dtype, src: int) -> mx.array:
         tic = time.perf_counter()
-        y = mx.distributed.recv(shape, dtype, src, group=self.group)
+        y = mx.distributed.recv(shape, dtype, self.topo.stage_ranks[src], group=self.group)
         mx.eval(y)
         self.seconds += time.perf_counter() - tic
         return y
+
+    def sum_with_peer(self, x: mx.array) -> mx.array:
+        """x + the peer's x, added in replica order so both get the same bits. The lower rank
+        sends first: blocking sends in opposite directions never wait on each other."""
+        peer = self.topo.dp_peer
+        mx.eval(x)
+        if self.group.rank() < peer:
+            mx.eval(mx.distributed.send(x, peer, group=self.group))
+            other = mx.distributed.recv(x.shape, x.dtype, peer, group=self.group)
+        else:
+            other = mx.distributed.recv(x.shape, x.dtype, peer, group=self.group)
+            mx.eval(other)
+            mx.eval(mx.distributed.send(x, peer, group=self.group))
+        mine_first = self.topo.replica == 0
+        out = x + other if mine_first else other + x
+        mx.eval(out)
+        return out
 
 
 def _targets_mask(batch: mx.array, lengths: mx.array) -> mx.array:
@@ -72,7 +128,7 @@ def _targets_mask(batch: mx.array, lengths: mx.array) -> mx.array:
 class StepResult:
     loss_sum: float  # on the last stage; 0 elsewhere
     ntoks: int
-    grads: dict  # summed over the step's tokens, divided by ntoks
+    grads: dict  # summed over the step's target tokens (divide by the global count)
     compute_seconds: float = 0.0
 
 
@@ -153,9 +209,8 @@ def gpipe_step(stage: Stage, link: Link, batch: mx.array, lengths: mx.array, mic
         if dx is not None:
             link.send(dx, spec.index - 1)
     stage.model.update(tree_unflatten(list(zip(names, values))))
-    n = ntoks.item()
-    out = tree_unflatten([(k, g / n) for k, g in zip(names, grads)]) if names else {}
-    return StepResult(loss_sum.item(), int(n), out, compute)
+    out = tree_unflatten(list(zip(names, grads))) if names else {}
+    return StepResult(loss_sum.item(), int(ntoks.item()), out, compute)
 
 
 def _activation_dtype(stage: Stage) -> mx.Dtype:
@@ -194,12 +249,12 @@ def train_stage(job: JobConfig, stage: Stage, link: Link, train_set, microbatche
         res = gpipe_step(stage, link, batch, lengths, microbatches)
         run.compute_seconds += res.compute_seconds
         run.step_compute_seconds.append(res.compute_seconds)
-        # gpipe_step returns per-token means; re-weight by tokens so accumulation stays exact.
-        summed = tree_map(lambda g: g * res.ntoks, res.grads)
-        acc = summed if acc is None else tree_map(mx.add, acc, summed)
+        acc = res.grads if acc is None else tree_map(mx.add, acc, res.grads)
         acc_tokens += res.ntoks
         acc_loss += res.loss_sum
         if it % accum == 0:
+            if dp_size > 1:
+                acc, acc_tokens, acc_loss = _sum_replicas(link, acc, acc_tokens, acc_loss)
             if tree_flatten(acc):  # a stage before the adapted blocks only relays
                 optimizer.update(stage.model, tree_map(lambda g: g / acc_tokens, acc))
                 mx.eval(stage.model.parameters(), optimizer.state)
@@ -208,6 +263,21 @@ def train_stage(job: JobConfig, stage: Stage, link: Link, train_set, microbatche
         run.step_seconds.append(time.perf_counter() - tic)
     run.link_seconds = link.seconds
     return run
+
+
+def _sum_replicas(link: "MLXLink", grads: dict, ntoks: int, loss: float) -> tuple[dict, int, float]:
+    """Token-weighted data parallelism: sum gradient sums, token counts and loss sums over the
+    replicas (one flat buffer per step), so dividing by the total equals one process."""
+    flat = tree_flatten(grads)
+    parts = [v.astype(mx.float32).reshape(-1) for _, v in flat]
+    parts += [mx.array([float(ntoks), loss], dtype=mx.float32)]
+    total = link.sum_with_peer(mx.concatenate(parts))
+    out, offset = [], 0
+    for k, v in flat:
+        out.append((k, total[offset:offset + v.size].reshape(v.shape).astype(v.dtype)))
+        offset += v.size
+    n, loss_sum = total[offset:].tolist()
+    return (tree_unflatten(out) if out else {}), int(round(n)), loss_sum
 
 
 def save_stage_adapter(stage: Stage, job: JobConfig, out_dir: Path) -> Path:
@@ -265,7 +335,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("config")
     p.add_argument("--adapter-path", required=True, type=Path)
     p.add_argument("--stage-layers", help="the planner's cut, e.g. 0:3,3:4 (default: even)")
-    p.add_argument("--microbatches", type=int, default=0, help="per step (default: batch_size)")
+    p.add_argument("--microbatches", type=int, default=0,
+                   help="per step and pipeline (default: one example each)")
+    p.add_argument("--data-parallel", type=int, default=1, help="pipelines (replicas): 1 or 2")
     p.add_argument("--iters", type=int)
     p.add_argument("--metrics-file", type=Path)
     args = p.parse_args(argv)
@@ -286,7 +358,8 @@ def _run(args) -> int:
 
     job = load_config(args.config, {"iters": args.iters})
     group = mx.distributed.init(strict=True)
-    stages, index = group.size(), group.rank()
+    topo = Topology.of(group.rank(), group.size(), args.data_parallel)
+    stages, index = topo.stages, topo.stage
     total = read_model_config(job.model)["num_hidden_layers"]
     start, end = _spans(args.stage_layers, total, stages)[index]
     n_lora = total if job.num_layers == -1 else min(job.num_layers, total)
@@ -299,14 +372,20 @@ def _run(args) -> int:
     mx.reset_peak_memory()
     stage = build_stage(job, spec)
     load_peak = mx.get_peak_memory()
-    run = train_stage(job, stage, MLXLink(group), CacheDataset(train_set),
-                      args.microbatches or job.batch_size)
-    out = save_stage_adapter(stage, job, args.adapter_path / "stages" / f"stage-{index:02d}")
+    if job.batch_size % topo.replicas:
+        raise ConfigError(f"batch_size {job.batch_size} does not split over {topo.replicas} pipelines")
+    run = train_stage(job, stage, MLXLink(group, topo), CacheDataset(train_set),
+                      args.microbatches or job.batch_size // topo.replicas,
+                      dp_rank=topo.replica, dp_size=topo.replicas)
+    # Replicas hold identical adapters; replica 0 writes the pieces.
+    out = args.adapter_path / "stages" / f"stage-{index:02d}"
+    if topo.replica == 0:
+        save_stage_adapter(stage, job, out)
     mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group))  # every piece is on disk
     if args.metrics_file:
         with open(args.metrics_file, "a") as f:
             f.write(json.dumps({
-                "event": "stage_done", "rank": index, "layers": [start, end], "losses": run.losses,
+                "event": "stage_done", "rank": group.rank(), "stage": index, "replica": topo.replica, "layers": [start, end], "losses": run.losses,
                 "step_seconds": run.step_seconds, "link_seconds": run.link_seconds,
                 "step_compute_seconds": run.step_compute_seconds,
                 "compute_seconds": run.compute_seconds, "load_peak_bytes": load_peak,
