@@ -102,6 +102,8 @@ class Scheduler:
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._finished_ranks: dict[tuple[str, int], set[int]] = {}
+        self._idle_since: dict[tuple[str, str], int] = {}
+        self.lost_rank_grace_s = 20.0
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="launch")
 
     def now_ms(self) -> int:
@@ -143,11 +145,39 @@ class Scheduler:
                                     "the coordinator restarted while the job ran")
 
     def tick(self) -> None:
-        """One pass of the control loop: place queued jobs, oldest first."""
+        """One pass of the control loop: place queued jobs, oldest first; catch lost ranks."""
         with self._lock:
             queued = [j for j in self.store.list_jobs() if j.state is JobState.QUEUED]
         for job in sorted(queued, key=lambda j: j.created_ms):
             self._try_place(job)
+        self._check_running()
+
+    def _check_running(self) -> None:
+        """A running job whose worker says it runs nothing, for longer than an exit report takes
+        to arrive, lost its rank silently (e.g. the agent restarted): fail it, never hang."""
+        now = self.now_ms()
+        workers = {w.worker_id: w for w in self._workers()}
+        lost: list[Job] = []
+        with self._lock:
+            for job in self.store.list_jobs():
+                if job.state is not JobState.RUNNING:
+                    continue
+                finished = self._finished_ranks.get((job.job_id, job.attempt), set())
+                for rank, wid in enumerate(job.worker_ids):
+                    w = workers.get(wid)
+                    key = (job.job_id, wid)
+                    if w is None or w.running_job_id == job.job_id or rank in finished:
+                        self._idle_since.pop(key, None)
+                        continue
+                    since = self._idle_since.setdefault(key, now)
+                    if now - since >= self.lost_rank_grace_s * 1000:
+                        self._set_state(job, JobState.FAILED,
+                                        f"worker {wid} is no longer running its rank "
+                                        f"(no exit report for {self.lost_rank_grace_s:.0f}s)")
+                        lost.append(job)
+                        break
+        for job in lost:
+            self._stop_ranks(job)
 
     def free_workers(self) -> list[WorkerRecord]:
         busy = {w for j in self.store.list_jobs() if j.state.active for w in j.worker_ids}

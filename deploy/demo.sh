@@ -12,6 +12,7 @@ herd() { "$PY" -m herd "$@"; }
 WORK=$(mktemp -d -t herd-demo-XXXXXX)
 export HERD_HOME="$WORK/home"
 export HERD_ZEROCONF_INTERFACES=127.0.0.1
+export HERD_LOG_LEVEL=${HERD_LOG_LEVEL:-warning}
 UP_PID=""
 cleanup() {
   local code=$?

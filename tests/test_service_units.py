@@ -248,3 +248,24 @@ def test_a_mac_offers_what_its_gpu_may_wire():
     mac.wired_limit_mb = 180_000
     assert usable_bytes(mac) == 180_000 * 2**20
     assert usable_bytes(worker(2, mem=24 * GB)) == 24 * GB  # Linux: free memory
+
+
+def test_a_rank_lost_without_an_exit_report_fails_the_job(rig):
+    s, workers, launcher, clock = rig
+    workers += [worker(1), worker(2)]
+    j = s.submit(job())
+    s.tick()
+    assert s.store.get_job(j.job_id).state is JobState.RUNNING
+    for w in workers:  # what their Health now says
+        w.running_job_id = j.job_id
+    s.tick()
+    workers[1].running_job_id = ""   # its agent restarted: idle, and no exit report came
+    s.tick()
+    clock.t += 10
+    s.tick()
+    assert s.store.get_job(j.job_id).state is JobState.RUNNING  # within the grace period
+    clock.t += 11
+    s.tick()
+    got = s.store.get_job(j.job_id)
+    assert got.state is JobState.FAILED
+    assert got.message == "worker w2 is no longer running its rank (no exit report for 20s)"

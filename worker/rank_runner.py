@@ -134,6 +134,7 @@ class RankProcess:
         self._stopping = threading.Event()
         self.proc: subprocess.Popen | None = None
         self._error = ""  # the rank's own error event, the best reason to report
+        self._relay_thread: threading.Thread | None = None
         self.log = logger.bind(job_id=spec.job_id, rank=spec.rank, attempt=spec.attempt)
 
     # --- setting up -----------------------------------------------------------------------
@@ -195,8 +196,9 @@ class RankProcess:
                                      start_new_session=True)
         stderr.close()
         self.log.info("rank_started", pid=self.proc.pid, world_size=self.spec.world_size)
-        threading.Thread(target=self._relay, args=(metrics,), daemon=True,
-                         name=f"relay-{self.spec.job_id}").start()
+        self._relay_thread = threading.Thread(target=self._relay, args=(metrics,), daemon=True,
+                                              name=f"relay-{self.spec.job_id}")
+        self._relay_thread.start()
         return self.proc.pid
 
     # --- running --------------------------------------------------------------------------
@@ -221,7 +223,11 @@ class RankProcess:
         return True
 
     def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        """The process runs, or its relay is still uploading and reporting after it ended."""
+        if self.proc is None:
+            return False
+        return self.proc.poll() is None or (self._relay_thread is not None
+                                            and self._relay_thread.is_alive())
 
     def _request(self, **kw) -> coordinator_pb2.ReportRankRequest:
         return coordinator_pb2.ReportRankRequest(job_id=self.spec.job_id, attempt=self.spec.attempt,
