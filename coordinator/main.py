@@ -38,7 +38,8 @@ class Coordinator:
         self.state_dir = state_dir
         state_dir.mkdir(parents=True, exist_ok=True)
         self.store = JobStore(state_dir / "herd.db")
-        self.registry = Registry(secret, static_targets=list(static_workers))
+        self.registry = Registry(secret, on_lost=lambda wid: self.scheduler.on_worker_lost(wid),
+                                 static_targets=list(static_workers))
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=32),
                                   options=SERVER_OPTIONS, interceptors=[ServerAuth(secret)])
         self.host = host
@@ -46,7 +47,6 @@ class Coordinator:
         self.scheduler = Scheduler(self.store, self.registry.workers,
                                    GrpcLauncher(self.registry, lambda: self.address),
                                    placement_timeout_s=placement_timeout_s)
-        self.registry._on_lost = self.scheduler.on_worker_lost
         add_to_server(CoordinatorServicer(self.scheduler, self.registry,
                                           BlobStore(state_dir / "blobs"),
                                           AdapterStore(state_dir / "adapters")), self.server)

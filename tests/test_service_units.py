@@ -269,3 +269,26 @@ def test_a_rank_lost_without_an_exit_report_fails_the_job(rig):
     got = s.store.get_job(j.job_id)
     assert got.state is JobState.FAILED
     assert got.message == "worker w2 is no longer running its rank (no exit report for 20s)"
+
+
+# --- the CLI refuses bad input before it contacts anyone -------------------------------------
+
+def test_submit_exit_codes_for_bad_config_and_dataset(tmp_path, tiny_model, capsys, monkeypatch):
+    from herd import client
+
+    monkeypatch.setenv("HERD_SECRET", "s" * 32)
+    bad_cfg = tmp_path / "bad.yaml"
+    bad_cfg.write_text(f"model: {tiny_model}\ndata: {tmp_path}\nalpha: 16\n")
+    assert client.main(["submit", str(bad_cfg), "--coordinator", "127.0.0.1:1"]) == 2
+    assert "mlx-lm's LoRA config uses 'scale'" in capsys.readouterr().err
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text('{"text": "ok"}\nnot json\n')
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(f"model: {tiny_model}\ndata: {data}\nbatch_size: 1\n")
+    assert client.main(["submit", str(cfg), "--coordinator", "127.0.0.1:1"]) == 3
+    assert "train.jsonl" in capsys.readouterr().err
+    (data / "train.jsonl").write_text('{"text": "ok"}\n' * 4)
+    # Valid: now it tries the (absent) coordinator and says so, with exit code 5.
+    assert client.main(["submit", str(cfg), "--coordinator", "127.0.0.1:1"]) == 5
+    assert "unreachable" in capsys.readouterr().err
