@@ -46,7 +46,11 @@ def run_stages(cfg: Path, adapters: Path, stages: int, tmp: Path, *extra: str) -
             if p.poll() is None:
                 p.kill()
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-    return sorted(rows, key=lambda r: r["rank"])
+    EVENTS.append([r for r in rows if r["event"] != "stage_done"])
+    return sorted((r for r in rows if r["event"] == "stage_done"), key=lambda r: r["rank"])
+
+
+EVENTS: list[list[dict]] = []  # the contract's metrics events of each run_stages call
 
 
 def single_process_losses(metrics: Path) -> list[float]:
@@ -88,6 +92,13 @@ def test_pipeline_equals_one_process(tmp_path, arch, stages, cut):
     merged = merge_stage_adapters(sorted((tmp_path / "pp" / "stages").iterdir()), tmp_path / "merged")
     diff = max_abs_diff(load_adapter(tmp_path / "one"), load_adapter(merged))
     assert diff <= ADAPTER_TOL, f"pipeline adapter differs from one process by {diff}"
+    # Rank 0 merged the same on the shared disk, and mlx-lm loads it onto the base model.
+    assert max_abs_diff(load_adapter(merged), load_adapter(tmp_path / "pp")) == 0
+    from mlx_lm.utils import load
+
+    load(str(model), adapter_path=str(tmp_path / "pp"))
+    train = [e for e in EVENTS[-1] if e["event"] == "train"]
+    assert [e["train_loss"] for e in train] == got and EVENTS[-1][-1]["event"] == "done"
 
     # Each stage's memory right after loading is its own blocks' weights (+ LoRA), never the model's.
     tied = arch == "qwen2"

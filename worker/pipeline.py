@@ -23,7 +23,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -31,92 +31,11 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from herd.config import JobConfig
 from herd.errors import ConfigError, HerdError
+from worker.pipeline_link import Link, MLXLink, Topology
+from worker.pipeline_merge import merge_stage_adapters
 from worker.pipeline_stage import Stage, StageSpec, build_stage, even_split
 
-
-class Link(Protocol):
-    """Point-to-point transport between neighbouring stages (no autodiff through it)."""
-
-    seconds: float  # time spent inside send/recv, for the benchmark
-
-    def send(self, x: mx.array, dst: int) -> None: ...
-    def recv(self, shape: tuple[int, ...], dtype: mx.Dtype, src: int) -> mx.array: ...
-
-
-@dataclass(frozen=True)
-class Topology:
-    """Where a rank sits in data x pipeline on one MLX ring, whose send/recv reach neighbours only.
-
-    Replica 0 runs stages 0..S-1 on ranks 0..S-1; replica 1 runs them on ranks 2S-1..S (reversed),
-    so every pipeline hop is a ring hop, and for S <= 2 so is every data-parallel pair (rank r and
-    2S-1-r). Wider layouts need a transport that reaches any peer (herd's gRPC); refused here."""
-
-    replica: int
-    replicas: int
-    stage: int
-    stages: int
-    stage_ranks: tuple[int, ...]  # group rank of each stage of this rank's replica
-    dp_peer: int | None  # group rank of the same stage in the other replica
-
-    @classmethod
-    def of(cls, rank: int, world: int, replicas: int) -> "Topology":
-        if replicas not in (1, 2) or world % replicas:
-            raise ConfigError(
-                f"{replicas} data-parallel pipelines on {world} ranks: the MLX ring carries 1 or 2",
-                hint="use cluster.parallelism.data 1 or 2 (more needs the gRPC transport)",
-            )
-        stages = world // replicas
-        ranks0 = tuple(range(stages))
-        ranks1 = tuple(range(2 * stages - 1, stages - 1, -1))
-        replica = 0 if rank < stages else 1
-        ranks = ranks0 if replica == 0 else ranks1
-        stage = ranks.index(rank)
-        peer = None
-        if replicas == 2:
-            peer = (ranks1 if replica == 0 else ranks0)[stage]
-            if abs(peer - rank) != 1 and {peer, rank} != {0, world - 1}:
-                raise ConfigError(
-                    f"2 x {stages} (data x pipeline): stage {stage}'s replicas are not ring neighbours",
-                    hint="on the MLX ring use 2 x 1 or 2 x 2; wider layouts need the gRPC transport",
-                )
-        return cls(replica, replicas, stage, stages, ranks, peer)
-
-
-class MLXLink:
-    """MLX ring send/recv between stages (addressed by stage index) and to the data-parallel peer."""
-
-    def __init__(self, group: mx.distributed.Group, topology: Topology):
-        self.group, self.topo, self.seconds = group, topology, 0.0
-
-    def send(self, x: mx.array, dst: int) -> None:
-        mx.eval(x)  # compute first, so the timer measures the transfer only
-        tic = time.perf_counter()
-        mx.eval(mx.distributed.send(x, self.topo.stage_ranks[dst], group=self.group))
-        self.seconds += time.perf_counter() - tic
-
-    def recv(self, shape, dtype, src: int) -> mx.array:
-        tic = time.perf_counter()
-        y = mx.distributed.recv(shape, dtype, self.topo.stage_ranks[src], group=self.group)
-        mx.eval(y)
-        self.seconds += time.perf_counter() - tic
-        return y
-
-    def sum_with_peer(self, x: mx.array) -> mx.array:
-        """x + the peer's x, added in replica order so both get the same bits. The lower rank
-        sends first: blocking sends in opposite directions never wait on each other."""
-        peer = self.topo.dp_peer
-        mx.eval(x)
-        if self.group.rank() < peer:
-            mx.eval(mx.distributed.send(x, peer, group=self.group))
-            other = mx.distributed.recv(x.shape, x.dtype, peer, group=self.group)
-        else:
-            other = mx.distributed.recv(x.shape, x.dtype, peer, group=self.group)
-            mx.eval(other)
-            mx.eval(mx.distributed.send(x, peer, group=self.group))
-        mine_first = self.topo.replica == 0
-        out = x + other if mine_first else other + x
-        mx.eval(out)
-        return out
+__all__ = ["gpipe_step", "train_stage", "save_stage_adapter", "merge_stage_adapters", "Topology"]
 
 
 def _targets_mask(batch: mx.array, lengths: mx.array) -> mx.array:
@@ -226,10 +145,12 @@ class PipelineRun:
     step_compute_seconds: list[float] = field(default_factory=list)  # busy time, not waiting
     link_seconds: float = 0.0
     compute_seconds: float = 0.0
+    trained_tokens: int = 0
 
 
 def train_stage(job: JobConfig, stage: Stage, link: Link, train_set, microbatches: int,
-                dp_rank: int = 0, dp_size: int = 1, iters: int | None = None) -> PipelineRun:
+                dp_rank: int = 0, dp_size: int = 1, iters: int | None = None,
+                on_step: Callable[[dict], None] | None = None) -> PipelineRun:
     """The lead's loop (same batch order, same per-iteration seeding), one GPipe step per batch.
     Gradient accumulation: ``grad_accumulation_steps`` batches summed before one update."""
     from worker.batches import BatchStream
@@ -242,6 +163,7 @@ def train_stage(job: JobConfig, stage: Stage, link: Link, train_set, microbatche
     stage.model.train()
     accum = job.grad_accumulation_steps
     acc, acc_tokens, acc_loss = None, 0, 0.0
+    t_step = time.perf_counter()
     for it in range(1, (iters or job.iters) + 1):
         mx.random.seed((job.seed * 1_000_003 + dp_rank * 10_007 + it) % (2**63))
         batch, lengths = next(batches)
@@ -259,6 +181,14 @@ def train_stage(job: JobConfig, stage: Stage, link: Link, train_set, microbatche
                 optimizer.update(stage.model, tree_map(lambda g: g / acc_tokens, acc))
                 mx.eval(stage.model.parameters(), optimizer.state)
             run.losses.append(acc_loss / acc_tokens)
+            run.trained_tokens += acc_tokens
+            if on_step is not None:
+                on_step({"iteration": it, "train_loss": acc_loss / acc_tokens,
+                         "learning_rate": optimizer.learning_rate.item(),
+                         "trained_tokens": run.trained_tokens,
+                         "tokens_per_second": acc_tokens / max(time.perf_counter() - t_step, 1e-9),
+                         "peak_memory_gb": mx.get_peak_memory() / 1e9})
+            t_step = time.perf_counter()
             acc, acc_tokens, acc_loss = None, 0, 0.0
         run.step_seconds.append(time.perf_counter() - tic)
     run.link_seconds = link.seconds
@@ -290,32 +220,6 @@ def save_stage_adapter(stage: Stage, job: JobConfig, out_dir: Path) -> Path:
     (out_dir / "adapter_config.json").write_text(json.dumps(adapter_config(job), indent=2))
     meta = {"stage": stage.spec.index, "stages": stage.spec.count, "layers": [stage.spec.start, stage.spec.end]}
     (out_dir / "stage.json").write_text(json.dumps(meta))
-    return out_dir
-
-
-def merge_stage_adapters(stage_dirs: list[Path], out_dir: Path) -> Path:
-    """Join the stages' adapter pieces into one folder ``mlx_lm.generate --adapter-path`` loads.
-    Refuses overlapping pieces and missing stages."""
-    merged: dict[str, mx.array] = {}
-    seen: set[int] = set()
-    count = None
-    for d in map(Path, stage_dirs):
-        meta = json.loads((d / "stage.json").read_text())
-        count = meta["stages"] if count is None else count
-        if meta["stages"] != count or meta["stage"] in seen:
-            raise HerdError(f"{d}: stage {meta['stage']} of {meta['stages']} does not belong with the others")
-        seen.add(meta["stage"])
-        for k, v in mx.load(str(d / "adapters.safetensors")).items():
-            if k in merged:
-                raise HerdError(f"{d}: {k} is in two stages' adapters")
-            merged[k] = v
-    if count is None or seen != set(range(count)):
-        raise HerdError(f"stages {sorted(seen)} of {count}: some stage's adapter is missing")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    mx.save_safetensors(str(out_dir / "adapters.safetensors"), merged)
-    config = (Path(stage_dirs[0]) / "adapter_config.json").read_text()
-    (out_dir / "adapter_config.json").write_text(config)
     return out_dir
 
 
@@ -374,14 +278,32 @@ def _run(args) -> int:
     load_peak = mx.get_peak_memory()
     if job.batch_size % topo.replicas:
         raise ConfigError(f"batch_size {job.batch_size} does not split over {topo.replicas} pipelines")
+    reports = topo.replica == 0 and spec.last  # the rank that holds the loss
+
+    def emit(event: str, **info) -> None:
+        if args.metrics_file and reports:
+            with open(args.metrics_file, "a") as f:
+                f.write(json.dumps({"event": event, **info, "rank": group.rank()}) + "\n")
+                f.flush()
+
+    def on_step(info: dict) -> None:
+        if info["iteration"] % job.steps_per_report == 0 or info["iteration"] == job.iters:
+            emit("train", **info)
+
     run = train_stage(job, stage, MLXLink(group, topo), CacheDataset(train_set),
                       args.microbatches or job.batch_size // topo.replicas,
-                      dp_rank=topo.replica, dp_size=topo.replicas)
+                      dp_rank=topo.replica, dp_size=topo.replicas, on_step=on_step)
     # Replicas hold identical adapters; replica 0 writes the pieces.
     out = args.adapter_path / "stages" / f"stage-{index:02d}"
     if topo.replica == 0:
         save_stage_adapter(stage, job, out)
     mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group))  # every piece is on disk
+    pieces = [args.adapter_path / "stages" / f"stage-{s:02d}" for s in range(stages)]
+    if group.rank() == 0 and all((p / "stage.json").exists() for p in pieces):
+        # Stages on one machine (or a shared disk): write the loadable adapter here; otherwise
+        # the coordinator merges the pieces it collected.
+        merge_stage_adapters(pieces, args.adapter_path)
+    emit("done", iteration=job.iters)
     if args.metrics_file:
         with open(args.metrics_file, "a") as f:
             f.write(json.dumps({
