@@ -21,6 +21,7 @@ _STATE_TO_PB = {
     JobState.SUCCEEDED: common_pb2.JOB_STATE_SUCCEEDED,
     JobState.FAILED: common_pb2.JOB_STATE_FAILED,
     JobState.CANCELLED: common_pb2.JOB_STATE_CANCELLED,
+    JobState.RESTARTING: common_pb2.JOB_STATE_RESTARTING,
 }
 _STATE_FROM_PB = {v: k for k, v in _STATE_TO_PB.items()}
 _KIND_TO_PB = {

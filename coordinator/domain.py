@@ -13,6 +13,7 @@ class JobState(enum.Enum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    RESTARTING = "restarting"
 
     @property
     def final(self) -> bool:
@@ -22,12 +23,18 @@ class JobState(enum.Enum):
     def active(self) -> bool:
         return self in (JobState.PLACING, JobState.RUNNING)
 
+    @property
+    def waiting(self) -> bool:
+        return self in (JobState.QUEUED, JobState.RESTARTING)
+
 
 # Which transitions the state machine allows; anything else is a bug, not a user error.
 TRANSITIONS: dict[JobState, set[JobState]] = {
     JobState.QUEUED: {JobState.PLACING, JobState.FAILED, JobState.CANCELLED},
-    JobState.PLACING: {JobState.RUNNING, JobState.FAILED, JobState.CANCELLED},
-    JobState.RUNNING: {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED},
+    JobState.PLACING: {JobState.RUNNING, JobState.RESTARTING, JobState.FAILED, JobState.CANCELLED},
+    JobState.RUNNING: {JobState.SUCCEEDED, JobState.RESTARTING, JobState.FAILED,
+                       JobState.CANCELLED},
+    JobState.RESTARTING: {JobState.PLACING, JobState.FAILED, JobState.CANCELLED},
     JobState.SUCCEEDED: set(),
     JobState.FAILED: set(),
     JobState.CANCELLED: set(),

@@ -201,7 +201,7 @@ class GrpcLauncher:
             job_id=job.job_id, attempt=job.attempt, rank=launch.rank,
             world_size=len(launch.ring_hosts), config_yaml=job.config_yaml,
             coordinator=self._address(), ring_hosts=launch.ring_hosts,
-            exchange_peers=launch.exchange_peers,
+            exchange_peers=launch.exchange_peers, resume_step=launch.resume_step,
         )
         for d in job.dataset:
             req.dataset.add(name=d.name, sha256=d.sha256, bytes=d.bytes)

@@ -29,7 +29,7 @@ from coordinator.placement import Placement, place
 from coordinator.store import JobStore
 from herd import log
 from herd.config import parse_config
-from herd.errors import HerdError, PlacementError
+from herd.errors import HerdError, PeerLostError, PlacementError
 
 logger = log.get(__name__)
 
@@ -41,6 +41,7 @@ class RankLaunch:
     worker: WorkerRecord
     ring_hosts: list[str]
     exchange_peers: list[str]
+    resume_step: int = 0  # > 0: resume from this stored checkpoint
 
 
 class Launcher(Protocol):
@@ -63,11 +64,12 @@ class Fail:
 
 def decide_queued(job: Job, workers: list[WorkerRecord], now_ms: int,
                   placement_timeout_s: float) -> Placement | Wait | Fail:
-    """What to do with a queued job now."""
+    """What to do with a queued (or restarting) job now."""
     try:
         return place(parse_config(yaml.safe_load(job.config_yaml), job.name), workers)
     except PlacementError as e:
-        waited_s = (now_ms - job.created_ms) / 1000
+        since = job.created_ms if job.state is JobState.QUEUED else job.updated_ms
+        waited_s = (now_ms - since) / 1000
         if waited_s >= placement_timeout_s:
             return Fail(f"could not be placed within {placement_timeout_s:.0f}s: {e.message}")
         return Wait(e.message)
@@ -75,12 +77,24 @@ def decide_queued(job: Job, workers: list[WorkerRecord], now_ms: int,
         return Fail(e.message)
 
 
-def launches(job: Job, placement: Placement, workers: dict[str, WorkerRecord]) -> list[RankLaunch]:
+def launches(job: Job, placement: Placement, workers: dict[str, WorkerRecord],
+             resume_step: int = 0) -> list[RankLaunch]:
     """One launch per rank, with the MLX ring hostfile and exchange peers in rank order."""
     chosen = [workers[w] for w in placement.worker_ids]
     ring = [f"{w.host}:{w.ring_port}" for w in chosen]
     peers = [f"{w.host}:{w.exchange_port}" for w in chosen]
-    return [RankLaunch(job, r, w, ring, peers) for r, w in enumerate(chosen)]
+    return [RankLaunch(job, r, w, ring, peers, resume_step) for r, w in enumerate(chosen)]
+
+
+# A rank killed by a signal, a lost peer (PeerLostError's exit code) or a lost worker is worth
+# another attempt; a rank that failed on its own (bad config, bad data) would fail again.
+RETRYABLE_EXIT_CODES = {PeerLostError.exit_code}
+
+
+def should_restart(job: Job, max_restarts: int, exit_code: int | None) -> bool:
+    """``exit_code`` None: the worker itself was lost."""
+    retryable = exit_code is None or exit_code < 0 or exit_code in RETRYABLE_EXIT_CODES
+    return retryable and job.attempt <= max_restarts
 
 
 def check_transition(job: Job, to: JobState) -> None:
@@ -119,10 +133,27 @@ class Scheduler:
         check_transition(job, to)
         job.state, job.message, job.updated_ms = to, message, self.now_ms()
         self.store.put_job(job)
-        if to.final and job.attempt:
+        if (to.final or to is JobState.RESTARTING) and job.attempt:
             self.store.end_attempt(job.job_id, job.attempt, to.value, job.updated_ms)
         self._event(job, EventKind.STATE, state=to, message=message)
         logger.info("job_state", job_id=job.job_id, state=to.value, message=message)
+
+    def _attempt_failed(self, job: Job, reason: str, exit_code: int | None) -> None:
+        """Restart from the last checkpoint when the policy allows, else fail. Caller holds the
+        lock and stops the attempt's ranks afterwards."""
+        try:
+            max_restarts = parse_config(yaml.safe_load(job.config_yaml), job.name).cluster.max_restarts
+        except HerdError:
+            max_restarts = 0
+        self._idle_since = {k: v for k, v in self._idle_since.items() if k[0] != job.job_id}
+        if should_restart(job, max_restarts, exit_code):
+            ckpts = self.store.checkpoints(job.job_id)
+            start = f"from checkpoint {ckpts[-1].step}" if ckpts else "from the start"
+            self._set_state(job, JobState.RESTARTING,
+                            f"attempt {job.attempt} failed: {reason}; restarting {start}")
+        else:
+            tried = f" (attempt {job.attempt})" if job.attempt > 1 else ""
+            self._set_state(job, JobState.FAILED, reason + tried)
 
     # --- entry points ----------------------------------------------------------------------
 
@@ -147,7 +178,7 @@ class Scheduler:
     def tick(self) -> None:
         """One pass of the control loop: place queued jobs, oldest first; catch lost ranks."""
         with self._lock:
-            queued = [j for j in self.store.list_jobs() if j.state is JobState.QUEUED]
+            queued = [j for j in self.store.list_jobs() if j.state.waiting]
         for job in sorted(queued, key=lambda j: j.created_ms):
             self._try_place(job)
         self._check_running()
@@ -171,9 +202,9 @@ class Scheduler:
                         continue
                     since = self._idle_since.setdefault(key, now)
                     if now - since >= self.lost_rank_grace_s * 1000:
-                        self._set_state(job, JobState.FAILED,
-                                        f"worker {wid} is no longer running its rank "
-                                        f"(no exit report for {self.lost_rank_grace_s:.0f}s)")
+                        self._attempt_failed(job, f"worker {wid} is no longer running its rank "
+                                             f"(no exit report for {self.lost_rank_grace_s:.0f}s)",
+                                             None)
                         lost.append(job)
                         break
         for job in lost:
@@ -186,7 +217,7 @@ class Scheduler:
     def _try_place(self, job: Job) -> None:
         with self._lock:
             job = self.store.get_job(job.job_id)
-            if job.state is not JobState.QUEUED:
+            if not job.state.waiting:
                 return
             workers = self.free_workers()
             decision = decide_queued(job, workers, self.now_ms(), self.placement_timeout_s)
@@ -201,10 +232,13 @@ class Scheduler:
                 return
             job.attempt += 1
             job.worker_ids = list(decision.worker_ids)
+            ckpts = self.store.checkpoints(job.job_id) if job.attempt > 1 else []
+            resume = ckpts[-1].step if ckpts else 0
             self.store.start_attempt(job.job_id, job.attempt, job.worker_ids, self.now_ms())
             self._set_state(job, JobState.PLACING, f"starting {len(job.worker_ids)} ranks on "
-                            + ", ".join(job.worker_ids))
-            plan = launches(job, decision, {w.worker_id: w for w in workers})
+                            + ", ".join(job.worker_ids)
+                            + (f", resuming from checkpoint {resume}" if resume else ""))
+            plan = launches(job, decision, {w.worker_id: w for w in workers}, resume)
         # Start all ranks together, outside the lock (workers report back while we wait).
         results = list(self._pool.map(self._start_one, plan))
         failed = [(launch, err) for launch, err in zip(plan, results) if err]
@@ -277,7 +311,7 @@ class Scheduler:
                 return
             if code != 0:
                 reason = f"rank {rank} on {worker_id} exited with code {code}"
-                self._set_state(job, JobState.FAILED, f"{reason}: {error}" if error else reason)
+                self._attempt_failed(job, f"{reason}: {error}" if error else reason, code)
             else:
                 done = self._finished_ranks.setdefault((job_id, attempt), set())
                 done.add(rank)
@@ -300,7 +334,7 @@ class Scheduler:
         with self._lock:
             hit = [j for j in self.store.list_jobs() if j.state.active and worker_id in j.worker_ids]
             for job in hit:
-                self._set_state(job, JobState.FAILED, f"worker {worker_id} was lost")
+                self._attempt_failed(job, f"worker {worker_id} was lost", None)
         for job in hit:
             self._stop_ranks(job)
 

@@ -147,6 +147,34 @@ def test_a_rank_that_cannot_start_fails_the_job(rig):
     assert "rank 1 could not start on w2: model path missing" in got.message
 
 
+def test_a_killed_rank_restarts_from_the_last_checkpoint_until_max_restarts(rig):
+    s, workers, launcher, _ = rig
+    workers += [worker(1), worker(2), worker(3)]
+    j = job()
+    cfg = yaml.safe_load(j.config_yaml)
+    cfg["cluster"] = {"workers": 2, "max_restarts": 1}
+    j.config_yaml = yaml.safe_dump(cfg)
+    s.submit(j)
+    s.tick()
+    s.on_checkpoint(Checkpoint(j.job_id, 4, [FileDigest("adapters.safetensors", "d" * 64, 1)], 0))
+    s.on_exit(j.job_id, 1, 1, "w2", -9, "killed by SIGKILL")
+    got = s.store.get_job(j.job_id)
+    assert got.state is JobState.RESTARTING
+    assert got.message == ("attempt 1 failed: rank 1 on w2 exited with code -9: killed by SIGKILL;"
+                           " restarting from checkpoint 4")
+    s.on_exit(j.job_id, 1, 0, "w1", -15, "stopped by the agent")  # the stopped peer: ignored
+    s.tick()
+    got = s.store.get_job(j.job_id)
+    assert (got.state, got.attempt) == (JobState.RUNNING, 2)
+    assert [la.resume_step for la in launcher.started[-2:]] == [4, 4]
+    s.on_worker_lost(got.worker_ids[0])
+    got = s.store.get_job(j.job_id)
+    assert got.state is JobState.FAILED and got.message.endswith("was lost (attempt 2)")
+    assert [a[2] for a in s.store.attempts(j.job_id)] == ["restarting", "failed"]
+    assert states(s, j.job_id) == ["queued", "placing", "running", "restarting", "placing",
+                                   "running", "failed"]
+
+
 def test_placement_timeout_fails_with_what_is_missing(rig):
     s, workers, _, clock = rig
     j = s.submit(job(workers=3))
@@ -169,7 +197,9 @@ def test_cancel_and_worker_loss(rig):
     assert {w for w, jid in launcher.stopped if jid == a.job_id} == {"w1", "w2"}
     assert s.cancel(a.job_id) is JobState.CANCELLED  # idempotent
     s.on_worker_lost("w4")
-    assert s.store.get_job(b.job_id).message == "worker w4 was lost"
+    got = s.store.get_job(b.job_id)
+    assert (got.state, got.message) == (
+        JobState.RESTARTING, "attempt 1 failed: worker w4 was lost; restarting from the start")
     with pytest.raises(NotFoundError):
         s.cancel("nope")
 
@@ -267,8 +297,9 @@ def test_a_rank_lost_without_an_exit_report_fails_the_job(rig):
     clock.t += 11
     s.tick()
     got = s.store.get_job(j.job_id)
-    assert got.state is JobState.FAILED
-    assert got.message == "worker w2 is no longer running its rank (no exit report for 20s)"
+    assert got.state is JobState.RESTARTING
+    assert got.message == ("attempt 1 failed: worker w2 is no longer running its rank "
+                           "(no exit report for 20s); restarting from the start")
 
 
 # --- the CLI refuses bad input before it contacts anyone -------------------------------------

@@ -73,7 +73,11 @@ class Worker:
                 same = (cur.spec.job_id, cur.spec.attempt, cur.spec.rank)
                 if same == (spec.job_id, spec.attempt, spec.rank):
                     return cur.proc.pid
-                raise PlacementError(f"worker {self.worker_id} is busy with job {cur.spec.job_id}")
+                if cur.spec.job_id == spec.job_id and cur.spec.attempt < spec.attempt:
+                    cur.stop()  # a rank of the failed attempt, not stopped yet: the new one wins
+                else:
+                    raise PlacementError(
+                        f"worker {self.worker_id} is busy with job {cur.spec.job_id}")
             self.rank = RankProcess(spec, self.worker_id, self.state_dir, self._secret)
             return self.rank.start()
 
@@ -103,7 +107,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             world_size=request.world_size, config_yaml=request.config_yaml,
             dataset=[(f.name, f.sha256, f.bytes) for f in request.dataset],
             coordinator=request.coordinator, ring_hosts=list(request.ring_hosts),
-            exchange_peers=list(request.exchange_peers),
+            exchange_peers=list(request.exchange_peers), resume_step=request.resume_step,
         )
         try:
             return worker_pb2.StartRankReply(pid=self.worker.start_rank(spec))

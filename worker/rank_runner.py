@@ -27,6 +27,7 @@ import yaml
 
 from herd import log
 from herd.auth import SECRET_ENV, secure_channel
+from herd.client_conn import Coordinator
 from herd.client_rpc import TRANSFER_DEADLINE_S, UNARY_DEADLINE_S, ChecksumError, rpc_errors
 from herd.errors import ConfigError, DatasetError, HerdError, PlacementError
 from protos.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
@@ -50,6 +51,7 @@ class RankSpec:
     coordinator: str
     ring_hosts: list[str]
     exchange_peers: list[str]
+    resume_step: int = 0  # > 0: resume from this checkpoint, fetched from the coordinator
 
 
 def safe_name(name: str) -> str:
@@ -72,6 +74,7 @@ class CoordinatorClient:
 
     def __init__(self, target: str, secret: str):
         self.target = target
+        self._secret = secret
         self._channel = secure_channel(target, secret)
         self._stub = coordinator_pb2_grpc.CoordinatorServiceStub(self._channel)
 
@@ -87,6 +90,13 @@ class CoordinatorClient:
             tmp.unlink(missing_ok=True)
             raise ChecksumError(f"blob {sha[:12]} arrived corrupted")
         os.replace(tmp, dest)
+
+    def pull_checkpoint(self, job_id: str, step: int, folder: Path) -> None:
+        conn = Coordinator(self.target, self._secret)
+        try:
+            conn.pull(job_id, step, folder)
+        finally:
+            conn.close()
 
     def report(self, req: coordinator_pb2.ReportRankRequest) -> bool:
         """Sends one report; True when the coordinator says the rank must stop."""
@@ -169,6 +179,13 @@ class RankProcess:
         (self.dir / "hostfile.json").write_text(json.dumps(self.spec.ring_hosts))
         return self.dir / "config.yaml"
 
+    def _fetch_resume(self) -> Path:
+        """The checkpoint to resume from, pulled from the coordinator (sha256-checked)."""
+        folder = self.dir / "resume" / f"{self.spec.resume_step:07d}"
+        self._client.pull_checkpoint(self.spec.job_id, self.spec.resume_step, folder)
+        self.log.info("resume_checkpoint_fetched", step=self.spec.resume_step)
+        return folder
+
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
         env.update({
@@ -190,6 +207,8 @@ class RankProcess:
         metrics.unlink(missing_ok=True)
         cmd = [sys.executable, "-m", "herd", "train", str(config),
                "--adapter-path", str(self.dir / "adapters"), "--metrics-file", str(metrics)]
+        if self.spec.resume_step > 0:
+            cmd += ["--resume", str(self._fetch_resume())]
         stderr = open(self.dir / "rank.log", "ab")
         self.proc = subprocess.Popen(cmd, cwd=self.dir, env=self._env(), stdout=stderr,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

@@ -16,6 +16,7 @@ class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     JOB_STATE_SUCCEEDED: _ClassVar[JobState]
     JOB_STATE_FAILED: _ClassVar[JobState]
     JOB_STATE_CANCELLED: _ClassVar[JobState]
+    JOB_STATE_RESTARTING: _ClassVar[JobState]
 JOB_STATE_UNSPECIFIED: JobState
 JOB_STATE_QUEUED: JobState
 JOB_STATE_PLACING: JobState
@@ -23,6 +24,7 @@ JOB_STATE_RUNNING: JobState
 JOB_STATE_SUCCEEDED: JobState
 JOB_STATE_FAILED: JobState
 JOB_STATE_CANCELLED: JobState
+JOB_STATE_RESTARTING: JobState
 
 class WorkerInfo(_message.Message):
     __slots__ = ("worker_id", "host", "port", "ring_port", "exchange_port", "protocol_version", "memory_bytes", "free_memory_bytes", "chip", "gpu_cores", "os", "mlx_version", "running_job_id", "wired_limit_mb")

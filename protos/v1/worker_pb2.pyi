@@ -18,7 +18,7 @@ class DescribeReply(_message.Message):
     def __init__(self, worker: _Optional[_Union[_common_pb2.WorkerInfo, _Mapping]] = ...) -> None: ...
 
 class StartRankRequest(_message.Message):
-    __slots__ = ("job_id", "attempt", "rank", "world_size", "config_yaml", "dataset", "coordinator", "ring_hosts", "exchange_peers")
+    __slots__ = ("job_id", "attempt", "rank", "world_size", "config_yaml", "dataset", "coordinator", "ring_hosts", "exchange_peers", "resume_step")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
@@ -28,6 +28,7 @@ class StartRankRequest(_message.Message):
     COORDINATOR_FIELD_NUMBER: _ClassVar[int]
     RING_HOSTS_FIELD_NUMBER: _ClassVar[int]
     EXCHANGE_PEERS_FIELD_NUMBER: _ClassVar[int]
+    RESUME_STEP_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     attempt: int
     rank: int
@@ -37,7 +38,8 @@ class StartRankRequest(_message.Message):
     coordinator: str
     ring_hosts: _containers.RepeatedScalarFieldContainer[str]
     exchange_peers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., config_yaml: _Optional[str] = ..., dataset: _Optional[_Iterable[_Union[_common_pb2.FileDigest, _Mapping]]] = ..., coordinator: _Optional[str] = ..., ring_hosts: _Optional[_Iterable[str]] = ..., exchange_peers: _Optional[_Iterable[str]] = ...) -> None: ...
+    resume_step: int
+    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., config_yaml: _Optional[str] = ..., dataset: _Optional[_Iterable[_Union[_common_pb2.FileDigest, _Mapping]]] = ..., coordinator: _Optional[str] = ..., ring_hosts: _Optional[_Iterable[str]] = ..., exchange_peers: _Optional[_Iterable[str]] = ..., resume_step: _Optional[int] = ...) -> None: ...
 
 class StartRankReply(_message.Message):
     __slots__ = ("pid",)

@@ -69,7 +69,8 @@ class WorkerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def StartRank(self, request, context):
-        """Fetches the job's dataset from the coordinator, materializes the job folder and starts one
+        """Fetches the job's dataset (and the checkpoint to resume from, if any) from the coordinator,
+        materializes the job folder and starts one
         rank process. Returns once the process is running. FAILED_PRECONDITION when the worker is
         busy with another job or the model path does not exist here; idempotent for the same
         (job, attempt, rank).
