@@ -338,28 +338,25 @@ def _layout(cfg: dict, job: JobConfig, workers: list[WorkerMemory]) -> Plan | No
             used = pool[: dp * stages]
             # Deal the workers, largest first, so every pipeline gets a similar mix.
             replicas = [used[i::dp] for i in range(dp)]
-            plans = []
-            for rep in replicas:
-                spans = _split(cfg, job, shape, [budget[w.worker_id] for w in rep], dp)
-                if spans is None:
-                    break
-                plans.append(spans)
-            else:
-                return _make_plan(cfg, job, shape, replicas, plans, dp, stages)
+            # One cut for every replica: data-parallel peers must hold the same blocks to sum
+            # their gradients. Each stage is sized for the smallest worker that will run it.
+            mems = [min(budget[rep[s].worker_id] for rep in replicas) for s in range(stages)]
+            spans = _split(cfg, job, shape, mems, dp)
+            if spans is not None:
+                return _make_plan(cfg, job, shape, replicas, spans, dp, stages)
     return None
 
 
-def _make_plan(cfg, job, shape, replicas, plans, dp, stages) -> Plan:
+def _make_plan(cfg, job, shape, replicas, spans, dp, stages) -> Plan:
     peaks, estimates = {}, {}
-    for rep, spans in zip(replicas, plans):
+    for rep in replicas:
         for w, span in zip(rep, spans):
             est = _stage_estimate(cfg, job, shape, span, stages, dp)
             peaks[w.worker_id], estimates[w.worker_id] = est.total, est
     return Plan(
         data_parallel=dp,
         pipeline_stages=stages,
-        # Replicas may cut differently when their workers differ; report the first's cut.
-        stage_layers=list(plans[0]),
+        stage_layers=list(spans),
         assignments=[[w.worker_id for w in rep] for rep in replicas],
         peak_bytes_per_worker=peaks,
         microbatches=_microbatches(job, stages, dp),

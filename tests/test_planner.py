@@ -166,6 +166,15 @@ def test_layout_uses_fewest_stages_and_splits_by_memory():
     for w in workers:
         assert plan.peak_bytes_per_worker[w.worker_id] <= w.memory_bytes
 
+    # Two pipelines on mixed Macs share one cut (data-parallel peers sum the same blocks' grads).
+    mixed = [WorkerMemory("a", 128 * GIB), WorkerMemory("b", 128 * GIB),
+             WorkerMemory("c", 100 * GIB), WorkerMemory("d", 100 * GIB)]
+    plan = plan_job(LLAMA_70B, job, mixed)
+    assert (plan.data_parallel, plan.pipeline_stages) == (2, 2)
+    assert sorted(w for rep in plan.assignments for w in rep) == ["a", "b", "c", "d"]
+    for w in mixed:
+        assert plan.peak_bytes_per_worker[w.worker_id] <= w.memory_bytes * 0.9
+
     q = parse_config({"batch_size": 2, "quantize": {"bits": 4}, "grad_checkpoint": True,
                       "max_seq_length": 1024})
     plan = plan_job(LLAMA_70B, q, [WorkerMemory(n, 64 * GIB) for n in "abcd"])
