@@ -183,7 +183,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         h = first.header
         self.store.get_job(h.job_id)
         files = [FileDigest(f.name, f.sha256, f.bytes) for f in h.files]
-        chunks = ((m.chunk.name, m.chunk.data) for m in request_iterator if m.WhichOneof("part") == "chunk")
+        chunks = ((m.chunk.name, m.chunk.data) for m in request_iterator
+                  if m.WhichOneof("part") == "chunk")
         checkpoint = self.adapters.receive(h.job_id, h.step, files, chunks, self.scheduler.now_ms())
         self.scheduler.on_checkpoint(checkpoint)
         logger.info("checkpoint_stored", job_id=h.job_id, step=h.step,
@@ -192,7 +193,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
 
     @_stream
     def GetAdapter(self, request, context):
-        checkpoints = self.store.checkpoints(self.store.get_job(request.job_id).job_id)
+        self.store.get_job(request.job_id)  # NOT_FOUND for an unknown job
+        checkpoints = self.store.checkpoints(request.job_id)
         if request.step:
             checkpoints = [c for c in checkpoints if c.step == request.step]
         if not checkpoints:
