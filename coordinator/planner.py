@@ -127,7 +127,8 @@ class ModelShape:
 
     def linears(self) -> dict[str, tuple[int, int]]:
         """(in, out) of each linear in one block, named as mlx-lm names them."""
-        h, i, q, kv = self.hidden, self.intermediate, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        h, i = self.hidden, self.intermediate
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
         return {
             "self_attn.q_proj": (h, q),
             "self_attn.k_proj": (h, kv),
@@ -412,10 +413,12 @@ def fixes(model_config: dict, job: JobConfig, workers: list[WorkerMemory]) -> li
     out: list[str] = []
     if shape.bits is None and job.quantize is None:
         j = job.model_copy(update={"quantize": Quantize(bits=4, group_size=64)})
-        out.append(f"QLoRA (quantize: {{bits: 4}}) -> {_describe(_fits(model_config, j, workers), model_config, j, workers)}")
+        fit = _describe(_fits(model_config, j, workers), model_config, j, workers)
+        out.append(f"QLoRA (quantize: {{bits: 4}}) -> {fit}")
     if not job.grad_checkpoint:
         j = job.model_copy(update={"grad_checkpoint": True})
-        out.append(f"grad_checkpoint: true -> {_describe(_fits(model_config, j, workers), model_config, j, workers)}")
+        fit = _describe(_fits(model_config, j, workers), model_config, j, workers)
+        out.append(f"grad_checkpoint: true -> {fit}")
     n = shape.layers if job.num_layers == -1 else min(job.num_layers, shape.layers)
     while n > 1:
         n //= 2
@@ -444,7 +447,8 @@ def fixes(model_config: dict, job: JobConfig, workers: list[WorkerMemory]) -> li
         more = workers + [WorkerMemory(f"new-{i}", biggest) for i in range(extra)]
         j = job.model_copy(update={"cluster": job.cluster.model_copy(update={"workers": None})})
         if (p := _fits(model_config, j, more)) is not None:
-            out.append(f"{extra} more worker(s) of {biggest / GB:.0f} GB -> {_describe(p, model_config, j, more)}")
+            fit = _describe(p, model_config, j, more)
+            out.append(f"{extra} more worker(s) of {biggest / GB:.0f} GB -> {fit}")
             break
     return out
 

@@ -51,7 +51,8 @@ class StepResult:
     compute_seconds: float = 0.0
 
 
-def gpipe_step(stage: Stage, link: Link, batch: mx.array, lengths: mx.array, microbatches: int) -> StepResult:
+def gpipe_step(stage: Stage, link: Link, batch: mx.array, lengths: mx.array,
+               microbatches: int) -> StepResult:
     """One optimizer step's gradients: all microbatches forward, then all backward (GPipe)."""
     spec = stage.spec
     rows = batch.shape[0]
@@ -218,7 +219,8 @@ def save_stage_adapter(stage: Stage, job: JobConfig, out_dir: Path) -> Path:
     weights = {stage.global_name(k): v for k, v in tree_flatten(stage.model.trainable_parameters())}
     mx.save_safetensors(str(out_dir / "adapters.safetensors"), weights)
     (out_dir / "adapter_config.json").write_text(json.dumps(adapter_config(job), indent=2))
-    meta = {"stage": stage.spec.index, "stages": stage.spec.count, "layers": [stage.spec.start, stage.spec.end]}
+    spec = stage.spec
+    meta = {"stage": spec.index, "stages": spec.count, "layers": [spec.start, spec.end]}
     (out_dir / "stage.json").write_text(json.dumps(meta))
     return out_dir
 
@@ -307,7 +309,8 @@ def _run(args) -> int:
     if args.metrics_file:
         with open(args.metrics_file, "a") as f:
             f.write(json.dumps({
-                "event": "stage_done", "rank": group.rank(), "stage": index, "replica": topo.replica, "layers": [start, end], "losses": run.losses,
+                "event": "stage_done", "rank": group.rank(), "stage": index, "replica": topo.replica,
+                "layers": [start, end], "losses": run.losses,
                 "step_seconds": run.step_seconds, "link_seconds": run.link_seconds,
                 "step_compute_seconds": run.step_compute_seconds,
                 "compute_seconds": run.compute_seconds, "load_peak_bytes": load_peak,

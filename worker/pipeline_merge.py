@@ -33,7 +33,9 @@ def merge_stage_adapters(stage_dirs: list[Path], out_dir: Path) -> Path:
         meta = json.loads((d / "stage.json").read_text())
         count = meta["stages"] if count is None else count
         if meta["stages"] != count or meta["stage"] in seen:
-            raise HerdError(f"{d}: stage {meta['stage']} of {meta['stages']} does not belong with the others")
+            raise HerdError(
+                f"{d}: stage {meta['stage']} of {meta['stages']} does not belong with the others"
+            )
         seen.add(meta["stage"])
         header, data = _read(d / "adapters.safetensors")
         for name, info in header.items():

@@ -108,7 +108,8 @@ def load_stage_weights(model_dir: Path, spec: StageSpec, tied: bool) -> dict[str
     keys dropped here are never read into memory."""
     files = sorted(glob.glob(str(model_dir / "*.safetensors")))
     if not files:
-        raise ConfigError(f"no *.safetensors in {model_dir}", hint="a stage loads its blocks from the shards")
+        raise ConfigError(f"no *.safetensors in {model_dir}",
+                          hint="a stage loads its blocks from the model's safetensors shards")
     weights: dict[str, mx.array] = {}
     for f in files:
         for key, value in mx.load(f).items():
@@ -122,7 +123,9 @@ def build_stage(job: JobConfig, spec: StageSpec) -> Stage:
     model_dir = Path(job.model)
     config = read_model_config(model_dir)
     if config["num_hidden_layers"] != spec.total_layers:
-        raise ConfigError(f"{model_dir} has {config['num_hidden_layers']} blocks, plan says {spec.total_layers}")
+        raise ConfigError(
+            f"{model_dir} has {config['num_hidden_layers']} blocks, the plan says {spec.total_layers}"
+        )
     tied = bool(config.get("tie_word_embeddings", True))
     stage_config = {**config, "num_hidden_layers": spec.end - spec.start}
     stage_config.pop("layer_types", None)
