@@ -33,6 +33,17 @@ def _secret(home: Path) -> str:
         return secret
 
 
+def _die_with_parent() -> None:
+    """Linux: the child gets SIGTERM if `herd up` dies, even by SIGKILL (no orphaned cluster).
+    Safe here because children are spawned from the main thread, which lives as long as we do."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def _wait_port(proc: subprocess.Popen, host: str, port: int, timeout_s: float) -> bool:
     import socket
 
@@ -68,7 +79,7 @@ def main(argv: list[str]) -> int:
     def spawn(name: str, cmd: list[str]) -> subprocess.Popen:
         out = open(state / f"{name}.log", "ab")
         proc = subprocess.Popen(py + cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
+                                stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
         out.close()
         procs.append((name, proc))
         return proc
