@@ -25,7 +25,8 @@ import mlx.core as mx
 import numpy as np
 
 from herd import log
-from herd.auth import SERVER_OPTIONS, ServerAuth, load_secret, secure_channel
+from herd.auth import (METADATA_KEY, SERVER_OPTIONS, ServerAuth, check_token, load_secret,
+                       secure_channel)
 from herd.errors import AuthError, ConfigError, HerdError, PeerLostError
 from protos.v1 import exchange_pb2 as pb
 from worker import grpc_exchange_wire as wire
@@ -38,6 +39,10 @@ SERVICE = pb.DESCRIPTOR.services_by_name["ExchangeService"].full_name
 # of a few ranks keeps several chunks in flight (bench/results/allreduce-*.md).
 DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
 _CONNECT_ATTEMPT_S = 1.0
+# Buffers this small (scalars: loss sums, token counts, metrics) always travel in float32: a
+# lossy wire saves nothing on them, and a token count rounded to 8 bits skews every update.
+EXACT_MAX_ELEMENTS = 4096
+_RANK_KEY = "x-herd-rank"  # who a Hello claims to come from: only to explain a refusal
 _UNARY = {"Hello": (pb.HelloRequest, pb.HelloReply), "Abort": (pb.AbortRequest, pb.AbortReply)}
 
 
@@ -85,9 +90,16 @@ class GrpcExchange:
         if self.size == 1:
             return
         started = time.monotonic()
+        self._refusals = _RefusalLog(secret)
         try:
             self._server = self._serve()
             self._await_peers(started + self.timeout_s)
+        except AuthError:
+            # Stay reachable a moment: peers still dialling us then get UNAUTHENTICATED too, and
+            # report a secret mismatch instead of a rank that never came up.
+            time.sleep(max(0.0, min(2.0, started + self.timeout_s - time.monotonic())))
+            self.close()
+            raise
         except BaseException:
             self.close()
             raise
@@ -119,7 +131,10 @@ class GrpcExchange:
     # ---- the collective ----------------------------------------------------------------------
 
     def all_sum(self, flat: mx.array) -> mx.array:
-        """The elementwise sum of ``flat`` over all ranks (float32, 1-D), identical on every rank."""
+        """The elementwise sum of ``flat`` over all ranks (float32, 1-D), identical on every rank.
+
+        One call at a time (every rank makes the same calls in the same order).
+        """
         if flat.ndim != 1 or flat.dtype != mx.float32:
             raise ValueError(f"all_sum takes a 1-D float32 array, got {flat.dtype} {flat.shape}")
         if self.size == 1:
@@ -137,7 +152,8 @@ class GrpcExchange:
             if self._broken is not None:
                 raise PeerLostError(f"the grpc exchange failed earlier: {self._broken.message}",
                                     hint="re-form the group with a new exchange")
-            ex = Exchange(self._seq, plan, buf, self._dtype)
+            dtype = wire.FLOAT32 if buf.size <= EXACT_MAX_ELEMENTS else self._dtype
+            ex = Exchange(self._seq, plan, buf, dtype)
             self._seq += 1
             self._exchanges[ex.seq] = ex
             self._registry.notify_all()
@@ -261,7 +277,7 @@ class GrpcExchange:
         server = grpc.server(
             self._pool,
             handlers=[grpc.method_handlers_generic_handler(SERVICE, handlers)],
-            interceptors=[ServerAuth(self._secret)],
+            interceptors=[self._refusals],
             options=SERVER_OPTIONS,
         )
         address = self.peers[self.rank]
@@ -356,8 +372,9 @@ class GrpcExchange:
                 self._channels[r] = secure_channel(self.peers[r], self._secret)
                 remaining = deadline - time.monotonic()
                 try:
-                    reply = self._rpc(r, "Hello")(request, timeout=max(0.05, min(_CONNECT_ATTEMPT_S, remaining)),
-                                           wait_for_ready=True)
+                    reply = self._rpc(r, "Hello")(
+                        request, timeout=max(0.05, min(_CONNECT_ATTEMPT_S, remaining)),
+                        wait_for_ready=True, metadata=((_RANK_KEY, str(self.rank)),))
                 except grpc.RpcError as e:
                     if e.code() == grpc.StatusCode.UNAUTHENTICATED:
                         raise AuthError(
@@ -375,6 +392,13 @@ class GrpcExchange:
                 return
             if time.monotonic() >= deadline:
                 names = ", ".join(self._name(r) for r in sorted(missing))
+                if refused := sorted(missing & self._refusals.ranks):
+                    raise AuthError(
+                        f"{names} did not come up within {self.timeout_s:g}s: calls from "
+                        f"{', '.join(f'rank {r}' for r in refused)} carried wrong credentials "
+                        f"(rank {self.rank} waited)",
+                        hint="every rank must hold the same cluster secret "
+                        "($HERD_SECRET, or the secret file `herd init` wrote)")
                 raise PeerLostError(
                     f"{names} did not come up within {self.timeout_s:g}s (rank {self.rank} waited)",
                     hint="start every rank, and check HERD_EXCHANGE_PEERS and firewalls")
@@ -402,3 +426,23 @@ class GrpcExchange:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class _RefusalLog(grpc.ServerInterceptor):
+    """herd.auth's ServerAuth, remembering which ranks it refused (a peer started with another
+    secret should read as that, not as a peer that never came up)."""
+
+    def __init__(self, secret: str):
+        self._auth = ServerAuth(secret)
+        self._secret = secret
+        self.ranks: set[int] = set()
+
+    def intercept_service(self, continuation, handler_call_details):
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        claimed = metadata.get(_RANK_KEY, "")
+        if claimed.isdigit():
+            try:
+                check_token(self._secret, handler_call_details.method, metadata.get(METADATA_KEY))
+            except AuthError:
+                self.ranks.add(int(claimed))
+        return self._auth.intercept_service(continuation, handler_call_details)
