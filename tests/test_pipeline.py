@@ -161,3 +161,23 @@ def test_two_pipelines_of_two_stages_equal_one_process(tmp_path):
     merged = merge_stage_adapters(sorted((tmp_path / "pp" / "stages").iterdir()), tmp_path / "merged")
     diff = max_abs_diff(load_adapter(tmp_path / "one"), load_adapter(merged))
     assert diff <= ADAPTER_TOL, f"2 x 2 adapter differs from one process by {diff}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["prequantized", "quantize-on-load"])
+def test_qlora_pipeline_equals_one_process(tmp_path, tiny_model, tiny_quantized, variant):
+    """QLoRA in 2 stages: a pre-quantized (mlx_lm.convert -q) folder, each stage quantizing only
+    its own layers as the shards describe them; or `quantize:` applied to each stage on load."""
+    data = REPO_DATA(tmp_path)
+    kw = dict(iters=2, steps_per_report=1, save_every=2, batch_size=2, num_layers=-1)
+    model = tiny_quantized
+    if variant == "quantize-on-load":
+        model, kw["quantize"] = tiny_model, {"bits": 4, "group_size": 64}
+    one = write_job(tmp_path / "one.yaml", model, data, adapter_path=str(tmp_path / "one"), **kw)
+    herd("train", one, "--quiet", "--metrics-file", tmp_path / "one.jsonl")
+    pp = write_job(tmp_path / "pp.yaml", model, data, adapter_path=str(tmp_path / "pp"), **kw)
+    rows = run_stages(pp, tmp_path / "pp", 2, tmp_path)
+    want = single_process_losses(tmp_path / "one.jsonl")
+    assert all(abs(g - w) <= LOSS_RTOL * abs(w) for g, w in zip(rows[-1]["losses"], want))
+    diff = max_abs_diff(load_adapter(tmp_path / "one"), load_adapter(tmp_path / "pp"))
+    assert diff <= ADAPTER_TOL, f"QLoRA pipeline adapter differs from one process by {diff}"
