@@ -181,13 +181,24 @@ def test_an_unplaceable_job_says_what_is_missing(cluster, job_yaml):
     assert cluster.herd("cancel", job_id).stdout.strip() == f"{job_id}: cancelled"
 
 
-def test_cancel_stops_every_rank(cluster, job_yaml):
-    cfg = job_yaml("long", iters=100000, save_every=100000, cluster={"workers": 2})
+def test_a_killed_rank_restarts_from_its_checkpoint_and_cancel_stops_every_rank(cluster, job_yaml):
+    cfg = job_yaml("long", iters=100000, save_every=2, steps_per_report=1,
+                   cluster={"workers": 2, "max_restarts": 1})
     job_id = cluster.herd("submit", str(cfg)).stdout.strip().splitlines()[-1]
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and len(rank_pids(job_id)) < 2:
-        time.sleep(0.2)
-    assert len(rank_pids(job_id)) == 2
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and "checkpoint 2 stored" not in _events(cluster, job_id):
+        time.sleep(0.3)
+    pids = rank_pids(job_id)
+    assert len(pids) == 2
+    os.kill(pids[-1], signal.SIGKILL)          # a rank dies: the job restarts, not fails
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        events = _events(cluster, job_id)
+        if events.count("state running") == 2 and len(rank_pids(job_id)) == 2:
+            break
+        time.sleep(0.3)
+    assert "killed by SIGKILL; restarting from checkpoint" in events
+    assert "resuming from checkpoint" in events and events.count("state running") == 2
     t0 = time.monotonic()
     cluster.herd("cancel", job_id)
     while rank_pids(job_id) and time.monotonic() - t0 < 10:
@@ -196,6 +207,27 @@ def test_cancel_stops_every_rank(cluster, job_yaml):
     assert time.monotonic() - t0 < 10
     watch = cluster.herd("watch", job_id, "--plain", check=False)
     assert watch.returncode == 11 and "cancelled by the user" in watch.stderr
+
+
+def _events(cluster: Cluster, job_id: str) -> str:
+    """The job's history so far, one line per event as `herd watch --plain` prints it."""
+    import grpc
+
+    from herd.client_conn import Coordinator
+    from herd.client_watch import describe
+    from protos.v1 import coordinator_pb2
+
+    coord = Coordinator(cluster.address, (cluster.home / "secret").read_text().strip())
+    lines = []
+    try:
+        stream = coord.stub.WatchJob(coordinator_pb2.WatchJobRequest(job_id=job_id), timeout=1.0)
+        for e in stream:
+            lines.append(describe(e, 0))
+    except grpc.RpcError as e:
+        assert e.code() == grpc.StatusCode.DEADLINE_EXCEEDED, e
+    finally:
+        coord.close()
+    return "\n".join(lines)
 
 
 def test_a_restarted_coordinator_shows_past_jobs_and_checkpoints(cluster, tmp_path):
