@@ -181,3 +181,18 @@ def test_qlora_pipeline_equals_one_process(tmp_path, tiny_model, tiny_quantized,
     assert all(abs(g - w) <= LOSS_RTOL * abs(w) for g, w in zip(rows[-1]["losses"], want))
     diff = max_abs_diff(load_adapter(tmp_path / "one"), load_adapter(tmp_path / "pp"))
     assert diff <= ADAPTER_TOL, f"QLoRA pipeline adapter differs from one process by {diff}"
+
+
+@pytest.mark.slow
+def test_pipeline_resume_is_exact(tmp_path, tiny_model):
+    """4 steps straight == 2 steps, stop, resume to 4 (each stage from its own checkpoint, with
+    its optimizer state and the data cursor)."""
+    data = REPO_DATA(tmp_path)
+    kw = dict(iters=4, steps_per_report=1, save_every=2, batch_size=4, num_layers=-1)
+    a = write_job(tmp_path / "a.yaml", tiny_model, data, adapter_path=str(tmp_path / "a"), **kw)
+    run_stages(a, tmp_path / "a", 2, tmp_path)
+    b = write_job(tmp_path / "b.yaml", tiny_model, data, adapter_path=str(tmp_path / "b"), **kw)
+    run_stages(b, tmp_path / "b", 2, tmp_path, "--iters", "2")
+    assert (tmp_path / "b" / "stages" / "stage-01" / "checkpoints" / "latest").read_text().strip() == "0000002"
+    run_stages(b, tmp_path / "b", 2, tmp_path, "--resume", str(tmp_path / "b"))
+    assert max_abs_diff(load_adapter(tmp_path / "a"), load_adapter(tmp_path / "b")) == 0

@@ -151,21 +151,25 @@ class PipelineRun:
 
 def train_stage(job: JobConfig, stage: Stage, link: Link, train_set, microbatches: int,
                 dp_rank: int = 0, dp_size: int = 1, iters: int | None = None,
-                on_step: Callable[[dict], None] | None = None) -> PipelineRun:
+                on_step: Callable[[dict], None] | None = None, optimizer=None, start: int = 0,
+                trained_tokens: int = 0,
+                on_save: Callable[[int, object, int], None] | None = None) -> PipelineRun:
     """The lead's loop (same batch order, same per-iteration seeding), one GPipe step per batch.
-    Gradient accumulation: ``grad_accumulation_steps`` batches summed before one update."""
+    Gradient accumulation: ``grad_accumulation_steps`` batches summed before one update.
+    ``start``: iterations already done (a resumed run; the optimizer then holds their state)."""
     from worker.batches import BatchStream
     from worker.model import build_optimizer
 
-    optimizer = build_optimizer(job)
+    optimizer = optimizer or build_optimizer(job)
     stream = BatchStream(train_set, job.batch_size, job.max_seq_length, dp_rank, dp_size, job.seed)
-    batches = stream.iterate()
-    run = PipelineRun()
+    batches = stream.iterate(start=start)
+    run = PipelineRun(trained_tokens=trained_tokens)
+    last = iters or job.iters
     stage.model.train()
     accum = job.grad_accumulation_steps
     acc, acc_tokens, acc_loss = None, 0, 0.0
     t_step = time.perf_counter()
-    for it in range(1, (iters or job.iters) + 1):
+    for it in range(start + 1, last + 1):
         mx.random.seed((job.seed * 1_000_003 + dp_rank * 10_007 + it) % (2**63))
         batch, lengths = next(batches)
         tic = time.perf_counter()
@@ -191,6 +195,8 @@ def train_stage(job: JobConfig, stage: Stage, link: Link, train_set, microbatche
                          "peak_memory_gb": mx.get_peak_memory() / 1e9})
             t_step = time.perf_counter()
             acc, acc_tokens, acc_loss = None, 0, 0.0
+            if on_save is not None and (it % job.save_every == 0 or it == last):
+                on_save(it, optimizer, run.trained_tokens)
         run.step_seconds.append(time.perf_counter() - tic)
     run.link_seconds = link.seconds
     return run
@@ -245,6 +251,7 @@ def main(argv: list[str]) -> int:
                    help="per step and pipeline (default: one example each)")
     p.add_argument("--data-parallel", type=int, default=1, help="pipelines (replicas): 1 or 2")
     p.add_argument("--iters", type=int)
+    p.add_argument("--resume", type=Path, help="an adapter path whose stages/ hold checkpoints")
     p.add_argument("--metrics-file", type=Path)
     args = p.parse_args(argv)
     try:
@@ -292,13 +299,31 @@ def _run(args) -> int:
         if info["iteration"] % job.steps_per_report == 0 or info["iteration"] == job.iters:
             emit("train", **info)
 
+    from worker.checkpoint import TrainerState, load_checkpoint, resolve_resume, save_checkpoint
+    from worker.model import adapter_config, build_optimizer
+
+    optimizer, start, tokens = build_optimizer(job), 0, 0
+    if args.resume is not None:
+        # Every stage resumes from its own piece (replica 1 reads replica 0's: they are equal).
+        state = load_checkpoint(resolve_resume(args.resume / "stages" / f"stage-{index:02d}"),
+                                stage.model, optimizer)
+        start, tokens = state.iteration, state.trained_tokens
+    out = args.adapter_path / "stages" / f"stage-{index:02d}"
+
+    def on_save(it: int, opt, trained: int) -> None:
+        # Replicas hold identical adapters; replica 0 writes the pieces. The checkpoint folder
+        # keeps stage-local names (for resuming this stage); the piece beside it has the full
+        # model's names (for merging).
+        if topo.replica == 0:
+            save_checkpoint(out, stage.model, opt, adapter_config(job),
+                            TrainerState(it, trained, job.seed, group.size()))
+            save_stage_adapter(stage, job, out)
+            emit("checkpoint", step=it, path=str(out))
+
     run = train_stage(job, stage, MLXLink(group, topo), CacheDataset(train_set),
                       args.microbatches or job.batch_size // topo.replicas,
-                      dp_rank=topo.replica, dp_size=topo.replicas, on_step=on_step)
-    # Replicas hold identical adapters; replica 0 writes the pieces.
-    out = args.adapter_path / "stages" / f"stage-{index:02d}"
-    if topo.replica == 0:
-        save_stage_adapter(stage, job, out)
+                      dp_rank=topo.replica, dp_size=topo.replicas, on_step=on_step,
+                      optimizer=optimizer, start=start, trained_tokens=tokens, on_save=on_save)
     mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group))  # every piece is on disk
     pieces = [args.adapter_path / "stages" / f"stage-{s:02d}" for s in range(stages)]
     if group.rank() == 0 and all((p / "stage.json").exists() for p in pieces):
