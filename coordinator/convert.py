@@ -50,7 +50,8 @@ def digest_from_pb(m: common_pb2.FileDigest) -> FileDigest:
 
 
 _PROGRESS_FIELDS = ("rank", "worker_id", "iteration", "train_loss", "val_loss", "learning_rate",
-                    "tokens_per_second", "trained_tokens", "peak_memory_gb")
+                    "tokens_per_second", "trained_tokens", "peak_memory_gb", "exchange",
+                   "world_size")
 
 
 def progress_to_pb(p: RankProgress) -> common_pb2.RankProgress:

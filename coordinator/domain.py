@@ -66,6 +66,8 @@ class RankProgress:
     tokens_per_second: float = 0.0
     trained_tokens: int = 0
     peak_memory_gb: float = 0.0
+    exchange: str = ""
+    world_size: int = 0
 
 
 @dataclass(frozen=True)

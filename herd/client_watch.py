@@ -25,8 +25,9 @@ def describe(e: common_pb2.JobEvent, iters: int) -> str:
     if e.kind == KIND.KIND_PROGRESS:
         p = e.progress
         val = f" val_loss {p.val_loss:.4f}" if p.val_loss else ""
+        via = f" [{p.exchange} x{p.world_size}]" if p.exchange else ""
         return (f"iter {p.iteration}/{iters} rank {p.rank} ({p.worker_id}): loss "
-                f"{p.train_loss:.4f}{val} tok/s {p.tokens_per_second:.1f}")
+                f"{p.train_loss:.4f}{val} tok/s {p.tokens_per_second:.1f}{via}")
     if e.kind == KIND.KIND_CHECKPOINT:
         return f"checkpoint {e.step} stored"
     return e.message

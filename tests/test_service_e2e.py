@@ -134,7 +134,7 @@ def test_two_worker_job_runs_checkpoints_and_pulls(cluster, job_yaml, tmp_path):
     lines = watch.stdout.splitlines()
     assert f"{job_id}: state succeeded" in lines
     assert any("rank 0 (worker-" in ln and "loss" in ln for ln in lines)
-    assert any("rank 1 (worker-" in ln for ln in lines)
+    assert any("rank 1 (worker-" in ln and ln.endswith("[mlx x2]") for ln in lines)
     assert f"{job_id}: checkpoint 4 stored" in lines and f"{job_id}: checkpoint 8 stored" in lines
     # One rank on each worker.
     assert {ln.split("(")[1].split(")")[0] for ln in lines if " rank " in ln} == {"worker-1", "worker-2"}

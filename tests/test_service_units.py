@@ -48,7 +48,7 @@ def job(workers: int = 2, iters: int = 10, model: str = "/nonexistent/model") ->
 def test_converters_round_trip():
     p = RankProgress(rank=1, worker_id="w2", iteration=7, train_loss=1.5, val_loss=2.5,
                      learning_rate=1e-4, tokens_per_second=900.0, trained_tokens=1234,
-                     peak_memory_gb=0.5)
+                     peak_memory_gb=0.5, exchange="mlx", world_size=2)
     assert convert.progress_from_pb(convert.progress_to_pb(p)) == p
     w = worker(3, running_job_id="x")
     assert convert.worker_from_pb(convert.worker_to_pb(w)) == w

@@ -270,6 +270,8 @@ class RankProcess:
             progress.tokens_per_second = float(event.get("tokens_per_second", 0.0))
             progress.trained_tokens = int(event.get("trained_tokens", 0))
             progress.peak_memory_gb = float(event.get("peak_memory_gb", 0.0))
+            progress.exchange = str(event.get("exchange", ""))
+            progress.world_size = int(event.get("world_size", 0))
             self._send(self._request(progress=progress))
         elif kind == "val":
             progress.val_loss = float(event.get("val_loss", 0.0))

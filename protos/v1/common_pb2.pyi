@@ -79,7 +79,7 @@ class JobSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., config_yaml: _Optional[str] = ..., dataset: _Optional[_Iterable[_Union[FileDigest, _Mapping]]] = ...) -> None: ...
 
 class RankProgress(_message.Message):
-    __slots__ = ("rank", "worker_id", "iteration", "train_loss", "val_loss", "learning_rate", "tokens_per_second", "trained_tokens", "peak_memory_gb")
+    __slots__ = ("rank", "worker_id", "iteration", "train_loss", "val_loss", "learning_rate", "tokens_per_second", "trained_tokens", "peak_memory_gb", "exchange", "world_size")
     RANK_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ITERATION_FIELD_NUMBER: _ClassVar[int]
@@ -89,6 +89,8 @@ class RankProgress(_message.Message):
     TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     TRAINED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PEAK_MEMORY_GB_FIELD_NUMBER: _ClassVar[int]
+    EXCHANGE_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     rank: int
     worker_id: str
     iteration: int
@@ -98,7 +100,9 @@ class RankProgress(_message.Message):
     tokens_per_second: float
     trained_tokens: int
     peak_memory_gb: float
-    def __init__(self, rank: _Optional[int] = ..., worker_id: _Optional[str] = ..., iteration: _Optional[int] = ..., train_loss: _Optional[float] = ..., val_loss: _Optional[float] = ..., learning_rate: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., trained_tokens: _Optional[int] = ..., peak_memory_gb: _Optional[float] = ...) -> None: ...
+    exchange: str
+    world_size: int
+    def __init__(self, rank: _Optional[int] = ..., worker_id: _Optional[str] = ..., iteration: _Optional[int] = ..., train_loss: _Optional[float] = ..., val_loss: _Optional[float] = ..., learning_rate: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., trained_tokens: _Optional[int] = ..., peak_memory_gb: _Optional[float] = ..., exchange: _Optional[str] = ..., world_size: _Optional[int] = ...) -> None: ...
 
 class CheckpointInfo(_message.Message):
     __slots__ = ("job_id", "step", "files", "created_unix_ms")
