@@ -314,7 +314,7 @@ def ranks():
 
 @pytest.mark.slow
 def test_two_processes_sum_256mb_and_tiny_buffers_exactly(ranks):
-    # 256 MB + 3 elements: neither the segments nor the 4 MB chunks divide it evenly.
+    # 256 MB + 3 elements: neither the segments nor the 1 MB chunks divide it evenly.
     sizes = [1, 7, 64 * 1024 * 1024 + 3]
     group = ranks(2, "sum", "--sizes", ",".join(map(str, sizes)), "--timeout", "120")
     assert group.wait(timeout=240) == [0, 0], group.events
@@ -387,41 +387,6 @@ def test_a_rank_with_the_wrong_secret_cannot_join(ranks):
         assert group.of(r, "ready") == []
 
 
-# ---- herd train with exchange: grpc ------------------------------------------------------------
-
-@pytest.mark.slow
-@pytest.mark.parametrize("world", [2, 3])
-def test_grpc_training_equals_mlx_and_one_rank(tmp_path, tiny_model, tiny_data, world):
-    """`herd train` ranks over the gRPC ring give the adapter of an MLX ring and of one process
-    with the same global batch; bfloat16 on the wire stays close (2 ranks)."""
-    from tests.conftest import (free_ports, herd, load_adapter, max_abs_diff, start_ranks,
-                                wait_all, write_job)
-
-    kw = dict(iters=4, save_every=4, batch_size=2 * world)
-
-    def job(name: str, **cluster):
-        return write_job(tmp_path / f"{name}.yaml", tiny_model, tiny_data,
-                         adapter_path=str(tmp_path / name), cluster=cluster, **kw)
-
-    herd("train", job("one"), "--quiet")
-    runs = [("grpc", {"exchange": "grpc"}), ("mlx", {"exchange": "mlx"})]
-    if world == 2:
-        runs.append(("grpc-bf16", {"exchange": "grpc", "wire_dtype": "bfloat16"}))
-    for name, cluster in runs:
-        peers = ",".join(f"127.0.0.1:{p}" for p in free_ports(world))
-        wait_all(start_ranks(["train", str(job(name, exchange_timeout_s=60, **cluster)), "--quiet"],
-                             world=world, hostfile_dir=tmp_path,
-                             extra_env={"HERD_EXCHANGE_PEERS": peers, "HERD_SECRET": SECRET}))
-    one, grpc_, mlx_ = (load_adapter(tmp_path / n) for n in ("one", "grpc", "mlx"))
-    assert max_abs_diff(grpc_, one) <= 1e-5
-    assert max_abs_diff(grpc_, mlx_) <= 1e-5
-    if world == 2:
-        # Adam's first steps move each weight by about +-lr whatever the gradient's size, so a
-        # near-zero gradient entry whose sign bfloat16 rounding flips moves by 2 lr per step.
-        # Measured here: 2.0e-3 at 2 ranks (2.8e-4 at 3); the bound is 2 lr x steps.
-        assert max_abs_diff(load_adapter(tmp_path / "grpc-bf16"), one) <= 2 * 1e-3 * 4
-
-
 def test_a_peer_refused_for_its_secret_is_reported_as_such():
     """Even when the misconfigured rank is gone before this one dials it, the start-up error says
     "wrong credentials", not "did not come up"."""
@@ -443,3 +408,47 @@ def test_a_peer_refused_for_its_secret_is_reported_as_such():
     with pytest.raises(AuthError, match="rank 1 carried wrong credentials"):
         GrpcExchange(0, peers, SECRET, timeout_s=1.5)
     t.join(timeout=10)
+
+
+# ---- herd train with exchange: grpc ------------------------------------------------------------
+
+TRAIN_KW = dict(iters=4, save_every=4, batch_size=6)  # a global batch both 2 and 3 ranks split
+
+
+@pytest.fixture(scope="module")
+def one_rank_adapter(tmp_path_factory, tiny_model, tiny_data) -> Path:
+    from tests.conftest import herd, write_job
+
+    tmp = tmp_path_factory.mktemp("one-rank")
+    herd("train", write_job(tmp / "one.yaml", tiny_model, tiny_data, adapter_path=str(tmp / "one"),
+                            **TRAIN_KW), "--quiet")
+    return tmp / "one"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 3])
+def test_grpc_training_equals_mlx_and_one_rank(tmp_path, tiny_model, tiny_data, one_rank_adapter,
+                                               world):
+    """`herd train` ranks over the gRPC ring give the adapter of an MLX ring and of one process
+    with the same global batch; bfloat16 on the wire stays close (2 ranks)."""
+    from tests.conftest import free_ports, load_adapter, max_abs_diff, start_ranks, wait_all, write_job
+
+    runs = [("grpc", {"exchange": "grpc"}), ("mlx", {"exchange": "mlx"})]
+    if world == 2:
+        runs.append(("grpc-bf16", {"exchange": "grpc", "wire_dtype": "bfloat16"}))
+    for name, cluster in runs:
+        cfg = write_job(tmp_path / f"{name}.yaml", tiny_model, tiny_data,
+                        adapter_path=str(tmp_path / name),
+                        cluster={"exchange_timeout_s": 60, **cluster}, **TRAIN_KW)
+        peers = ",".join(f"127.0.0.1:{p}" for p in free_ports(world))
+        wait_all(start_ranks(["train", str(cfg), "--quiet"], world=world, hostfile_dir=tmp_path,
+                             extra_env={"HERD_EXCHANGE_PEERS": peers, "HERD_SECRET": SECRET}))
+    one = load_adapter(one_rank_adapter)
+    grpc_, mlx_ = load_adapter(tmp_path / "grpc"), load_adapter(tmp_path / "mlx")
+    assert max_abs_diff(grpc_, one) <= 1e-5
+    assert max_abs_diff(grpc_, mlx_) <= 1e-5
+    if world == 2:
+        # Adam's first steps move each weight by about +-lr whatever the gradient's size, so a
+        # near-zero gradient entry whose sign bfloat16 rounding flips moves by 2 lr per step.
+        # Measured: 2.0e-3 at 2 ranks (2.8e-4 at 3 ranks); the bound is 2 lr x steps.
+        assert max_abs_diff(load_adapter(tmp_path / "grpc-bf16"), one) <= 2 * 1e-3 * 4

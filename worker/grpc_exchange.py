@@ -25,25 +25,21 @@ import mlx.core as mx
 import numpy as np
 
 from herd import log
-from herd.auth import (METADATA_KEY, SERVER_OPTIONS, ServerAuth, check_token, load_secret,
-                       secure_channel)
+from herd.auth import SERVER_OPTIONS, load_secret
 from herd.errors import AuthError, ConfigError, HerdError, PeerLostError
 from protos.v1 import exchange_pb2 as pb
 from worker import grpc_exchange_wire as wire
+from worker.grpc_exchange_peers import SERVICE, RefusalLog, connect, peer_name, probe, unary
 from worker.grpc_exchange_ring import Exchange, RingPlan
 
 logger = log.get(__name__)
 
-SERVICE = pb.DESCRIPTOR.services_by_name["ExchangeService"].full_name
 # Big enough that per-message Python overhead is small next to the copy, small enough that a ring
 # of a few ranks keeps several chunks in flight (bench/results/allreduce-*.md).
-DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
-_CONNECT_ATTEMPT_S = 1.0
+DEFAULT_CHUNK_BYTES = 1024 * 1024
 # Buffers this small (scalars: loss sums, token counts, metrics) always travel in float32: a
 # lossy wire saves nothing on them, and a token count rounded to 8 bits skews every update.
 EXACT_MAX_ELEMENTS = 4096
-_RANK_KEY = "x-herd-rank"  # who a Hello claims to come from: only to explain a refusal
-_UNARY = {"Hello": (pb.HelloRequest, pb.HelloReply), "Abort": (pb.AbortRequest, pb.AbortReply)}
 
 
 class GrpcExchange:
@@ -90,10 +86,10 @@ class GrpcExchange:
         if self.size == 1:
             return
         started = time.monotonic()
-        self._refusals = _RefusalLog(secret)
+        self._refusals = RefusalLog(secret)
         try:
             self._server = self._serve()
-            self._await_peers(started + self.timeout_s)
+            self._channels = connect(rank, self.peers, secret, self.timeout_s, self._refusals)
         except AuthError:
             # Stay reachable a moment: peers still dialling us then get UNAUTHENTICATED too, and
             # report a secret mismatch instead of a rank that never came up.
@@ -208,7 +204,8 @@ class GrpcExchange:
             # Before cancelling our stream: a cancelled stream is all the peers would see.
             request = pb.AbortRequest(rank=self.rank, seq=ex.seq, reason=ex.error.message)
             budget = min(0.5, 0.05 * self.timeout_s)
-            calls = [self._rpc(r, "Abort").future(request, timeout=budget) for r in self._channels]
+            calls = [unary(ch, "Abort").future(request, timeout=budget)
+                     for ch in self._channels.values()]
             for told in calls:
                 try:
                     told.result()
@@ -217,7 +214,7 @@ class GrpcExchange:
         call.cancel()
 
     def _name(self, rank: int) -> str:
-        return f"rank {rank} ({self.peers[rank]})"
+        return peer_name(self.peers, rank)
 
     def _send_error(self, err: grpc.RpcError) -> HerdError:
         right = self._name((self.rank + 1) % self.size)
@@ -231,7 +228,7 @@ class GrpcExchange:
                              hint="the rank process died or its machine dropped off the network")
 
     def _stalled_error(self, ex: Exchange, probe_s: float) -> PeerLostError:
-        silent = self._probe(probe_s)
+        silent = probe(self._channels, self.rank, self.size, probe_s)
         hint = ("a stalled rank (stopped, swapping, or overloaded) holds up the whole ring; "
                 "raise cluster.exchange_timeout_s if buffers are huge for the network")
         if silent:
@@ -243,19 +240,6 @@ class GrpcExchange:
         return PeerLostError(f"all-reduce #{ex.seq} did not finish within {self.timeout_s:g}s on "
                              f"rank {self.rank}: waiting on {self._name(waiting)} "
                              f"({ex.received}/{ex.plan.messages} chunks in)", hint=hint)
-
-    def _probe(self, timeout_s: float) -> list[int]:
-        """Ranks that do not answer Hello within ``timeout_s`` (asked all at once)."""
-        request = pb.HelloRequest(rank=self.rank, world_size=self.size)
-        calls = {r: self._rpc(r, "Hello").future(request, timeout=timeout_s)
-                 for r in self._channels}
-        silent = []
-        for r, call in calls.items():
-            try:
-                call.result()
-            except grpc.RpcError:
-                silent.append(r)
-        return sorted(silent)
 
     # ---- the server side ---------------------------------------------------------------------
 
@@ -351,58 +335,7 @@ class GrpcExchange:
             context.abort(grpc.StatusCode.ABORTED, reason)
         return ex
 
-    # ---- start-up and shutdown ---------------------------------------------------------------
-
-    def _rpc(self, rank: int, method: str):
-        request, reply = _UNARY[method]
-        return self._channels[rank].unary_unary(
-            f"/{SERVICE}/{method}", request_serializer=request.SerializeToString,
-            response_deserializer=reply.FromString)
-
-    def _await_peers(self, deadline: float) -> None:
-        """Hello every peer until all answer; peers may start seconds apart."""
-        missing = {r for r in range(self.size) if r != self.rank}
-        request = pb.HelloRequest(rank=self.rank, world_size=self.size)
-        while True:
-            for r in sorted(missing):
-                # A fresh channel per attempt: a refused connection puts a channel into
-                # exponential reconnect back-off, which would outlast a peer's slow start.
-                if r in self._channels:
-                    self._channels.pop(r).close()
-                self._channels[r] = secure_channel(self.peers[r], self._secret)
-                remaining = deadline - time.monotonic()
-                try:
-                    reply = self._rpc(r, "Hello")(
-                        request, timeout=max(0.05, min(_CONNECT_ATTEMPT_S, remaining)),
-                        wait_for_ready=True, metadata=((_RANK_KEY, str(self.rank)),))
-                except grpc.RpcError as e:
-                    if e.code() == grpc.StatusCode.UNAUTHENTICATED:
-                        raise AuthError(
-                            f"{self._name(r)} refused rank {self.rank}'s credentials: {e.details()}",
-                            hint="every rank must hold the same cluster secret "
-                            "($HERD_SECRET, or the secret file `herd init` wrote)") from None
-                    continue
-                if reply.rank != r or reply.world_size != self.size:
-                    raise ConfigError(
-                        f"{self.peers[r]} answers as rank {reply.rank} of {reply.world_size}, "
-                        f"expected rank {r} of {self.size}",
-                        hint="every rank must get the same HERD_EXCHANGE_PEERS, in rank order")
-                missing.discard(r)
-            if not missing:
-                return
-            if time.monotonic() >= deadline:
-                names = ", ".join(self._name(r) for r in sorted(missing))
-                if refused := sorted(missing & self._refusals.ranks):
-                    raise AuthError(
-                        f"{names} did not come up within {self.timeout_s:g}s: calls from "
-                        f"{', '.join(f'rank {r}' for r in refused)} carried wrong credentials "
-                        f"(rank {self.rank} waited)",
-                        hint="every rank must hold the same cluster secret "
-                        "($HERD_SECRET, or the secret file `herd init` wrote)")
-                raise PeerLostError(
-                    f"{names} did not come up within {self.timeout_s:g}s (rank {self.rank} waited)",
-                    hint="start every rank, and check HERD_EXCHANGE_PEERS and firewalls")
-            time.sleep(0.1)
+    # ---- shutdown ----------------------------------------------------------------------------
 
     def close(self) -> None:
         """Stop serving and drop the channels; idempotent. In-flight all-reduces fail."""
@@ -427,22 +360,3 @@ class GrpcExchange:
     def __exit__(self, *exc) -> None:
         self.close()
 
-
-class _RefusalLog(grpc.ServerInterceptor):
-    """herd.auth's ServerAuth, remembering which ranks it refused (a peer started with another
-    secret should read as that, not as a peer that never came up)."""
-
-    def __init__(self, secret: str):
-        self._auth = ServerAuth(secret)
-        self._secret = secret
-        self.ranks: set[int] = set()
-
-    def intercept_service(self, continuation, handler_call_details):
-        metadata = dict(handler_call_details.invocation_metadata or ())
-        claimed = metadata.get(_RANK_KEY, "")
-        if claimed.isdigit():
-            try:
-                check_token(self._secret, handler_call_details.method, metadata.get(METADATA_KEY))
-            except AuthError:
-                self.ranks.add(int(claimed))
-        return self._auth.intercept_service(continuation, handler_call_details)
