@@ -91,8 +91,9 @@ JOB = {"model": "x", "num_layers": -1, "batch_size": 2, "max_seq_length": 256}
 CASES = {
     # name: (arch, hidden, layers, vocab, dtype, job overrides)
     "lora-fp32": ("llama", 256, 4, 2048, "float32", {}),
-    "lora-bf16-qwen2": ("qwen2", 256, 4, 2048, "bfloat16", {"num_layers": 2}),
-    "lora-rank64-bf16": ("llama", 256, 4, 2048, "bfloat16", {"lora_parameters": {"rank": 64}}),
+    "lora-bf16-qwen2": ("qwen2", 256, 4, 2048, "bfloat16", {"num_layers": 2, "batch_size": 1}),
+    "lora-rank64-bf16": ("llama", 256, 4, 2048, "bfloat16",
+                         {"lora_parameters": {"rank": 64}, "batch_size": 1}),
     "qlora-4bit": ("llama", 128, 2, 2048, "bfloat16",
                    {"quantize": {"bits": 4, "group_size": 64}, "batch_size": 1}),
     "long-seq-1024": ("llama", 128, 2, 1024, "float32", {"max_seq_length": 1024, "batch_size": 1}),
@@ -100,7 +101,7 @@ CASES = {
 # With grad_checkpoint the order in which MLX recomputes a block and frees the logits varies, and
 # the additive model (everything alive at once) over-predicts by up to ~20%: safe for placement.
 CHECKPOINTED = {
-    "grad-checkpoint-bf16": ("llama", 256, 4, 2048, "bfloat16", {"grad_checkpoint": True, "batch_size": 4}),
+    "grad-checkpoint-bf16": ("llama", 256, 4, 2048, "bfloat16", {"grad_checkpoint": True}),
 }
 
 
