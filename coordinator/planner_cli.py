@@ -37,7 +37,7 @@ def _workers(spec: str | None, macos: bool) -> list[WorkerMemory]:
     for i, gb in enumerate(sizes):
         total = int(gb * GIB)  # a "64 GB" Mac has 64 GiB
         usable = macos_usable_bytes(total) if macos else total
-        out.append(WorkerMemory(f"w{i}-{gb:g}GB", usable))
+        out.append(WorkerMemory(f"w{i}-{gb:.0f}GB", usable))
     return out
 
 
