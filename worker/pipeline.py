@@ -9,10 +9,15 @@ The last stage computes the loss as the lead's trainer does, the *sum* of per-to
 stage divides its gradient sums by the global token count (it holds the same batch and counts the
 same targets), so the update equals one process's to float rounding.
 
-Run a stage: ``python -m worker.pipeline CONFIG --adapter-path DIR`` under MLX_RANK + MLX_HOSTFILE
-(rank = stage; ring neighbours are pipeline neighbours). Each stage writes its adapter piece
-(global parameter names) to DIR/stages/stage-NN/; ``merge_stage_adapters`` joins them into one
-mlx-lm adapter folder.
+Run a stage: ``python -m worker.pipeline CONFIG --adapter-path DIR [--stage-layers 0:3,3:4]
+[--data-parallel 2] [--resume DIR]`` under MLX_RANK + MLX_HOSTFILE (which rank runs which stage of
+which replica: worker/pipeline_link.py ``Topology``). Every ``save_every`` steps each stage of
+replica 0 writes DIR/stages/stage-NN/: an atomic checkpoint in the lead's format (adapter with
+stage-local names, optimizer state, step, manifest) for resuming that stage, and beside it its
+adapter piece with the full model's names; ``merge_stage_adapters`` joins the pieces into one
+mlx-lm adapter folder (rank 0 does so into DIR when the pieces share a disk). Metrics (the
+contract's train/checkpoint/done events) come from the rank that holds the loss; each rank adds a
+``stage_done`` line with its timings and peak memory.
 """
 
 from __future__ import annotations
