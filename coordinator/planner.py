@@ -74,6 +74,23 @@ class Plan:
     microbatches: int = 1  # per replica and optimizer step (GPipe); 1 without pipelining
     estimates: dict[str, MemoryEstimate] = field(default_factory=dict)
 
+    def ring_order(self) -> list[str]:
+        """Worker ids in MLX-ring rank order for ``python -m worker.pipeline``: replica 0's
+        stages forward, then replica 1's backward, so every pipeline hop and every replica pair
+        are ring neighbours (worker/pipeline_link.py Topology). Data parallel only: replica order."""
+        if self.pipeline_stages == 1:
+            return [rep[0] for rep in self.assignments]
+        if self.data_parallel > 2:
+            raise PlacementError(
+                f"{self.data_parallel} x {self.pipeline_stages} needs a transport that reaches any "
+                "peer; the MLX ring carries at most 2 pipelines",
+                hint="pin cluster.parallelism.data to 1 or 2",
+            )
+        order = list(self.assignments[0])
+        if self.data_parallel == 2:
+            order += list(reversed(self.assignments[1]))
+        return order
+
 
 @dataclass(frozen=True)
 class ModelShape:

@@ -175,6 +175,8 @@ def test_layout_uses_fewest_stages_and_splits_by_memory():
     assert sorted(w for rep in plan.assignments for w in rep) == ["a", "b", "c", "d"]
     for w in mixed:
         assert plan.peak_bytes_per_worker[w.worker_id] <= w.memory_bytes * 0.9
+    (r0s0, r0s1), (r1s0, r1s1) = plan.assignments
+    assert plan.ring_order() == [r0s0, r0s1, r1s1, r1s0]  # ring ranks 0..3 (pipeline_link.Topology)
 
     q = parse_config({"batch_size": 2, "quantize": {"bits": 4}, "grad_checkpoint": True,
                       "max_seq_length": 1024})
