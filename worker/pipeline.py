@@ -57,7 +57,7 @@ class StepResult:
 
 
 def gpipe_step(stage: Stage, link: Link, batch: mx.array, lengths: mx.array,
-               microbatches: int) -> StepResult:
+               microbatches: int, seed: int = 0) -> StepResult:
     """One optimizer step's gradients: all microbatches forward, then all backward (GPipe)."""
     spec = stage.spec
     rows = batch.shape[0]
@@ -98,7 +98,13 @@ def gpipe_step(stage: Stage, link: Link, batch: mx.array, lengths: mx.array,
     # stages before it (done with their forwards) run their backwards on the earlier ones.
     inputs = [b[:, :-1] if spec.first else link.recv(shape, dtype, spec.index - 1) for b, _ in mbs] \
         if spec.last else None
+
+    def reseed(i: int) -> None:
+        # LoRA dropout draws masks: a recomputed microbatch must draw the ones its forward drew.
+        mx.random.seed((seed * 1_000_003 + spec.index * 10_007 + i) % (2**63))
+
     for i, (b, lens) in enumerate(mbs):
+        reseed(i)
         tic = time.perf_counter()
         if spec.last:
             x = inputs[i]
@@ -122,9 +128,10 @@ def gpipe_step(stage: Stage, link: Link, batch: mx.array, lengths: mx.array,
             mx.eval(y)
             compute += time.perf_counter() - tic
             if spec.trains:
-                saved.append(x)
+                saved.append((i, x))
             link.send(y, spec.index + 1)
-    for x in saved:  # empty on the last stage and on stages that do not train
+    for i, x in saved:  # empty on the last stage and on stages that do not train
+        reseed(i)
         ct = link.recv(shape, dtype, spec.index + 1)
         tic = time.perf_counter()
         _, gp, dx = grads_of(run, x, ct)
@@ -175,10 +182,10 @@ def train_stage(job: JobConfig, stage: Stage, link: Link, train_set, microbatche
     acc, acc_tokens, acc_loss = None, 0, 0.0
     t_step = time.perf_counter()
     for it in range(start + 1, last + 1):
-        mx.random.seed((job.seed * 1_000_003 + dp_rank * 10_007 + it) % (2**63))
+        step_seed = (job.seed * 1_000_003 + dp_rank * 10_007 + it) % (2**63)
         batch, lengths = next(batches)
         tic = time.perf_counter()
-        res = gpipe_step(stage, link, batch, lengths, microbatches)
+        res = gpipe_step(stage, link, batch, lengths, microbatches, seed=step_seed)
         run.compute_seconds += res.compute_seconds
         run.step_compute_seconds.append(res.compute_seconds)
         acc = res.grads if acc is None else tree_map(mx.add, acc, res.grads)
