@@ -357,7 +357,7 @@ def test_killing_a_rank_mid_exchange_fails_the_others_within_the_deadline(ranks)
     killed_at = time.time()
     assert_peer_lost(group, [0, 1], culprit=2, since=killed_at, deadline_s=deadline_s)
     # A killed peer breaks its TCP streams: found at once, not at the deadline.
-    assert max(group.of(r, "error")[0]["t"] for r in (0, 1)) - killed_at < 3.0
+    assert max(group.of(r, "error")[0]["t"] for r in (0, 1)) - killed_at < 5.0
 
 
 @pytest.mark.slow
