@@ -1,0 +1,186 @@
+"""Training throughput: herd vs mlx_lm.lora, 2 ranks vs 1, OpenBLAS vs reference BLAS.
+
+Run by hand (not a test):  uv run python bench/train_throughput.py [--iters 16] [--quick]
+Writes bench/results/train-throughput-<date>.md with the machine noted. Every ratio compares two
+runs made in this one invocation, on this machine.
+
+- herd vs mlx_lm.lora: same ~100M llama-shaped model, data, config and seed, one process each,
+  both compiled (the production path). mlx_lm.lora's own train() is called through its own
+  train_model() with a callback to read its tokens/sec; herd runs as the CLI (`herd train`).
+- 2 ranks vs 1 rank, each rank pinned to its own core (taskset, OPENBLAS_NUM_THREADS=1), ranks
+  started directly with MLX_RANK + MLX_HOSTFILE (shared/FACTS.md: mlx.launch's relaying costs).
+- OpenBLAS preloaded vs not, on a smaller model (the reference BLAS is ~25x slower).
+Throughput excludes the first report window (compilation of new shapes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from herd.tiny import ANIMALS, facts, make_tiny_model  # noqa: E402
+
+
+def long_text_data(out: Path, n_train: int = 256, words: int = 300, seed: int = 0) -> Path:
+    """Records of ~`words` words (a few hundred tokens), so matmuls, not overheads, dominate."""
+    out.mkdir(parents=True, exist_ok=True)
+    rng, table = random.Random(seed), facts()
+    for split, n in (("train", n_train), ("valid", 16)):
+        with open(out / f"{split}.jsonl", "w") as f:
+            for _ in range(n):
+                k = rng.randint(words // 2, words)
+                text = " ".join(f"the {a} is {table[a]}." for a in rng.choices(ANIMALS, k=k // 4))
+                f.write(json.dumps({"text": text}) + "\n")
+    return out
+
+
+def job(path: Path, model: Path, data: Path, iters: int, adapter: Path, **kw) -> Path:
+    cfg = {
+        "model": str(model), "data": str(data), "train": True, "fine_tune_type": "lora",
+        "num_layers": -1, "batch_size": 4, "iters": iters, "learning_rate": 1e-4,
+        "steps_per_report": 4, "steps_per_eval": 100000, "val_batches": 1, "save_every": iters,
+        "seed": 0, "max_seq_length": 512, "adapter_path": str(adapter),
+        "lora_parameters": {"rank": 8, "scale": 20.0, "dropout": 0.0},
+    }
+    cfg.update(kw)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def steady_tok_s(events: list[dict]) -> float:
+    train = [e for e in events if e.get("event") == "train"][1:]  # skip the compile window
+    return sum(e["tokens_per_second"] * e["step_seconds"] for e in train) / sum(e["step_seconds"] for e in train)
+
+
+def run_herd(cfg: Path, ranks: int = 1, pin: bool = False, env_extra: dict | None = None) -> dict:
+    metrics = cfg.with_suffix(".jsonl")
+    metrics.unlink(missing_ok=True)
+    base_env = {**os.environ, **(env_extra or {})}
+    procs, t0 = [], time.perf_counter()
+    if ranks > 1:
+        ports = []
+        for _ in range(ranks):
+            s = socket.socket(); s.bind(("127.0.0.1", 0)); ports.append(s.getsockname()[1]); s.close()
+        hostfile = cfg.with_suffix(".hosts.json")
+        hostfile.write_text(json.dumps([f"127.0.0.1:{p}" for p in ports]))
+    for r in range(ranks):
+        env = dict(base_env)
+        if ranks > 1:
+            env.update(MLX_RANK=str(r), MLX_WORLD_SIZE=str(ranks), MLX_HOSTFILE=str(hostfile))
+        if pin:
+            env["OPENBLAS_NUM_THREADS"] = "1"
+        cmd = [sys.executable, "-m", "herd", "train", str(cfg), "--quiet", "--metrics-file", str(metrics)]
+        if pin:
+            cmd = ["taskset", "-c", str(r % os.cpu_count()), *cmd]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        _, err = p.communicate()
+        if p.returncode:
+            raise SystemExit(f"herd train failed:\n{err[-3000:]}")
+    wall = time.perf_counter() - t0
+    events = [json.loads(l) for l in metrics.read_text().splitlines()]
+    events = [e for e in events if e.get("rank", 0) == 0]
+    return {"tok_s": steady_tok_s(events), "wall_s": wall}
+
+
+MLX_LM_RUNNER = r"""
+import json, sys, types, yaml, numpy as np
+from mlx_lm import lora
+from mlx_lm.tuner.datasets import load_dataset
+from mlx_lm.utils import load
+cfg = yaml.safe_load(open(sys.argv[1]))
+args = dict(lora.CONFIG_DEFAULTS); args.update(cfg); args = types.SimpleNamespace(**args)
+events = []
+class CB:
+    def on_train_loss_report(self, info):
+        events.append({"event": "train", **info, "step_seconds": args.steps_per_report / info["iterations_per_second"]})
+    def on_val_loss_report(self, info): pass
+np.random.seed(args.seed)
+model, tok = load(args.model)
+train_set, valid_set, _ = load_dataset(args, tok)
+lora.train_model(args, model, train_set, valid_set, training_callback=CB())
+json.dump(events, open(sys.argv[2], "w"))
+"""
+
+
+def run_mlx_lm(cfg: Path) -> dict:
+    out = cfg.with_suffix(".mlxlm.json")
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-c", MLX_LM_RUNNER, str(cfg), str(out)],
+                       env=__import__("worker.blas", fromlist=["x"]).preload_env(),
+                       capture_output=True, text=True)
+    if p.returncode:
+        raise SystemExit(f"mlx_lm.lora failed:\n{p.stderr[-3000:]}")
+    return {"tok_s": steady_tok_s(json.loads(out.read_text())), "wall_s": time.perf_counter() - t0}
+
+
+def machine() -> str:
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor()
+    import mlx.core as mx
+    return f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, mlx {mx.__version__}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--iters", type=int, default=16)
+    ap.add_argument("--hidden", type=int, default=768)
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--skip", default="", help="comma list of: mlxlm,ranks,blas")
+    ap.add_argument("--note", default="")
+    a = ap.parse_args()
+    skip = set(filter(None, a.skip.split(",")))
+    tmp = Path(tempfile.mkdtemp(prefix="herd-bench-"))
+    model = make_tiny_model(tmp / "model", "llama", layers=a.layers, hidden=a.hidden, intermediate=a.hidden * 4)
+    n_params = sum(os.path.getsize(model / "model.safetensors") for _ in [0]) // 4
+    data = long_text_data(tmp / "data")
+    rows = []
+
+    if "mlxlm" not in skip:
+        h = run_herd(job(tmp / "h.yaml", model, data, a.iters, tmp / "h"))
+        m = run_mlx_lm(job(tmp / "m.yaml", model, data, a.iters, tmp / "m"))
+        rows.append(("herd (1 process) vs mlx_lm.lora", f"{h['tok_s']:.1f}", f"{m['tok_s']:.1f}", h["tok_s"] / m["tok_s"], "≥ 1.0"))
+    if "ranks" not in skip:
+        one = run_herd(job(tmp / "r1.yaml", model, data, a.iters, tmp / "r1"), ranks=1, pin=True)
+        two = run_herd(job(tmp / "r2.yaml", model, data, a.iters, tmp / "r2", cluster={"exchange": "mlx"}), ranks=2, pin=True)
+        rows.append(("2 ranks vs 1 rank, 1 core each", f"{two['tok_s']:.1f}", f"{one['tok_s']:.1f}", two["tok_s"] / one["tok_s"], "≥ 1.9"))
+    if "blas" not in skip:
+        small = make_tiny_model(tmp / "small", "llama", layers=4, hidden=256)
+        ob = run_herd(job(tmp / "b1.yaml", small, data, 8, tmp / "b1", max_seq_length=256))
+        ref = run_herd(job(tmp / "b0.yaml", small, data, 8, tmp / "b0", max_seq_length=256), env_extra={"HERD_NO_OPENBLAS": "1"})
+        rows.append(("OpenBLAS preloaded vs reference BLAS (4 x 256 llama)", f"{ob['tok_s']:.1f}", f"{ref['tok_s']:.1f}", ob["tok_s"] / ref["tok_s"], "-"))
+
+    date = dt.date.today().isoformat()
+    lines = [
+        f"# Training throughput, {date}", "",
+        f"Machine: {machine()}.", f"Model: llama, hidden {a.hidden}, {a.layers} layers, ~{n_params/1e6:.0f}M parameters "
+        f"(fp32); LoRA rank 8 on all layers; batch 4, max_seq_length 512, {a.iters} iterations, compiled; "
+        "tok/s excludes the first report window.", a.note, "",
+        "| comparison | herd tok/s | baseline tok/s | ratio | goal |", "|---|---|---|---|---|",
+    ]
+    lines += [f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.2f} | {r[4]} |" for r in rows]
+    out = REPO / "bench" / "results" / f"train-throughput-{date}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
