@@ -10,6 +10,7 @@ from coordinator.domain import (
     JobEvent,
     JobState,
     RankProgress,
+    StagePiece,
     WorkerRecord,
 )
 from protos.v1 import common_pb2
@@ -70,6 +71,15 @@ def checkpoint_to_pb(c: Checkpoint) -> common_pb2.CheckpointInfo:
 def checkpoint_from_pb(m: common_pb2.CheckpointInfo) -> Checkpoint:
     return Checkpoint(job_id=m.job_id, step=m.step, created_ms=m.created_unix_ms,
                       files=[digest_from_pb(f) for f in m.files])
+
+
+def stage_to_pb(p: StagePiece) -> common_pb2.StagePiece:
+    return common_pb2.StagePiece(index=p.index, count=p.count,
+                                 layers=common_pb2.LayerRange(start=p.start, end=p.end))
+
+
+def stage_from_pb(m: common_pb2.StagePiece) -> StagePiece:
+    return StagePiece(index=m.index, count=m.count, start=m.layers.start, end=m.layers.end)
 
 
 def job_to_pb(job: Job, ranks: list[RankProgress] = (),

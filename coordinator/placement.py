@@ -2,15 +2,17 @@
 PlacementError that says what is missing.
 
 When the memory planner (coordinator/planner.py) is present and the model's config.json is
-readable here, it decides the layout; otherwise every rank holds the whole model (data parallel)
-and the need is estimated from the weight files' size.
+readable here, it decides the layout: data parallel, pipeline stages, or data x pipeline (ranks
+in the MLX ring order the pipeline's topology expects, each stage's blocks); otherwise every rank
+holds the whole model (data parallel), the need is estimated from the weight files' size, and a
+pipeline is refused (its cut needs the block count).
 """
 
 from __future__ import annotations
 
 import importlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from coordinator.domain import WorkerRecord
@@ -24,8 +26,16 @@ GB = 1024**3
 
 @dataclass(frozen=True)
 class Placement:
-    worker_ids: list[str]   # rank order
+    worker_ids: list[str]   # rank order (for pipelines: the MLX ring order, Plan.ring_order)
     bytes_per_worker: int
+    # Pipelines: blocks [start, end) per stage, in stage order; empty: data parallel only (or an
+    # even cut the rank makes itself when no config.json is readable here).
+    stage_layers: list[tuple[int, int]] = field(default_factory=list)
+    data_parallel: int = 1  # pipelines (replicas) when stage_layers is set
+
+    @property
+    def pipeline_stages(self) -> int:
+        return max(1, len(self.stage_layers))
 
 
 def workers_needed(cfg: JobConfig) -> int:
@@ -77,7 +87,8 @@ def place(cfg: JobConfig, workers: list[WorkerRecord]) -> Placement:
             + f": missing {need - len(idle)}",
             hint="start more `herd worker`s with the cluster secret, or lower cluster.workers",
         )
-    dp = cfg.cluster.data_parallel() or need // cfg.cluster.pipeline_stages()
+    stages = cfg.cluster.pipeline_stages()
+    dp = cfg.cluster.data_parallel() or need // stages
     if dp and cfg.batch_size % dp:
         raise PlacementError(
             f"batch_size {cfg.batch_size} does not split over {dp} data-parallel ranks",
@@ -88,6 +99,12 @@ def place(cfg: JobConfig, workers: list[WorkerRecord]) -> Placement:
     config_json = Path(cfg.model).expanduser() / "config.json"
     if planner is not None and config_json.exists():
         return _place_with_planner(planner, cfg, ranked[:need], json.loads(config_json.read_text()))
+    if stages > 1:
+        # The cut, the ring order and the stage pieces' merge all need the block count.
+        raise PlacementError(
+            f"cutting {cfg.model} into {stages} pipeline stages needs its config.json, which the "
+            "coordinator cannot read",
+            hint="keep the model folder at the same path on the coordinator as on the workers")
     per_worker = int(model_bytes(cfg.model) * OVERHEAD)
     chosen = ranked[:need]
     short = [w for w in chosen if per_worker > usable_bytes(w)]
@@ -104,14 +121,13 @@ def _place_with_planner(planner, cfg: JobConfig, chosen: list[WorkerRecord],
                         model_config: dict) -> Placement:
     mem = [planner.WorkerMemory(worker_id=w.worker_id, memory_bytes=usable_bytes(w)) for w in chosen]
     plan = planner.plan_job(model_config, cfg, mem)
-    if plan.pipeline_stages > 1:
-        # The rank process trains data-parallel only for now; never start a layout it cannot run.
+    peak = int(max(plan.peak_bytes_per_worker.values(), default=0))
+    ids = plan.ring_order()  # PlacementError for a layout the MLX ring cannot carry
+    if plan.pipeline_stages == 1:
+        return Placement(ids, peak)
+    if cfg.cluster.exchange == "grpc":
         raise PlacementError(
-            f"the model fits only cut into {plan.pipeline_stages} pipeline stages, and pipeline "
-            "training is not available in this version",
-            hint="quantize the base (quantize: {bits: 4}), enable grad_checkpoint, or use "
-            "workers with more memory",
-        )
-    ids = [replica[0] for replica in plan.assignments]
-    peak = max(plan.peak_bytes_per_worker.values(), default=0)
-    return Placement(ids, int(peak))
+            f"{plan.data_parallel} x {plan.pipeline_stages} (data x pipeline): pipeline stages "
+            "pass activations over the MLX ring, and cluster.exchange is grpc",
+            hint="use cluster.exchange: mlx (or auto) for pipeline jobs")
+    return Placement(ids, peak, [tuple(s) for s in plan.stage_layers], plan.data_parallel)

@@ -202,7 +202,10 @@ class GrpcLauncher:
             world_size=len(launch.ring_hosts), config_yaml=job.config_yaml,
             coordinator=self._address(), ring_hosts=launch.ring_hosts,
             exchange_peers=launch.exchange_peers, resume_step=launch.resume_step,
+            data_parallel=launch.data_parallel,
         )
+        for start, end in launch.stage_layers:
+            req.stage_layers.add(start=start, end=end)
         for d in job.dataset:
             req.dataset.add(name=d.name, sha256=d.sha256, bytes=d.bytes)
         self._registry.client(launch.worker.worker_id).start_rank(req)

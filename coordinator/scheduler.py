@@ -42,6 +42,8 @@ class RankLaunch:
     ring_hosts: list[str]
     exchange_peers: list[str]
     resume_step: int = 0  # > 0: resume from this stored checkpoint
+    stage_layers: tuple[tuple[int, int], ...] = ()  # pipelines: blocks per stage
+    data_parallel: int = 1
 
 
 class Launcher(Protocol):
@@ -79,11 +81,14 @@ def decide_queued(job: Job, workers: list[WorkerRecord], now_ms: int,
 
 def launches(job: Job, placement: Placement, workers: dict[str, WorkerRecord],
              resume_step: int = 0) -> list[RankLaunch]:
-    """One launch per rank, with the MLX ring hostfile and exchange peers in rank order."""
+    """One launch per rank, with the MLX ring hostfile and exchange peers in rank order (for a
+    pipeline, the placement's ring order) and, for a pipeline, every stage's blocks."""
     chosen = [workers[w] for w in placement.worker_ids]
     ring = [f"{w.host}:{w.ring_port}" for w in chosen]
     peers = [f"{w.host}:{w.exchange_port}" for w in chosen]
-    return [RankLaunch(job, r, w, ring, peers, resume_step) for r, w in enumerate(chosen)]
+    stages = tuple(tuple(s) for s in placement.stage_layers)
+    return [RankLaunch(job, r, w, ring, peers, resume_step, stages, placement.data_parallel)
+            for r, w in enumerate(chosen)]
 
 
 # A rank killed by a signal, a lost peer (PeerLostError's exit code) or a lost worker is worth
@@ -95,6 +100,10 @@ def should_restart(job: Job, max_restarts: int, exit_code: int | None) -> bool:
     """``exit_code`` None: the worker itself was lost."""
     retryable = exit_code is None or exit_code < 0 or exit_code in RETRYABLE_EXIT_CODES
     return retryable and job.attempt <= max_restarts
+
+
+def _cut(spans) -> str:
+    return ",".join(f"{a}:{b}" for a, b in spans)
 
 
 def check_transition(job: Job, to: JobState) -> None:
@@ -235,8 +244,11 @@ class Scheduler:
             ckpts = self.store.checkpoints(job.job_id) if job.attempt > 1 else []
             resume = ckpts[-1].step if ckpts else 0
             self.store.start_attempt(job.job_id, job.attempt, job.worker_ids, self.now_ms())
+            layout = (f" as {decision.data_parallel} x {decision.pipeline_stages} (data x "
+                      f"pipeline), blocks {_cut(decision.stage_layers)}"
+                      if decision.stage_layers else "")
             self._set_state(job, JobState.PLACING, f"starting {len(job.worker_ids)} ranks on "
-                            + ", ".join(job.worker_ids)
+                            + ", ".join(job.worker_ids) + layout
                             + (f", resuming from checkpoint {resume}" if resume else ""))
             plan = launches(job, decision, {w.worker_id: w for w in workers}, resume)
         # Start all ranks together, outside the lock (workers report back while we wait).

@@ -185,10 +185,19 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         files = [FileDigest(f.name, f.sha256, f.bytes) for f in h.files]
         chunks = ((m.chunk.name, m.chunk.data) for m in request_iterator
                   if m.WhichOneof("part") == "chunk")
-        checkpoint = self.adapters.receive(h.job_id, h.step, files, chunks, self.scheduler.now_ms())
+        now = self.scheduler.now_ms()
+        if h.HasField("stage"):
+            piece = convert.stage_from_pb(h.stage)
+            checkpoint = self.adapters.receive_piece(h.job_id, h.step, piece, files, chunks, now)
+            logger.info("stage_piece_stored", job_id=h.job_id, step=h.step, stage=piece.index,
+                        stages=piece.count, merged=checkpoint is not None)
+            if checkpoint is None:  # the step's adapter waits for the other stages' pieces
+                return coordinator_pb2.PutCheckpointReply()
+        else:
+            checkpoint = self.adapters.receive(h.job_id, h.step, files, chunks, now)
         self.scheduler.on_checkpoint(checkpoint)
         logger.info("checkpoint_stored", job_id=h.job_id, step=h.step,
-                    bytes=sum(f.bytes for f in files))
+                    bytes=sum(f.bytes for f in checkpoint.files))
         return coordinator_pb2.PutCheckpointReply(checkpoint=convert.checkpoint_to_pb(checkpoint))
 
     @_stream
@@ -204,6 +213,16 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                 + (f" at step {request.step}" if request.step else ""),
                 hint=f"stored steps: {have}" if have else "it has not saved one yet")
         c = checkpoints[-1]
+        if request.HasField("stage"):
+            # A pipeline stage resuming: its own piece (stage-local names, optimizer state).
+            piece, c = self.adapters.piece(request.job_id, c.step, request.stage.index)
+            header = convert.checkpoint_to_pb(c)
+            header.stage.CopyFrom(convert.stage_to_pb(piece))
+            yield coordinator_pb2.GetAdapterReply(header=header)
+            for name, block in self.adapters.piece_files(request.job_id, c.step, piece.index):
+                yield coordinator_pb2.GetAdapterReply(
+                    chunk=common_pb2.FileChunk(name=name, data=block))
+            return
         yield coordinator_pb2.GetAdapterReply(header=convert.checkpoint_to_pb(c))
         for name, block in self.adapters.files(c):
             yield coordinator_pb2.GetAdapterReply(chunk=common_pb2.FileChunk(name=name, data=block))

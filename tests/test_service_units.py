@@ -4,6 +4,7 @@ launcher and clock, the SQLite store across a reopen, and the adapter store's ch
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ from coordinator.domain import (
 from coordinator.scheduler import Scheduler
 from coordinator.store import JobStore
 from herd.client_rpc import ChecksumError
-from herd.errors import DatasetError, HerdError, NotFoundError
+from herd.errors import DatasetError, HerdError, NotFoundError, PlacementError
 
 GB = 1024**3
 
@@ -323,3 +324,143 @@ def test_submit_exit_codes_for_bad_config_and_dataset(tmp_path, tiny_model, caps
     # Valid: now it tries the (absent) coordinator and says so, with exit code 5.
     assert client.main(["submit", str(cfg), "--coordinator", "127.0.0.1:1"]) == 5
     assert "unreachable" in capsys.readouterr().err
+
+
+# --- pipelines -------------------------------------------------------------------------------
+
+def _pinned(j: Job, **cluster) -> Job:
+    cfg = yaml.safe_load(j.config_yaml)
+    cfg["cluster"] = cluster
+    j.config_yaml = yaml.safe_dump(cfg)
+    return j
+
+
+def test_a_pipeline_job_starts_every_stage_with_its_blocks(rig, tiny_model):
+    s, workers, launcher, _ = rig
+    workers += [worker(1), worker(2, mem=32 * GB)]
+    j = s.submit(_pinned(job(model=str(tiny_model)), workers=2,
+                         parallelism={"data": 1, "pipeline": 2}))
+    s.tick()
+    got = s.store.get_job(j.job_id)
+    assert got.state is JobState.RUNNING
+    placing = [e.message for e in s.store.events(j.job_id) if e.state is JobState.PLACING][0]
+    assert placing == "starting 2 ranks on w2, w1 as 1 x 2 (data x pipeline), blocks 0:1,1:2"
+    started = sorted(launcher.started, key=lambda la: la.rank)
+    got = [(la.rank, la.worker.worker_id, la.stage_layers, la.data_parallel) for la in started]
+    assert got == [(0, "w2", ((0, 1), (1, 2)), 1), (1, "w1", ((0, 1), (1, 2)), 1)]
+    assert started[0].ring_hosts == ["10.0.0.2:8002", "10.0.0.1:8001"]
+
+
+def test_two_pipelines_are_laid_on_the_ring_so_every_hop_is_a_neighbour(tiny_model):
+    from coordinator import planner
+    from coordinator.placement import place, usable_bytes
+    from herd.config import parse_config
+
+    cfg = parse_config({"model": str(tiny_model), "batch_size": 4,
+                        "cluster": {"workers": 4, "parallelism": {"data": 2, "pipeline": 2}}})
+    ws = [worker(i, mem=(8 + i) * GB) for i in range(1, 5)]
+    p = place(cfg, ws)
+    plan = planner.plan_job(json.loads((tiny_model / "config.json").read_text()), cfg,
+                            [planner.WorkerMemory(w.worker_id, usable_bytes(w)) for w in ws])
+    # Replica 0's stages 0, 1 on ranks 0, 1; replica 1's stages 1, 0 on ranks 2, 3.
+    assert p.worker_ids == [*plan.assignments[0], *reversed(plan.assignments[1])]
+    assert (p.stage_layers, p.data_parallel, p.pipeline_stages) == ([(0, 1), (1, 2)], 2, 2)
+    wide = parse_config({"model": str(tiny_model), "batch_size": 4,
+                         "cluster": {"workers": 4, "parallelism": {"data": 2, "pipeline": 2},
+                                     "exchange": "grpc"}})
+    with pytest.raises(PlacementError, match="MLX ring"):
+        place(wide, ws)
+
+
+def _stage_checkpoint(folder: Path, step: int, names: list[str], value: float) -> Path:
+    """A stage's checkpoint folder as worker/checkpoint.py writes it (stage-local names)."""
+    import mlx.core as mx
+
+    from worker.checkpoint import write_manifest
+
+    folder.mkdir(parents=True)
+    mx.save_safetensors(str(folder / "adapters.safetensors"),
+                        {n: mx.full((2, 3), value) for n in names})
+    mx.save_safetensors(str(folder / "trainer_state.safetensors"), {"step": mx.array(step)})
+    (folder / "adapter_config.json").write_text('{"num_layers": -1}')
+    (folder / "trainer_state.json").write_text(json.dumps({"iteration": step}))
+    write_manifest(folder, step)
+    return folder
+
+
+@pytest.fixture
+def coordinator_rpc(tmp_path):
+    """A real CoordinatorService on loopback (scheduler, stores; no zeroconf, no workers)."""
+    from concurrent import futures
+
+    import grpc
+
+    from coordinator.registry import Registry
+    from coordinator.service import CoordinatorServicer, add_to_server
+    from herd.auth import SERVER_OPTIONS, ServerAuth, new_secret
+
+    secret = new_secret()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=SERVER_OPTIONS,
+                         interceptors=[ServerAuth(secret)])
+    port = server.add_insecure_port("127.0.0.1:0")
+    s = Scheduler(JobStore(tmp_path / "db"), lambda: [], FakeLauncher(), Clock())
+    add_to_server(CoordinatorServicer(s, Registry(secret), BlobStore(tmp_path / "blobs"),
+                                      AdapterStore(tmp_path / "adapters")), server)
+    server.start()
+    yield f"127.0.0.1:{port}", secret, s
+    server.stop(grace=0).wait()
+
+
+def test_stage_pieces_merge_into_one_adapter_and_each_stage_resumes_from_its_own(
+        tmp_path, coordinator_rpc):
+    import mlx.core as mx
+
+    from herd.client_conn import Coordinator
+    from protos.v1 import common_pb2
+    from worker.checkpoint import verify_manifest
+    from worker.rank_runner import CoordinatorClient, RankProcess, RankSpec
+
+    target, secret, s = coordinator_rpc
+    j = s.submit(job())
+    # Blocks 0:2 and 2:3; each stage names its blocks from 0.
+    a0, a1 = "model.layers.0.q.lora_a", "model.layers.1.q.lora_a"
+    s0 = _stage_checkpoint(tmp_path / "s0", 4, [a0, a1], 1.0)
+    s1 = _stage_checkpoint(tmp_path / "s1", 4, [a0], 2.0)
+
+    def piece(i, start, end):
+        return common_pb2.StagePiece(index=i, count=2,
+                                     layers=common_pb2.LayerRange(start=start, end=end))
+
+    client = CoordinatorClient(target, secret)
+    client.put_checkpoint(j.job_id, 1, 4, s1, piece(1, 2, 3))
+    assert s.store.checkpoints(j.job_id) == []  # waits for stage 0
+    client.put_checkpoint(j.job_id, 1, 4, s0, piece(0, 0, 2))
+    assert [c.step for c in s.store.checkpoints(j.job_id)] == [4]
+    assert "checkpoint 4 stored" in [e.message for e in s.store.events(j.job_id)]
+
+    # `herd pull` gets one mlx-lm adapter with the model's block numbers.
+    conn = Coordinator(target, secret)
+    conn.pull(j.job_id, 0, tmp_path / "pulled")
+    conn.close()
+    merged = mx.load(str(tmp_path / "pulled" / "adapters.safetensors"))
+    assert {k: v[0, 0].item() for k, v in merged.items()} == {
+        a0: 1.0, a1: 1.0, "model.layers.2.q.lora_a": 2.0}
+    assert sorted(p.name for p in (tmp_path / "pulled").iterdir()) == ["adapter_config.json",
+                                                                     "adapters.safetensors"]
+
+    # A restarted stage 1 (rank 1 of a 1 x 2 ring) fetches its own piece, checked and whole.
+    def spec(cut):
+        return RankSpec(job_id=j.job_id, attempt=2, rank=1, world_size=2, config_yaml="",
+                        dataset=[], coordinator=target, ring_hosts=[], exchange_peers=[],
+                        resume_step=4, stage_layers=cut, data_parallel=1)
+
+    rank = RankProcess(spec(((0, 2), (2, 3))), "w1", tmp_path / "worker", secret)
+    resume = rank._fetch_resume()
+    got = resume / "stages" / "stage-01"
+    assert verify_manifest(got)["step"] == 4
+    assert (got / "adapters.safetensors").read_bytes() == (s1 / "adapters.safetensors").read_bytes()
+    # An attempt cut differently cannot resume these pieces, and says why.
+    other = RankProcess(spec(((0, 1), (1, 3))), "w1", tmp_path / "worker2", secret)
+    with pytest.raises(PlacementError, match="resumes only with the same cut"):
+        other._fetch_resume()
+    client.close()

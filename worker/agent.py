@@ -108,6 +108,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             dataset=[(f.name, f.sha256, f.bytes) for f in request.dataset],
             coordinator=request.coordinator, ring_hosts=list(request.ring_hosts),
             exchange_peers=list(request.exchange_peers), resume_step=request.resume_step,
+            stage_layers=tuple((r.start, r.end) for r in request.stage_layers),
+            data_parallel=request.data_parallel or 1,
         )
         try:
             return worker_pb2.StartRankReply(pid=self.worker.start_rank(spec))

@@ -15,9 +15,12 @@ which replica: worker/pipeline_link.py ``Topology``). Every ``save_every`` steps
 replica 0 writes DIR/stages/stage-NN/: an atomic checkpoint in the lead's format (adapter with
 stage-local names, optimizer state, step, manifest) for resuming that stage, and beside it its
 adapter piece with the full model's names; ``merge_stage_adapters`` joins the pieces into one
-mlx-lm adapter folder (rank 0 does so into DIR when the pieces share a disk). Metrics (the
-contract's train/checkpoint/done events) come from the rank that holds the loss; each rank adds a
-``stage_done`` line with its timings and peak memory.
+mlx-lm adapter folder (rank 0 does so into DIR when the pieces share a disk; under the herd
+service each stage uploads its checkpoint and the coordinator merges them). Metrics (the
+contract's train/done events) come from the rank that holds the loss; every stage of replica 0
+reports its own checkpoint events (with stage, stages, layers); each rank adds a ``stage_done``
+line with its timings and peak memory. ``herd train`` runs this entry under a launcher when the
+job is cut into stages (worker/train_cli.py).
 """
 
 from __future__ import annotations
@@ -34,10 +37,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
+from herd.adapter_merge import merge_stage_adapters
 from herd.config import JobConfig
 from herd.errors import ConfigError, HerdError
 from worker.pipeline_link import Link, MLXLink, Topology
-from worker.pipeline_merge import merge_stage_adapters
 from worker.pipeline_stage import Stage, StageSpec, build_stage, even_split
 
 __all__ = ["gpipe_step", "train_stage", "save_stage_adapter", "merge_stage_adapters", "Topology"]
@@ -263,6 +266,8 @@ def main(argv: list[str]) -> int:
                    help="per step and pipeline (default: one example each)")
     p.add_argument("--data-parallel", type=int, default=1, help="pipelines (replicas): 1 or 2")
     p.add_argument("--iters", type=int)
+    p.add_argument("--model", help="override the config's model")
+    p.add_argument("--data", help="override the config's data folder")
     p.add_argument("--resume", type=Path, help="an adapter path whose stages/ hold checkpoints")
     p.add_argument("--metrics-file", type=Path)
     args = p.parse_args(argv)
@@ -281,7 +286,7 @@ def _run(args) -> int:
     from herd.config import load_config
     from worker.model import read_model_config
 
-    job = load_config(args.config, {"iters": args.iters})
+    job = load_config(args.config, {"iters": args.iters, "model": args.model, "data": args.data})
     group = mx.distributed.init(strict=True)
     topo = Topology.of(group.rank(), group.size(), args.data_parallel)
     stages, index = topo.stages, topo.stage
@@ -301,15 +306,15 @@ def _run(args) -> int:
         raise ConfigError(f"batch_size {job.batch_size} does not split over {topo.replicas} pipelines")
     reports = topo.replica == 0 and spec.last  # the rank that holds the loss
 
-    def emit(event: str, **info) -> None:
-        if args.metrics_file and reports:
+    def emit(event: str, every_stage: bool = False, **info) -> None:
+        if args.metrics_file and (reports or (every_stage and topo.replica == 0)):
             with open(args.metrics_file, "a") as f:
                 f.write(json.dumps({"event": event, **info, "rank": group.rank()}) + "\n")
                 f.flush()
 
     def on_step(info: dict) -> None:
         if info["iteration"] % job.steps_per_report == 0 or info["iteration"] == job.iters:
-            emit("train", **info)
+            emit("train", **info, exchange="mlx", world_size=group.size())
 
     from worker.checkpoint import TrainerState, load_checkpoint, resolve_resume, save_checkpoint
     from worker.model import adapter_config, build_optimizer
@@ -326,11 +331,14 @@ def _run(args) -> int:
         # Replicas hold identical adapters; replica 0 writes the pieces. The checkpoint folder
         # keeps stage-local names (for resuming this stage); the piece beside it has the full
         # model's names (for merging).
+        # Every stage of replica 0 reports its own checkpoint folder (the herd worker agent
+        # uploads it to the coordinator as this stage's piece of step ``it``).
         if topo.replica == 0:
-            save_checkpoint(out, stage.model, opt, adapter_config(job),
-                            TrainerState(it, trained, job.seed, group.size()))
+            folder = save_checkpoint(out, stage.model, opt, adapter_config(job),
+                                     TrainerState(it, trained, job.seed, group.size()))
             save_stage_adapter(stage, job, out)
-            emit("checkpoint", step=it, path=str(out))
+            emit("checkpoint", every_stage=True, step=it, path=str(folder), stage=index,
+                 stages=stages, layers=[spec.start, spec.end])
 
     run = train_stage(job, stage, MLXLink(group, topo), CacheDataset(train_set),
                       args.microbatches or job.batch_size // topo.replicas,
@@ -347,7 +355,7 @@ def _run(args) -> int:
         with open(args.metrics_file, "a") as f:
             f.write(json.dumps({
                 "event": "stage_done", "rank": group.rank(), "stage": index, "replica": topo.replica,
-                "layers": [start, end], "losses": run.losses,
+                "layers": [spec.start, spec.end], "losses": run.losses,
                 "step_seconds": run.step_seconds, "link_seconds": run.link_seconds,
                 "step_compute_seconds": run.step_compute_seconds,
                 "compute_seconds": run.compute_seconds, "load_peak_bytes": load_peak,

@@ -52,6 +52,12 @@ class RankSpec:
     ring_hosts: list[str]
     exchange_peers: list[str]
     resume_step: int = 0  # > 0: resume from this checkpoint, fetched from the coordinator
+    stage_layers: tuple[tuple[int, int], ...] = ()  # pipelines: blocks per stage; () = whole model
+    data_parallel: int = 1  # pipelines in the ring when stage_layers is set
+
+    @property
+    def pipelined(self) -> bool:
+        return len(self.stage_layers) > 1
 
 
 def safe_name(name: str) -> str:
@@ -103,7 +109,14 @@ class CoordinatorClient:
         with rpc_errors(self.target):
             return self._stub.ReportRank(req, timeout=UNARY_DEADLINE_S).stop
 
-    def put_checkpoint(self, job_id: str, attempt: int, step: int, folder: Path) -> None:
+    def pull_stage_piece(self, job_id: str, step: int, stage: int, folder: Path
+                         ) -> common_pb2.StagePiece:
+        from worker.pipeline_rank import pull_stage_piece
+
+        return pull_stage_piece(self._stub, self.target, job_id, step, stage, folder)
+
+    def put_checkpoint(self, job_id: str, attempt: int, step: int, folder: Path,
+                       stage: common_pb2.StagePiece | None = None) -> None:
         manifest = json.loads((folder / "manifest.json").read_text())
         names = sorted(manifest["files"]) + ["manifest.json"]
         files = []
@@ -114,7 +127,7 @@ class CoordinatorClient:
 
         def parts() -> Iterator[coordinator_pb2.PutCheckpointRequest]:
             header = coordinator_pb2.CheckpointHeader(job_id=job_id, attempt=attempt, step=step,
-                                                      files=files)
+                                                      files=files, stage=stage)
             yield coordinator_pb2.PutCheckpointRequest(header=header)
             for name in names:
                 with open(folder / name, "rb") as f:
@@ -180,10 +193,23 @@ class RankProcess:
         return self.dir / "config.yaml"
 
     def _fetch_resume(self) -> Path:
-        """The checkpoint to resume from, pulled from the coordinator (sha256-checked)."""
-        folder = self.dir / "resume" / f"{self.spec.resume_step:07d}"
-        self._client.pull_checkpoint(self.spec.job_id, self.spec.resume_step, folder)
-        self.log.info("resume_checkpoint_fetched", step=self.spec.resume_step)
+        """The checkpoint to resume from, pulled from the coordinator (sha256-checked). A
+        pipeline stage fetches its own stage's piece into resume/<step>/stages/stage-NN/, where
+        ``--resume resume/<step>`` finds it; the piece must hold this stage's blocks."""
+        step = self.spec.resume_step
+        folder = self.dir / "resume" / f"{step:07d}"
+        if not self.spec.pipelined:
+            self._client.pull_checkpoint(self.spec.job_id, step, folder)
+            self.log.info("resume_checkpoint_fetched", step=step)
+            return folder
+        from worker.pipeline_link import Topology
+        from worker.pipeline_rank import check_same_cut
+
+        index = Topology.of(self.spec.rank, self.spec.world_size, self.spec.data_parallel).stage
+        piece = self._client.pull_stage_piece(self.spec.job_id, step, index,
+                                              folder / "stages" / f"stage-{index:02d}")
+        check_same_cut(piece, self.spec.stage_layers, index, step)
+        self.log.info("resume_checkpoint_fetched", step=step, stage=index)
         return folder
 
     def _env(self) -> dict[str, str]:
@@ -207,6 +233,8 @@ class RankProcess:
         metrics.unlink(missing_ok=True)
         cmd = [sys.executable, "-m", "herd", "train", str(config),
                "--adapter-path", str(self.dir / "adapters"), "--metrics-file", str(metrics)]
+        if self.spec.pipelined:
+            cmd += ["--stage-layers", ",".join(f"{a}:{b}" for a, b in self.spec.stage_layers)]
         if self.spec.resume_step > 0:
             cmd += ["--resume", str(self._fetch_resume())]
         stderr = open(self.dir / "rank.log", "ab")
@@ -277,13 +305,21 @@ class RankProcess:
             progress.val_loss = float(event.get("val_loss", 0.0))
             progress.iteration = max(progress.iteration, int(event.get("iteration", 0)))
             self._send(self._request(progress=progress))
+        elif kind == "checkpoint" and self.spec.pipelined:
+            from worker.pipeline_rank import stage_piece
+
+            spec = self.spec
+            piece = stage_piece(spec.rank, spec.world_size, spec.data_parallel, spec.stage_layers)
+            if piece is not None:  # replica 0's stages each upload their own piece
+                self._upload(int(event["step"]), event.get("path"), piece)
         elif kind == "checkpoint" and self.spec.rank == 0:
             self._upload(int(event["step"]), event.get("path"))
         elif kind == "error":
             self._error = str(event.get("message", ""))
             self._send(self._request(log=f"rank {self.spec.rank}: {event.get('message', '')}"))
 
-    def _upload(self, step: int, path: str | None) -> None:
+    def _upload(self, step: int, path: str | None,
+                piece: common_pb2.StagePiece | None = None) -> None:
         folder = Path(path) if path else None
         if folder is None or not (folder / "manifest.json").exists():
             folder = self.dir / "adapters" / "checkpoints" / f"{step:07d}"
@@ -293,8 +329,11 @@ class RankProcess:
         t0 = time.monotonic()
         for attempt in range(3):
             try:
-                self._client.put_checkpoint(self.spec.job_id, self.spec.attempt, step, folder)
-                self.log.info("checkpoint_uploaded", step=step, seconds=round(time.monotonic() - t0, 2))
+                self._client.put_checkpoint(self.spec.job_id, self.spec.attempt, step, folder,
+                                            piece)
+                self.log.info("checkpoint_uploaded", step=step,
+                              seconds=round(time.monotonic() - t0, 2),
+                              stage=piece.index if piece is not None else None)
                 return
             except HerdError as e:
                 self.log.warning("checkpoint_upload_failed", step=step, try_=attempt, error=str(e))

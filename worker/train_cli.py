@@ -1,10 +1,13 @@
 """``herd train`` and ``herd check``: one job, as one process or one rank of a group.
 
     herd train CONFIG [--adapter-path DIR] [--resume DIR] [--metrics-file PATH]
+               [--stage-layers A:B,B:C]
     herd check CONFIG
 
 Under a launcher (``mlx.launch``, or MLX_RANK + MLX_HOSTFILE, or the herd worker agent) it is one
-data-parallel rank; otherwise a single process. On Linux it restarts itself with OpenBLAS preloaded.
+data-parallel rank, or one pipeline stage (worker/pipeline.py) when the job is cut into stages
+(``--stage-layers``, or ``cluster.parallelism.pipeline`` > 1); otherwise a single process. On Linux
+it restarts itself with OpenBLAS preloaded.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ def _parser(cmd: str) -> argparse.ArgumentParser:
         p.add_argument("--iters", type=int, help="override iters")
         p.add_argument("--metrics-file", type=Path, help="append progress as JSON lines here")
         p.add_argument("--quiet", action="store_true", help="no progress lines on stdout")
+        p.add_argument("--stage-layers", help="pipeline cut into stages, e.g. 0:3,3:4 (blocks "
+                       "[start, end) per stage); under a launcher it runs one pipeline stage")
     return p
 
 
@@ -150,7 +155,8 @@ def main(argv: list[str]) -> int:
         if cmd == "train":
             overrides.update({"adapter_path": args.adapter_path, "iters": args.iters})
         job = load_config(args.config, overrides)
-        if cmd == "train":
+        stage_argv = _pipeline_argv(job, args) if cmd == "train" else None
+        if cmd == "train" and stage_argv is None:
             _check_world(job)
         report = check(job)
         for w in report.warnings:
@@ -160,6 +166,10 @@ def main(argv: list[str]) -> int:
                 print(f"{name}: {s.records} records ({s.format}) in {s.path}")
             print("ok")
             return 0
+        if stage_argv is not None:
+            from worker import pipeline
+
+            return pipeline.main(stage_argv)
         run(job, Path(job.adapter_path), args.resume, metrics, args.quiet)
         return 0
     except HerdError as e:
@@ -170,6 +180,38 @@ def main(argv: list[str]) -> int:
         _fail(metrics, str(e))
         print(f"herd {cmd}: {e}", file=sys.stderr)
         return 1
+
+
+def _pipeline_argv(job: JobConfig, args) -> list[str] | None:
+    """The pipeline stage's argv when this rank is one stage of a pipeline, else None.
+
+    A rank is a stage when it runs under a launcher (a world of more than one) and the job is cut
+    into stages: by ``--stage-layers`` (the coordinator's planned cut; the config may say
+    ``parallelism: auto``) or by ``cluster.parallelism.pipeline``. Data-parallel pipelines are
+    the world divided by the stages. One process (no launcher) always trains the whole model."""
+    import os
+
+    from herd.errors import ConfigError
+
+    world = int(os.environ.get("MLX_WORLD_SIZE") or 0)
+    if not world and os.environ.get("MLX_HOSTFILE"):  # mlx.launch names the hosts only
+        world = len(json.loads(Path(os.environ["MLX_HOSTFILE"]).read_text()))
+    spans = [s for s in (args.stage_layers or "").split(",") if s]
+    stages = len(spans) or job.cluster.pipeline_stages()
+    if world <= 1 or stages <= 1 or "MLX_RANK" not in os.environ:
+        return None
+    if world % stages:
+        raise ConfigError(f"{world} ranks do not split into pipelines of {stages} stages",
+                          hint="cluster.workers must be data x pipeline")
+    argv = [args.config, "--adapter-path", str(job.adapter_path),
+            "--data-parallel", str(world // stages), "--model", job.model, "--data", job.data]
+    if spans:
+        argv += ["--stage-layers", ",".join(spans)]
+    for flag, value in (("--resume", args.resume), ("--iters", args.iters),
+                        ("--metrics-file", args.metrics_file)):
+        if value is not None:
+            argv += [flag, str(value)]
+    return argv
 
 
 def _check_world(job: JobConfig) -> None:

@@ -104,17 +104,37 @@ class RankProgress(_message.Message):
     world_size: int
     def __init__(self, rank: _Optional[int] = ..., worker_id: _Optional[str] = ..., iteration: _Optional[int] = ..., train_loss: _Optional[float] = ..., val_loss: _Optional[float] = ..., learning_rate: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., trained_tokens: _Optional[int] = ..., peak_memory_gb: _Optional[float] = ..., exchange: _Optional[str] = ..., world_size: _Optional[int] = ...) -> None: ...
 
+class LayerRange(_message.Message):
+    __slots__ = ("start", "end")
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    start: int
+    end: int
+    def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
+
+class StagePiece(_message.Message):
+    __slots__ = ("index", "count", "layers")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    count: int
+    layers: LayerRange
+    def __init__(self, index: _Optional[int] = ..., count: _Optional[int] = ..., layers: _Optional[_Union[LayerRange, _Mapping]] = ...) -> None: ...
+
 class CheckpointInfo(_message.Message):
-    __slots__ = ("job_id", "step", "files", "created_unix_ms")
+    __slots__ = ("job_id", "step", "files", "created_unix_ms", "stage")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     FILES_FIELD_NUMBER: _ClassVar[int]
     CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     step: int
     files: _containers.RepeatedCompositeFieldContainer[FileDigest]
     created_unix_ms: int
-    def __init__(self, job_id: _Optional[str] = ..., step: _Optional[int] = ..., files: _Optional[_Iterable[_Union[FileDigest, _Mapping]]] = ..., created_unix_ms: _Optional[int] = ...) -> None: ...
+    stage: StagePiece
+    def __init__(self, job_id: _Optional[str] = ..., step: _Optional[int] = ..., files: _Optional[_Iterable[_Union[FileDigest, _Mapping]]] = ..., created_unix_ms: _Optional[int] = ..., stage: _Optional[_Union[StagePiece, _Mapping]] = ...) -> None: ...
 
 class JobStatus(_message.Message):
     __slots__ = ("job_id", "name", "state", "message", "created_unix_ms", "updated_unix_ms", "workers", "iters", "attempt", "ranks", "checkpoints", "worker_ids")

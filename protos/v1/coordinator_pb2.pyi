@@ -142,16 +142,18 @@ class ReportRankReply(_message.Message):
     def __init__(self, stop: _Optional[bool] = ...) -> None: ...
 
 class CheckpointHeader(_message.Message):
-    __slots__ = ("job_id", "attempt", "step", "files")
+    __slots__ = ("job_id", "attempt", "step", "files", "stage")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     FILES_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     attempt: int
     step: int
     files: _containers.RepeatedCompositeFieldContainer[_common_pb2.FileDigest]
-    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., step: _Optional[int] = ..., files: _Optional[_Iterable[_Union[_common_pb2.FileDigest, _Mapping]]] = ...) -> None: ...
+    stage: _common_pb2.StagePiece
+    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., step: _Optional[int] = ..., files: _Optional[_Iterable[_Union[_common_pb2.FileDigest, _Mapping]]] = ..., stage: _Optional[_Union[_common_pb2.StagePiece, _Mapping]] = ...) -> None: ...
 
 class PutCheckpointRequest(_message.Message):
     __slots__ = ("header", "chunk")
@@ -168,12 +170,14 @@ class PutCheckpointReply(_message.Message):
     def __init__(self, checkpoint: _Optional[_Union[_common_pb2.CheckpointInfo, _Mapping]] = ...) -> None: ...
 
 class GetAdapterRequest(_message.Message):
-    __slots__ = ("job_id", "step")
+    __slots__ = ("job_id", "step", "stage")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     step: int
-    def __init__(self, job_id: _Optional[str] = ..., step: _Optional[int] = ...) -> None: ...
+    stage: _common_pb2.StagePiece
+    def __init__(self, job_id: _Optional[str] = ..., step: _Optional[int] = ..., stage: _Optional[_Union[_common_pb2.StagePiece, _Mapping]] = ...) -> None: ...
 
 class GetAdapterReply(_message.Message):
     __slots__ = ("header", "chunk")

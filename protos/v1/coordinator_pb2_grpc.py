@@ -177,7 +177,9 @@ class CoordinatorServiceServicer:
     def PutCheckpoint(self, request_iterator, context):
         """Uploads a complete checkpoint: a header with the manifest, then the files in chunks. The
         coordinator checks every sha256 and moves the step into place atomically; a broken stream
-        leaves nothing behind. Idempotent per (job, step).
+        leaves nothing behind. Idempotent per (job, step). A pipeline stage's piece (header.stage)
+        is kept for resuming that stage; once every stage's piece of a step is stored the coordinator
+        merges them into the step's adapter (the reply's checkpoint; unset until then).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -185,6 +187,7 @@ class CoordinatorServiceServicer:
 
     def GetAdapter(self, request, context):
         """Streams a stored checkpoint (step 0 = the latest): a header, then the files in chunks.
+        With `stage` set, that pipeline stage's own piece of the step instead.
         NOT_FOUND when the job has no such checkpoint. Safe to retry.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

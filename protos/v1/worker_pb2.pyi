@@ -18,7 +18,7 @@ class DescribeReply(_message.Message):
     def __init__(self, worker: _Optional[_Union[_common_pb2.WorkerInfo, _Mapping]] = ...) -> None: ...
 
 class StartRankRequest(_message.Message):
-    __slots__ = ("job_id", "attempt", "rank", "world_size", "config_yaml", "dataset", "coordinator", "ring_hosts", "exchange_peers", "resume_step")
+    __slots__ = ("job_id", "attempt", "rank", "world_size", "config_yaml", "dataset", "coordinator", "ring_hosts", "exchange_peers", "resume_step", "stage_layers", "data_parallel")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
@@ -29,6 +29,8 @@ class StartRankRequest(_message.Message):
     RING_HOSTS_FIELD_NUMBER: _ClassVar[int]
     EXCHANGE_PEERS_FIELD_NUMBER: _ClassVar[int]
     RESUME_STEP_FIELD_NUMBER: _ClassVar[int]
+    STAGE_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    DATA_PARALLEL_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     attempt: int
     rank: int
@@ -39,7 +41,9 @@ class StartRankRequest(_message.Message):
     ring_hosts: _containers.RepeatedScalarFieldContainer[str]
     exchange_peers: _containers.RepeatedScalarFieldContainer[str]
     resume_step: int
-    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., config_yaml: _Optional[str] = ..., dataset: _Optional[_Iterable[_Union[_common_pb2.FileDigest, _Mapping]]] = ..., coordinator: _Optional[str] = ..., ring_hosts: _Optional[_Iterable[str]] = ..., exchange_peers: _Optional[_Iterable[str]] = ..., resume_step: _Optional[int] = ...) -> None: ...
+    stage_layers: _containers.RepeatedCompositeFieldContainer[_common_pb2.LayerRange]
+    data_parallel: int
+    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., config_yaml: _Optional[str] = ..., dataset: _Optional[_Iterable[_Union[_common_pb2.FileDigest, _Mapping]]] = ..., coordinator: _Optional[str] = ..., ring_hosts: _Optional[_Iterable[str]] = ..., exchange_peers: _Optional[_Iterable[str]] = ..., resume_step: _Optional[int] = ..., stage_layers: _Optional[_Iterable[_Union[_common_pb2.LayerRange, _Mapping]]] = ..., data_parallel: _Optional[int] = ...) -> None: ...
 
 class StartRankReply(_message.Message):
     __slots__ = ("pid",)
