@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import importlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from coordinator.domain import WorkerRecord
 from herd.config import JobConfig
-from herd.errors import PlacementError
+from herd.errors import DoesNotFitError, PlacementError
 
 # Weights plus LoRA state, activations and the allocator's slack, as a multiple of weight bytes.
 OVERHEAD = 1.3
@@ -110,11 +110,26 @@ def place(cfg: JobConfig, workers: list[WorkerRecord]) -> Placement:
     short = [w for w in chosen if per_worker > usable_bytes(w)]
     if short:
         w = short[0]
-        raise PlacementError(
+        raise DoesNotFitError(
             f"needs {_fmt(per_worker)} per worker; {w.worker_id} has {_fmt(usable_bytes(w))} usable",
             hint="quantize the model (quantize: {bits: 4}), use pipeline stages, or add memory",
         )
     return Placement([w.worker_id for w in chosen], per_worker)
+
+
+def check_fits(cfg: JobConfig, workers: list[WorkerRecord]) -> None:
+    """At submit: raise DoesNotFitError when the job could not be placed even if every verified
+    worker were idle with all its memory free. A job that is only short of workers (or whose model
+    this coordinator cannot read) is not refused here: workers may join, and placement decides."""
+    if len(workers) < workers_needed(cfg):
+        return
+    everyone = [replace(w, running_job_id="", free_memory_bytes=w.memory_bytes) for w in workers]
+    try:
+        place(cfg, everyone)
+    except DoesNotFitError:
+        raise
+    except PlacementError:
+        return
 
 
 def _place_with_planner(planner, cfg: JobConfig, chosen: list[WorkerRecord],

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from herd.config import JobConfig, Quantize
-from herd.errors import ConfigError, PlacementError
+from herd.errors import ConfigError, DoesNotFitError, PlacementError
 
 GB = 1e9
 GIB = 1 << 30
@@ -406,7 +406,7 @@ def plan_job(model_config: dict, job: JobConfig, workers: list[WorkerMemory]) ->
             f"{fixed[0] * fixed[1]} workers; {len(workers)} available",
             hint="add workers, or set cluster.parallelism: auto to let the planner choose",
         )
-    raise PlacementError(_refusal(model_config, job, workers), hint="apply one of the fixes above")
+    raise DoesNotFitError(_refusal(model_config, job, workers), hint="apply one of the fixes above")
 
 
 def _fits(cfg: dict, job: JobConfig, workers: list[WorkerMemory]) -> Plan | None:

@@ -25,7 +25,7 @@ from coordinator.domain import (
     RankProgress,
     WorkerRecord,
 )
-from coordinator.placement import Placement, place
+from coordinator.placement import Placement, check_fits, place
 from coordinator.store import JobStore
 from herd import log
 from herd.config import parse_config
@@ -167,6 +167,8 @@ class Scheduler:
     # --- entry points ----------------------------------------------------------------------
 
     def submit(self, job: Job) -> Job:
+        # Refused now, with numbers and fixes, if no worker set at hand could ever hold it.
+        check_fits(parse_config(yaml.safe_load(job.config_yaml), job.name), self._workers())
         with self._lock:
             job.created_ms = job.updated_ms = self.now_ms()
             job.state = JobState.QUEUED

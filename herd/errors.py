@@ -34,6 +34,11 @@ class PlacementError(HerdError):
     exit_code = 4
 
 
+class DoesNotFitError(PlacementError):
+    """The job cannot fit in the memory of the workers at hand, whichever are free: refused at
+    submit with numbers and fixes (a job that only lacks workers waits instead)."""
+
+
 class PeerLostError(HerdError):
     """A peer of a collective died or stalled past its deadline."""
 

@@ -227,6 +227,49 @@ def test_an_unplaceable_job_says_what_is_missing(cluster, job_yaml):
     assert cluster.herd("cancel", job_id).stdout.strip() == f"{job_id}: cancelled"
 
 
+def test_a_killed_worker_costs_at_most_save_every_and_the_result_is_unchanged(cluster, job_yaml,
+                                                                             tmp_path):
+    """A rank is SIGKILLed mid-job: the new attempt resumes from the last checkpoint stored
+    before the kill (so at most save_every iterations are redone), and the final adapter equals
+    one uninterrupted process's. SGD: Adam would amplify reduction-order rounding over 120 steps."""
+    import re
+
+    kw = dict(iters=120, save_every=4, steps_per_report=4, optimizer="sgd", learning_rate=1e-2)
+    cfg = job_yaml("killed", cluster={"workers": 2, "max_restarts": 1}, **kw)
+    job_id = cluster.herd("submit", str(cfg)).stdout.strip().splitlines()[-1]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and "checkpoint 8 stored" not in _events(cluster, job_id):
+        time.sleep(0.2)
+    pids = rank_pids(job_id)
+    assert len(pids) == 2, "the job ended before a rank could be killed"
+    os.kill(pids[0], signal.SIGKILL)
+    stored_before_kill = max(int(n) for n in re.findall(r"checkpoint (\d+) stored", _events(cluster, job_id)))
+    watch = cluster.herd("watch", job_id, "--plain", timeout=240)
+    events = _events(cluster, job_id)
+    resumed = [int(n) for n in re.findall(r"resuming from checkpoint (\d+)", events)]
+    assert resumed and resumed[0] >= stored_before_kill, events
+    assert "succeeded" in watch.stdout + events
+    out = tmp_path / "pulled"
+    cluster.herd("pull", job_id, "-o", str(out))
+    single = job_yaml("killed-single", adapter_path=str(tmp_path / "single"), **kw)
+    proc = subprocess.run([sys.executable, "-m", "herd", "train", str(single), "--quiet"],
+                          env=cluster.env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert max_abs_diff(load_adapter(out), load_adapter(tmp_path / "single")) <= 1e-5
+
+
+def test_a_job_that_cannot_fit_is_refused_at_submit_with_numbers_and_fixes(cluster, job_yaml):
+    """Logits alone (batch x sequence x vocabulary x 4 bytes) exceed any worker's RAM here: the
+    submit is refused at once with the planner's numbers and fixes, and no job is queued."""
+    cluster.wait_workers(2)  # fitting is judged against the verified workers
+    before = cluster.herd("jobs").stdout
+    cfg = job_yaml("huge", batch_size=16, max_seq_length=8_000_000, cluster={"workers": 2})
+    proc = cluster.herd("submit", str(cfg), check=False)
+    assert proc.returncode == 4, proc.stderr  # PlacementError's exit code
+    assert "GB" in proc.stderr and "max_seq_length" in proc.stderr, proc.stderr
+    assert cluster.herd("jobs").stdout == before
+
+
 def test_a_killed_rank_restarts_from_its_checkpoint_and_cancel_stops_every_rank(cluster, job_yaml):
     cfg = job_yaml("long", iters=100000, save_every=2, steps_per_report=1,
                    cluster={"workers": 2, "max_restarts": 1})
