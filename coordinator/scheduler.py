@@ -29,7 +29,7 @@ from coordinator.placement import Placement, check_fits, place
 from coordinator.store import JobStore
 from herd import log
 from herd.config import parse_config
-from herd.errors import HerdError, PeerLostError, PlacementError
+from herd.errors import ConfigError, HerdError, PeerLostError, PlacementError
 
 logger = log.get(__name__)
 
@@ -167,8 +167,13 @@ class Scheduler:
     # --- entry points ----------------------------------------------------------------------
 
     def submit(self, job: Job) -> Job:
+        cfg = parse_config(yaml.safe_load(job.config_yaml), job.name)
+        if cfg.cluster.backend != "zeroconf":  # never silently place on other workers than asked
+            raise ConfigError(
+                f"cluster.backend = {cfg.cluster.backend!r} is not available in this version",
+                hint="use cluster.backend: zeroconf (workers found by mDNS and verified by secret)")
         # Refused now, with numbers and fixes, if no worker set at hand could ever hold it.
-        check_fits(parse_config(yaml.safe_load(job.config_yaml), job.name), self._workers())
+        check_fits(cfg, self._workers())
         with self._lock:
             job.created_ms = job.updated_ms = self.now_ms()
             job.state = JobState.QUEUED

@@ -270,6 +270,12 @@ def test_a_job_that_cannot_fit_is_refused_at_submit_with_numbers_and_fixes(clust
     assert cluster.herd("jobs").stdout == before
 
 
+def test_an_unimplemented_backend_is_refused_not_ignored(cluster, job_yaml):
+    cfg = job_yaml("ray", cluster={"workers": 2, "backend": "ray"})
+    proc = cluster.herd("submit", str(cfg), check=False)
+    assert proc.returncode == 2 and "cluster.backend = 'ray' is not available" in proc.stderr, proc.stderr
+
+
 def test_a_killed_rank_restarts_from_its_checkpoint_and_cancel_stops_every_rank(cluster, job_yaml):
     cfg = job_yaml("long", iters=100000, save_every=2, steps_per_report=1,
                    cluster={"workers": 2, "max_restarts": 1})
