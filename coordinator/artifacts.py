@@ -22,6 +22,7 @@ from typing import Iterable, Iterator
 from coordinator.domain import Checkpoint, FileDigest, StagePiece
 from herd.adapter_merge import ADAPTER_CONFIG, ADAPTERS, AdapterPiece, merge_pieces
 from herd.client_rpc import ChecksumError
+from herd.digest import sha256_file
 from herd.errors import DatasetError, HerdError, NotFoundError
 
 CHUNK_BYTES = 1024 * 1024
@@ -86,10 +87,7 @@ class BlobStore:
 
 
 def _digest(path: Path) -> FileDigest:
-    h = hashlib.sha256()
-    for block in _read(path):
-        h.update(block)
-    return FileDigest(path.name, h.hexdigest(), path.stat().st_size)
+    return FileDigest(path.name, sha256_file(path), path.stat().st_size)
 
 
 class AdapterStore:

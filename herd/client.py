@@ -18,6 +18,7 @@ from herd.auth import default_home, load_secret, write_secret
 from herd.client_conn import Coordinator, find_coordinator
 from herd.client_watch import STATE, watch
 from herd.config import JobConfig, load_config
+from herd.digest import sha256_file
 from herd.errors import DatasetError, HerdError
 from protos.v1 import common_pb2, coordinator_pb2
 
@@ -64,22 +65,13 @@ def check_locally(cfg: JobConfig) -> None:
         print(f"warning: {w}", file=sys.stderr)
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
 
 def job_spec(cfg: JobConfig, name: str) -> tuple[common_pb2.JobSpec, list[tuple[Path, str]]]:
     data = Path(cfg.data)
     if not data.is_dir():
         raise DatasetError(f"dataset {data} is not a local folder",
                            hint="herd ships a local folder with train.jsonl (and valid.jsonl)")
-    files = [(data / n, _sha256(data / n)) for n in DATA_FILES if (data / n).is_file()]
+    files = [(data / n, sha256_file(data / n)) for n in DATA_FILES if (data / n).is_file()]
     doc = cfg.model_dump(mode="json", exclude_unset=True)
     if Path(cfg.model).expanduser().exists():  # a local path: the same path must exist on workers
         doc["model"] = str(Path(cfg.model).expanduser().resolve())

@@ -204,7 +204,8 @@ def _model_for(loc: tuple) -> type[BaseModel] | None:
 def _format(err: ValidationError, source: str) -> ConfigError:
     lines, hints = [], []
     for e in err.errors():
-        loc = tuple(p for p in e["loc"] if not isinstance(p, int) or True)
+        loc = tuple(e["loc"])
+        # pydantic names union branches and validators in the path; the user's key has neither.
         key = ".".join(str(p) for p in loc if not str(p).startswith(("function-after", "Parallelism")))
         key = key or "(top level)"
         if e["type"] == "extra_forbidden":

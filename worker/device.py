@@ -27,6 +27,3 @@ def set_wired_limit() -> int | None:
     mx.set_wired_limit(limit)
     return limit
 
-
-def peak_memory_gb() -> float:
-    return mx.get_peak_memory() / 1e9

@@ -27,6 +27,7 @@ import yaml
 
 from herd import log
 from herd.auth import SECRET_ENV, secure_channel
+from herd.digest import sha256_file
 from herd.client_conn import Coordinator
 from herd.client_rpc import TRANSFER_DEADLINE_S, UNARY_DEADLINE_S, ChecksumError, rpc_errors
 from herd.errors import ConfigError, DatasetError, HerdError, PlacementError
@@ -65,14 +66,6 @@ def safe_name(name: str) -> str:
     if not _FILE_NAME.match(name) or name in (".", ".."):
         raise DatasetError(f"refusing file name {name!r}", hint="dataset files are plain names")
     return name
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(CHUNK_BYTES):
-            h.update(block)
-    return h.hexdigest()
 
 
 class CoordinatorClient:

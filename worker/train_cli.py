@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 from herd import log
 from herd.config import JobConfig, load_config
-from herd.errors import HerdError
+from herd.errors import ConfigError, HerdError
 
 
 def _parser(cmd: str) -> argparse.ArgumentParser:
@@ -102,11 +103,7 @@ def run(job: JobConfig, adapter_path: Path, resume: Path | None, metrics_file: P
 
     exchange = open_exchange(job.cluster)
     logger = log.get("herd.train", rank=exchange.rank)
-    if job.batch_size % exchange.size:
-        raise HerdError(
-            f"batch_size {job.batch_size} is not divisible by {exchange.size} data-parallel ranks",
-            hint=f"use a multiple of {exchange.size}",
-        )
+    _check_world(job, exchange.size)  # a launcher that did not say its world size up front
     logger.info(
         "train_start", world=exchange.size, exchange=exchange.name, blas=blas.blas_in_use(),
         wired_limit=device.set_wired_limit(), model=job.model,
@@ -157,7 +154,7 @@ def main(argv: list[str]) -> int:
         job = load_config(args.config, overrides)
         stage_argv = _pipeline_argv(job, args) if cmd == "train" else None
         if cmd == "train" and stage_argv is None:
-            _check_world(job)
+            _check_world(job, _launcher_world())  # before any ring forms
         report = check(job)
         for w in report.warnings:
             print(f"warning: {w}", file=sys.stderr)
@@ -189,13 +186,7 @@ def _pipeline_argv(job: JobConfig, args) -> list[str] | None:
     into stages: by ``--stage-layers`` (the coordinator's planned cut; the config may say
     ``parallelism: auto``) or by ``cluster.parallelism.pipeline``. Data-parallel pipelines are
     the world divided by the stages. One process (no launcher) always trains the whole model."""
-    import os
-
-    from herd.errors import ConfigError
-
-    world = int(os.environ.get("MLX_WORLD_SIZE") or 0)
-    if not world and os.environ.get("MLX_HOSTFILE"):  # mlx.launch names the hosts only
-        world = len(json.loads(Path(os.environ["MLX_HOSTFILE"]).read_text()))
+    world = _launcher_world()
     spans = [s for s in (args.stage_layers or "").split(",") if s]
     stages = len(spans) or job.cluster.pipeline_stages()
     if world <= 1 or stages <= 1 or "MLX_RANK" not in os.environ:
@@ -214,14 +205,17 @@ def _pipeline_argv(job: JobConfig, args) -> list[str] | None:
     return argv
 
 
-def _check_world(job: JobConfig) -> None:
-    """Fail before any ring forms when the launcher's world cannot split the global batch."""
-    import os
+def _launcher_world() -> int:
+    """The world size the launcher's environment announces (1 when it says nothing)."""
+    if world := int(os.environ.get("MLX_WORLD_SIZE") or 0):
+        return world
+    if os.environ.get("MLX_HOSTFILE"):  # mlx.launch names the hosts only
+        return len(json.loads(Path(os.environ["MLX_HOSTFILE"]).read_text()))
+    return len([p for p in os.environ.get("HERD_EXCHANGE_PEERS", "").split(",") if p]) or 1
 
-    from herd.errors import ConfigError
 
-    peers = [p for p in os.environ.get("HERD_EXCHANGE_PEERS", "").split(",") if p]
-    world = int(os.environ.get("MLX_WORLD_SIZE") or len(peers) or 1)
+def _check_world(job: JobConfig, world: int) -> None:
+    """The global batch must split evenly over the data-parallel ranks."""
     if job.batch_size % world:
         raise ConfigError(
             f"batch_size = {job.batch_size} is not divisible by the {world} data-parallel ranks",

@@ -17,7 +17,7 @@ Like mlx-lm, ``iters`` counts micro-batches and an optimizer step happens every
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Protocol
 
@@ -71,7 +71,6 @@ class Callback(Protocol):
 class Progress:
     iteration: int = 0  # micro-batch iterations completed
     trained_tokens: int = 0
-    history: list[dict] = field(default_factory=list)
 
 
 def evaluate(model, dataset, args: LoopArgs, exchange: GradientExchange, loss=token_sum_loss) -> float:
@@ -178,7 +177,6 @@ def train(
                 "exchange_seconds": win_exchange,
                 "step_seconds": win_time,
             }
-            progress.history.append(info)
             if callback:
                 callback.on_train_report(info)
             win_loss, win_tokens, win_time, win_exchange, win_iters = mx.array(0.0), mx.array(0), 0.0, 0.0, 0
