@@ -10,6 +10,8 @@ whose output relaying costs a 2-core box dearly (shared/FACTS.md). The TCP ring 
 chunked, pipelined schedule as the gRPC exchange (worker/grpc_exchange_ring.py) over bare
 sockets: the ceiling for this algorithm in Python on this machine.
 
+Every call donates its input, as the trainer's does (worker/exchange.py ``reduce_gradients``):
+the gRPC and TCP rings sum in place; MLX's ``all_sum`` allocates its result regardless.
 Times are the median of --reps, measured on rank 0 after a small all-reduce that lines the ranks
 up. Writes a markdown table to bench/results/allreduce-<date>.md (see --out).
 """
@@ -57,13 +59,15 @@ class TcpRing:
         self.inp, _ = listener.accept()
         listener.close()
 
-    def all_sum(self, flat):
+    def all_sum(self, flat, donate=False):
         import mlx.core as mx
         import numpy as np
 
         from worker.grpc_exchange_ring import RingPlan
 
-        buf = np.array(flat, dtype=np.float32)
+        out = flat if donate else mx.array(flat)
+        mx.eval(out)
+        buf = np.asarray(out)
         plan = RingPlan(buf.size, self.size, self.rank, self.chunk_elements)
         c = plan.chunks_per_segment
         received = [0]
@@ -96,7 +100,7 @@ class TcpRing:
                 received[0] = i + 1
                 cond.notify_all()
         sender.join()
-        return mx.array(buf)
+        return out
 
     def close(self):
         self.out.close()
@@ -109,7 +113,7 @@ class MlxRing:
 
         self.group = mx.distributed.init(backend="ring", strict=True)
 
-    def all_sum(self, flat):
+    def all_sum(self, flat, donate=False):  # MLX allocates the result itself
         import mlx.core as mx
 
         out = mx.distributed.all_sum(flat, group=self.group, stream=mx.cpu)
@@ -145,7 +149,8 @@ def worker(args) -> None:
         for _ in range(args.reps):
             ring.all_sum(small)
             cpu_started, started = cpu_seconds(), time.perf_counter()
-            ring.all_sum(flat)
+            # As the trainer calls it (worker/exchange.py): the input is a temporary, donated.
+            flat = ring.all_sum(flat, donate=True)
             times.append(time.perf_counter() - started)
             cpu += cpu_seconds() - cpu_started
         results[str(mb)] = {"times": times, "cpu": cpu / args.reps}

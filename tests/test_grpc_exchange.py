@@ -192,6 +192,29 @@ def test_reduce_gradients_over_grpc_matches_the_local_sum():
         assert tokens == 9.0
         assert np.array_equal(out["a"], np.full((3, 5), 3.0, np.float32))
         assert np.array_equal(out["b"], np.full((7,), 30.0, np.float32))
+    # The exchange sums into the buffers it is given (donated): never into the caller's gradients,
+    # not even for a bucket of one (whose concatenation would be the gradient itself).
+    for r in range(2):
+        assert np.array_equal(np.array(grads[r]["a"]), np.full((3, 5), r + 1.0, np.float32))
+        assert np.array_equal(np.array(grads[r]["b"]), np.full((7,), 10.0 * (r + 1), np.float32))
+
+
+def test_donated_input_holds_the_sum_and_a_kept_one_is_untouched():
+    data = [np.arange(1001, dtype=np.float32) * (r + 1) for r in range(2)]
+    inputs = [(mx.array(d), mx.array(d)) for d in data]
+    mx.eval(inputs)
+
+    def body(ex):
+        kept, donated = inputs[ex.rank]
+        return np.array(ex.all_sum(kept)), np.array(kept), np.array(ex.all_sum(donated, donate=True))
+
+    results, errors = run_group(2, body, chunk_bytes=256)
+    assert errors == [None, None]
+    total = data[0] + data[1]
+    for r, (summed, kept_after, donated_sum) in enumerate(results):
+        assert np.array_equal(summed, total) and np.array_equal(donated_sum, total)
+        assert np.array_equal(kept_after, data[r])  # without donate the input is not written
+        assert np.array_equal(np.array(inputs[r][1]), total)  # with it, the sum lands in place
 
 
 def test_mismatched_buffer_sizes_fail_fast_on_both_ranks():
@@ -452,3 +475,11 @@ def test_grpc_training_equals_mlx_and_one_rank(tmp_path, tiny_model, tiny_data, 
         # near-zero gradient entry whose sign bfloat16 rounding flips moves by 2 lr per step.
         # Measured: 2.0e-3 at 2 ranks (2.8e-4 at 3 ranks); the bound is 2 lr x steps.
         assert max_abs_diff(load_adapter(tmp_path / "grpc-bf16"), one) <= 2 * 1e-3 * 4
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's mallopt")
+def test_freed_chunk_buffers_are_kept_for_reuse_on_linux():
+    from worker.allocator import reuse_freed_memory
+
+    # Without it, every chunk the exchange moves is faulted in fresh (worker/allocator.py).
+    assert reuse_freed_memory() is True

@@ -26,13 +26,15 @@ class GradientExchange(Protocol):
 
     ``all_sum`` must return the elementwise sum over all ranks, identical on every rank, or raise
     ``herd.errors.PeerLostError`` within its deadline when a peer is gone. Never hang.
+    ``donate=True`` promises that no other array shares ``flat``'s buffer and that the caller
+    never reads ``flat`` again: a transport may write the sum into it.
     """
 
     name: str
     rank: int
     size: int
 
-    def all_sum(self, flat: mx.array) -> mx.array: ...
+    def all_sum(self, flat: mx.array, donate: bool = False) -> mx.array: ...
 
     def close(self) -> None: ...
 
@@ -44,7 +46,7 @@ class LocalExchange:
     rank = 0
     size = 1
 
-    def all_sum(self, flat: mx.array) -> mx.array:
+    def all_sum(self, flat: mx.array, donate: bool = False) -> mx.array:
         return flat
 
     def close(self) -> None:
@@ -65,7 +67,7 @@ class MLXExchange:
         self.rank = group.rank()
         self.size = group.size()
 
-    def all_sum(self, flat: mx.array) -> mx.array:
+    def all_sum(self, flat: mx.array, donate: bool = False) -> mx.array:
         # The CPU stream: collectives on Metal go through the CPU anyway, and this is the only
         # stream on Linux.
         out = mx.distributed.all_sum(flat, group=self.group, stream=mx.cpu)
@@ -114,7 +116,11 @@ def reduce_gradients(
         last = i == len(buckets) - 1
         if last:
             parts.append(ntok)
-        summed = exchange.all_sum(mx.concatenate(parts))
+        # A concatenation of two or more parts is a fresh buffer nothing else shares, so the
+        # exchange may sum into it; one part alone is returned as is (a view of the gradient).
+        flat = mx.concatenate(parts) if len(parts) > 1 else mx.array(parts[0])
+        summed = exchange.all_sum(flat, donate=True)
+        del flat
         offset = 0
         for k in bucket:
             n = grads[k].size
@@ -128,4 +134,4 @@ def reduce_gradients(
 def all_sum_scalars(exchange: GradientExchange, *values: float | mx.array) -> list[float]:
     """Sum a few scalars (eval loss and token counts, metrics) over the group."""
     flat = mx.array([float(v.item() if isinstance(v, mx.array) else v) for v in values], mx.float32)
-    return exchange.all_sum(flat).tolist()
+    return exchange.all_sum(flat, donate=True).tolist()

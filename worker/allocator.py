@@ -1,0 +1,51 @@
+"""Keep freed memory in the process (glibc) instead of handing every big buffer back to the OS.
+
+glibc serves allocations above its mmap threshold (128 KiB, rising on its own to at most 32 MiB)
+with fresh ``mmap`` pages and unmaps them on free; the heap top is trimmed back likewise. A gRPC
+all-reduce allocates and frees megabyte-sized buffers for every chunk it sends and receives
+(Python ``bytes``, gRPC slices), so every byte it moves also costs a page fault and a page
+clear: perf put a third of the exchange's CPU there (bench/results/allreduce-*.md). A fixed
+threshold and a high trim threshold let those buffers be reused warm. The cost is resident
+memory the process keeps after a peak, a few chunk sizes for the exchange.
+
+macOS's allocator has no such knobs and does not need them; elsewhere this does nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+
+# mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_TOP_PAD = -2
+_M_MMAP_THRESHOLD = -3
+
+MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024  # glibc's own ceiling for the dynamic threshold
+TRIM_THRESHOLD_BYTES = 1024 * 1024 * 1024
+TOP_PAD_BYTES = 64 * 1024 * 1024
+
+_applied: bool | None = None
+
+
+def reuse_freed_memory() -> bool:
+    """Apply the settings once per process; True if glibc took them."""
+    global _applied
+    if _applied is None:
+        _applied = _mallopt_all() if sys.platform == "linux" else False
+    return _applied
+
+
+def _mallopt_all() -> bool:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return all(mallopt(param, value) == 1 for param, value in (
+        (_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES),
+        (_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES),
+        (_M_TOP_PAD, TOP_PAD_BYTES),
+    ))
