@@ -27,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-HIDDEN, LAYERS, BATCH, SEQ, ITERS, WARMUP = 256, 6, 8, 256, 6, 2
+HIDDEN, LAYERS, BATCH, SEQ, ITERS, WARMUP = 256, 12, 8, 256, 6, 2
 
 
 def _ports(n: int) -> list[int]:
@@ -69,17 +69,25 @@ def _job(tmp: Path, model: Path, data: Path) -> Path:
     return path
 
 
-def measure(stages: int, m: int, job: Path, tmp: Path) -> dict:
-    metrics = tmp / f"m-{stages}-{m}.jsonl"
-    _launch(["-m", "worker.pipeline", str(job), "--adapter-path", str(tmp / f"a{stages}{m}"),
-             "--microbatches", str(m), "--metrics-file", str(metrics)], stages, tmp)
-    rows = sorted(map(json.loads, metrics.read_text().splitlines()), key=lambda r: r["rank"])
+def measure(stages: int, m: int, job: Path, tmp: Path, cut: str) -> dict:
+    from herd.stage_cut import even_split
+
+    metrics = tmp / f"m-{stages}-{m}-{cut}.jsonl"
+    # Without --stage-layers a stage cuts for equal compute (herd/stage_cut.py).
+    spans = ["--stage-layers", ",".join(f"{a}:{b}" for a, b in even_split(LAYERS, stages))] \
+        if cut == "even" else []
+    _launch(["-m", "worker.pipeline", str(job), "--adapter-path", str(tmp / f"a{stages}{m}{cut}"),
+             "--microbatches", str(m), "--metrics-file", str(metrics), *spans], stages, tmp)
+    events = map(json.loads, metrics.read_text().splitlines())
+    rows = sorted((e for e in events if e["event"] == "stage_done"), key=lambda r: r["rank"])
     utils = []
     for i in range(WARMUP, ITERS):
         wall = max(r["step_seconds"][i] for r in rows)
         utils.append(sum(r["step_compute_seconds"][i] for r in rows) / (stages * wall))
     walls = [max(r["step_seconds"][i] for r in rows) for i in range(WARMUP, ITERS)]
-    return {"util": statistics.median(utils), "step_s": statistics.median(walls)}
+    busy = [statistics.median(r["step_compute_seconds"][WARMUP:]) for r in rows]
+    return {"util": statistics.median(utils), "step_s": statistics.median(walls),
+            "layers": [tuple(r["layers"]) for r in rows], "busy": busy}
 
 
 def pingpong_main() -> None:
@@ -117,6 +125,7 @@ def main() -> None:
     ap.add_argument("--stages", default="2,3")
     ap.add_argument("--microbatches", default="1,4,8")
     ap.add_argument("--out", default=str(REPO / "bench/results/pipeline-linux-cpu.md"))
+    ap.add_argument("--cuts", default="balanced,even", help="stage cuts to measure")
     ap.add_argument("--pingpong", action="store_true")
     args = ap.parse_args()
     if args.pingpong:
@@ -132,21 +141,29 @@ def main() -> None:
         "",
         f"Machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, Linux, MLX CPU backend "
         f"(OpenBLAS preloaded, 1 BLAS thread per stage, stage r pinned to core r mod {os.cpu_count()}).",
-        f"Model: tiny llama, hidden {HIDDEN}, {LAYERS} blocks (even cut), LoRA rank 8 on all blocks; global "
+        f"Model: tiny llama, hidden {HIDDEN}, {LAYERS} blocks, LoRA rank 8 on all blocks; global "
         f"batch {BATCH} x <= {SEQ} tokens; {ITERS} steps, first {WARMUP} dropped, medians.",
         "utilization = sum of stages' busy seconds / (S x step wall); bound = m / (m + S - 1).",
         "",
-        "| S | m | step (s) | utilization | GPipe bound | utilization / bound | activation moves/step (s) |",
-        "|---|---|---|---|---|---|---|",
+        "Schedule: 1F1B (worker/pipeline_schedule.py). cut: blocks per stage, balanced = equal "
+        "compute (herd/stage_cut.py, the default) or even; busy = each stage's compute seconds per step.",
+        "",
+        "| S | m | cut | step (s) | busy per stage (s) | utilization | GPipe bound | utilization / bound "
+        "| activation moves/step (s) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for s in map(int, args.stages.split(",")):
         for m in map(int, args.microbatches.split(",")):
-            r = measure(s, m, job, tmp)
-            bound = m / (m + s - 1)
             move = transfer_seconds(BATCH // m, tmp) * 2 * (s - 1) * m
-            lines.append(f"| {s} | {m} | {r['step_s']:.3f} | {r['util']:.3f} | {bound:.3f} | "
-                         f"{r['util'] / bound:.2f} | {move:.4f} ({move / r['step_s']:.1%} of a step) |")
-            print(lines[-1], flush=True)
+            for cut in args.cuts.split(","):
+                r = measure(s, m, job, tmp, cut)
+                bound = m / (m + s - 1)
+                spans = ",".join(f"{a}:{b}" for a, b in r["layers"])
+                busy = " / ".join(f"{b:.3f}" for b in r["busy"])
+                lines.append(f"| {s} | {m} | {cut} {spans} | {r['step_s']:.3f} | {busy} | {r['util']:.3f} | "
+                             f"{bound:.3f} | {r['util'] / bound:.2f} | {move:.4f} "
+                             f"({move / r['step_s']:.1%} of a step) |")
+                print(lines[-1], flush=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out}")
 

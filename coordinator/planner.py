@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 
 from herd.config import JobConfig, Quantize
 from herd.errors import ConfigError, DoesNotFitError, PlacementError
+from herd.stage_cut import balanced_split, head_blocks
 
 GB = 1e9
 GIB = 1 << 30
@@ -71,7 +72,7 @@ class Plan:
     stage_layers: list[tuple[int, int]]  # [start, end) per stage
     assignments: list[list[str]]  # [replica][stage] -> worker_id
     peak_bytes_per_worker: dict[str, int]
-    microbatches: int = 1  # per replica and optimizer step (GPipe); 1 without pipelining
+    microbatches: int = 1  # per replica and optimizer step (1F1B); 1 without pipelining
     estimates: dict[str, MemoryEstimate] = field(default_factory=dict)
 
     def ring_order(self) -> list[str]:
@@ -193,11 +194,13 @@ def estimate_memory(
     has_head: bool = True,
     microbatches: int = 1,
     data_parallel: int = 1,
+    in_flight: int | None = None,
 ) -> MemoryEstimate:
     """Peak bytes of one rank that holds blocks ``layers`` = [start, end) (all by default), trains
     ``batch_size / data_parallel`` examples of ``max_seq_length`` tokens per step, split into
-    ``microbatches`` when pipelined (a stage keeps every microbatch's input, and one microbatch's
-    block activations at a time, because it recomputes them under ``mx.vjp``)."""
+    ``microbatches`` when pipelined (a stage keeps the inputs of the microbatches in flight,
+    ``in_flight`` of them, default all; and one microbatch's block activations at a time, because
+    it recomputes them under ``mx.vjp``)."""
     shape = ModelShape.from_config(model_config)
     start, end = layers if layers is not None else (0, shape.layers)
     if not 0 <= start <= end <= shape.layers:
@@ -254,9 +257,11 @@ def estimate_memory(
         activations = saved_blocks * hidden_state + one_block
     else:
         activations = saved_blocks * one_block
-    if microbatches > 1 and saved_blocks:
-        # The stage keeps the inputs of every in-flight microbatch (GPipe: all of them).
-        activations += (microbatches - 1) * hidden_state
+    held = microbatches if in_flight is None else max(1, min(in_flight, microbatches))
+    if held > 1 and saved_blocks:
+        # The stage keeps the input of every microbatch in flight (1F1B: stage s of S holds at
+        # most S - s, worker/pipeline_schedule.py).
+        activations += (held - 1) * hidden_state
     logits = _LOGIT_COPIES * tokens * shape.vocab * ab if has_head and saved_blocks else 0.0
     overhead = (
         _WORKSET_FP32_COPIES.get(ab, 7.5) * tokens * shape.hidden * 4
@@ -284,11 +289,11 @@ def macos_usable_bytes(total_bytes: int, wired_limit_mb: int | None = None) -> i
 
 
 def _stage_estimate(cfg: dict, job: JobConfig, shape: ModelShape, span: tuple[int, int],
-                    stages: int, dp: int) -> MemoryEstimate:
+                    stages: int, dp: int, stage: int = 0) -> MemoryEstimate:
     return estimate_memory(
         cfg, job, span,
         has_embed=span[0] == 0, has_head=span[1] == shape.layers,
-        microbatches=_microbatches(job, stages, dp), data_parallel=dp,
+        microbatches=_microbatches(job, stages, dp), data_parallel=dp, in_flight=stages - stage,
     )
 
 
@@ -313,7 +318,8 @@ def _split(cfg: dict, job: JobConfig, shape: ModelShape, mems: list[int], dp: in
             end = start
             # Greedy: take blocks while they fit, leaving at least one block per later stage.
             while end < shape.layers - left:
-                if _stage_estimate(cfg, job, shape, (start, end + 1), stages, dp).total > share * mem:
+                est = _stage_estimate(cfg, job, shape, (start, end + 1), stages, dp, s)
+                if est.total > share * mem:
                     break
                 end += 1
             if s == stages - 1 and end < shape.layers:
@@ -338,6 +344,21 @@ def _split(cfg: dict, job: JobConfig, shape: ModelShape, mems: list[int], dp: in
     return best
 
 
+def _balanced_if_it_fits(cfg: dict, job: JobConfig, shape: ModelShape, mems: list[int], dp: int
+                         ) -> list[tuple[int, int]] | None:
+    """The cut of equal compute (herd/stage_cut.py) when every stage fits its worker: a pipeline
+    runs at its slowest stage's pace, so memory decides the cut only when it must."""
+    stages = len(mems)
+    if stages > shape.layers:
+        return None
+    n_lora = shape.layers if job.num_layers == -1 else min(job.num_layers, shape.layers)
+    spans = balanced_split(shape.layers, stages, head_blocks(cfg), shape.layers - n_lora)
+    for s, (span, mem) in enumerate(zip(spans, mems)):
+        if _stage_estimate(cfg, job, shape, span, stages, dp, s).total > mem:
+            return None
+    return spans
+
+
 def _layout(cfg: dict, job: JobConfig, workers: list[WorkerMemory]) -> Plan | None:
     shape = ModelShape.from_config(cfg)
     budget = {w.worker_id: int(w.memory_bytes * (1 - HEADROOM)) for w in workers}
@@ -359,7 +380,7 @@ def _layout(cfg: dict, job: JobConfig, workers: list[WorkerMemory]) -> Plan | No
             # One cut for every replica: data-parallel peers must hold the same blocks to sum
             # their gradients. Each stage is sized for the smallest worker that will run it.
             mems = [min(budget[rep[s].worker_id] for rep in replicas) for s in range(stages)]
-            spans = _split(cfg, job, shape, mems, dp)
+            spans = _balanced_if_it_fits(cfg, job, shape, mems, dp) or _split(cfg, job, shape, mems, dp)
             if spans is not None:
                 return _make_plan(cfg, job, shape, replicas, spans, dp, stages)
     return None
@@ -368,8 +389,8 @@ def _layout(cfg: dict, job: JobConfig, workers: list[WorkerMemory]) -> Plan | No
 def _make_plan(cfg, job, shape, replicas, spans, dp, stages) -> Plan:
     peaks, estimates = {}, {}
     for rep in replicas:
-        for w, span in zip(rep, spans):
-            est = _stage_estimate(cfg, job, shape, span, stages, dp)
+        for s, (w, span) in enumerate(zip(rep, spans)):
+            est = _stage_estimate(cfg, job, shape, span, stages, dp, s)
             peaks[w.worker_id], estimates[w.worker_id] = est.total, est
     return Plan(
         data_parallel=dp,
@@ -388,7 +409,8 @@ def _least_peak(cfg: dict, job: JobConfig, workers: list[WorkerMemory]) -> int:
     stages = min(len(workers), shape.layers)
     per_stage = -(-shape.layers // stages)
     spans = [(s, min(s + per_stage, shape.layers)) for s in range(0, shape.layers, per_stage)]
-    return max(_stage_estimate(cfg, job, shape, sp, len(spans), 1).total for sp in spans)
+    return max(_stage_estimate(cfg, job, shape, sp, len(spans), 1, s).total
+               for s, sp in enumerate(spans))
 
 
 def plan_job(model_config: dict, job: JobConfig, workers: list[WorkerMemory]) -> Plan:

@@ -184,6 +184,32 @@ def test_layout_uses_fewest_stages_and_splits_by_memory():
     assert (plan.data_parallel, plan.pipeline_stages) == (2, 1)  # 4-bit fits one 64 GB: pure DP
 
 
+def test_cut_balances_compute_when_memory_allows():
+    from herd.stage_cut import balanced_split, head_blocks, stage_cost
+
+    # An earlier stage runs each adapted block's forward twice (once to pass it on, once under
+    # mx.vjp) plus its backward: 3; the last stage 2. 5 blocks: 2 x 3 = 6 against 3 x 2 = 6.
+    assert balanced_split(5, 2) == [(0, 2), (2, 5)]
+    # Blocks before the first adapted one only run forward: a frozen first stage takes more.
+    assert balanced_split(8, 2, first_adapted=6) == [(0, 5), (5, 8)]
+    for blocks, stages in [(80, 4), (28, 3), (5, 5)]:
+        spans = balanced_split(blocks, stages, 1.3, first_adapted=blocks // 2)
+        assert spans[0][0] == 0 and spans[-1][1] == blocks
+        assert all(a < b for a, b in spans) and all(x[1] == y[0] for x, y in zip(spans, spans[1:]))
+    assert 1.0 < head_blocks(LLAMA_70B) < 1.6  # a 128k vocabulary: more than one block of work
+
+    job = parse_config({"batch_size": 2, "grad_checkpoint": True, "max_seq_length": 1024,
+                        "num_layers": 16})
+    equal = [WorkerMemory("a", 128 * GIB), WorkerMemory("b", 128 * GIB)]
+    plan = plan_job(LLAMA_70B, job, equal)
+    assert plan.stage_layers == balanced_split(80, 2, head_blocks(LLAMA_70B), first_adapted=64)
+    (s0, e0), (s1, e1) = plan.stage_layers
+    costs = [stage_cost(s0, e0, False, 64), stage_cost(s1, e1, True, 64, head_blocks(LLAMA_70B))]
+    assert max(costs) / min(costs) < 1.05  # an even 40/40 cut would be 40 against 58.6
+    for w in equal:
+        assert plan.peak_bytes_per_worker[w.worker_id] <= w.memory_bytes * 0.9
+
+
 def test_refusal_lists_fixes_with_numbers():
     job = parse_config({"batch_size": 4, "max_seq_length": 4096, "num_layers": 16})
     mac = macos_usable_bytes(64 * GIB)

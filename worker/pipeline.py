@@ -1,8 +1,9 @@
-"""Pipeline-parallel LoRA/QLoRA training: GPipe across stages, exact.
+"""Pipeline-parallel LoRA/QLoRA training across stages, exact (1F1B schedule).
 
 Each rank is one stage (worker/pipeline_stage.py: its own blocks only). Per optimizer step the
 global batch is cut into microbatches; each flows forward as hidden states (``send`` to the next
-stage) and backward as cotangents (``send`` to the previous one). MLX's send/recv have no
+stage) and backward as cotangents (``send`` to the previous one), in one-forward-one-backward
+order (worker/pipeline_schedule.py). MLX's send/recv have no
 gradient, so autodiff never crosses a stage: every stage keeps only its microbatches' *inputs*
 and, in the backward pass, recomputes its blocks under ``mx.vjp`` with the cotangent it receives.
 The last stage computes the loss as the lead's trainer does, the *sum* of per-token losses; every
@@ -41,9 +42,12 @@ from herd.adapter_merge import merge_stage_adapters
 from herd.config import JobConfig
 from herd.errors import ConfigError, HerdError
 from worker.pipeline_link import Link, MLXLink, Topology
-from worker.pipeline_stage import Stage, StageSpec, build_stage, even_split
+from worker.pipeline_schedule import (BWD, FWD, RECV_BWD, RECV_FWD, SEND_BWD, SEND_FWD,
+                                      one_f_one_b)
+from herd.stage_cut import balanced_split, head_blocks
+from worker.pipeline_stage import Stage, StageSpec, build_stage
 
-__all__ = ["gpipe_step", "train_stage", "save_stage_adapter", "merge_stage_adapters", "Topology"]
+__all__ = ["pipeline_step", "train_stage", "save_stage_adapter", "merge_stage_adapters", "Topology"]
 
 
 def _targets_mask(batch: mx.array, lengths: mx.array) -> mx.array:
@@ -59,9 +63,11 @@ class StepResult:
     compute_seconds: float = 0.0
 
 
-def gpipe_step(stage: Stage, link: Link, batch: mx.array, lengths: mx.array,
-               microbatches: int, seed: int = 0) -> StepResult:
-    """One optimizer step's gradients: all microbatches forward, then all backward (GPipe)."""
+def pipeline_step(stage: Stage, link: Link, batch: mx.array, lengths: mx.array,
+                  microbatches: int, seed: int = 0) -> StepResult:
+    """One optimizer step's gradients over ``microbatches`` microbatches, in 1F1B order
+    (worker/pipeline_schedule.py). Gradients are summed in microbatch order on every stage, as
+    one process would sum them."""
     spec = stage.spec
     rows = batch.shape[0]
     if rows % microbatches:
@@ -79,38 +85,73 @@ def gpipe_step(stage: Stage, link: Link, batch: mx.array, lengths: mx.array,
         stage.model.update(tree_unflatten(list(zip(names, params))))
         return stage.forward(x)
 
-    grads = [mx.zeros_like(v) for v in values]
-    loss_sum = mx.array(0.0)
-    saved: list[mx.array] = []
-    compute = 0.0
     # The previous stage needs cotangents only if it has adapters of its own; a stage wholly
     # before the adapted blocks only runs forward.
     send_back = not spec.first and spec.start > spec.first_adapted
 
     def grads_of(fn, x, ct):
-        """(param grads, input cotangent or None) of fn(x, params) under the cotangent ct."""
+        """(output, param grads, input cotangent or None) of fn(x, params) under cotangent ct."""
         if send_back:
             out, vj = mx.vjp(lambda xx, *p: [fn(xx, p)], [x, *values], [ct])
             return out[0], vj[1:], vj[0]
         out, vj = mx.vjp(lambda *p: [fn(x, p)], values, [ct])
         return out[0], vj, None
 
-    # Every link carries all its forward traffic before any backward traffic, so blocking
-    # send/recv cannot deadlock: the last stage first takes every microbatch's input, then runs
-    # forward + loss + backward per microbatch and returns each cotangent at once, while the
-    # stages before it (done with their forwards) run their backwards on the earlier ones.
-    inputs = [b[:, :-1] if spec.first else link.recv(shape, dtype, spec.index - 1) for b, _ in mbs] \
-        if spec.last else None
-
     def reseed(i: int) -> None:
         # LoRA dropout draws masks: a recomputed microbatch must draw the ones its forward drew.
         mx.random.seed((seed * 1_000_003 + spec.index * 10_007 + i) % (2**63))
 
-    for i, (b, lens) in enumerate(mbs):
-        reseed(i)
-        tic = time.perf_counter()
-        if spec.last:
-            x = inputs[i]
+    def first_input(i: int) -> mx.array:
+        return mbs[i][0][:, :-1]
+
+    grads = [mx.zeros_like(v) for v in values]
+    loss_sum = mx.array(0.0)
+    compute = 0.0
+    # Per microbatch, between the ops that make and use them: received inputs, this stage's
+    # inputs kept for its backward (it recomputes its blocks under mx.vjp: MLX's send/recv have
+    # no gradient, so autodiff never crosses a stage), outputs to send, cotangents in and out.
+    inputs: dict[int, mx.array] = {}
+    saved: dict[int, mx.array] = {}
+    outgoing: dict[int, mx.array] = {}
+    cotangents: dict[int, mx.array] = {}
+    returning: dict[int, mx.array] = {}
+    schedule = one_f_one_b(spec.index, spec.count, microbatches, trains=spec.trains,
+                           sends_back=send_back)
+    for op in schedule:
+        i = op.mb
+        if op.kind == RECV_FWD:
+            inputs[i] = link.recv(shape, dtype, spec.index - 1)
+        elif op.kind == RECV_BWD:
+            cotangents[i] = link.recv(shape, dtype, spec.index + 1)
+        elif op.kind == SEND_FWD:
+            link.send(outgoing.pop(i), spec.index + 1)
+        elif op.kind == SEND_BWD:
+            link.send(returning.pop(i), spec.index - 1)
+        elif op.kind == FWD:
+            reseed(i)
+            tic = time.perf_counter()
+            x = first_input(i) if spec.first else inputs.pop(i)
+            y = run(x, values)
+            mx.eval(y)
+            compute += time.perf_counter() - tic
+            if spec.trains:
+                saved[i] = x
+            if not spec.last:
+                outgoing[i] = y
+        elif op.kind == BWD:
+            reseed(i)
+            tic = time.perf_counter()
+            _, gp, dx = grads_of(run, saved.pop(i), cotangents.pop(i))
+            grads = [g + d for g, d in zip(grads, gp)]
+            mx.eval(grads) if dx is None else mx.eval(grads, dx)
+            compute += time.perf_counter() - tic
+            if dx is not None:
+                returning[i] = dx
+        else:  # FWD_BWD: the last stage's forward, loss (a sum over target tokens) and backward
+            reseed(i)
+            tic = time.perf_counter()
+            x = first_input(i) if spec.first else inputs.pop(i)
+            b, lens = mbs[i]
             targets, mask = b[:, 1:], _targets_mask(b, lens)
 
             def loss_fn(xx, params):
@@ -123,26 +164,7 @@ def gpipe_step(stage: Stage, link: Link, batch: mx.array, lengths: mx.array,
             mx.eval(grads, loss_sum) if dx is None else mx.eval(grads, loss_sum, dx)
             compute += time.perf_counter() - tic
             if dx is not None:
-                link.send(dx, spec.index - 1)
-        else:
-            x = b[:, :-1] if spec.first else link.recv(shape, dtype, spec.index - 1)
-            tic = time.perf_counter()
-            y = run(x, values)
-            mx.eval(y)
-            compute += time.perf_counter() - tic
-            if spec.trains:
-                saved.append((i, x))
-            link.send(y, spec.index + 1)
-    for i, x in saved:  # empty on the last stage and on stages that do not train
-        reseed(i)
-        ct = link.recv(shape, dtype, spec.index + 1)
-        tic = time.perf_counter()
-        _, gp, dx = grads_of(run, x, ct)
-        grads = [g + d for g, d in zip(grads, gp)]
-        mx.eval(grads, dx) if dx is not None else mx.eval(grads)
-        compute += time.perf_counter() - tic
-        if dx is not None:
-            link.send(dx, spec.index - 1)
+                returning[i] = dx
     stage.model.update(tree_unflatten(list(zip(names, values))))
     out = tree_unflatten(list(zip(names, grads))) if names else {}
     return StepResult(loss_sum.item(), int(ntoks.item()), out, compute)
@@ -169,7 +191,7 @@ def train_stage(job: JobConfig, stage: Stage, link: Link, train_set, microbatche
                 on_step: Callable[[dict], None] | None = None, optimizer=None, start: int = 0,
                 trained_tokens: int = 0,
                 on_save: Callable[[int, object, int], None] | None = None) -> PipelineRun:
-    """The lead's loop (same batch order, same per-iteration seeding), one GPipe step per batch.
+    """The lead's loop (same batch order, same per-iteration seeding), one pipelined step per batch.
     Gradient accumulation: ``grad_accumulation_steps`` batches summed before one update.
     ``start``: iterations already done (a resumed run; the optimizer then holds their state)."""
     from worker.batches import BatchStream
@@ -188,7 +210,7 @@ def train_stage(job: JobConfig, stage: Stage, link: Link, train_set, microbatche
         step_seed = (job.seed * 1_000_003 + dp_rank * 10_007 + it) % (2**63)
         batch, lengths = next(batches)
         tic = time.perf_counter()
-        res = gpipe_step(stage, link, batch, lengths, microbatches, seed=step_seed)
+        res = pipeline_step(stage, link, batch, lengths, microbatches, seed=step_seed)
         run.compute_seconds += res.compute_seconds
         run.step_compute_seconds.append(res.compute_seconds)
         acc = res.grads if acc is None else tree_map(mx.add, acc, res.grads)
@@ -246,9 +268,11 @@ def save_stage_adapter(stage: Stage, job: JobConfig, out_dir: Path) -> Path:
     return out_dir
 
 
-def _spans(arg: str | None, total: int, stages: int) -> list[tuple[int, int]]:
-    if not arg:
-        return even_split(total, stages)
+def _spans(arg: str | None, model_config: dict, stages: int, first_adapted: int
+           ) -> list[tuple[int, int]]:
+    total = model_config["num_hidden_layers"]
+    if not arg:  # stages of equal compute (herd/stage_cut.py); the planner passes its own cut
+        return balanced_split(total, stages, head_blocks(model_config), first_adapted)
     spans = [tuple(int(v) for v in part.split(":")) for part in arg.split(",")]
     if len(spans) != stages or spans[0][0] != 0 or spans[-1][1] != total or any(
         a[1] != b[0] for a, b in zip(spans, spans[1:])
@@ -261,7 +285,8 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m worker.pipeline", description=__doc__)
     p.add_argument("config")
     p.add_argument("--adapter-path", required=True, type=Path)
-    p.add_argument("--stage-layers", help="the planner's cut, e.g. 0:3,3:4 (default: even)")
+    p.add_argument("--stage-layers",
+                   help="the planner's cut, e.g. 0:3,3:4 (default: stages of equal compute)")
     p.add_argument("--microbatches", type=int, default=0,
                    help="per step and pipeline (default: one example each)")
     p.add_argument("--data-parallel", type=int, default=1, help="pipelines (replicas): 1 or 2")
@@ -290,9 +315,10 @@ def _run(args) -> int:
     group = mx.distributed.init(strict=True)
     topo = Topology.of(group.rank(), group.size(), args.data_parallel)
     stages, index = topo.stages, topo.stage
-    total = read_model_config(job.model)["num_hidden_layers"]
-    start, end = _spans(args.stage_layers, total, stages)[index]
+    model_config = read_model_config(job.model)
+    total = model_config["num_hidden_layers"]
     n_lora = total if job.num_layers == -1 else min(job.num_layers, total)
+    start, end = _spans(args.stage_layers, model_config, stages, total - n_lora)[index]
     spec = StageSpec(index, stages, start, end, total, first_adapted=total - n_lora)
     np.random.seed(job.seed)
     tokenizer = load_tokenizer(Path(job.model))

@@ -54,19 +54,6 @@ class StageSpec:
         return self.index == self.count - 1
 
 
-def even_split(total_layers: int, stages: int) -> list[tuple[int, int]]:
-    """Blocks cut as evenly as possible (the planner's memory-weighted cut is passed in when known)."""
-    if not 1 <= stages <= total_layers:
-        raise ConfigError(f"cannot cut {total_layers} blocks into {stages} pipeline stages")
-    base, extra = divmod(total_layers, stages)
-    spans, start = [], 0
-    for s in range(stages):
-        end = start + base + (1 if s < extra else 0)
-        spans.append((start, end))
-        start = end
-    return spans
-
-
 class Stage:
     """A stage's model, forward function, and name mapping."""
 

@@ -1,0 +1,89 @@
+"""Where to cut a model's blocks into pipeline stages: evenly, or so the stages' compute balances.
+
+A pipeline runs at the pace of its slowest stage, and a block does not cost the same on every
+stage. In units of one block's forward F (LoRA's backward B costs about one F: the input's
+cotangent is one more pass through the frozen weights; the adapters' own gradients are small):
+
+- on the last stage, an adapted block runs forward and backward in one ``mx.vjp``: F + B = 2;
+- on an earlier stage it runs forward alone first, to pass the activations on, then again under
+  ``mx.vjp`` for the backward: 2F + B = 3;
+- a block before the first adapted one needs no backward: 1 (2 on an earlier stage that trains,
+  which recomputes it inside its vjp);
+- the last stage also projects onto the vocabulary, forward and backward: 2 x ``head_blocks``.
+
+An even cut of 6 adapted blocks over 2 stages leaves the last stage idle a quarter of the time
+(9 against 6.5: measured 0.22 s against 0.16 s per step, bench/results/pipeline-linux-cpu.md).
+Used by the planner (coordinator/planner.py) and by ``python -m worker.pipeline``.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from herd.errors import ConfigError
+
+
+def even_split(total_layers: int, stages: int) -> list[tuple[int, int]]:
+    """Blocks cut as evenly as possible."""
+    _check(total_layers, stages)
+    base, extra = divmod(total_layers, stages)
+    spans, start = [], 0
+    for s in range(stages):
+        end = start + base + (1 if s < extra else 0)
+        spans.append((start, end))
+        start = end
+    return spans
+
+
+def stage_cost(start: int, end: int, last: bool, first_adapted: int = 0,
+               head_blocks: float = 0.0) -> float:
+    """Compute per microbatch of a stage holding blocks [start, end), in block forwards."""
+    adapted = max(0, end - max(start, first_adapted))
+    frozen = (end - start) - adapted
+    if last:
+        return 2 * adapted + frozen + 2 * head_blocks
+    if adapted == 0:  # no adapters: forward only, no cotangent to compute or send
+        return frozen
+    return 3 * adapted + 2 * frozen
+
+
+def balanced_split(total_layers: int, stages: int, head_blocks: float = 0.0,
+                   first_adapted: int = 0) -> list[tuple[int, int]]:
+    """Contiguous spans, at least one block each, that minimize the costliest stage's compute
+    (``stage_cost``). ``first_adapted``: the first block with adapters (LoRA is on the last
+    ``num_layers`` blocks). Ties go to the cut with more blocks early."""
+    _check(total_layers, stages)
+
+    @lru_cache(maxsize=None)
+    def best(s: int, start: int) -> tuple[float, tuple[int, ...]]:
+        """(max cost, ends) for stages s.. over blocks start..total_layers."""
+        if s == stages - 1:
+            return stage_cost(start, total_layers, True, first_adapted, head_blocks), (total_layers,)
+        options = []
+        for end in range(start + 1, total_layers - (stages - s - 1) + 1):
+            rest, ends = best(s + 1, end)
+            here = stage_cost(start, end, False, first_adapted)
+            options.append((max(here, rest), -(end - start), (end, *ends)))
+        worst, _, ends = min(options)
+        return worst, ends
+
+    _, ends = best(0, 0)
+    starts = (0, *ends[:-1])
+    return list(zip(starts, ends))
+
+
+def _check(total_layers: int, stages: int) -> None:
+    if not 1 <= stages <= total_layers:
+        raise ConfigError(f"cannot cut {total_layers} blocks into {stages} pipeline stages")
+
+
+def head_blocks(model_config: dict) -> float:
+    """The last stage's vocabulary projection in units of one block's matmul work (from
+    ``config.json``): about 1.3 for Llama-3.1-70B, whose 128k vocabulary is large."""
+    hidden = model_config["hidden_size"]
+    heads = model_config["num_attention_heads"]
+    head_dim = model_config.get("head_dim") or hidden // heads
+    kv = model_config.get("num_key_value_heads", heads) * head_dim
+    attention = 2 * hidden * heads * head_dim + 2 * hidden * kv
+    mlp = 3 * hidden * model_config["intermediate_size"]
+    return model_config["vocab_size"] * hidden / (attention + mlp)
