@@ -258,6 +258,72 @@ def test_a_killed_worker_costs_at_most_save_every_and_the_result_is_unchanged(cl
     assert max_abs_diff(load_adapter(out), load_adapter(tmp_path / "single")) <= 1e-5
 
 
+def test_two_pipelines_of_two_stages_on_four_workers(cluster, job_yaml, tmp_path):
+    """Data x pipeline through the service: two more workers join, the 2 x 2 job runs one stage
+    per worker (the MLX ring in the planner's order), and the merged adapter equals one process
+    with the same global batch."""
+    extra = [subprocess.Popen(
+        [sys.executable, "-m", "herd", "worker", "--host", HOST, "--id", f"worker-{n}",
+         "--state-dir", str(cluster.root / f"w{n}")], env=cluster.env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for n in (3, 4)]
+    cluster.extra += extra
+    try:
+        cluster.wait_workers(4)
+        kw = dict(iters=8, save_every=4, optimizer="sgd", learning_rate=1e-2)
+        cfg = job_yaml("dp2pp2", **kw, cluster={"workers": 4,
+                                                 "parallelism": {"data": 2, "pipeline": 2}})
+        job_id = cluster.herd("submit", str(cfg)).stdout.strip().splitlines()[-1]
+        watch = cluster.herd("watch", job_id, "--plain", timeout=300)
+        lines = watch.stdout.splitlines()
+        assert f"{job_id}: state succeeded" in lines, watch.stdout[-3000:]
+        assert any("as 2 x 2 (data x pipeline)" in ln for ln in lines), watch.stdout[-3000:]
+        out = tmp_path / "pulled"
+        cluster.herd("pull", job_id, "-o", str(out))
+        single = job_yaml("dp2pp2-single", adapter_path=str(tmp_path / "single"), **kw)
+        proc = subprocess.run([sys.executable, "-m", "herd", "train", str(single), "--quiet"],
+                              env=cluster.env, capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        diff = max_abs_diff(load_adapter(out), load_adapter(tmp_path / "single"))
+        assert diff <= 1e-5, f"2 x 2 adapter differs from one process by {diff}"
+    finally:
+        for p in extra:
+            p.send_signal(signal.SIGTERM)
+        for p in extra:
+            p.wait(timeout=20)
+        cluster.wait_workers(2)
+
+
+def test_a_killed_pipeline_stage_costs_at_most_save_every_and_the_result_is_unchanged(
+        cluster, job_yaml, tmp_path):
+    """The pipeline version: a stage is SIGKILLed; the new attempt resumes every stage from the
+    last step whose pieces were all stored, and the merged adapter equals one process's."""
+    import re
+
+    kw = dict(iters=60, save_every=4, steps_per_report=4, optimizer="sgd", learning_rate=1e-2)
+    cfg = job_yaml("pp-killed", **kw, cluster={"workers": 2, "max_restarts": 1,
+                                                "parallelism": {"data": 1, "pipeline": 2}})
+    job_id = cluster.herd("submit", str(cfg)).stdout.strip().splitlines()[-1]
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and "checkpoint 8 stored" not in _events(cluster, job_id):
+        time.sleep(0.2)
+    pids = rank_pids(job_id)
+    assert len(pids) == 2, "the job ended before a stage could be killed"
+    os.kill(pids[-1], signal.SIGKILL)
+    stored_before_kill = max(int(n) for n in re.findall(r"checkpoint (\d+) stored", _events(cluster, job_id)))
+    watch = cluster.herd("watch", job_id, "--plain", timeout=300)
+    events = _events(cluster, job_id)
+    resumed = [int(n) for n in re.findall(r"resuming from checkpoint (\d+)", events)]
+    assert resumed and resumed[0] >= stored_before_kill, events
+    assert "succeeded" in watch.stdout + events, events[-3000:]
+    out = tmp_path / "pulled"
+    cluster.herd("pull", job_id, "-o", str(out))
+    single = job_yaml("pp-killed-single", adapter_path=str(tmp_path / "single"), **kw)
+    proc = subprocess.run([sys.executable, "-m", "herd", "train", str(single), "--quiet"],
+                          env=cluster.env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert max_abs_diff(load_adapter(out), load_adapter(tmp_path / "single")) <= 1e-5
+
+
 def test_a_job_that_cannot_fit_is_refused_at_submit_with_numbers_and_fixes(cluster, job_yaml):
     """Logits alone (batch x sequence x vocabulary x 4 bytes) exceed any worker's RAM here: the
     submit is refused at once with the planner's numbers and fixes, and no job is queued."""
