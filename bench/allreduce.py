@@ -214,7 +214,7 @@ def report(table: dict, args, elapsed: float) -> str:
         "",
         "`.venv/bin/python bench/allreduce.py " + " ".join(sys.argv[1:]) + "`, "
         f"{elapsed:.0f} s, mlx {mx.__version__}. Bus bandwidth = 2(N-1)/N x bytes / time, GB/s "
-        f"(10^9 B/s), median of {args.reps} (best in brackets). All local processes on loopback. "
+        f"(10^9 B/s), median of {args.runs} x {args.reps} (best in brackets): {args.runs} sweep(s) of fresh processes, {args.reps} timed all-reduces each. All local processes on loopback. "
         "CPU = rank 0's user+system CPU seconds per all-reduce (all its threads), which the load "
         "of others distorts less than wall time.",
         "",
@@ -243,6 +243,9 @@ def main() -> int:
     parser.add_argument("--sizes-mb", default="1,16,64,256",
                         type=lambda s: [float(x) if "." in x else int(x) for x in s.split(",")])
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=1,
+                        help="repeat the whole sweep (fresh processes each time), pooling the reps: "
+                        "on a small machine the spread between process groups exceeds that within one")
     parser.add_argument("--transports", default=",".join(TRANSPORTS))
     parser.add_argument("--chunk-bytes", type=int, default=0, help="0: the exchange's default")
     parser.add_argument("--group-timeout", type=float, default=600)
@@ -255,11 +258,20 @@ def main() -> int:
     started = time.perf_counter()
     table = {}
     hostfile = Path(f"/tmp/herd-bench-hosts-{os.getpid()}.json")
-    for n in args.ranks:
-        for t in args.transports.split(","):
-            table[(t, n)] = run_group(t, n, args, hostfile)
-            print(t, n, {k: ([round(x, 3) for x in v["times"]], round(v["cpu"], 3))
-                         for k, v in table[(t, n)].items()}, file=sys.stderr, flush=True)
+    for run in range(args.runs):
+        for n in args.ranks:
+            for t in args.transports.split(","):
+                got = run_group(t, n, args, hostfile)
+                print(run, t, n, {k: ([round(x, 3) for x in v["times"]], round(v["cpu"], 3))
+                                  for k, v in got.items()}, file=sys.stderr, flush=True)
+                pooled = table.setdefault((t, n), {})
+                for size, v in got.items():
+                    cell = pooled.setdefault(size, {"times": [], "cpus": []})
+                    cell["times"] += v["times"]
+                    cell["cpus"].append(v["cpu"])
+    for pooled in table.values():
+        for cell in pooled.values():
+            cell["cpu"] = statistics.median(cell.pop("cpus"))
     hostfile.unlink(missing_ok=True)
     if set(args.transports.split(",")) != set(TRANSPORTS):
         return 0  # a partial run is for tuning, not for the results table

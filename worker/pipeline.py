@@ -309,7 +309,10 @@ def _run(args) -> int:
     import numpy as np
 
     from herd.config import load_config
+    from worker.allocator import reuse_freed_memory
     from worker.model import read_model_config
+
+    reuse_freed_memory()  # worker/allocator.py: MLX's and the transfers' buffers stay warm
 
     job = load_config(args.config, {"iters": args.iters, "model": args.model, "data": args.data})
     group = mx.distributed.init(strict=True)
