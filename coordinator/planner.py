@@ -258,9 +258,9 @@ def estimate_memory(
     else:
         activations = saved_blocks * one_block
     held = microbatches if in_flight is None else max(1, min(in_flight, microbatches))
-    if held > 1 and saved_blocks:
+    if held > 1 and saved_blocks and not has_embed:
         # The stage keeps the input of every microbatch in flight (1F1B: stage s of S holds at
-        # most S - s, worker/pipeline_schedule.py).
+        # most S - s, worker/pipeline_schedule.py); the first stage's inputs are token ids.
         activations += (held - 1) * hidden_state
     logits = _LOGIT_COPIES * tokens * shape.vocab * ab if has_head and saved_blocks else 0.0
     overhead = (
@@ -349,8 +349,8 @@ def _balanced_if_it_fits(cfg: dict, job: JobConfig, shape: ModelShape, mems: lis
     """The cut of equal compute (herd/stage_cut.py) when every stage fits its worker: a pipeline
     runs at its slowest stage's pace, so memory decides the cut only when it must."""
     stages = len(mems)
-    if stages > shape.layers:
-        return None
+    if not 1 < stages <= shape.layers:
+        return None  # one stage has nothing to balance
     n_lora = shape.layers if job.num_layers == -1 else min(job.num_layers, shape.layers)
     spans = balanced_split(shape.layers, stages, head_blocks(cfg), shape.layers - n_lora)
     for s, (span, mem) in enumerate(zip(spans, mems)):

@@ -79,11 +79,19 @@ def _check(total_layers: int, stages: int) -> None:
 
 def head_blocks(model_config: dict) -> float:
     """The last stage's vocabulary projection in units of one block's matmul work (from
-    ``config.json``): about 1.3 for Llama-3.1-70B, whose 128k vocabulary is large."""
-    hidden = model_config["hidden_size"]
-    heads = model_config["num_attention_heads"]
-    head_dim = model_config.get("head_dim") or hidden // heads
-    kv = model_config.get("num_key_value_heads", heads) * head_dim
+    ``config.json``; multimodal configs keep the text model under ``text_config``): about 1.3 for
+    Llama-3.1-70B, whose 128k vocabulary is large. 0 when the config lacks a size."""
+    cfg = model_config
+    if "text_config" in cfg:
+        cfg = {**cfg["text_config"], **cfg}
+    try:
+        hidden = int(cfg["hidden_size"])
+        heads = int(cfg["num_attention_heads"])
+        head_dim = int(cfg.get("head_dim") or hidden // heads)
+        kv = int(cfg.get("num_key_value_heads") or heads) * head_dim
+        mlp = 3 * hidden * int(cfg["intermediate_size"])
+        vocab = int(cfg["vocab_size"])
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return 0.0  # the cut then ignores the head; the planner reports the missing size itself
     attention = 2 * hidden * heads * head_dim + 2 * hidden * kv
-    mlp = 3 * hidden * model_config["intermediate_size"]
-    return model_config["vocab_size"] * hidden / (attention + mlp)
+    return vocab * hidden / (attention + mlp)

@@ -477,9 +477,23 @@ def test_grpc_training_equals_mlx_and_one_rank(tmp_path, tiny_model, tiny_data, 
         assert max_abs_diff(load_adapter(tmp_path / "grpc-bf16"), one) <= 2 * 1e-3 * 4
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="glibc's mallopt")
-def test_freed_chunk_buffers_are_kept_for_reuse_on_linux():
+@pytest.mark.skipif(sys.platform != "linux" or not os.path.exists("/lib/x86_64-linux-gnu/libc.so.6")
+                    and not os.path.exists("/lib/aarch64-linux-gnu/libc.so.6"), reason="glibc's mallopt")
+def test_glibc_takes_the_keep_freed_memory_settings():
     from worker.allocator import reuse_freed_memory
 
-    # Without it, every chunk the exchange moves is faulted in fresh (worker/allocator.py).
+    # Without them, every chunk the exchange moves is faulted in fresh (worker/allocator.py).
     assert reuse_freed_memory() is True
+
+
+def test_a_broadcast_input_is_summed_as_the_values_it_shows():
+    # mx.array keeps a broadcast's stride-0 layout: summed in place, every element would alias.
+    def body(ex):
+        flat = mx.array(mx.broadcast_to(mx.array([1.0]), (5,)))
+        return np.array(ex.all_sum(flat, donate=True)), np.array(ex.all_sum(flat))
+
+    results, errors = run_group(2, body, chunk_bytes=8)
+    assert errors == [None, None]
+    for donated, kept in results:
+        assert np.array_equal(donated, np.full(5, 2.0, np.float32))
+        assert np.array_equal(kept, np.full(5, 2.0, np.float32))

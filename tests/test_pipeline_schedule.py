@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from worker.pipeline_schedule import (BWD, FWD, FWD_BWD, RECV_FWD, SEND_BWD, Op, one_f_one_b,
-                                      simulate)
+from worker.pipeline_schedule import (BWD, FWD, FWD_BWD, RECV_BWD, RECV_FWD, SEND_BWD, SEND_FWD,
+                                      Op, one_f_one_b, simulate)
 
 
 def schedules(stages: int, m: int, frozen: int = 0) -> list[list[Op]]:
@@ -23,13 +23,48 @@ def test_every_stage_runs_every_microbatch_once_without_deadlock(stages):
             simulate(plan)  # raises on a deadlock or a mismatched transfer
             for s, ops in enumerate(plan):
                 kinds = [op.kind for op in ops]
-                if s == stages - 1:
-                    assert sorted(op.mb for op in ops if op.kind == FWD_BWD) == list(range(m))
+                if s == stages - 1:  # gradients are summed in microbatch order on every stage
+                    assert [op.mb for op in ops if op.kind == FWD_BWD] == list(range(m))
                 else:
                     assert sorted(op.mb for op in ops if op.kind == FWD) == list(range(m))
                     want_bwd = list(range(m)) if s >= frozen else []
                     assert [op.mb for op in ops if op.kind == BWD] == want_bwd  # in order
                 assert (SEND_BWD in kinds) == (s > frozen)
+
+
+@pytest.mark.parametrize("stages", range(1, 9))
+def test_every_op_finds_what_it_needs(stages):
+    """What worker/pipeline.py's executor keeps between ops exists when an op uses it."""
+    for m in range(1, 17):
+        for frozen in range(stages):
+            for s, ops in enumerate(schedules(stages, m, frozen)):
+                first, last = s == 0, s == stages - 1
+                received, done_fwd, saved, cts, dxs = set(), set(), set(), set(), set()
+                for op in ops:
+                    i = op.mb
+                    if op.kind == RECV_FWD:
+                        received.add(i)
+                    elif op.kind in (FWD, FWD_BWD):
+                        assert first or i in received, (s, op)
+                        received.discard(i)
+                        if op.kind == FWD_BWD:
+                            dxs.add(i)
+                        else:
+                            done_fwd.add(i)
+                            if s >= frozen:  # only a stage with adapters keeps inputs
+                                saved.add(i)
+                    elif op.kind == SEND_FWD:
+                        assert i in done_fwd, (s, op)
+                        done_fwd.remove(i)
+                    elif op.kind == RECV_BWD:
+                        cts.add(i)
+                    elif op.kind == BWD:
+                        assert i in saved and i in cts, (s, op)
+                        saved.remove(i), cts.remove(i), dxs.add(i)
+                    elif op.kind == SEND_BWD:
+                        assert i in dxs, (s, op)
+                        dxs.remove(i)
+                assert not received and not cts and not saved and not done_fwd, s
 
 
 def test_in_flight_inputs_are_bounded_by_the_stages_after():

@@ -210,6 +210,37 @@ def test_cut_balances_compute_when_memory_allows():
         assert plan.peak_bytes_per_worker[w.worker_id] <= w.memory_bytes * 0.9
 
 
+def test_a_stage_counts_the_inputs_it_holds_in_flight():
+    from coordinator.planner import estimate_memory
+
+    job = parse_config({"batch_size": 8, "max_seq_length": 512, "num_layers": -1})
+    mid = dict(has_embed=False, has_head=False, microbatches=8)
+    one = estimate_memory(LLAMA_70B, job, (40, 60), in_flight=1, **mid)
+    three = estimate_memory(LLAMA_70B, job, (40, 60), in_flight=3, **mid)
+    hidden_state = 1 * 512 * 8192 * 2  # one microbatch's bf16 hidden states
+    assert three.activations - one.activations == 2 * hidden_state
+    # The first stage's inputs are token ids: nothing to add.
+    first = [estimate_memory(LLAMA_70B, job, (0, 20), has_head=False, microbatches=8, in_flight=k)
+             for k in (1, 4)]
+    assert first[0].activations == first[1].activations > 0
+    # In a plan, stage s of S holds S - s inputs under 1F1B (worker/pipeline_schedule.py).
+    from coordinator.planner import ModelShape, _stage_estimate
+
+    shape = ModelShape.from_config(LLAMA_70B)
+    per_stage = [_stage_estimate(LLAMA_70B, job, shape, (40, 60), 4, 1, s).activations
+                 for s in (1, 2, 3)]
+    mb_state = (8 // 8) * 512 * 8192 * 2  # 8 examples in 8 microbatches (one each)
+    assert per_stage[0] - per_stage[1] == per_stage[1] - per_stage[2] == mb_state
+
+
+def test_a_multimodal_config_is_planned_from_its_text_config():
+    nested = {"model_type": "llava", "text_config": {k: v for k, v in LLAMA_70B.items()}}
+    job = parse_config({"batch_size": 2, "quantize": {"bits": 4}, "grad_checkpoint": True,
+                        "max_seq_length": 1024})
+    plan = plan_job(nested, job, [WorkerMemory("a", 64 * GIB), WorkerMemory("b", 64 * GIB)])
+    assert plan.stage_layers[0][0] == 0 and plan.stage_layers[-1][1] == 80
+
+
 def test_refusal_lists_fixes_with_numbers():
     job = parse_config({"batch_size": 4, "max_seq_length": 4096, "num_layers": 16})
     mac = macos_usable_bytes(64 * GIB)

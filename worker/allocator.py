@@ -8,7 +8,10 @@ of a training step went to page faults and page clears: perf put a third of the 
 there. A fixed threshold and a high trim threshold let those buffers be reused warm: 2 ranks of
 a 107M llama trained 14% faster over the MLX ring (173 -> 199 tok/s) and the gRPC exchange's
 share of a step fell from 16% to 8% (bench/results/train-throughput-2026-11-23-*.md). The cost is
-resident memory the process keeps after a peak (MLX's own peak accounting is unchanged).
+resident memory the process keeps after a peak: each malloc arena (the main heap and one per busy
+thread, gRPC's among them) keeps what it freed up to its own high-water mark, instead of
+returning it. MLX's peak accounting, which the planner models, is unchanged; the RSS a worker
+reports can stay near its step peak between steps.
 
 macOS's allocator has no such knobs and does not need them; elsewhere this does nothing.
 """
@@ -46,8 +49,9 @@ def _mallopt_all() -> bool:
     except (OSError, AttributeError):  # not glibc (musl has no mallopt)
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return all(mallopt(param, value) == 1 for param, value in (
+    taken = [mallopt(param, value) == 1 for param, value in (  # each one, even if one fails
         (_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES),
         (_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES),
         (_M_TOP_PAD, TOP_PAD_BYTES),
-    ))
+    )]
+    return all(taken)

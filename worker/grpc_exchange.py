@@ -147,6 +147,10 @@ class GrpcExchange:
         out = flat if donate else mx.array(flat)
         mx.eval(out)
         buf = np.asarray(out)
+        if not buf.flags.c_contiguous:  # a broadcast (stride 0) or strided view: sum a real copy
+            out = mx.array(np.ascontiguousarray(buf))
+            mx.eval(out)
+            buf = np.asarray(out)
         plan = RingPlan(buf.size, self.size, self.rank, self._chunk_elements)
         deadline = time.monotonic() + self.timeout_s
         with self._registry:
