@@ -34,6 +34,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from herd.ports import free_ports  # noqa: E402 (after the path)
+
 TRANSPORTS = ("grpc", "mlx", "tcp")
 MB = 1024 * 1024
 
@@ -167,16 +169,6 @@ def cpu_seconds() -> float:
 
 
 # ---- the driver --------------------------------------------------------------------------------
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
 
 def run_group(transport: str, n: int, args, hostfile: Path) -> dict[str, list[float]]:
     ports = free_ports(n)

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,24 +26,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from herd.ports import free_ports  # noqa: E402 (after the path)
+
 HIDDEN, LAYERS, BATCH, SEQ, ITERS, WARMUP = 256, 12, 8, 256, 6, 2
-
-
-def _ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def _launch(argv: list[str], world: int, tmp: Path) -> None:
     from worker.blas import preload_env
 
     hostfile = tmp / "hosts.json"
-    hostfile.write_text(json.dumps([f"127.0.0.1:{p}" for p in _ports(world)]))
+    hostfile.write_text(json.dumps([f"127.0.0.1:{p}" for p in free_ports(world)]))
     cores = os.cpu_count() or 1
     procs = []
     for r in range(world):

@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import random
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from herd.ports import free_ports  # noqa: E402 (after the path)
 
 from herd.tiny import ANIMALS, facts, make_tiny_model  # noqa: E402
 
@@ -73,9 +74,7 @@ def run_herd(cfg: Path, ranks: int = 1, pin: bool = False, env_extra: dict | Non
     base_env = {**os.environ, **(env_extra or {})}
     procs, t0 = [], time.perf_counter()
     if ranks > 1:
-        ports = []
-        for _ in range(ranks):
-            s = socket.socket(); s.bind(("127.0.0.1", 0)); ports.append(s.getsockname()[1]); s.close()
+        ports = free_ports(ranks)
         hostfile = cfg.with_suffix(".hosts.json")
         hostfile.write_text(json.dumps([f"127.0.0.1:{p}" for p in ports]))
     for r in range(ranks):

@@ -11,7 +11,7 @@ The 32B/70B tables in docs/planning.md come from the same formulas.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from herd.config import JobConfig, Quantize
 from herd.errors import ConfigError, DoesNotFitError, PlacementError

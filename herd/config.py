@@ -28,7 +28,7 @@ class LoraParameters(_Strict):
     @classmethod
     def _positive(cls, v):
         if isinstance(v, int) and v < 1:
-            raise ValueError(f"the LoRA rank must be at least 1 (mlx-lm's default is 8)")
+            raise ValueError("the LoRA rank must be at least 1 (mlx-lm's default is 8)")
         return v
     scale: float = Field(20.0, gt=0, description="LoRA scale; mlx-lm uses 'scale', not 'alpha'")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
@@ -202,7 +202,7 @@ def _model_for(loc: tuple) -> type[BaseModel] | None:
 
 
 def _format(err: ValidationError, source: str) -> ConfigError:
-    lines, hints = [], []
+    lines = []
     for e in err.errors():
         loc = tuple(e["loc"])
         # pydantic names union branches and validators in the path; the user's key has neither.

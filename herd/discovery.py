@@ -22,7 +22,7 @@ from herd import log
 
 WORKER_TYPE = "_herd-worker._tcp.local."
 COORDINATOR_TYPE = "_herd._tcp.local."
-from herd import PROTOCOL_VERSION  # noqa: E402  (one definition, in herd/__init__.py)
+from herd import PROTOCOL_VERSION  # noqa: E402, F401  (one definition, in herd/__init__.py; re-exported)
 INTERFACES_ENV = "HERD_ZEROCONF_INTERFACES"
 
 logger = log.get(__name__)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+
+from herd.ports import free_ports  # noqa: F401 (tests import it from here)
 
 # mx.compile JIT-compiles C++ on the CPU backend: ~25 s per new shape set, for identical numbers.
 # Tests run uncompiled (subprocesses inherit this); tests/test_training.py checks the compiled path once.
@@ -82,18 +83,6 @@ def write_job(path: Path, model: Path, data: Path, **overrides) -> Path:
     job.update(overrides)
     path.write_text(yaml.safe_dump(job))
     return path
-
-
-def free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
 
 
 def herd(*args: str, env: dict | None = None, timeout: float = 240, check: bool = True, cwd=None):

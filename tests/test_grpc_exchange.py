@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +24,7 @@ import pytest
 
 from herd.auth import secure_channel
 from herd.errors import AuthError, ConfigError, HerdError, PeerLostError
+from herd.ports import free_ports
 from protos.v1 import exchange_pb2 as pb
 from worker import grpc_exchange_wire as wire
 from worker.exchange import GradientExchange, reduce_gradients
@@ -37,13 +37,7 @@ SECRET = "test-secret-0123456789abcdef0123"
 
 
 def free_peers(n: int) -> list[str]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    peers = [f"127.0.0.1:{s.getsockname()[1]}" for s in socks]
-    for s in socks:
-        s.close()
-    return peers
+    return [f"127.0.0.1:{p}" for p in free_ports(n)]
 
 
 def run_group(n: int, body, secrets: list[str] | None = None, timeout_s: float = 20.0, **kw):

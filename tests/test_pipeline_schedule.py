@@ -38,7 +38,7 @@ def test_every_op_finds_what_it_needs(stages):
     for m in range(1, 17):
         for frozen in range(stages):
             for s, ops in enumerate(schedules(stages, m, frozen)):
-                first, last = s == 0, s == stages - 1
+                first = s == 0
                 received, done_fwd, saved, cts, dxs = set(), set(), set(), set(), set()
                 for op in ops:
                     i = op.mb

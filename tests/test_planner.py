@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from coordinator.planner import (
-    GB,
     GIB,
     WorkerMemory,
     estimate_memory,

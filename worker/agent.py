@@ -21,6 +21,7 @@ from herd import discovery, log
 from herd.auth import SERVER_OPTIONS, ServerAuth, default_home, load_secret
 from herd.client_rpc import abort
 from herd.errors import HerdError, PlacementError
+from herd.ports import free_ports
 from protos.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from worker.probe import Machine, free_memory_bytes, probe
 from worker.rank_runner import RankProcess, RankSpec
@@ -31,9 +32,7 @@ logger = log.get(__name__)
 def free_port(host: str) -> int:
     """A port free right now. Rank ports are chosen once at agent start and reused: a worker runs
     one rank at a time, and the coordinator must know every rank's port before any starts."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    return free_ports(1, host)[0]
 
 
 def parse_bytes(text: str) -> int:

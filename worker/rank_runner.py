@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-import grpc
 import yaml
 
 from herd import log

@@ -1,0 +1,19 @@
+"""Free TCP ports, for the ranks of a job on one machine (agents, launchers, tests, benchmarks)."""
+
+from __future__ import annotations
+
+import socket
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """``n`` distinct ports free right now on ``host``: all bound at once, so none repeats, then
+    released for the caller to bind. (Another process may take one in between; callers that
+    cannot retry choose ports once and keep them.)"""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
