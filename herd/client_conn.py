@@ -7,8 +7,8 @@ the cluster secret wins (an advert alone is never trusted).
 
 from __future__ import annotations
 
-import hashlib
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -18,7 +18,8 @@ from typing import Iterator
 
 from herd import discovery, log
 from herd.auth import secure_channel
-from herd.client_rpc import TRANSFER_DEADLINE_S, UNARY_DEADLINE_S, ChecksumError, rpc_errors
+from herd.checkpoint_stream import receive_files
+from herd.client_rpc import TRANSFER_DEADLINE_S, UNARY_DEADLINE_S, rpc_errors
 from herd.errors import HerdError, PeerLostError
 from protos.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
@@ -58,45 +59,19 @@ class Coordinator:
         """Writes the checkpoint's files into ``out``, each sha256-checked, each replaced
         atomically."""
         out.mkdir(parents=True, exist_ok=True)
-        header, files, hashes = None, {}, {}
+        scratch = Path(tempfile.mkdtemp(dir=out, prefix=".pull-"))
         try:
             with rpc_errors(self.target):
                 stream = self.stub.GetAdapter(
                     coordinator_pb2.GetAdapterRequest(job_id=job_id, step=step),
                     timeout=TRANSFER_DEADLINE_S)
-                for msg in stream:
-                    if msg.WhichOneof("part") == "header":
-                        header = msg.header
-                        continue
-                    name = msg.chunk.name
-                    if header is None or name not in {f.name for f in header.files}:
-                        raise ChecksumError(f"unexpected file {name!r} in the adapter stream")
-                    if name not in files:
-                        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.")
-                        files[name] = (os.fdopen(fd, "wb"), Path(tmp))
-                        hashes[name] = hashlib.sha256()
-                    files[name][0].write(msg.chunk.data)
-                    hashes[name].update(msg.chunk.data)
-            if header is None:
-                raise ChecksumError("the coordinator sent no checkpoint header")
-            for f, _ in files.values():
-                f.close()
+                header = receive_files(stream, scratch, "checkpoint", hint="pull again")
             for d in header.files:
-                if d.name not in files:
-                    if d.bytes:
-                        raise ChecksumError(f"{d.name} missing from the adapter stream")
-                    (out / d.name).write_bytes(b"")
-                    continue
-                if hashes[d.name].hexdigest() != d.sha256:
-                    raise ChecksumError(f"{d.name} arrived corrupted", hint="pull again")
-            for name, (_, tmp) in files.items():
-                os.chmod(tmp, 0o644)  # mkstemp makes 0600; an adapter is an ordinary file
-                os.replace(tmp, out / name)
+                os.chmod(scratch / d.name, 0o644)  # an adapter is an ordinary file
+                os.replace(scratch / d.name, out / d.name)
             return header
         finally:
-            for f, tmp in files.values():
-                f.close()
-                tmp.unlink(missing_ok=True)
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _accepts(target: str, secret: str) -> bool:

@@ -246,6 +246,40 @@ def test_adapter_store_checks_every_file_and_writes_atomically(tmp_path):
         store.step_dir("../x", 1)
 
 
+def test_a_received_checkpoint_is_checked_file_by_file(tmp_path):
+    from herd.checkpoint_stream import receive_files
+    from protos.v1 import common_pb2, coordinator_pb2
+
+    a, empty = b"w" * 2500, b""
+    info = common_pb2.CheckpointInfo(step=4, files=[
+        common_pb2.FileDigest(name="adapters.safetensors", sha256=hashlib.sha256(a).hexdigest(),
+                              bytes=len(a)),
+        common_pb2.FileDigest(name="notes.txt", sha256=hashlib.sha256(empty).hexdigest(), bytes=0)])
+
+    def stream(*chunks, header=True):
+        if header:
+            yield coordinator_pb2.GetAdapterReply(header=info)
+        for name, data in chunks:
+            yield coordinator_pb2.GetAdapterReply(chunk=common_pb2.FileChunk(name=name, data=data))
+
+    good = tmp_path / "good"
+    good.mkdir()
+    got = receive_files(stream(("adapters.safetensors", a[:1000]), ("adapters.safetensors", a[1000:])),
+                        good, "checkpoint", hint="pull again")
+    assert got.step == 4 and (good / "adapters.safetensors").read_bytes() == a
+    assert (good / "notes.txt").read_bytes() == b""  # sent as no chunk at all
+    for bad, match in [(stream(("adapters.safetensors", a[:-1] + b"x")), "corrupted"),
+                       (stream(("adapters.safetensors", a[:1000])), "corrupted"),
+                       (stream(), "missing"),
+                       (stream(("../evil", b"x")), "unexpected file"),
+                       (stream(("adapters.safetensors", a), header=False), "unexpected file"),
+                       (stream(header=False), "no checkpoint header")]:
+        folder = tmp_path / f"bad{len(list(tmp_path.iterdir()))}"
+        folder.mkdir()
+        with pytest.raises(ChecksumError, match=match):
+            receive_files(bad, folder, "checkpoint", hint="pull again")
+
+
 def test_blob_store_is_content_addressed(tmp_path):
     blobs = BlobStore(tmp_path)
     data = b"line\n" * 1000

@@ -8,11 +8,11 @@ with a ``StagePiece``; the coordinator merges a step's pieces into one mlx-lm ad
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from pathlib import Path
 
+from herd.checkpoint_stream import receive_files
 from herd.client_rpc import TRANSFER_DEADLINE_S, ChecksumError, rpc_errors
 from herd.errors import PlacementError
 from protos.v1 import common_pb2, coordinator_pb2
@@ -40,26 +40,13 @@ def pull_stage_piece(stub, target: str, job_id: str, step: int, stage: int,
     tmp.mkdir()
     req = coordinator_pb2.GetAdapterRequest(job_id=job_id, step=step,
                                             stage=common_pb2.StagePiece(index=stage))
-    header, hashes = None, {}
     try:
         with rpc_errors(target):
-            for msg in stub.GetAdapter(req, timeout=TRANSFER_DEADLINE_S):
-                if msg.WhichOneof("part") == "header":
-                    header = msg.header
-                    continue
-                name = msg.chunk.name
-                if header is None or name not in {f.name for f in header.files}:
-                    raise ChecksumError(f"unexpected file {name!r} in the checkpoint stream")
-                with open(tmp / name, "ab") as f:
-                    f.write(msg.chunk.data)
-                hashes.setdefault(name, hashlib.sha256()).update(msg.chunk.data)
-        if header is None or not header.HasField("stage"):
+            header = receive_files(stub.GetAdapter(req, timeout=TRANSFER_DEADLINE_S), tmp,
+                                   f"checkpoint {step} stage {stage}",
+                                   hint="the agent fetches it again on the next attempt")
+        if not header.HasField("stage"):
             raise ChecksumError(f"the coordinator sent no stage piece of checkpoint {step}")
-        for d in header.files:
-            (tmp / d.name).touch()  # an empty file sends no chunk
-            if hashes.get(d.name, hashlib.sha256()).hexdigest() != d.sha256:
-                raise ChecksumError(f"checkpoint {step} stage {stage}: {d.name} arrived corrupted",
-                                    hint="the agent fetches it again on the next attempt")
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
