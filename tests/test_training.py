@@ -132,8 +132,14 @@ def test_progress_and_metrics(tmp_path, tiny_model, tiny_chat_data):
 
     cfg = write_job(tmp_path / "job.yaml", tiny_model, tiny_chat_data, adapter_path=str(tmp_path / "ad"),
                     mask_prompt=True)
-    proc = herd("train", cfg, "--metrics-file", tmp_path / "m.jsonl")
+    proc = herd("train", cfg, "--metrics-file", tmp_path / "m.jsonl", env={"HERD_LOG_LEVEL": "info"})
     assert "loss" in proc.stdout and "tok/s" in proc.stdout and "peak" in proc.stdout
+    # The start line says what the process runs with; on Linux (glibc) freed memory is kept for
+    # reuse, which the 2-rank throughput depends on (worker/allocator.py).
+    start = [json.loads(l) for l in proc.stderr.splitlines() if '"train_start"' in l]
+    assert len(start) == 1 and start[0]["exchange"] == "local"
+    if sys.platform == "linux":
+        assert start[0]["reuse_freed_memory"] is True
     events = [json.loads(l) for l in (tmp_path / "m.jsonl").read_text().splitlines()]
     kinds = [e["event"] for e in events]
     assert kinds.count("checkpoint") == 2 and kinds[-1] == "done"
