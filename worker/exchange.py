@@ -117,7 +117,8 @@ def reduce_gradients(
         if last:
             parts.append(ntok)
         # A concatenation of two or more parts is a fresh buffer nothing else shares, so the
-        # exchange may sum into it; one part alone is returned as is (a view of the gradient).
+        # exchange may sum into it; MLX returns one part alone as is (the gradient's own
+        # buffer, or a view of it), so that one is copied first.
         flat = mx.concatenate(parts) if len(parts) > 1 else mx.array(parts[0])
         summed = exchange.all_sum(flat, donate=True)
         del flat

@@ -3,9 +3,9 @@
 Each rank is one stage (worker/pipeline_stage.py: its own blocks only). Per optimizer step the
 global batch is cut into microbatches; each flows forward as hidden states (``send`` to the next
 stage) and backward as cotangents (``send`` to the previous one), in one-forward-one-backward
-order (worker/pipeline_schedule.py). MLX's send/recv have no
-gradient, so autodiff never crosses a stage: every stage keeps only its microbatches' *inputs*
-and, in the backward pass, recomputes its blocks under ``mx.vjp`` with the cotangent it receives.
+order (worker/pipeline_schedule.py). MLX's send/recv have no gradient, so autodiff never crosses
+a stage: every stage keeps only its microbatches' *inputs* and, in the backward pass, recomputes
+its blocks under ``mx.vjp`` with the cotangent it receives.
 The last stage computes the loss as the lead's trainer does, the *sum* of per-token losses; every
 stage divides its gradient sums by the global token count (it holds the same batch and counts the
 same targets), so the update equals one process's to float rounding.
@@ -41,10 +41,10 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from herd.adapter_merge import merge_stage_adapters
 from herd.config import JobConfig
 from herd.errors import ConfigError, HerdError
+from herd.stage_cut import balanced_split, head_blocks
 from worker.pipeline_link import Link, MLXLink, Topology
 from worker.pipeline_schedule import (BWD, FWD, RECV_BWD, RECV_FWD, SEND_BWD, SEND_FWD,
                                       one_f_one_b)
-from herd.stage_cut import balanced_split, head_blocks
 from worker.pipeline_stage import Stage, StageSpec, build_stage
 
 __all__ = ["pipeline_step", "train_stage", "save_stage_adapter", "merge_stage_adapters", "Topology"]
