@@ -224,8 +224,7 @@ def estimate_memory(
         weights += shape.hidden * db + (0 if shape.tie_embeddings and has_embed else embed)
 
     # LoRA on the last num_layers blocks of the model; this rank owns the part inside [start, end).
-    n_lora = shape.layers if job.num_layers == -1 else min(job.num_layers, shape.layers)
-    adapted = max(0, end - max(start, shape.layers - n_lora))
+    adapted = max(0, end - max(start, job.first_adapted_layer(shape.layers)))
     keys = _adapted_keys(shape, job)
     r = job.lora_parameters.rank
     per_block = sum(r * (i + o) for i, o in keys.values())
@@ -351,8 +350,8 @@ def _balanced_if_it_fits(cfg: dict, job: JobConfig, shape: ModelShape, mems: lis
     stages = len(mems)
     if not 1 < stages <= shape.layers:
         return None  # one stage has nothing to balance
-    n_lora = shape.layers if job.num_layers == -1 else min(job.num_layers, shape.layers)
-    spans = balanced_split(shape.layers, stages, head_blocks(cfg), shape.layers - n_lora)
+    spans = balanced_split(shape.layers, stages, head_blocks(cfg),
+                           job.first_adapted_layer(shape.layers))
     for s, (span, mem) in enumerate(zip(spans, mems)):
         if _stage_estimate(cfg, job, shape, span, stages, dp, s).total > mem:
             return None

@@ -154,6 +154,11 @@ class JobConfig(_Strict):
         return self
 
     # mlx-lm's TrainingArgs and adapter_config.json speak these names.
+    def first_adapted_layer(self, total_layers: int) -> int:
+        """The first block with adapters: LoRA goes on the last ``num_layers`` (-1: all)."""
+        n = total_layers if self.num_layers == -1 else min(self.num_layers, total_layers)
+        return total_layers - n
+
     def mlx_lm_dict(self) -> dict[str, Any]:
         d = self.model_dump(exclude={"cluster", "quantize"}, mode="json")
         return d

@@ -320,9 +320,9 @@ def _run(args) -> int:
     stages, index = topo.stages, topo.stage
     model_config = read_model_config(job.model)
     total = model_config["num_hidden_layers"]
-    n_lora = total if job.num_layers == -1 else min(job.num_layers, total)
-    start, end = _spans(args.stage_layers, model_config, stages, total - n_lora)[index]
-    spec = StageSpec(index, stages, start, end, total, first_adapted=total - n_lora)
+    first_adapted = job.first_adapted_layer(total)
+    start, end = _spans(args.stage_layers, model_config, stages, first_adapted)[index]
+    spec = StageSpec(index, stages, start, end, total, first_adapted=first_adapted)
     np.random.seed(job.seed)
     tokenizer = load_tokenizer(Path(job.model))
     ns = argparse.Namespace(**job.mlx_lm_dict())
