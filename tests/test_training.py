@@ -63,6 +63,40 @@ def test_two_ranks_equal_one_rank(tmp_path, tiny_model, tiny_data, accum):
     assert diff <= 1e-5, f"2-rank adapter differs from 1-rank by {diff}"
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("stages", [1, 2])
+def test_a_rank_that_loses_its_mlx_peer_exits_as_peer_lost(tmp_path, tiny_model, tiny_data, stages):
+    """Kill one rank of a 2-rank MLX ring (data parallel, or a 2-stage pipeline): the survivor
+    exits with PeerLostError's code, which the scheduler restarts from the last checkpoint, not
+    with a bare RuntimeError's 1, which would fail the job for good."""
+    import signal
+    import time
+
+    from herd.errors import PeerLostError
+
+    metrics = tmp_path / "m.jsonl"
+    layout = {"exchange": "mlx"} if stages == 1 else {"parallelism": {"data": 1, "pipeline": 2}}
+    cfg = write_job(tmp_path / "job.yaml", tiny_model, tiny_data, adapter_path=str(tmp_path / "a"),
+                    iters=100_000, steps_per_report=1, save_every=100_000, cluster=layout)
+    procs = start_ranks(["train", str(cfg), "--quiet", "--metrics-file", str(metrics)], world=2,
+                        hostfile_dir=tmp_path)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and '"train"' not in (
+                metrics.read_text() if metrics.exists() else ""):
+            assert all(p.poll() is None for p in procs), [p.communicate()[1][-2000:] for p in procs]
+            time.sleep(0.2)
+        procs[1].send_signal(signal.SIGKILL)
+        _, err = procs[0].communicate(timeout=60)
+        assert procs[0].returncode == PeerLostError.exit_code, err[-3000:]
+        assert "lost a peer" in err
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
 def test_resume_is_exact(tmp_path, tiny_model, tiny_data):
     """k steps, stop, resume to n == n steps straight: adapter and optimizer state (with dropout
     and accumulation, so the RNG and the data cursor matter)."""

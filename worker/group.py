@@ -13,7 +13,7 @@ import os
 import mlx.core as mx
 
 from herd.config import Cluster
-from herd.errors import ConfigError
+from herd.errors import ConfigError, PeerLostError
 from worker.exchange import GradientExchange, LocalExchange, MLXExchange
 
 MLX_LAUNCH_ENV = ("MLX_HOSTFILE", "MLX_RANK", "OMPI_COMM_WORLD_RANK", "MLX_IBV_DEVICES", "MLX_JACCL_COORDINATOR")
@@ -24,6 +24,20 @@ def _grpc(cluster: Cluster) -> GradientExchange:
     from worker.grpc_exchange import GrpcExchange
 
     return GrpcExchange.from_env(timeout_s=cluster.exchange_timeout_s, wire_dtype=cluster.wire_dtype)
+
+
+# What MLX's ring backend raises in a rank whose neighbour died (mlx PR #4060; shared/FACTS.md).
+_MLX_LOST_PEER = "connection to a peer was lost"
+
+
+def lost_peer(err: RuntimeError) -> PeerLostError | None:
+    """The PeerLostError a RuntimeError from an MLX collective means, or None if it is another
+    error. A surviving rank often reports before the killed one; reported as a plain RuntimeError
+    (exit 1) its job would fail for good instead of restarting from its last checkpoint."""
+    if _MLX_LOST_PEER not in str(err):
+        return None
+    return PeerLostError(f"lost a peer of the MLX group: {err}",
+                         hint="the rank process died or its machine dropped off the network")
 
 
 def open_exchange(cluster: Cluster) -> GradientExchange:

@@ -179,6 +179,15 @@ def main(argv: list[str]) -> int:
         _fail(metrics, str(e))
         print(f"herd {cmd}: {e}", file=sys.stderr)
         return 1
+    except RuntimeError as e:
+        from worker.group import lost_peer
+
+        lost = lost_peer(e)
+        if lost is None:
+            raise
+        _fail(metrics, str(lost))
+        print(f"herd {cmd}: {lost}", file=sys.stderr)
+        return lost.exit_code
 
 
 def _pipeline_argv(job: JobConfig, args) -> list[str] | None:
