@@ -1,4 +1,4 @@
-"""All-reduce bus bandwidth on local processes: gRPC exchange vs MLX ring vs a plain TCP ring.
+"""All-reduce bus bandwidth, local processes: gRPC exchange vs MLX ring, TCP ring, grpcio streams.
 
     .venv/bin/python bench/allreduce.py                      # N = 2,3,4; 1,16,64,256 MB; one run
     .venv/bin/python bench/allreduce.py --ranks 2 --sizes-mb 64,256 --reps 5
@@ -8,12 +8,15 @@ all-reduce, per second). Each (transport, N) gets fresh processes: an MLX proces
 one group. MLX ranks are started directly with MLX_RANK + MLX_HOSTFILE, not through mlx.launch,
 whose output relaying costs a 2-core box dearly (shared/FACTS.md). The TCP ring runs the same
 chunked, pipelined schedule as the gRPC exchange (worker/grpc_exchange_ring.py) over bare
-sockets: the ceiling for this algorithm in Python on this machine.
+sockets: the ceiling for this algorithm in Python on this machine. The grpcio streams move the
+same messages on the same schedule over persistent grpcio streams, summing and checking nothing:
+the floor under any all-reduce written on grpcio's Python API (it copies each message into
+``bytes`` to send it, and twice more to receive it).
 
 Every call donates its input, as the trainer's does (worker/exchange.py ``reduce_gradients``):
 the gRPC and TCP rings sum in place; MLX's ``all_sum`` allocates its result regardless.
-Times are the median of --reps, measured on rank 0 after a small all-reduce that lines the ranks
-up. Writes a markdown table to bench/results/allreduce-<date>.md (see --out).
+Times are the median of --reps, measured on rank 0 after --warmup untimed all-reduces of the
+same size and a small all-reduce that lines the ranks up. Writes a markdown table to bench/results/allreduce-<date>.md (see --out).
 """
 
 from __future__ import annotations
@@ -35,8 +38,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from herd.ports import free_ports  # noqa: E402 (after the path)
+from worker.grpc_exchange import DEFAULT_CHUNK_BYTES  # noqa: E402
 
-TRANSPORTS = ("grpc", "mlx", "tcp")
+TRANSPORTS = ("grpc", "mlx", "tcp", "streams")
 MB = 1024 * 1024
 
 
@@ -109,6 +113,79 @@ class TcpRing:
         self.inp.close()
 
 
+class GrpcStreams:
+    """The floor under the gRPC exchange: the same ring messages over one persistent grpcio stream
+    per link, without the sum, the wire header or any check. Only what grpcio's Python API needs
+    to move the bytes: a copy into ``bytes`` to send, and its own receive path."""
+
+    def __init__(self, rank: int, ports: list[int], chunk_bytes: int):
+        import queue
+        from concurrent import futures
+
+        import grpc
+
+        from herd.auth import CHANNEL_OPTIONS
+
+        self.rank, self.size, self.chunk_elements = rank, len(ports), chunk_bytes // 4
+        self._cond = threading.Condition()
+        self._received = 0  # messages in, over the group's life
+        self._expected = 0  # messages in by the end of the current all-reduce
+        self._work: queue.SimpleQueue = queue.SimpleQueue()  # each all-reduce's outgoing messages
+        handlers = {"Link": grpc.stream_stream_rpc_method_handler(self._on_link)}
+        self._server = grpc.server(futures.ThreadPoolExecutor(2), options=CHANNEL_OPTIONS)
+        self._server.add_generic_rpc_handlers(
+            [grpc.method_handlers_generic_handler("bench.Streams", handlers)])
+        self._server.add_insecure_port(f"127.0.0.1:{ports[rank]}")
+        self._server.start()
+        right = f"127.0.0.1:{ports[(rank + 1) % self.size]}"
+        self._channel = grpc.insecure_channel(right, options=CHANNEL_OPTIONS)
+        grpc.channel_ready_future(self._channel).result(timeout=30)
+        self._call = self._channel.stream_stream("/bench.Streams/Link")(self._requests())
+
+    def _requests(self):
+        while (messages := self._work.get()) is not None:
+            yield from messages
+
+    def _on_link(self, requests, context):
+        for _ in requests:
+            with self._cond:
+                self._received += 1
+                self._cond.notify_all()
+        yield from ()
+
+    def all_sum(self, flat, donate=False):  # moves the bytes, sums nothing
+        import mlx.core as mx
+        import numpy as np
+
+        from worker.grpc_exchange_ring import RingPlan
+
+        out = flat if donate else mx.array(flat)
+        mx.eval(out)
+        buf = np.asarray(out)
+        plan = RingPlan(buf.size, self.size, self.rank, self.chunk_elements)
+        c, first = plan.chunks_per_segment, self._expected
+        self._expected += plan.messages
+
+        def messages():
+            for i in range(plan.messages):
+                # The exchange's pipeline: message i waits for incoming message i - C.
+                with self._cond:
+                    self._cond.wait_for(lambda: self._received - first > i - c)
+                start, stop, _ = plan.outgoing(i)
+                yield buf[start:stop].tobytes()
+
+        self._work.put(messages())
+        with self._cond:
+            self._cond.wait_for(lambda: self._received >= self._expected)
+        return out
+
+    def close(self):
+        self._work.put(None)
+        time.sleep(0.2)  # let the half-close reach the neighbour
+        self._server.stop(grace=0.5).wait()
+        self._channel.close()
+
+
 class MlxRing:
     def __init__(self):
         import mlx.core as mx
@@ -139,6 +216,8 @@ def worker(args) -> None:
             ring._chunk_elements = args.chunk_bytes // 4
     elif args.worker == "mlx":
         ring = MlxRing()
+    elif args.worker == "streams":
+        ring = GrpcStreams(rank, ports, args.chunk_bytes or DEFAULT_CHUNK_BYTES)
     else:
         ring = TcpRing(rank, ports, args.chunk_bytes or 4 * MB)
     small = mx.ones((16,), dtype=mx.float32)
@@ -147,6 +226,8 @@ def worker(args) -> None:
     for mb in args.sizes_mb:
         flat = mx.random.normal((int(mb * MB) // 4,), dtype=mx.float32)
         mx.eval(flat)
+        for _ in range(args.warmup):
+            flat = ring.all_sum(flat, donate=True)
         times, cpu = [], 0.0
         for _ in range(args.reps):
             ring.all_sum(small)
@@ -178,7 +259,7 @@ def run_group(transport: str, n: int, args, hostfile: Path) -> dict[str, list[fl
             "HERD_EXCHANGE_PEERS": ",".join(f"127.0.0.1:{p}" for p in ports),
             "HERD_SECRET": os.environ.get("HERD_SECRET", "bench-secret-0123456789abcdef"),
             "MLX_HOSTFILE": str(hostfile), "MLX_WORLD_SIZE": str(n), "HERD_LOG_LEVEL": "warning"}
-    cmd = [sys.executable, __file__, "--worker", transport, "--reps", str(args.reps),
+    cmd = [sys.executable, __file__, "--worker", transport, "--reps", str(args.reps), "--warmup", str(args.warmup),
            "--sizes-mb", ",".join(map(str, args.sizes_mb)), "--chunk-bytes", str(args.chunk_bytes)]
     procs = [subprocess.Popen(cmd, env={**base, "HERD_RANK": str(r), "MLX_RANK": str(r)},
                               stdout=subprocess.PIPE, text=True) for r in range(n)]
@@ -212,8 +293,9 @@ def report(table: dict, args, elapsed: float) -> str:
         "",
         "```", machine(), "```",
         "",
-        "| N | MB | gRPC GB/s | MLX ring GB/s | TCP ring GB/s | gRPC / MLX | CPU s gRPC / MLX / TCP |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| N | MB | gRPC GB/s | MLX ring GB/s | TCP ring GB/s | grpcio streams GB/s | gRPC / MLX "
+        "| gRPC / streams | CPU s gRPC / MLX / TCP / streams |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for n in args.ranks:
         for mb in args.sizes_mb:
@@ -225,7 +307,8 @@ def report(table: dict, args, elapsed: float) -> str:
                 cells.append(f"{bw[t]:.3f} ({scale / min(times):.3f})")
                 cpu.append(f"{table[(t, n)][str(mb)]['cpu']:.3f}")
             lines.append(f"| {n} | {mb} | " + " | ".join(cells)
-                         + f" | {bw['grpc'] / bw['mlx']:.2f} | " + " / ".join(cpu) + " |")
+                         + f" | {bw['grpc'] / bw['mlx']:.2f} | {bw['grpc'] / bw['streams']:.2f} | "
+                         + " / ".join(cpu) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -235,6 +318,9 @@ def main() -> int:
     parser.add_argument("--sizes-mb", default="1,16,64,256",
                         type=lambda s: [float(x) if "." in x else int(x) for x in s.split(",")])
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=2,
+                        help="untimed all-reduces of each size first, as nccl-tests does: a training "
+                        "run repeats the same sizes thousands of times, so the steady state is what counts")
     parser.add_argument("--runs", type=int, default=1,
                         help="repeat the whole sweep (fresh processes each time), pooling the reps: "
                         "on a small machine the spread between process groups exceeds that within one")
@@ -266,7 +352,12 @@ def main() -> int:
             cell["cpu"] = statistics.median(cell.pop("cpus"))
     hostfile.unlink(missing_ok=True)
     if set(args.transports.split(",")) != set(TRANSPORTS):
-        return 0  # a partial run is for tuning, not for the results table
+        # A partial run is for tuning, not for the results table: medians only.
+        for (t, n), pooled in sorted(table.items()):
+            for size, cell in pooled.items():
+                print(f"{t} N={n} {size} MB: median {statistics.median(cell['times']) * 1e3:.1f} ms, "
+                      f"best {min(cell['times']) * 1e3:.1f} ms, CPU {cell['cpu'] * 1e3:.1f} ms")
+        return 0
     text = report(table, args, time.perf_counter() - started)
     out = args.out or ROOT / "bench" / "results" / f"allreduce-{datetime.date.today().isoformat()}.md"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -254,12 +254,14 @@ def test_a_client_without_the_secret_is_refused():
                 hello = channel.unary_unary(f"/{SERVICE}/Hello",
                                             request_serializer=pb.HelloRequest.SerializeToString,
                                             response_deserializer=pb.HelloReply.FromString)
-                push = channel.stream_unary(f"/{SERVICE}/PushChunks",
+                push = channel.stream_stream(f"/{SERVICE}/Link",
                                             response_deserializer=pb.PushChunksReply.FromString)
                 for rpc, arg in ((hello, pb.HelloRequest(rank=0, world_size=2)),
                                  (push, iter([wire.encode(0, 0, 1, 0, np.ones(1, np.float32))]))):
                     try:
-                        rpc(arg, timeout=5)
+                        reply = rpc(arg, timeout=5)
+                        if rpc is push:
+                            list(reply)  # a stream's status comes with its replies
                         probes[label] = "accepted"
                     except grpc.RpcError as e:
                         probes.setdefault(label, []).append(e.code())

@@ -3,9 +3,9 @@
 Works where an MLX group cannot form (no ``Group.split`` on the ring backend, only ring
 neighbours, all ranks within ~30 s, aborts or hangs on a dead peer: FACTS.md). Every rank serves
 ExchangeService (protos/v1/exchange.proto) on its own port, behind the cluster-secret interceptor,
-and streams each all-reduce to its right neighbour in chunks (schedule: grpc_exchange_ring.py;
-bytes on the wire: grpc_exchange_wire.py). Chunks are far below any message-size limit, so a
-buffer of any length goes through.
+and opens one stream (Link) to its right neighbour at start-up that carries every all-reduce, in
+chunks (schedule: grpc_exchange_ring.py; bytes on the wire: grpc_exchange_wire.py). Chunks are far
+below any message-size limit, so a buffer of any length goes through.
 
 Every all-reduce has a deadline. A killed peer breaks a TCP stream and its neighbours see it at
 once; a stalled peer is found by probing every rank just before the deadline. The first rank to
@@ -84,6 +84,8 @@ class GrpcExchange:
         self._registry = threading.Condition()
         self._server: grpc.Server | None = None
         self._channels: dict[int, grpc.Channel] = {}
+        self._link = None  # the stream to the right neighbour
+        self._replies: threading.Thread | None = None
         if self.size == 1:
             return
         started = time.monotonic()
@@ -102,11 +104,14 @@ class GrpcExchange:
             self.close()
             raise
         right = (rank + 1) % self.size
-        self._push = self._channels[right].stream_unary(
-            f"/{SERVICE}/PushChunks",
+        self._link = self._channels[right].stream_stream(
+            f"/{SERVICE}/Link",
             request_serializer=None,  # the request stream yields encoded bytes already
             response_deserializer=pb.PushChunksReply.FromString,
-        )
+        )(self._link_requests())
+        self._replies = threading.Thread(target=self._read_replies, name="exchange-replies",
+                                         daemon=True)
+        self._replies.start()
         self._log.info("exchange_ready", exchange="grpc", peers=self.peers, wire_dtype=wire_dtype,
                        startup_s=round(time.monotonic() - started, 3))
 
@@ -158,19 +163,17 @@ class GrpcExchange:
                 raise PeerLostError(f"the grpc exchange failed earlier: {self._broken.message}",
                                     hint="re-form the group with a new exchange")
             dtype = wire.FLOAT32 if buf.size <= EXACT_MAX_ELEMENTS else self._dtype
-            ex = Exchange(self._seq, plan, buf, dtype)
+            ex = Exchange(self._seq, plan, buf, dtype, deadline)
             self._seq += 1
             self._exchanges[ex.seq] = ex
-            self._registry.notify_all()
+            self._registry.notify_all()  # the link's request stream picks it up
         try:
-            call = self._push.future(self._outgoing(ex, deadline), timeout=self.timeout_s)
-            call.add_done_callback(lambda f: self._on_sent(ex, f))
             # Stop waiting a little before the deadline: what is left goes to naming the culprit.
             probe_s = min(1.0, 0.1 * self.timeout_s)
             if not ex.wait(lambda: ex.done, deadline - probe_s - min(0.5, 0.05 * self.timeout_s)):
                 if ex.error is None:
                     ex.fail(self._stalled_error(ex, probe_s))
-                self._abandon(ex, call)
+                self._abandon(ex)
                 raise ex.error
         finally:
             ex.settled.set()
@@ -178,30 +181,65 @@ class GrpcExchange:
                 self._exchanges.pop(ex.seq, None)
         return out
 
-    def _outgoing(self, ex: Exchange, deadline: float):
-        """The request stream to the right neighbour; runs on gRPC's request-consumer thread."""
-        c = ex.plan.chunks_per_segment
-        for i in range(ex.plan.messages):
-            # Message i forwards what incoming message i - C completed.
-            if i >= c and not ex.wait(lambda: ex.received > i - c, deadline):
-                # Keep the stream open until the peers have been told why (Abort): ended early,
-                # it would make the right neighbour blame this rank.
-                ex.settled.wait(timeout=max(0.0, deadline - time.monotonic()) + 1.0)
+    # ---- the link to the right neighbour -----------------------------------------------------
+
+    def _link_requests(self):
+        """The link's request stream: every all-reduce's outgoing chunks, in call order, until
+        the exchange closes or breaks. Runs on gRPC's request-consumer thread."""
+        seq = 0
+        while True:
+            with self._registry:
+                self._registry.wait_for(
+                    lambda: seq in self._exchanges or self._closed or self._broken is not None)
+                ex = self._exchanges.get(seq)
+            if ex is None or ex.error is not None:
+                return  # closed or broken: half-close
+            c = ex.plan.chunks_per_segment
+            for i in range(ex.plan.messages):
+                # Message i forwards what incoming message i - C completed.
+                if i >= c and not ex.wait(lambda: ex.received > i - c, ex.deadline):
+                    # Keep the stream open until the peers have been told why (Abort): ended
+                    # early, it would make the right neighbour blame this rank.
+                    ex.settled.wait(timeout=max(0.0, ex.deadline - time.monotonic()) + 1.0)
+                    return
+                yield ex.encode_outgoing(i)
+            seq += 1
+
+    def _read_replies(self) -> None:
+        """The right neighbour's reply per applied all-reduce. (A message gRPC has accepted is not
+        yet delivered: only this reply says our part is done and the process may exit.)"""
+        try:
+            for reply in self._link:
+                with self._registry:
+                    ex = self._exchanges.get(reply.seq)
+                if ex is not None:
+                    ex.mark_sent()
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.CANCELLED and (self._closed or self._broken):
+                return  # we cancelled it: closing, or abandoning a failed all-reduce
+            self._link_lost(self._send_error(err), incoming=False)
+
+    def _link_lost(self, error: HerdError, incoming: bool) -> None:
+        """A link ended: the one from the left (``incoming``) or the one to the right.
+
+        An all-reduce in flight that still needs it fails, and its caller tells the peers why.
+        One that does not is left to finish: a neighbour that finished the last all-reduce and
+        closed its exchange ends its links at once. Either way the group is spent, so the next
+        call fails at once.
+        """
+        with self._registry:
+            if self._closed:
                 return
-            yield ex.encode_outgoing(i)
+            waiting = [ex for ex in self._exchanges.values()
+                       if (ex.received < ex.plan.messages if incoming else not ex.sent)]
+            for ex in waiting:
+                ex.fail(error)
+            if not waiting and self._broken is None:
+                self._broken = error
+                self._log.info("exchange_link_ended", error=error.message)
+            self._registry.notify_all()
 
-    def _on_sent(self, ex: Exchange, call: grpc.Future) -> None:
-        if call.cancelled():
-            ex.fail(PeerLostError(f"all-reduce #{ex.seq} was cancelled on rank {self.rank}"))
-        elif (err := call.exception()) is not None:
-            ex.fail(self._send_error(err))
-        else:
-            # The right neighbour has applied every chunk: it replies before our half-close, to
-            # save a round trip. (A message gRPC has accepted is not yet delivered: only this
-            # reply says our part is done and the process may exit.)
-            ex.mark_sent()
-
-    def _abandon(self, ex: Exchange, call: grpc.Future) -> None:
+    def _abandon(self, ex: Exchange) -> None:
         """Mark the group spent and, if this rank saw the failure first, tell every peer why."""
         with self._registry:
             first = self._broken is None
@@ -220,7 +258,7 @@ class GrpcExchange:
                     told.result()
                 except grpc.RpcError:
                     pass  # best effort: that peer is gone or stalled, and finds out by itself
-        call.cancel()
+        self._link.cancel()
 
     def _name(self, rank: int) -> str:
         return peer_name(self.peers, rank)
@@ -258,8 +296,8 @@ class GrpcExchange:
                 self._on_hello, request_deserializer=pb.HelloRequest.FromString,
                 response_serializer=pb.HelloReply.SerializeToString),
             # Hand-decoded so the payload is a view of the received bytes (grpc_exchange_wire.py).
-            "PushChunks": grpc.stream_unary_rpc_method_handler(
-                self._on_push_chunks, request_deserializer=wire.decode,
+            "Link": grpc.stream_stream_rpc_method_handler(
+                self._on_link, request_deserializer=wire.decode,
                 response_serializer=pb.PushChunksReply.SerializeToString),
             "Abort": grpc.unary_unary_rpc_method_handler(
                 self._on_abort, request_deserializer=pb.AbortRequest.FromString,
@@ -299,35 +337,36 @@ class GrpcExchange:
             self._registry.notify_all()
         return pb.AbortReply()
 
-    def _on_push_chunks(self, requests, context) -> pb.PushChunksReply:
+    def _on_link(self, requests, context):
+        """The left neighbour's link: apply its chunks, reply once per completed all-reduce."""
         left = self._name((self.rank - 1) % self.size)
+        ex = None
         try:
-            first = next(requests)
-        except (StopIteration, grpc.RpcError):
-            return pb.PushChunksReply(received=0)
-        ex = self._await_exchange(first.seq, context)
-        chunk = first
-        try:
-            while True:
+            for chunk in requests:
+                if ex is None:
+                    ex = self._await_exchange(chunk.seq, context)
                 if ex.error is not None:
                     context.abort(grpc.StatusCode.ABORTED, ex.error.message)
                 ex.apply_incoming(chunk)
                 if ex.received == ex.plan.messages:
-                    break  # reply now, not at the client's half-close: it saves a round trip
-                chunk = next(requests)
-        except StopIteration:
-            pass
+                    yield pb.PushChunksReply(seq=ex.seq, received=ex.received)
+                    ex = None
         except grpc.RpcError:
-            ex.fail(PeerLostError(f"lost {left}: its stream broke mid-exchange "
-                                  f"(seen by rank {self.rank})",
-                                  hint="the rank process died or its machine dropped off the network"))
+            self._link_lost(PeerLostError(
+                f"lost {left}: its stream broke{' mid-exchange' if ex else ''} "
+                f"(seen by rank {self.rank})",
+                hint="the rank process died or its machine dropped off the network"), incoming=True)
+            return
         except HerdError as e:
             ex.fail(e)
             context.abort(grpc.StatusCode.ABORTED, f"rank {self.rank}: {e.message}")
-        if ex.error is None and ex.received < ex.plan.messages:
+        # The left neighbour half-closed: it closed its exchange, or gave up on a failed one.
+        if ex is not None:
             ex.fail(PeerLostError(f"{left} ended all-reduce #{ex.seq} after {ex.received} of "
                                   f"{ex.plan.messages} chunks (seen by rank {self.rank})"))
-        return pb.PushChunksReply(received=ex.received)
+        else:
+            self._link_lost(PeerLostError(f"{left} closed its exchange (seen by rank {self.rank})"),
+                            incoming=True)
 
     def _await_exchange(self, seq: int, context) -> Exchange:
         """The local all-reduce ``seq``; the left neighbour may start before this rank does."""
@@ -354,7 +393,12 @@ class GrpcExchange:
             self._closed = True
             for ex in self._exchanges.values():
                 ex.fail(PeerLostError(f"the grpc exchange of rank {self.rank} was closed"))
-            self._registry.notify_all()
+            self._registry.notify_all()  # the link's request stream ends: a half-close
+        if self._replies is not None:
+            # The right neighbour ends the link once it sees the half-close; bounded, for a
+            # neighbour that is gone.
+            self._replies.join(timeout=1.0)
+            self._link.cancel()
         if self._server is not None:
             # A short grace: the left neighbour may still be waiting for our reply to its stream.
             self._server.stop(grace=1.0).wait(timeout=2.0)

@@ -79,15 +79,17 @@ class RingPlan:
 class Exchange:
     """One all-reduce in flight: the buffer, what arrived, and the first error (if any).
 
-    Written by the gRPC handler thread (incoming chunks), read by the request-stream thread
-    (outgoing chunks wait for the incoming chunk they forward) and by the caller (completion).
+    Written by the gRPC handler thread (incoming chunks) and the reply reader (``sent``), read by
+    the request-stream thread (outgoing chunks wait for the incoming chunk they forward) and by the
+    caller (completion).
     """
 
-    def __init__(self, seq: int, plan: RingPlan, buf: np.ndarray, dtype: int):
+    def __init__(self, seq: int, plan: RingPlan, buf: np.ndarray, dtype: int, deadline: float):
         self.seq = seq
         self.plan = plan
         self.buf = buf
         self.dtype = dtype
+        self.deadline = deadline  # time.monotonic() by which it must be done, on every thread
         self.received = 0
         self.sent = False
         self.error: HerdError | None = None

@@ -43,10 +43,12 @@ class PushChunksRequest(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., index: _Optional[int] = ..., elements: _Optional[int] = ..., dtype: _Optional[_Union[WireDtype, str]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class PushChunksReply(_message.Message):
-    __slots__ = ("received",)
+    __slots__ = ("received", "seq")
     RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
     received: int
-    def __init__(self, received: _Optional[int] = ...) -> None: ...
+    seq: int
+    def __init__(self, received: _Optional[int] = ..., seq: _Optional[int] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
     __slots__ = ("rank", "seq", "reason")
