@@ -211,6 +211,34 @@ def test_donated_input_holds_the_sum_and_a_kept_one_is_untouched():
         assert np.array_equal(np.array(inputs[r][1]), total)  # with it, the sum lands in place
 
 
+def test_a_rank_that_closes_after_the_last_all_reduce_fails_only_later_calls_at_once():
+    """One stream per link carries every all-reduce: a neighbour that closes as soon as its last
+    all-reduce returns must not fail ours, and a call after that must fail at once, not at the
+    deadline."""
+    late = {}
+    survivors = threading.Barrier(2, timeout=30)
+
+    def body(ex):
+        sums = [np.array(ex.all_sum(mx.full((1000,), float(ex.rank + k)))) for k in range(2)]
+        if ex.rank != 2:
+            time.sleep(0.3)
+            started = time.monotonic()
+            with pytest.raises(PeerLostError) as lost:
+                ex.all_sum(mx.ones((1000,)))
+            late[ex.rank] = (time.monotonic() - started, str(lost.value))
+            survivors.wait()  # neither closes first: each must find rank 2 gone by itself
+        return sums
+
+    results, errors = run_group(3, body, timeout_s=20)
+    assert errors == [None] * 3
+    for sums in results:
+        assert np.array_equal(sums[0], np.full(1000, 3.0)) and np.array_equal(sums[1], np.full(1000, 6.0))
+    for r in (0, 1):
+        took, message = late[r]
+        assert took < 3.0, (r, took, message)
+        assert "rank 2 (" in message, (r, message)
+
+
 def test_mismatched_buffer_sizes_fail_fast_on_both_ranks():
     started = time.monotonic()
     results, errors = run_group(2, lambda ex: ex.all_sum(mx.zeros((10 + ex.rank,))),

@@ -185,15 +185,16 @@ class GrpcExchange:
 
     def _link_requests(self):
         """The link's request stream: every all-reduce's outgoing chunks, in call order, until
-        the exchange closes or breaks. Runs on gRPC's request-consumer thread."""
+        the exchange closes. Runs on gRPC's request-consumer thread."""
         seq = 0
         while True:
             with self._registry:
-                self._registry.wait_for(
-                    lambda: seq in self._exchanges or self._closed or self._broken is not None)
+                self._registry.wait_for(lambda: seq in self._exchanges or self._closed)
                 ex = self._exchanges.get(seq)
-            if ex is None or ex.error is not None:
-                return  # closed or broken: half-close
+            if ex is None:
+                # Closed. Only then: the right neighbour reads a half-close as "closed", and a
+                # spent group stays open until its rank closes, so that no peer blames this one.
+                return
             c = ex.plan.chunks_per_segment
             for i in range(ex.plan.messages):
                 # Message i forwards what incoming message i - C completed.
@@ -378,8 +379,13 @@ class GrpcExchange:
             )
             ex = self._exchanges.get(seq)
         if ex is None:
-            reason = self._broken.message if self._broken else (
-                f"rank {self.rank} did not start all-reduce #{seq} within {self.timeout_s:g}s")
+            me = self._name(self.rank)
+            if self._closed:
+                reason = f"{me} closed its exchange before all-reduce #{seq}"
+            elif self._broken is not None:
+                reason = self._broken.message
+            else:
+                reason = f"{me} did not start all-reduce #{seq} within {self.timeout_s:g}s"
             context.abort(grpc.StatusCode.ABORTED, reason)
         return ex
 
