@@ -5,6 +5,7 @@ Configured like a real rank (HERD_RANK, HERD_EXCHANGE_PEERS, HERD_SECRET, throug
   {"event": "ready"}
   {"event": "sum", "elements", "max_err", "sha256", "seconds"}   (mode sum: one per size)
   {"event": "summed", "count"}                                     (mode loop: after each all_sum)
+  {"event": "leaving"}                      (mode exit-open: one all_sum, then exit without close)
   {"event": "error", "type", "message", "t"}                       (t: time.time() when raised)
   {"event": "closed", "threads": [...]}                            (threads still alive after close)
 
@@ -59,10 +60,11 @@ def check_sum(exchange: GrpcExchange, elements: int, seed: int) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["sum", "loop", "join"])
+    parser.add_argument("mode", choices=["sum", "loop", "join", "exit-open"])
     parser.add_argument("--sizes", default="", help="comma-separated element counts (mode sum)")
     parser.add_argument("--elements", type=int, default=1 << 22, help="buffer length (mode loop)")
     parser.add_argument("--timeout", type=float, default=30.0)
+    parser.add_argument("--pause", type=float, default=0.0, help="seconds between all_sums (loop)")
     parser.add_argument("--wire-dtype", default="float32")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -79,6 +81,11 @@ def main() -> int:
             for count in range(1, 1_000_000):
                 exchange.all_sum(flat)
                 emit(event="summed", count=count)
+                time.sleep(args.pause)
+        elif args.mode == "exit-open":  # as a rank whose start-up fails after the exchange formed
+            exchange.all_sum(mx.ones((1000,)))
+            emit(event="leaving")
+            return 0
     except HerdError as e:
         emit(event="error", type=type(e).__name__, message=str(e), t=time.time())
         code = e.exit_code

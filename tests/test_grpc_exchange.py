@@ -82,6 +82,9 @@ def test_wire_bytes_are_the_proto_message_both_ways():
     assert (chunk.seq, chunk.index, chunk.elements, chunk.dtype) == (1, 0, 5, 0)
     assert np.array_equal(wire.values(chunk.data, chunk.dtype), payload)
     assert wire.decode(wire.encode(0, 0, 0, 0)).data.nbytes == 0
+    assert pb.PushChunksRequest.FromString(wire.encode(4, 0, 0, 0, goodbye=True)).goodbye
+    assert wire.decode(pb.PushChunksRequest(seq=4, goodbye=True).SerializeToString()).goodbye
+    assert not wire.decode(raw).goodbye
 
 
 def test_bfloat16_rounding_matches_mlx():
@@ -418,6 +421,29 @@ def test_a_stalled_rank_fails_the_others_within_the_deadline(ranks):
         assert_peer_lost(group, [0, 2], culprit=1, since=stopped_at, deadline_s=deadline_s)
     finally:
         group.procs[1].send_signal(signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_a_rank_killed_between_all_reduces_is_named_by_every_survivor(ranks):
+    """Between all-reduces no stream is mid-message: the dead rank's right neighbour finds its link
+    ended without a goodbye and tells every peer, so that ranks two hops away do not blame the
+    neighbour that closed after them."""
+    deadline_s = 20.0
+    group = ranks(4, "loop", "--elements", "1000", "--pause", "1.5", "--timeout", str(deadline_s))
+    group.wait_until(lambda: all(len(group.of(r, "summed")) >= 1 for r in range(4)), timeout=60)
+    group.procs[2].send_signal(signal.SIGKILL)
+    killed_at = time.time()
+    assert_peer_lost(group, [0, 1, 3], culprit=2, since=killed_at, deadline_s=deadline_s)
+    assert max(group.of(r, "error")[0]["t"] for r in (0, 1, 3)) - killed_at < 5.0
+
+
+@pytest.mark.slow
+def test_ranks_that_exit_without_closing_do_not_hang(ranks):
+    """A rank that fails after the exchange formed (a bad model folder, say) exits: its open
+    links must not hold it, nor its neighbours, at interpreter exit."""
+    group = ranks(3, "exit-open", "--timeout", "20")
+    assert group.wait(timeout=30) == [0, 0, 0], group.events
+    assert all(group.of(r, "leaving") for r in range(3))
 
 
 @pytest.mark.slow

@@ -7,10 +7,14 @@ and opens one stream (Link) to its right neighbour at start-up that carries ever
 chunks (schedule: grpc_exchange_ring.py; bytes on the wire: grpc_exchange_wire.py). Chunks are far
 below any message-size limit, so a buffer of any length goes through.
 
-Every all-reduce has a deadline. A killed peer breaks a TCP stream and its neighbours see it at
-once; a stalled peer is found by probing every rank just before the deadline. The first rank to
-know tells every peer (Abort), so each rank raises ``herd.errors.PeerLostError`` naming the lost
-peer within ``timeout_s``, and the exchange is spent: a new group needs a new ``GrpcExchange``.
+Every all-reduce has a deadline. A killed peer breaks its links. Its left neighbour sees it at
+once, in an all-reduce or between two (grpcio 1.85 does not always wake the server side of an
+idle stream whose client died: its right neighbour may not). A stalled peer is found by probing
+every rank just before the deadline. The first rank to know tells every peer (Abort), so each
+rank raises ``herd.errors.PeerLostError`` naming the lost peer within ``timeout_s``, and the
+exchange is spent: a new group needs a new ``GrpcExchange``. An orderly close says so on both
+links (a goodbye message to the right, Bye to the left), so a neighbour that closes after the
+last all-reduce is never taken for a lost one.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import weakref
 from concurrent import futures
 
 import grpc
@@ -41,6 +46,23 @@ DEFAULT_CHUNK_BYTES = 1024 * 1024
 # Buffers this small (scalars: loss sums, token counts, metrics) always travel in float32: a
 # lossy wire saves nothing on them, and a token count rounded to 8 bits skews every update.
 EXACT_MAX_ELEMENTS = 4096
+
+
+def _close_at_exit(exchange: "GrpcExchange") -> None:
+    """Close ``exchange`` when the process exits without having closed it (an exception on the
+    way). Otherwise exit would hang: concurrent.futures joins the server's pool threads at exit,
+    and one of them serves the left neighbour's link until that link ends, which for a
+    neighbour exiting the same way is never. threading's own exit hooks run before that join
+    (concurrent.futures registers its join the same way); atexit runs after it, too late."""
+    ref = weakref.ref(exchange)
+
+    def close() -> None:
+        if (alive := ref()) is not None:
+            alive.close()
+
+    register = getattr(threading, "_register_atexit", None)
+    if register is not None:
+        register(close)
 
 
 class GrpcExchange:
@@ -85,6 +107,8 @@ class GrpcExchange:
         self._server: grpc.Server | None = None
         self._channels: dict[int, grpc.Channel] = {}
         self._link = None  # the stream to the right neighbour
+        self._right_closed = False  # it said Bye: its end of our link is orderly
+        self._told: list[grpc.Future] = []  # Abort calls made, kept until they finish
         self._replies: threading.Thread | None = None
         if self.size == 1:
             return
@@ -112,6 +136,7 @@ class GrpcExchange:
         self._replies = threading.Thread(target=self._read_replies, name="exchange-replies",
                                          daemon=True)
         self._replies.start()
+        _close_at_exit(self)
         self._log.info("exchange_ready", exchange="grpc", peers=self.peers, wire_dtype=wire_dtype,
                        startup_s=round(time.monotonic() - started, 3))
 
@@ -144,8 +169,6 @@ class GrpcExchange:
             raise ValueError(f"all_sum takes a 1-D float32 array, got {flat.dtype} {flat.shape}")
         if self.size == 1:
             return flat
-        if self._closed:
-            raise PeerLostError("the grpc exchange is closed")
         # Summed in place through a numpy view and returned as is. Without ``donate``, in one
         # copy owned by MLX; with it, in ``flat`` itself: a fresh buffer of gradient size costs a
         # page fault per 4 KiB, more CPU than moving it to a peer (bench/results/allreduce-*.md).
@@ -159,6 +182,8 @@ class GrpcExchange:
         plan = RingPlan(buf.size, self.size, self.rank, self._chunk_elements)
         deadline = time.monotonic() + self.timeout_s
         with self._registry:
+            if self._closed:  # under the lock: close() must not miss a call it races with
+                raise PeerLostError("the grpc exchange is closed")
             if self._broken is not None:
                 raise PeerLostError(f"the grpc exchange failed earlier: {self._broken.message}",
                                     hint="re-form the group with a new exchange")
@@ -192,8 +217,10 @@ class GrpcExchange:
                 self._registry.wait_for(lambda: seq in self._exchanges or self._closed)
                 ex = self._exchanges.get(seq)
             if ex is None:
-                # Closed. Only then: the right neighbour reads a half-close as "closed", and a
-                # spent group stays open until its rank closes, so that no peer blames this one.
+                # Closed, and only then: a spent group keeps its links open until its rank
+                # closes, so that no neighbour takes it for a lost one. The goodbye tells the
+                # right neighbour this is an orderly end, not a broken link.
+                yield wire.encode(seq, 0, 0, wire.FLOAT32, goodbye=True)
                 return
             c = ex.plan.chunks_per_segment
             for i in range(ex.plan.messages):
@@ -218,15 +245,23 @@ class GrpcExchange:
         except grpc.RpcError as err:
             if err.code() == grpc.StatusCode.CANCELLED and (self._closed or self._broken):
                 return  # we cancelled it: closing, or abandoning a failed all-reduce
-            self._link_lost(self._send_error(err), incoming=False)
+            if self._right_closed:
+                right = self._name((self.rank + 1) % self.size)
+                self._link_lost(PeerLostError(f"{right} closed its exchange (seen by rank "
+                                              f"{self.rank})"), incoming=False, broken=False)
+            else:
+                self._link_lost(self._send_error(err), incoming=False)
 
-    def _link_lost(self, error: HerdError, incoming: bool) -> None:
+    def _link_lost(self, error: HerdError, incoming: bool, broken: bool = True) -> None:
         """A link ended: the one from the left (``incoming``) or the one to the right.
 
         An all-reduce in flight that still needs it fails, and its caller tells the peers why.
         One that does not is left to finish: a neighbour that finished the last all-reduce and
         closed its exchange ends its links at once. Either way the group is spent, so the next
-        call fails at once.
+        call fails at once. A link ``broken`` between all-reduces (no goodbye or Bye: its rank
+        died) is news to every peer, who would otherwise hear it second-hand, from a neighbour
+        that closed because of it, or at their deadline: this rank tells them, as it would for a
+        failed all-reduce.
         """
         with self._registry:
             if self._closed:
@@ -235,10 +270,14 @@ class GrpcExchange:
                        if (ex.received < ex.plan.messages if incoming else not ex.sent)]
             for ex in waiting:
                 ex.fail(error)
-            if not waiting and self._broken is None:
+            first = not waiting and self._broken is None
+            if first:
                 self._broken = error
-                self._log.info("exchange_link_ended", error=error.message)
             self._registry.notify_all()
+        if first:
+            self._log.info("exchange_link_ended", error=error.message)
+            if broken:
+                self._tell_peers(self._seq, error, wait=False)
 
     def _abandon(self, ex: Exchange) -> None:
         """Mark the group spent and, if this rank saw the failure first, tell every peer why."""
@@ -250,16 +289,21 @@ class GrpcExchange:
                           received=ex.received, messages=ex.plan.messages, first=first)
         if first:
             # Before cancelling our stream: a cancelled stream is all the peers would see.
-            request = pb.AbortRequest(rank=self.rank, seq=ex.seq, reason=ex.error.message)
-            budget = min(0.5, 0.05 * self.timeout_s)
-            calls = [unary(ch, "Abort").future(request, timeout=budget)
-                     for ch in self._channels.values()]
-            for told in calls:
-                try:
-                    told.result()
-                except grpc.RpcError:
-                    pass  # best effort: that peer is gone or stalled, and finds out by itself
+            self._tell_peers(ex.seq, ex.error, wait=True)
         self._link.cancel()
+
+    def _tell_peers(self, seq: int, error: HerdError, wait: bool) -> None:
+        """Abort every peer with ``error``; best effort, a short deadline each."""
+        request = pb.AbortRequest(rank=self.rank, seq=seq, reason=error.message)
+        budget = min(0.5, 0.05 * self.timeout_s)
+        calls = [unary(ch, "Abort").future(request, timeout=budget)
+                 for ch in list(self._channels.values())]
+        self._told += calls  # grpcio cancels a call whose future is garbage-collected
+        for told in calls if wait else ():
+            try:
+                told.result()
+            except grpc.RpcError:
+                pass  # that peer is gone or stalled, and finds out by itself
 
     def _name(self, rank: int) -> str:
         return peer_name(self.peers, rank)
@@ -303,6 +347,9 @@ class GrpcExchange:
             "Abort": grpc.unary_unary_rpc_method_handler(
                 self._on_abort, request_deserializer=pb.AbortRequest.FromString,
                 response_serializer=pb.AbortReply.SerializeToString),
+            "Bye": grpc.unary_unary_rpc_method_handler(
+                self._on_bye, request_deserializer=pb.ByeRequest.FromString,
+                response_serializer=pb.ByeReply.SerializeToString),
         }
         self._pool = futures.ThreadPoolExecutor(max_workers=self.size + 4,
                                                 thread_name_prefix="exchange")
@@ -338,12 +385,32 @@ class GrpcExchange:
             self._registry.notify_all()
         return pb.AbortReply()
 
+    def _on_bye(self, request: pb.ByeRequest, context) -> pb.ByeReply:
+        if request.rank == (self.rank + 1) % self.size:
+            self._right_closed = True
+        return pb.ByeReply()
+
     def _on_link(self, requests, context):
         """The left neighbour's link: apply its chunks, reply once per completed all-reduce."""
         left = self._name((self.rank - 1) % self.size)
+        hint = "the rank process died or its machine dropped off the network"
+
+        def broke(how: str) -> PeerLostError:
+            during = f" during all-reduce #{ex.seq} ({ex.received}/{ex.plan.messages} chunks in)"
+            return PeerLostError(f"lost {left}: its link {how}{during if ex else ''} "
+                                 f"(seen by rank {self.rank})", hint=hint)
+
         ex = None
         try:
             for chunk in requests:
+                if chunk.goodbye:  # the left closed its exchange, after its last all-reduce
+                    if ex is not None:
+                        ex.fail(PeerLostError(f"{left} closed its exchange during all-reduce "
+                                              f"#{ex.seq} (seen by rank {self.rank})"))
+                    self._link_lost(PeerLostError(f"{left} closed its exchange "
+                                                  f"(seen by rank {self.rank})"),
+                                    incoming=True, broken=False)
+                    return
                 if ex is None:
                     ex = self._await_exchange(chunk.seq, context)
                 if ex.error is not None:
@@ -352,22 +419,18 @@ class GrpcExchange:
                 if ex.received == ex.plan.messages:
                     yield pb.PushChunksReply(seq=ex.seq, received=ex.received)
                     ex = None
+        except GeneratorExit:  # grpcio dropped this handler: the call was cancelled mid-reply
+            self._link_lost(broke("broke"), incoming=True)
+            raise
         except grpc.RpcError:
-            self._link_lost(PeerLostError(
-                f"lost {left}: its stream broke{' mid-exchange' if ex else ''} "
-                f"(seen by rank {self.rank})",
-                hint="the rank process died or its machine dropped off the network"), incoming=True)
+            self._link_lost(broke("broke"), incoming=True)
             return
         except HerdError as e:
             ex.fail(e)
             context.abort(grpc.StatusCode.ABORTED, f"rank {self.rank}: {e.message}")
-        # The left neighbour half-closed: it closed its exchange, or gave up on a failed one.
-        if ex is not None:
-            ex.fail(PeerLostError(f"{left} ended all-reduce #{ex.seq} after {ex.received} of "
-                                  f"{ex.plan.messages} chunks (seen by rank {self.rank})"))
-        else:
-            self._link_lost(PeerLostError(f"{left} closed its exchange (seen by rank {self.rank})"),
-                            incoming=True)
+        # The stream ended without a goodbye: the left rank died (grpcio may end a broken stream
+        # this way rather than with an error).
+        self._link_lost(broke("ended without a goodbye"), incoming=True)
 
     def _await_exchange(self, seq: int, context) -> Exchange:
         """The local all-reduce ``seq``; the left neighbour may start before this rank does."""
@@ -401,7 +464,13 @@ class GrpcExchange:
                 ex.fail(PeerLostError(f"the grpc exchange of rank {self.rank} was closed"))
             self._registry.notify_all()  # the link's request stream ends: a half-close
         if self._replies is not None:
-            # The right neighbour ends the link once it sees the half-close; bounded, for a
+            # The left neighbour's link to us ends with our server: say it is orderly first.
+            left = self._channels.get((self.rank - 1) % self.size)
+            try:
+                unary(left, "Bye")(pb.ByeRequest(rank=self.rank), timeout=0.5)
+            except grpc.RpcError:
+                pass  # best effort: that neighbour is gone, or finds out by itself
+            # The right neighbour ends our link once it sees the goodbye; bounded, for a
             # neighbour that is gone.
             self._replies.join(timeout=1.0)
             self._link.cancel()

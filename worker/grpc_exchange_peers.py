@@ -15,7 +15,8 @@ SERVICE = pb.DESCRIPTOR.services_by_name["ExchangeService"].full_name
 RANK_KEY = "x-herd-rank"  # who a Hello claims to come from: only ever used to explain a refusal
 SECRET_HINT = "every rank must hold the same cluster secret ($HERD_SECRET, or the secret file `herd init` wrote)"
 _ATTEMPT_S = 1.0
-_UNARY = {"Hello": (pb.HelloRequest, pb.HelloReply), "Abort": (pb.AbortRequest, pb.AbortReply)}
+_UNARY = {"Hello": (pb.HelloRequest, pb.HelloReply), "Abort": (pb.AbortRequest, pb.AbortReply),
+          "Bye": (pb.ByeRequest, pb.ByeReply)}
 
 
 def peer_name(peers: list[str], rank: int) -> str:

@@ -24,7 +24,7 @@ WIRE_DTYPES = {"float32": FLOAT32, "bfloat16": BFLOAT16}
 ITEMSIZE = {FLOAT32: 4, BFLOAT16: 2}
 
 # Field numbers and wire types of PushChunksRequest.
-_SEQ, _INDEX, _ELEMENTS, _DTYPE, _DATA = 1, 2, 3, 4, 15
+_SEQ, _INDEX, _ELEMENTS, _DTYPE, _GOODBYE, _DATA = 1, 2, 3, 4, 5, 15
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
 _DATA_KEY = bytes([(_DATA << 3) | _LEN])
 
@@ -38,6 +38,7 @@ class Chunk:
     elements: int
     dtype: int
     data: memoryview
+    goodbye: bool = False  # the sender closed its exchange: the link's last message
 
 
 def _put_varint(out: bytearray, value: int) -> None:
@@ -60,13 +61,15 @@ def _get_varint(buf: bytes, pos: int) -> tuple[int, int]:
             raise ValueError("malformed varint in PushChunksRequest")
 
 
-def encode(seq: int, index: int, elements: int, dtype: int, data=b"") -> bytes:
+def encode(seq: int, index: int, elements: int, dtype: int, data=b"", goodbye: bool = False) -> bytes:
     """Serialize a PushChunksRequest; ``data`` is any buffer (a numpy array is not copied twice).
 
     Fields equal to their default are left out, as proto3 does.
     """
     head = bytearray()
-    for field, value in ((_SEQ, seq), (_INDEX, index), (_ELEMENTS, elements), (_DTYPE, dtype)):
+    fields = ((_SEQ, seq), (_INDEX, index), (_ELEMENTS, elements), (_DTYPE, dtype),
+              (_GOODBYE, int(goodbye)))
+    for field, value in fields:
         if value:
             head.append((field << 3) | _VARINT)
             _put_varint(head, value)
@@ -79,7 +82,7 @@ def encode(seq: int, index: int, elements: int, dtype: int, data=b"") -> bytes:
 
 def decode(raw: bytes) -> Chunk:
     """Parse a PushChunksRequest; unknown fields are skipped, as protobuf does."""
-    values = {_SEQ: 0, _INDEX: 0, _ELEMENTS: 0, _DTYPE: 0}
+    values = {_SEQ: 0, _INDEX: 0, _ELEMENTS: 0, _DTYPE: 0, _GOODBYE: 0}
     data = memoryview(b"")
     view = memoryview(raw)
     pos, end = 0, len(raw)
@@ -103,7 +106,8 @@ def decode(raw: bytes) -> Chunk:
             pos += 4
         else:
             raise ValueError(f"unsupported wire type {wire_type} in PushChunksRequest")
-    return Chunk(values[_SEQ], values[_INDEX], values[_ELEMENTS], values[_DTYPE], data)
+    return Chunk(values[_SEQ], values[_INDEX], values[_ELEMENTS], values[_DTYPE], data,
+                 bool(values[_GOODBYE]))
 
 
 def to_bfloat16(x: np.ndarray) -> np.ndarray:

@@ -104,30 +104,32 @@ def run(job: JobConfig, adapter_path: Path, resume: Path | None, metrics_file: P
 
     warm_memory = reuse_freed_memory()  # 2 ranks on Linux: +14% tok/s (worker/allocator.py)
     exchange = open_exchange(job.cluster)
-    logger = log.get("herd.train", rank=exchange.rank)
-    _check_world(job, exchange.size)  # a launcher that did not say its world size up front
-    logger.info(
-        "train_start", world=exchange.size, exchange=exchange.name, blas=blas.blas_in_use(),
-        wired_limit=device.set_wired_limit(), model=job.model, reuse_freed_memory=warm_memory,
-    )
-    np.random.seed(job.seed)  # as mlx_lm.lora does before loading
-    model, tokenizer = load_base(job)
-    ns = argparse.Namespace(**job.mlx_lm_dict())
-    ns.train = True
-    train_set, valid_set, _ = load_dataset(ns, tokenizer)
-    apply_adapters(model, job)
-    optimizer = build_optimizer(job)
-    progress = Progress()
-    if resume is not None:
-        folder = resolve_resume(resume)
-        state = load_checkpoint(folder, model, optimizer)
-        progress = Progress(iteration=state.iteration, trained_tokens=state.trained_tokens)
-        logger.info("resumed", checkpoint=str(folder), iteration=state.iteration)
-
-    adapter_path.mkdir(parents=True, exist_ok=True)
-    reporter = Reporter(job, model, optimizer, adapter_path, exchange.rank, exchange.size, metrics_file, quiet)
-    tic = time.perf_counter()
+    # Closed on every way out, a failed load included: a gRPC exchange's open links would
+    # otherwise hold this process (and its ring neighbours) at exit.
     try:
+        logger = log.get("herd.train", rank=exchange.rank)
+        _check_world(job, exchange.size)  # a launcher that did not say its world size up front
+        logger.info(
+            "train_start", world=exchange.size, exchange=exchange.name, blas=blas.blas_in_use(),
+            wired_limit=device.set_wired_limit(), model=job.model, reuse_freed_memory=warm_memory,
+        )
+        np.random.seed(job.seed)  # as mlx_lm.lora does before loading
+        model, tokenizer = load_base(job)
+        ns = argparse.Namespace(**job.mlx_lm_dict())
+        ns.train = True
+        train_set, valid_set, _ = load_dataset(ns, tokenizer)
+        apply_adapters(model, job)
+        optimizer = build_optimizer(job)
+        progress = Progress()
+        if resume is not None:
+            folder = resolve_resume(resume)
+            state = load_checkpoint(folder, model, optimizer)
+            progress = Progress(iteration=state.iteration, trained_tokens=state.trained_tokens)
+            logger.info("resumed", checkpoint=str(folder), iteration=state.iteration)
+
+        adapter_path.mkdir(parents=True, exist_ok=True)
+        reporter = Reporter(job, model, optimizer, adapter_path, exchange.rank, exchange.size, metrics_file, quiet)
+        tic = time.perf_counter()
         progress = train(
             model, optimizer, CacheDataset(train_set),
             CacheDataset(valid_set) if len(valid_set) else None,

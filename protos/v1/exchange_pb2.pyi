@@ -29,18 +29,20 @@ class HelloReply(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., world_size: _Optional[int] = ...) -> None: ...
 
 class PushChunksRequest(_message.Message):
-    __slots__ = ("seq", "index", "elements", "dtype", "data")
+    __slots__ = ("seq", "index", "elements", "dtype", "goodbye", "data")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     ELEMENTS_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    GOODBYE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     seq: int
     index: int
     elements: int
     dtype: WireDtype
+    goodbye: bool
     data: bytes
-    def __init__(self, seq: _Optional[int] = ..., index: _Optional[int] = ..., elements: _Optional[int] = ..., dtype: _Optional[_Union[WireDtype, str]] = ..., data: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, seq: _Optional[int] = ..., index: _Optional[int] = ..., elements: _Optional[int] = ..., dtype: _Optional[_Union[WireDtype, str]] = ..., goodbye: _Optional[bool] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class PushChunksReply(_message.Message):
     __slots__ = ("received", "seq")
@@ -61,5 +63,15 @@ class AbortRequest(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., seq: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class AbortReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ByeRequest(_message.Message):
+    __slots__ = ("rank",)
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    def __init__(self, rank: _Optional[int] = ...) -> None: ...
+
+class ByeReply(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

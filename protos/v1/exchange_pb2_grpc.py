@@ -49,6 +49,11 @@ class ExchangeServiceStub:
                 request_serializer=protos_dot_v1_dot_exchange__pb2.AbortRequest.SerializeToString,
                 response_deserializer=protos_dot_v1_dot_exchange__pb2.AbortReply.FromString,
                 _registered_method=True)
+        self.Bye = channel.unary_unary(
+                '/herd.v1.ExchangeService/Bye',
+                request_serializer=protos_dot_v1_dot_exchange__pb2.ByeRequest.SerializeToString,
+                response_deserializer=protos_dot_v1_dot_exchange__pb2.ByeReply.FromString,
+                _registered_method=True)
 
 
 class ExchangeServiceServicer:
@@ -70,7 +75,7 @@ class ExchangeServiceServicer:
         wall and 0.7 ms of CPU per rank, 10-15% of a 5-16 MB all-reduce on 2 ranks
         (bench/results/allreduce-*.md). The server replies once per all-reduce, as soon as it
         has applied the last chunk; only that reply tells the sender its part is done. The client
-        half-closes when its rank closes the exchange.
+        sends a goodbye message and half-closes when its rank closes the exchange.
         Not retried and not resumable: a broken stream fails the exchange in flight on both sides, and
         the group is spent (the caller re-forms it or restarts the attempt).
         """
@@ -82,6 +87,16 @@ class ExchangeServiceServicer:
         """A rank whose exchange failed tells every peer why, so that each one raises the real cause
         (which rank was lost) at once instead of a vaguer error at its own deadline. Best effort:
         sent once, with a short deadline, to peers that may themselves be gone. Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Bye(self, request, context):
+        """A rank closing its exchange tells its left neighbour first, whose link to it ends next: after a
+        Bye that end is orderly; without one the rank was lost, and the neighbour tells every peer (a
+        killed rank's left neighbour is the one that sees its death at once). Best effort, short
+        deadline. Idempotent.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -104,6 +119,11 @@ def add_ExchangeServiceServicer_to_server(servicer, server):
                     servicer.Abort,
                     request_deserializer=protos_dot_v1_dot_exchange__pb2.AbortRequest.FromString,
                     response_serializer=protos_dot_v1_dot_exchange__pb2.AbortReply.SerializeToString,
+            ),
+            'Bye': grpc.unary_unary_rpc_method_handler(
+                    servicer.Bye,
+                    request_deserializer=protos_dot_v1_dot_exchange__pb2.ByeRequest.FromString,
+                    response_serializer=protos_dot_v1_dot_exchange__pb2.ByeReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -187,6 +207,33 @@ class ExchangeService:
             '/herd.v1.ExchangeService/Abort',
             protos_dot_v1_dot_exchange__pb2.AbortRequest.SerializeToString,
             protos_dot_v1_dot_exchange__pb2.AbortReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Bye(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/herd.v1.ExchangeService/Bye',
+            protos_dot_v1_dot_exchange__pb2.ByeRequest.SerializeToString,
+            protos_dot_v1_dot_exchange__pb2.ByeReply.FromString,
             options,
             channel_credentials,
             insecure,
