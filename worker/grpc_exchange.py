@@ -61,8 +61,11 @@ def _close_at_exit(exchange: "GrpcExchange") -> None:
             alive.close()
 
     register = getattr(threading, "_register_atexit", None)
-    if register is not None:
-        register(close)
+    try:
+        if register is not None:
+            register(close)
+    except RuntimeError:
+        pass  # the interpreter is already shutting down: nothing left to hang
 
 
 class GrpcExchange:
@@ -109,6 +112,7 @@ class GrpcExchange:
         self._link = None  # the stream to the right neighbour
         self._right_closed = False  # it said Bye: its end of our link is orderly
         self._told: list[grpc.Future] = []  # Abort calls made, kept until they finish
+        self._announced = False  # every peer has been told why the group is spent
         self._replies: threading.Thread | None = None
         if self.size == 1:
             return
@@ -184,14 +188,21 @@ class GrpcExchange:
         with self._registry:
             if self._closed:  # under the lock: close() must not miss a call it races with
                 raise PeerLostError("the grpc exchange is closed")
-            if self._broken is not None:
-                raise PeerLostError(f"the grpc exchange failed earlier: {self._broken.message}",
-                                    hint="re-form the group with a new exchange")
-            dtype = wire.FLOAT32 if buf.size <= EXACT_MAX_ELEMENTS else self._dtype
-            ex = Exchange(self._seq, plan, buf, dtype, deadline)
-            self._seq += 1
-            self._exchanges[ex.seq] = ex
-            self._registry.notify_all()  # the link's request stream picks it up
+            broken, announce = self._broken, self._broken is not None and not self._announced
+            self._announced |= announce
+            if broken is None:
+                dtype = wire.FLOAT32 if buf.size <= EXACT_MAX_ELEMENTS else self._dtype
+                ex = Exchange(self._seq, plan, buf, dtype, deadline)
+                self._seq += 1
+                self._exchanges[ex.seq] = ex
+                self._registry.notify_all()  # the link's request stream picks it up
+        if broken is not None:
+            if announce:
+                # Found out quietly (a neighbour closed, or its link broke unseen): a peer two
+                # hops away would otherwise hear of it only from our own close, and blame us.
+                self._tell_peers(self._seq, broken, wait=True)
+            raise PeerLostError(f"the grpc exchange failed earlier: {broken.message}",
+                                hint="re-form the group with a new exchange")
         try:
             # Stop waiting a little before the deadline: what is left goes to naming the culprit.
             probe_s = min(1.0, 0.1 * self.timeout_s)
@@ -273,6 +284,7 @@ class GrpcExchange:
             first = not waiting and self._broken is None
             if first:
                 self._broken = error
+                self._announced = broken
             self._registry.notify_all()
         if first:
             self._log.info("exchange_link_ended", error=error.message)
@@ -280,29 +292,34 @@ class GrpcExchange:
                 self._tell_peers(self._seq, error, wait=False)
 
     def _abandon(self, ex: Exchange) -> None:
-        """Mark the group spent and, if this rank saw the failure first, tell every peer why."""
+        """Mark the group spent and tell every peer why, then drop our link."""
         with self._registry:
             first = self._broken is None
             if first:
                 self._broken = ex.error
+            self._announced = True
         self._log.warning("exchange_failed", seq=ex.seq, error=ex.error.message,
                           received=ex.received, messages=ex.plan.messages, first=first)
-        if first:
-            # Before cancelling our stream: a cancelled stream is all the peers would see.
-            self._tell_peers(ex.seq, ex.error, wait=True)
+        # Before cancelling our link, even when another rank saw the failure first: the right
+        # neighbour may see our cancel before that rank's Abort, and would blame us.
+        self._tell_peers(ex.seq, ex.error, wait=True)
         self._link.cancel()
 
     def _tell_peers(self, seq: int, error: HerdError, wait: bool) -> None:
         """Abort every peer with ``error``; best effort, a short deadline each."""
         request = pb.AbortRequest(rank=self.rank, seq=seq, reason=error.message)
         budget = min(0.5, 0.05 * self.timeout_s)
-        calls = [unary(ch, "Abort").future(request, timeout=budget)
-                 for ch in list(self._channels.values())]
+        calls = []
+        for channel in list(self._channels.values()):
+            try:
+                calls.append(unary(channel, "Abort").future(request, timeout=budget))
+            except ValueError:
+                pass  # that channel was closed: we are closing too
         self._told += calls  # grpcio cancels a call whose future is garbage-collected
         for told in calls if wait else ():
             try:
                 told.result()
-            except grpc.RpcError:
+            except (grpc.RpcError, grpc.FutureCancelledError):
                 pass  # that peer is gone or stalled, and finds out by itself
 
     def _name(self, rank: int) -> str:
@@ -380,8 +397,10 @@ class GrpcExchange:
                 self._broken = error
                 self._log.warning("exchange_aborted_by_peer", by=request.rank, seq=request.seq,
                                   reason=request.reason)
+            self._announced = True  # the sender tells every peer
             for ex in self._exchanges.values():
-                ex.fail(error)
+                if ex.seq >= request.seq:  # an earlier all-reduce may still finish
+                    ex.fail(error)
             self._registry.notify_all()
         return pb.AbortReply()
 
@@ -456,9 +475,9 @@ class GrpcExchange:
 
     def close(self) -> None:
         """Stop serving and drop the channels; idempotent. In-flight all-reduces fail."""
-        if self._closed:
-            return
         with self._registry:
+            if self._closed:  # under the lock: the exit hook may race another closer
+                return
             self._closed = True
             for ex in self._exchanges.values():
                 ex.fail(PeerLostError(f"the grpc exchange of rank {self.rank} was closed"))
