@@ -16,7 +16,8 @@ the floor under any all-reduce written on grpcio's Python API (it copies each me
 Every call donates its input, as the trainer's does (worker/exchange.py ``reduce_gradients``):
 the gRPC and TCP rings sum in place; MLX's ``all_sum`` allocates its result regardless.
 Times are the median of --reps, measured on rank 0 after --warmup untimed all-reduces of the
-same size and a small all-reduce that lines the ranks up. Writes a markdown table to bench/results/allreduce-<date>.md (see --out).
+same size and a small all-reduce that lines the ranks up. Writes a markdown table to
+bench/results/allreduce-<date>.md (see --out).
 """
 
 from __future__ import annotations
@@ -259,7 +260,8 @@ def run_group(transport: str, n: int, args, hostfile: Path) -> dict[str, list[fl
             "HERD_EXCHANGE_PEERS": ",".join(f"127.0.0.1:{p}" for p in ports),
             "HERD_SECRET": os.environ.get("HERD_SECRET", "bench-secret-0123456789abcdef"),
             "MLX_HOSTFILE": str(hostfile), "MLX_WORLD_SIZE": str(n), "HERD_LOG_LEVEL": "warning"}
-    cmd = [sys.executable, __file__, "--worker", transport, "--reps", str(args.reps), "--warmup", str(args.warmup),
+    cmd = [sys.executable, __file__, "--worker", transport, "--reps", str(args.reps),
+           "--warmup", str(args.warmup),
            "--sizes-mb", ",".join(map(str, args.sizes_mb)), "--chunk-bytes", str(args.chunk_bytes)]
     procs = [subprocess.Popen(cmd, env={**base, "HERD_RANK": str(r), "MLX_RANK": str(r)},
                               stdout=subprocess.PIPE, text=True) for r in range(n)]

@@ -61,7 +61,8 @@ def _get_varint(buf: bytes, pos: int) -> tuple[int, int]:
             raise ValueError("malformed varint in PushChunksRequest")
 
 
-def encode(seq: int, index: int, elements: int, dtype: int, data=b"", goodbye: bool = False) -> bytes:
+def encode(seq: int, index: int, elements: int, dtype: int, data=b"",
+           goodbye: bool = False) -> bytes:
     """Serialize a PushChunksRequest; ``data`` is any buffer (a numpy array is not copied twice).
 
     Fields equal to their default are left out, as proto3 does.
