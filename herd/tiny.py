@@ -101,8 +101,10 @@ def make_tiny_model(
     seed: int = 0,
     vocab_size: int = 512,
     intermediate: int | None = None,
+    dtype: str = "float32",
 ) -> Path:
-    """Write a model folder that ``mlx_lm.utils.load`` (and so ``herd train``) loads."""
+    """Write a model folder that ``mlx_lm.utils.load`` (and so ``herd train``) loads, its weights
+    stored in ``dtype`` (bfloat16: as most hub checkpoints are)."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.utils import _get_classes
@@ -115,10 +117,11 @@ def make_tiny_model(
     config = model_config(arch, layers, hidden, vocab)
     if intermediate:
         config["intermediate_size"] = intermediate
+    config["torch_dtype"] = dtype
     model_cls, args_cls = _get_classes(config)
     mx.random.seed(seed)
     model = model_cls(args_cls.from_dict(config))
-    weights = dict(tree_flatten(model.parameters()))
+    weights = {k: v.astype(getattr(mx, dtype)) for k, v in tree_flatten(model.parameters())}
     mx.eval(weights)
     mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
     (out / "config.json").write_text(json.dumps(config, indent=2))
@@ -168,8 +171,10 @@ def main(argv: list[str]) -> int:
         p.add_argument("--hidden", type=int, default=64)
         p.add_argument("--intermediate", type=int, default=None)
         p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
         a = p.parse_args(argv[1:])
-        path = make_tiny_model(a.out, a.arch, a.layers, a.hidden, a.seed, intermediate=a.intermediate)
+        path = make_tiny_model(a.out, a.arch, a.layers, a.hidden, a.seed,
+                               intermediate=a.intermediate, dtype=a.dtype)
     else:
         p.add_argument("--format", choices=["text", "completions", "chat"], default="text")
         p.add_argument("--train", type=int, default=200)

@@ -49,7 +49,7 @@ def measure(spec: dict) -> dict:
     from mlx_lm.utils import _get_classes
 
     from worker.model import apply_adapters, build_optimizer, quantize_in_place
-    from worker.trainer import token_sum_loss
+    from worker.trainer import default_loss
 
     cfg, job = spec["model_config"], parse_config(spec["job"])
     model_cls, args_cls = _get_classes(cfg)
@@ -66,7 +66,7 @@ def measure(spec: dict) -> dict:
     lengths = mx.array([[0, job.max_seq_length]] * job.batch_size)
     mx.eval(batch, lengths)
     mx.reset_peak_memory()
-    step = nn.value_and_grad(model, token_sum_loss)
+    step = nn.value_and_grad(model, default_loss)
     for _ in range(2):
         (loss, ntoks), grad = step(model, batch, lengths)
         optimizer.update(model, grad)

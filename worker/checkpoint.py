@@ -41,6 +41,9 @@ class TrainerState:
     trained_tokens: int
     seed: int
     world_size: int
+    # mx.random's key after ``iteration`` (LoRA dropout's stream); None in checkpoints written
+    # before it was saved, or by a pipeline stage (which reseeds per microbatch).
+    random_key: tuple[int, int] | None = None
 
 
 def _fsync(path: Path) -> None:
@@ -143,4 +146,7 @@ def load_checkpoint(folder: Path, model, optimizer) -> TrainerState:
     verify_manifest(folder)
     model.load_weights(str(folder / ADAPTERS), strict=False)
     optimizer.state = tree_unflatten(list(mx.load(str(folder / STATE_TENSORS)).items()))
-    return TrainerState(**json.loads((folder / STATE_JSON).read_text()))
+    fields = json.loads((folder / STATE_JSON).read_text())
+    if fields.get("random_key") is not None:
+        fields["random_key"] = tuple(fields["random_key"])
+    return TrainerState(**fields)

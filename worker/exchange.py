@@ -4,10 +4,10 @@ A transport only has to sum a flat float32 buffer across the group (``all_sum``)
 else (flattening the gradient tree into buckets, carrying the token count, dividing) lives here,
 once, so the trainer never knows whether it talks to an MLX ring or to gRPC peers.
 
-Gradients are averaged *by tokens*, not by rank: each rank contributes the sum of its per-token
-gradients and its token count; after the exchange every rank divides by the global count. That
-makes N ranks give exactly the update of one process holding the whole global batch, which
-mlx-lm's ``average_gradients`` (a mean of per-rank means) does not (see shared/FACTS.md).
+Gradients are averaged *by tokens*, not by rank: each rank's loss is already divided by the
+step's global target count (known before the forward pass, worker/trainer.py), so the plain sum of
+the ranks' gradients is the update of one process holding the whole global batch, which mlx-lm's
+``average_gradients`` (a mean of per-rank means) is not (see shared/FACTS.md).
 """
 
 from __future__ import annotations
@@ -94,28 +94,20 @@ def _buckets(keys: list[str], grads: dict[str, mx.array], bucket_bytes: int) -> 
 def reduce_gradients(
     exchange: GradientExchange,
     grads: dict[str, mx.array],
-    ntokens: mx.array,
     bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-) -> tuple[dict[str, mx.array], mx.array]:
-    """Sum token-summed gradients and token counts over the group.
+) -> dict[str, mx.array]:
+    """Sum gradients over the group, one collective per bucket of about ``bucket_bytes``.
 
-    ``grads`` is a flat ``{name: array}`` of gradients of the *summed* (not averaged) token loss.
-    Returns the group-wide sums; the caller divides by the returned token count.
-    The token count rides in the last bucket, so one optimizer step costs one collective per
-    bucket and no extra round trip.
+    ``grads`` is a flat ``{name: array}`` of gradients whose loss was already divided by the
+    step's global target count (worker/trainer.py), so their sum over ranks is the update of one
+    process holding the whole global batch. Summed in float32 whatever the gradient's dtype.
     """
-    ntok = ntokens.astype(mx.float32).reshape(1)
     if exchange.size == 1:
-        return grads, ntok[0]
+        return grads
     keys = sorted(grads)
-    buckets = _buckets(keys, grads, bucket_bytes)
     out: dict[str, mx.array] = {}
-    total = None
-    for i, bucket in enumerate(buckets):
+    for bucket in _buckets(keys, grads, bucket_bytes):
         parts = [grads[k].astype(mx.float32).reshape(-1) for k in bucket]
-        last = i == len(buckets) - 1
-        if last:
-            parts.append(ntok)
         # A concatenation of two or more parts is a fresh buffer nothing else shares, so the
         # exchange may sum into it; MLX returns one part alone as is (the gradient's own
         # buffer, or a view of it), so that one is copied first.
@@ -127,9 +119,7 @@ def reduce_gradients(
             n = grads[k].size
             out[k] = summed[offset : offset + n].reshape(grads[k].shape).astype(grads[k].dtype)
             offset += n
-        if last:
-            total = summed[offset]
-    return out, total
+    return out
 
 
 def all_sum_scalars(exchange: GradientExchange, *values: float | mx.array) -> list[float]:

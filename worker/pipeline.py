@@ -6,9 +6,10 @@ stage) and backward as cotangents (``send`` to the previous one), in one-forward
 order (worker/pipeline_schedule.py). MLX's send/recv have no gradient, so autodiff never crosses
 a stage: every stage keeps only its microbatches' *inputs* and, in the backward pass, recomputes
 its blocks under ``mx.vjp`` with the cotangent it receives.
-The last stage computes the loss as the lead's trainer does, the *sum* of per-token losses; every
-stage divides its gradient sums by the global token count (it holds the same batch and counts the
-same targets), so the update equals one process's to float rounding.
+The last stage computes the loss as the lead's trainer does: each microbatch's per-token losses
+summed and divided by the whole step's target count (known ahead from the batch order), so the
+gradients summed over microbatches, accumulation and replicas equal one process's mean to float
+rounding.
 
 Run a stage: ``python -m worker.pipeline CONFIG --adapter-path DIR [--stage-layers 0:3,3:4]
 [--data-parallel 2] [--resume DIR]`` under MLX_RANK + MLX_HOSTFILE (which rank runs which stage of
@@ -57,17 +58,18 @@ def _targets_mask(batch: mx.array, lengths: mx.array) -> mx.array:
 
 @dataclass
 class StepResult:
-    loss_sum: float  # on the last stage; 0 elsewhere
+    loss: float  # on the last stage, this batch's share of the step's mean loss; 0 elsewhere
     ntoks: int
-    grads: dict  # summed over the step's target tokens (divide by the global count)
+    grads: dict  # of that share: summed over the step's batches and replicas, the step's mean
     compute_seconds: float = 0.0
 
 
 def pipeline_step(stage: Stage, link: Link, batch: mx.array, lengths: mx.array,
-                  microbatches: int, seed: int = 0) -> StepResult:
-    """One optimizer step's gradients over ``microbatches`` microbatches, in 1F1B order
-    (worker/pipeline_schedule.py). Gradients are summed in microbatch order on every stage, as
-    one process would sum them."""
+                  microbatches: int, seed: int = 0, denominator: int | None = None) -> StepResult:
+    """One batch's gradients over ``microbatches`` microbatches, in 1F1B order
+    (worker/pipeline_schedule.py), of its losses divided by ``denominator`` (the step's target
+    count over all its batches and replicas; default: this batch's). Gradients are summed in
+    microbatch order on every stage, as one process would sum them."""
     spec = stage.spec
     rows = batch.shape[0]
     if rows % microbatches:
@@ -75,6 +77,7 @@ def pipeline_step(stage: Stage, link: Link, batch: mx.array, lengths: mx.array,
     bm = rows // microbatches
     mbs = [(batch[i * bm:(i + 1) * bm], lengths[i * bm:(i + 1) * bm]) for i in range(microbatches)]
     ntoks = _targets_mask(batch, lengths).sum()
+    denom = ntoks if denominator is None else mx.array(denominator)
     flat = tree_flatten(stage.model.trainable_parameters())
     names, values = [k for k, _ in flat], [v for _, v in flat]
     hidden = stage.model.args.hidden_size
@@ -156,7 +159,8 @@ def pipeline_step(stage: Stage, link: Link, batch: mx.array, lengths: mx.array,
 
             def loss_fn(xx, params):
                 logits = run(xx, params)
-                return (nn.losses.cross_entropy(logits, targets) * mask).astype(mx.float32).sum()
+                ce = nn.losses.cross_entropy(logits, targets) * mask
+                return ce.astype(mx.float32).sum() / denom
 
             ce, gp, dx = grads_of(loss_fn, x, mx.array(1.0))
             grads = [g + d for g, d in zip(grads, gp)]
@@ -190,15 +194,20 @@ def train_stage(job: JobConfig, stage: Stage, link: Link, train_set, microbatche
                 dp_rank: int = 0, dp_size: int = 1, iters: int | None = None,
                 on_step: Callable[[dict], None] | None = None, optimizer=None, start: int = 0,
                 trained_tokens: int = 0,
-                on_save: Callable[[int, object, int], None] | None = None) -> PipelineRun:
+                on_save: Callable[[int, object, int], None] | None = None,
+                order=None) -> PipelineRun:
     """The lead's loop (same batch order, same per-iteration seeding), one pipelined step per batch.
     Gradient accumulation: ``grad_accumulation_steps`` batches summed before one update.
-    ``start``: iterations already done (a resumed run; the optimizer then holds their state)."""
+    ``start``: iterations already done (a resumed run; the optimizer then holds their state).
+    ``order``: the run's batch order (worker/batches.py ``DataOrder``; default: no validation
+    draws), the same as the one process's it must equal."""
     from worker.batches import BatchStream
     from worker.model import build_optimizer
+    from worker.trainer import LoopArgs, data_order
 
     optimizer = optimizer or build_optimizer(job)
-    stream = BatchStream(train_set, job.batch_size, job.max_seq_length, dp_rank, dp_size, job.seed)
+    order = order or data_order(train_set, None, LoopArgs.from_job(job))
+    stream = BatchStream(train_set, job.batch_size, job.max_seq_length, dp_rank, dp_size, order)
     batches = stream.iterate(start=start)
     run = PipelineRun(trained_tokens=trained_tokens)
     last = iters or job.iters
@@ -208,24 +217,27 @@ def train_stage(job: JobConfig, stage: Stage, link: Link, train_set, microbatche
     t_step = time.perf_counter()
     for it in range(start + 1, last + 1):
         step_seed = (job.seed * 1_000_003 + dp_rank * 10_007 + it) % (2**63)
+        if (it - 1) % accum == 0:
+            denominator = stream.targets(it, accum)
         batch, lengths = next(batches)
         tic = time.perf_counter()
-        res = pipeline_step(stage, link, batch, lengths, microbatches, seed=step_seed)
+        res = pipeline_step(stage, link, batch, lengths, microbatches, seed=step_seed,
+                            denominator=denominator)
         run.compute_seconds += res.compute_seconds
         run.step_compute_seconds.append(res.compute_seconds)
         acc = res.grads if acc is None else tree_map(mx.add, acc, res.grads)
         acc_tokens += res.ntoks
-        acc_loss += res.loss_sum
+        acc_loss += res.loss
         if it % accum == 0:
             if dp_size > 1:
                 acc, acc_tokens, acc_loss = _sum_replicas(link, acc, acc_tokens, acc_loss)
             if tree_flatten(acc):  # a stage before the adapted blocks only relays
-                optimizer.update(stage.model, tree_map(lambda g: g / acc_tokens, acc))
+                optimizer.update(stage.model, acc)
                 mx.eval(stage.model.parameters(), optimizer.state)
-            run.losses.append(acc_loss / acc_tokens)
+            run.losses.append(acc_loss)
             run.trained_tokens += acc_tokens
             if on_step is not None:
-                on_step({"iteration": it, "train_loss": acc_loss / acc_tokens,
+                on_step({"iteration": it, "train_loss": acc_loss,
                          "learning_rate": optimizer.learning_rate.item(),
                          "trained_tokens": run.trained_tokens,
                          "tokens_per_second": acc_tokens / max(time.perf_counter() - t_step, 1e-9),
@@ -240,8 +252,9 @@ def train_stage(job: JobConfig, stage: Stage, link: Link, train_set, microbatche
 
 
 def _sum_replicas(link: "MLXLink", grads: dict, ntoks: int, loss: float) -> tuple[dict, int, float]:
-    """Token-weighted data parallelism: sum gradient sums, token counts and loss sums over the
-    replicas (one flat buffer per step), so dividing by the total equals one process."""
+    """Token-weighted data parallelism: sum the gradients (of losses already divided by the
+    step's global target count), token counts and losses over the replicas (one flat buffer per
+    step): the sums are one process's step."""
     flat = tree_flatten(grads)
     parts = [v.astype(mx.float32).reshape(-1) for _, v in flat]
     parts += [mx.array([float(ntoks), loss], dtype=mx.float32)]
@@ -327,7 +340,12 @@ def _run(args) -> int:
     tokenizer = load_tokenizer(Path(job.model))
     ns = argparse.Namespace(**job.mlx_lm_dict())
     ns.train = True
-    train_set, _, _ = load_dataset(ns, tokenizer)
+    train_set, valid_set, _ = load_dataset(ns, tokenizer)
+    train_set, valid_set = CacheDataset(train_set), CacheDataset(valid_set)
+    # The one process's batch order, validation draws included (the stages do not validate).
+    from worker.trainer import LoopArgs, data_order
+
+    order = data_order(train_set, valid_set, LoopArgs.from_job(job))
     mx.reset_peak_memory()
     stage = build_stage(job, spec)
     load_peak = mx.get_peak_memory()
@@ -369,10 +387,11 @@ def _run(args) -> int:
             emit("checkpoint", every_stage=True, step=it, path=str(folder), stage=index,
                  stages=stages, layers=[spec.start, spec.end])
 
-    run = train_stage(job, stage, MLXLink(group, topo), CacheDataset(train_set),
+    run = train_stage(job, stage, MLXLink(group, topo), train_set,
                       args.microbatches or job.batch_size // topo.replicas,
                       dp_rank=topo.replica, dp_size=topo.replicas, on_step=on_step,
-                      optimizer=optimizer, start=start, trained_tokens=tokens, on_save=on_save)
+                      optimizer=optimizer, start=start, trained_tokens=tokens, on_save=on_save,
+                      order=order)
     mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group))  # every piece is on disk
     pieces = [args.adapter_path / "stages" / f"stage-{s:02d}" for s in range(stages)]
     if group.rank() == 0 and all((p / "stage.json").exists() for p in pieces):

@@ -78,12 +78,14 @@ class Reporter:
         if not self.quiet:
             print(f"iter {info['iteration']:>6}/{self.job.iters}  val loss {info['val_loss']:.4f}", flush=True)
 
-    def on_save(self, iteration: int, trained_tokens: int) -> None:
+    def on_save(self, progress) -> None:
         if self.rank != 0:
             return
         from worker.checkpoint import TrainerState, save_checkpoint
 
-        state = TrainerState(iteration, trained_tokens, self.job.seed, self.world)
+        iteration = progress.iteration
+        state = TrainerState(iteration, progress.trained_tokens, self.job.seed, self.world,
+                             random_key=progress.random_key)
         path = save_checkpoint(self.adapter_path, self.model, self.optimizer, self.adapter_config, state)
         self.emit("checkpoint", step=iteration, path=str(path))
         if not self.quiet:
@@ -124,7 +126,8 @@ def run(job: JobConfig, adapter_path: Path, resume: Path | None, metrics_file: P
         if resume is not None:
             folder = resolve_resume(resume)
             state = load_checkpoint(folder, model, optimizer)
-            progress = Progress(iteration=state.iteration, trained_tokens=state.trained_tokens)
+            progress = Progress(iteration=state.iteration, trained_tokens=state.trained_tokens,
+                                random_key=state.random_key)
             logger.info("resumed", checkpoint=str(folder), iteration=state.iteration)
 
         adapter_path.mkdir(parents=True, exist_ok=True)

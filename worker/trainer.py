@@ -3,12 +3,16 @@
 Pure MLX: it imports mlx, mlx_lm and herd's config types, never grpc, zeroconf or structlog.
 The gradient transport is passed in (``GradientExchange``); metrics leave through a callback.
 
-Differences from ``mlx_lm.tuner.trainer.train``, each on purpose:
-- gradients are token-weighted across micro-batches and ranks (sum of per-token gradients and
-  token counts, then one division), so N ranks == 1 rank with the same global batch, with or
-  without accumulation; mlx-lm averages per-rank means;
-- the batch stream has an explicit cursor and the RNG is reseeded from (seed, rank, iteration),
-  so a resumed run replays exactly what a straight run does;
+Same ops as ``mlx_lm.tuner.trainer.train`` where the math is the same: with one process and no
+accumulation its adapter is bit-identical to ``mlx_lm.lora``'s (same loss ops, same batch order
+across epochs and validation passes, dropout from the same mx.random stream). Differences, each
+on purpose:
+- gradients are token-weighted across micro-batches and ranks: every micro-batch's loss is divided
+  by the whole step's target-token count (known ahead from the batch order), and gradients are
+  summed, so N ranks == 1 rank with the same global batch, with or without accumulation;
+  mlx-lm averages per-micro-batch and per-rank means;
+- the batch order is drawn ahead from the seed (worker/batches.py ``DataOrder``) and the
+  mx.random key is saved in every checkpoint, so a resumed run replays what a straight run does;
 - checkpoints carry the optimizer state (mlx-lm saves adapter weights only).
 Like mlx-lm, ``iters`` counts micro-batches and an optimizer step happens every
 ``grad_accumulation_steps`` of them.
@@ -26,18 +30,27 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from mlx_lm.tuner.trainer import grad_checkpoint
 
-from worker.batches import BatchStream, eval_batches
+from worker.batches import BatchStream, DataOrder, eval_batches, sorted_batches, val_iterations
 from worker.exchange import GradientExchange, LocalExchange, all_sum_scalars, reduce_gradients
 
 
-def token_sum_loss(model, batch, lengths):
-    """Sum of per-token cross entropy over the target tokens, and their count (mlx-lm's mask)."""
+def targets_mask(lengths: mx.array, width: int) -> mx.array:
+    """mlx-lm's loss mask over ``width`` target positions: ``offset <= s <= length``."""
+    steps = mx.arange(1, width + 1)
+    return mx.logical_and(steps >= lengths[:, 0:1], steps <= lengths[:, 1:])
+
+
+def default_loss(model, batch, lengths, denominator=None):
+    """mlx-lm's ``default_loss`` (same ops), divided by ``denominator`` instead of the batch's own
+    target count when one is given: the step's count over all micro-batches and ranks, so the
+    gradients of every micro-batch and rank *sum* to the gradient of one process's mean over the
+    whole step. Returns (loss, this batch's target count)."""
     inputs, targets = batch[:, :-1], batch[:, 1:]
     logits = model(inputs)
-    steps = mx.arange(1, targets.shape[1] + 1)
-    mask = mx.logical_and(steps >= lengths[:, 0:1], steps <= lengths[:, 1:])
-    ce = (nn.losses.cross_entropy(logits, targets) * mask).astype(mx.float32).sum()
-    return ce, mask.sum()
+    mask = targets_mask(lengths, targets.shape[1])
+    ce = nn.losses.cross_entropy(logits, targets) * mask
+    ntoks = mask.sum()
+    return ce.astype(mx.float32).sum() / (ntoks if denominator is None else denominator), ntoks
 
 
 @dataclass
@@ -64,28 +77,57 @@ class LoopArgs:
 class Callback(Protocol):
     def on_train_report(self, info: dict) -> None: ...
     def on_val_report(self, info: dict) -> None: ...
-    def on_save(self, iteration: int, trained_tokens: int) -> None: ...
+    def on_save(self, progress: "Progress") -> None: ...
 
 
 @dataclass
 class Progress:
     iteration: int = 0  # micro-batch iterations completed
     trained_tokens: int = 0
+    # mx.random's key after ``iteration``: LoRA dropout draws from one stream, as in mlx-lm, so
+    # a resumed run restores it (None: not yet trained, the stream starts from the seed).
+    random_key: tuple[int, int] | None = None
 
 
-def evaluate(model, dataset, args: LoopArgs, exchange: GradientExchange, loss=token_sum_loss) -> float:
-    """Token-weighted mean loss over ``val_batches`` batches, summed over all ranks."""
+def _save_random_key() -> tuple[int, int]:
+    hi, lo = mx.random.state[0].tolist()
+    return int(hi), int(lo)
+
+
+def _restore_random_key(key: tuple[int, int]) -> None:
+    # mx.random.seed(s) sets the key to (s >> 32, s & 0xffffffff): any saved key round-trips.
+    mx.random.seed((key[0] << 32) | key[1])
+
+
+def evaluate(model, dataset, args: LoopArgs, exchange: GradientExchange, order=None,
+             loss=default_loss) -> float:
+    """mlx-lm's ``evaluate``, same ops: the token-weighted mean of per-batch mean losses over
+    ``val_batches`` batches (in the pass's ``order``), summed over all ranks."""
     model.eval()
     total, ntoks = mx.array(0.0), mx.array(0)
     for batch, lengths in eval_batches(
-        dataset, args.batch_size, args.max_seq_length, exchange.rank, exchange.size, args.val_batches
+        dataset, args.batch_size, args.max_seq_length, exchange.rank, exchange.size,
+        args.val_batches, order,
     ):
-        s, n = loss(model, batch, lengths)
-        total, ntoks = total + s, ntoks + n
+        mean, n = loss(model, batch, lengths)
+        total, ntoks = total + mean * n, ntoks + n
         mx.eval(total, ntoks)
     model.train()
     s, n = all_sum_scalars(exchange, total, ntoks)
-    return s / max(n, 1.0)
+    return s / n if n else float("nan")
+
+
+def data_order(train_set, val_set, args: LoopArgs) -> DataOrder:
+    """The run's batch order, as mlx_lm.lora draws it (worker/batches.py)."""
+    val_total = 0
+    if val_set is not None and len(val_set):
+        if len(val_set) < args.batch_size:
+            raise ValueError(f"the validation set has {len(val_set)} examples, fewer than "
+                             f"batch_size={args.batch_size} (mlx-lm refuses it too)")
+        val_total = len(sorted_batches(val_set, args.batch_size))
+    val_at = val_iterations(args.iters, args.steps_per_eval) if val_total else frozenset()
+    return DataOrder.draw(args.seed, len(sorted_batches(train_set, args.batch_size)), args.iters,
+                          val_at, val_total, args.val_batches)
 
 
 def train(
@@ -97,13 +139,15 @@ def train(
     exchange: GradientExchange | None = None,
     callback: Callback | None = None,
     start: Progress | None = None,
-    loss: Callable = token_sum_loss,
+    loss: Callable = default_loss,
 ) -> Progress:
     exchange = exchange or LocalExchange()
     progress = start or Progress()
     accum = args.grad_accumulation_steps
     if progress.iteration % accum != 0:
         raise ValueError("resume point must fall on an optimizer step boundary")
+    if progress.random_key is not None:
+        _restore_random_key(progress.random_key)
     if args.grad_checkpoint:
         grad_checkpoint(model.layers[0])
 
@@ -111,50 +155,51 @@ def train(
     state = [model.state, optimizer.state, mx.random.state]
 
     @partial(mx.compile, inputs=state, outputs=state)
-    def micro_step(batch, lengths, prev_grad):
-        (loss_sum, ntoks), grad = loss_and_grad(model, batch, lengths)
+    def micro_step(batch, lengths, denominator, prev_grad):
+        (value, ntoks), grad = loss_and_grad(model, batch, lengths, denominator)
         if prev_grad is not None:
             grad = tree_map(mx.add, grad, prev_grad)
-        return loss_sum, ntoks, grad
+        return value, ntoks, grad
 
     @partial(mx.compile, inputs=state, outputs=state)
-    def apply_update(grad, ntoks):
-        optimizer.update(model, tree_map(lambda g: g / ntoks, grad))
+    def apply_update(grad):
+        optimizer.update(model, grad)
 
-    stream = BatchStream(
-        train_set, args.batch_size, args.max_seq_length, exchange.rank, exchange.size, args.seed
-    )
+    order = data_order(train_set, val_set, args)
+    stream = BatchStream(train_set, args.batch_size, args.max_seq_length, exchange.rank,
+                         exchange.size, order)
     batches = stream.iterate(start=progress.iteration)
 
     model.train()
-    grad, acc_tokens = None, mx.array(0)
+    grad, denominator = None, None
     win_loss, win_tokens, win_time, win_exchange, win_iters = mx.array(0.0), mx.array(0), 0.0, 0.0, 0
     for it in range(progress.iteration + 1, args.iters + 1):
-        if val_set is not None and len(val_set) and (
-            it == 1 or it % args.steps_per_eval == 0 or it == args.iters
-        ):
+        if it in order.val:
             tic = time.perf_counter()
-            val_loss = evaluate(model, val_set, args, exchange, loss)
+            val_loss = evaluate(model, val_set, args, exchange, order.val[it], loss)
             if callback:
                 callback.on_val_report(
                     {"iteration": it - 1, "val_loss": val_loss, "val_time": time.perf_counter() - tic}
                 )
 
         tic = time.perf_counter()
-        # RNG as a pure function of position: exact resume with dropout, no RNG state to save.
-        mx.random.seed((args.seed * 1_000_003 + exchange.rank * 10_007 + it) % (2**63))
+        if (it - 1) % accum == 0:
+            # The step's target tokens over every micro-batch and rank, known from the batch
+            # order before the first forward pass: each micro-batch's loss is divided by it, so
+            # summing gradients over micro-batches and ranks gives one process's mean. With one
+            # rank and no accumulation it is the batch's own count: mlx-lm's exact ops.
+            denominator = mx.array(stream.targets(it, accum))
         batch, lengths = next(batches)
-        loss_sum, ntoks, grad = micro_step(batch, lengths, grad)
-        acc_tokens = acc_tokens + ntoks
-        win_loss, win_tokens = win_loss + loss_sum, win_tokens + ntoks
+        value, ntoks, grad = micro_step(batch, lengths, denominator, grad)
+        win_loss, win_tokens = win_loss + value, win_tokens + ntoks
         if it % accum == 0:
-            mx.eval(grad, acc_tokens)
+            mx.eval(grad)
             t_ex = time.perf_counter()
-            flat, total = reduce_gradients(exchange, dict(tree_flatten(grad)), acc_tokens)
+            flat = reduce_gradients(exchange, dict(tree_flatten(grad)))
             win_exchange += time.perf_counter() - t_ex
-            apply_update(tree_unflatten(list(flat.items())), total)
-            grad, acc_tokens = None, mx.array(0)
-        mx.eval(state, win_loss, win_tokens, grad, acc_tokens)
+            apply_update(tree_unflatten(list(flat.items())))
+            grad = None
+        mx.eval(state, win_loss, win_tokens, grad)
         if args.clear_cache_threshold and mx.get_cache_memory() > args.clear_cache_threshold:
             mx.clear_cache()
         win_time += time.perf_counter() - tic
@@ -166,7 +211,9 @@ def train(
             progress.trained_tokens += int(n)
             info = {
                 "iteration": it,
-                "train_loss": s / max(n, 1.0),
+                # A micro-batch's loss is its share of its step's mean: the window's losses sum to
+                # its steps' means (mlx-lm's figure with one rank and no accumulation).
+                "train_loss": s * accum / win_iters,
                 "learning_rate": optimizer.learning_rate.item(),
                 "iterations_per_second": win_iters / win_time if win_time else 0.0,
                 "tokens_per_second": n / win_time if win_time else 0.0,
@@ -182,5 +229,7 @@ def train(
             win_loss, win_tokens, win_time, win_exchange, win_iters = mx.array(0.0), mx.array(0), 0.0, 0.0, 0
 
         if it % accum == 0 and (it % args.save_every == 0 or it == args.iters) and callback:
-            callback.on_save(it, progress.trained_tokens)
+            progress.random_key = _save_random_key()
+            callback.on_save(progress)
+    progress.random_key = _save_random_key()
     return progress
