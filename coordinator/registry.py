@@ -2,8 +2,10 @@
 
 zeroconf adverts of ``_herd-worker._tcp.local.`` (and static ``--worker`` targets) are only
 candidates: a worker enters the registry after it answers an authenticated Describe, so a
-process that advertises itself without the cluster secret never gets work. A vanished record or
-``max_failures`` failed Health calls in a row remove it.
+process that advertises itself without the cluster secret never gets work. Liveness is
+authenticated too: ``max_failures`` failed Health calls in a row remove a worker, and a vanished
+record (an mDNS goodbye, which anyone on the LAN can send for any name) only prompts a Health call
+at once; the worker leaves if that fails.
 """
 
 from __future__ import annotations
@@ -83,10 +85,19 @@ class Registry:
 
     def _advert_removed(self, name: str) -> None:
         with self._lock:
-            self._candidates.pop(name, None)
-            gone = [wid for wid, src in self._source.items() if src == name]
-        for wid in gone:
-            self._remove(wid, "its zeroconf record vanished")
+            named = [wid for wid, src in self._source.items() if src == name]
+            if not named:
+                self._candidates.pop(name, None)
+        for wid in named:
+            try:
+                self.client(wid).health()
+            except HerdError as e:
+                with self._lock:
+                    self._candidates.pop(name, None)
+                self._remove(wid, f"its zeroconf record vanished and it does not answer: {e.message}")
+            else:
+                logger.info("worker_goodbye_ignored", worker_id=wid, advert=name,
+                            reason="it still answers an authenticated health check")
 
     def _verify(self, source: str, target: str) -> WorkerRecord | None:
         client = WorkerClient(target, self._secret)
