@@ -38,8 +38,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from herd.ports import free_ports  # noqa: E402 (after the path)
-from worker.grpc_exchange import DEFAULT_CHUNK_BYTES  # noqa: E402
+from herd.rpc.ports import free_ports  # noqa: E402 (after the path)
+from worker.exchange.grpc import DEFAULT_CHUNK_BYTES  # noqa: E402
 
 TRANSPORTS = ("grpc", "mlx", "tcp", "streams")
 MB = 1024 * 1024
@@ -70,7 +70,7 @@ class TcpRing:
         import mlx.core as mx
         import numpy as np
 
-        from worker.grpc_exchange_ring import RingPlan
+        from worker.exchange.grpc.ring import RingPlan
 
         out = flat if donate else mx.array(flat)
         mx.eval(out)
@@ -125,7 +125,7 @@ class GrpcStreams:
 
         import grpc
 
-        from herd.auth import CHANNEL_OPTIONS
+        from herd.rpc.auth import CHANNEL_OPTIONS
 
         self.rank, self.size, self.chunk_elements = rank, len(ports), chunk_bytes // 4
         self._cond = threading.Condition()
@@ -158,7 +158,7 @@ class GrpcStreams:
         import mlx.core as mx
         import numpy as np
 
-        from worker.grpc_exchange_ring import RingPlan
+        from worker.exchange.grpc.ring import RingPlan
 
         out = flat if donate else mx.array(flat)
         mx.eval(out)
@@ -210,7 +210,7 @@ def worker(args) -> None:
     rank = int(os.environ["HERD_RANK"])
     ports = [int(p) for p in os.environ["BENCH_PORTS"].split(",")]
     if args.worker == "grpc":
-        from worker.grpc_exchange import GrpcExchange
+        from worker.exchange.grpc import GrpcExchange
 
         ring = GrpcExchange.from_env(timeout_s=300)
         if args.chunk_bytes:

@@ -26,13 +26,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from herd.ports import free_ports  # noqa: E402 (after the path)
+from herd.rpc.ports import free_ports  # noqa: E402 (after the path)
 
 HIDDEN, LAYERS, BATCH, SEQ, ITERS, WARMUP = 256, 12, 8, 256, 6, 2
 
 
 def _launch(argv: list[str], world: int, tmp: Path) -> None:
-    from worker.blas import preload_env
+    from worker.rank.blas import preload_env
 
     hostfile = tmp / "hosts.json"
     hostfile.write_text(json.dumps([f"127.0.0.1:{p}" for p in free_ports(world)]))
@@ -121,7 +121,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.pingpong:
         return pingpong_main()
-    from herd.tiny import make_tiny_data, make_tiny_model
+    from herd.cli.tiny import make_tiny_data, make_tiny_model
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-pp-"))
     model = make_tiny_model(tmp / "model", arch="llama", layers=LAYERS, hidden=HIDDEN, intermediate=4 * HIDDEN)

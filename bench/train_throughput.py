@@ -32,9 +32,9 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from herd.ports import free_ports  # noqa: E402 (after the path)
+from herd.rpc.ports import free_ports  # noqa: E402 (after the path)
 
-from herd.tiny import ANIMALS, facts, make_tiny_model  # noqa: E402
+from herd.cli.tiny import ANIMALS, facts, make_tiny_model  # noqa: E402
 
 
 def long_text_data(out: Path, n_train: int = 256, words: int = 300, seed: int = 0) -> Path:
@@ -125,7 +125,7 @@ def run_mlx_lm(cfg: Path) -> dict:
     out = cfg.with_suffix(".mlxlm.json")
     t0 = time.perf_counter()
     p = subprocess.run([sys.executable, "-c", MLX_LM_RUNNER, str(cfg), str(out)],
-                       env=__import__("worker.blas", fromlist=["x"]).preload_env(),
+                       env=__import__("worker.rank.blas", fromlist=["x"]).preload_env(),
                        capture_output=True, text=True)
     if p.returncode:
         raise SystemExit(f"mlx_lm.lora failed:\n{p.stderr[-3000:]}")

@@ -21,7 +21,7 @@ from typing import Iterable, Iterator
 
 from coordinator.domain import Checkpoint, FileDigest, StagePiece
 from herd.adapter_merge import ADAPTER_CONFIG, ADAPTERS, AdapterPiece, merge_pieces
-from herd.client_rpc import ChecksumError
+from herd.rpc.status import ChecksumError
 from herd.digest import sha256_file
 from herd.errors import DatasetError, HerdError, NotFoundError
 

@@ -21,8 +21,9 @@ from coordinator.registry import GrpcLauncher, Registry
 from coordinator.scheduler import Scheduler
 from coordinator.service import CoordinatorServicer, add_to_server
 from coordinator.store import JobStore
-from herd import discovery, log
-from herd.auth import SERVER_OPTIONS, ServerAuth, default_home, load_secret
+from herd import log
+from herd.rpc import discovery
+from herd.rpc.auth import SERVER_OPTIONS, ServerAuth, default_home, load_secret
 from herd.errors import HerdError
 
 logger = log.get(__name__)

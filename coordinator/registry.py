@@ -15,9 +15,10 @@ from typing import Callable
 
 from coordinator.convert import worker_from_pb
 from coordinator.domain import WorkerRecord
-from herd import discovery, log
-from herd.auth import secure_channel
-from herd.client_rpc import UNARY_DEADLINE_S, rpc_errors
+from herd import log
+from herd.rpc import discovery
+from herd.rpc.auth import secure_channel
+from herd.rpc.status import UNARY_DEADLINE_S, rpc_errors
 from herd.errors import HerdError, NotFoundError
 from protos.v1 import worker_pb2, worker_pb2_grpc
 

@@ -19,7 +19,7 @@ from coordinator.placement import place, workers_needed
 from coordinator.registry import Registry
 from coordinator.scheduler import Scheduler
 from herd import log
-from herd.client_rpc import abort
+from herd.rpc.status import abort
 from herd.config import parse_config
 from herd.errors import ConfigError, DatasetError, HerdError, NotFoundError
 from protos.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from herd.ports import free_ports  # noqa: F401 (tests import it from here)
+from herd.rpc.ports import free_ports  # noqa: F401 (tests import it from here)
 
 # mx.compile JIT-compiles C++ on the CPU backend: ~25 s per new shape set, for identical numbers.
 # Tests run uncompiled (subprocesses inherit this); tests/test_training.py checks the compiled path once.
@@ -24,14 +24,14 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    from herd.tiny import make_tiny_model
+    from herd.cli.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("models") / "llama", arch="llama", layers=2, hidden=64)
 
 
 @pytest.fixture(scope="session")
 def tiny_qwen2(tmp_path_factory) -> Path:
-    from herd.tiny import make_tiny_model
+    from herd.cli.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("models") / "qwen2", arch="qwen2", layers=2, hidden=64)
 
@@ -48,14 +48,14 @@ def tiny_quantized(tmp_path_factory, tiny_model) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
-    from herd.tiny import make_tiny_data
+    from herd.cli.tiny import make_tiny_data
 
     return make_tiny_data(tmp_path_factory.mktemp("data") / "text", fmt="text", train=64, valid=16, test=8)
 
 
 @pytest.fixture(scope="session")
 def tiny_chat_data(tmp_path_factory) -> Path:
-    from herd.tiny import make_tiny_data
+    from herd.cli.tiny import make_tiny_data
 
     return make_tiny_data(tmp_path_factory.mktemp("data") / "chat", fmt="chat", train=64, valid=16, test=8)
 

@@ -11,16 +11,16 @@ from concurrent import futures
 import grpc
 import pytest
 
-from herd import discovery
-from herd.auth import SERVER_OPTIONS, ServerAuth, new_secret, secure_channel
+from herd.rpc import discovery
+from herd.rpc.auth import SERVER_OPTIONS, ServerAuth, new_secret, secure_channel
 from protos.v1 import coordinator_pb2, coordinator_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 HOST = "127.0.0.1"
 
 
 def start_worker(tmp_path, secret: str, worker_id: str, zc):
-    from worker.agent import Worker, WorkerServicer, advert_txt, free_port
-    from worker.probe import probe
+    from worker.agent.main import Worker, WorkerServicer, advert_txt, free_port
+    from worker.agent.machine import probe
 
     server = grpc.server(futures.ThreadPoolExecutor(4), options=SERVER_OPTIONS,
                          interceptors=[ServerAuth(secret)])

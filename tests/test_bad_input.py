@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from herd.cli import main as herd_main
+from herd.cli.main import main as herd_main
 from herd.errors import ConfigError
 from tests.conftest import herd, start_ranks
 

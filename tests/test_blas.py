@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from worker import blas
+from worker.rank import blas
 
-PROBE = "import mlx.core as mx; mx.eval(mx.ones((4,4)) @ mx.ones((4,4))); from worker.blas import blas_in_use; print(blas_in_use())"
+PROBE = "import mlx.core as mx; mx.eval(mx.ones((4,4)) @ mx.ones((4,4))); from worker.rank.blas import blas_in_use; print(blas_in_use())"
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="LD_PRELOAD of OpenBLAS is the Linux path")

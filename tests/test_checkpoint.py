@@ -10,7 +10,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import pytest
 
-from worker import checkpoint as ck
+from worker.rank import checkpoint as ck
 
 
 class Tiny(nn.Module):

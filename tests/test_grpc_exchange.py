@@ -22,14 +22,14 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from herd.auth import secure_channel
+from herd.rpc.auth import secure_channel
 from herd.errors import AuthError, ConfigError, HerdError, PeerLostError
-from herd.ports import free_ports
+from herd.rpc.ports import free_ports
 from protos.v1 import exchange_pb2 as pb
-from worker import grpc_exchange_wire as wire
+from worker.exchange.grpc import wire
 from worker.exchange import GradientExchange, reduce_gradients
-from worker.grpc_exchange import SERVICE, GrpcExchange
-from worker.grpc_exchange_ring import RingPlan
+from worker.exchange.grpc import SERVICE, GrpcExchange
+from worker.exchange.grpc.ring import RingPlan
 
 ROOT = Path(__file__).resolve().parent.parent
 HELPER = ROOT / "tests" / "grpc_rank_helper.py"
@@ -530,7 +530,7 @@ def test_grpc_training_equals_mlx_and_one_rank(tmp_path, tiny_model, tiny_data, 
 @pytest.mark.skipif(sys.platform != "linux" or not os.path.exists("/lib/x86_64-linux-gnu/libc.so.6")
                     and not os.path.exists("/lib/aarch64-linux-gnu/libc.so.6"), reason="glibc's mallopt")
 def test_glibc_takes_the_keep_freed_memory_settings():
-    from worker.allocator import reuse_freed_memory
+    from worker.rank.allocator import reuse_freed_memory
 
     # Without them, every chunk the exchange moves is faulted in fresh (worker/allocator.py).
     assert reuse_freed_memory() is True

@@ -13,7 +13,7 @@ import mlx.core as mx
 import pytest
 
 from tests.conftest import free_ports, herd, load_adapter, max_abs_diff, write_job
-from worker.blas import preload_env
+from worker.rank.blas import preload_env
 
 REPO = Path(__file__).resolve().parent.parent
 # One process and a pipeline sum the same per-token terms in a different order (microbatches,
@@ -57,7 +57,7 @@ def single_process_losses(metrics: Path) -> list[float]:
 
 
 def _stage_weight_bytes(model_dir: Path, start: int, end: int, first: bool, last: bool, tied: bool) -> int:
-    from worker.pipeline_stage import StageSpec, _owned
+    from worker.pipeline.stage import StageSpec, _owned
 
     spec = StageSpec(0 if first else 1, 2 if not (first and last) else 1, start, end, 10**6)
     spec = StageSpec(0 if first else 1, 1 if (first and last) else (2 if first or last else 3),
@@ -72,8 +72,8 @@ def _stage_weight_bytes(model_dir: Path, start: int, end: int, first: bool, last
 @pytest.mark.slow
 @pytest.mark.parametrize("arch,stages,cut", [("llama", 2, None), ("qwen2", 3, "0:1,1:3,3:4")])
 def test_pipeline_equals_one_process(tmp_path, arch, stages, cut):
-    from herd.tiny import make_tiny_model
-    from worker.pipeline import merge_stage_adapters
+    from herd.cli.tiny import make_tiny_model
+    from herd.adapter_merge import merge_stage_adapters
 
     model = make_tiny_model(tmp_path / arch, arch=arch, layers=4, hidden=64)
     data = REPO_DATA(tmp_path)
@@ -110,14 +110,14 @@ def test_pipeline_equals_one_process(tmp_path, arch, stages, cut):
 
 
 def REPO_DATA(tmp_path: Path) -> Path:
-    from herd.tiny import make_tiny_data
+    from herd.cli.tiny import make_tiny_data
 
     return make_tiny_data(tmp_path / "data", fmt="text", train=64, valid=16, test=8)
 
 
 def test_merge_refuses_missing_or_overlapping_stages(tmp_path):
     from herd.errors import HerdError
-    from worker.pipeline import merge_stage_adapters
+    from herd.adapter_merge import merge_stage_adapters
 
     def piece(name: str, stage: int, keys: list[str]) -> Path:
         d = tmp_path / name
@@ -142,8 +142,8 @@ def test_merge_refuses_missing_or_overlapping_stages(tmp_path):
 def test_two_pipelines_of_two_stages_equal_one_process(tmp_path):
     """2 x 2 (data x pipeline) on 4 local ranks: one ring, pipeline hops and replica pairs are all
     ring neighbours; gradients are summed per token across the replicas."""
-    from herd.tiny import make_tiny_model
-    from worker.pipeline import merge_stage_adapters
+    from herd.cli.tiny import make_tiny_model
+    from herd.adapter_merge import merge_stage_adapters
 
     model = make_tiny_model(tmp_path / "llama", arch="llama", layers=4, hidden=64)
     data = REPO_DATA(tmp_path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from worker.pipeline_schedule import (BWD, FWD, FWD_BWD, RECV_BWD, RECV_FWD, SEND_BWD, SEND_FWD,
+from worker.pipeline.schedule import (BWD, FWD, FWD_BWD, RECV_BWD, RECV_FWD, SEND_BWD, SEND_FWD,
                                       Op, one_f_one_b, simulate)
 
 

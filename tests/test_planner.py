@@ -33,7 +33,7 @@ LLAMA_70B = {
 
 
 def tiny_config(arch: str, hidden: int, layers: int, vocab: int, dtype: str) -> dict:
-    from herd.tiny import model_config
+    from herd.cli.tiny import model_config
 
     cfg = model_config(arch, layers, hidden, vocab)
     cfg["torch_dtype"] = dtype
@@ -48,8 +48,8 @@ def measure(spec: dict) -> dict:
     from mlx_lm.tuner.trainer import grad_checkpoint
     from mlx_lm.utils import _get_classes
 
-    from worker.model import apply_adapters, build_optimizer, quantize_in_place
-    from worker.trainer import token_sum_loss
+    from worker.rank.model import apply_adapters, build_optimizer, quantize_in_place
+    from worker.rank.trainer import token_sum_loss
 
     cfg, job = spec["model_config"], parse_config(spec["job"])
     model_cls, args_cls = _get_classes(cfg)
@@ -76,7 +76,7 @@ def measure(spec: dict) -> dict:
 
 
 def measured_peak(model_config: dict, job: dict) -> int:
-    from worker.blas import preload_env
+    from worker.rank.blas import preload_env
 
     out = subprocess.run(
         [sys.executable, __file__, json.dumps({"model_config": model_config, "job": job})],

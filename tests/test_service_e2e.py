@@ -356,8 +356,8 @@ def _events(cluster: Cluster, job_id: str) -> str:
     """The job's history so far, one line per event as `herd watch --plain` prints it."""
     import grpc
 
-    from herd.client_conn import Coordinator
-    from herd.client_watch import describe
+    from herd.cli.connection import Coordinator
+    from herd.cli.watch import describe
     from protos.v1 import coordinator_pb2
 
     coord = Coordinator(cluster.address, (cluster.home / "secret").read_text().strip())

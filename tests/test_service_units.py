@@ -24,7 +24,7 @@ from coordinator.domain import (
 )
 from coordinator.scheduler import Scheduler
 from coordinator.store import JobStore
-from herd.client_rpc import ChecksumError
+from herd.rpc.status import ChecksumError
 from herd.errors import DatasetError, HerdError, NotFoundError, PlacementError
 
 GB = 1024**3
@@ -247,7 +247,7 @@ def test_adapter_store_checks_every_file_and_writes_atomically(tmp_path):
 
 
 def test_a_received_checkpoint_is_checked_file_by_file(tmp_path):
-    from herd.checkpoint_stream import receive_files
+    from herd.rpc.files import receive_files
     from protos.v1 import common_pb2, coordinator_pb2
 
     a, empty = b"w" * 2500, b""
@@ -340,7 +340,7 @@ def test_a_rank_lost_without_an_exit_report_fails_the_job(rig):
 # --- the CLI refuses bad input before it contacts anyone -------------------------------------
 
 def test_submit_exit_codes_for_bad_config_and_dataset(tmp_path, tiny_model, capsys, monkeypatch):
-    from herd import client
+    from herd.cli import laptop as client
 
     monkeypatch.setenv("HERD_SECRET", "s" * 32)
     bad_cfg = tmp_path / "bad.yaml"
@@ -410,7 +410,7 @@ def _stage_checkpoint(folder: Path, step: int, names: list[str], value: float) -
     """A stage's checkpoint folder as worker/checkpoint.py writes it (stage-local names)."""
     import mlx.core as mx
 
-    from worker.checkpoint import write_manifest
+    from worker.rank.checkpoint import write_manifest
 
     folder.mkdir(parents=True)
     mx.save_safetensors(str(folder / "adapters.safetensors"),
@@ -431,7 +431,7 @@ def coordinator_rpc(tmp_path):
 
     from coordinator.registry import Registry
     from coordinator.service import CoordinatorServicer, add_to_server
-    from herd.auth import SERVER_OPTIONS, ServerAuth, new_secret
+    from herd.rpc.auth import SERVER_OPTIONS, ServerAuth, new_secret
 
     secret = new_secret()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=SERVER_OPTIONS,
@@ -449,10 +449,10 @@ def test_stage_pieces_merge_into_one_adapter_and_each_stage_resumes_from_its_own
         tmp_path, coordinator_rpc):
     import mlx.core as mx
 
-    from herd.client_conn import Coordinator
+    from herd.cli.connection import Coordinator
     from protos.v1 import common_pb2
-    from worker.checkpoint import verify_manifest
-    from worker.rank_runner import CoordinatorClient, RankProcess, RankSpec
+    from worker.rank.checkpoint import verify_manifest
+    from worker.agent.rank_process import CoordinatorClient, RankProcess, RankSpec
 
     target, secret, s = coordinator_rpc
     j = s.submit(job())

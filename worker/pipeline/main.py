@@ -42,10 +42,10 @@ from herd.adapter_merge import merge_stage_adapters
 from herd.config import JobConfig
 from herd.errors import ConfigError, HerdError
 from herd.stage_cut import balanced_split, head_blocks
-from worker.pipeline_link import Link, MLXLink, Topology
-from worker.pipeline_schedule import (BWD, FWD, RECV_BWD, RECV_FWD, SEND_BWD, SEND_FWD,
+from worker.pipeline.link import Link, MLXLink, Topology
+from worker.pipeline.schedule import (BWD, FWD, RECV_BWD, RECV_FWD, SEND_BWD, SEND_FWD,
                                       one_f_one_b)
-from worker.pipeline_stage import Stage, StageSpec, build_stage
+from worker.pipeline.stage import Stage, StageSpec, build_stage
 
 __all__ = ["pipeline_step", "train_stage", "save_stage_adapter", "merge_stage_adapters", "Topology"]
 
@@ -194,8 +194,8 @@ def train_stage(job: JobConfig, stage: Stage, link: Link, train_set, microbatche
     """The lead's loop (same batch order, same per-iteration seeding), one pipelined step per batch.
     Gradient accumulation: ``grad_accumulation_steps`` batches summed before one update.
     ``start``: iterations already done (a resumed run; the optimizer then holds their state)."""
-    from worker.batches import BatchStream
-    from worker.model import build_optimizer
+    from worker.rank.batches import BatchStream
+    from worker.rank.model import build_optimizer
 
     optimizer = optimizer or build_optimizer(job)
     stream = BatchStream(train_set, job.batch_size, job.max_seq_length, dp_rank, dp_size, job.seed)
@@ -256,7 +256,7 @@ def _sum_replicas(link: "MLXLink", grads: dict, ntoks: int, loss: float) -> tupl
 
 def save_stage_adapter(stage: Stage, job: JobConfig, out_dir: Path) -> Path:
     """This stage's adapter weights under the full model's parameter names."""
-    from worker.model import adapter_config
+    from worker.rank.model import adapter_config
 
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = {stage.global_name(k): v for k, v in tree_flatten(stage.model.trainable_parameters())}
@@ -309,8 +309,8 @@ def _run(args) -> int:
     import numpy as np
 
     from herd.config import load_config
-    from worker.allocator import reuse_freed_memory
-    from worker.model import read_model_config
+    from worker.rank.allocator import reuse_freed_memory
+    from worker.rank.model import read_model_config
 
     reuse_freed_memory()  # worker/allocator.py: MLX's and the transfers' buffers stay warm
 
@@ -345,8 +345,8 @@ def _run(args) -> int:
         if info["iteration"] % job.steps_per_report == 0 or info["iteration"] == job.iters:
             emit("train", **info, exchange="mlx", world_size=group.size())
 
-    from worker.checkpoint import TrainerState, load_checkpoint, resolve_resume, save_checkpoint
-    from worker.model import adapter_config, build_optimizer
+    from worker.rank.checkpoint import TrainerState, load_checkpoint, resolve_resume, save_checkpoint
+    from worker.rank.model import adapter_config, build_optimizer
 
     optimizer, start, tokens = build_optimizer(job), 0, 0
     if args.resume is not None:

@@ -8,7 +8,7 @@ import hashlib
 from pathlib import Path
 from typing import Iterable
 
-from herd.client_rpc import ChecksumError
+from herd.rpc.status import ChecksumError
 from protos.v1 import common_pb2, coordinator_pb2
 
 

@@ -26,7 +26,7 @@ from mlx_lm.utils import _get_classes
 
 from herd.config import JobConfig
 from herd.errors import ConfigError
-from worker.model import quantize_in_place, read_model_config
+from worker.rank.model import quantize_in_place, read_model_config
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
 
@@ -146,7 +146,7 @@ def build_stage(job: JobConfig, spec: StageSpec) -> Stage:
 
 def _apply_adapters(model: nn.Module, job: JobConfig, spec: StageSpec) -> None:
     """LoRA on this stage's share of the last ``num_layers`` blocks, initialized with exactly the
-    random draws one process makes for them (worker.model.apply_adapters): seed, then skip the
+    random draws one process makes for them (worker.rank.model.apply_adapters): seed, then skip the
     draws the earlier stages' adapted linears take, then convert ours in mlx-lm's order."""
     if job.fine_tune_type == "full":
         raise ConfigError("pipeline parallelism trains LoRA/DoRA adapters", hint="fine_tune_type: lora")

@@ -12,11 +12,11 @@ import os
 import shutil
 from pathlib import Path
 
-from herd.checkpoint_stream import receive_files
-from herd.client_rpc import TRANSFER_DEADLINE_S, ChecksumError, rpc_errors
+from herd.rpc.files import receive_files
+from herd.rpc.status import TRANSFER_DEADLINE_S, ChecksumError, rpc_errors
 from herd.errors import PlacementError
 from protos.v1 import common_pb2, coordinator_pb2
-from worker.pipeline_link import Topology
+from worker.pipeline.link import Topology
 
 
 def stage_piece(rank: int, world: int, data_parallel: int,

@@ -13,21 +13,21 @@ import sys
 
 # name -> (module with main(argv), one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("worker.train_cli", "run one job locally, or as one rank under an MLX launcher"),
-    "tiny-model": ("herd.tiny", "write a small real model folder (random weights)"),
-    "tiny-data": ("herd.tiny", "write a small dataset with a pattern a LoRA can learn"),
-    "check": ("worker.train_cli", "validate a job config and its dataset without training"),
-    "plan": ("coordinator.planner_cli", "predict memory and pick a data x pipeline layout"),
-    "init": ("herd.client", "create the cluster secret and state directory"),
+    "train": ("worker.rank.cli", "run one job locally, or as one rank under an MLX launcher"),
+    "tiny-model": ("herd.cli.tiny", "write a small real model folder (random weights)"),
+    "tiny-data": ("herd.cli.tiny", "write a small dataset with a pattern a LoRA can learn"),
+    "check": ("worker.rank.cli", "validate a job config and its dataset without training"),
+    "plan": ("herd.cli.plan", "predict memory and pick a data x pipeline layout"),
+    "init": ("herd.cli.laptop", "create the cluster secret and state directory"),
     "coordinator": ("coordinator.main", "run the coordinator"),
-    "worker": ("worker.agent", "run a worker agent on this machine"),
-    "up": ("coordinator.local_cluster", "start a local cluster (coordinator + N workers)"),
-    "submit": ("herd.client", "validate a job locally and submit it"),
-    "jobs": ("herd.client", "list jobs"),
-    "watch": ("herd.client", "follow a job's progress"),
-    "cancel": ("herd.client", "cancel a job"),
-    "workers": ("herd.client", "list verified workers"),
-    "pull": ("herd.client", "download a job's adapter"),
+    "worker": ("worker.agent.main", "run a worker agent on this machine"),
+    "up": ("herd.cli.up", "start a local cluster (coordinator + N workers)"),
+    "submit": ("herd.cli.laptop", "validate a job locally and submit it"),
+    "jobs": ("herd.cli.laptop", "list jobs"),
+    "watch": ("herd.cli.laptop", "follow a job's progress"),
+    "cancel": ("herd.cli.laptop", "cancel a job"),
+    "workers": ("herd.cli.laptop", "list verified workers"),
+    "pull": ("herd.cli.laptop", "download a job's adapter"),
 }
 
 

@@ -21,7 +21,7 @@ PEERS_ENV = "HERD_EXCHANGE_PEERS"
 
 
 def _grpc(cluster: Cluster) -> GradientExchange:
-    from worker.grpc_exchange import GrpcExchange
+    from worker.exchange.grpc import GrpcExchange
 
     return GrpcExchange.from_env(timeout_s=cluster.exchange_timeout_s, wire_dtype=cluster.wire_dtype)
 

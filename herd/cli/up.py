@@ -16,8 +16,9 @@ import threading
 import time
 from pathlib import Path
 
-from herd import discovery, log
-from herd.auth import SECRET_ENV, default_home, load_secret, write_secret
+from herd import log
+from herd.rpc import discovery
+from herd.rpc.auth import SECRET_ENV, default_home, load_secret, write_secret
 from herd.errors import AuthError
 
 logger = log.get(__name__)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from herd.errors import HerdError
-from worker import grpc_exchange_wire as wire
+from worker.exchange.grpc import wire
 
 
 @dataclass(frozen=True)

@@ -30,13 +30,13 @@ import mlx.core as mx
 import numpy as np
 
 from herd import log
-from herd.auth import SERVER_OPTIONS, load_secret
+from herd.rpc.auth import SERVER_OPTIONS, load_secret
 from herd.errors import AuthError, ConfigError, HerdError, PeerLostError
 from protos.v1 import exchange_pb2 as pb
-from worker import grpc_exchange_wire as wire
-from worker.allocator import reuse_freed_memory
-from worker.grpc_exchange_peers import SERVICE, RefusalLog, connect, peer_name, probe, unary
-from worker.grpc_exchange_ring import Exchange, RingPlan
+from worker.exchange.grpc import wire
+from worker.rank.allocator import reuse_freed_memory
+from worker.exchange.grpc.peers import SERVICE, RefusalLog, connect, peer_name, probe, unary
+from worker.exchange.grpc.ring import Exchange, RingPlan
 
 logger = log.get(__name__)
 

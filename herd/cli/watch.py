@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import time
 
-from herd.client_conn import Coordinator
-from herd.client_rpc import rpc_errors
+from herd.cli.connection import Coordinator
+from herd.rpc.status import rpc_errors
 from herd.errors import PeerLostError
 from protos.v1 import common_pb2, coordinator_pb2
 

@@ -7,7 +7,7 @@ import time
 
 import grpc
 
-from herd.auth import METADATA_KEY, ServerAuth, check_token, secure_channel
+from herd.rpc.auth import METADATA_KEY, ServerAuth, check_token, secure_channel
 from herd.errors import AuthError, ConfigError, PeerLostError
 from protos.v1 import exchange_pb2 as pb
 
@@ -30,7 +30,7 @@ def unary(channel: grpc.Channel, method: str):
 
 
 class RefusalLog(grpc.ServerInterceptor):
-    """herd.auth's ServerAuth, remembering which ranks it refused: a peer started with another
+    """herd.rpc.auth's ServerAuth, remembering which ranks it refused: a peer started with another
     secret must read as that, not as a peer that never came up."""
 
     def __init__(self, secret: str):

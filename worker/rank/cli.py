@@ -51,7 +51,7 @@ class Reporter:
     """The trainer's callback: progress lines, JSON-lines metrics, checkpoints (rank 0 writes)."""
 
     def __init__(self, job, model, optimizer, adapter_path, rank, world, metrics_file, quiet):
-        from worker.model import adapter_config
+        from worker.rank.model import adapter_config
 
         self.job, self.model, self.optimizer = job, model, optimizer
         self.adapter_path, self.rank, self.world = Path(adapter_path), rank, world
@@ -81,7 +81,7 @@ class Reporter:
     def on_save(self, iteration: int, trained_tokens: int) -> None:
         if self.rank != 0:
             return
-        from worker.checkpoint import TrainerState, save_checkpoint
+        from worker.rank.checkpoint import TrainerState, save_checkpoint
 
         state = TrainerState(iteration, trained_tokens, self.job.seed, self.world)
         path = save_checkpoint(self.adapter_path, self.model, self.optimizer, self.adapter_config, state)
@@ -95,12 +95,13 @@ def run(job: JobConfig, adapter_path: Path, resume: Path | None, metrics_file: P
     import numpy as np
     from mlx_lm.tuner.datasets import CacheDataset, load_dataset
 
-    from worker import blas, device
-    from worker.allocator import reuse_freed_memory
-    from worker.checkpoint import load_checkpoint, resolve_resume
-    from worker.group import open_exchange
-    from worker.model import apply_adapters, build_optimizer, load_base
-    from worker.trainer import LoopArgs, Progress, train
+    from worker.rank import blas
+    from worker.rank import runtime as device
+    from worker.rank.allocator import reuse_freed_memory
+    from worker.rank.checkpoint import load_checkpoint, resolve_resume
+    from worker.exchange.group import open_exchange
+    from worker.rank.model import apply_adapters, build_optimizer, load_base
+    from worker.rank.trainer import LoopArgs, Progress, train
 
     warm_memory = reuse_freed_memory()  # 2 ranks on Linux: +14% tok/s (worker/allocator.py)
     exchange = open_exchange(job.cluster)
@@ -147,7 +148,7 @@ def main(argv: list[str]) -> int:
     cmd = argv[0]
     args = _parser(cmd).parse_args(argv[1:])
     if cmd == "train":
-        from worker.blas import reexec_with_openblas
+        from worker.rank.blas import reexec_with_openblas
 
         reexec_with_openblas(argv)  # before MLX is imported; returns if nothing would change
     metrics = getattr(args, "metrics_file", None)
@@ -168,7 +169,7 @@ def main(argv: list[str]) -> int:
             print("ok")
             return 0
         if stage_argv is not None:
-            from worker import pipeline
+            from worker.pipeline import main as pipeline
 
             return pipeline.main(stage_argv)
         run(job, Path(job.adapter_path), args.resume, metrics, args.quiet)
@@ -182,7 +183,7 @@ def main(argv: list[str]) -> int:
         print(f"herd {cmd}: {e}", file=sys.stderr)
         return 1
     except RuntimeError as e:
-        from worker.group import lost_peer
+        from worker.exchange.group import lost_peer
 
         lost = lost_peer(e)
         if lost is None:

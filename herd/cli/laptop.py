@@ -14,9 +14,9 @@ from pathlib import Path
 import yaml
 
 from herd import log
-from herd.auth import default_home, load_secret, write_secret
-from herd.client_conn import Coordinator, find_coordinator
-from herd.client_watch import STATE, watch
+from herd.rpc.auth import default_home, load_secret, write_secret
+from herd.cli.connection import Coordinator, find_coordinator
+from herd.cli.watch import STATE, watch
 from herd.config import JobConfig, load_config
 from herd.digest import sha256_file
 from herd.errors import DatasetError, HerdError

@@ -25,10 +25,10 @@ from typing import Iterator
 import yaml
 
 from herd import log
-from herd.auth import SECRET_ENV, secure_channel
+from herd.rpc.auth import SECRET_ENV, secure_channel
 from herd.digest import sha256_file
-from herd.client_conn import Coordinator
-from herd.client_rpc import TRANSFER_DEADLINE_S, UNARY_DEADLINE_S, ChecksumError, rpc_errors
+from herd.cli.connection import Coordinator
+from herd.rpc.status import TRANSFER_DEADLINE_S, UNARY_DEADLINE_S, ChecksumError, rpc_errors
 from herd.errors import ConfigError, DatasetError, HerdError, PlacementError
 from protos.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
@@ -103,7 +103,7 @@ class CoordinatorClient:
 
     def pull_stage_piece(self, job_id: str, step: int, stage: int, folder: Path
                          ) -> common_pb2.StagePiece:
-        from worker.pipeline_rank import pull_stage_piece
+        from worker.pipeline.pieces import pull_stage_piece
 
         return pull_stage_piece(self._stub, self.target, job_id, step, stage, folder)
 
@@ -194,8 +194,8 @@ class RankProcess:
             self._client.pull_checkpoint(self.spec.job_id, step, folder)
             self.log.info("resume_checkpoint_fetched", step=step)
             return folder
-        from worker.pipeline_link import Topology
-        from worker.pipeline_rank import check_same_cut
+        from worker.pipeline.link import Topology
+        from worker.pipeline.pieces import check_same_cut
 
         index = Topology.of(self.spec.rank, self.spec.world_size, self.spec.data_parallel).stage
         piece = self._client.pull_stage_piece(self.spec.job_id, step, index,
@@ -298,7 +298,7 @@ class RankProcess:
             progress.iteration = max(progress.iteration, int(event.get("iteration", 0)))
             self._send(self._request(progress=progress))
         elif kind == "checkpoint" and self.spec.pipelined:
-            from worker.pipeline_rank import stage_piece
+            from worker.pipeline.pieces import stage_piece
 
             spec = self.spec
             piece = stage_piece(spec.rank, spec.world_size, spec.data_parallel, spec.stage_layers)

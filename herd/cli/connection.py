@@ -16,10 +16,11 @@ from typing import Iterator
 
 
 
-from herd import discovery, log
-from herd.auth import secure_channel
-from herd.checkpoint_stream import receive_files
-from herd.client_rpc import TRANSFER_DEADLINE_S, UNARY_DEADLINE_S, rpc_errors
+from herd import log
+from herd.rpc import discovery
+from herd.rpc.auth import secure_channel
+from herd.rpc.files import receive_files
+from herd.rpc.status import TRANSFER_DEADLINE_S, UNARY_DEADLINE_S, rpc_errors
 from herd.errors import HerdError, PeerLostError
 from protos.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 

@@ -17,14 +17,15 @@ from pathlib import Path
 
 import grpc
 
-from herd import discovery, log
-from herd.auth import SERVER_OPTIONS, ServerAuth, default_home, load_secret
-from herd.client_rpc import abort
+from herd import log
+from herd.rpc import discovery
+from herd.rpc.auth import SERVER_OPTIONS, ServerAuth, default_home, load_secret
+from herd.rpc.status import abort
 from herd.errors import HerdError, PlacementError
-from herd.ports import free_ports
+from herd.rpc.ports import free_ports
 from protos.v1 import common_pb2, worker_pb2, worker_pb2_grpc
-from worker.probe import Machine, free_memory_bytes, probe
-from worker.rank_runner import RankProcess, RankSpec
+from worker.agent.machine import Machine, free_memory_bytes, probe
+from worker.agent.rank_process import RankProcess, RankSpec
 
 logger = log.get(__name__)
 
