@@ -125,7 +125,7 @@ class GrpcStreams:
 
         import grpc
 
-        from herd.rpc.auth import CHANNEL_OPTIONS
+        from herd.rpc.channel import CHANNEL_OPTIONS
 
         self.rank, self.size, self.chunk_elements = rank, len(ports), chunk_bytes // 4
         self._cond = threading.Condition()

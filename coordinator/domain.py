@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from herd.digest import FileDigest
+
 
 class JobState(enum.Enum):
     QUEUED = "queued"
@@ -46,13 +48,6 @@ class EventKind(enum.Enum):
     PROGRESS = "progress"
     CHECKPOINT = "checkpoint"
     LOG = "log"
-
-
-@dataclass(frozen=True)
-class FileDigest:
-    name: str
-    sha256: str
-    bytes: int
 
 
 @dataclass

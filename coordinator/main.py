@@ -11,19 +11,18 @@ import argparse
 import signal
 import socket
 import threading
-from concurrent import futures
 from pathlib import Path
 
-import grpc
 
 from coordinator.artifacts import AdapterStore, BlobStore
 from coordinator.registry import GrpcLauncher, Registry
 from coordinator.scheduler import Scheduler
 from coordinator.service import CoordinatorServicer, add_to_server
 from coordinator.store import JobStore
-from herd import log
+from herd import PROTOCOL_VERSION, log
 from herd.rpc import discovery
-from herd.rpc.auth import SERVER_OPTIONS, ServerAuth, default_home, load_secret
+from herd.rpc.auth import default_home, load_secret
+from herd.rpc.channel import signed_server
 from herd.errors import HerdError
 
 logger = log.get(__name__)
@@ -41,8 +40,7 @@ class Coordinator:
         self.store = JobStore(state_dir / "herd.db")
         self.registry = Registry(secret, on_lost=lambda wid: self.scheduler.on_worker_lost(wid),
                                  static_targets=list(static_workers))
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=32),
-                                  options=SERVER_OPTIONS, interceptors=[ServerAuth(secret)])
+        self.server = signed_server(secret, max_workers=32)
         self.host = host
         self.port = self.server.add_insecure_port(f"{host}:{port}")
         self.scheduler = Scheduler(self.store, self.registry.workers,
@@ -72,7 +70,7 @@ class Coordinator:
             self._advert = discovery.Advertiser(
                 self._zc, discovery.COORDINATOR_TYPE, f"herd-{socket.gethostname()}-{self.port}",
                 self.host, self.port,
-                {"port": str(self.port), "protocol": str(discovery.PROTOCOL_VERSION)})
+                {"port": str(self.port), "protocol": str(PROTOCOL_VERSION)})
         logger.info("coordinator_started", address=self.address, state_dir=str(self.state_dir))
 
     def stop(self) -> None:

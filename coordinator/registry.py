@@ -17,8 +17,9 @@ from coordinator.convert import worker_from_pb
 from coordinator.domain import WorkerRecord
 from herd import log
 from herd.rpc import discovery
-from herd.rpc.auth import secure_channel
-from herd.rpc.status import UNARY_DEADLINE_S, rpc_errors
+from herd.rpc.channel import signed_channel
+from herd.rpc.channel import UNARY_DEADLINE_S
+from herd.rpc.status import rpc_errors
 from herd.errors import HerdError, NotFoundError
 from protos.v1 import worker_pb2, worker_pb2_grpc
 
@@ -30,7 +31,7 @@ class WorkerClient:
 
     def __init__(self, target: str, secret: str):
         self.target = target
-        self.channel = secure_channel(target, secret)
+        self.channel = signed_channel(target, secret)
         self.stub = worker_pb2_grpc.WorkerServiceStub(self.channel)
 
     def describe(self, timeout: float = 3.0) -> WorkerRecord:

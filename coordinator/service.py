@@ -1,5 +1,5 @@
 """CoordinatorService: thin handlers. Each converts the request once (coordinator/convert.py),
-calls a domain object, converts the reply; herd errors become status codes in herd/client_rpc.py.
+calls a domain object, converts the reply; herd errors become status codes in herd/rpc/status.py.
 """
 
 from __future__ import annotations
@@ -13,15 +13,16 @@ import grpc
 import yaml
 
 from coordinator import convert
-from coordinator.artifacts import AdapterStore, BlobStore, check_name
-from coordinator.domain import FileDigest, Job
+from coordinator.artifacts import AdapterStore, BlobStore
+from coordinator.domain import Job
 from coordinator.placement import place, workers_needed
 from coordinator.registry import Registry
 from coordinator.scheduler import Scheduler
 from herd import log
 from herd.rpc.status import abort
 from herd.config import parse_config
-from herd.errors import ConfigError, DatasetError, HerdError, NotFoundError
+from herd.errors import DatasetError, HerdError, NotFoundError, ProtocolError
+from herd.rpc.files import check_name
 from protos.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
 logger = log.get(__name__)
@@ -141,7 +142,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     def PutBlob(self, request_iterator, context):
         first = next(request_iterator, None)
         if first is None or not first.sha256:
-            raise DatasetError("PutBlob: the first message must name the sha256")
+            raise ProtocolError("PutBlob: the first message must name the sha256")
 
         def chunks():
             yield first.data
@@ -172,17 +173,17 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                       request.exit.exit_code, request.exit.error)
             stop = True
         else:
-            raise ConfigError("ReportRank without a report")
+            raise ProtocolError("ReportRank without a report")
         return coordinator_pb2.ReportRankReply(stop=stop)
 
     @_unary
     def PutCheckpoint(self, request_iterator, context):
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("part") != "header":
-            raise DatasetError("PutCheckpoint: the first message must be the header")
+            raise ProtocolError("PutCheckpoint: the first message must be the header")
         h = first.header
         self.store.get_job(h.job_id)
-        files = [FileDigest(f.name, f.sha256, f.bytes) for f in h.files]
+        files = [convert.digest_from_pb(f) for f in h.files]
         chunks = ((m.chunk.name, m.chunk.data) for m in request_iterator
                   if m.WhichOneof("part") == "chunk")
         now = self.scheduler.now_ms()

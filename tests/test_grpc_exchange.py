@@ -22,7 +22,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from herd.rpc.auth import secure_channel
+from herd.rpc.channel import signed_channel
 from herd.errors import AuthError, ConfigError, HerdError, PeerLostError
 from herd.rpc.ports import free_ports
 from protos.v1 import exchange_pb2 as pb
@@ -280,7 +280,7 @@ def test_a_client_without_the_secret_is_refused():
     def body(ex):
         if ex.rank == 0:
             target = ex.peers[1]
-            for label, channel in (("wrong", secure_channel(target, "not-the-secret-at-all")),
+            for label, channel in (("wrong", signed_channel(target, "not-the-secret-at-all")),
                                    ("none", grpc.insecure_channel(target))):
                 hello = channel.unary_unary(f"/{SERVICE}/Hello",
                                             request_serializer=pb.HelloRequest.SerializeToString,
@@ -466,7 +466,7 @@ def test_a_peer_refused_for_its_secret_is_reported_as_such():
     peers = free_peers(2)
 
     def impostor():
-        channel = secure_channel(peers[0], "someone-elses-secret-0123456789")
+        channel = signed_channel(peers[0], "someone-elses-secret-0123456789")
         hello = channel.unary_unary(f"/{SERVICE}/Hello",
                                     request_serializer=pb.HelloRequest.SerializeToString,
                                     response_deserializer=pb.HelloReply.FromString)

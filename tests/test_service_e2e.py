@@ -356,11 +356,11 @@ def _events(cluster: Cluster, job_id: str) -> str:
     """The job's history so far, one line per event as `herd watch --plain` prints it."""
     import grpc
 
-    from herd.cli.connection import Coordinator
+    from herd.cli.connection import CoordinatorConnection
     from herd.cli.watch import describe
     from protos.v1 import coordinator_pb2
 
-    coord = Coordinator(cluster.address, (cluster.home / "secret").read_text().strip())
+    coord = CoordinatorConnection(cluster.address, (cluster.home / "secret").read_text().strip())
     lines = []
     try:
         stream = coord.stub.WatchJob(coordinator_pb2.WatchJobRequest(job_id=job_id), timeout=1.0)

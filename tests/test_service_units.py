@@ -24,7 +24,7 @@ from coordinator.domain import (
 )
 from coordinator.scheduler import Scheduler
 from coordinator.store import JobStore
-from herd.rpc.status import ChecksumError
+from herd.errors import ChecksumError
 from herd.errors import DatasetError, HerdError, NotFoundError, PlacementError
 
 GB = 1024**3
@@ -247,7 +247,7 @@ def test_adapter_store_checks_every_file_and_writes_atomically(tmp_path):
 
 
 def test_a_received_checkpoint_is_checked_file_by_file(tmp_path):
-    from herd.rpc.files import receive_files
+    from herd.rpc.files import receive_checkpoint
     from protos.v1 import common_pb2, coordinator_pb2
 
     a, empty = b"w" * 2500, b""
@@ -264,7 +264,7 @@ def test_a_received_checkpoint_is_checked_file_by_file(tmp_path):
 
     good = tmp_path / "good"
     good.mkdir()
-    got = receive_files(stream(("adapters.safetensors", a[:1000]), ("adapters.safetensors", a[1000:])),
+    got = receive_checkpoint(stream(("adapters.safetensors", a[:1000]), ("adapters.safetensors", a[1000:])),
                         good, "checkpoint", hint="pull again")
     assert got.step == 4 and (good / "adapters.safetensors").read_bytes() == a
     assert (good / "notes.txt").read_bytes() == b""  # sent as no chunk at all
@@ -277,7 +277,7 @@ def test_a_received_checkpoint_is_checked_file_by_file(tmp_path):
         folder = tmp_path / f"bad{len(list(tmp_path.iterdir()))}"
         folder.mkdir()
         with pytest.raises(ChecksumError, match=match):
-            receive_files(bad, folder, "checkpoint", hint="pull again")
+            receive_checkpoint(bad, folder, "checkpoint", hint="pull again")
 
 
 def test_blob_store_is_content_addressed(tmp_path):
@@ -431,7 +431,8 @@ def coordinator_rpc(tmp_path):
 
     from coordinator.registry import Registry
     from coordinator.service import CoordinatorServicer, add_to_server
-    from herd.rpc.auth import SERVER_OPTIONS, ServerAuth, new_secret
+    from herd.rpc.auth import ServerAuth, new_secret
+    from herd.rpc.channel import SERVER_OPTIONS
 
     secret = new_secret()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=SERVER_OPTIONS,
@@ -449,7 +450,7 @@ def test_stage_pieces_merge_into_one_adapter_and_each_stage_resumes_from_its_own
         tmp_path, coordinator_rpc):
     import mlx.core as mx
 
-    from herd.cli.connection import Coordinator
+    from herd.cli.connection import CoordinatorConnection
     from protos.v1 import common_pb2
     from worker.rank.checkpoint import verify_manifest
     from worker.agent.rank_process import CoordinatorClient, RankProcess, RankSpec
@@ -473,7 +474,7 @@ def test_stage_pieces_merge_into_one_adapter_and_each_stage_resumes_from_its_own
     assert "checkpoint 4 stored" in [e.message for e in s.store.events(j.job_id)]
 
     # `herd pull` gets one mlx-lm adapter with the model's block numbers.
-    conn = Coordinator(target, secret)
+    conn = CoordinatorConnection(target, secret)
     conn.pull(j.job_id, 0, tmp_path / "pulled")
     conn.close()
     merged = mx.load(str(tmp_path / "pulled" / "adapters.safetensors"))

@@ -14,12 +14,12 @@ from pathlib import Path
 import yaml
 
 from herd import log
-from herd.rpc.auth import default_home, load_secret, write_secret
-from herd.cli.connection import Coordinator, find_coordinator
+from herd.cli.connection import CoordinatorConnection, connect
 from herd.cli.watch import STATE, watch
 from herd.config import JobConfig, load_config
 from herd.digest import sha256_file
 from herd.errors import DatasetError, HerdError
+from herd.rpc.auth import default_home, load_secret, write_secret
 from protos.v1 import common_pb2, coordinator_pb2
 
 logger = log.get(__name__)
@@ -32,9 +32,8 @@ def _gb(n: int) -> str:
     return f"{n / 1024**3:.1f} GB"
 
 
-def _connect(args) -> Coordinator:
-    secret = load_secret(args.secret_file)
-    return Coordinator(find_coordinator(args.coordinator, secret), secret)
+def _connect(args) -> CoordinatorConnection:
+    return connect(args.coordinator, load_secret(args.secret_file))
 
 
 # --- init ------------------------------------------------------------------------------------
@@ -65,7 +64,6 @@ def check_locally(cfg: JobConfig) -> None:
         print(f"warning: {w}", file=sys.stderr)
 
 
-
 def job_spec(cfg: JobConfig, name: str) -> tuple[common_pb2.JobSpec, list[tuple[Path, str]]]:
     data = Path(cfg.data)
     if not data.is_dir():
@@ -86,13 +84,10 @@ def cmd_submit(args) -> int:
     if not args.no_check:
         check_locally(cfg)
     spec, files = job_spec(cfg, args.name or Path(args.config).stem)
-    coord = _connect(args)
-    try:
+    with _connect(args) as coord:
         for path, sha in files:  # content-addressed: re-uploading the same bytes is a no-op
             coord.put_blob(path, sha)
         job_id = coord.call("SubmitJob", coordinator_pb2.SubmitJobRequest(spec=spec)).job_id
-    finally:
-        coord.close()
     print(job_id)
     if args.watch:
         args.job = job_id
@@ -108,11 +103,8 @@ def _table(rows: list[list[str]]) -> str:
 
 
 def cmd_jobs(args) -> int:
-    coord = _connect(args)
-    try:
+    with _connect(args) as coord:
         jobs = coord.call("ListJobs", coordinator_pb2.ListJobsRequest()).jobs
-    finally:
-        coord.close()
     rows = [["JOB", "STATE", "WORKERS", "ITER", "LOSS", "CHECKPOINTS", "MESSAGE"]]
     for j in jobs:
         it = max((r.iteration for r in j.ranks), default=0)
@@ -124,11 +116,8 @@ def cmd_jobs(args) -> int:
 
 
 def cmd_workers(args) -> int:
-    coord = _connect(args)
-    try:
+    with _connect(args) as coord:
         workers = coord.call("ListWorkers", coordinator_pb2.ListWorkersRequest()).workers
-    finally:
-        coord.close()
     rows = [["WORKER", "ADDRESS", "MEMORY", "FREE", "CHIP", "GPU", "MLX", "JOB"]]
     for w in workers:
         rows.append([w.worker_id, f"{w.host}:{w.port}", _gb(w.memory_bytes),
@@ -139,12 +128,9 @@ def cmd_workers(args) -> int:
 
 
 def cmd_cancel(args) -> int:
-    coord = _connect(args)
-    try:
+    with _connect(args) as coord:
         state = coord.call("CancelJob", coordinator_pb2.CancelJobRequest(job_id=args.job),
                            timeout=30.0).state
-    finally:
-        coord.close()
     print(f"{args.job}: {STATE[state]}")
     return 0
 
@@ -152,11 +138,8 @@ def cmd_cancel(args) -> int:
 # --- pull ------------------------------------------------------------------------------------
 
 def cmd_pull(args) -> int:
-    coord = _connect(args)
-    try:
+    with _connect(args) as coord:
         header = coord.pull(args.job, args.step, args.output)
-    finally:
-        coord.close()
     size = sum(f.bytes for f in header.files)
     print(f"pulled step {header.step} of {args.job} ({size} bytes) into {args.output}")
     return 0
@@ -165,11 +148,8 @@ def cmd_pull(args) -> int:
 # --- watch -----------------------------------------------------------------------------------
 
 def cmd_watch(args) -> int:
-    coord = _connect(args)
-    try:
+    with _connect(args) as coord:
         state, message = watch(coord, args.job, plain=args.plain or not sys.stdout.isatty())
-    finally:
-        coord.close()
     if state == common_pb2.JOB_STATE_SUCCEEDED:
         return 0
     print(f"{args.job}: {STATE[state]}: {message}", file=sys.stderr)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 
-from herd.cli.connection import Coordinator
+from herd.cli.connection import CoordinatorConnection
 from herd.rpc.status import rpc_errors
 from herd.errors import PeerLostError
 from protos.v1 import common_pb2, coordinator_pb2
@@ -33,7 +33,7 @@ def describe(e: common_pb2.JobEvent, iters: int) -> str:
     return e.message
 
 
-def _events(coord: Coordinator, job_id: str):
+def _events(coord: CoordinatorConnection, job_id: str):
     """Every event of the job, reconnecting a few times if the stream drops."""
     after, retries = 0, 0
     while True:
@@ -53,7 +53,7 @@ def _events(coord: Coordinator, job_id: str):
             time.sleep(min(2.0 * retries, 10.0))
 
 
-def watch(coord: Coordinator, job_id: str, plain: bool) -> tuple[int, str]:
+def watch(coord: CoordinatorConnection, job_id: str, plain: bool) -> tuple[int, str]:
     """Follows the job to a final state; returns (state, message)."""
     job = coord.call("GetJob", coordinator_pb2.GetJobRequest(job_id=job_id)).job
     iters = job.iters

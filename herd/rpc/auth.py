@@ -87,12 +87,14 @@ def check_token(secret: str, method: str, token: str | None, now: float | None =
         raise AuthError(f"credentials are {skew:.0f}s old", hint="check the machines' clocks")
 
 
-class _ClientAuth(
+class SignCalls(
     grpc.UnaryUnaryClientInterceptor,
     grpc.UnaryStreamClientInterceptor,
     grpc.StreamUnaryClientInterceptor,
     grpc.StreamStreamClientInterceptor,
 ):
+    """Adds a fresh token to every call a channel makes (herd/rpc/channel.py signed_channel)."""
+
     def __init__(self, secret: str):
         self._secret = secret
 
@@ -152,23 +154,3 @@ def _deny(message: str, handler):
     if handler.response_streaming:
         return grpc.unary_stream_rpc_method_handler(abort)
     return grpc.unary_unary_rpc_method_handler(abort)
-
-
-# One place for channel options: large messages are always chunked by callers, but allow headroom.
-CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", 64 * 1024 * 1024),
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
-]
-SERVER_OPTIONS = CHANNEL_OPTIONS + [("grpc.http2.min_ping_interval_without_data_ms", 5_000)]
-
-
-def secure_channel(target: str, secret: str) -> grpc.Channel:
-    """An insecure-transport channel whose every call is signed with the cluster secret."""
-    channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
-    return grpc.intercept_channel(channel, _ClientAuth(secret))
-
-

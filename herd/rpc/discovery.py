@@ -12,17 +12,22 @@ from __future__ import annotations
 import os
 import socket
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from zeroconf import InterfaceChoice, IPVersion, ServiceBrowser, ServiceInfo, ServiceStateChange, Zeroconf
+from zeroconf import (
+    InterfaceChoice,
+    IPVersion,
+    ServiceBrowser,
+    ServiceInfo,
+    ServiceStateChange,
+    Zeroconf,
+)
 
 from herd import log
 
 WORKER_TYPE = "_herd-worker._tcp.local."
 COORDINATOR_TYPE = "_herd._tcp.local."
-from herd import PROTOCOL_VERSION  # noqa: E402, F401  (one definition, in herd/__init__.py; re-exported)
 INTERFACES_ENV = "HERD_ZEROCONF_INTERFACES"
 
 logger = log.get(__name__)
@@ -123,23 +128,6 @@ class Browser:
 
     def close(self) -> None:
         self._browser.cancel()
-
-
-def browse_once(service_type: str, wait_s: float = 2.0, min_count: int = 1,
-                zc: Zeroconf | None = None) -> list[Advert]:
-    """Adverts of one type seen within ``wait_s`` (returns early once ``min_count`` resolved)."""
-    own = zc is None
-    zc = zc or make_zeroconf()
-    try:
-        browser = Browser(zc, service_type)
-        deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline and len(browser.snapshot()) < min_count:
-            time.sleep(0.05)
-        browser.close()
-        return browser.snapshot()
-    finally:
-        if own:
-            zc.close()
 
 
 def local_ip() -> str:

@@ -12,14 +12,13 @@ import signal
 import socket
 import threading
 import uuid
-from concurrent import futures
 from pathlib import Path
 
-import grpc
 
-from herd import log
+from herd import PROTOCOL_VERSION, log
 from herd.rpc import discovery
-from herd.rpc.auth import SERVER_OPTIONS, ServerAuth, default_home, load_secret
+from herd.rpc.auth import default_home, load_secret
+from herd.rpc.channel import signed_server
 from herd.rpc.status import abort
 from herd.errors import HerdError, PlacementError
 from herd.rpc.ports import free_ports
@@ -58,7 +57,7 @@ class Worker:
         rank = self.rank
         return common_pb2.WorkerInfo(
             worker_id=self.worker_id, host=self.host, port=self.port, ring_port=self.ring_port,
-            exchange_port=self.exchange_port, protocol_version=discovery.PROTOCOL_VERSION,
+            exchange_port=self.exchange_port, protocol_version=PROTOCOL_VERSION,
             memory_bytes=self.machine.memory_bytes,
             free_memory_bytes=min(self.machine.memory_bytes, free_memory_bytes() or 2**62),
             chip=self.machine.chip, gpu_cores=self.machine.gpu_cores, os=self.machine.os,
@@ -157,8 +156,7 @@ def main(argv: list[str]) -> int:
     worker_id = args.id or f"{socket.gethostname().split('.')[0]}-{uuid.uuid4().hex[:6]}"
     machine = probe(parse_bytes(args.memory) if args.memory else None, args.chip)
 
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=SERVER_OPTIONS,
-                         interceptors=[ServerAuth(secret)])
+    server = signed_server(secret, max_workers=16)
     port = server.add_insecure_port(f"{host}:{args.port}")
     worker = Worker(worker_id, host, port, args.ring_port or free_port(host),
                     args.exchange_port or free_port(host), machine, state_dir, secret)

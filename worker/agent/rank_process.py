@@ -9,10 +9,8 @@ so a job is never marked done before its final adapter is stored.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -25,17 +23,21 @@ from typing import Iterator
 import yaml
 
 from herd import log
-from herd.rpc.auth import SECRET_ENV, secure_channel
-from herd.digest import sha256_file
-from herd.cli.connection import Coordinator
-from herd.rpc.status import TRANSFER_DEADLINE_S, UNARY_DEADLINE_S, ChecksumError, rpc_errors
-from herd.errors import ConfigError, DatasetError, HerdError, PlacementError
+from herd.digest import file_digest
+from herd.errors import ConfigError, HerdError, PlacementError
+from herd.rpc.auth import SECRET_ENV
+from herd.rpc.channel import TRANSFER_DEADLINE_S, UNARY_DEADLINE_S, signed_channel
+from herd.rpc.files import (
+    check_name,
+    check_sha,
+    receive_checkpoint_files,
+    receive_file,
+    send_files,
+)
+from herd.rpc.status import rpc_errors
 from protos.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
 logger = log.get(__name__)
-
-CHUNK_BYTES = 1024 * 1024
-_FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 
 
 @dataclass(frozen=True)
@@ -60,41 +62,29 @@ class RankSpec:
         return len(self.stage_layers) > 1
 
 
-def safe_name(name: str) -> str:
-    """A peer-supplied file name, accepted only as a plain name inside one folder."""
-    if not _FILE_NAME.match(name) or name in (".", ".."):
-        raise DatasetError(f"refusing file name {name!r}", hint="dataset files are plain names")
-    return name
-
-
 class CoordinatorClient:
     """The agent's calls to the coordinator; each has a deadline."""
 
     def __init__(self, target: str, secret: str):
         self.target = target
         self._secret = secret
-        self._channel = secure_channel(target, secret)
+        self._channel = signed_channel(target, secret)
         self._stub = coordinator_pb2_grpc.CoordinatorServiceStub(self._channel)
 
     def fetch_blob(self, sha: str, dest: Path) -> None:
-        tmp = dest.with_name(dest.name + f".part{os.getpid()}")
-        h = hashlib.sha256()
-        with rpc_errors(self.target), open(tmp, "wb") as f:
-            for chunk in self._stub.GetBlob(coordinator_pb2.GetBlobRequest(sha256=sha),
-                                            timeout=TRANSFER_DEADLINE_S):
-                h.update(chunk.data)
-                f.write(chunk.data)
-        if h.hexdigest() != sha:
-            tmp.unlink(missing_ok=True)
-            raise ChecksumError(f"blob {sha[:12]} arrived corrupted")
-        os.replace(tmp, dest)
+        with rpc_errors(self.target):
+            stream = self._stub.GetBlob(coordinator_pb2.GetBlobRequest(sha256=sha),
+                                        timeout=TRANSFER_DEADLINE_S)
+            receive_file((chunk.data for chunk in stream), sha, dest, f"blob {sha[:12]}",
+                         hint="the next attempt fetches it again")
 
     def pull_checkpoint(self, job_id: str, step: int, folder: Path) -> None:
-        conn = Coordinator(self.target, self._secret)
-        try:
-            conn.pull(job_id, step, folder)
-        finally:
-            conn.close()
+        with rpc_errors(self.target):
+            stream = self._stub.GetAdapter(
+                coordinator_pb2.GetAdapterRequest(job_id=job_id, step=step),
+                timeout=TRANSFER_DEADLINE_S)
+            receive_checkpoint_files(stream, folder, f"checkpoint {step}",
+                                     hint="the agent fetches it again on the next attempt")
 
     def report(self, req: coordinator_pb2.ReportRankRequest) -> bool:
         """Sends one report; True when the coordinator says the rank must stop."""
@@ -111,21 +101,17 @@ class CoordinatorClient:
                        stage: common_pb2.StagePiece | None = None) -> None:
         manifest = json.loads((folder / "manifest.json").read_text())
         names = sorted(manifest["files"]) + ["manifest.json"]
-        files = []
-        for name in names:
-            path = folder / safe_name(name)
-            files.append(common_pb2.FileDigest(name=name, sha256=sha256_file(path),
-                                               bytes=path.stat().st_size))
+        files = [file_digest(folder / check_name(name)) for name in names]
 
         def parts() -> Iterator[coordinator_pb2.PutCheckpointRequest]:
-            header = coordinator_pb2.CheckpointHeader(job_id=job_id, attempt=attempt, step=step,
-                                                      files=files, stage=stage)
+            header = coordinator_pb2.CheckpointHeader(
+                job_id=job_id, attempt=attempt, step=step, stage=stage,
+                files=[common_pb2.FileDigest(name=f.name, sha256=f.sha256, bytes=f.bytes)
+                       for f in files])
             yield coordinator_pb2.PutCheckpointRequest(header=header)
-            for name in names:
-                with open(folder / name, "rb") as f:
-                    while block := f.read(CHUNK_BYTES):
-                        yield coordinator_pb2.PutCheckpointRequest(
-                            chunk=common_pb2.FileChunk(name=name, data=block))
+            for name, block in send_files(folder, files):
+                yield coordinator_pb2.PutCheckpointRequest(
+                    chunk=common_pb2.FileChunk(name=name, data=block))
 
         with rpc_errors(self.target):
             self._stub.PutCheckpoint(parts(), timeout=TRANSFER_DEADLINE_S)
@@ -160,12 +146,10 @@ class RankProcess:
         data.mkdir(parents=True, exist_ok=True)
         self._blobs.mkdir(parents=True, exist_ok=True)
         for name, sha, _size in self.spec.dataset:
-            if not re.fullmatch(r"[0-9a-f]{64}", sha):
-                raise DatasetError(f"bad sha256 {sha!r} for {name}")
-            cached = self._blobs / sha
+            cached = self._blobs / check_sha(sha)
             if not cached.exists():
                 self._client.fetch_blob(sha, cached)
-            target = data / safe_name(name)
+            target = data / check_name(name)
             target.unlink(missing_ok=True)
             os.link(cached, target)
         raw = yaml.safe_load(self.spec.config_yaml) or {}

@@ -8,13 +8,12 @@ with a ``StagePiece``; the coordinator merges a step's pieces into one mlx-lm ad
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
-from herd.rpc.files import receive_files
-from herd.rpc.status import TRANSFER_DEADLINE_S, ChecksumError, rpc_errors
-from herd.errors import PlacementError
+from herd.errors import ChecksumError, PlacementError
+from herd.rpc.channel import TRANSFER_DEADLINE_S
+from herd.rpc.files import receive_checkpoint_folder
+from herd.rpc.status import rpc_errors
 from protos.v1 import common_pb2, coordinator_pb2
 from worker.pipeline.link import Topology
 
@@ -34,24 +33,14 @@ def pull_stage_piece(stub, target: str, job_id: str, step: int, stage: int,
                      folder: Path) -> common_pb2.StagePiece:
     """Stage ``stage``'s own checkpoint piece of ``step`` into ``folder``: every file
     sha256-checked, the folder renamed into place whole. Returns the piece's stage and blocks."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".{folder.name}.part{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     req = coordinator_pb2.GetAdapterRequest(job_id=job_id, step=step,
                                             stage=common_pb2.StagePiece(index=stage))
-    try:
-        with rpc_errors(target):
-            header = receive_files(stub.GetAdapter(req, timeout=TRANSFER_DEADLINE_S), tmp,
-                                   f"checkpoint {step} stage {stage}",
-                                   hint="the agent fetches it again on the next attempt")
-        if not header.HasField("stage"):
-            raise ChecksumError(f"the coordinator sent no stage piece of checkpoint {step}")
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with rpc_errors(target):
+        header = receive_checkpoint_folder(stub.GetAdapter(req, timeout=TRANSFER_DEADLINE_S),
+                                           folder, f"checkpoint {step} stage {stage}",
+                                           hint="the agent fetches it again on the next attempt")
+    if not header.HasField("stage"):
+        raise ChecksumError(f"the coordinator sent no stage piece of checkpoint {step}")
     return header.stage
 
 

@@ -30,7 +30,8 @@ import mlx.core as mx
 import numpy as np
 
 from herd import log
-from herd.rpc.auth import SERVER_OPTIONS, load_secret
+from herd.rpc.auth import load_secret
+from herd.rpc.channel import SERVER_OPTIONS
 from herd.errors import AuthError, ConfigError, HerdError, PeerLostError
 from protos.v1 import exchange_pb2 as pb
 from worker.exchange.grpc import wire

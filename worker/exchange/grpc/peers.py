@@ -7,7 +7,8 @@ import time
 
 import grpc
 
-from herd.rpc.auth import METADATA_KEY, ServerAuth, check_token, secure_channel
+from herd.rpc.auth import METADATA_KEY, ServerAuth, check_token
+from herd.rpc.channel import signed_channel
 from herd.errors import AuthError, ConfigError, PeerLostError
 from protos.v1 import exchange_pb2 as pb
 
@@ -68,7 +69,7 @@ def connect(rank: int, peers: list[str], secret: str, timeout_s: float,
                 # exponential reconnect back-off, which would outlast a peer's slow start.
                 if r in channels:
                     channels.pop(r).close()
-                channels[r] = secure_channel(peers[r], secret)
+                channels[r] = signed_channel(peers[r], secret)
                 remaining = deadline - time.monotonic()
                 try:
                     reply = unary(channels[r], "Hello")(
