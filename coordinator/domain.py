@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from herd.config import JobConfig
 from herd.digest import FileDigest
 
 
@@ -88,7 +89,7 @@ class Checkpoint:
 class Job:
     job_id: str
     name: str
-    config_yaml: str
+    config: JobConfig  # parsed once, when the service accepts the job or the store loads it
     dataset: list[FileDigest]
     workers_needed: int
     iters: int
@@ -134,3 +135,17 @@ class WorkerRecord:
     @property
     def target(self) -> str:
         return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class RankLaunch:
+    """One rank to start: where, with which ring and exchange peers, from which checkpoint."""
+
+    job: Job
+    rank: int
+    worker: WorkerRecord
+    ring_hosts: list[str]
+    exchange_peers: list[str]
+    resume_step: int = 0  # > 0: resume from this stored checkpoint
+    stage_layers: tuple[tuple[int, int], ...] = ()  # pipelines: blocks per stage
+    data_parallel: int = 1

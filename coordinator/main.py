@@ -13,9 +13,9 @@ import socket
 import threading
 from pathlib import Path
 
-
 from coordinator.artifacts import AdapterStore, BlobStore
-from coordinator.registry import GrpcLauncher, Registry
+from coordinator.launcher import GrpcLauncher
+from coordinator.registry import Registry
 from coordinator.scheduler import Scheduler
 from coordinator.service import CoordinatorServicer, add_to_server
 from coordinator.store import JobStore

@@ -11,8 +11,6 @@ from __future__ import annotations
 import threading
 from typing import Callable
 
-
-
 from coordinator.convert import worker_from_pb
 from coordinator.domain import WorkerRecord
 from herd import log
@@ -188,31 +186,3 @@ class Registry:
             clients = list(self._clients.values())
         for c in clients:
             c.close()
-
-
-class GrpcLauncher:
-    """The scheduler's Launcher: StartRank/StopJob through the registry's clients."""
-
-    def __init__(self, registry: Registry, coordinator_address: Callable[[], str]):
-        self._registry = registry
-        self._address = coordinator_address
-
-    def start_rank(self, launch) -> None:
-        job = launch.job
-        req = worker_pb2.StartRankRequest(
-            job_id=job.job_id, attempt=job.attempt, rank=launch.rank,
-            world_size=len(launch.ring_hosts), config_yaml=job.config_yaml,
-            coordinator=self._address(), ring_hosts=launch.ring_hosts,
-            exchange_peers=launch.exchange_peers, resume_step=launch.resume_step,
-            data_parallel=launch.data_parallel,
-        )
-        for start, end in launch.stage_layers:
-            req.stage_layers.add(start=start, end=end)
-        for d in job.dataset:
-            req.dataset.add(name=d.name, sha256=d.sha256, bytes=d.bytes)
-        self._registry.client(launch.worker.worker_id).start_rank(req)
-
-    def stop_job(self, worker: WorkerRecord, job_id: str) -> None:
-        self._registry.client(worker.worker_id).stop_job(job_id)
-
-

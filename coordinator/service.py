@@ -10,17 +10,15 @@ import uuid
 from typing import Iterator
 
 import grpc
-import yaml
-
 from coordinator import convert
 from coordinator.artifacts import AdapterStore, BlobStore
 from coordinator.domain import Job
-from coordinator.placement import place, workers_needed
+from coordinator.placement import workers_needed
 from coordinator.registry import Registry
 from coordinator.scheduler import Scheduler
 from herd import log
 from herd.rpc.status import abort
-from herd.config import parse_config
+from herd.config import config_from_yaml
 from herd.errors import DatasetError, HerdError, NotFoundError, ProtocolError
 from herd.rpc.files import check_name
 from protos.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
@@ -67,8 +65,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     # --- jobs ------------------------------------------------------------------------------
 
     def _job_from_spec(self, spec) -> Job:
-        raw = yaml.safe_load(spec.config_yaml) if spec.config_yaml else None
-        cfg = parse_config(raw, spec.name or "<submitted config>")
+        cfg = config_from_yaml(spec.config_yaml, spec.name or "<submitted config>")
         dataset = [convert.digest_from_pb(f) for f in spec.dataset]
         names = [check_name(d.name) for d in dataset]
         if REQUIRED_DATA not in names:
@@ -80,7 +77,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                                hint="`herd submit` uploads them before submitting")
         name = job_name(spec.name)
         return Job(job_id=f"{name}-{uuid.uuid4().hex[:6]}", name=name,
-                   config_yaml=spec.config_yaml, dataset=dataset,
+                   config=cfg, dataset=dataset,
                    workers_needed=workers_needed(cfg), iters=cfg.iters)
 
     @_unary
@@ -125,16 +122,6 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     def ListWorkers(self, request, context):
         return coordinator_pb2.ListWorkersReply(
             workers=[convert.worker_to_pb(w) for w in self.registry.workers()])
-
-    @_unary
-    def PlanJob(self, request, context):
-        spec = request.spec
-        cfg = parse_config(yaml.safe_load(spec.config_yaml) or {}, spec.name or "<config>")
-        try:
-            placement = place(cfg, self.scheduler.free_workers())
-        except HerdError as e:
-            return coordinator_pb2.PlanJobReply(placeable=False, message=str(e))
-        return coordinator_pb2.PlanJobReply(placeable=True, worker_ids=placement.worker_ids)
 
     # --- blobs -----------------------------------------------------------------------------
 

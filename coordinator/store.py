@@ -21,6 +21,7 @@ from coordinator.domain import (
     JobState,
     RankProgress,
 )
+from herd.config import config_from_yaml, config_to_yaml
 from herd.errors import NotFoundError
 
 _MIGRATIONS = [
@@ -47,7 +48,8 @@ _MIGRATIONS = [
 
 def _job(row: sqlite3.Row) -> Job:
     return Job(
-        job_id=row["job_id"], name=row["name"], config_yaml=row["config_yaml"],
+        job_id=row["job_id"], name=row["name"],
+        config=config_from_yaml(row["config_yaml"], f"job {row['job_id']}"),
         dataset=[FileDigest(**d) for d in json.loads(row["dataset"])],
         workers_needed=row["workers_needed"], iters=row["iters"], state=JobState(row["state"]),
         message=row["message"], created_ms=row["created_ms"], updated_ms=row["updated_ms"],
@@ -94,7 +96,7 @@ class JobStore:
         with self._lock:
             self._db.execute(
                 "INSERT OR REPLACE INTO jobs VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                (job.job_id, job.name, job.config_yaml,
+                (job.job_id, job.name, config_to_yaml(job.config),
                  json.dumps([dataclasses.asdict(d) for d in job.dataset]), job.workers_needed,
                  job.iters, job.state.value, job.message, job.created_ms, job.updated_ms,
                  job.attempt, json.dumps(job.worker_ids)),

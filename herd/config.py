@@ -164,9 +164,13 @@ class JobConfig(_Strict):
         return d
 
 
-# mlx-lm's YAML loader reads 1e-5 as a float (PyYAML's default reads it as a string).
-_yaml_loader = yaml.SafeLoader
-_yaml_loader.add_implicit_resolver(
+class _Loader(yaml.SafeLoader):
+    """mlx-lm's YAML loader reads 1e-5 as a float (PyYAML's default reads it as a string).
+    mlx-lm changes PyYAML's global SafeLoader for that; herd changes only its own subclass, so
+    importing herd.config changes no other ``yaml.safe_load`` in the process."""
+
+
+_Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(
         r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
@@ -248,7 +252,7 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Jo
     when they exist there (so a config travels with its data)."""
     path = Path(path)
     try:
-        raw = yaml.load(path.read_text(), _yaml_loader) or {}
+        raw = yaml.load(path.read_text(), _Loader) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
     except yaml.YAMLError as e:
@@ -263,3 +267,21 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Jo
             if beside.exists() and not Path(val).exists():
                 raw[key] = str(beside.resolve())
     return parse_config(raw, str(path))
+
+
+# The job config crosses process boundaries as YAML text (JobSpec.config_yaml,
+# StartRankRequest.config_yaml, the coordinator's store, a rank's config.yaml): the user's own
+# mlx-lm document, holding only the keys they set. Inside a process it is a JobConfig.
+
+def config_from_yaml(text: str, source: str) -> JobConfig:
+    """Parse a config that crossed a boundary as text (validated again: text is not trusted)."""
+    try:
+        raw = yaml.load(text, _Loader) if text else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source} is not valid YAML: {e}") from None
+    return parse_config(raw, source)
+
+
+def config_to_yaml(cfg: JobConfig) -> str:
+    """The config as text: the keys that were set, in the schema's order."""
+    return yaml.safe_dump(cfg.model_dump(mode="json", exclude_unset=True), sort_keys=False)

@@ -223,7 +223,7 @@ def test_a_stage_counts_the_inputs_it_holds_in_flight():
              for k in (1, 4)]
     assert first[0].activations == first[1].activations > 0
     # In a plan, stage s of S holds S - s inputs under 1F1B (worker/pipeline_schedule.py).
-    from coordinator.planner import ModelShape, _stage_estimate
+    from coordinator.planner.layout import ModelShape, _stage_estimate
 
     shape = ModelShape.from_config(LLAMA_70B)
     per_stage = [_stage_estimate(LLAMA_70B, job, shape, (40, 60), 4, 1, s).activations

@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 
 from coordinator import convert
 from coordinator.artifacts import AdapterStore, BlobStore
@@ -24,6 +23,7 @@ from coordinator.domain import (
 )
 from coordinator.scheduler import Scheduler
 from coordinator.store import JobStore
+from herd.config import parse_config
 from herd.errors import ChecksumError
 from herd.errors import DatasetError, HerdError, NotFoundError, PlacementError
 
@@ -39,7 +39,7 @@ def worker(i: int, mem: int = 16 * GB, **kw) -> WorkerRecord:
 def job(workers: int = 2, iters: int = 10, model: str = "/nonexistent/model") -> Job:
     cfg = {"model": model, "data": "data", "iters": iters, "batch_size": 4,
            "cluster": {"workers": workers}}
-    return Job(job_id=f"j{workers}-{iters}", name="t", config_yaml=yaml.safe_dump(cfg),
+    return Job(job_id=f"j{workers}-{iters}", name="t", config=parse_config(cfg),
                dataset=[FileDigest("train.jsonl", "a" * 64, 10)], workers_needed=workers,
                iters=iters)
 
@@ -152,9 +152,9 @@ def test_a_killed_rank_restarts_from_the_last_checkpoint_until_max_restarts(rig)
     s, workers, launcher, _ = rig
     workers += [worker(1), worker(2), worker(3)]
     j = job()
-    cfg = yaml.safe_load(j.config_yaml)
+    cfg = j.config.model_dump(exclude_unset=True)
     cfg["cluster"] = {"workers": 2, "max_restarts": 1}
-    j.config_yaml = yaml.safe_dump(cfg)
+    j.config = parse_config(cfg)
     s.submit(j)
     s.tick()
     s.on_checkpoint(Checkpoint(j.job_id, 4, [FileDigest("adapters.safetensors", "d" * 64, 1)], 0))
@@ -363,9 +363,9 @@ def test_submit_exit_codes_for_bad_config_and_dataset(tmp_path, tiny_model, caps
 # --- pipelines -------------------------------------------------------------------------------
 
 def _pinned(j: Job, **cluster) -> Job:
-    cfg = yaml.safe_load(j.config_yaml)
+    cfg = j.config.model_dump(exclude_unset=True)
     cfg["cluster"] = cluster
-    j.config_yaml = yaml.safe_dump(cfg)
+    j.config = parse_config(cfg)
     return j
 
 

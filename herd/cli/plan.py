@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from coordinator.planner import GB, GIB, Plan, WorkerMemory, macos_usable_bytes, plan_job
+from coordinator.planner import GB_SI, GIB, Plan, WorkerMemory, macos_usable_bytes, plan_job
 from herd.config import load_config
 from herd.errors import ConfigError, HerdError
 
@@ -56,9 +56,9 @@ def render(plan: Plan, workers: list[WorkerMemory]) -> str:
             e = plan.estimates[wid]
             cells = [e.weights, e.lora, e.grads, e.optimizer, e.activations, e.logits, e.overhead]
             lines.append(
-                f"{wid:<14} {stage:>5} {cells[0] / GB:>8.2f} {cells[1] / GB:>6.2f} {cells[2] / GB:>6.2f} "
-                f"{cells[3] / GB:>6.2f} {cells[4] / GB:>7.2f} {cells[5] / GB:>7.2f} {cells[6] / GB:>7.2f} "
-                f"{e.total / GB:>7.2f} {mem[wid] / GB:>7.2f}"
+                f"{wid:<14} {stage:>5} {cells[0] / GB_SI:>8.2f} {cells[1] / GB_SI:>6.2f} {cells[2] / GB_SI:>6.2f} "
+                f"{cells[3] / GB_SI:>6.2f} {cells[4] / GB_SI:>7.2f} {cells[5] / GB_SI:>7.2f} {cells[6] / GB_SI:>7.2f} "
+                f"{e.total / GB_SI:>7.2f} {mem[wid] / GB_SI:>7.2f}"
             )
     unused = [w.worker_id for w in workers if w.worker_id not in plan.peak_bytes_per_worker]
     if unused:
