@@ -32,7 +32,7 @@ HIDDEN, LAYERS, BATCH, SEQ, ITERS, WARMUP = 256, 12, 8, 256, 6, 2
 
 
 def _launch(argv: list[str], world: int, tmp: Path) -> None:
-    from worker.rank.blas import preload_env
+    from worker.rank.runtime import preload_env
 
     hostfile = tmp / "hosts.json"
     hostfile.write_text(json.dumps([f"127.0.0.1:{p}" for p in free_ports(world)]))

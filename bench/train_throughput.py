@@ -125,7 +125,7 @@ def run_mlx_lm(cfg: Path) -> dict:
     out = cfg.with_suffix(".mlxlm.json")
     t0 = time.perf_counter()
     p = subprocess.run([sys.executable, "-c", MLX_LM_RUNNER, str(cfg), str(out)],
-                       env=__import__("worker.rank.blas", fromlist=["x"]).preload_env(),
+                       env=__import__("worker.rank.runtime", fromlist=["x"]).preload_env(),
                        capture_output=True, text=True)
     if p.returncode:
         raise SystemExit(f"mlx_lm.lora failed:\n{p.stderr[-3000:]}")

@@ -18,7 +18,8 @@ import threading
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from coordinator.domain import Checkpoint, FileDigest, StagePiece
+from coordinator.domain import Checkpoint, FileDigest
+from herd.stage_cut import StagePiece
 from herd.adapter_merge import ADAPTER_CONFIG, ADAPTERS, AdapterPiece, merge_pieces
 from herd.digest import file_digest
 from herd.errors import DatasetError, HerdError, NotFoundError

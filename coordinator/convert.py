@@ -11,10 +11,10 @@ from coordinator.domain import (
     JobState,
     RankLaunch,
     RankProgress,
-    StagePiece,
     WorkerRecord,
 )
 from herd.config import config_to_yaml
+from herd.stage_cut import StagePiece
 from protos.v1 import common_pb2, worker_pb2
 
 _STATE_TO_PB = {

@@ -67,17 +67,6 @@ class RankProgress:
 
 
 @dataclass(frozen=True)
-class StagePiece:
-    """One pipeline stage's share of a checkpoint: stage ``index`` of ``count``, blocks
-    [start, end)."""
-
-    index: int
-    count: int
-    start: int
-    end: int
-
-
-@dataclass(frozen=True)
 class Checkpoint:
     job_id: str
     step: int

@@ -13,14 +13,26 @@ cotangent is one more pass through the frozen weights; the adapters' own gradien
 
 An even cut of 6 adapted blocks over 2 stages leaves the last stage idle a quarter of the time
 (9 against 6.5: measured 0.22 s against 0.16 s per step, bench/results/pipeline-linux-cpu.md).
-Used by the planner (coordinator/planner.py) and by ``python -m worker.pipeline``.
+Used by the planner (coordinator/planner/) and by ``python -m worker.pipeline``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 
 from herd.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class StagePiece:
+    """One pipeline stage's share of a checkpoint: stage ``index`` of ``count``, blocks
+    [start, end). The agent tags an upload with it; the coordinator merges a step's pieces."""
+
+    index: int
+    count: int
+    start: int
+    end: int
 
 
 def even_split(total_layers: int, stages: int) -> list[tuple[int, int]]:

@@ -20,7 +20,8 @@ HOST = "127.0.0.1"
 
 
 def start_worker(tmp_path, secret: str, worker_id: str, zc):
-    from worker.agent.main import Worker, WorkerServicer, advert_txt, free_port
+    from worker.agent.main import free_port
+    from worker.agent.service import Worker, WorkerServicer, add_to_server, advert_txt
     from worker.agent.machine import probe
 
     server = grpc.server(futures.ThreadPoolExecutor(4), options=SERVER_OPTIONS,
@@ -28,7 +29,7 @@ def start_worker(tmp_path, secret: str, worker_id: str, zc):
     port = server.add_insecure_port(f"{HOST}:0")
     w = Worker(worker_id, HOST, port, free_port(HOST), free_port(HOST), probe(), tmp_path / worker_id,
                secret)
-    worker_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerServicer(w), server)
+    add_to_server(WorkerServicer(w), server)
     server.start()
     advert = discovery.Advertiser(zc, discovery.WORKER_TYPE, worker_id, HOST, port, advert_txt(w.info()))
     return server, advert, f"{HOST}:{port}"

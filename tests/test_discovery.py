@@ -21,7 +21,7 @@ def wait(pred, timeout: float = 10.0) -> bool:
 
 def test_advert_is_seen_and_withdrawn(monkeypatch):
     monkeypatch.setenv(discovery.INTERFACES_ENV, HOST)
-    from worker.agent.main import advert_txt
+    from worker.agent.service import advert_txt
     from protos.v1 import common_pb2
 
     info = common_pb2.WorkerInfo(worker_id="mac-1", port=7451, protocol_version=1,

@@ -530,7 +530,7 @@ def test_grpc_training_equals_mlx_and_one_rank(tmp_path, tiny_model, tiny_data, 
 @pytest.mark.skipif(sys.platform != "linux" or not os.path.exists("/lib/x86_64-linux-gnu/libc.so.6")
                     and not os.path.exists("/lib/aarch64-linux-gnu/libc.so.6"), reason="glibc's mallopt")
 def test_glibc_takes_the_keep_freed_memory_settings():
-    from worker.rank.allocator import reuse_freed_memory
+    from worker.rank.runtime import reuse_freed_memory
 
     # Without them, every chunk the exchange moves is faulted in fresh (worker/allocator.py).
     assert reuse_freed_memory() is True

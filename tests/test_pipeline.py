@@ -13,7 +13,7 @@ import mlx.core as mx
 import pytest
 
 from tests.conftest import free_ports, herd, load_adapter, max_abs_diff, write_job
-from worker.rank.blas import preload_env
+from worker.rank.runtime import preload_env
 
 REPO = Path(__file__).resolve().parent.parent
 # One process and a pipeline sum the same per-token terms in a different order (microbatches,

@@ -76,7 +76,7 @@ def measure(spec: dict) -> dict:
 
 
 def measured_peak(model_config: dict, job: dict) -> int:
-    from worker.rank.blas import preload_env
+    from worker.rank.runtime import preload_env
 
     out = subprocess.run(
         [sys.executable, __file__, json.dumps({"model_config": model_config, "job": job})],

@@ -112,7 +112,7 @@ def rank_pids(job_id: str) -> list[int]:
                 cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
             except OSError:
                 continue
-            if " train " in cmd and f"/jobs/{job_id}/" in cmd:
+            if " -m worker.rank " in cmd and f"/jobs/{job_id}/" in cmd:
                 pids.append(int(proc.name))
     return pids
 

@@ -451,9 +451,11 @@ def test_stage_pieces_merge_into_one_adapter_and_each_stage_resumes_from_its_own
     import mlx.core as mx
 
     from herd.cli.connection import CoordinatorConnection
-    from protos.v1 import common_pb2
+    from herd.stage_cut import StagePiece
+    from worker.agent.coordinator_client import CoordinatorClient
+    from worker.agent.domain import RankSpec
+    from worker.agent.rank_process import RankProcess
     from worker.rank.checkpoint import verify_manifest
-    from worker.agent.rank_process import CoordinatorClient, RankProcess, RankSpec
 
     target, secret, s = coordinator_rpc
     j = s.submit(job())
@@ -463,8 +465,7 @@ def test_stage_pieces_merge_into_one_adapter_and_each_stage_resumes_from_its_own
     s1 = _stage_checkpoint(tmp_path / "s1", 4, [a0], 2.0)
 
     def piece(i, start, end):
-        return common_pb2.StagePiece(index=i, count=2,
-                                     layers=common_pb2.LayerRange(start=start, end=end))
+        return StagePiece(index=i, count=2, start=start, end=end)
 
     client = CoordinatorClient(target, secret)
     client.put_checkpoint(j.job_id, 1, 4, s1, piece(1, 2, 3))
@@ -485,7 +486,7 @@ def test_stage_pieces_merge_into_one_adapter_and_each_stage_resumes_from_its_own
 
     # A restarted stage 1 (rank 1 of a 1 x 2 ring) fetches its own piece, checked and whole.
     def spec(cut):
-        return RankSpec(job_id=j.job_id, attempt=2, rank=1, world_size=2, config_yaml="",
+        return RankSpec(job_id=j.job_id, attempt=2, rank=1, world_size=2, config=j.config,
                         dataset=[], coordinator=target, ring_hosts=[], exchange_peers=[],
                         resume_step=4, stage_layers=cut, data_parallel=1)
 

@@ -27,9 +27,6 @@ class Machine:
     mlx_version: str
     wired_limit_mb: int = 0  # macOS: how much the GPU may wire (0 = macOS's default share)
 
-    def free_memory_bytes(self) -> int:
-        return free_memory_bytes() or self.memory_bytes
-
 
 def _run(cmd: list[str], timeout: float = 5.0) -> str | None:
     try:

@@ -1,8 +1,8 @@
 """``herd worker``: the agent daemon, one per machine.
 
-It probes the machine, serves WorkerService over authenticated gRPC, advertises
-``_herd-worker._tcp.local.`` (TXT: id, port, protocol version, memory, chip, mlx version; no
-secrets) and runs at most one job's rank at a time (worker/rank_runner.py).
+It probes the machine (machine.py), serves WorkerService over authenticated gRPC (service.py),
+advertises ``_herd-worker._tcp.local.`` (TXT: id, port, protocol version, memory, chip, mlx
+version; no secrets) and runs at most one job's rank at a time (rank_process.py, relay.py).
 """
 
 from __future__ import annotations
@@ -14,17 +14,14 @@ import threading
 import uuid
 from pathlib import Path
 
-
-from herd import PROTOCOL_VERSION, log
+from herd import log
+from herd.errors import HerdError
 from herd.rpc import discovery
 from herd.rpc.auth import default_home, load_secret
 from herd.rpc.channel import signed_server
-from herd.rpc.status import abort
-from herd.errors import HerdError, PlacementError
 from herd.rpc.ports import free_ports
-from protos.v1 import common_pb2, worker_pb2, worker_pb2_grpc
-from worker.agent.machine import Machine, free_memory_bytes, probe
-from worker.agent.rank_process import RankProcess, RankSpec
+from worker.agent.machine import probe
+from worker.agent.service import Worker, WorkerServicer, add_to_server, advert_txt
 
 logger = log.get(__name__)
 
@@ -40,97 +37,6 @@ def parse_bytes(text: str) -> int:
     t = text.strip().upper().removesuffix("B").removesuffix("I")
     num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
     return int(float(num) * units[unit])
-
-
-class Worker:
-    """The agent's state: who it is, and the rank it runs."""
-
-    def __init__(self, worker_id: str, host: str, port: int, ring_port: int, exchange_port: int,
-                 machine: Machine, state_dir: Path, secret: str):
-        self.worker_id, self.host, self.port = worker_id, host, port
-        self.ring_port, self.exchange_port = ring_port, exchange_port
-        self.machine, self.state_dir, self._secret = machine, state_dir, secret
-        self._lock = threading.Lock()
-        self.rank: RankProcess | None = None
-
-    def info(self) -> common_pb2.WorkerInfo:
-        rank = self.rank
-        return common_pb2.WorkerInfo(
-            worker_id=self.worker_id, host=self.host, port=self.port, ring_port=self.ring_port,
-            exchange_port=self.exchange_port, protocol_version=PROTOCOL_VERSION,
-            memory_bytes=self.machine.memory_bytes,
-            free_memory_bytes=min(self.machine.memory_bytes, free_memory_bytes() or 2**62),
-            chip=self.machine.chip, gpu_cores=self.machine.gpu_cores, os=self.machine.os,
-            mlx_version=self.machine.mlx_version, wired_limit_mb=self.machine.wired_limit_mb,
-            running_job_id=rank.spec.job_id if rank and rank.running() else "",
-        )
-
-    def start_rank(self, spec: RankSpec) -> int:
-        with self._lock:
-            cur = self.rank
-            if cur and cur.running():
-                same = (cur.spec.job_id, cur.spec.attempt, cur.spec.rank)
-                if same == (spec.job_id, spec.attempt, spec.rank):
-                    return cur.proc.pid
-                if cur.spec.job_id == spec.job_id and cur.spec.attempt < spec.attempt:
-                    cur.stop()  # a rank of the failed attempt, not stopped yet: the new one wins
-                else:
-                    raise PlacementError(
-                        f"worker {self.worker_id} is busy with job {cur.spec.job_id}")
-            self.rank = RankProcess(spec, self.worker_id, self.state_dir, self._secret)
-            return self.rank.start()
-
-    def stop_job(self, job_id: str) -> bool:
-        rank = self.rank
-        if rank is None or rank.spec.job_id != job_id:
-            return False
-        return rank.stop()
-
-    def stop_all(self) -> None:
-        if self.rank:
-            self.rank.stop()
-
-
-class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
-    """Thin: converts, calls Worker, maps errors."""
-
-    def __init__(self, worker: Worker):
-        self.worker = worker
-
-    def Describe(self, request, context):
-        return worker_pb2.DescribeReply(worker=self.worker.info())
-
-    def StartRank(self, request, context):
-        spec = RankSpec(
-            job_id=request.job_id, attempt=request.attempt, rank=request.rank,
-            world_size=request.world_size, config_yaml=request.config_yaml,
-            dataset=[(f.name, f.sha256, f.bytes) for f in request.dataset],
-            coordinator=request.coordinator, ring_hosts=list(request.ring_hosts),
-            exchange_peers=list(request.exchange_peers), resume_step=request.resume_step,
-            stage_layers=tuple((r.start, r.end) for r in request.stage_layers),
-            data_parallel=request.data_parallel or 1,
-        )
-        try:
-            return worker_pb2.StartRankReply(pid=self.worker.start_rank(spec))
-        except HerdError as e:
-            logger.warning("start_rank_refused", job_id=spec.job_id, rank=spec.rank, error=str(e))
-            abort(context, e)
-
-    def StopJob(self, request, context):
-        return worker_pb2.StopJobReply(was_running=self.worker.stop_job(request.job_id))
-
-    def Health(self, request, context):
-        ranks = []
-        rank = self.worker.rank
-        if rank and rank.running():
-            ranks.append(worker_pb2.RunningRank(job_id=rank.spec.job_id, attempt=rank.spec.attempt,
-                                                rank=rank.spec.rank, pid=rank.proc.pid))
-        return worker_pb2.HealthReply(worker=self.worker.info(), ranks=ranks)
-
-
-def advert_txt(info: common_pb2.WorkerInfo) -> dict[str, str]:
-    return {"id": info.worker_id, "port": str(info.port), "protocol": str(info.protocol_version),
-            "memory": str(info.memory_bytes), "chip": info.chip, "mlx": info.mlx_version}
 
 
 def main(argv: list[str]) -> int:
@@ -160,7 +66,7 @@ def main(argv: list[str]) -> int:
     port = server.add_insecure_port(f"{host}:{args.port}")
     worker = Worker(worker_id, host, port, args.ring_port or free_port(host),
                     args.exchange_port or free_port(host), machine, state_dir, secret)
-    worker_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerServicer(worker), server)
+    add_to_server(WorkerServicer(worker), server)
     server.start()
     zc = discovery.make_zeroconf()
     advert = discovery.Advertiser(zc, discovery.WORKER_TYPE, worker_id, host, port,

@@ -1,18 +1,18 @@
 """How pipeline stages reach each other: point-to-point on one MLX ring.
 
 MLX's ring backend has no ``Group.split`` and its send/recv reach ring neighbours only; the
-topology below lays data x pipeline out so that every hop it needs is a ring hop.
+topology (worker/pipeline/topology.py) lays data x pipeline out so that every hop it needs is a
+ring hop.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Protocol
 
 import mlx.core as mx
 
-from herd.errors import ConfigError
+from worker.pipeline.topology import Topology
 
 
 class Link(Protocol):
@@ -22,45 +22,6 @@ class Link(Protocol):
 
     def send(self, x: mx.array, dst: int) -> None: ...
     def recv(self, shape: tuple[int, ...], dtype: mx.Dtype, src: int) -> mx.array: ...
-
-
-@dataclass(frozen=True)
-class Topology:
-    """Where a rank sits in data x pipeline on one MLX ring, whose send/recv reach neighbours only.
-
-    Replica 0 runs stages 0..S-1 on ranks 0..S-1; replica 1 runs them on ranks 2S-1..S (reversed),
-    so every pipeline hop is a ring hop, and for S <= 2 so is every data-parallel pair (rank r and
-    2S-1-r). Wider layouts need a transport that reaches any peer (herd's gRPC); refused here."""
-
-    replica: int
-    replicas: int
-    stage: int
-    stages: int
-    stage_ranks: tuple[int, ...]  # group rank of each stage of this rank's replica
-    dp_peer: int | None  # group rank of the same stage in the other replica
-
-    @classmethod
-    def of(cls, rank: int, world: int, replicas: int) -> "Topology":
-        if replicas not in (1, 2) or world % replicas:
-            raise ConfigError(
-                f"{replicas} data-parallel pipelines on {world} ranks: the MLX ring carries 1 or 2",
-                hint="use cluster.parallelism.data 1 or 2 (more needs the gRPC transport)",
-            )
-        stages = world // replicas
-        ranks0 = tuple(range(stages))
-        ranks1 = tuple(range(2 * stages - 1, stages - 1, -1))
-        replica = 0 if rank < stages else 1
-        ranks = ranks0 if replica == 0 else ranks1
-        stage = ranks.index(rank)
-        peer = None
-        if replicas == 2:
-            peer = (ranks1 if replica == 0 else ranks0)[stage]
-            if abs(peer - rank) != 1 and {peer, rank} != {0, world - 1}:
-                raise ConfigError(
-                    f"2 x {stages} (data x pipeline): stage {stage}'s replicas are not ring neighbours",
-                    hint="on the MLX ring use 2 x 1 or 2 x 2; wider layouts need the gRPC transport",
-                )
-        return cls(replica, replicas, stage, stages, ranks, peer)
 
 
 class MLXLink:

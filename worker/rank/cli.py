@@ -4,10 +4,14 @@
                [--stage-layers A:B,B:C]
     herd check CONFIG
 
+``python -m worker.rank CONFIG [...]`` is ``herd train`` (the worker agent starts ranks so).
 Under a launcher (``mlx.launch``, or MLX_RANK + MLX_HOSTFILE, or the herd worker agent) it is one
-data-parallel rank, or one pipeline stage (worker/pipeline.py) when the job is cut into stages
+data-parallel rank, or one pipeline stage (worker/pipeline/main.py) when the job is cut into stages
 (``--stage-layers``, or ``cluster.parallelism.pipeline`` > 1); otherwise a single process. On Linux
 it restarts itself with OpenBLAS preloaded.
+
+MLX is imported only once the command needs it (inside ``run``): ``herd check`` never loads it,
+and ``herd train`` must choose its BLAS (worker/rank/runtime.py) before it loads.
 """
 
 from __future__ import annotations
@@ -22,16 +26,21 @@ from pathlib import Path
 from herd import log
 from herd.config import JobConfig, load_config
 from herd.errors import ConfigError, HerdError
+from worker.rank.events import CheckpointSaved, Done, EventLog, RankFailed, TrainReport, ValReport
+from worker.rank.runtime import reexec_with_openblas
 
 
 def _parser(cmd: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"herd {cmd}", description=__doc__.splitlines()[0])
-    p.add_argument("config", help="job YAML (an mlx_lm.lora config, plus optional cluster:/quantize:)")
+    p.add_argument("config",
+                   help="job YAML (an mlx_lm.lora config, plus optional cluster:/quantize:)")
     p.add_argument("--model", help="override the config's model")
     p.add_argument("--data", help="override the config's data folder")
     if cmd == "train":
-        p.add_argument("--adapter-path", help="where adapters and checkpoints go (config: adapter_path)")
-        p.add_argument("--resume", type=Path, help="an adapter path or checkpoint folder to resume from")
+        p.add_argument("--adapter-path",
+                       help="where adapters and checkpoints go (config: adapter_path)")
+        p.add_argument("--resume", type=Path,
+                       help="an adapter path or checkpoint folder to resume from")
         p.add_argument("--iters", type=int, help="override iters")
         p.add_argument("--metrics-file", type=Path, help="append progress as JSON lines here")
         p.add_argument("--quiet", action="store_true", help="no progress lines on stdout")
@@ -48,23 +57,20 @@ def check(job: JobConfig):
 
 
 class Reporter:
-    """The trainer's callback: progress lines, JSON-lines metrics, checkpoints (rank 0 writes)."""
+    """The trainer's callback: progress lines, events, checkpoints (rank 0 writes)."""
 
-    def __init__(self, job, model, optimizer, adapter_path, rank, world, metrics_file, quiet):
+    def __init__(self, job: JobConfig, model, optimizer, adapter_path: Path, rank: int,
+                 world: int, events: EventLog, quiet: bool):
         from worker.rank.model import adapter_config
 
         self.job, self.model, self.optimizer = job, model, optimizer
         self.adapter_path, self.rank, self.world = Path(adapter_path), rank, world
         self.adapter_config = adapter_config(job)
-        self.metrics = open(metrics_file, "a", buffering=1) if metrics_file else None
+        self.events = events
         self.quiet = quiet or rank != 0
 
-    def emit(self, event: str, **info) -> None:
-        if self.metrics:
-            self.metrics.write(json.dumps({"event": event, "rank": self.rank, **info}) + "\n")
-
     def on_train_report(self, info: dict) -> None:
-        self.emit("train", **info)
+        self.events.append(TrainReport(rank=self.rank, **info))
         if not self.quiet:
             print(
                 f"iter {info['iteration']:>6}/{self.job.iters}  loss {info['train_loss']:.4f}  "
@@ -74,9 +80,10 @@ class Reporter:
             )
 
     def on_val_report(self, info: dict) -> None:
-        self.emit("val", **info)
+        self.events.append(ValReport(rank=self.rank, **info))
         if not self.quiet:
-            print(f"iter {info['iteration']:>6}/{self.job.iters}  val loss {info['val_loss']:.4f}", flush=True)
+            print(f"iter {info['iteration']:>6}/{self.job.iters}  val loss {info['val_loss']:.4f}",
+                  flush=True)
 
     def on_save(self, iteration: int, trained_tokens: int) -> None:
         if self.rank != 0:
@@ -84,26 +91,25 @@ class Reporter:
         from worker.rank.checkpoint import TrainerState, save_checkpoint
 
         state = TrainerState(iteration, trained_tokens, self.job.seed, self.world)
-        path = save_checkpoint(self.adapter_path, self.model, self.optimizer, self.adapter_config, state)
-        self.emit("checkpoint", step=iteration, path=str(path))
+        path = save_checkpoint(self.adapter_path, self.model, self.optimizer,
+                               self.adapter_config, state)
+        self.events.append(CheckpointSaved(rank=self.rank, step=iteration, path=str(path)))
         if not self.quiet:
             print(f"iter {iteration:>6}/{self.job.iters}  saved {path}", flush=True)
 
 
-def run(job: JobConfig, adapter_path: Path, resume: Path | None, metrics_file: Path | None, quiet: bool):
+def run(job: JobConfig, adapter_path: Path, resume: Path | None, events: EventLog, quiet: bool):
     import mlx.core as mx
     import numpy as np
     from mlx_lm.tuner.datasets import CacheDataset, load_dataset
 
-    from worker.rank import blas
-    from worker.rank import runtime as device
-    from worker.rank.allocator import reuse_freed_memory
-    from worker.rank.checkpoint import load_checkpoint, resolve_resume
     from worker.exchange.group import open_exchange
+    from worker.rank import runtime
+    from worker.rank.checkpoint import load_checkpoint, resolve_resume
     from worker.rank.model import apply_adapters, build_optimizer, load_base
     from worker.rank.trainer import LoopArgs, Progress, train
 
-    warm_memory = reuse_freed_memory()  # 2 ranks on Linux: +14% tok/s (worker/allocator.py)
+    warm_memory = runtime.reuse_freed_memory()  # 2 ranks on Linux: +14% tok/s
     exchange = open_exchange(job.cluster)
     # Closed on every way out, a failed load included: a gRPC exchange's open links would
     # otherwise hold this process (and its ring neighbours) at exit.
@@ -111,8 +117,9 @@ def run(job: JobConfig, adapter_path: Path, resume: Path | None, metrics_file: P
         logger = log.get("herd.train", rank=exchange.rank)
         _check_world(job, exchange.size)  # a launcher that did not say its world size up front
         logger.info(
-            "train_start", world=exchange.size, exchange=exchange.name, blas=blas.blas_in_use(),
-            wired_limit=device.set_wired_limit(), model=job.model, reuse_freed_memory=warm_memory,
+            "train_start", world=exchange.size, exchange=exchange.name,
+            blas=runtime.blas_in_use(), wired_limit=runtime.set_wired_limit(), model=job.model,
+            reuse_freed_memory=warm_memory,
         )
         np.random.seed(job.seed)  # as mlx_lm.lora does before loading
         model, tokenizer = load_base(job)
@@ -129,7 +136,8 @@ def run(job: JobConfig, adapter_path: Path, resume: Path | None, metrics_file: P
             logger.info("resumed", checkpoint=str(folder), iteration=state.iteration)
 
         adapter_path.mkdir(parents=True, exist_ok=True)
-        reporter = Reporter(job, model, optimizer, adapter_path, exchange.rank, exchange.size, metrics_file, quiet)
+        reporter = Reporter(job, model, optimizer, adapter_path, exchange.rank, exchange.size,
+                            events, quiet)
         tic = time.perf_counter()
         progress = train(
             model, optimizer, CacheDataset(train_set),
@@ -138,7 +146,8 @@ def run(job: JobConfig, adapter_path: Path, resume: Path | None, metrics_file: P
         )
     finally:
         exchange.close()
-    reporter.emit("done", iteration=progress.iteration, seconds=time.perf_counter() - tic)
+    events.append(Done(rank=exchange.rank, iteration=progress.iteration,
+                       seconds=time.perf_counter() - tic))
     logger.info("train_done", iteration=progress.iteration, adapter_path=str(adapter_path))
     mx.eval()
     return progress
@@ -148,17 +157,15 @@ def main(argv: list[str]) -> int:
     cmd = argv[0]
     args = _parser(cmd).parse_args(argv[1:])
     if cmd == "train":
-        from worker.rank.blas import reexec_with_openblas
-
-        reexec_with_openblas(argv)  # before MLX is imported; returns if nothing would change
-    metrics = getattr(args, "metrics_file", None)
+        reexec_with_openblas(argv[1:])  # before MLX is imported; returns if nothing would change
+    events = EventLog(getattr(args, "metrics_file", None))
     try:
         overrides = {"model": args.model, "data": args.data}
         if cmd == "train":
             overrides.update({"adapter_path": args.adapter_path, "iters": args.iters})
         job = load_config(args.config, overrides)
-        stage_argv = _pipeline_argv(job, args) if cmd == "train" else None
-        if cmd == "train" and stage_argv is None:
+        stage = _pipeline_stage(job, args) if cmd == "train" else None
+        if cmd == "train" and stage is None:
             _check_world(job, _launcher_world())  # before any ring forms
         report = check(job)
         for w in report.warnings:
@@ -168,18 +175,18 @@ def main(argv: list[str]) -> int:
                 print(f"{name}: {s.records} records ({s.format}) in {s.path}")
             print("ok")
             return 0
-        if stage_argv is not None:
-            from worker.pipeline import main as pipeline
+        if stage is not None:
+            from worker.pipeline.main import run_stage
 
-            return pipeline.main(stage_argv)
-        run(job, Path(job.adapter_path), args.resume, metrics, args.quiet)
+            return run_stage(job, stage)
+        run(job, Path(job.adapter_path), args.resume, events, args.quiet)
         return 0
     except HerdError as e:
-        _fail(metrics, str(e))
+        events.append(RankFailed(str(e)))
         print(f"herd {cmd}: {e}", file=sys.stderr)
         return e.exit_code
     except (ValueError, FileNotFoundError) as e:
-        _fail(metrics, str(e))
+        events.append(RankFailed(str(e)))
         print(f"herd {cmd}: {e}", file=sys.stderr)
         return 1
     except RuntimeError as e:
@@ -188,13 +195,13 @@ def main(argv: list[str]) -> int:
         lost = lost_peer(e)
         if lost is None:
             raise
-        _fail(metrics, str(lost))
+        events.append(RankFailed(str(lost)))
         print(f"herd {cmd}: {lost}", file=sys.stderr)
         return lost.exit_code
 
 
-def _pipeline_argv(job: JobConfig, args) -> list[str] | None:
-    """The pipeline stage's argv when this rank is one stage of a pipeline, else None.
+def _pipeline_stage(job: JobConfig, args):
+    """The pipeline stage's options when this rank is one stage of a pipeline, else None.
 
     A rank is a stage when it runs under a launcher (a world of more than one) and the job is cut
     into stages: by ``--stage-layers`` (the coordinator's planned cut; the config may say
@@ -208,15 +215,12 @@ def _pipeline_argv(job: JobConfig, args) -> list[str] | None:
     if world % stages:
         raise ConfigError(f"{world} ranks do not split into pipelines of {stages} stages",
                           hint="cluster.workers must be data x pipeline")
-    argv = [args.config, "--adapter-path", str(job.adapter_path),
-            "--data-parallel", str(world // stages), "--model", job.model, "--data", job.data]
-    if spans:
-        argv += ["--stage-layers", ",".join(spans)]
-    for flag, value in (("--resume", args.resume), ("--iters", args.iters),
-                        ("--metrics-file", args.metrics_file)):
-        if value is not None:
-            argv += [flag, str(value)]
-    return argv
+    from worker.pipeline.main import StageOptions
+
+    return StageOptions(adapter_path=Path(job.adapter_path),
+                        stage_layers=",".join(spans) if spans else None,
+                        data_parallel=world // stages, resume=args.resume,
+                        metrics_file=args.metrics_file)
 
 
 def _launcher_world() -> int:
@@ -235,9 +239,3 @@ def _check_world(job: JobConfig, world: int) -> None:
             f"batch_size = {job.batch_size} is not divisible by the {world} data-parallel ranks",
             hint=f"batch_size is the global batch; use a multiple of {world}",
         )
-
-
-def _fail(metrics: Path | None, message: str) -> None:
-    if metrics:
-        with open(metrics, "a") as f:
-            f.write(json.dumps({"event": "error", "message": message}) + "\n")

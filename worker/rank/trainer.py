@@ -61,6 +61,13 @@ class LoopArgs:
         return cls(**{k: getattr(job, k) for k in cls.__dataclass_fields__})
 
 
+def position_seed(seed: int, rank: int, position: int) -> int:
+    """The RNG seed at one position of a run (an iteration of a rank; a pipeline stage's
+    microbatch): a pure function of where it is, so a resumed run draws exactly what a straight
+    one does (dropout masks) with no RNG state to save. The pipeline seeds with it too."""
+    return (seed * 1_000_003 + rank * 10_007 + position) % (2**63)
+
+
 class Callback(Protocol):
     def on_train_report(self, info: dict) -> None: ...
     def on_val_report(self, info: dict) -> None: ...
@@ -142,7 +149,7 @@ def train(
 
         tic = time.perf_counter()
         # RNG as a pure function of position: exact resume with dropout, no RNG state to save.
-        mx.random.seed((args.seed * 1_000_003 + exchange.rank * 10_007 + it) % (2**63))
+        mx.random.seed(position_seed(args.seed, exchange.rank, it))
         batch, lengths = next(batches)
         loss_sum, ntoks, grad = micro_step(batch, lengths, grad)
         acc_tokens = acc_tokens + ntoks

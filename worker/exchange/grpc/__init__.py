@@ -35,7 +35,7 @@ from herd.rpc.channel import SERVER_OPTIONS
 from herd.errors import AuthError, ConfigError, HerdError, PeerLostError
 from protos.v1 import exchange_pb2 as pb
 from worker.exchange.grpc import wire
-from worker.rank.allocator import reuse_freed_memory
+from worker.rank.runtime import reuse_freed_memory
 from worker.exchange.grpc.peers import SERVICE, RefusalLog, connect, peer_name, probe, unary
 from worker.exchange.grpc.ring import Exchange, RingPlan
 
