@@ -85,6 +85,11 @@ def test_wire_bytes_are_the_proto_message_both_ways():
     assert pb.PushChunksRequest.FromString(wire.encode(4, 0, 0, 0, goodbye=True)).goodbye
     assert wire.decode(pb.PushChunksRequest(seq=4, goodbye=True).SerializeToString()).goodbye
     assert not wire.decode(raw).goodbye
+    why = "rank 2 (10.0.0.3:7461) closed its exchange"
+    assert pb.PushChunksRequest.FromString(wire.encode(4, 0, 0, 0, goodbye=True,
+                                                       reason=why)).reason == why
+    assert wire.decode(pb.PushChunksRequest(goodbye=True, reason=why).SerializeToString()).reason \
+        == why
 
 
 def test_bfloat16_rounding_matches_mlx():
@@ -240,6 +245,29 @@ def test_a_rank_that_closes_after_the_last_all_reduce_fails_only_later_calls_at_
         took, message = late[r]
         assert took < 3.0, (r, took, message)
         assert "rank 2 (" in message, (r, message)
+
+
+def test_a_neighbour_that_closes_a_spent_group_passes_on_the_cause():
+    """A rank whose group was spent by a cause its neighbours never heard of (an Abort that only
+    it received, or one that came too late: the race behind this file's two-hops test failing
+    once under load) closes; its neighbours then fail naming that cause, not its close: the Bye
+    to the left and the goodbye to the right carry it."""
+    late = {}
+
+    def body(ex):
+        ex.all_sum(mx.ones((100,)))
+        if ex.rank == 1:
+            ex.aborted_by_peer(rank=9, seq=1, reason="rank 9 (10.0.0.9:7461) fell over")
+            return
+        time.sleep(0.3)
+        with pytest.raises(PeerLostError) as lost:
+            ex.all_sum(mx.ones((100,)))
+        late[ex.rank] = str(lost.value)
+
+    _, errors = run_group(3, body, timeout_s=20)
+    assert errors == [None] * 3
+    for r in (0, 2):
+        assert "rank 9 (10.0.0.9:7461) fell over" in late[r], (r, late[r])
 
 
 def test_mismatched_buffer_sizes_fail_fast_on_both_ranks():

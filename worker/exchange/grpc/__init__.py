@@ -4,8 +4,8 @@ Works where an MLX group cannot form (no ``Group.split`` on the ring backend, on
 neighbours, all ranks within ~30 s, aborts or hangs on a dead peer: FACTS.md). Every rank serves
 ExchangeService (protos/v1/exchange.proto) on its own port, behind the cluster-secret interceptor,
 and opens one stream (Link) to its right neighbour at start-up that carries every all-reduce, in
-chunks (schedule: grpc_exchange_ring.py; bytes on the wire: grpc_exchange_wire.py). Chunks are far
-below any message-size limit, so a buffer of any length goes through.
+chunks (schedule: ring.py; bytes on the wire: wire.py; the handlers peers call: server.py). Chunks
+are far below any message-size limit, so a buffer of any length goes through.
 
 Every all-reduce has a deadline. A killed peer breaks its links. Its left neighbour sees it at
 once, in an all-reduce or between two (grpcio 1.85 does not always wake the server side of an
@@ -19,6 +19,7 @@ last all-reduce is never taken for a lost one.
 
 from __future__ import annotations
 
+import enum
 import os
 import threading
 import time
@@ -30,14 +31,14 @@ import mlx.core as mx
 import numpy as np
 
 from herd import log
-from herd.rpc.auth import load_secret
-from herd.rpc.channel import SERVER_OPTIONS
 from herd.errors import AuthError, ConfigError, HerdError, PeerLostError
+from herd.rpc.auth import load_secret
 from protos.v1 import exchange_pb2 as pb
 from worker.exchange.grpc import wire
-from worker.rank.runtime import reuse_freed_memory
 from worker.exchange.grpc.peers import SERVICE, RefusalLog, connect, peer_name, probe, unary
 from worker.exchange.grpc.ring import Exchange, RingPlan
+from worker.exchange.grpc.server import serve
+from worker.rank.runtime import reuse_freed_memory
 
 logger = log.get(__name__)
 
@@ -47,6 +48,15 @@ DEFAULT_CHUNK_BYTES = 1024 * 1024
 # Buffers this small (scalars: loss sums, token counts, metrics) always travel in float32: a
 # lossy wire saves nothing on them, and a token count rounded to 8 bits skews every update.
 EXACT_MAX_ELEMENTS = 4096
+
+
+class GroupState(enum.IntEnum):
+    """The life of a group, in order: it only ever moves forward (``GrpcExchange._advance``)."""
+
+    READY = 0  # all-reduces run
+    SPENT = 1  # an all-reduce failed or a neighbour left; the peers may not all know yet
+    SPENT_ANNOUNCED = 2  # spent, and every peer has been (or is being) told why
+    CLOSED = 3  # this rank closed it
 
 
 def _close_at_exit(exchange: "GrpcExchange") -> None:
@@ -104,16 +114,18 @@ class GrpcExchange:
         self._secret = secret
         self._log = logger.bind(rank=rank, size=self.size)
         self._seq = 0
-        self._broken: HerdError | None = None
-        self._closed = False
+        # The group's lifecycle, under _registry: its state and, once spent, the first cause.
+        self._state = GroupState.READY
+        self._error: HerdError | None = None
         self._exchanges: dict[int, Exchange] = {}
         self._registry = threading.Condition()
         self._server: grpc.Server | None = None
+        self._pool: futures.ThreadPoolExecutor | None = None  # the server's threads
         self._channels: dict[int, grpc.Channel] = {}
         self._link = None  # the stream to the right neighbour
         self._right_closed = False  # it said Bye: its end of our link is orderly
+        self._right_reason = ""  # ...and why, when its group was spent
         self._told: list[grpc.Future] = []  # Abort calls made, kept until they finish
-        self._announced = False  # every peer has been told why the group is spent
         self._replies: threading.Thread | None = None
         if self.size == 1:
             return
@@ -121,7 +133,7 @@ class GrpcExchange:
         reuse_freed_memory()  # chunk buffers stay warm: no page fault per byte moved
         self._refusals = RefusalLog(secret)
         try:
-            self._server = self._serve()
+            self._server, self._pool = serve(self, self._refusals)
             self._channels = connect(rank, self.peers, secret, self.timeout_s, self._refusals)
         except AuthError:
             # Stay reachable a moment: peers still dialling us then get UNAUTHENTICATED too, and
@@ -187,10 +199,12 @@ class GrpcExchange:
         plan = RingPlan(buf.size, self.size, self.rank, self._chunk_elements)
         deadline = time.monotonic() + self.timeout_s
         with self._registry:
-            if self._closed:  # under the lock: close() must not miss a call it races with
-                raise PeerLostError("the grpc exchange is closed")
-            broken, announce = self._broken, self._broken is not None and not self._announced
-            self._announced |= announce
+            if self._state is GroupState.CLOSED:  # under the lock: close() must not miss a
+                raise PeerLostError("the grpc exchange is closed")  # call it races with
+            broken = self._error if self._state is not GroupState.READY else None
+            announce = self._state is GroupState.SPENT
+            if announce:
+                self._advance(GroupState.SPENT_ANNOUNCED)
             if broken is None:
                 dtype = wire.FLOAT32 if buf.size <= EXACT_MAX_ELEMENTS else self._dtype
                 ex = Exchange(self._seq, plan, buf, dtype, deadline)
@@ -226,13 +240,15 @@ class GrpcExchange:
         seq = 0
         while True:
             with self._registry:
-                self._registry.wait_for(lambda: seq in self._exchanges or self._closed)
+                self._registry.wait_for(
+                    lambda: seq in self._exchanges or self._state is GroupState.CLOSED)
                 ex = self._exchanges.get(seq)
             if ex is None:
                 # Closed, and only then: a spent group keeps its links open until its rank
                 # closes, so that no neighbour takes it for a lost one. The goodbye tells the
                 # right neighbour this is an orderly end, not a broken link.
-                yield wire.encode(seq, 0, 0, wire.FLOAT32, goodbye=True)
+                yield wire.encode(seq, 0, 0, wire.FLOAT32, goodbye=True,
+                                  reason=self._closing_reason())
                 return
             c = ex.plan.chunks_per_segment
             for i in range(ex.plan.messages):
@@ -255,16 +271,17 @@ class GrpcExchange:
                 if ex is not None:
                     ex.mark_sent()
         except grpc.RpcError as err:
-            if err.code() == grpc.StatusCode.CANCELLED and (self._closed or self._broken):
+            if err.code() == grpc.StatusCode.CANCELLED and self._state is not GroupState.READY:
                 return  # we cancelled it: closing, or abandoning a failed all-reduce
             if self._right_closed:
                 right = self._name((self.rank + 1) % self.size)
-                self._link_lost(PeerLostError(f"{right} closed its exchange (seen by rank "
-                                              f"{self.rank})"), incoming=False, broken=False)
+                # A spent group's neighbour says what spent it: that is the cause to report.
+                cause = self._right_reason or f"{right} closed its exchange (seen by rank {self.rank})"
+                self.link_lost(PeerLostError(cause), incoming=False, broken=False)
             else:
-                self._link_lost(self._send_error(err), incoming=False)
+                self.link_lost(self._send_error(err), incoming=False)
 
-    def _link_lost(self, error: HerdError, incoming: bool, broken: bool = True) -> None:
+    def link_lost(self, error: HerdError, incoming: bool, broken: bool = True) -> None:
         """A link ended: the one from the left (``incoming``) or the one to the right.
 
         An all-reduce in flight that still needs it fails, and its caller tells the peers why.
@@ -276,16 +293,17 @@ class GrpcExchange:
         failed all-reduce.
         """
         with self._registry:
-            if self._closed:
+            if self._state is GroupState.CLOSED:
                 return
             waiting = [ex for ex in self._exchanges.values()
                        if (ex.received < ex.plan.messages if incoming else not ex.sent)]
             for ex in waiting:
                 ex.fail(error)
-            first = not waiting and self._broken is None
+            # With an all-reduce failing, its caller spends the group (_abandon); without one,
+            # only a ready group changes here: a later, quieter end must not look announced.
+            first = not waiting and self._state is GroupState.READY
             if first:
-                self._broken = error
-                self._announced = broken
+                self._advance(GroupState.SPENT_ANNOUNCED if broken else GroupState.SPENT, error)
             self._registry.notify_all()
         if first:
             self._log.info("exchange_link_ended", error=error.message)
@@ -295,16 +313,24 @@ class GrpcExchange:
     def _abandon(self, ex: Exchange) -> None:
         """Mark the group spent and tell every peer why, then drop our link."""
         with self._registry:
-            first = self._broken is None
-            if first:
-                self._broken = ex.error
-            self._announced = True
+            first = self._advance(GroupState.SPENT_ANNOUNCED, ex.error)
         self._log.warning("exchange_failed", seq=ex.seq, error=ex.error.message,
                           received=ex.received, messages=ex.plan.messages, first=first)
         # Before cancelling our link, even when another rank saw the failure first: the right
         # neighbour may see our cancel before that rank's Abort, and would blame us.
         self._tell_peers(ex.seq, ex.error, wait=True)
         self._link.cancel()
+
+    def _advance(self, to: GroupState, error: HerdError | None = None) -> bool:
+        """The group's one transition: its state only moves forward, so a later, lesser event
+        never undoes an earlier one (an Abort after close, a quiet end after an announced one).
+        The error that first spends the group is its cause. Caller holds ``_registry``. Returns
+        True when this call spent a ready group."""
+        first = self._state is GroupState.READY and to is not GroupState.READY
+        if first and to is not GroupState.CLOSED:
+            self._error = error
+        self._state = max(self._state, to)
+        return first and to is not GroupState.CLOSED
 
     def _tell_peers(self, seq: int, error: HerdError, wait: bool) -> None:
         """Abort every peer with ``error``; best effort, a short deadline each."""
@@ -351,135 +377,60 @@ class GrpcExchange:
                              f"rank {self.rank}: waiting on {self._name(waiting)} "
                              f"({ex.received}/{ex.plan.messages} chunks in)", hint=hint)
 
-    # ---- the server side ---------------------------------------------------------------------
+    # ---- what the server half reports (worker/exchange/grpc/server.py) ----------------------
 
-    def _serve(self) -> grpc.Server:
-        handlers = {
-            "Hello": grpc.unary_unary_rpc_method_handler(
-                self._on_hello, request_deserializer=pb.HelloRequest.FromString,
-                response_serializer=pb.HelloReply.SerializeToString),
-            # Hand-decoded so the payload is a view of the received bytes (grpc_exchange_wire.py).
-            "Link": grpc.stream_stream_rpc_method_handler(
-                self._on_link, request_deserializer=wire.decode,
-                response_serializer=pb.PushChunksReply.SerializeToString),
-            "Abort": grpc.unary_unary_rpc_method_handler(
-                self._on_abort, request_deserializer=pb.AbortRequest.FromString,
-                response_serializer=pb.AbortReply.SerializeToString),
-            "Bye": grpc.unary_unary_rpc_method_handler(
-                self._on_bye, request_deserializer=pb.ByeRequest.FromString,
-                response_serializer=pb.ByeReply.SerializeToString),
-        }
-        self._pool = futures.ThreadPoolExecutor(max_workers=self.size + 4,
-                                                thread_name_prefix="exchange")
-        server = grpc.server(
-            self._pool,
-            handlers=[grpc.method_handlers_generic_handler(SERVICE, handlers)],
-            interceptors=[self._refusals],
-            options=SERVER_OPTIONS,
-        )
-        address = self.peers[self.rank]
-        try:
-            bound = server.add_insecure_port(address)
-        except RuntimeError:
-            bound = 0
-        if not bound:
-            raise HerdError(f"rank {self.rank} cannot listen on {address}",
-                            hint="the port is taken or the host is not this machine's address")
-        server.start()
-        return server
-
-    def _on_hello(self, request: pb.HelloRequest, context) -> pb.HelloReply:
-        return pb.HelloReply(rank=self.rank, world_size=self.size)
-
-    def _on_abort(self, request: pb.AbortRequest, context) -> pb.AbortReply:
-        error = PeerLostError(request.reason)
+    def aborted_by_peer(self, rank: int, seq: int, reason: str) -> None:
+        """A peer's Abort: the group is spent, and all-reduce ``seq`` and later ones fail."""
+        error = PeerLostError(reason)
         with self._registry:
-            if self._broken is None:
-                self._broken = error
-                self._log.warning("exchange_aborted_by_peer", by=request.rank, seq=request.seq,
-                                  reason=request.reason)
-            self._announced = True  # the sender tells every peer
+            if self._advance(GroupState.SPENT_ANNOUNCED, error):  # the sender tells every peer
+                self._log.warning("exchange_aborted_by_peer", by=rank, seq=seq, reason=reason)
             for ex in self._exchanges.values():
-                if ex.seq >= request.seq:  # an earlier all-reduce may still finish
+                if ex.seq >= seq:  # an earlier all-reduce may still finish
                     ex.fail(error)
             self._registry.notify_all()
-        return pb.AbortReply()
 
-    def _on_bye(self, request: pb.ByeRequest, context) -> pb.ByeReply:
-        if request.rank == (self.rank + 1) % self.size:
+    def said_bye(self, rank: int, reason: str) -> None:
+        """A neighbour is closing its exchange; the right one's end of our link is then orderly.
+        ``reason``: why its group was spent, if it was (the cause to report, not its close)."""
+        if rank == (self.rank + 1) % self.size:
+            self._right_reason = reason
             self._right_closed = True
-        return pb.ByeReply()
 
-    def _on_link(self, requests, context):
-        """The left neighbour's link: apply its chunks, reply once per completed all-reduce."""
-        left = self._name((self.rank - 1) % self.size)
-        hint = "the rank process died or its machine dropped off the network"
+    def _closing_reason(self) -> str:
+        """What this rank's Bye and goodbye say: the cause that spent its group, if one did. A
+        neighbour that hears of the cause only from our close (its Abort lost or late) then
+        names the real culprit, not us."""
+        return self._error.message if self._error is not None else ""
 
-        def broke(how: str) -> PeerLostError:
-            during = f" during all-reduce #{ex.seq} ({ex.received}/{ex.plan.messages} chunks in)"
-            return PeerLostError(f"lost {left}: its link {how}{during if ex else ''} "
-                                 f"(seen by rank {self.rank})", hint=hint)
-
-        ex = None
-        try:
-            for chunk in requests:
-                if chunk.goodbye:  # the left closed its exchange, after its last all-reduce
-                    if ex is not None:
-                        ex.fail(PeerLostError(f"{left} closed its exchange during all-reduce "
-                                              f"#{ex.seq} (seen by rank {self.rank})"))
-                    self._link_lost(PeerLostError(f"{left} closed its exchange "
-                                                  f"(seen by rank {self.rank})"),
-                                    incoming=True, broken=False)
-                    return
-                if ex is None:
-                    ex = self._await_exchange(chunk.seq, context)
-                if ex.error is not None:
-                    context.abort(grpc.StatusCode.ABORTED, ex.error.message)
-                ex.apply_incoming(chunk)
-                if ex.received == ex.plan.messages:
-                    yield pb.PushChunksReply(seq=ex.seq, received=ex.received)
-                    ex = None
-        except GeneratorExit:  # grpcio dropped this handler: the call was cancelled mid-reply
-            self._link_lost(broke("broke"), incoming=True)
-            raise
-        except grpc.RpcError:
-            self._link_lost(broke("broke"), incoming=True)
-            return
-        except HerdError as e:
-            ex.fail(e)
-            context.abort(grpc.StatusCode.ABORTED, f"rank {self.rank}: {e.message}")
-        # The stream ended without a goodbye: the left rank died (grpcio may end a broken stream
-        # this way rather than with an error).
-        self._link_lost(broke("ended without a goodbye"), incoming=True)
-
-    def _await_exchange(self, seq: int, context) -> Exchange:
-        """The local all-reduce ``seq``; the left neighbour may start before this rank does."""
+    def exchange_for(self, seq: int) -> Exchange | str:
+        """The local all-reduce ``seq`` (the left neighbour may start before this rank does), or
+        why there is none."""
         with self._registry:
             self._registry.wait_for(
-                lambda: seq in self._exchanges or self._closed or self._broken is not None
+                lambda: seq in self._exchanges or self._state is not GroupState.READY
                 or seq < self._seq,
                 timeout=self.timeout_s,
             )
             ex = self._exchanges.get(seq)
-        if ex is None:
-            me = self._name(self.rank)
-            if self._closed:
-                reason = f"{me} closed its exchange before all-reduce #{seq}"
-            elif self._broken is not None:
-                reason = self._broken.message
-            else:
-                reason = f"{me} did not start all-reduce #{seq} within {self.timeout_s:g}s"
-            context.abort(grpc.StatusCode.ABORTED, reason)
-        return ex
+            state, error = self._state, self._error
+        if ex is not None:
+            return ex
+        me = self._name(self.rank)
+        if state is GroupState.CLOSED:
+            return f"{me} closed its exchange before all-reduce #{seq}"
+        if error is not None:
+            return error.message
+        return f"{me} did not start all-reduce #{seq} within {self.timeout_s:g}s"
 
     # ---- shutdown ----------------------------------------------------------------------------
 
     def close(self) -> None:
         """Stop serving and drop the channels; idempotent. In-flight all-reduces fail."""
         with self._registry:
-            if self._closed:  # under the lock: the exit hook may race another closer
-                return
-            self._closed = True
+            if self._state is GroupState.CLOSED:  # under the lock: the exit hook may race
+                return  # another closer
+            self._advance(GroupState.CLOSED)
             for ex in self._exchanges.values():
                 ex.fail(PeerLostError(f"the grpc exchange of rank {self.rank} was closed"))
             self._registry.notify_all()  # the link's request stream ends: a half-close
@@ -487,7 +438,8 @@ class GrpcExchange:
             # The left neighbour's link to us ends with our server: say it is orderly first.
             left = self._channels.get((self.rank - 1) % self.size)
             try:
-                unary(left, "Bye")(pb.ByeRequest(rank=self.rank), timeout=0.5)
+                unary(left, "Bye")(pb.ByeRequest(rank=self.rank, reason=self._closing_reason()),
+                                   timeout=0.5)
             except grpc.RpcError:
                 pass  # best effort: that neighbour is gone, or finds out by itself
             # The right neighbour ends our link once it sees the goodbye; bounded, for a

@@ -24,7 +24,7 @@ WIRE_DTYPES = {"float32": FLOAT32, "bfloat16": BFLOAT16}
 ITEMSIZE = {FLOAT32: 4, BFLOAT16: 2}
 
 # Field numbers and wire types of PushChunksRequest.
-_SEQ, _INDEX, _ELEMENTS, _DTYPE, _GOODBYE, _DATA = 1, 2, 3, 4, 5, 15
+_SEQ, _INDEX, _ELEMENTS, _DTYPE, _GOODBYE, _REASON, _DATA = 1, 2, 3, 4, 5, 6, 15
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
 _DATA_KEY = bytes([(_DATA << 3) | _LEN])
 
@@ -39,6 +39,7 @@ class Chunk:
     dtype: int
     data: memoryview
     goodbye: bool = False  # the sender closed its exchange: the link's last message
+    reason: str = ""  # on a goodbye: why the sender's group was spent, if it was
 
 
 def _put_varint(out: bytearray, value: int) -> None:
@@ -62,7 +63,7 @@ def _get_varint(buf: bytes, pos: int) -> tuple[int, int]:
 
 
 def encode(seq: int, index: int, elements: int, dtype: int, data=b"",
-           goodbye: bool = False) -> bytes:
+           goodbye: bool = False, reason: str = "") -> bytes:
     """Serialize a PushChunksRequest; ``data`` is any buffer (a numpy array is not copied twice).
 
     Fields equal to their default are left out, as proto3 does.
@@ -74,6 +75,11 @@ def encode(seq: int, index: int, elements: int, dtype: int, data=b"",
         if value:
             head.append((field << 3) | _VARINT)
             _put_varint(head, value)
+    if reason:
+        text = reason.encode()
+        head.append((_REASON << 3) | _LEN)
+        _put_varint(head, len(text))
+        head += text
     view = memoryview(data).cast("B")
     if view.nbytes:
         head += _DATA_KEY
@@ -85,6 +91,7 @@ def decode(raw: bytes) -> Chunk:
     """Parse a PushChunksRequest; unknown fields are skipped, as protobuf does."""
     values = {_SEQ: 0, _INDEX: 0, _ELEMENTS: 0, _DTYPE: 0, _GOODBYE: 0}
     data = memoryview(b"")
+    reason = ""
     view = memoryview(raw)
     pos, end = 0, len(raw)
     while pos < end:
@@ -100,6 +107,8 @@ def decode(raw: bytes) -> Chunk:
                 raise ValueError("truncated PushChunksRequest")
             if field == _DATA:
                 data = view[pos : pos + length]
+            elif field == _REASON:
+                reason = bytes(view[pos : pos + length]).decode(errors="replace")
             pos += length
         elif wire_type == _I64:
             pos += 8
@@ -108,7 +117,7 @@ def decode(raw: bytes) -> Chunk:
         else:
             raise ValueError(f"unsupported wire type {wire_type} in PushChunksRequest")
     return Chunk(values[_SEQ], values[_INDEX], values[_ELEMENTS], values[_DTYPE], data,
-                 bool(values[_GOODBYE]))
+                 bool(values[_GOODBYE]), reason)
 
 
 def to_bfloat16(x: np.ndarray) -> np.ndarray:
