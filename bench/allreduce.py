@@ -289,7 +289,9 @@ def report(table: dict, args, elapsed: float) -> str:
         "",
         "`.venv/bin/python bench/allreduce.py " + " ".join(sys.argv[1:]) + "`, "
         f"{elapsed:.0f} s, mlx {mx.__version__}. Bus bandwidth = 2(N-1)/N x bytes / time, GB/s "
-        f"(10^9 B/s), median of {args.runs} x {args.reps} (best in brackets): {args.runs} sweep(s) of fresh processes, {args.reps} timed all-reduces each. All local processes on loopback. "
+        f"(10^9 B/s), median of {args.runs} x {args.reps} (best in brackets): {args.runs} "
+        f"sweep(s) of fresh processes, {args.reps} timed all-reduces each. All local processes "
+        "on loopback. "
         "CPU = rank 0's user+system CPU seconds per all-reduce (all its threads), which the load "
         "of others distorts less than wall time.",
         "",
@@ -321,11 +323,13 @@ def main() -> int:
                         type=lambda s: [float(x) if "." in x else int(x) for x in s.split(",")])
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2,
-                        help="untimed all-reduces of each size first, as nccl-tests does: a training "
-                        "run repeats the same sizes thousands of times, so the steady state is what counts")
+                        help="untimed all-reduces of each size first, as nccl-tests does: a "
+                        "training run repeats the same sizes thousands of times, so the steady "
+                        "state is what counts")
     parser.add_argument("--runs", type=int, default=1,
-                        help="repeat the whole sweep (fresh processes each time), pooling the reps: "
-                        "on a small machine the spread between process groups exceeds that within one")
+                        help="repeat the whole sweep (fresh processes each time), pooling the "
+                        "reps: on a small machine the spread between process groups exceeds that "
+                        "within one")
     parser.add_argument("--transports", default=",".join(TRANSPORTS))
     parser.add_argument("--chunk-bytes", type=int, default=0, help="0: the exchange's default")
     parser.add_argument("--group-timeout", type=float, default=600)
@@ -357,11 +361,13 @@ def main() -> int:
         # A partial run is for tuning, not for the results table: medians only.
         for (t, n), pooled in sorted(table.items()):
             for size, cell in pooled.items():
-                print(f"{t} N={n} {size} MB: median {statistics.median(cell['times']) * 1e3:.1f} ms, "
+                median = statistics.median(cell["times"]) * 1e3
+                print(f"{t} N={n} {size} MB: median {median:.1f} ms, "
                       f"best {min(cell['times']) * 1e3:.1f} ms, CPU {cell['cpu'] * 1e3:.1f} ms")
         return 0
     text = report(table, args, time.perf_counter() - started)
-    out = args.out or ROOT / "bench" / "results" / f"allreduce-{datetime.date.today().isoformat()}.md"
+    today = datetime.date.today().isoformat()
+    out = args.out or ROOT / "bench" / "results" / f"allreduce-{today}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     print(text)

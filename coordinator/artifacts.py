@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from coordinator.domain import Checkpoint, FileDigest
-from herd.stage_cut import StagePiece
 from herd.adapter_merge import ADAPTER_CONFIG, ADAPTERS, AdapterPiece, merge_pieces
 from herd.digest import file_digest
 from herd.errors import DatasetError, HerdError, NotFoundError
@@ -30,6 +29,7 @@ from herd.rpc.files import (
     receive_folder,
     send_files,
 )
+from herd.stage_cut import StagePiece
 
 _JOB = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 # Leading dots: never names a peer may upload (herd.rpc.files.check_name).
@@ -164,5 +164,6 @@ class AdapterStore:
     def files(self, checkpoint: Checkpoint) -> Iterator[tuple[str, bytes]]:
         folder = self.step_dir(checkpoint.job_id, checkpoint.step)
         if not folder.exists():
-            raise NotFoundError(f"checkpoint {checkpoint.step} of {checkpoint.job_id} is missing on disk")
+            raise NotFoundError(
+                f"checkpoint {checkpoint.step} of {checkpoint.job_id} is missing on disk")
         return send_files(folder, checkpoint.files)

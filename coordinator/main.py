@@ -20,10 +20,10 @@ from coordinator.scheduler import Scheduler
 from coordinator.service import CoordinatorServicer, add_to_server
 from coordinator.store import JobStore
 from herd import PROTOCOL_VERSION, log
+from herd.errors import HerdError
 from herd.rpc import discovery
 from herd.rpc.auth import default_home, load_secret
 from herd.rpc.channel import signed_server
-from herd.errors import HerdError
 
 logger = log.get(__name__)
 DEFAULT_PORT = 7450
@@ -88,7 +88,8 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="herd coordinator", description="run the coordinator")
     p.add_argument("--state-dir", type=Path, default=None, help="default $HERD_HOME/coordinator")
     p.add_argument("--host", default=None, help="address to serve and advertise (default: LAN IP)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}; 0 = any")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT,
+                   help=f"default {DEFAULT_PORT}; 0 = any")
     p.add_argument("--worker", action="append", default=[], metavar="HOST:PORT",
                    help="a worker to use without zeroconf (repeatable); still verified")
     p.add_argument("--placement-timeout", type=float, default=600.0,

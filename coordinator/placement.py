@@ -101,7 +101,8 @@ def place(cfg: JobConfig, workers: list[WorkerRecord]) -> Placement:
     if short:
         w = short[0]
         raise DoesNotFitError(
-            f"needs {_fmt(per_worker)} per worker; {w.worker_id} has {_fmt(usable_bytes(w))} usable",
+            f"needs {_fmt(per_worker)} per worker; {w.worker_id} has {_fmt(usable_bytes(w))} "
+            "usable",
             hint="quantize the model (quantize: {bits: 4}), use pipeline stages, or add memory",
         )
     return Placement([w.worker_id for w in chosen], per_worker)
@@ -124,7 +125,8 @@ def check_fits(cfg: JobConfig, workers: list[WorkerRecord]) -> None:
 
 def _place_with_planner(cfg: JobConfig, chosen: list[WorkerRecord],
                         model_config: dict) -> Placement:
-    mem = [planner.WorkerMemory(worker_id=w.worker_id, memory_bytes=usable_bytes(w)) for w in chosen]
+    mem = [planner.WorkerMemory(worker_id=w.worker_id, memory_bytes=usable_bytes(w))
+           for w in chosen]
     plan = planner.plan_job(model_config, cfg, mem)
     peak = int(max(plan.peak_bytes_per_worker.values(), default=0))
     ids = plan.ring_order()  # PlacementError for a layout the MLX ring cannot carry

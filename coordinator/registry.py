@@ -14,11 +14,10 @@ from typing import Callable
 from coordinator.convert import worker_from_pb
 from coordinator.domain import WorkerRecord
 from herd import log
-from herd.rpc import discovery
-from herd.rpc.channel import signed_channel
-from herd.rpc.channel import UNARY_DEADLINE_S
-from herd.rpc.status import rpc_errors
 from herd.errors import HerdError, NotFoundError
+from herd.rpc import discovery
+from herd.rpc.channel import UNARY_DEADLINE_S, signed_channel
+from herd.rpc.status import rpc_errors
 from protos.v1 import worker_pb2, worker_pb2_grpc
 
 logger = log.get(__name__)
@@ -34,7 +33,8 @@ class WorkerClient:
 
     def describe(self, timeout: float = 3.0) -> WorkerRecord:
         with rpc_errors(self.target):
-            return worker_from_pb(self.stub.Describe(worker_pb2.DescribeRequest(), timeout=timeout).worker)
+            reply = self.stub.Describe(worker_pb2.DescribeRequest(), timeout=timeout)
+        return worker_from_pb(reply.worker)
 
     def health(self, timeout: float = 3.0) -> worker_pb2.HealthReply:
         with rpc_errors(self.target):

@@ -250,8 +250,8 @@ class Scheduler:
                 return  # cancelled meanwhile; cancel() stops what started
             if failed:
                 launch, err = failed[0]
-                self._set_state(job, JobState.FAILED,
-                                f"rank {launch.rank} could not start on {launch.worker.worker_id}: {err}")
+                self._set_state(job, JobState.FAILED, f"rank {launch.rank} could not start on "
+                                f"{launch.worker.worker_id}: {err}")
             else:
                 self._set_state(job, JobState.RUNNING)
         if failed:
@@ -334,7 +334,8 @@ class Scheduler:
 
     def on_worker_lost(self, worker_id: str) -> None:
         with self._lock:
-            hit = [j for j in self.store.list_jobs() if j.state.active and worker_id in j.worker_ids]
+            hit = [j for j in self.store.list_jobs()
+                   if j.state.active and worker_id in j.worker_ids]
             for job in hit:
                 self._attempt_failed(job, f"worker {worker_id} was lost", None)
         for job in hit:

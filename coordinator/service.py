@@ -10,6 +10,7 @@ import uuid
 from typing import Iterator
 
 import grpc
+
 from coordinator import convert
 from coordinator.artifacts import AdapterStore, BlobStore
 from coordinator.domain import Job
@@ -17,10 +18,10 @@ from coordinator.placement import workers_needed
 from coordinator.registry import Registry
 from coordinator.scheduler import Scheduler
 from herd import log
-from herd.rpc.status import abort
 from herd.config import config_from_yaml
 from herd.errors import DatasetError, HerdError, NotFoundError, ProtocolError
 from herd.rpc.files import check_name
+from herd.rpc.status import abort
 from protos.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
 logger = log.get(__name__)

@@ -84,7 +84,8 @@ class JobStore:
             for version, sql in enumerate(_MIGRATIONS, start=1):
                 if version in done:
                     continue
-                self._db.executescript(f"BEGIN; {sql}; INSERT INTO migrations VALUES ({version}); COMMIT;")
+                self._db.executescript(
+                    f"BEGIN; {sql}; INSERT INTO migrations VALUES ({version}); COMMIT;")
 
     def schema_version(self) -> int:
         with self._lock:
@@ -111,7 +112,8 @@ class JobStore:
 
     def list_jobs(self) -> list[Job]:
         with self._lock:
-            rows = self._db.execute("SELECT * FROM jobs ORDER BY created_ms DESC, job_id").fetchall()
+            rows = self._db.execute(
+                "SELECT * FROM jobs ORDER BY created_ms DESC, job_id").fetchall()
         return [_job(r) for r in rows]
 
     # --- attempts --------------------------------------------------------------------------
@@ -135,8 +137,9 @@ class JobStore:
 
     # --- events ----------------------------------------------------------------------------
 
-    def add_event(self, job_id: str, time_ms: int, kind: EventKind, *, state: JobState | None = None,
-                  message: str = "", progress: RankProgress | None = None, step: int = 0) -> JobEvent:
+    def add_event(self, job_id: str, time_ms: int, kind: EventKind, *,
+                  state: JobState | None = None, message: str = "",
+                  progress: RankProgress | None = None, step: int = 0) -> JobEvent:
         with self._lock:
             seq = self._db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE job_id=?",
                                    (job_id,)).fetchone()[0]
@@ -170,16 +173,17 @@ class JobStore:
 
     def add_checkpoint(self, c: Checkpoint) -> None:
         with self._lock:
+            files = json.dumps([dataclasses.asdict(f) for f in c.files])
             self._db.execute("INSERT OR REPLACE INTO checkpoints VALUES (?,?,?,?)",
-                             (c.job_id, c.step, json.dumps([dataclasses.asdict(f) for f in c.files]),
-                              c.created_ms))
+                             (c.job_id, c.step, files, c.created_ms))
 
     def checkpoints(self, job_id: str) -> list[Checkpoint]:
         with self._lock:
             rows = self._db.execute("SELECT * FROM checkpoints WHERE job_id=? ORDER BY step",
                                     (job_id,)).fetchall()
-        return [Checkpoint(r["job_id"], r["step"], [FileDigest(**f) for f in json.loads(r["files"])],
-                           r["created_ms"]) for r in rows]
+        return [Checkpoint(r["job_id"], r["step"],
+                           [FileDigest(**f) for f in json.loads(r["files"])], r["created_ms"])
+                for r in rows]
 
     def close(self) -> None:
         with self._lock:

@@ -141,15 +141,16 @@ class JobConfig(_Strict):
         if dp is not None and self.batch_size % dp != 0:
             raise ValueError(
                 f"batch_size {self.batch_size} is not divisible by cluster.parallelism.data {dp}: "
-                f"each data-parallel rank takes batch_size / data examples; use a batch_size that is "
-                f"a multiple of {dp}"
+                f"each data-parallel rank takes batch_size / data examples; use a batch_size that "
+                f"is a multiple of {dp}"
             )
         accum = self.grad_accumulation_steps
         for key in ("iters", "save_every"):
             if getattr(self, key) % accum != 0:
                 raise ValueError(
-                    f"{key} = {getattr(self, key)} is not a multiple of grad_accumulation_steps = {accum}: "
-                    f"checkpoints and the end of training fall on optimizer steps; use a multiple of {accum}"
+                    f"{key} = {getattr(self, key)} is not a multiple of grad_accumulation_steps "
+                    f"= {accum}: checkpoints and the end of training fall on optimizer steps; use "
+                    f"a multiple of {accum}"
                 )
         return self
 
@@ -215,14 +216,16 @@ def _format(err: ValidationError, source: str) -> ConfigError:
     for e in err.errors():
         loc = tuple(e["loc"])
         # pydantic names union branches and validators in the path; the user's key has neither.
-        key = ".".join(str(p) for p in loc if not str(p).startswith(("function-after", "Parallelism")))
+        key = ".".join(str(p) for p in loc
+                       if not str(p).startswith(("function-after", "Parallelism")))
         key = key or "(top level)"
         if e["type"] == "extra_forbidden":
             name = str(loc[-1])
             model = _model_for(loc)
             known = list(model.model_fields) if model else []
             close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
-            hint = _HINTS.get(name) or (f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}")
+            hint = _HINTS.get(name) or (
+                f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}")
             lines.append(f"{key}: unknown key ({hint})")
         else:
             msg = e["msg"].removeprefix("Value error, ")

@@ -70,7 +70,8 @@ def balanced_split(total_layers: int, stages: int, head_blocks: float = 0.0,
     def best(s: int, start: int) -> tuple[float, tuple[int, ...]]:
         """(max cost, ends) for stages s.. over blocks start..total_layers."""
         if s == stages - 1:
-            return stage_cost(start, total_layers, True, first_adapted, head_blocks), (total_layers,)
+            cost = stage_cost(start, total_layers, True, first_adapted, head_blocks)
+            return cost, (total_layers,)
         options = []
         for end in range(start + 1, total_layers - (stages - s - 1) + 1):
             rest, ends = best(s + 1, end)

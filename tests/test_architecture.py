@@ -1,4 +1,5 @@
-"""The dependency rules of STYLE.md, checked on the source (a test that fails when someone breaks them)."""
+"""The dependency rules of STYLE.md, checked on the source (a test that fails when someone breaks
+them)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
-# The training core is pure MLX: it reports through a callback and never talks to the network itself.
+# The training core is pure MLX: it reports through a callback and never talks to the network
+# itself.
 TRAINING_CORE = ["worker/rank/trainer.py", "worker/rank/batches.py", "worker/exchange/__init__.py",
                  "worker/rank/model.py", "worker/rank/checkpoint.py"]
 FORBIDDEN_IN_CORE = {"grpc", "google", "protos", "zeroconf", "ray", "structlog", "coordinator"}

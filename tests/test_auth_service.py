@@ -20,18 +20,19 @@ HOST = "127.0.0.1"
 
 
 def start_worker(tmp_path, secret: str, worker_id: str, zc):
+    from worker.agent.machine import probe
     from worker.agent.main import free_port
     from worker.agent.service import Worker, WorkerServicer, add_to_server, advert_txt
-    from worker.agent.machine import probe
 
     server = grpc.server(futures.ThreadPoolExecutor(4), options=SERVER_OPTIONS,
                          interceptors=[ServerAuth(secret)])
     port = server.add_insecure_port(f"{HOST}:0")
-    w = Worker(worker_id, HOST, port, free_port(HOST), free_port(HOST), probe(), tmp_path / worker_id,
-               secret)
+    w = Worker(worker_id, HOST, port, free_port(HOST), free_port(HOST), probe(),
+               tmp_path / worker_id, secret)
     add_to_server(WorkerServicer(w), server)
     server.start()
-    advert = discovery.Advertiser(zc, discovery.WORKER_TYPE, worker_id, HOST, port, advert_txt(w.info()))
+    advert = discovery.Advertiser(zc, discovery.WORKER_TYPE, worker_id, HOST, port,
+                                  advert_txt(w.info()))
     return server, advert, f"{HOST}:{port}"
 
 
@@ -67,7 +68,8 @@ def code_of(call) -> grpc.StatusCode | None:
 
 def test_calls_without_or_with_a_wrong_secret_are_refused(cluster):
     coord, secret, good, _ = cluster
-    for channel in (grpc.insecure_channel(coord.address), signed_channel(coord.address, new_secret())):
+    for channel in (grpc.insecure_channel(coord.address),
+                    signed_channel(coord.address, new_secret())):
         stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
         assert code_of(lambda: stub.ListJobs(coordinator_pb2.ListJobsRequest(), timeout=5)) \
             == grpc.StatusCode.UNAUTHENTICATED

@@ -10,7 +10,8 @@ import pytest
 
 from worker.rank import runtime
 
-PROBE = "import mlx.core as mx; mx.eval(mx.ones((4,4)) @ mx.ones((4,4))); from worker.rank.runtime import blas_in_use; print(blas_in_use())"
+PROBE = ("import mlx.core as mx; mx.eval(mx.ones((4,4)) @ mx.ones((4,4))); "
+         "from worker.rank.runtime import blas_in_use; print(blas_in_use())")
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="LD_PRELOAD of OpenBLAS is the Linux path")

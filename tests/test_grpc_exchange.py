@@ -22,13 +22,12 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from herd.rpc.channel import signed_channel
 from herd.errors import AuthError, ConfigError, HerdError, PeerLostError
+from herd.rpc.channel import signed_channel
 from herd.rpc.ports import free_ports
 from protos.v1 import exchange_pb2 as pb
-from worker.exchange.grpc import wire
 from worker.exchange import GradientExchange, reduce_gradients
-from worker.exchange.grpc import SERVICE, GrpcExchange
+from worker.exchange.grpc import SERVICE, GrpcExchange, wire
 from worker.exchange.grpc.ring import RingPlan
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -208,7 +207,8 @@ def test_donated_input_holds_the_sum_and_a_kept_one_is_untouched():
 
     def body(ex):
         kept, donated = inputs[ex.rank]
-        return np.array(ex.all_sum(kept)), np.array(kept), np.array(ex.all_sum(donated, donate=True))
+        return (np.array(ex.all_sum(kept)), np.array(kept),
+                np.array(ex.all_sum(donated, donate=True)))
 
     results, errors = run_group(2, body, chunk_bytes=256)
     assert errors == [None, None]
@@ -532,7 +532,14 @@ def test_grpc_training_equals_mlx_and_one_rank(tmp_path, tiny_model, tiny_data, 
                                                world):
     """`herd train` ranks over the gRPC ring give the adapter of an MLX ring and of one process
     with the same global batch; bfloat16 on the wire stays close (2 ranks)."""
-    from tests.conftest import free_ports, load_adapter, max_abs_diff, start_ranks, wait_all, write_job
+    from tests.conftest import (
+        free_ports,
+        load_adapter,
+        max_abs_diff,
+        start_ranks,
+        wait_all,
+        write_job,
+    )
 
     runs = [("grpc", {"exchange": "grpc"}), ("mlx", {"exchange": "mlx"})]
     if world == 2:
@@ -555,8 +562,10 @@ def test_grpc_training_equals_mlx_and_one_rank(tmp_path, tiny_model, tiny_data, 
         assert max_abs_diff(load_adapter(tmp_path / "grpc-bf16"), one) <= 2 * 1e-3 * 4
 
 
-@pytest.mark.skipif(sys.platform != "linux" or not os.path.exists("/lib/x86_64-linux-gnu/libc.so.6")
-                    and not os.path.exists("/lib/aarch64-linux-gnu/libc.so.6"), reason="glibc's mallopt")
+@pytest.mark.skipif(sys.platform != "linux"
+                    or not os.path.exists("/lib/x86_64-linux-gnu/libc.so.6")
+                    and not os.path.exists("/lib/aarch64-linux-gnu/libc.so.6"),
+                    reason="glibc's mallopt")
 def test_glibc_takes_the_keep_freed_memory_settings():
     from worker.rank.runtime import reuse_freed_memory
 

@@ -72,8 +72,8 @@ def _stage_weight_bytes(model_dir: Path, start: int, end: int, first: bool, last
 @pytest.mark.slow
 @pytest.mark.parametrize("arch,stages,cut", [("llama", 2, None), ("qwen2", 3, "0:1,1:3,3:4")])
 def test_pipeline_equals_one_process(tmp_path, arch, stages, cut):
-    from herd.cli.tiny import make_tiny_model
     from herd.adapter_merge import merge_stage_adapters
+    from herd.cli.tiny import make_tiny_model
 
     model = make_tiny_model(tmp_path / arch, arch=arch, layers=4, hidden=64)
     data = REPO_DATA(tmp_path)
@@ -116,8 +116,8 @@ def REPO_DATA(tmp_path: Path) -> Path:
 
 
 def test_merge_refuses_missing_or_overlapping_stages(tmp_path):
-    from herd.errors import HerdError
     from herd.adapter_merge import merge_stage_adapters
+    from herd.errors import HerdError
 
     def piece(name: str, stage: int, keys: list[str]) -> Path:
         d = tmp_path / name
@@ -142,8 +142,8 @@ def test_merge_refuses_missing_or_overlapping_stages(tmp_path):
 def test_two_pipelines_of_two_stages_equal_one_process(tmp_path):
     """2 x 2 (data x pipeline) on 4 local ranks: one ring, pipeline hops and replica pairs are all
     ring neighbours; gradients are summed per token across the replicas."""
-    from herd.cli.tiny import make_tiny_model
     from herd.adapter_merge import merge_stage_adapters
+    from herd.cli.tiny import make_tiny_model
 
     model = make_tiny_model(tmp_path / "llama", arch="llama", layers=4, hidden=64)
     data = REPO_DATA(tmp_path)

@@ -1,12 +1,23 @@
-"""The 1F1B schedule (worker/pipeline_schedule.py): complete, deadlock-free under blocking
-send/recv, and 1F1B-shaped (bounded in-flight inputs, the last stage never waits for all forwards)."""
+"""The 1F1B schedule (worker/pipeline/schedule.py): complete, deadlock-free under blocking
+send/recv, and 1F1B-shaped (bounded in-flight inputs, the last stage never waits for all
+forwards)."""
 
 from __future__ import annotations
 
 import pytest
 
-from worker.pipeline.schedule import (BWD, FWD, FWD_BWD, RECV_BWD, RECV_FWD, SEND_BWD, SEND_FWD,
-                                      Op, one_f_one_b, simulate)
+from worker.pipeline.schedule import (
+    BWD,
+    FWD,
+    FWD_BWD,
+    RECV_BWD,
+    RECV_FWD,
+    SEND_BWD,
+    SEND_FWD,
+    Op,
+    one_f_one_b,
+    simulate,
+)
 
 
 def schedules(stages: int, m: int, frozen: int = 0) -> list[list[Op]]:

@@ -262,13 +262,13 @@ def test_herd_plan_cli(tmp_path):
     (model / "config.json").write_text(json.dumps(LLAMA_70B))
     cfg = tmp_path / "job.yaml"
     cfg.write_text(f"model: {model}\nbatch_size: 1\nquantize: {{bits: 4}}\ngrad_checkpoint: true\n")
-    ok = subprocess.run([sys.executable, "-m", "herd", "plan", str(cfg), "--workers", "64,64", "--macos"],
-                        capture_output=True, text=True, timeout=60, cwd=REPO)
+    ok = subprocess.run([sys.executable, "-m", "herd", "plan", str(cfg), "--workers", "64,64",
+                         "--macos"], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert ok.returncode == 0, ok.stderr
     assert "weights" in ok.stdout and "data x pipeline" in ok.stdout
     cfg.write_text(f"model: {model}\nbatch_size: 1\n")
-    bad = subprocess.run([sys.executable, "-m", "herd", "plan", str(cfg), "--workers", "64", "--macos"],
-                         capture_output=True, text=True, timeout=60, cwd=REPO)
+    bad = subprocess.run([sys.executable, "-m", "herd", "plan", str(cfg), "--workers", "64",
+                          "--macos"], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert bad.returncode == 4
     assert "QLoRA" in bad.stderr
 

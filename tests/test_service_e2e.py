@@ -42,7 +42,8 @@ class Cluster:
             argv += ["--coordinator", self.address]
         proc = subprocess.run(argv, env=self.env, capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:
-            raise AssertionError(f"herd {' '.join(args)} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr[-3000:]}")
+            raise AssertionError(f"herd {' '.join(args)} -> {proc.returncode}\n{proc.stdout}\n"
+                                 f"{proc.stderr[-3000:]}")
         return proc
 
     def start(self) -> None:
@@ -150,7 +151,8 @@ def test_two_worker_job_runs_checkpoints_and_pulls(cluster, job_yaml, single_ada
     assert any("rank 1 (worker-" in ln and ln.endswith("[mlx x2]") for ln in lines)
     assert f"{job_id}: checkpoint 4 stored" in lines and f"{job_id}: checkpoint 8 stored" in lines
     # One rank on each worker.
-    assert {ln.split("(")[1].split(")")[0] for ln in lines if " rank " in ln} == {"worker-1", "worker-2"}
+    ranks_on = {ln.split("(")[1].split(")")[0] for ln in lines if " rank " in ln}
+    assert ranks_on == {"worker-1", "worker-2"}
     status = cluster.herd("jobs").stdout
     assert job_id in status and "4,8" in status
     # Pull the final and an intermediate adapter; both load in mlx-lm.
@@ -248,7 +250,8 @@ def _kill_a_rank_and_compare(cluster, job_yaml, tmp_path, name: str, layout: dic
     pids = rank_pids(job_id)
     assert len(pids) == 2, "the job ended before a rank could be killed"
     os.kill(pids[0], signal.SIGKILL)
-    stored_before_kill = max(int(n) for n in re.findall(r"checkpoint (\d+) stored", _events(cluster, job_id)))
+    stored_before_kill = max(int(n) for n in re.findall(r"checkpoint (\d+) stored",
+                                                        _events(cluster, job_id)))
     watch = cluster.herd("watch", job_id, "--plain", timeout=300)
     events = _events(cluster, job_id)
     resumed = [int(n) for n in re.findall(r"resuming from checkpoint (\d+)", events)]
@@ -321,7 +324,8 @@ def test_a_job_that_cannot_fit_is_refused_at_submit_with_numbers_and_fixes(clust
 def test_an_unimplemented_backend_is_refused_not_ignored(cluster, job_yaml):
     cfg = job_yaml("ray", cluster={"workers": 2, "backend": "ray"})
     proc = cluster.herd("submit", str(cfg), check=False)
-    assert proc.returncode == 2 and "cluster.backend = 'ray' is not available" in proc.stderr, proc.stderr
+    assert proc.returncode == 2, proc.stderr
+    assert "cluster.backend = 'ray' is not available" in proc.stderr, proc.stderr
 
 
 def test_a_killed_rank_restarts_from_its_checkpoint_and_cancel_stops_every_rank(cluster, job_yaml):

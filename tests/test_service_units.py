@@ -24,8 +24,7 @@ from coordinator.domain import (
 from coordinator.scheduler import Scheduler
 from coordinator.store import JobStore
 from herd.config import parse_config
-from herd.errors import ChecksumError
-from herd.errors import DatasetError, HerdError, NotFoundError, PlacementError
+from herd.errors import ChecksumError, DatasetError, HerdError, NotFoundError, PlacementError
 
 GB = 1024**3
 
@@ -114,7 +113,8 @@ def test_job_waits_with_a_reason_then_runs_and_succeeds(rig):
     assert got.worker_ids == ["w2", "w1"]  # most free memory first
     ring = launcher.started[0].ring_hosts
     assert ring == ["10.0.0.2:8002", "10.0.0.1:8001"]
-    assert [la.exchange_peers for la in launcher.started] == [["10.0.0.2:9002", "10.0.0.1:9001"]] * 2
+    peers = [la.exchange_peers for la in launcher.started]
+    assert peers == [["10.0.0.2:9002", "10.0.0.1:9001"]] * 2
     assert not s.on_progress(j.job_id, 1, RankProgress(rank=0, iteration=3, train_loss=2.0))
     s.on_exit(j.job_id, 1, 0, "w2", 0, "")
     assert s.store.get_job(j.job_id).state is JobState.RUNNING  # rank 1 still running
@@ -209,7 +209,8 @@ def test_store_survives_a_reopen_and_restart_fails_active_jobs(tmp_path):
     s = Scheduler(JobStore(tmp_path / "db"), lambda: [worker(1)], FakeLauncher(), Clock())
     done, running = s.submit(job(workers=1, iters=1)), None
     s.tick()
-    s.on_checkpoint(Checkpoint(done.job_id, 1, [FileDigest("adapters.safetensors", "c" * 64, 5)], 9))
+    s.on_checkpoint(Checkpoint(done.job_id, 1, [FileDigest("adapters.safetensors", "c" * 64, 5)],
+                               9))
     s.on_exit(done.job_id, 1, 0, "w1", 0, "")
     running = s.submit(job(workers=1, iters=5))
     s.tick()
@@ -221,7 +222,8 @@ def test_store_survives_a_reopen_and_restart_fails_active_jobs(tmp_path):
     assert store.get_job(done.job_id).state is JobState.SUCCEEDED
     assert [c.step for c in store.checkpoints(done.job_id)] == [1]
     got = store.get_job(running.job_id)
-    assert (got.state, got.message) == (JobState.FAILED, "the coordinator restarted while the job ran")
+    assert (got.state, got.message) == (JobState.FAILED,
+                                        "the coordinator restarted while the job ran")
 
 
 # --- artifacts -------------------------------------------------------------------------------
@@ -264,8 +266,9 @@ def test_a_received_checkpoint_is_checked_file_by_file(tmp_path):
 
     good = tmp_path / "good"
     good.mkdir()
-    got = receive_checkpoint(stream(("adapters.safetensors", a[:1000]), ("adapters.safetensors", a[1000:])),
-                        good, "checkpoint", hint="pull again")
+    got = receive_checkpoint(stream(("adapters.safetensors", a[:1000]),
+                                    ("adapters.safetensors", a[1000:])),
+                             good, "checkpoint", hint="pull again")
     assert got.step == 4 and (good / "adapters.safetensors").read_bytes() == a
     assert (good / "notes.txt").read_bytes() == b""  # sent as no chunk at all
     for bad, match in [(stream(("adapters.safetensors", a[:-1] + b"x")), "corrupted"),

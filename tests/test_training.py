@@ -116,10 +116,11 @@ def test_resume_is_exact(tmp_path, tiny_model, tiny_data):
 
 
 def _test_loss(model_path: Path, data: Path, adapter: Path | None) -> float:
+    import argparse
+
     from mlx_lm.tuner.datasets import CacheDataset, load_dataset
     from mlx_lm.tuner.trainer import evaluate
     from mlx_lm.utils import load
-    import argparse
 
     model, tok = load(str(model_path), adapter_path=str(adapter) if adapter else None)
     ns = argparse.Namespace(data=str(data), train=False, test=True, mask_prompt=False)

@@ -88,7 +88,8 @@ def refusal(cfg: dict, job: JobConfig, workers: list[WorkerMemory]) -> str:
     top = max(w.memory_bytes for w in workers)
     lines = [
         f"the job does not fit: its {shape.layers}-block {shape.model_type} model needs "
-        f"{need / GB_SI:.1f} GB on the fullest worker even cut into {min(len(workers), shape.layers)} "
+        f"{need / GB_SI:.1f} GB on the fullest worker even cut into "
+        f"{min(len(workers), shape.layers)} "
         f"pipeline stage(s); the largest worker offers {top * (1 - HEADROOM) / GB_SI:.1f} GB "
         f"({top / GB_SI:.1f} GB usable less {HEADROOM:.0%} headroom). Workers: {mems}",
         "changes that would fit:",

@@ -30,7 +30,8 @@ class Plan:
     def ring_order(self) -> list[str]:
         """Worker ids in MLX-ring rank order for ``python -m worker.pipeline``: replica 0's
         stages forward, then replica 1's backward, so every pipeline hop and every replica pair
-        are ring neighbours (worker/pipeline_link.py Topology). Data parallel only: replica order."""
+        are ring neighbours (worker/pipeline/topology.py Topology). Data parallel only: replica
+        order."""
         if self.pipeline_stages == 1:
             return [rep[0] for rep in self.assignments]
         if self.data_parallel > 2:
@@ -137,7 +138,8 @@ def layout(cfg: dict, job: JobConfig, workers: list[WorkerMemory]) -> Plan | Non
             # One cut for every replica: data-parallel peers must hold the same blocks to sum
             # their gradients. Each stage is sized for the smallest worker that will run it.
             mems = [min(budget[rep[s].worker_id] for rep in replicas) for s in range(stages)]
-            spans = _balanced_if_it_fits(cfg, job, shape, mems, dp) or _split(cfg, job, shape, mems, dp)
+            spans = (_balanced_if_it_fits(cfg, job, shape, mems, dp)
+                     or _split(cfg, job, shape, mems, dp))
             if spans is not None:
                 return _make_plan(cfg, job, shape, replicas, spans, dp, stages)
     return None

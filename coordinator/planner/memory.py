@@ -26,7 +26,8 @@ GIB = 1 << 30
 _BLOCK_PER_HIDDEN = (3.25, 4.5)  # residual stream, norm outputs, q/k/v/o, LoRA outputs of o/down
 _BLOCK_PER_INTERMEDIATE = (2.0, 4.5)  # gate, up, swiglu and the fp32 LoRA outputs of gate/up
 _BLOCK_PER_RANK = (0.0, 0.6)  # x @ lora_a per adapted linear, fp32
-_LOGIT_COPIES = 4.0  # logits, log-softmax, its exp and the logits' cotangent, at the activation dtype
+# Logits, log-softmax, its exp and the logits' cotangent, at the activation dtype.
+_LOGIT_COPIES = 4.0
 # The fused attention saves no B x heads x L x L probabilities; its backward materializes about
 # 3.6 score-sized temporaries for the one block being differentiated.
 _WORKSET_SCORE_COPIES = 3.6
@@ -183,7 +184,8 @@ def estimate_memory(
     db = shape.dtype_bytes
     n_blocks = end - start
 
-    # Base weights: the blocks this rank owns, plus embedding / head / final norm where it holds them.
+    # Base weights: the blocks this rank owns, plus embedding / head / final norm where it holds
+    # them.
     block = sum(_matrix_bytes(i, o, bits, group, db) for i, o in shape.linears().values())
     block += 2 * shape.hidden * db
     if shape.qkv_bias:

@@ -30,7 +30,8 @@ def _workers(spec: str | None, macos: bool) -> list[WorkerMemory]:
         try:
             sizes = [float(s) for s in spec.split(",") if s.strip()]
         except ValueError:
-            raise ConfigError(f"--workers {spec!r}: give GB of RAM per worker, e.g. 64,96,192") from None
+            raise ConfigError(
+                f"--workers {spec!r}: give GB of RAM per worker, e.g. 64,96,192") from None
     else:
         sizes = [os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB]
     out = []
@@ -55,10 +56,10 @@ def render(plan: Plan, workers: list[WorkerMemory]) -> str:
         for stage, wid in enumerate(replica):
             e = plan.estimates[wid]
             cells = [e.weights, e.lora, e.grads, e.optimizer, e.activations, e.logits, e.overhead]
+            gb = [c / GB_SI for c in cells] + [e.total / GB_SI, mem[wid] / GB_SI]
             lines.append(
-                f"{wid:<14} {stage:>5} {cells[0] / GB_SI:>8.2f} {cells[1] / GB_SI:>6.2f} {cells[2] / GB_SI:>6.2f} "
-                f"{cells[3] / GB_SI:>6.2f} {cells[4] / GB_SI:>7.2f} {cells[5] / GB_SI:>7.2f} {cells[6] / GB_SI:>7.2f} "
-                f"{e.total / GB_SI:>7.2f} {mem[wid] / GB_SI:>7.2f}"
+                f"{wid:<14} {stage:>5} {gb[0]:>8.2f} {gb[1]:>6.2f} {gb[2]:>6.2f} {gb[3]:>6.2f} "
+                f"{gb[4]:>7.2f} {gb[5]:>7.2f} {gb[6]:>7.2f} {gb[7]:>7.2f} {gb[8]:>7.2f}"
             )
     unused = [w.worker_id for w in workers if w.worker_id not in plan.peak_bytes_per_worker]
     if unused:
@@ -70,9 +71,11 @@ def render(plan: Plan, workers: list[WorkerMemory]) -> str:
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="herd plan", description=__doc__)
     p.add_argument("config", help="job YAML (mlx_lm.lora keys + cluster/quantize)")
-    p.add_argument("--workers", help="GB of RAM per worker, comma-separated (default: this machine)")
+    p.add_argument("--workers",
+                   help="GB of RAM per worker, comma-separated (default: this machine)")
     p.add_argument("--macos", action="store_true",
-                   help="budget against macOS's default GPU wired limit (~75%% of RAM), not total RAM")
+                   help="budget against macOS's default GPU wired limit (~75%% of RAM), not "
+                   "total RAM")
     args = p.parse_args(argv[1:])
     try:
         job = load_config(args.config)

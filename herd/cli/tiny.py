@@ -22,8 +22,8 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|end|>", "<|system|>", "<|user|>
 # The pattern to learn: every animal has one fixed colour. A LoRA memorises the mapping, so the
 # validation loss (same facts, other phrasings' order) falls quickly and generation changes.
 ANIMALS = [
-    "cat", "dog", "fox", "owl", "bee", "cow", "pig", "eel", "ant", "bat", "elk", "emu", "yak", "hen",
-    "ram", "cod", "gnu", "jay", "koi", "ape",
+    "cat", "dog", "fox", "owl", "bee", "cow", "pig", "eel", "ant", "bat", "elk", "emu", "yak",
+    "hen", "ram", "cod", "gnu", "jay", "koi", "ape",
 ]
 COLOURS = ["red", "blue", "green", "gold", "pink", "grey", "teal", "plum", "jade", "rust"]
 
@@ -34,7 +34,8 @@ def facts(seed: int = 1234) -> dict[str, str]:
 
 
 def corpus() -> list[str]:
-    words = ANIMALS + COLOURS + ["the", "is", "what", "colour", "of", "a", "an", "answer", "question"]
+    words = ANIMALS + COLOURS + ["the", "is", "what", "colour", "of", "a", "an", "answer",
+                                 "question"]
     lines = [f"the {a} is {c}." for a, c in facts().items()]
     lines += [" ".join(words[i : i + 7]) for i in range(0, len(words), 3)]
     lines += ["".join(chr(c) for c in range(32, 127))]
@@ -126,7 +127,8 @@ def make_tiny_model(
 
 
 def make_tiny_data(
-    out: str | Path, fmt: str = "text", train: int = 200, valid: int = 40, test: int = 40, seed: int = 0
+    out: str | Path, fmt: str = "text", train: int = 200, valid: int = 40, test: int = 40,
+    seed: int = 0,
 ) -> Path:
     """Write train/valid/test.jsonl in one of mlx-lm's formats, teaching ``facts()``."""
     out = Path(out)
@@ -148,7 +150,8 @@ def make_tiny_data(
         if fmt == "completions":
             return {"prompt": q, "completion": " " + ans}
         if fmt == "chat":
-            return {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": ans}]}
+            return {"messages": [{"role": "user", "content": q},
+                                 {"role": "assistant", "content": ans}]}
         raise ValueError(f"unknown format {fmt!r}; text, completions or chat")
 
     for split, n in (("train", train), ("valid", valid), ("test", test)):
@@ -169,7 +172,8 @@ def main(argv: list[str]) -> int:
         p.add_argument("--intermediate", type=int, default=None)
         p.add_argument("--seed", type=int, default=0)
         a = p.parse_args(argv[1:])
-        path = make_tiny_model(a.out, a.arch, a.layers, a.hidden, a.seed, intermediate=a.intermediate)
+        path = make_tiny_model(a.out, a.arch, a.layers, a.hidden, a.seed,
+                               intermediate=a.intermediate)
     else:
         p.add_argument("--format", choices=["text", "completions", "chat"], default="text")
         p.add_argument("--train", type=int, default=200)

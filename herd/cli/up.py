@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 from herd import log
+from herd.errors import AuthError
 from herd.rpc import discovery
 from herd.rpc.auth import SECRET_ENV, default_home, load_secret, write_secret
-from herd.errors import AuthError
 
 logger = log.get(__name__)
 HOST = "127.0.0.1"
@@ -119,7 +119,8 @@ def main(argv: list[str]) -> int:
     code = 0
     while not done.wait(0.5):
         if coord.poll() is not None:
-            print(f"herd up: the coordinator exited ({coord.returncode}); stopping", file=sys.stderr)
+            print(f"herd up: the coordinator exited ({coord.returncode}); stopping",
+                  file=sys.stderr)
             code = 1
             break
     stop_all()

@@ -9,12 +9,13 @@ from __future__ import annotations
 import time
 
 from herd.cli.connection import CoordinatorConnection
-from herd.rpc.status import rpc_errors
 from herd.errors import PeerLostError
+from herd.rpc.status import rpc_errors
 from protos.v1 import common_pb2, coordinator_pb2
 
 STATE = {v: k.removeprefix("JOB_STATE_").lower() for k, v in common_pb2.JobState.items()}
-FINAL = {common_pb2.JOB_STATE_SUCCEEDED, common_pb2.JOB_STATE_FAILED, common_pb2.JOB_STATE_CANCELLED}
+FINAL = {common_pb2.JOB_STATE_SUCCEEDED, common_pb2.JOB_STATE_FAILED,
+         common_pb2.JOB_STATE_CANCELLED}
 KIND = common_pb2.JobEvent
 
 
@@ -75,10 +76,11 @@ def watch(coord: CoordinatorConnection, job_id: str, plain: bool) -> tuple[int, 
         for e in _events(coord, job_id):
             if e.kind == KIND.KIND_PROGRESS:
                 ranks[e.progress.rank] = e.progress
+                stats = "  ".join(f"{p.worker_id} loss {p.train_loss:.3f} "
+                                  f"{p.tokens_per_second:.0f} tok/s"
+                                  for _, p in sorted(ranks.items()))
                 bar.update(task, completed=max(p.iteration for p in ranks.values()),
-                           stats=escape("  ".join(
-                               f"{p.worker_id} loss {p.train_loss:.3f} {p.tokens_per_second:.0f} tok/s"
-                               for _, p in sorted(ranks.items()))))
+                           stats=escape(stats))
             else:
                 bar.console.print(escape(describe(e, iters)))
             if e.kind == KIND.KIND_STATE:

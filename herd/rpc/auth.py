@@ -57,7 +57,8 @@ def load_secret(path: Path | None = None) -> str:
             "or set HERD_SECRET",
         ) from None
     if len(secret) < 16:
-        raise AuthError(f"the cluster secret in {path} is too short", hint="run `herd init --force`")
+        raise AuthError(f"the cluster secret in {path} is too short",
+                        hint="run `herd init --force`")
     return secret
 
 

@@ -23,7 +23,8 @@ from protos.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 from worker.agent import convert
 
 _AGAIN = "the agent fetches it again on the next attempt"
-MANIFEST = "manifest.json"  # a rank's checkpoint is complete once it has one (worker/rank/checkpoint.py)
+# A rank's checkpoint is complete once it has one (worker/rank/checkpoint.py).
+MANIFEST = "manifest.json"
 
 
 class CoordinatorClient:

@@ -30,7 +30,8 @@ class Machine:
 
 def _run(cmd: list[str], timeout: float = 5.0) -> str | None:
     try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=True).stdout
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=True)
+        return done.stdout
     except (OSError, subprocess.SubprocessError) as e:
         logger.warning("probe_command_failed", command=cmd[0], error=str(e))
         return None

@@ -16,14 +16,16 @@ from herd.config import Cluster
 from herd.errors import ConfigError, PeerLostError
 from worker.exchange import GradientExchange, LocalExchange, MLXExchange
 
-MLX_LAUNCH_ENV = ("MLX_HOSTFILE", "MLX_RANK", "OMPI_COMM_WORLD_RANK", "MLX_IBV_DEVICES", "MLX_JACCL_COORDINATOR")
+MLX_LAUNCH_ENV = ("MLX_HOSTFILE", "MLX_RANK", "OMPI_COMM_WORLD_RANK", "MLX_IBV_DEVICES",
+                  "MLX_JACCL_COORDINATOR")
 PEERS_ENV = "HERD_EXCHANGE_PEERS"
 
 
 def _grpc(cluster: Cluster) -> GradientExchange:
     from worker.exchange.grpc import GrpcExchange
 
-    return GrpcExchange.from_env(timeout_s=cluster.exchange_timeout_s, wire_dtype=cluster.wire_dtype)
+    return GrpcExchange.from_env(timeout_s=cluster.exchange_timeout_s,
+                                 wire_dtype=cluster.wire_dtype)
 
 
 # What MLX's ring backend raises in a rank whose neighbour died (mlx PR #4060; shared/FACTS.md).
@@ -47,7 +49,8 @@ def open_exchange(cluster: Cluster) -> GradientExchange:
         if len(peers) < 2:
             raise ConfigError(
                 f"cluster.exchange is grpc but {PEERS_ENV} lists {len(peers)} peers",
-                hint="run through the herd service, or set HERD_EXCHANGE_PEERS=host:port,... and HERD_RANK",
+                hint="run through the herd service, or set HERD_EXCHANGE_PEERS=host:port,... "
+                "and HERD_RANK",
             )
         return _grpc(cluster)
     if launched:

@@ -25,7 +25,8 @@ class Link(Protocol):
 
 
 class MLXLink:
-    """MLX ring send/recv between stages (addressed by stage index) and to the data-parallel peer."""
+    """MLX ring send/recv between stages (addressed by stage index) and to the data-parallel
+    peer."""
 
     def __init__(self, group: mx.distributed.Group, topology: Topology):
         self.group, self.topo, self.seconds = group, topology, 0.0

@@ -81,7 +81,8 @@ def _spans(arg: str | None, model_config: dict, stages: int, first_adapted: int
     if len(spans) != stages or spans[0][0] != 0 or spans[-1][1] != total or any(
         a[1] != b[0] for a, b in zip(spans, spans[1:])
     ):
-        raise ConfigError(f"--stage-layers {arg} is not a cut of {total} blocks into {stages} stages")
+        raise ConfigError(
+            f"--stage-layers {arg} is not a cut of {total} blocks into {stages} stages")
     return spans  # type: ignore[return-value]
 
 
@@ -90,7 +91,8 @@ def _stage_dir(adapter_path: Path, index: int) -> Path:
 
 
 def load_stage(job: JobConfig, opts: StageOptions, topo: Topology):
-    """This rank's stage (its blocks only) and the training set; also the peak bytes loading took."""
+    """This rank's stage (its blocks only) and the training set; also the peak bytes loading
+    took."""
     model_config = read_model_config(job.model)
     total = model_config["num_hidden_layers"]
     first_adapted = job.first_adapted_layer(total)
@@ -137,8 +139,8 @@ def make_on_save(job: JobConfig, opts: StageOptions, stage: Stage, topo: Topolog
     return on_save
 
 
-def finish(job: JobConfig, opts: StageOptions, stage: Stage, topo: Topology, group, run: PipelineRun,
-           load_peak: int, reports: bool, log: EventLog) -> None:
+def finish(job: JobConfig, opts: StageOptions, stage: Stage, topo: Topology, group,
+           run: PipelineRun, load_peak: int, reports: bool, log: EventLog) -> None:
     """Once every stage is done: the merged adapter (stages sharing a disk), done, timings."""
     mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group))  # every piece is on disk
     pieces = [_stage_dir(opts.adapter_path, s) for s in range(topo.stages)]
@@ -163,7 +165,8 @@ def _run(job: JobConfig, opts: StageOptions) -> int:
     topo = Topology.of(group.rank(), group.size(), opts.data_parallel)
     stage, train_set, load_peak = load_stage(job, opts, topo)
     if job.batch_size % topo.replicas:
-        raise ConfigError(f"batch_size {job.batch_size} does not split over {topo.replicas} pipelines")
+        raise ConfigError(
+            f"batch_size {job.batch_size} does not split over {topo.replicas} pipelines")
     reports = topo.replica == 0 and stage.spec.last  # the rank that holds the loss
     log = EventLog(opts.metrics_file)
 
@@ -209,7 +212,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--metrics-file", type=Path)
     args = p.parse_args(argv)
     try:
-        job = load_config(args.config, {"iters": args.iters, "model": args.model, "data": args.data})
+        job = load_config(args.config,
+                          {"iters": args.iters, "model": args.model, "data": args.data})
     except HerdError as e:
         print(f"pipeline stage: {e}", file=sys.stderr)
         return e.exit_code

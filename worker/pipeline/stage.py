@@ -42,7 +42,8 @@ class StageSpec:
 
     @property
     def trains(self) -> bool:
-        """Whether this stage has adapters: stages wholly before the adapted blocks need no backward."""
+        """Whether this stage has adapters: stages wholly before the adapted blocks need no
+        backward."""
         return self.end > self.first_adapted
 
     @property
@@ -111,7 +112,8 @@ def build_stage(job: JobConfig, spec: StageSpec) -> Stage:
     config = read_model_config(model_dir)
     if config["num_hidden_layers"] != spec.total_layers:
         raise ConfigError(
-            f"{model_dir} has {config['num_hidden_layers']} blocks, the plan says {spec.total_layers}"
+            f"{model_dir} has {config['num_hidden_layers']} blocks, the plan says "
+            f"{spec.total_layers}"
         )
     tied = bool(config.get("tie_word_embeddings", True))
     stage_config = {**config, "num_hidden_layers": spec.end - spec.start}
@@ -149,10 +151,12 @@ def _apply_adapters(model: nn.Module, job: JobConfig, spec: StageSpec) -> None:
     random draws one process makes for them (worker.rank.model.apply_adapters): seed, then skip the
     draws the earlier stages' adapted linears take, then convert ours in mlx-lm's order."""
     if job.fine_tune_type == "full":
-        raise ConfigError("pipeline parallelism trains LoRA/DoRA adapters", hint="fine_tune_type: lora")
+        raise ConfigError("pipeline parallelism trains LoRA/DoRA adapters",
+                          hint="fine_tune_type: lora")
     n_lora = spec.total_layers if job.num_layers == -1 else job.num_layers
     if n_lora > spec.total_layers:
-        raise ConfigError(f"num_layers = {job.num_layers}, but the model has {spec.total_layers} layers")
+        raise ConfigError(
+            f"num_layers = {job.num_layers}, but the model has {spec.total_layers} layers")
     first_adapted = spec.total_layers - n_lora
     mine = max(0, spec.end - max(spec.start, first_adapted))
     before = max(0, min(spec.start, spec.total_layers) - first_adapted)

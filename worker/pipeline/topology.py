@@ -45,8 +45,10 @@ class Topology:
             peer = (ranks1 if replica == 0 else ranks0)[stage]
             if abs(peer - rank) != 1 and {peer, rank} != {0, world - 1}:
                 raise ConfigError(
-                    f"2 x {stages} (data x pipeline): stage {stage}'s replicas are not ring neighbours",
-                    hint="on the MLX ring use 2 x 1 or 2 x 2; wider layouts need the gRPC transport",
+                    f"2 x {stages} (data x pipeline): stage {stage}'s replicas are not ring "
+                    "neighbours",
+                    hint="on the MLX ring use 2 x 1 or 2 x 2; wider layouts need the gRPC "
+                    "transport",
                 )
         return cls(replica, replicas, stage, stages, ranks, peer)
 

@@ -2,12 +2,12 @@
 
 Layout under ADAPTER_PATH::
 
-    adapters.safetensors, adapter_config.json      the latest adapter (mlx_lm.generate --adapter-path)
-    checkpoints/0000100/                           one folder per saved step, complete iff manifest.json
+    adapters.safetensors, adapter_config.json  the latest adapter (mlx_lm.generate --adapter-path)
+    checkpoints/0000100/                       one folder per saved step, complete iff manifest.json
         adapters.safetensors, adapter_config.json
-        trainer_state.safetensors                  optimizer state (flattened tree)
-        trainer_state.json                         iteration, tokens, seed, world size
-        manifest.json                              {"step", "files": {name: {"sha256", "bytes"}}}
+        trainer_state.safetensors              optimizer state (flattened tree)
+        trainer_state.json                     iteration, tokens, seed, world size
+        manifest.json                          {"step", "files": {name: {"sha256", "bytes"}}}
     checkpoints/latest                             the newest complete folder's name
 
 A checkpoint is built in a temporary folder, fsynced, then renamed into place; ``latest`` and the
@@ -74,7 +74,8 @@ def verify_manifest(folder: Path) -> dict:
     manifest = json.loads((folder / MANIFEST).read_text())
     for name, meta in manifest["files"].items():
         path = folder / name
-        if not path.is_file() or path.stat().st_size != meta["bytes"] or sha256_file(path) != meta["sha256"]:
+        if (not path.is_file() or path.stat().st_size != meta["bytes"]
+                or sha256_file(path) != meta["sha256"]):
             raise ValueError(f"checkpoint {folder}: {name} does not match its manifest")
     return manifest
 

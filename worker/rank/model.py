@@ -20,7 +20,8 @@ from herd.errors import ConfigError
 
 
 def load_base(job: JobConfig):
-    """(model, tokenizer) for ``job.model``: a local folder or a hub id (hub only where reachable)."""
+    """(model, tokenizer) for ``job.model``: a local folder or a hub id (hub only where
+    reachable)."""
     try:
         model, tokenizer = load(
             job.model,

@@ -28,9 +28,9 @@ reports can stay near its step peak between steps.
 
 macOS's allocator has no such knobs and does not need them; elsewhere this does nothing.
 
-**Device.** macOS/Metal: the GPU may wire only part of unified memory by default; mlx-lm raises MLX's wired
-limit to the recommended working set so large models do not page. On Linux (CPU backend) there is
-no such limit and these functions say so instead of pretending.
+**Device.** macOS/Metal: the GPU may wire only part of unified memory by default; mlx-lm raises
+MLX's wired limit to the recommended working set so large models do not page. On Linux (CPU
+backend) there is no such limit and these functions say so instead of pretending.
 """
 
 from __future__ import annotations
@@ -63,7 +63,8 @@ def find_openblas() -> str | None:
 def preload_env(env: dict[str, str] | None = None) -> dict[str, str]:
     """``env`` (default: os.environ) with OpenBLAS in LD_PRELOAD, when on Linux and found."""
     env = dict(os.environ if env is None else env)
-    if sys.platform != "linux" or env.get(NO_PRELOAD_ENV) or "openblas" in env.get("LD_PRELOAD", ""):
+    if (sys.platform != "linux" or env.get(NO_PRELOAD_ENV)
+            or "openblas" in env.get("LD_PRELOAD", "")):
         return env
     lib = find_openblas()
     if lib:
@@ -85,7 +86,8 @@ def reexec_with_openblas(argv: list[str]) -> None:
 
 
 def blas_in_use() -> str:
-    """The BLAS library mapped into this process: 'openblas', 'accelerate', 'reference' or 'unknown'."""
+    """The BLAS library mapped into this process: 'openblas', 'accelerate', 'reference' or
+    'unknown'."""
     if sys.platform == "darwin":
         return "accelerate"
     try:

@@ -26,8 +26,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from mlx_lm.tuner.trainer import grad_checkpoint
 
-from worker.rank.batches import BatchStream, eval_batches
 from worker.exchange import GradientExchange, LocalExchange, all_sum_scalars, reduce_gradients
+from worker.rank.batches import BatchStream, eval_batches
 
 
 def token_sum_loss(model, batch, lengths):

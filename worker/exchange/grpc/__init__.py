@@ -99,8 +99,9 @@ class GrpcExchange:
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     ):
         if not 0 <= rank < len(peers):
-            raise ConfigError(f"rank {rank} is outside a group of {len(peers)} peers",
-                              hint="HERD_EXCHANGE_PEERS lists one host:port per rank, in rank order")
+            raise ConfigError(
+                f"rank {rank} is outside a group of {len(peers)} peers",
+                hint="HERD_EXCHANGE_PEERS lists one host:port per rank, in rank order")
         if wire_dtype not in wire.WIRE_DTYPES:
             raise ConfigError(f"cluster.wire_dtype {wire_dtype!r} is not supported",
                               hint=f"use one of {sorted(wire.WIRE_DTYPES)}")
@@ -159,13 +160,16 @@ class GrpcExchange:
 
     @classmethod
     def from_env(cls, timeout_s: float = 60.0, wire_dtype: str = "float32") -> "GrpcExchange":
-        """Rank from HERD_RANK (else MLX_RANK), peers from HERD_EXCHANGE_PEERS, the cluster secret."""
+        """Rank from HERD_RANK (else MLX_RANK), peers from HERD_EXCHANGE_PEERS, the cluster
+        secret."""
         rank = os.environ.get("HERD_RANK") or os.environ.get("MLX_RANK")
-        peers = [p.strip() for p in os.environ.get("HERD_EXCHANGE_PEERS", "").split(",") if p.strip()]
+        listed = os.environ.get("HERD_EXCHANGE_PEERS", "").split(",")
+        peers = [p.strip() for p in listed if p.strip()]
         if rank is None or not peers:
             raise ConfigError(
                 "the grpc exchange needs HERD_RANK (or MLX_RANK) and HERD_EXCHANGE_PEERS",
-                hint='the launcher sets HERD_EXCHANGE_PEERS="host:port,host:port,..." in rank order',
+                hint='the launcher sets HERD_EXCHANGE_PEERS="host:port,host:port,..." in rank '
+                'order',
             )
         try:
             rank_i = int(rank)
@@ -276,7 +280,8 @@ class GrpcExchange:
             if self._right_closed:
                 right = self._name((self.rank + 1) % self.size)
                 # A spent group's neighbour says what spent it: that is the cause to report.
-                cause = self._right_reason or f"{right} closed its exchange (seen by rank {self.rank})"
+                cause = (self._right_reason
+                         or f"{right} closed its exchange (seen by rank {self.rank})")
                 self.link_lost(PeerLostError(cause), incoming=False, broken=False)
             else:
                 self.link_lost(self._send_error(err), incoming=False)

@@ -7,14 +7,15 @@ import time
 
 import grpc
 
+from herd.errors import AuthError, ConfigError, PeerLostError
 from herd.rpc.auth import METADATA_KEY, ServerAuth, check_token
 from herd.rpc.channel import signed_channel
-from herd.errors import AuthError, ConfigError, PeerLostError
 from protos.v1 import exchange_pb2 as pb
 
 SERVICE = pb.DESCRIPTOR.services_by_name["ExchangeService"].full_name
 RANK_KEY = "x-herd-rank"  # who a Hello claims to come from: only ever used to explain a refusal
-SECRET_HINT = "every rank must hold the same cluster secret ($HERD_SECRET, or the secret file `herd init` wrote)"
+SECRET_HINT = ("every rank must hold the same cluster secret ($HERD_SECRET, or the secret file "
+               "`herd init` wrote)")
 _ATTEMPT_S = 1.0
 _UNARY = {"Hello": (pb.HelloRequest, pb.HelloReply), "Abort": (pb.AbortRequest, pb.AbortReply),
           "Bye": (pb.ByeRequest, pb.ByeReply)}

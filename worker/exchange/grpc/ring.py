@@ -129,7 +129,8 @@ class Exchange:
         return wire.encode(self.seq, i, self.plan.elements, self.dtype, data)
 
     def apply_incoming(self, chunk: wire.Chunk) -> None:
-        """Add or copy one received chunk into the buffer; raises HerdError if it is not the next."""
+        """Add or copy one received chunk into the buffer; raises HerdError if it is not the
+        next."""
         i = self.received
         if chunk.index != i or chunk.elements != self.plan.elements or chunk.dtype != self.dtype:
             raise HerdError(
