@@ -7,14 +7,15 @@ Bus bandwidth = 2(N-1)/N x bytes / time (what every rank sends and receives in a
 all-reduce, per second). Each (transport, N) gets fresh processes: an MLX process can form only
 one group. MLX ranks are started directly with MLX_RANK + MLX_HOSTFILE, not through mlx.launch,
 whose output relaying costs a 2-core box dearly (shared/FACTS.md). The TCP ring runs the same
-chunked, pipelined schedule as the gRPC exchange (worker/grpc_exchange_ring.py) over bare
+chunked, pipelined schedule as the gRPC exchange (worker/exchange/grpc/ring.py) over bare
 sockets: the ceiling for this algorithm in Python on this machine. The grpcio streams move the
 same messages on the same schedule over persistent grpcio streams, summing and checking nothing:
 the floor under any all-reduce written on grpcio's Python API (it copies each message into
 ``bytes`` to send it, and twice more to receive it).
 
-Every call donates its input, as the trainer's does (worker/exchange.py ``reduce_gradients``):
-the gRPC and TCP rings sum in place; MLX's ``all_sum`` allocates its result regardless.
+Every call donates its input, as the trainer's does (``reduce_gradients`` in
+worker/exchange/__init__.py): the gRPC and TCP rings sum in place; MLX's ``all_sum`` allocates its
+result regardless.
 Times are the median of --reps, measured on rank 0 after --warmup untimed all-reduces of the
 same size and a small all-reduce that lines the ranks up. Writes a markdown table to
 bench/results/allreduce-<date>.md (see --out).
@@ -233,7 +234,8 @@ def worker(args) -> None:
         for _ in range(args.reps):
             ring.all_sum(small)
             cpu_started, started = cpu_seconds(), time.perf_counter()
-            # As the trainer calls it (worker/exchange.py): the input is a temporary, donated.
+            # As the trainer calls it (worker/exchange/__init__.py): the input is a temporary,
+            # donated.
             flat = ring.all_sum(flat, donate=True)
             times.append(time.perf_counter() - started)
             cpu += cpu_seconds() - cpu_started

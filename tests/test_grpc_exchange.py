@@ -569,7 +569,7 @@ def test_grpc_training_equals_mlx_and_one_rank(tmp_path, tiny_model, tiny_data, 
 def test_glibc_takes_the_keep_freed_memory_settings():
     from worker.rank.runtime import reuse_freed_memory
 
-    # Without them, every chunk the exchange moves is faulted in fresh (worker/allocator.py).
+    # Without them, every chunk the exchange moves is faulted in fresh (worker/rank/runtime.py).
     assert reuse_freed_memory() is True
 
 

@@ -45,7 +45,7 @@ def test_every_stage_runs_every_microbatch_once_without_deadlock(stages):
 
 @pytest.mark.parametrize("stages", range(1, 9))
 def test_every_op_finds_what_it_needs(stages):
-    """What worker/pipeline.py's executor keeps between ops exists when an op uses it."""
+    """What worker/pipeline/step.py's executor keeps between ops exists when an op uses it."""
     for m in range(1, 17):
         for frozen in range(stages):
             for s, ops in enumerate(schedules(stages, m, frozen)):

@@ -222,7 +222,7 @@ def test_a_stage_counts_the_inputs_it_holds_in_flight():
     first = [estimate_memory(LLAMA_70B, job, (0, 20), has_head=False, microbatches=8, in_flight=k)
              for k in (1, 4)]
     assert first[0].activations == first[1].activations > 0
-    # In a plan, stage s of S holds S - s inputs under 1F1B (worker/pipeline_schedule.py).
+    # In a plan, stage s of S holds S - s inputs under 1F1B (worker/pipeline/schedule.py).
     from coordinator.planner.layout import ModelShape, _stage_estimate
 
     shape = ModelShape.from_config(LLAMA_70B)

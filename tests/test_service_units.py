@@ -410,7 +410,7 @@ def test_two_pipelines_are_laid_on_the_ring_so_every_hop_is_a_neighbour(tiny_mod
 
 
 def _stage_checkpoint(folder: Path, step: int, names: list[str], value: float) -> Path:
-    """A stage's checkpoint folder as worker/checkpoint.py writes it (stage-local names)."""
+    """A stage's checkpoint folder as worker/rank/checkpoint.py writes it (stage-local names)."""
     import mlx.core as mx
 
     from worker.rank.checkpoint import write_manifest

@@ -170,7 +170,7 @@ def test_progress_and_metrics(tmp_path, tiny_model, tiny_chat_data):
     proc = herd("train", cfg, "--metrics-file", tmp_path / "m.jsonl", env={"HERD_LOG_LEVEL": "info"})
     assert "loss" in proc.stdout and "tok/s" in proc.stdout and "peak" in proc.stdout
     # The start line says what the process runs with; on Linux (glibc) freed memory is kept for
-    # reuse, which the 2-rank throughput depends on (worker/allocator.py).
+    # reuse, which the 2-rank throughput depends on (worker/rank/runtime.py).
     start = [json.loads(l) for l in proc.stderr.splitlines() if '"train_start"' in l]
     assert len(start) == 1 and start[0]["exchange"] == "local"
     if sys.platform == "linux":

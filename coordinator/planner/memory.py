@@ -233,7 +233,7 @@ def estimate_memory(
     held = microbatches if in_flight is None else max(1, min(in_flight, microbatches))
     if held > 1 and saved_blocks and not has_embed:
         # The stage keeps the input of every microbatch in flight (1F1B: stage s of S holds at
-        # most S - s, worker/pipeline_schedule.py); the first stage's inputs are token ids.
+        # most S - s, worker/pipeline/schedule.py); the first stage's inputs are token ids.
         activations += (held - 1) * hidden_state
     logits = _LOGIT_COPIES * tokens * shape.vocab * ab if has_head and saved_blocks else 0.0
     overhead = (

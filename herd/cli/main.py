@@ -1,9 +1,9 @@
-"""The ``herd`` command: a thin dispatcher.
+"""The ``herd`` command: a thin dispatcher, and the composition root of the planes.
 
-Each subcommand lives in the plane it belongs to and owns its own argparse parser
-(``main(argv) -> int``). The table below names modules as strings and imports only the one that
-runs, so ``herd`` itself depends on neither coordinator/ nor worker/ and ``herd submit`` on a
-laptop never imports MLX.
+Each subcommand lives where it belongs (a plane's process, or herd/cli/ for the laptop's and the
+developer's commands) and owns its own argparse parser (``main(argv) -> int``). The table below
+names modules as strings and imports only the one that runs, so ``herd submit`` on a laptop never
+imports MLX. Only herd/cli/ may name the planes so (tests/test_architecture.py).
 """
 
 from __future__ import annotations

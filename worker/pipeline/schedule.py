@@ -13,7 +13,7 @@ send first, odd stages receive first, so a neighbour pair never sends to each ot
 ``simulate`` runs all stages' lists against each other under exactly those semantics; the
 tests check every S and m up to 8 and 16 for deadlocks and mismatched transfers.
 
-Pure functions, no MLX: worker/pipeline.py executes the list.
+Pure functions, no MLX: worker/pipeline/step.py executes the list.
 """
 
 from __future__ import annotations
