@@ -21,7 +21,7 @@ from coordinator.domain import (
     JobState,
     RankProgress,
 )
-from herd.config import config_from_yaml, config_to_yaml
+from herd.config import JobConfig, config_from_yaml, config_to_yaml
 from herd.errors import NotFoundError
 
 _MIGRATIONS = [
@@ -46,10 +46,9 @@ _MIGRATIONS = [
 ]
 
 
-def _job(row: sqlite3.Row) -> Job:
+def _job(row: sqlite3.Row, config: JobConfig) -> Job:
     return Job(
-        job_id=row["job_id"], name=row["name"],
-        config=config_from_yaml(row["config_yaml"], f"job {row['job_id']}"),
+        job_id=row["job_id"], name=row["name"], config=config,
         dataset=[FileDigest(**d) for d in json.loads(row["dataset"])],
         workers_needed=row["workers_needed"], iters=row["iters"], state=JobState(row["state"]),
         message=row["message"], created_ms=row["created_ms"], updated_ms=row["updated_ms"],
@@ -75,6 +74,9 @@ class JobStore:
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._lock = threading.Lock()
+        # Configs parsed once, by their text: the control loop loads every job several times a
+        # tick, and a stored job's config never changes (a JobConfig is never changed in place).
+        self._configs: dict[str, JobConfig] = {}
         self._migrate()
 
     def _migrate(self) -> None:
@@ -103,18 +105,24 @@ class JobStore:
                  job.attempt, json.dumps(job.worker_ids)),
             )
 
+    def _config(self, row: sqlite3.Row) -> JobConfig:
+        text = row["config_yaml"]
+        if (config := self._configs.get(text)) is None:
+            config = self._configs[text] = config_from_yaml(text, f"job {row['job_id']}")
+        return config
+
     def get_job(self, job_id: str) -> Job:
         with self._lock:
             row = self._db.execute("SELECT * FROM jobs WHERE job_id=?", (job_id,)).fetchone()
         if row is None:
             raise NotFoundError(f"no job {job_id!r}", hint="`herd jobs` lists the jobs")
-        return _job(row)
+        return _job(row, self._config(row))
 
     def list_jobs(self) -> list[Job]:
         with self._lock:
             rows = self._db.execute(
                 "SELECT * FROM jobs ORDER BY created_ms DESC, job_id").fetchall()
-        return [_job(r) for r in rows]
+        return [_job(r, self._config(r)) for r in rows]
 
     # --- attempts --------------------------------------------------------------------------
 
