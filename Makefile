@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 UV ?= uv
 
-.PHONY: setup demo test bench protos
+.PHONY: setup demo test lint bench protos
 
 setup:
 	@bash deploy/setup.sh
@@ -11,8 +11,14 @@ setup:
 demo: setup
 	$(UV) run --frozen bash deploy/demo.sh
 
+# The written rules run first: ruff (pyproject.toml [tool.ruff]), then the tests, which include
+# the architecture rules (tests/test_architecture.py).
 test: setup
+	$(UV) run --frozen ruff check .
 	$(UV) run --frozen pytest
+
+lint: setup
+	$(UV) run --frozen ruff check .
 
 protos:
 	$(UV) run --frozen python -m protos.generate

@@ -7,14 +7,15 @@ Bus bandwidth = 2(N-1)/N x bytes / time (what every rank sends and receives in a
 all-reduce, per second). Each (transport, N) gets fresh processes: an MLX process can form only
 one group. MLX ranks are started directly with MLX_RANK + MLX_HOSTFILE, not through mlx.launch,
 whose output relaying costs a 2-core box dearly (shared/FACTS.md). The TCP ring runs the same
-chunked, pipelined schedule as the gRPC exchange (worker/grpc_exchange_ring.py) over bare
+chunked, pipelined schedule as the gRPC exchange (worker/exchange/grpc/ring.py) over bare
 sockets: the ceiling for this algorithm in Python on this machine. The grpcio streams move the
 same messages on the same schedule over persistent grpcio streams, summing and checking nothing:
 the floor under any all-reduce written on grpcio's Python API (it copies each message into
 ``bytes`` to send it, and twice more to receive it).
 
-Every call donates its input, as the trainer's does (worker/exchange.py ``reduce_gradients``):
-the gRPC and TCP rings sum in place; MLX's ``all_sum`` allocates its result regardless.
+Every call donates its input, as the trainer's does (``reduce_gradients`` in
+worker/exchange/__init__.py): the gRPC and TCP rings sum in place; MLX's ``all_sum`` allocates its
+result regardless.
 Times are the median of --reps, measured on rank 0 after --warmup untimed all-reduces of the
 same size and a small all-reduce that lines the ranks up. Writes a markdown table to
 bench/results/allreduce-<date>.md (see --out).
@@ -38,8 +39,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from herd.ports import free_ports  # noqa: E402 (after the path)
-from worker.grpc_exchange import DEFAULT_CHUNK_BYTES  # noqa: E402
+from herd.rpc.ports import free_ports  # noqa: E402 (after the path)
+from worker.exchange.grpc import DEFAULT_CHUNK_BYTES  # noqa: E402
 
 TRANSPORTS = ("grpc", "mlx", "tcp", "streams")
 MB = 1024 * 1024
@@ -70,7 +71,7 @@ class TcpRing:
         import mlx.core as mx
         import numpy as np
 
-        from worker.grpc_exchange_ring import RingPlan
+        from worker.exchange.grpc.ring import RingPlan
 
         out = flat if donate else mx.array(flat)
         mx.eval(out)
@@ -125,7 +126,7 @@ class GrpcStreams:
 
         import grpc
 
-        from herd.auth import CHANNEL_OPTIONS
+        from herd.rpc.channel import CHANNEL_OPTIONS
 
         self.rank, self.size, self.chunk_elements = rank, len(ports), chunk_bytes // 4
         self._cond = threading.Condition()
@@ -158,7 +159,7 @@ class GrpcStreams:
         import mlx.core as mx
         import numpy as np
 
-        from worker.grpc_exchange_ring import RingPlan
+        from worker.exchange.grpc.ring import RingPlan
 
         out = flat if donate else mx.array(flat)
         mx.eval(out)
@@ -210,7 +211,7 @@ def worker(args) -> None:
     rank = int(os.environ["HERD_RANK"])
     ports = [int(p) for p in os.environ["BENCH_PORTS"].split(",")]
     if args.worker == "grpc":
-        from worker.grpc_exchange import GrpcExchange
+        from worker.exchange.grpc import GrpcExchange
 
         ring = GrpcExchange.from_env(timeout_s=300)
         if args.chunk_bytes:
@@ -233,7 +234,8 @@ def worker(args) -> None:
         for _ in range(args.reps):
             ring.all_sum(small)
             cpu_started, started = cpu_seconds(), time.perf_counter()
-            # As the trainer calls it (worker/exchange.py): the input is a temporary, donated.
+            # As the trainer calls it (worker/exchange/__init__.py): the input is a temporary,
+            # donated.
             flat = ring.all_sum(flat, donate=True)
             times.append(time.perf_counter() - started)
             cpu += cpu_seconds() - cpu_started
@@ -289,7 +291,9 @@ def report(table: dict, args, elapsed: float) -> str:
         "",
         "`.venv/bin/python bench/allreduce.py " + " ".join(sys.argv[1:]) + "`, "
         f"{elapsed:.0f} s, mlx {mx.__version__}. Bus bandwidth = 2(N-1)/N x bytes / time, GB/s "
-        f"(10^9 B/s), median of {args.runs} x {args.reps} (best in brackets): {args.runs} sweep(s) of fresh processes, {args.reps} timed all-reduces each. All local processes on loopback. "
+        f"(10^9 B/s), median of {args.runs} x {args.reps} (best in brackets): {args.runs} "
+        f"sweep(s) of fresh processes, {args.reps} timed all-reduces each. All local processes "
+        "on loopback. "
         "CPU = rank 0's user+system CPU seconds per all-reduce (all its threads), which the load "
         "of others distorts less than wall time.",
         "",
@@ -321,11 +325,13 @@ def main() -> int:
                         type=lambda s: [float(x) if "." in x else int(x) for x in s.split(",")])
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2,
-                        help="untimed all-reduces of each size first, as nccl-tests does: a training "
-                        "run repeats the same sizes thousands of times, so the steady state is what counts")
+                        help="untimed all-reduces of each size first, as nccl-tests does: a "
+                        "training run repeats the same sizes thousands of times, so the steady "
+                        "state is what counts")
     parser.add_argument("--runs", type=int, default=1,
-                        help="repeat the whole sweep (fresh processes each time), pooling the reps: "
-                        "on a small machine the spread between process groups exceeds that within one")
+                        help="repeat the whole sweep (fresh processes each time), pooling the "
+                        "reps: on a small machine the spread between process groups exceeds that "
+                        "within one")
     parser.add_argument("--transports", default=",".join(TRANSPORTS))
     parser.add_argument("--chunk-bytes", type=int, default=0, help="0: the exchange's default")
     parser.add_argument("--group-timeout", type=float, default=600)
@@ -357,11 +363,13 @@ def main() -> int:
         # A partial run is for tuning, not for the results table: medians only.
         for (t, n), pooled in sorted(table.items()):
             for size, cell in pooled.items():
-                print(f"{t} N={n} {size} MB: median {statistics.median(cell['times']) * 1e3:.1f} ms, "
+                median = statistics.median(cell["times"]) * 1e3
+                print(f"{t} N={n} {size} MB: median {median:.1f} ms, "
                       f"best {min(cell['times']) * 1e3:.1f} ms, CPU {cell['cpu'] * 1e3:.1f} ms")
         return 0
     text = report(table, args, time.perf_counter() - started)
-    out = args.out or ROOT / "bench" / "results" / f"allreduce-{datetime.date.today().isoformat()}.md"
+    today = datetime.date.today().isoformat()
+    out = args.out or ROOT / "bench" / "results" / f"allreduce-{today}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     print(text)

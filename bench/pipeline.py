@@ -7,7 +7,8 @@ reach at most m / (m + S - 1) (the bubble). We report utilization, the bound, an
 Moving activations is timed apart: a ping-pong of one microbatch's hidden states between two
 ranks, scaled to the 2 x (S - 1) x m transfers a step makes.
 
-    .venv/bin/python bench/pipeline.py [--stages 2,3] [--microbatches 1,4,8] [--out bench/results/pipeline-linux-cpu.md]
+    .venv/bin/python bench/pipeline.py [--stages 2,3] [--microbatches 1,4,8]
+        [--out bench/results/pipeline-linux-cpu.md]
 """
 
 from __future__ import annotations
@@ -26,21 +27,22 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from herd.ports import free_ports  # noqa: E402 (after the path)
+from herd.rpc.ports import free_ports  # noqa: E402 (after the path)
 
 HIDDEN, LAYERS, BATCH, SEQ, ITERS, WARMUP = 256, 12, 8, 256, 6, 2
 
 
 def _launch(argv: list[str], world: int, tmp: Path) -> None:
-    from worker.blas import preload_env
+    from worker.rank.runtime import preload_env
 
     hostfile = tmp / "hosts.json"
     hostfile.write_text(json.dumps([f"127.0.0.1:{p}" for p in free_ports(world)]))
     cores = os.cpu_count() or 1
     procs = []
     for r in range(world):
-        env = {**preload_env(), "MLX_RANK": str(r), "MLX_WORLD_SIZE": str(world), "MLX_HOSTFILE": str(hostfile),
-               "OPENBLAS_NUM_THREADS": "1", "MLX_DISABLE_COMPILE": "1", "HERD_LOG_LEVEL": "warning"}
+        env = {**preload_env(), "MLX_RANK": str(r), "MLX_WORLD_SIZE": str(world),
+               "MLX_HOSTFILE": str(hostfile), "OPENBLAS_NUM_THREADS": "1",
+               "MLX_DISABLE_COMPILE": "1", "HERD_LOG_LEVEL": "warning"}
         procs.append(subprocess.Popen(["taskset", "-c", str(r % cores), sys.executable, *argv],
                                       env=env, cwd=REPO, stderr=subprocess.PIPE, text=True))
     for p in procs:
@@ -52,9 +54,10 @@ def _launch(argv: list[str], world: int, tmp: Path) -> None:
 def _job(tmp: Path, model: Path, data: Path) -> Path:
     import yaml
 
-    job = {"model": str(model), "data": str(data), "train": True, "num_layers": -1, "batch_size": BATCH,
-           "iters": ITERS, "learning_rate": 1e-4, "max_seq_length": SEQ, "seed": 0,
-           "lora_parameters": {"rank": 8, "scale": 20.0, "dropout": 0.0}, "adapter_path": str(tmp / "a")}
+    job = {"model": str(model), "data": str(data), "train": True, "num_layers": -1,
+           "batch_size": BATCH, "iters": ITERS, "learning_rate": 1e-4, "max_seq_length": SEQ,
+           "seed": 0, "lora_parameters": {"rank": 8, "scale": 20.0, "dropout": 0.0},
+           "adapter_path": str(tmp / "a")}
     path = tmp / "job.yaml"
     path.write_text(yaml.safe_dump(job))
     return path
@@ -121,26 +124,29 @@ def main() -> None:
     args = ap.parse_args()
     if args.pingpong:
         return pingpong_main()
-    from herd.tiny import make_tiny_data, make_tiny_model
+    from herd.cli.tiny import make_tiny_data, make_tiny_model
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-pp-"))
-    model = make_tiny_model(tmp / "model", arch="llama", layers=LAYERS, hidden=HIDDEN, intermediate=4 * HIDDEN)
+    model = make_tiny_model(tmp / "model", arch="llama", layers=LAYERS, hidden=HIDDEN,
+                            intermediate=4 * HIDDEN)
     data = make_tiny_data(tmp / "data", fmt="text", train=64, valid=8, test=8)
     job = _job(tmp, model, data)
     lines = [
         "# Pipeline efficiency vs the GPipe bound",
         "",
-        f"Machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, Linux, MLX CPU backend "
-        f"(OpenBLAS preloaded, 1 BLAS thread per stage, stage r pinned to core r mod {os.cpu_count()}).",
+        f"Machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, Linux, MLX CPU "
+        f"backend (OpenBLAS preloaded, 1 BLAS thread per stage, stage r pinned to core r mod "
+        f"{os.cpu_count()}).",
         f"Model: tiny llama, hidden {HIDDEN}, {LAYERS} blocks, LoRA rank 8 on all blocks; global "
         f"batch {BATCH} x <= {SEQ} tokens; {ITERS} steps, first {WARMUP} dropped, medians.",
         "utilization = sum of stages' busy seconds / (S x step wall); bound = m / (m + S - 1).",
         "",
-        "Schedule: 1F1B (worker/pipeline_schedule.py). cut: blocks per stage, balanced = equal "
-        "compute (herd/stage_cut.py, the default) or even; busy = each stage's compute seconds per step.",
+        "Schedule: 1F1B (worker/pipeline/schedule.py). cut: blocks per stage, balanced = equal "
+        "compute (herd/stage_cut.py, the default) or even; busy = each stage's compute seconds "
+        "per step.",
         "",
-        "| S | m | cut | step (s) | busy per stage (s) | utilization | GPipe bound | utilization / bound "
-        "| activation moves/step (s) |",
+        "| S | m | cut | step (s) | busy per stage (s) | utilization | GPipe bound "
+        "| utilization / bound | activation moves/step (s) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for s in map(int, args.stages.split(",")):
@@ -151,8 +157,9 @@ def main() -> None:
                 bound = m / (m + s - 1)
                 spans = ",".join(f"{a}:{b}" for a, b in r["layers"])
                 busy = " / ".join(f"{b:.3f}" for b in r["busy"])
-                lines.append(f"| {s} | {m} | {cut} {spans} | {r['step_s']:.3f} | {busy} | {r['util']:.3f} | "
-                             f"{bound:.3f} | {r['util'] / bound:.2f} | {move:.4f} "
+                lines.append(f"| {s} | {m} | {cut} {spans} | {r['step_s']:.3f} | {busy} | "
+                             f"{r['util']:.3f} | {bound:.3f} | {r['util'] / bound:.2f} | "
+                             f"{move:.4f} "
                              f"({move / r['step_s']:.1%} of a step) |")
                 print(lines[-1], flush=True)
     Path(args.out).write_text("\n".join(lines) + "\n")

@@ -32,9 +32,8 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from herd.ports import free_ports  # noqa: E402 (after the path)
-
-from herd.tiny import ANIMALS, facts, make_tiny_model  # noqa: E402
+from herd.cli.tiny import ANIMALS, facts, make_tiny_model  # noqa: E402
+from herd.rpc.ports import free_ports  # noqa: E402 (after the path)
 
 
 def long_text_data(out: Path, n_train: int = 256, words: int = 300, seed: int = 0) -> Path:
@@ -65,7 +64,8 @@ def job(path: Path, model: Path, data: Path, iters: int, adapter: Path, **kw) ->
 
 def steady_tok_s(events: list[dict]) -> float:
     train = [e for e in events if e.get("event") == "train"][1:]  # skip the compile window
-    return sum(e["tokens_per_second"] * e["step_seconds"] for e in train) / sum(e["step_seconds"] for e in train)
+    seconds = sum(e["step_seconds"] for e in train)
+    return sum(e["tokens_per_second"] * e["step_seconds"] for e in train) / seconds
 
 
 def run_herd(cfg: Path, ranks: int = 1, pin: bool = False, env_extra: dict | None = None) -> dict:
@@ -85,16 +85,18 @@ def run_herd(cfg: Path, ranks: int = 1, pin: bool = False, env_extra: dict | Non
                        HERD_EXCHANGE_PEERS=",".join(f"127.0.0.1:{p + 1000}" for p in ports))
         if pin:
             env["OPENBLAS_NUM_THREADS"] = "1"
-        cmd = [sys.executable, "-m", "herd", "train", str(cfg), "--quiet", "--metrics-file", str(metrics)]
+        cmd = [sys.executable, "-m", "herd", "train", str(cfg), "--quiet",
+               "--metrics-file", str(metrics)]
         if pin:
             cmd = ["taskset", "-c", str(r % os.cpu_count()), *cmd]
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE, text=True))
     for p in procs:
         _, err = p.communicate()
         if p.returncode:
             raise SystemExit(f"herd train failed:\n{err[-3000:]}")
     wall = time.perf_counter() - t0
-    events = [json.loads(l) for l in metrics.read_text().splitlines()]
+    events = [json.loads(line) for line in metrics.read_text().splitlines()]
     events = [e for e in events if e.get("rank", 0) == 0]
     train = [e for e in events if e.get("event") == "train"][1:]
     share = sum(e["exchange_seconds"] for e in train) / sum(e["step_seconds"] for e in train)
@@ -111,7 +113,8 @@ args = dict(lora.CONFIG_DEFAULTS); args.update(cfg); args = types.SimpleNamespac
 events = []
 class CB:
     def on_train_loss_report(self, info):
-        events.append({"event": "train", **info, "step_seconds": args.steps_per_report / info["iterations_per_second"]})
+        seconds = args.steps_per_report / info["iterations_per_second"]
+        events.append({"event": "train", **info, "step_seconds": seconds})
     def on_val_loss_report(self, info): pass
 np.random.seed(args.seed)
 model, tok = load(args.model)
@@ -125,7 +128,7 @@ def run_mlx_lm(cfg: Path) -> dict:
     out = cfg.with_suffix(".mlxlm.json")
     t0 = time.perf_counter()
     p = subprocess.run([sys.executable, "-c", MLX_LM_RUNNER, str(cfg), str(out)],
-                       env=__import__("worker.blas", fromlist=["x"]).preload_env(),
+                       env=__import__("worker.rank.runtime", fromlist=["x"]).preload_env(),
                        capture_output=True, text=True)
     if p.returncode:
         raise SystemExit(f"mlx_lm.lora failed:\n{p.stderr[-3000:]}")
@@ -134,11 +137,13 @@ def run_mlx_lm(cfg: Path) -> dict:
 
 def machine() -> str:
     try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                   if line.startswith("model name"))
     except (OSError, StopIteration):
         cpu = platform.processor()
     import mlx.core as mx
-    return f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, mlx {mx.__version__}"
+    return (f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores, "
+            f"Python {platform.python_version()}, mlx {mx.__version__}")
 
 
 def main() -> None:
@@ -152,39 +157,49 @@ def main() -> None:
     a = ap.parse_args()
     skip = set(filter(None, a.skip.split(",")))
     tmp = Path(tempfile.mkdtemp(prefix="herd-bench-"))
-    model = make_tiny_model(tmp / "model", "llama", layers=a.layers, hidden=a.hidden, intermediate=a.hidden * 4)
+    model = make_tiny_model(tmp / "model", "llama", layers=a.layers, hidden=a.hidden,
+                            intermediate=a.hidden * 4)
     n_params = sum(os.path.getsize(model / "model.safetensors") for _ in [0]) // 4
     data = long_text_data(tmp / "data")
     rows, notes = [], []
 
+    def compare(what: str, ours: dict, base: dict, goal: str) -> None:
+        rows.append((what, f"{ours['tok_s']:.1f}", f"{base['tok_s']:.1f}",
+                     ours["tok_s"] / base["tok_s"], goal))
+
     if "mlxlm" not in skip:
         h = run_herd(job(tmp / "h.yaml", model, data, a.iters, tmp / "h"))
         m = run_mlx_lm(job(tmp / "m.yaml", model, data, a.iters, tmp / "m"))
-        rows.append(("herd (1 process) vs mlx_lm.lora", f"{h['tok_s']:.1f}", f"{m['tok_s']:.1f}", h["tok_s"] / m["tok_s"], "≥ 1.0"))
+        compare("herd (1 process) vs mlx_lm.lora", h, m, "≥ 1.0")
     if "ranks" not in skip:
         one = run_herd(job(tmp / "r1.yaml", model, data, a.iters, tmp / "r1"), ranks=1, pin=True)
-        two = run_herd(job(tmp / "r2.yaml", model, data, a.iters, tmp / "r2", cluster={"exchange": "mlx"}), ranks=2, pin=True)
-        rows.append(("2 ranks vs 1 rank, 1 core each", f"{two['tok_s']:.1f}", f"{one['tok_s']:.1f}", two["tok_s"] / one["tok_s"], "≥ 1.9"))
+        two = run_herd(job(tmp / "r2.yaml", model, data, a.iters, tmp / "r2",
+                           cluster={"exchange": "mlx"}), ranks=2, pin=True)
+        compare("2 ranks vs 1 rank, 1 core each", two, one, "≥ 1.9")
     if "exchange" not in skip:
         # The same 2-rank pinned run over each transport: throughput and the share of step time
         # spent in the exchange (gradient all-reduce, including waiting for the slower rank).
-        mlx = run_herd(job(tmp / "x1.yaml", model, data, a.iters, tmp / "x1", cluster={"exchange": "mlx"}), ranks=2, pin=True)
-        grpc = run_herd(job(tmp / "x2.yaml", model, data, a.iters, tmp / "x2", cluster={"exchange": "grpc"}), ranks=2, pin=True)
-        rows.append(("2 ranks: gRPC exchange vs MLX ring", f"{grpc['tok_s']:.1f}", f"{mlx['tok_s']:.1f}", grpc["tok_s"] / mlx["tok_s"], "≥ 0.9"))
+        mlx = run_herd(job(tmp / "x1.yaml", model, data, a.iters, tmp / "x1",
+                           cluster={"exchange": "mlx"}), ranks=2, pin=True)
+        grpc = run_herd(job(tmp / "x2.yaml", model, data, a.iters, tmp / "x2",
+                            cluster={"exchange": "grpc"}), ranks=2, pin=True)
+        compare("2 ranks: gRPC exchange vs MLX ring", grpc, mlx, "≥ 0.9")
         notes.append(f"Exchange share of step time, 2 ranks: MLX ring {mlx['exchange_share']:.1%}, "
                      f"gRPC {grpc['exchange_share']:.1%}.")
     if "blas" not in skip:
         small = make_tiny_model(tmp / "small", "llama", layers=4, hidden=256)
         ob = run_herd(job(tmp / "b1.yaml", small, data, 8, tmp / "b1", max_seq_length=256))
-        ref = run_herd(job(tmp / "b0.yaml", small, data, 8, tmp / "b0", max_seq_length=256), env_extra={"HERD_NO_OPENBLAS": "1"})
-        rows.append(("OpenBLAS preloaded vs reference BLAS (4 x 256 llama)", f"{ob['tok_s']:.1f}", f"{ref['tok_s']:.1f}", ob["tok_s"] / ref["tok_s"], "-"))
+        ref = run_herd(job(tmp / "b0.yaml", small, data, 8, tmp / "b0", max_seq_length=256),
+                       env_extra={"HERD_NO_OPENBLAS": "1"})
+        compare("OpenBLAS preloaded vs reference BLAS (4 x 256 llama)", ob, ref, "-")
 
     date = dt.date.today().isoformat()
     lines = [
         f"# Training throughput, {date}", "",
-        f"Machine: {machine()}.", f"Model: llama, hidden {a.hidden}, {a.layers} layers, ~{n_params/1e6:.0f}M parameters "
-        f"(fp32); LoRA rank 8 on all layers; batch 4, max_seq_length 512, {a.iters} iterations, compiled; "
-        "tok/s excludes the first report window.", a.note, "",
+        f"Machine: {machine()}.",
+        f"Model: llama, hidden {a.hidden}, {a.layers} layers, ~{n_params/1e6:.0f}M parameters "
+        f"(fp32); LoRA rank 8 on all layers; batch 4, max_seq_length 512, {a.iters} iterations, "
+        "compiled; tok/s excludes the first report window.", a.note, "",
         "| comparison | herd tok/s | baseline tok/s | ratio | goal |", "|---|---|---|---|---|",
     ]
     lines += [f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.2f} | {r[4]} |" for r in rows]

@@ -9,7 +9,6 @@ written once the last piece arrives.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import re
@@ -19,38 +18,23 @@ import threading
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from coordinator.domain import Checkpoint, FileDigest, StagePiece
+from coordinator.domain import Checkpoint, FileDigest
 from herd.adapter_merge import ADAPTER_CONFIG, ADAPTERS, AdapterPiece, merge_pieces
-from herd.client_rpc import ChecksumError
-from herd.digest import sha256_file
+from herd.digest import file_digest
 from herd.errors import DatasetError, HerdError, NotFoundError
+from herd.rpc.files import (
+    check_sha,
+    read_chunks,
+    receive_file,
+    receive_folder,
+    send_files,
+)
+from herd.stage_cut import StagePiece
 
-CHUNK_BYTES = 1024 * 1024
-_SHA = re.compile(r"^[0-9a-f]{64}$")
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 _JOB = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-# Leading dots: never names a peer may upload (check_name).
+# Leading dots: never names a peer may upload (herd.rpc.files.check_name).
 PIECE_META = ".piece.json"  # a stage piece's stage, blocks and files
 MERGED_FROM = ".merged-from"  # in a merged step: which pieces it was made of
-
-
-def check_sha(sha: str) -> str:
-    if not _SHA.match(sha):
-        raise DatasetError(f"not a sha256: {sha!r}")
-    return sha
-
-
-def check_name(name: str) -> str:
-    """Peer-supplied names are only ever plain names inside one folder."""
-    if not _NAME.match(name):
-        raise DatasetError(f"refusing file name {name!r}", hint="plain file names only")
-    return name
-
-
-def _read(path: Path) -> Iterator[bytes]:
-    with open(path, "rb") as f:
-        while block := f.read(CHUNK_BYTES):
-            yield block
 
 
 class BlobStore:
@@ -62,32 +46,15 @@ class BlobStore:
         return (self.root / check_sha(sha)).exists()
 
     def put(self, sha: str, chunks: Iterable[bytes]) -> int:
-        check_sha(sha)
-        h, size = hashlib.sha256(), 0
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".upload-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                for data in chunks:
-                    h.update(data)
-                    size += len(data)
-                    f.write(data)
-            if h.hexdigest() != sha:
-                raise ChecksumError(f"upload does not hash to {sha[:12]}", hint="retry the upload")
-            os.replace(tmp, self.root / sha)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return size
+        """Stores a blob; the same bytes again replace it with themselves (idempotent)."""
+        return receive_file(chunks, check_sha(sha), self.root / sha, f"upload {sha[:12]}",
+                            hint="retry the upload")
 
     def read(self, sha: str) -> Iterator[bytes]:
         path = self.root / check_sha(sha)
         if not path.exists():
             raise NotFoundError(f"no blob {sha[:12]}", hint="upload it with PutBlob first")
-        return _read(path)
-
-
-def _digest(path: Path) -> FileDigest:
-    return FileDigest(path.name, sha256_file(path), path.stat().st_size)
+        return read_chunks(path)
 
 
 class AdapterStore:
@@ -162,7 +129,7 @@ class AdapterStore:
         try:
             merge_pieces([AdapterPiece(pieces[p], p.index, p.count, layer_offset=p.start)
                           for p in ordered], tmp)
-            files = [_digest(tmp / ADAPTERS), _digest(tmp / ADAPTER_CONFIG)]
+            files = [file_digest(tmp / ADAPTERS), file_digest(tmp / ADAPTER_CONFIG)]
             (tmp / MERGED_FROM).write_text(made_of)
             if final.exists():  # the same step again (a resumed attempt): replace it whole
                 shutil.rmtree(final)
@@ -184,57 +151,19 @@ class AdapterStore:
 
     def piece_files(self, job_id: str, step: int, index: int) -> Iterator[tuple[str, bytes]]:
         _, c = self.piece(job_id, step, index)
-        return self._stream(self._piece_dir(job_id, step, index), c.files)
+        return send_files(self._piece_dir(job_id, step, index), c.files)
 
     def _write(self, final: Path, step: int, files: list[FileDigest],
                chunks: Iterable[tuple[str, bytes]], extra: dict[str, str] | None = None) -> None:
         if not files:
             raise DatasetError("a checkpoint needs at least one file")
-        for f in files:
-            check_name(f.name)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".step-{step}-"))
-        try:
-            expected = {f.name: f for f in files}
-            hashes = {name: hashlib.sha256() for name in expected}
-            handles = {}
-            try:
-                for name, data in chunks:
-                    if name not in expected:
-                        raise DatasetError(f"chunk for {name!r}, which the header does not list")
-                    if name not in handles:
-                        handles[name] = open(tmp / name, "wb")
-                    handles[name].write(data)
-                    hashes[name].update(data)
-            finally:
-                for h in handles.values():
-                    h.close()
-            for name, f in expected.items():
-                path = tmp / name
-                if not path.exists() and f.bytes == 0:
-                    path.touch()
-                if hashes[name].hexdigest() != f.sha256 or path.stat().st_size != f.bytes:
-                    raise ChecksumError(f"checkpoint {step} file {name} arrived corrupted",
-                                        hint="the worker retries the upload")
-            for name, text in (extra or {}).items():
-                (tmp / name).write_text(text)
-            if final.exists():  # idempotent: the same step uploaded again replaces the old copy
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
+        # Idempotent: the same step uploaded again replaces the old copy whole.
+        receive_folder(chunks, files, final, f"checkpoint {step}",
+                       hint="the worker retries the upload", extra=extra)
 
     def files(self, checkpoint: Checkpoint) -> Iterator[tuple[str, bytes]]:
         folder = self.step_dir(checkpoint.job_id, checkpoint.step)
         if not folder.exists():
-            raise NotFoundError(f"checkpoint {checkpoint.step} of {checkpoint.job_id} is missing on disk")
-        return self._stream(folder, checkpoint.files)
-
-    @staticmethod
-    def _stream(folder: Path, files: list[FileDigest]) -> Iterator[tuple[str, bytes]]:
-        for f in files:
-            for block in _read(folder / check_name(f.name)):
-                yield f.name, block
-            if f.bytes == 0:
-                yield f.name, b""
+            raise NotFoundError(
+                f"checkpoint {checkpoint.step} of {checkpoint.job_id} is missing on disk")
+        return send_files(folder, checkpoint.files)

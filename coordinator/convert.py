@@ -9,11 +9,13 @@ from coordinator.domain import (
     Job,
     JobEvent,
     JobState,
+    RankLaunch,
     RankProgress,
-    StagePiece,
     WorkerRecord,
 )
-from protos.v1 import common_pb2
+from herd.config import config_to_yaml
+from herd.stage_cut import StagePiece
+from protos.v1 import common_pb2, worker_pb2
 
 _STATE_TO_PB = {
     JobState.QUEUED: common_pb2.JOB_STATE_QUEUED,
@@ -52,7 +54,7 @@ def digest_from_pb(m: common_pb2.FileDigest) -> FileDigest:
 
 _PROGRESS_FIELDS = ("rank", "worker_id", "iteration", "train_loss", "val_loss", "learning_rate",
                     "tokens_per_second", "trained_tokens", "peak_memory_gb", "exchange",
-                   "world_size")
+                    "world_size")
 
 
 def progress_to_pb(p: RankProgress) -> common_pb2.RankProgress:
@@ -122,3 +124,17 @@ def worker_to_pb(w: WorkerRecord) -> common_pb2.WorkerInfo:
 
 def worker_from_pb(m: common_pb2.WorkerInfo) -> WorkerRecord:
     return WorkerRecord(**{f: getattr(m, f) for f in _WORKER_FIELDS})
+
+
+def launch_to_pb(launch: RankLaunch, coordinator: str) -> worker_pb2.StartRankRequest:
+    """What a worker needs to start one rank; ``coordinator``: where it reports and uploads."""
+    job = launch.job
+    return worker_pb2.StartRankRequest(
+        job_id=job.job_id, attempt=job.attempt, rank=launch.rank,
+        world_size=len(launch.ring_hosts), config_yaml=config_to_yaml(job.config),
+        coordinator=coordinator, ring_hosts=launch.ring_hosts,
+        exchange_peers=launch.exchange_peers, resume_step=launch.resume_step,
+        data_parallel=launch.data_parallel,
+        stage_layers=[common_pb2.LayerRange(start=a, end=b) for a, b in launch.stage_layers],
+        dataset=[digest_to_pb(d) for d in job.dataset],
+    )

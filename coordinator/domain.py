@@ -5,6 +5,9 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from herd.config import JobConfig
+from herd.digest import FileDigest
+
 
 class JobState(enum.Enum):
     QUEUED = "queued"
@@ -48,13 +51,6 @@ class EventKind(enum.Enum):
     LOG = "log"
 
 
-@dataclass(frozen=True)
-class FileDigest:
-    name: str
-    sha256: str
-    bytes: int
-
-
 @dataclass
 class RankProgress:
     rank: int
@@ -71,17 +67,6 @@ class RankProgress:
 
 
 @dataclass(frozen=True)
-class StagePiece:
-    """One pipeline stage's share of a checkpoint: stage ``index`` of ``count``, blocks
-    [start, end)."""
-
-    index: int
-    count: int
-    start: int
-    end: int
-
-
-@dataclass(frozen=True)
 class Checkpoint:
     job_id: str
     step: int
@@ -93,7 +78,7 @@ class Checkpoint:
 class Job:
     job_id: str
     name: str
-    config_yaml: str
+    config: JobConfig  # parsed once, when the service accepts the job or the store loads it
     dataset: list[FileDigest]
     workers_needed: int
     iters: int
@@ -139,3 +124,17 @@ class WorkerRecord:
     @property
     def target(self) -> str:
         return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class RankLaunch:
+    """One rank to start: where, with which ring and exchange peers, from which checkpoint."""
+
+    job: Job
+    rank: int
+    worker: WorkerRecord
+    ring_hosts: list[str]
+    exchange_peers: list[str]
+    resume_step: int = 0  # > 0: resume from this stored checkpoint
+    stage_layers: tuple[tuple[int, int], ...] = ()  # pipelines: blocks per stage
+    data_parallel: int = 1

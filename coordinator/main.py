@@ -11,19 +11,19 @@ import argparse
 import signal
 import socket
 import threading
-from concurrent import futures
 from pathlib import Path
 
-import grpc
-
 from coordinator.artifacts import AdapterStore, BlobStore
-from coordinator.registry import GrpcLauncher, Registry
+from coordinator.launcher import GrpcLauncher
+from coordinator.registry import Registry
 from coordinator.scheduler import Scheduler
 from coordinator.service import CoordinatorServicer, add_to_server
 from coordinator.store import JobStore
-from herd import discovery, log
-from herd.auth import SERVER_OPTIONS, ServerAuth, default_home, load_secret
+from herd import PROTOCOL_VERSION, log
 from herd.errors import HerdError
+from herd.rpc import discovery
+from herd.rpc.auth import default_home, load_secret
+from herd.rpc.channel import signed_server
 
 logger = log.get(__name__)
 DEFAULT_PORT = 7450
@@ -40,8 +40,7 @@ class Coordinator:
         self.store = JobStore(state_dir / "herd.db")
         self.registry = Registry(secret, on_lost=lambda wid: self.scheduler.on_worker_lost(wid),
                                  static_targets=list(static_workers))
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=32),
-                                  options=SERVER_OPTIONS, interceptors=[ServerAuth(secret)])
+        self.server = signed_server(secret, max_workers=32)
         self.host = host
         self.port = self.server.add_insecure_port(f"{host}:{port}")
         self.scheduler = Scheduler(self.store, self.registry.workers,
@@ -71,7 +70,7 @@ class Coordinator:
             self._advert = discovery.Advertiser(
                 self._zc, discovery.COORDINATOR_TYPE, f"herd-{socket.gethostname()}-{self.port}",
                 self.host, self.port,
-                {"port": str(self.port), "protocol": str(discovery.PROTOCOL_VERSION)})
+                {"port": str(self.port), "protocol": str(PROTOCOL_VERSION)})
         logger.info("coordinator_started", address=self.address, state_dir=str(self.state_dir))
 
     def stop(self) -> None:
@@ -89,7 +88,8 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="herd coordinator", description="run the coordinator")
     p.add_argument("--state-dir", type=Path, default=None, help="default $HERD_HOME/coordinator")
     p.add_argument("--host", default=None, help="address to serve and advertise (default: LAN IP)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}; 0 = any")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT,
+                   help=f"default {DEFAULT_PORT}; 0 = any")
     p.add_argument("--worker", action="append", default=[], metavar="HOST:PORT",
                    help="a worker to use without zeroconf (repeatable); still verified")
     p.add_argument("--placement-timeout", type=float, default=600.0,

@@ -1,8 +1,8 @@
 """Placement policy: pure functions from (job needs, verified free workers) to a placement or a
 PlacementError that says what is missing.
 
-When the memory planner (coordinator/planner.py) is present and the model's config.json is
-readable here, it decides the layout: data parallel, pipeline stages, or data x pipeline (ranks
+When the model's config.json is readable here, the memory planner (coordinator/planner/) decides
+the layout: data parallel, pipeline stages, or data x pipeline (ranks
 in the MLX ring order the pipeline's topology expects, each stage's blocks); otherwise every rank
 holds the whole model (data parallel), the need is estimated from the weight files' size, and a
 pipeline is refused (its cut needs the block count).
@@ -10,18 +10,17 @@ pipeline is refused (its cut needs the block count).
 
 from __future__ import annotations
 
-import importlib
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from coordinator import planner
 from coordinator.domain import WorkerRecord
 from herd.config import JobConfig
 from herd.errors import DoesNotFitError, PlacementError
 
 # Weights plus LoRA state, activations and the allocator's slack, as a multiple of weight bytes.
 OVERHEAD = 1.3
-GB = 1024**3
 
 
 @dataclass(frozen=True)
@@ -54,25 +53,17 @@ def model_bytes(model: str) -> int:
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
 
-def _planner():
-    try:
-        return importlib.import_module("coordinator.planner")
-    except ImportError:
-        return None
-
-
 def usable_bytes(w: WorkerRecord) -> int:
     """What a job may use on this worker: free memory, and on a Mac no more than the GPU may
     wire (iogpu.wired_limit_mb, or macOS's default share of RAM)."""
     free = w.free_memory_bytes or w.memory_bytes
-    planner = _planner()
-    if w.os.startswith("macOS") and planner is not None:
+    if w.os.startswith("macOS"):
         return min(free, planner.macos_usable_bytes(w.memory_bytes, w.wired_limit_mb or None))
     return free
 
 
 def _fmt(n: int) -> str:
-    return f"{n / GB:.1f} GB"
+    return f"{n / planner.GIB:.1f} GB"
 
 
 def place(cfg: JobConfig, workers: list[WorkerRecord]) -> Placement:
@@ -95,10 +86,9 @@ def place(cfg: JobConfig, workers: list[WorkerRecord]) -> Placement:
             hint=f"use a batch_size that is a multiple of {dp}",
         )
     ranked = sorted(idle, key=lambda w: (-usable_bytes(w), w.worker_id))
-    planner = _planner()
     config_json = Path(cfg.model).expanduser() / "config.json"
-    if planner is not None and config_json.exists():
-        return _place_with_planner(planner, cfg, ranked[:need], json.loads(config_json.read_text()))
+    if config_json.exists():
+        return _place_with_planner(cfg, ranked[:need], json.loads(config_json.read_text()))
     if stages > 1:
         # The cut, the ring order and the stage pieces' merge all need the block count.
         raise PlacementError(
@@ -111,7 +101,8 @@ def place(cfg: JobConfig, workers: list[WorkerRecord]) -> Placement:
     if short:
         w = short[0]
         raise DoesNotFitError(
-            f"needs {_fmt(per_worker)} per worker; {w.worker_id} has {_fmt(usable_bytes(w))} usable",
+            f"needs {_fmt(per_worker)} per worker; {w.worker_id} has {_fmt(usable_bytes(w))} "
+            "usable",
             hint="quantize the model (quantize: {bits: 4}), use pipeline stages, or add memory",
         )
     return Placement([w.worker_id for w in chosen], per_worker)
@@ -132,9 +123,10 @@ def check_fits(cfg: JobConfig, workers: list[WorkerRecord]) -> None:
         return
 
 
-def _place_with_planner(planner, cfg: JobConfig, chosen: list[WorkerRecord],
+def _place_with_planner(cfg: JobConfig, chosen: list[WorkerRecord],
                         model_config: dict) -> Placement:
-    mem = [planner.WorkerMemory(worker_id=w.worker_id, memory_bytes=usable_bytes(w)) for w in chosen]
+    mem = [planner.WorkerMemory(worker_id=w.worker_id, memory_bytes=usable_bytes(w))
+           for w in chosen]
     plan = planner.plan_job(model_config, cfg, mem)
     peak = int(max(plan.peak_bytes_per_worker.values(), default=0))
     ids = plan.ring_order()  # PlacementError for a layout the MLX ring cannot carry

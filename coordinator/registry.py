@@ -13,14 +13,13 @@ from __future__ import annotations
 import threading
 from typing import Callable
 
-
-
 from coordinator.convert import worker_from_pb
 from coordinator.domain import WorkerRecord
-from herd import discovery, log
-from herd.auth import secure_channel
-from herd.client_rpc import UNARY_DEADLINE_S, rpc_errors
+from herd import log
 from herd.errors import HerdError, NotFoundError
+from herd.rpc import discovery
+from herd.rpc.channel import UNARY_DEADLINE_S, signed_channel
+from herd.rpc.status import rpc_errors
 from protos.v1 import worker_pb2, worker_pb2_grpc
 
 logger = log.get(__name__)
@@ -31,12 +30,13 @@ class WorkerClient:
 
     def __init__(self, target: str, secret: str):
         self.target = target
-        self.channel = secure_channel(target, secret)
+        self.channel = signed_channel(target, secret)
         self.stub = worker_pb2_grpc.WorkerServiceStub(self.channel)
 
     def describe(self, timeout: float = 3.0) -> WorkerRecord:
         with rpc_errors(self.target):
-            return worker_from_pb(self.stub.Describe(worker_pb2.DescribeRequest(), timeout=timeout).worker)
+            reply = self.stub.Describe(worker_pb2.DescribeRequest(), timeout=timeout)
+        return worker_from_pb(reply.worker)
 
     def health(self, timeout: float = 3.0) -> worker_pb2.HealthReply:
         with rpc_errors(self.target):
@@ -94,7 +94,8 @@ class Registry:
             except HerdError as e:
                 with self._lock:
                     self._candidates.pop(name, None)
-                self._remove(wid, f"its zeroconf record vanished and it does not answer: {e.message}")
+                self._remove(wid, "its zeroconf record vanished and it does not answer: "
+                             f"{e.message}")
             else:
                 logger.info("worker_goodbye_ignored", worker_id=wid, advert=name,
                             reason="it still answers an authenticated health check")
@@ -197,31 +198,3 @@ class Registry:
             clients = list(self._clients.values())
         for c in clients:
             c.close()
-
-
-class GrpcLauncher:
-    """The scheduler's Launcher: StartRank/StopJob through the registry's clients."""
-
-    def __init__(self, registry: Registry, coordinator_address: Callable[[], str]):
-        self._registry = registry
-        self._address = coordinator_address
-
-    def start_rank(self, launch) -> None:
-        job = launch.job
-        req = worker_pb2.StartRankRequest(
-            job_id=job.job_id, attempt=job.attempt, rank=launch.rank,
-            world_size=len(launch.ring_hosts), config_yaml=job.config_yaml,
-            coordinator=self._address(), ring_hosts=launch.ring_hosts,
-            exchange_peers=launch.exchange_peers, resume_step=launch.resume_step,
-            data_parallel=launch.data_parallel,
-        )
-        for start, end in launch.stage_layers:
-            req.stage_layers.add(start=start, end=end)
-        for d in job.dataset:
-            req.dataset.add(name=d.name, sha256=d.sha256, bytes=d.bytes)
-        self._registry.client(launch.worker.worker_id).start_rank(req)
-
-    def stop_job(self, worker: WorkerRecord, job_id: str) -> None:
-        self._registry.client(worker.worker_id).stop_job(job_id)
-
-

@@ -14,36 +14,22 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
-import yaml
-
 from coordinator.domain import (
     TRANSITIONS,
     Checkpoint,
     EventKind,
     Job,
     JobState,
+    RankLaunch,
     RankProgress,
     WorkerRecord,
 )
 from coordinator.placement import Placement, check_fits, place
 from coordinator.store import JobStore
 from herd import log
-from herd.config import parse_config
 from herd.errors import ConfigError, HerdError, PeerLostError, PlacementError
 
 logger = log.get(__name__)
-
-
-@dataclass(frozen=True)
-class RankLaunch:
-    job: Job
-    rank: int
-    worker: WorkerRecord
-    ring_hosts: list[str]
-    exchange_peers: list[str]
-    resume_step: int = 0  # > 0: resume from this stored checkpoint
-    stage_layers: tuple[tuple[int, int], ...] = ()  # pipelines: blocks per stage
-    data_parallel: int = 1
 
 
 class Launcher(Protocol):
@@ -68,7 +54,7 @@ def decide_queued(job: Job, workers: list[WorkerRecord], now_ms: int,
                   placement_timeout_s: float) -> Placement | Wait | Fail:
     """What to do with a queued (or restarting) job now."""
     try:
-        return place(parse_config(yaml.safe_load(job.config_yaml), job.name), workers)
+        return place(job.config, workers)
     except PlacementError as e:
         since = job.created_ms if job.state is JobState.QUEUED else job.updated_ms
         waited_s = (now_ms - since) / 1000
@@ -150,10 +136,7 @@ class Scheduler:
     def _attempt_failed(self, job: Job, reason: str, exit_code: int | None) -> None:
         """Restart from the last checkpoint when the policy allows, else fail. Caller holds the
         lock and stops the attempt's ranks afterwards."""
-        try:
-            max_restarts = parse_config(yaml.safe_load(job.config_yaml), job.name).cluster.max_restarts
-        except HerdError:
-            max_restarts = 0
+        max_restarts = job.config.cluster.max_restarts
         self._idle_since = {k: v for k, v in self._idle_since.items() if k[0] != job.job_id}
         if should_restart(job, max_restarts, exit_code):
             ckpts = self.store.checkpoints(job.job_id)
@@ -167,7 +150,7 @@ class Scheduler:
     # --- entry points ----------------------------------------------------------------------
 
     def submit(self, job: Job) -> Job:
-        cfg = parse_config(yaml.safe_load(job.config_yaml), job.name)
+        cfg = job.config
         if cfg.cluster.backend != "zeroconf":  # never silently place on other workers than asked
             raise ConfigError(
                 f"cluster.backend = {cfg.cluster.backend!r} is not available in this version",
@@ -267,8 +250,8 @@ class Scheduler:
                 return  # cancelled meanwhile; cancel() stops what started
             if failed:
                 launch, err = failed[0]
-                self._set_state(job, JobState.FAILED,
-                                f"rank {launch.rank} could not start on {launch.worker.worker_id}: {err}")
+                self._set_state(job, JobState.FAILED, f"rank {launch.rank} could not start on "
+                                f"{launch.worker.worker_id}: {err}")
             else:
                 self._set_state(job, JobState.RUNNING)
         if failed:
@@ -351,7 +334,8 @@ class Scheduler:
 
     def on_worker_lost(self, worker_id: str) -> None:
         with self._lock:
-            hit = [j for j in self.store.list_jobs() if j.state.active and worker_id in j.worker_ids]
+            hit = [j for j in self.store.list_jobs()
+                   if j.state.active and worker_id in j.worker_ids]
             for job in hit:
                 self._attempt_failed(job, f"worker {worker_id} was lost", None)
         for job in hit:

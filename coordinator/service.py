@@ -1,5 +1,5 @@
 """CoordinatorService: thin handlers. Each converts the request once (coordinator/convert.py),
-calls a domain object, converts the reply; herd errors become status codes in herd/client_rpc.py.
+calls a domain object, converts the reply; herd errors become status codes in herd/rpc/status.py.
 """
 
 from __future__ import annotations
@@ -10,18 +10,18 @@ import uuid
 from typing import Iterator
 
 import grpc
-import yaml
 
 from coordinator import convert
-from coordinator.artifacts import AdapterStore, BlobStore, check_name
-from coordinator.domain import FileDigest, Job
-from coordinator.placement import place, workers_needed
+from coordinator.artifacts import AdapterStore, BlobStore
+from coordinator.domain import Job
+from coordinator.placement import workers_needed
 from coordinator.registry import Registry
 from coordinator.scheduler import Scheduler
 from herd import log
-from herd.client_rpc import abort
-from herd.config import parse_config
-from herd.errors import ConfigError, DatasetError, HerdError, NotFoundError
+from herd.config import config_from_yaml
+from herd.errors import DatasetError, HerdError, NotFoundError, ProtocolError
+from herd.rpc.files import check_name
+from herd.rpc.status import abort
 from protos.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
 logger = log.get(__name__)
@@ -66,8 +66,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     # --- jobs ------------------------------------------------------------------------------
 
     def _job_from_spec(self, spec) -> Job:
-        raw = yaml.safe_load(spec.config_yaml) if spec.config_yaml else None
-        cfg = parse_config(raw, spec.name or "<submitted config>")
+        cfg = config_from_yaml(spec.config_yaml, spec.name or "<submitted config>")
         dataset = [convert.digest_from_pb(f) for f in spec.dataset]
         names = [check_name(d.name) for d in dataset]
         if REQUIRED_DATA not in names:
@@ -79,7 +78,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                                hint="`herd submit` uploads them before submitting")
         name = job_name(spec.name)
         return Job(job_id=f"{name}-{uuid.uuid4().hex[:6]}", name=name,
-                   config_yaml=spec.config_yaml, dataset=dataset,
+                   config=cfg, dataset=dataset,
                    workers_needed=workers_needed(cfg), iters=cfg.iters)
 
     @_unary
@@ -125,23 +124,13 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         return coordinator_pb2.ListWorkersReply(
             workers=[convert.worker_to_pb(w) for w in self.registry.workers()])
 
-    @_unary
-    def PlanJob(self, request, context):
-        spec = request.spec
-        cfg = parse_config(yaml.safe_load(spec.config_yaml) or {}, spec.name or "<config>")
-        try:
-            placement = place(cfg, self.scheduler.free_workers())
-        except HerdError as e:
-            return coordinator_pb2.PlanJobReply(placeable=False, message=str(e))
-        return coordinator_pb2.PlanJobReply(placeable=True, worker_ids=placement.worker_ids)
-
     # --- blobs -----------------------------------------------------------------------------
 
     @_unary
     def PutBlob(self, request_iterator, context):
         first = next(request_iterator, None)
         if first is None or not first.sha256:
-            raise DatasetError("PutBlob: the first message must name the sha256")
+            raise ProtocolError("PutBlob: the first message must name the sha256")
 
         def chunks():
             yield first.data
@@ -172,17 +161,17 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                       request.exit.exit_code, request.exit.error)
             stop = True
         else:
-            raise ConfigError("ReportRank without a report")
+            raise ProtocolError("ReportRank without a report")
         return coordinator_pb2.ReportRankReply(stop=stop)
 
     @_unary
     def PutCheckpoint(self, request_iterator, context):
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("part") != "header":
-            raise DatasetError("PutCheckpoint: the first message must be the header")
+            raise ProtocolError("PutCheckpoint: the first message must be the header")
         h = first.header
         self.store.get_job(h.job_id)
-        files = [FileDigest(f.name, f.sha256, f.bytes) for f in h.files]
+        files = [convert.digest_from_pb(f) for f in h.files]
         chunks = ((m.chunk.name, m.chunk.data) for m in request_iterator
                   if m.WhichOneof("part") == "chunk")
         now = self.scheduler.now_ms()

@@ -21,6 +21,7 @@ from coordinator.domain import (
     JobState,
     RankProgress,
 )
+from herd.config import JobConfig, config_from_yaml, config_to_yaml
 from herd.errors import NotFoundError
 
 _MIGRATIONS = [
@@ -45,9 +46,9 @@ _MIGRATIONS = [
 ]
 
 
-def _job(row: sqlite3.Row) -> Job:
+def _job(row: sqlite3.Row, config: JobConfig) -> Job:
     return Job(
-        job_id=row["job_id"], name=row["name"], config_yaml=row["config_yaml"],
+        job_id=row["job_id"], name=row["name"], config=config,
         dataset=[FileDigest(**d) for d in json.loads(row["dataset"])],
         workers_needed=row["workers_needed"], iters=row["iters"], state=JobState(row["state"]),
         message=row["message"], created_ms=row["created_ms"], updated_ms=row["updated_ms"],
@@ -73,6 +74,9 @@ class JobStore:
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._lock = threading.Lock()
+        # Configs parsed once, by their text: the control loop loads every job several times a
+        # tick, and a stored job's config never changes (a JobConfig is never changed in place).
+        self._configs: dict[str, JobConfig] = {}
         self._migrate()
 
     def _migrate(self) -> None:
@@ -82,7 +86,8 @@ class JobStore:
             for version, sql in enumerate(_MIGRATIONS, start=1):
                 if version in done:
                     continue
-                self._db.executescript(f"BEGIN; {sql}; INSERT INTO migrations VALUES ({version}); COMMIT;")
+                self._db.executescript(
+                    f"BEGIN; {sql}; INSERT INTO migrations VALUES ({version}); COMMIT;")
 
     def schema_version(self) -> int:
         with self._lock:
@@ -94,23 +99,30 @@ class JobStore:
         with self._lock:
             self._db.execute(
                 "INSERT OR REPLACE INTO jobs VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                (job.job_id, job.name, job.config_yaml,
+                (job.job_id, job.name, config_to_yaml(job.config),
                  json.dumps([dataclasses.asdict(d) for d in job.dataset]), job.workers_needed,
                  job.iters, job.state.value, job.message, job.created_ms, job.updated_ms,
                  job.attempt, json.dumps(job.worker_ids)),
             )
+
+    def _config(self, row: sqlite3.Row) -> JobConfig:
+        text = row["config_yaml"]
+        if (config := self._configs.get(text)) is None:
+            config = self._configs[text] = config_from_yaml(text, f"job {row['job_id']}")
+        return config
 
     def get_job(self, job_id: str) -> Job:
         with self._lock:
             row = self._db.execute("SELECT * FROM jobs WHERE job_id=?", (job_id,)).fetchone()
         if row is None:
             raise NotFoundError(f"no job {job_id!r}", hint="`herd jobs` lists the jobs")
-        return _job(row)
+        return _job(row, self._config(row))
 
     def list_jobs(self) -> list[Job]:
         with self._lock:
-            rows = self._db.execute("SELECT * FROM jobs ORDER BY created_ms DESC, job_id").fetchall()
-        return [_job(r) for r in rows]
+            rows = self._db.execute(
+                "SELECT * FROM jobs ORDER BY created_ms DESC, job_id").fetchall()
+        return [_job(r, self._config(r)) for r in rows]
 
     # --- attempts --------------------------------------------------------------------------
 
@@ -133,8 +145,9 @@ class JobStore:
 
     # --- events ----------------------------------------------------------------------------
 
-    def add_event(self, job_id: str, time_ms: int, kind: EventKind, *, state: JobState | None = None,
-                  message: str = "", progress: RankProgress | None = None, step: int = 0) -> JobEvent:
+    def add_event(self, job_id: str, time_ms: int, kind: EventKind, *,
+                  state: JobState | None = None, message: str = "",
+                  progress: RankProgress | None = None, step: int = 0) -> JobEvent:
         with self._lock:
             seq = self._db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE job_id=?",
                                    (job_id,)).fetchone()[0]
@@ -168,16 +181,17 @@ class JobStore:
 
     def add_checkpoint(self, c: Checkpoint) -> None:
         with self._lock:
+            files = json.dumps([dataclasses.asdict(f) for f in c.files])
             self._db.execute("INSERT OR REPLACE INTO checkpoints VALUES (?,?,?,?)",
-                             (c.job_id, c.step, json.dumps([dataclasses.asdict(f) for f in c.files]),
-                              c.created_ms))
+                             (c.job_id, c.step, files, c.created_ms))
 
     def checkpoints(self, job_id: str) -> list[Checkpoint]:
         with self._lock:
             rows = self._db.execute("SELECT * FROM checkpoints WHERE job_id=? ORDER BY step",
                                     (job_id,)).fetchall()
-        return [Checkpoint(r["job_id"], r["step"], [FileDigest(**f) for f in json.loads(r["files"])],
-                           r["created_ms"]) for r in rows]
+        return [Checkpoint(r["job_id"], r["step"],
+                           [FileDigest(**f) for f in json.loads(r["files"])], r["created_ms"])
+                for r in rows]
 
     def close(self) -> None:
         with self._lock:

@@ -1,7 +1,10 @@
 """herd: LoRA/QLoRA fine-tuning across a cluster of Apple Silicon Macs.
 
 This package is the shared vocabulary of the control plane (``coordinator/``) and the data plane
-(``worker/``): the CLI dispatcher, the job-config schema, errors, auth and logging. It imports neither.
+(``worker/``): the job-config schema, errors, logging, digests, the dataset check, stage cuts and
+adapter merging; ``herd/rpc/`` is the gRPC plumbing both use (auth, channels, the error <-> status
+map, file transfer, discovery). Neither imports a plane. ``herd/cli/`` is the ``herd`` command, the
+composition root: the only package that names both planes.
 """
 
 __version__ = "0.1.0"

@@ -1,5 +1,5 @@
 import sys
 
-from herd.cli import main
+from herd.cli.main import main
 
 sys.exit(main())

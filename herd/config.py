@@ -141,15 +141,16 @@ class JobConfig(_Strict):
         if dp is not None and self.batch_size % dp != 0:
             raise ValueError(
                 f"batch_size {self.batch_size} is not divisible by cluster.parallelism.data {dp}: "
-                f"each data-parallel rank takes batch_size / data examples; use a batch_size that is "
-                f"a multiple of {dp}"
+                f"each data-parallel rank takes batch_size / data examples; use a batch_size that "
+                f"is a multiple of {dp}"
             )
         accum = self.grad_accumulation_steps
         for key in ("iters", "save_every"):
             if getattr(self, key) % accum != 0:
                 raise ValueError(
-                    f"{key} = {getattr(self, key)} is not a multiple of grad_accumulation_steps = {accum}: "
-                    f"checkpoints and the end of training fall on optimizer steps; use a multiple of {accum}"
+                    f"{key} = {getattr(self, key)} is not a multiple of grad_accumulation_steps "
+                    f"= {accum}: checkpoints and the end of training fall on optimizer steps; use "
+                    f"a multiple of {accum}"
                 )
         return self
 
@@ -164,9 +165,13 @@ class JobConfig(_Strict):
         return d
 
 
-# mlx-lm's YAML loader reads 1e-5 as a float (PyYAML's default reads it as a string).
-_yaml_loader = yaml.SafeLoader
-_yaml_loader.add_implicit_resolver(
+class _Loader(yaml.SafeLoader):
+    """mlx-lm's YAML loader reads 1e-5 as a float (PyYAML's default reads it as a string).
+    mlx-lm changes PyYAML's global SafeLoader for that; herd changes only its own subclass, so
+    importing herd.config changes no other ``yaml.safe_load`` in the process."""
+
+
+_Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(
         r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
@@ -211,14 +216,16 @@ def _format(err: ValidationError, source: str) -> ConfigError:
     for e in err.errors():
         loc = tuple(e["loc"])
         # pydantic names union branches and validators in the path; the user's key has neither.
-        key = ".".join(str(p) for p in loc if not str(p).startswith(("function-after", "Parallelism")))
+        key = ".".join(str(p) for p in loc
+                       if not str(p).startswith(("function-after", "Parallelism")))
         key = key or "(top level)"
         if e["type"] == "extra_forbidden":
             name = str(loc[-1])
             model = _model_for(loc)
             known = list(model.model_fields) if model else []
             close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
-            hint = _HINTS.get(name) or (f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}")
+            hint = _HINTS.get(name) or (
+                f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}")
             lines.append(f"{key}: unknown key ({hint})")
         else:
             msg = e["msg"].removeprefix("Value error, ")
@@ -248,7 +255,7 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Jo
     when they exist there (so a config travels with its data)."""
     path = Path(path)
     try:
-        raw = yaml.load(path.read_text(), _yaml_loader) or {}
+        raw = yaml.load(path.read_text(), _Loader) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
     except yaml.YAMLError as e:
@@ -263,3 +270,21 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Jo
             if beside.exists() and not Path(val).exists():
                 raw[key] = str(beside.resolve())
     return parse_config(raw, str(path))
+
+
+# The job config crosses process boundaries as YAML text (JobSpec.config_yaml,
+# StartRankRequest.config_yaml, the coordinator's store, a rank's config.yaml): the user's own
+# mlx-lm document, holding only the keys they set. Inside a process it is a JobConfig.
+
+def config_from_yaml(text: str, source: str) -> JobConfig:
+    """Parse a config that crossed a boundary as text (validated again: text is not trusted)."""
+    try:
+        raw = yaml.load(text, _Loader) if text else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source} is not valid YAML: {e}") from None
+    return parse_config(raw, source)
+
+
+def config_to_yaml(cfg: JobConfig) -> str:
+    """The config as text: the keys that were set, in the schema's order."""
+    return yaml.safe_dump(cfg.model_dump(mode="json", exclude_unset=True), sort_keys=False)

@@ -1,5 +1,6 @@
 """herd's error hierarchy. Raised early with a hint; caught only at boundaries
-(CLI entry, gRPC servicer, control loop, rank runner)."""
+(CLI entry, gRPC servicer, control loop, rank runner). gRPC carries the class across the wire
+(herd/rpc/status.py), so a client raises what the server raised, with the same exit code."""
 
 
 class HerdError(Exception):
@@ -55,3 +56,13 @@ class NotFoundError(HerdError):
     """A job, worker or checkpoint that does not exist."""
 
     exit_code = 7
+
+
+class ChecksumError(HerdError):
+    """Bytes that do not hash to the sha256 they were sent with (or a stream that does not match
+    its own header): the transfer is refused whole and the sender retries."""
+
+
+class ProtocolError(HerdError):
+    """A request that breaks the contract (a stream without its header, a report without a
+    kind): a bug in the peer that sent it, never something the user can fix in a config."""

@@ -13,14 +13,26 @@ cotangent is one more pass through the frozen weights; the adapters' own gradien
 
 An even cut of 6 adapted blocks over 2 stages leaves the last stage idle a quarter of the time
 (9 against 6.5: measured 0.22 s against 0.16 s per step, bench/results/pipeline-linux-cpu.md).
-Used by the planner (coordinator/planner.py) and by ``python -m worker.pipeline``.
+Used by the planner (coordinator/planner/) and by ``python -m worker.pipeline``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 
 from herd.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class StagePiece:
+    """One pipeline stage's share of a checkpoint: stage ``index`` of ``count``, blocks
+    [start, end). The agent tags an upload with it; the coordinator merges a step's pieces."""
+
+    index: int
+    count: int
+    start: int
+    end: int
 
 
 def even_split(total_layers: int, stages: int) -> list[tuple[int, int]]:
@@ -58,7 +70,8 @@ def balanced_split(total_layers: int, stages: int, head_blocks: float = 0.0,
     def best(s: int, start: int) -> tuple[float, tuple[int, ...]]:
         """(max cost, ends) for stages s.. over blocks start..total_layers."""
         if s == stages - 1:
-            return stage_cost(start, total_layers, True, first_adapted, head_blocks), (total_layers,)
+            cost = stage_cost(start, total_layers, True, first_adapted, head_blocks)
+            return cost, (total_layers,)
         options = []
         for end in range(start + 1, total_layers - (stages - s - 1) + 1):
             rest, ends = best(s + 1, end)

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny real models and datasets, built once per session (nothing is downloaded)."""
+"""Shared fixtures: tiny real models and datasets, built once per session (nothing is
+downloaded)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from herd.ports import free_ports  # noqa: F401 (tests import it from here)
+from herd.rpc.ports import free_ports  # noqa: F401 (tests import it from here)
 
 # mx.compile JIT-compiles C++ on the CPU backend: ~25 s per new shape set, for identical numbers.
-# Tests run uncompiled (subprocesses inherit this); tests/test_training.py checks the compiled path once.
+# Tests run uncompiled (subprocesses inherit this); tests/test_training.py checks the compiled path
+# once.
 os.environ.setdefault("MLX_DISABLE_COMPILE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HERD_LOG_LEVEL", "warning")
@@ -49,21 +51,23 @@ def blas_kernels(request, monkeypatch):
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    from herd.tiny import make_tiny_model
+    from herd.cli.tiny import make_tiny_model
 
-    return make_tiny_model(tmp_path_factory.mktemp("models") / "llama", arch="llama", layers=2, hidden=64)
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "llama", arch="llama", layers=2,
+                           hidden=64)
 
 
 @pytest.fixture(scope="session")
 def tiny_qwen2(tmp_path_factory) -> Path:
-    from herd.tiny import make_tiny_model
+    from herd.cli.tiny import make_tiny_model
 
-    return make_tiny_model(tmp_path_factory.mktemp("models") / "qwen2", arch="qwen2", layers=2, hidden=64)
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "qwen2", arch="qwen2", layers=2,
+                           hidden=64)
 
 
 @pytest.fixture(scope="session")
 def tiny_bf16(tmp_path_factory) -> Path:
-    from herd.tiny import make_tiny_model
+    from herd.cli.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("models") / "llama-bf16", arch="llama", layers=2,
                            hidden=64, dtype="bfloat16")
@@ -81,16 +85,18 @@ def tiny_quantized(tmp_path_factory, tiny_model) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
-    from herd.tiny import make_tiny_data
+    from herd.cli.tiny import make_tiny_data
 
-    return make_tiny_data(tmp_path_factory.mktemp("data") / "text", fmt="text", train=64, valid=16, test=8)
+    return make_tiny_data(tmp_path_factory.mktemp("data") / "text", fmt="text", train=64, valid=16,
+                          test=8)
 
 
 @pytest.fixture(scope="session")
 def tiny_chat_data(tmp_path_factory) -> Path:
-    from herd.tiny import make_tiny_data
+    from herd.cli.tiny import make_tiny_data
 
-    return make_tiny_data(tmp_path_factory.mktemp("data") / "chat", fmt="chat", train=64, valid=16, test=8)
+    return make_tiny_data(tmp_path_factory.mktemp("data") / "chat", fmt="chat", train=64, valid=16,
+                          test=8)
 
 
 def write_job(path: Path, model: Path, data: Path, **overrides) -> Path:
@@ -129,12 +135,15 @@ def herd(*args: str, env: dict | None = None, timeout: float = 240, check: bool 
         cwd=cwd,
     )
     if check and proc.returncode != 0:
-        raise AssertionError(f"herd {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+        raise AssertionError(f"herd {' '.join(map(str, args))} failed ({proc.returncode}):\n"
+                             f"{proc.stderr[-4000:]}")
     return proc
 
 
-def start_ranks(argv: list[str], world: int, extra_env: dict | None = None, hostfile_dir: Path | None = None):
-    """Start `world` ranks of `python -m herd ...` directly (MLX_RANK + MLX_HOSTFILE, as FACTS.md advises)."""
+def start_ranks(argv: list[str], world: int, extra_env: dict | None = None,
+                hostfile_dir: Path | None = None):
+    """Start `world` ranks of `python -m herd ...` directly (MLX_RANK + MLX_HOSTFILE, as FACTS.md
+    advises)."""
     ports = free_ports(world)
     hostfile = (hostfile_dir or Path(os.environ.get("TMPDIR", "/tmp"))) / f"hosts-{ports[0]}.json"
     hostfile.write_text(json.dumps([f"127.0.0.1:{p}" for p in ports]))
@@ -203,7 +212,7 @@ def initial_adapter(cfg: Path) -> dict:
     from mlx.utils import tree_flatten
 
     from herd.config import load_config
-    from worker.model import apply_adapters, load_base
+    from worker.rank.model import apply_adapters, load_base
 
     job = load_config(str(cfg), {})
     model, _ = load_base(job)

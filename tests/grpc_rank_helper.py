@@ -26,7 +26,7 @@ import mlx.core as mx
 import numpy as np
 
 from herd.errors import HerdError
-from worker.grpc_exchange import GrpcExchange
+from worker.exchange.grpc import GrpcExchange
 
 SLICE = 1 << 22
 

@@ -11,25 +11,28 @@ from concurrent import futures
 import grpc
 import pytest
 
-from herd import discovery
-from herd.auth import SERVER_OPTIONS, ServerAuth, new_secret, secure_channel
+from herd.rpc import discovery
+from herd.rpc.auth import ServerAuth, new_secret
+from herd.rpc.channel import SERVER_OPTIONS, signed_channel
 from protos.v1 import coordinator_pb2, coordinator_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 HOST = "127.0.0.1"
 
 
 def start_worker(tmp_path, secret: str, worker_id: str, zc):
-    from worker.agent import Worker, WorkerServicer, advert_txt, free_port
-    from worker.probe import probe
+    from worker.agent.machine import probe
+    from worker.agent.main import free_port
+    from worker.agent.service import Worker, WorkerServicer, add_to_server, advert_txt
 
     server = grpc.server(futures.ThreadPoolExecutor(4), options=SERVER_OPTIONS,
                          interceptors=[ServerAuth(secret)])
     port = server.add_insecure_port(f"{HOST}:0")
-    w = Worker(worker_id, HOST, port, free_port(HOST), free_port(HOST), probe(), tmp_path / worker_id,
-               secret)
-    worker_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerServicer(w), server)
+    w = Worker(worker_id, HOST, port, free_port(HOST), free_port(HOST), probe(),
+               tmp_path / worker_id, secret)
+    add_to_server(WorkerServicer(w), server)
     server.start()
-    advert = discovery.Advertiser(zc, discovery.WORKER_TYPE, worker_id, HOST, port, advert_txt(w.info()))
+    advert = discovery.Advertiser(zc, discovery.WORKER_TYPE, worker_id, HOST, port,
+                                  advert_txt(w.info()))
     return server, advert, f"{HOST}:{port}"
 
 
@@ -65,22 +68,23 @@ def code_of(call) -> grpc.StatusCode | None:
 
 def test_calls_without_or_with_a_wrong_secret_are_refused(cluster):
     coord, secret, good, _ = cluster
-    for channel in (grpc.insecure_channel(coord.address), secure_channel(coord.address, new_secret())):
+    for channel in (grpc.insecure_channel(coord.address),
+                    signed_channel(coord.address, new_secret())):
         stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
         assert code_of(lambda: stub.ListJobs(coordinator_pb2.ListJobsRequest(), timeout=5)) \
             == grpc.StatusCode.UNAUTHENTICATED
         stream = stub.WatchJob(coordinator_pb2.WatchJobRequest(job_id="x"), timeout=5)
         assert code_of(lambda: list(stream)) == grpc.StatusCode.UNAUTHENTICATED
-    for channel in (grpc.insecure_channel(good), secure_channel(good, new_secret())):
+    for channel in (grpc.insecure_channel(good), signed_channel(good, new_secret())):
         stub = worker_pb2_grpc.WorkerServiceStub(channel)
         assert code_of(lambda: stub.Describe(worker_pb2.DescribeRequest(), timeout=5)) \
             == grpc.StatusCode.UNAUTHENTICATED
         assert code_of(lambda: stub.StopJob(worker_pb2.StopJobRequest(job_id="x"), timeout=5)) \
             == grpc.StatusCode.UNAUTHENTICATED
     # ...while the right secret is accepted by both.
-    ok = coordinator_pb2_grpc.CoordinatorServiceStub(secure_channel(coord.address, secret))
+    ok = coordinator_pb2_grpc.CoordinatorServiceStub(signed_channel(coord.address, secret))
     assert ok.ListJobs(coordinator_pb2.ListJobsRequest(), timeout=5).jobs == []
-    w = worker_pb2_grpc.WorkerServiceStub(secure_channel(good, secret))
+    w = worker_pb2_grpc.WorkerServiceStub(signed_channel(good, secret))
     assert w.Describe(worker_pb2.DescribeRequest(), timeout=5).worker.worker_id == "honest-worker"
 
 
@@ -95,6 +99,6 @@ def test_an_advert_without_the_secret_never_gets_work(cluster):
     assert ids == ["honest-worker"]
     refused = {k: v for k, v in coord.registry.refused.items() if "rogue" in k}
     assert refused and "wrong cluster secret" in next(iter(refused.values()))
-    listed = coordinator_pb2_grpc.CoordinatorServiceStub(secure_channel(coord.address, secret)) \
+    listed = coordinator_pb2_grpc.CoordinatorServiceStub(signed_channel(coord.address, secret)) \
         .ListWorkers(coordinator_pb2.ListWorkersRequest(), timeout=5).workers
     assert [w.worker_id for w in listed] == ["honest-worker"]

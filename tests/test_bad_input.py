@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from herd.cli import main as herd_main
+from herd.cli.main import main as herd_main
 from herd.errors import ConfigError
 from tests.conftest import herd, start_ranks
 
@@ -222,6 +222,7 @@ def test_batch_not_divisible_by_the_ranks_of_a_real_group(job: Job):
             if p.poll() is None:
                 p.kill()
     for code, err in results:
-        assert code == ConfigError.exit_code, err  # raised from the launcher's env, before any ring forms
+        # Raised from the launcher's env, before any ring forms.
+        assert code == ConfigError.exit_code, err
         assert "batch_size = 3 is not divisible by the 2 data-parallel ranks" in err, err
     assert not job.adapters.exists()

@@ -8,25 +8,26 @@ import sys
 
 import pytest
 
-from worker import blas
+from worker.rank import runtime
 
-PROBE = "import mlx.core as mx; mx.eval(mx.ones((4,4)) @ mx.ones((4,4))); from worker.blas import blas_in_use; print(blas_in_use())"
+PROBE = ("import mlx.core as mx; mx.eval(mx.ones((4,4)) @ mx.ones((4,4))); "
+         "from worker.rank.runtime import blas_in_use; print(blas_in_use())")
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="LD_PRELOAD of OpenBLAS is the Linux path")
 def test_preload_switches_mlx_to_openblas():
-    lib = blas.find_openblas()
+    lib = runtime.find_openblas()
     if lib is None:
         pytest.skip("OpenBLAS not installed (deploy/setup.sh installs libopenblas0-pthread)")
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
     plain = subprocess.run([sys.executable, "-c", PROBE], env={**env, "HERD_NO_OPENBLAS": "1"},
                            capture_output=True, text=True, check=True)
-    preloaded = subprocess.run([sys.executable, "-c", PROBE], env=blas.preload_env(env),
+    preloaded = subprocess.run([sys.executable, "-c", PROBE], env=runtime.preload_env(env),
                                capture_output=True, text=True, check=True)
     assert plain.stdout.strip() == "reference"
     assert preloaded.stdout.strip() == "openblas"
 
 
 def test_opt_out_is_respected():
-    env = blas.preload_env({"HERD_NO_OPENBLAS": "1"})
+    env = runtime.preload_env({"HERD_NO_OPENBLAS": "1"})
     assert "LD_PRELOAD" not in env

@@ -10,7 +10,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import pytest
 
-from worker import checkpoint as ck
+from worker.rank import checkpoint as ck
 
 
 class Tiny(nn.Module):
@@ -30,7 +30,8 @@ def _trained(steps: int):
 
 
 def _save(tmp_path, model, opt, it):
-    return ck.save_checkpoint(tmp_path, model, opt, {"fine_tune_type": "lora"}, ck.TrainerState(it, 10 * it, 0, 1))
+    return ck.save_checkpoint(tmp_path, model, opt, {"fine_tune_type": "lora"},
+                              ck.TrainerState(it, 10 * it, 0, 1))
 
 
 def test_round_trip_restores_weights_and_optimizer(tmp_path):

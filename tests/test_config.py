@@ -43,8 +43,10 @@ def test_shipped_configs_validate(path):
         ({"cluster": {"exchange": "nccl"}}, "cluster.exchange"),
         ({"quantize": {"bits": 7}}, "quantize.bits = 7"),
         ({"num_layers": 0}, "use -1 for all layers"),
-        ({"iters": 10, "grad_accumulation_steps": 4, "save_every": 8}, "multiple of grad_accumulation_steps"),
-        ({"batch_size": 6, "cluster": {"parallelism": {"data": 4, "pipeline": 1}}}, "not divisible by cluster.parallelism.data 4"),
+        ({"iters": 10, "grad_accumulation_steps": 4, "save_every": 8},
+         "multiple of grad_accumulation_steps"),
+        ({"batch_size": 6, "cluster": {"parallelism": {"data": 4, "pipeline": 1}}},
+         "not divisible by cluster.parallelism.data 4"),
     ],
 )
 def test_bad_config_names_key_and_fix(raw, expect):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from herd import discovery
+from herd.rpc import discovery
 
 HOST = "127.0.0.1"
 
@@ -21,11 +21,12 @@ def wait(pred, timeout: float = 10.0) -> bool:
 
 def test_advert_is_seen_and_withdrawn(monkeypatch):
     monkeypatch.setenv(discovery.INTERFACES_ENV, HOST)
-    from worker.agent import advert_txt
     from protos.v1 import common_pb2
+    from worker.agent.service import advert_txt
 
     info = common_pb2.WorkerInfo(worker_id="mac-1", port=7451, protocol_version=1,
-                                 memory_bytes=192 * 2**30, chip="Apple M2 Ultra", mlx_version="0.32")
+                                 memory_bytes=192 * 2**30, chip="Apple M2 Ultra",
+                                 mlx_version="0.32")
     txt = advert_txt(info)
     assert set(txt) == {"id", "port", "protocol", "memory", "chip", "mlx"}
     server, client = discovery.make_zeroconf(), discovery.make_zeroconf()

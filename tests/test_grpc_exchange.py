@@ -22,15 +22,14 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from herd.auth import secure_channel
 from herd.errors import AuthError, ConfigError, HerdError, PeerLostError
-from herd.ports import free_ports
+from herd.rpc.channel import signed_channel
+from herd.rpc.ports import free_ports
 from protos.v1 import exchange_pb2 as pb
-from worker import grpc_exchange_wire as wire
 from tests.conftest import SAME_UPDATE, SAME_UPDATE_RTOL
 from worker.exchange import GradientExchange, reduce_gradients
-from worker.grpc_exchange import SERVICE, GrpcExchange
-from worker.grpc_exchange_ring import RingPlan
+from worker.exchange.grpc import SERVICE, GrpcExchange, wire
+from worker.exchange.grpc.ring import RingPlan
 
 ROOT = Path(__file__).resolve().parent.parent
 HELPER = ROOT / "tests" / "grpc_rank_helper.py"
@@ -86,6 +85,11 @@ def test_wire_bytes_are_the_proto_message_both_ways():
     assert pb.PushChunksRequest.FromString(wire.encode(4, 0, 0, 0, goodbye=True)).goodbye
     assert wire.decode(pb.PushChunksRequest(seq=4, goodbye=True).SerializeToString()).goodbye
     assert not wire.decode(raw).goodbye
+    why = "rank 2 (10.0.0.3:7461) closed its exchange"
+    assert pb.PushChunksRequest.FromString(wire.encode(4, 0, 0, 0, goodbye=True,
+                                                       reason=why)).reason == why
+    assert wire.decode(pb.PushChunksRequest(goodbye=True, reason=why).SerializeToString()).reason \
+        == why
 
 
 def test_bfloat16_rounding_matches_mlx():
@@ -203,7 +207,8 @@ def test_donated_input_holds_the_sum_and_a_kept_one_is_untouched():
 
     def body(ex):
         kept, donated = inputs[ex.rank]
-        return np.array(ex.all_sum(kept)), np.array(kept), np.array(ex.all_sum(donated, donate=True))
+        return (np.array(ex.all_sum(kept)), np.array(kept),
+                np.array(ex.all_sum(donated, donate=True)))
 
     results, errors = run_group(2, body, chunk_bytes=256)
     assert errors == [None, None]
@@ -244,6 +249,29 @@ def test_a_rank_that_closes_after_the_last_all_reduce_fails_only_later_calls_at_
         assert "rank 2 (" in message, (r, message)
 
 
+def test_a_neighbour_that_closes_a_spent_group_passes_on_the_cause():
+    """A rank whose group was spent by a cause its neighbours never heard of (an Abort that only
+    it received, or one that came too late: the race behind this file's two-hops test failing
+    once under load) closes; its neighbours then fail naming that cause, not its close: the Bye
+    to the left and the goodbye to the right carry it."""
+    late = {}
+
+    def body(ex):
+        ex.all_sum(mx.ones((100,)))
+        if ex.rank == 1:
+            ex.aborted_by_peer(rank=9, seq=1, reason="rank 9 (10.0.0.9:7461) fell over")
+            return
+        time.sleep(0.3)
+        with pytest.raises(PeerLostError) as lost:
+            ex.all_sum(mx.ones((100,)))
+        late[ex.rank] = str(lost.value)
+
+    _, errors = run_group(3, body, timeout_s=20)
+    assert errors == [None] * 3
+    for r in (0, 2):
+        assert "rank 9 (10.0.0.9:7461) fell over" in late[r], (r, late[r])
+
+
 def test_mismatched_buffer_sizes_fail_fast_on_both_ranks():
     started = time.monotonic()
     results, errors = run_group(2, lambda ex: ex.all_sum(mx.zeros((10 + ex.rank,))),
@@ -282,7 +310,7 @@ def test_a_client_without_the_secret_is_refused():
     def body(ex):
         if ex.rank == 0:
             target = ex.peers[1]
-            for label, channel in (("wrong", secure_channel(target, "not-the-secret-at-all")),
+            for label, channel in (("wrong", signed_channel(target, "not-the-secret-at-all")),
                                    ("none", grpc.insecure_channel(target))):
                 hello = channel.unary_unary(f"/{SERVICE}/Hello",
                                             request_serializer=pb.HelloRequest.SerializeToString,
@@ -469,7 +497,7 @@ def test_a_peer_refused_for_its_secret_is_reported_as_such():
     peers = free_peers(2)
 
     def impostor():
-        channel = secure_channel(peers[0], "someone-elses-secret-0123456789")
+        channel = signed_channel(peers[0], "someone-elses-secret-0123456789")
         hello = channel.unary_unary(f"/{SERVICE}/Hello",
                                     request_serializer=pb.HelloRequest.SerializeToString,
                                     response_deserializer=pb.HelloReply.FromString)
@@ -508,8 +536,15 @@ def test_grpc_training_equals_mlx_and_one_rank(tmp_path, tiny_model, tiny_data, 
                                                world):
     """`herd train` ranks over the gRPC ring give the adapter of an MLX ring and of one process
     with the same global batch; bfloat16 on the wire stays close (2 ranks)."""
-    from tests.conftest import (free_ports, initial_adapter, load_adapter, start_ranks, update_diff,
-                                wait_all, write_job)
+    from tests.conftest import (
+        free_ports,
+        initial_adapter,
+        load_adapter,
+        start_ranks,
+        update_diff,
+        wait_all,
+        write_job,
+    )
 
     runs = [("grpc", {"exchange": "grpc"}), ("mlx", {"exchange": "mlx"})]
     if world == 2:
@@ -535,12 +570,14 @@ def test_grpc_training_equals_mlx_and_one_rank(tmp_path, tiny_model, tiny_data, 
         assert 0 < rel <= world * 2.0**-8
 
 
-@pytest.mark.skipif(sys.platform != "linux" or not os.path.exists("/lib/x86_64-linux-gnu/libc.so.6")
-                    and not os.path.exists("/lib/aarch64-linux-gnu/libc.so.6"), reason="glibc's mallopt")
+@pytest.mark.skipif(sys.platform != "linux"
+                    or not os.path.exists("/lib/x86_64-linux-gnu/libc.so.6")
+                    and not os.path.exists("/lib/aarch64-linux-gnu/libc.so.6"),
+                    reason="glibc's mallopt")
 def test_glibc_takes_the_keep_freed_memory_settings():
-    from worker.allocator import reuse_freed_memory
+    from worker.rank.runtime import reuse_freed_memory
 
-    # Without them, every chunk the exchange moves is faulted in fresh (worker/allocator.py).
+    # Without them, every chunk the exchange moves is faulted in fresh (worker/rank/runtime.py).
     assert reuse_freed_memory() is True
 
 

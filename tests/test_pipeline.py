@@ -12,9 +12,18 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
-from tests.conftest import (SAME_UPDATE, SAME_UPDATE_RTOL, free_ports, herd, initial_adapter,
-                            load_adapter, max_abs_diff, update_diff, write_job)
-from worker.blas import preload_env
+from tests.conftest import (
+    SAME_UPDATE,
+    SAME_UPDATE_RTOL,
+    free_ports,
+    herd,
+    initial_adapter,
+    load_adapter,
+    max_abs_diff,
+    update_diff,
+    write_job,
+)
+from worker.rank.runtime import preload_env
 
 REPO = Path(__file__).resolve().parent.parent
 # One process and a pipeline sum the same per-token terms in a different order (microbatches,
@@ -30,7 +39,8 @@ def run_stages(cfg: Path, adapters: Path, stages: int, tmp: Path, *extra: str) -
     metrics = tmp / f"metrics-{ports[0]}.jsonl"
     procs = []
     for r in range(stages):
-        env = {**preload_env(), "MLX_RANK": str(r), "MLX_WORLD_SIZE": str(stages), "MLX_HOSTFILE": str(hostfile),
+        env = {**preload_env(), "MLX_RANK": str(r), "MLX_WORLD_SIZE": str(stages),
+               "MLX_HOSTFILE": str(hostfile),
                "OPENBLAS_NUM_THREADS": "1"}
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "worker.pipeline", str(cfg), "--adapter-path", str(adapters),
@@ -54,11 +64,13 @@ EVENTS: list[list[dict]] = []  # the contract's metrics events of each run_stage
 
 
 def single_process_losses(metrics: Path) -> list[float]:
-    return [r["train_loss"] for r in map(json.loads, metrics.read_text().splitlines()) if r.get("event") == "train"]
+    rows = map(json.loads, metrics.read_text().splitlines())
+    return [r["train_loss"] for r in rows if r.get("event") == "train"]
 
 
-def _stage_weight_bytes(model_dir: Path, start: int, end: int, first: bool, last: bool, tied: bool) -> int:
-    from worker.pipeline_stage import StageSpec, _owned
+def _stage_weight_bytes(model_dir: Path, start: int, end: int, first: bool, last: bool,
+                        tied: bool) -> int:
+    from worker.pipeline.stage import StageSpec, _owned
 
     spec = StageSpec(0 if first else 1, 2 if not (first and last) else 1, start, end, 10**6)
     spec = StageSpec(0 if first else 1, 1 if (first and last) else (2 if first or last else 3),
@@ -73,8 +85,8 @@ def _stage_weight_bytes(model_dir: Path, start: int, end: int, first: bool, last
 @pytest.mark.slow
 @pytest.mark.parametrize("arch,stages,cut", [("llama", 2, None), ("qwen2", 3, "0:1,1:3,3:4")])
 def test_pipeline_equals_one_process(tmp_path, arch, stages, cut, blas_kernels):
-    from herd.tiny import make_tiny_model
-    from worker.pipeline import merge_stage_adapters
+    from herd.adapter_merge import merge_stage_adapters
+    from herd.cli.tiny import make_tiny_model
 
     model = make_tiny_model(tmp_path / arch, arch=arch, layers=4, hidden=64)
     data = REPO_DATA(tmp_path)
@@ -82,14 +94,16 @@ def test_pipeline_equals_one_process(tmp_path, arch, stages, cut, blas_kernels):
     one = write_job(tmp_path / "one.yaml", model, data, adapter_path=str(tmp_path / "one"), **kw)
     herd("train", one, "--quiet", "--metrics-file", tmp_path / "one.jsonl")
     pp = write_job(tmp_path / "pp.yaml", model, data, adapter_path=str(tmp_path / "pp"), **kw)
-    rows = run_stages(pp, tmp_path / "pp", stages, tmp_path, *(["--stage-layers", cut] if cut else []))
+    rows = run_stages(pp, tmp_path / "pp", stages, tmp_path,
+                      *(["--stage-layers", cut] if cut else []))
 
     want = single_process_losses(tmp_path / "one.jsonl")
     got = rows[-1]["losses"]
     assert len(got) == len(want) == 4
     assert all(abs(g - w) <= LOSS_RTOL * abs(w) for g, w in zip(got, want)), (got, want)
 
-    merged = merge_stage_adapters(sorted((tmp_path / "pp" / "stages").iterdir()), tmp_path / "merged")
+    pieces = sorted((tmp_path / "pp" / "stages").iterdir())
+    merged = merge_stage_adapters(pieces, tmp_path / "merged")
     rel = update_diff(load_adapter(merged), load_adapter(tmp_path / "one"), initial_adapter(one))
     print(f"update differs by {rel:.2e} of its size")
     assert rel <= SAME_UPDATE_RTOL, f"pipeline adapter differs from one process by {rel:.2e}"
@@ -101,7 +115,8 @@ def test_pipeline_equals_one_process(tmp_path, arch, stages, cut, blas_kernels):
     train = [e for e in EVENTS[-1] if e["event"] == "train"]
     assert [e["train_loss"] for e in train] == got and EVENTS[-1][-1]["event"] == "done"
 
-    # Each stage's memory right after loading is its own blocks' weights (+ LoRA), never the model's.
+    # Each stage's memory right after loading is its own blocks' weights (+ LoRA), never the
+    # model's.
     tied = arch == "qwen2"
     full = sum(v.nbytes for v in mx.load(str(model / "model.safetensors")).values())
     for r in rows:
@@ -112,14 +127,14 @@ def test_pipeline_equals_one_process(tmp_path, arch, stages, cut, blas_kernels):
 
 
 def REPO_DATA(tmp_path: Path) -> Path:
-    from herd.tiny import make_tiny_data
+    from herd.cli.tiny import make_tiny_data
 
     return make_tiny_data(tmp_path / "data", fmt="text", train=64, valid=16, test=8)
 
 
 def test_merge_refuses_missing_or_overlapping_stages(tmp_path):
+    from herd.adapter_merge import merge_stage_adapters
     from herd.errors import HerdError
-    from worker.pipeline import merge_stage_adapters
 
     def piece(name: str, stage: int, keys: list[str]) -> Path:
         d = tmp_path / name
@@ -133,7 +148,8 @@ def test_merge_refuses_missing_or_overlapping_stages(tmp_path):
     b = piece("b", 1, ["model.layers.1.x"])
     c = piece("c", 1, ["model.layers.0.x"])
     out = merge_stage_adapters([a, b], tmp_path / "out")
-    assert sorted(mx.load(str(out / "adapters.safetensors"))) == ["model.layers.0.x", "model.layers.1.x"]
+    merged = sorted(mx.load(str(out / "adapters.safetensors")))
+    assert merged == ["model.layers.0.x", "model.layers.1.x"]
     with pytest.raises(HerdError, match="missing"):
         merge_stage_adapters([a], tmp_path / "out2")
     with pytest.raises(HerdError, match="two stages"):
@@ -144,8 +160,8 @@ def test_merge_refuses_missing_or_overlapping_stages(tmp_path):
 def test_two_pipelines_of_two_stages_equal_one_process(tmp_path, blas_kernels):
     """2 x 2 (data x pipeline) on 4 local ranks: one ring, pipeline hops and replica pairs are all
     ring neighbours; gradients are summed per token across the replicas."""
-    from herd.tiny import make_tiny_model
-    from worker.pipeline import merge_stage_adapters
+    from herd.adapter_merge import merge_stage_adapters
+    from herd.cli.tiny import make_tiny_model
 
     model = make_tiny_model(tmp_path / "llama", arch="llama", layers=4, hidden=64)
     data = REPO_DATA(tmp_path)
@@ -158,8 +174,10 @@ def test_two_pipelines_of_two_stages_equal_one_process(tmp_path, blas_kernels):
     want = single_process_losses(tmp_path / "one.jsonl")
     for r in rows:
         if r["stage"] == 1:
-            assert all(abs(g - w) <= LOSS_RTOL * abs(w) for g, w in zip(r["losses"], want)), (r, want)
-    merged = merge_stage_adapters(sorted((tmp_path / "pp" / "stages").iterdir()), tmp_path / "merged")
+            close = [abs(g - w) <= LOSS_RTOL * abs(w) for g, w in zip(r["losses"], want)]
+            assert all(close), (r, want)
+    pieces = sorted((tmp_path / "pp" / "stages").iterdir())
+    merged = merge_stage_adapters(pieces, tmp_path / "merged")
     rel = update_diff(load_adapter(merged), load_adapter(tmp_path / "one"), initial_adapter(one))
     print(f"update differs by {rel:.2e} of its size")
     assert rel <= SAME_UPDATE_RTOL, f"2 x 2 adapter differs from one process by {rel:.2e}"
@@ -181,7 +199,8 @@ def test_qlora_pipeline_equals_one_process(tmp_path, tiny_model, tiny_quantized,
     rows = run_stages(pp, tmp_path / "pp", 2, tmp_path)
     want = single_process_losses(tmp_path / "one.jsonl")
     assert all(abs(g - w) <= LOSS_RTOL * abs(w) for g, w in zip(rows[-1]["losses"], want))
-    rel = update_diff(load_adapter(tmp_path / "pp"), load_adapter(tmp_path / "one"), initial_adapter(one))
+    rel = update_diff(load_adapter(tmp_path / "pp"), load_adapter(tmp_path / "one"),
+                      initial_adapter(one))
     print(f"update differs by {rel:.2e} of its size")
     assert rel <= SAME_UPDATE_RTOL, f"QLoRA pipeline adapter differs from one process by {rel:.2e}"
 
@@ -196,6 +215,7 @@ def test_pipeline_resume_is_exact(tmp_path, tiny_model):
     run_stages(a, tmp_path / "a", 2, tmp_path)
     b = write_job(tmp_path / "b.yaml", tiny_model, data, adapter_path=str(tmp_path / "b"), **kw)
     run_stages(b, tmp_path / "b", 2, tmp_path, "--iters", "2")
-    assert (tmp_path / "b" / "stages" / "stage-01" / "checkpoints" / "latest").read_text().strip() == "0000002"
+    latest = tmp_path / "b" / "stages" / "stage-01" / "checkpoints" / "latest"
+    assert latest.read_text().strip() == "0000002"
     run_stages(b, tmp_path / "b", 2, tmp_path, "--resume", str(tmp_path / "b"))
     assert max_abs_diff(load_adapter(tmp_path / "a"), load_adapter(tmp_path / "b")) == 0

@@ -1,12 +1,23 @@
-"""The 1F1B schedule (worker/pipeline_schedule.py): complete, deadlock-free under blocking
-send/recv, and 1F1B-shaped (bounded in-flight inputs, the last stage never waits for all forwards)."""
+"""The 1F1B schedule (worker/pipeline/schedule.py): complete, deadlock-free under blocking
+send/recv, and 1F1B-shaped (bounded in-flight inputs, the last stage never waits for all
+forwards)."""
 
 from __future__ import annotations
 
 import pytest
 
-from worker.pipeline_schedule import (BWD, FWD, FWD_BWD, RECV_BWD, RECV_FWD, SEND_BWD, SEND_FWD,
-                                      Op, one_f_one_b, simulate)
+from worker.pipeline.schedule import (
+    BWD,
+    FWD,
+    FWD_BWD,
+    RECV_BWD,
+    RECV_FWD,
+    SEND_BWD,
+    SEND_FWD,
+    Op,
+    one_f_one_b,
+    simulate,
+)
 
 
 def schedules(stages: int, m: int, frozen: int = 0) -> list[list[Op]]:
@@ -34,7 +45,7 @@ def test_every_stage_runs_every_microbatch_once_without_deadlock(stages):
 
 @pytest.mark.parametrize("stages", range(1, 9))
 def test_every_op_finds_what_it_needs(stages):
-    """What worker/pipeline.py's executor keeps between ops exists when an op uses it."""
+    """What worker/pipeline/step.py's executor keeps between ops exists when an op uses it."""
     for m in range(1, 17):
         for frozen in range(stages):
             for s, ops in enumerate(schedules(stages, m, frozen)):

@@ -33,7 +33,7 @@ LLAMA_70B = {
 
 
 def tiny_config(arch: str, hidden: int, layers: int, vocab: int, dtype: str) -> dict:
-    from herd.tiny import model_config
+    from herd.cli.tiny import model_config
 
     cfg = model_config(arch, layers, hidden, vocab)
     cfg["torch_dtype"] = dtype
@@ -48,8 +48,8 @@ def measure(spec: dict) -> dict:
     from mlx_lm.tuner.trainer import grad_checkpoint
     from mlx_lm.utils import _get_classes
 
-    from worker.model import apply_adapters, build_optimizer, quantize_in_place
-    from worker.trainer import default_loss
+    from worker.rank.model import apply_adapters, build_optimizer, quantize_in_place
+    from worker.rank.trainer import default_loss
 
     cfg, job = spec["model_config"], parse_config(spec["job"])
     model_cls, args_cls = _get_classes(cfg)
@@ -76,7 +76,7 @@ def measure(spec: dict) -> dict:
 
 
 def measured_peak(model_config: dict, job: dict) -> int:
-    from worker.blas import preload_env
+    from worker.rank.runtime import preload_env
 
     out = subprocess.run(
         [sys.executable, __file__, json.dumps({"model_config": model_config, "job": job})],
@@ -222,8 +222,8 @@ def test_a_stage_counts_the_inputs_it_holds_in_flight():
     first = [estimate_memory(LLAMA_70B, job, (0, 20), has_head=False, microbatches=8, in_flight=k)
              for k in (1, 4)]
     assert first[0].activations == first[1].activations > 0
-    # In a plan, stage s of S holds S - s inputs under 1F1B (worker/pipeline_schedule.py).
-    from coordinator.planner import ModelShape, _stage_estimate
+    # In a plan, stage s of S holds S - s inputs under 1F1B (worker/pipeline/schedule.py).
+    from coordinator.planner.layout import ModelShape, _stage_estimate
 
     shape = ModelShape.from_config(LLAMA_70B)
     per_stage = [_stage_estimate(LLAMA_70B, job, shape, (40, 60), 4, 1, s).activations
@@ -262,13 +262,13 @@ def test_herd_plan_cli(tmp_path):
     (model / "config.json").write_text(json.dumps(LLAMA_70B))
     cfg = tmp_path / "job.yaml"
     cfg.write_text(f"model: {model}\nbatch_size: 1\nquantize: {{bits: 4}}\ngrad_checkpoint: true\n")
-    ok = subprocess.run([sys.executable, "-m", "herd", "plan", str(cfg), "--workers", "64,64", "--macos"],
-                        capture_output=True, text=True, timeout=60, cwd=REPO)
+    ok = subprocess.run([sys.executable, "-m", "herd", "plan", str(cfg), "--workers", "64,64",
+                         "--macos"], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert ok.returncode == 0, ok.stderr
     assert "weights" in ok.stdout and "data x pipeline" in ok.stdout
     cfg.write_text(f"model: {model}\nbatch_size: 1\n")
-    bad = subprocess.run([sys.executable, "-m", "herd", "plan", str(cfg), "--workers", "64", "--macos"],
-                         capture_output=True, text=True, timeout=60, cwd=REPO)
+    bad = subprocess.run([sys.executable, "-m", "herd", "plan", str(cfg), "--workers", "64",
+                          "--macos"], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert bad.returncode == 4
     assert "QLoRA" in bad.stderr
 

@@ -24,7 +24,7 @@ def test_services_have_the_designed_rpcs():
     from protos.v1 import coordinator_pb2, worker_pb2
 
     coord = coordinator_pb2.DESCRIPTOR.services_by_name["CoordinatorService"]
-    assert {"SubmitJob", "GetJob", "ListJobs", "WatchJob", "CancelJob", "ListWorkers", "PlanJob",
+    assert {"SubmitJob", "GetJob", "ListJobs", "WatchJob", "CancelJob", "ListWorkers",
             "PutCheckpoint", "GetAdapter"} <= set(coord.methods_by_name)
     work = worker_pb2.DESCRIPTOR.services_by_name["WorkerService"]
     assert set(work.methods_by_name) == {"Describe", "StartRank", "StopJob", "Health"}

@@ -15,8 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import (SAME_UPDATE, SAME_UPDATE_RTOL, free_ports, initial_adapter, load_adapter,
-                            update_diff, write_job)
+from tests.conftest import (
+    SAME_UPDATE,
+    SAME_UPDATE_RTOL,
+    free_ports,
+    initial_adapter,
+    load_adapter,
+    update_diff,
+    write_job,
+)
 
 pytestmark = pytest.mark.slow
 HOST = "127.0.0.1"
@@ -43,7 +50,8 @@ class Cluster:
             argv += ["--coordinator", self.address]
         proc = subprocess.run(argv, env=self.env, capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:
-            raise AssertionError(f"herd {' '.join(args)} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr[-3000:]}")
+            raise AssertionError(f"herd {' '.join(args)} -> {proc.returncode}\n{proc.stdout}\n"
+                                 f"{proc.stderr[-3000:]}")
         return proc
 
     def start(self) -> None:
@@ -114,7 +122,7 @@ def rank_pids(job_id: str) -> list[int]:
                 cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
             except OSError:
                 continue
-            if " train " in cmd and f"/jobs/{job_id}/" in cmd:
+            if " -m worker.rank " in cmd and f"/jobs/{job_id}/" in cmd:
                 pids.append(int(proc.name))
     return pids
 
@@ -154,7 +162,8 @@ def test_two_worker_job_runs_checkpoints_and_pulls(cluster, job_yaml, single_ada
     assert any("rank 1 (worker-" in ln and ln.endswith("[mlx x2]") for ln in lines)
     assert f"{job_id}: checkpoint 4 stored" in lines and f"{job_id}: checkpoint 8 stored" in lines
     # One rank on each worker.
-    assert {ln.split("(")[1].split(")")[0] for ln in lines if " rank " in ln} == {"worker-1", "worker-2"}
+    ranks_on = {ln.split("(")[1].split(")")[0] for ln in lines if " rank " in ln}
+    assert ranks_on == {"worker-1", "worker-2"}
     status = cluster.herd("jobs").stdout
     assert job_id in status and "4,8" in status
     # Pull the final and an intermediate adapter; both load in mlx-lm.
@@ -250,7 +259,8 @@ def _kill_a_rank_and_compare(cluster, job_yaml, tmp_path, name: str, layout: dic
     pids = rank_pids(job_id)
     assert len(pids) == 2, "the job ended before a rank could be killed"
     os.kill(pids[0], signal.SIGKILL)
-    stored_before_kill = max(int(n) for n in re.findall(r"checkpoint (\d+) stored", _events(cluster, job_id)))
+    stored_before_kill = max(int(n) for n in re.findall(r"checkpoint (\d+) stored",
+                                                        _events(cluster, job_id)))
     watch = cluster.herd("watch", job_id, "--plain", timeout=300)
     events = _events(cluster, job_id)
     resumed = [int(n) for n in re.findall(r"resuming from checkpoint (\d+)", events)]
@@ -291,7 +301,8 @@ def test_two_pipelines_of_two_stages_on_four_workers(cluster, job_yaml, tmp_path
         proc = subprocess.run([sys.executable, "-m", "herd", "train", str(single), "--quiet"],
                               env=cluster.env, capture_output=True, text=True, timeout=240)
         assert proc.returncode == 0, proc.stderr[-2000:]
-        rel = update_diff(load_adapter(out), load_adapter(tmp_path / "single"), initial_adapter(single))
+        rel = update_diff(load_adapter(out), load_adapter(tmp_path / "single"),
+                          initial_adapter(single))
         assert rel <= SAME_UPDATE_RTOL, f"2 x 2 adapter differs from one process by {rel:.2e}"
     finally:
         for p in extra:
@@ -324,7 +335,8 @@ def test_a_job_that_cannot_fit_is_refused_at_submit_with_numbers_and_fixes(clust
 def test_an_unimplemented_backend_is_refused_not_ignored(cluster, job_yaml):
     cfg = job_yaml("ray", cluster={"workers": 2, "backend": "ray"})
     proc = cluster.herd("submit", str(cfg), check=False)
-    assert proc.returncode == 2 and "cluster.backend = 'ray' is not available" in proc.stderr, proc.stderr
+    assert proc.returncode == 2, proc.stderr
+    assert "cluster.backend = 'ray' is not available" in proc.stderr, proc.stderr
 
 
 def test_a_killed_rank_restarts_from_its_checkpoint_and_cancel_stops_every_rank(cluster, job_yaml):
@@ -358,11 +370,11 @@ def _events(cluster: Cluster, job_id: str) -> str:
     """The job's history so far, one line per event as `herd watch --plain` prints it."""
     import grpc
 
-    from herd.client_conn import Coordinator
-    from herd.client_watch import describe
+    from herd.cli.connection import CoordinatorConnection
+    from herd.cli.watch import describe
     from protos.v1 import coordinator_pb2
 
-    coord = Coordinator(cluster.address, (cluster.home / "secret").read_text().strip())
+    coord = CoordinatorConnection(cluster.address, (cluster.home / "secret").read_text().strip())
     lines = []
     try:
         stream = coord.stub.WatchJob(coordinator_pb2.WatchJobRequest(job_id=job_id), timeout=1.0)

@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 
 from coordinator import convert
 from coordinator.artifacts import AdapterStore, BlobStore
@@ -24,8 +23,8 @@ from coordinator.domain import (
 )
 from coordinator.scheduler import Scheduler
 from coordinator.store import JobStore
-from herd.client_rpc import ChecksumError
-from herd.errors import DatasetError, HerdError, NotFoundError, PlacementError
+from herd.config import parse_config
+from herd.errors import ChecksumError, DatasetError, HerdError, NotFoundError, PlacementError
 
 GB = 1024**3
 
@@ -39,7 +38,7 @@ def worker(i: int, mem: int = 16 * GB, **kw) -> WorkerRecord:
 def job(workers: int = 2, iters: int = 10, model: str = "/nonexistent/model") -> Job:
     cfg = {"model": model, "data": "data", "iters": iters, "batch_size": 4,
            "cluster": {"workers": workers}}
-    return Job(job_id=f"j{workers}-{iters}", name="t", config_yaml=yaml.safe_dump(cfg),
+    return Job(job_id=f"j{workers}-{iters}", name="t", config=parse_config(cfg),
                dataset=[FileDigest("train.jsonl", "a" * 64, 10)], workers_needed=workers,
                iters=iters)
 
@@ -114,7 +113,8 @@ def test_job_waits_with_a_reason_then_runs_and_succeeds(rig):
     assert got.worker_ids == ["w2", "w1"]  # most free memory first
     ring = launcher.started[0].ring_hosts
     assert ring == ["10.0.0.2:8002", "10.0.0.1:8001"]
-    assert [la.exchange_peers for la in launcher.started] == [["10.0.0.2:9002", "10.0.0.1:9001"]] * 2
+    peers = [la.exchange_peers for la in launcher.started]
+    assert peers == [["10.0.0.2:9002", "10.0.0.1:9001"]] * 2
     assert not s.on_progress(j.job_id, 1, RankProgress(rank=0, iteration=3, train_loss=2.0))
     s.on_exit(j.job_id, 1, 0, "w2", 0, "")
     assert s.store.get_job(j.job_id).state is JobState.RUNNING  # rank 1 still running
@@ -152,9 +152,9 @@ def test_a_killed_rank_restarts_from_the_last_checkpoint_until_max_restarts(rig)
     s, workers, launcher, _ = rig
     workers += [worker(1), worker(2), worker(3)]
     j = job()
-    cfg = yaml.safe_load(j.config_yaml)
+    cfg = j.config.model_dump(exclude_unset=True)
     cfg["cluster"] = {"workers": 2, "max_restarts": 1}
-    j.config_yaml = yaml.safe_dump(cfg)
+    j.config = parse_config(cfg)
     s.submit(j)
     s.tick()
     s.on_checkpoint(Checkpoint(j.job_id, 4, [FileDigest("adapters.safetensors", "d" * 64, 1)], 0))
@@ -209,7 +209,8 @@ def test_store_survives_a_reopen_and_restart_fails_active_jobs(tmp_path):
     s = Scheduler(JobStore(tmp_path / "db"), lambda: [worker(1)], FakeLauncher(), Clock())
     done, running = s.submit(job(workers=1, iters=1)), None
     s.tick()
-    s.on_checkpoint(Checkpoint(done.job_id, 1, [FileDigest("adapters.safetensors", "c" * 64, 5)], 9))
+    s.on_checkpoint(Checkpoint(done.job_id, 1, [FileDigest("adapters.safetensors", "c" * 64, 5)],
+                               9))
     s.on_exit(done.job_id, 1, 0, "w1", 0, "")
     running = s.submit(job(workers=1, iters=5))
     s.tick()
@@ -221,7 +222,8 @@ def test_store_survives_a_reopen_and_restart_fails_active_jobs(tmp_path):
     assert store.get_job(done.job_id).state is JobState.SUCCEEDED
     assert [c.step for c in store.checkpoints(done.job_id)] == [1]
     got = store.get_job(running.job_id)
-    assert (got.state, got.message) == (JobState.FAILED, "the coordinator restarted while the job ran")
+    assert (got.state, got.message) == (JobState.FAILED,
+                                        "the coordinator restarted while the job ran")
 
 
 # --- artifacts -------------------------------------------------------------------------------
@@ -247,7 +249,7 @@ def test_adapter_store_checks_every_file_and_writes_atomically(tmp_path):
 
 
 def test_a_received_checkpoint_is_checked_file_by_file(tmp_path):
-    from herd.checkpoint_stream import receive_files
+    from herd.rpc.files import receive_checkpoint
     from protos.v1 import common_pb2, coordinator_pb2
 
     a, empty = b"w" * 2500, b""
@@ -264,8 +266,9 @@ def test_a_received_checkpoint_is_checked_file_by_file(tmp_path):
 
     good = tmp_path / "good"
     good.mkdir()
-    got = receive_files(stream(("adapters.safetensors", a[:1000]), ("adapters.safetensors", a[1000:])),
-                        good, "checkpoint", hint="pull again")
+    got = receive_checkpoint(stream(("adapters.safetensors", a[:1000]),
+                                    ("adapters.safetensors", a[1000:])),
+                             good, "checkpoint", hint="pull again")
     assert got.step == 4 and (good / "adapters.safetensors").read_bytes() == a
     assert (good / "notes.txt").read_bytes() == b""  # sent as no chunk at all
     for bad, match in [(stream(("adapters.safetensors", a[:-1] + b"x")), "corrupted"),
@@ -277,7 +280,7 @@ def test_a_received_checkpoint_is_checked_file_by_file(tmp_path):
         folder = tmp_path / f"bad{len(list(tmp_path.iterdir()))}"
         folder.mkdir()
         with pytest.raises(ChecksumError, match=match):
-            receive_files(bad, folder, "checkpoint", hint="pull again")
+            receive_checkpoint(bad, folder, "checkpoint", hint="pull again")
 
 
 def test_blob_store_is_content_addressed(tmp_path):
@@ -340,7 +343,7 @@ def test_a_rank_lost_without_an_exit_report_fails_the_job(rig):
 # --- the CLI refuses bad input before it contacts anyone -------------------------------------
 
 def test_submit_exit_codes_for_bad_config_and_dataset(tmp_path, tiny_model, capsys, monkeypatch):
-    from herd import client
+    from herd.cli import laptop as client
 
     monkeypatch.setenv("HERD_SECRET", "s" * 32)
     bad_cfg = tmp_path / "bad.yaml"
@@ -363,9 +366,9 @@ def test_submit_exit_codes_for_bad_config_and_dataset(tmp_path, tiny_model, caps
 # --- pipelines -------------------------------------------------------------------------------
 
 def _pinned(j: Job, **cluster) -> Job:
-    cfg = yaml.safe_load(j.config_yaml)
+    cfg = j.config.model_dump(exclude_unset=True)
     cfg["cluster"] = cluster
-    j.config_yaml = yaml.safe_dump(cfg)
+    j.config = parse_config(cfg)
     return j
 
 
@@ -407,10 +410,10 @@ def test_two_pipelines_are_laid_on_the_ring_so_every_hop_is_a_neighbour(tiny_mod
 
 
 def _stage_checkpoint(folder: Path, step: int, names: list[str], value: float) -> Path:
-    """A stage's checkpoint folder as worker/checkpoint.py writes it (stage-local names)."""
+    """A stage's checkpoint folder as worker/rank/checkpoint.py writes it (stage-local names)."""
     import mlx.core as mx
 
-    from worker.checkpoint import write_manifest
+    from worker.rank.checkpoint import write_manifest
 
     folder.mkdir(parents=True)
     mx.save_safetensors(str(folder / "adapters.safetensors"),
@@ -431,7 +434,8 @@ def coordinator_rpc(tmp_path):
 
     from coordinator.registry import Registry
     from coordinator.service import CoordinatorServicer, add_to_server
-    from herd.auth import SERVER_OPTIONS, ServerAuth, new_secret
+    from herd.rpc.auth import ServerAuth, new_secret
+    from herd.rpc.channel import SERVER_OPTIONS
 
     secret = new_secret()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=SERVER_OPTIONS,
@@ -449,10 +453,12 @@ def test_stage_pieces_merge_into_one_adapter_and_each_stage_resumes_from_its_own
         tmp_path, coordinator_rpc):
     import mlx.core as mx
 
-    from herd.client_conn import Coordinator
-    from protos.v1 import common_pb2
-    from worker.checkpoint import verify_manifest
-    from worker.rank_runner import CoordinatorClient, RankProcess, RankSpec
+    from herd.cli.connection import CoordinatorConnection
+    from herd.stage_cut import StagePiece
+    from worker.agent.coordinator_client import CoordinatorClient
+    from worker.agent.domain import RankSpec
+    from worker.agent.rank_process import RankProcess
+    from worker.rank.checkpoint import verify_manifest
 
     target, secret, s = coordinator_rpc
     j = s.submit(job())
@@ -462,8 +468,7 @@ def test_stage_pieces_merge_into_one_adapter_and_each_stage_resumes_from_its_own
     s1 = _stage_checkpoint(tmp_path / "s1", 4, [a0], 2.0)
 
     def piece(i, start, end):
-        return common_pb2.StagePiece(index=i, count=2,
-                                     layers=common_pb2.LayerRange(start=start, end=end))
+        return StagePiece(index=i, count=2, start=start, end=end)
 
     client = CoordinatorClient(target, secret)
     client.put_checkpoint(j.job_id, 1, 4, s1, piece(1, 2, 3))
@@ -473,7 +478,7 @@ def test_stage_pieces_merge_into_one_adapter_and_each_stage_resumes_from_its_own
     assert "checkpoint 4 stored" in [e.message for e in s.store.events(j.job_id)]
 
     # `herd pull` gets one mlx-lm adapter with the model's block numbers.
-    conn = Coordinator(target, secret)
+    conn = CoordinatorConnection(target, secret)
     conn.pull(j.job_id, 0, tmp_path / "pulled")
     conn.close()
     merged = mx.load(str(tmp_path / "pulled" / "adapters.safetensors"))
@@ -484,7 +489,7 @@ def test_stage_pieces_merge_into_one_adapter_and_each_stage_resumes_from_its_own
 
     # A restarted stage 1 (rank 1 of a 1 x 2 ring) fetches its own piece, checked and whole.
     def spec(cut):
-        return RankSpec(job_id=j.job_id, attempt=2, rank=1, world_size=2, config_yaml="",
+        return RankSpec(job_id=j.job_id, attempt=2, rank=1, world_size=2, config=j.config,
                         dataset=[], coordinator=target, ring_hosts=[], exchange_peers=[],
                         resume_step=4, stage_layers=cut, data_parallel=1)
 

@@ -1,8 +1,8 @@
-"""The training core against its acceptance criteria (issue 2): real mlx-lm models, real MLX rings."""
+"""The training core against its acceptance criteria (issue 2): real mlx-lm models, real MLX
+rings."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,9 +10,19 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
-from tests.conftest import (SAME_UPDATE, SAME_UPDATE_RTOL, herd, initial_adapter, load_adapter,
-                            max_abs_diff, start_ranks, update_diff, wait_all, write_job)
-from worker.blas import preload_env
+from tests.conftest import (
+    SAME_UPDATE,
+    SAME_UPDATE_RTOL,
+    herd,
+    initial_adapter,
+    load_adapter,
+    max_abs_diff,
+    start_ranks,
+    update_diff,
+    wait_all,
+    write_job,
+)
+from worker.rank.runtime import preload_env
 
 
 def _mlx_lm_lora(cfg: Path) -> None:
@@ -50,8 +60,10 @@ def test_same_adapter_as_mlx_lm_lora(tmp_path, tiny_model, tiny_quantized, tiny_
     """Same config and seed, one process: herd's adapter equals the one `mlx_lm.lora` writes."""
     model = {"qlora": tiny_quantized, "bf16": tiny_bf16}.get(variant, tiny_model)
     kw = VARIANTS[variant]
-    ours = write_job(tmp_path / "herd.yaml", model, tiny_data, adapter_path=str(tmp_path / "herd"), **kw)
-    theirs = write_job(tmp_path / "mlx.yaml", model, tiny_data, adapter_path=str(tmp_path / "mlx"), **kw)
+    ours = write_job(tmp_path / "herd.yaml", model, tiny_data,
+                     adapter_path=str(tmp_path / "herd"), **kw)
+    theirs = write_job(tmp_path / "mlx.yaml", model, tiny_data,
+                       adapter_path=str(tmp_path / "mlx"), **kw)
     herd("train", ours, "--quiet")
     _mlx_lm_lora(theirs)
     a, b = load_adapter(tmp_path / "herd"), load_adapter(tmp_path / "mlx")
@@ -69,12 +81,15 @@ def test_two_ranks_equal_one_rank(tmp_path, tiny_model, tiny_data, accum, blas_k
     """2 ranks on a loopback MLX ring with global batch B == 1 rank with batch B (token-weighted),
     to float32 rounding (tests/conftest.py SAME_UPDATE)."""
     kw = dict(grad_accumulation_steps=accum, iters=8, save_every=8, batch_size=4, **SAME_UPDATE)
-    one = write_job(tmp_path / "one.yaml", tiny_model, tiny_data, adapter_path=str(tmp_path / "one"), **kw)
-    two = write_job(tmp_path / "two.yaml", tiny_model, tiny_data, adapter_path=str(tmp_path / "two"),
+    one = write_job(tmp_path / "one.yaml", tiny_model, tiny_data,
+                    adapter_path=str(tmp_path / "one"), **kw)
+    two = write_job(tmp_path / "two.yaml", tiny_model, tiny_data,
+                    adapter_path=str(tmp_path / "two"),
                     cluster={"exchange": "mlx"}, **kw)
     herd("train", one, "--quiet")
     wait_all(start_ranks(["train", str(two), "--quiet"], world=2, hostfile_dir=tmp_path))
-    rel = update_diff(load_adapter(tmp_path / "two"), load_adapter(tmp_path / "one"), initial_adapter(one))
+    rel = update_diff(load_adapter(tmp_path / "two"), load_adapter(tmp_path / "one"),
+                      initial_adapter(one))
     print(f"update differs by {rel:.2e} of its size")
     assert rel <= SAME_UPDATE_RTOL, f"2-rank adapter differs from 1-rank by {rel:.2e} of the update"
 
@@ -118,9 +133,11 @@ def test_resume_is_exact(tmp_path, tiny_model, tiny_data):
     and accumulation, so the RNG and the data cursor matter)."""
     kw = dict(iters=8, save_every=4, grad_accumulation_steps=2,
               lora_parameters={"rank": 4, "scale": 10.0, "dropout": 0.2})
-    straight = write_job(tmp_path / "a.yaml", tiny_model, tiny_data, adapter_path=str(tmp_path / "a"), **kw)
+    straight = write_job(tmp_path / "a.yaml", tiny_model, tiny_data,
+                         adapter_path=str(tmp_path / "a"), **kw)
     herd("train", straight, "--quiet")
-    split = write_job(tmp_path / "b.yaml", tiny_model, tiny_data, adapter_path=str(tmp_path / "b"), **kw)
+    split = write_job(tmp_path / "b.yaml", tiny_model, tiny_data,
+                      adapter_path=str(tmp_path / "b"), **kw)
     herd("train", split, "--quiet", "--iters", "4")
     assert not (tmp_path / "b" / "checkpoints" / "0000008").exists()
     herd("train", split, "--quiet", "--resume", tmp_path / "b")
@@ -132,10 +149,11 @@ def test_resume_is_exact(tmp_path, tiny_model, tiny_data):
 
 
 def _test_loss(model_path: Path, data: Path, adapter: Path | None) -> float:
+    import argparse
+
     from mlx_lm.tuner.datasets import CacheDataset, load_dataset
     from mlx_lm.tuner.trainer import evaluate
     from mlx_lm.utils import load
-    import argparse
 
     model, tok = load(str(model_path), adapter_path=str(adapter) if adapter else None)
     ns = argparse.Namespace(data=str(data), train=False, test=True, mask_prompt=False)
@@ -170,11 +188,14 @@ def test_compiled_path_matches(tmp_path, tiny_model, tiny_data):
     """Production (macOS) runs compiled: it must give the adapter the uncompiled tests check (to
     rounding: compiled kernels fuse ops; tests/conftest.py SAME_UPDATE)."""
     kw = dict(iters=4, save_every=4, **SAME_UPDATE)
-    a = write_job(tmp_path / "a.yaml", tiny_model, tiny_data, adapter_path=str(tmp_path / "a"), **kw)
-    b = write_job(tmp_path / "b.yaml", tiny_model, tiny_data, adapter_path=str(tmp_path / "b"), **kw)
+    a = write_job(tmp_path / "a.yaml", tiny_model, tiny_data,
+                  adapter_path=str(tmp_path / "a"), **kw)
+    b = write_job(tmp_path / "b.yaml", tiny_model, tiny_data,
+                  adapter_path=str(tmp_path / "b"), **kw)
     herd("train", a, "--quiet", env={"MLX_DISABLE_COMPILE": "0"})
     herd("train", b, "--quiet")
-    rel = update_diff(load_adapter(tmp_path / "a"), load_adapter(tmp_path / "b"), initial_adapter(b))
+    rel = update_diff(load_adapter(tmp_path / "a"), load_adapter(tmp_path / "b"),
+                      initial_adapter(b))
     print(f"update differs by {rel:.2e} of its size")
     assert rel <= SAME_UPDATE_RTOL
 
@@ -183,17 +204,20 @@ def test_progress_and_metrics(tmp_path, tiny_model, tiny_chat_data):
     """Progress shows iteration, loss, tok/s and peak memory; the metrics file is JSON lines."""
     import json
 
-    cfg = write_job(tmp_path / "job.yaml", tiny_model, tiny_chat_data, adapter_path=str(tmp_path / "ad"),
+    cfg = write_job(tmp_path / "job.yaml", tiny_model, tiny_chat_data,
+                    adapter_path=str(tmp_path / "ad"),
                     mask_prompt=True)
-    proc = herd("train", cfg, "--metrics-file", tmp_path / "m.jsonl", env={"HERD_LOG_LEVEL": "info"})
+    proc = herd("train", cfg, "--metrics-file", tmp_path / "m.jsonl",
+                env={"HERD_LOG_LEVEL": "info"})
     assert "loss" in proc.stdout and "tok/s" in proc.stdout and "peak" in proc.stdout
     # The start line says what the process runs with; on Linux (glibc) freed memory is kept for
-    # reuse, which the 2-rank throughput depends on (worker/allocator.py).
-    start = [json.loads(l) for l in proc.stderr.splitlines() if '"train_start"' in l]
+    # reuse, which the 2-rank throughput depends on (worker/rank/runtime.py).
+    start = [json.loads(line) for line in proc.stderr.splitlines()
+             if '"train_start"' in line]
     assert len(start) == 1 and start[0]["exchange"] == "local"
     if sys.platform == "linux":
         assert start[0]["reuse_freed_memory"] is True
-    events = [json.loads(l) for l in (tmp_path / "m.jsonl").read_text().splitlines()]
+    events = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
     kinds = [e["event"] for e in events]
     assert kinds.count("checkpoint") == 2 and kinds[-1] == "done"
     train = [e for e in events if e["event"] == "train"]

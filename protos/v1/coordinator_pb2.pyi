@@ -71,22 +71,6 @@ class ListWorkersReply(_message.Message):
     workers: _containers.RepeatedCompositeFieldContainer[_common_pb2.WorkerInfo]
     def __init__(self, workers: _Optional[_Iterable[_Union[_common_pb2.WorkerInfo, _Mapping]]] = ...) -> None: ...
 
-class PlanJobRequest(_message.Message):
-    __slots__ = ("spec",)
-    SPEC_FIELD_NUMBER: _ClassVar[int]
-    spec: _common_pb2.JobSpec
-    def __init__(self, spec: _Optional[_Union[_common_pb2.JobSpec, _Mapping]] = ...) -> None: ...
-
-class PlanJobReply(_message.Message):
-    __slots__ = ("placeable", "message", "worker_ids")
-    PLACEABLE_FIELD_NUMBER: _ClassVar[int]
-    MESSAGE_FIELD_NUMBER: _ClassVar[int]
-    WORKER_IDS_FIELD_NUMBER: _ClassVar[int]
-    placeable: bool
-    message: str
-    worker_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, placeable: _Optional[bool] = ..., message: _Optional[str] = ..., worker_ids: _Optional[_Iterable[str]] = ...) -> None: ...
-
 class PutBlobRequest(_message.Message):
     __slots__ = ("sha256", "data")
     SHA256_FIELD_NUMBER: _ClassVar[int]

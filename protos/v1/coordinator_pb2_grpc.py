@@ -65,11 +65,6 @@ class CoordinatorServiceStub:
                 request_serializer=protos_dot_v1_dot_coordinator__pb2.ListWorkersRequest.SerializeToString,
                 response_deserializer=protos_dot_v1_dot_coordinator__pb2.ListWorkersReply.FromString,
                 _registered_method=True)
-        self.PlanJob = channel.unary_unary(
-                '/herd.v1.CoordinatorService/PlanJob',
-                request_serializer=protos_dot_v1_dot_coordinator__pb2.PlanJobRequest.SerializeToString,
-                response_deserializer=protos_dot_v1_dot_coordinator__pb2.PlanJobReply.FromString,
-                _registered_method=True)
         self.PutBlob = channel.stream_unary(
                 '/herd.v1.CoordinatorService/PutBlob',
                 request_serializer=protos_dot_v1_dot_coordinator__pb2.PutBlobRequest.SerializeToString,
@@ -139,13 +134,6 @@ class CoordinatorServiceServicer:
 
     def ListWorkers(self, request, context):
         """Workers that answered an authenticated Describe and are still healthy. Safe to retry.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def PlanJob(self, request, context):
-        """Says whether and where a job would be placed now, without queueing it. Safe to retry.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -226,11 +214,6 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.ListWorkers,
                     request_deserializer=protos_dot_v1_dot_coordinator__pb2.ListWorkersRequest.FromString,
                     response_serializer=protos_dot_v1_dot_coordinator__pb2.ListWorkersReply.SerializeToString,
-            ),
-            'PlanJob': grpc.unary_unary_rpc_method_handler(
-                    servicer.PlanJob,
-                    request_deserializer=protos_dot_v1_dot_coordinator__pb2.PlanJobRequest.FromString,
-                    response_serializer=protos_dot_v1_dot_coordinator__pb2.PlanJobReply.SerializeToString,
             ),
             'PutBlob': grpc.stream_unary_rpc_method_handler(
                     servicer.PutBlob,
@@ -420,33 +403,6 @@ class CoordinatorService:
             '/herd.v1.CoordinatorService/ListWorkers',
             protos_dot_v1_dot_coordinator__pb2.ListWorkersRequest.SerializeToString,
             protos_dot_v1_dot_coordinator__pb2.ListWorkersReply.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def PlanJob(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/herd.v1.CoordinatorService/PlanJob',
-            protos_dot_v1_dot_coordinator__pb2.PlanJobRequest.SerializeToString,
-            protos_dot_v1_dot_coordinator__pb2.PlanJobReply.FromString,
             options,
             channel_credentials,
             insecure,

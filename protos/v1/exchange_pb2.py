@@ -24,31 +24,31 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18protos/v1/exchange.proto\x12\x07herd.v1\"0\n\x0cHelloRequest\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x12\n\nworld_size\x18\x02 \x01(\r\".\n\nHelloReply\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x12\n\nworld_size\x18\x02 \x01(\r\"\x83\x01\n\x11PushChunksRequest\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\r\n\x05index\x18\x02 \x01(\r\x12\x10\n\x08\x65lements\x18\x03 \x01(\x04\x12!\n\x05\x64type\x18\x04 \x01(\x0e\x32\x12.herd.v1.WireDtype\x12\x0f\n\x07goodbye\x18\x05 \x01(\x08\x12\x0c\n\x04\x64\x61ta\x18\x0f \x01(\x0c\"0\n\x0fPushChunksReply\x12\x10\n\x08received\x18\x01 \x01(\r\x12\x0b\n\x03seq\x18\x02 \x01(\x04\"9\n\x0c\x41\x62ortRequest\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x0c\n\nAbortReply\"\x1a\n\nByeRequest\x12\x0c\n\x04rank\x18\x01 \x01(\r\"\n\n\x08\x42yeReply*<\n\tWireDtype\x12\x16\n\x12WIRE_DTYPE_FLOAT32\x10\x00\x12\x17\n\x13WIRE_DTYPE_BFLOAT16\x10\x01\x32\xec\x01\n\x0f\x45xchangeService\x12\x33\n\x05Hello\x12\x15.herd.v1.HelloRequest\x1a\x13.herd.v1.HelloReply\x12@\n\x04Link\x12\x1a.herd.v1.PushChunksRequest\x1a\x18.herd.v1.PushChunksReply(\x01\x30\x01\x12\x33\n\x05\x41\x62ort\x12\x15.herd.v1.AbortRequest\x1a\x13.herd.v1.AbortReply\x12-\n\x03\x42ye\x12\x13.herd.v1.ByeRequest\x1a\x11.herd.v1.ByeReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18protos/v1/exchange.proto\x12\x07herd.v1\"0\n\x0cHelloRequest\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x12\n\nworld_size\x18\x02 \x01(\r\".\n\nHelloReply\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x12\n\nworld_size\x18\x02 \x01(\r\"\x93\x01\n\x11PushChunksRequest\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\r\n\x05index\x18\x02 \x01(\r\x12\x10\n\x08\x65lements\x18\x03 \x01(\x04\x12!\n\x05\x64type\x18\x04 \x01(\x0e\x32\x12.herd.v1.WireDtype\x12\x0f\n\x07goodbye\x18\x05 \x01(\x08\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x0f \x01(\x0c\"0\n\x0fPushChunksReply\x12\x10\n\x08received\x18\x01 \x01(\r\x12\x0b\n\x03seq\x18\x02 \x01(\x04\"9\n\x0c\x41\x62ortRequest\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x0c\n\nAbortReply\"*\n\nByeRequest\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\n\n\x08\x42yeReply*<\n\tWireDtype\x12\x16\n\x12WIRE_DTYPE_FLOAT32\x10\x00\x12\x17\n\x13WIRE_DTYPE_BFLOAT16\x10\x01\x32\xec\x01\n\x0f\x45xchangeService\x12\x33\n\x05Hello\x12\x15.herd.v1.HelloRequest\x1a\x13.herd.v1.HelloReply\x12@\n\x04Link\x12\x1a.herd.v1.PushChunksRequest\x1a\x18.herd.v1.PushChunksReply(\x01\x30\x01\x12\x33\n\x05\x41\x62ort\x12\x15.herd.v1.AbortRequest\x1a\x13.herd.v1.AbortReply\x12-\n\x03\x42ye\x12\x13.herd.v1.ByeRequest\x1a\x11.herd.v1.ByeReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.v1.exchange_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WIREDTYPE']._serialized_start=432
-  _globals['_WIREDTYPE']._serialized_end=492
+  _globals['_WIREDTYPE']._serialized_start=464
+  _globals['_WIREDTYPE']._serialized_end=524
   _globals['_HELLOREQUEST']._serialized_start=37
   _globals['_HELLOREQUEST']._serialized_end=85
   _globals['_HELLOREPLY']._serialized_start=87
   _globals['_HELLOREPLY']._serialized_end=133
   _globals['_PUSHCHUNKSREQUEST']._serialized_start=136
-  _globals['_PUSHCHUNKSREQUEST']._serialized_end=267
-  _globals['_PUSHCHUNKSREPLY']._serialized_start=269
-  _globals['_PUSHCHUNKSREPLY']._serialized_end=317
-  _globals['_ABORTREQUEST']._serialized_start=319
-  _globals['_ABORTREQUEST']._serialized_end=376
-  _globals['_ABORTREPLY']._serialized_start=378
-  _globals['_ABORTREPLY']._serialized_end=390
-  _globals['_BYEREQUEST']._serialized_start=392
-  _globals['_BYEREQUEST']._serialized_end=418
-  _globals['_BYEREPLY']._serialized_start=420
-  _globals['_BYEREPLY']._serialized_end=430
-  _globals['_EXCHANGESERVICE']._serialized_start=495
-  _globals['_EXCHANGESERVICE']._serialized_end=731
+  _globals['_PUSHCHUNKSREQUEST']._serialized_end=283
+  _globals['_PUSHCHUNKSREPLY']._serialized_start=285
+  _globals['_PUSHCHUNKSREPLY']._serialized_end=333
+  _globals['_ABORTREQUEST']._serialized_start=335
+  _globals['_ABORTREQUEST']._serialized_end=392
+  _globals['_ABORTREPLY']._serialized_start=394
+  _globals['_ABORTREPLY']._serialized_end=406
+  _globals['_BYEREQUEST']._serialized_start=408
+  _globals['_BYEREQUEST']._serialized_end=450
+  _globals['_BYEREPLY']._serialized_start=452
+  _globals['_BYEREPLY']._serialized_end=462
+  _globals['_EXCHANGESERVICE']._serialized_start=527
+  _globals['_EXCHANGESERVICE']._serialized_end=763
 # @@protoc_insertion_point(module_scope)

@@ -29,20 +29,22 @@ class HelloReply(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., world_size: _Optional[int] = ...) -> None: ...
 
 class PushChunksRequest(_message.Message):
-    __slots__ = ("seq", "index", "elements", "dtype", "goodbye", "data")
+    __slots__ = ("seq", "index", "elements", "dtype", "goodbye", "reason", "data")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     ELEMENTS_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     GOODBYE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     seq: int
     index: int
     elements: int
     dtype: WireDtype
     goodbye: bool
+    reason: str
     data: bytes
-    def __init__(self, seq: _Optional[int] = ..., index: _Optional[int] = ..., elements: _Optional[int] = ..., dtype: _Optional[_Union[WireDtype, str]] = ..., goodbye: _Optional[bool] = ..., data: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, seq: _Optional[int] = ..., index: _Optional[int] = ..., elements: _Optional[int] = ..., dtype: _Optional[_Union[WireDtype, str]] = ..., goodbye: _Optional[bool] = ..., reason: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class PushChunksReply(_message.Message):
     __slots__ = ("received", "seq")
@@ -67,10 +69,12 @@ class AbortReply(_message.Message):
     def __init__(self) -> None: ...
 
 class ByeRequest(_message.Message):
-    __slots__ = ("rank",)
+    __slots__ = ("rank", "reason")
     RANK_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
     rank: int
-    def __init__(self, rank: _Optional[int] = ...) -> None: ...
+    reason: str
+    def __init__(self, rank: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ByeReply(_message.Message):
     __slots__ = ()

@@ -1,0 +1,98 @@
+"""What the planner says when a job does not fit: how far off it is, and the changes that would
+make it fit, each with the layout and peak it would give."""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+from coordinator.planner.layout import Plan, layout, least_peak
+from coordinator.planner.memory import GB_SI, HEADROOM, ModelShape, WorkerMemory
+from herd.config import JobConfig, Quantize
+from herd.errors import ConfigError
+
+
+def _fits(cfg: dict, job: JobConfig, workers: list[WorkerMemory]) -> Plan | None:
+    try:
+        return layout(cfg, job, workers)
+    except ConfigError:
+        return None
+
+
+def _describe(plan: Plan | None, cfg: dict, job: JobConfig, workers: list[WorkerMemory]) -> str:
+    if plan is None:
+        return f"still too big (needs {least_peak(cfg, job, workers) / GB_SI:.1f} GB per worker)"
+    peak = max(plan.peak_bytes_per_worker.values())
+    return (f"fits: {plan.data_parallel} x {plan.pipeline_stages} (data x pipeline), "
+            f"peak {peak / GB_SI:.1f} GB per worker")
+
+
+def halvings(value: int, floor: int) -> Iterator[int]:
+    """value // 2, value // 4, ... while the previous one was above ``floor``."""
+    while value > floor:
+        value //= 2
+        yield value
+
+
+def first_fit(model_config: dict, job: JobConfig, workers: list[WorkerMemory], field: str,
+              candidates: Iterable[int], **also) -> tuple[int, JobConfig, Plan] | None:
+    """The first candidate value of ``field`` (with the ``also`` changes) that fits the workers:
+    (value, the changed job, its plan); None when none does."""
+    for value in candidates:
+        changed = job.model_copy(update={field: value, **also})
+        if (plan := _fits(model_config, changed, workers)) is not None:
+            return value, changed, plan
+    return None
+
+
+def fixes(model_config: dict, job: JobConfig, workers: list[WorkerMemory]) -> list[str]:
+    """Changes that would make the job fit, each with the layout and peak it would give."""
+    shape = ModelShape.from_config(model_config)
+    out: list[str] = []
+    if shape.bits is None and job.quantize is None:
+        j = job.model_copy(update={"quantize": Quantize(bits=4, group_size=64)})
+        fit = _describe(_fits(model_config, j, workers), model_config, j, workers)
+        out.append(f"QLoRA (quantize: {{bits: 4}}) -> {fit}")
+    if not job.grad_checkpoint:
+        j = job.model_copy(update={"grad_checkpoint": True})
+        fit = _describe(_fits(model_config, j, workers), model_config, j, workers)
+        out.append(f"grad_checkpoint: true -> {fit}")
+    adapted = shape.layers if job.num_layers == -1 else min(job.num_layers, shape.layers)
+    if hit := first_fit(model_config, job, workers, "num_layers", halvings(adapted, 1)):
+        n, j, p = hit
+        out.append(f"num_layers {n} -> {_describe(p, model_config, j, workers)}")
+    auto = job.cluster.model_copy(update={"parallelism": "auto"})
+    if hit := first_fit(model_config, job, workers, "batch_size", halvings(job.batch_size, 1),
+                        cluster=auto):
+        batch, j, p = hit
+        out.append(f"batch_size {batch} (raise grad_accumulation_steps to keep the batch) -> "
+                   f"{_describe(p, model_config, j, workers)}")
+    if hit := first_fit(model_config, job, workers, "max_seq_length",
+                        halvings(job.max_seq_length, 128)):
+        seq, j, p = hit
+        out.append(f"max_seq_length {seq} -> {_describe(p, model_config, j, workers)}")
+    biggest = max(w.memory_bytes for w in workers)
+    for extra in range(1, 33):
+        more = workers + [WorkerMemory(f"new-{i}", biggest) for i in range(extra)]
+        j = job.model_copy(update={"cluster": job.cluster.model_copy(update={"workers": None})})
+        if (p := _fits(model_config, j, more)) is not None:
+            fit = _describe(p, model_config, j, more)
+            out.append(f"{extra} more worker(s) of {biggest / GB_SI:.0f} GB -> {fit}")
+            break
+    return out
+
+
+def refusal(cfg: dict, job: JobConfig, workers: list[WorkerMemory]) -> str:
+    shape = ModelShape.from_config(cfg)
+    mems = ", ".join(f"{w.worker_id} {w.memory_bytes / GB_SI:.0f} GB" for w in workers)
+    need = least_peak(cfg, job, workers)
+    top = max(w.memory_bytes for w in workers)
+    lines = [
+        f"the job does not fit: its {shape.layers}-block {shape.model_type} model needs "
+        f"{need / GB_SI:.1f} GB on the fullest worker even cut into "
+        f"{min(len(workers), shape.layers)} "
+        f"pipeline stage(s); the largest worker offers {top * (1 - HEADROOM) / GB_SI:.1f} GB "
+        f"({top / GB_SI:.1f} GB usable less {HEADROOM:.0%} headroom). Workers: {mems}",
+        "changes that would fit:",
+    ]
+    lines += [f"  - {f}" for f in fixes(cfg, job, workers)] or ["  - none found"]
+    return "\n".join(lines)

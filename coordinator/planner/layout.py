@@ -1,0 +1,173 @@
+"""The planner's layout search: the data x pipeline layout, and each stage's blocks, that fits
+the workers' memory (coordinator/planner/memory.py) with the fewest pipeline stages."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from coordinator.planner.memory import (
+    HEADROOM,
+    MemoryEstimate,
+    ModelShape,
+    WorkerMemory,
+    estimate_memory,
+)
+from herd.config import JobConfig
+from herd.errors import PlacementError
+from herd.stage_cut import balanced_split, head_blocks
+
+
+@dataclass(frozen=True)
+class Plan:
+    data_parallel: int
+    pipeline_stages: int
+    stage_layers: list[tuple[int, int]]  # [start, end) per stage
+    assignments: list[list[str]]  # [replica][stage] -> worker_id
+    peak_bytes_per_worker: dict[str, int]
+    microbatches: int = 1  # per replica and optimizer step (1F1B); 1 without pipelining
+    estimates: dict[str, MemoryEstimate] = field(default_factory=dict)
+
+    def ring_order(self) -> list[str]:
+        """Worker ids in MLX-ring rank order for ``python -m worker.pipeline``: replica 0's
+        stages forward, then replica 1's backward, so every pipeline hop and every replica pair
+        are ring neighbours (worker/pipeline/topology.py Topology). Data parallel only: replica
+        order."""
+        if self.pipeline_stages == 1:
+            return [rep[0] for rep in self.assignments]
+        if self.data_parallel > 2:
+            raise PlacementError(
+                f"{self.data_parallel} x {self.pipeline_stages} needs a transport that reaches any "
+                "peer; the MLX ring carries at most 2 pipelines",
+                hint="pin cluster.parallelism.data to 1 or 2",
+            )
+        order = list(self.assignments[0])
+        if self.data_parallel == 2:
+            order += list(reversed(self.assignments[1]))
+        return order
+
+
+def _stage_estimate(cfg: dict, job: JobConfig, shape: ModelShape, span: tuple[int, int],
+                    stages: int, dp: int, stage: int = 0) -> MemoryEstimate:
+    return estimate_memory(
+        cfg, job, span,
+        has_embed=span[0] == 0, has_head=span[1] == shape.layers,
+        microbatches=_microbatches(job, stages, dp), data_parallel=dp, in_flight=stages - stage,
+    )
+
+
+def _microbatches(job: JobConfig, stages: int, dp: int) -> int:
+    # One example per microbatch: the most microbatches a replica's batch allows, which is what
+    # brings GPipe closest to its bound m / (m + S - 1).
+    return 1 if stages == 1 else max(1, job.batch_size // dp)
+
+
+def _split(cfg: dict, job: JobConfig, shape: ModelShape, mems: list[int], dp: int
+           ) -> list[tuple[int, int]] | None:
+    """Cut the blocks into len(mems) contiguous stages so that the fullest stage's share of its
+    worker's budget is as small as possible (bisection on that share, greedy packing)."""
+    stages = len(mems)
+    if stages > shape.layers:
+        return None
+
+    def pack(share: float) -> list[tuple[int, int]] | None:
+        spans, start = [], 0
+        for s, mem in enumerate(mems):
+            left = stages - s - 1
+            end = start
+            # Greedy: take blocks while they fit, leaving at least one block per later stage.
+            while end < shape.layers - left:
+                est = _stage_estimate(cfg, job, shape, (start, end + 1), stages, dp, s)
+                if est.total > share * mem:
+                    break
+                end += 1
+            if s == stages - 1 and end < shape.layers:
+                return None
+            if end == start:
+                return None
+            spans.append((start, end))
+            start = end
+        return spans
+
+    lo, hi = 0.0, 1.0
+    best = pack(hi)
+    if best is None:
+        return None
+    for _ in range(20):
+        mid = (lo + hi) / 2
+        spans = pack(mid)
+        if spans is None:
+            lo = mid
+        else:
+            hi, best = mid, spans
+    return best
+
+
+def _balanced_if_it_fits(cfg: dict, job: JobConfig, shape: ModelShape, mems: list[int], dp: int
+                         ) -> list[tuple[int, int]] | None:
+    """The cut of equal compute (herd/stage_cut.py) when every stage fits its worker: a pipeline
+    runs at its slowest stage's pace, so memory decides the cut only when it must."""
+    stages = len(mems)
+    if not 1 < stages <= shape.layers:
+        return None  # one stage has nothing to balance
+    spans = balanced_split(shape.layers, stages, head_blocks(cfg),
+                           job.first_adapted_layer(shape.layers))
+    for s, (span, mem) in enumerate(zip(spans, mems)):
+        if _stage_estimate(cfg, job, shape, span, stages, dp, s).total > mem:
+            return None
+    return spans
+
+
+def layout(cfg: dict, job: JobConfig, workers: list[WorkerMemory]) -> Plan | None:
+    shape = ModelShape.from_config(cfg)
+    budget = {w.worker_id: int(w.memory_bytes * (1 - HEADROOM)) for w in workers}
+    pool = sorted(workers, key=lambda w: -w.memory_bytes)
+    if job.cluster.workers:
+        pool = pool[: job.cluster.workers]
+    fixed_dp = job.cluster.data_parallel()
+    fixed_pp = job.cluster.pipeline_stages() if job.cluster.parallelism != "auto" else None
+    for stages in ([fixed_pp] if fixed_pp else range(1, min(len(pool), shape.layers) + 1)):
+        max_dp = len(pool) // stages
+        if max_dp == 0:
+            continue
+        for dp in ([fixed_dp] if fixed_dp else range(max_dp, 0, -1)):
+            if dp > max_dp or job.batch_size % dp:
+                continue
+            used = pool[: dp * stages]
+            # Deal the workers, largest first, so every pipeline gets a similar mix.
+            replicas = [used[i::dp] for i in range(dp)]
+            # One cut for every replica: data-parallel peers must hold the same blocks to sum
+            # their gradients. Each stage is sized for the smallest worker that will run it.
+            mems = [min(budget[rep[s].worker_id] for rep in replicas) for s in range(stages)]
+            spans = (_balanced_if_it_fits(cfg, job, shape, mems, dp)
+                     or _split(cfg, job, shape, mems, dp))
+            if spans is not None:
+                return _make_plan(cfg, job, shape, replicas, spans, dp, stages)
+    return None
+
+
+def _make_plan(cfg: dict, job: JobConfig, shape: ModelShape, replicas: list[list[WorkerMemory]],
+               spans: list[tuple[int, int]], dp: int, stages: int) -> Plan:
+    peaks, estimates = {}, {}
+    for rep in replicas:
+        for s, (w, span) in enumerate(zip(rep, spans)):
+            est = _stage_estimate(cfg, job, shape, span, stages, dp, s)
+            peaks[w.worker_id], estimates[w.worker_id] = est.total, est
+    return Plan(
+        data_parallel=dp,
+        pipeline_stages=stages,
+        stage_layers=list(spans),
+        assignments=[[w.worker_id for w in rep] for rep in replicas],
+        peak_bytes_per_worker=peaks,
+        microbatches=_microbatches(job, stages, dp),
+        estimates=estimates,
+    )
+
+
+def least_peak(cfg: dict, job: JobConfig, workers: list[WorkerMemory]) -> int:
+    """The smallest per-worker peak any layout over ``workers`` can reach (for the refusal text)."""
+    shape = ModelShape.from_config(cfg)
+    stages = min(len(workers), shape.layers)
+    per_stage = -(-shape.layers // stages)
+    spans = [(s, min(s + per_stage, shape.layers)) for s in range(0, shape.layers, per_stage)]
+    return max(_stage_estimate(cfg, job, shape, sp, len(spans), 1, s).total
+               for s, sp in enumerate(spans))

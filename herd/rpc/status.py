@@ -1,0 +1,100 @@
+"""herd errors <-> gRPC status, in one place, for every service and every client.
+
+Servers call ``abort(context, err)``: the call ends with err's status code, its message (and hint)
+as the details, and its class name in the trailing metadata (``x-herd-error``). Clients wrap calls
+in ``rpc_errors()``, which raises the same ``HerdError`` subclass the server raised, so the exit
+code survives the wire (a refused dataset is exit 3 on the laptop too). A failure with no class
+attached (the connection itself, a deadline, the auth interceptor) is mapped by its status code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import grpc
+
+from herd.errors import (
+    AuthError,
+    ChecksumError,
+    ConfigError,
+    DatasetError,
+    DoesNotFitError,
+    HerdError,
+    NotFoundError,
+    PeerLostError,
+    PlacementError,
+    ProtocolError,
+)
+
+ERROR_KEY = "x-herd-error"
+
+# Most specific first: the first class the error is an instance of gives the code.
+_CODES: list[tuple[type[HerdError], grpc.StatusCode]] = [
+    (AuthError, grpc.StatusCode.UNAUTHENTICATED),
+    (ChecksumError, grpc.StatusCode.DATA_LOSS),
+    (ConfigError, grpc.StatusCode.INVALID_ARGUMENT),
+    (DatasetError, grpc.StatusCode.INVALID_ARGUMENT),
+    (ProtocolError, grpc.StatusCode.INVALID_ARGUMENT),
+    (NotFoundError, grpc.StatusCode.NOT_FOUND),
+    (PlacementError, grpc.StatusCode.FAILED_PRECONDITION),
+    (PeerLostError, grpc.StatusCode.UNAVAILABLE),
+]
+# The classes a client rebuilds from the metadata; a name not listed falls back to the code.
+_CLASSES = {cls.__name__: cls for cls in (HerdError, DoesNotFitError, *(c for c, _ in _CODES))}
+# Errors with no class attached, by code.
+_BY_CODE = {
+    grpc.StatusCode.INVALID_ARGUMENT: ConfigError,
+    grpc.StatusCode.NOT_FOUND: NotFoundError,
+    grpc.StatusCode.FAILED_PRECONDITION: PlacementError,
+    grpc.StatusCode.DATA_LOSS: ChecksumError,
+}
+
+
+def status_for(err: HerdError) -> grpc.StatusCode:
+    for cls, code in _CODES:
+        if isinstance(err, cls):
+            return code
+    return grpc.StatusCode.FAILED_PRECONDITION
+
+
+def abort(context: grpc.ServicerContext, err: HerdError) -> None:
+    """Ends the call with err's status code; the client sees the message, the hint and the
+    class."""
+    context.set_trailing_metadata(((ERROR_KEY, type(err).__name__),))
+    context.abort(status_for(err), str(err))
+
+
+def _error_class(e: grpc.RpcError) -> type[HerdError] | None:
+    metadata = (e.trailing_metadata() if hasattr(e, "trailing_metadata") else None) or ()
+    return _CLASSES.get(dict(metadata).get(ERROR_KEY, ""))
+
+
+def error_from_rpc(e: grpc.RpcError, target: str = "") -> HerdError:
+    code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
+    details = (e.details() if hasattr(e, "details") else None) or str(code)
+    if (cls := _error_class(e)) is not None:
+        # The server's own error: its message already names the culprit and the fix.
+        return cls(details)
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return PeerLostError(
+            f"{target or 'the server'} is unreachable: {details}",
+            hint="is `herd coordinator` running? pass --coordinator HOST:PORT to skip discovery",
+        )
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return PeerLostError(f"{target or 'the server'} did not answer in time")
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return AuthError(
+            f"refused by {target or 'the server'}: {details}",
+            hint="every machine needs the same cluster secret (`herd init` once, copy the file)",
+        )
+    return _BY_CODE.get(code, HerdError)(details)
+
+
+@contextlib.contextmanager
+def rpc_errors(target: str = "") -> Iterator[None]:
+    """Turns a failed call into the HerdError it stands for."""
+    try:
+        yield
+    except grpc.RpcError as e:
+        raise error_from_rpc(e, target) from None

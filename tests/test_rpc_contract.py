@@ -1,0 +1,320 @@
+"""The contract's promises, checked through real gRPC servers on loopback: an error keeps its
+class (and so its exit code) across the wire, and every rpc whose proto comment says it is safe to
+call twice is (Ray's rule: idempotent, or say that it is not)."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+
+from herd import errors
+from herd.rpc.auth import new_secret
+from herd.rpc.channel import signed_channel, signed_server
+from herd.rpc.status import abort, rpc_errors
+
+HOST = "127.0.0.1"
+
+RAISED = [errors.ConfigError, errors.DatasetError, errors.PlacementError, errors.DoesNotFitError,
+          errors.PeerLostError, errors.AuthError, errors.NotFoundError, errors.ChecksumError,
+          errors.ProtocolError, errors.HerdError]
+
+
+@pytest.fixture
+def raising_server():
+    """A server whose one method aborts with the error class named in the request."""
+    secret = new_secret()
+
+    def handler(request: bytes, context):
+        cls = next(c for c in RAISED if c.__name__ == request.decode())
+        abort(context, cls(f"the server says {cls.__name__}", hint="fix it there"))
+
+    server = signed_server(secret, max_workers=2)
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+        "test.Raise", {"Raise": grpc.unary_unary_rpc_method_handler(handler)})])
+    port = server.add_insecure_port(f"{HOST}:0")
+    server.start()
+    channel = signed_channel(f"{HOST}:{port}", secret)
+    yield f"{HOST}:{port}", channel.unary_unary("/test.Raise/Raise")
+    channel.close()
+    server.stop(grace=0).wait()
+
+
+@pytest.mark.parametrize("cls", RAISED, ids=lambda c: c.__name__)
+def test_a_servers_error_reaches_the_client_as_the_same_class(raising_server, cls):
+    target, call = raising_server
+    with pytest.raises(errors.HerdError) as got:
+        with rpc_errors(target):
+            call(cls.__name__.encode(), timeout=5)
+    assert type(got.value) is cls
+    assert got.value.exit_code == cls.exit_code
+    assert got.value.message == f"the server says {cls.__name__}\n  hint: fix it there"
+
+
+# --- a real coordinator ----------------------------------------------------------------------
+
+class FakeLauncher:
+    """The scheduler's launcher, recording instead of calling workers."""
+
+    def __init__(self):
+        self.started, self.stopped = [], []
+
+    def start_rank(self, launch):
+        self.started.append(launch)
+
+    def stop_job(self, w, job_id):
+        self.stopped.append((w.worker_id, job_id))
+
+
+@pytest.fixture
+def coordinator(tmp_path):
+    """A real CoordinatorService on loopback (scheduler, stores under tmp_path/coordinator; no
+    zeroconf), whose workers the test lists and whose launcher only records."""
+    from coordinator.artifacts import AdapterStore, BlobStore
+    from coordinator.registry import Registry
+    from coordinator.scheduler import Scheduler
+    from coordinator.service import CoordinatorServicer, add_to_server
+    from coordinator.store import JobStore
+
+    secret = new_secret()
+    workers: list = []
+    server = signed_server(secret, max_workers=4)
+    port = server.add_insecure_port(f"{HOST}:0")
+    state = tmp_path / "coordinator"  # db, blobs/, adapters/
+    s = Scheduler(JobStore(state / "db"), lambda: list(workers), FakeLauncher())
+    add_to_server(CoordinatorServicer(s, Registry(secret), BlobStore(state / "blobs"),
+                                      AdapterStore(state / "adapters")), server)
+    server.start()
+    yield f"{HOST}:{port}", secret, s, workers
+    server.stop(grace=0).wait()
+
+
+def test_herd_submit_of_a_dataset_the_coordinator_refuses_exits_3(coordinator, tmp_path, capsys,
+                                                                  monkeypatch):
+    from herd.cli import laptop
+
+    target, secret, _, _ = coordinator
+    monkeypatch.setenv("HERD_SECRET", secret)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "valid.jsonl").write_text('{"text": "ok"}\n')  # no train.jsonl: refused by the server
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(f"model: /nonexistent/model\ndata: {data}\n")
+    assert laptop.main(["submit", str(cfg), "--no-check", "--coordinator", target]) == 3
+    err = capsys.readouterr().err
+    assert "herd submit: the dataset has no train.jsonl" in err
+    assert "hint: a dataset folder holds train.jsonl" in err
+
+
+# --- a real worker agent ---------------------------------------------------------------------
+
+@pytest.fixture
+def agent(tmp_path):
+    """A real WorkerService on loopback (no zeroconf); yields its address, secret and state."""
+    from worker.agent.machine import probe
+    from worker.agent.main import free_port
+    from worker.agent.service import Worker, WorkerServicer, add_to_server
+
+    def start(secret: str):
+        server = signed_server(secret, max_workers=4)
+        port = server.add_insecure_port(f"{HOST}:0")
+        worker = Worker("w1", HOST, port, free_port(HOST), free_port(HOST), probe(),
+                        tmp_path / "worker", secret)
+        add_to_server(WorkerServicer(worker), server)
+        server.start()
+        started.append((server, worker))
+        return f"{HOST}:{port}", worker
+
+    started: list = []
+    yield start
+    for server, worker in started:
+        worker.stop_all()
+        server.stop(grace=0).wait()
+
+
+def _job(name: str, model: str = "/nonexistent/model", **cluster):
+    from coordinator.domain import FileDigest, Job
+    from herd.config import parse_config
+
+    cfg = parse_config({"model": model, "iters": 100_000, "batch_size": 4,
+                        "cluster": {"workers": 1, **cluster}})
+    return Job(job_id=name, name=name, config=cfg, dataset=[FileDigest("train.jsonl", "a" * 64, 1)],
+               workers_needed=1, iters=cfg.iters)
+
+
+def test_a_peer_the_server_lost_is_named_not_the_server(agent, tmp_path):
+    """The worker's agent cannot reach the coordinator it was given: the coordinator's call
+    fails naming that address (the agent's own PeerLostError), not the worker it called."""
+    from coordinator.registry import WorkerClient
+    from herd.rpc.ports import free_ports
+    from protos.v1 import common_pb2, worker_pb2
+
+    secret = new_secret()
+    target, _ = agent(secret)
+    gone = f"{HOST}:{free_ports(1)[0]}"  # nothing listens here
+    request = worker_pb2.StartRankRequest(
+        job_id="j", attempt=1, rank=0, world_size=1, config_yaml="model: m\n", coordinator=gone,
+        dataset=[common_pb2.FileDigest(name="train.jsonl", sha256="a" * 64, bytes=1)])
+    client = WorkerClient(target, secret)
+    try:
+        with pytest.raises(errors.PeerLostError) as lost:
+            client.start_rank(request)
+    finally:
+        client.close()
+    assert lost.value.message.startswith(f"{gone} is unreachable"), lost.value.message
+    assert f"{target} is unreachable" not in lost.value.message
+
+
+# --- rpcs whose proto comment says they are safe to call twice -------------------------------
+
+def test_put_blob_twice_keeps_one_blob(coordinator, tmp_path):
+    """PutBlob: 'Idempotent: a blob already held is accepted.'"""
+    from herd.cli.connection import CoordinatorConnection
+    from herd.digest import sha256_file
+
+    target, secret, _, _ = coordinator
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"text": "the cat is red."}\n' * 1000)
+    sha = sha256_file(data)
+    with CoordinatorConnection(target, secret) as c:
+        c.put_blob(data, sha)
+        c.put_blob(data, sha)
+    blobs = tmp_path / "coordinator" / "blobs"
+    assert [p.name for p in blobs.iterdir()] == [sha]
+    assert (blobs / sha).read_bytes() == data.read_bytes()
+
+
+def _checkpoint(folder, step: int, value: float):
+    import mlx.core as mx
+
+    from worker.rank.checkpoint import write_manifest
+
+    folder.mkdir(parents=True)
+    mx.save_safetensors(str(folder / "adapters.safetensors"),
+                        {"model.layers.0.q.lora_a": mx.full((2, 3), value)})
+    (folder / "adapter_config.json").write_text('{"num_layers": -1}')
+    write_manifest(folder, step)
+    return folder
+
+
+def test_put_checkpoint_twice_per_step_stores_it_once(coordinator, tmp_path):
+    """PutCheckpoint: 'Idempotent per (job, step)', a stage's piece included: the same upload
+    again leaves one checkpoint with the same bytes, and a piece again merges nothing new."""
+    from herd.cli.connection import CoordinatorConnection
+    from herd.stage_cut import StagePiece
+    from worker.agent.coordinator_client import CoordinatorClient
+
+    target, secret, s, _ = coordinator
+    s.submit(_job("plain"))
+    s.submit(_job("piped"))
+    folder = _checkpoint(tmp_path / "step4", 4, 1.0)
+    client = CoordinatorClient(target, secret)
+    try:
+        for _ in range(2):
+            client.put_checkpoint("plain", 1, 4, folder)
+        assert [c.step for c in s.store.checkpoints("plain")] == [4]
+        with CoordinatorConnection(target, secret) as c:
+            c.pull("plain", 4, tmp_path / "pulled")
+        assert ((tmp_path / "pulled" / "adapters.safetensors").read_bytes()
+                == (folder / "adapters.safetensors").read_bytes())
+
+        s0 = _checkpoint(tmp_path / "s0", 4, 1.0)
+        s1 = _checkpoint(tmp_path / "s1", 4, 2.0)
+        client.put_checkpoint("piped", 1, 4, s0, StagePiece(0, 2, 0, 1))
+        client.put_checkpoint("piped", 1, 4, s1, StagePiece(1, 2, 1, 2))
+        merged = (tmp_path / "coordinator" / "adapters" / "piped" / "0000004" /
+                  "adapters.safetensors").read_bytes()
+        events = len(s.store.events("piped"))
+        client.put_checkpoint("piped", 1, 4, s1, StagePiece(1, 2, 1, 2))
+        assert [c.step for c in s.store.checkpoints("piped")] == [4]
+        assert len(s.store.events("piped")) == events  # no second "checkpoint 4 stored"
+        assert (tmp_path / "coordinator" / "adapters" / "piped" / "0000004" /
+                "adapters.safetensors").read_bytes() == merged
+    finally:
+        client.close()
+
+
+def test_report_rank_exit_twice_changes_the_job_once(coordinator):
+    """ReportRank: 'Safe to retry (latest wins)': an agent that retries an exit report (its first
+    reply lost) neither fails nor restarts the job twice."""
+    from coordinator.domain import JobState, WorkerRecord
+    from protos.v1 import coordinator_pb2
+    from worker.agent.coordinator_client import CoordinatorClient
+
+    target, secret, s, workers = coordinator
+    workers.append(WorkerRecord(worker_id="w1", host=HOST, port=1, ring_port=2, exchange_port=3,
+                                memory_bytes=2**34, free_memory_bytes=2**34))
+    client = CoordinatorClient(target, secret)
+    try:
+        for name, code, after in (("ok", 0, JobState.SUCCEEDED),
+                                  ("killed", -9, JobState.RESTARTING)):
+            s.submit(_job(name, max_restarts=1))
+            s.tick()
+            assert s.store.get_job(name).state is JobState.RUNNING
+            exit_ = coordinator_pb2.ReportRankRequest(
+                job_id=name, attempt=1, rank=0, worker_id="w1",
+                exit=coordinator_pb2.RankExit(exit_code=code, error="" if code == 0 else "killed"))
+            assert client.report(exit_) is True
+            events = s.store.events(name)
+            assert client.report(exit_) is True
+            assert s.store.get_job(name).state is after
+            assert s.store.events(name) == events
+    finally:
+        client.close()
+
+
+def test_cancel_job_twice_cancels_once(coordinator):
+    """CancelJob: 'Idempotent; a finished job is unchanged.'"""
+    from coordinator.domain import EventKind, JobState
+    from herd.cli.connection import CoordinatorConnection
+    from protos.v1 import common_pb2, coordinator_pb2
+
+    target, secret, s, _ = coordinator
+    s.submit(_job("c"))
+    with CoordinatorConnection(target, secret) as c:
+        replies = [c.call("CancelJob", coordinator_pb2.CancelJobRequest(job_id="c")).state
+                   for _ in range(2)]
+    assert replies == [common_pb2.JOB_STATE_CANCELLED] * 2
+    states = [e.state for e in s.store.events("c") if e.kind is EventKind.STATE]
+    assert states == [JobState.QUEUED, JobState.CANCELLED]
+
+
+def test_start_rank_twice_runs_one_rank_and_stop_job_twice_stops_it_once(
+        coordinator, agent, tmp_path, tiny_model):
+    """StartRank: 'idempotent for the same (job, attempt, rank)': the second call returns the
+    running rank's pid and starts nothing. StopJob: 'Idempotent': the second finds nothing."""
+    from coordinator import convert
+    from coordinator.domain import RankLaunch, WorkerRecord
+    from herd.cli.connection import CoordinatorConnection
+    from herd.digest import file_digest
+    from herd.rpc.channel import signed_channel
+    from protos.v1 import worker_pb2, worker_pb2_grpc
+
+    target, secret, s, _ = coordinator
+    address, worker = agent(secret)
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"text": "the cat is red."}\n' * 8)
+    with CoordinatorConnection(target, secret) as c:
+        c.put_blob(data, file_digest(data).sha256)
+    job = _job("twice", model=str(tiny_model))
+    job.dataset = [file_digest(data)]
+    job.attempt = 1
+    s.submit(job)  # its reports are accepted (and ignored: the job is not placed)
+    me = WorkerRecord(worker_id="w1", host=HOST, port=0, ring_port=0, exchange_port=0,
+                      memory_bytes=0)
+    request = convert.launch_to_pb(RankLaunch(job, 0, me, [f"{HOST}:1"], [f"{HOST}:2"]), target)
+    channel = signed_channel(address, secret)
+    try:
+        stub = worker_pb2_grpc.WorkerServiceStub(channel)
+        pids = [stub.StartRank(request, timeout=120).pid for _ in range(2)]
+        assert pids[0] == pids[1] == worker.rank.proc.pid
+        stop = worker_pb2.StopJobRequest(job_id="twice")
+        assert [stub.StopJob(stop, timeout=30).was_running for _ in range(2)] == [True, False]
+        assert worker.rank.proc.poll() is not None
+        deadline = time.monotonic() + 15  # its relay reports the exit, then the rank is done
+        while worker.rank.running() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not worker.rank.running()
+    finally:
+        channel.close()

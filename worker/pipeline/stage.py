@@ -1,0 +1,179 @@
+"""One pipeline stage: blocks [start, end) of an mlx-lm model, loaded from the safetensors shards
+without ever materializing another stage's weights.
+
+The stage is mlx-lm's own model class built with ``end - start`` blocks: module constructors only
+record lazy random initializers, which are replaced by the loaded weights before anything is
+evaluated, and the embedding / final norm / head are removed from the stages that do not own
+them. Parameter names inside the stage are local (``model.layers.0``); ``global_name`` maps them
+back to the full model's names so the stages' adapters merge into one mlx-lm adapter file.
+"""
+
+from __future__ import annotations
+
+import glob
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.base import create_attention_mask
+from mlx_lm.tuner.dora import DoRALinear
+from mlx_lm.tuner.lora import LoRALinear
+from mlx_lm.tuner.trainer import grad_checkpoint
+from mlx_lm.tuner.utils import linear_to_lora_layers
+from mlx_lm.utils import _get_classes
+
+from herd.config import JobConfig
+from herd.errors import ConfigError
+from worker.rank.model import quantize_in_place, read_model_config
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    index: int
+    count: int
+    start: int  # first block (global index)
+    end: int  # one past the last block
+    total_layers: int
+    first_adapted: int = 0  # first block with LoRA (the last num_layers blocks are adapted)
+
+    @property
+    def trains(self) -> bool:
+        """Whether this stage has adapters: stages wholly before the adapted blocks need no
+        backward."""
+        return self.end > self.first_adapted
+
+    @property
+    def first(self) -> bool:
+        return self.index == 0
+
+    @property
+    def last(self) -> bool:
+        return self.index == self.count - 1
+
+
+class Stage:
+    """A stage's model, forward function, and name mapping."""
+
+    def __init__(self, model: nn.Module, spec: StageSpec, tied: bool):
+        self.model, self.spec, self.tied = model, spec, tied
+
+    def forward(self, x: mx.array) -> mx.array:
+        """Token ids (first stage) or hidden states in; hidden states or logits (last stage) out."""
+        inner = self.model.model
+        h = inner.embed_tokens(x) if self.spec.first else x
+        mask = create_attention_mask(h, None)
+        for layer in inner.layers:
+            h = layer(h, mask)
+        if self.spec.last:
+            h = inner.norm(h)
+            h = inner.embed_tokens.as_linear(h) if self.tied else self.model.lm_head(h)
+        return h
+
+    def global_name(self, local: str) -> str:
+        m = _LAYER.match(local)
+        return f"model.layers.{int(m.group(1)) + self.spec.start}.{m.group(2)}" if m else local
+
+
+def _owned(key: str, spec: StageSpec, tied: bool) -> str | None:
+    """The stage-local name of a checkpoint key this stage owns, else None."""
+    m = _LAYER.match(key)
+    if m:
+        g = int(m.group(1))
+        return f"model.layers.{g - spec.start}.{m.group(2)}" if spec.start <= g < spec.end else None
+    if key.startswith("model.embed_tokens."):
+        return key if spec.first or (spec.last and tied) else None
+    if key.startswith(("model.norm.", "lm_head.")):
+        return key if spec.last else None
+    return None
+
+
+def load_stage_weights(model_dir: Path, spec: StageSpec, tied: bool) -> dict[str, mx.array]:
+    """The weights this stage owns, from every shard. ``mx.load`` maps a safetensors file lazily;
+    keys dropped here are never read into memory."""
+    files = sorted(glob.glob(str(model_dir / "*.safetensors")))
+    if not files:
+        raise ConfigError(f"no *.safetensors in {model_dir}",
+                          hint="a stage loads its blocks from the model's safetensors shards")
+    weights: dict[str, mx.array] = {}
+    for f in files:
+        for key, value in mx.load(f).items():
+            local = _owned(key, spec, tied)
+            if local is not None:
+                weights[local] = value
+    return weights
+
+
+def build_stage(job: JobConfig, spec: StageSpec) -> Stage:
+    model_dir = Path(job.model)
+    config = read_model_config(model_dir)
+    if config["num_hidden_layers"] != spec.total_layers:
+        raise ConfigError(
+            f"{model_dir} has {config['num_hidden_layers']} blocks, the plan says "
+            f"{spec.total_layers}"
+        )
+    tied = bool(config.get("tie_word_embeddings", True))
+    stage_config = {**config, "num_hidden_layers": spec.end - spec.start}
+    stage_config.pop("layer_types", None)
+    model_cls, args_cls = _get_classes(stage_config)
+    model = model_cls(args_cls.from_dict(stage_config))
+    tied = getattr(model.args, "tie_word_embeddings", tied)
+    # Drop what this stage does not own before anything is evaluated: no lazy init ever runs.
+    if not (spec.first or (spec.last and tied)):
+        model.model.pop("embed_tokens")
+    if not spec.last:
+        model.model.pop("norm")
+        if "lm_head" in model:
+            model.pop("lm_head")
+    weights = load_stage_weights(model_dir, spec, tied)
+    if hasattr(model, "sanitize"):
+        weights = model.sanitize(weights)
+    if (q := config.get("quantization")) is not None:
+        nn.quantize(
+            model, group_size=q["group_size"], bits=q["bits"],
+            class_predicate=lambda p, m: f"{p}.scales" in weights,
+        )
+    model.load_weights(list(weights.items()), strict=True)
+    if job.quantize is not None:
+        quantize_in_place(model, job)
+    _apply_adapters(model, job, spec)
+    mx.eval(model.parameters())
+    if job.grad_checkpoint and len(model.layers):
+        grad_checkpoint(model.layers[0])
+    return Stage(model, spec, tied)
+
+
+def _apply_adapters(model: nn.Module, job: JobConfig, spec: StageSpec) -> None:
+    """LoRA on this stage's share of the last ``num_layers`` blocks, initialized with exactly the
+    random draws one process makes for them (worker.rank.model.apply_adapters): seed, then skip the
+    draws the earlier stages' adapted linears take, then convert ours in mlx-lm's order."""
+    if job.fine_tune_type == "full":
+        raise ConfigError("pipeline parallelism trains LoRA/DoRA adapters",
+                          hint="fine_tune_type: lora")
+    n_lora = spec.total_layers if job.num_layers == -1 else job.num_layers
+    if n_lora > spec.total_layers:
+        raise ConfigError(
+            f"num_layers = {job.num_layers}, but the model has {spec.total_layers} layers")
+    first_adapted = spec.total_layers - n_lora
+    mine = max(0, spec.end - max(spec.start, first_adapted))
+    before = max(0, min(spec.start, spec.total_layers) - first_adapted)
+    mx.random.seed(job.seed)
+    model.freeze()
+    if not len(model.layers):
+        return
+    params = job.lora_parameters.model_dump(exclude_none=True)
+    per_block = _adapted_per_block(model.layers[0], params.get("keys"))
+    cls = DoRALinear if job.fine_tune_type == "dora" else LoRALinear
+    for _ in range(before * per_block):
+        cls(input_dims=1, output_dims=1, r=1)  # the same number of draws as one real conversion
+    if mine:
+        linear_to_lora_layers(model, mine, params, use_dora=job.fine_tune_type == "dora")
+
+
+def _adapted_per_block(block: nn.Module, keys: list[str] | None) -> int:
+    types = (nn.Linear, nn.QuantizedLinear, nn.Embedding, nn.QuantizedEmbedding)
+    names = [p for p, m in block.named_modules() if hasattr(m, "to_lora") or isinstance(m, types)]
+    return len(names) if keys is None else len([p for p in names if p in set(keys)])

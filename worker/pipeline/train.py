@@ -1,0 +1,120 @@
+"""A pipeline stage's training loop: the trainer's (same batch order, the loss divided by the
+step's target count), one pipelined step (worker/pipeline/step.py) per batch, and the replicas of
+a data x pipeline layout summed by the trainer's own reduction.
+
+It is a second loop on purpose (torchtune's rule: copy the flow, share the invariants): the
+invariants come from where the trainer defines them, ``data_order`` (worker/rank/trainer.py) and
+``reduce_gradients`` (worker/exchange).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import mlx.core as mx
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from herd.config import JobConfig
+from worker.exchange import all_sum_scalars, reduce_gradients
+from worker.pipeline.link import Link, MLXLink
+from worker.pipeline.stage import Stage
+from worker.pipeline.step import pipeline_step, position_seed
+from worker.rank.batches import BatchStream, DataOrder
+from worker.rank.model import build_optimizer
+from worker.rank.trainer import LoopArgs, data_order
+
+
+@dataclass
+class PipelineRun:
+    losses: list[float] = field(default_factory=list)  # per step, last stage only
+    step_seconds: list[float] = field(default_factory=list)
+    step_compute_seconds: list[float] = field(default_factory=list)  # busy time, not waiting
+    link_seconds: float = 0.0
+    compute_seconds: float = 0.0
+    trained_tokens: int = 0
+
+
+class ReplicaExchange:
+    """A stage's data-parallel peer (the same stage of the other pipeline, a ring neighbour) as a
+    GradientExchange of two, so the replicas are summed like any data-parallel ranks."""
+
+    name = "mlx"
+    size = 2
+
+    def __init__(self, link: MLXLink):
+        self._link = link
+        self.rank = link.topo.replica
+
+    def all_sum(self, flat: mx.array, donate: bool = False) -> mx.array:
+        return self._link.sum_with_peer(flat)
+
+    def close(self) -> None:
+        pass
+
+
+def _sum_replicas(link: MLXLink, grads: dict, ntoks: int, loss: float) -> tuple[dict, int, float]:
+    """Token-weighted data parallelism: the gradients (of losses already divided by the step's
+    global target count), token counts and losses summed over the replicas: one process's step."""
+    exchange = ReplicaExchange(link)
+    flat = reduce_gradients(exchange, dict(tree_flatten(grads)))
+    loss_sum, total = all_sum_scalars(exchange, loss, ntoks)
+    summed = tree_unflatten(list(flat.items())) if flat else {}
+    return summed, int(round(total)), loss_sum
+
+
+def train_stage(job: JobConfig, stage: Stage, link: Link, train_set, microbatches: int,
+                dp_rank: int = 0, dp_size: int = 1, iters: int | None = None,
+                on_step: Callable[[dict], None] | None = None, optimizer=None, start: int = 0,
+                trained_tokens: int = 0,
+                on_save: Callable[[int, object, int], None] | None = None,
+                order: DataOrder | None = None) -> PipelineRun:
+    """One pipelined step per batch; ``grad_accumulation_steps`` batches summed before one
+    update. ``start``: iterations already done (a resumed run; the optimizer then holds their
+    state). ``order``: the run's batch order (default: drawn as if there were no validation
+    set), the same as the one process's it must equal."""
+    optimizer = optimizer or build_optimizer(job)
+    order = order or data_order(train_set, None, LoopArgs.from_job(job))
+    stream = BatchStream(train_set, job.batch_size, job.max_seq_length, dp_rank, dp_size, order)
+    batches = stream.iterate(start=start)
+    run = PipelineRun(trained_tokens=trained_tokens)
+    last = iters or job.iters
+    stage.model.train()
+    accum = job.grad_accumulation_steps
+    acc, acc_tokens, acc_loss = None, 0, 0.0
+    t_step = time.perf_counter()
+    for it in range(start + 1, last + 1):
+        step_seed = position_seed(job.seed, dp_rank, it)
+        if (it - 1) % accum == 0:
+            denominator = stream.targets(it, accum)
+        batch, lengths = next(batches)
+        tic = time.perf_counter()
+        res = pipeline_step(stage, link, batch, lengths, microbatches, seed=step_seed,
+                            denominator=denominator)
+        run.compute_seconds += res.compute_seconds
+        run.step_compute_seconds.append(res.compute_seconds)
+        acc = res.grads if acc is None else tree_map(mx.add, acc, res.grads)
+        acc_tokens += res.ntoks
+        acc_loss += res.loss
+        if it % accum == 0:
+            if dp_size > 1:
+                acc, acc_tokens, acc_loss = _sum_replicas(link, acc, acc_tokens, acc_loss)
+            if tree_flatten(acc):  # a stage before the adapted blocks only relays
+                optimizer.update(stage.model, acc)
+                mx.eval(stage.model.parameters(), optimizer.state)
+            run.losses.append(acc_loss)
+            run.trained_tokens += acc_tokens
+            if on_step is not None:
+                on_step({"iteration": it, "train_loss": acc_loss,
+                         "learning_rate": optimizer.learning_rate.item(),
+                         "trained_tokens": run.trained_tokens,
+                         "tokens_per_second": acc_tokens / max(time.perf_counter() - t_step, 1e-9),
+                         "peak_memory_gb": mx.get_peak_memory() / 1e9})
+            t_step = time.perf_counter()
+            acc, acc_tokens, acc_loss = None, 0, 0.0
+            if on_save is not None and (it % job.save_every == 0 or it == last):
+                on_save(it, optimizer, run.trained_tokens)
+        run.step_seconds.append(time.perf_counter() - tic)
+    run.link_seconds = link.seconds
+    return run

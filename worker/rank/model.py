@@ -1,0 +1,100 @@
+"""Loading a base model and putting adapters on it, the way mlx_lm.lora does.
+
+The order of random draws matters for exact equality with ``mlx_lm.lora``: seed, freeze,
+convert linears to LoRA/DoRA (their init draws from mx.random), then load resumed weights.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx_lm.tuner.utils import build_schedule, linear_to_lora_layers
+from mlx_lm.utils import load
+
+from herd.config import JobConfig
+from herd.errors import ConfigError
+
+
+def load_base(job: JobConfig):
+    """(model, tokenizer) for ``job.model``: a local folder or a hub id (hub only where
+    reachable)."""
+    try:
+        model, tokenizer = load(
+            job.model,
+            tokenizer_config={"trust_remote_code": job.trust_remote_code},
+            trust_remote_code=job.trust_remote_code,
+        )
+    except FileNotFoundError as e:
+        raise ConfigError(
+            f"model {job.model!r} could not be loaded: {e}",
+            hint="give a local model folder (config.json, *.safetensors, tokenizer) or a hub id "
+            "this machine can download",
+        ) from None
+    if job.quantize is not None:
+        quantize_in_place(model, job)
+    return model, tokenizer
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules())
+
+
+def quantize_in_place(model: nn.Module, job: JobConfig) -> None:
+    """QLoRA on an unquantized folder: quantize the base on load (as mlx_lm.convert -q would)."""
+    q = job.quantize
+    if is_quantized(model):
+        raise ConfigError(
+            f"quantize: {{bits: {q.bits}}} was given but {job.model} is already quantized",
+            hint="remove the quantize: section; LoRA on a quantized folder is already QLoRA",
+        )
+
+    def predicate(_path, module):
+        return hasattr(module, "to_quantized") and module.weight.shape[-1] % q.group_size == 0
+
+    nn.quantize(model, group_size=q.group_size, bits=q.bits, class_predicate=predicate)
+
+
+def apply_adapters(model: nn.Module, job: JobConfig) -> None:
+    """Freeze the base and make the last ``num_layers`` blocks trainable (LoRA, DoRA or full)."""
+    mx.random.seed(job.seed)
+    model.freeze()
+    n_blocks = len(model.layers)
+    if job.num_layers > n_blocks:
+        raise ConfigError(
+            f"num_layers = {job.num_layers}, but {job.model} has only {n_blocks} layers",
+            hint=f"use num_layers: -1 (all) or a number up to {n_blocks}",
+        )
+    if job.fine_tune_type == "full":
+        for layer in model.layers[-max(job.num_layers, 0) :]:
+            layer.unfreeze()
+        return
+    params = job.lora_parameters.model_dump(exclude_none=True)
+    linear_to_lora_layers(model, job.num_layers, params, use_dora=job.fine_tune_type == "dora")
+
+
+def build_optimizer(job: JobConfig) -> optim.Optimizer:
+    lr = build_schedule(job.lr_schedule.model_dump()) if job.lr_schedule else job.learning_rate
+    classes = {
+        "adam": optim.Adam,
+        "adamw": optim.AdamW,
+        "muon": optim.Muon,
+        "sgd": optim.SGD,
+        "adafactor": optim.Adafactor,
+    }
+    return classes[job.optimizer](learning_rate=lr, **job.optimizer_config.get(job.optimizer, {}))
+
+
+def adapter_config(job: JobConfig) -> dict:
+    """What mlx_lm.lora writes as adapter_config.json (mlx_lm.generate/fuse read it)."""
+    cfg = job.mlx_lm_dict()
+    if job.fine_tune_type == "full":
+        cfg["lora_parameters"] = None
+    return cfg
+
+
+def read_model_config(model: str | Path) -> dict:
+    return json.loads((Path(model) / "config.json").read_text())
