@@ -14,6 +14,7 @@ from coordinator.domain import (
     WorkerRecord,
 )
 from herd.config import config_to_yaml
+from herd.netif import Interface
 from herd.stage_cut import StagePiece
 from protos.v1 import common_pb2, worker_pb2
 
@@ -118,12 +119,23 @@ _WORKER_FIELDS = ("worker_id", "host", "port", "ring_port", "exchange_port", "me
                   "protocol_version", "running_job_id", "wired_limit_mb")
 
 
+def interface_to_pb(i: Interface) -> common_pb2.NetInterface:
+    return common_pb2.NetInterface(name=i.name, kind=i.kind, addresses=i.addresses,
+                                   speed_mbps=i.speed_mbps, rdma_device=i.rdma_device, data=i.data)
+
+
+def interface_from_pb(m: common_pb2.NetInterface) -> Interface:
+    return Interface(m.name, m.kind, tuple(m.addresses), m.speed_mbps, m.rdma_device, m.data)
+
+
 def worker_to_pb(w: WorkerRecord) -> common_pb2.WorkerInfo:
-    return common_pb2.WorkerInfo(**{f: getattr(w, f) for f in _WORKER_FIELDS})
+    return common_pb2.WorkerInfo(**{f: getattr(w, f) for f in _WORKER_FIELDS},
+                                 interfaces=[interface_to_pb(i) for i in w.interfaces])
 
 
 def worker_from_pb(m: common_pb2.WorkerInfo) -> WorkerRecord:
-    return WorkerRecord(**{f: getattr(m, f) for f in _WORKER_FIELDS})
+    return WorkerRecord(**{f: getattr(m, f) for f in _WORKER_FIELDS},
+                        interfaces=[interface_from_pb(i) for i in m.interfaces])
 
 
 def launch_to_pb(launch: RankLaunch, coordinator: str) -> worker_pb2.StartRankRequest:
@@ -131,10 +143,11 @@ def launch_to_pb(launch: RankLaunch, coordinator: str) -> worker_pb2.StartRankRe
     job = launch.job
     return worker_pb2.StartRankRequest(
         job_id=job.job_id, attempt=job.attempt, rank=launch.rank,
-        world_size=len(launch.ring_hosts), config_yaml=config_to_yaml(job.config),
+        world_size=len(launch.exchange_peers), config_yaml=config_to_yaml(job.config),
         coordinator=coordinator, ring_hosts=launch.ring_hosts,
         exchange_peers=launch.exchange_peers, resume_step=launch.resume_step,
         data_parallel=launch.data_parallel,
         stage_layers=[common_pb2.LayerRange(start=a, end=b) for a, b in launch.stage_layers],
-        dataset=[digest_to_pb(d) for d in job.dataset],
+        dataset=[digest_to_pb(d) for d in job.dataset], data_path=launch.data_path,
+        ibv_devices_json=launch.ibv_devices_json, jaccl_coordinator=launch.jaccl_coordinator,
     )

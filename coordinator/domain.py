@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from herd.config import JobConfig
 from herd.digest import FileDigest
+from herd.netif import Interface
 
 
 class JobState(enum.Enum):
@@ -120,6 +121,7 @@ class WorkerRecord:
     protocol_version: int = 0
     running_job_id: str = ""
     wired_limit_mb: int = 0
+    interfaces: list[Interface] = field(default_factory=list)  # the data plane's candidates
 
     @property
     def target(self) -> str:
@@ -138,3 +140,6 @@ class RankLaunch:
     resume_step: int = 0  # > 0: resume from this stored checkpoint
     stage_layers: tuple[tuple[int, int], ...] = ()  # pipelines: blocks per stage
     data_parallel: int = 1
+    data_path: str = "ring"  # "ring" | "jaccl" | "grpc" (coordinator/planner/network.py)
+    ibv_devices_json: str = ""  # JACCL: MLX_IBV_DEVICES content
+    jaccl_coordinator: str = ""  # JACCL: MLX_JACCL_COORDINATOR

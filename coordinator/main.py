@@ -8,8 +8,10 @@ advertises itself as ``_herd._tcp.local.`` so the CLI finds it.
 from __future__ import annotations
 
 import argparse
+import secrets
 import signal
 import socket
+import sys
 import threading
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from coordinator.registry import Registry
 from coordinator.scheduler import Scheduler
 from coordinator.service import CoordinatorServicer, add_to_server
 from coordinator.store import JobStore
-from herd import PROTOCOL_VERSION, log
+from herd import PROTOCOL_VERSION, log, netif
 from herd.errors import HerdError
 from herd.rpc import discovery
 from herd.rpc.auth import default_home, load_secret
@@ -42,7 +44,7 @@ class Coordinator:
                                  static_targets=list(static_workers))
         self.server = signed_server(secret, max_workers=32)
         self.host = host
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        self.port = self.server.add_insecure_port(netif.hostport(host, port))
         self.scheduler = Scheduler(self.store, self.registry.workers,
                                    GrpcLauncher(self.registry, lambda: self.address),
                                    placement_timeout_s=placement_timeout_s)
@@ -56,7 +58,7 @@ class Coordinator:
 
     @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        return netif.hostport(self.host, self.port)
 
     def start(self) -> None:
         self.scheduler.recover()
@@ -67,8 +69,11 @@ class Coordinator:
         threading.Thread(target=self.scheduler.run, args=(self._stop,), daemon=True,
                          name="scheduler").start()
         if self._advertise:
+            # A unique instance (and mDNS host) name: two coordinators on machines with the same
+            # host name must not publish conflicting address records for one name.
             self._advert = discovery.Advertiser(
-                self._zc, discovery.COORDINATOR_TYPE, f"herd-{socket.gethostname()}-{self.port}",
+                self._zc, discovery.COORDINATOR_TYPE,
+                f"herd-{socket.gethostname()}-{self.port}-{secrets.token_hex(3)}",
                 self.host, self.port,
                 {"port": str(self.port), "protocol": str(PROTOCOL_VERSION)})
         logger.info("coordinator_started", address=self.address, state_dir=str(self.state_dir))
@@ -87,7 +92,9 @@ class Coordinator:
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="herd coordinator", description="run the coordinator")
     p.add_argument("--state-dir", type=Path, default=None, help="default $HERD_HOME/coordinator")
-    p.add_argument("--host", default=None, help="address to serve and advertise (default: LAN IP)")
+    p.add_argument("--host", default=None,
+                   help="address to serve and advertise (default: this machine's LAN address, "
+                   "Ethernet before Wi-Fi; a warning if only loopback)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT,
                    help=f"default {DEFAULT_PORT}; 0 = any")
     p.add_argument("--worker", action="append", default=[], metavar="HOST:PORT",
@@ -96,16 +103,22 @@ def main(argv: list[str]) -> int:
                    help="fail a job that cannot be placed for this many seconds")
     p.add_argument("--secret-file", type=Path, default=None)
     args = p.parse_args(argv[1:])
+    host = (args.host or "").strip("[]")
+    if not host:
+        choice = netif.choose_control()
+        host = choice.address
+        if choice.warning:
+            print(f"herd coordinator: warning: {choice.warning}", file=sys.stderr, flush=True)
+            logger.warning("control_address_fallback", address=host, reason=choice.warning)
     try:
         secret = load_secret(args.secret_file)
         coord = Coordinator(args.state_dir or default_home() / "coordinator", secret,
-                            args.host or discovery.local_ip(), args.port, args.worker,
-                            args.placement_timeout)
+                            host, args.port, args.worker, args.placement_timeout)
     except HerdError as e:
         print(f"herd coordinator: {e}", flush=True)
         return e.exit_code
     if coord.port == 0:
-        print(f"herd coordinator: cannot listen on {args.host}:{args.port}", flush=True)
+        print(f"herd coordinator: cannot listen on {netif.hostport(host, args.port)}", flush=True)
         return 1
     coord.start()
     print(f"herd coordinator listening on {coord.address}", flush=True)

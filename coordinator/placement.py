@@ -16,6 +16,7 @@ from pathlib import Path
 
 from coordinator import planner
 from coordinator.domain import WorkerRecord
+from coordinator.planner.network import DataPath, choose_path
 from herd.config import JobConfig
 from herd.errors import DoesNotFitError, PlacementError
 
@@ -31,6 +32,7 @@ class Placement:
     # even cut the rank makes itself when no config.json is readable here).
     stage_layers: list[tuple[int, int]] = field(default_factory=list)
     data_parallel: int = 1  # pipelines (replicas) when stage_layers is set
+    path: DataPath | None = None  # where the ranks exchange (None: not chosen yet)
 
     @property
     def pipeline_stages(self) -> int:
@@ -67,7 +69,16 @@ def _fmt(n: int) -> str:
 
 
 def place(cfg: JobConfig, workers: list[WorkerRecord]) -> Placement:
-    """Chooses workers for every rank, most free memory first, or raises PlacementError."""
+    """Chooses workers for every rank, most free memory first, and the data path between them
+    (coordinator/planner/network.py), or raises PlacementError."""
+    placement = _place_by_memory(cfg, workers)
+    by_id = {w.worker_id: w for w in workers}
+    path = choose_path([by_id[w] for w in placement.worker_ids], cfg.cluster.exchange,
+                       cfg.cluster.allow_wifi, pipeline=placement.pipeline_stages > 1)
+    return replace(placement, path=path)
+
+
+def _place_by_memory(cfg: JobConfig, workers: list[WorkerRecord]) -> Placement:
     need = workers_needed(cfg)
     idle = [w for w in workers if not w.running_job_id]
     if len(idle) < need:

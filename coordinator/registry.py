@@ -11,12 +11,13 @@ at once; the worker leaves if that fails.
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from typing import Callable
 
 from coordinator.convert import worker_from_pb
 from coordinator.domain import WorkerRecord
-from herd import log
-from herd.errors import HerdError, NotFoundError
+from herd import PROTOCOL_VERSION, log
+from herd.errors import AuthError, HerdError, NotFoundError, PeerLostError
 from herd.rpc import discovery
 from herd.rpc.channel import UNARY_DEADLINE_S, signed_channel
 from herd.rpc.status import rpc_errors
@@ -55,6 +56,21 @@ class WorkerClient:
         self.channel.close()
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """Why an advert (or static target) is not in the registry, for ``herd workers``."""
+
+    target: str
+    kind: str     # "auth" | "unreachable" | "version" | "other"
+    reason: str
+
+
+def _refusal(target: str, err: HerdError) -> Refusal:
+    kind = ("auth" if isinstance(err, AuthError) else
+            "unreachable" if isinstance(err, PeerLostError) else "other")
+    return Refusal(target, kind, err.message)
+
+
 class Registry:
     def __init__(self, secret: str, on_lost: Callable[[str], None] = lambda _id: None,
                  static_targets: list[str] = (), health_interval_s: float = 1.0,
@@ -66,8 +82,9 @@ class Registry:
         self._clients: dict[str, WorkerClient] = {}
         self._source: dict[str, str] = {}      # worker_id -> advert name or static target
         self._failures: dict[str, int] = {}
-        self.refused: dict[str, str] = {}      # candidate -> why it was not admitted
-        self._candidates: dict[str, str] = {t: t for t in static_targets}
+        self.refused: dict[str, Refusal] = {}  # candidate -> why it was not admitted
+        # candidate (advert name or static target) -> its addresses, each tried in turn
+        self._candidates: dict[str, list[str]] = {t: [t] for t in static_targets}
         self.health_interval_s, self.max_failures = health_interval_s, max_failures
         self._stop = threading.Event()
         self._browser: discovery.Browser | None = None
@@ -80,8 +97,8 @@ class Registry:
 
     def _advert_added(self, advert: discovery.Advert) -> None:
         with self._lock:
-            self._candidates[advert.name] = advert.target
-        self._verify(advert.name, advert.target)
+            self._candidates[advert.name] = advert.targets
+        self._verify(advert.name, advert.targets)
 
     def _advert_removed(self, name: str) -> None:
         with self._lock:
@@ -100,18 +117,36 @@ class Registry:
                 logger.info("worker_goodbye_ignored", worker_id=wid, advert=name,
                             reason="it still answers an authenticated health check")
 
-    def _verify(self, source: str, target: str) -> WorkerRecord | None:
-        client = WorkerClient(target, self._secret)
-        try:
-            record = client.describe()
-        except HerdError as e:
-            client.close()
+    def _describe(self, targets: list[str]) -> tuple[WorkerClient | None, WorkerRecord | Refusal]:
+        """The first address that answers Describe with this protocol version."""
+        refusal = Refusal(",".join(targets), "unreachable", "no address")
+        for target in targets:
+            client = WorkerClient(target, self._secret)
+            try:
+                record = client.describe()
+            except HerdError as e:
+                client.close()
+                refusal = _refusal(target, e)
+                continue
+            if record.protocol_version != PROTOCOL_VERSION:
+                client.close()
+                return None, Refusal(target, "version", (
+                    f"speaks herd protocol {record.protocol_version}, this coordinator "
+                    f"{PROTOCOL_VERSION}: install the same herd version on both"))
+            return client, record
+        return None, refusal
+
+    def _verify(self, source: str, targets: list[str]) -> WorkerRecord | None:
+        client, record = self._describe(targets)
+        if client is None:
             with self._lock:
-                first = source not in self.refused
-                self.refused[source] = e.message
+                first = self.refused.get(source) != record
+                self.refused[source] = record
             if first:
-                logger.warning("worker_not_admitted", source=source, target=target, error=e.message)
+                logger.warning("worker_not_admitted", source=source, target=record.target,
+                               kind=record.kind, error=record.reason)
             return None
+        target = client.target
         with self._lock:
             self.refused.pop(source, None)
             old = self._clients.pop(record.worker_id, None)
@@ -143,6 +178,12 @@ class Registry:
         with self._lock:
             return sorted(self._workers.values(), key=lambda w: w.worker_id)
 
+    def refusals(self) -> dict[str, Refusal]:
+        """Candidates not admitted (and not admitted under another name since), and why."""
+        with self._lock:
+            admitted = set(self._source.values())
+            return {s: r for s, r in self.refused.items() if s not in admitted}
+
     def client(self, worker_id: str) -> WorkerClient:
         with self._lock:
             client = self._clients.get(worker_id)
@@ -173,8 +214,8 @@ class Registry:
                     self._workers[wid].running_job_id = reply.worker.running_job_id
                     self._workers[wid].free_memory_bytes = reply.worker.free_memory_bytes
         # Candidates that were refused or unreachable get another chance (a secret may be fixed).
-        for name, target in pending.items():
-            self._verify(name, target)
+        for name, targets in pending.items():
+            self._verify(name, targets)
 
     def run(self) -> None:
         while not self._stop.wait(self.health_interval_s):
@@ -184,8 +225,8 @@ class Registry:
                 logger.exception("registry_check_failed")
 
     def start(self) -> threading.Thread:
-        for name, target in list(self._candidates.items()):
-            self._verify(name, target)
+        for name, targets in list(self._candidates.items()):
+            self._verify(name, targets)
         t = threading.Thread(target=self.run, daemon=True, name="registry")
         t.start()
         return t

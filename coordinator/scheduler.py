@@ -25,9 +25,11 @@ from coordinator.domain import (
     WorkerRecord,
 )
 from coordinator.placement import Placement, check_fits, place
+from coordinator.planner.network import DataPath
 from coordinator.store import JobStore
-from herd import log
+from herd import jaccl, log
 from herd.errors import ConfigError, HerdError, PeerLostError, PlacementError
+from herd.netif import hostport
 
 logger = log.get(__name__)
 
@@ -70,10 +72,16 @@ def launches(job: Job, placement: Placement, workers: dict[str, WorkerRecord],
     """One launch per rank, with the MLX ring hostfile and exchange peers in rank order (for a
     pipeline, the placement's ring order) and, for a pipeline, every stage's blocks."""
     chosen = [workers[w] for w in placement.worker_ids]
-    ring = [f"{w.host}:{w.ring_port}" for w in chosen]
-    peers = [f"{w.host}:{w.exchange_port}" for w in chosen]
+    path = placement.path or DataPath("ring", [w.host for w in chosen], "control network")
+    peers = [hostport(a, w.exchange_port) for a, w in zip(path.addresses, chosen)]
+    ring = [hostport(a, w.ring_port) for a, w in zip(path.addresses, chosen)]
+    extra = {}
+    if path.kind == "jaccl":  # rank 0's ring port is free: JACCL's side channel takes it
+        extra = dict(ibv_devices_json=jaccl.devices_json(path.rdma),
+                     jaccl_coordinator=hostport(chosen[0].host, chosen[0].ring_port))
     stages = tuple(tuple(s) for s in placement.stage_layers)
-    return [RankLaunch(job, r, w, ring, peers, resume_step, stages, placement.data_parallel)
+    return [RankLaunch(job, r, w, ring if path.kind == "ring" else [], peers, resume_step, stages,
+                       placement.data_parallel, path.kind, **extra)
             for r, w in enumerate(chosen)]
 
 
@@ -240,6 +248,8 @@ class Scheduler:
             self._set_state(job, JobState.PLACING, f"starting {len(job.worker_ids)} ranks on "
                             + ", ".join(job.worker_ids) + layout
                             + (f", resuming from checkpoint {resume}" if resume else ""))
+            if decision.path is not None and len(job.worker_ids) > 1:
+                self._event(job, EventKind.LOG, message=decision.path.describe())
             plan = launches(job, decision, {w.worker_id: w for w in workers}, resume)
         # Start all ranks together, outside the lock (workers report back while we wait).
         results = list(self._pool.map(self._start_one, plan))

@@ -122,7 +122,10 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     @_unary
     def ListWorkers(self, request, context):
         return coordinator_pb2.ListWorkersReply(
-            workers=[convert.worker_to_pb(w) for w in self.registry.workers()])
+            workers=[convert.worker_to_pb(w) for w in self.registry.workers()],
+            refused=[coordinator_pb2.RefusedWorker(source=s, target=r.target, kind=r.kind,
+                                                   reason=r.reason)
+                     for s, r in sorted(self.registry.refusals().items())])
 
     # --- blobs -----------------------------------------------------------------------------
 

@@ -65,6 +65,8 @@ class Cluster(_Strict):
     max_restarts: int = Field(2, ge=0)
     exchange_timeout_s: float = Field(60.0, gt=0, description="deadline of one gradient exchange")
     wire_dtype: Literal["float32", "bfloat16"] = "float32"
+    allow_wifi: bool = Field(False, description="let gradients go over Wi-Fi when it is the only "
+                             "network the workers share (coordinator/planner/network.py)")
 
     def data_parallel(self) -> int | None:
         """The data-parallel degree if fixed by the config, else None (decided at placement)."""

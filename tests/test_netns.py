@@ -54,6 +54,7 @@ def test_a_two_worker_job_runs_across_namespaces(lan, tmp_path, tiny_model, tiny
     assert f"{job_id}: state succeeded" in watch.stdout, (
         watch.stdout[-3000:] + watch.stderr[-2000:] + herd.log(c, "coordinator")[-3000:])
     assert any(ln.endswith("[mlx x2]") for ln in watch.stdout.splitlines())
+    print("\n".join(ln for ln in watch.stdout.splitlines() if "data path" in ln or "probe" in ln))
     # The ring ran between the two hosts' own addresses, over the bridge.
     hostfiles = list((tmp_path / "w1" / "worker").rglob("hostfile*.json"))
     assert hostfiles, "no MLX hostfile under w1's state dir"

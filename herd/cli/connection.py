@@ -77,22 +77,29 @@ def _accepts(target: str, secret: str) -> bool:
             return False
 
 
+RETRY_S = 1.0  # a target that did not accept is tried again after this (it may be starting)
+
+
 def find_coordinator(explicit: str | None, secret: str, wait_s: float = 4.0) -> str:
     """The first advertised coordinator that accepts the secret; others (another cluster, a
-    stale record) are skipped."""
+    stale record) are skipped. Every address of every advert is tried, and tried again after
+    RETRY_S until ``wait_s`` is over: a record may carry a stale or unreachable address next to
+    the good one, and zeroconf expires stale records on its own."""
     if explicit or (explicit := os.environ.get(COORDINATOR_ENV)):
         return explicit
     zc = discovery.make_zeroconf()
-    tried: set[str] = set()
+    tried: dict[str, float] = {}  # target -> when it last refused
     try:
         browser = discovery.Browser(zc, discovery.COORDINATOR_TYPE)
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
             for advert in browser.snapshot():
-                if advert.target not in tried:
-                    tried.add(advert.target)
-                    if _accepts(advert.target, secret):
-                        return advert.target
+                for target in advert.targets:
+                    if time.monotonic() - tried.get(target, -RETRY_S) < RETRY_S:
+                        continue
+                    if _accepts(target, secret):
+                        return target
+                    tried[target] = time.monotonic()
             time.sleep(0.05)
         browser.close()
     finally:

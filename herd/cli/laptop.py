@@ -18,7 +18,8 @@ from herd.cli.connection import CoordinatorConnection, connect
 from herd.cli.watch import STATE, watch
 from herd.config import JobConfig, load_config
 from herd.digest import sha256_file
-from herd.errors import DatasetError, HerdError
+from herd.errors import DatasetError, HerdError, PlacementError
+from herd.netif import hostport
 from herd.rpc.auth import default_home, load_secret, write_secret
 from protos.v1 import common_pb2, coordinator_pb2
 
@@ -115,15 +116,38 @@ def cmd_jobs(args) -> int:
     return 0
 
 
+REFUSED = {"auth": "wrong cluster secret", "unreachable": "unreachable address",
+           "version": "version mismatch", "other": "refused"}
+
+
+def _data_links(w) -> str:
+    """The worker's data interfaces, as the planner sees them: en5:thunderbolt,en0:ethernet."""
+    return ",".join(f"{i.name}:{i.kind}" for i in w.interfaces if i.data and
+                    i.kind != "loopback") or "-"
+
+
 def cmd_workers(args) -> int:
+    """Verified workers, then the adverts the coordinator refused and why; exit 4 when no
+    worker is usable (a script can wait on it)."""
     with _connect(args) as coord:
-        workers = coord.call("ListWorkers", coordinator_pb2.ListWorkersRequest()).workers
-    rows = [["WORKER", "ADDRESS", "MEMORY", "FREE", "CHIP", "GPU", "MLX", "JOB"]]
-    for w in workers:
-        rows.append([w.worker_id, f"{w.host}:{w.port}", _gb(w.memory_bytes),
+        reply = coord.call("ListWorkers", coordinator_pb2.ListWorkersRequest())
+    rows = [["WORKER", "ADDRESS", "MEMORY", "FREE", "CHIP", "GPU", "MLX", "DATA", "JOB"]]
+    for w in reply.workers:
+        rows.append([w.worker_id, hostport(w.host, w.port), _gb(w.memory_bytes),
                      _gb(w.free_memory_bytes), w.chip, str(w.gpu_cores or "-"), w.mlx_version,
-                     w.running_job_id or "-"])
+                     _data_links(w), w.running_job_id or "-"])
     print(_table(rows))
+    if reply.refused:
+        print("\nrefused (not used until fixed):", file=sys.stderr)
+        for r in reply.refused:
+            print(f"  {r.source} at {r.target}: {REFUSED.get(r.kind, r.kind)}: {r.reason}",
+                  file=sys.stderr)
+    if not reply.workers:
+        print("herd workers: no usable worker"
+              + (f" ({len(reply.refused)} refused, above)" if reply.refused else
+                 "; start `herd worker` on each machine with the cluster secret"),
+              file=sys.stderr)
+        return PlacementError.exit_code
     return 0
 
 

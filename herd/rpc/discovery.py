@@ -4,12 +4,16 @@ An advert is a hint, never trust: whoever browses must verify a peer with an aut
 before using it. TXT records carry no secrets.
 
 ``HERD_ZEROCONF_INTERFACES`` (comma-separated addresses, e.g. ``127.0.0.1``) limits mDNS to those
-interfaces; local clusters and tests use loopback, a real cluster every interface.
+interfaces; local clusters and tests use loopback, a real cluster every interface, over IPv4 and
+IPv6 both. An advert's mDNS host name is unique to it (a random suffix): two machines with the
+same host name would otherwise publish conflicting address records for one name, and a browser
+would mix their addresses.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import threading
 from dataclasses import dataclass, field
@@ -25,6 +29,7 @@ from zeroconf import (
 )
 
 from herd import log
+from herd.netif import family, hostport
 
 WORKER_TYPE = "_herd-worker._tcp.local."
 COORDINATOR_TYPE = "_herd._tcp.local."
@@ -37,8 +42,10 @@ def make_zeroconf(interfaces: list[str] | None = None) -> Zeroconf:
     if interfaces is None and (env := os.environ.get(INTERFACES_ENV)):
         interfaces = [i.strip() for i in env.split(",") if i.strip()]
     if interfaces:
-        return Zeroconf(interfaces=interfaces, ip_version=IPVersion.V4Only)
-    return Zeroconf(interfaces=InterfaceChoice.All, ip_version=IPVersion.V4Only)
+        v6 = [":" in i for i in interfaces]
+        version = IPVersion.V6Only if all(v6) else IPVersion.All if any(v6) else IPVersion.V4Only
+        return Zeroconf(interfaces=interfaces, ip_version=version)
+    return Zeroconf(interfaces=InterfaceChoice.All, ip_version=IPVersion.All)
 
 
 @dataclass(frozen=True)
@@ -46,13 +53,20 @@ class Advert:
     """One service record as seen on the network."""
 
     name: str
-    host: str
+    host: str                       # the first address (IPv4 before IPv6)
     port: int
     txt: dict[str, str] = field(default_factory=dict)
+    hosts: tuple[str, ...] = ()     # every address the record resolved to
 
     @property
     def target(self) -> str:
-        return f"{self.host}:{self.port}"
+        return hostport(self.host, self.port)
+
+    @property
+    def targets(self) -> list[str]:
+        """Every address as ``host:port``: a caller tries them all (one may be stale or, on a
+        multi-homed machine, unreachable from here)."""
+        return [hostport(h, self.port) for h in (self.hosts or (self.host,))]
 
 
 class Advertiser:
@@ -61,14 +75,15 @@ class Advertiser:
     def __init__(self, zc: Zeroconf, service_type: str, name: str, host: str, port: int,
                  txt: dict[str, str]):
         self._zc = zc
-        safe = name.replace(".", "-")[:60]
+        safe = name.replace(".", "-")[:56]
+        host = host.strip("[]")
         self.info = ServiceInfo(
             service_type,
             f"{safe}.{service_type}",
-            addresses=[socket.inet_aton(host)],
+            addresses=[socket.inet_pton(family(host), host)],
             port=port,
             properties={k: str(v) for k, v in txt.items()},
-            server=f"{safe}.local.",
+            server=f"{safe}-{secrets.token_hex(3)}.local.",
         )
         zc.register_service(self.info, allow_name_change=True)
         logger.info("zeroconf_advertised", service=self.info.name, host=host, port=port)
@@ -81,11 +96,13 @@ class Advertiser:
 
 
 def _advert(info: ServiceInfo) -> Advert | None:
-    addrs = info.parsed_addresses(IPVersion.V4Only)
+    addrs = info.parsed_addresses(IPVersion.V4Only) + [
+        a for a in info.parsed_addresses(IPVersion.V6Only) if not a.lower().startswith("fe80")]
     if not addrs or not info.port:
         return None
     txt = {k.decode(): (v or b"").decode() for k, v in (info.properties or {}).items()}
-    return Advert(name=info.name, host=addrs[0], port=int(info.port), txt=txt)
+    return Advert(name=info.name, host=addrs[0], port=int(info.port), txt=txt,
+                  hosts=tuple(addrs))
 
 
 class Browser:
@@ -130,13 +147,3 @@ class Browser:
         self._browser.cancel()
 
 
-def local_ip() -> str:
-    """The address other machines reach this one on (no packet is sent)."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        s.connect(("10.255.255.255", 1))
-        return s.getsockname()[0]
-    except OSError:
-        return "127.0.0.1"
-    finally:
-        s.close()

@@ -6,10 +6,12 @@ import socket
 
 
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
-    """``n`` distinct ports free right now on ``host``: all bound at once, so none repeats, then
-    released for the caller to bind. (Another process may take one in between; callers that
-    cannot retry choose ports once and keep them.)"""
-    socks = [socket.socket() for _ in range(n)]
+    """``n`` distinct ports free right now on ``host`` (IPv4 or IPv6; "" = every IPv4 address):
+    all bound at once, so none repeats, then released for the caller to bind. (Another process
+    may take one in between; callers that cannot retry choose ports once and keep them.)"""
+    host = host.strip("[]")
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    socks = [socket.socket(fam) for _ in range(n)]
     try:
         for s in socks:
             s.bind((host, 0))

@@ -27,7 +27,7 @@ JOB_STATE_CANCELLED: JobState
 JOB_STATE_RESTARTING: JobState
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "host", "port", "ring_port", "exchange_port", "protocol_version", "memory_bytes", "free_memory_bytes", "chip", "gpu_cores", "os", "mlx_version", "running_job_id", "wired_limit_mb")
+    __slots__ = ("worker_id", "host", "port", "ring_port", "exchange_port", "protocol_version", "memory_bytes", "free_memory_bytes", "chip", "gpu_cores", "os", "mlx_version", "running_job_id", "wired_limit_mb", "interfaces")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
     PORT_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +42,7 @@ class WorkerInfo(_message.Message):
     MLX_VERSION_FIELD_NUMBER: _ClassVar[int]
     RUNNING_JOB_ID_FIELD_NUMBER: _ClassVar[int]
     WIRED_LIMIT_MB_FIELD_NUMBER: _ClassVar[int]
+    INTERFACES_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     host: str
     port: int
@@ -56,7 +57,24 @@ class WorkerInfo(_message.Message):
     mlx_version: str
     running_job_id: str
     wired_limit_mb: int
-    def __init__(self, worker_id: _Optional[str] = ..., host: _Optional[str] = ..., port: _Optional[int] = ..., ring_port: _Optional[int] = ..., exchange_port: _Optional[int] = ..., protocol_version: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., free_memory_bytes: _Optional[int] = ..., chip: _Optional[str] = ..., gpu_cores: _Optional[int] = ..., os: _Optional[str] = ..., mlx_version: _Optional[str] = ..., running_job_id: _Optional[str] = ..., wired_limit_mb: _Optional[int] = ...) -> None: ...
+    interfaces: _containers.RepeatedCompositeFieldContainer[NetInterface]
+    def __init__(self, worker_id: _Optional[str] = ..., host: _Optional[str] = ..., port: _Optional[int] = ..., ring_port: _Optional[int] = ..., exchange_port: _Optional[int] = ..., protocol_version: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., free_memory_bytes: _Optional[int] = ..., chip: _Optional[str] = ..., gpu_cores: _Optional[int] = ..., os: _Optional[str] = ..., mlx_version: _Optional[str] = ..., running_job_id: _Optional[str] = ..., wired_limit_mb: _Optional[int] = ..., interfaces: _Optional[_Iterable[_Union[NetInterface, _Mapping]]] = ...) -> None: ...
+
+class NetInterface(_message.Message):
+    __slots__ = ("name", "kind", "addresses", "speed_mbps", "rdma_device", "data")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    SPEED_MBPS_FIELD_NUMBER: _ClassVar[int]
+    RDMA_DEVICE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    kind: str
+    addresses: _containers.RepeatedScalarFieldContainer[str]
+    speed_mbps: int
+    rdma_device: str
+    data: bool
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., addresses: _Optional[_Iterable[str]] = ..., speed_mbps: _Optional[int] = ..., rdma_device: _Optional[str] = ..., data: _Optional[bool] = ...) -> None: ...
 
 class FileDigest(_message.Message):
     __slots__ = ("name", "sha256", "bytes")

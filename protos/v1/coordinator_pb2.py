@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos.v1 import common_pb2 as protos_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bprotos/v1/coordinator.proto\x12\x07herd.v1\x1a\x16protos/v1/common.proto\"2\n\x10SubmitJobRequest\x12\x1e\n\x04spec\x18\x01 \x01(\x0b\x32\x10.herd.v1.JobSpec\" \n\x0eSubmitJobReply\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\".\n\x0bGetJobReply\x12\x1f\n\x03job\x18\x01 \x01(\x0b\x32\x12.herd.v1.JobStatus\"\x11\n\x0fListJobsRequest\"1\n\rListJobsReply\x12 \n\x04jobs\x18\x01 \x03(\x0b\x32\x12.herd.v1.JobStatus\"4\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x03\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"2\n\x0e\x43\x61ncelJobReply\x12 \n\x05state\x18\x01 \x01(\x0e\x32\x11.herd.v1.JobState\"\x14\n\x12ListWorkersRequest\"8\n\x10ListWorkersReply\x12$\n\x07workers\x18\x01 \x03(\x0b\x32\x13.herd.v1.WorkerInfo\".\n\x0ePutBlobRequest\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"-\n\x0cPutBlobReply\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x03\" \n\x0eGetBlobRequest\x12\x0e\n\x06sha256\x18\x01 \x01(\t\"\xbc\x01\n\x11ReportRankRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x11\n\tworker_id\x18\x04 \x01(\t\x12)\n\x08progress\x18\x05 \x01(\x0b\x32\x15.herd.v1.RankProgressH\x00\x12!\n\x04\x65xit\x18\x06 \x01(\x0b\x32\x11.herd.v1.RankExitH\x00\x12\r\n\x03log\x18\x07 \x01(\tH\x00\x42\x08\n\x06report\",\n\x08RankExit\x12\x11\n\texit_code\x18\x01 \x01(\x05\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"\x1f\n\x0fReportRankReply\x12\x0c\n\x04stop\x18\x01 \x01(\x08\"\x89\x01\n\x10\x43heckpointHeader\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\"\n\x05\x66iles\x18\x04 \x03(\x0b\x32\x13.herd.v1.FileDigest\x12\"\n\x05stage\x18\x05 \x01(\x0b\x32\x13.herd.v1.StagePiece\"p\n\x14PutCheckpointRequest\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.herd.v1.CheckpointHeaderH\x00\x12#\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x12.herd.v1.FileChunkH\x00\x42\x06\n\x04part\"A\n\x12PutCheckpointReply\x12+\n\ncheckpoint\x18\x01 \x01(\x0b\x32\x17.herd.v1.CheckpointInfo\"U\n\x11GetAdapterRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\"\n\x05stage\x18\x03 \x01(\x0b\x32\x13.herd.v1.StagePiece\"i\n\x0fGetAdapterReply\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.herd.v1.CheckpointInfoH\x00\x12#\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x12.herd.v1.FileChunkH\x00\x42\x06\n\x04part2\xde\x05\n\x12\x43oordinatorService\x12?\n\tSubmitJob\x12\x19.herd.v1.SubmitJobRequest\x1a\x17.herd.v1.SubmitJobReply\x12\x36\n\x06GetJob\x12\x16.herd.v1.GetJobRequest\x1a\x14.herd.v1.GetJobReply\x12<\n\x08ListJobs\x12\x18.herd.v1.ListJobsRequest\x1a\x16.herd.v1.ListJobsReply\x12\x39\n\x08WatchJob\x12\x18.herd.v1.WatchJobRequest\x1a\x11.herd.v1.JobEvent0\x01\x12?\n\tCancelJob\x12\x19.herd.v1.CancelJobRequest\x1a\x17.herd.v1.CancelJobReply\x12\x45\n\x0bListWorkers\x12\x1b.herd.v1.ListWorkersRequest\x1a\x19.herd.v1.ListWorkersReply\x12;\n\x07PutBlob\x12\x17.herd.v1.PutBlobRequest\x1a\x15.herd.v1.PutBlobReply(\x01\x12\x38\n\x07GetBlob\x12\x17.herd.v1.GetBlobRequest\x1a\x12.herd.v1.FileChunk0\x01\x12\x42\n\nReportRank\x12\x1a.herd.v1.ReportRankRequest\x1a\x18.herd.v1.ReportRankReply\x12M\n\rPutCheckpoint\x12\x1d.herd.v1.PutCheckpointRequest\x1a\x1b.herd.v1.PutCheckpointReply(\x01\x12\x44\n\nGetAdapter\x12\x1a.herd.v1.GetAdapterRequest\x1a\x18.herd.v1.GetAdapterReply0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bprotos/v1/coordinator.proto\x12\x07herd.v1\x1a\x16protos/v1/common.proto\"2\n\x10SubmitJobRequest\x12\x1e\n\x04spec\x18\x01 \x01(\x0b\x32\x10.herd.v1.JobSpec\" \n\x0eSubmitJobReply\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\".\n\x0bGetJobReply\x12\x1f\n\x03job\x18\x01 \x01(\x0b\x32\x12.herd.v1.JobStatus\"\x11\n\x0fListJobsRequest\"1\n\rListJobsReply\x12 \n\x04jobs\x18\x01 \x03(\x0b\x32\x12.herd.v1.JobStatus\"4\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x03\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"2\n\x0e\x43\x61ncelJobReply\x12 \n\x05state\x18\x01 \x01(\x0e\x32\x11.herd.v1.JobState\"\x14\n\x12ListWorkersRequest\"a\n\x10ListWorkersReply\x12$\n\x07workers\x18\x01 \x03(\x0b\x32\x13.herd.v1.WorkerInfo\x12\'\n\x07refused\x18\x02 \x03(\x0b\x32\x16.herd.v1.RefusedWorker\"M\n\rRefusedWorker\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\".\n\x0ePutBlobRequest\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"-\n\x0cPutBlobReply\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x03\" \n\x0eGetBlobRequest\x12\x0e\n\x06sha256\x18\x01 \x01(\t\"\xbc\x01\n\x11ReportRankRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x11\n\tworker_id\x18\x04 \x01(\t\x12)\n\x08progress\x18\x05 \x01(\x0b\x32\x15.herd.v1.RankProgressH\x00\x12!\n\x04\x65xit\x18\x06 \x01(\x0b\x32\x11.herd.v1.RankExitH\x00\x12\r\n\x03log\x18\x07 \x01(\tH\x00\x42\x08\n\x06report\",\n\x08RankExit\x12\x11\n\texit_code\x18\x01 \x01(\x05\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"\x1f\n\x0fReportRankReply\x12\x0c\n\x04stop\x18\x01 \x01(\x08\"\x89\x01\n\x10\x43heckpointHeader\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\"\n\x05\x66iles\x18\x04 \x03(\x0b\x32\x13.herd.v1.FileDigest\x12\"\n\x05stage\x18\x05 \x01(\x0b\x32\x13.herd.v1.StagePiece\"p\n\x14PutCheckpointRequest\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.herd.v1.CheckpointHeaderH\x00\x12#\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x12.herd.v1.FileChunkH\x00\x42\x06\n\x04part\"A\n\x12PutCheckpointReply\x12+\n\ncheckpoint\x18\x01 \x01(\x0b\x32\x17.herd.v1.CheckpointInfo\"U\n\x11GetAdapterRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\"\n\x05stage\x18\x03 \x01(\x0b\x32\x13.herd.v1.StagePiece\"i\n\x0fGetAdapterReply\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.herd.v1.CheckpointInfoH\x00\x12#\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x12.herd.v1.FileChunkH\x00\x42\x06\n\x04part2\xde\x05\n\x12\x43oordinatorService\x12?\n\tSubmitJob\x12\x19.herd.v1.SubmitJobRequest\x1a\x17.herd.v1.SubmitJobReply\x12\x36\n\x06GetJob\x12\x16.herd.v1.GetJobRequest\x1a\x14.herd.v1.GetJobReply\x12<\n\x08ListJobs\x12\x18.herd.v1.ListJobsRequest\x1a\x16.herd.v1.ListJobsReply\x12\x39\n\x08WatchJob\x12\x18.herd.v1.WatchJobRequest\x1a\x11.herd.v1.JobEvent0\x01\x12?\n\tCancelJob\x12\x19.herd.v1.CancelJobRequest\x1a\x17.herd.v1.CancelJobReply\x12\x45\n\x0bListWorkers\x12\x1b.herd.v1.ListWorkersRequest\x1a\x19.herd.v1.ListWorkersReply\x12;\n\x07PutBlob\x12\x17.herd.v1.PutBlobRequest\x1a\x15.herd.v1.PutBlobReply(\x01\x12\x38\n\x07GetBlob\x12\x17.herd.v1.GetBlobRequest\x1a\x12.herd.v1.FileChunk0\x01\x12\x42\n\nReportRank\x12\x1a.herd.v1.ReportRankRequest\x1a\x18.herd.v1.ReportRankReply\x12M\n\rPutCheckpoint\x12\x1d.herd.v1.PutCheckpointRequest\x1a\x1b.herd.v1.PutCheckpointReply(\x01\x12\x44\n\nGetAdapter\x12\x1a.herd.v1.GetAdapterRequest\x1a\x18.herd.v1.GetAdapterReply0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -53,29 +53,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTWORKERSREQUEST']._serialized_start=443
   _globals['_LISTWORKERSREQUEST']._serialized_end=463
   _globals['_LISTWORKERSREPLY']._serialized_start=465
-  _globals['_LISTWORKERSREPLY']._serialized_end=521
-  _globals['_PUTBLOBREQUEST']._serialized_start=523
-  _globals['_PUTBLOBREQUEST']._serialized_end=569
-  _globals['_PUTBLOBREPLY']._serialized_start=571
-  _globals['_PUTBLOBREPLY']._serialized_end=616
-  _globals['_GETBLOBREQUEST']._serialized_start=618
-  _globals['_GETBLOBREQUEST']._serialized_end=650
-  _globals['_REPORTRANKREQUEST']._serialized_start=653
-  _globals['_REPORTRANKREQUEST']._serialized_end=841
-  _globals['_RANKEXIT']._serialized_start=843
-  _globals['_RANKEXIT']._serialized_end=887
-  _globals['_REPORTRANKREPLY']._serialized_start=889
-  _globals['_REPORTRANKREPLY']._serialized_end=920
-  _globals['_CHECKPOINTHEADER']._serialized_start=923
-  _globals['_CHECKPOINTHEADER']._serialized_end=1060
-  _globals['_PUTCHECKPOINTREQUEST']._serialized_start=1062
-  _globals['_PUTCHECKPOINTREQUEST']._serialized_end=1174
-  _globals['_PUTCHECKPOINTREPLY']._serialized_start=1176
-  _globals['_PUTCHECKPOINTREPLY']._serialized_end=1241
-  _globals['_GETADAPTERREQUEST']._serialized_start=1243
-  _globals['_GETADAPTERREQUEST']._serialized_end=1328
-  _globals['_GETADAPTERREPLY']._serialized_start=1330
-  _globals['_GETADAPTERREPLY']._serialized_end=1435
-  _globals['_COORDINATORSERVICE']._serialized_start=1438
-  _globals['_COORDINATORSERVICE']._serialized_end=2172
+  _globals['_LISTWORKERSREPLY']._serialized_end=562
+  _globals['_REFUSEDWORKER']._serialized_start=564
+  _globals['_REFUSEDWORKER']._serialized_end=641
+  _globals['_PUTBLOBREQUEST']._serialized_start=643
+  _globals['_PUTBLOBREQUEST']._serialized_end=689
+  _globals['_PUTBLOBREPLY']._serialized_start=691
+  _globals['_PUTBLOBREPLY']._serialized_end=736
+  _globals['_GETBLOBREQUEST']._serialized_start=738
+  _globals['_GETBLOBREQUEST']._serialized_end=770
+  _globals['_REPORTRANKREQUEST']._serialized_start=773
+  _globals['_REPORTRANKREQUEST']._serialized_end=961
+  _globals['_RANKEXIT']._serialized_start=963
+  _globals['_RANKEXIT']._serialized_end=1007
+  _globals['_REPORTRANKREPLY']._serialized_start=1009
+  _globals['_REPORTRANKREPLY']._serialized_end=1040
+  _globals['_CHECKPOINTHEADER']._serialized_start=1043
+  _globals['_CHECKPOINTHEADER']._serialized_end=1180
+  _globals['_PUTCHECKPOINTREQUEST']._serialized_start=1182
+  _globals['_PUTCHECKPOINTREQUEST']._serialized_end=1294
+  _globals['_PUTCHECKPOINTREPLY']._serialized_start=1296
+  _globals['_PUTCHECKPOINTREPLY']._serialized_end=1361
+  _globals['_GETADAPTERREQUEST']._serialized_start=1363
+  _globals['_GETADAPTERREQUEST']._serialized_end=1448
+  _globals['_GETADAPTERREPLY']._serialized_start=1450
+  _globals['_GETADAPTERREPLY']._serialized_end=1555
+  _globals['_COORDINATORSERVICE']._serialized_start=1558
+  _globals['_COORDINATORSERVICE']._serialized_end=2292
 # @@protoc_insertion_point(module_scope)

@@ -133,7 +133,8 @@ class CoordinatorServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListWorkers(self, request, context):
-        """Workers that answered an authenticated Describe and are still healthy. Safe to retry.
+        """Workers that answered an authenticated Describe and are still healthy, and the adverts that
+        were refused with why (wrong secret, unreachable address, version mismatch). Safe to retry.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from herd.config import config_from_yaml
 from herd.digest import FileDigest
+from herd.netif import Interface
 from herd.stage_cut import StagePiece
 from protos.v1 import common_pb2, coordinator_pb2, worker_pb2
 from worker.agent.domain import Progress, RankSpec
@@ -19,13 +20,14 @@ def spec_from_pb(m: worker_pb2.StartRankRequest) -> RankSpec:
         coordinator=m.coordinator, ring_hosts=list(m.ring_hosts),
         exchange_peers=list(m.exchange_peers), resume_step=m.resume_step,
         stage_layers=tuple((r.start, r.end) for r in m.stage_layers),
-        data_parallel=m.data_parallel or 1,
+        data_parallel=m.data_parallel or 1, data_path=m.data_path or "ring",
+        ibv_devices_json=m.ibv_devices_json, jaccl_coordinator=m.jaccl_coordinator,
     )
 
 
 def worker_info(worker_id: str, host: str, port: int, ring_port: int, exchange_port: int,
                 machine: Machine, free_memory_bytes: int, protocol_version: int,
-                running_job_id: str) -> common_pb2.WorkerInfo:
+                running_job_id: str, interfaces: list[Interface] = ()) -> common_pb2.WorkerInfo:
     return common_pb2.WorkerInfo(
         worker_id=worker_id, host=host, port=port, ring_port=ring_port,
         exchange_port=exchange_port, protocol_version=protocol_version,
@@ -33,6 +35,9 @@ def worker_info(worker_id: str, host: str, port: int, ring_port: int, exchange_p
         chip=machine.chip, gpu_cores=machine.gpu_cores, os=machine.os,
         mlx_version=machine.mlx_version, wired_limit_mb=machine.wired_limit_mb,
         running_job_id=running_job_id,
+        interfaces=[common_pb2.NetInterface(name=i.name, kind=i.kind, addresses=i.addresses,
+                                            speed_mbps=i.speed_mbps, rdma_device=i.rdma_device,
+                                            data=i.data) for i in interfaces],
     )
 
 

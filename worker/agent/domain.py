@@ -24,6 +24,9 @@ class RankSpec:
     resume_step: int = 0  # > 0: resume from this checkpoint, fetched from the coordinator
     stage_layers: tuple[tuple[int, int], ...] = ()  # pipelines: blocks per stage; () = whole model
     data_parallel: int = 1  # pipelines in the ring when stage_layers is set
+    data_path: str = "ring"  # "ring" (ring_hosts) | "jaccl" | "grpc" (exchange_peers only)
+    ibv_devices_json: str = ""  # JACCL: the MLX_IBV_DEVICES file's content
+    jaccl_coordinator: str = ""  # JACCL: MLX_JACCL_COORDINATOR
 
     @property
     def key(self) -> tuple[str, int, int]:

@@ -10,11 +10,12 @@ from __future__ import annotations
 import argparse
 import signal
 import socket
+import sys
 import threading
 import uuid
 from pathlib import Path
 
-from herd import log
+from herd import log, netif
 from herd.errors import HerdError
 from herd.rpc import discovery
 from herd.rpc.auth import default_home, load_secret
@@ -26,9 +27,10 @@ from worker.agent.service import Worker, WorkerServicer, add_to_server, advert_t
 logger = log.get(__name__)
 
 
-def free_port(host: str) -> int:
-    """A port free right now. Rank ports are chosen once at agent start and reused: a worker runs
-    one rank at a time, and the coordinator must know every rank's port before any starts."""
+def free_port(host: str = "") -> int:
+    """A port free right now on every address (a rank binds it on whichever data address the
+    coordinator picks). Rank ports are chosen once at agent start and reused: a worker runs one
+    rank at a time, and the coordinator must know every rank's port before any starts."""
     return free_ports(1, host)[0]
 
 
@@ -42,7 +44,14 @@ def parse_bytes(text: str) -> int:
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="herd worker", description="run a worker agent")
     p.add_argument("--state-dir", type=Path, default=None, help="default $HERD_HOME/worker")
-    p.add_argument("--host", default=None, help="address to serve and advertise (default: LAN IP)")
+    p.add_argument("--host", default=None,
+                   help="control address: serve WorkerService and advertise here (default: this "
+                   "machine's LAN address, Ethernet before Wi-Fi; a warning if only loopback)")
+    p.add_argument("--data", action="append", default=[], metavar="IFACE[=KIND]",
+                   help="a data interface (name or address) for gradients, e.g. en5 or "
+                   "10.0.0.2; repeatable; default: every interface, the coordinator picks the "
+                   "fastest shared one. =KIND states its kind (thunderbolt, ethernet, wifi, "
+                   "loopback, other) where the OS cannot tell")
     p.add_argument("--port", type=int, default=0, help="WorkerService port (0 = any free)")
     p.add_argument("--ring-port", type=int, default=0, help="MLX ring port for ranks (0 = any)")
     p.add_argument("--exchange-port", type=int, default=0, help="gRPC exchange port (0 = any)")
@@ -56,22 +65,37 @@ def main(argv: list[str]) -> int:
     except HerdError as e:
         print(f"herd worker: {e}", flush=True)
         return e.exit_code
-    host = args.host or discovery.local_ip()
+    try:
+        interfaces = netif.select_data(netif.probe_interfaces(), args.data)
+    except ValueError as e:
+        print(f"herd worker: {e}", flush=True)
+        return 2
+    host = (args.host or "").strip("[]")
+    if not host:
+        choice = netif.choose_control(interfaces)
+        host = choice.address
+        if choice.warning:
+            print(f"herd worker: warning: {choice.warning}", file=sys.stderr, flush=True)
+            logger.warning("control_address_fallback", address=host, reason=choice.warning)
     state_dir = args.state_dir or default_home() / "worker"
     state_dir.mkdir(parents=True, exist_ok=True)
     worker_id = args.id or f"{socket.gethostname().split('.')[0]}-{uuid.uuid4().hex[:6]}"
     machine = probe(parse_bytes(args.memory) if args.memory else None, args.chip)
 
     server = signed_server(secret, max_workers=16)
-    port = server.add_insecure_port(f"{host}:{args.port}")
-    worker = Worker(worker_id, host, port, args.ring_port or free_port(host),
-                    args.exchange_port or free_port(host), machine, state_dir, secret)
+    port = server.add_insecure_port(netif.hostport(host, args.port))
+    if port == 0:
+        print(f"herd worker: cannot listen on {netif.hostport(host, args.port)}", flush=True)
+        return 1
+    worker = Worker(worker_id, host, port, args.ring_port or free_port(),
+                    args.exchange_port or free_port(), machine, state_dir, secret, interfaces)
     add_to_server(WorkerServicer(worker), server)
     server.start()
     zc = discovery.make_zeroconf()
     advert = discovery.Advertiser(zc, discovery.WORKER_TYPE, worker_id, host, port,
                                   advert_txt(worker.info()))
-    logger.info("worker_started", worker_id=worker_id, address=f"{host}:{port}",
+    logger.info("worker_started", worker_id=worker_id, address=netif.hostport(host, port),
+                data=[f"{i.name}={i.kind}" for i in interfaces if i.data],
                 memory_bytes=machine.memory_bytes, chip=machine.chip, state_dir=str(state_dir))
 
     done = threading.Event()

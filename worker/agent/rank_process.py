@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from herd import log
+from herd import jaccl, log
 from herd.config import config_to_yaml
 from herd.errors import PlacementError
 from herd.rpc.auth import SECRET_ENV
@@ -71,7 +71,10 @@ class RankProcess:
         local = cfg.model_copy(update={"data": str(data), "train": True,
                                        "adapter_path": str(self.dir / "adapters")})
         (self.dir / "config.yaml").write_text(config_to_yaml(local))
-        (self.dir / "hostfile.json").write_text(json.dumps(self.spec.ring_hosts))
+        if self.spec.ring_hosts:
+            (self.dir / "hostfile.json").write_text(json.dumps(self.spec.ring_hosts))
+        if self.spec.data_path == "jaccl":
+            (self.dir / "ibv_devices.json").write_text(self.spec.ibv_devices_json)
         return self.dir / "config.yaml"
 
     def _fetch_resume(self) -> Path:
@@ -101,9 +104,14 @@ class RankProcess:
             SECRET_ENV: self.secret,
             "HERD_JOB_ID": self.spec.job_id,
         })
+        if not self.spec.ring_hosts:  # the gRPC exchange, or JACCL: no ring hostfile
+            env.pop("MLX_HOSTFILE")
+        if self.spec.data_path == "jaccl":  # as `mlx.launch --backend jaccl` does (herd/jaccl.py)
+            env.update(jaccl.env(self.spec.rank, str(self.dir / "ibv_devices.json"),
+                                 self.spec.jaccl_coordinator))
         if self.spec.world_size == 1:
             for key in ("MLX_RANK", "MLX_WORLD_SIZE", "MLX_HOSTFILE", "HERD_EXCHANGE_PEERS"):
-                env.pop(key)
+                env.pop(key, None)
         return env
 
     def start(self) -> int:

@@ -23,7 +23,7 @@ from worker.agent.coordinator_client import MANIFEST, CoordinatorClient
 from worker.agent.domain import Progress, RankSpec
 from worker.pipeline.topology import saved_piece
 from worker.rank import events
-from worker.rank.events import CheckpointSaved, RankFailed, TrainReport, ValReport
+from worker.rank.events import CheckpointSaved, LinkProbe, RankFailed, TrainReport, ValReport
 
 
 class Relay:
@@ -69,6 +69,12 @@ class Relay:
                     self._upload(event.step, event.path, piece)
             case CheckpointSaved() if spec.rank == 0:
                 self._upload(event.step, event.path)
+            case LinkProbe():
+                rate = (f"{event.bits_per_second / 1e9:.2f} Gbit/s over {event.seconds:.2f} s"
+                        if event.bits_per_second is not None else f"failed: {event.error}")
+                self._send(convert.log_report(
+                    spec, self.worker_id, f"link probe: rank {event.rank} ({self.worker_id}) -> "
+                    f"rank {event.peer} at {event.address}: {rate}"))
             case RankFailed():
                 self.error = event.message
                 self._send(convert.log_report(spec, self.worker_id,

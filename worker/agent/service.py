@@ -8,6 +8,7 @@ from pathlib import Path
 
 from herd import PROTOCOL_VERSION, log
 from herd.errors import HerdError, PlacementError
+from herd.netif import Interface
 from herd.rpc.status import abort
 from protos.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from worker.agent import convert
@@ -22,8 +23,10 @@ class Worker:
     """The agent's state: who it is, and the rank it runs (at most one at a time)."""
 
     def __init__(self, worker_id: str, host: str, port: int, ring_port: int, exchange_port: int,
-                 machine: Machine, state_dir: Path, secret: str):
+                 machine: Machine, state_dir: Path, secret: str,
+                 interfaces: list[Interface] = ()):
         self.worker_id, self.host, self.port = worker_id, host, port
+        self.interfaces = list(interfaces)
         self.ring_port, self.exchange_port = ring_port, exchange_port
         self.machine, self.state_dir, self._secret = machine, state_dir, secret
         self._lock = threading.Lock()
@@ -34,7 +37,8 @@ class Worker:
         return convert.worker_info(
             self.worker_id, self.host, self.port, self.ring_port, self.exchange_port,
             self.machine, min(self.machine.memory_bytes, free_memory_bytes() or 2**62),
-            PROTOCOL_VERSION, rank.spec.job_id if rank and rank.running() else "")
+            PROTOCOL_VERSION, rank.spec.job_id if rank and rank.running() else "",
+            self.interfaces)
 
     def start_rank(self, spec: RankSpec) -> int:
         """Starts the rank; the same (job, attempt, rank) again returns the running one's pid."""

@@ -42,6 +42,18 @@ def lost_peer(err: RuntimeError) -> PeerLostError | None:
                          hint="the rank process died or its machine dropped off the network")
 
 
+def _jaccl() -> GradientExchange:
+    """The JACCL group the coordinator planned (herd/jaccl.py env). UNTESTED ON HARDWARE: no Mac
+    with RDMA over Thunderbolt has run it; a peer lost mid all_sum may hang JACCL (mlx #4475
+    reports the like for the ring), which the coordinator's progress watchdog must catch."""
+    if not mx.distributed.is_available("jaccl"):
+        raise ConfigError(
+            "the coordinator chose JACCL (RDMA over Thunderbolt) but this MLX has no JACCL "
+            "backend", hint="JACCL needs macOS 26.2+ with RDMA enabled and mlx >= 0.30 built "
+            "with it; or remove the RDMA devices from this worker's --data")
+    return MLXExchange(mx.distributed.init(strict=True, backend="jaccl"))
+
+
 def open_exchange(cluster: Cluster) -> GradientExchange:
     peers = [p for p in os.environ.get(PEERS_ENV, "").split(",") if p]
     launched = any(k in os.environ for k in MLX_LAUNCH_ENV)
@@ -53,6 +65,8 @@ def open_exchange(cluster: Cluster) -> GradientExchange:
                 "and HERD_RANK",
             )
         return _grpc(cluster)
+    if "MLX_IBV_DEVICES" in os.environ:
+        return _jaccl()
     if launched:
         try:
             group = mx.distributed.init(strict=cluster.exchange == "mlx")

@@ -178,6 +178,8 @@ def main(argv: list[str]) -> int:
                 print(f"{name}: {s.records} records ({s.format}) in {s.path}")
             print("ok")
             return 0
+        if cmd == "train":
+            _probe_link(events)
         if stage is not None:
             from worker.pipeline.main import run_stage
 
@@ -224,6 +226,27 @@ def _pipeline_stage(job: JobConfig, args):
                         stage_layers=",".join(spans) if spans else None,
                         data_parallel=world // stages, resume=args.resume,
                         metrics_file=args.metrics_file)
+
+
+def _probe_link(events: EventLog) -> None:
+    """Under the herd service, before the ring forms: measure the link to the next rank
+    (worker/exchange/probe.py) so `herd watch` shows the rate the data path really has. Not for
+    JACCL (its peers' addresses are the control network's, not the RDMA link), not when
+    HERD_LINK_PROBE=0."""
+    peers = [p for p in os.environ.get("HERD_EXCHANGE_PEERS", "").split(",") if p]
+    if (len(peers) < 2 or "HERD_JOB_ID" not in os.environ or "MLX_IBV_DEVICES" in os.environ
+            or os.environ.get("HERD_LINK_PROBE") == "0"):
+        return
+    from worker.exchange.probe import probe_next
+    from worker.rank.events import LinkProbe
+
+    rank = int(os.environ.get("HERD_RANK") or os.environ.get("MLX_RANK") or 0)
+    nxt = (rank + 1) % len(peers)
+    try:
+        rate = probe_next(rank, peers)
+        events.append(LinkProbe(rank, nxt, peers[nxt], rate.bits_per_second, rate.seconds))
+    except OSError as e:
+        events.append(LinkProbe(rank, nxt, peers[nxt], error=str(e)))
 
 
 def _launcher_world() -> int:

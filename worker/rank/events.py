@@ -93,7 +93,21 @@ class StageDone:
     adapter: str
 
 
-Event = TrainReport | ValReport | CheckpointSaved | Done | RankFailed | StageDone
+@dataclass(frozen=True)
+class LinkProbe:
+    """The measured rate of the link to the next rank, before the ring formed
+    (worker/exchange/probe.py); ``error`` instead when the probe failed."""
+
+    kind: ClassVar[str] = "link"
+    rank: int
+    peer: int
+    address: str
+    bits_per_second: float | None = None
+    seconds: float | None = None
+    error: str | None = None
+
+
+Event = TrainReport | ValReport | CheckpointSaved | Done | RankFailed | StageDone | LinkProbe
 _KINDS: dict[str, type] = {cls.kind: cls for cls in Event.__args__}
 
 

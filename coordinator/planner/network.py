@@ -1,0 +1,177 @@
+"""The data path of a job: where its ranks exchange gradients (and pipeline activations).
+
+Per job, the fastest path every pair of ranks shares, from what each worker reported about its
+interfaces (herd/netif.py):
+
+1. **JACCL** (MLX over RDMA, Thunderbolt 5, macOS 26.2+) when every pair of ranks shares a
+   subnet on which both ends have an RDMA device (mlx.distributed_config gives each cable its own
+   point-to-point subnet, so the subnet tells which device faces which peer);
+2. else the **TCP ring** (MLX's ring, or herd's gRPC ring when the job asks for grpc) on the
+   fastest subnet every worker has a data interface on: Thunderbolt, then Ethernet by link speed,
+   then others; a dedicated data subnet before the control one at equal speed;
+3. else **gRPC over the control network** (the addresses the coordinator reaches the workers on).
+
+Never Wi-Fi for gradients unless the job sets ``cluster.allow_wifi``: a job whose only shared path
+is Wi-Fi waits, with a message naming the link. MLX's ring (and JACCL's side channel) open IPv4
+sockets only (mlx/distributed/utils.cpp: ``socket(AF_INET, ...)``, the address split at its first
+':'), so an IPv6-only path carries the gRPC exchange, and a job that insists on ``mlx`` there is
+refused. Loopback is a path only when every worker serves on loopback (one machine).
+
+Pure: WorkerRecords in, a DataPath or a PlacementError out.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+from coordinator.domain import WorkerRecord
+from herd.errors import PlacementError
+from herd.netif import Interface
+
+# How fast a kind of link is, before its reported speed breaks ties (lower is better).
+_KIND_RANK = {"thunderbolt": 0, "ethernet": 1, "other": 2, "loopback": 3, "wifi": 4}
+WIFI_HINT = ("connect the workers by Ethernet or Thunderbolt (and name that interface with "
+             "`herd worker --data IFACE`), or set cluster.allow_wifi: true to train over Wi-Fi")
+
+
+@dataclass(frozen=True)
+class DataPath:
+    kind: str                    # "jaccl" | "ring" | "grpc"
+    addresses: list[str]         # per rank: the address its peers dial
+    network: str                 # "198.19.0.0/24", or "control network"
+    link: str = ""               # "eth1 (ethernet 10 Gbit/s)"
+    rdma: list[list[str | None]] = field(default_factory=list)  # JACCL: rank -> peer -> device
+    note: str = ""
+
+    def describe(self) -> str:
+        what = {"jaccl": "MLX JACCL over RDMA", "ring": "MLX ring", "grpc": "gRPC exchange"}
+        where = f"on {self.network}" + (f" via {self.link}" if self.link else "")
+        return f"data path: {what[self.kind]} {where}" + (f" ({self.note})" if self.note else "")
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _control_iface(w: WorkerRecord) -> Interface | None:
+    for i in w.interfaces:
+        if any(a.split("/")[0] == w.host for a in i.addresses):
+            return i
+    return None
+
+
+@dataclass(frozen=True)
+class _Shared:
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network
+    ends: list[tuple[str, Interface]]      # per rank: (address, interface)
+
+    @property
+    def worst(self) -> Interface:
+        return max((i for _, i in self.ends), key=lambda i: (_KIND_RANK.get(i.kind, 2),
+                                                             -i.speed_mbps))
+
+    def describe_link(self) -> str:
+        names = sorted({i.describe() for _, i in self.ends})
+        return names[0] if len(names) == 1 else " / ".join(names)
+
+
+def _shared_subnets(workers: list[WorkerRecord], local: bool) -> list[_Shared]:
+    """Subnets on which every worker has a data interface (loopback only for a local cluster)."""
+    per_worker = []
+    for w in workers:
+        nets: dict = {}
+        for i in w.interfaces:
+            if not i.data or (i.kind == "loopback") != local:
+                continue
+            for a in i.addresses:
+                iface = ipaddress.ip_interface(a)
+                nets.setdefault(iface.network, (str(iface.ip), i))
+        per_worker.append(nets)
+    common = set(per_worker[0]).intersection(*per_worker[1:])
+    return [_Shared(n, [nets[n] for nets in per_worker]) for n in common]
+
+
+def _order(s: _Shared, control: set[str]) -> tuple:
+    worst = s.worst
+    on_control = any(addr in control for addr, _ in s.ends)
+    return (_KIND_RANK.get(worst.kind, 2), -worst.speed_mbps, on_control, s.network.version,
+            str(s.network))
+
+
+def _jaccl(workers: list[WorkerRecord]) -> list[list[str | None]] | None:
+    """Per rank, the RDMA device facing every other rank (None towards itself), when every pair
+    shares a subnet with an RDMA device at both ends; else None."""
+    n = len(workers)
+    devices: list[list[str | None]] = [[None] * n for _ in range(n)]
+    for a in range(n):
+        for b in range(n):
+            if a == b:
+                continue
+            nets_b = {net: i for i in workers[b].interfaces if i.rdma_device
+                      for net in i.networks()}
+            hit = [i for i in workers[a].interfaces if i.rdma_device
+                   and any(net in nets_b for net in i.networks())]
+            if not hit:
+                return None
+            devices[a][b] = hit[0].rdma_device
+    return devices
+
+
+def choose_path(workers: list[WorkerRecord], exchange: str = "auto", allow_wifi: bool = False,
+                pipeline: bool = False) -> DataPath:
+    """The data path for ``workers`` in rank order (see the module docstring)."""
+    hosts = [w.host for w in workers]
+    if len(workers) < 2 or not all(w.interfaces for w in workers):
+        # One rank, or workers that reported no interfaces: their control addresses, as before.
+        return DataPath("grpc" if exchange == "grpc" else "ring", hosts, "control network")
+    mlx_only = exchange == "mlx" or pipeline
+    if exchange != "grpc" and not pipeline and (rdma := _jaccl(workers)):
+        return DataPath("jaccl", hosts, "Thunderbolt RDMA", rdma=rdma,
+                        note="untested on hardware by herd's CI")
+    local = all(_is_loopback(h) for h in hosts)
+    shared = sorted(_shared_subnets(workers, local), key=lambda s: _order(s, set(hosts)))
+    wifi = [s for s in shared if s.worst.kind == "wifi"]
+    usable = [s for s in shared if allow_wifi or s.worst.kind != "wifi"]
+    for s in usable:
+        if s.network.version == 6 and exchange != "grpc":
+            if mlx_only:
+                continue  # MLX's ring is IPv4-only; an IPv4 subnet further down may do
+            kind = "grpc"
+        else:
+            kind = "grpc" if exchange == "grpc" else "ring"
+        note = "over Wi-Fi, as cluster.allow_wifi allows" if s.worst.kind == "wifi" else ""
+        if s.network.version == 6 and kind == "grpc" and exchange == "auto":
+            note = "IPv6: MLX's ring is IPv4-only"
+        return DataPath(kind, [a for a, _ in s.ends], str(s.network), s.describe_link(),
+                        note=note)
+    names = ", ".join(w.worker_id for w in workers)
+    if wifi and not allow_wifi:
+        s = wifi[0]
+        raise PlacementError(
+            f"the only network {names} share for gradients is Wi-Fi: {s.describe_link()} on "
+            f"{s.network}; herd does not train over Wi-Fi unless the job allows it",
+            hint=WIFI_HINT)
+    if v6 := [s for s in usable if s.network.version == 6]:
+        raise PlacementError(
+            f"{names} share only IPv6 networks ({v6[0].network}), and MLX's ring opens IPv4 "
+            f"sockets only; cluster.exchange is {exchange}"
+            + (" and pipeline stages need the MLX ring" if pipeline else ""),
+            hint="use cluster.exchange: grpc (or auto), or give the workers IPv4 addresses")
+    # No shared subnet: the control network, if it is not Wi-Fi (or Wi-Fi is allowed).
+    for w in workers:
+        c = _control_iface(w)
+        if c is not None and c.kind == "wifi" and not allow_wifi:
+            raise PlacementError(
+                f"{names} share no data network, and {w.worker_id}'s control address {w.host} is "
+                f"on Wi-Fi ({c.describe()})", hint=WIFI_HINT)
+    kind = "ring" if mlx_only else "grpc"
+    if kind == "ring" and any(":" in h for h in hosts):
+        raise PlacementError(
+            f"{names} share no data network, their control addresses are IPv6, and "
+            f"cluster.exchange is {exchange} (MLX's ring is IPv4-only)",
+            hint="use cluster.exchange: grpc (or auto), or give the workers a shared IPv4 subnet")
+    return DataPath(kind, hosts, "control network", note="no data subnet shared by every worker")
