@@ -170,8 +170,13 @@ def select_data(interfaces: list[Interface], specs: list[str]) -> list[Interface
             have = ", ".join(f"{i.name} {' '.join(i.addresses)}" for i in interfaces)
             raise ValueError(f"--data {spec}: no interface or address {name!r} here (have: {have})")
         chosen[hit[0].name] = kind
-    return [replace(i, data=i.name in chosen, kind=chosen.get(i.name) or i.kind)
-            for i in interfaces]
+    out = []
+    for i in interfaces:
+        kind = chosen.get(i.name) or i.kind
+        # A stated kind overrides what the OS said, its link speed included.
+        out.append(replace(i, data=i.name in chosen, kind=kind,
+                           speed_mbps=i.speed_mbps if kind == i.kind else 0))
+    return out
 
 
 def _route_address(fam: int) -> str | None:

@@ -61,16 +61,17 @@ class HerdNet:
         return host.run_python("-m", "herd", *args, env=self.env(host), check=check,
                                timeout=timeout)
 
-    def wait_workers(self, host: Host, n: int, timeout_s: float = 120,
-                     args: tuple[str, ...] = ()) -> list[list[str]]:
+    def wait_workers(self, host: Host, n: int, timeout_s: float = 120, args: tuple[str, ...] = (),
+                     ok_codes: tuple[int, ...] = ()) -> list[list[str]]:
         """Rows of ``herd workers`` once it lists ``n`` workers (generous deadline: the machine
-        may be loaded)."""
+        may be loaded). ``herd workers`` exits 4 when it lists none: pass ``ok_codes=(4,)`` to
+        wait for a coordinator that answers with no worker yet."""
         deadline = time.monotonic() + timeout_s
         last = None
         while time.monotonic() < deadline:
             last = self.herd(host, "workers", *args, check=False, timeout=60)
             rows = [ln.split() for ln in last.stdout.strip().splitlines()[1:]]
-            if last.returncode == 0 and len(rows) == n:
+            if last.returncode in (0, *ok_codes) and len(rows) == n:
                 return rows
             time.sleep(0.5)
         raise AssertionError(f"`herd workers` on {host.name} never listed {n} workers; last:\n"

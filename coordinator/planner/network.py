@@ -8,7 +8,8 @@ interfaces (herd/netif.py):
    point-to-point subnet, so the subnet tells which device faces which peer);
 2. else the **TCP ring** (MLX's ring, or herd's gRPC ring when the job asks for grpc) on the
    fastest subnet every worker has a data interface on: Thunderbolt, then Ethernet by link speed,
-   then others; a dedicated data subnet before the control one at equal speed;
+   then others; IPv4 before IPv6 (MLX's ring needs it), and a dedicated data subnet before the
+   control one at equal speed;
 3. else **gRPC over the control network** (the addresses the coordinator reaches the workers on).
 
 Never Wi-Fi for gradients unless the job sets ``cluster.allow_wifi``: a job whose only shared path
@@ -98,7 +99,7 @@ def _shared_subnets(workers: list[WorkerRecord], local: bool) -> list[_Shared]:
 def _order(s: _Shared, control: set[str]) -> tuple:
     worst = s.worst
     on_control = any(addr in control for addr, _ in s.ends)
-    return (_KIND_RANK.get(worst.kind, 2), -worst.speed_mbps, on_control, s.network.version,
+    return (_KIND_RANK.get(worst.kind, 2), -worst.speed_mbps, s.network.version, on_control,
             str(s.network))
 
 

@@ -1,0 +1,235 @@
+"""The data plane's pure parts: the planner's choice of path (coordinator/planner/network.py),
+the JACCL hostfile and environment checked against the installed mlx's own parser and launcher
+(herd/jaccl.py), and the interface helpers (herd/netif.py). Real namespaces: test_network_e2e.py."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from coordinator.domain import WorkerRecord
+from coordinator.planner.network import choose_path
+from herd import jaccl, netif
+from herd.errors import ConfigError, PlacementError
+from herd.netif import Interface
+
+
+def worker(wid: str, host: str, *ifaces: Interface) -> WorkerRecord:
+    return WorkerRecord(wid, host, 7451, 7460, 7461, 64 << 30, interfaces=list(ifaces))
+
+
+def eth(name: str, *addrs: str, speed: int = 10000, kind: str = "ethernet", rdma: str = "",
+        data: bool = True) -> Interface:
+    return Interface(name, kind, addrs, speed, rdma, data)
+
+
+LO = eth("lo", "127.0.0.1/8", "::1/128", speed=0, kind="loopback")
+
+
+def lan_and_fast(n: int = 2, fast_kind: str = "ethernet", fast_speed: int = 10000):
+    return [worker(f"w{i}", f"198.18.0.{10 + i}", LO,
+                   eth("en0", f"198.18.0.{10 + i}/24", speed=1000),
+                   eth("en5", f"198.19.0.{10 + i}/24", kind=fast_kind, speed=fast_speed))
+            for i in range(1, n + 1)]
+
+
+def test_the_ring_runs_on_the_fastest_subnet_every_worker_shares():
+    path = choose_path(lan_and_fast(3))
+    assert (path.kind, path.network) == ("ring", "198.19.0.0/24")
+    assert path.addresses == ["198.19.0.11", "198.19.0.12", "198.19.0.13"]
+    assert "en5 (ethernet 10 Gbit/s)" in path.describe()
+    # Thunderbolt beats Ethernet of the same reported speed; a subnet one worker lacks is no path.
+    tb = lan_and_fast(2, fast_kind="thunderbolt", fast_speed=0)
+    assert choose_path(tb).network == "198.19.0.0/24"
+    partial = lan_and_fast(2)
+    partial[1].interfaces.pop()  # w2 has no en5
+    assert choose_path(partial).network == "198.18.0.0/24"
+    # At equal speed, a dedicated data subnet before the control one.
+    same = [worker(f"w{i}", f"198.18.0.{i}", eth("en0", f"198.18.0.{i}/24"),
+                   eth("en5", f"198.19.0.{i}/24")) for i in (1, 2)]
+    assert choose_path(same).network == "198.19.0.0/24"
+    # The grpc exchange rides the same subnet.
+    assert choose_path(lan_and_fast(2), exchange="grpc").kind == "grpc"
+    assert choose_path(lan_and_fast(2), exchange="grpc").network == "198.19.0.0/24"
+
+
+def test_data_interfaces_named_by_the_worker_are_the_only_candidates():
+    ws = lan_and_fast(2)
+    ws[0].interfaces[2] = eth("en5", "198.19.0.11/24", data=False)
+    assert choose_path(ws).network == "198.18.0.0/24"
+
+
+def test_wifi_carries_gradients_only_when_the_job_allows_it():
+    ws = [worker(f"w{i}", f"198.18.0.{i}", LO, eth("en1", f"198.18.0.{i}/24", kind="wifi",
+                                                      speed=0)) for i in (1, 2)]
+    with pytest.raises(PlacementError) as e:
+        choose_path(ws)
+    assert "only network w1, w2 share for gradients is Wi-Fi: en1 (wifi) on 198.18.0.0/24" \
+        in e.value.message and "cluster.allow_wifi" in e.value.hint
+    allowed = choose_path(ws, allow_wifi=True)
+    assert (allowed.kind, allowed.network) == ("ring", "198.18.0.0/24")
+    assert "Wi-Fi" in allowed.describe()
+    # Wi-Fi beside Ethernet: the Ethernet, whatever Wi-Fi's speed.
+    ws[0].interfaces.append(eth("en0", "198.19.0.1/24", speed=100))
+    ws[1].interfaces.append(eth("en0", "198.19.0.2/24", speed=100))
+    assert choose_path(ws).network == "198.19.0.0/24"
+
+
+def test_no_shared_subnet_falls_back_to_the_control_network():
+    ws = [worker("w1", "198.18.1.1", eth("en0", "198.18.1.1/24")),
+          worker("w2", "198.18.2.1", eth("en0", "198.18.2.1/24"))]
+    path = choose_path(ws)
+    assert (path.kind, path.addresses, path.network) == ("grpc", ["198.18.1.1", "198.18.2.1"],
+                                                         "control network")
+    assert choose_path(ws, exchange="mlx").kind == "ring"  # asked for: the ring, routed
+    assert choose_path(ws, pipeline=True).kind == "ring"   # activations need the MLX ring
+
+
+def test_ipv6_only_paths_carry_the_grpc_exchange():
+    ws = [worker(f"w{i}", f"fd18::{i}", eth("eth0", f"fd18::{i}/64")) for i in (1, 2)]
+    path = choose_path(ws)
+    assert (path.kind, path.addresses, path.network) == ("grpc", ["fd18::1", "fd18::2"],
+                                                         "fd18::/64")
+    with pytest.raises(PlacementError, match="MLX's ring opens IPv4 sockets only"):
+        choose_path(ws, exchange="mlx")
+    # Dual stack: the ring takes the IPv4 subnet.
+    for i, w in enumerate(ws, 1):
+        w.interfaces.append(eth("eth1", f"198.19.0.{i}/24", speed=1000))
+    assert choose_path(ws, exchange="mlx").network == "198.19.0.0/24"
+
+
+def test_loopback_is_a_path_only_for_one_machine():
+    local = [worker(f"w{i}", "127.0.0.1", LO, eth("eth0", "192.0.2.2/24")) for i in (1, 2)]
+    assert choose_path(local).network == "127.0.0.0/8"
+    remote = lan_and_fast(2)
+    assert all(not a.startswith("127.") for a in choose_path(remote).addresses)
+
+
+def test_workers_without_interfaces_keep_their_control_addresses():
+    ws = [worker("w1", "10.1.0.1"), worker("w2", "10.1.0.2")]
+    path = choose_path(ws)
+    assert (path.kind, path.addresses) == ("ring", ["10.1.0.1", "10.1.0.2"])
+
+
+# --- JACCL --------------------------------------------------------------------------------------
+
+def four_macs() -> list[WorkerRecord]:
+    """4 Macs fully meshed by Thunderbolt 5, one point-to-point subnet per cable (as
+    mlx.distributed_config sets them up), RDMA device rdma_<iface> on each end."""
+    cables = {(0, 1): ("en2", "en2"), (0, 2): ("en3", "en2"), (0, 3): ("en4", "en2"),
+              (1, 2): ("en3", "en3"), (1, 3): ("en4", "en3"), (2, 3): ("en4", "en4")}
+    ifaces: list[list[Interface]] = [[eth("en0", f"198.18.0.{i + 1}/24", speed=10000)]
+                                     for i in range(4)]
+    for n, ((a, b), (ia, ib)) in enumerate(sorted(cables.items())):
+        ifaces[a].append(eth(ia, f"198.19.{n}.1/30", kind="thunderbolt", rdma=f"rdma_{ia}"))
+        ifaces[b].append(eth(ib, f"198.19.{n}.2/30", kind="thunderbolt", rdma=f"rdma_{ib}"))
+    return [worker(f"mac{i + 1}", f"198.18.0.{i + 1}", *ifaces[i]) for i in range(4)]
+
+
+WANT_RDMA = [[None, "rdma_en2", "rdma_en3", "rdma_en4"],
+             ["rdma_en2", None, "rdma_en3", "rdma_en4"],
+             ["rdma_en2", "rdma_en3", None, "rdma_en4"],
+             ["rdma_en2", "rdma_en3", "rdma_en4", None]]
+
+
+def test_jaccl_when_every_pair_has_rdma_else_the_ring():
+    macs = four_macs()
+    path = choose_path(macs)
+    assert path.kind == "jaccl" and path.rdma == WANT_RDMA
+    assert path.addresses == [w.host for w in macs]
+    assert "untested on hardware" in path.describe()
+    # One cable missing: no JACCL (each cable is its own /30: no shared subnet either), so the
+    # ring on the 10GbE LAN they all share.
+    macs[3].interfaces = [i for i in macs[3].interfaces if i.name != "en2"]
+    path = choose_path(macs)
+    assert (path.kind, path.network) == ("ring", "198.18.0.0/24")
+    assert choose_path(four_macs(), exchange="grpc").kind == "grpc"
+
+
+def test_jaccl_hostfile_and_env_match_what_mlx_launch_produces(tmp_path, monkeypatch):
+    """The hostfile herd writes parses with mlx's own Hostfile, and mlx's own launch_jaccl,
+    given it, produces exactly the environment herd gives each rank."""
+    from mlx._distributed_utils import common, launch
+
+    macs = four_macs()
+    path = choose_path(macs)
+    names, ips = [w.worker_id for w in macs], [w.host for w in macs]
+    hf = tmp_path / "hostfile.json"
+    hf.write_text(json.dumps(jaccl.hostfile(names, ips, path.rdma)))
+    parsed = common.Hostfile.from_file(hf)
+    assert parsed.backend == "jaccl"
+    assert [(h.ssh_hostname, h.ips, h.rdma) for h in parsed.hosts] == list(
+        zip(names, [[ip] for ip in ips], WANT_RDMA))
+
+    captured = []
+    monkeypatch.setattr(launch, "_launch_with_io", lambda cls, arguments, verbose:
+                        captured.extend(a for a, _ in arguments))
+    args = argparse.Namespace(backend="jaccl", env=[], cwd=None, verbose=False, python=None,
+                              starting_port=32323)
+
+    class Parser:
+        def error(self, msg):
+            raise AssertionError(f"mlx's launcher refused herd's hostfile: {msg}")
+
+    launch.launch_jaccl(Parser(), parsed.hosts, args, ["train.py"])
+    assert len(captured) == 4
+    for rank, (r, host, _python, _cwd, files, env, _cmd) in enumerate(captured):
+        herd_env = jaccl.env(rank, "<file>", f"{ips[0]}:32323")
+        assert (r, host) == (rank, names[rank])
+        assert env == [f"MLX_JACCL_COORDINATOR={herd_env['MLX_JACCL_COORDINATOR']}"]
+        assert files == {"MLX_IBV_DEVICES": jaccl.devices_json(path.rdma)}
+    # The scheduler hands ranks the same device file content and a coordinator on rank 0.
+    from coordinator.domain import Job
+    from coordinator.placement import Placement
+    from coordinator.scheduler import launches
+    from herd.config import JobConfig
+
+    job = Job("j", "j", JobConfig(), [], 4, 10)
+    plan = launches(job, Placement(names, 1, path=path), {w.worker_id: w for w in macs})
+    assert {lr.ibv_devices_json for lr in plan} == {files["MLX_IBV_DEVICES"]}
+    assert {lr.jaccl_coordinator for lr in plan} == {"198.18.0.1:7460"}
+    assert all(lr.ring_hosts == [] and lr.data_path == "jaccl" for lr in plan)
+
+
+def test_jaccl_refuses_a_matrix_mlx_would_refuse():
+    with pytest.raises(ConfigError, match="towards itself must be null"):
+        jaccl.devices_json([["rdma_en2", "rdma_en3"], ["rdma_en2", None]])
+    with pytest.raises(ConfigError, match="no RDMA device towards rank 1"):
+        jaccl.devices_json([[None, None], ["rdma_en2", None]])
+
+
+# --- interfaces and addresses ------------------------------------------------------------------
+
+def test_hostport_brackets_ipv6_only():
+    assert netif.hostport("fd18::1", 7450) == "[fd18::1]:7450"
+    assert netif.hostport("[fd18::1]", 7450) == "[fd18::1]:7450"
+    assert netif.hostport("198.18.0.1", 7450) == "198.18.0.1:7450"
+    assert netif.split_hostport("[fd18::1]:7450") == ("fd18::1", 7450)
+
+
+def test_data_spec_marks_interfaces_and_names_what_exists():
+    found = [LO, eth("eth0", "198.18.0.1/24"), eth("eth1", "198.19.0.1/24")]
+    chosen = netif.select_data(found, ["eth1=wifi"])
+    assert [(i.name, i.kind, i.data) for i in chosen] == [
+        ("lo", "loopback", False), ("eth0", "ethernet", False), ("eth1", "wifi", True)]
+    by_address = netif.select_data(found, ["198.18.0.1"])
+    assert [i.name for i in by_address if i.data] == ["eth0"]
+    with pytest.raises(ValueError, match="no interface or address 'en9' here .*eth1 198.19"):
+        netif.select_data(found, ["en9"])
+    with pytest.raises(ValueError, match="kind 'fast' is not one of"):
+        netif.select_data(found, ["eth1=fast"])
+
+
+def test_control_address_prefers_wired_and_warns_on_loopback_and_wifi():
+    wired = netif.choose_control([LO, eth("en1", "198.18.0.5/24", kind="wifi"),
+                                  eth("bridge0", "198.19.0.1/30", kind="thunderbolt"),
+                                  eth("en0", "198.18.1.5/24")])
+    assert (wired.address, wired.warning) == ("198.18.1.5", "")
+    wifi = netif.choose_control([LO, eth("en1", "198.18.0.5/24", kind="wifi")])
+    assert wifi.address == "198.18.0.5" and "Wi-Fi" in wifi.warning
+    alone = netif.choose_control([LO])
+    assert alone.address == "127.0.0.1" and "loopback" in alone.warning
+    v6 = netif.choose_control([LO, eth("eth0", "fd18::5/64")])
+    assert (v6.address, v6.warning) == ("fd18::5", "")
