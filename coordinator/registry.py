@@ -105,6 +105,7 @@ class Registry:
             named = [wid for wid, src in self._source.items() if src == name]
             if not named:
                 self._candidates.pop(name, None)
+                self.refused.pop(name, None)  # gone: no longer worth listing as refused
         for wid in named:
             try:
                 self.client(wid).health()

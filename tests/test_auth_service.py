@@ -106,3 +106,26 @@ def test_an_advert_without_the_secret_never_gets_work(cluster):
     # `herd workers` can say why the rogue advert is not listed (other clusters' adverts on this
     # machine's loopback may be listed too: they do not know this secret either).
     assert [r.kind for r in reply.refused if "rogue" in r.source] == ["auth"]
+
+
+def test_a_worker_of_another_protocol_version_is_refused_with_the_reason(tmp_path, monkeypatch):
+    """A static target (no zeroconf) that answers Describe with another protocol version is not
+    admitted, and the refusal says so (what `herd workers` prints)."""
+    from coordinator.registry import Registry
+    from worker.agent import service
+
+    secret = new_secret()
+    monkeypatch.setattr(service, "PROTOCOL_VERSION", 99)
+    zc = discovery.make_zeroconf([HOST])
+    server, advert, target = start_worker(tmp_path, secret, "future-worker", zc)
+    registry = Registry(secret, static_targets=[target])
+    try:
+        registry.start()
+        assert registry.workers() == []
+        refusal = registry.refusals()[target]
+        assert refusal.kind == "version" and "speaks herd protocol 99" in refusal.reason
+    finally:
+        registry.close()
+        advert.close()
+        server.stop(0)
+        zc.close()
