@@ -11,6 +11,13 @@ if [[ "$(uname)" == "Linux" ]] && command -v apt-get >/dev/null; then
     ($SUDO apt-get update -qq && $SUDO apt-get install -y -qq libopenblas0-pthread) \
       || echo "herd setup: could not install OpenBLAS; training will run on the slow reference BLAS"
   fi
+  # The multi-host tests (tests/netns.py, run as root) build network namespaces with iproute2
+  # and drop frames between two of them with nftables.
+  if [[ $(id -u) -eq 0 ]] && ! command -v nft >/dev/null; then
+    echo "herd setup: installing nftables and iproute2 (for the network-namespace tests)"
+    (apt-get update -qq && apt-get install -y -qq nftables iproute2) \
+      || echo "herd setup: could not install nftables; tests that drop frames will skip"
+  fi
 fi
 if ! command -v uv >/dev/null; then
   python3 -m pip install --quiet 'uv>=0.5'
