@@ -54,7 +54,13 @@ def test_a_two_worker_job_runs_across_namespaces(lan, tmp_path, tiny_model, tiny
     assert f"{job_id}: state succeeded" in watch.stdout, (
         watch.stdout[-3000:] + watch.stderr[-2000:] + herd.log(c, "coordinator")[-3000:])
     assert any(ln.endswith("[mlx x2]") for ln in watch.stdout.splitlines())
-    print("\n".join(ln for ln in watch.stdout.splitlines() if "data path" in ln or "probe" in ln))
+    # herd watch shows the data path the coordinator chose and the rate each rank measured.
+    lines = watch.stdout.splitlines()
+    assert f"{job_id}: data path: MLX ring on 198.18.0.0/24 via eth0 (ethernet 10 Gbit/s)" in lines
+    probes = [ln for ln in lines if "link probe:" in ln]
+    print("\n".join(probes))
+    assert any(f"rank 0 (w1) -> rank 1 at {w2.address()}:" in ln and "Gbit/s over" in ln
+               for ln in probes), probes
     # The ring ran between the two hosts' own addresses, over the bridge.
     hostfiles = list((tmp_path / "w1" / "worker").rglob("hostfile*.json"))
     assert hostfiles, "no MLX hostfile under w1's state dir"
