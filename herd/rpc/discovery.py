@@ -147,3 +147,11 @@ class Browser:
         self._browser.cancel()
 
 
+
+
+def local_ip() -> str:
+    """The address herd serves on when --host is not given (herd/netif.py ``choose_control``:
+    Ethernet before Wi-Fi, loopback only as a last resort, with a warning its callers print)."""
+    from herd.netif import choose_control
+
+    return choose_control().address
