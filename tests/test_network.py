@@ -65,7 +65,7 @@ def test_wifi_carries_gradients_only_when_the_job_allows_it():
     ws = [worker(f"w{i}", f"198.18.0.{i}", LO, eth("en1", f"198.18.0.{i}/24", kind="wifi",
                                                       speed=0)) for i in (1, 2)]
     with pytest.raises(PlacementError) as e:
-        choose_path(ws)
+        choose_path(ws[::-1])  # the workers named in a stable order, whatever the rank order
     assert "only network w1, w2 share for gradients is Wi-Fi: en1 (wifi) on 198.18.0.0/24" \
         in e.value.message and "cluster.allow_wifi" in e.value.hint
     allowed = choose_path(ws, allow_wifi=True)

@@ -149,7 +149,9 @@ def choose_path(workers: list[WorkerRecord], exchange: str = "auto", allow_wifi:
             note = "IPv6: MLX's ring is IPv4-only"
         return DataPath(kind, [a for a, _ in s.ends], str(s.network), s.describe_link(),
                         note=note)
-    names = ", ".join(w.worker_id for w in workers)
+    # Sorted: placement orders workers by free memory, which moves; a stable message is one
+    # event in `herd watch`, not one per control-loop tick.
+    names = ", ".join(sorted(w.worker_id for w in workers))
     if wifi and not allow_wifi:
         s = wifi[0]
         raise PlacementError(
