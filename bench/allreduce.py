@@ -28,6 +28,7 @@ import datetime
 import json
 import os
 import resource
+import shutil
 import socket
 import statistics
 import subprocess
@@ -43,6 +44,7 @@ from herd.rpc.ports import free_ports  # noqa: E402 (after the path)
 from worker.exchange.grpc import DEFAULT_CHUNK_BYTES  # noqa: E402
 
 TRANSPORTS = ("grpc", "mlx", "tcp", "streams")
+WORKERS = (*TRANSPORTS, "grpc-plain")  # grpc-plain: only for bench/mtls.py
 MB = 1024 * 1024
 
 
@@ -210,10 +212,14 @@ def worker(args) -> None:
 
     rank = int(os.environ["HERD_RANK"])
     ports = [int(p) for p in os.environ["BENCH_PORTS"].split(",")]
-    if args.worker == "grpc":
+    if args.worker in ("grpc", "grpc-plain"):
         from worker.exchange.grpc import GrpcExchange
 
-        ring = GrpcExchange.from_env(timeout_s=300)
+        if args.worker == "grpc":  # as a rank runs it: mutual TLS with its attempt's credential
+            ring = GrpcExchange.from_env(timeout_s=300)
+        else:  # the same exchange in plaintext: bench/mtls.py's baseline, never herd's own path
+            peers = os.environ["HERD_EXCHANGE_PEERS"].split(",")
+            ring = GrpcExchange(rank, peers, None, timeout_s=300)
         if args.chunk_bytes:
             ring._chunk_elements = args.chunk_bytes // 4
     elif args.worker == "mlx":
@@ -254,13 +260,24 @@ def cpu_seconds() -> float:
 
 # ---- the driver --------------------------------------------------------------------------------
 
+def rank_credential(folder: Path) -> str:
+    """A folder holding one job attempt's rank credential, from a CA made for the benchmark (what
+    the worker agent writes for a rank; HERD_RANK_TLS names it)."""
+    from herd.rpc import pki
+
+    if not (folder / "rank.pem").exists():
+        ca = pki.Authority.create(folder / "ca")
+        ca.issue("rank", pki.rank_scope("bench", 1)).save(folder, "rank")
+    return str(folder)
+
+
 def run_group(transport: str, n: int, args, hostfile: Path) -> dict[str, list[float]]:
     ports = free_ports(n)
     mlx_ports = free_ports(n)
     hostfile.write_text(json.dumps([f"127.0.0.1:{p}" for p in mlx_ports]))
     base = {**os.environ, "BENCH_PORTS": ",".join(map(str, ports)),
             "HERD_EXCHANGE_PEERS": ",".join(f"127.0.0.1:{p}" for p in ports),
-            "HERD_SECRET": os.environ.get("HERD_SECRET", "bench-secret-0123456789abcdef"),
+            "HERD_RANK_TLS": rank_credential(hostfile.parent / f"{hostfile.stem}-tls"),
             "MLX_HOSTFILE": str(hostfile), "MLX_WORLD_SIZE": str(n), "HERD_LOG_LEVEL": "warning"}
     cmd = [sys.executable, __file__, "--worker", transport, "--reps", str(args.reps),
            "--warmup", str(args.warmup),
@@ -336,7 +353,7 @@ def main() -> int:
     parser.add_argument("--chunk-bytes", type=int, default=0, help="0: the exchange's default")
     parser.add_argument("--group-timeout", type=float, default=600)
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--worker", choices=TRANSPORTS, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args)
@@ -359,6 +376,7 @@ def main() -> int:
         for cell in pooled.values():
             cell["cpu"] = statistics.median(cell.pop("cpus"))
     hostfile.unlink(missing_ok=True)
+    shutil.rmtree(hostfile.parent / f"{hostfile.stem}-tls", ignore_errors=True)
     if set(args.transports.split(",")) != set(TRANSPORTS):
         # A partial run is for tuning, not for the results table: medians only.
         for (t, n), pooled in sorted(table.items()):

@@ -7,6 +7,8 @@ runs made in this one invocation, on this machine.
 - herd vs mlx_lm.lora: same ~100M llama-shaped model, data, config and seed, one process each,
   both compiled (the production path). mlx_lm.lora's own train() is called through its own
   train_model() with a callback to read its tokens/sec; herd runs as the CLI (`herd train`).
+- herd's data parallelism vs mlx_lm.lora's own (2 ranks each, the same launcher and pinning,
+  the same global batch).
 - 2 ranks vs 1 rank, each rank pinned to its own core (taskset, OPENBLAS_NUM_THREADS=1), ranks
   started directly with MLX_RANK + MLX_HOSTFILE (shared/FACTS.md: mlx.launch's relaying costs).
 - OpenBLAS preloaded vs not, on a smaller model (the reference BLAS is ~25x slower).
@@ -62,13 +64,16 @@ def job(path: Path, model: Path, data: Path, iters: int, adapter: Path, **kw) ->
     return path
 
 
-def steady_tok_s(events: list[dict]) -> float:
-    train = [e for e in events if e.get("event") == "train"][1:]  # skip the compile window
+def steady_tok_s(events: list[dict], skip: int = 1) -> float:
+    train = [e for e in events if e.get("event") == "train"][skip:]  # skip the compile window
     seconds = sum(e["step_seconds"] for e in train)
     return sum(e["tokens_per_second"] * e["step_seconds"] for e in train) / seconds
 
 
-def run_herd(cfg: Path, ranks: int = 1, pin: bool = False, env_extra: dict | None = None) -> dict:
+def run_herd(cfg: Path, ranks: int = 1, pin: bool = False, env_extra: dict | None = None,
+             python: list[str] | None = None, skip_windows: int = 1) -> dict:
+    """``herd train`` on ``ranks`` directly started ranks; ``python``: the command that runs
+    herd's CLI (default ``python -m herd``)."""
     metrics = cfg.with_suffix(".jsonl")
     metrics.unlink(missing_ok=True)
     base_env = {**os.environ, **(env_extra or {})}
@@ -81,26 +86,48 @@ def run_herd(cfg: Path, ranks: int = 1, pin: bool = False, env_extra: dict | Non
         env = dict(base_env)
         if ranks > 1:
             env.update(MLX_RANK=str(r), MLX_WORLD_SIZE=str(ranks), MLX_HOSTFILE=str(hostfile),
-                       HERD_RANK=str(r), HERD_SECRET="bench-secret-" + "0" * 32,
+                       HERD_RANK=str(r),
                        HERD_EXCHANGE_PEERS=",".join(f"127.0.0.1:{p + 1000}" for p in ports))
-        if pin:
-            env["OPENBLAS_NUM_THREADS"] = "1"
-        cmd = [sys.executable, "-m", "herd", "train", str(cfg), "--quiet",
+            env.setdefault("HERD_RANK_TLS", rank_tls(cfg.parent))
+        cmd = [*(python or [sys.executable, "-m", "herd"]), "train", str(cfg), "--quiet",
                "--metrics-file", str(metrics)]
-        if pin:
-            cmd = ["taskset", "-c", str(r % os.cpu_count()), *cmd]
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.PIPE, text=True))
-    for p in procs:
-        _, err = p.communicate()
-        if p.returncode:
-            raise SystemExit(f"herd train failed:\n{err[-3000:]}")
+        procs.append(start_rank(cmd, env, r, pin))
+    wait_ranks(procs, "herd train")
     wall = time.perf_counter() - t0
     events = [json.loads(line) for line in metrics.read_text().splitlines()]
     events = [e for e in events if e.get("rank", 0) == 0]
-    train = [e for e in events if e.get("event") == "train"][1:]
+    train = [e for e in events if e.get("event") == "train"][skip_windows:]
     share = sum(e["exchange_seconds"] for e in train) / sum(e["step_seconds"] for e in train)
-    return {"tok_s": steady_tok_s(events), "wall_s": wall, "exchange_share": share}
+    splits = sorted({tuple(e["shares"]) for e in train if e.get("shares")})
+    return {"tok_s": steady_tok_s(events, skip_windows), "wall_s": wall, "exchange_share": share,
+            "shares": splits}
+
+
+def start_rank(cmd: list[str], env: dict, rank: int, pin: bool) -> subprocess.Popen:
+    """One rank's process; ``pin``: on its own core (taskset) with one BLAS thread."""
+    if pin:
+        env = {**env, "OPENBLAS_NUM_THREADS": "1"}
+        cmd = ["taskset", "-c", str(rank % os.cpu_count()), *cmd]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def wait_ranks(procs: list[subprocess.Popen], what: str) -> None:
+    for p in procs:
+        _, err = p.communicate()
+        if p.returncode:
+            raise SystemExit(f"{what} failed:\n{err[-3000:]}")
+
+
+def rank_tls(folder: Path) -> str:
+    """One job attempt's rank credential (what a worker agent hands its rank), made once."""
+    from herd.rpc import pki
+
+    tls = folder / "rank-tls"
+    if not (tls / "rank.pem").exists():
+        pki.Authority.create(tls / "ca").issue("rank", pki.rank_scope("bench", 1)).save(
+            tls, "rank")
+    return str(tls)
 
 
 MLX_LM_RUNNER = r"""
@@ -124,15 +151,28 @@ json.dump(events, open(sys.argv[2], "w"))
 """
 
 
-def run_mlx_lm(cfg: Path) -> dict:
-    out = cfg.with_suffix(".mlxlm.json")
-    t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-c", MLX_LM_RUNNER, str(cfg), str(out)],
-                       env=__import__("worker.rank.runtime", fromlist=["x"]).preload_env(),
-                       capture_output=True, text=True)
-    if p.returncode:
-        raise SystemExit(f"mlx_lm.lora failed:\n{p.stderr[-3000:]}")
-    return {"tok_s": steady_tok_s(json.loads(out.read_text())), "wall_s": time.perf_counter() - t0}
+def run_mlx_lm(cfg: Path, ranks: int = 1, pin: bool = False) -> dict:
+    """mlx_lm.lora's own train(); with ``ranks`` > 1 its own data parallelism (each rank takes
+    ``batch[rank::size]`` of the global batch and gradients are averaged with
+    ``average_gradients``), ranks started directly with MLX_RANK + MLX_HOSTFILE as run_herd
+    starts herd's, pinned the same way. Its reported tokens/s is the global figure, as herd's."""
+    from worker.rank.runtime import preload_env
+
+    outs = [cfg.with_suffix(f".mlxlm{r}.json") for r in range(ranks)]
+    base = preload_env()
+    if ranks > 1:
+        hostfile = cfg.with_suffix(".mlxlm-hosts.json")
+        hostfile.write_text(json.dumps([f"127.0.0.1:{p}" for p in free_ports(ranks)]))
+    t0, procs = time.perf_counter(), []
+    for r in range(ranks):
+        env = dict(base)
+        if ranks > 1:
+            env.update(MLX_RANK=str(r), MLX_WORLD_SIZE=str(ranks), MLX_HOSTFILE=str(hostfile))
+        procs.append(start_rank([sys.executable, "-c", MLX_LM_RUNNER, str(cfg), str(outs[r])],
+                                env, r, pin))
+    wait_ranks(procs, "mlx_lm.lora")
+    return {"tok_s": steady_tok_s(json.loads(outs[0].read_text())),
+            "wall_s": time.perf_counter() - t0}
 
 
 def machine() -> str:
@@ -151,7 +191,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=16)
     ap.add_argument("--hidden", type=int, default=768)
     ap.add_argument("--layers", type=int, default=12)
-    ap.add_argument("--skip", default="", help="comma list of: mlxlm,ranks,blas,exchange")
+    ap.add_argument("--skip", default="", help="comma list of: mlxlm,ranks,dp,blas,exchange")
     ap.add_argument("--note", default="")
     ap.add_argument("--suffix", default="", help="appended to the results file name")
     a = ap.parse_args()
@@ -186,6 +226,15 @@ def main() -> None:
         compare("2 ranks: gRPC exchange vs MLX ring", grpc, mlx, "≥ 0.9")
         notes.append(f"Exchange share of step time, 2 ranks: MLX ring {mlx['exchange_share']:.1%}, "
                      f"gRPC {grpc['exchange_share']:.1%}.")
+    if "dp" not in skip:
+        # Data parallelism against data parallelism: the same launcher (ranks started directly,
+        # one core each), the same global batch; mlx-lm averages per-rank means, herd sums
+        # token-weighted gradients (the exact update).
+        herd_dp = run_herd(job(tmp / "d1.yaml", model, data, a.iters, tmp / "d1",
+                               cluster={"exchange": "mlx"}), ranks=2, pin=True)
+        mlx_dp = run_mlx_lm(job(tmp / "d2.yaml", model, data, a.iters, tmp / "d2"), ranks=2,
+                            pin=True)
+        compare("2 ranks: herd DP vs mlx_lm.lora's own DP, 1 core each", herd_dp, mlx_dp, "≥ 1.0")
     if "blas" not in skip:
         small = make_tiny_model(tmp / "small", "llama", layers=4, hidden=256)
         ob = run_herd(job(tmp / "b1.yaml", small, data, 8, tmp / "b1", max_seq_length=256))

@@ -1,14 +1,21 @@
-"""BlobStore (content-addressed dataset files) and AdapterStore (checkpoints per job and step).
+"""BlobStore (content-addressed files: datasets and the model store's files) and AdapterStore
+(checkpoints per job and step).
 
 Both receive chunked streams, so no message ever nears a size limit, check every sha256 and move
 a complete result into place with one rename: a broken upload leaves nothing behind. A pipeline
 job's stages upload one piece each per step; the step's adapter is their merge (herd.adapter_merge),
 written once the last piece arrives.
+
+A full or failing disk is a StorageError naming the folder and its free space (checked before a
+checkpoint is received, and on any write that fails); a stored checkpoint can be verified at rest
+(``verify``) before a job resumes from it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
 import os
 import re
@@ -20,8 +27,8 @@ from typing import Iterable, Iterator
 
 from coordinator.domain import Checkpoint, FileDigest
 from herd.adapter_merge import ADAPTER_CONFIG, ADAPTERS, AdapterPiece, merge_pieces
-from herd.digest import file_digest
-from herd.errors import DatasetError, HerdError, NotFoundError
+from herd.digest import file_digest, sha256_file
+from herd.errors import DatasetError, HerdError, NotFoundError, StorageError
 from herd.rpc.files import (
     check_sha,
     read_chunks,
@@ -29,12 +36,47 @@ from herd.rpc.files import (
     receive_folder,
     send_files,
 )
+from herd.rpc.names import check_step
 from herd.stage_cut import StagePiece
 
 _JOB = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 # Leading dots: never names a peer may upload (herd.rpc.files.check_name).
 PIECE_META = ".piece.json"  # a stage piece's stage, blocks and files
 MERGED_FROM = ".merged-from"  # in a merged step: which pieces it was made of
+MAX_STAGES = 1024
+# Kept free beyond what a write needs: the job database and its events live on the same disk.
+RESERVE_BYTES = 4 * 1024 * 1024
+_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS)
+
+
+def _free_bytes(folder: Path) -> int:
+    return shutil.disk_usage(folder).free
+
+
+def require_free(folder: Path, need: int, what: str) -> None:
+    """StorageError, with the numbers, when the disk holding ``folder`` cannot take ``need``
+    bytes (and the reserve)."""
+    free = _free_bytes(folder)
+    if free < need + RESERVE_BYTES:
+        raise StorageError(
+            f"the coordinator's disk holding {folder} is full: {what} needs "
+            f"{(need + RESERVE_BYTES) / 1e6:.1f} MB, {free / 1e6:.1f} MB free",
+            hint="free space there or restart the coordinator with a --state-dir on a larger disk")
+
+
+@contextlib.contextmanager
+def disk_errors(folder: Path, what: str) -> Iterator[None]:
+    """A write that fails for want of space (or a failing disk) as a StorageError naming it."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in _DISK_ERRNOS:
+            raise
+        raise StorageError(
+            f"the coordinator's disk holding {folder} failed writing {what}: {e.strerror} "
+            f"({_free_bytes(folder) / 1e6:.1f} MB free)",
+            hint="free space there or restart the coordinator with a --state-dir on a larger "
+            "disk") from None
 
 
 class BlobStore:
@@ -45,16 +87,44 @@ class BlobStore:
     def has(self, sha: str) -> bool:
         return (self.root / check_sha(sha)).exists()
 
+    def path(self, sha: str) -> Path:
+        return self.root / check_sha(sha)
+
     def put(self, sha: str, chunks: Iterable[bytes]) -> int:
         """Stores a blob; the same bytes again replace it with themselves (idempotent)."""
-        return receive_file(chunks, check_sha(sha), self.root / sha, f"upload {sha[:12]}",
-                            hint="retry the upload")
+        with disk_errors(self.root, f"dataset file {sha[:12]}"):
+            return receive_file(chunks, check_sha(sha), self.root / sha, f"upload {sha[:12]}",
+                                hint="retry the upload")
 
-    def read(self, sha: str) -> Iterator[bytes]:
+    def import_file(self, path: Path, sha: str, link: bool) -> None:
+        """Stores the file at ``path`` (already hashed to ``sha``): a hard link when ``link`` (an
+        immutable file such as a hub cache blob, on the same disk), else a checked copy."""
+        if self.has(sha):
+            return
+        if link:
+            tmp = self.root / f".{sha}.link"
+            tmp.unlink(missing_ok=True)
+            try:
+                os.link(path.resolve(), tmp)
+                os.replace(tmp, self.root / sha)
+                return
+            except OSError:
+                tmp.unlink(missing_ok=True)  # another disk: copy instead
+        self.put(sha, read_chunks(path))
+
+    def remove(self, sha: str) -> int:
+        path = self.root / check_sha(sha)
+        size = path.stat().st_size if path.exists() else 0
+        path.unlink(missing_ok=True)
+        return size
+
+    def read(self, sha: str, offset: int = 0) -> Iterator[bytes]:
         path = self.root / check_sha(sha)
         if not path.exists():
             raise NotFoundError(f"no blob {sha[:12]}", hint="upload it with PutBlob first")
-        return read_chunks(path)
+        if not 0 <= offset <= path.stat().st_size:
+            raise DatasetError(f"blob {sha[:12]} has no byte {offset}")
+        return read_chunks(path, offset)
 
 
 class AdapterStore:
@@ -72,7 +142,7 @@ class AdapterStore:
         return self.root / job_id
 
     def step_dir(self, job_id: str, step: int) -> Path:
-        return self._job_dir(job_id) / f"{int(step):07d}"
+        return self._job_dir(job_id) / f"{check_step(int(step)):07d}"
 
     def receive(self, job_id: str, step: int, files: list[FileDigest],
                 chunks: Iterable[tuple[str, bytes]], now_ms: int) -> Checkpoint:
@@ -87,7 +157,7 @@ class AdapterStore:
                       chunks: Iterable[tuple[str, bytes]], now_ms: int) -> Checkpoint | None:
         """Stores one pipeline stage's checkpoint of ``step``; when it completes the step's set,
         merges the pieces into the step's adapter and returns that checkpoint (else None)."""
-        if not (0 <= piece.index < piece.count and 0 <= piece.start < piece.end):
+        if not (0 <= piece.index < piece.count <= MAX_STAGES and 0 <= piece.start < piece.end):
             raise DatasetError(f"stage piece {piece} is not a stage of a pipeline")
         meta = {"index": piece.index, "count": piece.count, "start": piece.start,
                 "end": piece.end, "files": [dataclasses.asdict(f) for f in files]}
@@ -102,7 +172,8 @@ class AdapterStore:
                     del pieces[p]
             if sorted(p.index for p in pieces) != list(range(piece.count)):
                 return None
-            return self._merge(job_id, step, pieces, now_ms)
+            with disk_errors(self.root, f"the merged checkpoint {step}"):
+                return self._merge(job_id, step, pieces, now_ms)
 
     def _pieces(self, job_id: str, step: int) -> dict[StagePiece, Path]:
         root = self._job_dir(job_id) / "stages" / f"{int(step):07d}"
@@ -157,9 +228,39 @@ class AdapterStore:
                chunks: Iterable[tuple[str, bytes]], extra: dict[str, str] | None = None) -> None:
         if not files:
             raise DatasetError("a checkpoint needs at least one file")
+        require_free(self.root, sum(f.bytes for f in files), f"checkpoint {step}")
         # Idempotent: the same step uploaded again replaces the old copy whole.
-        receive_folder(chunks, files, final, f"checkpoint {step}",
-                       hint="the worker retries the upload", extra=extra)
+        with disk_errors(self.root, f"checkpoint {step}"):
+            receive_folder(chunks, files, final, f"checkpoint {step}",
+                           hint="the worker retries the upload", extra=extra)
+
+    def verify(self, checkpoint: Checkpoint) -> str | None:
+        """What is wrong with a stored checkpoint at rest (a file missing, or not its recorded
+        size and sha256), its pipeline pieces included; None when it is intact."""
+        folders = [(self.step_dir(checkpoint.job_id, checkpoint.step), checkpoint.files)]
+        stages = self._job_dir(checkpoint.job_id) / "stages" / f"{int(checkpoint.step):07d}"
+        for meta in sorted(stages.glob(f"stage-*/{PIECE_META}")):
+            try:
+                files = [FileDigest(**f) for f in json.loads(meta.read_text())["files"]]
+            except (OSError, ValueError, KeyError, TypeError):
+                return f"{meta.parent.name}'s {PIECE_META} is unreadable"
+            folders.append((meta.parent, files))
+        for folder, files in folders:
+            for f in files:
+                path = folder / f.name
+                if not path.is_file():
+                    return f"{path.name} is missing"
+                if path.stat().st_size != f.bytes or sha256_file(path) != f.sha256:
+                    return f"{path.name} does not match its sha256"
+        return None
+
+    def remove_step(self, job_id: str, step: int) -> None:
+        """Deletes one stored step (retention): its adapter and its pipeline pieces."""
+        shutil.rmtree(self.step_dir(job_id, step), ignore_errors=True)
+        shutil.rmtree(self._job_dir(job_id) / "stages" / f"{int(step):07d}", ignore_errors=True)
+
+    def remove_job(self, job_id: str) -> None:
+        shutil.rmtree(self._job_dir(job_id), ignore_errors=True)
 
     def files(self, checkpoint: Checkpoint) -> Iterator[tuple[str, bytes]]:
         folder = self.step_dir(checkpoint.job_id, checkpoint.step)

@@ -5,16 +5,20 @@ from __future__ import annotations
 from coordinator.domain import (
     Checkpoint,
     EventKind,
+    FetchProgress,
     FileDigest,
     Job,
     JobEvent,
     JobState,
+    ModelSource,
     RankLaunch,
     RankProgress,
     WorkerRecord,
 )
+from coordinator.models import StoredModel
 from herd.config import config_to_yaml
 from herd.netif import Interface
+from herd.rpc.pki import Identity
 from herd.stage_cut import StagePiece
 from protos.v1 import common_pb2, worker_pb2
 
@@ -33,6 +37,7 @@ _KIND_TO_PB = {
     EventKind.PROGRESS: common_pb2.JobEvent.KIND_PROGRESS,
     EventKind.CHECKPOINT: common_pb2.JobEvent.KIND_CHECKPOINT,
     EventKind.LOG: common_pb2.JobEvent.KIND_LOG,
+    EventKind.FETCH: common_pb2.JobEvent.KIND_FETCH,
 }
 _KIND_FROM_PB = {v: k for k, v in _KIND_TO_PB.items()}
 
@@ -55,7 +60,9 @@ def digest_from_pb(m: common_pb2.FileDigest) -> FileDigest:
 
 _PROGRESS_FIELDS = ("rank", "worker_id", "iteration", "train_loss", "val_loss", "learning_rate",
                     "tokens_per_second", "trained_tokens", "peak_memory_gb", "exchange",
-                    "world_size")
+                    "world_size", "window_iterations", "window_seconds",
+                    "window_exchange_seconds", "window_exchange_bytes", "validation", "share",
+                    "items_per_second")
 
 
 def progress_to_pb(p: RankProgress) -> common_pb2.RankProgress:
@@ -64,6 +71,29 @@ def progress_to_pb(p: RankProgress) -> common_pb2.RankProgress:
 
 def progress_from_pb(m: common_pb2.RankProgress) -> RankProgress:
     return RankProgress(**{f: getattr(m, f) for f in _PROGRESS_FIELDS})
+
+
+_FETCH_FIELDS = ("rank", "worker_id", "source", "files", "bytes_needed", "bytes_cached",
+                 "bytes_received", "bytes_per_second", "done")
+
+
+def fetch_to_pb(f: FetchProgress) -> common_pb2.FetchProgress:
+    return common_pb2.FetchProgress(**{k: getattr(f, k) for k in _FETCH_FIELDS})
+
+
+def fetch_from_pb(m: common_pb2.FetchProgress) -> FetchProgress:
+    return FetchProgress(**{k: getattr(m, k) for k in _FETCH_FIELDS})
+
+
+def model_source_to_pb(m: ModelSource) -> common_pb2.ModelSource:
+    return common_pb2.ModelSource(digest=m.digest, files=[digest_to_pb(f) for f in m.files],
+                                  hub_repo=m.hub_repo, hub_revision=m.hub_revision)
+
+
+def model_to_pb(m: StoredModel, job_ids: list[str] = ()) -> common_pb2.ModelInfo:
+    return common_pb2.ModelInfo(digest=m.digest, names=m.names, bytes=m.bytes,
+                                files=[digest_to_pb(f) for f in m.files],
+                                added_unix_ms=m.added_ms, job_ids=job_ids)
 
 
 def checkpoint_to_pb(c: Checkpoint) -> common_pb2.CheckpointInfo:
@@ -93,6 +123,7 @@ def job_to_pb(job: Job, ranks: list[RankProgress] = (),
         workers=job.workers_needed, iters=job.iters, attempt=job.attempt,
         ranks=[progress_to_pb(r) for r in ranks],
         checkpoints=[checkpoint_to_pb(c) for c in checkpoints], worker_ids=job.worker_ids,
+        model=job.config.model, model_digest=job.model_digest,
     )
 
 
@@ -103,6 +134,8 @@ def event_to_pb(e: JobEvent) -> common_pb2.JobEvent:
         m.state = state_to_pb(e.state)
     if e.progress is not None:
         m.progress.CopyFrom(progress_to_pb(e.progress))
+    if e.fetch is not None:
+        m.fetch.CopyFrom(fetch_to_pb(e.fetch))
     return m
 
 
@@ -111,6 +144,7 @@ def event_from_pb(m: common_pb2.JobEvent) -> JobEvent:
         job_id=m.job_id, seq=m.seq, time_ms=m.time_unix_ms, kind=_KIND_FROM_PB[m.kind],
         state=state_from_pb(m.state) if m.state else None, message=m.message,
         progress=progress_from_pb(m.progress) if m.HasField("progress") else None, step=m.step,
+        fetch=fetch_from_pb(m.fetch) if m.HasField("fetch") else None,
     )
 
 
@@ -130,18 +164,37 @@ def interface_from_pb(m: common_pb2.NetInterface) -> Interface:
 
 def worker_to_pb(w: WorkerRecord) -> common_pb2.WorkerInfo:
     return common_pb2.WorkerInfo(**{f: getattr(w, f) for f in _WORKER_FIELDS},
+                                 resources=w.resources,
                                  interfaces=[interface_to_pb(i) for i in w.interfaces])
 
 
 def worker_from_pb(m: common_pb2.WorkerInfo) -> WorkerRecord:
-    return WorkerRecord(**{f: getattr(m, f) for f in _WORKER_FIELDS},
+    return WorkerRecord(**{f: getattr(m, f) for f in _WORKER_FIELDS}, resources=dict(m.resources),
                         interfaces=[interface_from_pb(i) for i in m.interfaces])
 
 
-def launch_to_pb(launch: RankLaunch, coordinator: str) -> worker_pb2.StartRankRequest:
-    """What a worker needs to start one rank; ``coordinator``: where it reports and uploads."""
+def worker_from_bytes(data: bytes) -> WorkerRecord:
+    """A serialized WorkerInfo (what a Ray rank actor describes itself with)."""
+    return worker_from_pb(common_pb2.WorkerInfo.FromString(data))
+
+
+def launch_to_bytes(launch: RankLaunch, coordinator: str, credential: Identity) -> bytes:
+    """A serialized StartRankRequest (what the Ray backend hands a rank actor)."""
+    return launch_to_pb(launch, coordinator, credential).SerializeToString()
+
+
+def fetch_from_bytes(data: bytes) -> FetchProgress:
+    """A serialized FetchProgress (what a Ray rank actor reports while it gets the model)."""
+    return fetch_from_pb(common_pb2.FetchProgress.FromString(data))
+
+
+def launch_to_pb(launch: RankLaunch, coordinator: str,
+                 credential: Identity) -> worker_pb2.StartRankRequest:
+    """What a worker needs to prepare and start one rank; ``coordinator``: where it reports and
+    uploads; ``credential``: the rank's own certificate and key for its job attempt."""
     job = launch.job
     return worker_pb2.StartRankRequest(
+        rank_cert_pem=credential.cert_pem, rank_key_pem=credential.key_pem,
         job_id=job.job_id, attempt=job.attempt, rank=launch.rank,
         world_size=len(launch.exchange_peers), config_yaml=config_to_yaml(job.config),
         coordinator=coordinator, ring_hosts=launch.ring_hosts,
@@ -150,4 +203,5 @@ def launch_to_pb(launch: RankLaunch, coordinator: str) -> worker_pb2.StartRankRe
         stage_layers=[common_pb2.LayerRange(start=a, end=b) for a, b in launch.stage_layers],
         dataset=[digest_to_pb(d) for d in job.dataset], data_path=launch.data_path,
         ibv_devices_json=launch.ibv_devices_json, jaccl_coordinator=launch.jaccl_coordinator,
+        model=model_source_to_pb(launch.model),
     )

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from herd.config import JobConfig
 from herd.digest import FileDigest
+from herd.models.source import FetchProgress, ModelSource  # noqa: F401 (the domain's too)
 from herd.netif import Interface
 
 
@@ -50,6 +51,7 @@ class EventKind(enum.Enum):
     PROGRESS = "progress"
     CHECKPOINT = "checkpoint"
     LOG = "log"
+    FETCH = "fetch"
 
 
 @dataclass
@@ -65,6 +67,15 @@ class RankProgress:
     peak_memory_gb: float = 0.0
     exchange: str = ""
     world_size: int = 0
+    # The iterations since the rank's previous train report (0 in a validation's report): their
+    # seconds, the exchange's part of them and the gradient bytes all-reduced.
+    window_iterations: int = 0
+    window_seconds: float = 0.0
+    window_exchange_seconds: float = 0.0
+    window_exchange_bytes: int = 0
+    validation: bool = False  # a validation report: iteration and val_loss are its own
+    share: int = 0  # data parallel: this rank's items of each global batch, and its speed
+    items_per_second: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -89,6 +100,8 @@ class Job:
     updated_ms: int = 0
     attempt: int = 0
     worker_ids: list[str] = field(default_factory=list)
+    # The model store's model the job trains on, pinned at submit ("": the hub, or a folder).
+    model_digest: str = ""
 
 
 @dataclass(frozen=True)
@@ -101,6 +114,7 @@ class JobEvent:
     message: str = ""
     progress: RankProgress | None = None
     step: int = 0
+    fetch: FetchProgress | None = None
 
 
 @dataclass
@@ -121,7 +135,10 @@ class WorkerRecord:
     protocol_version: int = 0
     running_job_id: str = ""
     wired_limit_mb: int = 0
+    running_attempt: int = 0  # the attempt of the rank it runs (from Health; 0 = unknown)
     interfaces: list[Interface] = field(default_factory=list)  # the data plane's candidates
+    last_seen_ms: int = 0  # its last authenticated answer (Describe or Health), unix ms
+    resources: dict[str, float] = field(default_factory=dict)  # a Ray node's (backend: ray)
 
     @property
     def target(self) -> str:
@@ -143,3 +160,4 @@ class RankLaunch:
     data_path: str = "ring"  # "ring" | "jaccl" | "grpc" (coordinator/planner/network.py)
     ibv_devices_json: str = ""  # JACCL: MLX_IBV_DEVICES content
     jaccl_coordinator: str = ""  # JACCL: MLX_JACCL_COORDINATOR
+    model: ModelSource = ModelSource()

@@ -1,7 +1,8 @@
 """Placement policy: pure functions from (job needs, verified free workers) to a placement or a
 PlacementError that says what is missing.
 
-When the model's config.json is readable here, the memory planner (coordinator/planner/) decides
+When the model's config.json is readable here (its folder, the model store, or the hub: the
+scheduler passes it in), the memory planner (coordinator/planner/) decides
 the layout: data parallel, pipeline stages, or data x pipeline (ranks
 in the MLX ring order the pipeline's topology expects, each stage's blocks); otherwise every rank
 holds the whole model (data parallel), the need is estimated from the weight files' size, and a
@@ -15,10 +16,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from coordinator import planner
-from coordinator.domain import WorkerRecord
+from coordinator.domain import Job, JobState, WorkerRecord
 from coordinator.planner.network import DataPath, choose_path
 from herd.config import JobConfig
-from herd.errors import DoesNotFitError, PlacementError
+from herd.errors import DoesNotFitError, HerdError, PlacementError
 
 # Weights plus LoRA state, activations and the allocator's slack, as a multiple of weight bytes.
 OVERHEAD = 1.3
@@ -68,17 +69,20 @@ def _fmt(n: int) -> str:
     return f"{n / planner.GIB:.1f} GB"
 
 
-def place(cfg: JobConfig, workers: list[WorkerRecord]) -> Placement:
+def place(cfg: JobConfig, workers: list[WorkerRecord],
+          model_config: dict | None = None) -> Placement:
     """Chooses workers for every rank, most free memory first, and the data path between them
-    (coordinator/planner/network.py), or raises PlacementError."""
-    placement = _place_by_memory(cfg, workers)
+    (coordinator/planner/network.py), or raises PlacementError. ``model_config``: the model's
+    config.json (default: read from its folder, when one is here)."""
+    placement = _place_by_memory(cfg, workers, model_config)
     by_id = {w.worker_id: w for w in workers}
     path = choose_path([by_id[w] for w in placement.worker_ids], cfg.cluster.exchange,
                        cfg.cluster.allow_wifi, pipeline=placement.pipeline_stages > 1)
     return replace(placement, path=path)
 
 
-def _place_by_memory(cfg: JobConfig, workers: list[WorkerRecord]) -> Placement:
+def _place_by_memory(cfg: JobConfig, workers: list[WorkerRecord],
+                     model_config: dict | None) -> Placement:
     need = workers_needed(cfg)
     idle = [w for w in workers if not w.running_job_id]
     if len(idle) < need:
@@ -87,7 +91,7 @@ def _place_by_memory(cfg: JobConfig, workers: list[WorkerRecord]) -> Placement:
             f"needs {need} workers, {len(workers)} verified"
             + (f" ({busy} busy)" if busy else "")
             + f": missing {need - len(idle)}",
-            hint="start more `herd worker`s with the cluster secret, or lower cluster.workers",
+            hint="`herd join` and start more `herd worker`s, or lower cluster.workers",
         )
     stages = cfg.cluster.pipeline_stages()
     dp = cfg.cluster.data_parallel() or need // stages
@@ -98,8 +102,10 @@ def _place_by_memory(cfg: JobConfig, workers: list[WorkerRecord]) -> Placement:
         )
     ranked = sorted(idle, key=lambda w: (-usable_bytes(w), w.worker_id))
     config_json = Path(cfg.model).expanduser() / "config.json"
-    if config_json.exists():
-        return _place_with_planner(cfg, ranked[:need], json.loads(config_json.read_text()))
+    if model_config is None and config_json.exists():
+        model_config = json.loads(config_json.read_text())
+    if model_config is not None:
+        return _place_with_planner(cfg, ranked[:need], model_config)
     if stages > 1:
         # The cut, the ring order and the stage pieces' merge all need the block count.
         raise PlacementError(
@@ -119,7 +125,19 @@ def _place_by_memory(cfg: JobConfig, workers: list[WorkerRecord]) -> Placement:
     return Placement([w.worker_id for w in chosen], per_worker)
 
 
-def check_fits(cfg: JobConfig, workers: list[WorkerRecord]) -> None:
+def checkpoint_bytes(cfg: JobConfig) -> int:
+    """One checkpoint's size (adapter and optimizer state) when the model's config.json is
+    readable here; 0 when it is not."""
+    config_json = Path(cfg.model).expanduser() / "config.json"
+    try:
+        est = planner.estimate_memory(json.loads(config_json.read_text()), cfg)
+    except (OSError, ValueError, KeyError, HerdError):
+        return 0
+    return est.lora + est.optimizer
+
+
+def check_fits(cfg: JobConfig, workers: list[WorkerRecord],
+               model_config: dict | None = None) -> None:
     """At submit: raise DoesNotFitError when the job could not be placed even if every verified
     worker were idle with all its memory free. A job that is only short of workers (or whose model
     this coordinator cannot read) is not refused here: workers may join, and placement decides."""
@@ -127,7 +145,7 @@ def check_fits(cfg: JobConfig, workers: list[WorkerRecord]) -> None:
         return
     everyone = [replace(w, running_job_id="", free_memory_bytes=w.memory_bytes) for w in workers]
     try:
-        place(cfg, everyone)
+        place(cfg, everyone, model_config)
     except DoesNotFitError:
         raise
     except PlacementError:
@@ -149,3 +167,39 @@ def _place_with_planner(cfg: JobConfig, chosen: list[WorkerRecord],
             "pass activations over the MLX ring, and cluster.exchange is grpc",
             hint="use cluster.exchange: mlx (or auto) for pipeline jobs")
     return Placement(ids, peak, [tuple(s) for s in plan.stage_layers], plan.data_parallel)
+
+
+# --- what to do with a waiting job (the scheduler applies it) ------------------------------
+
+@dataclass(frozen=True)
+class Wait:
+    reason: str
+
+
+@dataclass(frozen=True)
+class Fail:
+    reason: str
+
+
+def decide_queued(job: Job, workers: list[WorkerRecord], now_ms: int,
+                  placement_timeout_s: float,
+                  model_config: dict | None = None) -> Placement | Wait | Fail:
+    """What to do with a queued (or restarting) job now."""
+    try:
+        return place(job.config, workers, model_config)
+    except PlacementError as e:
+        return wait_or_fail(job, Wait(e.message), now_ms, placement_timeout_s)
+    except HerdError as e:
+        return Fail(e.message)
+
+
+def wait_or_fail(job: Job, wait: Wait, now_ms: int, placement_timeout_s: float) -> Wait | Fail:
+    """Wait, until the job has waited ``placement_timeout_s`` since submit or its last attempt."""
+    since = job.created_ms if job.state is JobState.QUEUED else job.updated_ms
+    if (now_ms - since) / 1000 >= placement_timeout_s:
+        return Fail(f"could not be placed within {placement_timeout_s:.0f}s: {wait.reason}")
+    return wait
+
+
+def cut_text(spans) -> str:
+    return ",".join(f"{a}:{b}" for a, b in spans)

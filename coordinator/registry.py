@@ -1,58 +1,129 @@
 """Registry: the workers the coordinator may use.
 
 zeroconf adverts of ``_herd-worker._tcp.local.`` (and static ``--worker`` targets) are only
-candidates: a worker enters the registry after it answers an authenticated Describe, so a
-process that advertises itself without the cluster secret never gets work. Liveness is
-authenticated too: ``max_failures`` failed Health calls in a row remove a worker, and a vanished
-record (an mDNS goodbye, which anyone on the LAN can send for any name) only prompts a Health call
-at once; the worker leaves if that fails.
+candidates: a worker enters the registry after it answers Describe over mutual TLS, dialled as
+the worker id its advert claims (``<id>.worker.herd``, herd/rpc/pki.py), and answers with that id.
+A process without a certificate of this cluster never completes the handshake, and one that
+claims another worker's id fails it (its certificate names another id), so neither gets work nor
+displaces the worker it imitates. A revoked worker id is refused, and dropped when revoked while
+admitted. A refused candidate is tried again later and later (up to MAX_RETRY_S), except a worker
+that was admitted and stopped answering: it is tried every RETURN_RETRY_S, so a Mac whose cable is
+plugged back in (or that woke up) is used again within seconds. Retries run off the health loop:
+an unreachable address waits out its Describe deadline, the admitted workers' checks do not.
+Liveness is authenticated too: ``max_failures`` failed Health calls in a row remove a worker, and
+a vanished record (an mDNS goodbye, which anyone on the LAN can send for any name) only prompts a
+Health call at once; the worker leaves if that fails.
+
+An advert is verified again whenever zeroconf reports it updated, and that happens for reasons
+that are not the worker's: any new record under its name (another cluster's same-named worker on
+the same LAN, a stale record coming back) fires an update. A worker that answers again at the
+address it has keeps its client; one that answers at a new address (it restarted on another port)
+gets a new client, and the old one is closed only when the calls using it end (``retire``): a
+PrepareRank streaming a model download, or a StartRank, must never end as "Channel closed!".
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
+import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Container, Iterator
 
-from coordinator.convert import worker_from_pb
-from coordinator.domain import WorkerRecord
+from coordinator.convert import fetch_from_pb, worker_from_pb
+from coordinator.domain import FetchProgress, WorkerRecord
 from herd import PROTOCOL_VERSION, log
 from herd.errors import AuthError, HerdError, NotFoundError, PeerLostError
-from herd.rpc import discovery
-from herd.rpc.channel import UNARY_DEADLINE_S, signed_channel
+from herd.rpc import discovery, pki
+from herd.rpc.channel import UNARY_DEADLINE_S, secure_channel
 from herd.rpc.status import rpc_errors
 from protos.v1 import worker_pb2, worker_pb2_grpc
 
 logger = log.get(__name__)
+MAX_RETRY_S = 30.0  # the longest wait before a refused candidate is tried again
+RETURN_RETRY_S = 1.0  # how often a lost worker (admitted before, now unreachable) is tried again
+# Getting a model onto a worker: 140 GB over 1 GbE is ~20 min. A lost worker fails the call long
+# before (the channel's keepalive), and a broken transfer resumes inside the worker.
+PREPARE_DEADLINE_S = 6 * 3600.0
 
 
 class WorkerClient:
-    """Calls to one worker agent, each with a deadline."""
+    """Calls to one worker agent, each with a deadline; TLS to the worker named ``worker_id``
+    (None: any worker of this cluster)."""
 
-    def __init__(self, target: str, secret: str):
+    def __init__(self, target: str, identity: pki.Identity, worker_id: str | None = None):
         self.target = target
-        self.channel = signed_channel(target, secret)
+        self.channel = secure_channel(target, identity, pki.dns_name("worker", worker_id))
         self.stub = worker_pb2_grpc.WorkerServiceStub(self.channel)
+        self._lock = threading.Lock()
+        self._calls = 0          # calls in flight on the channel
+        self._retired = False    # replaced or removed: close once the last call ends
+        self._closed = False
+
+    @contextlib.contextmanager
+    def _call(self) -> Iterator[None]:
+        """One call on the channel, counted so that ``retire`` never closes it under the call;
+        herd's errors for gRPC's."""
+        with self._lock:
+            if self._closed:
+                raise PeerLostError(f"{self.target}: the connection to this worker was replaced "
+                                    "or dropped by the registry", hint="try the call again")
+            self._calls += 1
+        try:
+            with rpc_errors(self.target):
+                yield
+        finally:
+            with self._lock:
+                self._calls -= 1
+                close = self._retired and self._calls == 0 and not self._closed
+                self._closed = self._closed or close
+            if close:
+                self.channel.close()
 
     def describe(self, timeout: float = 3.0) -> WorkerRecord:
-        with rpc_errors(self.target):
+        with self._call():
             reply = self.stub.Describe(worker_pb2.DescribeRequest(), timeout=timeout)
         return worker_from_pb(reply.worker)
 
     def health(self, timeout: float = 3.0) -> worker_pb2.HealthReply:
-        with rpc_errors(self.target):
+        with self._call():
             return self.stub.Health(worker_pb2.HealthRequest(), timeout=timeout)
+
+    def prepare_rank(self, req: worker_pb2.StartRankRequest,
+                     on_progress: Callable[[FetchProgress], bool]) -> None:
+        """Streams the worker's fetch progress into ``on_progress`` until it is done; a False
+        from ``on_progress`` cancels the call (the worker stops fetching)."""
+        with self._call():
+            stream = self.stub.PrepareRank(req, timeout=PREPARE_DEADLINE_S)
+            for message in stream:
+                if not on_progress(fetch_from_pb(message)):
+                    stream.cancel()
+                    return
 
     def start_rank(self, req: worker_pb2.StartRankRequest) -> None:
         # StartRank fetches the dataset before it returns: a longer deadline than a plain call.
-        with rpc_errors(self.target):
+        with self._call():
             self.stub.StartRank(req, timeout=120.0)
 
-    def stop_job(self, job_id: str) -> None:
-        with rpc_errors(self.target):
-            self.stub.StopJob(worker_pb2.StopJobRequest(job_id=job_id), timeout=UNARY_DEADLINE_S)
+    def stop_job(self, job_id: str, attempt: int = 0) -> None:
+        with self._call():
+            self.stub.StopJob(worker_pb2.StopJobRequest(job_id=job_id, attempt=attempt),
+                              timeout=UNARY_DEADLINE_S)
+
+    def retire(self) -> None:
+        """Closes the channel once no call uses it (now, when none does); a call that starts
+        after it is closed fails with PeerLostError."""
+        with self._lock:
+            self._retired = True
+            close = self._calls == 0 and not self._closed
+            self._closed = self._closed or close
+        if close:
+            self.channel.close()
 
     def close(self) -> None:
+        """Closes the channel now: calls in flight are cancelled (the coordinator shuts down)."""
+        with self._lock:
+            self._closed = True
         self.channel.close()
 
 
@@ -72,10 +143,11 @@ def _refusal(target: str, err: HerdError) -> Refusal:
 
 
 class Registry:
-    def __init__(self, secret: str, on_lost: Callable[[str], None] = lambda _id: None,
+    def __init__(self, identity: pki.Identity, on_lost: Callable[[str], None] = lambda _id: None,
                  static_targets: list[str] = (), health_interval_s: float = 1.0,
-                 max_failures: int = 2):
-        self._secret = secret
+                 max_failures: int = 2, revoked: Container[str] = frozenset()):
+        self._identity = identity
+        self._revoked = revoked
         self._on_lost = on_lost
         self._lock = threading.Lock()
         self._workers: dict[str, WorkerRecord] = {}
@@ -85,6 +157,10 @@ class Registry:
         self.refused: dict[str, Refusal] = {}  # candidate -> why it was not admitted
         # candidate (advert name or static target) -> its addresses, each tried in turn
         self._candidates: dict[str, list[str]] = {t: [t] for t in static_targets}
+        self._claims: dict[str, str] = {}     # candidate -> the worker id its advert claims
+        self._retry: dict[str, tuple[float, float]] = {}  # refused -> (next try, back-off s)
+        self._admitted_sources: set[str] = set()  # candidates that were admitted once
+        self._verifying: set[str] = set()  # candidates whose retry is running now
         self.health_interval_s, self.max_failures = health_interval_s, max_failures
         self._stop = threading.Event()
         self._browser: discovery.Browser | None = None
@@ -98,6 +174,10 @@ class Registry:
     def _advert_added(self, advert: discovery.Advert) -> None:
         with self._lock:
             self._candidates[advert.name] = advert.targets
+            if advert.txt.get("id"):
+                self._claims[advert.name] = advert.txt["id"]
+            else:
+                self._claims.pop(advert.name, None)
         self._verify(advert.name, advert.targets)
 
     def _advert_removed(self, name: str) -> None:
@@ -106,11 +186,15 @@ class Registry:
             if not named:
                 self._candidates.pop(name, None)
                 self.refused.pop(name, None)  # gone: no longer worth listing as refused
+                self._retry.pop(name, None)
         for wid in named:
             try:
-                self.client(wid).health()
+                client = self.client(wid)
+                client.health()
             except HerdError as e:
                 with self._lock:
+                    if self._clients.get(wid) is not client:
+                        continue  # replaced meanwhile: the new client was just verified
                     self._candidates.pop(name, None)
                 self._remove(wid, "its zeroconf record vanished and it does not answer: "
                              f"{e.message}")
@@ -118,15 +202,38 @@ class Registry:
                 logger.info("worker_goodbye_ignored", worker_id=wid, advert=name,
                             reason="it still answers an authenticated health check")
 
-    def _describe(self, targets: list[str]) -> tuple[WorkerClient | None, WorkerRecord | Refusal]:
-        """The first address that answers Describe with this protocol version."""
+    def _describe_one(self, target: str, claimed: str | None
+                      ) -> tuple[WorkerClient, WorkerRecord]:
+        """Describe over TLS to the worker id the advert claims (a static target claims none:
+        it is asked who it is, then dialled again as that id). Raises HerdError."""
+        client = WorkerClient(target, self._identity, claimed)
+        try:
+            record = client.describe()
+            if claimed is None:  # bind the channel to the id it answered with
+                client.close()
+                client = WorkerClient(target, self._identity, record.worker_id)
+                record = client.describe()
+            if claimed is not None and record.worker_id != claimed:
+                raise AuthError(f"{target} answers as worker {record.worker_id!r}, its advert "
+                                f"claims {claimed!r}")
+            if f"worker/{record.worker_id}" in self._revoked:
+                raise AuthError(f"worker {record.worker_id} was revoked")
+        except BaseException:
+            client.close()
+            raise
+        return client, record
+
+    def _describe(self, source: str, targets: list[str]
+                  ) -> tuple[WorkerClient | None, WorkerRecord | Refusal]:
+        """The first address that answers Describe, as the worker its advert claims, with this
+        protocol version."""
+        with self._lock:
+            claimed = self._claims.get(source)
         refusal = Refusal(",".join(targets), "unreachable", "no address")
         for target in targets:
-            client = WorkerClient(target, self._secret)
             try:
-                record = client.describe()
+                client, record = self._describe_one(target, claimed)
             except HerdError as e:
-                client.close()
                 refusal = _refusal(target, e)
                 continue
             if record.protocol_version != PROTOCOL_VERSION:
@@ -138,28 +245,46 @@ class Registry:
         return None, refusal
 
     def _verify(self, source: str, targets: list[str]) -> WorkerRecord | None:
-        client, record = self._describe(targets)
+        client, record = self._describe(source, targets)
         if client is None:
             with self._lock:
                 first = self.refused.get(source) != record
                 self.refused[source] = record
+                # Tried again later, less and less often: a stranger's advert costs a handshake
+                # now and then, not one per health tick forever. A worker this registry admitted
+                # before and that only stopped answering is expected back: tried often.
+                if source in self._admitted_sources and record.kind == "unreachable":
+                    delay = RETURN_RETRY_S
+                else:
+                    delay = min(MAX_RETRY_S, 2 * self._retry.get(source, (0.0, 0.5))[1])
+                self._retry[source] = (time.monotonic() + delay, delay)
             if first:
                 logger.warning("worker_not_admitted", source=source, target=record.target,
                                kind=record.kind, error=record.reason)
             return None
+        record.last_seen_ms = int(time.time() * 1000)
         target = client.target
         with self._lock:
             self.refused.pop(source, None)
-            old = self._clients.pop(record.worker_id, None)
+            self._retry.pop(source, None)
+            self._admitted_sources.add(source)
+            old = self._clients.get(record.worker_id)
+            if old is not None and old.target == target:
+                # The same worker at the same address (zeroconf reports an update for reasons
+                # that are not the worker's): keep the channel its calls are using.
+                old, client = client, old
             self._workers[record.worker_id] = record
             self._clients[record.worker_id] = client
             self._source[record.worker_id] = source
             self._failures[record.worker_id] = 0
-        if old:
-            old.close()
-        else:
+        if old is None:
             logger.info("worker_admitted", worker_id=record.worker_id, target=target,
                         memory_bytes=record.memory_bytes, chip=record.chip)
+        elif old.target == client.target:
+            old.close()  # the spare just dialled for Describe: nothing else has used it
+        else:
+            logger.info("worker_moved", worker_id=record.worker_id, old=old.target, new=target)
+            old.retire()  # closed when the calls in flight on it end
         return record
 
     def _remove(self, worker_id: str, reason: str) -> None:
@@ -168,7 +293,7 @@ class Registry:
             client = self._clients.pop(worker_id, None)
             self._source.pop(worker_id, None)
         if client:
-            client.close()
+            client.retire()
         if record:
             logger.info("worker_removed", worker_id=worker_id, reason=reason)
             self._on_lost(worker_id)
@@ -200,10 +325,15 @@ class Registry:
             known = set(self._source.values())
             pending = {n: t for n, t in self._candidates.items() if n not in known}
         for wid, client in clients.items():
+            if f"worker/{wid}" in self._revoked:
+                self._remove(wid, "its certificate was revoked")
+                continue
             try:
                 reply = client.health()
             except HerdError as e:
                 with self._lock:
+                    if self._clients.get(wid) is not client:
+                        continue  # replaced meanwhile: its failure is not the worker's
                     self._failures[wid] = self._failures.get(wid, 0) + 1
                     n = self._failures[wid]
                 if n >= self.max_failures:
@@ -213,10 +343,36 @@ class Registry:
                 self._failures[wid] = 0
                 if wid in self._workers:
                     self._workers[wid].running_job_id = reply.worker.running_job_id
+                    self._workers[wid].running_attempt = (reply.ranks[0].attempt if reply.ranks
+                                                          else 0)
                     self._workers[wid].free_memory_bytes = reply.worker.free_memory_bytes
-        # Candidates that were refused or unreachable get another chance (a secret may be fixed).
+                    self._workers[wid].last_seen_ms = int(time.time() * 1000)
+        # Candidates that were refused or unreachable get another chance (a certificate may be
+        # fixed), after their back-off.
+        now = time.monotonic()
         for name, targets in pending.items():
-            self._verify(name, targets)
+            if self._retry.get(name, (0.0, 0.0))[0] <= now:
+                self._verify_aside(name, targets)
+
+    def _verify_aside(self, name: str, targets: list[str]) -> None:
+        """``_verify`` on a thread of its own (one at a time per candidate): an unreachable
+        address waits out its Describe deadline, and the health checks of the admitted workers
+        must not wait with it."""
+        with self._lock:
+            if name in self._verifying:
+                return
+            self._verifying.add(name)
+
+        def verify() -> None:
+            try:
+                self._verify(name, targets)
+            except Exception:  # the next tick tries again; the error is logged in full
+                logger.exception("registry_verify_failed", source=name)
+            finally:
+                with self._lock:
+                    self._verifying.discard(name)
+
+        threading.Thread(target=verify, daemon=True, name=f"verify {name}").start()
 
     def run(self) -> None:
         while not self._stop.wait(self.health_interval_s):

@@ -1,9 +1,13 @@
 """The job state machine and its control loop.
 
 QUEUED -> PLACING -> RUNNING -> SUCCEEDED | FAILED | CANCELLED (domain.TRANSITIONS). Decisions
-are pure functions of the job, the workers and the clock (``decide_queued``); the Scheduler
-applies them, records every change as an event, and talks to workers through an injected
-launcher, so tests step it with ``tick()`` and a fake clock.
+are pure functions of the job, the workers and the clock (``decide_queued`` here, restarts,
+stale ranks and re-adoption in coordinator/recovery.py); the Scheduler applies them, records
+every change as an event, and talks to workers through an injected launcher, so tests step it
+with ``tick()`` and a fake clock.
+
+A job succeeds only with its final adapter stored; a checkpoint the coordinator cannot store
+fails it with the reason. A restarted coordinator re-adopts the attempts its workers still run.
 """
 
 from __future__ import annotations
@@ -11,94 +15,43 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Callable, Protocol
+from dataclasses import replace
+from typing import Callable
 
+from coordinator.backend import AgentBackend, Backend, Launcher, unavailable
 from coordinator.domain import (
     TRANSITIONS,
     Checkpoint,
     EventKind,
+    FetchProgress,
     Job,
     JobState,
+    ModelSource,
     RankLaunch,
     RankProgress,
     WorkerRecord,
 )
-from coordinator.placement import Placement, check_fits, place
-from coordinator.planner.network import DataPath
+from coordinator.elastic import Elastic
+from coordinator.launching import ModelInfo, bring_up, launches
+from coordinator.placement import (
+    Fail,
+    Placement,
+    Wait,
+    check_fits,
+    cut_text,
+    decide_queued,
+    wait_or_fail,
+)
+from coordinator.reconcile import Reconciler
+from coordinator.recovery import RestartPolicy, decide_restart, retryable
 from coordinator.store import JobStore
-from herd import jaccl, log
-from herd.errors import ConfigError, HerdError, PeerLostError, PlacementError
-from herd.netif import hostport
+from herd import log
+from herd.errors import ConfigError, HerdError, PeerLostError
 
 logger = log.get(__name__)
 
 
-class Launcher(Protocol):
-    def start_rank(self, launch: RankLaunch) -> None: ...
-
-    def stop_job(self, worker: WorkerRecord, job_id: str) -> None: ...
-
-
 # --- pure policy -------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Wait:
-    reason: str
-
-
-@dataclass(frozen=True)
-class Fail:
-    reason: str
-
-
-def decide_queued(job: Job, workers: list[WorkerRecord], now_ms: int,
-                  placement_timeout_s: float) -> Placement | Wait | Fail:
-    """What to do with a queued (or restarting) job now."""
-    try:
-        return place(job.config, workers)
-    except PlacementError as e:
-        since = job.created_ms if job.state is JobState.QUEUED else job.updated_ms
-        waited_s = (now_ms - since) / 1000
-        if waited_s >= placement_timeout_s:
-            return Fail(f"could not be placed within {placement_timeout_s:.0f}s: {e.message}")
-        return Wait(e.message)
-    except HerdError as e:
-        return Fail(e.message)
-
-
-def launches(job: Job, placement: Placement, workers: dict[str, WorkerRecord],
-             resume_step: int = 0) -> list[RankLaunch]:
-    """One launch per rank, with the MLX ring hostfile and exchange peers in rank order (for a
-    pipeline, the placement's ring order) and, for a pipeline, every stage's blocks."""
-    chosen = [workers[w] for w in placement.worker_ids]
-    path = placement.path or DataPath("ring", [w.host for w in chosen], "control network")
-    peers = [hostport(a, w.exchange_port) for a, w in zip(path.addresses, chosen)]
-    ring = [hostport(a, w.ring_port) for a, w in zip(path.addresses, chosen)]
-    extra = {}
-    if path.kind == "jaccl":  # rank 0's ring port is free: JACCL's side channel takes it
-        extra = dict(ibv_devices_json=jaccl.devices_json(path.rdma),
-                     jaccl_coordinator=hostport(chosen[0].host, chosen[0].ring_port))
-    stages = tuple(tuple(s) for s in placement.stage_layers)
-    return [RankLaunch(job, r, w, ring if path.kind == "ring" else [], peers, resume_step, stages,
-                       placement.data_parallel, path.kind, **extra)
-            for r, w in enumerate(chosen)]
-
-
-# A rank killed by a signal, a lost peer (PeerLostError's exit code) or a lost worker is worth
-# another attempt; a rank that failed on its own (bad config, bad data) would fail again.
-RETRYABLE_EXIT_CODES = {PeerLostError.exit_code}
-
-
-def should_restart(job: Job, max_restarts: int, exit_code: int | None) -> bool:
-    """``exit_code`` None: the worker itself was lost."""
-    retryable = exit_code is None or exit_code < 0 or exit_code in RETRYABLE_EXIT_CODES
-    return retryable and job.attempt <= max_restarts
-
-
-def _cut(spans) -> str:
-    return ",".join(f"{a}:{b}" for a, b in spans)
-
 
 def check_transition(job: Job, to: JobState) -> None:
     if to not in TRANSITIONS[job.state]:
@@ -110,21 +63,40 @@ def check_transition(job: Job, to: JobState) -> None:
 class Scheduler:
     def __init__(self, store: JobStore, workers: Callable[[], list[WorkerRecord]],
                  launcher: Launcher, clock: Callable[[], float] = time.time,
-                 placement_timeout_s: float = 600.0):
+                 placement_timeout_s: float = 600.0, backends: dict[str, Backend] | None = None,
+                 models: ModelInfo | None = None, restart_policy: RestartPolicy | None = None,
+                 verify_checkpoint: Callable[[Checkpoint], str | None] = lambda c: None,
+                 adopt_grace_s: float = 30.0, elastic_grace_s: float = 60.0):
         self.store = store
-        self._workers = workers
-        self._launcher = launcher
+        self._models = models
+        # cluster.backend -> where its ranks run; worker ids are unique across backends.
+        self._backends: dict[str, Backend] = {"zeroconf": AgentBackend(workers, launcher),
+                                              **(backends or {})}
         self._clock = clock
         self.placement_timeout_s = placement_timeout_s
+        self.restart_policy = restart_policy or RestartPolicy()
+        self._verify = verify_checkpoint  # a problem with a stored checkpoint, or None
+        self.adopt_grace_s = adopt_grace_s  # how long a restarted coordinator waits for ranks
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
-        self._finished_ranks: dict[tuple[str, int], set[int]] = {}
-        self._idle_since: dict[tuple[str, str], int] = {}
-        self.lost_rank_grace_s = 20.0
+        self._not_before: dict[str, int] = {}  # job_id -> when its restart may be placed (ms)
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="launch")
+        self.reconcile = Reconciler(self)
+        self.elastic = Elastic(self, elastic_grace_s)  # 0: never shrink a job
+
+    @property
+    def health(self) -> str:  # empty while it works; else what keeps it from recording jobs
+        return self.store.health
 
     def now_ms(self) -> int:
         return int(self._clock() * 1000)
+
+    def _backend(self, job: Job) -> Backend:
+        return self._backends[job.config.cluster.backend]
+
+    def workers(self) -> list[WorkerRecord]:
+        """Every backend's workers: verified agents, and the Ray nodes once connected."""
+        return [w for b in self._backends.values() for w in b.workers()]
 
     # --- recording -------------------------------------------------------------------------
 
@@ -132,39 +104,54 @@ class Scheduler:
         self.store.add_event(job.job_id, self.now_ms(), kind, **kw)
         self._changed.notify_all()
 
-    def _set_state(self, job: Job, to: JobState, message: str = "") -> None:
+    def _set_state(self, job: Job, to: JobState, message: str = "",
+                   outcome: str | None = None) -> None:
         check_transition(job, to)
         job.state, job.message, job.updated_ms = to, message, self.now_ms()
         self.store.put_job(job)
         if (to.final or to is JobState.RESTARTING) and job.attempt:
-            self.store.end_attempt(job.job_id, job.attempt, to.value, job.updated_ms)
+            self.store.end_attempt(job.job_id, job.attempt, outcome or to.value, job.updated_ms)
         self._event(job, EventKind.STATE, state=to, message=message)
         logger.info("job_state", job_id=job.job_id, state=to.value, message=message)
 
     def _attempt_failed(self, job: Job, reason: str, exit_code: int | None) -> None:
-        """Restart from the last checkpoint when the policy allows, else fail. Caller holds the
-        lock and stops the attempt's ranks afterwards."""
+        """Restart from the last checkpoint, after a backoff, when the policy allows
+        (coordinator/recovery.py), else fail. Caller holds the lock and stops the attempt's
+        ranks afterwards."""
         max_restarts = job.config.cluster.max_restarts
-        self._idle_since = {k: v for k, v in self._idle_since.items() if k[0] != job.job_id}
-        if should_restart(job, max_restarts, exit_code):
+        self.reconcile.forget(job.job_id)
+        now = self.now_ms()
+        d = decide_restart(self.store.attempt_history(job.job_id),
+                           self.store.checkpoints(job.job_id), now, max_restarts,
+                           retryable(exit_code), self.restart_policy)
+        if d.restart:
             ckpts = self.store.checkpoints(job.job_id)
             start = f"from checkpoint {ckpts[-1].step}" if ckpts else "from the start"
+            self._not_before[job.job_id] = now + int(d.delay_s * 1000)
+            flapping = (f"; flapping: {d.recent} attempts failed in the last "
+                        f"{self.restart_policy.flap_window_s / 60:.0f} min" if d.flapping else "")
             self._set_state(job, JobState.RESTARTING,
-                            f"attempt {job.attempt} failed: {reason}; restarting {start}")
+                            f"attempt {job.attempt} failed: {reason}; restarting {start} in "
+                            f"{d.delay_s:.0f}s{flapping}")
         else:
             tried = f" (attempt {job.attempt})" if job.attempt > 1 else ""
-            self._set_state(job, JobState.FAILED, reason + tried)
+            wasted = (f"; {d.wasted} attempts in a row stored no new checkpoint "
+                      f"(cluster.max_restarts: {max_restarts})" if retryable(exit_code) else "")
+            self._set_state(job, JobState.FAILED, reason + tried + wasted)
 
     # --- entry points ----------------------------------------------------------------------
 
     def submit(self, job: Job) -> Job:
         cfg = job.config
-        if cfg.cluster.backend != "zeroconf":  # never silently place on other workers than asked
+        backend = self._backends.get(cfg.cluster.backend)
+        if backend is None:  # never silently place on other workers than asked
             raise ConfigError(
-                f"cluster.backend = {cfg.cluster.backend!r} is not available in this version",
-                hint="use cluster.backend: zeroconf (workers found by mDNS and verified by secret)")
+                unavailable(cfg.cluster.backend),
+                hint="use cluster.backend: zeroconf (workers found by mDNS and verified by their "
+                "certificates)")
+        backend.connect(job)  # an unreachable Ray cluster fails here, naming the address tried
         # Refused now, with numbers and fixes, if no worker set at hand could ever hold it.
-        check_fits(cfg, self._workers())
+        check_fits(cfg, backend.workers(), self._models and self._models.config(job))
         with self._lock:
             job.created_ms = job.updated_ms = self.now_ms()
             job.state = JobState.QUEUED
@@ -174,60 +161,70 @@ class Scheduler:
         return job
 
     def recover(self) -> None:
-        """After a restart: ranks of jobs that were active report to a coordinator that no longer
-        knows their attempt; fail those jobs plainly (their workers are told to stop)."""
-        with self._lock:
-            for job in self.store.list_jobs():
-                if job.state.active:
-                    self._set_state(job, JobState.FAILED,
-                                    "the coordinator restarted while the job ran")
+        """After a restart on its state folder: re-adopt or resume (coordinator/reconcile.py)."""
+        self.reconcile.recover()
 
     def tick(self) -> None:
-        """One pass of the control loop: place queued jobs, oldest first; catch lost ranks."""
+        """One pass: stop stale ranks, re-adopt, place queued jobs (oldest first), lost ranks."""
+        self.reconcile.stop_stale()
+        self.reconcile.adopt()
         with self._lock:
             queued = [j for j in self.store.list_jobs() if j.state.waiting]
         for job in sorted(queued, key=lambda j: j.created_ms):
             self._try_place(job)
-        self._check_running()
+        self.reconcile.check_running()
 
-    def _check_running(self) -> None:
-        """A running job whose worker says it runs nothing, for longer than an exit report takes
-        to arrive, lost its rank silently (e.g. the agent restarted): fail it, never hang."""
-        now = self.now_ms()
-        workers = {w.worker_id: w for w in self._workers()}
-        lost: list[Job] = []
-        with self._lock:
-            for job in self.store.list_jobs():
-                if job.state is not JobState.RUNNING:
-                    continue
-                finished = self._finished_ranks.get((job.job_id, job.attempt), set())
-                for rank, wid in enumerate(job.worker_ids):
-                    w = workers.get(wid)
-                    key = (job.job_id, wid)
-                    if w is None or w.running_job_id == job.job_id or rank in finished:
-                        self._idle_since.pop(key, None)
-                        continue
-                    since = self._idle_since.setdefault(key, now)
-                    if now - since >= self.lost_rank_grace_s * 1000:
-                        self._attempt_failed(job, f"worker {wid} is no longer running its rank "
-                                             f"(no exit report for {self.lost_rank_grace_s:.0f}s)",
-                                             None)
-                        lost.append(job)
-                        break
-        for job in lost:
-            self._stop_ranks(job)
-
-    def free_workers(self) -> list[WorkerRecord]:
+    def free_workers(self, backend: Backend | None = None,
+                     job: Job | None = None) -> list[WorkerRecord]:
+        """Workers no active job holds. For ``job``, a worker still running a rank of one of its
+        own failed attempts is free (the job is waiting, so every rank of it is stale): starting
+        the new attempt's rank there stops the old one."""
         busy = {w for j in self.store.list_jobs() if j.state.active for w in j.worker_ids}
-        return [w for w in self._workers() if w.worker_id not in busy]
+        workers = backend.workers() if backend else self.workers()
+        free = [w for w in workers if w.worker_id not in busy]
+        if job is not None:
+            free = [replace(w, running_job_id="", running_attempt=0)
+                    if w.running_job_id == job.job_id else w for w in free]
+        return free
+
+    def _resume_from(self, job: Job) -> int:
+        """The newest intact stored checkpoint; a damaged one is skipped with a log event."""
+        for c in reversed(self.store.checkpoints(job.job_id)):
+            problem = self._verify(c)
+            if problem is None:
+                return c.step
+            self._event(job, EventKind.LOG, message=f"checkpoint {c.step} is damaged ({problem})"
+                        "; skipped, resuming from the one before it")
+            logger.warning("checkpoint_damaged", job_id=job.job_id, step=c.step, problem=problem)
+        return 0
 
     def _try_place(self, job: Job) -> None:
         with self._lock:
             job = self.store.get_job(job.job_id)
-            if not job.state.waiting:
+            if not job.state.waiting or self.now_ms() < self._not_before.get(job.job_id, 0):
                 return
-            workers = self.free_workers()
-            decision = decide_queued(job, workers, self.now_ms(), self.placement_timeout_s)
+            name = job.config.cluster.backend
+            backend = self._backends.get(name)
+            if backend is None:  # queued before a restart of this coordinator without Ray
+                self._set_state(job, JobState.FAILED, unavailable(name))
+                return
+            workers = self.free_workers(backend, job)
+            decision = decide_queued(job, workers, self.now_ms(), self.placement_timeout_s,
+                                     self._models and self._models.config(job))
+            shrunk = self.elastic.shrink(job, workers) if isinstance(decision, Wait) else None
+            decision, note = shrunk or (decision, "")  # (elastic: zeroconf only, nothing reserved)
+            if isinstance(decision, Placement):  # where the workers get the model
+                try:
+                    model = self._models.source(job) if self._models else ModelSource()
+                except HerdError as e:
+                    decision = Fail(e.message)
+            if isinstance(decision, Placement) and backend.reserve is not None:
+                reserved = backend.reserve(job, job.attempt + 1, decision,
+                                           {w.worker_id: w for w in workers})
+                if isinstance(reserved, Wait):
+                    decision = wait_or_fail(job, reserved, self.now_ms(), self.placement_timeout_s)
+                else:
+                    workers = list(reserved.values())
             if isinstance(decision, Fail):
                 self._set_state(job, JobState.FAILED, decision.reason)
                 return
@@ -239,20 +236,19 @@ class Scheduler:
                 return
             job.attempt += 1
             job.worker_ids = list(decision.worker_ids)
-            ckpts = self.store.checkpoints(job.job_id) if job.attempt > 1 else []
-            resume = ckpts[-1].step if ckpts else 0
+            resume = self._resume_from(job) if job.attempt > 1 else 0
             self.store.start_attempt(job.job_id, job.attempt, job.worker_ids, self.now_ms())
             layout = (f" as {decision.data_parallel} x {decision.pipeline_stages} (data x "
-                      f"pipeline), blocks {_cut(decision.stage_layers)}"
+                      f"pipeline), blocks {cut_text(decision.stage_layers)}"
                       if decision.stage_layers else "")
             self._set_state(job, JobState.PLACING, f"starting {len(job.worker_ids)} ranks on "
                             + ", ".join(job.worker_ids) + layout
-                            + (f", resuming from checkpoint {resume}" if resume else ""))
+                            + (f", resuming from checkpoint {resume}" if resume else "") + note)
             if decision.path is not None and len(job.worker_ids) > 1:
                 self._event(job, EventKind.LOG, message=decision.path.describe())
-            plan = launches(job, decision, {w.worker_id: w for w in workers}, resume)
-        # Start all ranks together, outside the lock (workers report back while we wait).
-        results = list(self._pool.map(self._start_one, plan))
+            plan = launches(job, decision, {w.worker_id: w for w in workers}, resume, model)
+        # Outside the lock (workers report back while we wait): models first, then every rank.
+        results = bring_up(self._pool, backend, plan, self._on_fetch)
         failed = [(launch, err) for launch, err in zip(plan, results) if err]
         with self._lock:
             job = self.store.get_job(job.job_id)
@@ -260,27 +256,34 @@ class Scheduler:
                 return  # cancelled meanwhile; cancel() stops what started
             if failed:
                 launch, err = failed[0]
-                self._set_state(job, JobState.FAILED, f"rank {launch.rank} could not start on "
-                                f"{launch.worker.worker_id}: {err}")
+                reason = f"rank {launch.rank} could not start on {launch.worker.worker_id}: "
+                if isinstance(err, PeerLostError):  # a link just back, say: worth another try
+                    self._attempt_failed(job, reason + err.message, None)
+                else:
+                    self._set_state(job, JobState.FAILED, reason + err.message)
             else:
                 self._set_state(job, JobState.RUNNING)
         if failed:
             self._stop_ranks(job)
 
-    def _start_one(self, launch: RankLaunch) -> str | None:
-        try:
-            self._launcher.start_rank(launch)
-            return None
-        except HerdError as e:
-            return e.message
+    def _on_fetch(self, launch: RankLaunch, fetch: FetchProgress) -> bool:
+        """Records a worker's fetch progress; False (stop fetching) once the attempt is over."""
+        with self._lock:
+            job = self.store.get_job(launch.job.job_id)
+            if job.state is not JobState.PLACING or job.attempt != launch.job.attempt:
+                return False
+            self._event(job, EventKind.FETCH, fetch=fetch)
+            return True
 
     def _stop_ranks(self, job: Job) -> None:
-        workers = {w.worker_id: w for w in self._workers()}
+        """Stops the attempt's ranks now (a worker that does not answer: Reconciler.stop_stale)."""
+        backend = self._backend(job)
+        workers = {w.worker_id: w for w in backend.workers()}
         targets = [workers[w] for w in job.worker_ids if w in workers]
-        for fut in [self._pool.submit(self._launcher.stop_job, w, job.job_id) for w in targets]:
+        for fut in [self._pool.submit(backend.stop_job, w, job) for w in targets]:
             try:
                 fut.result(timeout=15)
-            except Exception as e:  # a dead worker cannot be stopped; its ranks die with it
+            except Exception as e:
                 logger.warning("stop_rank_failed", job_id=job.job_id, error=str(e))
 
     def cancel(self, job_id: str) -> JobState:
@@ -307,6 +310,17 @@ class Scheduler:
             self._event(job, EventKind.PROGRESS, progress=progress, step=progress.iteration)
             return False
 
+    def on_storage_failed(self, job_id: str, step: int, reason: str) -> None:
+        """A checkpoint the coordinator could not store: the job fails with the reason now."""
+        with self._lock:
+            job = self.store.get_job(job_id)
+            if not job.state.active:
+                return
+            self.reconcile.forget(job_id)
+            self._set_state(job, JobState.FAILED,
+                            f"checkpoint {step} could not be stored on the coordinator: {reason}")
+        self._stop_ranks(job)
+
     def on_log(self, job_id: str, attempt: int, message: str) -> bool:
         with self._lock:
             job = self._current(job_id, attempt)
@@ -325,13 +339,20 @@ class Scheduler:
                 reason = f"rank {rank} on {worker_id} exited with code {code}"
                 self._attempt_failed(job, f"{reason}: {error}" if error else reason, code)
             else:
-                done = self._finished_ranks.setdefault((job_id, attempt), set())
-                done.add(rank)
-                if len(done) < len(job.worker_ids):
+                self.store.add_rank_exit(job_id, attempt, rank, code, self.now_ms())
+                if len(self.store.finished_ranks(job_id, attempt)) < len(job.worker_ids):
                     return
+                self.reconcile.forget(job_id)
                 if job.state is JobState.PLACING:
                     self._set_state(job, JobState.RUNNING)
-                self._set_state(job, JobState.SUCCEEDED)
+                # Agents report a rank's exit after its uploads: by now the final adapter is
+                # stored, or it never will be.
+                if job.iters not in {c.step for c in self.store.checkpoints(job_id)}:
+                    self._set_state(job, JobState.FAILED, (
+                        f"every rank finished, but the final adapter (checkpoint {job.iters}) "
+                        "was never stored on the coordinator; see the job's log lines"))
+                else:
+                    self._set_state(job, JobState.SUCCEEDED)
                 return
         self._stop_ranks(job)
 
@@ -341,26 +362,30 @@ class Scheduler:
             job = self.store.get_job(checkpoint.job_id)
             self._event(job, EventKind.CHECKPOINT, step=checkpoint.step,
                         message=f"checkpoint {checkpoint.step} stored")
+        self.elastic.on_checkpoint(checkpoint.job_id, checkpoint.step)
 
-    def on_worker_lost(self, worker_id: str) -> None:
+    def on_worker_lost(self, worker_id: str, reason: str = "") -> None:
         with self._lock:
             hit = [j for j in self.store.list_jobs()
                    if j.state.active and worker_id in j.worker_ids]
             for job in hit:
-                self._attempt_failed(job, f"worker {worker_id} was lost", None)
+                self._attempt_failed(job, f"worker {worker_id} was lost"
+                                     + (f": {reason}" if reason else ""), None)
         for job in hit:
             self._stop_ranks(job)
+
+    def on_rank_lost(self, job_id: str, attempt: int, rank: int, worker_id: str,
+                     reason: str) -> None:
+        """A rank that died unreported (a Ray actor with its node): as a lost worker."""
+        with self._lock:
+            job = self._current(job_id, attempt)
+            if job is None:
+                return
+            self._attempt_failed(job, f"rank {rank} on {worker_id} was lost: {reason}", None)
+        self._stop_ranks(job)
 
     # --- watching --------------------------------------------------------------------------
 
     def wait_for_events(self, timeout_s: float) -> None:
         with self._changed:
             self._changed.wait(timeout_s)
-
-    def run(self, stop: threading.Event, interval_s: float = 0.5) -> None:
-        while not stop.is_set():
-            try:
-                self.tick()
-            except Exception:  # the loop must survive one bad job; the error is logged in full
-                logger.exception("scheduler_tick_failed")
-            stop.wait(interval_s)

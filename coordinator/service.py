@@ -1,31 +1,63 @@
 """CoordinatorService: thin handlers. Each converts the request once (coordinator/convert.py),
 calls a domain object, converts the reply; herd errors become status codes in herd/rpc/status.py.
+
+``RULES`` says which role may call which rpc (herd/rpc/auth.py enforces it before a handler runs);
+a worker's calls are further held to the jobs it runs here (``_workers_job``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import re
-import uuid
+import queue
+import threading
 from typing import Iterator
 
 import grpc
 
-from coordinator import convert
-from coordinator.artifacts import AdapterStore, BlobStore
+from coordinator import convert, housekeeping
+from coordinator.artifacts import AdapterStore, BlobStore, require_free
+from coordinator.blob_access import check_worker_may_read
 from coordinator.domain import Job
-from coordinator.placement import workers_needed
+from coordinator.jobs import new_job
+from coordinator.logs import LogStore
+from coordinator.models import ModelCatalog, ModelStore
+from coordinator.placement import checkpoint_bytes
 from coordinator.registry import Registry
+from coordinator.reports import adapter_with_report
 from coordinator.scheduler import Scheduler
 from herd import log
-from herd.config import config_from_yaml
-from herd.errors import DatasetError, HerdError, NotFoundError, ProtocolError
-from herd.rpc.files import check_name
-from herd.rpc.status import abort
+from herd.errors import (
+    AuthError,
+    ConfigError,
+    HerdError,
+    NotFoundError,
+    ProtocolError,
+    StorageError,
+)
+from herd.models import ref as refs
+from herd.models.manifest import model_files
+from herd.rpc import auth
+from herd.rpc.names import check_job_id, check_name, check_sha, check_step
+from herd.rpc.status import abort, streaming
 from protos.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
 logger = log.get(__name__)
-REQUIRED_DATA = "train.jsonl"
+
+SERVICE = coordinator_pb2.DESCRIPTOR.services_by_name["CoordinatorService"].full_name
+CLIENT, WORKER = "client", "worker"
+RULES = auth.rules(SERVICE, {
+    # the laptop's CLI (and whoever holds a client certificate)
+    "SubmitJob": CLIENT, "GetJob": CLIENT, "ListJobs": CLIENT, "WatchJob": CLIENT,
+    "CancelJob": CLIENT, "ListWorkers": CLIENT, "PutBlob": CLIENT, "MissingBlobs": CLIENT,
+    "GetJobLog": CLIENT, "DeleteJob": CLIENT,
+    # the model store: what `herd models` lists, adds (files already PutBlob'd, or a hub id the
+    # coordinator fetches) and removes
+    "AddModel": CLIENT, "ListModels": CLIENT, "RemoveModel": CLIENT,
+    # worker agents, each only for the jobs it runs (_workers_job, blob_access.py)
+    "GetBlob": WORKER, "ReportRank": WORKER, "PutCheckpoint": WORKER,
+    "GetAdapter": (CLIENT, WORKER),
+}, sizes={"SubmitJob": 1024 * 1024, "MissingBlobs": 1024 * 1024, "AddModel": 1024 * 1024})
 
 
 def _unary(fn):
@@ -40,51 +72,54 @@ def _unary(fn):
     return wrapper
 
 
-def _stream(fn):
-    @functools.wraps(fn)
-    def wrapper(self, request, context):
-        try:
-            yield from fn(self, request, context)
-        except HerdError as e:
-            logger.info("rpc_refused", rpc=fn.__name__, error=e.message)
-            abort(context, e)
-
-    return wrapper
-
-
-def job_name(raw: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_-]+", "-", raw).strip("-")[:40] or "job"
+_stream = streaming
 
 
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     def __init__(self, scheduler: Scheduler, registry: Registry, blobs: BlobStore,
-                 adapters: AdapterStore):
+                 adapters: AdapterStore, models: ModelCatalog | None = None,
+                 logs: LogStore | None = None, keep_checkpoints: int = 0):
         self.scheduler, self.registry = scheduler, registry
+        self.keep_checkpoints = keep_checkpoints  # per job, newest kept; 0 = all
         self.store = scheduler.store
         self.blobs, self.adapters = blobs, adapters
+        self.models = models or ModelCatalog(ModelStore(blobs.root.parent / "models", blobs))
+        # Ranks' relayed output; by default beside the adapters, in the state dir.
+        self.logs = logs or LogStore(adapters.root.parent / "logs")
 
     # --- jobs ------------------------------------------------------------------------------
 
     def _job_from_spec(self, spec) -> Job:
-        cfg = config_from_yaml(spec.config_yaml, spec.name or "<submitted config>")
-        dataset = [convert.digest_from_pb(f) for f in spec.dataset]
-        names = [check_name(d.name) for d in dataset]
-        if REQUIRED_DATA not in names:
-            raise DatasetError(f"the dataset has no {REQUIRED_DATA}",
-                               hint="a dataset folder holds train.jsonl (and valid.jsonl)")
-        missing = [d.name for d in dataset if not self.blobs.has(d.sha256)]
-        if missing:
-            raise DatasetError(f"dataset files not uploaded: {', '.join(missing)}",
-                               hint="`herd submit` uploads them before submitting")
-        name = job_name(spec.name)
-        return Job(job_id=f"{name}-{uuid.uuid4().hex[:6]}", name=name,
-                   config=cfg, dataset=dataset,
-                   workers_needed=workers_needed(cfg), iters=cfg.iters)
+        job = new_job(spec.name, spec.config_yaml,
+                      [convert.digest_from_pb(f) for f in spec.dataset], self.blobs,
+                      self.models, spec.model_digest)
+        # Room for two of its checkpoints (a step is written beside the previous one), now.
+        require_free(self.adapters.root, 2 * checkpoint_bytes(job.config), "the job's checkpoints")
+        return job
+
+    def _workers_job(self, context, job_id: str, attempt: int | None = None) -> Job | None:
+        """For a worker's call, the job it names, which must be active with the caller among its
+        current attempt's workers (and ``attempt`` that attempt, when given); None for a client's
+        call."""
+        peer = auth.peer_of(context)
+        if peer is None or peer.role != WORKER:
+            return None
+        job = self.store.get_job(check_job_id(job_id))
+        if not job.state.active or peer.name not in job.worker_ids:
+            raise AuthError(f"worker {peer.name} runs no rank of job {job_id}")
+        if attempt is not None and attempt != job.attempt:
+            raise AuthError(f"attempt {attempt} of job {job_id} is not running",
+                            hint=f"attempt {job.attempt} is")
+        return job
 
     @_unary
     def SubmitJob(self, request, context):
         job = self.scheduler.submit(self._job_from_spec(request.spec))
-        return coordinator_pb2.SubmitJobReply(job_id=job.job_id)
+        # Every backend's workers count: a Ray job on a coordinator that also has agents is
+        # rare, and the warning is advice, never a refusal.
+        warning = housekeeping.wait_warning(job, len(self.scheduler.workers()),
+                                            self.scheduler.placement_timeout_s)
+        return coordinator_pb2.SubmitJobReply(job_id=job.job_id, warning=warning)
 
     def _status(self, job: Job):
         return convert.job_to_pb(job, self.store.latest_progress(job.job_id),
@@ -96,7 +131,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
 
     @_unary
     def ListJobs(self, request, context):
-        return coordinator_pb2.ListJobsReply(jobs=[self._status(j) for j in self.store.list_jobs()])
+        return coordinator_pb2.ListJobsReply(jobs=[self._status(j) for j in self.store.list_jobs()],
+                                             coordinator_health=self.scheduler.health)
 
     @_stream
     def WatchJob(self, request, context) -> Iterator:
@@ -120,9 +156,37 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         return coordinator_pb2.CancelJobReply(state=convert.state_to_pb(state))
 
     @_unary
+    def DeleteJob(self, request, context):
+        job = housekeeping.delete_ended_job(self.store, check_job_id(request.job_id))
+        self.adapters.remove_job(job.job_id)
+        self.logs.remove(job.job_id)
+        # Blobs are shared: keep those another job's dataset or a stored model holds.
+        used = {d.sha256 for j in self.store.list_jobs() for d in j.dataset} | {
+            f.sha256 for m in self.models.store.list() for f in m.files}
+        for d in job.dataset:
+            if d.sha256 not in used:
+                self.blobs.remove(d.sha256)
+        return coordinator_pb2.DeleteJobReply()
+
+    @_unary
+    def GetJobLog(self, request, context):
+        job = self.store.get_job(check_job_id(request.job_id))
+        attempt = request.attempt or job.attempt
+        ranks = next((len(ids) for a, ids, _ in self.store.attempts(job.job_id) if a == attempt),
+                     0)
+        if not 0 <= request.rank < max(ranks, 1):
+            raise NotFoundError(
+                f"job {job.job_id} has no rank {request.rank} in attempt {attempt}"
+                + (f" (ranks 0-{ranks - 1})" if ranks else " (it has not been placed yet)"))
+        data = (self.logs.read(job.job_id, attempt, request.rank, request.offset,
+                               request.max_bytes) if ranks else b"")
+        return coordinator_pb2.GetJobLogReply(data=data, next_offset=request.offset + len(data),
+                                              attempt=attempt, ranks=ranks)
+
+    @_unary
     def ListWorkers(self, request, context):
         return coordinator_pb2.ListWorkersReply(
-            workers=[convert.worker_to_pb(w) for w in self.registry.workers()],
+            workers=[convert.worker_to_pb(w) for w in self.scheduler.workers()],
             refused=[coordinator_pb2.RefusedWorker(source=s, target=r.target, kind=r.kind,
                                                    reason=r.reason)
                      for s, r in sorted(self.registry.refusals().items())])
@@ -145,13 +209,95 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
 
     @_stream
     def GetBlob(self, request, context):
-        for block in self.blobs.read(request.sha256):
+        peer = auth.peer_of(context)
+        if peer is not None and peer.role == WORKER:
+            check_worker_may_read(self.store.list_jobs(), self.models.store, peer.name,
+                                  check_sha(request.sha256))
+        for block in self.blobs.read(request.sha256, request.offset):
             yield common_pb2.FileChunk(data=block)
+
+    @_unary
+    def MissingBlobs(self, request, context):
+        return coordinator_pb2.MissingBlobsReply(
+            sha256=[sha for sha in request.sha256 if not self.blobs.has(check_sha(sha))])
+
+    # --- models ----------------------------------------------------------------------------
+
+    def _model_info(self, model, jobs: list[Job] = ()) -> common_pb2.ModelInfo:
+        return convert.model_to_pb(model, [j.job_id for j in jobs
+                                           if j.model_digest == model.digest])
+
+    @_stream
+    def AddModel(self, request, context):
+        store, now = self.models.store, self.scheduler.now_ms()
+        if not request.hub_ref:
+            files = [convert.digest_from_pb(f) for f in request.files]
+            model = store.add(files, request.name or "model", now)
+            yield coordinator_pb2.AddModelProgress(phase="import", model=self._model_info(model))
+            return
+        ref = refs.parse(request.hub_ref)
+        if ref.is_local:
+            raise ConfigError(f"{request.hub_ref!r} is a path: the coordinator fetches hub ids",
+                              hint="the CLI uploads a folder's files itself")
+        hub = refs.resolve(ref)
+        counts = {"download": 0, "import": 0}
+        progress: queue.Queue = queue.Queue()
+
+        def work():
+            try:
+                folder = refs.snapshot(hub.repo_id, hub.commit, tqdm_class=refs.hub_progress(
+                    lambda n: counts.__setitem__("download", counts["download"] + n)))
+                total = sum(p.stat().st_size for p in model_files(folder))
+                progress.put(("import", total))
+                progress.put(store.import_folder(
+                    folder, hub.pinned, now, link=True,
+                    on_bytes=lambda n: counts.__setitem__("import", counts["import"] + n)))
+            except HerdError as e:
+                progress.put(e)
+
+        threading.Thread(target=work, daemon=True, name="add-model").start()
+        phase, total = "download", 0
+        while context.is_active():
+            try:
+                item = progress.get(timeout=0.5)
+            except queue.Empty:
+                yield coordinator_pb2.AddModelProgress(phase=phase, bytes_done=counts[phase],
+                                                       bytes_total=total)
+                continue
+            if isinstance(item, HerdError):
+                raise item
+            if isinstance(item, tuple):
+                phase, total = item
+                continue
+            logger.info("model_added", model=hub.pinned, digest=item.digest, bytes=item.bytes)
+            yield coordinator_pb2.AddModelProgress(phase="import", bytes_done=item.bytes,
+                                                   bytes_total=item.bytes,
+                                                   model=self._model_info(item))
+            return
+
+    @_unary
+    def ListModels(self, request, context):
+        jobs = self.store.list_jobs()
+        return coordinator_pb2.ListModelsReply(
+            models=[self._model_info(m, jobs) for m in self.models.store.list()])
+
+    @_unary
+    def RemoveModel(self, request, context):
+        model, freed = self.models.remove(request.model, self.store.list_jobs())
+        logger.info("model_removed", digest=model.digest, freed_bytes=freed)
+        return coordinator_pb2.RemoveModelReply(model=self._model_info(model), freed_bytes=freed)
 
     # --- ranks -----------------------------------------------------------------------------
 
     @_unary
     def ReportRank(self, request, context):
+        peer = auth.peer_of(context)
+        if peer is None or request.worker_id != peer.name:
+            raise AuthError(f"{peer.label if peer else 'the caller'} may only report its own "
+                            f"ranks, not worker {request.worker_id[:80]!r}'s")
+        job = self.store.get_job(check_job_id(request.job_id))
+        if peer.name not in job.worker_ids:
+            return coordinator_pb2.ReportRankReply(stop=True)  # not a rank of this job (now)
         kind = request.WhichOneof("report")
         s = self.scheduler
         if kind == "progress":
@@ -159,6 +305,11 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                                  convert.progress_from_pb(request.progress))
         elif kind == "log":
             stop = s.on_log(request.job_id, request.attempt, request.log)
+        elif kind == "rank_log":  # kept whatever the job's state: a stopped rank's last words
+            self.store.get_job(request.job_id)
+            self.logs.write(request.job_id, request.attempt, request.rank,
+                            request.rank_log.offset, request.rank_log.data)
+            stop = False
         elif kind == "exit":
             s.on_exit(request.job_id, request.attempt, request.rank, request.worker_id,
                       request.exit.exit_code, request.exit.error)
@@ -173,27 +324,43 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         if first is None or first.WhichOneof("part") != "header":
             raise ProtocolError("PutCheckpoint: the first message must be the header")
         h = first.header
-        self.store.get_job(h.job_id)
+        # Only a running attempt of the job, from one of its workers, at a step the job can reach.
+        job = self._workers_job(context, h.job_id, h.attempt)
+        if job is None:
+            raise AuthError("only a worker running the job uploads its checkpoints")
+        check_step(h.step, job.iters)
         files = [convert.digest_from_pb(f) for f in h.files]
+        for f in files:
+            check_name(f.name, "checkpoint")
         chunks = ((m.chunk.name, m.chunk.data) for m in request_iterator
                   if m.WhichOneof("part") == "chunk")
         now = self.scheduler.now_ms()
-        if h.HasField("stage"):
-            piece = convert.stage_from_pb(h.stage)
-            checkpoint = self.adapters.receive_piece(h.job_id, h.step, piece, files, chunks, now)
-            logger.info("stage_piece_stored", job_id=h.job_id, step=h.step, stage=piece.index,
-                        stages=piece.count, merged=checkpoint is not None)
-            if checkpoint is None:  # the step's adapter waits for the other stages' pieces
-                return coordinator_pb2.PutCheckpointReply()
-        else:
-            checkpoint = self.adapters.receive(h.job_id, h.step, files, chunks, now)
+        try:
+            if h.HasField("stage"):
+                piece = convert.stage_from_pb(h.stage)
+                checkpoint = self.adapters.receive_piece(h.job_id, h.step, piece, files, chunks,
+                                                         now)
+                logger.info("stage_piece_stored", job_id=h.job_id, step=h.step,
+                            stage=piece.index, stages=piece.count, merged=checkpoint is not None)
+                if checkpoint is None:  # the step's adapter waits for the other stages' pieces
+                    return coordinator_pb2.PutCheckpointReply()
+            else:
+                checkpoint = self.adapters.receive(h.job_id, h.step, files, chunks, now)
+        except StorageError as e:
+            # The job fails with the reason now; it never ends SUCCEEDED without its adapter.
+            logger.error("checkpoint_not_stored", job_id=h.job_id, step=h.step, error=e.message)
+            self.scheduler.on_storage_failed(h.job_id, h.step, e.message)
+            raise
         self.scheduler.on_checkpoint(checkpoint)
+        for step in housekeeping.expired_checkpoints(self.store, h.job_id, self.keep_checkpoints):
+            self.adapters.remove_step(h.job_id, step)
         logger.info("checkpoint_stored", job_id=h.job_id, step=h.step,
                     bytes=sum(f.bytes for f in checkpoint.files))
         return coordinator_pb2.PutCheckpointReply(checkpoint=convert.checkpoint_to_pb(checkpoint))
 
     @_stream
     def GetAdapter(self, request, context):
+        self._workers_job(context, request.job_id)  # a worker: only a job it runs
         self.store.get_job(request.job_id)  # NOT_FOUND for an unknown job
         checkpoints = self.store.checkpoints(request.job_id)
         if request.step:
@@ -215,8 +382,11 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                 yield coordinator_pb2.GetAdapterReply(
                     chunk=common_pb2.FileChunk(name=name, data=block))
             return
-        yield coordinator_pb2.GetAdapterReply(header=convert.checkpoint_to_pb(c))
-        for name, block in self.adapters.files(c):
+        # The adapter, then its metrics.jsonl and loss curve (coordinator/reports.py).
+        files, chunks = adapter_with_report(self.store, self.adapters, c)
+        yield coordinator_pb2.GetAdapterReply(
+            header=convert.checkpoint_to_pb(dataclasses.replace(c, files=files)))
+        for name, block in chunks:
             yield coordinator_pb2.GetAdapterReply(chunk=common_pb2.FileChunk(name=name, data=block))
 
 

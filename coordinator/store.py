@@ -1,13 +1,20 @@
 """JobStore: jobs, attempts, events and checkpoints in SQLite in the coordinator's state dir.
 
-A coordinator restarted on the same state dir sees everything it knew. Schema changes go through
-the small migration table below: append a step, never edit one.
+A coordinator restarted on the same state dir sees everything it knew, including which ranks of
+a running attempt already finished. Schema changes go through the small migration table below:
+append a step, never edit one.
+
+SQLite errors (a full disk, an I/O error) become StorageError naming the database and its disk's
+free space, and ``health`` says so until a write succeeds again: the coordinator reports a state,
+not a traceback per call.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import shutil
 import sqlite3
 import threading
 from pathlib import Path
@@ -15,6 +22,7 @@ from pathlib import Path
 from coordinator.domain import (
     Checkpoint,
     EventKind,
+    FetchProgress,
     FileDigest,
     Job,
     JobEvent,
@@ -22,7 +30,7 @@ from coordinator.domain import (
     RankProgress,
 )
 from herd.config import JobConfig, config_from_yaml, config_to_yaml
-from herd.errors import NotFoundError
+from herd.errors import NotFoundError, StorageError
 
 _MIGRATIONS = [
     """
@@ -43,7 +51,47 @@ _MIGRATIONS = [
         job_id TEXT NOT NULL, step INTEGER NOT NULL, files TEXT NOT NULL,
         created_ms INTEGER NOT NULL, PRIMARY KEY (job_id, step));
     """,
+    """
+    ALTER TABLE jobs ADD COLUMN model_digest TEXT NOT NULL DEFAULT '';
+    ALTER TABLE events ADD COLUMN fetch TEXT;
+    """,
+    # Ranks that finished, so a restarted coordinator still knows which ranks of an attempt it
+    # re-adopts are done.
+    """
+    CREATE TABLE rank_exits (
+        job_id TEXT NOT NULL, attempt INTEGER NOT NULL, rank INTEGER NOT NULL,
+        exit_code INTEGER NOT NULL, time_ms INTEGER NOT NULL,
+        PRIMARY KEY (job_id, attempt, rank));
+    """,
 ]
+
+
+@dataclasses.dataclass(frozen=True)
+class Attempt:
+    attempt: int
+    worker_ids: list[str]
+    started_ms: int
+    ended_ms: int | None
+    outcome: str | None
+
+
+def _guarded(write: bool):
+    """SQLite errors as StorageError; a write that succeeds again clears ``health``."""
+
+    def deco(fn):
+        @functools.wraps(fn)
+        def wrapper(self, *args, **kw):
+            try:
+                result = fn(self, *args, **kw)
+            except sqlite3.Error as e:
+                raise self._storage_error(e) from None
+            if write and self.health:
+                self.health = ""
+            return result
+
+        return wrapper
+
+    return deco
 
 
 def _job(row: sqlite3.Row, config: JobConfig) -> Job:
@@ -53,6 +101,7 @@ def _job(row: sqlite3.Row, config: JobConfig) -> Job:
         workers_needed=row["workers_needed"], iters=row["iters"], state=JobState(row["state"]),
         message=row["message"], created_ms=row["created_ms"], updated_ms=row["updated_ms"],
         attempt=row["attempt"], worker_ids=json.loads(row["worker_ids"]),
+        model_digest=row["model_digest"],
     )
 
 
@@ -62,6 +111,7 @@ def _event(row: sqlite3.Row) -> JobEvent:
         state=JobState(row["state"]) if row["state"] else None, message=row["message"],
         progress=RankProgress(**json.loads(row["progress"])) if row["progress"] else None,
         step=row["step"],
+        fetch=FetchProgress(**json.loads(row["fetch"])) if row["fetch"] else None,
     )
 
 
@@ -69,6 +119,8 @@ class JobStore:
     """Thread-safe: one connection, one lock (the coordinator's write rate is tiny)."""
 
     def __init__(self, path: Path):
+        self.path = path
+        self.health = ""  # why the database cannot be written, while it cannot
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
@@ -89,20 +141,31 @@ class JobStore:
                 self._db.executescript(
                     f"BEGIN; {sql}; INSERT INTO migrations VALUES ({version}); COMMIT;")
 
+    def _storage_error(self, e: sqlite3.Error) -> StorageError:
+        try:
+            free = f"{shutil.disk_usage(self.path.parent).free / 1e6:.1f} MB free"
+        except OSError:
+            free = "its disk unreadable"
+        self.health = (f"the job database {self.path} cannot be written: {e} ({free} on its "
+                       "disk)")
+        return StorageError(self.health, hint=f"free space on the disk holding {self.path.parent} "
+                            "(the coordinator's --state-dir); it carries on once it can write")
+
     def schema_version(self) -> int:
         with self._lock:
             return self._db.execute("SELECT MAX(version) FROM migrations").fetchone()[0] or 0
 
     # --- jobs ------------------------------------------------------------------------------
 
+    @_guarded(write=True)
     def put_job(self, job: Job) -> None:
         with self._lock:
             self._db.execute(
-                "INSERT OR REPLACE INTO jobs VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT OR REPLACE INTO jobs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (job.job_id, job.name, config_to_yaml(job.config),
                  json.dumps([dataclasses.asdict(d) for d in job.dataset]), job.workers_needed,
                  job.iters, job.state.value, job.message, job.created_ms, job.updated_ms,
-                 job.attempt, json.dumps(job.worker_ids)),
+                 job.attempt, json.dumps(job.worker_ids), job.model_digest),
             )
 
     def _config(self, row: sqlite3.Row) -> JobConfig:
@@ -111,6 +174,7 @@ class JobStore:
             config = self._configs[text] = config_from_yaml(text, f"job {row['job_id']}")
         return config
 
+    @_guarded(write=False)
     def get_job(self, job_id: str) -> Job:
         with self._lock:
             row = self._db.execute("SELECT * FROM jobs WHERE job_id=?", (job_id,)).fetchone()
@@ -118,46 +182,86 @@ class JobStore:
             raise NotFoundError(f"no job {job_id!r}", hint="`herd jobs` lists the jobs")
         return _job(row, self._config(row))
 
+    @_guarded(write=False)
     def list_jobs(self) -> list[Job]:
         with self._lock:
             rows = self._db.execute(
                 "SELECT * FROM jobs ORDER BY created_ms DESC, job_id").fetchall()
         return [_job(r, self._config(r)) for r in rows]
 
+    def delete_job(self, job_id: str) -> None:
+        """Forgets the job: its row, attempts, events and checkpoint records (files are the
+        AdapterStore's)."""
+        with self._lock:
+            self._db.execute("BEGIN")
+            for table in ("jobs", "attempts", "events", "checkpoints"):
+                self._db.execute(f"DELETE FROM {table} WHERE job_id=?", (job_id,))
+            self._db.execute("COMMIT")
+
     # --- attempts --------------------------------------------------------------------------
 
+    @_guarded(write=True)
     def start_attempt(self, job_id: str, attempt: int, worker_ids: list[str], now_ms: int) -> None:
         with self._lock:
             self._db.execute("INSERT OR REPLACE INTO attempts VALUES (?,?,?,?,NULL,NULL)",
                              (job_id, attempt, json.dumps(worker_ids), now_ms))
 
+    @_guarded(write=True)
     def end_attempt(self, job_id: str, attempt: int, outcome: str, now_ms: int) -> None:
         with self._lock:
             self._db.execute(
                 "UPDATE attempts SET ended_ms=?, outcome=? WHERE job_id=? AND attempt=? "
                 "AND ended_ms IS NULL", (now_ms, outcome, job_id, attempt))
 
+    @_guarded(write=False)
     def attempts(self, job_id: str) -> list[tuple[int, list[str], str | None]]:
         with self._lock:
             rows = self._db.execute("SELECT * FROM attempts WHERE job_id=? ORDER BY attempt",
                                     (job_id,)).fetchall()
         return [(r["attempt"], json.loads(r["worker_ids"]), r["outcome"]) for r in rows]
 
+    @_guarded(write=False)
+    def attempt_history(self, job_id: str) -> list[Attempt]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM attempts WHERE job_id=? ORDER BY attempt",
+                                    (job_id,)).fetchall()
+        return [Attempt(r["attempt"], json.loads(r["worker_ids"]), r["started_ms"], r["ended_ms"],
+                        r["outcome"]) for r in rows]
+
+    @_guarded(write=True)
+    def add_rank_exit(self, job_id: str, attempt: int, rank: int, exit_code: int,
+                      now_ms: int) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO rank_exits VALUES (?,?,?,?,?)",
+                             (job_id, attempt, rank, exit_code, now_ms))
+
+    @_guarded(write=False)
+    def finished_ranks(self, job_id: str, attempt: int) -> set[int]:
+        """Ranks of the attempt that exited with 0."""
+        with self._lock:
+            rows = self._db.execute("SELECT rank FROM rank_exits WHERE job_id=? AND attempt=? "
+                                    "AND exit_code=0", (job_id, attempt)).fetchall()
+        return {r[0] for r in rows}
+
     # --- events ----------------------------------------------------------------------------
 
+    @_guarded(write=True)
     def add_event(self, job_id: str, time_ms: int, kind: EventKind, *,
                   state: JobState | None = None, message: str = "",
-                  progress: RankProgress | None = None, step: int = 0) -> JobEvent:
+                  progress: RankProgress | None = None, step: int = 0,
+                  fetch: FetchProgress | None = None) -> JobEvent:
         with self._lock:
             seq = self._db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE job_id=?",
                                    (job_id,)).fetchone()[0]
             self._db.execute(
-                "INSERT INTO events VALUES (?,?,?,?,?,?,?,?)",
+                "INSERT INTO events VALUES (?,?,?,?,?,?,?,?,?)",
                 (job_id, seq, time_ms, kind.value, state.value if state else None, message,
-                 json.dumps(dataclasses.asdict(progress)) if progress else None, step),
+                 json.dumps(dataclasses.asdict(progress)) if progress else None, step,
+                 json.dumps(dataclasses.asdict(fetch)) if fetch else None),
             )
-        return JobEvent(job_id, seq, time_ms, kind, state, message, progress, step)
+        return JobEvent(job_id, seq, time_ms, kind, state, message, progress, step, fetch)
 
+    @_guarded(write=False)
     def events(self, job_id: str, after_seq: int = 0, limit: int = 1000) -> list[JobEvent]:
         with self._lock:
             rows = self._db.execute(
@@ -165,6 +269,18 @@ class JobStore:
                 (job_id, after_seq, limit)).fetchall()
         return [_event(r) for r in rows]
 
+    @_guarded(write=False)
+    def events_after(self, cursor: int, limit: int = 1000) -> list[tuple[int, JobEvent]]:
+        """Every job's events in the order they were recorded, after ``cursor`` (0 = from the
+        first), each with its cursor: SQLite's rowid, which grows with each insert since events
+        are never deleted. The dashboard and /metrics follow the whole cluster with it."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT rowid, * FROM events WHERE rowid>? ORDER BY rowid LIMIT ?",
+                (cursor, limit)).fetchall()
+        return [(r["rowid"], _event(r)) for r in rows]
+
+    @_guarded(write=False)
     def latest_progress(self, job_id: str, attempt_start_ms: int = 0) -> list[RankProgress]:
         """The last progress of each rank (rebuilt from events, so it survives a restart)."""
         with self._lock:
@@ -179,12 +295,14 @@ class JobStore:
 
     # --- checkpoints -----------------------------------------------------------------------
 
+    @_guarded(write=True)
     def add_checkpoint(self, c: Checkpoint) -> None:
         with self._lock:
             files = json.dumps([dataclasses.asdict(f) for f in c.files])
             self._db.execute("INSERT OR REPLACE INTO checkpoints VALUES (?,?,?,?)",
                              (c.job_id, c.step, files, c.created_ms))
 
+    @_guarded(write=False)
     def checkpoints(self, job_id: str) -> list[Checkpoint]:
         with self._lock:
             rows = self._db.execute("SELECT * FROM checkpoints WHERE job_id=? ORDER BY step",
@@ -192,6 +310,10 @@ class JobStore:
         return [Checkpoint(r["job_id"], r["step"],
                            [FileDigest(**f) for f in json.loads(r["files"])], r["created_ms"])
                 for r in rows]
+
+    def delete_checkpoint(self, job_id: str, step: int) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM checkpoints WHERE job_id=? AND step=?", (job_id, step))
 
     def close(self) -> None:
         with self._lock:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job, end to end on one machine (`make demo`):
-#   a cluster secret in a temp HERD_HOME, `herd up --workers 2` (coordinator + 2 worker agents on
+#   a cluster CA in a temp HERD_HOME (herd init), `herd up --workers 2` (coordinator + 2 worker agents on
 #   loopback), a tiny model and dataset, a 2-worker LoRA job submitted and watched through the CLI,
 #   the adapter pulled from the coordinator, and a sample generated with it by mlx-lm.
 # Every process it starts is stopped on exit. HERD_DEMO_KEEP=1 keeps the temp folder.
@@ -43,19 +43,14 @@ UP_PID=$!
 echo "== tiny model and dataset"
 herd tiny-model "$WORK/model" --arch llama --layers 4 --hidden 256
 herd tiny-data "$WORK/data" --format text
-cp deploy/demo-config.yaml "$WORK/job.yaml"   # model: model, data: data resolve beside it
+cp deploy/demo-config.yaml "$WORK/job.yaml"   # model: model, data: data, from $WORK
 
 echo "== waiting for 2 verified workers"
-for _ in $(seq 1 60); do
-  n=$(herd workers --coordinator "$COORD" 2>/dev/null | tail -n +2 | grep -c . || true)
-  [[ "$n" -ge 2 ]] && break
-  sleep 0.5
-done
-herd workers --coordinator "$COORD"
+herd workers --wait 2 --coordinator "$COORD"
 
 echo "== herd submit"
-JOB=$(herd submit "$WORK/job.yaml" --coordinator "$COORD")
-echo "submitted $JOB"
+# Relative paths in a job config resolve from the current folder, as in mlx_lm.lora.
+JOB=$(cd "$WORK" && herd submit job.yaml --coordinator "$COORD")
 echo "== herd watch $JOB"
 herd watch "$JOB" --coordinator "$COORD"
 herd jobs --coordinator "$COORD"

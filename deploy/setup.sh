@@ -2,6 +2,7 @@
 # Installs herd and its dependencies into .venv (uv, from the lock file).
 # On Debian/Ubuntu it also installs OpenBLAS: the mlx-cpu wheel links the slow reference BLAS,
 # and herd's Linux training processes preload OpenBLAS when it is present (about 25x faster matmuls).
+# And Chromium, for the dashboard's browser test (tests/test_dashboard_e2e.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ "$(uname)" == "Linux" ]] && command -v apt-get >/dev/null; then
@@ -10,6 +11,14 @@ if [[ "$(uname)" == "Linux" ]] && command -v apt-get >/dev/null; then
     echo "herd setup: installing OpenBLAS (libopenblas0-pthread)"
     ($SUDO apt-get update -qq && $SUDO apt-get install -y -qq libopenblas0-pthread) \
       || echo "herd setup: could not install OpenBLAS; training will run on the slow reference BLAS"
+  fi
+  # The dashboard's tests drive Debian's Chromium with Playwright (never `playwright install`,
+  # which downloads a browser build of its own).
+  if ! command -v chromium >/dev/null; then
+    SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
+    echo "herd setup: installing Chromium for the dashboard tests"
+    ($SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium) \
+      || echo "herd setup: could not install Chromium; the dashboard's browser test will skip"
   fi
   # The multi-host tests (tests/netns.py, run as root) build network namespaces with iproute2
   # and drop frames between two of them with nftables.

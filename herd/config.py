@@ -8,13 +8,31 @@ from __future__ import annotations
 
 import difflib
 import re
+import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from herd import bounded_yaml
 from herd.errors import ConfigError
+
+
+class LegacyKeyWarning(FutureWarning):
+    """A config key older mlx-lm versions read: still accepted, mapped to today's key.
+    (A FutureWarning, so Python shows it to users by default; ``herd`` prints it as a
+    ``warning:`` line.)"""
+
+
+# Keys older mlx-lm versions read, mapped to today's (with a DeprecationWarning):
+# name -> (today's key, how the value converts).
+LEGACY_KEYS: dict[str, tuple[str, Any]] = {
+    # mlx-lm < 0.20: DoRA was a flag. (mlx-lm 0.32 reads it no more: it would train plain LoRA.)
+    "use_dora": ("fine_tune_type", lambda v: "dora" if v else "lora"),
+    # mlx-lm < 0.20 called num_layers lora_layers.
+    "lora_layers": ("num_layers", lambda v: v),
+}
 
 
 class _Strict(BaseModel):
@@ -50,6 +68,22 @@ class LrSchedule(_Strict):
         return v
 
 
+class HfDataset(_Strict):
+    """One entry of ``hf_dataset``: a dataset ``datasets.load_dataset`` loads (mlx-lm's keys and
+    defaults, ``mlx_lm/tuner/datasets.py`` load_custom_hf_dataset)."""
+
+    path: str = Field(description="a hub id, or a loader such as 'json' with config.data_files")
+    config: dict[str, Any] = Field(default_factory=dict,
+                                   description="keyword arguments of datasets.load_dataset")
+    train_split: str = "train[:80%]"
+    valid_split: str = "train[-10%:]"
+    test_split: str | None = None
+    prompt_feature: str = "prompt"
+    completion_feature: str = "completion"
+    text_feature: str = "text"
+    chat_feature: str = "messages"
+
+
 class Parallelism(_Strict):
     data: int | Literal["auto"] = "auto"
     pipeline: int = Field(1, ge=1)
@@ -62,11 +96,31 @@ class Cluster(_Strict):
     parallelism: Parallelism | Literal["auto"] = "auto"
     exchange: Literal["mlx", "grpc", "auto"] = "auto"
     backend: Literal["zeroconf", "ray", "static"] = "zeroconf"
+    ray_address: str = Field(
+        "auto", description="backend ray: the Ray cluster to drive: its head's host:port, or "
+        "auto (RAY_ADDRESS, else the cluster last started by `ray start` on the coordinator's "
+        "machine)")
     max_restarts: int = Field(2, ge=0)
     exchange_timeout_s: float = Field(60.0, gt=0, description="deadline of one gradient exchange")
     wire_dtype: Literal["float32", "bfloat16"] = "float32"
+    gradient_average: Literal["tokens", "mlx_lm"] = Field(
+        "tokens",
+        description="tokens: the step's gradient is the mean over all its target tokens (every "
+        "micro-batch and rank divided by the step's token count), so N ranks == 1 rank; mlx_lm: "
+        "mlx_lm.lora's numbers (each micro-batch's own mean, averaged over accumulation steps "
+        "and ranks)",
+    )
+    model_source: Literal["auto", "coordinator", "hub"] = Field(
+        "auto", description="where workers get a hub model: the coordinator's model store when it "
+        "holds it, else straight from the hub (auto); only the store; only the hub")
     allow_wifi: bool = Field(False, description="let gradients go over Wi-Fi when it is the only "
                              "network the workers share (coordinator/planner/network.py)")
+    packing: bool = Field(False, description="pack documents into rows (worker/rank/packing.py)")
+    balance: bool = Field(True, description="each data-parallel rank's share follows its speed")
+    shares: list[Annotated[int, Field(ge=1)]] | None = Field(  # a split of the global batch
+        None, min_length=1, description="each data-parallel rank's examples (or rows)")
+    max_shares: list[Annotated[int, Field(ge=1)]] | None = Field(  # planner: memory's limits
+        None, min_length=1, description="the most examples (or rows) each rank may take")
 
     def data_parallel(self) -> int | None:
         """The data-parallel degree if fixed by the config, else None (decided at placement)."""
@@ -76,6 +130,13 @@ class Cluster(_Strict):
 
     def pipeline_stages(self) -> int:
         return self.parallelism.pipeline if isinstance(self.parallelism, Parallelism) else 1
+
+    @model_validator(mode="after")
+    def _ray_address_needs_ray(self):
+        if self.ray_address != "auto" and self.backend != "ray":
+            raise ValueError(f"ray_address is only read with backend: ray (backend is "
+                             f"{self.backend}); set backend: ray or drop ray_address")
+        return self
 
 
 class Quantize(_Strict):
@@ -91,12 +152,14 @@ class JobConfig(_Strict):
     model: str = "Qwen/Qwen3-0.6b"
     train: bool = False
     fine_tune_type: Literal["lora", "dora", "full"] = "lora"
-    optimizer: Literal["adam", "adamw", "muon", "sgd", "adafactor"] = "adam"
+    optimizer: Literal["adam", "adamw", "muon", "sgd", "adafactor"] = Field(
+        "adam", description="case-insensitive, as mlx-lm lower-cases it")
     optimizer_config: dict[str, dict[str, Any]] = Field(
         default_factory=lambda: {k: {} for k in ("adam", "adamw", "muon", "sgd", "adafactor")}
     )
     data: str = "mlx-community/WikiSQL"
-    hf_dataset: Any = None
+    hf_dataset: HfDataset | list[HfDataset] | None = Field(
+        None, description="read through `datasets` instead of the data folder (as mlx-lm)")
     seed: int = 0
     num_layers: int = Field(16, ge=-1)
     batch_size: int = Field(4, ge=1)
@@ -140,21 +203,70 @@ class JobConfig(_Strict):
     @model_validator(mode="after")
     def _cross(self) -> "JobConfig":
         dp = self.cluster.data_parallel()
-        if dp is not None and self.batch_size % dp != 0:
+        if dp is not None and self.cluster.shares is None and self.batch_size % dp != 0:
             raise ValueError(
                 f"batch_size {self.batch_size} is not divisible by cluster.parallelism.data {dp}: "
                 f"each data-parallel rank takes batch_size / data examples; use a batch_size that "
                 f"is a multiple of {dp}"
             )
-        accum = self.grad_accumulation_steps
-        for key in ("iters", "save_every"):
-            if getattr(self, key) % accum != 0:
-                raise ValueError(
-                    f"{key} = {getattr(self, key)} is not a multiple of grad_accumulation_steps "
-                    f"= {accum}: checkpoints and the end of training fall on optimizer steps; use "
-                    f"a multiple of {accum}"
-                )
+        shares, caps = self.cluster.shares, self.cluster.max_shares
+        if shares is not None and (sum(shares) != self.batch_size or dp and len(shares) != dp):
+            raise ValueError(f"cluster.shares {shares} split the global batch: one per "
+                             f"data-parallel rank ({dp or 'any'}), summing to {self.batch_size}")
+        if caps is not None and sum(caps) < self.batch_size:
+            raise ValueError(f"cluster.max_shares {caps} sum below batch_size {self.batch_size}")
+        if self.cluster.gradient_average == "mlx_lm" and (shares or caps or self.cluster.packing):
+            raise ValueError("cluster.gradient_average: mlx_lm takes no shares or packing")
+        if self.cluster.gradient_average == "mlx_lm" and self.cluster.pipeline_stages() > 1:
+            raise ValueError(
+                "cluster.gradient_average: mlx_lm is for data-parallel and single-process jobs; "
+                "pipeline stages average by tokens (remove gradient_average or the pipeline)"
+            )
+        hf = self.hf_datasets()
+        if self.test and hf and any(d.test_split is None for d in hf):
+            raise ValueError(
+                "test: true with hf_dataset needs a test_split in every hf_dataset entry "
+                "(mlx-lm reads it from there), e.g. test_split: test"
+            )
+        if not self.train and not self.test and "train" in self.model_fields_set:
+            raise ValueError(
+                "train: false and test: false leaves nothing to do (mlx_lm.lora stops the same "
+                "way); set train: true, or test: true to evaluate an existing adapter"
+            )
         return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mlx_lm_spellings(cls, raw: Any) -> Any:
+        """What mlx-lm accepts that the schema spells one way: optimizer names in any case
+        (mlx-lm lower-cases them) and legacy keys (mapped, with a deprecation warning)."""
+        if not isinstance(raw, dict):
+            return raw
+        raw = dict(raw)
+        if isinstance(raw.get("optimizer"), str):
+            raw["optimizer"] = raw["optimizer"].lower()
+        for old, (new, convert) in LEGACY_KEYS.items():
+            if old not in raw:
+                continue
+            value = raw.pop(old)
+            if new in raw:
+                raise ValueError(f"{old} (legacy) and {new} are both set; keep only {new}")
+            mapped = convert(value)
+            warnings.warn(f"{old}: {value!r} is a legacy mlx-lm key, read as {new}: "
+                          f"{mapped!r}; write {new} instead", LegacyKeyWarning, stacklevel=2)
+            raw[new] = mapped
+        return raw
+
+    def hf_datasets(self) -> list[HfDataset]:
+        hf = self.hf_dataset
+        return [] if hf is None else hf if isinstance(hf, list) else [hf]
+
+    def trains(self) -> bool:
+        """What ``herd train`` does with this config, as ``mlx_lm.lora -c`` would: train when
+        ``train: true``; only evaluate when ``test: true`` and train is false or unset. A config
+        that says neither trains (mlx-lm would stop; ``herd train`` is told what to do by its
+        name)."""
+        return self.train or ("train" not in self.model_fields_set and not self.test)
 
     # mlx-lm's TrainingArgs and adapter_config.json speak these names.
     def first_adapted_layer(self, total_layers: int) -> int:
@@ -252,12 +364,13 @@ def parse_config(raw: dict[str, Any], source: str = "<dict>") -> JobConfig:
         raise _format(e, source) from None
 
 
-def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> JobConfig:
-    """Read a YAML job config; relative ``model``/``data`` paths resolve against the YAML's folder
-    when they exist there (so a config travels with its data)."""
-    path = Path(path)
-    try:
-        raw = yaml.load(path.read_text(), _Loader) or {}
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None,
+                defaults: dict[str, Any] | None = None) -> JobConfig:
+    """Read a YAML job config. Relative paths in it (``model``, ``data``, ``adapter_path``)
+    resolve from the current folder, as ``mlx_lm.lora -c`` resolves them, so one config means the
+    same job to both. ``overrides`` (flags) win over the file; ``defaults`` fill keys it lacks."""
+    try:  # (its size is refused before it is read)
+        raw = bounded_yaml.load_file(path := Path(path), _Loader) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
     except yaml.YAMLError as e:
@@ -265,12 +378,7 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Jo
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a job config is a YAML mapping, got {type(raw).__name__}")
     raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    for key in ("model", "data"):
-        val = raw.get(key)
-        if isinstance(val, str) and not Path(val).is_absolute():
-            beside = path.parent / val
-            if beside.exists() and not Path(val).exists():
-                raw[key] = str(beside.resolve())
+    raw.update({k: v for k, v in (defaults or {}).items() if v is not None and k not in raw})
     return parse_config(raw, str(path))
 
 
@@ -281,7 +389,7 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Jo
 def config_from_yaml(text: str, source: str) -> JobConfig:
     """Parse a config that crossed a boundary as text (validated again: text is not trusted)."""
     try:
-        raw = yaml.load(text, _Loader) if text else None
+        raw = bounded_yaml.load(text, _Loader, source) if text else None
     except yaml.YAMLError as e:
         raise ConfigError(f"{source} is not valid YAML: {e}") from None
     return parse_config(raw, source)

@@ -16,7 +16,11 @@ imports MLX (``transformers`` is imported lazily, only to load a tokenizer). It 
 
 Every problem in every file is collected in one pass per file and raised as one
 :class:`~herd.errors.DatasetError` naming the file, the first line numbers and how many lines are
-affected. Sequences longer than ``max_seq_length`` are only a warning: mlx-lm truncates them.
+affected. Only what mlx-lm would fail on is an error; the rest is a warning with file:line:
+sequences longer than ``max_seq_length`` (mlx-lm truncates them), and chat roles or value types
+outside the usual ones. Whether a conversation is valid is the tokenizer's chat template's call,
+as in mlx-lm (a record the template rejects is an error; one it renders is trained on): without
+the model's tokenizer (a hub id on a laptop) what may fail is a warning.
 """
 
 from __future__ import annotations
@@ -34,13 +38,19 @@ from herd.errors import DatasetError
 logger = log.get(__name__)
 
 SPLITS = ("train", "valid", "test")
-# Roles the chat templates of mainstream models accept (OpenAI adds "developer"; Llama 3.1 uses
-# "ipython" for tool output). A typo here ("asistant") silently breaks most templates.
-KNOWN_ROLES = frozenset({"system", "user", "assistant", "tool", "developer", "function", "ipython"})
+# Roles the chat templates of mainstream models use (OpenAI adds "developer"; Llama 3.1 uses
+# "ipython" for tool output). Another role is a warning, not an error: the model's chat template
+# decides (mlx-lm trains on what it renders), but a typo ("asistant") is silently dropped or
+# mis-rendered by many templates.
+USUAL_ROLES = frozenset({"system", "user", "assistant", "tool", "developer", "function", "ipython"})
 # How many line numbers an error message lists before it says "and N more".
 SHOWN_LINES = 5
 # Records tokenized per call: the fast tokenizer batches in Rust, and memory stays bounded.
 TOKENIZE_CHUNK = 512
+TOKENIZE_BYTES = 4 * 1024 * 1024  # ...and at most this much text per call
+# The longest record (line) read: far beyond any model's context, far below what tokenizing it
+# at once would cost in memory.
+MAX_RECORD_BYTES = 1024 * 1024
 FORMATS_HELP = (
     'mlx-lm reads one JSON object per line: {"text": ...}, {"prompt": ..., "completion": ...} or '
     '{"messages": [{"role": ..., "content": ...}, ...]} (optionally with "tools"); '
@@ -97,12 +107,12 @@ class _Issue:
     lines: list[int] = field(default_factory=list)
     example: str = ""
 
-    def describe(self, name: str) -> str:
+    def describe(self, name: str, unit: str = "line") -> str:
         n = len(self.lines)
         shown = ", ".join(map(str, self.lines[:SHOWN_LINES]))
         more = f" and {n - SHOWN_LINES} more" if n > SHOWN_LINES else ""
-        where = f"line {shown}" if n == 1 else f"lines {shown}{more}"
-        example = f"; line {self.lines[0]}: {self.example}" if self.example else ""
+        where = f"{unit} {shown}" if n == 1 else f"{unit}s {shown}{more}"
+        example = f"; {unit} {self.lines[0]}: {self.example}" if self.example else ""
         # Only the first marker, which follows the noun: feature names from the job config come
         # later in the text and may hold anything, braces included.
         what = self.what.replace("{s}", "" if n == 1 else "s", 1)
@@ -110,20 +120,29 @@ class _Issue:
         return f"{name}: {n} {what} ({where}){example}. Fix: {self.fix}"
 
 
-class _FileCheck:
-    """Collects the issues of one file, grouped by kind so a message stays short."""
+class FileCheck:
+    """Collects the issues of one file, grouped by kind so a message stays short: errors (what
+    mlx-lm would fail on) and warnings (what it trains on, but probably not as meant)."""
 
-    def __init__(self, name: str):
-        self.name = name
+    def __init__(self, name: str, unit: str = "line"):
+        self.name, self.unit = name, unit  # unit: "line" of a file, "row" of a HF dataset
         self.issues: dict[str, _Issue] = {}
+        self.warned: dict[str, _Issue] = {}
         self.whole_file: list[str] = []  # problems with no line (empty file, too few records)
 
     def add(self, key: str, line: int, what: str, fix: str, example: str = "") -> None:
         issue = self.issues.setdefault(key, _Issue(what, fix, example=example))
         issue.lines.append(line)
 
+    def warn(self, key: str, line: int, what: str, fix: str, example: str = "") -> None:
+        issue = self.warned.setdefault(key, _Issue(what, fix, example=example))
+        issue.lines.append(line)
+
     def messages(self) -> list[str]:
-        return self.whole_file + [i.describe(self.name) for i in self.issues.values()]
+        return self.whole_file + [i.describe(self.name, self.unit) for i in self.issues.values()]
+
+    def warnings(self) -> list[str]:
+        return [i.describe(self.name, self.unit) for i in self.warned.values()]
 
 
 def _short(value: Any, limit: int = 60) -> str:
@@ -131,59 +150,76 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _check_record(rec: dict, fmt: str, feats: Features, line: int, fc: _FileCheck) -> bool:
-    """Type checks of one record in its file's format; True when it can be tokenized."""
+def _check_record(rec: dict, fmt: str, feats: Features, line: int, fc: FileCheck,
+                  mask_prompt: bool, templated: bool) -> bool:
+    """Checks of one record in its file's format; False when mlx-lm would fail on it (then it
+    is not tokenized). ``templated``: a tokenizer will render the record through the chat
+    template, which then decides what the template accepts; without one, doubts are warnings."""
     if fmt == "text":
         value = rec[feats.text]
-        if not isinstance(value, str):
+        if not isinstance(value, str):  # TextDataset.process encodes it: a tokenizer error
             fc.add("text_type", line, f"record{{s}} whose {feats.text!r} is not a string",
                    f"make {feats.text!r} a string", _short(value))
             return False
-        if not value:
-            # TextDataset.process indexes the last token: an empty text crashes it.
-            fc.add("text_empty", line, f"record{{s}} with an empty {feats.text!r}",
-                   "remove them or give them text")
-            return False
+        if not value and not templated:
+            # TextDataset.process appends EOS after the last token: an empty text has none
+            # unless the tokenizer adds a BOS (known once it is loaded: then it is counted).
+            fc.warn("text_empty", line, f"record{{s}} with an empty {feats.text!r}",
+                    "remove them or give them text (mlx-lm fails on them unless the tokenizer "
+                    "adds a BOS token)")
         return True
     if fmt == "completions":
-        ok = True
         for key in (feats.prompt, feats.completion):
-            if not isinstance(rec[key], str):
-                fc.add(f"{key}_type", line, f"record{{s}} whose {key!r} is not a string",
-                       f"make {key!r} a string", _short(rec[key]))
-                ok = False
-        return ok
+            if not isinstance(rec[key], str):  # the template renders it as the content
+                fc.warn(f"{key}_type", line, f"record{{s}} whose {key!r} is not a string",
+                        f"make {key!r} a string: the chat template renders "
+                        f"{type(rec[key]).__name__} content as it sees fit", _short(rec[key]))
+        return True
     messages = rec[feats.chat]
     if not isinstance(messages, list) or not messages:
-        fc.add("chat_type", line, f"record{{s}} whose {feats.chat!r} is not a non-empty list",
-               f"make {feats.chat!r} a list of {{\"role\", \"content\"}} objects", _short(messages))
+        if mask_prompt or not templated:
+            # with mask_prompt, mlx-lm reads messages[-1]["role"]
+            fc.add("chat_type", line, f"record{{s}} whose {feats.chat!r} is not a non-empty list",
+                   f"make {feats.chat!r} a list of {{\"role\", \"content\"}} objects",
+                   _short(messages))
+            return False
+        return True
+    if mask_prompt and not isinstance(messages[-1], dict):
+        fc.add("chat_last", line, "record{s} whose last message is not an object",
+               "with mask_prompt every message must be a {\"role\", \"content\"} object",
+               _short(messages[-1]))
         return False
-    ok = True
     for i, msg in enumerate(messages):
         role = msg.get("role") if isinstance(msg, dict) else None
-        if role not in KNOWN_ROLES:
-            if isinstance(msg, dict):
-                shown = f"role {_short(role)}"
-            else:
-                shown = f"is {_short(msg)}, not an object"
-            fc.add("role", line, "record{s} with a message whose role is missing or unknown",
-                   f"give every message a role, one of {sorted(KNOWN_ROLES)} (ShareGPT's "
-                   "'human'/'gpt' are 'user'/'assistant')",
-                   f"message {i} {shown}")
-            ok = False
+        if role not in USUAL_ROLES:
+            shown = f"role {_short(role)}" if isinstance(msg, dict) else \
+                f"is {_short(msg)}, not an object"
+            fc.warn("role", line, "record{s} with a message whose role is missing or unusual",
+                    f"check the role against the model's chat template; the usual ones are "
+                    f"{sorted(USUAL_ROLES)} (ShareGPT's 'human'/'gpt' are 'user'/'assistant')",
+                    f"message {i} {shown}")
             break
     tools = rec.get("tools")
     if tools is not None and not isinstance(tools, list):
-        fc.add("tools_type", line, "record{s} whose 'tools' is not a list",
-               "make 'tools' a list of tool definitions", _short(tools))
-        ok = False
-    return ok
+        fc.warn("tools_type", line, "record{s} whose 'tools' is not a list",
+                "make 'tools' a list of tool definitions (the chat template receives it as is)",
+                _short(tools))
+    return True
 
 
 def _lines(path: Path, digest: Any) -> Iterator[tuple[int, bytes]]:
-    """Numbered lines (1-based) of a file, hashing its bytes on the way through."""
+    """Numbered lines (1-based) of a file, hashing its bytes on the way through. A line longer
+    than MAX_RECORD_BYTES is refused as soon as it is seen, so memory stays bounded whatever
+    the file holds (a tokenizer given one 50 MB record needs gigabytes)."""
     with path.open("rb") as f:
-        for number, raw in enumerate(f, start=1):
+        number = 0
+        while raw := f.readline(MAX_RECORD_BYTES + 1):
+            number += 1
+            if len(raw) > MAX_RECORD_BYTES:
+                raise DatasetError(
+                    f"{path.name}:{number}: a record longer than {MAX_RECORD_BYTES // 1024**2} MiB",
+                    hint="split it into shorter records: mlx-lm cuts every record to "
+                    "max_seq_length tokens anyway (1 MiB is ~250k tokens)")
             digest.update(raw)
             yield number, raw
 
@@ -202,15 +238,17 @@ def _enable_thinking(tokenizer: Any) -> bool:
 class _Lengths:
     """Token counts of one file, tokenized in chunks exactly as mlx-lm's dataset classes do."""
 
-    def __init__(self, tokenizer: Any, fmt: str, feats: Features, fc: _FileCheck):
+    def __init__(self, tokenizer: Any, fmt: str, feats: Features, fc: FileCheck):
         self.tok, self.fmt, self.feats, self.fc = tokenizer, fmt, feats, fc
         self.pending: list[tuple[int, dict]] = []
+        self.pending_bytes = 0
         self.lengths: list[tuple[int, int]] = []  # (line, tokens)
         self.thinking = _enable_thinking(tokenizer) if fmt != "text" else False
 
-    def add(self, line: int, rec: dict) -> None:
+    def add(self, line: int, rec: dict, size: int = 0) -> None:
         self.pending.append((line, rec))
-        if len(self.pending) >= TOKENIZE_CHUNK:
+        self.pending_bytes += size
+        if len(self.pending) >= TOKENIZE_CHUNK or self.pending_bytes >= TOKENIZE_BYTES:
             self.flush()
 
     def flush(self) -> None:
@@ -226,12 +264,18 @@ class _Lengths:
             else:
                 encoded = [self.tok.encode(t) for t in texts]
             for (line, _), ids in zip(self.pending, encoded):
+                if not ids:  # TextDataset.process reads the last token: an IndexError
+                    self.fc.add("text_empty", line,
+                                f"record{{s}} with an empty {self.feats.text!r}",
+                                "remove them or give them text (this tokenizer encodes an "
+                                "empty text to no tokens, on which mlx-lm fails)")
+                    continue
                 # TextDataset.process: encode, then append EOS unless it is already last.
-                self.lengths.append((line, len(ids) + (not ids or ids[-1] != eos)))
+                self.lengths.append((line, len(ids) + (ids[-1] != eos)))
         else:
             for line, rec in self.pending:
                 self._chat_length(line, rec)
-        self.pending = []
+        self.pending, self.pending_bytes = [], 0
 
     def _chat_length(self, line: int, rec: dict) -> None:
         if self.fmt == "completions":
@@ -254,22 +298,15 @@ class _Lengths:
 
 @dataclass(frozen=True)
 class _FileResult:
-    check: _FileCheck
+    check: FileCheck
     format: str  # "" when no record was readable
     records: int
     lengths: list[tuple[int, int]]  # (line, tokens), empty without a tokenizer
     sha256: str
 
 
-def _check_file(path: Path, feats: Features, tokenizer: Any, mask_prompt: bool) -> _FileResult:
-    """One pass over one file: parse, classify, type-check, tokenize, hash."""
-    fc = _FileCheck(path.name)
-    digest = hashlib.sha256()
-    fmt: str | None = None
-    first_line = 0
-    records = 0
-    has_tools = False
-    lengths: _Lengths | None = None
+def _jsonl_records(path: Path, digest: Any, fc: FileCheck) -> Iterator[tuple[int, dict]]:
+    """The file's JSON objects with their line numbers; malformed lines go to ``fc``."""
     for line, raw in _lines(path, digest):
         try:
             rec = json.loads(raw.decode("utf-8").rstrip("\r\n"))
@@ -278,7 +315,9 @@ def _check_file(path: Path, feats: Features, tokenizer: Any, mask_prompt: bool) 
                    f"not UTF-8 ({e.reason} at byte {e.start})")
             continue
         except json.JSONDecodeError as e:
-            example = "blank line" if not raw.strip() else e.msg + f" at column {e.colno}"
+            # (json's "Unterminated string starting at" already ends with its preposition)
+            at = " column" if e.msg.endswith(" at") else " at column"
+            example = "blank line" if not raw.strip() else f"{e.msg}{at} {e.colno}"
             fc.add("json", line, "malformed JSON line{s}",
                    "each line must be one complete JSON object (no blank lines, no objects "
                    "split across lines)", example)
@@ -287,6 +326,30 @@ def _check_file(path: Path, feats: Features, tokenizer: Any, mask_prompt: bool) 
             fc.add("object", line, "line{s} that {is_} not a JSON object",
                    'each line must be one JSON object, e.g. {"text": ...}', _short(rec))
             continue
+        yield line, rec
+
+
+def _text_size(obj: Any) -> int:
+    """About how much text a record holds (its strings' lengths): what a tokenizer call costs."""
+    if isinstance(obj, str):
+        return len(obj)
+    if isinstance(obj, dict):
+        return sum(_text_size(v) for v in obj.values())
+    if isinstance(obj, list):
+        return sum(_text_size(v) for v in obj)
+    return 0
+
+
+def check_records(fc: FileCheck, numbered: Iterator[tuple[int, dict]], feats: Features,
+                  tokenizer: Any, mask_prompt: bool) -> tuple[str, int, list[tuple[int, int]]]:
+    """Classify, type-check and tokenize one split's records (``(line, record)``, from a JSONL
+    file or a Hugging Face dataset); problems go to ``fc``. Returns (format, records, lengths)."""
+    fmt: str | None = None
+    first_line = 0
+    records = 0
+    has_tools = False
+    lengths: _Lengths | None = None
+    for line, rec in numbered:
         records += 1
         rec_fmt = feats.format_of(rec)
         if rec_fmt is None:
@@ -302,31 +365,39 @@ def _check_file(path: Path, feats: Features, tokenizer: Any, mask_prompt: bool) 
                 lengths = _Lengths(tokenizer, fmt, feats, fc)
         elif rec_fmt != fmt and _format_keys_missing(rec, fmt, feats):
             fc.add(f"mixed_{rec_fmt}", line, f"{rec_fmt} record{{s}} in a {fmt} file",
-                   f"mlx-lm reads a whole file in the format of its first record ({fmt}, line "
+                   f"mlx-lm reads a whole file in the format of its first record ({fmt}, {fc.unit} "
                    f"{first_line}); convert these records or move them to another dataset",
                    f"keys {sorted(rec)[:8]}")
             continue
-        if not _check_record(rec, fmt, feats, line, fc):
+        if not _check_record(rec, fmt, feats, line, fc, mask_prompt, tokenizer is not None):
             continue
         has_tools = has_tools or "tools" in rec
         if lengths is not None:
-            lengths.add(line, rec)
+            lengths.add(line, rec, _text_size(rec))
     if lengths is not None:
         lengths.flush()
     if records == 0 and not fc.issues:
         fc.whole_file.append(
-            f"{path.name}: the file is empty (0 records). Fix: add records or delete the file "
+            f"{fc.name}: the file is empty (0 records). Fix: add records or delete the file "
             "(mlx-lm fails on an empty split file)"
         )
     if mask_prompt and fmt == "text":
         fc.whole_file.append(
-            f"{path.name}: mask_prompt is set but the data is text (line {first_line}). Fix: use "
-            f"{feats.prompt!r}/{feats.completion!r} or {feats.chat!r} records, or set "
+            f"{fc.name}: mask_prompt is set but the data is text ({fc.unit} {first_line}). "
+            f"Fix: use {feats.prompt!r}/{feats.completion!r} or {feats.chat!r} records, or set "
             "mask_prompt: false (mlx-lm masks prompts only for completions and chat)"
         )
     shown_fmt = "tools" if fmt == "chat" and has_tools else (fmt or "")
-    return _FileResult(fc, shown_fmt, records, lengths.lengths if lengths else [],
-                       digest.hexdigest())
+    return shown_fmt, records, lengths.lengths if lengths else []
+
+
+def _check_file(path: Path, feats: Features, tokenizer: Any, mask_prompt: bool) -> _FileResult:
+    """One pass over one file: parse, classify, type-check, tokenize, hash."""
+    fc = FileCheck(path.name)
+    digest = hashlib.sha256()
+    fmt, records, lengths = check_records(fc, _jsonl_records(path, digest, fc), feats, tokenizer,
+                                          mask_prompt)
+    return _FileResult(fc, fmt, records, lengths, digest.hexdigest())
 
 
 def _format_keys_missing(rec: dict, fmt: str, feats: Features) -> bool:
@@ -336,12 +407,40 @@ def _format_keys_missing(rec: dict, fmt: str, feats: Features) -> bool:
     return any(k not in rec for k in needed)
 
 
+def split_summary(name: str, split: str, path: Path | str, fmt: str, records: int,
+                  lengths: list[tuple[int, int]], tokenizer: Any, *, max_seq_length: int,
+                  batch_size: int | None, batched: bool, unit: str = "line"
+                  ) -> tuple[SplitReport, list[str], list[str]]:
+    """One checked split's report, problems and warnings: a split mlx-lm batches (train, valid,
+    test when tested) must hold a batch; sequences over ``max_seq_length`` are truncated."""
+    problems, warnings = [], []
+    if records and batch_size is not None and records < batch_size and batched:
+        # mlx-lm's iterate_batches refuses a split smaller than one batch (valid included,
+        # since evaluation batches it the same way).
+        problems.append(
+            f"{name}: {records} records, fewer than batch_size {batch_size}. Fix: add "
+            f"records or lower batch_size to at most {records}"
+        )
+    too_long = [(n, line) for line, n in lengths if n > max_seq_length]
+    longest = max((n for _, n in lengths), default=None) if tokenizer is not None else None
+    if too_long:
+        n_max, line_max = max(too_long)
+        warnings.append(
+            f"{name}: {len(too_long)} of {records} records are longer than "
+            f"max_seq_length {max_seq_length} tokens (longest {n_max} tokens, {unit} "
+            f"{line_max}); they will be truncated to {max_seq_length}"
+        )
+    report = SplitReport(split, Path(path), records, fmt, len(too_long), longest)
+    return report, problems, warnings
+
+
 def check_dataset(
     data_dir: str | Path,
     *,
     max_seq_length: int = 2048,
     tokenizer: Any = None,
     mask_prompt: bool = False,
+    need_train: bool = True,
     need_valid: bool = True,
     need_test: bool = False,
     batch_size: int | None = None,
@@ -349,21 +448,27 @@ def check_dataset(
     prompt_feature: str = "prompt",
     completion_feature: str = "completion",
     chat_feature: str = "messages",
+    shown_as: str | None = None,
 ) -> DatasetReport:
     """Check an mlx-lm data folder; raise one DatasetError listing every problem found.
 
     ``tokenizer`` (a transformers tokenizer or mlx-lm's TokenizerWrapper) enables the token-length
-    check; without it the check is structural only.
+    check and the chat template's verdict; without it the check is structural only. ``shown_as``
+    names the folder in messages when ``data_dir`` is a stand-in (the coordinator's view of an
+    uploaded dataset).
     """
     data_dir = Path(data_dir)
+    shown = shown_as or str(data_dir)
     if not data_dir.is_dir():
+        looked = "" if data_dir.is_absolute() else f" (looked for {data_dir.resolve()})"
         raise DatasetError(
-            f"dataset {data_dir} is not a local folder",
-            hint="herd trains on a local folder with train.jsonl and valid.jsonl "
-            "(and optionally test.jsonl); convert a Hugging Face dataset to that first",
+            f"dataset {data_dir} is not a local folder{looked}",
+            hint="give a local folder with train.jsonl and valid.jsonl (and optionally "
+            "test.jsonl), or a Hugging Face dataset (hf_dataset, or a hub id as data); "
+            "relative paths resolve from the current folder, as in mlx_lm.lora",
         )
     feats = Features(text_feature, prompt_feature, completion_feature, chat_feature)
-    needed = {"train": True, "valid": need_valid, "test": need_test}
+    needed = {"train": need_train, "valid": need_valid, "test": need_test}
     problems: list[str] = []
     warnings: list[str] = []
     splits: dict[str, SplitReport] = {}
@@ -372,38 +477,25 @@ def check_dataset(
         path = data_dir / f"{split}.jsonl"
         if not path.is_file():
             if needed[split]:
-                problems.append(f"{path.name}: missing from {data_dir}. Fix: add {path.name}"
+                problems.append(f"{path.name}: missing from {shown}. Fix: add {path.name}"
                                 + (" (the training split is required)" if split == "train" else
                                    f" or turn off the {split} step"))
-            elif split == "valid":
-                warnings.append(f"{path.name} not found in {data_dir}: training proceeds "
+            elif split == "valid" and need_train:
+                warnings.append(f"{path.name} not found in {shown}: training proceeds "
                                 "without validation")
             continue
         result = _check_file(path, feats, tokenizer, mask_prompt)
         sha256[path.name] = result.sha256
         problems += result.check.messages()
-        records, lengths = result.records, result.lengths
-        batched = needed[split] or split == "valid"
-        if records and batch_size is not None and records < batch_size and batched:
-            # mlx-lm's iterate_batches refuses a split smaller than one batch (valid included,
-            # since evaluation batches it the same way).
-            problems.append(
-                f"{path.name}: {records} records, fewer than batch_size {batch_size}. Fix: add "
-                f"records or lower batch_size to at most {records}"
-            )
-        too_long = [(n, line) for line, n in lengths if n > max_seq_length]
-        longest = max((n for _, n in lengths), default=None) if tokenizer is not None else None
-        if too_long:
-            n_max, line_max = max(too_long)
-            warnings.append(
-                f"{path.name}: {len(too_long)} of {records} records are longer than "
-                f"max_seq_length {max_seq_length} tokens (longest {n_max} tokens, line "
-                f"{line_max}); they will be truncated to {max_seq_length}"
-            )
-        splits[split] = SplitReport(split, path, records, result.format, len(too_long), longest)
+        warnings += result.check.warnings()
+        report, p, w = split_summary(
+            path.name, split, path, result.format, result.records, result.lengths, tokenizer,
+            max_seq_length=max_seq_length, batch_size=batch_size,
+            batched=needed[split] or (split == "valid" and need_train))
+        splits[split], problems, warnings = report, problems + p, warnings + w
     if problems:
         raise DatasetError(
-            f"dataset {data_dir} has {len(problems)} problem(s):\n  " + "\n  ".join(problems),
+            f"dataset {shown} has {len(problems)} problem(s):\n  " + "\n  ".join(problems),
             hint=FORMATS_HELP,
         )
     # The warnings travel in the report: the caller shows them (the CLI prints, the service
@@ -413,17 +505,37 @@ def check_dataset(
     return DatasetReport(splits=splits, warnings=warnings, sha256=sha256)
 
 
-def check_job_dataset(cfg: Any, tokenizer: Any = None) -> DatasetReport:
+def reads_hub_dataset(cfg: Any) -> bool:
+    """Whether mlx-lm would read this job's data through ``datasets``: ``hf_dataset`` is set, or
+    ``data`` is no existing path (a hub id such as ``mlx-community/WikiSQL``). A ``data`` that
+    is written as a path (``./data``, ``/x``, ``~/x``) and is missing is a missing folder."""
+    if getattr(cfg, "hf_dataset", None):
+        return True
+    data = str(cfg.data)
+    return not Path(data).expanduser().exists() and not data.startswith(("/", ".", "~"))
+
+
+def check_job_dataset(cfg: Any, tokenizer: Any = None, shown_as: str | None = None
+                      ) -> DatasetReport:
     """``check_dataset`` with a job config's settings (a ``herd.config.JobConfig``, or any object
     with mlx-lm's option names; the ``*_feature`` keys are read when the config has them).
 
     valid.jsonl is optional, as in ``mlx_lm.lora`` (a warning), so an mlx-lm job runs unchanged.
+    Where mlx-lm would read a Hugging Face dataset (``hf_dataset``, or ``data`` that is no local
+    path), it is loaded through ``datasets`` and its records checked the same way
+    (herd/hf_dataset.py).
     """
+    trains = cfg.trains() if hasattr(cfg, "trains") else True
+    if reads_hub_dataset(cfg):
+        from herd.hf_dataset import check_hub_dataset
+
+        return check_hub_dataset(cfg, tokenizer, trains)
     return check_dataset(
         cfg.data,
         max_seq_length=cfg.max_seq_length,
         tokenizer=tokenizer,
         mask_prompt=cfg.mask_prompt,
+        need_train=trains,
         need_valid=False,
         need_test=bool(getattr(cfg, "test", False)),
         batch_size=cfg.batch_size,
@@ -431,6 +543,7 @@ def check_job_dataset(cfg: Any, tokenizer: Any = None) -> DatasetReport:
         prompt_feature=getattr(cfg, "prompt_feature", None) or "prompt",
         completion_feature=getattr(cfg, "completion_feature", None) or "completion",
         chat_feature=getattr(cfg, "chat_feature", None) or "messages",
+        shown_as=shown_as,
     )
 
 

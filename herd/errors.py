@@ -16,6 +16,10 @@ class HerdError(Exception):
     def __str__(self) -> str:
         return f"{self.message}\n  hint: {self.hint}" if self.hint else self.message
 
+    def __reduce__(self):
+        # Pickled whole, hint included: Ray carries a rank actor's error to the coordinator.
+        return type(self), (self.message, self.hint)
+
 
 class ConfigError(HerdError):
     """The job config is invalid: names the key, the bad value and the fix."""
@@ -47,7 +51,7 @@ class PeerLostError(HerdError):
 
 
 class AuthError(HerdError):
-    """A call carried no cluster secret, or a wrong one."""
+    """A call carried no certificate of this cluster, one revoked, or one not allowed to make it."""
 
     exit_code = 6
 
@@ -56,6 +60,20 @@ class NotFoundError(HerdError):
     """A job, worker or checkpoint that does not exist."""
 
     exit_code = 7
+
+
+class StorageError(HerdError):
+    """A disk herd writes to is full or failing (checkpoints, the job database): names the disk,
+    what it holds free and what was needed."""
+
+    exit_code = 8
+
+
+class NumericalError(HerdError):
+    """Training produced a non-finite loss or gradient: names the step and the value. The update
+    of that step is never applied, so the last checkpoint is still good."""
+
+    exit_code = 9
 
 
 class ChecksumError(HerdError):

@@ -18,6 +18,7 @@ Used by the planner (coordinator/planner/) and by ``python -m worker.pipeline``.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -33,6 +34,25 @@ class StagePiece:
     count: int
     start: int
     end: int
+
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
+
+
+def owned_key(key: str, start: int, end: int, first: bool, last: bool, tied: bool) -> str | None:
+    """The stage-local name of a checkpoint key that the stage holding blocks [start, end) owns
+    (blocks renumbered from 0), else None: the first stage owns the embedding, the last the final
+    norm and the head (and the embedding too when the head is tied to it). The stage loader reads
+    only these weights, and a worker fetches only the shards that hold them."""
+    m = _LAYER.match(key)
+    if m:
+        g = int(m.group(1))
+        return f"model.layers.{g - start}.{m.group(2)}" if start <= g < end else None
+    if key.startswith("model.embed_tokens."):
+        return key if first or (last and tied) else None
+    if key.startswith(("model.norm.", "lm_head.")):
+        return key if last else None
+    return None
 
 
 def even_split(total_layers: int, stages: int) -> list[tuple[int, int]]:

@@ -20,6 +20,12 @@ from herd.rpc.ports import free_ports  # noqa: F401 (tests import it from here)
 os.environ.setdefault("MLX_DISABLE_COMPILE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HERD_LOG_LEVEL", "warning")
+# Nothing in the suite may reach the internet (only package registries are reachable, and a test
+# must not depend on the hub): the hub and datasets read their caches only, Ray and wandb stay
+# local. Subprocesses inherit these; a test that needs another value sets it explicitly.
+for _key, _value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline",
+                     "RAY_USAGE_STATS_ENABLED": "0"}.items():
+    os.environ.setdefault(_key, _value)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -50,11 +56,29 @@ def blas_kernels(request, monkeypatch):
 
 
 @pytest.fixture(scope="session")
+def cluster_ca(tmp_path_factory):
+    """A cluster CA for the tests' servers and clients; ``cluster_ca.issue(role, name)`` gives an
+    identity (herd/rpc/pki.py)."""
+    from herd.rpc import pki
+
+    return pki.Authority.create(tmp_path_factory.mktemp("ca"))
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     from herd.cli.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("models") / "llama", arch="llama", layers=2,
                            hidden=64)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_16(tmp_path_factory) -> Path:
+    """16 blocks: mlx-lm's example config trains the last 16 (and refuses fewer)."""
+    from herd.cli.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "llama-16", arch="llama",
+                           layers=16, hidden=64)
 
 
 @pytest.fixture(scope="session")
@@ -84,6 +108,39 @@ def tiny_quantized(tmp_path_factory, tiny_model) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_quantized8(tmp_path_factory, tiny_model) -> Path:
+    """An 8-bit copy made by mlx-lm's own converter."""
+    from mlx_lm import convert
+
+    out = tmp_path_factory.mktemp("models") / "llama-8bit"
+    convert(str(tiny_model), str(out), quantize=True, q_bits=8, q_group_size=64)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_tools_model(tmp_path_factory, tiny_model) -> Path:
+    """The tiny model with a chat template that renders ``tools`` (the shipped one ignores it)."""
+    import shutil
+
+    out = tmp_path_factory.mktemp("models") / "llama-tools"
+    shutil.copytree(tiny_model, out)
+    template = out / "chat_template.jinja"  # where transformers saves a tokenizer's template
+    template.write_text("{% if tools %}<|system|>{{ tools | tojson }}<|end|>\n{% endif %}"
+                        + template.read_text())
+    return out
+
+
+def reformat_data(src: Path, out: Path, record) -> Path:
+    """A copy of a data folder with every record passed through ``record``."""
+    out.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "valid", "test"):
+        lines = (src / f"{split}.jsonl").read_text().splitlines()
+        (out / f"{split}.jsonl").write_text(
+            "".join(json.dumps(record(json.loads(line))) + "\n" for line in lines))
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     from herd.cli.tiny import make_tiny_data
 
@@ -97,6 +154,35 @@ def tiny_chat_data(tmp_path_factory) -> Path:
 
     return make_tiny_data(tmp_path_factory.mktemp("data") / "chat", fmt="chat", train=64, valid=16,
                           test=8)
+
+
+@pytest.fixture(scope="session")
+def tiny_completions_data(tmp_path_factory) -> Path:
+    from herd.cli.tiny import make_tiny_data
+
+    return make_tiny_data(tmp_path_factory.mktemp("data") / "completions", fmt="completions",
+                          train=64, valid=16, test=8)
+
+
+@pytest.fixture(scope="session")
+def start_adapter(tmp_path_factory, tiny_model) -> Path:
+    """An adapter file as mlx-lm writes one (write_job's LoRA layout, random weights)."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from herd.config import parse_config
+    from worker.rank.model import apply_adapters, load_base
+
+    job = parse_config({"model": str(tiny_model), "num_layers": -1, "train": True,
+                        "lora_parameters": {"rank": 4, "scale": 10.0}})
+    model, _ = load_base(job)
+    apply_adapters(model, job)
+    mx.random.seed(1)
+    weights = {k: mx.random.normal(v.shape) * 0.01
+               for k, v in tree_flatten(model.trainable_parameters())}
+    out = tmp_path_factory.mktemp("start") / "adapters.safetensors"
+    mx.save_safetensors(str(out), weights)
+    return out
 
 
 def write_job(path: Path, model: Path, data: Path, **overrides) -> Path:

@@ -1,6 +1,6 @@
 """One rank of a gRPC exchange group, started as its own process by tests/test_grpc_exchange.py.
 
-Configured like a real rank (HERD_RANK, HERD_EXCHANGE_PEERS, HERD_SECRET, through
+Configured like a real rank (HERD_RANK, HERD_EXCHANGE_PEERS, HERD_RANK_TLS, through
 ``GrpcExchange.from_env``); prints one JSON object per line on stdout:
   {"event": "ready"}
   {"event": "sum", "elements", "max_err", "sha256", "seconds"}   (mode sum: one per size)

@@ -3,32 +3,46 @@ agents and CLI commands, each in its host's namespace, with its own HERD_HOME.""
 
 from __future__ import annotations
 
-import secrets
 import subprocess
 import time
 from pathlib import Path
 
+from herd.rpc import pki
 from tests.netns import Host, Topology
 
 
 class HerdNet:
     """herd's processes on a Topology's hosts: each host its own HERD_HOME and state under
-    ``root/<host>``, all sharing one cluster secret (HERD_SECRET) and the machine's filesystem
-    (so a job's model and data paths are the same on every host, as herd requires). Process
-    output goes to ``root/<host>/<role>.log``."""
+    ``root/<host>``, sharing the machine's filesystem (so a job's model and data paths are the
+    same on every host, as herd requires). The coordinator's host holds the cluster CA (as after
+    ``herd init``); a worker gets its certificate by ``herd join`` over the network (``join``)
+    or straight from the CA, and the CLI a client certificate. Process output goes to
+    ``root/<host>/<role>.log``."""
 
     COORDINATOR_PORT = 7450                       # each namespace has its own ports
+    JOIN_PORT = COORDINATOR_PORT + 2
 
     def __init__(self, net: Topology, root, extra_env: dict | None = None):
         self.net, self.root = net, Path(root)
-        self.secret = secrets.token_hex(32)
+        self.ca: pki.Authority | None = None
+        self.coordinator_host: Host | None = None
         self.extra_env = {"HERD_LOG_LEVEL": "info", "OPENBLAS_NUM_THREADS": "1",
                           **(extra_env or {})}
 
-    def env(self, host: Host) -> dict[str, str]:
+    def home(self, host: Host) -> Path:
         home = self.root / host.name / "home"
         home.mkdir(parents=True, exist_ok=True)
-        return {"HERD_HOME": str(home), "HERD_SECRET": self.secret, **self.extra_env}
+        return home
+
+    def env(self, host: Host) -> dict[str, str]:
+        return {"HERD_HOME": str(self.home(host)), **self.extra_env}
+
+    def _issue(self, host: Host, role: str, name: str) -> None:
+        tls = self.home(host) / "tls"
+        if self.ca is None:
+            raise AssertionError("start the coordinator first: it holds the cluster CA")
+        if not (tls / f"{role}.pem").exists():
+            self.ca.issue(role, name).save(tls)
 
     def _spawn(self, host: Host, role: str, args: list[str]) -> subprocess.Popen:
         log = open(self.root / host.name / f"{role}.log", "ab")
@@ -40,24 +54,44 @@ class HerdNet:
 
     def coordinator(self, host: Host, *args: str, address: str | None = None,
                     port: int = COORDINATOR_PORT) -> subprocess.Popen:
-        """``herd coordinator --host <address> --port <port>`` on ``host``."""
-        self.env(host)
+        """``herd coordinator --host <address> --port <port>`` on ``host`` (the cluster CA made
+        in its HERD_HOME first, as ``herd init`` makes it)."""
+        tls = self.home(host) / "tls"
+        self.ca = pki.Authority.load(tls) if pki.Authority.exists(tls) else \
+            pki.Authority.create(tls)
+        self.coordinator_host = host
         return self._spawn(host, "coordinator", [
             "coordinator", "--host", address or host.address(), "--port", str(port),
             "--state-dir", str(self.root / host.name / "coordinator"), *args])
 
     def worker(self, host: Host, *args: str, address: str | None = None,
-               worker_id: str | None = None) -> subprocess.Popen:
-        """``herd worker --host <address> --id <host name>`` on ``host``."""
-        self.env(host)
+               worker_id: str | None = None, join: bool = False) -> subprocess.Popen:
+        """``herd worker --host <address> --id <host name>`` on ``host``, its certificate made
+        by ``herd join`` with a token from the coordinator's host (``join``) or by the CA. Its
+        models may come from anywhere on the shared filesystem (``--model-root /``)."""
+        worker_id = worker_id or host.name
+        if join:
+            c = self.coordinator_host
+            token = self.herd(c, "token", "--join", f"{c.address()}:{self.JOIN_PORT}")
+            deadline = time.monotonic() + 60  # the coordinator may still be starting
+            while (joined := self.herd(host, "join", token.stdout.strip(), "--id", worker_id,
+                                       check=False)).returncode == 5:  # unreachable: not yet
+                assert time.monotonic() < deadline, joined.stderr[-2000:]
+                time.sleep(0.5)
+            assert joined.returncode == 0, joined.stderr[-2000:]
+        else:
+            self._issue(host, "worker", worker_id)
         return self._spawn(host, "worker", [
-            "worker", "--host", address or host.address(), "--id", worker_id or host.name,
-            "--state-dir", str(self.root / host.name / "worker"), *args])
+            "worker", "--host", address or host.address(), "--id", worker_id,
+            "--state-dir", str(self.root / host.name / "worker"), "--model-root", "/", *args])
 
     def herd(self, host: Host, *args: str, check: bool = True,
              timeout: float = 240) -> subprocess.CompletedProcess:
         """A CLI command on ``host`` (finding the coordinator by zeroconf unless ``args`` name
-        ``--coordinator``)."""
+        ``--coordinator``), with a client certificate there."""
+        if args[0] not in ("init", "join", "token", "revoke") and host is not \
+                self.coordinator_host:
+            self._issue(host, "client", host.name)
         return host.run_python("-m", "herd", *args, env=self.env(host), check=check,
                                timeout=timeout)
 

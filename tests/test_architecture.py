@@ -33,6 +33,7 @@ OVER_BUDGET = {
 # rank or the pipeline.
 PROTO_EDGES = {
     "coordinator/convert.py", "coordinator/service.py", "coordinator/registry.py",
+    "coordinator/join.py",  # JoinService, the join port's servicer
     "worker/agent/convert.py", "worker/agent/service.py", "worker/agent/coordinator_client.py",
 }
 PROTO_EDGE_FOLDERS = ("herd/rpc/", "herd/cli/", "worker/exchange/grpc/", "protos/")

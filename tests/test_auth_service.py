@@ -1,61 +1,133 @@
-"""Both services refuse calls without the cluster secret or with a wrong one, and a process that
-advertises itself as a worker without knowing the secret never enters the registry.
+"""Only members of the cluster reach any server, each only where its role may go; adverts are
+never trusted; joining, revoking, and what a job may ask of a worker.
 
-Real gRPC servers and real zeroconf on loopback, in this process."""
+One real coordinator (its join port included) and real workers on loopback, with real zeroconf
+adverts: an honest worker, a rogue advert whose server holds another CA's certificate, a rogue
+that claims the honest worker's id, and a member of the cluster that claims it too. Every server
+but the honest ones counts the calls that reach it: none may."""
 
 from __future__ import annotations
 
+import shutil
 import time
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 import pytest
 
-from herd.rpc import discovery
-from herd.rpc.auth import ServerAuth, new_secret
-from herd.rpc.channel import SERVER_OPTIONS, signed_channel
-from protos.v1 import coordinator_pb2, coordinator_pb2_grpc, worker_pb2, worker_pb2_grpc
+from herd.errors import AuthError, HerdError, PlacementError
+from herd.rpc import discovery, pki
+from herd.rpc.channel import CHANNEL_OPTIONS, bind, secure_channel, secure_server
+from herd.rpc.join import JoinToken, join, make_token
+from protos.v1 import (
+    common_pb2,
+    coordinator_pb2,
+    coordinator_pb2_grpc,
+    worker_pb2,
+    worker_pb2_grpc,
+)
+from tests.conftest import write_job
 
 HOST = "127.0.0.1"
 
 
-def start_worker(tmp_path, secret: str, worker_id: str, zc):
+class Counting(grpc.ServerInterceptor):
+    """Counts every call that reaches a server (past TLS and HTTP/2), then answers it."""
+
+    def __init__(self):
+        self.calls: list[str] = []
+
+    def intercept_service(self, continuation, details):
+        self.calls.append(details.method)
+        return continuation(details)
+
+
+def start_worker(root: Path, identity: pki.Identity, zc, advert_id: str, model_roots=()):
+    """A real worker agent (its service, policy and rank runner) advertised as ``advert_id``."""
     from worker.agent.machine import probe
     from worker.agent.main import free_port
-    from worker.agent.service import Worker, WorkerServicer, add_to_server, advert_txt
+    from worker.agent.policy import Policy
+    from worker.agent.service import RULES, Worker, WorkerServicer, add_to_server, advert_txt
 
-    server = grpc.server(futures.ThreadPoolExecutor(4), options=SERVER_OPTIONS,
-                         interceptors=[ServerAuth(secret)])
-    port = server.add_insecure_port(f"{HOST}:0")
-    w = Worker(worker_id, HOST, port, free_port(HOST), free_port(HOST), probe(),
-               tmp_path / worker_id, secret)
-    add_to_server(WorkerServicer(w), server)
+    server = secure_server(identity, RULES, max_workers=4)
+    port = bind(server, identity, f"{HOST}:0")
+    worker = Worker(identity.name, HOST, port, free_port(HOST), free_port(HOST), probe(),
+                    root / identity.name, identity, policy=Policy(model_roots=tuple(model_roots)))
+    add_to_server(WorkerServicer(worker), server)
     server.start()
-    advert = discovery.Advertiser(zc, discovery.WORKER_TYPE, worker_id, HOST, port,
-                                  advert_txt(w.info()))
+    txt = {**advert_txt(worker.info()), "id": advert_id}
+    advert = discovery.Advertiser(zc, discovery.WORKER_TYPE, advert_id, HOST, port, txt)
+    return server, advert, worker
+
+
+def start_rogue(identity: pki.Identity, zc, advert_id: str, counter: Counting):
+    """A WorkerService that answers everything (as the review's rogue did), behind TLS with
+    ``identity``, advertised as ``advert_id`` with a huge memory."""
+    class Yes(worker_pb2_grpc.WorkerServiceServicer):
+        def Describe(self, request, context):
+            return worker_pb2.DescribeReply(worker=common_pb2.WorkerInfo(
+                worker_id=advert_id, host=HOST, memory_bytes=2**40, free_memory_bytes=2**40))
+
+        def StartRank(self, request, context):
+            return worker_pb2.StartRankReply(pid=1)
+
+    server = grpc.server(futures.ThreadPoolExecutor(2), interceptors=[counter])
+    worker_pb2_grpc.add_WorkerServiceServicer_to_server(Yes(), server)
+    port = server.add_secure_port(f"{HOST}:0", grpc.ssl_server_credentials(
+        [(identity.key_pem, identity.cert_pem)]))
+    server.start()
+    advert = discovery.Advertiser(zc, discovery.WORKER_TYPE, f"{advert_id}-x", HOST, port,
+                                  {"id": advert_id, "port": str(port), "memory": str(2**40)})
     return server, advert, f"{HOST}:{port}"
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster(tmp_path_factory, tiny_model):
     mp = pytest.MonkeyPatch()
     mp.setenv(discovery.INTERFACES_ENV, HOST)
-    tmp_path = tmp_path_factory.mktemp("auth")
+    root = tmp_path_factory.mktemp("auth")
     from coordinator.main import Coordinator
 
-    secret = new_secret()
-    coord = Coordinator(tmp_path / "coord", secret, HOST, 0, advertise=False)
+    ca = pki.Authority.create(root / "ca")
+    coord = Coordinator(root / "coord", ca, HOST, 0, advertise=False, join_port=0,
+                        placement_timeout_s=5)
+    coord.registry.health_interval_s = 0.3
     coord.start()
     zc = discovery.make_zeroconf()
-    good = start_worker(tmp_path, secret, "honest-worker", zc)
-    rogue = start_worker(tmp_path, new_secret(), "rogue-worker", zc)
-    yield coord, secret, good[2], rogue[2]
-    for server, advert, _ in (good, rogue):
+    honest = start_worker(root, ca.issue("worker", "honest-w"), zc, "honest-w",
+                          model_roots=[tiny_model.parent])
+    doomed = start_worker(root, ca.issue("worker", "doomed"), zc, "doomed",
+                          model_roots=[tiny_model.parent])
+    rogue_count, impostor_count, mallory_count = Counting(), Counting(), Counting()
+    foreign = pki.Authority.create(root / "foreign")
+    rogues = [start_rogue(foreign.issue("worker", "rogue-w"), zc, "rogue-w", rogue_count),
+              # no certificate of this cluster, claiming the honest worker's id
+              start_rogue(foreign.issue("worker", "honest-w"), zc, "honest-w", impostor_count),
+              # a member of the cluster (its own name: mallory) claiming the honest worker's id
+              start_rogue(ca.issue("worker", "mallory"), zc, "honest-w", mallory_count)]
+    c = type("Cluster", (), {})()
+    c.root, c.ca, c.coord, c.foreign, c.zc = root, ca, coord, foreign, zc
+    c.honest, c.doomed, c.rogues = honest, doomed, rogues
+    c.counts = {"rogue": rogue_count, "impostor": impostor_count, "mallory": mallory_count}
+    c.client = ca.issue("client", "tester")
+    yield c
+    for server, advert, *_ in [honest, doomed, *rogues]:
         advert.close()
         server.stop(0)
+    honest[2].stop_all()
     zc.close()
     coord.stop()
     mp.undo()
+
+
+def wait(pred, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def code_of(call) -> grpc.StatusCode | None:
@@ -66,46 +138,320 @@ def code_of(call) -> grpc.StatusCode | None:
     return None
 
 
-def test_calls_without_or_with_a_wrong_secret_are_refused(cluster):
-    coord, secret, good, _ = cluster
-    for channel in (grpc.insecure_channel(coord.address),
-                    signed_channel(coord.address, new_secret())):
+def coordinator_stub(c, identity: pki.Identity):
+    return coordinator_pb2_grpc.CoordinatorServiceStub(
+        secure_channel(c.coord.address, identity, pki.dns_name("coordinator")))
+
+
+def test_only_members_in_their_roles_reach_a_server(cluster):
+    c = cluster
+    honest_target = f"{HOST}:{c.honest[2].port}"
+    unavailable, denied = grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.PERMISSION_DENIED
+    # Without a certificate of this cluster: no call at all (plaintext, or another CA's).
+    strangers = [grpc.insecure_channel(c.coord.address, options=CHANNEL_OPTIONS),
+                 secure_channel(c.coord.address, c.foreign.issue("client", "tester"),
+                                pki.dns_name("coordinator"))]
+    for channel in strangers:
         stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
-        assert code_of(lambda: stub.ListJobs(coordinator_pb2.ListJobsRequest(), timeout=5)) \
-            == grpc.StatusCode.UNAUTHENTICATED
-        stream = stub.WatchJob(coordinator_pb2.WatchJobRequest(job_id="x"), timeout=5)
-        assert code_of(lambda: list(stream)) == grpc.StatusCode.UNAUTHENTICATED
-    for channel in (grpc.insecure_channel(good), signed_channel(good, new_secret())):
+        assert code_of(lambda: stub.ListJobs(coordinator_pb2.ListJobsRequest(),
+                                             timeout=5)) == unavailable
+    for channel in (grpc.insecure_channel(honest_target),
+                    secure_channel(honest_target, c.foreign.issue("coordinator", "c"),
+                                   pki.dns_name("worker", "honest-w"))):
         stub = worker_pb2_grpc.WorkerServiceStub(channel)
-        assert code_of(lambda: stub.Describe(worker_pb2.DescribeRequest(), timeout=5)) \
-            == grpc.StatusCode.UNAUTHENTICATED
-        assert code_of(lambda: stub.StopJob(worker_pb2.StopJobRequest(job_id="x"), timeout=5)) \
-            == grpc.StatusCode.UNAUTHENTICATED
-    # ...while the right secret is accepted by both.
-    ok = coordinator_pb2_grpc.CoordinatorServiceStub(signed_channel(coord.address, secret))
-    assert ok.ListJobs(coordinator_pb2.ListJobsRequest(), timeout=5).jobs == []
-    w = worker_pb2_grpc.WorkerServiceStub(signed_channel(good, secret))
-    assert w.Describe(worker_pb2.DescribeRequest(), timeout=5).worker.worker_id == "honest-worker"
+        assert code_of(lambda: stub.StopJob(worker_pb2.StopJobRequest(job_id="x"),
+                                            timeout=5)) == unavailable
+    # Members, outside their role: a worker submits, a rank or a client reports, a client
+    # calls a worker.
+    as_worker = coordinator_stub(c, c.ca.issue("worker", "honest-w"))
+    assert code_of(lambda: as_worker.ListJobs(coordinator_pb2.ListJobsRequest(),
+                                              timeout=5)) == denied
+    rank = c.ca.issue("rank", pki.rank_scope("j", 1))
+    report = coordinator_pb2.ReportRankRequest(job_id="j", attempt=1, worker_id="honest-w",
+                                               log="x")
+    for who in (rank, c.client):
+        assert code_of(lambda: coordinator_stub(c, who).ReportRank(report, timeout=5)) == denied
+    client_to_worker = worker_pb2_grpc.WorkerServiceStub(
+        secure_channel(honest_target, c.client, pki.dns_name("worker", "honest-w")))
+    assert code_of(lambda: client_to_worker.Describe(worker_pb2.DescribeRequest(),
+                                                     timeout=5)) == denied
+    # A worker reports only as itself.
+    other = coordinator_stub(c, c.ca.issue("worker", "doomed"))
+    assert code_of(lambda: other.ReportRank(report, timeout=5)) == grpc.StatusCode.UNAUTHENTICATED
+    # ...and in role, both answer.
+    assert coordinator_stub(c, c.client).ListJobs(coordinator_pb2.ListJobsRequest(),
+                                                  timeout=5) is not None
+    as_coord = worker_pb2_grpc.WorkerServiceStub(
+        secure_channel(honest_target, c.coord.identity, pki.dns_name("worker", "honest-w")))
+    assert as_coord.Describe(worker_pb2.DescribeRequest(), timeout=5).worker.worker_id \
+        == "honest-w"
 
 
-def test_an_advert_without_the_secret_never_gets_work(cluster):
-    coord, secret, _, rogue = cluster
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        ids = [w.worker_id for w in coord.registry.workers()]
-        if ids and any("rogue" in k for k in coord.registry.refused):
-            break
+def test_rogue_and_impostor_worker_adverts_never_get_work(cluster):
+    c = cluster
+    assert wait(lambda: "honest-w" in [w.worker_id for w in c.coord.registry.workers()], 20)
+    honest_target = f"{HOST}:{c.honest[2].port}"
+    # Every rogue source was refused (TLS), and stays refused: sample the registry for a while.
+    assert wait(lambda: len([s for s in c.coord.registry.refused if "honest-w" in s
+                             or "rogue-w" in s]) >= 3, 20), c.coord.registry.refused
+    for _ in range(30):
+        listed = coordinator_stub(c, c.client).ListWorkers(coordinator_pb2.ListWorkersRequest(),
+                                                           timeout=5).workers
+        honest = [w for w in listed if w.worker_id == "honest-w"]
+        assert len(honest) == 1 and f"{honest[0].host}:{honest[0].port}" == honest_target
+        assert not any(w.worker_id in ("rogue-w", "mallory") for w in listed)
         time.sleep(0.1)
-    assert ids == ["honest-worker"]
-    refused = {k: v for k, v in coord.registry.refused.items() if "rogue" in k}
-    assert refused and "wrong cluster secret" in next(iter(refused.values())).reason
-    assert next(iter(refused.values())).kind == "auth"
-    reply = coordinator_pb2_grpc.CoordinatorServiceStub(signed_channel(coord.address, secret)) \
-        .ListWorkers(coordinator_pb2.ListWorkersRequest(), timeout=5)
-    assert [w.worker_id for w in reply.workers] == ["honest-worker"]
-    # `herd workers` can say why the rogue advert is not listed (other clusters' adverts on this
-    # machine's loopback may be listed too: they do not know this secret either).
-    assert [r.kind for r in reply.refused if "rogue" in r.source] == ["auth"]
+    assert all("TLS" in why.reason and why.kind == "auth"
+               for why in c.coord.registry.refused.values())
+    # `herd workers` can say why the rogue adverts are not listed.
+    reply = coordinator_stub(c, c.client).ListWorkers(coordinator_pb2.ListWorkersRequest(),
+                                                      timeout=5)
+    assert {r.kind for r in reply.refused if "rogue" in r.source} == {"auth"}
+    # Not one call reached a rogue: no Describe, no Health, no StartRank, no token.
+    assert {k: v.calls for k, v in c.counts.items()} == {"rogue": [], "impostor": [],
+                                                         "mallory": []}
+
+
+def test_joining_takes_a_valid_token_and_a_free_name(cluster, tmp_path):
+    c = cluster
+    token = make_token(c.ca, c.coord.join_address, "client", ttl_s=60)
+    me = join(JoinToken.decode(token.encode()), "laptop-1", tmp_path / "laptop")
+    assert me.label == "client/laptop-1"
+    assert pki.Identity.load(tmp_path / "laptop", "client").cert_pem == me.cert_pem
+    assert (tmp_path / "laptop" / "client.key").stat().st_mode & 0o077 == 0
+    assert coordinator_stub(c, me).ListWorkers(coordinator_pb2.ListWorkersRequest(), timeout=5)
+
+    refused = [
+        # a name already held: no second certificate for the honest worker's id
+        (make_token(c.ca, c.coord.join_address, "worker"), "honest-w", "already holds"),
+        # a token of another cluster (another CA's join key) at this join port
+        (make_token(c.foreign, c.coord.join_address, "worker"), "newbie", "not one of this"),
+    ]
+    forged = make_token(c.ca, c.coord.join_address, "worker")
+    refused.append((JoinToken(**{**forged.__dict__, "secret": bytes(16)}), "newbie",
+                    "not one of this"))
+    for bad, name, why in refused:
+        with pytest.raises(AuthError, match=why):
+            join(bad, name, tmp_path / "nope")
+    expired = make_token(c.ca, c.coord.join_address, "worker", ttl_s=1)
+    expired = JoinToken(**{**expired.__dict__, "expires": int(time.time()) - 5})
+    with pytest.raises(AuthError, match="expired"):
+        join(expired, "newbie", tmp_path / "nope")
+    assert not (tmp_path / "nope").exists()
+
+
+def test_joining_never_trusts_a_join_port_that_lacks_the_tokens_secret(cluster, tmp_path):
+    """A machine in the middle (or a rogue at the token's address) answers with its own CA and a
+    certificate for the joiner's key; it cannot prove the token's secret, so nothing is saved."""
+    from coordinator.join import JoinServicer
+    from protos.v1 import join_pb2_grpc
+
+    c = cluster
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    join_pb2_grpc.add_JoinServiceServicer_to_server(JoinServicer(c.foreign), server)
+    port = server.add_insecure_port(f"{HOST}:0")
+    server.start()
+    try:
+        # The real cluster's token, pointed at the impostor's port.
+        token = make_token(c.ca, f"{HOST}:{port}", "worker")
+        with pytest.raises(AuthError):
+            join(token, "newbie", tmp_path / "mitm")
+    finally:
+        server.stop(0)
+    assert not (tmp_path / "mitm").exists()
+
+
+def test_a_revoked_worker_is_dropped_refused_and_never_issued_again(cluster, tmp_path):
+    from worker.agent.coordinator_client import CoordinatorClient
+
+    c = cluster
+    assert wait(lambda: "doomed" in [w.worker_id for w in c.coord.registry.workers()], 20)
+    doomed = c.doomed[2]._identity
+    assert c.ca.revoke("worker/doomed")
+    assert wait(lambda: "doomed" not in [w.worker_id for w in c.coord.registry.workers()], 20)
+    client = CoordinatorClient(c.coord.address, doomed)
+    try:
+        with pytest.raises(AuthError, match="revoked"):
+            client.fetch_blob("a" * 64, tmp_path / "blob")
+    finally:
+        client.close()
+    with pytest.raises(AuthError, match="revoked"):
+        join(make_token(c.ca, c.coord.join_address, "worker"), "doomed", tmp_path / "again")
+    time.sleep(1.0)  # several health ticks: it stays out
+    assert "doomed" not in [w.worker_id for w in c.coord.registry.workers()]
+
+
+# --- what a job may ask of a worker ----------------------------------------------------------
+
+def submit(c, cfg: Path, data: Path) -> str:
+    from herd.cli.connection import CoordinatorConnection
+    from herd.cli.laptop import job_spec
+    from herd.config import load_config
+
+    spec, files = job_spec(load_config(cfg), cfg.stem)
+    with CoordinatorConnection(c.coord.address, c.client) as conn:
+        for path, sha in files:
+            conn.put_blob(path, sha)
+        return conn.call("SubmitJob", coordinator_pb2.SubmitJobRequest(spec=spec)).job_id
+
+
+def final(c, job_id: str, timeout: float = 120):
+    assert wait(lambda: c.coord.store.get_job(job_id).state.final, timeout)
+    return c.coord.store.get_job(job_id)
+
+
+def test_a_rank_holds_only_its_job_attempts_credential(cluster, tmp_path, tiny_model, tiny_data):
+    c = cluster
+    assert wait(lambda: "honest-w" in [w.worker_id for w in c.coord.registry.workers()], 20)
+    cfg = write_job(tmp_path / "env.yaml", tiny_model, tiny_data, iters=8, save_every=8,
+                    cluster={"workers": 1})
+    job_id = submit(c, cfg, tiny_data)
+    workers = {"honest-w": c.honest[2], "doomed": c.doomed[2]}
+    assert wait(lambda: c.coord.store.get_job(job_id).worker_ids, 60)
+    worker = workers[c.coord.store.get_job(job_id).worker_ids[0]]
+    assert wait(lambda: worker.rank is not None and worker.rank.spec.job_id == job_id
+                and worker.rank.proc is not None, 60), c.coord.store.get_job(job_id)
+    pid = worker.rank.proc.pid
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    env = dict(e.decode(errors="replace").split("=", 1) for e in environ if b"=" in e)
+    own = worker._identity
+    blob = b"\0".join(environ)
+    assert b"PRIVATE KEY" not in blob and own.key_pem not in blob and own.cert_pem not in blob
+    assert "HERD_SECRET" not in env
+    folder = Path(env["HERD_RANK_TLS"])
+    assert folder.is_relative_to(worker.rank.dir)  # its own job folder, nothing of the worker's
+    rank = pki.Identity.load(folder, "rank")
+    assert rank.name == pki.rank_scope(job_id, 1) and rank.key_pem != own.key_pem
+    assert final(c, job_id).state.value == "succeeded"
+
+
+@pytest.mark.parametrize("case", ["trust_remote_code", "outside_roots", "job_relative"])
+def test_a_job_cannot_make_a_worker_run_code_or_read_models_its_owner_did_not_allow(
+        cluster, tmp_path, tiny_model, tiny_data, case):
+    c = cluster
+    assert wait(lambda: "honest-w" in [w.worker_id for w in c.coord.registry.workers()], 20)
+    model, overrides = tiny_model, {}
+    if case == "trust_remote_code":
+        overrides = {"trust_remote_code": True}
+    elif case == "outside_roots":  # the same model, in a folder the worker's owner did not list
+        model = shutil.copytree(tiny_model, tmp_path / "elsewhere")
+    cfg = write_job(tmp_path / "job.yaml", model, tiny_data, cluster={"workers": 1}, **overrides)
+    if case == "job_relative":  # `model: data` names the job's own shipped files on a worker
+        cfg.write_text(cfg.read_text().replace(f"model: {tiny_model}", "model: data"))
+        # The coordinator resolves a job's model at submit now (the model store, issue 14): a
+        # name that is neither a folder nor a hub id never reaches a worker. The worker's own
+        # refusal: test_a_worker_refuses_remote_code_unless_its_owner_allows_it.
+        with pytest.raises(HerdError, match="model = 'data'"):
+            submit(c, cfg, tiny_data)
+        return
+    job_id = submit(c, cfg, tiny_data)
+    job = final(c, job_id, 60)
+    assert job.state.value == "failed"
+    want = {"trust_remote_code": "runs no code from jobs",
+            "outside_roots": "model roots",
+            "job_relative": "names a file the job shipped itself"}[case]
+    assert want in job.message and "could not start" in job.message, job.message
+    for worker in (c.honest[2], c.doomed[2]):  # refused before a rank was started
+        assert worker.rank is None or worker.rank.spec.job_id != job_id
+
+
+def test_a_dataset_carrying_code_or_config_is_refused_at_submit(cluster, tmp_path, tiny_model,
+                                                                tiny_data):
+    from herd.cli.connection import CoordinatorConnection
+    from herd.digest import file_digest
+
+    c = cluster
+    evil = tmp_path / "evil.py"
+    evil.write_text("import os\n")
+    with CoordinatorConnection(c.coord.address, c.client) as conn:
+        conn.put_blob(evil, file_digest(evil).sha256)
+        train = tiny_data / "train.jsonl"
+        conn.put_blob(train, file_digest(train).sha256)
+        for name in ("evil.py", "config.json", "model.safetensors", "../train.jsonl"):
+            spec = coordinator_pb2.SubmitJobRequest(spec=common_pb2.JobSpec(
+                name="evil", config_yaml=f"model: {tiny_model}\n"))
+            spec.spec.dataset.add(name="train.jsonl", sha256=file_digest(train).sha256,
+                                  bytes=train.stat().st_size)
+            spec.spec.dataset.add(name=name, sha256=file_digest(evil).sha256, bytes=9)
+            with pytest.raises(HerdError, match="refusing"):
+                conn.call("SubmitJob", spec)
+
+
+def test_a_worker_refuses_remote_code_unless_its_owner_allows_it(tmp_path):
+    """The policy itself, both ways (the service test above runs it through a real worker)."""
+    from herd.config import parse_config
+    from worker.agent.policy import Policy
+
+    cfg = parse_config({"model": "org/model", "trust_remote_code": True})
+    with pytest.raises(PlacementError, match="--allow-remote-code"):
+        Policy().check_job(cfg, tmp_path, "w")
+    Policy(allow_remote_code=True).check_job(cfg, tmp_path, "w")
+    for bad in ("../x", "a/../../b", "./data", "data", "tls/x", "org/name/extra"):
+        with pytest.raises(PlacementError):
+            Policy().check_model(bad, tmp_path, "w")
+
+
+def test_a_stored_or_pinned_hub_model_is_no_path_but_still_runs_no_code(tmp_path):
+    """A model from the coordinator's store comes by digest (data files only), a hub model by a
+    repo id: neither is held to the model roots, both still to trust_remote_code; a hub repo that
+    is not an id is refused."""
+    from herd.config import parse_config
+    from herd.digest import FileDigest
+    from herd.models.source import ModelSource
+    from worker.agent.policy import Policy
+
+    stored = ModelSource(digest="a" * 64, files=(FileDigest("config.json", "b" * 64, 2),))
+    cfg = parse_config({"model": "tiny@" + "a" * 12})
+    Policy().check_job(cfg, tmp_path, "w", stored)
+    Policy().check_job(cfg, tmp_path, "w", ModelSource(hub_repo="org/name", hub_revision="c"))
+    with pytest.raises(PlacementError, match="hub repo"):
+        Policy().check_job(cfg, tmp_path, "w", ModelSource(hub_repo="../etc"))
+    code = parse_config({"model": "org/model", "trust_remote_code": True})
+    with pytest.raises(PlacementError, match="--allow-remote-code"):
+        Policy().check_job(code, tmp_path, "w", stored)
+
+
+def test_model_file_names_may_sit_in_folders_but_never_leave_them(tmp_path):
+    """Model-store names (a hub repo's tokenizer/ or original/ files): '/'-separated plain parts
+    with a model file's extension; a worker's model view puts each inside its folder."""
+    from herd.digest import FileDigest
+    from herd.errors import DatasetError
+    from herd.rpc.names import check_path
+    from worker.agent.model_cache import ModelCache
+
+    assert check_path("tokenizer/tokenizer.json", "model") == "tokenizer/tokenizer.json"
+    for bad in ("../config.json", "/etc/passwd.json", "a//b.json", "a/../b.json", ".git/x.json",
+                "a/b/c/d/e.json", "model.py", "sub/evil.py", "", "a/"):
+        with pytest.raises(DatasetError):
+            check_path(bad, "model")
+    cache = ModelCache(tmp_path / "cache", "w")
+    cache.blobs.mkdir(parents=True, exist_ok=True)
+    sha = "c" * 64
+    (cache.blobs / sha).write_bytes(b"{}")
+    view = cache.view(tmp_path / "view", [FileDigest("config.json", sha, 2),
+                                          FileDigest("tokenizer/tokenizer.json", sha, 2)])
+    assert (view / "tokenizer" / "tokenizer.json").read_bytes() == b"{}"
+    with pytest.raises(DatasetError):
+        cache.view(tmp_path / "view2", [FileDigest("../outside.json", sha, 2)])
+    assert not (tmp_path / "outside.json").exists()
+
+
+def test_every_rpc_of_every_service_says_who_may_call_it():
+    """A new rpc without a rule is refused to everyone: this names it before a user finds out."""
+    from coordinator.service import RULES as COORDINATOR
+    from protos.v1 import coordinator_pb2 as c_pb
+    from protos.v1 import exchange_pb2 as e_pb
+    from protos.v1 import worker_pb2 as w_pb
+    from worker.agent.service import RULES as WORKER
+    from worker.exchange.grpc.peers import rules as exchange_rules
+
+    exchange = exchange_rules(pki.Identity("rank", "a1", b"", b"", b""))
+    for pb, service, rules in ((c_pb, "CoordinatorService", COORDINATOR),
+                               (w_pb, "WorkerService", WORKER),
+                               (e_pb, "ExchangeService", exchange)):
+        desc = pb.DESCRIPTOR.services_by_name[service]
+        methods = {f"/{desc.full_name}/{m}" for m in desc.methods_by_name}
+        assert methods == set(rules), (service, methods ^ set(rules))
 
 
 def test_a_worker_of_another_protocol_version_is_refused_with_the_reason(tmp_path, monkeypatch):
@@ -114,11 +460,13 @@ def test_a_worker_of_another_protocol_version_is_refused_with_the_reason(tmp_pat
     from coordinator.registry import Registry
     from worker.agent import service
 
-    secret = new_secret()
     monkeypatch.setattr(service, "PROTOCOL_VERSION", 99)
+    ca = pki.Authority.create(tmp_path / "ca")
     zc = discovery.make_zeroconf([HOST])
-    server, advert, target = start_worker(tmp_path, secret, "future-worker", zc)
-    registry = Registry(secret, static_targets=[target])
+    server, advert, worker = start_worker(tmp_path, ca.issue("worker", "future-worker"), zc,
+                                          "future-worker")
+    target = f"{HOST}:{worker.port}"
+    registry = Registry(ca.issue("coordinator", "coordinator"), static_targets=[target])
     try:
         registry.start()
         assert registry.workers() == []
@@ -129,3 +477,81 @@ def test_a_worker_of_another_protocol_version_is_refused_with_the_reason(tmp_pat
         advert.close()
         server.stop(0)
         zc.close()
+
+
+def test_one_member_cannot_hold_every_thread_or_send_a_large_request(tmp_path):
+    """The gate's two bounds behind the handshake, through a real mTLS server: a member already
+    holding ``max_calls_per_peer`` calls gets RESOURCE_EXHAUSTED for the next one, naming it,
+    while another member is still served; a unary request over its rule's size is refused before
+    it is parsed or its handler runs, and one at the limit is served."""
+    import threading
+
+    from herd.rpc.auth import SMALL_REQUEST_BYTES, rules
+
+    ca = pki.Authority.create(tmp_path / "ca")
+    server_id = ca.issue("coordinator", "gate-test")
+    release, seen = threading.Event(), []
+
+    def hold(request: bytes, context) -> bytes:
+        seen.append(len(request))
+        release.wait(30)
+        return b"done"
+
+    service = grpc.method_handlers_generic_handler(
+        "test.Gate", {"Hold": grpc.unary_unary_rpc_method_handler(hold)})
+    server = secure_server(server_id, rules("test.Gate", {"Hold": "worker"}), max_workers=8,
+                           max_calls_per_peer=3)
+    server.add_generic_rpc_handlers((service,))
+    port = bind(server, server_id, f"{HOST}:0")
+    server.start()
+    try:
+        def caller(name: str):
+            channel = secure_channel(f"{HOST}:{port}", ca.issue("worker", name),
+                                     pki.dns_name("coordinator"))
+            return channel.unary_unary("/test.Gate/Hold")
+
+        greedy, other = caller("greedy"), caller("other")
+        held = [greedy.future(b"x", timeout=30) for _ in range(3)]
+        assert wait(lambda: len(seen) == 3, 10), f"{len(seen)} of 3 held calls reached the handler"
+        with pytest.raises(grpc.RpcError) as refused:
+            greedy(b"x", timeout=10)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "worker/greedy already has 3 calls in flight" in refused.value.details()
+        served = other.future(b"x", timeout=30)  # another member still gets a thread
+        assert wait(lambda: len(seen) == 4, 10), "another member was not served"
+
+        before = len(seen)
+        with pytest.raises(grpc.RpcError) as big:
+            other(b"x" * (SMALL_REQUEST_BYTES + 1), timeout=10)
+        assert big.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert f"{SMALL_REQUEST_BYTES + 1}-byte request: Hold takes at most" in big.value.details()
+        assert len(seen) == before, "the oversized request reached the handler"
+        release.set()
+        assert [f.result(timeout=10) for f in [*held, served]] == [b"done"] * 4
+        assert other(b"x" * SMALL_REQUEST_BYTES, timeout=10) == b"done"  # at the limit: served
+        assert greedy(b"x", timeout=10) == b"done"  # its slots came back with its calls
+    finally:
+        release.set()
+        server.stop(0)
+
+
+def test_processes_issuing_from_one_ca_at_once_lose_no_name(tmp_path):
+    """Two `herd worker`s started together on the CA's machine each issue their certificate from
+    the one CA folder (seen in a full run: the fourth worker of a test died at start). Six
+    processes issuing 15 names each at once: all succeed and every name is recorded as held."""
+    import json
+    import subprocess
+    import sys
+
+    pki.Authority.create(tmp_path / "ca")
+    code = ("import sys\nfrom pathlib import Path\nfrom herd.rpc import pki\n"
+            "ca = pki.Authority.load(Path(sys.argv[1]))\n"
+            "for i in range(15):\n    ca.issue('worker', f'w{sys.argv[2]}-{i}')\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "ca"), str(n)],
+                              stderr=subprocess.PIPE, text=True) for n in range(6)]
+    results = [(p.communicate(timeout=120)[1], p.returncode) for p in procs]
+    failed = [f"exit {rc}: {err[-600:]}" for err, rc in results if rc]
+    assert not failed, failed[0]
+    held = json.loads((tmp_path / "ca" / "issued.json").read_text())
+    assert len(held) == 90 and "worker/w5-14" in held
+    assert not list((tmp_path / "ca").glob(".*.tmp")), "a temporary file was left behind"

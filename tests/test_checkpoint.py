@@ -10,6 +10,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import pytest
 
+from herd.errors import StorageError
 from worker.rank import checkpoint as ck
 
 
@@ -59,7 +60,7 @@ def test_crash_mid_write_keeps_previous_latest(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ck.os, "replace", failing_disk)
     model2, opt2 = _trained(2)
-    with pytest.raises(OSError):
+    with pytest.raises(StorageError, match="checkpoint 2 could not be written"):  # a full disk
         _save(tmp_path, model2, opt2, 2)
     monkeypatch.undo()
 

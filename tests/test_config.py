@@ -25,7 +25,93 @@ def test_mlx_lm_defaults_are_ours():
 
 
 def test_full_mlx_lm_config_validates():
-    parse_config(dict(CONFIG_DEFAULTS), "mlx-lm defaults")
+    parse_config({**CONFIG_DEFAULTS, "train": True}, "mlx-lm defaults")
+    parse_config({**CONFIG_DEFAULTS, "test": True}, "mlx-lm defaults")
+    # neither train nor test: mlx_lm.lora stops ("Must provide at least one of --train or
+    # --test"), and so does herd, before loading anything
+    with pytest.raises(ConfigError, match="leaves nothing to do"):
+        parse_config(dict(CONFIG_DEFAULTS), "mlx-lm defaults")
+
+
+# Every key of the installed mlx-lm's CONFIG_DEFAULTS, and how herd handles it: a new key in an
+# mlx-lm upgrade fails test_every_mlx_lm_key_is_handled until it is handled and listed here (or
+# listed in NOT_HANDLED with the reason), so no key is ever silently ignored.
+HANDLED = {
+    "model": "mlx_lm.utils.load (worker/rank/model.py load_base)",
+    "train": "JobConfig.trains(): train, or only evaluate (tests/test_training.py)",
+    "fine_tune_type": "linear_to_lora_layers / unfrozen blocks (model.apply_adapters)",
+    "optimizer": "lower-cased, then the mlx.optimizers class (model.build_optimizer)",
+    "optimizer_config": "the chosen optimizer's keyword arguments (model.build_optimizer)",
+    "data": "a local folder, else a hub dataset through `datasets` (herd/hf_dataset.py)",
+    "seed": "numpy and mx.random seeds, the batch order (batches.DataOrder)",
+    "num_layers": "the last N blocks (model.apply_adapters)",
+    "batch_size": "the global batch (batches.sorted_batches)",
+    "iters": "micro-batches (trainer.train)",
+    "val_batches": "trainer.evaluate",
+    "learning_rate": "model.build_optimizer",
+    "steps_per_report": "trainer.train",
+    "steps_per_eval": "batches.val_iterations",
+    "resume_adapter_file": "weights only, optimizer fresh (rank/cli._resume)",
+    "adapter_path": "where adapters and checkpoints go; test-only reads it (rank/cli.run)",
+    "save_every": "trainer.checkpoint_due (on optimizer steps)",
+    "test": "rank/cli._test after training or of the adapter at adapter_path",
+    "test_batches": "rank/cli._test",
+    "max_seq_length": "batches.collate, and the dataset check's warning",
+    "grad_checkpoint": "mlx_lm's grad_checkpoint (trainer.train)",
+    "grad_accumulation_steps": "trainer.train (cluster.gradient_average chooses the mean)",
+    "clear_cache_threshold": "trainer.train (mlx_lm.lora's own CLI default of 0 overrides the "
+    "config's value; herd honours the config)",
+    "lr_schedule": "mlx_lm's build_schedule (model.build_optimizer)",
+    "lora_parameters": "linear_to_lora_layers (model.apply_adapters)",
+    "mask_prompt": "mlx_lm's dataset classes; the dataset check",
+    "report_to": "mlx_lm's get_reporting_callbacks on rank 0 (rank/reporter.Reporter)",
+    "project_name": "mlx_lm's get_reporting_callbacks",
+    "trust_remote_code": "mlx_lm.utils.load (model.load_base)",
+}
+NOT_HANDLED = {
+    "config": "the YAML file's own path (mlx_lm.lora's -c); herd takes the file as an argument",
+}
+
+
+def test_every_mlx_lm_key_is_handled():
+    """A key the installed mlx-lm reads that herd neither handles nor lists with a reason fails
+    here, so an mlx-lm upgrade cannot add a key herd silently ignores."""
+    unlisted = set(CONFIG_DEFAULTS) - set(HANDLED) - set(NOT_HANDLED)
+    assert not unlisted, f"mlx-lm keys herd neither handles nor lists: {sorted(unlisted)}"
+    assert set(HANDLED) <= set(JobConfig.model_fields), "a handled key must be a config key"
+    stale = (set(HANDLED) | set(NOT_HANDLED)) - set(CONFIG_DEFAULTS)
+    assert not stale, f"listed keys mlx-lm no longer has: {sorted(stale)}"
+
+
+def test_mlx_lm_spellings_are_accepted():
+    """mlx-lm lower-cases the optimizer; legacy keys map to today's with a warning."""
+    from herd.config import LegacyKeyWarning
+
+    assert parse_config({"optimizer": "AdamW"}).optimizer == "adamw"
+    with pytest.warns(LegacyKeyWarning, match="use_dora: True is a legacy mlx-lm key"):
+        assert parse_config({"use_dora": True}).fine_tune_type == "dora"
+    with pytest.warns(LegacyKeyWarning, match="lora_layers"):
+        assert parse_config({"lora_layers": 4}).num_layers == 4
+    with pytest.raises(ConfigError, match="keep only fine_tune_type"):
+        parse_config({"use_dora": True, "fine_tune_type": "lora"})
+
+
+def test_accumulation_does_not_have_to_divide_save_every_or_iters():
+    cfg = parse_config({"grad_accumulation_steps": 3, "train": True})  # save_every 100, iters 1000
+    assert (cfg.save_every, cfg.iters) == (100, 1000)
+
+
+def test_checkpoints_land_on_the_last_optimizer_step_before_each_save_point():
+    from worker.rank.trainer import checkpoint_due
+
+    def saved(accum, save_every, iters):
+        return [it for it in range(1, iters + 1) if checkpoint_due(it, accum, save_every, iters)]
+
+    assert saved(3, 100, 1000)[:4] == [99, 198, 300, 399]
+    assert saved(3, 100, 1000)[-1] == 999  # the last optimizer step; 1000 is never applied
+    assert saved(1, 4, 10) == [4, 8, 10]
+    assert saved(2, 4, 8) == [4, 8]
+    assert saved(4, 2, 8) == [4, 8]  # save_every below the accumulation: every step
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
@@ -43,8 +129,11 @@ def test_shipped_configs_validate(path):
         ({"cluster": {"exchange": "nccl"}}, "cluster.exchange"),
         ({"quantize": {"bits": 7}}, "quantize.bits = 7"),
         ({"num_layers": 0}, "use -1 for all layers"),
-        ({"iters": 10, "grad_accumulation_steps": 4, "save_every": 8},
-         "multiple of grad_accumulation_steps"),
+        ({"train": False}, "train: false and test: false leaves nothing to do"),
+        ({"test": True, "hf_dataset": {"path": "json"}}, "needs a test_split"),
+        ({"optimizer": "lion"}, "optimizer = 'lion'"),
+        ({"cluster": {"gradient_average": "mlx_lm", "parallelism": {"pipeline": 2}}},
+         "pipeline stages average by tokens"),
         ({"batch_size": 6, "cluster": {"parallelism": {"data": 4, "pipeline": 1}}},
          "not divisible by cluster.parallelism.data 4"),
     ],

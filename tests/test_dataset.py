@@ -182,10 +182,17 @@ def test_empty_file_is_an_error_for_every_split(data: Path, split: str):
 
 
 def test_fewer_records_than_batch_size(data: Path):
+    # mlx-lm crashes on a validation set smaller than one batch (herd's trainer raises
+    # ValueError): refused at check time, with the numbers
     msg = error_of(data, batch_size=6)
     assert "valid.jsonl: 4 records, fewer than batch_size 6" in msg
+    assert "lower batch_size to at most 4" in msg
     assert "train.jsonl" not in msg  # 8 records are enough
     check_dataset(data, batch_size=4)
+    # not trained, the validation set is not read: only the test set must hold a batch
+    write(data, "test.jsonl", texts(5))
+    msg = error_of(data, batch_size=6, need_train=False, need_valid=False, need_test=True)
+    assert "test.jsonl: 5 records" in msg and "valid.jsonl" not in msg
 
 
 @pytest.mark.parametrize(
@@ -193,31 +200,97 @@ def test_fewer_records_than_batch_size(data: Path):
     [
         ([{"role": "asistant", "content": "x"}], "message 0 role 'asistant'"),
         ([{"role": "user", "content": "q"}, {"content": "a"}], "message 1 role null"),
-        ([{"role": "user", "content": "q"}, "a"], "message 1 is 'a', not an object"),
+        ([{"role": "human", "content": "q"}], "message 0 role 'human'"),
     ],
 )
-def test_bad_role_names_line_message_and_role(data: Path, messages, shown):
+def test_unusual_roles_are_a_warning_naming_line_message_and_role(data: Path, messages, shown,
+                                                                   tokenizer):
+    """mlx-lm trains on whatever the chat template renders: an unusual role is not an error
+    (with or without the tokenizer), but a warning with file, line and the usual roles."""
     write(data, "train.jsonl", [{"messages": CHAT}] * 2 + [{"messages": messages}])
     write(data, "valid.jsonl", [{"messages": CHAT}])
-    msg = error_of(data)
-    assert "train.jsonl: 1 record with a message whose role is missing or unknown (line 3)" in msg
-    assert shown in msg
-    assert "'assistant'" in msg  # the fix lists the known roles
+    for tok in (None, tokenizer):  # the tiny model's template renders any role
+        report = check_dataset(data, tokenizer=tok)
+        (warning,) = report.warnings
+        assert warning.startswith("train.jsonl: 1 record with a message whose role is missing "
+                                  "or unusual (line 3)")
+        assert shown in warning and "'assistant'" in warning
+
+
+def test_a_role_the_chat_template_rejects_is_an_error(data: Path, tokenizer_dir: Path):
+    tok = load_tokenizer_for(tokenizer_dir)
+    tok.chat_template = (
+        "{% for m in messages %}{% if m['role'] not in ['user', 'assistant', 'narrator'] %}"
+        "{{ raise_exception('unknown role ' + m['role']) }}{% endif %}"
+        "{{ m['content'] }}{% endfor %}"
+    )
+    narrator = [{"role": "narrator", "content": "once"}] + CHAT  # this template's own role
+    write(data, "train.jsonl", [{"messages": narrator}, {"messages": CHAT},
+                                {"messages": [{"role": "asistant", "content": "x"}]}])
+    write(data, "valid.jsonl", [{"messages": CHAT}])
+    msg = error_of(data, tokenizer=tok)
+    assert "train.jsonl: 1 record the chat template rejects (line 3)" in msg
+    assert "unknown role asistant" in msg
+    assert "line 1" not in msg  # a role the template knows is fine, usual or not
 
 
 @pytest.mark.parametrize(
     "record, expected",
     [
         ({"text": 42}, "1 record whose 'text' is not a string (line 2); line 2: 42"),
-        ({"text": ""}, "1 record with an empty 'text' (line 2)"),
         ({"messages": []}, "1 record whose 'messages' is not a non-empty list (line 2)"),
-        ({"messages": CHAT, "tools": {"f": 1}}, "1 record whose 'tools' is not a list (line 2)"),
     ],
 )
 def test_bad_value_types(data: Path, record, expected):
+    """Without a tokenizer: what mlx-lm certainly fails on (encoding a number, a conversation
+    that is not a list)."""
     first = {"messages": CHAT} if "messages" in record else texts(1)[0]
     write(data, "train.jsonl", [first, record])
     assert f"train.jsonl: {expected}" in error_of(data)
+
+
+@pytest.mark.parametrize(
+    "record, expected",
+    [
+        ({"prompt": "q", "completion": 42}, "1 record whose 'completion' is not a string (line 2)"),
+        ({"messages": CHAT, "tools": {"f": 1}}, "1 record whose 'tools' is not a list (line 2)"),
+        ({"text": ""}, "1 record with an empty 'text' (line 2)"),
+    ],
+)
+def test_value_types_mlx_lm_may_accept_are_warnings(data: Path, record, expected):
+    """A completion that is a number is rendered by the chat template (mlx-lm trains on it);
+    without the tokenizer herd cannot tell whether an empty text or odd tools fail: a warning."""
+    first = {k: v for k, v in record.items() if k != "tools"}
+    first = {"messages": CHAT} if "messages" in record else (
+        {"prompt": "q", "completion": "a"} if "prompt" in record else texts(1)[0])
+    write(data, "train.jsonl", [first, record])
+    write(data, "valid.jsonl", [first])
+    report = check_dataset(data)
+    assert [w for w in report.warnings if w.startswith(f"train.jsonl: {expected}")]
+
+
+def test_a_completion_that_is_not_a_string_trains_in_mlx_lm(data: Path, tokenizer,
+                                                           tokenizer_dir: Path):
+    """The template renders it, so it is counted like mlx-lm's CompletionsDataset counts it."""
+    records = [{"prompt": "what colour is the cat?", "completion": 7}] * 3
+    write(data, "train.jsonl", records)
+    write(data, "valid.jsonl", records)
+    report = check_dataset(data, tokenizer=tokenizer, max_seq_length=4)
+    assert report.splits["train"].longest == max(_mlx_lm_lengths(data, tokenizer_dir))
+
+
+def test_an_empty_text_is_an_error_when_the_tokenizer_gives_no_tokens(data: Path, tokenizer):
+    write(data, "train.jsonl", texts(2) + [{"text": ""}])
+    msg = error_of(data, tokenizer=tokenizer)  # the tiny tokenizer adds no BOS
+    assert "train.jsonl: 1 record with an empty 'text' (line 3)" in msg
+
+
+def test_mask_prompt_needs_the_last_message_to_be_an_object(data: Path):
+    write(data, "train.jsonl", [{"messages": CHAT}, {"messages": [CHAT[0], "a"]}])
+    write(data, "valid.jsonl", [{"messages": CHAT}])
+    check_dataset(data)  # without mask_prompt the template decides
+    msg = error_of(data, mask_prompt=True)
+    assert "train.jsonl: 1 record whose last message is not an object (line 2)" in msg
 
 
 def test_feature_names_are_quoted_verbatim(data: Path):
@@ -262,8 +335,8 @@ def test_check_job_dataset_reads_mlx_lm_option_names(tmp_path: Path):
 
 
 def test_data_that_is_not_a_local_folder(tmp_path: Path):
-    msg = error_of("mlx-community/WikiSQL")
-    assert "dataset mlx-community/WikiSQL is not a local folder" in msg
+    msg = error_of(tmp_path / "nope")
+    assert f"dataset {tmp_path / 'nope'} is not a local folder" in msg
 
 
 # ---- token lengths ---------------------------------------------------------------------------

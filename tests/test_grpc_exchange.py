@@ -1,4 +1,4 @@
-"""The grpc gradient exchange: exact sums, deadlines, dead and stalled peers, the cluster secret.
+"""The grpc gradient exchange: exact sums, deadlines, dead and stalled peers, rank credentials.
 
 Everything runs real gRPC servers on loopback. Groups whose ranks share one process (threads)
 check the algorithm over many awkward sizes cheaply; the slow tests start each rank as its own
@@ -13,8 +13,10 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from concurrent import futures
 from pathlib import Path
 
 import grpc
@@ -23,7 +25,8 @@ import numpy as np
 import pytest
 
 from herd.errors import AuthError, ConfigError, HerdError, PeerLostError
-from herd.rpc.channel import signed_channel
+from herd.rpc import pki
+from herd.rpc.channel import secure_channel
 from herd.rpc.ports import free_ports
 from protos.v1 import exchange_pb2 as pb
 from tests.conftest import SAME_UPDATE, SAME_UPDATE_RTOL
@@ -33,21 +36,34 @@ from worker.exchange.grpc.ring import RingPlan
 
 ROOT = Path(__file__).resolve().parent.parent
 HELPER = ROOT / "tests" / "grpc_rank_helper.py"
-SECRET = "test-secret-0123456789abcdef0123"
+# The ranks' credentials: one job attempt's, from a CA made for this module (removed at exit);
+# another attempt's from the same CA; and one from another cluster's CA.
+_CA_DIR = tempfile.TemporaryDirectory(prefix="herd-exchange-ca-")
+CA = pki.Authority.create(Path(_CA_DIR.name) / "ca")
+CRED = CA.issue("rank", pki.rank_scope("exchange-test", 1))
+OTHER_ATTEMPT = CA.issue("rank", pki.rank_scope("exchange-test", 2))
+FOREIGN = pki.Authority.create(Path(_CA_DIR.name) / "other").issue(
+    "rank", pki.rank_scope("exchange-test", 1))
+
+
+def saved(credential: pki.Identity, folder: Path) -> str:
+    """The credential as a rank finds it (HERD_RANK_TLS names the folder)."""
+    credential.save(folder, "rank")
+    return str(folder)
 
 
 def free_peers(n: int) -> list[str]:
     return [f"127.0.0.1:{p}" for p in free_ports(n)]
 
 
-def run_group(n: int, body, secrets: list[str] | None = None, timeout_s: float = 20.0, **kw):
+def run_group(n: int, body, credentials: list | None = None, timeout_s: float = 20.0, **kw):
     """Run ``body(exchange)`` on n ranks, one thread each; returns (results, errors) by rank."""
     peers = free_peers(n)
     results, errors = [None] * n, [None] * n
 
     def rank_main(r: int) -> None:
         try:
-            with GrpcExchange(r, peers, (secrets or [SECRET] * n)[r], timeout_s=timeout_s,
+            with GrpcExchange(r, peers, (credentials or [CRED] * n)[r], timeout_s=timeout_s,
                               **kw) as ex:
                 results[r] = body(ex)
         except HerdError as e:
@@ -287,12 +303,12 @@ def test_late_peer_is_waited_for_and_missing_peer_is_named():
 
     def late():
         time.sleep(1.5)
-        with GrpcExchange(1, peers, SECRET, timeout_s=10) as ex:
+        with GrpcExchange(1, peers, CRED, timeout_s=10) as ex:
             out[1] = np.array(ex.all_sum(mx.ones((5,))))
 
     t = threading.Thread(target=late)
     t.start()
-    with GrpcExchange(0, peers, SECRET, timeout_s=10) as ex:
+    with GrpcExchange(0, peers, CRED, timeout_s=10) as ex:
         out[0] = np.array(ex.all_sum(mx.ones((5,))))
     t.join(timeout=20)
     assert np.array_equal(out[0], np.full(5, 2.0)) and np.array_equal(out[1], out[0])
@@ -300,17 +316,22 @@ def test_late_peer_is_waited_for_and_missing_peer_is_named():
     lonely = free_peers(2)
     started = time.monotonic()
     with pytest.raises(PeerLostError, match=f"rank 1 \\({lonely[1]}\\) did not come up"):
-        GrpcExchange(0, lonely, SECRET, timeout_s=2)
+        GrpcExchange(0, lonely, CRED, timeout_s=2)
     assert time.monotonic() - started < 2 + 30  # gives up at its deadline, never hangs
 
 
-def test_a_client_without_the_secret_is_refused():
+def test_a_client_without_a_credential_of_this_attempt_is_refused():
+    """A rank of another attempt gets past TLS (same CA) and is refused by the gate; another
+    cluster's rank, or a plaintext client, never completes the handshake."""
     probes = {}
 
     def body(ex):
         if ex.rank == 0:
             target = ex.peers[1]
-            for label, channel in (("wrong", signed_channel(target, "not-the-secret-at-all")),
+            as_peer = pki.dns_name("rank", CRED.name)  # the name the server holds: public
+            for label, channel in (("other-attempt", secure_channel(target, OTHER_ATTEMPT,
+                                                                    as_peer)),
+                                   ("foreign", secure_channel(target, FOREIGN, as_peer)),
                                    ("none", grpc.insecure_channel(target))):
                 hello = channel.unary_unary(f"/{SERVICE}/Hello",
                                             request_serializer=pb.HelloRequest.SerializeToString,
@@ -331,8 +352,9 @@ def test_a_client_without_the_secret_is_refused():
 
     results, errors = run_group(2, body)
     assert errors == [None, None]
-    unauth = grpc.StatusCode.UNAUTHENTICATED
-    assert probes == {"wrong": [unauth, unauth], "none": [unauth, unauth]}
+    denied, unavailable = grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAVAILABLE
+    assert probes == {"other-attempt": [denied, denied], "foreign": [unavailable, unavailable],
+                      "none": [unavailable, unavailable]}
     assert np.array_equal(results[0], np.full(3, 2.0))
 
 
@@ -341,12 +363,14 @@ def test_a_client_without_the_secret_is_refused():
 class Ranks:
     """Helper rank processes, configured through the environment like `herd train` ranks."""
 
-    def __init__(self, n: int, *args: str, secrets: list[str] | None = None):
+    def __init__(self, n: int, *args: str, credentials: list | None = None):
         peers = ",".join(free_peers(n))
+        self._tls = tempfile.TemporaryDirectory(prefix="herd-ranks-")
         self.procs = []
         for r in range(n):
+            tls = saved((credentials or [CRED] * n)[r], Path(self._tls.name) / f"rank-{r}")
             env = {**os.environ, "HERD_RANK": str(r), "MLX_RANK": str(r),
-                   "HERD_EXCHANGE_PEERS": peers, "HERD_SECRET": (secrets or [SECRET] * n)[r],
+                   "HERD_EXCHANGE_PEERS": peers, "HERD_RANK_TLS": tls,
                    "HERD_LOG_LEVEL": "warning", "PYTHONPATH": str(ROOT)}
             self.procs.append(subprocess.Popen([sys.executable, str(HELPER), *args], env=env,
                                                stdout=subprocess.PIPE, text=True, cwd=ROOT))
@@ -478,40 +502,30 @@ def test_ranks_that_exit_without_closing_do_not_hang(ranks):
 
 
 @pytest.mark.slow
-def test_a_rank_with_the_wrong_secret_cannot_join(ranks):
-    group = ranks(2, "join", "--timeout", "20",
-                  secrets=[SECRET, "someone-elses-secret-0123456789"])
+def test_a_rank_of_another_cluster_cannot_join(ranks):
+    group = ranks(2, "join", "--timeout", "5", credentials=[CRED, FOREIGN])
     codes = group.wait(timeout=60)
     assert codes == [AuthError.exit_code] * 2, group.events
     for r in range(2):
         error = group.of(r, "error")[0]
         assert error["type"] == "AuthError"
-        assert f"rank {1 - r} (" in error["message"] and "credentials" in error["message"]
-        assert "same cluster secret" in error["message"]
+        assert f"rank {1 - r} (" in error["message"], error
+        assert "holds no credential of this job attempt" in error["message"]
         assert group.of(r, "ready") == []
 
 
-def test_a_peer_refused_for_its_secret_is_reported_as_such():
-    """Even when the misconfigured rank is gone before this one dials it, the start-up error says
-    "wrong credentials", not "did not come up"."""
+def test_a_peer_of_another_attempt_is_reported_as_such():
+    """A rank of another attempt still holding the peer's port (a rank being stopped) is waited
+    out, then named as holding no credential of this attempt, not as a peer that never came up."""
     peers = free_peers(2)
-
-    def impostor():
-        channel = signed_channel(peers[0], "someone-elses-secret-0123456789")
-        hello = channel.unary_unary(f"/{SERVICE}/Hello",
-                                    request_serializer=pb.HelloRequest.SerializeToString,
-                                    response_deserializer=pb.HelloReply.FromString)
-        with pytest.raises(grpc.RpcError) as refused:
-            hello(pb.HelloRequest(rank=1, world_size=2), timeout=5, wait_for_ready=True,
-                  metadata=(("x-herd-rank", "1"),))
-        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        channel.close()
-
-    t = threading.Thread(target=impostor)
-    t.start()
-    with pytest.raises(AuthError, match="rank 1 carried wrong credentials"):
-        GrpcExchange(0, peers, SECRET, timeout_s=1.5)
-    t.join(timeout=10)
+    stale = grpc.server(futures.ThreadPoolExecutor(2))
+    stale.add_secure_port(peers[1], OTHER_ATTEMPT.server_credentials())
+    stale.start()
+    try:
+        with pytest.raises(AuthError, match=r"rank 1 \(.*\) holds no credential of this job"):
+            GrpcExchange(0, peers, CRED, timeout_s=1.5)
+    finally:
+        stale.stop(0)
 
 
 # ---- herd train with exchange: grpc ------------------------------------------------------------
@@ -555,7 +569,8 @@ def test_grpc_training_equals_mlx_and_one_rank(tmp_path, tiny_model, tiny_data, 
                         cluster={"exchange_timeout_s": 60, **cluster}, **TRAIN_KW)
         peers = ",".join(f"127.0.0.1:{p}" for p in free_ports(world))
         wait_all(start_ranks(["train", str(cfg), "--quiet"], world=world, hostfile_dir=tmp_path,
-                             extra_env={"HERD_EXCHANGE_PEERS": peers, "HERD_SECRET": SECRET}))
+                             extra_env={"HERD_EXCHANGE_PEERS": peers,
+                                        "HERD_RANK_TLS": saved(CRED, tmp_path / "tls")}))
     one = load_adapter(one_rank_adapter)
     start = initial_adapter(tmp_path / "mlx.yaml")
     grpc_, mlx_ = load_adapter(tmp_path / "grpc"), load_adapter(tmp_path / "mlx")

@@ -233,3 +233,34 @@ def test_control_address_prefers_wired_and_warns_on_loopback_and_wifi():
     assert alone.address == "127.0.0.1" and "loopback" in alone.warning
     v6 = netif.choose_control([LO, eth("eth0", "fd18::5/64")])
     assert (v6.address, v6.warning) == ("fd18::5", "")
+
+
+def test_the_link_probe_works_where_the_kernel_would_pick_another_source_address():
+    """Two ranks known by 127.0.0.2 and 127.0.0.3 (one loopback, as Ray nodes on one machine; or
+    a Mac with two addresses): a connection's source is picked by route (127.0.0.1 here), and the
+    next rank's sink refuses a host it does not expect. Each rank sends from its own address, so
+    both directions are measured (before: both failed after the 20 s deadline, at every start)."""
+    import threading
+
+    from herd.rpc.ports import free_ports
+    from worker.exchange.probe import probe_next
+
+    peers = [f"127.0.0.2:{free_ports(1, '127.0.0.2')[0]}",
+             f"127.0.0.3:{free_ports(1, '127.0.0.3')[0]}"]
+    got: dict[int, object] = {}
+
+    def probe(rank: int) -> None:
+        try:
+            got[rank] = probe_next(rank, peers)
+        except OSError as e:
+            got[rank] = e
+
+    threads = [threading.Thread(target=probe, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for rank in (0, 1):
+        rate = got[rank]
+        assert not isinstance(rate, OSError), f"rank {rank}'s probe failed: {rate!r}"
+        assert rate.peer == 1 - rank and rate.address == peers[1 - rank] and rate.bytes > 0

@@ -153,8 +153,9 @@ def test_an_ipv6_only_network_runs_a_two_worker_job(netns, tmp_path, tiny_model,
 LOOKUPS = """
 import sys
 from herd.cli.connection import find_coordinator
-from herd.rpc.auth import load_secret
-found = [find_coordinator(None, load_secret()) for _ in range(int(sys.argv[1]))]
+from herd.rpc import pki
+me = pki.Identity.load(pki.default_dir(), "client")
+found = [find_coordinator(None, me) for _ in range(int(sys.argv[1]))]
 print("\\n".join(found))
 """
 

@@ -27,4 +27,5 @@ def test_services_have_the_designed_rpcs():
     assert {"SubmitJob", "GetJob", "ListJobs", "WatchJob", "CancelJob", "ListWorkers",
             "PutCheckpoint", "GetAdapter"} <= set(coord.methods_by_name)
     work = worker_pb2.DESCRIPTOR.services_by_name["WorkerService"]
-    assert set(work.methods_by_name) == {"Describe", "StartRank", "StopJob", "Health"}
+    assert set(work.methods_by_name) == {"Describe", "PrepareRank", "StartRank", "StopJob",
+                                         "Health"}

@@ -10,8 +10,8 @@ import grpc
 import pytest
 
 from herd import errors
-from herd.rpc.auth import new_secret
-from herd.rpc.channel import signed_channel, signed_server
+from herd.rpc import auth, pki
+from herd.rpc.channel import bind, secure_channel, secure_server
 from herd.rpc.status import abort, rpc_errors
 
 HOST = "127.0.0.1"
@@ -22,20 +22,20 @@ RAISED = [errors.ConfigError, errors.DatasetError, errors.PlacementError, errors
 
 
 @pytest.fixture
-def raising_server():
+def raising_server(cluster_ca):
     """A server whose one method aborts with the error class named in the request."""
-    secret = new_secret()
-
     def handler(request: bytes, context):
         cls = next(c for c in RAISED if c.__name__ == request.decode())
         abort(context, cls(f"the server says {cls.__name__}", hint="fix it there"))
 
-    server = signed_server(secret, max_workers=2)
+    me = cluster_ca.issue("coordinator", "raiser")
+    server = secure_server(me, auth.rules("test.Raise", {"Raise": "client"}), max_workers=2)
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
         "test.Raise", {"Raise": grpc.unary_unary_rpc_method_handler(handler)})])
-    port = server.add_insecure_port(f"{HOST}:0")
+    port = bind(server, me, f"{HOST}:0")
     server.start()
-    channel = signed_channel(f"{HOST}:{port}", secret)
+    channel = secure_channel(f"{HOST}:{port}", cluster_ca.issue("client", "tester"),
+                             pki.dns_name("coordinator"))
     yield f"{HOST}:{port}", channel.unary_unary("/test.Raise/Raise")
     channel.close()
     server.stop(grace=0).wait()
@@ -60,67 +60,119 @@ class FakeLauncher:
     def __init__(self):
         self.started, self.stopped = [], []
 
+    def prepare_rank(self, launch, on_progress):
+        pass
+
     def start_rank(self, launch):
         self.started.append(launch)
 
-    def stop_job(self, w, job_id):
+    def stop_job(self, w, job_id, attempt=0):
         self.stopped.append((w.worker_id, job_id))
 
 
+class Ids:
+    """The identities a test's processes hold, all from the session's cluster CA."""
+
+    def __init__(self, ca):
+        self.ca = ca
+        self.coordinator = ca.issue("coordinator", "coord")
+        self.client = ca.issue("client", "tester")
+        self.worker = ca.issue("worker", "w1")
+
+
 @pytest.fixture
-def coordinator(tmp_path):
+def coordinator(tmp_path, cluster_ca):
     """A real CoordinatorService on loopback (scheduler, stores under tmp_path/coordinator; no
-    zeroconf), whose workers the test lists and whose launcher only records."""
+    zeroconf), whose workers the test lists and whose launcher only records. Yields its address,
+    the identities (``Ids``), the scheduler and the workers list."""
     from coordinator.artifacts import AdapterStore, BlobStore
     from coordinator.registry import Registry
     from coordinator.scheduler import Scheduler
-    from coordinator.service import CoordinatorServicer, add_to_server
+    from coordinator.service import RULES, CoordinatorServicer, add_to_server
     from coordinator.store import JobStore
 
-    secret = new_secret()
+    ids = Ids(cluster_ca)
     workers: list = []
-    server = signed_server(secret, max_workers=4)
-    port = server.add_insecure_port(f"{HOST}:0")
+    server = secure_server(ids.coordinator, RULES, max_workers=4)
+    port = bind(server, ids.coordinator, f"{HOST}:0")
     state = tmp_path / "coordinator"  # db, blobs/, adapters/
     s = Scheduler(JobStore(state / "db"), lambda: list(workers), FakeLauncher())
-    add_to_server(CoordinatorServicer(s, Registry(secret), BlobStore(state / "blobs"),
+    add_to_server(CoordinatorServicer(s, Registry(ids.coordinator), BlobStore(state / "blobs"),
                                       AdapterStore(state / "adapters")), server)
     server.start()
-    yield f"{HOST}:{port}", secret, s, workers
+    yield f"{HOST}:{port}", ids, s, workers
     server.stop(grace=0).wait()
+
+
+def running_on(s, name: str, worker: str = "w1", attempt: int = 1) -> None:
+    """Mark a submitted job as running its ``attempt`` on ``worker`` (what placement would do):
+    a worker's uploads and fetches are only taken for a job it runs."""
+    from coordinator.domain import JobState
+
+    job = s.store.get_job(name)
+    job.state, job.attempt, job.worker_ids = JobState.RUNNING, attempt, [worker]
+    s.store.put_job(job)
 
 
 def test_herd_submit_of_a_dataset_the_coordinator_refuses_exits_3(coordinator, tmp_path, capsys,
                                                                   monkeypatch):
     from herd.cli import laptop
 
-    target, secret, _, _ = coordinator
-    monkeypatch.setenv("HERD_SECRET", secret)
+    target, ids, _, _ = coordinator
+    ids.client.save(tmp_path / "tls")
     data = tmp_path / "data"
     data.mkdir()
     (data / "valid.jsonl").write_text('{"text": "ok"}\n')  # no train.jsonl: refused by the server
     cfg = tmp_path / "job.yaml"
     cfg.write_text(f"model: /nonexistent/model\ndata: {data}\n")
-    assert laptop.main(["submit", str(cfg), "--no-check", "--coordinator", target]) == 3
+    assert laptop.main(["submit", str(cfg), "--no-check", "--coordinator", target,
+                        "--tls-dir", str(tmp_path / "tls")]) == 3
     err = capsys.readouterr().err
     assert "herd submit: the dataset has no train.jsonl" in err
     assert "hint: a dataset folder holds train.jsonl" in err
+
+
+def test_herd_submit_of_a_bad_line_the_coordinator_refuses_names_its_file_and_line(
+        coordinator, tmp_path, capsys):
+    """--no-check skips the laptop's check; the coordinator reads the uploaded records itself
+    (structurally: it holds no tokenizer) and refuses the job by file and line, exit 3."""
+    from herd.cli import laptop
+
+    target, ids, _, _ = coordinator
+    ids.client.save(tmp_path / "tls")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text('{"text": "ok"}\n{"text": "cut\n{"text": 7}\n'
+                                      '{"text": "ok"}\n')
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(f"model: /nonexistent/model\ndata: {data}\nbatch_size: 1\n")
+    assert laptop.main(["submit", str(cfg), "--no-check", "--coordinator", target,
+                        "--tls-dir", str(tmp_path / "tls")]) == 3
+    err = capsys.readouterr().err
+    assert f"dataset {data} has 2 problem(s)" in err, err  # the user's folder, not a temp one
+    assert "train.jsonl: 1 malformed JSON line (line 2); line 2: Unterminated string starting " \
+        "at column 10" in err, err
+    assert "train.jsonl: 1 record whose 'text' is not a string (line 3)" in err, err
 
 
 # --- a real worker agent ---------------------------------------------------------------------
 
 @pytest.fixture
 def agent(tmp_path):
-    """A real WorkerService on loopback (no zeroconf); yields its address, secret and state."""
+    """A real WorkerService on loopback (no zeroconf); ``start(identity)`` gives its address and
+    state. Its model root is the filesystem (the tests' tiny models live in temp folders)."""
+    from pathlib import Path
+
     from worker.agent.machine import probe
     from worker.agent.main import free_port
-    from worker.agent.service import Worker, WorkerServicer, add_to_server
+    from worker.agent.policy import Policy
+    from worker.agent.service import RULES, Worker, WorkerServicer, add_to_server
 
-    def start(secret: str):
-        server = signed_server(secret, max_workers=4)
-        port = server.add_insecure_port(f"{HOST}:0")
-        worker = Worker("w1", HOST, port, free_port(HOST), free_port(HOST), probe(),
-                        tmp_path / "worker", secret)
+    def start(identity):
+        server = secure_server(identity, RULES, max_workers=4)
+        port = bind(server, identity, f"{HOST}:0")
+        worker = Worker(identity.name, HOST, port, free_port(HOST), free_port(HOST), probe(),
+                        tmp_path / "worker", identity, policy=Policy(model_roots=(Path("/"),)))
         add_to_server(WorkerServicer(worker), server)
         server.start()
         started.append((server, worker))
@@ -143,20 +195,22 @@ def _job(name: str, model: str = "/nonexistent/model", **cluster):
                workers_needed=1, iters=cfg.iters)
 
 
-def test_a_peer_the_server_lost_is_named_not_the_server(agent, tmp_path):
+def test_a_peer_the_server_lost_is_named_not_the_server(agent, tmp_path, cluster_ca):
     """The worker's agent cannot reach the coordinator it was given: the coordinator's call
     fails naming that address (the agent's own PeerLostError), not the worker it called."""
     from coordinator.registry import WorkerClient
     from herd.rpc.ports import free_ports
     from protos.v1 import common_pb2, worker_pb2
 
-    secret = new_secret()
-    target, _ = agent(secret)
+    ids = Ids(cluster_ca)
+    target, _ = agent(ids.worker)
     gone = f"{HOST}:{free_ports(1)[0]}"  # nothing listens here
+    rank = cluster_ca.issue("rank", pki.rank_scope("j", 1))
     request = worker_pb2.StartRankRequest(
         job_id="j", attempt=1, rank=0, world_size=1, config_yaml="model: m\n", coordinator=gone,
-        dataset=[common_pb2.FileDigest(name="train.jsonl", sha256="a" * 64, bytes=1)])
-    client = WorkerClient(target, secret)
+        dataset=[common_pb2.FileDigest(name="train.jsonl", sha256="a" * 64, bytes=1)],
+        rank_cert_pem=rank.cert_pem, rank_key_pem=rank.key_pem)
+    client = WorkerClient(target, ids.coordinator, "w1")
     try:
         with pytest.raises(errors.PeerLostError) as lost:
             client.start_rank(request)
@@ -173,11 +227,11 @@ def test_put_blob_twice_keeps_one_blob(coordinator, tmp_path):
     from herd.cli.connection import CoordinatorConnection
     from herd.digest import sha256_file
 
-    target, secret, _, _ = coordinator
+    target, ids, _, _ = coordinator
     data = tmp_path / "train.jsonl"
     data.write_text('{"text": "the cat is red."}\n' * 1000)
     sha = sha256_file(data)
-    with CoordinatorConnection(target, secret) as c:
+    with CoordinatorConnection(target, ids.client) as c:
         c.put_blob(data, sha)
         c.put_blob(data, sha)
     blobs = tmp_path / "coordinator" / "blobs"
@@ -205,16 +259,17 @@ def test_put_checkpoint_twice_per_step_stores_it_once(coordinator, tmp_path):
     from herd.stage_cut import StagePiece
     from worker.agent.coordinator_client import CoordinatorClient
 
-    target, secret, s, _ = coordinator
-    s.submit(_job("plain"))
-    s.submit(_job("piped"))
+    target, ids, s, _ = coordinator
+    for name in ("plain", "piped"):
+        s.submit(_job(name))
+        running_on(s, name)
     folder = _checkpoint(tmp_path / "step4", 4, 1.0)
-    client = CoordinatorClient(target, secret)
+    client = CoordinatorClient(target, ids.worker)
     try:
         for _ in range(2):
             client.put_checkpoint("plain", 1, 4, folder)
         assert [c.step for c in s.store.checkpoints("plain")] == [4]
-        with CoordinatorConnection(target, secret) as c:
+        with CoordinatorConnection(target, ids.client) as c:
             c.pull("plain", 4, tmp_path / "pulled")
         assert ((tmp_path / "pulled" / "adapters.safetensors").read_bytes()
                 == (folder / "adapters.safetensors").read_bytes())
@@ -238,20 +293,22 @@ def test_put_checkpoint_twice_per_step_stores_it_once(coordinator, tmp_path):
 def test_report_rank_exit_twice_changes_the_job_once(coordinator):
     """ReportRank: 'Safe to retry (latest wins)': an agent that retries an exit report (its first
     reply lost) neither fails nor restarts the job twice."""
-    from coordinator.domain import JobState, WorkerRecord
+    from coordinator.domain import Checkpoint, FileDigest, JobState, WorkerRecord
     from protos.v1 import coordinator_pb2
     from worker.agent.coordinator_client import CoordinatorClient
 
-    target, secret, s, workers = coordinator
+    target, ids, s, workers = coordinator
     workers.append(WorkerRecord(worker_id="w1", host=HOST, port=1, ring_port=2, exchange_port=3,
                                 memory_bytes=2**34, free_memory_bytes=2**34))
-    client = CoordinatorClient(target, secret)
+    client = CoordinatorClient(target, ids.worker)
     try:
         for name, code, after in (("ok", 0, JobState.SUCCEEDED),
                                   ("killed", -9, JobState.RESTARTING)):
             s.submit(_job(name, max_restarts=1))
             s.tick()
             assert s.store.get_job(name).state is JobState.RUNNING
+            # The final adapter is stored before the exit is reported (worker/agent/relay.py).
+            s.on_checkpoint(Checkpoint(name, 100_000, [FileDigest("a", "b" * 64, 1)], 0))
             exit_ = coordinator_pb2.ReportRankRequest(
                 job_id=name, attempt=1, rank=0, worker_id="w1",
                 exit=coordinator_pb2.RankExit(exit_code=code, error="" if code == 0 else "killed"))
@@ -270,9 +327,9 @@ def test_cancel_job_twice_cancels_once(coordinator):
     from herd.cli.connection import CoordinatorConnection
     from protos.v1 import common_pb2, coordinator_pb2
 
-    target, secret, s, _ = coordinator
+    target, ids, s, _ = coordinator
     s.submit(_job("c"))
-    with CoordinatorConnection(target, secret) as c:
+    with CoordinatorConnection(target, ids.client) as c:
         replies = [c.call("CancelJob", coordinator_pb2.CancelJobRequest(job_id="c")).state
                    for _ in range(2)]
     assert replies == [common_pb2.JOB_STATE_CANCELLED] * 2
@@ -288,23 +345,24 @@ def test_start_rank_twice_runs_one_rank_and_stop_job_twice_stops_it_once(
     from coordinator.domain import RankLaunch, WorkerRecord
     from herd.cli.connection import CoordinatorConnection
     from herd.digest import file_digest
-    from herd.rpc.channel import signed_channel
     from protos.v1 import worker_pb2, worker_pb2_grpc
 
-    target, secret, s, _ = coordinator
-    address, worker = agent(secret)
+    target, ids, s, _ = coordinator
+    address, worker = agent(ids.worker)
     data = tmp_path / "train.jsonl"
     data.write_text('{"text": "the cat is red."}\n' * 8)
-    with CoordinatorConnection(target, secret) as c:
+    with CoordinatorConnection(target, ids.client) as c:
         c.put_blob(data, file_digest(data).sha256)
     job = _job("twice", model=str(tiny_model))
     job.dataset = [file_digest(data)]
+    s.submit(job)
+    running_on(s, "twice")  # the worker fetches its dataset, and reports
     job.attempt = 1
-    s.submit(job)  # its reports are accepted (and ignored: the job is not placed)
     me = WorkerRecord(worker_id="w1", host=HOST, port=0, ring_port=0, exchange_port=0,
                       memory_bytes=0)
-    request = convert.launch_to_pb(RankLaunch(job, 0, me, [f"{HOST}:1"], [f"{HOST}:2"]), target)
-    channel = signed_channel(address, secret)
+    request = convert.launch_to_pb(RankLaunch(job, 0, me, [f"{HOST}:1"], [f"{HOST}:2"]), target,
+                                   ids.ca.issue("rank", pki.rank_scope("twice", 1)))
+    channel = secure_channel(address, ids.coordinator, pki.dns_name("worker", "w1"))
     try:
         stub = worker_pb2_grpc.WorkerServiceStub(channel)
         pids = [stub.StartRank(request, timeout=120).pid for _ in range(2)]

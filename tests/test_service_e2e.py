@@ -1,5 +1,6 @@
-"""The service end to end with real processes on loopback: `herd up` (a coordinator and two
-worker agents, each its own process), the laptop CLI, real zeroconf, real MLX rings.
+"""The service end to end with real processes on loopback: `herd up --adopt` (a coordinator and
+two worker agents, each its own process; --adopt: it also takes the workers tests start), the
+laptop CLI, real zeroconf, real MLX rings.
 
 One cluster is shared by the module (tests run in file order; the last one restarts the
 coordinator on the same state dir)."""
@@ -39,7 +40,6 @@ class Cluster:
         self.address = f"{HOST}:{self.port}"
         self.env = {**os.environ, "HERD_HOME": str(self.home), "HERD_ZEROCONF_INTERFACES": HOST,
                     "HERD_LOG_LEVEL": "warning"}
-        self.env.pop("HERD_SECRET", None)
         self.env.pop("HERD_COORDINATOR", None)
         self.up: subprocess.Popen | None = None
         self.extra: list[subprocess.Popen] = []
@@ -58,7 +58,8 @@ class Cluster:
     def start(self) -> None:
         self.up = subprocess.Popen(
             [sys.executable, "-m", "herd", "up", "--workers", "2", "--port", str(self.port),
-             "--state-dir", str(self.state), "--placement-timeout", "600"],
+             "--state-dir", str(self.state), "--placement-timeout", "600", "--adopt",
+             "--restart-backoff", "1"],  # (the policy is unit-tested; the kills here wait less)
             env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def workers(self) -> list[list[str]]:
@@ -204,7 +205,9 @@ def test_a_two_stage_pipeline_job_runs_and_pulls_one_merged_adapter(cluster, job
     assert any(" loss " in ln for ln in lines)  # the last stage reports the loss
     out = tmp_path / "pulled"
     cluster.herd("pull", job_id, "-o", str(out))
-    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapters.safetensors"]
+    # (with the report files every pulled adapter carries: coordinator/reports.py)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "adapter_config.json", "adapters.safetensors", "loss.png", "metrics.jsonl"]
     want, start = load_adapter(tmp_path / "single"), initial_adapter(single)
     rel = update_diff(load_adapter(out), want, start)
     print(f"2-stage pipeline (service) vs single process: the update differs by {rel:.2e}")
@@ -283,7 +286,7 @@ def test_two_pipelines_of_two_stages_on_four_workers(cluster, job_yaml, tmp_path
     with the same global batch."""
     extra = [subprocess.Popen(
         [sys.executable, "-m", "herd", "worker", "--host", HOST, "--id", f"worker-{n}",
-         "--state-dir", str(cluster.root / f"w{n}")], env=cluster.env,
+         "--state-dir", str(cluster.root / f"w{n}"), "--model-root", "/"], env=cluster.env,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for n in (3, 4)]
     cluster.extra += extra
     try:
@@ -334,10 +337,22 @@ def test_a_job_that_cannot_fit_is_refused_at_submit_with_numbers_and_fixes(clust
 
 
 def test_an_unimplemented_backend_is_refused_not_ignored(cluster, job_yaml):
-    cfg = job_yaml("ray", cluster={"workers": 2, "backend": "ray"})
+    cfg = job_yaml("static", cluster={"workers": 2, "backend": "static"})
     proc = cluster.herd("submit", str(cfg), check=False)
     assert proc.returncode == 2, proc.stderr
-    assert "cluster.backend = 'ray' is not available" in proc.stderr, proc.stderr
+    assert "cluster.backend = 'static' is not available" in proc.stderr, proc.stderr
+
+
+def test_an_unreachable_ray_cluster_fails_at_submit_with_the_address_tried(cluster, job_yaml):
+    """backend: ray where no Ray cluster listens: refused at once (not queued), naming the
+    address (127.0.0.3: loopback that Ray does not rewrite to this machine's LAN address)."""
+    before = cluster.herd("jobs").stdout
+    address = f"127.0.0.3:{free_ports(1)[0]}"
+    cfg = job_yaml("ray", cluster={"workers": 2, "backend": "ray", "ray_address": address})
+    proc = cluster.herd("submit", str(cfg), check=False)
+    assert proc.returncode == 4, proc.stderr  # PlacementError
+    assert f"cannot reach the Ray cluster at {address}" in proc.stderr, proc.stderr
+    assert cluster.herd("jobs").stdout == before
 
 
 def test_a_killed_rank_restarts_from_its_checkpoint_and_cancel_stops_every_rank(cluster, job_yaml):
@@ -377,9 +392,10 @@ def _events(cluster: Cluster, job_id: str) -> str:
 
     from herd.cli.connection import CoordinatorConnection
     from herd.cli.watch import describe
+    from herd.rpc.pki import Identity
     from protos.v1 import coordinator_pb2
 
-    coord = CoordinatorConnection(cluster.address, (cluster.home / "secret").read_text().strip())
+    coord = CoordinatorConnection(cluster.address, Identity.load(cluster.home / "tls", "client"))
     lines = []
     try:
         stream = coord.stub.WatchJob(coordinator_pb2.WatchJobRequest(job_id=job_id), timeout=1.0)

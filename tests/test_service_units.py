@@ -22,7 +22,7 @@ from coordinator.domain import (
     WorkerRecord,
 )
 from coordinator.scheduler import Scheduler
-from coordinator.store import JobStore
+from coordinator.store import _MIGRATIONS, JobStore
 from herd.config import parse_config
 from herd.errors import ChecksumError, DatasetError, HerdError, NotFoundError, PlacementError
 
@@ -68,12 +68,15 @@ class FakeLauncher:
     def __init__(self, fail_rank: int | None = None):
         self.started, self.stopped, self.fail_rank = [], [], fail_rank
 
+    def prepare_rank(self, launch, on_progress):
+        pass
+
     def start_rank(self, launch):
         if launch.rank == self.fail_rank:
             raise HerdError("model path missing")
         self.started.append(launch)
 
-    def stop_job(self, w, job_id):
+    def stop_job(self, w, job_id, attempt=0):
         self.stopped.append((w.worker_id, job_id))
 
 
@@ -116,6 +119,9 @@ def test_job_waits_with_a_reason_then_runs_and_succeeds(rig):
     peers = [la.exchange_peers for la in launcher.started]
     assert peers == [["10.0.0.2:9002", "10.0.0.1:9001"]] * 2
     assert not s.on_progress(j.job_id, 1, RankProgress(rank=0, iteration=3, train_loss=2.0))
+    # Agents report a rank's exit after uploading its checkpoints: the final one is stored.
+    s.on_checkpoint(Checkpoint(j.job_id, 10, [FileDigest("adapters.safetensors", "e" * 64, 1)],
+                               clock.t * 1000))
     s.on_exit(j.job_id, 1, 0, "w2", 0, "")
     assert s.store.get_job(j.job_id).state is JobState.RUNNING  # rank 1 still running
     s.on_exit(j.job_id, 1, 1, "w1", 0, "")
@@ -149,7 +155,9 @@ def test_a_rank_that_cannot_start_fails_the_job(rig):
 
 
 def test_a_killed_rank_restarts_from_the_last_checkpoint_until_max_restarts(rig):
-    s, workers, launcher, _ = rig
+    """max_restarts bounds the failures in a row that stored no new checkpoint; each restart
+    waits its backoff (coordinator/recovery.py)."""
+    s, workers, launcher, clock = rig
     workers += [worker(1), worker(2), worker(3)]
     j = job()
     cfg = j.config.model_dump(exclude_unset=True)
@@ -162,15 +170,20 @@ def test_a_killed_rank_restarts_from_the_last_checkpoint_until_max_restarts(rig)
     got = s.store.get_job(j.job_id)
     assert got.state is JobState.RESTARTING
     assert got.message == ("attempt 1 failed: rank 1 on w2 exited with code -9: killed by SIGKILL;"
-                           " restarting from checkpoint 4")
+                           " restarting from checkpoint 4 in 5s")
     s.on_exit(j.job_id, 1, 0, "w1", -15, "stopped by the agent")  # the stopped peer: ignored
+    s.tick()
+    assert s.store.get_job(j.job_id).state is JobState.RESTARTING  # backing off
+    clock.t += 5
     s.tick()
     got = s.store.get_job(j.job_id)
     assert (got.state, got.attempt) == (JobState.RUNNING, 2)
     assert [la.resume_step for la in launcher.started[-2:]] == [4, 4]
     s.on_worker_lost(got.worker_ids[0])
     got = s.store.get_job(j.job_id)
-    assert got.state is JobState.FAILED and got.message.endswith("was lost (attempt 2)")
+    assert got.state is JobState.FAILED and got.message.endswith(
+        "was lost (attempt 2); 2 attempts in a row stored no new checkpoint "
+        "(cluster.max_restarts: 1)")
     assert [a[2] for a in s.store.attempts(j.job_id)] == ["restarting", "failed"]
     assert states(s, j.job_id) == ["queued", "placing", "running", "restarting", "placing",
                                    "running", "failed"]
@@ -200,30 +213,53 @@ def test_cancel_and_worker_loss(rig):
     s.on_worker_lost("w4")
     got = s.store.get_job(b.job_id)
     assert (got.state, got.message) == (
-        JobState.RESTARTING, "attempt 1 failed: worker w4 was lost; restarting from the start")
+        JobState.RESTARTING,
+        "attempt 1 failed: worker w4 was lost; restarting from the start in 5s")
     with pytest.raises(NotFoundError):
         s.cancel("nope")
 
 
-def test_store_survives_a_reopen_and_restart_fails_active_jobs(tmp_path):
-    s = Scheduler(JobStore(tmp_path / "db"), lambda: [worker(1)], FakeLauncher(), Clock())
-    done, running = s.submit(job(workers=1, iters=1)), None
+def test_store_survives_a_reopen_and_a_restart_readopts_or_resumes_active_jobs(tmp_path):
+    """A coordinator restarted on its state folder fails nothing: an attempt whose worker still
+    runs its rank is re-adopted, one whose worker does not restarts from its last checkpoint
+    once the grace period is over."""
+    workers = [worker(1), worker(2)]
+    clock = Clock()
+    s = Scheduler(JobStore(tmp_path / "db"), lambda: list(workers), FakeLauncher(), clock)
+    done = s.submit(job(workers=1, iters=1))
     s.tick()
     s.on_checkpoint(Checkpoint(done.job_id, 1, [FileDigest("adapters.safetensors", "c" * 64, 5)],
                                9))
     s.on_exit(done.job_id, 1, 0, "w1", 0, "")
-    running = s.submit(job(workers=1, iters=5))
+    kept, lost = s.submit(job(workers=1, iters=5)), s.submit(job(workers=1, iters=6))
     s.tick()
+    s.on_checkpoint(Checkpoint(lost.job_id, 2, [FileDigest("adapters.safetensors", "d" * 64, 5)],
+                               clock.t * 1000))
     s.store.close()
     store = JobStore(tmp_path / "db")
-    assert store.schema_version() == 1
-    again = Scheduler(store, lambda: [], FakeLauncher(), Clock())
+    assert store.schema_version() == len(_MIGRATIONS)
+    launcher = FakeLauncher()
+    again = Scheduler(store, lambda: list(workers), launcher, clock)
     again.recover()
     assert store.get_job(done.job_id).state is JobState.SUCCEEDED
     assert [c.step for c in store.checkpoints(done.job_id)] == [1]
-    got = store.get_job(running.job_id)
-    assert (got.state, got.message) == (JobState.FAILED,
-                                        "the coordinator restarted while the job ran")
+    on = {store.get_job(j.job_id).worker_ids[0]: j.job_id for j in (kept, lost)}
+    kept_on = next(w for w in workers if on[w.worker_id] == kept.job_id)
+    kept_on.running_job_id, kept_on.running_attempt = kept.job_id, 1  # its Health says so
+    again.tick()
+    assert store.get_job(kept.job_id).state is JobState.RUNNING
+    assert store.get_job(lost.job_id).state is JobState.RUNNING  # within the grace period
+    clock.t += 31
+    again.tick()
+    got = store.get_job(lost.job_id)
+    assert got.state is JobState.RESTARTING and "could not re-adopt attempt 1" in got.message
+    assert store.get_job(kept.job_id).state is JobState.RUNNING
+    assert "re-adopted attempt 1" in [e.message for e in store.events(kept.job_id)][-1]
+    clock.t += 5
+    again.tick()
+    got = store.get_job(lost.job_id)
+    assert (got.state, got.attempt) == (JobState.RUNNING, 2)
+    assert launcher.started[-1].resume_step == 2
 
 
 # --- artifacts -------------------------------------------------------------------------------
@@ -256,7 +292,8 @@ def test_a_received_checkpoint_is_checked_file_by_file(tmp_path):
     info = common_pb2.CheckpointInfo(step=4, files=[
         common_pb2.FileDigest(name="adapters.safetensors", sha256=hashlib.sha256(a).hexdigest(),
                               bytes=len(a)),
-        common_pb2.FileDigest(name="notes.txt", sha256=hashlib.sha256(empty).hexdigest(), bytes=0)])
+        common_pb2.FileDigest(name="trainer_state.json", sha256=hashlib.sha256(empty).hexdigest(),
+                              bytes=0)])
 
     def stream(*chunks, header=True):
         if header:
@@ -270,7 +307,7 @@ def test_a_received_checkpoint_is_checked_file_by_file(tmp_path):
                                     ("adapters.safetensors", a[1000:])),
                              good, "checkpoint", hint="pull again")
     assert got.step == 4 and (good / "adapters.safetensors").read_bytes() == a
-    assert (good / "notes.txt").read_bytes() == b""  # sent as no chunk at all
+    assert (good / "trainer_state.json").read_bytes() == b""  # sent as no chunk at all
     for bad, match in [(stream(("adapters.safetensors", a[:-1] + b"x")), "corrupted"),
                        (stream(("adapters.safetensors", a[:1000])), "corrupted"),
                        (stream(), "missing"),
@@ -337,15 +374,17 @@ def test_a_rank_lost_without_an_exit_report_fails_the_job(rig):
     got = s.store.get_job(j.job_id)
     assert got.state is JobState.RESTARTING
     assert got.message == ("attempt 1 failed: worker w2 is no longer running its rank "
-                           "(no exit report for 20s); restarting from the start")
+                           "(no exit report for 20s); restarting from the start in 5s")
 
 
 # --- the CLI refuses bad input before it contacts anyone -------------------------------------
 
-def test_submit_exit_codes_for_bad_config_and_dataset(tmp_path, tiny_model, capsys, monkeypatch):
+def test_submit_exit_codes_for_bad_config_and_dataset(tmp_path, tiny_model, capsys, monkeypatch,
+                                                      cluster_ca):
     from herd.cli import laptop as client
 
-    monkeypatch.setenv("HERD_SECRET", "s" * 32)
+    monkeypatch.setenv("HERD_HOME", str(tmp_path / "home"))
+    cluster_ca.issue("client", "tester").save(tmp_path / "home" / "tls")
     bad_cfg = tmp_path / "bad.yaml"
     bad_cfg.write_text(f"model: {tiny_model}\ndata: {tmp_path}\nalpha: 16\n")
     assert client.main(["submit", str(bad_cfg), "--coordinator", "127.0.0.1:1"]) == 2
@@ -426,26 +465,24 @@ def _stage_checkpoint(folder: Path, step: int, names: list[str], value: float) -
 
 
 @pytest.fixture
-def coordinator_rpc(tmp_path):
-    """A real CoordinatorService on loopback (scheduler, stores; no zeroconf, no workers)."""
-    from concurrent import futures
-
-    import grpc
-
+def coordinator_rpc(tmp_path, cluster_ca):
+    """A real CoordinatorService on loopback (scheduler, stores; no zeroconf, no workers).
+    Yields its address, a dict of identities (coordinator, client, worker w1) and the
+    scheduler."""
     from coordinator.registry import Registry
-    from coordinator.service import CoordinatorServicer, add_to_server
-    from herd.rpc.auth import ServerAuth, new_secret
-    from herd.rpc.channel import SERVER_OPTIONS
+    from coordinator.service import RULES, CoordinatorServicer, add_to_server
+    from herd.rpc.channel import bind, secure_server
 
-    secret = new_secret()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=SERVER_OPTIONS,
-                         interceptors=[ServerAuth(secret)])
-    port = server.add_insecure_port("127.0.0.1:0")
+    ids = {role: cluster_ca.issue(role, name)
+           for role, name in (("coordinator", "coord"), ("client", "tester"), ("worker", "w1"))}
+    server = secure_server(ids["coordinator"], RULES, max_workers=4)
+    port = bind(server, ids["coordinator"], "127.0.0.1:0")
     s = Scheduler(JobStore(tmp_path / "db"), lambda: [], FakeLauncher(), Clock())
-    add_to_server(CoordinatorServicer(s, Registry(secret), BlobStore(tmp_path / "blobs"),
+    add_to_server(CoordinatorServicer(s, Registry(ids["coordinator"]),
+                                      BlobStore(tmp_path / "blobs"),
                                       AdapterStore(tmp_path / "adapters")), server)
     server.start()
-    yield f"127.0.0.1:{port}", secret, s
+    yield f"127.0.0.1:{port}", ids, s
     server.stop(grace=0).wait()
 
 
@@ -460,8 +497,10 @@ def test_stage_pieces_merge_into_one_adapter_and_each_stage_resumes_from_its_own
     from worker.agent.rank_process import RankProcess
     from worker.rank.checkpoint import verify_manifest
 
-    target, secret, s = coordinator_rpc
+    target, ids, s = coordinator_rpc
     j = s.submit(job())
+    j.state, j.attempt, j.worker_ids = JobState.RUNNING, 1, ["w1"]  # as placement would run it
+    s.store.put_job(j)
     # Blocks 0:2 and 2:3; each stage names its blocks from 0.
     a0, a1 = "model.layers.0.q.lora_a", "model.layers.1.q.lora_a"
     s0 = _stage_checkpoint(tmp_path / "s0", 4, [a0, a1], 1.0)
@@ -470,7 +509,7 @@ def test_stage_pieces_merge_into_one_adapter_and_each_stage_resumes_from_its_own
     def piece(i, start, end):
         return StagePiece(index=i, count=2, start=start, end=end)
 
-    client = CoordinatorClient(target, secret)
+    client = CoordinatorClient(target, ids["worker"])
     client.put_checkpoint(j.job_id, 1, 4, s1, piece(1, 2, 3))
     assert s.store.checkpoints(j.job_id) == []  # waits for stage 0
     client.put_checkpoint(j.job_id, 1, 4, s0, piece(0, 0, 2))
@@ -478,14 +517,15 @@ def test_stage_pieces_merge_into_one_adapter_and_each_stage_resumes_from_its_own
     assert "checkpoint 4 stored" in [e.message for e in s.store.events(j.job_id)]
 
     # `herd pull` gets one mlx-lm adapter with the model's block numbers.
-    conn = CoordinatorConnection(target, secret)
+    conn = CoordinatorConnection(target, ids["client"])
     conn.pull(j.job_id, 0, tmp_path / "pulled")
     conn.close()
     merged = mx.load(str(tmp_path / "pulled" / "adapters.safetensors"))
     assert {k: v[0, 0].item() for k, v in merged.items()} == {
         a0: 1.0, a1: 1.0, "model.layers.2.q.lora_a": 2.0}
-    assert sorted(p.name for p in (tmp_path / "pulled").iterdir()) == ["adapter_config.json",
-                                                                     "adapters.safetensors"]
+    # (with the report files every pulled adapter carries: coordinator/reports.py)
+    assert sorted(p.name for p in (tmp_path / "pulled").iterdir()) == [
+        "adapter_config.json", "adapters.safetensors", "loss.png", "metrics.jsonl"]
 
     # A restarted stage 1 (rank 1 of a 1 x 2 ring) fetches its own piece, checked and whole.
     def spec(cut):
@@ -493,13 +533,61 @@ def test_stage_pieces_merge_into_one_adapter_and_each_stage_resumes_from_its_own
                         dataset=[], coordinator=target, ring_hosts=[], exchange_peers=[],
                         resume_step=4, stage_layers=cut, data_parallel=1)
 
-    rank = RankProcess(spec(((0, 2), (2, 3))), "w1", tmp_path / "worker", secret)
+    rank = RankProcess(spec(((0, 2), (2, 3))), "w1", tmp_path / "worker", ids["worker"])
     resume = rank._fetch_resume()
     got = resume / "stages" / "stage-01"
     assert verify_manifest(got)["step"] == 4
     assert (got / "adapters.safetensors").read_bytes() == (s1 / "adapters.safetensors").read_bytes()
     # An attempt cut differently cannot resume these pieces, and says why.
-    other = RankProcess(spec(((0, 1), (1, 3))), "w1", tmp_path / "worker2", secret)
+    other = RankProcess(spec(((0, 1), (1, 3))), "w1", tmp_path / "worker2", ids["worker"])
     with pytest.raises(PlacementError, match="resumes only with the same cut"):
         other._fetch_resume()
     client.close()
+
+
+def test_a_worker_reads_the_blobs_of_its_jobs_stored_model_and_no_others(tmp_path,
+                                                                          coordinator_rpc,
+                                                                          tiny_model):
+    """PrepareRank fetches a stored model's files through GetBlob: a worker gets exactly those
+    of the model its current job runs on (and the job's dataset), never another model's, and
+    nothing once it runs no rank of that job."""
+    from herd.cli.connection import CoordinatorConnection
+    from herd.errors import AuthError
+    from herd.models.manifest import folder_manifest, model_files
+    from protos.v1 import common_pb2, coordinator_pb2
+    from worker.agent.coordinator_client import CoordinatorClient
+
+    target, ids, s = coordinator_rpc
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text('{"other": true}')
+    (other / "w.safetensors").write_bytes(b"not the job's")
+    digests = {}
+    with CoordinatorConnection(target, ids["client"]) as conn:
+        for folder in (tiny_model, other):
+            manifest = folder_manifest(folder)
+            for path in model_files(folder):
+                conn.put_blob(path, manifest.by_name()[path.name].sha256)
+            files = [common_pb2.FileDigest(name=f.name, sha256=f.sha256, bytes=f.bytes)
+                     for f in manifest.files]
+            for reply in conn.stub.AddModel(coordinator_pb2.AddModelRequest(
+                    name=folder.name, files=files), timeout=30):
+                digests[folder] = reply.model.digest or digests.get(folder)
+    mine, theirs = folder_manifest(tiny_model), folder_manifest(other)
+    j = s.submit(job())
+    j.state, j.attempt, j.worker_ids = JobState.RUNNING, 1, ["w1"]
+    j.model_digest = digests[tiny_model]
+    s.store.put_job(j)
+    client = CoordinatorClient(target, ids["worker"])
+    try:
+        config = mine.by_name()["config.json"]
+        assert client.read_blob(config.sha256, config.bytes) == (
+            tiny_model / "config.json").read_bytes()
+        with pytest.raises(AuthError, match="runs no job with blob"):
+            client.read_blob(theirs.by_name()["config.json"].sha256, 15)
+        j.worker_ids = ["w2"]  # the next attempt runs elsewhere
+        s.store.put_job(j)
+        with pytest.raises(AuthError, match="runs no job with blob"):
+            client.read_blob(config.sha256, config.bytes)
+    finally:
+        client.close()

@@ -3,20 +3,23 @@ rings."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import mlx.core as mx
 import pytest
 
 from tests.conftest import (
+    REPO,
     SAME_UPDATE,
     SAME_UPDATE_RTOL,
     herd,
     initial_adapter,
     load_adapter,
     max_abs_diff,
+    reformat_data,
     start_ranks,
     update_diff,
     wait_all,
@@ -24,55 +27,198 @@ from tests.conftest import (
 )
 from worker.rank.runtime import preload_env
 
+# `python -m mlx_lm lora`, with wandb and swanlab kept out of the process as herd's ranks keep
+# them out when a job does not report to them (an import of ~1 s that changes no number).
+MLX_LM_LORA = ("import sys; sys.modules['wandb'] = sys.modules['swanlab'] = None; "
+               "from mlx_lm.lora import main; sys.argv = ['mlx_lm.lora', '-c', sys.argv[1]]; "
+               "main()")
 
-def _mlx_lm_lora(cfg: Path) -> None:
+
+def mlx_lm_lora(cfg: Path, cwd: Path | None = None, timeout: float = 240
+                ) -> subprocess.CompletedProcess:
     # With the BLAS herd runs with (herd train preloads OpenBLAS on Linux): the same ops on the
     # same kernels give the same bits.
     proc = subprocess.run(
-        [sys.executable, "-m", "mlx_lm", "lora", "-c", str(cfg)],
-        capture_output=True, text=True, timeout=240, env=preload_env(),
+        [sys.executable, "-c", MLX_LM_LORA, str(cfg)],
+        capture_output=True, text=True, timeout=timeout, env=preload_env(), cwd=cwd,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
 
 
+def side_by_side(herd_args: tuple, mlx_cfg: Path, env: dict | None = None
+                 ) -> tuple[subprocess.CompletedProcess, subprocess.CompletedProcess]:
+    """`herd ARGS` and `mlx_lm.lora -c CFG` at once (each is mostly its imports: two cores run
+    the pair in the time of one); both checked."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        ours = pool.submit(herd, *herd_args, env=env)
+        theirs = pool.submit(mlx_lm_lora, mlx_cfg)
+        return ours.result(), theirs.result()
+
+
+@dataclass(frozen=True)
+class Variant:
+    config: dict = field(default_factory=dict)
+    model: str = "tiny_model"  # a fixture of tests/conftest.py
+    data: str = "text"  # a key of the data_sets fixture
+    haswell: bool = False  # also run on OpenBLAS's Haswell kernels (a representative subset)
+
+
+SCHEDULE = {"arguments": [1e-3, 8], "warmup": 2}
 VARIANTS = {
-    "lora": {},
-    "qlora": {},  # on a folder quantized by mlx_lm.convert
-    "bf16": {},  # a bfloat16 checkpoint, as hub models are
-    "dora-dropout": {"fine_tune_type": "dora",
-                     "lora_parameters": {"rank": 4, "scale": 10.0, "dropout": 0.3}},
+    "lora": Variant(haswell=True),
+    "qlora": Variant(model="tiny_quantized", haswell=True),  # a folder mlx_lm.convert made
+    "bf16": Variant(model="tiny_bf16", haswell=True),  # bfloat16 weights, as hub models are
+    "dora-dropout": Variant({"fine_tune_type": "dora",
+                             "lora_parameters": {"rank": 4, "scale": 10.0, "dropout": 0.3}},
+                            haswell=True),
     # several epochs (16 batches each) with a validation pass every 5 iterations: each pass
     # draws from the numpy stream the epochs draw from
-    "epochs-validation": {"iters": 40, "save_every": 40, "steps_per_eval": 5},
-    # the rest of mlx-lm's knobs: a warmup + cosine schedule, AdamW, gradient checkpointing
-    "schedule-adamw-checkpointing": {
-        "optimizer": "adamw",
-        "optimizer_config": {"adamw": {"weight_decay": 0.01}},
-        "lr_schedule": {"name": "cosine_decay", "arguments": [1e-3, 8], "warmup": 2},
-        "grad_checkpoint": True,
-    },
+    "epochs-validation": Variant({"iters": 40, "save_every": 40, "steps_per_eval": 5},
+                                 haswell=True),
+    # a warmup + cosine schedule, AdamW, gradient checkpointing
+    "schedule-adamw-checkpointing": Variant({
+        "optimizer": "adamw", "optimizer_config": {"adamw": {"weight_decay": 0.01}},
+        "lr_schedule": {"name": "cosine_decay", **SCHEDULE}, "grad_checkpoint": True,
+    }, haswell=True),
+    "lora-dropout": Variant({"lora_parameters": {"rank": 4, "scale": 10.0, "dropout": 0.2}}),
+    "8bit": Variant(model="tiny_quantized8"),
+    "full": Variant({"fine_tune_type": "full", "learning_rate": 1e-4}),
+    # each other optimizer mlx-lm offers, each with another of its lr schedules
+    "sgd-linear": Variant({"optimizer": "SGD", "lr_schedule": {
+        "name": "linear_schedule", "arguments": [1e-2, 1e-3, 8]}}),
+    "adafactor-exponential": Variant({"optimizer": "adafactor", "lr_schedule": {
+        "name": "exponential_decay", "arguments": [1e-3, 0.9]}}),
+    "muon-step": Variant({"optimizer": "muon", "lr_schedule": {
+        "name": "step_decay", "arguments": [1e-3, 0.5, 3]}}),
+    "batch1": Variant({"batch_size": 1}),
+    "completions": Variant(data="completions"),
+    "completions-custom-keys-masked": Variant(
+        {"prompt_feature": "question", "completion_feature": "answer", "mask_prompt": True},
+        data="completions-custom"),
+    "chat": Variant(data="chat"),
+    "chat-custom-key-masked": Variant({"chat_feature": "conversation", "mask_prompt": True},
+                                      data="chat-custom"),
+    # (the tool definitions take ~200 tokens of the tiny tokenizer: room for the answers)
+    "tools": Variant({"max_seq_length": 512}, model="tiny_tools_model", data="tools"),
+    "tools-masked": Variant({"mask_prompt": True, "max_seq_length": 512},
+                            model="tiny_tools_model", data="tools"),
+    "text-custom-key": Variant({"text_feature": "body"}, data="text-custom"),
+    # mlx-lm's own accumulation numbers (cluster.gradient_average: mlx_lm; mlx-lm ignores the
+    # cluster key), with a save point and an end that are not optimizer steps
+    "accumulation-mlx-lm-mean": Variant({"grad_accumulation_steps": 3, "iters": 10,
+                                         "save_every": 4,
+                                         "cluster": {"gradient_average": "mlx_lm"}}),
+    # an mlx-lm adapter to start from: weights only, in both
+    "resume-adapter-file": Variant({"resume_adapter_file": "START"}),
 }
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_same_adapter_as_mlx_lm_lora(tmp_path, tiny_model, tiny_quantized, tiny_bf16, tiny_data,
-                                     variant, blas_kernels):
-    """Same config and seed, one process: herd's adapter equals the one `mlx_lm.lora` writes."""
-    model = {"qlora": tiny_quantized, "bf16": tiny_bf16}.get(variant, tiny_model)
-    kw = VARIANTS[variant]
-    ours = write_job(tmp_path / "herd.yaml", model, tiny_data,
-                     adapter_path=str(tmp_path / "herd"), **kw)
-    theirs = write_job(tmp_path / "mlx.yaml", model, tiny_data,
-                       adapter_path=str(tmp_path / "mlx"), **kw)
-    herd("train", ours, "--quiet")
-    _mlx_lm_lora(theirs)
-    a, b = load_adapter(tmp_path / "herd"), load_adapter(tmp_path / "mlx")
-    # One process, no accumulation: herd runs mlx-lm's exact ops in mlx-lm's order (loss divided
-    # by the batch's target count inside the graph, same batch order, same RNG stream), on the
-    # same BLAS kernels, so the adapters are bit-identical on any kernel choice.
+@pytest.fixture(scope="session")
+def data_sets(tmp_path_factory, tiny_data, tiny_chat_data, tiny_completions_data):
+    """Every dataset the matrix trains on (mlx-lm's formats, custom feature keys, tools)."""
+    root = tmp_path_factory.mktemp("formats")
+    tools = [{"type": "function", "function": {
+        "name": "colour_of", "description": "the colour of an animal",
+        "parameters": {"type": "object", "properties": {"animal": {"type": "string"}}}}}]
+    return {
+        "text": tiny_data,
+        "chat": tiny_chat_data,
+        "completions": tiny_completions_data,
+        "text-custom": reformat_data(tiny_data, root / "text-custom",
+                                     lambda r: {"body": r["text"], "id": 1}),
+        "chat-custom": reformat_data(tiny_chat_data, root / "chat-custom",
+                                     lambda r: {"conversation": r["messages"]}),
+        "completions-custom": reformat_data(
+            tiny_completions_data, root / "completions-custom",
+            lambda r: {"question": r["prompt"], "answer": r["completion"]}),
+        "tools": reformat_data(tiny_chat_data, root / "tools",
+                               lambda r: {**r, "tools": tools}),
+    }
+
+
+class Matrix:
+    """The whole matrix per kernel family, trained the first time a test asks for it: every
+    variant's `herd train` in one process and its `mlx_lm.lora` in another, the two side by side
+    (tests/train_many.py: each run is its command's own main(); the imports are paid once, not
+    twice per variant)."""
+
+    def __init__(self, root: Path, request, data_sets, start_adapter):
+        self.root, self.request = root, request
+        self.data_sets, self.start_adapter = data_sets, start_adapter
+        self.done: dict[str, dict[str, dict]] = {}  # kernels -> variant -> paths and results
+
+    def result(self, variant: str, kernels: str) -> dict:
+        if kernels not in self.done:
+            self.done[kernels] = self._train(kernels)
+        return self.done[kernels][variant]
+
+    def _train(self, kernels: str) -> dict[str, dict]:
+        runs = {}
+        for name, spec in VARIANTS.items():
+            if kernels != "default" and not spec.haswell:
+                continue
+            folder = self.root / kernels / name
+            folder.mkdir(parents=True)
+            model = self.request.getfixturevalue(spec.model)
+            kw = dict(spec.config)
+            if kw.get("resume_adapter_file") == "START":
+                kw["resume_adapter_file"] = str(self.start_adapter)
+            data = self.data_sets[spec.data]
+            runs[name] = {
+                "herd": write_job(folder / "herd.yaml", model, data,
+                                  adapter_path=str(folder / "herd"), **kw),
+                "mlx_lm": write_job(folder / "mlx.yaml", model, data,
+                                    adapter_path=str(folder / "mlx"), **kw)}
+        # The environment as blas_kernels set it, with the OpenBLAS herd train preloads for both.
+        procs = {tool: subprocess.Popen(
+            [sys.executable, "-m", "tests.train_many", tool, *(str(r[tool]) for r in
+                                                                runs.values())],
+            stdout=subprocess.PIPE, stderr=open(self.root / f"{kernels}-{tool}.log", "w"),
+            text=True, env=preload_env(), cwd=REPO) for tool in ("herd", "mlx_lm")}
+        results = {tool: {} for tool in procs}
+        for tool, proc in procs.items():
+            out, _ = proc.communicate(timeout=1200)
+            for line in out.splitlines():
+                r = json.loads(line)
+                results[tool][r["config"]] = r
+        log = {tool: (self.root / f"{kernels}-{tool}.log").read_text()[-3000:] for tool in procs}
+        for r in runs.values():
+            for tool in procs:
+                r[f"{tool}_result"] = results[tool].get(str(r[tool])) or {
+                    "ok": False, "error": f"never ran: its process ended first\n{log[tool]}"}
+        return runs
+
+
+@pytest.fixture(scope="module")
+def matrix(tmp_path_factory, request, data_sets, start_adapter) -> Matrix:
+    return Matrix(tmp_path_factory.mktemp("matrix"), request, data_sets, start_adapter)
+
+
+@pytest.mark.parametrize(
+    "variant, blas_kernels",
+    [(v, k) for v, spec in VARIANTS.items() for k in ("default", "Haswell")[:1 + spec.haswell]],
+    indirect=["blas_kernels"],
+)
+def test_same_adapter_as_mlx_lm_lora(matrix, variant, blas_kernels):
+    """Same config and seed, one process: herd's adapter equals the one `mlx_lm.lora` writes,
+    bit for bit, across mlx-lm's model kinds, fine-tune types, optimizers, schedules, data
+    formats and keys. The whole matrix on OpenBLAS's default kernels, a representative subset
+    on its Haswell kernels too."""
+    run = matrix.result(variant, blas_kernels)
+    for tool in ("herd", "mlx_lm"):
+        assert run[f"{tool}_result"]["ok"], f"{tool}: {run[f'{tool}_result']['error']}"
+    a = load_adapter(Path(run["herd"]).parent / "herd")
+    b = load_adapter(Path(run["mlx_lm"]).parent / "mlx")
+    # One process: herd runs mlx-lm's exact ops in mlx-lm's order (loss divided by the batch's
+    # target count inside the graph, same batch order, same RNG stream), on the same BLAS
+    # kernels, so the adapters are bit-identical on any kernel choice.
     assert max_abs_diff(a, b) == 0.0
-    # and training moved the adapter: lora_b starts at zero
-    assert any(mx.abs(v).max().item() > 1e-4 for k, v in a.items() if k.endswith("lora_b"))
+    # and training moved the adapter (lora_b starts at zero; a full fine-tune moves weights)
+    start = initial_adapter(run["herd"])
+    assert max_abs_diff(a, start) > 1e-5
 
 
 @pytest.mark.slow
@@ -126,26 +272,6 @@ def test_a_rank_that_loses_its_mlx_peer_exits_as_peer_lost(tmp_path, tiny_model,
             if p.poll() is None:
                 p.kill()
                 p.wait()
-
-
-def test_resume_is_exact(tmp_path, tiny_model, tiny_data):
-    """k steps, stop, resume to n == n steps straight: adapter and optimizer state (with dropout
-    and accumulation, so the RNG and the data cursor matter)."""
-    kw = dict(iters=8, save_every=4, grad_accumulation_steps=2,
-              lora_parameters={"rank": 4, "scale": 10.0, "dropout": 0.2})
-    straight = write_job(tmp_path / "a.yaml", tiny_model, tiny_data,
-                         adapter_path=str(tmp_path / "a"), **kw)
-    herd("train", straight, "--quiet")
-    split = write_job(tmp_path / "b.yaml", tiny_model, tiny_data,
-                      adapter_path=str(tmp_path / "b"), **kw)
-    herd("train", split, "--quiet", "--iters", "4")
-    assert not (tmp_path / "b" / "checkpoints" / "0000008").exists()
-    herd("train", split, "--quiet", "--resume", tmp_path / "b")
-    assert max_abs_diff(load_adapter(tmp_path / "a"), load_adapter(tmp_path / "b")) == 0.0
-    sa = dict(mx.load(str(tmp_path / "a/checkpoints/0000008/trainer_state.safetensors")))
-    sb = dict(mx.load(str(tmp_path / "b/checkpoints/0000008/trainer_state.safetensors")))
-    assert max_abs_diff(sa, sb) == 0.0
-    assert sa["step"].item() == 4  # 8 micro-batches / 2 accumulation = 4 optimizer steps
 
 
 def _test_loss(model_path: Path, data: Path, adapter: Path | None) -> float:

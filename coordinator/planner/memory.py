@@ -13,12 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from herd.config import JobConfig
+from herd.digest import GB_SI, GIB  # noqa: F401  (the planner's units, re-exported)
 from herd.errors import ConfigError
-
-# Two units, named so: memory sizes in the planner's text are SI gigabytes (1e9 bytes), and a
-# Mac's RAM is sold in binary ones (a "64 GB" Mac has 64 GiB).
-GB_SI = 1e9
-GIB = 1 << 30
 
 # --- Copies MLX keeps alive per token during value_and_grad (measured, see module docstring). ---
 # Each entry is (copies at the activation dtype, copies at float32). LoRA's low-rank path runs in

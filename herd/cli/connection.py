@@ -1,8 +1,11 @@
 """The laptop's connection to the coordinator: finding it, calling it, moving files.
 
-The coordinator is ``--coordinator HOST:PORT``, else $HERD_COORDINATOR, else found by zeroconf:
-every ``_herd._tcp.local.`` advert is tried with an authenticated call and the first that accepts
-the cluster secret wins (an advert alone is never trusted).
+The coordinator is ``--coordinator HOST[:PORT]``, else $HERD_COORDINATOR, else found by zeroconf.
+A target without a port means the coordinator's default port, never gRPC's own default (443).
+Every connection is mutual TLS to the name only the cluster's coordinator certificate holds
+(``coordinator.herd``), so an advert alone is never trusted: a server that cannot prove it is this
+cluster's coordinator fails the handshake, and gets no call, no file and no credential from the
+CLI. The files ``herd pull`` writes are checked by name and kept inside ``-o``.
 """
 
 from __future__ import annotations
@@ -10,13 +13,15 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from herd import log
-from herd.errors import HerdError, PeerLostError
-from herd.rpc import discovery
-from herd.rpc.channel import TRANSFER_DEADLINE_S, UNARY_DEADLINE_S, signed_channel
+from herd.errors import AuthError, HerdError, PeerLostError
+from herd.netif import hostport
+from herd.rpc import discovery, pki
+from herd.rpc.channel import TRANSFER_DEADLINE_S, UNARY_DEADLINE_S, secure_channel
 from herd.rpc.files import read_chunks, receive_checkpoint_files
+from herd.rpc.ports import DEFAULT_COORDINATOR_PORT
 from herd.rpc.status import rpc_errors
 from protos.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
@@ -25,12 +30,13 @@ COORDINATOR_ENV = "HERD_COORDINATOR"
 
 
 class CoordinatorConnection:
-    """A signed channel to one coordinator; every call has a deadline. A context manager: the
-    channel closes on the way out."""
+    """A TLS channel to this cluster's coordinator at ``target``; every call has a deadline. A
+    context manager: the channel closes on the way out."""
 
-    def __init__(self, target: str, secret: str):
+    def __init__(self, target: str, identity: pki.Identity):
         self.target = target
-        self.channel = signed_channel(target, secret)
+        self.found_by = "--coordinator"
+        self.channel = secure_channel(target, identity, pki.dns_name("coordinator"))
         self.stub = coordinator_pb2_grpc.CoordinatorServiceStub(self.channel)
 
     def call(self, method: str, request, timeout: float = UNARY_DEADLINE_S):
@@ -48,47 +54,69 @@ class CoordinatorConnection:
 
     # --- files -----------------------------------------------------------------------------
 
-    def put_blob(self, path: Path, sha: str) -> None:
+    def put_blob(self, path: Path, sha: str,
+                 on_bytes: Callable[[int], None] | None = None) -> None:
         def parts() -> Iterator[coordinator_pb2.PutBlobRequest]:
             yield coordinator_pb2.PutBlobRequest(sha256=sha)
             for block in read_chunks(path):
                 yield coordinator_pb2.PutBlobRequest(data=block)
+                if on_bytes is not None:
+                    on_bytes(len(block))
 
         with rpc_errors(self.target):
             self.stub.PutBlob(parts(), timeout=TRANSFER_DEADLINE_S)
 
-    def pull(self, job_id: str, step: int, out: Path) -> common_pb2.CheckpointInfo:
+    def pull(self, job_id: str, step: int, out: Path,
+             force: bool = False) -> common_pb2.CheckpointInfo:
         """Writes the checkpoint's files into ``out``, each sha256-checked, each replaced
-        atomically."""
+        atomically; a file already there only with ``force``."""
         with rpc_errors(self.target):
             stream = self.stub.GetAdapter(
                 coordinator_pb2.GetAdapterRequest(job_id=job_id, step=step),
                 timeout=TRANSFER_DEADLINE_S)
-            return receive_checkpoint_files(stream, out, "checkpoint", hint="pull again")
+            return receive_checkpoint_files(stream, out, "checkpoint", hint="pull again",
+                                            force=force)
 
 
-def _accepts(target: str, secret: str) -> bool:
-    with CoordinatorConnection(target, secret) as c:
+def with_port(target: str) -> str:
+    """``HOST`` -> ``HOST:7450`` (the coordinator's default port); ``HOST:PORT`` unchanged; a
+    bare IPv6 address gets its brackets."""
+    if target.startswith("[") and "]:" in target:
+        return target
+    host, sep, port = target.rpartition(":")
+    if sep and port.isdigit() and ":" not in host:  # HOST:PORT
+        return target
+    return hostport(target.strip("[]"), DEFAULT_COORDINATOR_PORT)
+
+
+def _refusal(target: str, identity: pki.Identity) -> HerdError | None:
+    """None when the server at ``target`` proves it is this cluster's coordinator and accepts
+    this machine's certificate, else why not."""
+    with CoordinatorConnection(target, identity) as c:
         try:
             c.call("ListWorkers", coordinator_pb2.ListWorkersRequest(), timeout=2.0)
-            return True
+            return None
         except HerdError as e:
             logger.debug("coordinator_candidate_refused", target=target, error=e.message)
-            return False
+            return e
 
 
 RETRY_S = 1.0  # a target that did not accept is tried again after this (it may be starting)
 
 
-def find_coordinator(explicit: str | None, secret: str, wait_s: float = 4.0) -> str:
-    """The first advertised coordinator that accepts the secret; others (another cluster, a
-    stale record) are skipped. Every address of every advert is tried, and tried again after
-    RETRY_S until ``wait_s`` is over: a record may carry a stale or unreachable address next to
-    the good one, and zeroconf expires stale records on its own."""
+def find_coordinator(explicit: str | None, identity: pki.Identity, wait_s: float = 4.0) -> str:
+    """The first advertised coordinator that proves it is this cluster's (TLS) and accepts this
+    machine's certificate; others (another cluster, a stale record, an impostor) are skipped.
+    Every address of every advert is tried, and tried again after RETRY_S until ``wait_s`` is
+    over: a record may carry a stale or unreachable address next to the good one, and zeroconf
+    expires stale records on its own. None accepting: AuthError (exit 6) when one seen refused
+    this machine's certificate (the likely fix is joining the cluster, even beside a stale advert
+    that does not answer), else PeerLostError (exit 5)."""
     if explicit or (explicit := os.environ.get(COORDINATOR_ENV)):
-        return explicit
+        return with_port(explicit)
     zc = discovery.make_zeroconf()
     tried: dict[str, float] = {}  # target -> when it last refused
+    refused: dict[str, HerdError] = {}
     try:
         browser = discovery.Browser(zc, discovery.COORDINATOR_TYPE)
         deadline = time.monotonic() + wait_s
@@ -97,21 +125,52 @@ def find_coordinator(explicit: str | None, secret: str, wait_s: float = 4.0) -> 
                 for target in advert.targets:
                     if time.monotonic() - tried.get(target, -RETRY_S) < RETRY_S:
                         continue
-                    if _accepts(target, secret):
+                    if (why := _refusal(target, identity)) is None:
                         return target
                     tried[target] = time.monotonic()
+                    refused[target] = why
             time.sleep(0.05)
         browser.close()
     finally:
         zc.close()
+    seen = ", ".join(sorted(refused))
+    if any(isinstance(e, AuthError) for e in refused.values()):
+        raise AuthError(
+            f"no coordinator found by zeroconf accepts this machine's certificate ({seen})",
+            hint="join the cluster you mean (`herd token --role client` on its coordinator's "
+            "machine, then `herd join TOKEN` here), or pass --coordinator HOST[:PORT]")
     raise PeerLostError(
         "no coordinator found by zeroconf"
-        + (f" that accepts this cluster secret (saw {', '.join(sorted(tried))})" if tried else ""),
-        hint="start `herd coordinator` (or `herd up`), or pass --coordinator HOST:PORT "
+        + (f" that proves it is this cluster's (saw {seen})" if refused else ""),
+        hint="start `herd coordinator` (or `herd up`), or pass --coordinator HOST[:PORT] "
         f"(or set {COORDINATOR_ENV})",
     )
 
 
-def connect(explicit: str | None, secret: str) -> CoordinatorConnection:
-    """The coordinator ``explicit`` names, or the one discovery finds."""
-    return CoordinatorConnection(find_coordinator(explicit, secret), secret)
+def connect(explicit: str | None, identity: pki.Identity,
+            wait_s: float = 4.0) -> CoordinatorConnection:
+    """The coordinator ``explicit`` names, or the one discovery finds; ``found_by`` says which."""
+    found_by = ("--coordinator" if explicit else f"${COORDINATOR_ENV}"
+                if os.environ.get(COORDINATOR_ENV) else "zeroconf")
+    conn = CoordinatorConnection(find_coordinator(explicit, identity, wait_s), identity)
+    conn.found_by = found_by
+    return conn
+
+
+def add_connection_args(p) -> None:
+    """The options every command that talks to a coordinator takes."""
+    p.add_argument("--coordinator", metavar="HOST[:PORT]", default=None,
+                   help=f"the coordinator (default: ${COORDINATOR_ENV}, else found by zeroconf; "
+                   f"port {DEFAULT_COORDINATOR_PORT} when none is given)")
+    p.add_argument("--tls-dir", type=Path, default=None,
+                   help="this machine's client certificate and the cluster CA (default: "
+                   "$HERD_HOME/tls; `herd join` writes them)")
+
+
+def client_identity(args) -> pki.Identity:
+    """This machine's client certificate (made on the CA's own machine when missing)."""
+    return pki.load_or_issue(args.tls_dir or pki.default_dir(), "client")
+
+
+def connect_from_args(args) -> CoordinatorConnection:
+    return connect(args.coordinator, client_identity(args))

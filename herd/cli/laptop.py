@@ -1,7 +1,9 @@
-"""The laptop CLI: ``herd init | submit | jobs | watch | cancel | workers | pull``.
+"""The laptop's job commands: ``herd submit | watch | cancel | pull | rm`` (``herd init``,
+``join``, ``token`` and ``revoke``: herd/cli/trust.py; ``jobs`` and ``workers``: listing.py).
 
 Exit codes a script can rely on: 0 success; a HerdError's ``exit_code`` on a refused or failed
-call (2 config, 3 dataset, 4 placement, 5 unreachable, 6 auth, 7 not found); ``herd watch``
+call (2 config, 3 dataset, 4 placement, 5 unreachable, 6 auth, 7 not found, 8 disk full or
+failing); ``herd watch``
 returns 10 when the job failed and 11 when it was cancelled.
 """
 
@@ -14,13 +16,15 @@ from pathlib import Path
 import yaml
 
 from herd import log
-from herd.cli.connection import CoordinatorConnection, connect
-from herd.cli.watch import STATE, watch
+from herd.cli.connection import CoordinatorConnection, add_connection_args, connect_from_args
+from herd.cli.watch import FINAL, STATE, watch
 from herd.config import JobConfig, load_config
 from herd.digest import sha256_file
-from herd.errors import DatasetError, HerdError, PlacementError
-from herd.netif import hostport
-from herd.rpc.auth import default_home, load_secret, write_secret
+from herd.errors import ConfigError, DatasetError, HerdError
+from herd.models import ref as refs
+from herd.models.manifest import folder_manifest, model_files
+from herd.rpc.channel import UNARY_DEADLINE_S
+from herd.usage import HelpFormatter
 from protos.v1 import common_pb2, coordinator_pb2
 
 logger = log.get(__name__)
@@ -29,28 +33,6 @@ EXIT_JOB_CANCELLED = 11
 DATA_FILES = ("train.jsonl", "valid.jsonl", "test.jsonl")
 
 
-def _gb(n: int) -> str:
-    return f"{n / 1024**3:.1f} GB"
-
-
-def _connect(args) -> CoordinatorConnection:
-    return connect(args.coordinator, load_secret(args.secret_file))
-
-
-# --- init ------------------------------------------------------------------------------------
-
-def cmd_init(args) -> int:
-    home = args.home or default_home()
-    path = home / "secret"
-    if path.exists() and not args.force:
-        print(f"cluster secret already at {path} (use --force to replace it)")
-        return 0
-    write_secret(path)
-    for sub in ("coordinator", "worker"):
-        (home / sub).mkdir(parents=True, exist_ok=True)
-    print(f"wrote the cluster secret to {path}; copy it to every machine of the cluster "
-          f"(same path, mode 600) or set HERD_SECRET")
-    return 0
 
 
 # --- submit ----------------------------------------------------------------------------------
@@ -63,116 +45,154 @@ def check_locally(cfg: JobConfig) -> None:
     report = dataset.check_job_dataset(cfg, tokenizer)
     for w in report.warnings:
         print(f"warning: {w}", file=sys.stderr)
+    if cfg.trust_remote_code:
+        print("warning: trust_remote_code: true runs Python shipped with the model on every "
+              "worker; workers refuse it unless started with --allow-remote-code",
+              file=sys.stderr)
 
 
-def job_spec(cfg: JobConfig, name: str) -> tuple[common_pb2.JobSpec, list[tuple[Path, str]]]:
+def pin_folder(cfg: JobConfig, coord: CoordinatorConnection) -> tuple[str, str]:
+    """(the job's model folder as an absolute path, the stored model's digest or ""): a folder
+    the coordinator's model store holds goes by its digest (hashed only when a stored model has
+    the same file names and sizes); any other folder must exist at that path on every worker."""
+    folder = refs.parse(cfg.model).path.resolve()
+    if not folder.is_dir():
+        return str(folder), ""
+    try:
+        listing = {(p.name, p.stat().st_size) for p in model_files(folder)}
+    except ConfigError:
+        return str(folder), ""  # not a model folder: the workers' own check will say so
+    stored = coord.call("ListModels", coordinator_pb2.ListModelsRequest()).models
+    same = {m.digest for m in stored if {(f.name, f.bytes) for f in m.files} == listing}
+    if same and (digest := folder_manifest(folder).digest) in same:
+        return str(folder), digest
+    if cfg.cluster.model_source != "coordinator":
+        print(f"note: {folder} is not in the coordinator's model store: every worker needs it "
+              f"at that path (`herd models add {cfg.model}` to have workers fetch it)",
+              file=sys.stderr)
+    return str(folder), ""
+
+
+def job_spec(cfg: JobConfig, name: str, model: str | None = None,
+             model_digest: str = "") -> tuple[common_pb2.JobSpec, list[tuple[Path, str]]]:
+    from herd.dataset import reads_hub_dataset
+
+    if not cfg.trains():
+        raise ConfigError("train: false: a cluster job trains; this config only evaluates",
+                          hint="evaluate an adapter on one machine: herd train CONFIG")
     data = Path(cfg.data)
-    if not data.is_dir():
-        raise DatasetError(f"dataset {data} is not a local folder",
-                           hint="herd ships a local folder with train.jsonl (and valid.jsonl)")
-    files = [(data / n, sha256_file(data / n)) for n in DATA_FILES if (data / n).is_file()]
+    files = []
+    if not reads_hub_dataset(cfg):  # a hub dataset: each rank loads it through `datasets`
+        if not data.is_dir():
+            raise DatasetError(f"dataset {cfg.data} is not a local folder (looked for "
+                               f"{data.resolve()})",
+                               hint="herd ships a local folder with train.jsonl (and "
+                               "valid.jsonl), or names a Hugging Face dataset (hf_dataset); "
+                               "relative paths resolve from the current folder, as in mlx_lm.lora")
+        files = [(data / n, sha256_file(data / n)) for n in DATA_FILES if (data / n).is_file()]
     doc = cfg.model_dump(mode="json", exclude_unset=True)
-    if Path(cfg.model).expanduser().exists():  # a local path: the same path must exist on workers
+    if model is not None:  # pinned (pin_model)
+        doc["model"] = model
+    elif Path(cfg.model).expanduser().exists():  # the same path must exist on workers
         doc["model"] = str(Path(cfg.model).expanduser().resolve())
-    spec = common_pb2.JobSpec(name=name, config_yaml=yaml.safe_dump(doc, sort_keys=False))
+    if cfg.resume_adapter_file and Path(cfg.resume_adapter_file).expanduser().exists():
+        doc["resume_adapter_file"] = str(Path(cfg.resume_adapter_file).expanduser().resolve())
+    spec = common_pb2.JobSpec(name=name, config_yaml=yaml.safe_dump(doc, sort_keys=False),
+                              model_digest=model_digest)
     for path, sha in files:
         spec.dataset.add(name=path.name, sha256=sha, bytes=path.stat().st_size)
     return spec, files
 
 
+SUBMIT_CHECK_BYTES_PER_S = 5e6
+
+
 def cmd_submit(args) -> int:
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, {"model": args.model, "data": args.data})
+    ref = refs.parse(cfg.model)
+    # A hub id pinned to its commit from config.json alone (never weights): a wrong id or
+    # revision fails here, first, before the coordinator is asked anything.
+    hub = None if ref.is_local else refs.resolve(ref)
     if not args.no_check:
         check_locally(cfg)
-    spec, files = job_spec(cfg, args.name or Path(args.config).stem)
-    with _connect(args) as coord:
+    with connect_from_args(args) as coord:
+        model, digest = (hub.pinned, "") if hub else pin_folder(cfg, coord)
+        spec, files = job_spec(cfg, args.name or Path(args.config).stem, model, digest)
         for path, sha in files:  # content-addressed: re-uploading the same bytes is a no-op
             coord.put_blob(path, sha)
-        job_id = coord.call("SubmitJob", coordinator_pb2.SubmitJobRequest(spec=spec)).job_id
-    print(job_id)
+        # The coordinator reads the uploaded records before it answers (coordinator/jobs.py):
+        # the deadline grows with the dataset, at a parse rate well below one core's.
+        data_bytes = sum(path.stat().st_size for path, _ in files)
+        reply = coord.call("SubmitJob", coordinator_pb2.SubmitJobRequest(spec=spec),
+                           timeout=UNARY_DEADLINE_S + data_bytes / SUBMIT_CHECK_BYTES_PER_S)
+    job_id = reply.job_id
+    print(job_id, flush=True)  # stdout holds the id alone: JOB=$(herd submit job.yaml)
+    if reply.warning:
+        print(f"warning: {reply.warning}", file=sys.stderr)
     if args.watch:
         args.job = job_id
         return cmd_watch(args)
+    print(f"submitted {job_id} to {coord.target}; next:\n"
+          f"  herd watch {job_id}                 # follow it to the end\n"
+          f"  herd logs {job_id} -f               # its rank's output\n"
+          f"  herd pull {job_id} -o adapters/     # its adapter, once a checkpoint is stored",
+          file=sys.stderr)
     return 0
 
 
-# --- jobs, workers, cancel -------------------------------------------------------------------
-
-def _table(rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
-
-
-def cmd_jobs(args) -> int:
-    with _connect(args) as coord:
-        jobs = coord.call("ListJobs", coordinator_pb2.ListJobsRequest()).jobs
-    rows = [["JOB", "STATE", "WORKERS", "ITER", "LOSS", "CHECKPOINTS", "MESSAGE"]]
-    for j in jobs:
-        it = max((r.iteration for r in j.ranks), default=0)
-        loss = next((f"{r.train_loss:.3f}" for r in j.ranks if r.rank == 0 and r.train_loss), "-")
-        rows.append([j.job_id, STATE[j.state], str(j.workers), f"{it}/{j.iters}", loss,
-                     ",".join(str(c.step) for c in j.checkpoints) or "-", j.message])
-    print(_table(rows))
-    return 0
-
-
-REFUSED = {"auth": "wrong cluster secret", "unreachable": "unreachable address",
-           "version": "version mismatch", "other": "refused"}
-
-
-def _data_links(w) -> str:
-    """The worker's data interfaces, as the planner sees them: en5:thunderbolt,en0:ethernet."""
-    return ",".join(f"{i.name}:{i.kind}" for i in w.interfaces if i.data and
-                    i.kind != "loopback") or "-"
-
-
-def cmd_workers(args) -> int:
-    """Verified workers, then the adverts the coordinator refused and why; exit 4 when no
-    worker is usable (a script can wait on it)."""
-    with _connect(args) as coord:
-        reply = coord.call("ListWorkers", coordinator_pb2.ListWorkersRequest())
-    rows = [["WORKER", "ADDRESS", "MEMORY", "FREE", "CHIP", "GPU", "MLX", "DATA", "JOB"]]
-    for w in reply.workers:
-        rows.append([w.worker_id, hostport(w.host, w.port), _gb(w.memory_bytes),
-                     _gb(w.free_memory_bytes), w.chip, str(w.gpu_cores or "-"), w.mlx_version,
-                     _data_links(w), w.running_job_id or "-"])
-    print(_table(rows))
-    if reply.refused:
-        print("\nrefused (not used until fixed):", file=sys.stderr)
-        for r in reply.refused:
-            print(f"  {r.source} at {r.target}: {REFUSED.get(r.kind, r.kind)}: {r.reason}",
-                  file=sys.stderr)
-    if not reply.workers:
-        print("herd workers: no usable worker"
-              + (f" ({len(reply.refused)} refused, above)" if reply.refused else
-                 "; start `herd worker` on each machine with the cluster secret"),
-              file=sys.stderr)
-        return PlacementError.exit_code
-    return 0
-
+# --- cancel, rm ------------------------------------------------------------------------------
 
 def cmd_cancel(args) -> int:
-    with _connect(args) as coord:
+    with connect_from_args(args) as coord:
+        job = coord.call("GetJob", coordinator_pb2.GetJobRequest(job_id=args.job)).job
+        if job.state in FINAL:
+            print(f"{args.job}: already {STATE[job.state]}; nothing to cancel")
+            return 0
         state = coord.call("CancelJob", coordinator_pb2.CancelJobRequest(job_id=args.job),
                            timeout=30.0).state
     print(f"{args.job}: {STATE[state]}")
     return 0
 
 
+def cmd_rm(args) -> int:
+    with connect_from_args(args) as coord:
+        for job_id in args.jobs:
+            coord.call("DeleteJob", coordinator_pb2.DeleteJobRequest(job_id=job_id))
+            print(f"{job_id}: removed (record, events, checkpoints, logs)")
+    return 0
+
+
 # --- pull ------------------------------------------------------------------------------------
 
 def cmd_pull(args) -> int:
-    with _connect(args) as coord:
-        header = coord.pull(args.job, args.step, args.output)
+    from herd.adapter_card import convert_hint, read_card
+
+    out: Path = args.output
+    made = not out.exists()
+    try:
+        with connect_from_args(args) as coord:
+            header = coord.pull(args.job, args.step, out, force=args.force)
+    except HerdError:
+        if made and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # nothing pulled: leave no empty folder behind
+        raise
     size = sum(f.bytes for f in header.files)
-    print(f"pulled step {header.step} of {args.job} ({size} bytes) into {args.output}")
+    print(f"pulled step {header.step} of {args.job} ({size} bytes) into {out}")
+    card = read_card(out)
+    if card.get("quantized_on_load") and card.get("quantization"):
+        # mlx-lm would apply it to the full-precision folder without a word.
+        print(f"note: this adapter was trained on a {card['quantization']['bits']}-bit "
+              f"quantization of {card.get('model')} made on load; load it on the same, e.g. "
+              f"{convert_hint(card.get('model', 'MODEL'), card['quantization'])}, then "
+              "mlx_lm.generate --model <that folder> --adapter-path "
+              f"{out} (`herd generate` checks this)", file=sys.stderr)
     return 0
 
 
 # --- watch -----------------------------------------------------------------------------------
 
 def cmd_watch(args) -> int:
-    with _connect(args) as coord:
+    with connect_from_args(args) as coord:
         state, message = watch(coord, args.job, plain=args.plain or not sys.stdout.isatty())
     if state == common_pb2.JOB_STATE_SUCCEEDED:
         return 0
@@ -182,33 +202,68 @@ def cmd_watch(args) -> int:
 
 # --- dispatch --------------------------------------------------------------------------------
 
+DESCRIPTIONS = {
+    "submit": """\
+Check a job config and its dataset here, upload the dataset to the coordinator and queue the job.
+
+The job id goes to stdout alone (JOB=$(herd submit job.yaml)); what to run next goes to stderr.
+Relative paths in the config resolve from the current folder, as in mlx_lm.lora; a local model
+path must exist at the same path on every worker. A job that needs more workers than are verified
+now is queued with a warning: it waits for them for up to the coordinator's --placement-timeout
+(default 600 s), then fails. --watch follows it to the end (exit codes as herd watch).""",
+    "watch": """\
+Follow a job to its end: a progress line (iteration, loss, validation loss, tok/s over all
+workers) on a terminal, one plain line per event otherwise (or with --plain). A job already ended
+replays its history. Exit 0 when it succeeded, 10 when it failed, 11 when it was cancelled.""",
+    "cancel": "Stop every rank of a job and mark it cancelled (a job that has ended is left as "
+              "it is).",
+    "pull": """\
+Download a job's adapter (its latest checkpoint, or --step N): adapters.safetensors and
+adapter_config.json, sha256-checked, ready for mlx_lm.generate --adapter-path. adapter_config.json
+records the base model, its revision and its quantization. A file already in the folder is
+replaced only with --force.""",
+    "rm": """\
+Delete jobs that have ended, on the coordinator: their record, events, stored checkpoints,
+relayed logs and any dataset no other job uses. A queued or running job is refused: cancel it
+first. (Workers delete old job folders themselves: herd worker --keep-attempts.)""",
+}
+
+
 def _parser(cmd: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"herd {cmd}")
-    if cmd == "init":
-        p.add_argument("--home", type=Path, default=None, help="default $HERD_HOME or ~/.herd")
-        p.add_argument("--force", action="store_true", help="replace an existing secret")
-        return p
-    p.add_argument("--coordinator", metavar="HOST:PORT", default=None,
-                   help="skip zeroconf discovery (also $HERD_COORDINATOR)")
-    p.add_argument("--secret-file", type=Path, default=None, help="default $HERD_HOME/secret")
+    p = argparse.ArgumentParser(prog=f"herd {cmd}", description=DESCRIPTIONS[cmd],
+                                formatter_class=HelpFormatter)
     if cmd == "submit":
-        p.add_argument("config", help="job YAML (an mlx_lm.lora config plus cluster:)")
-        p.add_argument("--name", default=None, help="job name (default: the config's file name)")
+        p.add_argument("config", help="job YAML (an mlx_lm.lora config, plus optional "
+                       "cluster: and quantize: sections)")
+        p.add_argument("--model", help="use this model instead of the config's")
+        p.add_argument("--data", help="use this dataset folder instead of the config's")
+        p.add_argument("--name", default=None,
+                       help="job name, the job id's prefix (default: the config's file name)")
         p.add_argument("--no-check", action="store_true", help="skip the local dataset check")
-        p.add_argument("--watch", action="store_true", help="follow the job after submitting")
-        p.add_argument("--plain", action="store_true", help="plain lines, no progress bar")
-    elif cmd in ("watch", "cancel", "pull"):
-        p.add_argument("job")
+        p.add_argument("--watch", action="store_true",
+                       help="follow the job until it ends, as herd watch (exit 0/10/11)")
+        p.add_argument("--plain", action="store_true", help="with --watch: plain lines")
+    elif cmd == "rm":
+        p.add_argument("jobs", nargs="+", metavar="JOB", help="job ids (herd jobs lists them)")
+    else:
+        p.add_argument("job", metavar="JOB", help="a job id (herd jobs lists them)")
         if cmd == "watch":
-            p.add_argument("--plain", action="store_true", help="plain lines, no progress bar")
+            p.add_argument("--plain", action="store_true",
+                           help="plain lines, no progress bar (the default when stdout is not a "
+                           "terminal)")
         if cmd == "pull":
-            p.add_argument("--step", type=int, default=0, help="checkpoint step (default: latest)")
-            p.add_argument("-o", "--output", type=Path, required=True, help="folder to write")
+            p.add_argument("--step", type=int, default=0,
+                           help="the checkpoint step (default: the latest)")
+            p.add_argument("-o", "--output", type=Path, default=Path("adapters"),
+                           help="folder to write the adapter into")
+            p.add_argument("--force", action="store_true",
+                           help="replace files already in the folder (refused otherwise)")
+    add_connection_args(p)
     return p
 
 
-COMMANDS = {"init": cmd_init, "submit": cmd_submit, "jobs": cmd_jobs, "watch": cmd_watch,
-            "cancel": cmd_cancel, "workers": cmd_workers, "pull": cmd_pull}
+COMMANDS = {"submit": cmd_submit, "watch": cmd_watch, "cancel": cmd_cancel, "pull": cmd_pull,
+            "rm": cmd_rm}
 
 
 def main(argv: list[str]) -> int:
@@ -221,4 +276,3 @@ def main(argv: list[str]) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         return 130
-

@@ -103,9 +103,11 @@ def make_tiny_model(
     vocab_size: int = 512,
     intermediate: int | None = None,
     dtype: str = "float32",
+    shards: int = 1,
 ) -> Path:
     """Write a model folder that ``mlx_lm.utils.load`` (and so ``herd train``) loads, its weights
-    stored in ``dtype`` (bfloat16: as most hub checkpoints are)."""
+    stored in ``dtype`` (bfloat16: as most hub checkpoints are); ``shards`` > 1 writes them as a
+    hub checkpoint of that many files with a ``model.safetensors.index.json``."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.utils import _get_classes
@@ -124,9 +126,54 @@ def make_tiny_model(
     model = model_cls(args_cls.from_dict(config))
     weights = {k: v.astype(getattr(mx, dtype)) for k, v in tree_flatten(model.parameters())}
     mx.eval(weights)
-    mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
+    if shards > 1:
+        save_shards(out, weights, shards)
+    else:
+        mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
     (out / "config.json").write_text(json.dumps(config, indent=2))
     return out
+
+
+def _unit(key: str) -> int:
+    """Where a weight sits in the model's order: the embedding, block i, then norm and head."""
+    parts = key.split(".")
+    if key.startswith("model.layers."):
+        return 1 + int(parts[2])
+    return 0 if key.startswith("model.embed_tokens.") else 10**9
+
+
+def save_shards(out: Path, weights: dict, shards: int) -> None:
+    """The weights in ``shards`` files of about equal size, as hub checkpoints are cut: in model
+    order, a block never split across two files (so a pipeline stage needs only some files);
+    ``model.safetensors.index.json`` maps every weight to its file."""
+    import mlx.core as mx
+
+    units: dict[int, dict] = {}
+    for k in sorted(weights, key=lambda k: (_unit(k), k)):
+        units.setdefault(_unit(k), {})[k] = weights[k]
+    groups = list(units.values())
+    if not 1 < shards <= len(groups):
+        raise ValueError(f"{shards} shards: give 2 to {len(groups)} for this model")
+    total = sum(v.nbytes for v in weights.values())
+    files: list[dict] = [{}]
+    done = 0
+    for i, group in enumerate(groups):
+        size = sum(v.nbytes for v in group.values())
+        # A new file when this group would end nearer past this file's share than short of it,
+        # or when each file still due needs one of the groups left.
+        due = shards - len(files)
+        if files[-1] and due and (done + size / 2 > total * len(files) / shards
+                                  or len(groups) - i <= due):
+            files.append({})
+        files[-1].update(group)
+        done += size
+    weight_map = {}
+    for n, part in enumerate(files, start=1):
+        name = f"model-{n:05d}-of-{len(files):05d}.safetensors"
+        mx.save_safetensors(str(out / name), part, metadata={"format": "mlx"})
+        weight_map.update({k: name for k in part})
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
 def make_tiny_data(
@@ -164,26 +211,47 @@ def make_tiny_data(
     return out
 
 
+DESCRIPTIONS = {
+    "tiny-model": "Write a small real model folder (an mlx-lm llama or qwen2 with random weights, "
+                  "a trained byte-level BPE tokenizer, a chat template), loadable by mlx_lm and "
+                  "herd train: for trying herd with nothing downloaded. Its text is not "
+                  "meaningful; a LoRA on it still learns tiny-data's pattern.",
+    "tiny-data": "Write train.jsonl, valid.jsonl and test.jsonl in one of mlx-lm's formats, "
+                 "teaching a pattern a LoRA learns in a few dozen steps (each animal has one "
+                 "colour).",
+}
+
+
 def main(argv: list[str]) -> int:
+    from herd.usage import HelpFormatter
+
     cmd = argv[0]
-    p = argparse.ArgumentParser(prog=f"herd {cmd}")
-    p.add_argument("out")
+    p = argparse.ArgumentParser(prog=f"herd {cmd}", description=DESCRIPTIONS[cmd],
+                                formatter_class=HelpFormatter)
+    p.add_argument("out", help="the folder to write (made if missing)")
     if cmd == "tiny-model":
-        p.add_argument("--arch", choices=["llama", "qwen2"], default="llama")
-        p.add_argument("--layers", type=int, default=4)
-        p.add_argument("--hidden", type=int, default=64)
-        p.add_argument("--intermediate", type=int, default=None)
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+        p.add_argument("--arch", choices=["llama", "qwen2"], default="llama",
+                       help="mlx-lm architecture")
+        p.add_argument("--layers", type=int, default=4, help="transformer blocks")
+        p.add_argument("--hidden", type=int, default=64, help="hidden size")
+        p.add_argument("--intermediate", type=int, default=None,
+                       help="MLP size (default: twice --hidden)")
+        p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+        p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                       help="dtype the weights are stored in")
+        p.add_argument("--shards", type=int, default=1,
+                       help="weights in this many safetensors files, with an index (as the hub)")
         a = p.parse_args(argv[1:])
         path = make_tiny_model(a.out, a.arch, a.layers, a.hidden, a.seed,
-                               intermediate=a.intermediate, dtype=a.dtype)
+                               intermediate=a.intermediate, dtype=a.dtype, shards=a.shards)
     else:
-        p.add_argument("--format", choices=["text", "completions", "chat"], default="text")
-        p.add_argument("--train", type=int, default=200)
-        p.add_argument("--valid", type=int, default=40)
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--format", choices=["text", "completions", "chat"], default="text",
+                       help="mlx-lm's dataset format")
+        p.add_argument("--train", type=int, default=200, help="records in train.jsonl")
+        p.add_argument("--valid", type=int, default=40,
+                       help="records in valid.jsonl (test.jsonl gets as many)")
+        p.add_argument("--seed", type=int, default=0, help="seed of the records' choice")
         a = p.parse_args(argv[1:])
-        path = make_tiny_data(a.out, a.format, a.train, a.valid, seed=a.seed)
+        path = make_tiny_data(a.out, a.format, a.train, a.valid, a.valid, seed=a.seed)
     print(path)
     return 0

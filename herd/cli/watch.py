@@ -1,7 +1,9 @@
 """``herd watch``: follows a job's event stream to its end.
 
-A progress bar with loss and tok/s per worker on a terminal, plain lines otherwise (scripts, CI).
-A dropped stream resumes from the last event seen.
+On a terminal: a progress bar and one line of figures (loss, validation loss, tok/s over all
+workers), both within the terminal's width however many workers; plain lines otherwise (scripts,
+CI). Validation lines carry the iteration they ran at and their own figure. A dropped stream
+resumes from the last event seen.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import time
 
 from herd.cli.connection import CoordinatorConnection
+from herd.digest import human_bytes
 from herd.errors import PeerLostError
 from herd.rpc.status import rpc_errors
 from protos.v1 import common_pb2, coordinator_pb2
@@ -25,13 +28,31 @@ def describe(e: common_pb2.JobEvent, iters: int) -> str:
         return f"state {STATE[e.state]}" + (f": {e.message}" if e.message else "")
     if e.kind == KIND.KIND_PROGRESS:
         p = e.progress
-        val = f" val_loss {p.val_loss:.4f}" if p.val_loss else ""
+        who = f"iter {p.iteration}/{iters} rank {p.rank} ({p.worker_id})"
+        if p.validation:  # its own figure only: the train figures it carries are older
+            return f"{who}: val_loss {p.val_loss:.4f}"
         via = f" [{p.exchange} x{p.world_size}]" if p.exchange else ""
-        return (f"iter {p.iteration}/{iters} rank {p.rank} ({p.worker_id}): loss "
-                f"{p.train_loss:.4f}{val} tok/s {p.tokens_per_second:.1f}{via}")
+        return f"{who}: loss {p.train_loss:.4f} tok/s {p.tokens_per_second:.1f}{_share(p)}{via}"
     if e.kind == KIND.KIND_CHECKPOINT:
         return f"checkpoint {e.step} stored"
+    if e.kind == KIND.KIND_FETCH:
+        return describe_fetch(e.fetch)
     return e.message
+
+
+def _share(p: common_pb2.RankProgress) -> str:
+    """A data-parallel rank's share of each global batch and its measured speed (balancing)."""
+    if not p.share:
+        return ""
+    return f" share {p.share}" + (f" ({p.items_per_second:.1f}/s)" if p.items_per_second else "")
+
+
+def describe_fetch(f: common_pb2.FetchProgress) -> str:
+    """A worker getting its rank's model, with exact byte counts (scripts read them)."""
+    head = (f"{'fetched' if f.done else 'fetch'} rank {f.rank} ({f.worker_id}) from {f.source}: "
+            f"{f.files} files, {f.bytes_needed} bytes needed, {f.bytes_cached} cached, "
+            f"{f.bytes_received} received")
+    return head + (f" at {human_bytes(f.bytes_per_second)}/s" if f.bytes_per_second else "")
 
 
 def _events(coord: CoordinatorConnection, job_id: str):
@@ -54,35 +75,90 @@ def _events(coord: CoordinatorConnection, job_id: str):
             time.sleep(min(2.0 * retries, 10.0))
 
 
+def _shown(e: common_pb2.JobEvent, seen_val: set[int]) -> bool:
+    """Every rank validates on the same (all-reduced) data: one line per validation is enough."""
+    if e.kind != KIND.KIND_PROGRESS or not e.progress.validation:
+        return True
+    if e.progress.iteration in seen_val:
+        return False
+    seen_val.add(e.progress.iteration)
+    return True
+
+
+def stats_line(ranks: dict[int, common_pb2.RankProgress], val: float) -> str:
+    """The figures under the bar. Every rank reports the job's loss and tok/s (summed over all
+    ranks), so the lowest rank's stand for all of them and the line does not grow with the
+    number of workers."""
+    p = ranks[min(ranks)]
+    parts = [f"loss {p.train_loss:.3f}" if p.train_loss else "loss -"]
+    if val:
+        parts.append(f"val {val:.3f}")
+    parts.append(f"{p.tokens_per_second:,.0f} tok/s")
+    n = p.world_size or len(ranks)
+    parts.append(f"{n} worker{'s' if n != 1 else ''}" + (f" ({p.exchange})" if p.exchange else ""))
+    if any(r.share for r in ranks.values()):  # data parallel: the split and each rank's speed
+        parts.append("split " + ":".join(str(ranks[r].share) for r in sorted(ranks)))
+    return "  ".join(parts)
+
+
+def fetch_line(fetching: dict[int, common_pb2.FetchProgress]) -> str:
+    """The fetch phase in one line, summed over the workers (it does not grow with them)."""
+    fs = list(fetching.values())
+    need = sum(max(0, f.bytes_needed - f.bytes_cached) for f in fs)
+    rate = sum(f.bytes_per_second for f in fs if not f.done)
+    return (f"fetching the model: {sum(f.done for f in fs)}/{len(fs)} workers done, "
+            f"{human_bytes(sum(f.bytes_received for f in fs))} of {human_bytes(need)}"
+            + (f" at {human_bytes(rate)}/s" if rate else ""))
+
+
 def watch(coord: CoordinatorConnection, job_id: str, plain: bool) -> tuple[int, str]:
     """Follows the job to a final state; returns (state, message)."""
     job = coord.call("GetJob", coordinator_pb2.GetJobRequest(job_id=job_id)).job
     iters = job.iters
     state, message = job.state, job.message
+    seen_val: set[int] = set()
     if plain:
         for e in _events(coord, job_id):
-            print(f"{job_id}: {describe(e, iters)}", flush=True)
+            if _shown(e, seen_val):
+                print(f"{job_id}: {describe(e, iters)}", flush=True)
             if e.kind == KIND.KIND_STATE:
                 state, message = e.state, e.message
         return state, message
+    from rich.console import Group
+    from rich.live import Live
     from rich.markup import escape
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.text import Text
 
+    # Two lines, each within the terminal's width: the bar (it takes what the others leave),
+    # and the figures below it, cut with an ellipsis rather than wrapped.
+    bar = Progress(TextColumn("{task.description}"), BarColumn(bar_width=None),
+                   MofNCompleteColumn(), TimeElapsedColumn(), expand=True)
+    task = bar.add_task(escape(job_id if len(job_id) <= 24 else job_id[:23] + "~"), total=iters)
+    stats = Text("waiting for the first report", no_wrap=True, overflow="ellipsis")
     ranks: dict[int, common_pb2.RankProgress] = {}
-    with Progress(TextColumn("{task.description}"), BarColumn(bar_width=24),
-                  TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
-                  TextColumn("{task.fields[stats]}"), transient=False) as bar:
-        task = bar.add_task(escape(job_id), total=iters, stats="")
+    val = 0.0
+    fetching: dict[int, common_pb2.FetchProgress] = {}  # rank -> its latest fetch report
+    with Live(Group(bar, stats), refresh_per_second=4, transient=False) as live:
         for e in _events(coord, job_id):
-            if e.kind == KIND.KIND_PROGRESS:
-                ranks[e.progress.rank] = e.progress
-                stats = "  ".join(f"{p.worker_id} loss {p.train_loss:.3f} "
-                                  f"{p.tokens_per_second:.0f} tok/s"
-                                  for _, p in sorted(ranks.items()))
-                bar.update(task, completed=max(p.iteration for p in ranks.values()),
-                           stats=escape(stats))
+            if e.kind == KIND.KIND_FETCH:
+                fetching[e.fetch.rank] = e.fetch
+                if e.fetch.done:
+                    live.console.print(escape(describe_fetch(e.fetch)))
+                if not ranks:  # the fetch phase: its sum in the figures line
+                    stats.plain = fetch_line(fetching)
+            elif e.kind == KIND.KIND_PROGRESS:
+                if e.progress.validation:
+                    val = e.progress.val_loss
+                    if _shown(e, seen_val):
+                        live.console.print(escape(describe(e, iters)))
+                else:
+                    ranks[e.progress.rank] = e.progress
+                    bar.update(task, completed=max(p.iteration for p in ranks.values()))
+                if ranks:
+                    stats.plain = stats_line(ranks, val)
             else:
-                bar.console.print(escape(describe(e, iters)))
+                live.console.print(escape(describe(e, iters)))
             if e.kind == KIND.KIND_STATE:
                 state, message = e.state, e.message
     return state, message

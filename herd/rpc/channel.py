@@ -1,18 +1,30 @@
-"""Channels and servers with herd's options, and the deadlines every client call carries."""
+"""Channels and servers with herd's options, and the deadlines every client call carries.
+
+Every channel is mutual TLS with the cluster CA (herd/rpc/pki.py): ``secure_channel`` dials a peer
+as the name it must hold (``coordinator.herd``, ``w1.worker.herd``), so a server without that
+certificate fails the handshake before a byte of a request is sent. Every server requires a client
+certificate from the same CA and puts ``auth.Gate`` in front of its handlers.
+"""
 
 from __future__ import annotations
 
 from concurrent import futures
+from typing import Container, Mapping
 
 import grpc
 
-from herd.rpc.auth import ServerAuth, SignCalls
+from herd.rpc.auth import Gate, Rule
+from herd.rpc.pki import Identity
 
 # Deadlines (seconds) every client call carries. Streams that move files get a longer one.
 UNARY_DEADLINE_S = 10.0
 TRANSFER_DEADLINE_S = 600.0
 
-# One place for channel options: large messages are always chunked by callers, but allow headroom.
+# The largest message a server takes: transfers move 1 MiB chunks (herd/rpc/files.py, the
+# exchange), every other request is far smaller (auth.SMALL_REQUEST_BYTES, checked per rpc).
+SERVER_MAX_MESSAGE = 4 * 1024 * 1024
+
+# One place for channel options.
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
@@ -21,17 +33,47 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
 ]
-SERVER_OPTIONS = CHANNEL_OPTIONS + [("grpc.http2.min_ping_interval_without_data_ms", 5_000)]
+SERVER_OPTIONS = [
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ("grpc.max_receive_message_length", SERVER_MAX_MESSAGE),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    # A connection that has not finished its TLS handshake in this time is closed: a peer that
+    # opens sockets and says nothing holds no more than a socket, and not for long.
+    ("grpc.server_handshake_timeout_ms", 5_000),
+    # Streams one connection may have open at once (the per-peer call limit is in auth.Gate).
+    ("grpc.max_concurrent_streams", 64),
+]
 
 
-def signed_channel(target: str, secret: str) -> grpc.Channel:
-    """A channel whose every call is signed with the cluster secret. The transport itself is
-    plaintext (herd/rpc/auth.py says what that protects and what it does not)."""
-    channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
-    return grpc.intercept_channel(channel, SignCalls(secret))
+def secure_channel(target: str, identity: Identity, peer: str,
+                   options: list | None = None) -> grpc.Channel:
+    """A channel to ``target`` that presents ``identity`` and only talks to a server whose
+    certificate, from the cluster CA, holds the DNS name ``peer`` (herd.rpc.pki.dns_name)."""
+    opts = list(options or CHANNEL_OPTIONS) + [("grpc.ssl_target_name_override", peer)]
+    return grpc.secure_channel(target, identity.channel_credentials(), options=opts)
 
 
-def signed_server(secret: str, max_workers: int) -> grpc.Server:
-    """A server that refuses every call not signed with the cluster secret."""
-    return grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
-                       options=SERVER_OPTIONS, interceptors=[ServerAuth(secret)])
+def secure_server(identity: Identity, rules: Mapping[str, Rule], max_workers: int,
+                  revoked: Container[str] = frozenset(), max_calls_per_peer: int = 16,
+                  options: list | None = None) -> grpc.Server:
+    """A server whose handlers only verified members may reach, per ``rules``. Bind it with
+    ``bind``. Calls beyond what its threads can queue are refused at once (RESOURCE_EXHAUSTED)
+    rather than waiting without bound."""
+    return grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers),
+        options=options or SERVER_OPTIONS,
+        interceptors=[Gate(rules, revoked, max_calls_per_peer)],
+        maximum_concurrent_rpcs=max_workers * 8,
+    )
+
+
+def bind(server: grpc.Server, identity: Identity, address: str) -> int:
+    """Listens on ``address`` with mutual TLS; the port bound (0 when it could not bind)."""
+    try:
+        return server.add_secure_port(address, identity.server_credentials())
+    except RuntimeError:
+        return 0

@@ -22,6 +22,7 @@ from typing import Callable
 from zeroconf import (
     InterfaceChoice,
     IPVersion,
+    NotRunningException,
     ServiceBrowser,
     ServiceInfo,
     ServiceStateChange,
@@ -129,7 +130,10 @@ class Browser:
         threading.Thread(target=self._resolve, args=(service_type, name), daemon=True).start()
 
     def _resolve(self, service_type: str, name: str) -> None:
-        info = self._zc.get_service_info(service_type, name, timeout=3000)
+        try:
+            info = self._zc.get_service_info(service_type, name, timeout=3000)
+        except NotRunningException:  # closed while resolving: whoever browsed is done
+            return
         advert = _advert(info) if info else None
         if advert is None:
             logger.debug("zeroconf_unresolved", service=name)
@@ -147,6 +151,12 @@ class Browser:
         self._browser.cancel()
 
 
+def interfaces_host() -> str | None:
+    """The first address of $HERD_ZEROCONF_INTERFACES, when set: the address a daemon serves and
+    advertises on when --host is not given (so one variable keeps a trial cluster on loopback);
+    None when unset (the daemon chooses its LAN address)."""
+    env = [i.strip() for i in os.environ.get(INTERFACES_ENV, "").split(",") if i.strip()]
+    return env[0] if env else None
 
 
 def local_ip() -> str:

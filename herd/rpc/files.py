@@ -1,50 +1,40 @@
 """Moving files over gRPC: chunked, sha256-checked, and put into place atomically. Written once,
-for every transfer herd makes: datasets to the coordinator (PutBlob) and on to workers (GetBlob),
-checkpoints from ranks (PutCheckpoint) and back to laptops and resuming stages (GetAdapter).
+for every transfer herd makes: datasets and model files to the coordinator (PutBlob) and on to
+workers (GetBlob), checkpoints from ranks (PutCheckpoint) and back to laptops and resuming stages
+(GetAdapter).
 
 A sender streams ``(name, bytes)`` chunks, file after file (``send_files``) or one file's bytes
-(``read_chunks``). A receiver writes them into scratch space, hashing as it goes, and moves the
-result into place with one rename only when every name, size and sha256 matches: a broken or
-corrupted transfer leaves nothing behind and raises ``ChecksumError``.
+from an offset (``read_chunks``). A receiver writes them into scratch space, hashing as it goes,
+and moves the result into place with one rename only when every name, size and sha256 matches: a
+corrupted transfer leaves nothing behind and raises ``ChecksumError``. Large files (model shards)
+use ``receive_resumable``: a broken connection keeps the bytes received, and the next try asks
+for the rest from where they end.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
-from herd.digest import FileDigest
-from herd.errors import ChecksumError, DatasetError
+from herd.digest import BLOCK_BYTES, FileDigest
+from herd.errors import ChecksumError, HerdError, PeerLostError
+from herd.rpc.names import check_name, check_sha, check_step, inside
 from protos.v1 import common_pb2, coordinator_pb2
 
 # Big enough that per-message overhead is small, far below any message-size limit.
 CHUNK_BYTES = 1024 * 1024
-_SHA = re.compile(r"^[0-9a-f]{64}$")
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
-
-
-def check_sha(sha: str) -> str:
-    if not _SHA.match(sha):
-        raise DatasetError(f"not a sha256: {sha!r}")
-    return sha
-
-
-def check_name(name: str) -> str:
-    """A peer-supplied file name, accepted only as a plain name inside one folder."""
-    if not _NAME.match(name):
-        raise DatasetError(f"refusing file name {name!r}", hint="plain file names only")
-    return name
 
 
 # --- sending ---------------------------------------------------------------------------------
 
-def read_chunks(path: Path) -> Iterator[bytes]:
+def read_chunks(path: Path, offset: int = 0) -> Iterator[bytes]:
     with open(path, "rb") as f:
+        f.seek(offset)
         while block := f.read(CHUNK_BYTES):
             yield block
 
@@ -84,12 +74,86 @@ def receive_file(chunks: Iterable[bytes], sha256: str, dest: Path, what: str, hi
     return size
 
 
+class Cancelled(HerdError):
+    """The receiver stopped a transfer on purpose (its job was cancelled); the partial file stays
+    for the next try."""
+
+
+def transient(e: HerdError) -> bool:
+    """A failure worth another try from where the bytes end: the peer went away or stalled, or
+    the stream broke without a reason of the server's own (a class-less error)."""
+    return isinstance(e, PeerLostError) or type(e) is HerdError
+
+
+def _hash_prefix(path: Path) -> tuple[hashlib._Hash, int]:
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while block := f.read(BLOCK_BYTES):
+            h.update(block)
+            size += len(block)
+    return h, size
+
+
+def receive_resumable(open_stream: Callable[[int], Iterable[bytes]], sha256: str, size: int,
+                      part: Path, dest: Path, what: str, *,
+                      on_bytes: Callable[[int], None] | None = None,
+                      stop: Callable[[], bool] | None = None, patience_s: float = 60.0,
+                      sleep: Callable[[float], None] = time.sleep) -> int:
+    """One file of ``size`` bytes into ``dest``, through ``part``: ``open_stream(offset)`` yields
+    its bytes from ``offset`` on. A transient failure (``transient``) keeps what arrived and tries
+    again from there, for as long as some try made progress within ``patience_s``; the file moves
+    into place only when its bytes hash to ``sha256``. Returns the bytes received now (a resumed
+    transfer never receives a byte twice). ``stop()`` true: raises Cancelled, keeping the part."""
+    check_sha(sha256)
+    part.parent.mkdir(parents=True, exist_ok=True)
+    received, tries = 0, 0
+    last_progress = time.monotonic()
+    while True:
+        h, offset = _hash_prefix(part) if part.exists() else (hashlib.sha256(), 0)
+        if offset > size:  # not a prefix of this file: start again
+            part.unlink()
+            continue
+        before = received
+        try:
+            with open(part, "ab") as f:
+                stream = open_stream(offset) if offset < size else ()
+                for data in stream:
+                    if stop is not None and stop():
+                        raise Cancelled(f"{what}: transfer stopped at byte {offset}")
+                    if offset + len(data) > size:
+                        raise ChecksumError(f"{what} arrived longer than its {size} bytes")
+                    f.write(data)
+                    h.update(data)
+                    offset += len(data)
+                    received += len(data)
+                    last_progress = time.monotonic()
+                    if on_bytes is not None:
+                        on_bytes(len(data))
+            if offset < size:
+                raise PeerLostError(f"{what}: the stream ended at byte {offset} of {size}")
+        except HerdError as e:
+            if isinstance(e, ChecksumError):
+                part.unlink(missing_ok=True)
+            if not transient(e) or time.monotonic() - last_progress > patience_s:
+                raise
+            tries = 1 if received > before else tries + 1
+            sleep(min(0.2 * 2 ** min(tries, 5), 5.0))
+            continue
+        if h.hexdigest() != sha256:
+            part.unlink()
+            raise ChecksumError(f"{what} arrived corrupted: its bytes do not hash to "
+                                f"{sha256[:12]}", hint="it is fetched again on the next try")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(part, dest)
+        return received
+
+
 def write_files(chunks: Iterable[tuple[str, bytes]], files: list[FileDigest], into: Path,
-                what: str, hint: str) -> None:
+                what: str, hint: str, kind: str | None = None) -> None:
     """Write the chunks of ``files`` into the existing scratch folder ``into``, checking every
-    name, size and sha256 (a file sent as no chunk is empty). The caller moves the files into
-    place once this returns."""
-    expected = {check_name(f.name): f for f in files}
+    name (with the extensions ``kind`` allows), size and sha256 (a file sent as no chunk is
+    empty). The caller moves the files into place once this returns."""
+    expected = {check_name(f.name, kind): f for f in files}
     hashes = {name: hashlib.sha256() for name in expected}
     handles = {}
     try:
@@ -97,7 +161,8 @@ def write_files(chunks: Iterable[tuple[str, bytes]], files: list[FileDigest], in
             if name not in expected:
                 raise ChecksumError(f"unexpected file {name!r} in the {what} stream", hint=hint)
             if name not in handles:
-                handles[name] = open(into / name, "wb")
+                # "x": a fresh file in fresh scratch space, never through a planted link.
+                handles[name] = open(inside(into, name), "xb")
             handles[name].write(data)
             hashes[name].update(data)
     finally:
@@ -112,14 +177,15 @@ def write_files(chunks: Iterable[tuple[str, bytes]], files: list[FileDigest], in
 
 
 def receive_folder(chunks: Iterable[tuple[str, bytes]], files: list[FileDigest], final: Path,
-                   what: str, hint: str, extra: dict[str, str] | None = None) -> None:
+                   what: str, hint: str, extra: dict[str, str] | None = None,
+                   kind: str | None = "checkpoint") -> None:
     """The files, checked, as the folder ``final``: built beside it and renamed into place whole,
     replacing what was there (a retried transfer of the same thing is idempotent). ``extra``:
     small text files of the receiver's own, written into the folder too."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.part-"))
     try:
-        write_files(chunks, files, tmp, what, hint)
+        write_files(chunks, files, tmp, what, hint, kind)
         for name, text in (extra or {}).items():
             (tmp / name).write_text(text)
         if final.exists():
@@ -142,22 +208,34 @@ def receive_checkpoint(messages: Iterable[coordinator_pb2.GetAdapterReply], into
                                 hint=hint)
         raise ChecksumError(f"the coordinator sent no {what} header", hint=hint)
     header = first.header
+    check_step(header.step)
     files = [FileDigest(d.name, d.sha256, d.bytes) for d in header.files]
-    write_files(((m.chunk.name, m.chunk.data) for m in messages), files, into, what, hint)
+    write_files(((m.chunk.name, m.chunk.data) for m in messages), files, into, what, hint,
+                "adapter")
     return header
 
 
 def receive_checkpoint_files(messages: Iterable[coordinator_pb2.GetAdapterReply], out: Path,
-                             what: str, hint: str) -> common_pb2.CheckpointInfo:
+                             what: str, hint: str, force: bool = True
+                             ) -> common_pb2.CheckpointInfo:
     """A GetAdapter stream's files into the folder ``out``, each checked, each replaced
-    atomically; other files in ``out`` are left alone (``herd pull`` into an adapter folder)."""
-    out.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(dir=out, prefix=".pull-"))
+    atomically; other files in ``out`` are left alone (``herd pull`` into an adapter folder).
+    Without ``force``, a file already in ``out`` is never replaced: nothing is written then.
+    ``out`` is only created once the whole checkpoint has arrived."""
+    if out.exists() and not out.is_dir():
+        raise HerdError(f"{out} exists and is not a folder", hint="pass a folder to -o")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(dir=out if out.is_dir() else out.parent, prefix=".pull-"))
     try:
         header = receive_checkpoint(messages, scratch, what, hint)
+        there = [d.name for d in header.files if os.path.lexists(out / d.name)]
+        if there and not force:
+            raise HerdError(f"{out} already holds {', '.join(there)}; nothing was written",
+                            hint="pass --force to replace them, or pull into another folder")
+        out.mkdir(exist_ok=True)
         for d in header.files:
             os.chmod(scratch / d.name, 0o644)  # an adapter is an ordinary file
-            os.replace(scratch / d.name, out / d.name)
+            os.replace(scratch / d.name, inside(out, d.name))
         return header
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import socket
 
+# The coordinator's port when none is given (`herd coordinator`, and `--coordinator HOST`).
+DEFAULT_COORDINATOR_PORT = 7450
+
 
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
     """``n`` distinct ports free right now on ``host`` (IPv4 or IPv6; "" = every IPv4 address):

@@ -10,10 +10,12 @@ attached (the connection itself, a deadline, the auth interceptor) is mapped by 
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Iterator
 
 import grpc
 
+from herd import log
 from herd.errors import (
     AuthError,
     ChecksumError,
@@ -22,12 +24,15 @@ from herd.errors import (
     DoesNotFitError,
     HerdError,
     NotFoundError,
+    NumericalError,
     PeerLostError,
     PlacementError,
     ProtocolError,
+    StorageError,
 )
 
 ERROR_KEY = "x-herd-error"
+logger = log.get(__name__)
 
 # Most specific first: the first class the error is an instance of gives the code.
 _CODES: list[tuple[type[HerdError], grpc.StatusCode]] = [
@@ -39,6 +44,8 @@ _CODES: list[tuple[type[HerdError], grpc.StatusCode]] = [
     (NotFoundError, grpc.StatusCode.NOT_FOUND),
     (PlacementError, grpc.StatusCode.FAILED_PRECONDITION),
     (PeerLostError, grpc.StatusCode.UNAVAILABLE),
+    (StorageError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (NumericalError, grpc.StatusCode.FAILED_PRECONDITION),
 ]
 # The classes a client rebuilds from the metadata; a name not listed falls back to the code.
 _CLASSES = {cls.__name__: cls for cls in (HerdError, DoesNotFitError, *(c for c, _ in _CODES))}
@@ -70,12 +77,28 @@ def _error_class(e: grpc.RpcError) -> type[HerdError] | None:
     return _CLASSES.get(dict(metadata).get(ERROR_KEY, ""))
 
 
+# What grpcio says when a TLS handshake fails: the peer's certificate is not from the CA we trust,
+# or does not hold the name we dialled it as (herd/rpc/channel.py secure_channel).
+_TLS_FAILURES = ("Hostname Verification", "CERTIFICATE_VERIFY_FAILED", "Tls handshake failed",
+                 "Ssl handshake failed", "SSL_ERROR")
+CERT_HINT = ("every machine needs a certificate of this cluster: `herd init` on the coordinator's "
+             "machine, `herd join TOKEN` on the others")
+
+
+def is_tls_failure(e: grpc.RpcError) -> bool:
+    details = (e.details() if hasattr(e, "details") else None) or ""
+    return e.code() == grpc.StatusCode.UNAVAILABLE and any(m in details for m in _TLS_FAILURES)
+
+
 def error_from_rpc(e: grpc.RpcError, target: str = "") -> HerdError:
     code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
     details = (e.details() if hasattr(e, "details") else None) or str(code)
     if (cls := _error_class(e)) is not None:
         # The server's own error: its message already names the culprit and the fix.
         return cls(details)
+    if is_tls_failure(e):
+        return AuthError(f"{target or 'the server'} is not a verified member of this cluster "
+                         f"(TLS): {details}", hint=CERT_HINT)
     if code == grpc.StatusCode.UNAVAILABLE:
         return PeerLostError(
             f"{target or 'the server'} is unreachable: {details}",
@@ -83,11 +106,8 @@ def error_from_rpc(e: grpc.RpcError, target: str = "") -> HerdError:
         )
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return PeerLostError(f"{target or 'the server'} did not answer in time")
-    if code == grpc.StatusCode.UNAUTHENTICATED:
-        return AuthError(
-            f"refused by {target or 'the server'}: {details}",
-            hint="every machine needs the same cluster secret (`herd init` once, copy the file)",
-        )
+    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        return AuthError(f"refused by {target or 'the server'}: {details}", hint=CERT_HINT)
     return _BY_CODE.get(code, HerdError)(details)
 
 
@@ -98,3 +118,18 @@ def rpc_errors(target: str = "") -> Iterator[None]:
         yield
     except grpc.RpcError as e:
         raise error_from_rpc(e, target) from None
+
+
+def streaming(fn):
+    """A server-streaming servicer method whose HerdError, raised before or between messages,
+    ends the call with its status (``abort``)."""
+
+    @functools.wraps(fn)
+    def wrapper(self, request, context):
+        try:
+            yield from fn(self, request, context)
+        except HerdError as e:
+            logger.info("rpc_refused", rpc=fn.__name__, error=e.message)
+            abort(context, e)
+
+    return wrapper

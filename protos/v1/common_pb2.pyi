@@ -27,7 +27,14 @@ JOB_STATE_CANCELLED: JobState
 JOB_STATE_RESTARTING: JobState
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "host", "port", "ring_port", "exchange_port", "protocol_version", "memory_bytes", "free_memory_bytes", "chip", "gpu_cores", "os", "mlx_version", "running_job_id", "wired_limit_mb", "interfaces")
+    __slots__ = ("worker_id", "host", "port", "ring_port", "exchange_port", "protocol_version", "memory_bytes", "free_memory_bytes", "chip", "gpu_cores", "os", "mlx_version", "running_job_id", "wired_limit_mb", "interfaces", "resources")
+    class ResourcesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
     PORT_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +50,7 @@ class WorkerInfo(_message.Message):
     RUNNING_JOB_ID_FIELD_NUMBER: _ClassVar[int]
     WIRED_LIMIT_MB_FIELD_NUMBER: _ClassVar[int]
     INTERFACES_FIELD_NUMBER: _ClassVar[int]
+    RESOURCES_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     host: str
     port: int
@@ -58,7 +66,8 @@ class WorkerInfo(_message.Message):
     running_job_id: str
     wired_limit_mb: int
     interfaces: _containers.RepeatedCompositeFieldContainer[NetInterface]
-    def __init__(self, worker_id: _Optional[str] = ..., host: _Optional[str] = ..., port: _Optional[int] = ..., ring_port: _Optional[int] = ..., exchange_port: _Optional[int] = ..., protocol_version: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., free_memory_bytes: _Optional[int] = ..., chip: _Optional[str] = ..., gpu_cores: _Optional[int] = ..., os: _Optional[str] = ..., mlx_version: _Optional[str] = ..., running_job_id: _Optional[str] = ..., wired_limit_mb: _Optional[int] = ..., interfaces: _Optional[_Iterable[_Union[NetInterface, _Mapping]]] = ...) -> None: ...
+    resources: _containers.ScalarMap[str, float]
+    def __init__(self, worker_id: _Optional[str] = ..., host: _Optional[str] = ..., port: _Optional[int] = ..., ring_port: _Optional[int] = ..., exchange_port: _Optional[int] = ..., protocol_version: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., free_memory_bytes: _Optional[int] = ..., chip: _Optional[str] = ..., gpu_cores: _Optional[int] = ..., os: _Optional[str] = ..., mlx_version: _Optional[str] = ..., running_job_id: _Optional[str] = ..., wired_limit_mb: _Optional[int] = ..., interfaces: _Optional[_Iterable[_Union[NetInterface, _Mapping]]] = ..., resources: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class NetInterface(_message.Message):
     __slots__ = ("name", "kind", "addresses", "speed_mbps", "rdma_device", "data")
@@ -87,17 +96,69 @@ class FileDigest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., sha256: _Optional[str] = ..., bytes: _Optional[int] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("name", "config_yaml", "dataset")
+    __slots__ = ("name", "config_yaml", "dataset", "model_digest")
     NAME_FIELD_NUMBER: _ClassVar[int]
     CONFIG_YAML_FIELD_NUMBER: _ClassVar[int]
     DATASET_FIELD_NUMBER: _ClassVar[int]
+    MODEL_DIGEST_FIELD_NUMBER: _ClassVar[int]
     name: str
     config_yaml: str
     dataset: _containers.RepeatedCompositeFieldContainer[FileDigest]
-    def __init__(self, name: _Optional[str] = ..., config_yaml: _Optional[str] = ..., dataset: _Optional[_Iterable[_Union[FileDigest, _Mapping]]] = ...) -> None: ...
+    model_digest: str
+    def __init__(self, name: _Optional[str] = ..., config_yaml: _Optional[str] = ..., dataset: _Optional[_Iterable[_Union[FileDigest, _Mapping]]] = ..., model_digest: _Optional[str] = ...) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("digest", "names", "files", "bytes", "added_unix_ms", "job_ids")
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    ADDED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    JOB_IDS_FIELD_NUMBER: _ClassVar[int]
+    digest: str
+    names: _containers.RepeatedScalarFieldContainer[str]
+    files: _containers.RepeatedCompositeFieldContainer[FileDigest]
+    bytes: int
+    added_unix_ms: int
+    job_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, digest: _Optional[str] = ..., names: _Optional[_Iterable[str]] = ..., files: _Optional[_Iterable[_Union[FileDigest, _Mapping]]] = ..., bytes: _Optional[int] = ..., added_unix_ms: _Optional[int] = ..., job_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ModelSource(_message.Message):
+    __slots__ = ("digest", "files", "hub_repo", "hub_revision")
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    HUB_REPO_FIELD_NUMBER: _ClassVar[int]
+    HUB_REVISION_FIELD_NUMBER: _ClassVar[int]
+    digest: str
+    files: _containers.RepeatedCompositeFieldContainer[FileDigest]
+    hub_repo: str
+    hub_revision: str
+    def __init__(self, digest: _Optional[str] = ..., files: _Optional[_Iterable[_Union[FileDigest, _Mapping]]] = ..., hub_repo: _Optional[str] = ..., hub_revision: _Optional[str] = ...) -> None: ...
+
+class FetchProgress(_message.Message):
+    __slots__ = ("rank", "worker_id", "source", "files", "bytes_needed", "bytes_cached", "bytes_received", "bytes_per_second", "done")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    BYTES_NEEDED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_CACHED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    worker_id: str
+    source: str
+    files: int
+    bytes_needed: int
+    bytes_cached: int
+    bytes_received: int
+    bytes_per_second: float
+    done: bool
+    def __init__(self, rank: _Optional[int] = ..., worker_id: _Optional[str] = ..., source: _Optional[str] = ..., files: _Optional[int] = ..., bytes_needed: _Optional[int] = ..., bytes_cached: _Optional[int] = ..., bytes_received: _Optional[int] = ..., bytes_per_second: _Optional[float] = ..., done: _Optional[bool] = ...) -> None: ...
 
 class RankProgress(_message.Message):
-    __slots__ = ("rank", "worker_id", "iteration", "train_loss", "val_loss", "learning_rate", "tokens_per_second", "trained_tokens", "peak_memory_gb", "exchange", "world_size")
+    __slots__ = ("rank", "worker_id", "iteration", "train_loss", "val_loss", "learning_rate", "tokens_per_second", "trained_tokens", "peak_memory_gb", "exchange", "world_size", "window_iterations", "window_seconds", "window_exchange_seconds", "window_exchange_bytes", "validation", "share", "items_per_second")
     RANK_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ITERATION_FIELD_NUMBER: _ClassVar[int]
@@ -109,6 +170,13 @@ class RankProgress(_message.Message):
     PEAK_MEMORY_GB_FIELD_NUMBER: _ClassVar[int]
     EXCHANGE_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_ITERATIONS_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_EXCHANGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_EXCHANGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     rank: int
     worker_id: str
     iteration: int
@@ -120,7 +188,14 @@ class RankProgress(_message.Message):
     peak_memory_gb: float
     exchange: str
     world_size: int
-    def __init__(self, rank: _Optional[int] = ..., worker_id: _Optional[str] = ..., iteration: _Optional[int] = ..., train_loss: _Optional[float] = ..., val_loss: _Optional[float] = ..., learning_rate: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., trained_tokens: _Optional[int] = ..., peak_memory_gb: _Optional[float] = ..., exchange: _Optional[str] = ..., world_size: _Optional[int] = ...) -> None: ...
+    window_iterations: int
+    window_seconds: float
+    window_exchange_seconds: float
+    window_exchange_bytes: int
+    validation: bool
+    share: int
+    items_per_second: float
+    def __init__(self, rank: _Optional[int] = ..., worker_id: _Optional[str] = ..., iteration: _Optional[int] = ..., train_loss: _Optional[float] = ..., val_loss: _Optional[float] = ..., learning_rate: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., trained_tokens: _Optional[int] = ..., peak_memory_gb: _Optional[float] = ..., exchange: _Optional[str] = ..., world_size: _Optional[int] = ..., window_iterations: _Optional[int] = ..., window_seconds: _Optional[float] = ..., window_exchange_seconds: _Optional[float] = ..., window_exchange_bytes: _Optional[int] = ..., validation: _Optional[bool] = ..., share: _Optional[int] = ..., items_per_second: _Optional[float] = ...) -> None: ...
 
 class LayerRange(_message.Message):
     __slots__ = ("start", "end")
@@ -155,7 +230,7 @@ class CheckpointInfo(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., step: _Optional[int] = ..., files: _Optional[_Iterable[_Union[FileDigest, _Mapping]]] = ..., created_unix_ms: _Optional[int] = ..., stage: _Optional[_Union[StagePiece, _Mapping]] = ...) -> None: ...
 
 class JobStatus(_message.Message):
-    __slots__ = ("job_id", "name", "state", "message", "created_unix_ms", "updated_unix_ms", "workers", "iters", "attempt", "ranks", "checkpoints", "worker_ids")
+    __slots__ = ("job_id", "name", "state", "message", "created_unix_ms", "updated_unix_ms", "workers", "iters", "attempt", "ranks", "checkpoints", "worker_ids", "model", "model_digest")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -168,6 +243,8 @@ class JobStatus(_message.Message):
     RANKS_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINTS_FIELD_NUMBER: _ClassVar[int]
     WORKER_IDS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_DIGEST_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     name: str
     state: JobState
@@ -180,10 +257,12 @@ class JobStatus(_message.Message):
     ranks: _containers.RepeatedCompositeFieldContainer[RankProgress]
     checkpoints: _containers.RepeatedCompositeFieldContainer[CheckpointInfo]
     worker_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, job_id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., message: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., updated_unix_ms: _Optional[int] = ..., workers: _Optional[int] = ..., iters: _Optional[int] = ..., attempt: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[RankProgress, _Mapping]]] = ..., checkpoints: _Optional[_Iterable[_Union[CheckpointInfo, _Mapping]]] = ..., worker_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    model: str
+    model_digest: str
+    def __init__(self, job_id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., message: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., updated_unix_ms: _Optional[int] = ..., workers: _Optional[int] = ..., iters: _Optional[int] = ..., attempt: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[RankProgress, _Mapping]]] = ..., checkpoints: _Optional[_Iterable[_Union[CheckpointInfo, _Mapping]]] = ..., worker_ids: _Optional[_Iterable[str]] = ..., model: _Optional[str] = ..., model_digest: _Optional[str] = ...) -> None: ...
 
 class JobEvent(_message.Message):
-    __slots__ = ("job_id", "seq", "time_unix_ms", "kind", "state", "message", "progress", "step")
+    __slots__ = ("job_id", "seq", "time_unix_ms", "kind", "state", "message", "progress", "step", "fetch")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         KIND_UNSPECIFIED: _ClassVar[JobEvent.Kind]
@@ -191,11 +270,13 @@ class JobEvent(_message.Message):
         KIND_PROGRESS: _ClassVar[JobEvent.Kind]
         KIND_CHECKPOINT: _ClassVar[JobEvent.Kind]
         KIND_LOG: _ClassVar[JobEvent.Kind]
+        KIND_FETCH: _ClassVar[JobEvent.Kind]
     KIND_UNSPECIFIED: JobEvent.Kind
     KIND_STATE: JobEvent.Kind
     KIND_PROGRESS: JobEvent.Kind
     KIND_CHECKPOINT: JobEvent.Kind
     KIND_LOG: JobEvent.Kind
+    KIND_FETCH: JobEvent.Kind
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     TIME_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
@@ -204,6 +285,7 @@ class JobEvent(_message.Message):
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
+    FETCH_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     seq: int
     time_unix_ms: int
@@ -212,7 +294,8 @@ class JobEvent(_message.Message):
     message: str
     progress: RankProgress
     step: int
-    def __init__(self, job_id: _Optional[str] = ..., seq: _Optional[int] = ..., time_unix_ms: _Optional[int] = ..., kind: _Optional[_Union[JobEvent.Kind, str]] = ..., state: _Optional[_Union[JobState, str]] = ..., message: _Optional[str] = ..., progress: _Optional[_Union[RankProgress, _Mapping]] = ..., step: _Optional[int] = ...) -> None: ...
+    fetch: FetchProgress
+    def __init__(self, job_id: _Optional[str] = ..., seq: _Optional[int] = ..., time_unix_ms: _Optional[int] = ..., kind: _Optional[_Union[JobEvent.Kind, str]] = ..., state: _Optional[_Union[JobState, str]] = ..., message: _Optional[str] = ..., progress: _Optional[_Union[RankProgress, _Mapping]] = ..., step: _Optional[int] = ..., fetch: _Optional[_Union[FetchProgress, _Mapping]] = ...) -> None: ...
 
 class FileChunk(_message.Message):
     __slots__ = ("name", "data")

@@ -14,10 +14,12 @@ class SubmitJobRequest(_message.Message):
     def __init__(self, spec: _Optional[_Union[_common_pb2.JobSpec, _Mapping]] = ...) -> None: ...
 
 class SubmitJobReply(_message.Message):
-    __slots__ = ("job_id",)
+    __slots__ = ("job_id", "warning")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    WARNING_FIELD_NUMBER: _ClassVar[int]
     job_id: str
-    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+    warning: str
+    def __init__(self, job_id: _Optional[str] = ..., warning: _Optional[str] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
     __slots__ = ("job_id",)
@@ -36,10 +38,12 @@ class ListJobsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ListJobsReply(_message.Message):
-    __slots__ = ("jobs",)
+    __slots__ = ("jobs", "coordinator_health")
     JOBS_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_HEALTH_FIELD_NUMBER: _ClassVar[int]
     jobs: _containers.RepeatedCompositeFieldContainer[_common_pb2.JobStatus]
-    def __init__(self, jobs: _Optional[_Iterable[_Union[_common_pb2.JobStatus, _Mapping]]] = ...) -> None: ...
+    coordinator_health: str
+    def __init__(self, jobs: _Optional[_Iterable[_Union[_common_pb2.JobStatus, _Mapping]]] = ..., coordinator_health: _Optional[str] = ...) -> None: ...
 
 class WatchJobRequest(_message.Message):
     __slots__ = ("job_id", "after_seq")
@@ -102,13 +106,73 @@ class PutBlobReply(_message.Message):
     def __init__(self, sha256: _Optional[str] = ..., bytes: _Optional[int] = ...) -> None: ...
 
 class GetBlobRequest(_message.Message):
+    __slots__ = ("sha256", "offset")
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    sha256: str
+    offset: int
+    def __init__(self, sha256: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class MissingBlobsRequest(_message.Message):
     __slots__ = ("sha256",)
     SHA256_FIELD_NUMBER: _ClassVar[int]
-    sha256: str
-    def __init__(self, sha256: _Optional[str] = ...) -> None: ...
+    sha256: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, sha256: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class MissingBlobsReply(_message.Message):
+    __slots__ = ("sha256",)
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    sha256: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, sha256: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class AddModelRequest(_message.Message):
+    __slots__ = ("hub_ref", "name", "files")
+    HUB_REF_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    hub_ref: str
+    name: str
+    files: _containers.RepeatedCompositeFieldContainer[_common_pb2.FileDigest]
+    def __init__(self, hub_ref: _Optional[str] = ..., name: _Optional[str] = ..., files: _Optional[_Iterable[_Union[_common_pb2.FileDigest, _Mapping]]] = ...) -> None: ...
+
+class AddModelProgress(_message.Message):
+    __slots__ = ("phase", "bytes_done", "bytes_total", "model")
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_DONE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    phase: str
+    bytes_done: int
+    bytes_total: int
+    model: _common_pb2.ModelInfo
+    def __init__(self, phase: _Optional[str] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListModelsReply(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[_common_pb2.ModelInfo]
+    def __init__(self, models: _Optional[_Iterable[_Union[_common_pb2.ModelInfo, _Mapping]]] = ...) -> None: ...
+
+class RemoveModelRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class RemoveModelReply(_message.Message):
+    __slots__ = ("model", "freed_bytes")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    FREED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    model: _common_pb2.ModelInfo
+    freed_bytes: int
+    def __init__(self, model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., freed_bytes: _Optional[int] = ...) -> None: ...
 
 class ReportRankRequest(_message.Message):
-    __slots__ = ("job_id", "attempt", "rank", "worker_id", "progress", "exit", "log")
+    __slots__ = ("job_id", "attempt", "rank", "worker_id", "progress", "exit", "log", "rank_log")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +180,7 @@ class ReportRankRequest(_message.Message):
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
     EXIT_FIELD_NUMBER: _ClassVar[int]
     LOG_FIELD_NUMBER: _ClassVar[int]
+    RANK_LOG_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     attempt: int
     rank: int
@@ -123,7 +188,8 @@ class ReportRankRequest(_message.Message):
     progress: _common_pb2.RankProgress
     exit: RankExit
     log: str
-    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., rank: _Optional[int] = ..., worker_id: _Optional[str] = ..., progress: _Optional[_Union[_common_pb2.RankProgress, _Mapping]] = ..., exit: _Optional[_Union[RankExit, _Mapping]] = ..., log: _Optional[str] = ...) -> None: ...
+    rank_log: RankLog
+    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., rank: _Optional[int] = ..., worker_id: _Optional[str] = ..., progress: _Optional[_Union[_common_pb2.RankProgress, _Mapping]] = ..., exit: _Optional[_Union[RankExit, _Mapping]] = ..., log: _Optional[str] = ..., rank_log: _Optional[_Union[RankLog, _Mapping]] = ...) -> None: ...
 
 class RankExit(_message.Message):
     __slots__ = ("exit_code", "error")
@@ -132,6 +198,14 @@ class RankExit(_message.Message):
     exit_code: int
     error: str
     def __init__(self, exit_code: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
+
+class RankLog(_message.Message):
+    __slots__ = ("offset", "data")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    data: bytes
+    def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class ReportRankReply(_message.Message):
     __slots__ = ("stop",)
@@ -184,3 +258,39 @@ class GetAdapterReply(_message.Message):
     header: _common_pb2.CheckpointInfo
     chunk: _common_pb2.FileChunk
     def __init__(self, header: _Optional[_Union[_common_pb2.CheckpointInfo, _Mapping]] = ..., chunk: _Optional[_Union[_common_pb2.FileChunk, _Mapping]] = ...) -> None: ...
+
+class GetJobLogRequest(_message.Message):
+    __slots__ = ("job_id", "rank", "attempt", "offset", "max_bytes")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    rank: int
+    attempt: int
+    offset: int
+    max_bytes: int
+    def __init__(self, job_id: _Optional[str] = ..., rank: _Optional[int] = ..., attempt: _Optional[int] = ..., offset: _Optional[int] = ..., max_bytes: _Optional[int] = ...) -> None: ...
+
+class GetJobLogReply(_message.Message):
+    __slots__ = ("data", "next_offset", "attempt", "ranks")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    NEXT_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    RANKS_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    next_offset: int
+    attempt: int
+    ranks: int
+    def __init__(self, data: _Optional[bytes] = ..., next_offset: _Optional[int] = ..., attempt: _Optional[int] = ..., ranks: _Optional[int] = ...) -> None: ...
+
+class DeleteJobRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class DeleteJobReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

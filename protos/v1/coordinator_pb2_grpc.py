@@ -75,6 +75,26 @@ class CoordinatorServiceStub:
                 request_serializer=protos_dot_v1_dot_coordinator__pb2.GetBlobRequest.SerializeToString,
                 response_deserializer=protos_dot_v1_dot_common__pb2.FileChunk.FromString,
                 _registered_method=True)
+        self.MissingBlobs = channel.unary_unary(
+                '/herd.v1.CoordinatorService/MissingBlobs',
+                request_serializer=protos_dot_v1_dot_coordinator__pb2.MissingBlobsRequest.SerializeToString,
+                response_deserializer=protos_dot_v1_dot_coordinator__pb2.MissingBlobsReply.FromString,
+                _registered_method=True)
+        self.AddModel = channel.unary_stream(
+                '/herd.v1.CoordinatorService/AddModel',
+                request_serializer=protos_dot_v1_dot_coordinator__pb2.AddModelRequest.SerializeToString,
+                response_deserializer=protos_dot_v1_dot_coordinator__pb2.AddModelProgress.FromString,
+                _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/herd.v1.CoordinatorService/ListModels',
+                request_serializer=protos_dot_v1_dot_coordinator__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=protos_dot_v1_dot_coordinator__pb2.ListModelsReply.FromString,
+                _registered_method=True)
+        self.RemoveModel = channel.unary_unary(
+                '/herd.v1.CoordinatorService/RemoveModel',
+                request_serializer=protos_dot_v1_dot_coordinator__pb2.RemoveModelRequest.SerializeToString,
+                response_deserializer=protos_dot_v1_dot_coordinator__pb2.RemoveModelReply.FromString,
+                _registered_method=True)
         self.ReportRank = channel.unary_unary(
                 '/herd.v1.CoordinatorService/ReportRank',
                 request_serializer=protos_dot_v1_dot_coordinator__pb2.ReportRankRequest.SerializeToString,
@@ -89,6 +109,16 @@ class CoordinatorServiceStub:
                 '/herd.v1.CoordinatorService/GetAdapter',
                 request_serializer=protos_dot_v1_dot_coordinator__pb2.GetAdapterRequest.SerializeToString,
                 response_deserializer=protos_dot_v1_dot_coordinator__pb2.GetAdapterReply.FromString,
+                _registered_method=True)
+        self.GetJobLog = channel.unary_unary(
+                '/herd.v1.CoordinatorService/GetJobLog',
+                request_serializer=protos_dot_v1_dot_coordinator__pb2.GetJobLogRequest.SerializeToString,
+                response_deserializer=protos_dot_v1_dot_coordinator__pb2.GetJobLogReply.FromString,
+                _registered_method=True)
+        self.DeleteJob = channel.unary_unary(
+                '/herd.v1.CoordinatorService/DeleteJob',
+                request_serializer=protos_dot_v1_dot_coordinator__pb2.DeleteJobRequest.SerializeToString,
+                response_deserializer=protos_dot_v1_dot_coordinator__pb2.DeleteJobReply.FromString,
                 _registered_method=True)
 
 
@@ -149,7 +179,41 @@ class CoordinatorServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetBlob(self, request, context):
-        """Streams a blob back (workers fetch datasets with it). NOT_FOUND. Safe to retry.
+        """Streams a blob back from `offset` (workers fetch datasets and model files with it; a broken
+        transfer resumes where it stopped). NOT_FOUND. Safe to retry.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MissingBlobs(self, request, context):
+        """Which of these blobs the coordinator lacks, so an upload sends only those. Read-only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddModel(self, request, context):
+        """Puts a model into the coordinator's content-addressed model store: a hub id (the coordinator
+        fetches it through huggingface_hub, honouring its HF_HOME and offline mode) or a folder's files
+        already uploaded with PutBlob. Streams progress; the last message carries the stored model.
+        Idempotent: the same files are stored once (a second name is added to the same model).
+        INVALID_ARGUMENT for an unknown id or revision, or files that were not uploaded.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListModels(self, request, context):
+        """The stored models, their sizes and the jobs that use them. Read-only; safe to retry.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveModel(self, request, context):
+        """Removes a stored model (by name or digest) and the files no other model or dataset holds.
+        FAILED_PRECONDITION while an unfinished job uses it; NOT_FOUND. Idempotent in effect.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -178,6 +242,24 @@ class CoordinatorServiceServicer:
         """Streams a stored checkpoint (step 0 = the latest): a header, then the files in chunks.
         With `stage` set, that pipeline stage's own piece of the step instead.
         NOT_FOUND when the job has no such checkpoint. Safe to retry.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetJobLog(self, request, context):
+        """A rank's output (its rank.log, relayed by its agent while it runs) from `offset`, at most
+        `max_bytes`; attempt 0 = the job's latest. NOT_FOUND for an unknown job or rank.
+        Read-only; safe to retry.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteJob(self, request, context):
+        """Deletes a job that has ended: its record, events, stored checkpoints, relayed logs and the
+        dataset blobs no other job uses. FAILED_PRECONDITION while it is queued or running (cancel it
+        first); NOT_FOUND for an unknown job (so a repeat says it is gone).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -226,6 +308,26 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     request_deserializer=protos_dot_v1_dot_coordinator__pb2.GetBlobRequest.FromString,
                     response_serializer=protos_dot_v1_dot_common__pb2.FileChunk.SerializeToString,
             ),
+            'MissingBlobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.MissingBlobs,
+                    request_deserializer=protos_dot_v1_dot_coordinator__pb2.MissingBlobsRequest.FromString,
+                    response_serializer=protos_dot_v1_dot_coordinator__pb2.MissingBlobsReply.SerializeToString,
+            ),
+            'AddModel': grpc.unary_stream_rpc_method_handler(
+                    servicer.AddModel,
+                    request_deserializer=protos_dot_v1_dot_coordinator__pb2.AddModelRequest.FromString,
+                    response_serializer=protos_dot_v1_dot_coordinator__pb2.AddModelProgress.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=protos_dot_v1_dot_coordinator__pb2.ListModelsRequest.FromString,
+                    response_serializer=protos_dot_v1_dot_coordinator__pb2.ListModelsReply.SerializeToString,
+            ),
+            'RemoveModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveModel,
+                    request_deserializer=protos_dot_v1_dot_coordinator__pb2.RemoveModelRequest.FromString,
+                    response_serializer=protos_dot_v1_dot_coordinator__pb2.RemoveModelReply.SerializeToString,
+            ),
             'ReportRank': grpc.unary_unary_rpc_method_handler(
                     servicer.ReportRank,
                     request_deserializer=protos_dot_v1_dot_coordinator__pb2.ReportRankRequest.FromString,
@@ -240,6 +342,16 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.GetAdapter,
                     request_deserializer=protos_dot_v1_dot_coordinator__pb2.GetAdapterRequest.FromString,
                     response_serializer=protos_dot_v1_dot_coordinator__pb2.GetAdapterReply.SerializeToString,
+            ),
+            'GetJobLog': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJobLog,
+                    request_deserializer=protos_dot_v1_dot_coordinator__pb2.GetJobLogRequest.FromString,
+                    response_serializer=protos_dot_v1_dot_coordinator__pb2.GetJobLogReply.SerializeToString,
+            ),
+            'DeleteJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteJob,
+                    request_deserializer=protos_dot_v1_dot_coordinator__pb2.DeleteJobRequest.FromString,
+                    response_serializer=protos_dot_v1_dot_coordinator__pb2.DeleteJobReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -469,6 +581,114 @@ class CoordinatorService:
             _registered_method=True)
 
     @staticmethod
+    def MissingBlobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/herd.v1.CoordinatorService/MissingBlobs',
+            protos_dot_v1_dot_coordinator__pb2.MissingBlobsRequest.SerializeToString,
+            protos_dot_v1_dot_coordinator__pb2.MissingBlobsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/herd.v1.CoordinatorService/AddModel',
+            protos_dot_v1_dot_coordinator__pb2.AddModelRequest.SerializeToString,
+            protos_dot_v1_dot_coordinator__pb2.AddModelProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/herd.v1.CoordinatorService/ListModels',
+            protos_dot_v1_dot_coordinator__pb2.ListModelsRequest.SerializeToString,
+            protos_dot_v1_dot_coordinator__pb2.ListModelsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/herd.v1.CoordinatorService/RemoveModel',
+            protos_dot_v1_dot_coordinator__pb2.RemoveModelRequest.SerializeToString,
+            protos_dot_v1_dot_coordinator__pb2.RemoveModelReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def ReportRank(request,
             target,
             options=(),
@@ -539,6 +759,60 @@ class CoordinatorService:
             '/herd.v1.CoordinatorService/GetAdapter',
             protos_dot_v1_dot_coordinator__pb2.GetAdapterRequest.SerializeToString,
             protos_dot_v1_dot_coordinator__pb2.GetAdapterReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJobLog(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/herd.v1.CoordinatorService/GetJobLog',
+            protos_dot_v1_dot_coordinator__pb2.GetJobLogRequest.SerializeToString,
+            protos_dot_v1_dot_coordinator__pb2.GetJobLogReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/herd.v1.CoordinatorService/DeleteJob',
+            protos_dot_v1_dot_coordinator__pb2.DeleteJobRequest.SerializeToString,
+            protos_dot_v1_dot_coordinator__pb2.DeleteJobReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -18,7 +18,7 @@ class DescribeReply(_message.Message):
     def __init__(self, worker: _Optional[_Union[_common_pb2.WorkerInfo, _Mapping]] = ...) -> None: ...
 
 class StartRankRequest(_message.Message):
-    __slots__ = ("job_id", "attempt", "rank", "world_size", "config_yaml", "dataset", "coordinator", "ring_hosts", "exchange_peers", "resume_step", "stage_layers", "data_parallel", "data_path", "ibv_devices_json", "jaccl_coordinator")
+    __slots__ = ("job_id", "attempt", "rank", "world_size", "config_yaml", "dataset", "coordinator", "ring_hosts", "exchange_peers", "resume_step", "stage_layers", "data_parallel", "data_path", "ibv_devices_json", "jaccl_coordinator", "model", "rank_cert_pem", "rank_key_pem")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +34,9 @@ class StartRankRequest(_message.Message):
     DATA_PATH_FIELD_NUMBER: _ClassVar[int]
     IBV_DEVICES_JSON_FIELD_NUMBER: _ClassVar[int]
     JACCL_COORDINATOR_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    RANK_CERT_PEM_FIELD_NUMBER: _ClassVar[int]
+    RANK_KEY_PEM_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     attempt: int
     rank: int
@@ -49,7 +52,10 @@ class StartRankRequest(_message.Message):
     data_path: str
     ibv_devices_json: str
     jaccl_coordinator: str
-    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., config_yaml: _Optional[str] = ..., dataset: _Optional[_Iterable[_Union[_common_pb2.FileDigest, _Mapping]]] = ..., coordinator: _Optional[str] = ..., ring_hosts: _Optional[_Iterable[str]] = ..., exchange_peers: _Optional[_Iterable[str]] = ..., resume_step: _Optional[int] = ..., stage_layers: _Optional[_Iterable[_Union[_common_pb2.LayerRange, _Mapping]]] = ..., data_parallel: _Optional[int] = ..., data_path: _Optional[str] = ..., ibv_devices_json: _Optional[str] = ..., jaccl_coordinator: _Optional[str] = ...) -> None: ...
+    model: _common_pb2.ModelSource
+    rank_cert_pem: bytes
+    rank_key_pem: bytes
+    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., config_yaml: _Optional[str] = ..., dataset: _Optional[_Iterable[_Union[_common_pb2.FileDigest, _Mapping]]] = ..., coordinator: _Optional[str] = ..., ring_hosts: _Optional[_Iterable[str]] = ..., exchange_peers: _Optional[_Iterable[str]] = ..., resume_step: _Optional[int] = ..., stage_layers: _Optional[_Iterable[_Union[_common_pb2.LayerRange, _Mapping]]] = ..., data_parallel: _Optional[int] = ..., data_path: _Optional[str] = ..., ibv_devices_json: _Optional[str] = ..., jaccl_coordinator: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelSource, _Mapping]] = ..., rank_cert_pem: _Optional[bytes] = ..., rank_key_pem: _Optional[bytes] = ...) -> None: ...
 
 class StartRankReply(_message.Message):
     __slots__ = ("pid",)
@@ -58,10 +64,12 @@ class StartRankReply(_message.Message):
     def __init__(self, pid: _Optional[int] = ...) -> None: ...
 
 class StopJobRequest(_message.Message):
-    __slots__ = ("job_id",)
+    __slots__ = ("job_id", "attempt")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     job_id: str
-    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+    attempt: int
+    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class StopJobReply(_message.Message):
     __slots__ = ("was_running",)

@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from protos.v1 import common_pb2 as protos_dot_v1_dot_common__pb2
 from protos.v1 import worker_pb2 as protos_dot_v1_dot_worker__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -44,6 +45,11 @@ class WorkerServiceStub:
                 request_serializer=protos_dot_v1_dot_worker__pb2.StartRankRequest.SerializeToString,
                 response_deserializer=protos_dot_v1_dot_worker__pb2.StartRankReply.FromString,
                 _registered_method=True)
+        self.PrepareRank = channel.unary_stream(
+                '/herd.v1.WorkerService/PrepareRank',
+                request_serializer=protos_dot_v1_dot_worker__pb2.StartRankRequest.SerializeToString,
+                response_deserializer=protos_dot_v1_dot_common__pb2.FetchProgress.FromString,
+                _registered_method=True)
         self.StopJob = channel.unary_unary(
                 '/herd.v1.WorkerService/StopJob',
                 request_serializer=protos_dot_v1_dot_worker__pb2.StopJobRequest.SerializeToString,
@@ -61,8 +67,9 @@ class WorkerServiceServicer:
 
     def Describe(self, request, context):
         """Who this worker is and what it has. The coordinator admits a worker into its registry only
-        after this call succeeds, so a process that advertises itself without the secret never gets
-        work. Read-only; safe to retry.
+        after this call succeeds over TLS to the name the worker's certificate holds, so a process
+        that advertises itself without a certificate for that worker id never gets work. Read-only;
+        safe to retry.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -70,17 +77,34 @@ class WorkerServiceServicer:
 
     def StartRank(self, request, context):
         """Fetches the job's dataset (and the checkpoint to resume from, if any) from the coordinator,
-        materializes the job folder and starts one
-        rank process. Returns once the process is running. FAILED_PRECONDITION when the worker is
-        busy with another job or the model path does not exist here; idempotent for the same
+        materializes the job folder (the model prepared by PrepareRank, or prepared now) and starts
+        one rank process. Returns once the process is running. FAILED_PRECONDITION when the worker is
+        busy with another job, the model path does not exist here or is outside the worker's model
+        roots, or the job asks to run code the worker does not allow; INVALID_ARGUMENT for a
+        malformed job id, attempt, name or rank credential. Idempotent for the same
         (job, attempt, rank).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PrepareRank(self, request, context):
+        """Gets the rank's model onto this worker before any rank of the job starts (the ring forms
+        only once every rank is prepared): from the coordinator's model store only the files the rank
+        needs (a pipeline stage: the shards of its blocks), skipping those already cached and intact,
+        in parallel, resumably; or from the hub; or (a folder) checks it exists. Streams progress; the
+        last message has done set. FAILED_PRECONDITION when the worker is busy, or its disk cannot hold
+        the files (with the figures), before anything is transferred. Safe to retry (a retried fetch
+        resumes its partial files; a prepared rank answers done at once).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def StopJob(self, request, context):
-        """Kills the job's rank (its whole process group), if any. Idempotent.
+        """Kills the job's rank (its whole process group), if any, and ends its agent's re-delivery of
+        the rank's reports. With `attempt` set, only a rank of that attempt or an older one (a newer
+        attempt's rank, started meanwhile, is left alone). Idempotent.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -105,6 +129,11 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     servicer.StartRank,
                     request_deserializer=protos_dot_v1_dot_worker__pb2.StartRankRequest.FromString,
                     response_serializer=protos_dot_v1_dot_worker__pb2.StartRankReply.SerializeToString,
+            ),
+            'PrepareRank': grpc.unary_stream_rpc_method_handler(
+                    servicer.PrepareRank,
+                    request_deserializer=protos_dot_v1_dot_worker__pb2.StartRankRequest.FromString,
+                    response_serializer=protos_dot_v1_dot_common__pb2.FetchProgress.SerializeToString,
             ),
             'StopJob': grpc.unary_unary_rpc_method_handler(
                     servicer.StopJob,
@@ -171,6 +200,33 @@ class WorkerService:
             '/herd.v1.WorkerService/StartRank',
             protos_dot_v1_dot_worker__pb2.StartRankRequest.SerializeToString,
             protos_dot_v1_dot_worker__pb2.StartRankReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PrepareRank(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/herd.v1.WorkerService/PrepareRank',
+            protos_dot_v1_dot_worker__pb2.StartRankRequest.SerializeToString,
+            protos_dot_v1_dot_common__pb2.FetchProgress.FromString,
             options,
             channel_credentials,
             insecure,

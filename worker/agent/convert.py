@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from herd.config import config_from_yaml
 from herd.digest import FileDigest
+from herd.models.source import FetchProgress, ModelSource
 from herd.netif import Interface
 from herd.stage_cut import StagePiece
 from protos.v1 import common_pb2, coordinator_pb2, worker_pb2
@@ -22,7 +23,23 @@ def spec_from_pb(m: worker_pb2.StartRankRequest) -> RankSpec:
         stage_layers=tuple((r.start, r.end) for r in m.stage_layers),
         data_parallel=m.data_parallel or 1, data_path=m.data_path or "ring",
         ibv_devices_json=m.ibv_devices_json, jaccl_coordinator=m.jaccl_coordinator,
+        rank_cert_pem=m.rank_cert_pem, rank_key_pem=m.rank_key_pem,
+        model=ModelSource(digest=m.model.digest,
+                          files=tuple(FileDigest(f.name, f.sha256, f.bytes) for f in m.model.files),
+                          hub_repo=m.model.hub_repo, hub_revision=m.model.hub_revision),
     )
+
+
+def spec_from_bytes(data: bytes) -> RankSpec:
+    """A serialized StartRankRequest (how the Ray backend hands a rank to its actor)."""
+    return spec_from_pb(worker_pb2.StartRankRequest.FromString(data))
+
+
+def fetch_to_pb(f: FetchProgress) -> common_pb2.FetchProgress:
+    return common_pb2.FetchProgress(
+        rank=f.rank, worker_id=f.worker_id, source=f.source, files=f.files,
+        bytes_needed=f.bytes_needed, bytes_cached=f.bytes_cached,
+        bytes_received=f.bytes_received, bytes_per_second=f.bytes_per_second, done=f.done)
 
 
 def worker_info(worker_id: str, host: str, port: int, ring_port: int, exchange_port: int,
@@ -70,13 +87,22 @@ def _report(spec: RankSpec, worker_id: str, **kw) -> coordinator_pb2.ReportRankR
                                              rank=spec.rank, worker_id=worker_id, **kw)
 
 
-def progress_report(spec: RankSpec, worker_id: str,
-                    p: Progress) -> coordinator_pb2.ReportRankRequest:
+def progress_report(spec: RankSpec, worker_id: str, p: Progress,
+                    validation: bool = False) -> coordinator_pb2.ReportRankRequest:
     return _report(spec, worker_id, progress=common_pb2.RankProgress(
         rank=spec.rank, worker_id=worker_id, iteration=p.iteration, train_loss=p.train_loss,
         val_loss=p.val_loss, learning_rate=p.learning_rate,
         tokens_per_second=p.tokens_per_second, trained_tokens=p.trained_tokens,
-        peak_memory_gb=p.peak_memory_gb, exchange=p.exchange, world_size=p.world_size))
+        peak_memory_gb=p.peak_memory_gb, exchange=p.exchange, world_size=p.world_size,
+        window_iterations=p.window_iterations, window_seconds=p.window_seconds,
+        window_exchange_seconds=p.window_exchange_seconds,
+        window_exchange_bytes=p.window_exchange_bytes, validation=validation, share=p.share,
+        items_per_second=p.items_per_second))
+
+
+def rank_log_report(spec: RankSpec, worker_id: str, offset: int,
+                    data: bytes) -> coordinator_pb2.ReportRankRequest:
+    return _report(spec, worker_id, rank_log=coordinator_pb2.RankLog(offset=offset, data=data))
 
 
 def log_report(spec: RankSpec, worker_id: str, line: str) -> coordinator_pb2.ReportRankRequest:

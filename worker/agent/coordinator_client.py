@@ -3,13 +3,15 @@ uploading its checkpoints. Each call has a deadline; every file moves through he
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Iterator
 
 from herd.digest import file_digest
 from herd.errors import ChecksumError
-from herd.rpc.channel import TRANSFER_DEADLINE_S, UNARY_DEADLINE_S, signed_channel
+from herd.rpc import pki
+from herd.rpc.channel import TRANSFER_DEADLINE_S, UNARY_DEADLINE_S, secure_channel
 from herd.rpc.files import (
     check_name,
     receive_checkpoint_files,
@@ -28,9 +30,12 @@ MANIFEST = "manifest.json"
 
 
 class CoordinatorClient:
-    def __init__(self, target: str, secret: str):
+    """Calls to the coordinator at ``target``, over TLS to the name only its certificate holds
+    (a StartRank naming another address cannot make the agent talk to anyone else)."""
+
+    def __init__(self, target: str, identity: pki.Identity):
         self.target = target
-        self._channel = signed_channel(target, secret)
+        self._channel = secure_channel(target, identity, pki.dns_name("coordinator"))
         self._stub = coordinator_pb2_grpc.CoordinatorServiceStub(self._channel)
 
     def fetch_blob(self, sha: str, dest: Path) -> None:
@@ -39,6 +44,22 @@ class CoordinatorClient:
                                         timeout=TRANSFER_DEADLINE_S)
             receive_file((chunk.data for chunk in stream), sha, dest, f"blob {sha[:12]}",
                          hint=_AGAIN)
+
+    def blob_chunks(self, sha: str, offset: int = 0) -> Iterator[bytes]:
+        """A blob's bytes from ``offset`` on, as they arrive. Waits for a restarting coordinator
+        (wait_for_ready) within the deadline; a resumed transfer passes the bytes it holds."""
+        with rpc_errors(self.target):
+            stream = self._stub.GetBlob(coordinator_pb2.GetBlobRequest(sha256=sha, offset=offset),
+                                        timeout=TRANSFER_DEADLINE_S, wait_for_ready=True)
+            for chunk in stream:
+                yield chunk.data
+
+    def read_blob(self, sha: str, size: int) -> bytes:
+        """A small blob in memory, checked against its sha256."""
+        data = b"".join(self.blob_chunks(sha))
+        if len(data) != size or hashlib.sha256(data).hexdigest() != sha:
+            raise ChecksumError(f"blob {sha[:12]} arrived corrupted", hint=_AGAIN)
+        return data
 
     def pull_checkpoint(self, job_id: str, step: int, folder: Path) -> None:
         """The stored checkpoint ``step`` into ``folder``, every file checked."""

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from herd.config import JobConfig
 from herd.digest import FileDigest
+from herd.models.source import ModelSource
+from herd.rpc.names import check_job_id, inside
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,15 @@ class RankSpec:
     data_path: str = "ring"  # "ring" (ring_hosts) | "jaccl" | "grpc" (exchange_peers only)
     ibv_devices_json: str = ""  # JACCL: the MLX_IBV_DEVICES file's content
     jaccl_coordinator: str = ""  # JACCL: MLX_JACCL_COORDINATOR
+    model: ModelSource = ModelSource()  # where the model comes from (default: a local folder)
+    # The rank's own certificate and key, for this job attempt's exchange only (never logged).
+    rank_cert_pem: bytes = field(default=b"", repr=False)
+    rank_key_pem: bytes = field(default=b"", repr=False)
+
+    def folder(self, state_dir: Path) -> Path:
+        """This rank's job folder on the worker (one rank per worker and attempt):
+        jobs/<job_id>/attempt-<n>, the job id checked and the folder kept inside jobs/."""
+        return inside(state_dir / "jobs", check_job_id(self.job_id), f"attempt-{self.attempt:d}")
 
     @property
     def key(self) -> tuple[str, int, int]:
@@ -51,3 +63,11 @@ class Progress:
     peak_memory_gb: float = 0.0
     exchange: str = ""
     world_size: int = 0
+    # The iterations since the previous train report, their seconds, exchange seconds and
+    # all-reduced gradient bytes; zero in a report that follows a validation.
+    window_iterations: int = 0
+    window_seconds: float = 0.0
+    window_exchange_seconds: float = 0.0
+    window_exchange_bytes: int = 0
+    share: int = 0  # data parallel: this rank's items of each global batch, and its speed
+    items_per_second: float = 0.0

@@ -1,28 +1,38 @@
 """``herd worker``: the agent daemon, one per machine.
 
-It probes the machine (machine.py), serves WorkerService over authenticated gRPC (service.py),
-advertises ``_herd-worker._tcp.local.`` (TXT: id, port, protocol version, memory, chip, mlx
-version; no secrets) and runs at most one job's rank at a time (rank_process.py, relay.py).
+It probes the machine (machine.py), serves WorkerService over mutual TLS to the coordinator only
+(service.py), advertises ``_herd-worker._tcp.local.`` (TXT: id, port, protocol version, memory,
+chip, mlx version; no secrets) and runs at most one job's rank at a time (rank_process.py,
+relay.py). Its id is the name in its certificate (``herd join`` made it); what jobs may ask of it
+(code from a model, where models come from) is its owner's call (policy.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
-import socket
 import sys
 import threading
-import uuid
 from pathlib import Path
 
 from herd import log, netif
 from herd.errors import HerdError
-from herd.rpc import discovery
-from herd.rpc.auth import default_home, load_secret
-from herd.rpc.channel import signed_server
+from herd.rpc import discovery, pki
+from herd.rpc.channel import bind, secure_server
 from herd.rpc.ports import free_ports
+from herd.usage import HelpFormatter
+from worker.agent import ray_join, state
 from worker.agent.machine import probe
-from worker.agent.service import Worker, WorkerServicer, add_to_server, advert_txt
+from worker.agent.model_cache import ModelCache
+from worker.agent.orphans import stop_orphans
+from worker.agent.policy import (
+    MODEL_ROOTS_ENV,
+    REMOTE_CODE_ENV,
+    Policy,
+    default_model_roots,
+)
+from worker.agent.service import RULES, Worker, WorkerServicer, add_to_server, advert_txt
 
 logger = log.get(__name__)
 
@@ -41,12 +51,27 @@ def parse_bytes(text: str) -> int:
     return int(float(num) * units[unit])
 
 
+DESCRIPTION = """\
+Run a worker agent on this machine (one per Mac; it loads no model itself).
+
+It advertises itself by zeroconf, answers the coordinator's authenticated calls, and runs one
+job's rank at a time as its own process (`python -m worker.rank`), relaying its progress, its
+output and its checkpoints to the coordinator.
+
+Several agents on one machine each get their own state folder and id by default: the first free
+of $HERD_HOME/worker, worker-2, worker-3, ...; a folder in use by another agent is refused."""
+
+
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="herd worker", description="run a worker agent")
-    p.add_argument("--state-dir", type=Path, default=None, help="default $HERD_HOME/worker")
+    p = argparse.ArgumentParser(prog="herd worker", description=DESCRIPTION,
+                                formatter_class=HelpFormatter)
+    p.add_argument("--state-dir", type=Path, default=None,
+                   help="this agent's folder (default: the first free of $HERD_HOME/worker, "
+                   "$HERD_HOME/worker-2, ...)")
     p.add_argument("--host", default=None,
-                   help="control address: serve WorkerService and advertise here (default: this "
-                   "machine's LAN address, Ethernet before Wi-Fi; a warning if only loopback)")
+                   help="control address: serve WorkerService and advertise here (default: the "
+                   "first address in $HERD_ZEROCONF_INTERFACES, else this machine's LAN address, "
+                   "Ethernet before Wi-Fi; a warning if only loopback)")
     p.add_argument("--data", action="append", default=[], metavar="IFACE[=KIND]",
                    help="a data interface (name or address) for gradients, e.g. en5 or "
                    "10.0.0.2; repeatable; default: every interface, the coordinator picks the "
@@ -55,40 +80,87 @@ def main(argv: list[str]) -> int:
     p.add_argument("--port", type=int, default=0, help="WorkerService port (0 = any free)")
     p.add_argument("--ring-port", type=int, default=0, help="MLX ring port for ranks (0 = any)")
     p.add_argument("--exchange-port", type=int, default=0, help="gRPC exchange port (0 = any)")
-    p.add_argument("--id", default=None, help="worker id (default: hostname + random suffix)")
-    p.add_argument("--memory", default=None, help="pose with this much memory, e.g. 64GB (tests)")
-    p.add_argument("--chip", default=None, help="pose as this chip (tests)")
-    p.add_argument("--secret-file", type=Path, default=None)
-    args = p.parse_args(argv[1:])
+    p.add_argument("--id", default=None,
+                   help="worker id: the name in this worker's certificate (default: that name; "
+                   "on the CA's machine a certificate is made for the id kept in the state "
+                   "folder, hostname + a random suffix)")
+    p.add_argument("--keep-attempts", type=int, default=10, metavar="N",
+                   help="keep the N newest job attempt folders (rank logs, checkpoints, data "
+                   "links) and delete older ones; 0 = keep all")
+    p.add_argument("--memory", default=None,
+                   help="report this much memory instead of the machine's, e.g. 64GB (to try "
+                   "placement and planning on a small machine)")
+    p.add_argument("--chip", default=None, help="report this chip name instead of the machine's")
+    p.add_argument("--model-cache", type=Path, default=None,
+                   help="where fetched model files are kept (default: STATE_DIR/models)")
+    p.add_argument("--model-cache-max", default=None,
+                   help="bound the model cache, e.g. 500GB (least recently used files go first)")
+    p.add_argument("--tls-dir", type=Path, default=None,
+                   help="this worker's certificate and the cluster CA (default: $HERD_HOME/tls, "
+                   "written by `herd join`)")
+    p.add_argument("--model-root", type=Path, action="append", default=None, metavar="FOLDER",
+                   help="a folder jobs may load models from (repeatable; default "
+                   "$HERD_HOME/models and the Hugging Face cache); hub ids are always allowed")
+    p.add_argument("--allow-remote-code", action="store_true",
+                   help="let jobs set trust_remote_code: true, which runs Python shipped with a "
+                   "model inside the rank (only if you trust every job submitter)")
+    p.add_argument("--ray", metavar="ADDRESS", default=None,
+                   help="join the Ray cluster at ADDRESS (or 'head': start one here) as a herd "
+                   "node for cluster.backend: ray, instead of serving; arguments after -- go to "
+                   "`ray start` (docs/ray.md)")
+    args, extra = p.parse_known_args(argv[1:])
+    if extra and not (args.ray and extra[0] == "--"):
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        secret = load_secret(args.secret_file)
+        if args.ray:  # its rank actors get their credentials from the coordinator, per actor
+            machine = probe(parse_bytes(args.memory) if args.memory else None, args.chip)
+            # ...and this owner's policy through `ray start`'s environment (flags given here
+            # override it; unset, the actors use the default model roots and run no code)
+            if args.model_root:
+                os.environ[MODEL_ROOTS_ENV] = os.pathsep.join(map(str, args.model_root))
+            if args.allow_remote_code:
+                os.environ[REMOTE_CODE_ENV] = "1"
+            return ray_join.join(machine, args.ray, args.host, extra[1:])
+        lock = state.claim(args.state_dir, pki.default_home())
+        # The worker id is the name its certificate holds: the coordinator admits it by that. On
+        # the CA's own machine each state folder gets its own (its kept id), so several agents
+        # there are several workers; elsewhere the certificate `herd join` wrote names it.
+        tls = args.tls_dir or pki.default_dir()
+        name = args.id or (state.worker_id(lock.folder, None)
+                           if pki.Authority.exists(tls) else None)
+        identity = pki.load_or_issue(tls, "worker", name)
     except HerdError as e:
-        print(f"herd worker: {e}", flush=True)
+        print(f"herd worker: {e}", file=sys.stderr, flush=True)
         return e.exit_code
     try:
         interfaces = netif.select_data(netif.probe_interfaces(), args.data)
     except ValueError as e:
         print(f"herd worker: {e}", flush=True)
         return 2
-    host = (args.host or "").strip("[]")
+    host = (args.host or discovery.interfaces_host() or "").strip("[]")
     if not host:
         choice = netif.choose_control(interfaces)
         host = choice.address
         if choice.warning:
             print(f"herd worker: warning: {choice.warning}", file=sys.stderr, flush=True)
             logger.warning("control_address_fallback", address=host, reason=choice.warning)
-    state_dir = args.state_dir or default_home() / "worker"
-    state_dir.mkdir(parents=True, exist_ok=True)
-    worker_id = args.id or f"{socket.gethostname().split('.')[0]}-{uuid.uuid4().hex[:6]}"
+    state_dir = lock.folder
+    stop_orphans(state_dir)  # ranks a crashed agent left on this state folder, before serving
+    worker_id = identity.name
     machine = probe(parse_bytes(args.memory) if args.memory else None, args.chip)
+    policy = Policy(args.allow_remote_code, tuple(args.model_root or default_model_roots()))
 
-    server = signed_server(secret, max_workers=16)
-    port = server.add_insecure_port(netif.hostport(host, args.port))
+    server = secure_server(identity, RULES, max_workers=16, max_calls_per_peer=12)
+    port = bind(server, identity, netif.hostport(host, args.port))
     if port == 0:
         print(f"herd worker: cannot listen on {netif.hostport(host, args.port)}", flush=True)
         return 1
+    cache = ModelCache(args.model_cache or state_dir / "models", worker_id,
+                       parse_bytes(args.model_cache_max) if args.model_cache_max else 0)
     worker = Worker(worker_id, host, port, args.ring_port or free_port(),
-                    args.exchange_port or free_port(), machine, state_dir, secret, interfaces)
+                    args.exchange_port or free_port(), machine, state_dir, identity, interfaces,
+                    policy, cache)
+    worker.keep_attempts = max(0, args.keep_attempts)
     add_to_server(WorkerServicer(worker), server)
     server.start()
     zc = discovery.make_zeroconf()
@@ -96,15 +168,23 @@ def main(argv: list[str]) -> int:
                                   advert_txt(worker.info()))
     logger.info("worker_started", worker_id=worker_id, address=netif.hostport(host, port),
                 data=[f"{i.name}={i.kind}" for i in interfaces if i.data],
-                memory_bytes=machine.memory_bytes, chip=machine.chip, state_dir=str(state_dir))
+                memory_bytes=machine.memory_bytes, chip=machine.chip, state_dir=str(state_dir),
+                allow_remote_code=policy.allow_remote_code,
+                model_roots=[str(r) for r in policy.model_roots])
+    print(f"herd worker {worker_id} listening on {netif.hostport(host, port)}, state in "
+          f"{state_dir}", flush=True)
 
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
-    done.wait()
+    # Wake up now and then: a signal the OS hands to another thread does not interrupt a wait
+    # without a timeout, so the handler would only run when something else woke this thread.
+    while not done.wait(1.0):
+        pass
     logger.info("worker_stopping", worker_id=worker_id)
     advert.close()
     worker.stop_all()
     server.stop(grace=2).wait()
     zc.close()
+    lock.release()
     return 0

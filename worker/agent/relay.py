@@ -1,9 +1,15 @@
 """What a rank reports, relayed to the coordinator.
 
 A relay thread tails the rank's metrics file (worker/rank/events.py), forwards progress, uploads
-each completed checkpoint (rank 0's, or each stage's piece of a pipeline's replica 0), and
-reports the exit last, after every upload, so a job is never marked done before its final
-adapter is stored.
+each completed checkpoint (rank 0's, or each stage's piece of a pipeline's replica 0), relays the
+rank's output (rank.log, for `herd logs`), and reports the exit last, after every upload, so a
+job is never marked done before its final adapter is stored.
+
+The coordinator may be restarting (or unreachable) meanwhile; the rank trains on, and nothing it
+reports is lost: checkpoints and the exit are re-delivered until the coordinator takes them (both
+are idempotent there), logs are kept in order, and of progress only the latest matters. Only the
+coordinator's own word ends the retries: a StopJob for this rank (it no longer wants its reports),
+or a refusal that another try cannot change (a full disk, an unknown job).
 """
 
 from __future__ import annotations
@@ -13,10 +19,11 @@ import signal
 import subprocess
 import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import Callable
 
-from herd.errors import HerdError
+from herd.errors import HerdError, PeerLostError, StorageError
 from herd.stage_cut import StagePiece
 from worker.agent import convert
 from worker.agent.coordinator_client import MANIFEST, CoordinatorClient
@@ -26,27 +33,104 @@ from worker.rank import events
 from worker.rank.events import CheckpointSaved, LinkProbe, RankFailed, TrainReport, ValReport
 
 
+def _window_iterations(event: TrainReport) -> int:
+    """The iterations a train report's timings cover (none for a pipeline stage's report)."""
+    if not event.iterations_per_second or not event.step_seconds:
+        return 0
+    return round(event.iterations_per_second * event.step_seconds)
+
+# Re-delivery: the wait between tries doubles up to this cap while the coordinator is away.
+RETRY_CAP_S = 10.0
+# Refusals that another try cannot change get this many tries (a transient disk error may pass).
+REFUSED_TRIES = 3
+MAX_PENDING_LOGS = 100
+
+
+def _share(event: TrainReport) -> dict:
+    """This rank's part of the data-parallel split the report names, and its measured speed."""
+    shares, rates, r = event.shares or [], event.rank_rates or [], event.rank
+    return {"share": shares[r] if r < len(shares) else 0,
+            "items_per_second": rates[r] if r < len(rates) else 0.0}
+
+
 class Relay:
     """Relays one rank process's events until it exits, then reports the exit."""
 
     def __init__(self, spec: RankSpec, worker_id: str, folder: Path, client: CoordinatorClient,
-                 stopping: threading.Event, stop: Callable[[], object], log):
+                 stopping: threading.Event, stop: Callable[[], object], log,
+                 stop_reason: Callable[[], str] = lambda: "",
+                 abandoned: threading.Event | None = None):
         self.spec, self.worker_id, self.dir = spec, worker_id, folder
         self._client = client
         self._stopping = stopping  # set when the agent stops the rank itself
         self._stop = stop  # stops the rank (when the coordinator says so)
+        self._stop_reason = stop_reason  # why the agent stopped it (its watchdog, say)
+        self._abandoned = abandoned or threading.Event()  # the coordinator wants no more
         self.log = log
         self.progress = Progress()
         self.error = ""  # the rank's own error event, the best reason to report
+        self._pending_progress = None  # the latest progress the coordinator has not taken
+        self._flush_wait, self._next_flush = 0.5, 0.0  # backoff while the coordinator is away
+        self.last_refusal = ""
+        self._pending_logs: deque = deque(maxlen=MAX_PENDING_LOGS)
+        self._log_sent = 0  # bytes of rank.log relayed so far
+        self._log_at = 0.0
+
+    def _deliver(self, what: str, call: Callable[[], object]) -> bool:
+        """Calls until the coordinator takes it: True when it did, False when it refused for good
+        or the coordinator no longer wants this rank's reports."""
+        wait, refused = 0.5, 0
+        while not self._abandoned.is_set():
+            try:
+                call()
+                return True
+            except (PeerLostError, StorageError) as e:
+                # Unreachable or restarting, or its disk full: it comes back, or it fails the
+                # job and says so (a StopJob, which ends this).
+                self.log.warning("delivery_retry", what=what, error=e.message,
+                                 retry_in=round(wait, 1))
+            except HerdError as e:
+                refused += 1
+                self.log.warning("delivery_refused", what=what, try_=refused, error=e.message)
+                if refused >= REFUSED_TRIES:
+                    self.last_refusal = e.message
+                    return False
+            self._abandoned.wait(wait)
+            wait = min(RETRY_CAP_S, wait * 2)
+        self.log.info("delivery_abandoned", what=what)
+        return False
+
+    def _answer(self, stop: bool) -> None:
+        if stop and not self._stopping.is_set():
+            self.log.info("rank_stop_requested_by_coordinator")
+            threading.Thread(target=self._stop, daemon=True).start()
+
+    def _flush(self, force: bool = False) -> None:
+        """Sends what is pending, in order, once; what fails stays pending (tried again after a
+        growing wait, or with the next report)."""
+        if not force and time.monotonic() < self._next_flush:
+            return
+        try:
+            while self._pending_logs:
+                self._answer(self._client.report(self._pending_logs[0]))
+                self._pending_logs.popleft()
+            if self._pending_progress is not None:
+                self._answer(self._client.report(self._pending_progress))
+                self._pending_progress = None
+            self._flush_wait, self._next_flush = 0.5, 0.0
+        except HerdError as e:
+            # The coordinator may be restarting: kept, and sent later.
+            self.log.warning("report_failed", error=str(e), pending=len(self._pending_logs),
+                             retry_in=round(self._flush_wait, 1))
+            self._next_flush = time.monotonic() + self._flush_wait
+            self._flush_wait = min(RETRY_CAP_S, self._flush_wait * 2)
 
     def _send(self, request) -> None:
-        try:
-            if self._client.report(request) and not self._stopping.is_set():
-                self.log.info("rank_stop_requested_by_coordinator")
-                threading.Thread(target=self._stop, daemon=True).start()
-        except HerdError as e:
-            # The coordinator may be restarting; progress is best effort, the exit is retried.
-            self.log.warning("report_failed", error=str(e))
+        if request.WhichOneof("report") == "progress":
+            self._pending_progress = request  # latest wins
+        else:
+            self._pending_logs.append(request)
+        self._flush(force=request.WhichOneof("report") != "progress")
 
     def handle(self, event: events.Event) -> None:
         spec = self.spec
@@ -56,12 +140,21 @@ class Relay:
                     self.progress, iteration=event.iteration, train_loss=event.train_loss,
                     learning_rate=event.learning_rate, tokens_per_second=event.tokens_per_second,
                     trained_tokens=event.trained_tokens, peak_memory_gb=event.peak_memory_gb,
-                    exchange=event.exchange, world_size=event.world_size)
+                    exchange=event.exchange, world_size=event.world_size,
+                    window_iterations=_window_iterations(event),
+                    window_seconds=event.step_seconds or 0.0,
+                    window_exchange_seconds=event.exchange_seconds or 0.0,
+                    window_exchange_bytes=event.exchange_bytes or 0,
+                    **_share(event))
                 self._send(convert.progress_report(spec, self.worker_id, self.progress))
             case ValReport():
-                self.progress.val_loss = event.val_loss
-                self.progress.iteration = max(self.progress.iteration, event.iteration)
-                self._send(convert.progress_report(spec, self.worker_id, self.progress))
+                # A window is counted once, with its train report (the coordinator sums them).
+                self.progress = dataclasses.replace(
+                    self.progress, val_loss=event.val_loss, window_iterations=0,
+                    window_seconds=0.0, window_exchange_seconds=0.0, window_exchange_bytes=0)
+                # Its own iteration, flagged: `herd watch` shows it as a validation line.
+                val = dataclasses.replace(self.progress, iteration=event.iteration)
+                self._send(convert.progress_report(spec, self.worker_id, val, validation=True))
             case CheckpointSaved() if spec.pipelined:
                 piece = saved_piece(spec.rank, spec.world_size, spec.data_parallel,
                                     spec.stage_layers)
@@ -91,19 +184,16 @@ class Relay:
                                           f"checkpoint {step} has no manifest.json; not uploaded"))
             return
         t0 = time.monotonic()
-        for attempt in range(3):
-            try:
-                self._client.put_checkpoint(self.spec.job_id, self.spec.attempt, step, folder,
-                                            piece)
-                self.log.info("checkpoint_uploaded", step=step,
-                              seconds=round(time.monotonic() - t0, 2),
-                              stage=piece.index if piece is not None else None)
-                return
-            except HerdError as e:
-                self.log.warning("checkpoint_upload_failed", step=step, try_=attempt, error=str(e))
-                time.sleep(1.0 + attempt)
-        self._send(convert.log_report(self.spec, self.worker_id,
-                                      f"checkpoint {step} could not be uploaded"))
+        self.last_refusal = ""
+        if self._deliver(f"checkpoint {step}", lambda: self._client.put_checkpoint(
+                self.spec.job_id, self.spec.attempt, step, folder, piece)):
+            self.log.info("checkpoint_uploaded", step=step,
+                          seconds=round(time.monotonic() - t0, 2),
+                          stage=piece.index if piece is not None else None)
+        elif self.last_refusal:
+            self._send(convert.log_report(
+                self.spec, self.worker_id,
+                f"checkpoint {step} could not be uploaded: {self.last_refusal}"))
 
     def run(self, proc: subprocess.Popen, metrics: Path) -> None:
         """Tails ``metrics`` until ``proc`` exits, then reports the exit."""
@@ -124,10 +214,33 @@ class Relay:
                         self.log.warning("bad_metrics_line", line=line[:200])
                         continue
                     self.handle(event)
+            self._relay_log(final=exited)
             if exited:
                 break
+            if self._pending_logs or self._pending_progress is not None:
+                self._flush()
             time.sleep(0.2)
         self._report_exit(proc.returncode)
+
+    def _relay_log(self, final: bool, every_s: float = 1.0, chunk: int = 256 * 1024) -> None:
+        """Sends what the rank wrote to rank.log since the last call (at most every ``every_s``
+        while it runs; everything once it has exited)."""
+        if not final and time.monotonic() - self._log_at < every_s:
+            return
+        self._log_at = time.monotonic()
+        try:
+            with open(self.dir / "rank.log", "rb") as f:
+                f.seek(self._log_sent)
+                while data := f.read(chunk):
+                    self._client.report(convert.rank_log_report(self.spec, self.worker_id,
+                                                                self._log_sent, data))
+                    self._log_sent += len(data)  # only once stored: a failed piece is resent
+                    if not final:
+                        break
+        except OSError:
+            pass
+        except HerdError as e:  # the coordinator may be restarting: the next call resends
+            self.log.warning("rank_log_relay_failed", error=str(e))
 
     def _last_error(self) -> str:
         """The rank's last plain stderr line (its structured log lines are not an error)."""
@@ -144,13 +257,8 @@ class Relay:
         if code < 0 and not self.error:
             error = f"killed by {signal.Signals(-code).name}"
         if self._stopping.is_set() and code != 0:
-            error = "stopped by the agent"
+            error = self._stop_reason() or "stopped by the agent"
         self.log.info("rank_exited", exit_code=code, error=error)
+        self._flush(force=True)
         request = convert.exit_report(self.spec, self.worker_id, code, error)
-        for attempt in range(5):
-            try:
-                self._client.report(request)
-                break
-            except HerdError as e:
-                self.log.warning("exit_report_failed", try_=attempt, error=str(e))
-                time.sleep(1.0)
+        self._deliver("exit report", lambda: self._client.report(request))

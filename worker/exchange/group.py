@@ -28,18 +28,24 @@ def _grpc(cluster: Cluster) -> GradientExchange:
                                  wire_dtype=cluster.wire_dtype)
 
 
-# What MLX's ring backend raises in a rank whose neighbour died (mlx PR #4060; shared/FACTS.md).
+# What MLX's ring backend raises in a rank whose neighbour died (mlx PR #4060; shared/FACTS.md),
+# and in a rank that could not reach a peer while forming the ring (it dials for ~31 s).
 _MLX_LOST_PEER = "connection to a peer was lost"
+_MLX_NO_PEER = "[ring] Couldn't connect"
 
 
 def lost_peer(err: RuntimeError) -> PeerLostError | None:
     """The PeerLostError a RuntimeError from an MLX collective means, or None if it is another
     error. A surviving rank often reports before the killed one; reported as a plain RuntimeError
-    (exit 1) its job would fail for good instead of restarting from its last checkpoint."""
-    if _MLX_LOST_PEER not in str(err):
-        return None
-    return PeerLostError(f"lost a peer of the MLX group: {err}",
-                         hint="the rank process died or its machine dropped off the network")
+    (exit 1) its job would fail for good instead of restarting from its last checkpoint. A ring
+    that cannot form (the link between two workers is down) is worth another attempt too."""
+    if _MLX_LOST_PEER in str(err):
+        return PeerLostError(f"lost a peer of the MLX group: {err}",
+                             hint="the rank process died or its machine dropped off the network")
+    if _MLX_NO_PEER in str(err):
+        return PeerLostError(f"could not form the MLX ring: {err}",
+                             hint="a peer is down, or the link between the workers is cut")
+    return None
 
 
 def _jaccl() -> GradientExchange:
@@ -58,6 +64,8 @@ def open_exchange(cluster: Cluster) -> GradientExchange:
     peers = [p for p in os.environ.get(PEERS_ENV, "").split(",") if p]
     launched = any(k in os.environ for k in MLX_LAUNCH_ENV)
     if cluster.exchange == "grpc":
+        if len(peers) == 1:  # a group of one (a job shrunk to one worker): nothing to exchange
+            return LocalExchange()
         if len(peers) < 2:
             raise ConfigError(
                 f"cluster.exchange is grpc but {PEERS_ENV} lists {len(peers)} peers",

@@ -13,6 +13,7 @@ slow to start, a port taken) is reported and never fails the job.
 
 from __future__ import annotations
 
+import errno
 import socket
 import struct
 import threading
@@ -76,10 +77,11 @@ def probe_next(rank: int, peers: list[str], seconds: float = 0.3,
     sink.start()
     try:
         host, port = split_hostport(peers[nxt])
+        own = split_hostport(peers[rank])[0]
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                conn = socket.create_connection((host, port), timeout=2.0)
+                conn = _connect(host, port, own)
                 break
             except OSError:
                 if time.monotonic() > deadline:
@@ -102,3 +104,17 @@ def probe_next(rank: int, peers: list[str], seconds: float = 0.3,
         return LinkRate(nxt, peers[nxt], got * 8 / elapsed, got, elapsed)
     finally:
         sink.join(timeout_s)
+
+
+def _connect(host: str, port: int, own: str) -> socket.socket:
+    """A connection from this rank's own ring address, so the next rank's sink sees the host it
+    expects: the kernel picks the source by route, which on a machine with several addresses (two
+    on one interface, or a route through another) is not always the address peers know it by.
+    Then the sink refused the connection and waited out its deadline: 20 s at every start on Ray
+    nodes sharing one loopback (bench/results/ray-vs-zeroconf-2026-12-01.md)."""
+    try:
+        return socket.create_connection((host, port), timeout=2.0, source_address=(own, 0))
+    except OSError as e:
+        if e.errno != errno.EADDRNOTAVAIL:
+            raise
+        return socket.create_connection((host, port), timeout=2.0)  # not an address of ours

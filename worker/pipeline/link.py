@@ -60,3 +60,31 @@ class MLXLink:
         out = x + other if mine_first else other + x
         mx.eval(out)
         return out
+
+
+class WatchedLink:
+    """A link whose every transfer is a heartbeat (worker/rank/heartbeat.py), so the agent's
+    watchdog bounds a stage's sends and receives as it bounds a data-parallel all-reduce: MLX's
+    send/recv have no deadline either."""
+
+    def __init__(self, inner: MLXLink, heartbeat):
+        self.inner, self.heartbeat = inner, heartbeat
+
+    def __getattr__(self, name):  # topo, group, seconds: the inner link's
+        return getattr(self.inner, name)
+
+    def _watched(self, what: str, fn, *args):
+        self.heartbeat.enter(what)
+        try:
+            return fn(*args)
+        finally:
+            self.heartbeat.leave(what)
+
+    def send(self, x: mx.array, dst: int) -> None:
+        self._watched("send", self.inner.send, x, dst)
+
+    def recv(self, shape, dtype, src: int) -> mx.array:
+        return self._watched("recv", self.inner.recv, shape, dtype, src)
+
+    def sum_with_peer(self, x: mx.array) -> mx.array:
+        return self._watched("all_sum", self.inner.sum_with_peer, x)

@@ -37,13 +37,15 @@ from mlx_lm.utils import load_tokenizer
 from herd.adapter_merge import ADAPTER_CONFIG, ADAPTERS, merge_stage_adapters
 from herd.config import JobConfig, load_config
 from herd.errors import ConfigError, HerdError
+from herd.models.ref import local_folder
 from herd.stage_cut import balanced_split, head_blocks
-from worker.pipeline.link import MLXLink
+from worker.pipeline.link import MLXLink, WatchedLink
 from worker.pipeline.stage import Stage, StageSpec, build_stage
 from worker.pipeline.topology import Topology
 from worker.pipeline.train import PipelineRun, train_stage
 from worker.rank.checkpoint import TrainerState, load_checkpoint, resolve_resume, save_checkpoint
 from worker.rank.events import CheckpointSaved, Done, EventLog, StageDone, TrainReport
+from worker.rank.heartbeat import Heartbeat
 from worker.rank.model import adapter_config, build_optimizer, read_model_config
 from worker.rank.runtime import reuse_freed_memory
 from worker.rank.trainer import LoopArgs, data_order
@@ -100,7 +102,7 @@ def load_stage(job: JobConfig, opts: StageOptions, topo: Topology):
     start, end = _spans(opts.stage_layers, model_config, topo.stages, first_adapted)[topo.stage]
     spec = StageSpec(topo.stage, topo.stages, start, end, total, first_adapted=first_adapted)
     np.random.seed(job.seed)
-    tokenizer = load_tokenizer(Path(job.model))
+    tokenizer = load_tokenizer(local_folder(job.model))
     ns = argparse.Namespace(**job.mlx_lm_dict())
     ns.train = True
     train_set, valid_set, _ = load_dataset(ns, tokenizer)
@@ -114,8 +116,11 @@ def resume(opts: StageOptions, stage: Stage, optimizer) -> tuple[int, int]:
     they are equal); (0, 0) for a fresh run."""
     if opts.resume is None:
         return 0, 0
-    state = load_checkpoint(resolve_resume(_stage_dir(opts.resume, stage.spec.index)),
-                            stage.model, optimizer)
+    folder = resolve_resume(_stage_dir(opts.resume, stage.spec.index))
+    if folder is None:
+        raise FileNotFoundError(f"no complete checkpoint of stage {stage.spec.index} under "
+                                f"{opts.resume} (a stage resumes from herd checkpoints only)")
+    state = load_checkpoint(folder, stage.model, optimizer)
     return state.iteration, state.trained_tokens
 
 
@@ -162,9 +167,13 @@ def finish(job: JobConfig, opts: StageOptions, stage: Stage, topo: Topology, gro
 
 def _run(job: JobConfig, opts: StageOptions) -> int:
     reuse_freed_memory()  # worker/rank/runtime.py: MLX's and the transfers' buffers stay warm
+    heartbeat = Heartbeat.from_env()  # for the agent's watchdog (worker/agent/watchdog.py)
+    heartbeat.enter("group")
     group = mx.distributed.init(strict=True)
+    heartbeat.leave("group")
     topo = Topology.of(group.rank(), group.size(), opts.data_parallel)
     stage, train_set, valid_set, load_peak = load_stage(job, opts, topo)
+    heartbeat.leave("ready")
     if job.batch_size % topo.replicas:
         raise ConfigError(
             f"batch_size {job.batch_size} does not split over {topo.replicas} pipelines")
@@ -182,7 +191,7 @@ def _run(job: JobConfig, opts: StageOptions) -> int:
     on_save = make_on_save(job, opts, stage, topo, group.size(), group.rank(), log)
     # The one process's batch order, validation draws included (the stages do not validate).
     order = data_order(train_set, valid_set, LoopArgs.from_job(job))
-    run = train_stage(job, stage, MLXLink(group, topo), train_set,
+    run = train_stage(job, stage, WatchedLink(MLXLink(group, topo), heartbeat), train_set,
                       opts.microbatches or job.batch_size // topo.replicas,
                       dp_rank=topo.replica, dp_size=topo.replicas, on_step=on_step,
                       optimizer=optimizer, start=start, trained_tokens=tokens, on_save=on_save,
@@ -191,9 +200,26 @@ def _run(job: JobConfig, opts: StageOptions) -> int:
     return 0
 
 
+def _refuse_single_process_keys(job: JobConfig) -> None:
+    """mlx-lm keys a pipeline stage does not implement: refused with the reason, never
+    ignored."""
+    unsupported = {
+        "test": "evaluate the adapter with `herd train` on one machine (train: false, test: true)",
+        "resume_adapter_file": "train the first run as a herd job and resume its checkpoint",
+        "report_to": "follow the job with `herd watch` or its metrics",
+    }
+    found = [k for k in unsupported if getattr(job, k)]
+    if found:
+        raise ConfigError(
+            f"{', '.join(found)}: not supported when the model is cut into pipeline stages",
+            hint="; ".join(f"{k}: {unsupported[k]}" for k in found),
+        )
+
+
 def run_stage(job: JobConfig, opts: StageOptions) -> int:
     """Runs this rank's stage; a HerdError is printed and becomes the exit code."""
     try:
+        _refuse_single_process_keys(job)
         return _run(job, opts)
     except HerdError as e:
         print(f"pipeline stage: {e}", file=sys.stderr)

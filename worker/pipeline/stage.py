@@ -11,6 +11,7 @@ back to the full model's names so the stages' adapters merge into one mlx-lm ada
 from __future__ import annotations
 
 import glob
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,11 @@ from mlx_lm.utils import _get_classes
 
 from herd.config import JobConfig
 from herd.errors import ConfigError
+from herd.models.manifest import stage_shards
+from herd.models.ref import INDEX, local_folder
+from herd.stage_cut import StagePiece, owned_key
 from worker.rank.model import quantize_in_place, read_model_config
+from worker.rank.packing import DocumentAttention, enable_packing
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
 
@@ -61,13 +66,16 @@ class Stage:
     def __init__(self, model: nn.Module, spec: StageSpec, tied: bool):
         self.model, self.spec, self.tied = model, spec, tied
 
-    def forward(self, x: mx.array) -> mx.array:
-        """Token ids (first stage) or hidden states in; hidden states or logits (last stage) out."""
+    def forward(self, x: mx.array, layout: mx.array | None = None) -> mx.array:
+        """Token ids (first stage) or hidden states in; hidden states or logits (last stage) out.
+        ``layout``: packed rows' documents (worker/rank/packing.py), as the whole model takes
+        them."""
         inner = self.model.model
         h = inner.embed_tokens(x) if self.spec.first else x
-        mask = create_attention_mask(h, None)
+        documents = DocumentAttention(layout) if layout is not None else None
+        mask = create_attention_mask(h, documents)
         for layer in inner.layers:
-            h = layer(h, mask)
+            h = layer(h, mask, cache=documents)
         if self.spec.last:
             h = inner.norm(h)
             h = inner.embed_tokens.as_linear(h) if self.tied else self.model.lm_head(h)
@@ -80,21 +88,20 @@ class Stage:
 
 def _owned(key: str, spec: StageSpec, tied: bool) -> str | None:
     """The stage-local name of a checkpoint key this stage owns, else None."""
-    m = _LAYER.match(key)
-    if m:
-        g = int(m.group(1))
-        return f"model.layers.{g - spec.start}.{m.group(2)}" if spec.start <= g < spec.end else None
-    if key.startswith("model.embed_tokens."):
-        return key if spec.first or (spec.last and tied) else None
-    if key.startswith(("model.norm.", "lm_head.")):
-        return key if spec.last else None
-    return None
+    return owned_key(key, spec.start, spec.end, spec.first, spec.last, tied)
 
 
 def load_stage_weights(model_dir: Path, spec: StageSpec, tied: bool) -> dict[str, mx.array]:
-    """The weights this stage owns, from every shard. ``mx.load`` maps a safetensors file lazily;
-    keys dropped here are never read into memory."""
-    files = sorted(glob.glob(str(model_dir / "*.safetensors")))
+    """The weights this stage owns, from the shards that hold them (the index's weight map, when
+    the model has one: a worker may hold only those shards), else from every shard.
+    ``mx.load`` maps a safetensors file lazily; keys dropped here are never read into memory."""
+    index = model_dir / INDEX
+    if index.is_file():
+        piece = StagePiece(spec.index, spec.count, spec.start, spec.end)
+        files = [str(model_dir / s) for s in stage_shards(json.loads(index.read_text()), piece,
+                                                          tied)]
+    else:
+        files = sorted(glob.glob(str(model_dir / "*.safetensors")))
     if not files:
         raise ConfigError(f"no *.safetensors in {model_dir}",
                           hint="a stage loads its blocks from the model's safetensors shards")
@@ -108,7 +115,7 @@ def load_stage_weights(model_dir: Path, spec: StageSpec, tied: bool) -> dict[str
 
 
 def build_stage(job: JobConfig, spec: StageSpec) -> Stage:
-    model_dir = Path(job.model)
+    model_dir = local_folder(job.model)
     config = read_model_config(model_dir)
     if config["num_hidden_layers"] != spec.total_layers:
         raise ConfigError(
@@ -140,6 +147,8 @@ def build_stage(job: JobConfig, spec: StageSpec) -> Stage:
     if job.quantize is not None:
         quantize_in_place(model, job)
     _apply_adapters(model, job, spec)
+    if job.cluster.packing:
+        enable_packing(model, config.get("model_type", ""))
     mx.eval(model.parameters())
     if job.grad_checkpoint and len(model.layers):
         grad_checkpoint(model.layers[0])

@@ -32,6 +32,7 @@ from worker.pipeline.schedule import (
     one_f_one_b,
 )
 from worker.pipeline.stage import Stage
+from worker.rank.packing import COUNTED, INPUTS, TARGETS
 
 
 def position_seed(seed: int, rank: int, position: int) -> int:
@@ -43,8 +44,16 @@ def position_seed(seed: int, rank: int, position: int) -> int:
 
 
 def _targets_mask(batch: mx.array, lengths: mx.array) -> mx.array:
+    if batch.ndim == 3:  # packed rows: (batch, layout), worker/rank/packing.py
+        return lengths[:, COUNTED].astype(mx.bool_)
     steps = mx.arange(1, batch.shape[1])
     return mx.logical_and(steps >= lengths[:, 0:1], steps <= lengths[:, 1:])
+
+
+def _inputs_targets(batch: mx.array) -> tuple[mx.array, mx.array]:
+    if batch.ndim == 3:
+        return batch[:, INPUTS], batch[:, TARGETS]
+    return batch[:, :-1], batch[:, 1:]
 
 
 @dataclass
@@ -82,9 +91,11 @@ class _Step:
     cotangents: dict[int, mx.array] = field(default_factory=dict)
     returning: dict[int, mx.array] = field(default_factory=dict)
 
-    def run(self, x: mx.array, params: list[mx.array]) -> mx.array:
+    def run(self, i: int, x: mx.array, params: list[mx.array]) -> mx.array:
+        """Microbatch ``i``'s forward through this stage with ``params``."""
         self.stage.model.update(tree_unflatten(list(zip(self.names, params))))
-        return self.stage.forward(x)
+        batch, lengths = self.microbatches[i]
+        return self.stage.forward(x, lengths if batch.ndim == 3 else None)
 
     def grads_of(self, fn: Callable, x: mx.array, ct: mx.array):
         """(output, param grads, input cotangent or None) of fn(x, params) under cotangent ct."""
@@ -99,7 +110,9 @@ class _Step:
         mx.random.seed(position_seed(self.seed, self.stage.spec.index, i))
 
     def input_of(self, i: int) -> mx.array:
-        return self.microbatches[i][0][:, :-1] if self.stage.spec.first else self.inputs.pop(i)
+        if self.stage.spec.first:
+            return _inputs_targets(self.microbatches[i][0])[0]
+        return self.inputs.pop(i)
 
 
 def _recv_fwd(s: _Step, i: int) -> None:
@@ -123,7 +136,7 @@ def _fwd(s: _Step, i: int) -> None:
     s.reseed(i)
     tic = time.perf_counter()
     x = s.input_of(i)
-    y = s.run(x, s.values)
+    y = s.run(i, x, s.values)
     mx.eval(y)
     s.compute += time.perf_counter() - tic
     if spec.trains:
@@ -135,7 +148,7 @@ def _fwd(s: _Step, i: int) -> None:
 def _bwd(s: _Step, i: int) -> None:
     s.reseed(i)
     tic = time.perf_counter()
-    _, gp, dx = s.grads_of(s.run, s.saved.pop(i), s.cotangents.pop(i))
+    _, gp, dx = s.grads_of(lambda xx, p: s.run(i, xx, p), s.saved.pop(i), s.cotangents.pop(i))
     s.grads = [g + d for g, d in zip(s.grads, gp)]
     mx.eval(s.grads) if dx is None else mx.eval(s.grads, dx)
     s.compute += time.perf_counter() - tic
@@ -149,10 +162,10 @@ def _fwd_bwd(s: _Step, i: int) -> None:
     tic = time.perf_counter()
     x = s.input_of(i)
     b, lens = s.microbatches[i]
-    targets, mask = b[:, 1:], _targets_mask(b, lens)
+    targets, mask = _inputs_targets(b)[1], _targets_mask(b, lens)
 
     def loss_fn(xx, params):
-        logits = s.run(xx, params)
+        logits = s.run(i, xx, params)
         ce = nn.losses.cross_entropy(logits, targets) * mask
         return ce.astype(mx.float32).sum() / s.denominator
 
@@ -192,7 +205,8 @@ def pipeline_step(stage: Stage, link: Link, batch: mx.array, lengths: mx.array,
     flat = tree_flatten(stage.model.trainable_parameters())
     names, values = [k for k, _ in flat], [v for _, v in flat]
     send_back = not spec.first and spec.start > spec.first_adapted
-    s = _Step(stage, link, mbs, (bm, batch.shape[1] - 1, stage.model.args.hidden_size),
+    width = _inputs_targets(batch)[0].shape[1]
+    s = _Step(stage, link, mbs, (bm, width, stage.model.args.hidden_size),
               _activation_dtype(stage), seed,
               ntoks if denominator is None else mx.array(denominator), names, values, send_back,
               grads=[mx.zeros_like(v) for v in values], loss_sum=mx.array(0.0))

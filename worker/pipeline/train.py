@@ -23,7 +23,7 @@ from worker.pipeline.stage import Stage
 from worker.pipeline.step import pipeline_step, position_seed
 from worker.rank.batches import BatchStream, DataOrder
 from worker.rank.model import build_optimizer
-from worker.rank.trainer import LoopArgs, data_order
+from worker.rank.trainer import LoopArgs, checkpoint_due, data_order
 
 
 @dataclass
@@ -76,7 +76,8 @@ def train_stage(job: JobConfig, stage: Stage, link: Link, train_set, microbatche
     set), the same as the one process's it must equal."""
     optimizer = optimizer or build_optimizer(job)
     order = order or data_order(train_set, None, LoopArgs.from_job(job))
-    stream = BatchStream(train_set, job.batch_size, job.max_seq_length, dp_rank, dp_size, order)
+    stream = BatchStream(train_set, job.batch_size, job.max_seq_length, dp_rank, dp_size, order,
+                         packing=job.cluster.packing)
     batches = stream.iterate(start=start)
     run = PipelineRun(trained_tokens=trained_tokens)
     last = iters or job.iters
@@ -113,7 +114,7 @@ def train_stage(job: JobConfig, stage: Stage, link: Link, train_set, microbatche
                          "peak_memory_gb": mx.get_peak_memory() / 1e9})
             t_step = time.perf_counter()
             acc, acc_tokens, acc_loss = None, 0, 0.0
-            if on_save is not None and (it % job.save_every == 0 or it == last):
+            if on_save is not None and checkpoint_due(it, accum, job.save_every, last):
                 on_save(it, optimizer, run.trained_tokens)
         run.step_seconds.append(time.perf_counter() - tic)
     run.link_seconds = link.seconds

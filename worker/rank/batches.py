@@ -18,6 +18,9 @@ from typing import Iterator
 import mlx.core as mx
 import numpy as np
 
+from worker.rank import balance
+from worker.rank.packing import collate_packed, counted_targets, document_slots, pack
+
 PAD_TO = 32  # mlx-lm pads to one plus a multiple of 32
 
 
@@ -55,10 +58,13 @@ class DataOrder:
 
     train: tuple[int, ...]  # train[it - 1]: the global batch of iteration it
     val: dict[int, tuple[int, ...]]  # validation at iteration it: its batch order
+    test: tuple[int, ...] | None = None  # the test pass after training (test: true)
 
     @classmethod
     def draw(cls, seed: int, train_batches: int, iters: int, val_at: frozenset[int] = frozenset(),
-             val_batches_total: int = 0, val_batches: int = -1) -> "DataOrder":
+             val_batches_total: int = 0, val_batches: int = -1, test_batches_total: int = 0,
+             test_batches: int = 0) -> "DataOrder":
+        """``iters`` 0: no training (``train: false``); ``test_batches`` 0: no test pass."""
         rng = np.random.RandomState(seed)
         train: list[int] = []
         val: dict[int, tuple[int, ...]] = {}
@@ -70,7 +76,10 @@ class DataOrder:
             train.append(int(perm[pos]))
             if it in val_at and val_batches != 0:
                 val[it] = tuple(int(i) for i in rng.permutation(val_batches_total))
-        return cls(tuple(train), val)
+        test = None
+        if test_batches != 0 and test_batches_total:
+            test = tuple(int(i) for i in rng.permutation(test_batches_total))
+        return cls(tuple(train), val, test)
 
 
 def val_iterations(iters: int, steps_per_eval: int) -> frozenset[int]:
@@ -79,31 +88,58 @@ def val_iterations(iters: int, steps_per_eval: int) -> frozenset[int]:
                      if it == 1 or it % steps_per_eval == 0 or it == iters)
 
 
+def global_batches(dataset, batch_size: int, max_seq_length: int,
+                   packing: bool = False) -> list[list]:
+    """The run's global batches, before any rank takes its part: ``batch_size`` examples each,
+    as mlx-lm sorts and cuts them; with ``packing``, ``batch_size`` packed rows each (a row: the
+    indices of the documents it holds, worker/rank/packing.py). The remainder is dropped."""
+    if not packing:
+        return sorted_batches(dataset, batch_size)
+    rows = pack([document_slots(dataset[i], max_seq_length) for i in range(len(dataset))],
+                max_seq_length)
+    return [rows[i : i + batch_size] for i in range(0, len(rows) - batch_size + 1, batch_size)]
+
+
 class BatchStream:
-    """This rank's training batches in ``order``, each with its global batch's target count."""
+    """This rank's training batches in ``order``, each with its global batch's target count.
+
+    A rank takes ``shares[rank]`` items (examples, or packed rows) of every global batch
+    (worker/rank/balance.py ``take``; equal shares are mlx-lm's strided split). ``shares`` may
+    change between iterations (speed balancing): the update does not depend on the split."""
 
     def __init__(self, dataset, batch_size: int, max_seq_length: int, rank: int, size: int,
-                 order: DataOrder):
-        if batch_size % size != 0:
+                 order: DataOrder, packing: bool = False,
+                 shares: tuple[int, ...] | None = None):
+        if shares is None and batch_size % size != 0:
             raise ValueError(
                 f"batch_size {batch_size} is not divisible by {size} data-parallel ranks"
-            )
-        if len(dataset) < batch_size:
-            raise ValueError(
-                f"the training set has {len(dataset)} examples, fewer than batch_size={batch_size}"
             )
         self.dataset = dataset
         self.max_seq_length = max_seq_length
         self.order = order
-        self.batch_idx = sorted_batches(dataset, batch_size, rank, size)
-        self.global_targets = [
-            sum(target_count(dataset[j], max_seq_length) for j in b)
-            for b in sorted_batches(dataset, batch_size)
-        ]
+        self.rank = rank
+        self.packing = packing
+        self.batches = global_batches(dataset, batch_size, max_seq_length, packing)
+        if not self.batches:
+            what = "packs into fewer rows than" if packing else "has fewer examples than"
+            raise ValueError(
+                f"the training set ({len(dataset)} examples) {what} batch_size={batch_size}"
+            )
+        self.shares = tuple(shares) if shares is not None else balance.equal(batch_size, size)
+        if len(self.shares) != size or sum(self.shares) != batch_size:
+            raise ValueError(f"shares {list(self.shares)} are not a split of batch_size "
+                             f"{batch_size} over {size} ranks")
+        self.global_targets = [self._targets(b) for b in self.batches]
+
+    def _targets(self, batch: list) -> int:
+        if self.packing:
+            return counted_targets([[self.dataset[j] for j in row] for row in batch],
+                                   self.max_seq_length)
+        return sum(target_count(self.dataset[j], self.max_seq_length) for j in batch)
 
     @property
     def batches_per_epoch(self) -> int:
-        return len(self.batch_idx)
+        return len(self.batches)
 
     def targets(self, first: int, count: int) -> int:
         """Target tokens of iterations ``first .. first + count - 1`` over all ranks: the
@@ -111,10 +147,20 @@ class BatchStream:
         last = min(first + count - 1, len(self.order.train))
         return sum(self.global_targets[self.order.train[it - 1]] for it in range(first, last + 1))
 
+    def batch(self, b: int):
+        """This rank's part of global batch ``b`` under the current shares, collated: (tokens,
+        lengths), or packed (batch, layout)."""
+        mine = balance.take(self.batches[b], self.shares, self.rank)
+        if self.packing:
+            return collate_packed([[self.dataset[j] for j in row] for row in mine],
+                                  self.max_seq_length)
+        return collate([self.dataset[j] for j in mine], self.max_seq_length)
+
     def iterate(self, start: int = 0) -> Iterator[tuple[mx.array, mx.array]]:
-        """(tokens, lengths) of iterations ``start + 1 ..`` of the order."""
+        """This rank's batches of iterations ``start + 1 ..`` of the order (each taken under the
+        shares in force when it is drawn)."""
         for b in self.order.train[start:]:
-            yield collate([self.dataset[j] for j in self.batch_idx[b]], self.max_seq_length)
+            yield self.batch(b)
 
 
 def eval_batches(dataset, batch_size: int, max_seq_length: int, rank: int, size: int,

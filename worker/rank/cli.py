@@ -26,12 +26,32 @@ from pathlib import Path
 from herd import log
 from herd.config import JobConfig, load_config
 from herd.errors import ConfigError, HerdError
-from worker.rank.events import CheckpointSaved, Done, EventLog, RankFailed, TrainReport, ValReport
+from herd.usage import HelpFormatter
+from worker.rank.events import Done, EventLog, RankFailed, TestReport
+from worker.rank.lifeline import tie_to_agent
+from worker.rank.reporter import Reporter, skip_unused_reporters
 from worker.rank.runtime import reexec_with_openblas
+
+DESCRIPTIONS = {
+    "train": """\
+Run one job on this machine, without a cluster: one process, or one rank under an MLX launcher
+(mlx.launch -n 2 --backend ring $(which herd) train job.yaml: data parallel over MLX's ring).
+
+Progress lines go to stdout (iteration, loss, tok/s, learning rate, peak memory; validation
+lines at the iteration they ran at, as mlx-lm's). Adapters and checkpoints go to adapter_path
+(mlx-lm's layout plus checkpoints/); --resume continues exactly where a checkpoint left off.
+Relative paths in the config (model, data, adapter_path) resolve from the current folder, as in
+mlx_lm.lora.""",
+    "check": """\
+Validate a job config and its dataset, and train nothing: every config error names the key and
+the fix, every dataset error the file, the lines and how many are affected (exit 2 / 3). Relative
+paths resolve from the current folder, as in mlx_lm.lora.""",
+}
 
 
 def _parser(cmd: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"herd {cmd}", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=f"herd {cmd}", description=DESCRIPTIONS[cmd],
+                                formatter_class=HelpFormatter)
     p.add_argument("config",
                    help="job YAML (an mlx_lm.lora config, plus optional cluster:/quantize:)")
     p.add_argument("--model", help="override the config's model")
@@ -40,7 +60,9 @@ def _parser(cmd: str) -> argparse.ArgumentParser:
         p.add_argument("--adapter-path",
                        help="where adapters and checkpoints go (config: adapter_path)")
         p.add_argument("--resume", type=Path,
-                       help="an adapter path or checkpoint folder to resume from")
+                       help="an adapter path or one of its checkpoint folders to resume from; "
+                       "training continues writing into that adapter path unless "
+                       "--adapter-path says otherwise")
         p.add_argument("--iters", type=int, help="override iters")
         p.add_argument("--metrics-file", type=Path, help="append progress as JSON lines here")
         p.add_argument("--quiet", action="store_true", help="no progress lines on stdout")
@@ -56,63 +78,73 @@ def check(job: JobConfig):
     return check_job_dataset(job, tokenizer=load_tokenizer_for(job.model))
 
 
-class Reporter:
-    """The trainer's callback: progress lines, events, checkpoints (rank 0 writes)."""
+def _resume(job: JobConfig, resume: Path | None, model, optimizer, logger):
+    """The Progress to start from: a herd checkpoint restores everything (exact); an mlx-lm
+    adapter (``--resume`` folder or file, or ``resume_adapter_file``) only its weights, as
+    mlx_lm.lora does: the optimizer starts fresh and training starts at iteration 1."""
+    from worker.rank.checkpoint import load_adapter_weights, load_checkpoint, resolve_resume
+    from worker.rank.trainer import Progress
 
-    def __init__(self, job: JobConfig, model, optimizer, adapter_path: Path, rank: int,
-                 world: int, events: EventLog, quiet: bool):
-        from worker.rank.model import adapter_config
+    folder = resolve_resume(resume) if resume is not None else None
+    if folder is not None:
+        state = load_checkpoint(folder, model, optimizer)
+        if state.packing != job.cluster.packing:
+            raise ConfigError(f"{folder} was trained with cluster.packing: {state.packing}",
+                              hint="packing changes the batches: resume with the same setting")
+        logger.info("resumed", checkpoint=str(folder), iteration=state.iteration)
+        return Progress(iteration=state.iteration, trained_tokens=state.trained_tokens,
+                        random_key=state.random_key,
+                        shares=tuple(state.shares) if state.shares else None)
+    source = resume if resume is not None else job.resume_adapter_file
+    if source is not None:
+        file = load_adapter_weights(Path(source), model)
+        logger.warning("resumed_weights_only", adapter=str(file), optimizer="fresh",
+                       iteration=0, reason="an mlx-lm adapter holds no optimizer state or step")
+    return Progress()
 
-        self.job, self.model, self.optimizer = job, model, optimizer
-        self.adapter_path, self.rank, self.world = Path(adapter_path), rank, world
-        self.adapter_config = adapter_config(job)
-        self.events = events
-        self.quiet = quiet or rank != 0
 
-    def on_train_report(self, info: dict) -> None:
-        self.events.append(TrainReport(rank=self.rank, **info))
-        if not self.quiet:
-            print(
-                f"iter {info['iteration']:>6}/{self.job.iters}  loss {info['train_loss']:.4f}  "
-                f"tok/s {info['tokens_per_second']:8.1f}  lr {info['learning_rate']:.2e}  "
-                f"peak {info['peak_memory_gb']:.3f} GB",
-                flush=True,
-            )
+def _test(job: JobConfig, model, train_set, valid_set, test_set, exchange, events, trained):
+    """``test: true``: the test loss mlx_lm.lora prints, same value (same batches, drawn from
+    the same numpy stream after training's draws), printed on rank 0 as mlx-lm prints it."""
+    import math
 
-    def on_val_report(self, info: dict) -> None:
-        self.events.append(ValReport(rank=self.rank, **info))
-        if not self.quiet:
-            print(f"iter {info['iteration']:>6}/{self.job.iters}  val loss {info['val_loss']:.4f}",
-                  flush=True)
+    from worker.rank.trainer import LoopArgs, data_order, evaluate
 
-    def on_save(self, progress) -> None:
-        if self.rank != 0:
-            return
-        from worker.rank.checkpoint import TrainerState, save_checkpoint
-
-        iteration = progress.iteration
-        state = TrainerState(iteration, progress.trained_tokens, self.job.seed, self.world,
-                             random_key=progress.random_key)
-        path = save_checkpoint(self.adapter_path, self.model, self.optimizer,
-                               self.adapter_config, state)
-        self.events.append(CheckpointSaved(rank=self.rank, step=iteration, path=str(path)))
-        if not self.quiet:
-            print(f"iter {iteration:>6}/{self.job.iters}  saved {path}", flush=True)
+    args = LoopArgs.from_job(job)
+    order = data_order(train_set, valid_set, args, test_set, trains=trained,
+                       test_batches=job.test_batches)
+    loss = evaluate(model, test_set, args, exchange, order.test, num_batches=job.test_batches)
+    events.append(TestReport(rank=exchange.rank, test_loss=loss, test_ppl=math.exp(loss)))
+    if exchange.rank == 0:
+        print(f"Test loss {loss:.3f}, Test ppl {math.exp(loss):.3f}.", flush=True)
 
 
 def run(job: JobConfig, adapter_path: Path, resume: Path | None, events: EventLog, quiet: bool):
+    """What ``mlx_lm.lora -c CONFIG`` does, as one rank: train (``job.trains()``), and evaluate
+    the test set when ``test: true`` (after training, or of the adapter at ``adapter_path``)."""
+    skip_unused_reporters(job.report_to)
     import mlx.core as mx
     import numpy as np
+    from mlx_lm.tuner.callbacks import get_reporting_callbacks
     from mlx_lm.tuner.datasets import CacheDataset, load_dataset
+    from mlx_lm.tuner.utils import load_adapters
 
     from worker.exchange.group import open_exchange
     from worker.rank import runtime
-    from worker.rank.checkpoint import load_checkpoint, resolve_resume
+    from worker.rank.heartbeat import Heartbeat, WatchedExchange
     from worker.rank.model import apply_adapters, build_optimizer, load_base
+    from worker.rank.packing import enable_packing
     from worker.rank.trainer import LoopArgs, Progress, train
 
     warm_memory = runtime.reuse_freed_memory()  # 2 ranks on Linux: +14% tok/s
+    # Forming the group is the first collective the agent's watchdog bounds: the accepting side
+    # of MLX's ring waits forever for a peer that never dials (worker/rank/heartbeat.py).
+    heartbeat = Heartbeat.from_env()
+    heartbeat.enter("group")
     exchange = open_exchange(job.cluster)
+    heartbeat.leave("group")
+    trains = job.trains()
+    progress, tic = Progress(), time.perf_counter()
     # Closed on every way out, a failed load included: a gRPC exchange's open links would
     # otherwise hold this process (and its ring neighbours) at exit.
     try:
@@ -121,34 +153,42 @@ def run(job: JobConfig, adapter_path: Path, resume: Path | None, events: EventLo
         logger.info(
             "train_start", world=exchange.size, exchange=exchange.name,
             blas=runtime.blas_in_use(), wired_limit=runtime.set_wired_limit(), model=job.model,
-            reuse_freed_memory=warm_memory,
+            reuse_freed_memory=warm_memory, train=trains, test=job.test,
         )
         np.random.seed(job.seed)  # as mlx_lm.lora does before loading
         model, tokenizer = load_base(job)
         ns = argparse.Namespace(**job.mlx_lm_dict())
-        ns.train = True
-        train_set, valid_set, _ = load_dataset(ns, tokenizer)
-        apply_adapters(model, job)
-        optimizer = build_optimizer(job)
-        progress = Progress()
-        if resume is not None:
-            folder = resolve_resume(resume)
-            state = load_checkpoint(folder, model, optimizer)
-            progress = Progress(iteration=state.iteration, trained_tokens=state.trained_tokens,
-                                random_key=state.random_key)
-            logger.info("resumed", checkpoint=str(folder), iteration=state.iteration)
-
-        adapter_path.mkdir(parents=True, exist_ok=True)
-        reporter = Reporter(job, model, optimizer, adapter_path, exchange.rank, exchange.size,
-                            events, quiet)
-        tic = time.perf_counter()
-        progress = train(
-            model, optimizer, CacheDataset(train_set),
-            CacheDataset(valid_set) if len(valid_set) else None,
-            LoopArgs.from_job(job), exchange, reporter, progress,
-        )
+        ns.train = trains
+        train_set, valid_set, test_set = load_dataset(ns, tokenizer)
+        train_set = CacheDataset(train_set) if len(train_set) else None
+        valid_set = CacheDataset(valid_set) if len(valid_set) else None
+        test_set = CacheDataset(test_set) if job.test else None
+        heartbeat.leave("ready")  # loaded: the load time is the first step time it measures
+        exchange = WatchedExchange(exchange, heartbeat)
+        if trains:
+            apply_adapters(model, job)
+            if job.cluster.packing:
+                enable_packing(model, model.args.model_type)
+            optimizer = build_optimizer(job)
+            progress = _resume(job, resume, model, optimizer, logger)
+            adapter_path.mkdir(parents=True, exist_ok=True)
+            reporting = None
+            if exchange.rank == 0:
+                reporting = get_reporting_callbacks(job.report_to, project_name=job.project_name,
+                                                    log_dir=str(adapter_path),
+                                                    config=job.mlx_lm_dict())
+            reporter = Reporter(job, model, optimizer, adapter_path, exchange.rank,
+                                exchange.size, events, quiet, reporting)
+            progress = train(model, optimizer, train_set, valid_set, LoopArgs.from_job(job),
+                             exchange, reporter, progress)
+            reporter.close()
+        elif job.adapter_path != "":  # as mlx-lm: an empty adapter_path tests the bare model
+            load_adapters(model, str(adapter_path))
+        if job.test:
+            _test(job, model, train_set, valid_set, test_set, exchange, events, trains)
     finally:
         exchange.close()
+        heartbeat.close()
     events.append(Done(rank=exchange.rank, iteration=progress.iteration,
                        seconds=time.perf_counter() - tic))
     logger.info("train_done", iteration=progress.iteration, adapter_path=str(adapter_path))
@@ -161,12 +201,15 @@ def main(argv: list[str]) -> int:
     args = _parser(cmd).parse_args(argv[1:])
     if cmd == "train":
         reexec_with_openblas(argv[1:])  # before MLX is imported; returns if nothing would change
+        tie_to_agent()  # a rank the agent started dies with it (nothing for `herd train` by hand)
     events = EventLog(getattr(args, "metrics_file", None))
     try:
         overrides = {"model": args.model, "data": args.data}
         if cmd == "train":
             overrides.update({"adapter_path": args.adapter_path, "iters": args.iters})
-        job = load_config(args.config, overrides)
+        # a resumed run writes on where it was, unless the config or a flag names a place
+        job = load_config(args.config, overrides, {"adapter_path": _resumed_path(args.resume)}
+                          if cmd == "train" else None)
         stage = _pipeline_stage(job, args) if cmd == "train" else None
         if cmd == "train" and stage is None:
             _check_world(job, _launcher_world())  # before any ring forms
@@ -203,6 +246,15 @@ def main(argv: list[str]) -> int:
         events.append(RankFailed(str(lost)))
         print(f"herd {cmd}: {lost}", file=sys.stderr)
         return lost.exit_code
+
+
+def _resumed_path(resume: Path | None) -> str | None:
+    """The adapter path a ``--resume`` names: the folder itself, or the adapter path above one
+    of its checkpoints (ADAPTER_PATH/checkpoints/0000100)."""
+    if resume is not None and resume.parent.name == "checkpoints" and \
+            (resume / "manifest.json").exists():
+        return str(resume.parent.parent)
+    return str(resume) if resume is not None else None
 
 
 def _pipeline_stage(job: JobConfig, args):
@@ -259,8 +311,14 @@ def _launcher_world() -> int:
 
 
 def _check_world(job: JobConfig, world: int) -> None:
-    """The global batch must split evenly over the data-parallel ranks."""
-    if job.batch_size % world:
+    """The global batch splits over the ranks: by cluster.shares (one per rank), else evenly."""
+    for key in ("shares", "max_shares"):
+        given = getattr(job.cluster, key)
+        if given is not None and world > 1 and len(given) != world:
+            raise ConfigError(
+                f"cluster.{key} {given} names {len(given)} ranks; the job runs {world}",
+                hint=f"give one entry per data-parallel rank, or remove cluster.{key}")
+    if job.cluster.shares is None and job.batch_size % world:
         raise ConfigError(
             f"batch_size = {job.batch_size} is not divisible by the {world} data-parallel ranks",
             hint=f"batch_size is the global batch; use a multiple of {world}",

@@ -34,15 +34,34 @@ class TrainReport:
     iterations_per_second: float | None = None
     exchange_seconds: float | None = None
     step_seconds: float | None = None
+    exchange_bytes: int | None = None  # gradient bytes all-reduced in the window (payload)
+    # Data parallel: each rank's examples (or packed rows) of every global batch in the window,
+    # and each rank's measured items per second of compute (worker/rank/balance.py).
+    shares: list[int] | None = None
+    rank_rates: list[float] | None = None
 
 
 @dataclass(frozen=True)
 class ValReport:
+    """A validation loss. ``iteration``: the iteration it ran at, before that iteration's step
+    (after ``iteration - 1`` updates), as mlx-lm validates and labels it."""
+
     kind: ClassVar[str] = "val"
     rank: int
     iteration: int
     val_loss: float
     val_time: float
+
+
+@dataclass(frozen=True)
+class TestReport:
+    """The test set's loss (``test: true``), after training or of an existing adapter."""
+
+    kind: ClassVar[str] = "test"
+    __test__: ClassVar[bool] = False  # a report, not a pytest class
+    rank: int
+    test_loss: float
+    test_ppl: float
 
 
 @dataclass(frozen=True)
@@ -107,7 +126,8 @@ class LinkProbe:
     error: str | None = None
 
 
-Event = TrainReport | ValReport | CheckpointSaved | Done | RankFailed | StageDone | LinkProbe
+Event = (TrainReport | ValReport | TestReport | CheckpointSaved | Done | RankFailed | StageDone
+         | LinkProbe)
 _KINDS: dict[str, type] = {cls.kind: cls for cls in Event.__args__}
 
 

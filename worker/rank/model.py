@@ -7,6 +7,7 @@ convert linears to LoRA/DoRA (their init draws from mx.random), then load resume
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import mlx.core as mx
@@ -15,16 +16,18 @@ import mlx.optimizers as optim
 from mlx_lm.tuner.utils import build_schedule, linear_to_lora_layers
 from mlx_lm.utils import load
 
+from herd.adapter_card import BASE_MODEL_ENV, RUN_PATHS, base_model
 from herd.config import JobConfig
 from herd.errors import ConfigError
+from herd.models.ref import local_folder
 
 
 def load_base(job: JobConfig):
-    """(model, tokenizer) for ``job.model``: a local folder or a hub id (hub only where
-    reachable)."""
+    """(model, tokenizer) for ``job.model``: a local folder or a hub id, ``org/name[@revision]``
+    (herd.models.ref: from the hub cache, downloaded only where the hub is reachable)."""
     try:
         model, tokenizer = load(
-            job.model,
+            str(local_folder(job.model)),
             tokenizer_config={"trust_remote_code": job.trust_remote_code},
             trust_remote_code=job.trust_remote_code,
         )
@@ -89,12 +92,19 @@ def build_optimizer(job: JobConfig) -> optim.Optimizer:
 
 
 def adapter_config(job: JobConfig) -> dict:
-    """What mlx_lm.lora writes as adapter_config.json (mlx_lm.generate/fuse read it)."""
+    """What mlx_lm.lora writes as adapter_config.json (mlx_lm.generate/fuse read it), less the
+    run's own paths, plus the base model it was trained on (herd/adapter_card.py)."""
     cfg = job.mlx_lm_dict()
+    for key in RUN_PATHS:
+        cfg.pop(key, None)
     if job.fine_tune_type == "full":
         cfg["lora_parameters"] = None
+    # Under an agent, the job's own model reference (job.model may be its model cache's folder).
+    ref = os.environ.get(BASE_MODEL_ENV) or job.model
+    cfg["base_model"] = base_model(ref, job.quantize.model_dump() if job.quantize else None,
+                                   local=job.model)
     return cfg
 
 
 def read_model_config(model: str | Path) -> dict:
-    return json.loads((Path(model) / "config.json").read_text())
+    return json.loads((local_folder(str(model)) / "config.json").read_text())

@@ -2,7 +2,8 @@
 
 Works where an MLX group cannot form (no ``Group.split`` on the ring backend, only ring
 neighbours, all ranks within ~30 s, aborts or hangs on a dead peer: FACTS.md). Every rank serves
-ExchangeService (protos/v1/exchange.proto) on its own port, behind the cluster-secret interceptor,
+ExchangeService (protos/v1/exchange.proto) on its own port, over mutual TLS with its job attempt's
+credential (herd/rpc/pki.py rank_scope; peers.py),
 and opens one stream (Link) to its right neighbour at start-up that carries every all-reduce, in
 chunks (schedule: ring.py; bytes on the wire: wire.py; the handlers peers call: server.py). Chunks
 are far below any message-size limit, so a buffer of any length goes through.
@@ -25,6 +26,7 @@ import threading
 import time
 import weakref
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 import mlx.core as mx
@@ -32,16 +34,17 @@ import numpy as np
 
 from herd import log
 from herd.errors import AuthError, ConfigError, HerdError, PeerLostError
-from herd.rpc.auth import load_secret
+from herd.rpc import pki
 from protos.v1 import exchange_pb2 as pb
 from worker.exchange.grpc import wire
-from worker.exchange.grpc.peers import SERVICE, RefusalLog, connect, peer_name, probe, unary
+from worker.exchange.grpc.peers import CREDENTIAL_HINT, SERVICE, connect, peer_name, probe, unary
 from worker.exchange.grpc.ring import Exchange, RingPlan
 from worker.exchange.grpc.server import serve
 from worker.rank.runtime import reuse_freed_memory
 
 logger = log.get(__name__)
 
+RANK_TLS_ENV = "HERD_RANK_TLS"  # set by the worker agent (worker/agent/rank_process.py)
 # Big enough that per-message Python overhead is small next to the copy, small enough that a ring
 # of a few ranks keeps several chunks in flight (bench/results/allreduce-*.md).
 DEFAULT_CHUNK_BYTES = 1024 * 1024
@@ -82,9 +85,11 @@ def _close_at_exit(exchange: "GrpcExchange") -> None:
 class GrpcExchange:
     """A ring of ``len(peers)`` ranks summing float32 buffers over authenticated gRPC streams.
 
-    ``peers[i]`` is the ``host:port`` rank i serves on; this rank binds ``peers[rank]``. The
-    constructor returns once every peer has answered, or raises PeerLostError naming the missing
-    ones after ``timeout_s`` (AuthError when a peer refuses the secret).
+    ``peers[i]`` is the ``host:port`` rank i serves on; this rank binds ``peers[rank]``.
+    ``credential``: this rank's certificate for its job attempt (every rank of the group holds
+    one for the same attempt); None only for a plaintext baseline in benchmarks. The constructor
+    returns once every peer has answered, or raises PeerLostError naming the missing ones after
+    ``timeout_s`` (AuthError when a peer holds no credential of this attempt).
     """
 
     name = "grpc"
@@ -93,7 +98,7 @@ class GrpcExchange:
         self,
         rank: int,
         peers: list[str],
-        secret: str,
+        credential: pki.Identity | None,
         timeout_s: float = 60.0,
         wire_dtype: str = "float32",
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
@@ -112,7 +117,8 @@ class GrpcExchange:
         self.wire_dtype = wire_dtype
         self._dtype = wire.WIRE_DTYPES[wire_dtype]
         self._chunk_elements = max(1, chunk_bytes // 4)
-        self._secret = secret
+        self.chunk_bytes = self._chunk_elements * 4
+        self._credential = credential
         self._log = logger.bind(rank=rank, size=self.size)
         self._seq = 0
         # The group's lifecycle, under _registry: its state and, once spent, the first cause.
@@ -132,14 +138,14 @@ class GrpcExchange:
             return
         started = time.monotonic()
         reuse_freed_memory()  # chunk buffers stay warm: no page fault per byte moved
-        self._refusals = RefusalLog(secret)
         try:
-            self._server, self._pool = serve(self, self._refusals)
-            self._channels = connect(rank, self.peers, secret, self.timeout_s, self._refusals)
+            self._server, self._pool = serve(self, credential)
+            self._channels = connect(rank, self.peers, credential, self.timeout_s)
         except AuthError:
-            # Stay reachable a moment: peers still dialling us then get UNAUTHENTICATED too, and
-            # report a secret mismatch instead of a rank that never came up.
-            time.sleep(max(0.0, min(2.0, started + self.timeout_s - time.monotonic())))
+            # Stay reachable a moment: peers still dialling us (their deadline may be just after
+            # ours) then fail TLS too, and report a credential mismatch instead of a rank that
+            # never came up.
+            time.sleep(min(2.0, self.timeout_s))
             self.close()
             raise
         except BaseException:
@@ -160,8 +166,10 @@ class GrpcExchange:
 
     @classmethod
     def from_env(cls, timeout_s: float = 60.0, wire_dtype: str = "float32") -> "GrpcExchange":
-        """Rank from HERD_RANK (else MLX_RANK), peers from HERD_EXCHANGE_PEERS, the cluster
-        secret."""
+        """Rank from HERD_RANK (else MLX_RANK), peers from HERD_EXCHANGE_PEERS, the rank's
+        credential from the folder HERD_RANK_TLS names (``rank.pem``, ``rank.key``, ``ca.pem``:
+        the worker agent writes them; tests and ``herd train`` users make them with
+        ``herd.rpc.pki.Authority.issue("rank", ...)``)."""
         rank = os.environ.get("HERD_RANK") or os.environ.get("MLX_RANK")
         listed = os.environ.get("HERD_EXCHANGE_PEERS", "").split(",")
         peers = [p.strip() for p in listed if p.strip()]
@@ -175,7 +183,12 @@ class GrpcExchange:
             rank_i = int(rank)
         except ValueError:
             raise ConfigError(f"HERD_RANK/MLX_RANK must be an integer, not {rank!r}") from None
-        return cls(rank_i, peers, load_secret(), timeout_s=timeout_s, wire_dtype=wire_dtype)
+        folder = os.environ.get(RANK_TLS_ENV)
+        if not folder:
+            raise ConfigError(f"the grpc exchange needs {RANK_TLS_ENV}: the folder of this "
+                              "rank's credential", hint=CREDENTIAL_HINT)
+        credential = pki.Identity.load(Path(folder), "rank")
+        return cls(rank_i, peers, credential, timeout_s=timeout_s, wire_dtype=wire_dtype)
 
     # ---- the collective ----------------------------------------------------------------------
 
@@ -360,9 +373,9 @@ class GrpcExchange:
     def _send_error(self, err: grpc.RpcError) -> HerdError:
         right = self._name((self.rank + 1) % self.size)
         code, details = err.code(), err.details()
-        if code == grpc.StatusCode.UNAUTHENTICATED:
-            return AuthError(f"{right} refused rank {self.rank}'s credentials: {details}",
-                             hint="every rank must hold the same cluster secret")
+        if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            return AuthError(f"{right} refused rank {self.rank}'s credential: {details}",
+                             hint=CREDENTIAL_HINT)
         if code == grpc.StatusCode.ABORTED:  # the neighbour reports a failure it saw
             return PeerLostError(details)
         return PeerLostError(f"lost {right} (seen by rank {self.rank}): {code.name}: {details}",

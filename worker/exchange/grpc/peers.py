@@ -1,5 +1,10 @@
 """Meeting the peers of a gRPC exchange: the start-up handshake, liveness probes, and telling a
-peer with the wrong cluster secret apart from one that never came up."""
+peer that holds no credential for this job attempt apart from one that never came up.
+
+Every rank holds a certificate for its job attempt only (herd/rpc/pki.py ``rank_scope``) and
+dials its peers as that name, so TLS refuses a peer of another cluster, job or attempt, and the
+server's gate refuses a caller of another attempt (``RULES``).
+"""
 
 from __future__ import annotations
 
@@ -8,17 +13,23 @@ import time
 import grpc
 
 from herd.errors import AuthError, ConfigError, PeerLostError
-from herd.rpc.auth import METADATA_KEY, ServerAuth, check_token
-from herd.rpc.channel import signed_channel
+from herd.rpc import auth, pki
+from herd.rpc.channel import CHANNEL_OPTIONS, secure_channel
+from herd.rpc.status import is_tls_failure
 from protos.v1 import exchange_pb2 as pb
 
 SERVICE = pb.DESCRIPTOR.services_by_name["ExchangeService"].full_name
-RANK_KEY = "x-herd-rank"  # who a Hello claims to come from: only ever used to explain a refusal
-SECRET_HINT = ("every rank must hold the same cluster secret ($HERD_SECRET, or the secret file "
-               "`herd init` wrote)")
+CREDENTIAL_HINT = ("every rank of a job attempt gets its credential from the coordinator "
+                   "(HERD_RANK_TLS names it); a rank of another attempt or cluster cannot join")
 _ATTEMPT_S = 1.0
 _UNARY = {"Hello": (pb.HelloRequest, pb.HelloReply), "Abort": (pb.AbortRequest, pb.AbortReply),
           "Bye": (pb.ByeRequest, pb.ByeReply)}
+
+
+def rules(credential: pki.Identity) -> dict[str, auth.Rule]:
+    """Only ranks of this very job attempt may call a rank's ExchangeService; Link moves chunks."""
+    return auth.rules(SERVICE, {m: "rank" for m in ("Hello", "Link", "Abort", "Bye")},
+                      names=[credential.name])
 
 
 def peer_name(peers: list[str], rank: int) -> str:
@@ -31,37 +42,27 @@ def unary(channel: grpc.Channel, method: str):
                                response_deserializer=reply.FromString)
 
 
-class RefusalLog(grpc.ServerInterceptor):
-    """herd.rpc.auth's ServerAuth, remembering which ranks it refused: a peer started with another
-    secret must read as that, not as a peer that never came up."""
-
-    def __init__(self, secret: str):
-        self._auth = ServerAuth(secret)
-        self._secret = secret
-        self.ranks: set[int] = set()
-
-    def intercept_service(self, continuation, handler_call_details):
-        metadata = dict(handler_call_details.invocation_metadata or ())
-        claimed = metadata.get(RANK_KEY, "")
-        if claimed.isdigit():
-            try:
-                check_token(self._secret, handler_call_details.method, metadata.get(METADATA_KEY))
-            except AuthError:
-                self.ranks.add(int(claimed))
-        return self._auth.intercept_service(continuation, handler_call_details)
+def channel_to(target: str, credential: pki.Identity | None) -> grpc.Channel:
+    """A channel to a peer rank: TLS to a rank of the same job attempt; plaintext only when
+    ``credential`` is None (bench/allreduce.py's baseline, never a real rank)."""
+    if credential is None:
+        return grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+    return secure_channel(target, credential, pki.dns_name("rank", credential.name))
 
 
-def connect(rank: int, peers: list[str], secret: str, timeout_s: float,
-            refusals: RefusalLog) -> dict[int, grpc.Channel]:
+def connect(rank: int, peers: list[str], credential: pki.Identity | None,
+            timeout_s: float) -> dict[int, grpc.Channel]:
     """Hello every peer until all answer (they may start seconds apart); one channel per peer.
 
-    Raises AuthError when a peer refuses our credentials (or we refused theirs), ConfigError when
-    a peer is not the rank its address says, PeerLostError naming who is missing at the deadline.
+    Raises AuthError when a peer refuses our credential, or when a peer still missing at the
+    deadline failed TLS (it holds no credential for this job attempt); ConfigError when a peer is
+    not the rank its address says; PeerLostError naming who is missing at the deadline.
     """
     deadline = time.monotonic() + timeout_s
     size = len(peers)
     channels: dict[int, grpc.Channel] = {}
     missing = {r for r in range(size) if r != rank}
+    untrusted: dict[int, str] = {}  # peers whose last try failed TLS, and how
     request = pb.HelloRequest(rank=rank, world_size=size)
     try:
         while True:
@@ -70,16 +71,24 @@ def connect(rank: int, peers: list[str], secret: str, timeout_s: float,
                 # exponential reconnect back-off, which would outlast a peer's slow start.
                 if r in channels:
                     channels.pop(r).close()
-                channels[r] = signed_channel(peers[r], secret)
+                channels[r] = channel_to(peers[r], credential)
                 remaining = deadline - time.monotonic()
                 try:
+                    # Not wait_for_ready: a call on a fresh channel still waits for its one
+                    # connection attempt, and then fails with what went wrong (refused, or TLS:
+                    # a rank of another attempt on that port), which the loop tells apart.
                     reply = unary(channels[r], "Hello")(
-                        request, timeout=max(0.05, min(_ATTEMPT_S, remaining)),
-                        wait_for_ready=True, metadata=((RANK_KEY, str(rank)),))
+                        request, timeout=max(0.05, min(_ATTEMPT_S, remaining)))
                 except grpc.RpcError as e:
-                    if e.code() == grpc.StatusCode.UNAUTHENTICATED:
-                        raise AuthError(f"{peer_name(peers, r)} refused rank {rank}'s credentials: "
-                                        f"{e.details()}", hint=SECRET_HINT) from None
+                    if e.code() in (grpc.StatusCode.UNAUTHENTICATED,
+                                    grpc.StatusCode.PERMISSION_DENIED):
+                        raise AuthError(f"{peer_name(peers, r)} refused rank {rank}'s credential: "
+                                        f"{e.details()}", hint=CREDENTIAL_HINT) from None
+                    # A peer of another attempt may still hold the port for a moment: wait on.
+                    if is_tls_failure(e):
+                        untrusted[r] = e.details().rsplit(": ", 1)[-1]
+                    else:
+                        untrusted.pop(r, None)
                     continue
                 if reply.rank != r or reply.world_size != size:
                     raise ConfigError(
@@ -91,11 +100,12 @@ def connect(rank: int, peers: list[str], secret: str, timeout_s: float,
                 return channels
             if time.monotonic() >= deadline:
                 names = ", ".join(peer_name(peers, r) for r in sorted(missing))
-                if refused := sorted(missing & refusals.ranks):
+                if bad := sorted(missing & set(untrusted)):
                     raise AuthError(
-                        f"{names} did not come up within {timeout_s:g}s: calls from "
-                        f"{', '.join(f'rank {r}' for r in refused)} carried wrong credentials "
-                        f"(rank {rank} waited)", hint=SECRET_HINT)
+                        f"{names} did not come up within {timeout_s:g}s: "
+                        + "; ".join(f"{peer_name(peers, r)} holds no credential of this job "
+                                    f"attempt ({untrusted[r]})" for r in bad)
+                        + f" (rank {rank} waited)", hint=CREDENTIAL_HINT)
                 raise PeerLostError(
                     f"{names} did not come up within {timeout_s:g}s (rank {rank} waited)",
                     hint="start every rank, and check HERD_EXCHANGE_PEERS and firewalls")

@@ -14,10 +14,12 @@ from typing import TYPE_CHECKING
 import grpc
 
 from herd.errors import HerdError, PeerLostError
-from herd.rpc.channel import SERVER_OPTIONS
+from herd.rpc import pki
+from herd.rpc.auth import Gate
+from herd.rpc.channel import SERVER_MAX_MESSAGE, SERVER_OPTIONS, bind
 from protos.v1 import exchange_pb2 as pb
 from worker.exchange.grpc import wire
-from worker.exchange.grpc.peers import SERVICE, RefusalLog, peer_name
+from worker.exchange.grpc.peers import SERVICE, peer_name, rules
 
 if TYPE_CHECKING:
     from worker.exchange.grpc import GrpcExchange
@@ -89,9 +91,11 @@ class ExchangeServicer:
         g.link_lost(broke("ended without a goodbye"), incoming=True)
 
 
-def serve(group: GrpcExchange, refusals: RefusalLog
+def serve(group: GrpcExchange, credential: pki.Identity | None
           ) -> tuple[grpc.Server, futures.ThreadPoolExecutor]:
-    """ExchangeService for ``group`` on its own address, started; and the server's threads."""
+    """ExchangeService for ``group`` on its own address, started; and the server's threads.
+    Mutual TLS with ``credential``, taking calls from ranks of the same job attempt only;
+    plaintext when it is None (bench/allreduce.py's baseline only)."""
     servicer = ExchangeServicer(group)
     handlers = {
         "Hello": grpc.unary_unary_rpc_method_handler(
@@ -110,17 +114,27 @@ def serve(group: GrpcExchange, refusals: RefusalLog
     }
     # A link holds a thread for the group's life: one per peer, and some for the unary calls.
     pool = futures.ThreadPoolExecutor(max_workers=group.size + 4, thread_name_prefix="exchange")
+    # A chunk is one message: the limit follows the group's chunk size.
+    limit = max(SERVER_MAX_MESSAGE, group.chunk_bytes + 4096)
+    options = [(k, limit if k == "grpc.max_receive_message_length" else v)
+               for k, v in SERVER_OPTIONS]
     server = grpc.server(
         pool,
         handlers=[grpc.method_handlers_generic_handler(SERVICE, handlers)],
-        interceptors=[refusals],
-        options=SERVER_OPTIONS,
+        # Every rank of the attempt holds the same name: the limit is the group's, with room
+        # for each peer's Hello, Abort and Bye besides the one link.
+        interceptors=[Gate(rules(credential), max_calls_per_peer=4 * group.size + 4)]
+        if credential else [],
+        options=options,
     )
     address = group.peers[group.rank]
-    try:
-        bound = server.add_insecure_port(address)
-    except RuntimeError:
-        bound = 0
+    if credential is not None:
+        bound = bind(server, credential, address)
+    else:
+        try:
+            bound = server.add_insecure_port(address)
+        except RuntimeError:
+            bound = 0
     if not bound:
         pool.shutdown(wait=False)
         raise HerdError(f"rank {group.rank} cannot listen on {address}",

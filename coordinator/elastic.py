@@ -1,0 +1,109 @@
+"""Elastic on a permanent loss: a data-parallel job that lost a worker for longer than a grace
+period carries on with the workers left, and grows back at a checkpoint once workers return.
+
+The global batch never changes: each of k ranks takes batch_size / k examples of every step, and
+the gradients are summed with each rank's loss divided by the whole step's target count
+(worker/rank/trainer.py), so k ranks give the update of one process with the same global batch,
+whatever k (to float rounding: tests/conftest.py SAME_UPDATE). Checkpoints carry no world size
+that resuming depends on. Pipeline jobs, and jobs that pin their data parallelism, keep waiting
+for their workers: their stage cut or layout is the user's.
+
+A part of the Scheduler (coordinator/scheduler.py), kept apart by concern: it calls the
+scheduler's own state changes, under its lock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from coordinator.domain import Job, JobState, WorkerRecord
+from coordinator.placement import Placement, place, workers_needed
+from herd import log
+from herd.config import JobConfig
+from herd.errors import PlacementError
+
+if TYPE_CHECKING:
+    from coordinator.scheduler import Scheduler
+
+logger = log.get(__name__)
+
+
+def _with_workers(cfg: JobConfig, k: int) -> JobConfig:
+    return cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={"workers": k})})
+
+
+def elastic(cfg: JobConfig) -> bool:  # (Ray reserves its own bundles: not resized here)
+    return (cfg.cluster.pipeline_stages() == 1 and cfg.cluster.data_parallel() is None
+            and cfg.cluster.backend == "zeroconf")
+
+
+def shrink_placement(cfg: JobConfig, workers: list[WorkerRecord]) -> Placement | None:
+    """The most ranks, fewer than asked, that the idle workers hold with the same global batch
+    (``batch_size`` split evenly, data parallel only); None when none do."""
+    idle = [w for w in workers if not w.running_job_id]
+    for k in range(min(workers_needed(cfg) - 1, len(idle)), 0, -1):
+        if cfg.batch_size % k:
+            continue
+        try:
+            placement = place(_with_workers(cfg, k), idle)
+        except PlacementError:
+            continue
+        if placement.pipeline_stages == 1:
+            return placement
+    return None
+
+
+def grow_placement(cfg: JobConfig, current: list[WorkerRecord],
+                   free: list[WorkerRecord]) -> Placement | None:
+    """The job's full placement on its current workers and idle free ones, if it fits now."""
+    mine = [replace(w, running_job_id="", running_attempt=0) for w in current]
+    try:
+        placement = place(cfg, mine + [w for w in free if not w.running_job_id])
+    except PlacementError:
+        return None
+    return placement if placement.pipeline_stages == 1 else None
+
+
+class Elastic:
+    def __init__(self, scheduler: "Scheduler", grace_s: float):
+        self.s, self.grace_s = scheduler, grace_s
+
+    def shrink(self, job: Job, workers: list[WorkerRecord]) -> tuple[Placement, str] | None:
+        """For a restarting job that has waited past the grace period for its workers: the
+        placement on fewer, and why (for its PLACING message). Caller holds the lock."""
+        waited_s = (self.s.now_ms() - job.updated_ms) / 1000
+        if (not self.grace_s or job.state is not JobState.RESTARTING or waited_s < self.grace_s
+                or not elastic(job.config)):
+            return None
+        placement = shrink_placement(job.config, workers)
+        if placement is None:
+            return None
+        k, n = len(placement.worker_ids), workers_needed(job.config)
+        logger.info("job_shrunk", job_id=job.job_id, workers=k, asked=n)
+        return placement, (f"; shrunk to {k} of {n} workers after waiting {waited_s:.0f}s for "
+                           f"the rest (same global batch: {job.config.batch_size // k} examples "
+                           "per rank); it grows back at a checkpoint once workers return")
+
+    def on_checkpoint(self, job_id: str, step: int) -> None:
+        """A shrunk job grows back at this checkpoint when enough workers are free again."""
+        s = self.s
+        with s._lock:
+            job = s.store.get_job(job_id)
+            n = workers_needed(job.config)
+            if (job.state is not JobState.RUNNING or len(job.worker_ids) >= n
+                    or step >= job.iters):
+                return
+            workers = {w.worker_id: w for w in s.workers()}
+            current = [workers[w] for w in job.worker_ids if w in workers]
+            free = [w for w in s.free_workers(s._backend(job))
+                    if w.worker_id not in job.worker_ids]
+            if grow_placement(job.config, current, free) is None:
+                return
+            s.reconcile.forget(job_id)
+            s._not_before.pop(job_id, None)
+            s._set_state(job, JobState.RESTARTING,
+                         f"growing back to {n} workers from checkpoint {step}: enough are free "
+                         "again", outcome="grown")
+            logger.info("job_growing", job_id=job_id, workers=n, step=step)
+        s._stop_ranks(job)

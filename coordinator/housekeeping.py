@@ -1,0 +1,46 @@
+"""What the coordinator forgets, and what it warns about at submit: an ended job `herd rm` removes
+(its record here; the servicer removes its files), the checkpoints beyond `--keep-checkpoints`,
+and the warning for a job the cluster cannot place now. Kept out of the scheduler: none of it
+moves a job between states."""
+
+from __future__ import annotations
+
+from coordinator.domain import Job
+from coordinator.store import JobStore
+from herd import log
+from herd.errors import HerdError
+
+logger = log.get(__name__)
+
+
+def wait_warning(job: Job, verified: int, placement_timeout_s: float) -> str:
+    """Said at submit when fewer workers are verified than the job needs ("" otherwise)."""
+    if verified >= job.workers_needed:
+        return ""
+    return (f"{job.job_id} needs {job.workers_needed} workers and {verified} "
+            f"{'is' if verified == 1 else 'are'} verified: it waits for more for up to "
+            f"{placement_timeout_s:.0f} s (herd coordinator --placement-timeout), then fails")
+
+
+def delete_ended_job(store: JobStore, job_id: str) -> Job:
+    """Forgets a job that has ended and returns it. An ended job's state never changes again,
+    so this needs no scheduler lock; a late report for it finds no job."""
+    job = store.get_job(job_id)
+    if not job.state.final:
+        raise HerdError(f"job {job_id} is {job.state.value}; only a job that has ended "
+                        "can be removed", hint=f"`herd cancel {job_id}` first")
+    store.delete_job(job_id)
+    logger.info("job_deleted", job_id=job_id)
+    return job
+
+
+def expired_checkpoints(store: JobStore, job_id: str, keep: int) -> list[int]:
+    """Forgets all but the newest ``keep`` checkpoints of a job (0: keeps all; the newest, the
+    one a restart resumes from, is always kept) and returns their steps: the caller deletes
+    their files."""
+    if keep <= 0:
+        return []
+    expired = [c.step for c in store.checkpoints(job_id)][:-keep]
+    for step in expired:
+        store.delete_checkpoint(job_id, step)
+    return expired

@@ -1,0 +1,65 @@
+"""Bringing an attempt's ranks up: one launch per rank (``launches``); every rank's model onto its
+worker first (PrepareRank, each worker's progress handed on as it comes), then every rank started
+together, so the MLX ring forms with all its members ready (a ring waits only ~30 s for them) and
+no rank waits on another's download."""
+
+from __future__ import annotations
+
+from concurrent.futures import Executor
+from typing import Callable, Protocol
+
+from coordinator.backend import Backend
+from coordinator.domain import FetchProgress, Job, ModelSource, RankLaunch, WorkerRecord
+from coordinator.placement import Placement
+from coordinator.planner.network import DataPath
+from herd import jaccl
+from herd.errors import HerdError
+from herd.netif import hostport
+
+
+class ModelInfo(Protocol):  # what the scheduler asks about a job's model (ModelCatalog)
+    def config(self, job: Job) -> dict | None: ...
+    def source(self, job: Job) -> ModelSource: ...
+
+
+def launches(job: Job, placement: Placement, workers: dict[str, WorkerRecord],
+             resume_step: int = 0, model: ModelSource | None = None) -> list[RankLaunch]:
+    """One launch per rank, with the MLX ring hostfile and exchange peers in rank order (for a
+    pipeline, the placement's ring order), for a pipeline every stage's blocks, and where the
+    workers get the model."""
+    chosen = [workers[w] for w in placement.worker_ids]
+    path = placement.path or DataPath("ring", [w.host for w in chosen], "control network")
+    peers = [hostport(a, w.exchange_port) for a, w in zip(path.addresses, chosen)]
+    ring = [hostport(a, w.ring_port) for a, w in zip(path.addresses, chosen)]
+    extra = {}
+    if path.kind == "jaccl":  # rank 0's ring port is free: JACCL's side channel takes it
+        extra = dict(ibv_devices_json=jaccl.devices_json(path.rdma),
+                     jaccl_coordinator=hostport(chosen[0].host, chosen[0].ring_port))
+    stages = tuple(tuple(s) for s in placement.stage_layers)
+    return [RankLaunch(job, r, w, ring if path.kind == "ring" else [], peers, resume_step, stages,
+                       placement.data_parallel, path.kind, **extra, model=model or ModelSource())
+            for r, w in enumerate(chosen)]
+
+
+def bring_up(pool: Executor, backend: Backend, plan: list[RankLaunch],
+             on_fetch: Callable[[RankLaunch, FetchProgress], bool]) -> list[HerdError | None]:
+    """Per launch, None or the error it failed with (while preparing or starting). ``on_fetch``
+    records a worker's progress; its False stops that fetch (the attempt is over). A backend without
+    ``prepare_rank`` (Ray: its actor's Worker.start_rank prepares the model) only starts."""
+    prepare_rank = getattr(backend, "prepare_rank", None)  # (absent in a test double: None)
+
+    def prepare(launch: RankLaunch) -> HerdError | None:
+        return _call(prepare_rank, launch, lambda fetch: on_fetch(launch, fetch))
+
+    results = list(pool.map(prepare, plan)) if prepare_rank is not None else [None] * len(plan)
+    if not any(results):
+        results = list(pool.map(lambda launch: _call(backend.start_rank, launch), plan))
+    return results
+
+
+def _call(fn, *args) -> HerdError | None:
+    try:
+        fn(*args)
+        return None
+    except HerdError as e:
+        return e

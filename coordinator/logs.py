@@ -1,0 +1,49 @@
+"""LogStore: each rank's output (its rank.log), relayed by its agent while the rank runs, kept
+per job and attempt so ``herd logs`` reads it from the coordinator, also after the worker is gone.
+
+<root>/<job_id>/attempt-<a>/rank-<r>.log. A piece is written at the offset the agent read it
+from, so a retried report rewrites the same bytes.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+from herd.errors import NotFoundError
+
+_JOB = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+MAX_READ = 1 << 20  # one reply's worth; a client pages with the offsets
+
+
+class LogStore:
+    def __init__(self, root: Path):
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, job_id: str, attempt: int, rank: int) -> Path:
+        if not _JOB.match(job_id) or attempt < 1 or rank < 0:
+            raise NotFoundError(f"no log for job {job_id!r} attempt {attempt} rank {rank}")
+        return self.root / job_id / f"attempt-{int(attempt)}" / f"rank-{int(rank)}.log"
+
+    def write(self, job_id: str, attempt: int, rank: int, offset: int, data: bytes) -> None:
+        path = self._path(job_id, attempt, rank)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "r+b" if path.exists() else "wb") as f:
+            # A piece past the end (an earlier one lost) leaves a hole of zero bytes, not a shift.
+            f.seek(max(0, offset))
+            f.write(data)
+
+    def read(self, job_id: str, attempt: int, rank: int, offset: int,
+             max_bytes: int = 0) -> bytes:
+        path = self._path(job_id, attempt, rank)
+        if not path.exists():
+            return b""
+        with open(path, "rb") as f:
+            f.seek(max(0, offset))
+            return f.read(min(max_bytes or MAX_READ, MAX_READ))
+
+    def remove(self, job_id: str) -> None:
+        if _JOB.match(job_id):
+            shutil.rmtree(self.root / job_id, ignore_errors=True)

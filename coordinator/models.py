@@ -1,0 +1,220 @@
+"""The model store: every model once, content-addressed, and what the scheduler needs to know
+about a job's model.
+
+A stored model is a manifest (herd.models.manifest: each file's name, sha256 and size; its digest
+names the model) plus its files, kept as blobs of the BlobStore (so a file two models share, or a
+model stored under two names, takes its space once). Models come from the hub (the coordinator
+fetches them through huggingface_hub: ``herd models add org/name``) or from a folder the CLI
+uploads (``herd models add FOLDER``). Workers pull the files their rank needs with GetBlob.
+
+A job's model is pinned at submit (``ModelCatalog.pin``): a hub id to its commit, and to the
+stored model when the store holds it; a local folder to the stored model with the same digest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from coordinator.artifacts import BlobStore
+from coordinator.domain import FileDigest, Job, ModelSource
+from herd.config import JobConfig
+from herd.errors import ConfigError, DatasetError, HerdError, NotFoundError, PlacementError
+from herd.models import ref as refs
+from herd.models.manifest import ModelManifest, hash_file, is_model_file, model_files
+from herd.rpc.names import check_path, check_sha
+
+_DIGEST = re.compile(r"^(?:sha256:)?([0-9a-f]{8,64})$")
+
+
+@dataclass(frozen=True)
+class StoredModel:
+    manifest: ModelManifest
+    names: tuple[str, ...]
+    added_ms: int
+
+    @property
+    def digest(self) -> str:
+        return self.manifest.digest
+
+    @property
+    def files(self) -> tuple[FileDigest, ...]:
+        return self.manifest.files
+
+    @property
+    def bytes(self) -> int:
+        return self.manifest.bytes
+
+
+class ModelStore:
+    """<root>/<digest>.json per model (its names, files and when it was added); the files are
+    blobs. Thread-safe."""
+
+    def __init__(self, root: Path, blobs: BlobStore):
+        self.root, self.blobs = root, blobs
+        root.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+
+    def _path(self, digest: str) -> Path:
+        return self.root / f"{check_sha(digest)}.json"
+
+    @staticmethod
+    def _load(path: Path) -> StoredModel:
+        m = json.loads(path.read_text())
+        return StoredModel(ModelManifest.of(FileDigest(**f) for f in m["files"]),
+                           tuple(m["names"]), m["added_ms"])
+
+    def list(self) -> list[StoredModel]:
+        with self._lock:
+            models = [self._load(p) for p in self.root.glob("*.json")]
+        return sorted(models, key=lambda m: (m.added_ms, m.digest))
+
+    def get(self, digest: str) -> StoredModel | None:
+        path = self._path(digest)
+        with self._lock:
+            return self._load(path) if path.exists() else None
+
+    def find(self, key: str) -> StoredModel | None:
+        """By a name it is stored under, else by its digest or a unique prefix of it."""
+        models = self.list()
+        for m in models:
+            if key in m.names:
+                return m
+        if match := _DIGEST.match(key):
+            hits = [m for m in models if m.digest.startswith(match.group(1))]
+            if len(hits) == 1:
+                return hits[0]
+        return None
+
+    def add(self, files: list[FileDigest], name: str, now_ms: int) -> StoredModel:
+        """Stores a model whose files are already blobs; the same files again add ``name`` to the
+        model already stored (idempotent)."""
+        for f in files:
+            check_path(f.name, "model")
+            check_sha(f.sha256)
+            if not is_model_file(f.name):
+                raise DatasetError(f"{f.name} is not a model file herd stores",
+                                   hint="weights (*.safetensors), configs and tokenizer files")
+        manifest = ModelManifest.of(files)
+        names = {f.name for f in manifest.files}
+        if refs.CONFIG not in names or not any(n.endswith(".safetensors") for n in names):
+            raise DatasetError(f"model {name!r} needs {refs.CONFIG} and *.safetensors weights")
+        missing = [f.name for f in manifest.files if not self.blobs.has(f.sha256)]
+        if missing:
+            raise DatasetError(f"model {name!r}: files not uploaded: {', '.join(missing)}",
+                               hint="`herd models add FOLDER` uploads them first")
+        with self._lock:
+            old = self.get(manifest.digest)
+            model = StoredModel(manifest, tuple(dict.fromkeys((*(old.names if old else ()),
+                                                               name))),
+                                old.added_ms if old else now_ms)
+            doc = {"names": list(model.names), "added_ms": model.added_ms,
+                   "files": [f.__dict__ for f in manifest.files]}
+            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".model-")
+            with os.fdopen(fd, "w") as f:
+                json.dump(doc, f, indent=1)
+            os.replace(tmp, self._path(manifest.digest))
+        return model
+
+    def import_folder(self, folder: Path, name: str, now_ms: int, link: bool,
+                      on_bytes: Callable[[int], None] | None = None) -> StoredModel:
+        """A model folder on this machine (a hub snapshot), hashed file by file into the store."""
+        files = []
+        for path in model_files(folder):
+            digest = hash_file(path, on_bytes)
+            self.blobs.import_file(path, digest.sha256, link)
+            files.append(digest)
+        return self.add(files, name, now_ms)
+
+    def read_json(self, model: StoredModel, name: str) -> dict[str, Any] | None:
+        f = model.manifest.by_name().get(name)
+        return json.loads(self.blobs.path(f.sha256).read_text()) if f else None
+
+    def remove(self, model: StoredModel, keep: set[str]) -> int:
+        """Removes the model, and its files no other model holds and ``keep`` (datasets' blobs)
+        does not name; returns the bytes freed."""
+        with self._lock:
+            self._path(model.digest).unlink(missing_ok=True)
+            held = {f.sha256 for m in self.list() for f in m.files} | keep
+            return sum(self.blobs.remove(f.sha256) for f in set(model.files)
+                       if f.sha256 not in held)
+
+
+class ModelCatalog:
+    """The scheduler's questions about a job's model: which stored model or hub commit it is
+    pinned to (at submit), its config.json (to plan) and where its workers get it."""
+
+    def __init__(self, store: ModelStore):
+        self.store = store
+        self._hub_configs: dict[str, dict | None] = {}
+
+    def pin(self, cfg: JobConfig, folder_digest: str) -> tuple[JobConfig, str]:
+        """(config with a hub id pinned to its commit, the stored model's digest or "")."""
+        ref = refs.parse(cfg.model)
+        want = cfg.cluster.model_source
+        if ref.is_local:
+            if folder_digest:
+                if self.store.get(folder_digest) is None:
+                    raise ConfigError(f"model = {cfg.model!r}: the coordinator's model store does"
+                                      f" not hold it (digest {folder_digest[:12]})",
+                                      hint=f"`herd models add {cfg.model}` first")
+                return cfg, folder_digest
+            if want == "coordinator":
+                raise ConfigError(f"model = {cfg.model!r}: this folder is not in the "
+                                  "coordinator's model store (cluster.model_source: coordinator)",
+                                  hint=f"`herd models add {cfg.model}` first")
+            return cfg, ""  # a folder every worker holds at this path
+        if not ref.pinned:  # a raw client: the CLI pins on the laptop already
+            cfg = cfg.model_copy(update={"model": refs.resolve(ref).pinned})
+        stored = self.store.find(cfg.model) if want != "hub" else None
+        if want == "coordinator" and stored is None:
+            raise ConfigError(f"model = {cfg.model!r} is not in the coordinator's model store "
+                              "(cluster.model_source: coordinator)",
+                              hint=f"`herd models add {cfg.model}` first, or model_source: auto")
+        return cfg, stored.digest if stored else ""
+
+    def config(self, job: Job) -> dict[str, Any] | None:
+        """config.json of the job's model, when this coordinator can read it; None otherwise (the
+        job is then placed as data parallel, and a pipeline is refused)."""
+        if job.model_digest:
+            model = self.store.get(job.model_digest)
+            return self.store.read_json(model, refs.CONFIG) if model else None
+        ref = refs.parse(job.config.model)
+        if ref.is_local:
+            path = ref.path / refs.CONFIG
+            return json.loads(path.read_text()) if path.is_file() else None
+        if job.config.model not in self._hub_configs:
+            try:
+                self._hub_configs[job.config.model] = refs.resolve(ref).config
+            except HerdError:
+                self._hub_configs[job.config.model] = None  # the workers may still reach it
+        return self._hub_configs[job.config.model]
+
+    def source(self, job: Job) -> ModelSource:
+        if job.model_digest:
+            model = self.store.get(job.model_digest)
+            if model is None:
+                raise PlacementError(f"the model store no longer holds {job.config.model} "
+                                     f"({job.model_digest[:12]})", hint="`herd models add` it")
+            return ModelSource(digest=model.digest, files=model.files)
+        ref = refs.parse(job.config.model)
+        if ref.is_local:
+            return ModelSource()
+        return ModelSource(hub_repo=ref.repo_id, hub_revision=ref.revision or "")
+
+    def remove(self, key: str, jobs: list[Job]) -> tuple[StoredModel, int]:
+        model = self.store.find(key)
+        if model is None:
+            raise NotFoundError(f"no stored model {key!r}", hint="`herd models` lists them")
+        users = [j.job_id for j in jobs if j.model_digest == model.digest and not j.state.final]
+        if users:
+            raise PlacementError(f"model {key} is used by unfinished jobs: {', '.join(users)}",
+                                 hint="wait for them, or `herd cancel` them")
+        keep = {d.sha256 for j in jobs for d in j.dataset}
+        return model, self.store.remove(model, keep)

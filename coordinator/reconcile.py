@@ -1,0 +1,140 @@
+"""The scheduler's view of the workers checked against its own: what each worker runs (its
+Health) compared with the attempts the store says are current.
+
+- A rank that belongs to no current attempt is stale and stopped, again and again until its
+  worker stops reporting it (coordinator/recovery.py ``stale_ranks``).
+- After a coordinator restart, an attempt whose ranks all still run (or finished) is re-adopted;
+  one that is not complete within ``adopt_grace_s`` restarts from its last checkpoint.
+- A running job whose worker runs nothing, with no exit report for ``lost_rank_grace_s``, lost
+  its rank silently (its agent restarted): the attempt failed.
+
+A part of the Scheduler (coordinator/scheduler.py), kept apart by concern: it calls the
+scheduler's own state changes, under its lock.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from coordinator.domain import EventKind, Job, JobState, WorkerRecord
+from coordinator.recovery import STALE_STOP_EVERY_S, adoption_missing, stale_ranks
+from herd import log
+
+if TYPE_CHECKING:
+    from coordinator.scheduler import Scheduler
+
+logger = log.get(__name__)
+
+
+class Reconciler:
+    def __init__(self, scheduler: "Scheduler"):
+        self.s = scheduler
+        self.adopting: dict[str, int] = {}  # job_id -> re-adoption deadline (ms)
+        self._stale_sent: dict[tuple[str, str, int], int] = {}  # (worker, job, attempt) -> ms
+        self._idle_since: dict[tuple[str, str], int] = {}
+        self.lost_rank_grace_s = 20.0
+
+    def forget(self, job_id: str) -> None:
+        """The job's attempt ended: nothing to re-adopt or to wait for."""
+        self.adopting.pop(job_id, None)
+        self._idle_since = {k: v for k, v in self._idle_since.items() if k[0] != job_id}
+
+    def recover(self) -> None:
+        s = self.s
+        with s._lock:
+            deadline = s.now_ms() + int(s.adopt_grace_s * 1000)
+            for job in s.store.list_jobs():
+                if job.state.active:
+                    self.adopting[job.job_id] = deadline
+                    s._event(job, EventKind.LOG, message=(
+                        f"the coordinator restarted: waiting up to {s.adopt_grace_s:.0f}s for "
+                        f"attempt {job.attempt}'s ranks to report"))
+
+    def stop_stale(self) -> None:
+        """Stops, again every few seconds until its worker no longer reports it, every rank that
+        belongs to no current attempt (a StopJob that never arrived, a worker cut off and
+        back). Sent from the pool: an unreachable worker never holds up the loop."""
+        s = self.s
+        workers = s._backends["zeroconf"].workers()  # agents report their ranks (Health)
+        with s._lock:
+            jobs = {j.job_id: j for j in s.store.list_jobs()}
+        now = s.now_ms()
+        stale = stale_ranks(workers, jobs, set(self.adopting))
+        keys = {(w.worker_id, job_id, attempt) for w, job_id, attempt in stale}
+        self._stale_sent = {k: v for k, v in self._stale_sent.items() if k in keys}
+        for w, job_id, attempt in stale:
+            key = (w.worker_id, job_id, attempt)
+            if now - self._stale_sent.get(key, -10**12) < STALE_STOP_EVERY_S * 1000:
+                continue
+            self._stale_sent[key] = now
+            logger.info("stale_rank_stopping", worker_id=w.worker_id, job_id=job_id,
+                        attempt=attempt)
+            s._pool.submit(self._stop_quietly, w, job_id, attempt)
+
+    def _stop_quietly(self, w: WorkerRecord, job_id: str, attempt: int) -> None:
+        s = self.s
+        try:
+            s._backends["zeroconf"].stop_attempt(w, job_id, attempt)
+        except Exception as e:  # retried by the next stop_stale while the worker reports it
+            logger.warning("stop_rank_failed", worker_id=w.worker_id, job_id=job_id,
+                           error=str(e))
+
+    def adopt(self) -> None:
+        s = self.s
+        if not self.adopting:
+            return
+        workers = {w.worker_id: w for w in s.workers()}
+        failed = []
+        with s._lock:
+            now = s.now_ms()
+            for job_id, deadline in list(self.adopting.items()):
+                job = s.store.get_job(job_id)
+                if not job.state.active:
+                    del self.adopting[job_id]
+                    continue
+                missing = adoption_missing(job, workers,
+                                           s.store.finished_ranks(job_id, job.attempt))
+                if not missing:
+                    del self.adopting[job_id]
+                    if job.state is JobState.PLACING:
+                        s._set_state(job, JobState.RUNNING)
+                    s._event(job, EventKind.LOG, message=(
+                        f"re-adopted attempt {job.attempt}: its ranks trained on through the "
+                        "coordinator restart"))
+                    logger.info("attempt_readopted", job_id=job_id, attempt=job.attempt)
+                elif now >= deadline:
+                    s._attempt_failed(job, "the coordinator restarted and could not re-adopt "
+                                      f"attempt {job.attempt}: " + "; ".join(missing), None)
+                    failed.append(job)
+        for job in failed:
+            s._stop_ranks(job)
+
+    def check_running(self) -> None:
+        """A running job whose worker says it runs nothing, for longer than an exit report takes
+        to arrive, lost its rank silently (e.g. the agent restarted): fail it, never hang."""
+        s = self.s
+        now = s.now_ms()
+        workers = {w.worker_id: w for w in s.workers()}
+        lost: list[Job] = []
+        with s._lock:
+            for job in s.store.list_jobs():
+                if job.state is not JobState.RUNNING or job.job_id in self.adopting:
+                    continue
+                finished = s.store.finished_ranks(job.job_id, job.attempt)
+                for rank, wid in enumerate(job.worker_ids):
+                    w = workers.get(wid)
+                    key = (job.job_id, wid)
+                    runs = w is not None and w.running_job_id == job.job_id and (
+                        w.running_attempt in (0, job.attempt))
+                    if w is None or runs or rank in finished:
+                        self._idle_since.pop(key, None)
+                        continue
+                    since = self._idle_since.setdefault(key, now)
+                    if now - since >= self.lost_rank_grace_s * 1000:
+                        s._attempt_failed(job, f"worker {wid} is no longer running its rank "
+                                          f"(no exit report for {self.lost_rank_grace_s:.0f}s)",
+                                          None)
+                        lost.append(job)
+                        break
+        for job in lost:
+            s._stop_ranks(job)

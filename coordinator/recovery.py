@@ -1,0 +1,141 @@
+"""Policies for attempts that converge: pure functions of the job's history, the workers and the
+clock, applied by the scheduler (coordinator/scheduler.py), so tests step them without sleeping.
+
+- **Restarts back off and count only what is wasted.** An attempt that stored a new checkpoint
+  made progress: its failure costs at most ``save_every`` steps, and a job whose every attempt
+  gets further always finishes. ``max_restarts`` bounds the failures *in a row that made no
+  progress* (a ring that cannot form, a worker that fails at once); 0 never restarts. Each
+  restart waits ``base x 2^(n-1)`` seconds, capped, where n counts the failures of the last
+  ``flap_window_s``: a link that keeps dropping is given time to come back instead of burning
+  every restart in a minute, and three or more failures in that window are reported as
+  flapping.
+- **Stale ranks are stopped until they are gone.** A rank that a worker reports (its Health
+  lists it) but that belongs to no current attempt (a failed attempt whose StopJob never arrived,
+  a worker cut off and back, a job that ended meanwhile) is stopped again every
+  ``STALE_STOP_EVERY_S`` until the worker no longer reports it.
+- **A restarted coordinator re-adopts attempts.** An attempt whose every rank is still running on
+  its worker (or already finished) carries on; one that is not complete within the grace period
+  restarts from its last checkpoint.
+- **A database it cannot write is a state, not a traceback loop** (``control_loop``).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+from coordinator.domain import Checkpoint, Job, WorkerRecord
+from coordinator.store import Attempt
+from herd import log
+from herd.errors import PeerLostError, StorageError
+
+STALE_STOP_EVERY_S = 5.0
+# A rank killed by a signal (its agent's watchdog included), a lost peer (PeerLostError's exit
+# code) or a lost worker is worth another attempt; a rank that failed on its own (bad config, bad
+# data, a non-finite loss, a full disk) would fail again.
+RETRYABLE_EXIT_CODES = {PeerLostError.exit_code}
+
+
+def retryable(exit_code: int | None) -> bool:
+    """``exit_code`` None: the worker itself was lost."""
+    return exit_code is None or exit_code < 0 or exit_code in RETRYABLE_EXIT_CODES
+
+
+logger = log.get(__name__)
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    base_s: float = 5.0
+    cap_s: float = 120.0
+    flap_window_s: float = 600.0
+    flap_failures: int = 3
+
+
+@dataclass(frozen=True)
+class RestartDecision:
+    restart: bool
+    delay_s: float
+    wasted: int   # failures in a row without progress, this one included
+    recent: int   # failures within the flap window, this one included
+    flapping: bool
+
+
+def made_progress(a: Attempt, checkpoints: list[Checkpoint], until_ms: int) -> bool:
+    """A checkpoint was stored while the attempt ran."""
+    end = a.ended_ms if a.ended_ms is not None else until_ms
+    return any(a.started_ms <= c.created_ms <= end for c in checkpoints)
+
+
+def decide_restart(history: list[Attempt], checkpoints: list[Checkpoint], now_ms: int,
+                   max_restarts: int, retryable: bool, policy: RestartPolicy) -> RestartDecision:
+    """After the last attempt of ``history`` (still open: the one failing now) failed."""
+    wasted = 0  # ("grown": an attempt stopped on purpose to grow back, coordinator/elastic.py)
+    for a in reversed(history):
+        if a.outcome not in (None, "restarting", "failed") or made_progress(a, checkpoints,
+                                                                            now_ms):
+            break
+        wasted += 1
+    window_start = now_ms - policy.flap_window_s * 1000
+    recent = sum(1 for a in history
+                 if a.outcome in (None, "restarting", "failed")
+                 and (a.ended_ms if a.ended_ms is not None else now_ms) >= window_start)
+    recent = max(recent, 1)
+    delay = min(policy.cap_s, policy.base_s * 2 ** (recent - 1))
+    restart = retryable and max_restarts > 0 and wasted <= max_restarts  # 0: never restart
+    return RestartDecision(restart, delay, wasted, recent,
+                           recent >= policy.flap_failures)
+
+
+def stale_ranks(workers: list[WorkerRecord], jobs: dict[str, Job],
+                adopting: set[str]) -> list[tuple[WorkerRecord, str, int]]:
+    """(worker, job_id, attempt) of every rank a worker runs that no current attempt owns."""
+    stale = []
+    for w in workers:
+        if not w.running_job_id or not w.running_attempt:
+            continue  # idle, or its Health has not said which attempt yet
+        job = jobs.get(w.running_job_id)
+        if job is None:
+            continue  # not a job of this coordinator's: not its to stop
+        current = ((job.state.active or job.job_id in adopting)
+                   and job.attempt == w.running_attempt and w.worker_id in job.worker_ids)
+        if not current:
+            stale.append((w, w.running_job_id, w.running_attempt))
+    return stale
+
+
+def adoption_missing(job: Job, workers: dict[str, WorkerRecord], finished: set[int]) -> list[str]:
+    """What keeps the job's current attempt from being re-adopted (empty: every rank runs on its
+    worker or already finished)."""
+    missing = []
+    for rank, wid in enumerate(job.worker_ids):
+        if rank in finished:
+            continue
+        w = workers.get(wid)
+        if w is None:
+            missing.append(f"worker {wid} (rank {rank}) has not come back")
+        elif not (w.running_job_id == job.job_id and w.running_attempt == job.attempt):
+            missing.append(f"worker {wid} no longer runs rank {rank}")
+    return missing
+
+
+def control_loop(scheduler, stop: threading.Event, interval_s: float = 0.5) -> None:
+    """The scheduler's control loop. A database it cannot write is a state (``health``),
+    logged once when it starts and once when it ends, with a slower loop meanwhile."""
+    degraded, last_error = "", ""
+    while not stop.is_set():
+        try:
+            scheduler.tick()
+            last_error = ""
+            if degraded and not scheduler.health:
+                logger.info("coordinator_recovered", was=degraded)
+                degraded = ""
+        except StorageError as e:
+            if e.message != degraded:
+                logger.error("coordinator_degraded", reason=e.message)
+            degraded = e.message
+        except Exception as e:  # the loop must survive one bad job; logged once per cause
+            if repr(e) != last_error:
+                logger.exception("scheduler_tick_failed")
+            last_error = repr(e)
+        stop.wait(max(interval_s, 5.0) if degraded else interval_s)

@@ -1,0 +1,83 @@
+"""A model's ``config.json`` and revision, for a local folder or a hub id, without the weights.
+
+``herd plan`` on a laptop needs only the config (the planner is arithmetic on its shapes); an
+adapter records the revision it was trained on. A hub id is read from the local Hugging Face
+cache (``$HF_HOME``, as ``huggingface_hub`` finds it); when the cache lacks it, that one small
+file is fetched (never with ``HF_HUB_OFFLINE=1``), never the weights. The model store (DESIGN.md
+"Models onto the workers") plugs in at ``resolve_model_config``, the one seam.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from herd.errors import ConfigError
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_SNAPSHOT = re.compile(r"/snapshots/([0-9a-f]{40})(/|$)")
+
+
+def is_hub_id(model: str) -> bool:
+    """``org/name`` that is not a local path."""
+    return bool(_HUB_ID.match(model)) and not Path(model).expanduser().exists()
+
+
+def _cached(model: str, revision: str | None) -> Path | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(model, "config.json", revision=revision)
+    return Path(found) if isinstance(found, str) else None
+
+
+def _fetch(model: str, revision: str | None) -> Path:
+    """config.json alone from the hub, into the cache (ConfigError when offline or refused)."""
+    from huggingface_hub import constants, hf_hub_download
+
+    where = "the local Hugging Face cache"
+    if not constants.HF_HUB_OFFLINE:
+        try:
+            return Path(hf_hub_download(model, "config.json", revision=revision))
+        except Exception as e:  # any hub failure (network, auth, no such repo): one message
+            where += f" nor on the hub ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+    raise ConfigError(
+        f"{model}: no config.json for this hub id in {where}",
+        hint=f"fetch just that file (`hf download {model} config.json`), or pass --model with a "
+        "local folder (config.json alone is enough to plan)")
+
+
+def resolve_model_config(model: str, revision: str | None = None) -> dict:
+    """The model's config.json as a dict: a local folder's, or a hub id's from the local cache.
+    ConfigError naming what was looked for, and how to get it, when there is none."""
+    folder = Path(model).expanduser()
+    if folder.is_dir():
+        path = folder / "config.json"
+        if not path.is_file():
+            raise ConfigError(f"model folder {folder} has no config.json",
+                              hint="a model folder holds config.json, *.safetensors and a "
+                              "tokenizer (mlx_lm.convert or the hub writes them)")
+        return json.loads(path.read_text())
+    if folder.exists() or model.startswith(("/", "./", "../", "~")):
+        raise ConfigError(f"model {model} is not a folder here (looked for {folder.resolve()})",
+                          hint="paths resolve from the current folder, as in mlx_lm.lora")
+    from herd.models.ref import parse  # the model store's reading of org/name[@revision]
+
+    ref = parse(model)
+    revision = revision or ref.revision
+    path = _cached(ref.repo_id, revision) or _fetch(ref.repo_id, revision)
+    return json.loads(path.read_text())
+
+
+def model_revision(model: str) -> str | None:
+    """The commit a model resolves to when it is known here: a hub id's cached snapshot, or a
+    folder inside a Hugging Face cache's snapshots/; None for a plain local folder."""
+    if m := _SNAPSHOT.search(str(Path(model).expanduser().resolve())):
+        return m.group(1)
+    repo, _, pinned = model.partition("@")  # org/name@revision (the model store pins a commit)
+    if pinned and is_hub_id(repo):
+        return pinned
+    if is_hub_id(model) and (path := _cached(model, None)) is not None:
+        if m := _SNAPSHOT.search(str(path)):
+            return m.group(1)
+    return None

@@ -1,0 +1,56 @@
+"""The one-machine commands a newcomer tries first (`herd train`, `herd check`), through the real
+CLI: where paths resolve, where a resumed run writes, how validation lines are labelled, and
+that a normal run prints no third-party notice."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import yaml
+
+from tests.conftest import herd, write_job
+
+# What a user's shell has: the default logging level (conftest quiets it for the suite). Offline:
+# a `data` that is no local folder is tried as a hub dataset id, as mlx-lm does.
+DEFAULT_LOG = {"HERD_LOG_LEVEL": "", "HF_HUB_OFFLINE": "1"}
+
+
+def test_resume_writes_on_into_the_resumed_folder_and_val_lines_carry_their_iteration(
+        tmp_path, tiny_model, tiny_data):
+    cfg = write_job(tmp_path / "job.yaml", tiny_model, tiny_data, iters=4, save_every=2,
+                    steps_per_report=2, steps_per_eval=2)
+    doc = yaml.safe_load(cfg.read_text())
+    del doc["adapter_path"]  # mlx-lm's default, ./adapters: what a resumed run must not use
+    cfg.write_text(yaml.safe_dump(doc))
+    first = herd("train", cfg, "--adapter-path", "out", cwd=tmp_path, env=DEFAULT_LOG)
+    # Validation runs at the start of iterations 1, 2 and 4 (mlx-lm's schedule) and is labelled
+    # so, as mlx-lm prints it: the same numbers as the train lines it sits between.
+    val = [int(m) for m in re.findall(r"iter +(\d+)/4  val loss", first.stdout)]
+    assert val == [1, 2, 4], first.stdout
+    assert re.findall(r"iter +(\d+)/4  loss", first.stdout) == ["2", "4"]
+    assert "PyTorch" not in first.stderr
+
+    second = herd("train", cfg, "--resume", "out", "--iters", "8", cwd=tmp_path, env=DEFAULT_LOG)
+    assert "iter      8/8" in second.stdout, second.stdout
+    saved = sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir())
+    assert saved == ["0000002", "0000004", "0000006", "0000008", "latest"]
+    assert (tmp_path / "out" / "checkpoints" / "latest").read_text().strip() == "0000008"
+    assert not (tmp_path / "adapters").exists()
+
+
+def test_paths_in_a_config_resolve_from_the_current_folder_as_in_mlx_lm(
+        tmp_path, tiny_model, tiny_data):
+    job_dir = tmp_path / "job"
+    shutil.copytree(tiny_data, job_dir / "data")
+    cfg = write_job(job_dir / "job.yaml", tiny_model, Path("data"))  # data: data (relative)
+    elsewhere = herd("check", cfg, cwd=tmp_path, check=False, env=DEFAULT_LOG)
+    assert elsewhere.returncode == 3
+    assert (f"dataset data is not a local folder (looked for {tmp_path / 'data'}), nor a "
+            "loadable Hugging Face dataset" in elsewhere.stderr), elsewhere.stderr
+    assert "relative paths resolve from the current folder" in elsewhere.stderr
+    here = herd("check", "job.yaml", cwd=job_dir, env=DEFAULT_LOG)
+    assert here.stdout.strip().endswith("ok")
+    # A normal run prints its own lines only: no third-party notice, no structured log line.
+    assert here.stderr == "", here.stderr

@@ -1,0 +1,331 @@
+"""Attempts that converge, disks that fill, checkpoints that rot: the control loop stepped with a
+fake launcher and clock (tests/test_service_units.py's rig), real SQLite and real files."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+from coordinator.artifacts import AdapterStore
+from coordinator.domain import Checkpoint, EventKind, FileDigest, JobState
+from coordinator.recovery import RestartPolicy, control_loop, decide_restart
+from coordinator.scheduler import Scheduler
+from coordinator.store import Attempt, JobStore
+from herd.config import parse_config
+from herd.errors import StorageError
+from tests.test_service_units import Clock, FakeLauncher, job, worker
+
+
+def _job(workers: int = 2, iters: int = 10, max_restarts: int = 2):
+    j = job(workers=workers, iters=iters)
+    cfg = j.config.model_dump(exclude_unset=True)
+    cfg["cluster"] = {"workers": workers, "max_restarts": max_restarts}
+    j.config = parse_config(cfg)
+    return j
+
+
+def _ckpt(job_id: str, step: int, clock: Clock) -> Checkpoint:
+    return Checkpoint(job_id, step, [FileDigest("adapters.safetensors", "f" * 64, 1)],
+                      int(clock.t * 1000))
+
+
+class StopLog(FakeLauncher):
+    def stop_job(self, w, job_id, attempt=0):
+        self.stopped.append((w.worker_id, job_id, attempt))
+
+
+@pytest.fixture
+def rig(tmp_path):
+    workers = [worker(1), worker(2)]
+    launcher, clock = StopLog(), Clock()
+    s = Scheduler(JobStore(tmp_path / "db"), lambda: list(workers), launcher, clock,
+                  placement_timeout_s=600)
+    return s, workers, launcher, clock
+
+
+def _state(s, job_id):
+    got = s.store.get_job(job_id)
+    return got.state, got.attempt, got.message
+
+
+def test_restart_backoff_doubles_and_only_wasted_attempts_count():
+    """Pure policy: 5 s, 10 s, 20 s ... capped; an attempt that stored a checkpoint is not
+    wasted; three failures within the window are flapping."""
+    p = RestartPolicy(base_s=5, cap_s=30, flap_window_s=600)
+    ck = [Checkpoint("j", 4, [], created_ms=1_500)]
+    made = Attempt(1, ["w1"], 1_000, 2_000, "restarting")  # stored checkpoint 4
+    wasted = [Attempt(n, ["w1"], 2_000 + n, 3_000 + n, "restarting") for n in (2, 3)]
+    now = Attempt(4, ["w1"], 4_000, None, None)
+    d = decide_restart([made, now], ck, 5_000, max_restarts=1, retryable=True, policy=p)
+    assert (d.restart, d.wasted, d.delay_s, d.flapping) == (True, 1, 10, False)
+    made_now = Attempt(4, ["w1"], 1_000, None, None)  # this attempt itself stored checkpoint 4
+    assert decide_restart([made_now], ck, 5_000, 1, True, p).wasted == 0
+    assert not decide_restart([made_now], ck, 5_000, 0, True, p).restart  # 0: never
+    d = decide_restart([made, *wasted, now], ck, 5_000, max_restarts=2, retryable=True, policy=p)
+    assert (d.restart, d.wasted, d.recent, d.delay_s, d.flapping) == (False, 3, 4, 30, True)
+    d = decide_restart([made, *wasted, now], ck, 5_000, max_restarts=3, retryable=True, policy=p)
+    assert d.restart
+    d = decide_restart([now], ck, 5_000, max_restarts=5, retryable=False, policy=p)
+    assert not d.restart  # a rank that failed on its own fails again
+    # Failures older than the window no longer raise the backoff.
+    d = decide_restart([made, *wasted, now], ck, 5_000 + 700_000, 9, True, p)
+    assert (d.recent, d.delay_s) == (1, 5)
+
+
+def test_a_link_that_keeps_failing_backs_off_and_is_reported_as_flapping(rig):
+    s, workers, launcher, clock = rig
+    j = s.submit(_job(max_restarts=3))
+    s.tick()
+    s.on_checkpoint(_ckpt(j.job_id, 4, clock))  # attempt 1 made progress
+    delays = []
+    for attempt in (1, 2, 3, 4):
+        s.on_exit(j.job_id, attempt, 0, "w1", 5, "lost a peer of the MLX group")
+        state, _, message = _state(s, j.job_id)
+        assert state is JobState.RESTARTING, message
+        delays.append(int(re.search(r"restarting from checkpoint 4 in (\d+)s", message)[1]))
+        assert ("flapping: " in message) == (attempt >= 3), message
+        s.tick()
+        assert _state(s, j.job_id)[0] is JobState.RESTARTING  # not before its backoff
+        clock.t += delays[-1]
+        s.tick()
+        assert _state(s, j.job_id)[:2] == (JobState.RUNNING, attempt + 1)
+        assert launcher.started[-1].resume_step == 4
+    assert delays == [5, 10, 20, 40]
+    s.on_exit(j.job_id, 5, 1, "w2", 5, "lost a peer of the MLX group")
+    state, _, message = _state(s, j.job_id)
+    assert state is JobState.FAILED  # 4 attempts in a row stored nothing (max_restarts 3)
+    assert message.endswith("(attempt 5); 4 attempts in a row stored no new checkpoint "
+                            "(cluster.max_restarts: 3)")
+
+
+def test_stale_ranks_are_stopped_until_gone_and_a_jobs_own_dead_attempt_is_not_busy(rig):
+    """The cut-off worker's rank of attempt 1 survives its StopJob (the worker was unreachable);
+    when the worker reports it again, it is stopped again, every few seconds, while the new
+    attempt is placed on that same worker."""
+    s, workers, launcher, clock = rig
+    j = s.submit(_job())
+    s.tick()
+    for w in workers:
+        w.running_job_id, w.running_attempt = j.job_id, 1
+    s.on_worker_lost("w2")
+    assert _state(s, j.job_id)[0] is JobState.RESTARTING
+    launcher.stopped.clear()
+    clock.t += 5
+    s.tick()  # both still run attempt 1's ranks: stale, stopped, and yet free for attempt 2
+    state, attempt, _ = _state(s, j.job_id)
+    assert (state, attempt) == (JobState.RUNNING, 2)
+    assert sorted(w for w, _, _ in launcher.stopped) == ["w1", "w2"]
+    assert {a for _, _, a in launcher.stopped} == {1}  # never attempt 2's new ranks
+    s._pool.submit(lambda: None).result()
+    launcher.stopped.clear()
+    workers[0].running_attempt = 2  # w1 runs the new attempt now; w2 still reports attempt 1
+    s.tick()
+    assert launcher.stopped == []  # asked again only every STALE_STOP_EVERY_S
+    clock.t += 5
+    s.tick()
+    s._pool.submit(lambda: None).result()
+    assert launcher.stopped == [("w2", j.job_id, 1)]
+    workers[1].running_attempt = 2
+    launcher.stopped.clear()
+    clock.t += 5
+    s.tick()
+    s._pool.submit(lambda: None).result()
+    assert launcher.stopped == []
+
+
+def test_no_success_without_the_final_adapter_and_a_full_disk_fails_the_job(rig):
+    s, workers, launcher, clock = rig
+    a = s.submit(_job(iters=8))
+    s.tick()
+    clock.t += 1
+    b = s.submit(_job(iters=6))
+    s.on_checkpoint(_ckpt(a.job_id, 4, clock))  # the final one (8) never arrived
+    s.on_exit(a.job_id, 1, 0, "w1", 0, "")
+    s.on_exit(a.job_id, 1, 1, "w2", 0, "")
+    state, _, message = _state(s, a.job_id)
+    assert state is JobState.FAILED
+    assert message == ("every rank finished, but the final adapter (checkpoint 8) was never "
+                       "stored on the coordinator; see the job's log lines")
+    clock.t += 1
+    s.tick()
+    s.on_storage_failed(b.job_id, 2, "the coordinator's disk holding /x is full")
+    state, _, message = _state(s, b.job_id)
+    assert state is JobState.FAILED
+    assert message == ("checkpoint 2 could not be stored on the coordinator: the coordinator's "
+                       "disk holding /x is full")
+    assert ("w1", b.job_id, 1) in launcher.stopped and ("w2", b.job_id, 1) in launcher.stopped
+
+
+def _store_checkpoint(store: AdapterStore, job_id: str, step: int, data: bytes, now: int):
+    files = [FileDigest("adapters.safetensors", hashlib.sha256(data).hexdigest(), len(data))]
+    return store.receive(job_id, step, files, iter([("adapters.safetensors", data)]), now)
+
+
+def test_a_damaged_checkpoint_is_skipped_for_the_previous_good_one(tmp_path):
+    adapters = AdapterStore(tmp_path / "adapters")
+    workers = [worker(1), worker(2)]
+    launcher, clock = StopLog(), Clock()
+    s = Scheduler(JobStore(tmp_path / "db"), lambda: list(workers), launcher, clock,
+                  verify_checkpoint=adapters.verify)
+    j = s.submit(_job())
+    s.tick()
+    for step in (2, 4, 6):
+        s.on_checkpoint(_store_checkpoint(adapters, j.job_id, step, bytes([step]) * 100,
+                                          int(clock.t * 1000)))
+    path = adapters.step_dir(j.job_id, 6) / "adapters.safetensors"
+    path.write_bytes(b"\x07" + path.read_bytes()[1:])  # one byte flipped at rest
+    (adapters.step_dir(j.job_id, 4) / "adapters.safetensors").unlink()
+    s.on_exit(j.job_id, 1, 0, "w1", -9, "killed")
+    clock.t += 5
+    s.tick()
+    assert _state(s, j.job_id)[:2] == (JobState.RUNNING, 2)
+    assert {la.resume_step for la in launcher.started[-2:]} == {2}
+    logs = [e.message for e in s.store.events(j.job_id) if e.kind is EventKind.LOG]
+    assert ("checkpoint 6 is damaged (adapters.safetensors does not match its sha256); skipped, "
+            "resuming from the one before it") in logs
+    assert ("checkpoint 4 is damaged (adapters.safetensors is missing); skipped, resuming from "
+            "the one before it") in logs
+
+
+@contextlib.contextmanager
+def tiny_disk(path: Path, size: str):
+    """A real small tmpfs (root only): a disk that fills."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                   check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def _fill(folder: Path) -> Path:
+    ballast = folder / "ballast"
+    with open(ballast, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    return ballast
+
+
+def test_a_full_disk_is_a_health_state_and_a_clear_refusal_not_a_traceback_loop(tmp_path,
+                                                                                capsys):
+    """SQLite on a real full disk: writes raise StorageError naming the database and its disk,
+    the loop logs the degradation once (not once per tick) and says when it recovers; a
+    checkpoint that does not fit is refused before a byte is written."""
+    with tiny_disk(tmp_path / "disk", "1m") as disk:
+        store = JobStore(disk / "herd.db")
+        adapters = AdapterStore(disk / "adapters")
+        workers = [worker(1), worker(2)]
+        clock = Clock()
+        s = Scheduler(store, lambda: list(workers), StopLog(), clock)
+        s.submit(_job())
+        ballast = _fill(disk)
+        with pytest.raises(StorageError) as e:
+            s.submit(_job(iters=12))
+        assert f"the job database {disk / 'herd.db'} cannot be written" in e.value.message
+        assert "MB free on its disk" in e.value.message
+        assert s.health == e.value.message
+        with pytest.raises(StorageError, match=f"disk holding {disk / 'adapters'} is full"):
+            _store_checkpoint(adapters, "j-1", 2, b"x" * 1000, 0)
+        assert not list((disk / "adapters").rglob("*.safetensors"))
+        stop = threading.Event()
+        loop = threading.Thread(target=control_loop, args=(s, stop, 0.01))
+        loop.start()
+        try:
+            # The queued job cannot be placed (its state change cannot be written): the loop
+            # waits out the degradation (5 s between tries) instead of a traceback per tick.
+            stop.wait(1.0)
+            ballast.unlink()  # space again: the next write clears the health state
+            for _ in range(600):
+                if store.list_jobs()[0].state is JobState.RUNNING:
+                    break
+                stop.wait(0.05)
+        finally:
+            stop.set()
+            loop.join(timeout=30)
+        err = capsys.readouterr().err
+        assert err.count("coordinator_degraded") == 1, err
+        assert "scheduler_tick_failed" not in err
+        assert s.health == "" and store.list_jobs()[0].state is JobState.RUNNING
+        store.close()
+
+
+def test_a_job_that_lost_a_worker_for_good_shrinks_and_grows_back_at_a_checkpoint(tmp_path):
+    workers = [worker(1), worker(2)]
+    launcher, clock = StopLog(), Clock()
+    s = Scheduler(JobStore(tmp_path / "db"), lambda: list(workers), launcher, clock,
+                  elastic_grace_s=60)
+    j = s.submit(_job(iters=40))
+    s.tick()
+    s.on_checkpoint(_ckpt(j.job_id, 8, clock))
+    lost = workers.pop(1)
+    s.on_worker_lost(lost.worker_id)
+    clock.t += 30
+    s.tick()
+    assert _state(s, j.job_id)[0] is JobState.RESTARTING  # within the grace period: it waits
+    clock.t += 31
+    s.tick()
+    state, attempt, message = _state(s, j.job_id)
+    assert (state, attempt) == (JobState.RUNNING, 2)
+    placing = [e.message for e in s.store.events(j.job_id) if e.state is JobState.PLACING][-1]
+    assert placing == ("starting 1 ranks on w1, resuming from checkpoint 8; shrunk to 1 of 2 "
+                       "workers after waiting 61s for the rest (same global batch: 4 examples "
+                       "per rank); it grows back at a checkpoint once workers return")
+    one = launcher.started[-1]
+    assert (one.rank, one.ring_hosts, one.resume_step) == (0, ["10.0.0.1:8001"], 8)
+    s.on_checkpoint(_ckpt(j.job_id, 12, clock))  # nobody is back yet: it carries on
+    assert _state(s, j.job_id)[0] is JobState.RUNNING
+    workers.append(lost)  # back
+    s.on_checkpoint(_ckpt(j.job_id, 16, clock))
+    state, _, message = _state(s, j.job_id)
+    assert (state, message) == (JobState.RESTARTING, "growing back to 2 workers from checkpoint "
+                                "16: enough are free again")
+    s.tick()
+    assert _state(s, j.job_id)[:2] == (JobState.RUNNING, 3)
+    assert [la.resume_step for la in launcher.started[-2:]] == [16, 16]
+    assert [a.outcome for a in s.store.attempt_history(j.job_id)] == [
+        "restarting", "grown", None]
+
+
+def test_a_rank_that_cannot_reach_the_coordinator_at_start_is_retried(rig):
+    """A worker whose link just came back may not reach the coordinator yet (its neighbour
+    cache still says unreachable): another attempt, not a failed job. A bad model path, which
+    another attempt cannot fix, still fails it."""
+    from herd.errors import PeerLostError, PlacementError
+
+    s, workers, launcher, clock = rig
+    errors = [PeerLostError("198.18.0.1:7450 is unreachable: No route to host")]
+
+    def start_rank(launch):
+        if launch.rank == 1 and errors:
+            raise errors.pop()
+        launcher.started.append(launch)
+
+    launcher.start_rank = start_rank
+    j = s.submit(_job())
+    s.tick()
+    state, _, message = _state(s, j.job_id)
+    assert state is JobState.RESTARTING, message
+    assert message.startswith("attempt 1 failed: rank 1 could not start on w2: 198.18.0.1:7450 "
+                              "is unreachable")
+    clock.t += 5
+    s.tick()
+    assert _state(s, j.job_id)[:2] == (JobState.RUNNING, 2)
+    k = s.submit(_job(iters=7))
+    workers += [worker(3), worker(4)]
+    errors.append(PlacementError("model path /m does not exist on worker w4"))
+    s.tick()
+    assert _state(s, k.job_id)[0] is JobState.FAILED
