@@ -21,13 +21,15 @@ clock, applied by the scheduler (coordinator/scheduler.py), so tests step them w
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass
 
 from coordinator.domain import Checkpoint, Job, WorkerRecord
 from coordinator.store import Attempt
 from herd import log
-from herd.errors import PeerLostError, StorageError
+from herd.config import JobConfig, parse_config
+from herd.errors import NumericalError, PeerLostError, StorageError
 
 STALE_STOP_EVERY_S = 5.0
 # A rank killed by a signal (its agent's watchdog included), a lost peer (PeerLostError's exit
@@ -42,6 +44,27 @@ def retryable(exit_code: int | None) -> bool:
 
 
 logger = log.get(__name__)
+
+
+def rollbacks_done(cfg: JobConfig) -> int:
+    """How many times the job's learning rate was lowered (cluster.lr_scale = factor ** n)."""
+    c = cfg.cluster
+    return round(math.log(c.lr_scale) / math.log(c.rollback_lr_factor))
+
+
+def rollback_config(cfg: JobConfig, exit_code: int | None) -> JobConfig | None:
+    """The config a rollback restarts with after a non-finite step, when the job asked for it
+    (cluster.on_non_finite: rollback): the learning rate (or its schedule) times
+    rollback_lr_factor once more. None: the job fails instead (not asked for, another failure,
+    or max_rollbacks used). The ranks resume from the last checkpoint as after any restart; the
+    step that went non-finite was never applied, so that checkpoint is good."""
+    c = cfg.cluster
+    if (exit_code != NumericalError.exit_code or c.on_non_finite != "rollback"
+            or rollbacks_done(cfg) >= c.max_rollbacks):
+        return None
+    raw = cfg.model_dump(mode="json", exclude_unset=True)
+    raw.setdefault("cluster", {})["lr_scale"] = c.lr_scale * c.rollback_lr_factor
+    return parse_config(raw, "the rolled-back config")
 
 
 @dataclass(frozen=True)

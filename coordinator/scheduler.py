@@ -43,7 +43,13 @@ from coordinator.placement import (
     wait_or_fail,
 )
 from coordinator.reconcile import Reconciler
-from coordinator.recovery import RestartPolicy, decide_restart, retryable
+from coordinator.recovery import (
+    RestartPolicy,
+    decide_restart,
+    retryable,
+    rollback_config,
+    rollbacks_done,
+)
 from coordinator.store import JobStore
 from herd import log
 from herd.errors import ConfigError, HerdError, PeerLostError
@@ -121,6 +127,17 @@ class Scheduler:
         max_restarts = job.config.cluster.max_restarts
         self.reconcile.forget(job.job_id)
         now = self.now_ms()
+        if (lowered := rollback_config(job.config, exit_code)) is not None:
+            ckpts = self.store.checkpoints(job.job_id)
+            start = f"to checkpoint {ckpts[-1].step}" if ckpts else "to the start"
+            c = lowered.cluster
+            job.config = lowered  # stored with the state below: every later attempt uses it
+            self._not_before[job.job_id] = now  # nothing to wait for: no peer or link failed
+            self._set_state(job, JobState.RESTARTING,
+                            f"attempt {job.attempt} failed: {reason}; rolling back {start} with "
+                            f"the learning rate x{c.lr_scale:g} (rollback {rollbacks_done(lowered)}"
+                            f" of {c.max_rollbacks}: cluster.on_non_finite)")
+            return
         d = decide_restart(self.store.attempt_history(job.job_id),
                            self.store.checkpoints(job.job_id), now, max_restarts,
                            retryable(exit_code), self.restart_policy)
@@ -137,6 +154,10 @@ class Scheduler:
             tried = f" (attempt {job.attempt})" if job.attempt > 1 else ""
             wasted = (f"; {d.wasted} attempts in a row stored no new checkpoint "
                       f"(cluster.max_restarts: {max_restarts})" if retryable(exit_code) else "")
+            if n := rollbacks_done(job.config):
+                wasted += (f"; still not finite after {n} rollbacks (learning rate "
+                           f"x{job.config.cluster.lr_scale:g}; cluster.max_rollbacks: "
+                           f"{job.config.cluster.max_rollbacks})")
             self._set_state(job, JobState.FAILED, reason + tried + wasted)
 
     # --- entry points ----------------------------------------------------------------------

@@ -226,6 +226,15 @@ def herd(*args: str, env: dict | None = None, timeout: float = 240, check: bool 
     return proc
 
 
+def up_worker_ids(home: Path, n: int) -> list[str]:
+    """The ids `herd up` gives its ``n`` workers with the CA in ``home``/tls."""
+    from herd.cli.up import worker_id
+    from herd.rpc import pki
+
+    ca = pki.Authority.load(home / "tls")
+    return [worker_id(ca, i) for i in range(1, n + 1)]
+
+
 def start_ranks(argv: list[str], world: int, extra_env: dict | None = None,
                 hostfile_dir: Path | None = None):
     """Start `world` ranks of `python -m herd ...` directly (MLX_RANK + MLX_HOSTFILE, as FACTS.md

@@ -25,7 +25,10 @@ from tests.conftest import (
 from tests.netherd import HerdNet
 
 SAVE_EVERY = 4
-JOB = dict(iters=120, save_every=SAVE_EVERY, steps_per_report=4, **SAME_UPDATE)
+# A step of the tiny model takes milliseconds: each fault, from the checkpoint that triggers it
+# to the next fault, costs the job 4-20 iterations while the test reacts, and a fast machine
+# ran out of iterations before the sixth fault with 120 (CI). 320 leaves room for any speed.
+JOB = dict(iters=320, save_every=SAVE_EVERY, steps_per_report=4, **SAME_UPDATE)
 # Coordinator options: restarts after 0.5 s, doubling (the policy itself is unit-tested), and a
 # lost worker is given up on (the job shrinks) after ELASTIC_GRACE_S: longer than the tests' cuts.
 ELASTIC_GRACE_S = 20.0

@@ -46,6 +46,26 @@ def test_round_trip_restores_weights_and_optimizer(tmp_path):
     assert fresh_opt.state["step"].item() == 3
 
 
+def test_a_resumed_optimizer_keeps_the_configs_learning_rate_and_the_saved_moments(tmp_path):
+    """A rollback resumes with a lower rate (cluster.lr_scale): the checkpoint's saved rate must
+    not put the old one back; everything else is the checkpoint's."""
+    model, opt = _trained(3)
+    folder = _save(tmp_path, model, opt, 3)
+    fresh, lower = Tiny(), optim.Adam(learning_rate=2.5e-3)
+    ck.load_checkpoint(folder, fresh, lower)
+    assert lower.learning_rate.item() == pytest.approx(2.5e-3)
+    assert mx.array_equal(lower.state["a"]["weight"]["m"], opt.state["a"]["weight"]["m"]).item()
+    _, g = nn.value_and_grad(fresh, lambda m, x: (m.a(x) ** 2).sum())(fresh, mx.ones((2, 4)))
+    before = fresh.a.weight
+    lower.update(fresh, g)
+    assert lower.learning_rate.item() == pytest.approx(2.5e-3)  # and the update uses it
+    same, again = Tiny(), optim.Adam(learning_rate=1e-2)
+    ck.load_checkpoint(folder, same, again)
+    again.update(same, g)
+    moved = mx.abs(fresh.a.weight - before).max().item()
+    assert moved == pytest.approx(mx.abs(same.a.weight - before).max().item() / 4, rel=1e-3)
+
+
 def test_crash_mid_write_keeps_previous_latest(tmp_path, monkeypatch):
     model, opt = _trained(1)
     first = _save(tmp_path, model, opt, 1)

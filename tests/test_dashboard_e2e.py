@@ -21,7 +21,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import free_ports, write_job
+from tests.conftest import free_ports, up_worker_ids, write_job
 from tests.test_service_e2e import HOST, Cluster
 
 pytestmark = pytest.mark.slow
@@ -110,7 +110,8 @@ def live(cluster, token, browser, job_yaml, tmp_path_factory):
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.goto(cluster.url + "/")
-    page.wait_for_selector("#workers tr[data-worker='worker-2']", timeout=60_000)
+    page.wait_for_selector(f"#workers tr[data-worker='{up_worker_ids(cluster.home, 2)[1]}']",
+                           timeout=60_000)
     loaded_at = page.evaluate("window.__herdLoadedAt")
     page.evaluate(RECORDER)
     scrapes: list[str] = []
@@ -137,14 +138,15 @@ def live(cluster, token, browser, job_yaml, tmp_path_factory):
                                                    "rows => rows.map(r => r.dataset.worker)"),
               "points": int(page.get_attribute("#chart-loss", "data-points")),
               "canvas": page.locator("#chart-loss canvas").count(), "scrapes": scrapes,
-              "errors": errors, "url": page.url, "html": page.content()}
+              "errors": errors, "url": page.url, "html": page.content(),
+              "ids": up_worker_ids(cluster.home, 2)}
     page.close()
     return result
 
 
 def test_the_dashboard_shows_workers_progress_and_a_live_loss_chart(live):
     assert live["errors"] == []
-    assert live["workers"] == ["worker-1", "worker-2"]
+    assert live["workers"] == live["ids"]
     seen = [s for s in live["seen"] if s["job"] == live["job_id"]]
     running = [s for s in seen if s["state"] == "running"]
     progress = sorted({s["it"] for s in running})
@@ -186,7 +188,8 @@ def test_metrics_parse_and_their_counters_move_while_the_job_runs(live):
     assert len({i for i in iterations if 0 < i < ITERS}) >= 1, iterations  # seen mid-run
     assert iterations[-1] == ITERS and tokens[-1] > tokens[0] >= 0
     last = scrapes[-1]
-    assert last["herd_worker_info:worker-1"] == last["herd_worker_info:worker-2"] == 1
+    w1, w2 = live["ids"]
+    assert last[f"herd_worker_info:{w1}"] == last[f"herd_worker_info:{w2}"] == 1
     for rank in (0, 1):
         assert last[f"herd_rank_exchange_bytes_total:{rank}"] > 0
         assert 0 < last[f"herd_rank_exchange_seconds_total:{rank}"] < \

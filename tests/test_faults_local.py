@@ -195,11 +195,17 @@ def test_a_damaged_latest_checkpoint_resumes_from_the_one_before(local, tmp_path
     assert rel <= SAME_UPDATE_RTOL, f"resumed adapter differs from one process by {rel:.2e}"
 
 
+@pytest.mark.parametrize("layout", [{}, {"parallelism": {"data": 1, "pipeline": 2}}],
+                         ids=["data-parallel", "pipeline"])
 def test_an_infinite_learning_rate_fails_at_the_first_non_finite_step(local, tmp_path,
-                                                                      tiny_model, tiny_data):
+                                                                      tiny_model, tiny_data,
+                                                                      layout):
+    """On data-parallel ranks (the summed gradient is the same on each) and on pipeline stages
+    (each holds its own blocks' gradients: the check sums them over every stage first), every
+    rank stops at the same step with the same message."""
     local.wait_idle()
     cfg = write_job(tmp_path / "inf.yaml", tiny_model, tiny_data, iters=40, optimizer="sgd",
-                    cluster={"workers": 2, "max_restarts": 2})
+                    cluster={"workers": 2, "max_restarts": 2, **layout})
     cfg.write_text(cfg.read_text().replace("learning_rate: 0.001", "learning_rate: .inf"))
     job_id = local.herd("submit", str(cfg)).stdout.strip().splitlines()[-1]
     watch = local.herd("watch", job_id, "--plain", check=False)
@@ -210,6 +216,35 @@ def test_an_infinite_learning_rate_fails_at_the_first_non_finite_step(local, tmp
                      r"iteration 2 \(optimizer step 2\): gradient norm nan", watch.stdout), \
         watch.stdout[-3000:]
     assert "state restarting" not in watch.stdout
+
+
+def test_a_job_that_asked_for_rollback_retries_the_non_finite_steps_with_a_lower_rate(
+        local, tmp_path, tiny_model, tiny_data):
+    """cluster.on_non_finite: rollback. SGD at 1e30 makes step 2 NaN (no checkpoint yet): the
+    job rolls back to the start with the rate x1e-33 and succeeds, and its adapter is the one a
+    single process trains at that rate (so the ranks were given it)."""
+    local.wait_idle()
+    kw = dict(iters=8, save_every=4, **{**SAME_UPDATE, "learning_rate": 1e30})
+    cfg = write_job(tmp_path / "rb.yaml", tiny_model, tiny_data, **kw,
+                    cluster={"workers": 2, "on_non_finite": "rollback",
+                             "rollback_lr_factor": 1e-33, "max_rollbacks": 1})
+    job_id = local.herd("submit", str(cfg)).stdout.strip().splitlines()[-1]
+    watch = local.herd("watch", job_id, "--plain", check=False)
+    assert watch.returncode == 0, watch.stdout[-3000:]
+    assert re.search(r"state restarting: attempt 1 failed: rank \d on \S+ exited with code 9: "
+                     r"non-finite gradient at iteration 2 [\s\S]*?; rolling back to the start "
+                     r"with the "
+                     r"learning rate x1e-33 \(rollback 1 of 1: cluster.on_non_finite\)",
+                     watch.stdout), watch.stdout[-3000:]
+    local.herd("pull", job_id, "-o", str(tmp_path / "pulled"))
+    single = write_job(tmp_path / "single.yaml", tiny_model, tiny_data, **kw,
+                       adapter_path=str(tmp_path / "single"), cluster={"lr_scale": 1e-33})
+    proc = subprocess.run([sys.executable, "-m", "herd", "train", str(single), "--quiet"],
+                          env=local.env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rel = update_diff(load_adapter(tmp_path / "pulled"), load_adapter(tmp_path / "single"),
+                      initial_adapter(single))
+    assert rel <= SAME_UPDATE_RTOL, f"rolled-back adapter differs from one process by {rel:.2e}"
 
 
 def test_a_stopped_pipeline_stage_is_found_by_its_peers_watchdog_and_the_job_resumes(

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import free_ports, write_job
+from tests.conftest import free_ports, up_worker_ids, write_job
 
 pytestmark = pytest.mark.slow
 HOST = "127.0.0.1"
@@ -107,7 +107,7 @@ def test_up_detach_uses_only_the_workers_it_started(cluster):
     assert f"coordinator at {cluster.address}, {WORKERS} workers, in the background" in up.stdout
     assert "herd down" in up.stdout
     workers = json.loads(cluster.ok("workers", "--json").stdout)
-    assert sorted(w["worker_id"] for w in workers) == [f"worker-{i}" for i in range(1, 5)]
+    assert sorted(w["worker_id"] for w in workers) == up_worker_ids(cluster.home, 4)
     # A second `herd up` on the same state folder is refused, naming who holds it.
     again = cluster.herd("up", "--detach", "--port", free_ports(1)[0], "--state-dir",
                          cluster.state)

@@ -97,7 +97,8 @@ def _fetched(lines: list[str]) -> dict[str, tuple]:
     for ln in lines:
         if m := FETCHED.search(ln):
             rank, worker, source, *numbers = m.groups()
-            out[worker] = (int(rank), source, *map(int, numbers))
+            # `herd up`'s worker-N-TAG, as its state folder names it: worker-N
+            out[re.sub(r"-[0-9a-f]{4}$", "", worker)] = (int(rank), source, *map(int, numbers))
     return out
 
 

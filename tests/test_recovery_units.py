@@ -15,11 +15,11 @@ import pytest
 
 from coordinator.artifacts import AdapterStore
 from coordinator.domain import Checkpoint, EventKind, FileDigest, JobState
-from coordinator.recovery import RestartPolicy, control_loop, decide_restart
+from coordinator.recovery import RestartPolicy, control_loop, decide_restart, rollback_config
 from coordinator.scheduler import Scheduler
 from coordinator.store import Attempt, JobStore
 from herd.config import parse_config
-from herd.errors import StorageError
+from herd.errors import NumericalError, PeerLostError, StorageError
 from tests.test_service_units import Clock, FakeLauncher, job, worker
 
 
@@ -103,6 +103,41 @@ def test_a_link_that_keeps_failing_backs_off_and_is_reported_as_flapping(rig):
     assert state is JobState.FAILED  # 4 attempts in a row stored nothing (max_restarts 3)
     assert message.endswith("(attempt 5); 4 attempts in a row stored no new checkpoint "
                             "(cluster.max_restarts: 3)")
+
+
+def test_a_non_finite_step_rolls_back_with_a_lower_learning_rate_only_when_asked(rig):
+    """cluster.on_non_finite: rollback: a rank's NumericalError (exit 9) restarts the job at once
+    from its last checkpoint with the learning rate times rollback_lr_factor, each time lower,
+    max_rollbacks times; then (and without the option, or on another failure) it fails."""
+    s, workers, launcher, clock = rig
+    j = _job(max_restarts=0)  # rollbacks are not restarts: max_restarts 0 does not stop them
+    cfg = j.config.model_dump(exclude_unset=True)
+    cfg["cluster"].update(on_non_finite="rollback", rollback_lr_factor=0.25, max_rollbacks=2)
+    j.config = parse_config(cfg)
+    assert rollback_config(j.config, PeerLostError.exit_code) is None  # not a numerical failure
+    plain = _job()
+    assert rollback_config(plain.config, NumericalError.exit_code) is None  # not asked for
+    j = s.submit(j)
+    s.tick()
+    s.on_checkpoint(_ckpt(j.job_id, 4, clock))
+    for attempt, scale in ((1, 0.25), (2, 0.0625)):
+        s.on_exit(j.job_id, attempt, 0, "w1", NumericalError.exit_code,
+                  "non-finite gradient at iteration 6")
+        state, _, message = _state(s, j.job_id)
+        assert state is JobState.RESTARTING, message
+        assert message.endswith(f"rolling back to checkpoint 4 with the learning rate x{scale:g} "
+                                f"(rollback {attempt} of 2: cluster.on_non_finite)"), message
+        s.tick()  # at once: no backoff
+        assert _state(s, j.job_id)[:2] == (JobState.RUNNING, attempt + 1)
+        started = launcher.started[-1]
+        assert started.resume_step == 4
+        assert started.job.config.cluster.lr_scale == scale  # what the ranks are sent
+        assert s.store.get_job(j.job_id).config.cluster.lr_scale == scale  # and kept
+    s.on_exit(j.job_id, 3, 0, "w1", NumericalError.exit_code, "non-finite gradient at iteration 6")
+    state, _, message = _state(s, j.job_id)
+    assert state is JobState.FAILED and message.endswith(
+        "non-finite gradient at iteration 6 (attempt 3); still not finite after 2 rollbacks "
+        "(learning rate x0.0625; cluster.max_rollbacks: 2)"), message
 
 
 def test_stale_ranks_are_stopped_until_gone_and_a_jobs_own_dead_attempt_is_not_busy(rig):

@@ -46,6 +46,13 @@ def _authority(folder: Path) -> pki.Authority:
     return ca
 
 
+def worker_id(ca: pki.Authority, n: int) -> str:
+    """`herd up`'s n-th worker: ``worker-N-TAG``, TAG from this cluster's CA, so two clusters on
+    one machine (two HERD_HOMEs, each advertising on loopback) never announce the same id; the
+    same state folder keeps its ids across restarts. (Its folder stays ``worker-N``.)"""
+    return f"worker-{n}-{ca.fingerprint()[:4]}"
+
+
 def _worker_tls(ca: pki.Authority, folder: Path, worker_id: str) -> Path:
     """The worker's certificate in its state dir: kept while it is this CA's, else made anew."""
     try:
@@ -210,14 +217,14 @@ def run(args) -> int:
               file=sys.stderr)
         return 1
     for i, port in enumerate(ports):
-        name = f"worker-{i + 1}"
+        name, folder = worker_id(ca, i + 1), state / f"worker-{i + 1}"
         cmd = ["worker", "--host", HOST, "--port", str(port), "--id", name,
-               "--state-dir", str(state / name), "--keep-attempts", str(args.keep_attempts),
-               "--tls-dir", str(_worker_tls(ca, state / name / "tls", name))]
+               "--state-dir", str(folder), "--keep-attempts", str(args.keep_attempts),
+               "--tls-dir", str(_worker_tls(ca, folder / "tls", name))]
         for root in args.model_root or ["/"]:
             cmd += ["--model-root", root]
         cmd += ["--allow-remote-code"] if args.allow_remote_code else []
-        spawn(name, cmd + (["--memory", args.memory] if args.memory else []))
+        spawn(folder.name, cmd + (["--memory", args.memory] if args.memory else []))
     address = f"{HOST}:{args.port}"
     (state / "coordinator.address").write_text(address + "\n")
     print(f"herd up: coordinator at {address}, {args.workers} workers, logs in {state}\n"

@@ -16,12 +16,14 @@ from worker.pipeline.topology import Topology
 
 
 class Link(Protocol):
-    """Point-to-point transport between neighbouring stages (no autodiff through it)."""
+    """Point-to-point transport between neighbouring stages (no autodiff through it), and a sum over
+    every rank (the finiteness check)."""
 
     seconds: float  # time spent inside send/recv, for the benchmark
 
     def send(self, x: mx.array, dst: int) -> None: ...
     def recv(self, shape: tuple[int, ...], dtype: mx.Dtype, src: int) -> mx.array: ...
+    def sum_all(self, x: mx.array) -> mx.array: ...
 
 
 class MLXLink:
@@ -42,6 +44,12 @@ class MLXLink:
         y = mx.distributed.recv(shape, dtype, self.topo.stage_ranks[src], group=self.group)
         mx.eval(y)
         self.seconds += time.perf_counter() - tic
+        return y
+
+    def sum_all(self, x: mx.array) -> mx.array:
+        """x summed over every rank of the job (every stage of every pipeline)."""
+        y = mx.distributed.all_sum(x, group=self.group)
+        mx.eval(y)
         return y
 
     def sum_with_peer(self, x: mx.array) -> mx.array:
@@ -88,3 +96,6 @@ class WatchedLink:
 
     def sum_with_peer(self, x: mx.array) -> mx.array:
         return self._watched("all_sum", self.inner.sum_with_peer, x)
+
+    def sum_all(self, x: mx.array) -> mx.array:
+        return self._watched("all_sum", self.inner.sum_all, x)

@@ -44,7 +44,14 @@ from worker.pipeline.stage import Stage, StageSpec, build_stage
 from worker.pipeline.topology import Topology
 from worker.pipeline.train import PipelineRun, train_stage
 from worker.rank.checkpoint import TrainerState, load_checkpoint, resolve_resume, save_checkpoint
-from worker.rank.events import CheckpointSaved, Done, EventLog, StageDone, TrainReport
+from worker.rank.events import (
+    CheckpointSaved,
+    Done,
+    EventLog,
+    RankFailed,
+    StageDone,
+    TrainReport,
+)
 from worker.rank.heartbeat import Heartbeat
 from worker.rank.model import adapter_config, build_optimizer, read_model_config
 from worker.rank.runtime import reuse_freed_memory
@@ -222,6 +229,7 @@ def run_stage(job: JobConfig, opts: StageOptions) -> int:
         _refuse_single_process_keys(job)
         return _run(job, opts)
     except HerdError as e:
+        EventLog(opts.metrics_file).append(RankFailed(str(e)))  # the reason its agent reports
         print(f"pipeline stage: {e}", file=sys.stderr)
         return e.exit_code
 

@@ -23,7 +23,7 @@ from worker.pipeline.stage import Stage
 from worker.pipeline.step import pipeline_step, position_seed
 from worker.rank.batches import BatchStream, DataOrder
 from worker.rank.model import build_optimizer
-from worker.rank.trainer import LoopArgs, checkpoint_due, data_order
+from worker.rank.trainer import LoopArgs, checkpoint_due, data_order, raise_if_not_finite
 
 
 @dataclass
@@ -64,6 +64,21 @@ def _sum_replicas(link: MLXLink, grads: dict, ntoks: int, loss: float) -> tuple[
     return summed, int(round(total)), loss_sum
 
 
+def _check_finite_everywhere(link: Link, grads: dict, loss: float, it: int, accum: int,
+                             learning_rate: float) -> None:
+    """The trainer's check (worker/rank/trainer.py check_finite) over the whole model: each stage
+    holds only its own blocks' gradients, and one stage may overflow where the others do not, so
+    the squared norms (and the last stages' losses) are summed over every rank first. Every stage
+    then raises together, at the same step, before any of them applies its update: none is left
+    a step ahead, and none waits on a peer that has already exited. (One small all-reduce per
+    optimizer step: a scalar pair.)"""
+    norm2 = sum((mx.sum(mx.square(g.astype(mx.float32))) for _, g in tree_flatten(grads)),
+                mx.array(0.0))
+    both = link.sum_all(mx.stack([norm2, mx.array(loss, dtype=mx.float32)])).tolist()
+    raise_if_not_finite(both[0], both[1], it, accum, learning_rate,
+                        whose="the loss summed over the last stages")
+
+
 def train_stage(job: JobConfig, stage: Stage, link: Link, train_set, microbatches: int,
                 dp_rank: int = 0, dp_size: int = 1, iters: int | None = None,
                 on_step: Callable[[dict], None] | None = None, optimizer=None, start: int = 0,
@@ -101,6 +116,8 @@ def train_stage(job: JobConfig, stage: Stage, link: Link, train_set, microbatche
         if it % accum == 0:
             if dp_size > 1:
                 acc, acc_tokens, acc_loss = _sum_replicas(link, acc, acc_tokens, acc_loss)
+            _check_finite_everywhere(link, acc, acc_loss, it, accum,
+                                     optimizer.learning_rate.item())
             if tree_flatten(acc):  # a stage before the adapted blocks only relays
                 optimizer.update(stage.model, acc)
                 mx.eval(stage.model.parameters(), optimizer.state)

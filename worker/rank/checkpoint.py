@@ -333,7 +333,12 @@ def load_checkpoint(folder: Path, model, optimizer) -> TrainerState:
     """Restore adapter weights and optimizer state in place; return the trainer state."""
     verify_manifest(folder)
     model.load_weights(str(folder / ADAPTERS), strict=False)
+    # The learning rate is the config's, not the one saved: the same on a plain resume, lower
+    # after a rollback (cluster.lr_scale). A schedule recomputes it before every update anyway.
+    lr = optimizer.state.get("learning_rate")
     optimizer.state = tree_unflatten(list(mx.load(str(folder / STATE_TENSORS)).items()))
+    if lr is not None:
+        optimizer.state["learning_rate"] = lr
     fields = json.loads((folder / STATE_JSON).read_text())
     if fields.get("random_key") is not None:
         fields["random_key"] = tuple(fields["random_key"])

@@ -81,6 +81,8 @@ def apply_adapters(model: nn.Module, job: JobConfig) -> None:
 
 def build_optimizer(job: JobConfig) -> optim.Optimizer:
     lr = build_schedule(job.lr_schedule.model_dump()) if job.lr_schedule else job.learning_rate
+    if (scale := job.cluster.lr_scale) != 1.0:  # lowered by a rollback (coordinator/scheduler.py)
+        lr = (lambda step, sched=lr: scale * sched(step)) if callable(lr) else lr * scale
     classes = {
         "adam": optim.Adam,
         "adamw": optim.AdamW,

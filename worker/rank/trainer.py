@@ -153,12 +153,18 @@ def check_finite(grads: dict[str, mx.array], step_loss: mx.array, it: int, accum
     """Raises NumericalError when the step's gradient (summed over every rank: the same on each)
     is not finite. Checked before the update, so a NaN never reaches the adapter."""
     norm2 = sum(mx.sum(mx.square(g.astype(mx.float32))) for g in grads.values())
-    norm2, loss = norm2.item(), step_loss.item()
+    raise_if_not_finite(norm2.item(), step_loss.item(), it, accum, learning_rate)
+
+
+def raise_if_not_finite(norm2: float, loss: float, it: int, accum: int, learning_rate: float,
+                        whose: str = "this rank's loss") -> None:
+    """check_finite on the squared gradient norm and the loss already computed (a pipeline
+    stage sums them over every stage first: worker/pipeline/train.py)."""
     if math.isfinite(norm2):
         return
     raise NumericalError(
         f"non-finite gradient at iteration {it} (optimizer step {it // accum}): gradient norm "
-        f"{math.sqrt(norm2) if norm2 >= 0 else norm2}, this rank's loss {loss}; the step's update "
+        f"{math.sqrt(norm2) if norm2 >= 0 else norm2}, {whose} {loss}; the step's update "
         "was not applied",
         hint=f"lower learning_rate (it is {learning_rate:g}) or look at the data of that step; "
         "the last checkpoint is still good")
