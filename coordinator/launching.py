@@ -6,6 +6,7 @@ no rank waits on another's download."""
 from __future__ import annotations
 
 from concurrent.futures import Executor
+from dataclasses import replace
 from typing import Callable, Protocol
 
 from coordinator.backend import Backend
@@ -13,6 +14,7 @@ from coordinator.domain import FetchProgress, Job, ModelSource, RankLaunch, Work
 from coordinator.placement import Placement
 from coordinator.planner.network import DataPath
 from herd import jaccl
+from herd.config import JobConfig, parse_config
 from herd.errors import HerdError
 from herd.netif import hostport
 
@@ -36,9 +38,24 @@ def launches(job: Job, placement: Placement, workers: dict[str, WorkerRecord],
         extra = dict(ibv_devices_json=jaccl.devices_json(path.rdma),
                      jaccl_coordinator=hostport(chosen[0].host, chosen[0].ring_port))
     stages = tuple(tuple(s) for s in placement.stage_layers)
+    if placement.max_shares:
+        job = replace(job, config=with_memory_caps(job.config, placement.max_shares))
     return [RankLaunch(job, r, w, ring if path.kind == "ring" else [], peers, resume_step, stages,
                        placement.data_parallel, path.kind, **extra, model=model or ModelSource())
             for r, w in enumerate(chosen)]
+
+
+def with_memory_caps(cfg: JobConfig, caps: tuple[int, ...]) -> JobConfig:
+    """The config the ranks get when the planner capped each rank's share by its memory
+    (coordinator/planner/layout.py): cluster.max_shares, the lower of the planner's and the
+    user's own where both are set and still cover the batch. The stored job keeps the user's."""
+    mine = cfg.cluster.max_shares
+    if mine and len(mine) == len(caps):
+        lower = [min(a, b) for a, b in zip(mine, caps)]
+        caps = tuple(lower) if sum(lower) >= cfg.batch_size else caps
+    raw = cfg.model_dump(mode="json", exclude_unset=True)
+    raw.setdefault("cluster", {})["max_shares"] = list(caps)
+    return parse_config(raw, "the planned config")
 
 
 def bring_up(pool: Executor, backend: Backend, plan: list[RankLaunch],

@@ -34,6 +34,8 @@ class Placement:
     stage_layers: list[tuple[int, int]] = field(default_factory=list)
     data_parallel: int = 1  # pipelines (replicas) when stage_layers is set
     path: DataPath | None = None  # where the ranks exchange (None: not chosen yet)
+    # Data parallel on workers of different memory: each rank's most examples (Plan.max_shares)
+    max_shares: tuple[int, ...] | None = None
 
     @property
     def pipeline_stages(self) -> int:
@@ -160,7 +162,7 @@ def _place_with_planner(cfg: JobConfig, chosen: list[WorkerRecord],
     peak = int(max(plan.peak_bytes_per_worker.values(), default=0))
     ids = plan.ring_order()  # PlacementError for a layout the MLX ring cannot carry
     if plan.pipeline_stages == 1:
-        return Placement(ids, peak)
+        return Placement(ids, peak, max_shares=plan.max_shares)
     if cfg.cluster.exchange == "grpc":
         raise PlacementError(
             f"{plan.data_parallel} x {plan.pipeline_stages} (data x pipeline): pipeline stages "

@@ -262,6 +262,10 @@ class Scheduler:
             layout = (f" as {decision.data_parallel} x {decision.pipeline_stages} (data x "
                       f"pipeline), blocks {cut_text(decision.stage_layers)}"
                       if decision.stage_layers else "")
+            if decision.max_shares:  # workers of different memory (coordinator/planner/layout.py)
+                layout += (", examples per step at most " + ", ".join(
+                    f"{c} on {w}" for w, c in zip(decision.worker_ids, decision.max_shares))
+                    + " (their memory)")
             self._set_state(job, JobState.PLACING, f"starting {len(job.worker_ids)} ranks on "
                             + ", ".join(job.worker_ids) + layout
                             + (f", resuming from checkpoint {resume}" if resume else "") + note)

@@ -209,6 +209,60 @@ def test_cut_balances_compute_when_memory_allows():
         assert plan.peak_bytes_per_worker[w.worker_id] <= w.memory_bytes * 0.9
 
 
+def test_data_parallel_on_macs_of_different_memory_caps_each_ranks_share():
+    """A 192 GB Studio and a 64 GB MacBook, 4-bit 70B, batch 8: an equal split (4 each) does not
+    fit the MacBook, but token-weighted DP is exact for any split, so both train: each rank is
+    capped at what its memory holds (sent to the ranks as cluster.max_shares, which the speed
+    balancer respects). Before, the MacBook sat idle (one rank of 8)."""
+    from coordinator.launching import launches, with_memory_caps
+    from coordinator.placement import _place_with_planner
+    from coordinator.planner import HEADROOM
+    from coordinator.planner.layout import max_examples
+    from tests.test_service_units import job as service_job
+    from tests.test_service_units import worker
+
+    def per_rank(k: int) -> dict:
+        return {"batch_size": k, "quantize": {"bits": 4}, "grad_checkpoint": True,
+                "max_seq_length": 2048}
+
+    job = parse_config(per_rank(8))
+    studio, mbp = WorkerMemory("studio", 192 * GIB), WorkerMemory("mbp", 64 * GIB)
+    budget = {w.worker_id: int(w.memory_bytes * (1 - HEADROOM)) for w in (studio, mbp)}
+    assert estimate_memory(LLAMA_70B, parse_config(per_rank(4))).total > budget["mbp"]
+    plan = plan_job(LLAMA_70B, job, [studio, mbp])
+    assert (plan.data_parallel, plan.pipeline_stages) == (2, 1)
+    assert plan.ring_order() == ["studio", "mbp"]
+    assert plan.max_shares == (8, 3)
+    for w, cap in zip(("studio", "mbp"), plan.max_shares):  # the most that fits, exactly
+        assert estimate_memory(LLAMA_70B, parse_config(per_rank(cap))).total <= budget[w]
+        assert cap == 8 or estimate_memory(LLAMA_70B, parse_config(per_rank(cap + 1))).total \
+            > budget[w]
+        assert plan.peak_bytes_per_worker[w] <= budget[w]
+    assert max_examples(LLAMA_70B, job, 1 * GIB) == 0
+    # Equal Macs: any split fits both, no cap. mlx_lm's averaging needs equal splits: no caps,
+    # so the MacBook is left out as before.
+    even = plan_job(LLAMA_70B, job, [studio, WorkerMemory("other", 192 * GIB)])
+    assert (even.data_parallel, even.max_shares) == (2, None)
+    mean = parse_config({**per_rank(8), "cluster": {"gradient_average": "mlx_lm"}})
+    alone = plan_job(LLAMA_70B, mean, [studio, mbp])
+    assert (alone.data_parallel, alone.max_shares) == (1, None)
+
+    # Through placement to what the ranks are sent: the caps in rank order, the lower of the
+    # planner's and the user's own where both cover the batch.
+    records = [worker(1, mem=192 * GIB), worker(2, mem=64 * GIB)]
+    placed = _place_with_planner(job, records, LLAMA_70B)
+    assert (placed.worker_ids, placed.max_shares) == (["w1", "w2"], (8, 3))
+    sj = service_job(workers=2)
+    sj.config = job
+    sent = [launch.job.config.cluster.max_shares
+            for launch in launches(sj, placed, {w.worker_id: w for w in records})]
+    assert sent == [list(placed.max_shares)] * 2
+    assert sj.config.cluster.max_shares is None  # the stored job keeps the user's config
+    mine = parse_config({**per_rank(8), "cluster": {"max_shares": [6, 6]}})
+    assert with_memory_caps(mine, (8, 3)).cluster.max_shares == [6, 3]
+    assert with_memory_caps(mine, (8, 1)).cluster.max_shares == [8, 1]  # 6 + 1 < 8: the planner's
+
+
 def test_a_stage_counts_the_inputs_it_holds_in_flight():
     from coordinator.planner import estimate_memory
 

@@ -26,6 +26,9 @@ class Plan:
     peak_bytes_per_worker: dict[str, int]
     microbatches: int = 1  # per replica and optimizer step (1F1B); 1 without pipelining
     estimates: dict[str, MemoryEstimate] = field(default_factory=dict)
+    # Data parallel on workers of different memory: the most examples (rows) each rank, in rank
+    # order, may take of the global batch (cluster.max_shares); None: any split fits every one.
+    max_shares: tuple[int, ...] | None = None
 
     def ring_order(self) -> list[str]:
         """Worker ids in MLX-ring rank order for ``python -m worker.pipeline``: replica 0's
@@ -117,6 +120,37 @@ def _balanced_if_it_fits(cfg: dict, job: JobConfig, shape: ModelShape, mems: lis
     return spans
 
 
+def max_examples(cfg: dict, job: JobConfig, budget: int) -> int:
+    """The most examples (rows, with packing) of the global batch one data-parallel rank holding
+    the whole model can take within ``budget`` bytes (0: not even one). Bisection: the estimate
+    grows with the examples."""
+    def fits(k: int) -> bool:
+        one = job.model_copy(update={"batch_size": k})
+        return estimate_memory(cfg, one).total <= budget
+
+    lo, hi = 0, job.batch_size
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
+
+
+def _data_parallel_by_memory(cfg: dict, job: JobConfig, shape: ModelShape,
+                             used: list[WorkerMemory], budget: dict[str, int]) -> Plan | None:
+    """Data parallel without stages, token-weighted: any split of the global batch gives the same
+    update, so a worker with less memory may take fewer examples. Each rank's cap is what its
+    memory holds; the plan fits when the caps cover the batch. The caps go to the ranks as
+    cluster.max_shares (the speed balancer never moves a rank past its own), set only where
+    one could be reached: a rank can be given at most batch - (ranks - 1) examples."""
+    dp = len(used)
+    caps = [max_examples(cfg, job, budget[w.worker_id]) for w in used]
+    if min(caps) < 1 or sum(caps) < job.batch_size:
+        return None
+    binding = min(caps) < job.batch_size - (dp - 1)
+    return _make_plan(cfg, job, shape, [[w] for w in used], [(0, shape.layers)], dp, 1,
+                      caps=tuple(caps) if binding else None)
+
+
 def layout(cfg: dict, job: JobConfig, workers: list[WorkerMemory]) -> Plan | None:
     shape = ModelShape.from_config(cfg)
     budget = {w.worker_id: int(w.memory_bytes * (1 - HEADROOM)) for w in workers}
@@ -133,6 +167,10 @@ def layout(cfg: dict, job: JobConfig, workers: list[WorkerMemory]) -> Plan | Non
             if dp > max_dp or job.batch_size % dp:
                 continue
             used = pool[: dp * stages]
+            if stages == 1 and dp > 1 and job.cluster.gradient_average != "mlx_lm":
+                if (plan := _data_parallel_by_memory(cfg, job, shape, used, budget)) is not None:
+                    return plan
+                continue
             # Deal the workers, largest first, so every pipeline gets a similar mix.
             replicas = [used[i::dp] for i in range(dp)]
             # One cut for every replica: data-parallel peers must hold the same blocks to sum
@@ -146,11 +184,15 @@ def layout(cfg: dict, job: JobConfig, workers: list[WorkerMemory]) -> Plan | Non
 
 
 def _make_plan(cfg: dict, job: JobConfig, shape: ModelShape, replicas: list[list[WorkerMemory]],
-               spans: list[tuple[int, int]], dp: int, stages: int) -> Plan:
+               spans: list[tuple[int, int]], dp: int, stages: int,
+               caps: tuple[int, ...] | None = None) -> Plan:
     peaks, estimates = {}, {}
-    for rep in replicas:
+    for r, rep in enumerate(replicas):
         for s, (w, span) in enumerate(zip(rep, spans)):
-            est = _stage_estimate(cfg, job, shape, span, stages, dp, s)
+            if caps:  # the most this rank may be given
+                est = estimate_memory(cfg, job.model_copy(update={"batch_size": caps[r]}))
+            else:
+                est = _stage_estimate(cfg, job, shape, span, stages, dp, s)
             peaks[w.worker_id], estimates[w.worker_id] = est.total, est
     return Plan(
         data_parallel=dp,
@@ -160,6 +202,7 @@ def _make_plan(cfg: dict, job: JobConfig, shape: ModelShape, replicas: list[list
         peak_bytes_per_worker=peaks,
         microbatches=_microbatches(job, stages, dp),
         estimates=estimates,
+        max_shares=caps,
     )
 
 

@@ -50,7 +50,7 @@ def worker_id(ca: pki.Authority, n: int) -> str:
     """`herd up`'s n-th worker: ``worker-N-TAG``, TAG from this cluster's CA, so two clusters on
     one machine (two HERD_HOMEs, each advertising on loopback) never announce the same id; the
     same state folder keeps its ids across restarts. (Its folder stays ``worker-N``.)"""
-    return f"worker-{n}-{ca.fingerprint()[:4]}"
+    return f"worker-{n}-{ca.fingerprint[:4]}"
 
 
 def _worker_tls(ca: pki.Authority, folder: Path, worker_id: str) -> Path:
