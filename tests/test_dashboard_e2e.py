@@ -28,9 +28,9 @@ pytestmark = pytest.mark.slow
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run"]
-# Long enough (a few seconds of training even on a quiet machine) for the page, which redraws
-# at most twice a second, and the once-a-second scraper to see the job mid-run.
-ITERS, REPORT, SAVE = 120, 4, 40
+# Long enough (several seconds of training even on a fast, quiet machine) for the page, which
+# redraws at most once a second, and the once-a-second scraper to see the job mid-run.
+ITERS, REPORT, SAVE = 240, 4, 40
 
 
 class WebCluster(Cluster):

@@ -272,7 +272,8 @@ def test_a_stopped_pipeline_stage_is_found_by_its_peers_watchdog_and_the_job_res
         os.kill(stopped, signal.SIGCONT)  # (killed by its own agent's stop by now, usually)
         text = watch.text()
         assert re.search(r"stalled: (send|recv|all_sum) #\d+ got no further in \d+s \(bound \d+s "
-                         r"= 2 x [\d.]+s step \+ 3s exchange_timeout_s\)", text), text[-3000:]
+                         r"= 2 x [\d.]+s step \+ 3s exchange_timeout_s - 1s to report it\)",
+                         text), text[-3000:]
         _, resumed = watch.wait(r"state placing: starting 2 ranks .*resuming from checkpoint "
                                 r"(\d+)", after=when, timeout=120)
         step = int(re.search(r"resuming from checkpoint (\d+)", resumed).group(1))

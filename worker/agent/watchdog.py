@@ -5,9 +5,11 @@ its own, and the gRPC exchange's own (``exchange_timeout_s``) fires first where 
 rank writes a heartbeat around each collective (worker/rank/heartbeat.py); a rank inside one for
 longer than
 
-    bound = 2 x step_s + exchange_timeout_s      (+ GROUP_FLOOR_S while forming the group)
+    bound = 2 x step_s + exchange_timeout_s - REPORT_S    (+ GROUP_FLOOR_S while forming the group)
 
-is stalled: a peer is stopped or gone, or the link between them drops packets silently. ``step_s``
+is stalled (REPORT_S: what noticing it, stopping the rank and telling the coordinator take, kept
+out of the bound so that the job's state changes within 2 x step_s + exchange_timeout_s, the
+bound the user is promised; never more than half of exchange_timeout_s): a peer is stopped or gone, or the link between them drops packets silently. ``step_s``
 is the rank's own measured step time (the longest of its recent steps, which include waiting for
 the slowest peer, a checkpoint save and validation), so a peer that is merely slower never trips
 it. Outside a collective nothing is bounded: computing always ends, and a rank stopped while
@@ -32,11 +34,16 @@ from worker.rank.heartbeat import Beat
 # start a few seconds apart (each fetches the dataset and its checkpoint first).
 GROUP_FLOOR_S = 60.0
 POLL_S = 0.25
+REPORT_S = 1.0  # POLL_S, then SIGTERM, the rank's exit, and the agent's report (~0.5 s measured)
+
+
+def report_s(exchange_timeout_s: float) -> float:
+    return min(REPORT_S, exchange_timeout_s / 2)
 
 
 def bound_s(beat: Beat, exchange_timeout_s: float) -> float:
     floor = GROUP_FLOOR_S if beat.what == "group" else 0.0
-    return floor + 2 * beat.step_s + exchange_timeout_s
+    return floor + 2 * beat.step_s + exchange_timeout_s - report_s(exchange_timeout_s)
 
 
 def stalled(beat: Beat | None, now: float, exchange_timeout_s: float) -> str | None:
@@ -51,6 +58,7 @@ def stalled(beat: Beat | None, now: float, exchange_timeout_s: float) -> str | N
     return (f"stalled: {what} got no further in {waited:.0f}s (bound {bound:.0f}s = 2 x "
             f"{beat.step_s:.1f}s step + {exchange_timeout_s:g}s exchange_timeout_s"
             + (f" + {GROUP_FLOOR_S:.0f}s to form the group" if beat.what == "group" else "")
+            + f" - {report_s(exchange_timeout_s):g}s to report it"
             + "): a peer is stopped or unreachable")
 
 

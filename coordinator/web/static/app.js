@@ -7,7 +7,10 @@ window.__herdLoadedAt = Date.now(); // a test checks that updates arrive without
 
 const $ = (sel) => document.querySelector(sel);
 const state = { cluster: { workers: [], jobs: [] }, jobId: null, job: null, source: null,
-                charts: {}, pinned: false };
+                charts: {}, pinned: false, dirty: new Set() };
+// What changed since the last redraw: only those parts are rebuilt (a redraw of every table and
+// chart per report cost a browser on the training machine more than the ranks could spare).
+const ALL = ["cluster", "summary", "points", "timing", "checkpoints", "log"];
 const COLORS = ["#2563eb", "#16a34a", "#dc2626", "#9333ea", "#ea580c", "#0891b2", "#4b5563"];
 
 function el(tag, text, cls) {
@@ -126,7 +129,7 @@ function chart(id, names) {
   return plot;
 }
 
-function renderJob() {
+function renderJob(dirty) {
   const j = state.job;
   $("#job").hidden = !j;
   if (!j) return;
@@ -140,6 +143,22 @@ function renderJob() {
 
   const points = j.points;
   const ranks = [...new Set(points.map((p) => p.rank))].sort((a, b) => a - b);
+  const workerOf = {};
+  for (const p of points) workerOf[p.rank] = p.worker;
+  if (dirty.has("points")) renderCharts(j, ranks, workerOf);
+  if (dirty.has("timing")) renderTiming(j, workerOf);
+  if (dirty.has("checkpoints")) renderCheckpoints(j);
+  if (dirty.has("log")) {
+    $("#log").replaceChildren(...j.log.slice(-200).map((l) => {
+      const li = el("li", null, l.level);
+      li.append(el("span", new Date(l.time_ms).toLocaleTimeString(), "t"), l.message);
+      return li;
+    }));
+  }
+}
+
+function renderCharts(j, ranks, workerOf) {
+  const points = j.points;
   const first = ranks.length ? ranks[0] : 0;
   const train = lastBy(points, "loss", (p) => p.rank === first && p.loss !== null);
   const val = lastBy(points, "val", (p) => p.rank === first && p.val !== null);
@@ -147,13 +166,14 @@ function renderJob() {
   $("#chart-loss").dataset.points = String(train.size);
   $("#chart-loss").dataset.valPoints = String(val.size);
 
-  const workerOf = {};
-  for (const p of points) workerOf[p.rank] = p.worker;
   const names = ranks.map((r) => `rank ${r} (${workerOf[r]})`);
   const perRank = (key) => ranks.map((r) => lastBy(points, key,
     (p) => p.rank === r && p.val === null));
   chart("chart-tps", names).setData(aligned(perRank("tps")));
   chart("chart-mem", names).setData(aligned(perRank("mem")));
+}
+
+function renderTiming(j, workerOf) {
   const t = j.timing;
   const part = (k) => new Map(t.map((p) => [p.it, p[k]]));
   chart("chart-time", ["compute", "exchange", "waiting"])
@@ -170,18 +190,14 @@ function renderJob() {
     return row([rank, workerOf[rank] || "-", s.compute.toFixed(3) + " s",
                 s.exchange.toFixed(3) + " s", s.wait.toFixed(3) + " s", bar]);
   }));
+}
 
+function renderCheckpoints(j) {
   $("#checkpoints tbody").replaceChildren(...j.checkpoint_list.slice().reverse().map((c) => {
     const a = el("a", "download");
     a.href = `/api/jobs/${encodeURIComponent(j.id)}/checkpoints/${c.step}/adapter.tar.gz`;
     return row([c.step, (c.bytes / 1e6).toFixed(2) + " MB",
                 new Date(c.time_ms).toLocaleTimeString(), a]);
-  }));
-
-  $("#log").replaceChildren(...j.log.slice(-200).map((l) => {
-    const li = el("li", null, l.level);
-    li.append(el("span", new Date(l.time_ms).toLocaleTimeString(), "t"), l.message);
-    return li;
   }));
 }
 
@@ -189,34 +205,42 @@ function applyChange(c) {
   const j = state.job;
   if (!j || c.job_id !== j.id) return;
   Object.assign(j, c.summary);
-  if (c.point) j.points.push(c.point);
+  const changed = ["summary"];
+  if (c.point) { j.points.push(c.point); changed.push("points"); }
   if (c.timing) {
     j.timing.push({ it: c.timing.it, compute: c.timing.compute, exchange: c.timing.exchange,
                     wait: c.timing.wait });
     j.split = c.timing.split;
+    changed.push("timing");
   }
   if (c.checkpoint) {
     j.checkpoint_list = j.checkpoint_list.filter((x) => x.step !== c.checkpoint.step);
     j.checkpoint_list.push(c.checkpoint);
+    changed.push("checkpoints");
   }
-  if (c.log) j.log.push(c.log);
-  redraw();
+  if (c.log) { j.log.push(c.log); changed.push("log"); }
+  redraw(changed);
 }
 
-// Redraw at most twice a second however fast reports come: a browser open on the dashboard may
-// share its machine's cores with training (bench/dashboard_overhead.py measures that).
-const REDRAW_MS = 500;
+// Redraw at most once a second however fast reports come, and only what changed: a browser open
+// on the dashboard may share its machine's cores with training (bench/dashboard_overhead.py
+// measures that). A hidden tab draws nothing until it is shown again.
+const REDRAW_MS = 1000;
 let redrawAt = 0, redrawTimer = null;
-function redraw() {
-  if (redrawTimer) return;
+function redraw(parts) {
+  for (const p of parts) state.dirty.add(p);
+  if (redrawTimer || document.hidden) return;
   const wait = Math.max(0, redrawAt + REDRAW_MS - Date.now());
   redrawTimer = setTimeout(() => {
     redrawTimer = null;
     redrawAt = Date.now();
-    renderCluster();
-    renderJob();
+    const dirty = state.dirty;
+    state.dirty = new Set();
+    if (dirty.has("cluster")) renderCluster();
+    if (dirty.size) renderJob(dirty);
   }, wait);
 }
+document.addEventListener("visibilitychange", () => { if (!document.hidden) redraw([]); });
 
 // --- the stream ---------------------------------------------------------------------------------
 
@@ -231,8 +255,11 @@ function connect() {
     conn.textContent = "reconnecting…"; conn.className = "conn";
     if (src.readyState === EventSource.CLOSED) setTimeout(start, 2000);
   };
-  src.addEventListener("cluster", (e) => { state.cluster = JSON.parse(e.data); redraw(); });
-  src.addEventListener("job", (e) => { state.job = JSON.parse(e.data); redraw(); });
+  src.addEventListener("cluster", (e) => {
+    state.cluster = JSON.parse(e.data);
+    redraw(["cluster"]);
+  });
+  src.addEventListener("job", (e) => { state.job = JSON.parse(e.data); redraw(ALL); });
   src.addEventListener("change", (e) => applyChange(JSON.parse(e.data)));
 }
 
