@@ -344,7 +344,11 @@ def scenarios(cluster: Cluster, cut_s: float, ring_cut_s: float, stop_s: float,
         time.sleep(3.0)
         cluster.start_coordinator()
 
+    def kill_rank(job_id):
+        os.kill(cluster.rank_pid(cluster.w2, job_id), signal.SIGKILL)
+
     return [
+        ("killed rank (SIGKILL)", dict(inject=kill_rank)),
         (f"stopped rank (SIGSTOP {stop_s:.0f}s)",
          dict(inject=stop_rank, heal=cont_rank, heal_after_s=stop_s)),
         (f"worker cut off {cut_s:.0f}s", dict(

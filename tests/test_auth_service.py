@@ -9,6 +9,8 @@ but the honest ones counts the calls that reach it: none may."""
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 import time
 from concurrent import futures
 from pathlib import Path
@@ -267,7 +269,14 @@ def test_a_revoked_worker_is_dropped_refused_and_never_issued_again(cluster, tmp
     c = cluster
     assert wait(lambda: "doomed" in [w.worker_id for w in c.coord.registry.workers()], 20)
     doomed = c.doomed[2]._identity
-    assert c.ca.revoke("worker/doomed")
+    # As an operator does it: `herd revoke` on the CA's machine, in its own process (the
+    # coordinator reads the revoked list from the CA folder, not from memory).
+    for said in ("revoked", "was already revoked"):
+        proc = subprocess.run([sys.executable, "-m", "herd", "revoke", "worker/doomed",
+                               "--tls-dir", str(c.ca.folder)], capture_output=True, text=True,
+                              timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.startswith(f"worker/doomed {said}:"), proc.stdout
     assert wait(lambda: "doomed" not in [w.worker_id for w in c.coord.registry.workers()], 20)
     client = CoordinatorClient(c.coord.address, doomed)
     try:
