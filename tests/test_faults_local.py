@@ -184,19 +184,24 @@ def test_a_damaged_latest_checkpoint_resumes_from_the_one_before(local, tmp_path
     assert (f"checkpoint {steps[-1]} is damaged (adapters.safetensors does not match its "
             "sha256); skipped, resuming from the one before it") in watch.stdout
     assert f"resuming from checkpoint {steps[-2]}" in watch.stdout, watch.stdout[-3000:]
+    _same_as_one_process(local, job_id, tmp_path, tiny_model, tiny_data, "resumed", **kw)
+
+
+@pytest.mark.parametrize("layout", [{}, {"parallelism": {"data": 1, "pipeline": 2}}],
+                         ids=["data-parallel", "pipeline"])
+def _same_as_one_process(local, job_id: str, tmp_path, model, data, what: str, **kw) -> None:
+    """The job's pulled adapter equals one `herd train` process's with ``kw`` (SAME_UPDATE)."""
     local.herd("pull", job_id, "-o", str(tmp_path / "pulled"))
-    single = write_job(tmp_path / "single.yaml", tiny_model, tiny_data, **kw,
+    single = write_job(tmp_path / "single.yaml", model, data, **kw,
                        adapter_path=str(tmp_path / "single"))
     proc = subprocess.run([sys.executable, "-m", "herd", "train", str(single), "--quiet"],
                           env=local.env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rel = update_diff(load_adapter(tmp_path / "pulled"), load_adapter(tmp_path / "single"),
                       initial_adapter(single))
-    assert rel <= SAME_UPDATE_RTOL, f"resumed adapter differs from one process by {rel:.2e}"
+    assert rel <= SAME_UPDATE_RTOL, f"{what} adapter differs from one process by {rel:.2e}"
 
 
-@pytest.mark.parametrize("layout", [{}, {"parallelism": {"data": 1, "pipeline": 2}}],
-                         ids=["data-parallel", "pipeline"])
 def test_an_infinite_learning_rate_fails_at_the_first_non_finite_step(local, tmp_path,
                                                                       tiny_model, tiny_data,
                                                                       layout):
@@ -236,15 +241,8 @@ def test_a_job_that_asked_for_rollback_retries_the_non_finite_steps_with_a_lower
                      r"with the "
                      r"learning rate x1e-33 \(rollback 1 of 1: cluster.on_non_finite\)",
                      watch.stdout), watch.stdout[-3000:]
-    local.herd("pull", job_id, "-o", str(tmp_path / "pulled"))
-    single = write_job(tmp_path / "single.yaml", tiny_model, tiny_data, **kw,
-                       adapter_path=str(tmp_path / "single"), cluster={"lr_scale": 1e-33})
-    proc = subprocess.run([sys.executable, "-m", "herd", "train", str(single), "--quiet"],
-                          env=local.env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    rel = update_diff(load_adapter(tmp_path / "pulled"), load_adapter(tmp_path / "single"),
-                      initial_adapter(single))
-    assert rel <= SAME_UPDATE_RTOL, f"rolled-back adapter differs from one process by {rel:.2e}"
+    _same_as_one_process(local, job_id, tmp_path, tiny_model, tiny_data, "rolled-back", **kw,
+                         cluster={"lr_scale": 1e-33})
 
 
 def test_a_stopped_pipeline_stage_is_found_by_its_peers_watchdog_and_the_job_resumes(

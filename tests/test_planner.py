@@ -325,6 +325,15 @@ def test_herd_plan_cli(tmp_path):
                           "--macos"], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert bad.returncode == 4
     assert "QLoRA" in bad.stderr
+    cfg.write_text(f"model: {model}\nbatch_size: 8\nmax_seq_length: 2048\nquantize: {{bits: 4}}\n"
+                   "grad_checkpoint: true\n")
+    mixed = subprocess.run([sys.executable, "-m", "herd", "plan", str(cfg), "--workers",
+                            "192,64", "--json"], capture_output=True, text=True, timeout=60,
+                           cwd=REPO)
+    assert mixed.returncode == 0, mixed.stderr
+    shown = json.loads(mixed.stdout)
+    assert shown["data_parallel"] == 2 and shown["max_shares"][0] == 8
+    assert 1 <= shown["max_shares"][1] < 4, shown
 
 
 if __name__ == "__main__":

@@ -97,6 +97,10 @@ def render(plan: Plan, workers: list[WorkerMemory], job: JobConfig) -> str:
                 f"{wid:<{width}} {stage:>5} {gb[0]:>8.2f} {gb[1]:>6.2f} {gb[2]:>6.2f} "
                 f"{gb[3]:>6.2f} {gb[4]:>7.2f} {gb[5]:>7.2f} {gb[6]:>7.2f} {gb[7]:>7.2f} "
                 f"{gb[8]:>7.2f}")
+    if plan.max_shares:  # data parallel on workers of different memory
+        ids = [rep[0] for rep in plan.assignments]
+        lines.append("examples per step at most (their memory; peak above is at that share): "
+                     + ", ".join(f"{c} on {w}" for w, c in zip(ids, plan.max_shares)))
     unused = [w.worker_id for w in workers if w.worker_id not in plan.peak_bytes_per_worker]
     if unused:
         why = (f" (the job asks for cluster.workers: {job.cluster.workers})"
@@ -111,6 +115,7 @@ def plan_dict(plan: Plan, source: str) -> dict:
             "pipeline_stages": plan.pipeline_stages, "microbatches": plan.microbatches,
             "stage_layers": [list(s) for s in plan.stage_layers],
             "assignments": plan.assignments,
+            "max_shares": list(plan.max_shares) if plan.max_shares else None,
             "peak_bytes_per_worker": {k: int(v) for k, v in plan.peak_bytes_per_worker.items()}}
 
 
