@@ -187,8 +187,6 @@ def test_a_damaged_latest_checkpoint_resumes_from_the_one_before(local, tmp_path
     _same_as_one_process(local, job_id, tmp_path, tiny_model, tiny_data, "resumed", **kw)
 
 
-@pytest.mark.parametrize("layout", [{}, {"parallelism": {"data": 1, "pipeline": 2}}],
-                         ids=["data-parallel", "pipeline"])
 def _same_as_one_process(local, job_id: str, tmp_path, model, data, what: str, **kw) -> None:
     """The job's pulled adapter equals one `herd train` process's with ``kw`` (SAME_UPDATE)."""
     local.herd("pull", job_id, "-o", str(tmp_path / "pulled"))
@@ -202,6 +200,8 @@ def _same_as_one_process(local, job_id: str, tmp_path, model, data, what: str, *
     assert rel <= SAME_UPDATE_RTOL, f"{what} adapter differs from one process by {rel:.2e}"
 
 
+@pytest.mark.parametrize("layout", [{}, {"parallelism": {"data": 1, "pipeline": 2}}],
+                         ids=["data-parallel", "pipeline"])
 def test_an_infinite_learning_rate_fails_at_the_first_non_finite_step(local, tmp_path,
                                                                       tiny_model, tiny_data,
                                                                       layout):
