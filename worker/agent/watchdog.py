@@ -8,11 +8,12 @@ longer than
     bound = 2 x step_s + exchange_timeout_s - REPORT_S    (+ GROUP_FLOOR_S while forming the group)
 
 is stalled (REPORT_S: what noticing it, stopping the rank and telling the coordinator take, kept
-out of the bound so that the job's state changes within 2 x step_s + exchange_timeout_s, the
-bound the user is promised; never more than half of exchange_timeout_s): a peer is stopped or gone, or the link between them drops packets silently. ``step_s``
-is the rank's own measured step time (the longest of its recent steps, which include waiting for
-the slowest peer, a checkpoint save and validation), so a peer that is merely slower never trips
-it. Outside a collective nothing is bounded: computing always ends, and a rank stopped while
+out of the bound so that the job's state changes within 2 x step_s + exchange_timeout_s, the bound
+the user is promised; never more than half of exchange_timeout_s): a peer is stopped or gone, or
+the link between them drops packets silently. ``step_s`` is the rank's own measured step time (the
+longest of its recent steps, which include waiting for the slowest peer, a checkpoint save and
+validation), so a peer that is merely slower never trips it. Outside a collective nothing is
+bounded: computing always ends, and a rank stopped while
 computing leaves its peers inside the next collective, where their watchdogs see it.
 
 A pipeline stage beats around each send and receive (worker/pipeline/link.py WatchedLink): its
