@@ -13,8 +13,8 @@ the user is promised; never more than half of exchange_timeout_s): a peer is sto
 the link between them drops packets silently. ``step_s`` is the rank's own measured step time (the
 longest of its recent steps, which include waiting for the slowest peer, a checkpoint save and
 validation), so a peer that is merely slower never trips it. Outside a collective nothing is
-bounded: computing always ends, and a rank stopped while
-computing leaves its peers inside the next collective, where their watchdogs see it.
+bounded: computing always ends, and a rank stopped while computing leaves its peers inside the
+next collective, where their watchdogs see it.
 
 A pipeline stage beats around each send and receive (worker/pipeline/link.py WatchedLink): its
 waits for a stopped neighbour are bounded the same way. A rank that has not written a beat yet
