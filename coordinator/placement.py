@@ -203,5 +203,14 @@ def wait_or_fail(job: Job, wait: Wait, now_ms: int, placement_timeout_s: float) 
     return wait
 
 
+def caps_text(placement: Placement) -> str:
+    """The placing line's note on each rank's memory cap (coordinator/planner/layout.py)."""
+    if not placement.max_shares:
+        return ""
+    return (", examples per step at most " + ", ".join(
+        f"{c} on {w}" for w, c in zip(placement.worker_ids, placement.max_shares))
+        + " (their memory)")
+
+
 def cut_text(spans) -> str:
     return ",".join(f"{a}:{b}" for a, b in spans)

@@ -67,6 +67,22 @@ def rollback_config(cfg: JobConfig, exit_code: int | None) -> JobConfig | None:
     return parse_config(raw, "the rolled-back config")
 
 
+def rolling_back(lowered: JobConfig, checkpoints: list[Checkpoint]) -> str:
+    """How `herd watch` says a rollback (``lowered``: the config it restarts with)."""
+    start = f"to checkpoint {checkpoints[-1].step}" if checkpoints else "to the start"
+    c = lowered.cluster
+    return (f"rolling back {start} with the learning rate x{c.lr_scale:g} (rollback "
+            f"{rollbacks_done(lowered)} of {c.max_rollbacks}: cluster.on_non_finite)")
+
+
+def gave_up(cfg: JobConfig) -> str:
+    """What a failure after rollbacks adds to its reason ("" when none was made)."""
+    if not (n := rollbacks_done(cfg)):
+        return ""
+    return (f"; still not finite after {n} rollbacks (learning rate x{cfg.cluster.lr_scale:g}; "
+            f"cluster.max_rollbacks: {cfg.cluster.max_rollbacks})")
+
+
 @dataclass(frozen=True)
 class RestartPolicy:
     base_s: float = 5.0

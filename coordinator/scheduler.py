@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Callable
 
+from coordinator import recovery
 from coordinator.backend import AgentBackend, Backend, Launcher, unavailable
 from coordinator.domain import (
     TRANSITIONS,
@@ -37,19 +38,14 @@ from coordinator.placement import (
     Fail,
     Placement,
     Wait,
+    caps_text,
     check_fits,
     cut_text,
     decide_queued,
     wait_or_fail,
 )
 from coordinator.reconcile import Reconciler
-from coordinator.recovery import (
-    RestartPolicy,
-    decide_restart,
-    retryable,
-    rollback_config,
-    rollbacks_done,
-)
+from coordinator.recovery import RestartPolicy, decide_restart, retryable
 from coordinator.store import JobStore
 from herd import log
 from herd.errors import ConfigError, HerdError, PeerLostError
@@ -127,16 +123,11 @@ class Scheduler:
         max_restarts = job.config.cluster.max_restarts
         self.reconcile.forget(job.job_id)
         now = self.now_ms()
-        if (lowered := rollback_config(job.config, exit_code)) is not None:
-            ckpts = self.store.checkpoints(job.job_id)
-            start = f"to checkpoint {ckpts[-1].step}" if ckpts else "to the start"
-            c = lowered.cluster
+        if (lowered := recovery.rollback_config(job.config, exit_code)) is not None:
             job.config = lowered  # stored with the state below: every later attempt uses it
             self._not_before[job.job_id] = now  # nothing to wait for: no peer or link failed
-            self._set_state(job, JobState.RESTARTING,
-                            f"attempt {job.attempt} failed: {reason}; rolling back {start} with "
-                            f"the learning rate x{c.lr_scale:g} (rollback {rollbacks_done(lowered)}"
-                            f" of {c.max_rollbacks}: cluster.on_non_finite)")
+            self._set_state(job, JobState.RESTARTING, f"attempt {job.attempt} failed: {reason}; "
+                            + recovery.rolling_back(lowered, self.store.checkpoints(job.job_id)))
             return
         d = decide_restart(self.store.attempt_history(job.job_id),
                            self.store.checkpoints(job.job_id), now, max_restarts,
@@ -154,10 +145,7 @@ class Scheduler:
             tried = f" (attempt {job.attempt})" if job.attempt > 1 else ""
             wasted = (f"; {d.wasted} attempts in a row stored no new checkpoint "
                       f"(cluster.max_restarts: {max_restarts})" if retryable(exit_code) else "")
-            if n := rollbacks_done(job.config):
-                wasted += (f"; still not finite after {n} rollbacks (learning rate "
-                           f"x{job.config.cluster.lr_scale:g}; cluster.max_rollbacks: "
-                           f"{job.config.cluster.max_rollbacks})")
+            wasted += recovery.gave_up(job.config)  # after rollbacks (cluster.on_non_finite)
             self._set_state(job, JobState.FAILED, reason + tried + wasted)
 
     # --- entry points ----------------------------------------------------------------------
@@ -261,11 +249,7 @@ class Scheduler:
             self.store.start_attempt(job.job_id, job.attempt, job.worker_ids, self.now_ms())
             layout = (f" as {decision.data_parallel} x {decision.pipeline_stages} (data x "
                       f"pipeline), blocks {cut_text(decision.stage_layers)}"
-                      if decision.stage_layers else "")
-            if decision.max_shares:  # workers of different memory (coordinator/planner/layout.py)
-                layout += (", examples per step at most " + ", ".join(
-                    f"{c} on {w}" for w, c in zip(decision.worker_ids, decision.max_shares))
-                    + " (their memory)")
+                      if decision.stage_layers else "") + caps_text(decision)
             self._set_state(job, JobState.PLACING, f"starting {len(job.worker_ids)} ranks on "
                             + ", ".join(job.worker_ids) + layout
                             + (f", resuming from checkpoint {resume}" if resume else "") + note)
