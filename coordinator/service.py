@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import queue
 import threading
+import time
 from typing import Iterator
 
 import grpc
@@ -75,6 +76,9 @@ def _unary(fn):
 _stream = streaming
 
 
+FINAL_EVENT_GRACE_S = 5  # WatchJob: how long a final job's stream waits for its final event
+
+
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     def __init__(self, scheduler: Scheduler, registry: Registry, blobs: BlobStore,
                  adapters: AdapterStore, models: ModelCatalog | None = None,
@@ -136,18 +140,20 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
 
     @_stream
     def WatchJob(self, request, context) -> Iterator:
-        after = request.after_seq
+        after, final_sent, give_up = request.after_seq, False, None
         self.store.get_job(request.job_id)  # NOT_FOUND before the stream starts
         while context.is_active():
             events = self.store.events(request.job_id, after)
             for e in events:
                 yield convert.event_to_pb(e)
                 after = e.seq
+                final_sent = final_sent or (e.state is not None and e.state.final)
             if not events:
+                # A final state is stored just before its event: end once it went out, or later.
                 if self.store.get_job(request.job_id).state.final:
-                    if not self.store.events(request.job_id, after):
+                    give_up = give_up or time.monotonic() + FINAL_EVENT_GRACE_S
+                    if final_sent or time.monotonic() > give_up:
                         return
-                    continue
                 self.scheduler.wait_for_events(1.0)
 
     @_unary

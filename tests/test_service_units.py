@@ -591,3 +591,39 @@ def test_a_worker_reads_the_blobs_of_its_jobs_stored_model_and_no_others(tmp_pat
             client.read_blob(config.sha256, config.bytes)
     finally:
         client.close()
+
+
+def test_a_watch_ends_with_the_final_event_even_when_the_state_is_stored_first(tmp_path):
+    """The scheduler stores a final state a moment before its event. A WatchJob stream that
+    looked at the state in between ended without the event (`herd watch` then exited "running:",
+    seen under load in the fault tests): it now waits for that event."""
+    import threading
+    import time
+
+    from coordinator.service import CoordinatorServicer
+
+    store = JobStore(tmp_path / "db")
+    j = job()
+    store.put_job(j)
+    store.add_event(j.job_id, 1, EventKind.STATE, state=JobState.QUEUED)
+    j.state = JobState.SUCCEEDED
+    store.put_job(j)  # the state, and its event only later
+
+    class Context:
+        def is_active(self):
+            return True
+
+    class Waits:
+        def wait_for_events(self, timeout_s):
+            time.sleep(0.05)
+
+    servicer = type("S", (), {"store": store, "scheduler": Waits()})()
+    later = threading.Timer(0.3, lambda: store.add_event(j.job_id, 2, EventKind.STATE,
+                                                          state=JobState.SUCCEEDED))
+    later.start()
+    from protos.v1 import coordinator_pb2
+
+    got = list(CoordinatorServicer.WatchJob(
+        servicer, coordinator_pb2.WatchJobRequest(job_id=j.job_id), Context()))
+    later.join()
+    assert [convert.event_from_pb(e).state for e in got] == [JobState.QUEUED, JobState.SUCCEEDED]
