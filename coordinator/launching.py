@@ -14,7 +14,7 @@ from coordinator.domain import FetchProgress, Job, ModelSource, RankLaunch, Work
 from coordinator.placement import Placement
 from coordinator.planner.network import DataPath
 from herd import jaccl
-from herd.config import JobConfig, parse_config
+from herd.config import JobConfig, with_cluster
 from herd.errors import HerdError
 from herd.netif import hostport
 
@@ -53,9 +53,7 @@ def with_memory_caps(cfg: JobConfig, caps: tuple[int, ...]) -> JobConfig:
     if mine and len(mine) == len(caps):
         lower = [min(a, b) for a, b in zip(mine, caps)]
         caps = tuple(lower) if sum(lower) >= cfg.batch_size else caps
-    raw = cfg.model_dump(mode="json", exclude_unset=True)
-    raw.setdefault("cluster", {})["max_shares"] = list(caps)
-    return parse_config(raw, "the planned config")
+    return with_cluster(cfg, "the planned config", max_shares=list(caps))
 
 
 def bring_up(pool: Executor, backend: Backend, plan: list[RankLaunch],

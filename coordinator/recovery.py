@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from coordinator.domain import Checkpoint, Job, WorkerRecord
 from coordinator.store import Attempt
 from herd import log
-from herd.config import JobConfig, parse_config
+from herd.config import JobConfig, with_cluster
 from herd.errors import NumericalError, PeerLostError, StorageError
 
 STALE_STOP_EVERY_S = 5.0
@@ -62,9 +62,7 @@ def rollback_config(cfg: JobConfig, exit_code: int | None) -> JobConfig | None:
     if (exit_code != NumericalError.exit_code or c.on_non_finite != "rollback"
             or rollbacks_done(cfg) >= c.max_rollbacks):
         return None
-    raw = cfg.model_dump(mode="json", exclude_unset=True)
-    raw.setdefault("cluster", {})["lr_scale"] = c.lr_scale * c.rollback_lr_factor
-    return parse_config(raw, "the rolled-back config")
+    return with_cluster(cfg, "the rolled-back config", lr_scale=c.lr_scale * c.rollback_lr_factor)
 
 
 def rolling_back(lowered: JobConfig, checkpoints: list[Checkpoint]) -> str:

@@ -401,6 +401,14 @@ def config_from_yaml(text: str, source: str) -> JobConfig:
     return parse_config(raw, source)
 
 
+def with_cluster(cfg: JobConfig, source: str, **changes) -> JobConfig:
+    """``cfg`` with keys of its ``cluster`` section set by the coordinator (a rollback's rate, the
+    planner's memory caps), validated again; the keys the user set stay as they were."""
+    raw = cfg.model_dump(mode="json", exclude_unset=True)
+    raw.setdefault("cluster", {}).update(changes)
+    return parse_config(raw, source)
+
+
 def config_to_yaml(cfg: JobConfig) -> str:
     """The config as text: the keys that were set, in the schema's order."""
     return yaml.safe_dump(cfg.model_dump(mode="json", exclude_unset=True), sort_keys=False)
