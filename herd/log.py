@@ -9,7 +9,25 @@ import logging
 import os
 import sys
 
-import structlog
+
+def _import_structlog():
+    """structlog, without its optional rich tracebacks. structlog.dev imports rich whenever it
+    is installed (ray brings it), ~0.3 s of every herd process's start (`herd workers`, each
+    rank, each agent) for pretty tracebacks herd never prints: its console renderer is plain
+    text and its files are JSON lines. A process that imported rich already keeps it."""
+    blocked = [m for m in ("rich", "better_exceptions") if m not in sys.modules]
+    for m in blocked:
+        sys.modules[m] = None  # `import rich` raises ImportError: structlog falls back
+    try:
+        import structlog
+    finally:
+        for m in blocked:
+            if sys.modules.get(m, 0) is None:
+                del sys.modules[m]
+    return structlog
+
+
+structlog = _import_structlog()
 
 _configured = False
 
