@@ -176,7 +176,25 @@ def _store(model: Path, state: Path):
     from coordinator.models import ModelStore
 
     blobs = BlobStore(state / "blobs")
-    return blobs, ModelStore(state / "models", blobs).import_folder(model, "bench", 0, link=False)
+    stored = ModelStore(state / "models", blobs).import_folder(model, "bench", 0, link=False)
+    return blobs, stored
+
+
+def _running_job(state: Path, digest: str) -> None:
+    """A running job on the model, placed on worker "bench": a worker may read only the blobs of
+    a job it runs (coordinator/blob_access.py), and the fetchers hold that worker's certificate.
+    The job is a record only (nothing runs it), written again before each herd run: a restarted
+    coordinator waits 30 s for its ranks, then restarts the job (coordinator/reconcile.py).
+    GetBlob reads the job records from the store on each call."""
+    from coordinator.domain import Job, JobState
+    from coordinator.store import JobStore
+    from herd.config import JobConfig
+
+    store = JobStore(state / "herd.db")
+    store.put_job(Job("job-bench00", "bench", JobConfig(model="bench"), [], 1, 1,
+                      state=JobState.RUNNING, attempt=1, worker_ids=["bench"],
+                      model_digest=digest))
+    store.close()
 
 
 def main() -> None:
@@ -273,6 +291,7 @@ def _measure(args, work, stored, worker_tls, address, host, tport, blobs, at_w, 
             for kind in kinds if run % 2 == 0 else kinds[::-1]:
                 dests = [work / f"dest-{kind}-{i}" for i in range(w)]
                 if kind == "herd":
+                    _running_job(work / "coordinator", stored.digest)
                     secs, cpu = _together([(at_w[i], [ME, "--role", "fetch", "--spec", str(spec),
                                                       "--dest", str(d)])
                                            for i, d in enumerate(dests)])
