@@ -176,8 +176,7 @@ def _store(model: Path, state: Path):
     from coordinator.models import ModelStore
 
     blobs = BlobStore(state / "blobs")
-    stored = ModelStore(state / "models", blobs).import_folder(model, "bench", 0, link=False)
-    return blobs, stored
+    return blobs, ModelStore(state / "models", blobs).import_folder(model, "bench", 0, link=False)
 
 
 def _running_job(state: Path, digest: str) -> None:

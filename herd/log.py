@@ -12,9 +12,10 @@ import sys
 
 def _import_structlog():
     """structlog, without its optional rich tracebacks. structlog.dev imports rich whenever it
-    is installed (ray brings it), ~0.3 s of every herd process's start (`herd workers`, each
-    rank, each agent) for pretty tracebacks herd never prints: its console renderer is plain
-    text and its files are JSON lines. A process that imported rich already keeps it."""
+    is installed (herd installs it for `herd watch`'s progress bars, imported only where they
+    draw): ~0.3 s of every herd process's start (`herd workers`, each rank, each agent) for
+    tracebacks herd never renders that way: its console lines are plain text, its files JSON
+    lines. rich stays importable afterwards; a process that imported it already keeps it."""
     blocked = [m for m in ("rich", "better_exceptions") if m not in sys.modules]
     for m in blocked:
         sys.modules[m] = None  # `import rich` raises ImportError: structlog falls back
