@@ -121,12 +121,14 @@ class Cluster(_Strict):
         None, min_length=1, description="each data-parallel rank's examples (or rows)")
     max_shares: list[Annotated[int, Field(ge=1)]] | None = Field(  # planner: memory's limits
         None, min_length=1, description="the most examples (or rows) each rank may take")
-    # A non-finite step fails the job, or (the service's rollback) restarts it from its last
-    # checkpoint with the learning rate x rollback_lr_factor, max_rollbacks times (lr_scale).
-    on_non_finite: Literal["fail", "rollback"] = "fail"
+    on_non_finite: Literal["fail", "rollback"] = Field(
+        "fail", description="a non-finite loss or gradient: fail the job naming the step (fail), "
+        "or restart from the last checkpoint with the learning rate times rollback_lr_factor, "
+        "at most max_rollbacks times (rollback; the service's, not `herd train`'s)")
     rollback_lr_factor: float = Field(0.5, gt=0, lt=1)
     max_rollbacks: int = Field(3, ge=1)
-    lr_scale: float = Field(1.0, gt=0, le=1)  # set by the coordinator at each rollback
+    lr_scale: float = Field(1.0, gt=0, le=1, description="the learning rate (or its schedule) "
+                            "times this; set by the coordinator on each rollback")
 
     def data_parallel(self) -> int | None:
         """The data-parallel degree if fixed by the config, else None (decided at placement)."""
