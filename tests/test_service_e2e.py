@@ -27,6 +27,7 @@ from tests.conftest import (
     update_diff,
     write_job,
 )
+from worker.rank.runtime import find_openblas
 
 pytestmark = pytest.mark.slow
 HOST = "127.0.0.1"
@@ -371,6 +372,12 @@ def test_a_killed_rank_restarts_from_its_checkpoint_and_cancel_stops_every_rank(
         time.sleep(0.3)
     pids = rank_pids(job_id)
     assert len(pids) == 2
+    if sys.platform == "linux" and find_openblas():
+        # The agent starts a rank with OpenBLAS preloaded: it never re-execs itself to get it.
+        for pid in pids:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            assert any(e.startswith(b"LD_PRELOAD=") and b"openblas" in e for e in environ)
+            assert not any(e.startswith(b"HERD_REEXECED=") for e in environ)
     os.kill(pids[-1], signal.SIGKILL)          # a rank dies: the job restarts, not fails
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

@@ -103,6 +103,13 @@ def _print_config_warnings() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:
+        # A `herd train` process that re-execs itself for OpenBLAS does it before importing
+        # anything it would lose (worker/rank/runtime.py; returns when nothing would change).
+        from worker.rank.runtime import reexec_with_openblas
+
+        _quiet_third_parties()
+        reexec_with_openblas(argv[1:])
     _print_config_warnings()
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
