@@ -4,7 +4,9 @@ plaintext (a baseline made for this benchmark alone), measured in one run on one
     .venv/bin/python bench/mtls.py [--rounds 3] [--iters 12] [--hidden 512] [--layers 8]
 
 - all-reduce bus bandwidth, 2 ranks, 64 MB (goal mTLS / plaintext >= 0.9): fresh rank processes
-  of bench/allreduce.py per measurement (``--worker grpc`` vs ``--worker grpc-plain``);
+  of bench/allreduce.py per measurement (``--worker grpc`` vs ``--worker grpc-plain``), on
+  loopback, and with ``--link 1gbit,10gbit`` (root) also between two network namespaces joined
+  by a link of each rate (tbf, tests/netns.py): on loopback no link is slower than the CPU;
 - 2-rank training throughput, ``exchange: grpc`` (goal >= 0.97): ``herd train`` ranks started
   directly, each pinned to its own core (bench/train_throughput.py ``run_herd``); the plaintext
   ranks run the same CLI with ``GrpcExchange.from_env`` patched to pass no credential.
@@ -15,6 +17,7 @@ alike; the ratio is of the medians. Writes bench/results/mtls-<date>.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -49,22 +52,43 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def allreduce_once(worker: str, mb: int, reps: int, tmp: Path) -> float:
-    """Median seconds of ``reps`` 64 MB all-reduces on 2 fresh rank processes."""
+def allreduce_once(worker: str, mb: int, reps: int, tmp: Path, hosts=None) -> float:
+    """Median seconds of ``reps`` 64 MB all-reduces on 2 fresh rank processes: on loopback, or
+    one in each of ``hosts`` (namespaces, ``--link``)."""
     from allreduce import rank_credential
 
     ports = free_ports(2)
+    addrs = [h.address() for h in hosts] if hosts else ["127.0.0.1"] * 2
     env = {**os.environ, "BENCH_PORTS": ",".join(map(str, ports)),
-           "HERD_EXCHANGE_PEERS": ",".join(f"127.0.0.1:{p}" for p in ports),
-           "HERD_RANK_TLS": rank_credential(tmp / "tls"), "HERD_LOG_LEVEL": "warning"}
+           "HERD_EXCHANGE_PEERS": ",".join(f"{a}:{p}" for a, p in zip(addrs, ports)),
+           "HERD_RANK_TLS": rank_credential(tmp / "tls"), "HERD_LOG_LEVEL": "warning",
+           "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, str(REPO / "bench" / "allreduce.py"), "--worker", worker,
            "--reps", str(reps), "--warmup", "2", "--sizes-mb", str(mb), "--chunk-bytes", "0"]
-    procs = [subprocess.Popen(cmd, env={**env, "HERD_RANK": str(r)}, stdout=subprocess.PIPE,
-                              text=True) for r in range(2)]
+    if hosts:
+        procs = [h.python(*cmd[1:], env={**env, "HERD_RANK": str(r)}, stdout=subprocess.PIPE,
+                          text=True) for r, h in enumerate(hosts)]
+    else:
+        procs = [subprocess.Popen(cmd, env={**env, "HERD_RANK": str(r)},
+                                  stdout=subprocess.PIPE, text=True) for r in range(2)]
     outs = [p.communicate(timeout=600)[0] for p in procs]
     if any(p.returncode for p in procs):
         raise SystemExit(f"all-reduce ({worker}) failed")
     return statistics.median(json.loads(outs[0].strip().splitlines()[-1])[str(mb)]["times"])
+
+
+@contextlib.contextmanager
+def _two_hosts(rate: str):
+    """Two namespaces on one bridge, each link limited to ``rate`` both ways (tests/netns.py)."""
+    from tests.netns import Topology
+
+    with Topology() as net:
+        net.bridge("lan")
+        hosts = [net.host("r1"), net.host("r2")]
+        for i, h in enumerate(hosts, 1):
+            net.link(h, "lan", f"198.18.0.{i}/24")
+            net.limit(h, rate, "eth0")
+        yield hosts
 
 
 def train_once(plain: bool, model: Path, data: Path, iters: int, tmp: Path, i: int) -> dict:
@@ -96,21 +120,29 @@ def main() -> int:
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--skip", default="", help="comma list of: allreduce,train")
+    ap.add_argument("--link", default="", metavar="RATES",
+                    help="also run the all-reduce between two network namespaces joined by a "
+                    "link of each tbf rate (comma list, e.g. 1gbit,10gbit; root)")
     a = ap.parse_args()
     skip = set(filter(None, a.skip.split(",")))
     tmp = Path(tempfile.mkdtemp(prefix="herd-bench-mtls-"))
     started = time.perf_counter()
     load = os.getloadavg()
     rows = []
-    if "allreduce" not in skip:
-        times = {"grpc": [], "grpc-plain": []}
-        for _ in range(a.rounds):
-            for worker in ("grpc", "grpc-plain"):
-                times[worker].append(allreduce_once(worker, a.mb, a.reps, tmp))
-                print(worker, round(times[worker][-1], 3), file=sys.stderr, flush=True)
+    links = [] if "allreduce" in skip else [None, *filter(None, a.link.split(","))]
+    for link in links:
+        with contextlib.ExitStack() as stack:
+            hosts = stack.enter_context(_two_hosts(link)) if link else None
+            times = {"grpc": [], "grpc-plain": []}
+            for _ in range(a.rounds):
+                for worker in ("grpc", "grpc-plain"):
+                    times[worker].append(allreduce_once(worker, a.mb, a.reps, tmp, hosts))
+                    print(link or "loopback", worker, round(times[worker][-1], 3),
+                          file=sys.stderr, flush=True)
         bw = {w: 2 * (2 - 1) / 2 * a.mb * MB / 1e9 / statistics.median(t)
               for w, t in times.items()}
-        rows.append((f"all-reduce bus bandwidth, 2 ranks, {a.mb} MB (GB/s)", bw["grpc"],
+        where = f"two namespaces, a {link} link (tbf)" if link else "loopback"
+        rows.append((f"all-reduce bus bandwidth, 2 ranks, {a.mb} MB, {where} (GB/s)", bw["grpc"],
                      bw["grpc-plain"], "≥ 0.9",
                      "per-pair medians: mTLS " + ", ".join(f"{t * 1e3:.0f}" for t in times["grpc"])
                      + " ms; plaintext " + ", ".join(f"{t * 1e3:.0f}" for t in times["grpc-plain"])
