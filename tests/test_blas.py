@@ -10,7 +10,8 @@ import pytest
 
 from worker.rank import runtime
 
-PROBE = ("import mlx.core as mx; mx.eval(mx.ones((4,4)) @ mx.ones((4,4))); "
+# numpy first, as in a rank: its wheel maps an OpenBLAS of its own, which MLX does not use.
+PROBE = ("import numpy; import mlx.core as mx; mx.eval(mx.ones((4,4)) @ mx.ones((4,4))); "
          "from worker.rank.runtime import blas_in_use; print(blas_in_use())")
 
 

@@ -103,12 +103,12 @@ def _print_config_warnings() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _quiet_third_parties()
     if argv[:1] == ["train"]:
         # A `herd train` process that re-execs itself for OpenBLAS does it before importing
         # anything it would lose (worker/rank/runtime.py; returns when nothing would change).
         from worker.rank.runtime import reexec_with_openblas
 
-        _quiet_third_parties()
         reexec_with_openblas(argv[1:])
     _print_config_warnings()
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -123,7 +123,6 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"herd: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    _quiet_third_parties()
     if name in QUIET_LOG and not os.environ.get("HERD_LOG_LEVEL"):
         from herd import log
 

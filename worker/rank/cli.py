@@ -30,7 +30,6 @@ from herd.usage import HelpFormatter
 from worker.rank.events import Done, EventLog, RankFailed, TestReport
 from worker.rank.lifeline import tie_to_agent
 from worker.rank.reporter import Reporter, skip_unused_reporters
-from worker.rank.runtime import reexec_with_openblas
 
 DESCRIPTIONS = {
     "train": """\
@@ -200,7 +199,8 @@ def main(argv: list[str]) -> int:
     cmd = argv[0]
     args = _parser(cmd).parse_args(argv[1:])
     if cmd == "train":
-        reexec_with_openblas(argv[1:])  # before MLX is imported; returns if nothing would change
+        # (OpenBLAS: a process started as `herd train` or `python -m worker.rank` re-exec'd itself
+        # for it before importing this module, herd/cli/main.py and worker/rank/__main__.py.)
         tie_to_agent()  # a rank the agent started dies with it (nothing for `herd train` by hand)
     events = EventLog(getattr(args, "metrics_file", None))
     try:

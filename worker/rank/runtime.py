@@ -95,7 +95,10 @@ def blas_in_use() -> str:
             maps = f.read()
     except OSError:
         return "unknown"
-    if "openblas" in maps:
+    # By file name: numpy's wheels map their own OpenBLAS (libscipy_openblas64_...), which
+    # MLX never calls; MLX uses OpenBLAS only when the system's libopenblas is preloaded.
+    names = {os.path.basename(line.split()[-1]) for line in maps.splitlines() if "/" in line}
+    if any(name.startswith("libopenblas") for name in names):
         return "openblas"
     if "libblas" in maps or "libcblas" in maps or "mlx" in maps:
         return "reference"
