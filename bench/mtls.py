@@ -131,8 +131,7 @@ def main() -> int:
     rows = []
     links = [] if "allreduce" in skip else [None, *filter(None, a.link.split(","))]
     for link in links:
-        with contextlib.ExitStack() as stack:
-            hosts = stack.enter_context(_two_hosts(link)) if link else None
+        with _two_hosts(link) if link else contextlib.nullcontext() as hosts:
             times = {"grpc": [], "grpc-plain": []}
             for _ in range(a.rounds):
                 for worker in ("grpc", "grpc-plain"):
