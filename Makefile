@@ -12,10 +12,11 @@ demo: setup
 	$(UV) run --frozen bash deploy/demo.sh
 
 # The written rules run first: ruff (pyproject.toml [tool.ruff]), then the tests, which include
-# the architecture rules (tests/test_architecture.py).
+# the architecture rules (tests/test_architecture.py), as two streams side by side (which modules
+# share a stream: tests/conftest.py, APART).
 test: setup
 	$(UV) run --frozen ruff check .
-	$(UV) run --frozen pytest
+	$(UV) run --frozen pytest -n 2 --dist loadgroup
 
 lint: setup
 	$(UV) run --frozen ruff check .
