@@ -265,6 +265,11 @@ class Registry:
         record.last_seen_ms = int(time.time() * 1000)
         target = client.target
         with self._lock:
+            if self._stop.is_set():
+                # Closed while this retry (on a thread of its own) dialled: close() has closed
+                # the clients it found, so this one would stay open, serving no one.
+                client.close()
+                return None
             self.refused.pop(source, None)
             self._retry.pop(source, None)
             self._admitted_sources.add(source)

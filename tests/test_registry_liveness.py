@@ -221,3 +221,23 @@ def test_a_lost_worker_is_tried_again_often_and_a_stranger_less_and_less(tmp_pat
         registry.close()
         for s in (server, s2):
             s.stop(grace=0).wait()
+
+
+def test_a_retry_that_ends_after_close_admits_nothing(tmp_path):
+    """A candidate's retry runs on a thread of its own and may finish after the registry was
+    closed (the coordinator stopping): it must not admit the worker into the closed registry,
+    holding a channel no one will close."""
+    from herd.rpc import pki
+
+    ca = pki.Authority.create(tmp_path / "ca")
+    server, target = serve(ca.issue("worker", "w1"), DownloadingWorker("w1"))
+    host, port = target.rsplit(":", 1)
+    advert = discovery.Advert(f"w1.{discovery.WORKER_TYPE}", host, int(port), {"id": "w1"})
+    registry = Registry(ca.issue("coordinator", "c"), health_interval_s=0.2)
+    try:
+        registry.close()
+        registry._advert_added(advert)  # what a retry thread does, after close() returned
+        assert registry.workers() == [] and registry._clients == {}
+    finally:
+        registry.close()
+        server.stop(grace=0).wait()
