@@ -265,9 +265,7 @@ class Registry:
         record.last_seen_ms = int(time.time() * 1000)
         target = client.target
         with self._lock:
-            if self._stop.is_set():
-                # Closed while this retry (on a thread of its own) dialled: close() has closed
-                # the clients it found, so this one would stay open, serving no one.
+            if self._stop.is_set():  # closed while a retry dialled: close() missed this one
                 client.close()
                 return None
             self.refused.pop(source, None)
@@ -389,8 +387,7 @@ class Registry:
     def start(self) -> threading.Thread:
         for name, targets in list(self._candidates.items()):
             self._verify(name, targets)
-        t = threading.Thread(target=self.run, daemon=True, name="registry")
-        t.start()
+        (t := threading.Thread(target=self.run, daemon=True, name="registry")).start()
         return t
 
     def close(self) -> None:
