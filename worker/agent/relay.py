@@ -7,7 +7,8 @@ job is never marked done before its final adapter is stored.
 
 The coordinator may be restarting (or unreachable) meanwhile; the rank trains on, and nothing it
 reports is lost: checkpoints and the exit are re-delivered until the coordinator takes them (both
-are idempotent there), logs are kept in order, and of progress only the latest matters. Only the
+are idempotent there), and reports (progress and logs) are kept in order and all sent once it is
+back, so `herd watch`, the dashboard and the pulled metrics.jsonl have no gap. Only the
 coordinator's own word ends the retries: a StopJob for this rank (it no longer wants its reports),
 or a refusal that another try cannot change (a full disk, an unknown job).
 """
@@ -43,7 +44,9 @@ def _window_iterations(event: TrainReport) -> int:
 RETRY_CAP_S = 10.0
 # Refusals that another try cannot change get this many tries (a transient disk error may pass).
 REFUSED_TRIES = 3
-MAX_PENDING_LOGS = 100
+# Reports kept while the coordinator is away: a report every ~10 s for ~14 h (a few hundred bytes
+# each); beyond it the oldest go, counted.
+MAX_PENDING_REPORTS = 5000
 
 
 def _share(event: TrainReport) -> dict:
@@ -69,10 +72,10 @@ class Relay:
         self.log = log
         self.progress = Progress()
         self.error = ""  # the rank's own error event, the best reason to report
-        self._pending_progress = None  # the latest progress the coordinator has not taken
         self._flush_wait, self._next_flush = 0.5, 0.0  # backoff while the coordinator is away
         self.last_refusal = ""
-        self._pending_logs: deque = deque(maxlen=MAX_PENDING_LOGS)
+        self._pending: deque = deque()  # reports the coordinator has not taken, in order
+        self._dropped = 0  # reports lost because the queue was full
         self._log_sent = 0  # bytes of rank.log relayed so far
         self._log_at = 0.0
 
@@ -111,25 +114,25 @@ class Relay:
         if not force and time.monotonic() < self._next_flush:
             return
         try:
-            while self._pending_logs:
-                self._answer(self._client.report(self._pending_logs[0]))
-                self._pending_logs.popleft()
-            if self._pending_progress is not None:
-                self._answer(self._client.report(self._pending_progress))
-                self._pending_progress = None
+            while self._pending:
+                self._answer(self._client.report(self._pending[0]))
+                self._pending.popleft()
             self._flush_wait, self._next_flush = 0.5, 0.0
         except HerdError as e:
             # The coordinator may be restarting: kept, and sent later.
-            self.log.warning("report_failed", error=str(e), pending=len(self._pending_logs),
+            self.log.warning("report_failed", error=str(e), pending=len(self._pending),
                              retry_in=round(self._flush_wait, 1))
             self._next_flush = time.monotonic() + self._flush_wait
             self._flush_wait = min(RETRY_CAP_S, self._flush_wait * 2)
 
     def _send(self, request) -> None:
-        if request.WhichOneof("report") == "progress":
-            self._pending_progress = request  # latest wins
-        else:
-            self._pending_logs.append(request)
+        if len(self._pending) >= MAX_PENDING_REPORTS:
+            self._pending.popleft()
+            self._dropped += 1
+            if self._dropped == 1:
+                self.log.warning("reports_dropped", kept=MAX_PENDING_REPORTS,
+                                 reason="the coordinator has been away for long")
+        self._pending.append(request)
         self._flush(force=request.WhichOneof("report") != "progress")
 
     def handle(self, event: events.Event) -> None:
@@ -217,7 +220,7 @@ class Relay:
             self._relay_log(final=exited)
             if exited:
                 break
-            if self._pending_logs or self._pending_progress is not None:
+            if self._pending:
                 self._flush()
             time.sleep(0.2)
         self._report_exit(proc.returncode)
