@@ -217,6 +217,14 @@ class JobConfig(_Strict):
                 f"each data-parallel rank takes batch_size / data examples; use a batch_size that "
                 f"is a multiple of {dp}"
             )
+        workers, stages = self.cluster.workers, self.cluster.pipeline_stages()
+        if dp is None and workers and workers >= stages and self.batch_size % (workers // stages):
+            # What placement would refuse on every try (coordinator/placement.py): said now.
+            n = workers // stages
+            raise ValueError(
+                f"batch_size {self.batch_size} does not split over the {n} data-parallel ranks "
+                f"of cluster.workers {workers}: use a batch_size that is a multiple of {n}, or "
+                f"fewer workers")
         shares, caps = self.cluster.shares, self.cluster.max_shares
         if shares is not None and (sum(shares) != self.batch_size or dp and len(shares) != dp):
             raise ValueError(f"cluster.shares {shares} split the global batch: one per "

@@ -136,6 +136,9 @@ def test_shipped_configs_validate(path):
          "pipeline stages average by tokens"),
         ({"batch_size": 6, "cluster": {"parallelism": {"data": 4, "pipeline": 1}}},
          "not divisible by cluster.parallelism.data 4"),
+        # placement would refuse it on every try: said at `herd check` / submit, not after 600 s
+        ({"batch_size": 1, "cluster": {"workers": 2}},
+         "does not split over the 2 data-parallel ranks of cluster.workers 2"),
     ],
 )
 def test_bad_config_names_key_and_fix(raw, expect):

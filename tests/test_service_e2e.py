@@ -232,7 +232,7 @@ def _model_of(cfg: Path) -> str:
 
 
 def test_an_unplaceable_job_says_what_is_missing(cluster, job_yaml):
-    cfg = job_yaml("three", cluster={"workers": 3})
+    cfg = job_yaml("three", batch_size=6, cluster={"workers": 3})
     job_id = cluster.herd("submit", str(cfg)).stdout.strip().splitlines()[-1]
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

@@ -36,7 +36,8 @@ def worker(i: int, mem: int = 16 * GB, **kw) -> WorkerRecord:
 
 
 def job(workers: int = 2, iters: int = 10, model: str = "/nonexistent/model") -> Job:
-    cfg = {"model": model, "data": "data", "iters": iters, "batch_size": 4,
+    cfg = {"model": model, "data": "data", "iters": iters,
+           "batch_size": 4 if 4 % workers == 0 else 4 * workers,  # splits over the workers
            "cluster": {"workers": workers}}
     return Job(job_id=f"j{workers}-{iters}", name="t", config=parse_config(cfg),
                dataset=[FileDigest("train.jsonl", "a" * 64, 10)], workers_needed=workers,
