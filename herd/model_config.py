@@ -24,6 +24,18 @@ def is_hub_id(model: str) -> bool:
     return bool(_HUB_ID.match(model)) and not Path(model).expanduser().exists()
 
 
+def missing_here(model: str) -> str | None:
+    """A warning when ``model`` is a path with no folder behind it here. Allowed (the workers
+    may hold the model at that path, a laptop need not), but said before a job fails on them."""
+    from herd.models.ref import parse
+
+    ref = parse(model)
+    if ref.is_local and not ref.path.expanduser().is_dir():
+        return (f"model {model} is not a folder here ({ref.path.expanduser().resolve()}): every "
+                "worker must hold it at that path, or the job fails as it starts there")
+    return None
+
+
 def _cached(model: str, revision: str | None) -> Path | None:
     from huggingface_hub import try_to_load_from_cache
 

@@ -178,6 +178,18 @@ def test_long_sequences_are_a_warning_not_an_error(job: Job, tiny_model: Path, c
     assert "truncated to 8" in err
 
 
+def test_a_model_path_that_is_not_here_is_a_warning_naming_it(job: Job, tmp_path, capsys):
+    # The workers may hold it at that path (allowed), but a typo would only fail on them.
+    job.config.update(model="./no-such-model")
+    assert herd_main(["check", str(job.write())]) == 0
+    err = capsys.readouterr().err
+    assert "warning: model ./no-such-model is not a folder here" in err
+    assert "every worker must hold it at that path" in err
+    job.config.update(model=str(tmp_path))  # a folder here: nothing to say
+    assert herd_main(["check", str(job.write())]) == 0
+    assert "is not a folder here" not in capsys.readouterr().err
+
+
 def test_custom_completion_keys_from_the_config_are_used(job: Job, capsys):
     pairs = [json.dumps({"input": f"q{i}", "output": f"a{i}"}) for i in range(8)]
     job.lines("train", pairs)

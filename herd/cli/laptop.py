@@ -40,11 +40,13 @@ DATA_FILES = ("train.jsonl", "valid.jsonl", "test.jsonl")
 def check_locally(cfg: JobConfig) -> None:
     """The dataset check (herd/dataset.py) before anything leaves the laptop."""
     from herd import dataset
+    from herd.model_config import missing_here
 
     tokenizer = dataset.load_tokenizer_for(cfg.model)
     report = dataset.check_job_dataset(cfg, tokenizer)
-    for w in report.warnings:
-        print(f"warning: {w}", file=sys.stderr)
+    for w in report.warnings + [missing_here(cfg.model)]:
+        if w:
+            print(f"warning: {w}", file=sys.stderr)
     if cfg.trust_remote_code:
         print("warning: trust_remote_code: true runs Python shipped with the model on every "
               "worker; workers refuse it unless started with --allow-remote-code",

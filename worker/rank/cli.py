@@ -217,6 +217,11 @@ def main(argv: list[str]) -> int:
         for w in report.warnings:
             print(f"warning: {w}", file=sys.stderr)
         if cmd == "check":
+            from herd.model_config import missing_here
+
+            if note := missing_here(job.model):
+                print(f"warning: {note}; the dataset was checked without its tokenizer",
+                      file=sys.stderr)
             for name, s in report.splits.items():
                 print(f"{name}: {s.records} records ({s.format}) in {s.path}")
             print("ok")
