@@ -190,7 +190,14 @@ def decide_queued(job: Job, workers: list[WorkerRecord], now_ms: int,
     try:
         return place(job.config, workers, model_config)
     except PlacementError as e:
-        return wait_or_fail(job, Wait(e.message), now_ms, placement_timeout_s)
+        reason = e.message
+        # A peer lost mid-job is first seen as the survivors' ranks failing ("lost a peer"):
+        # here the waiting line names the worker of the last attempt that is not back.
+        free = {w.worker_id for w in workers}
+        gone = [w for w in job.worker_ids if w not in free] if job.attempt else []
+        if gone and "missing" in reason:
+            reason += f" (of attempt {job.attempt}'s workers, {', '.join(gone)} is gone or busy)"
+        return wait_or_fail(job, Wait(reason), now_ms, placement_timeout_s)
     except HerdError as e:
         return Fail(e.message)
 

@@ -220,6 +220,22 @@ def test_cancel_and_worker_loss(rig):
         s.cancel("nope")
 
 
+def test_the_waiting_line_names_the_worker_a_restart_misses(rig):
+    """An agent killed mid-job: the survivor's rank fails first ("lost a peer", naming the
+    survivor), the lost worker leaves the registry; the restart's waiting line names it."""
+    s, workers, launcher, clock = rig
+    workers += [worker(1), worker(2)]
+    j = s.submit(job(workers=2))
+    s.tick()
+    s.on_exit(j.job_id, 1, 0, "w1", 5, "lost a peer of the MLX group")
+    workers.remove(next(w for w in workers if w.worker_id == "w2"))
+    clock.t += 10  # past the restart's back-off
+    s.tick()
+    got = s.store.get_job(j.job_id)
+    assert got.message == ("waiting: needs 2 workers, 1 verified: missing 1 (of attempt 1's "
+                           "workers, w2 is gone or busy)")
+
+
 def test_store_survives_a_reopen_and_a_restart_readopts_or_resumes_active_jobs(tmp_path):
     """A coordinator restarted on its state folder fails nothing: an attempt whose worker still
     runs its rank is re-adopted, one whose worker does not restarts from its last checkpoint
