@@ -40,6 +40,8 @@ EXIT_CODES = [
     (5, "the coordinator or a peer was lost or unreachable"),
     (6, "authentication failed (no certificate of this cluster, or one revoked)"),
     (7, "not found (job, checkpoint step, rank, a background `herd up`)"),
+    (8, "a disk is full or failing (the message names it and its free space)"),
+    (9, "training produced a non-finite loss or gradient (the iteration and values)"),
     (10, "`herd watch`: the job failed"),
     (11, "`herd watch`: the job was cancelled"),
 ]

@@ -238,3 +238,14 @@ def test_batch_not_divisible_by_the_ranks_of_a_real_group(job: Job):
         assert code == ConfigError.exit_code, err
         assert "batch_size = 3 is not divisible by the 2 data-parallel ranks" in err, err
     assert not job.adapters.exists()
+
+
+def test_herd_help_lists_every_exit_code_herd_uses():
+    """Each error class's exit code is in `herd --help` (the README's table says it is)."""
+    from herd import errors
+    from herd.usage import EXIT_CODES
+
+    listed = {code for code, _ in EXIT_CODES}
+    used = {cls.exit_code for cls in vars(errors).values()
+            if isinstance(cls, type) and issubclass(cls, errors.HerdError)}
+    assert used - listed == set(), f"exit codes herd uses but --help does not list: {used - listed}"

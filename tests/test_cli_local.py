@@ -54,3 +54,24 @@ def test_paths_in_a_config_resolve_from_the_current_folder_as_in_mlx_lm(
     assert here.stdout.strip().endswith("ok")
     # A normal run prints its own lines only: no third-party notice, no structured log line.
     assert here.stderr == "", here.stderr
+
+
+def test_output_into_a_closed_pipe_ends_quietly(tiny_model):
+    """`herd plan job.yaml | head -2`: the reader goes away while herd still writes. No
+    traceback (exit 1, as Python's own recipe for a broken pipe)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "herd", "plan", "configs/llama-3.1-70b-qlora.yaml",
+             "--workers", "192,192", "--model", str(tiny_model)],
+            cwd=REPO, stdout=write, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]

@@ -128,7 +128,13 @@ def main(argv: list[str] | None = None) -> int:
 
         log.setup(level="warning")
     module = importlib.import_module(COMMANDS[name][0])
-    return int(module.main(argv) or 0)
+    try:
+        return int(module.main(argv) or 0)
+    except BrokenPipeError:
+        # The reader went away (`herd plan job.yaml | head -2`): no traceback. Python's own
+        # recipe: stdout onto /dev/null, so the flush at exit does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":
