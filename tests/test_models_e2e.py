@@ -144,9 +144,10 @@ def baseline(world) -> Path:
 def _same_as_baseline(world, job_id: str, baseline: Path) -> None:
     out = world["root"] / f"pulled-{job_id}"
     _herd(world, "pull", job_id, "-o", str(out))
-    # The adapter names the job's model, never the worker's model cache it was loaded from.
-    card = json.loads((out / "adapter_config.json").read_text())["base_model"]
-    assert str(world["cluster"].state) not in json.dumps(card), card
+    # The adapter names the job's model, never the worker's model cache it was loaded from
+    # (neither its base_model nor mlx-lm's own "model" key).
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert str(world["cluster"].state) not in json.dumps(config), config
     rel = update_diff(load_adapter(out), load_adapter(world["root"] / "single"),
                       initial_adapter(baseline))
     print(f"{job_id} vs `herd train` on the folder: the update differs by {rel:.2e}")

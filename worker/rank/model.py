@@ -103,6 +103,7 @@ def adapter_config(job: JobConfig) -> dict:
         cfg["lora_parameters"] = None
     # Under an agent, the job's own model reference (job.model may be its model cache's folder).
     ref = os.environ.get(BASE_MODEL_ENV) or job.model
+    cfg["model"] = ref  # what mlx_lm.lora would have written from the user's config
     cfg["base_model"] = base_model(ref, job.quantize.model_dump() if job.quantize else None,
                                    local=job.model)
     return cfg
