@@ -167,7 +167,7 @@ def raise_if_not_finite(norm2: float, loss: float, it: int, accum: int, learning
         f"{math.sqrt(norm2) if norm2 >= 0 else norm2}, {whose} {loss}; the step's update "
         "was not applied",
         hint=f"lower learning_rate (it is {learning_rate:g}) or look at the data of that step; "
-        "the last checkpoint is still good")
+        "the checkpoints saved before it, if any, are still good")
 
 
 def evaluate(model, dataset, args: LoopArgs, exchange: GradientExchange, order=None,
