@@ -32,8 +32,16 @@ def all_events(store: JobStore, job_id: str) -> list[JobEvent]:
 
 def metric_records(events: list[JobEvent], up_to_step: int) -> list[dict]:
     """One record per report, as the rank's own metrics lines are keyed (``"event"``: train or
-    val), plus the job's state changes and checkpoints; ``up_to_step`` 0 = all."""
+    val), plus the job's state changes and checkpoints; ``up_to_step`` 0 = all, else what was
+    recorded up to that step (its checkpoint, or its last report): no later state change."""
     records, last_val = [], {}
+    cutoff = float("inf")
+    if up_to_step:
+        saved = [e.time_ms for e in events if e.kind is EventKind.CHECKPOINT
+                 and e.step == up_to_step]
+        reported = [e.time_ms for e in events if e.kind is EventKind.PROGRESS
+                    and e.progress is not None and e.progress.iteration <= up_to_step]
+        cutoff = saved[0] if saved else max(reported, default=cutoff)
     for e in events:
         base = {"time_unix_ms": e.time_ms}
         if e.kind is EventKind.PROGRESS and e.progress is not None:
@@ -50,7 +58,7 @@ def metric_records(events: list[JobEvent], up_to_step: int) -> list[dict]:
             fields = dataclasses.asdict(p)
             fields.pop("val_loss")
             records.append({"event": "train", **base, **fields})
-        elif e.kind is EventKind.STATE and e.state is not None:
+        elif e.kind is EventKind.STATE and e.state is not None and e.time_ms <= cutoff:
             records.append({"event": "state", **base, "state": e.state.value,
                             "message": e.message})
         elif e.kind is EventKind.CHECKPOINT and (not up_to_step or e.step <= up_to_step):

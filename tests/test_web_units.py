@@ -189,6 +189,9 @@ def test_report_files_hold_every_report_and_a_drawn_loss_curve(tmp_path):
     kinds = [r["event"] for r in records]
     assert kinds.count("train") == 5 and kinds.count("val") == 1 and kinds.count("state") == 6
     assert metric_records(store.events("demo-1"), up_to_step=2).count(records[3]) == 1
+    # `herd pull --step 2`: what was recorded up to step 2, not the restart that came later
+    upto2 = [r["event"] for r in metric_records(store.events("demo-1"), up_to_step=2)]
+    assert upto2.count("state") == 3 and upto2.count("train") == 2, upto2
     assert all(r["iteration"] <= 2 for r in metric_records(store.events("demo-1"), 2)
                if "iteration" in r)
     png = loss_png(records, "demo-1")
