@@ -8,6 +8,7 @@ resumes from the last event seen.
 
 from __future__ import annotations
 
+import sys
 import time
 
 from herd.cli.connection import CoordinatorConnection
@@ -55,24 +56,32 @@ def describe_fetch(f: common_pb2.FetchProgress) -> str:
     return head + (f" at {human_bytes(f.bytes_per_second)}/s" if f.bytes_per_second else "")
 
 
-def _events(coord: CoordinatorConnection, job_id: str):
-    """Every event of the job, reconnecting a few times if the stream drops."""
-    after, retries = 0, 0
+# How long a dropped stream is tried again: a coordinator restarted by hand, or by launchd or
+# systemd on a loaded Mac, is back well within it (its ranks train on meanwhile).
+PATIENCE_S = 180.0
+
+
+def _events(coord: CoordinatorConnection, job_id: str, clock=time.monotonic, sleep=time.sleep):
+    """Every event of the job, from where a dropped stream left off, for as long as the
+    coordinator comes back within PATIENCE_S."""
+    after, lost_since = 0, None
     while True:
         try:
             stream = coord.stub.WatchJob(
                 coordinator_pb2.WatchJobRequest(job_id=job_id, after_seq=after), timeout=24 * 3600)
             with rpc_errors(coord.target):
                 for e in stream:
-                    after = e.seq
-                    retries = 0
+                    after, lost_since = e.seq, None
                     yield e
             return
-        except PeerLostError:
-            retries += 1
-            if retries > 5:
+        except PeerLostError as e:
+            if lost_since is None:
+                lost_since = clock()
+                print(f"herd watch: {e.message}; trying again for up to {PATIENCE_S:.0f}s",
+                      file=sys.stderr)
+            elif clock() - lost_since > PATIENCE_S:
                 raise
-            time.sleep(min(2.0 * retries, 10.0))
+            sleep(2.0)
 
 
 def _shown(e: common_pb2.JobEvent, seen_val: set[int]) -> bool:
