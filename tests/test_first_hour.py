@@ -287,7 +287,7 @@ def test_a_qlora_adapter_records_its_quantization_and_a_full_precision_base_warn
 
 
 def test_a_job_the_cluster_cannot_place_warns_at_submit(cluster, job_yaml):
-    cfg = job_yaml("five", cluster={"workers": WORKERS + 1})
+    cfg = job_yaml("five", batch_size=WORKERS + 1, cluster={"workers": WORKERS + 1})
     sub = cluster.herd("submit", cfg, "--no-check")
     assert sub.returncode == 0
     job_id = sub.stdout.strip()
