@@ -264,3 +264,19 @@ def test_the_link_probe_works_where_the_kernel_would_pick_another_source_address
         rate = got[rank]
         assert not isinstance(rate, OSError), f"rank {rank}'s probe failed: {rate!r}"
         assert rate.peer == 1 - rank and rate.address == peers[1 - rank] and rate.bytes > 0
+
+
+def test_an_agents_rank_ports_are_outside_the_ephemeral_range():
+    """An agent keeps its rank ports for every rank it runs; between two ranks nothing holds
+    them, so one from the ephemeral range could be taken by any outgoing connection (a rank then
+    failed with "[ring] Couldn't bind socket (error: 98)")."""
+    import socket
+
+    from herd.rpc.ports import _ephemeral, kept_port
+
+    for host, fam in (("", socket.AF_INET), ("127.0.0.1", socket.AF_INET),
+                      ("::1", socket.AF_INET6)):
+        port = kept_port(host)
+        assert port not in _ephemeral(), (host, port)
+        with socket.socket(fam) as s:  # and it is free
+            s.bind((host, port))

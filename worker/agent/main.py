@@ -20,7 +20,7 @@ from herd import log, netif
 from herd.errors import HerdError
 from herd.rpc import discovery, pki
 from herd.rpc.channel import bind, secure_server
-from herd.rpc.ports import free_ports
+from herd.rpc.ports import kept_port
 from herd.usage import HelpFormatter
 from worker.agent import ray_join, state
 from worker.agent.machine import probe
@@ -40,8 +40,10 @@ logger = log.get(__name__)
 def free_port(host: str = "") -> int:
     """A port free right now on every address (a rank binds it on whichever data address the
     coordinator picks). Rank ports are chosen once at agent start and reused: a worker runs one
-    rank at a time, and the coordinator must know every rank's port before any starts."""
-    return free_ports(1, host)[0]
+    rank at a time, and the coordinator must know every rank's port before any starts. Outside
+    the ephemeral range (herd/rpc/ports.py kept_port): a rank failed to bind one that an
+    outgoing connection had taken between two jobs."""
+    return kept_port(host)
 
 
 def parse_bytes(text: str) -> int:
