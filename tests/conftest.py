@@ -29,9 +29,10 @@ for _key, _value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_M
 
 REPO = Path(__file__).resolve().parent.parent
 
-# `make test` runs the suite as two streams side by side (pytest-xdist, `-n 2 --dist loadgroup`):
-# a third of its time the CPUs wait (cuts healing, watchdogs, ranks starting), and one stream fills
-# the other's waits. The streams must not see each other, so they split by what they share:
+# `pytest -n 2 --dist loadgroup` runs the suite as two streams side by side (pytest-xdist; `make
+# test` runs one, since load-sensitive tests flaked with two): a third of its time the CPUs wait
+# (cuts healing, watchdogs, ranks starting), and one stream fills the other's waits. The
+# streams must not see each other, so they split by what they share:
 # - "apart": modules whose processes live in their own network namespaces (tests/netns.py; their
 #   zeroconf and ports are invisible from here), and modules that train without any coordinator
 #   or advert (local rings on loopback ports only);
