@@ -465,6 +465,36 @@ def test_killing_a_rank_mid_exchange_fails_the_others_within_the_deadline(ranks)
     assert max(group.of(r, "error")[0]["t"] for r in (0, 1)) - killed_at < deadline_s / 2
 
 
+def test_a_late_chunk_after_close_hears_the_cause_not_the_close():
+    """A left neighbour that learns of a failure late still sends the next all-reduce; a rank
+    that was told the cause and then closed answers with the cause, so that the late one names
+    the rank that died, not the one that closed."""
+    group = GrpcExchange(0, ["127.0.0.1:1"], None, timeout_s=1.0)
+    group.aborted_by_peer(1, 0, "lost rank 2 (127.0.0.1:9) (seen by rank 1)")
+    group.close()
+    assert group.exchange_for(3) == "lost rank 2 (127.0.0.1:9) (seen by rank 1)"
+    quiet = GrpcExchange(0, ["127.0.0.1:1"], None, timeout_s=1.0)
+    quiet.close()
+    assert quiet.exchange_for(3) == "rank 0 (127.0.0.1:1) closed its exchange before all-reduce #3"
+
+
+@pytest.mark.slow
+def test_a_survivor_paused_when_a_rank_dies_still_names_the_dead_rank(ranks):
+    """A loaded machine: the survivor that has to be told (its own link from the dead rank may not
+    wake) answers late. The rank that saw the death waits for it to take the news rather than
+    closing first, which would make the late one name the rank that closed, not the one that
+    died."""
+    deadline_s = 120.0
+    group = ranks(3, "loop", "--elements", str(1024 * 1024), "--timeout", str(deadline_s))
+    group.wait_until(lambda: all(len(group.of(r, "summed")) >= 2 for r in range(3)), timeout=60)
+    group.procs[2].send_signal(signal.SIGKILL)
+    group.procs[0].send_signal(signal.SIGSTOP)
+    killed_at = time.time()
+    time.sleep(2.0)  # longer than an Abort's old half-second budget, shorter than TELL_S
+    group.procs[0].send_signal(signal.SIGCONT)
+    assert_peer_lost(group, [0, 1], culprit=2, since=killed_at, deadline_s=deadline_s)
+
+
 @pytest.mark.slow
 def test_a_stalled_rank_fails_the_others_within_the_deadline(ranks):
     deadline_s = 4.0

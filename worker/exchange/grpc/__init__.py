@@ -51,6 +51,11 @@ DEFAULT_CHUNK_BYTES = 1024 * 1024
 # Buffers this small (scalars: loss sums, token counts, metrics) always travel in float32: a
 # lossy wire saves nothing on them, and a token count rounded to 8 bits skews every update.
 EXACT_MAX_ELEMENTS = 4096
+# How long a rank waits for a peer to take its Abort or Bye. On a loaded machine a healthy peer's
+# server may take more than half a second to answer; a Bye or Abort that times out leaves that
+# peer to learn of the failure from our closed link, and it then names us, not the rank that
+# died. So telling may use the time left before the all-reduce's deadline, up to this much.
+TELL_S = 5.0
 
 
 class GroupState(enum.IntEnum):
@@ -238,7 +243,7 @@ class GrpcExchange:
         try:
             # Stop waiting a little before the deadline: what is left goes to naming the culprit.
             probe_s = min(1.0, 0.1 * self.timeout_s)
-            if not ex.wait(lambda: ex.done, deadline - probe_s - min(0.5, 0.05 * self.timeout_s)):
+            if not ex.wait(lambda: ex.done, deadline - probe_s - self._reserve_s()):
                 if ex.error is None:
                     ex.fail(self._stalled_error(ex, probe_s))
                 self._abandon(ex)
@@ -336,7 +341,7 @@ class GrpcExchange:
                           received=ex.received, messages=ex.plan.messages, first=first)
         # Before cancelling our link, even when another rank saw the failure first: the right
         # neighbour may see our cancel before that rank's Abort, and would blame us.
-        self._tell_peers(ex.seq, ex.error, wait=True)
+        self._tell_peers(ex.seq, ex.error, wait=True, by=ex.deadline)
         self._link.cancel()
 
     def _advance(self, to: GroupState, error: HerdError | None = None) -> bool:
@@ -350,10 +355,18 @@ class GrpcExchange:
         self._state = max(self._state, to)
         return first and to is not GroupState.CLOSED
 
-    def _tell_peers(self, seq: int, error: HerdError, wait: bool) -> None:
-        """Abort every peer with ``error``; best effort, a short deadline each."""
+    def _reserve_s(self) -> float:
+        """What an all-reduce keeps, before its deadline, for telling the peers why it failed."""
+        return min(0.5, 0.05 * self.timeout_s)
+
+    def _tell_peers(self, seq: int, error: HerdError, wait: bool,
+                    by: float | None = None) -> None:
+        """Abort every peer with ``error``; best effort. Each call has up to TELL_S, or the
+        time left before ``by`` (an all-reduce's deadline) and at least the reserve: a rank
+        found stalled near its deadline still raises about on time."""
         request = pb.AbortRequest(rank=self.rank, seq=seq, reason=error.message)
-        budget = min(0.5, 0.05 * self.timeout_s)
+        budget = TELL_S if by is None else max(
+            self._reserve_s(), min(TELL_S, by - time.monotonic()))
         calls = []
         for channel in list(self._channels.values()):
             try:
@@ -435,10 +448,10 @@ class GrpcExchange:
         if ex is not None:
             return ex
         me = self._name(self.rank)
+        if error is not None:  # what spent the group, before our close that followed it
+            return error.message
         if state is GroupState.CLOSED:
             return f"{me} closed its exchange before all-reduce #{seq}"
-        if error is not None:
-            return error.message
         return f"{me} did not start all-reduce #{seq} within {self.timeout_s:g}s"
 
     # ---- shutdown ----------------------------------------------------------------------------
@@ -457,7 +470,7 @@ class GrpcExchange:
             left = self._channels.get((self.rank - 1) % self.size)
             try:
                 unary(left, "Bye")(pb.ByeRequest(rank=self.rank, reason=self._closing_reason()),
-                                   timeout=0.5)
+                                   timeout=min(TELL_S, self.timeout_s))
             except grpc.RpcError:
                 pass  # best effort: that neighbour is gone, or finds out by itself
             # The right neighbour ends our link once it sees the goodbye; bounded, for a
