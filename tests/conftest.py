@@ -29,8 +29,8 @@ for _key, _value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_M
 
 REPO = Path(__file__).resolve().parent.parent
 
-# `pytest -n 2 --dist loadgroup` runs the suite as two streams side by side (pytest-xdist; `make
-# test` runs one, since load-sensitive tests flaked with two): a third of its time the CPUs wait
+# `pytest -n 2 --dist loadgroup` (what `make test` runs) runs the suite as two streams side by
+# side (pytest-xdist): run as one stream, a third of its time the CPUs wait
 # (cuts healing, watchdogs, ranks starting), and one stream fills the other's waits. The
 # streams must not see each other, so they split by what they share:
 # - "apart": modules whose processes live in their own network namespaces (tests/netns.py; their
