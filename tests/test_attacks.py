@@ -361,8 +361,8 @@ def test_put_checkpoint_takes_only_a_running_attempts_steps_from_its_worker(site
 
 def test_start_rank_refuses_names_attempts_and_credentials_that_are_not_its_jobs(site, tmp_path,
                                                                                  tiny_model):
+    from herd.rpc.ports import kept_ports
     from worker.agent.machine import probe
-    from worker.agent.main import free_port
     from worker.agent.policy import Policy
     from worker.agent.service import RULES, Worker, WorkerServicer, add_to_server
 
@@ -370,7 +370,7 @@ def test_start_rank_refuses_names_attempts_and_credentials_that_are_not_its_jobs
     server = secure_server(ident, RULES, max_workers=4)
     port = bind(server, ident, f"{HOST}:0")
     state = tmp_path / "deep" / "state"
-    worker = Worker("w9", HOST, port, free_port(HOST), free_port(HOST), probe(), state, ident,
+    worker = Worker("w9", HOST, port, *kept_ports(2, HOST), probe(), state, ident,
                     policy=Policy(model_roots=(tiny_model.parent,)))
     add_to_server(WorkerServicer(worker), server)
     server.start()

@@ -47,14 +47,14 @@ class Counting(grpc.ServerInterceptor):
 
 def start_worker(root: Path, identity: pki.Identity, zc, advert_id: str, model_roots=()):
     """A real worker agent (its service, policy and rank runner) advertised as ``advert_id``."""
+    from herd.rpc.ports import kept_ports
     from worker.agent.machine import probe
-    from worker.agent.main import free_port
     from worker.agent.policy import Policy
     from worker.agent.service import RULES, Worker, WorkerServicer, add_to_server, advert_txt
 
     server = secure_server(identity, RULES, max_workers=4)
     port = bind(server, identity, f"{HOST}:0")
-    worker = Worker(identity.name, HOST, port, free_port(HOST), free_port(HOST), probe(),
+    worker = Worker(identity.name, HOST, port, *kept_ports(2, HOST), probe(),
                     root / identity.name, identity, policy=Policy(model_roots=tuple(model_roots)))
     add_to_server(WorkerServicer(worker), server)
     server.start()

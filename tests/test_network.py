@@ -272,11 +272,13 @@ def test_an_agents_rank_ports_are_outside_the_ephemeral_range():
     failed with "[ring] Couldn't bind socket (error: 98)")."""
     import socket
 
-    from herd.rpc.ports import _ephemeral, kept_port
+    from herd.rpc.ports import _ephemeral, kept_ports
 
     for host, fam in (("", socket.AF_INET), ("127.0.0.1", socket.AF_INET),
                       ("::1", socket.AF_INET6)):
-        port = kept_port(host)
-        assert port not in _ephemeral(), (host, port)
-        with socket.socket(fam) as s:  # and it is free
-            s.bind((host, port))
+        ports = kept_ports(2, host)
+        assert len(set(ports)) == 2, ports  # ring and exchange: never the same one
+        for port in ports:
+            assert port not in _ephemeral(), (host, port)
+            with socket.socket(fam) as s:  # and it is free
+                s.bind((host, port))

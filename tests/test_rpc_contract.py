@@ -163,15 +163,15 @@ def agent(tmp_path):
     state. Its model root is the filesystem (the tests' tiny models live in temp folders)."""
     from pathlib import Path
 
+    from herd.rpc.ports import kept_ports
     from worker.agent.machine import probe
-    from worker.agent.main import free_port
     from worker.agent.policy import Policy
     from worker.agent.service import RULES, Worker, WorkerServicer, add_to_server
 
     def start(identity):
         server = secure_server(identity, RULES, max_workers=4)
         port = bind(server, identity, f"{HOST}:0")
-        worker = Worker(identity.name, HOST, port, free_port(HOST), free_port(HOST), probe(),
+        worker = Worker(identity.name, HOST, port, *kept_ports(2, HOST), probe(),
                         tmp_path / "worker", identity, policy=Policy(model_roots=(Path("/"),)))
         add_to_server(WorkerServicer(worker), server)
         server.start()

@@ -40,19 +40,30 @@ def _ephemeral() -> range:
         return range(49152, 65536)
 
 
-def kept_port(host: str = "") -> int:
-    """A port free now, for a server that binds it later and again (an agent's rank ports, chosen
-    at start and reused by every rank it runs). Never from the ephemeral range: there any
-    outgoing connection of any process may take it between two ranks, and the next rank's bind
-    fails (EADDRINUSE)."""
+def kept_ports(n: int, host: str = "") -> list[int]:
+    """``n`` distinct ports free now, for servers that bind them later and again (an agent's rank
+    ports, chosen at start and reused by every rank it runs). Never from the ephemeral range:
+    there any outgoing connection of any process may take one between two ranks, and the next
+    rank's bind fails (EADDRINUSE). All bound at once, so none repeats."""
     busy = _ephemeral()
     candidates = [p for p in KEPT_PORTS if p not in busy]
-    fam = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
-    for port in random.sample(candidates, min(200, len(candidates))):
-        with socket.socket(fam) as s:
+    host = host.strip("[]")
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    held: list[socket.socket] = []
+    try:
+        for port in random.sample(candidates, min(200 + n, len(candidates))):
+            if len(held) == n:
+                break
+            s = socket.socket(fam)
             try:
-                s.bind((host.strip("[]"), port))
+                s.bind((host, port))
             except OSError:
+                s.close()
                 continue
-            return port
-    return free_ports(1, host)[0]  # every candidate taken: any free port, as before
+            held.append(s)
+        if len(held) < n:  # the range is taken: any free ports, as before
+            return free_ports(n, host)
+        return [s.getsockname()[1] for s in held]
+    finally:
+        for s in held:
+            s.close()

@@ -20,7 +20,7 @@ from herd import log, netif
 from herd.errors import HerdError
 from herd.rpc import discovery, pki
 from herd.rpc.channel import bind, secure_server
-from herd.rpc.ports import kept_port
+from herd.rpc.ports import kept_ports
 from herd.usage import HelpFormatter
 from worker.agent import ray_join, state
 from worker.agent.machine import probe
@@ -35,15 +35,6 @@ from worker.agent.policy import (
 from worker.agent.service import RULES, Worker, WorkerServicer, add_to_server, advert_txt
 
 logger = log.get(__name__)
-
-
-def free_port(host: str = "") -> int:
-    """A port free right now on every address (a rank binds it on whichever data address the
-    coordinator picks). Rank ports are chosen once at agent start and reused: a worker runs one
-    rank at a time, and the coordinator must know every rank's port before any starts. Outside
-    the ephemeral range (herd/rpc/ports.py kept_port): a rank failed to bind one that an
-    outgoing connection had taken between two jobs."""
-    return kept_port(host)
 
 
 def parse_bytes(text: str) -> int:
@@ -80,8 +71,11 @@ def main(argv: list[str]) -> int:
                    "fastest shared one. =KIND states its kind (thunderbolt, ethernet, wifi, "
                    "loopback, other) where the OS cannot tell")
     p.add_argument("--port", type=int, default=0, help="WorkerService port (0 = any free)")
-    p.add_argument("--ring-port", type=int, default=0, help="MLX ring port for ranks (0 = any)")
-    p.add_argument("--exchange-port", type=int, default=0, help="gRPC exchange port (0 = any)")
+    p.add_argument("--ring-port", type=int, default=0,
+                   help="MLX ring port for ranks (0 = a free one in 20000-32767, outside the "
+                   "OS's ephemeral range: no outgoing connection can take it between two jobs)")
+    p.add_argument("--exchange-port", type=int, default=0,
+                   help="gRPC exchange port for ranks (0 = as --ring-port)")
     p.add_argument("--id", default=None,
                    help="worker id: the name in this worker's certificate (default: that name; "
                    "on the CA's machine a certificate is made for the id kept in the state "
@@ -159,8 +153,12 @@ def main(argv: list[str]) -> int:
         return 1
     cache = ModelCache(args.model_cache or state_dir / "models", worker_id,
                        parse_bytes(args.model_cache_max) if args.model_cache_max else 0)
-    worker = Worker(worker_id, host, port, args.ring_port or free_port(),
-                    args.exchange_port or free_port(), machine, state_dir, identity, interfaces,
+    # Rank ports are chosen once here and reused: a worker runs one rank at a time, and the
+    # coordinator must know every rank's port before any starts. Free on every address (a rank
+    # binds whichever data address the coordinator picks).
+    ring_port, exchange_port = kept_ports(2)
+    worker = Worker(worker_id, host, port, args.ring_port or ring_port,
+                    args.exchange_port or exchange_port, machine, state_dir, identity, interfaces,
                     policy, cache)
     worker.keep_attempts = max(0, args.keep_attempts)
     add_to_server(WorkerServicer(worker), server)

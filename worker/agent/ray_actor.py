@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from herd import PROTOCOL_VERSION
 from herd.rpc import pki
-from herd.rpc.ports import free_ports
+from herd.rpc.ports import kept_ports
 from worker.agent import convert
 from worker.agent.machine import Machine
 from worker.agent.policy import Policy
@@ -42,7 +42,7 @@ from worker.agent.service import Worker
 class RankActor:
     def __init__(self, worker_id: str, host: str, memory_bytes: int, ca_pem: bytes,
                  cert_pem: bytes, key_pem: bytes):
-        ring_port, exchange_port = free_ports(2, host)
+        ring_port, exchange_port = kept_ports(2, host)
         machine = Machine(chip="", memory_bytes=memory_bytes, gpu_cores=0, os="", mlx_version="")
         identity = pki.Identity("worker", worker_id, ca_pem, cert_pem, key_pem)
         self.worker = Worker(worker_id, host, 0, ring_port, exchange_port, machine,
