@@ -171,7 +171,8 @@ class JobStore:
     def _config(self, row: sqlite3.Row) -> JobConfig:
         text = row["config_yaml"]
         if (config := self._configs.get(text)) is None:
-            config = self._configs[text] = config_from_yaml(text, f"job {row['job_id']}")
+            config = self._configs[text] = config_from_yaml(text, f"job {row['job_id']}",
+                                                            stored=True)
         return config
 
     @_guarded(write=False)

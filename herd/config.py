@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from herd import bounded_yaml
 from herd.errors import ConfigError
@@ -209,7 +217,12 @@ class JobConfig(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _cross(self) -> "JobConfig":
+    def _cross(self, info: ValidationInfo) -> "JobConfig":
+        if info.context and info.context.get("stored"):
+            # A job record: these rules held when it was submitted, and a rule added since must
+            # not make a stored job unreadable (`herd jobs` would fail for every job). What can
+            # no longer run fails at its launch, with the reason.
+            return self
         dp = self.cluster.data_parallel()
         if dp is not None and self.cluster.shares is None and self.batch_size % dp != 0:
             raise ValueError(
@@ -371,11 +384,13 @@ def _format(err: ValidationError, source: str) -> ConfigError:
     )
 
 
-def parse_config(raw: dict[str, Any], source: str = "<dict>") -> JobConfig:
+def parse_config(raw: dict[str, Any], source: str = "<dict>", stored: bool = False) -> JobConfig:
+    """``raw`` validated as a job config; ``stored``: a job record's, whose cross-field rules
+    were checked at its submission (JobConfig._cross)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: a job config is a YAML mapping, got {type(raw).__name__}")
     try:
-        return JobConfig.model_validate(raw)
+        return JobConfig.model_validate(raw, context={"stored": stored})
     except ValidationError as e:
         raise _format(e, source) from None
 
@@ -402,13 +417,14 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None,
 # StartRankRequest.config_yaml, the coordinator's store, a rank's config.yaml): the user's own
 # mlx-lm document, holding only the keys they set. Inside a process it is a JobConfig.
 
-def config_from_yaml(text: str, source: str) -> JobConfig:
-    """Parse a config that crossed a boundary as text (validated again: text is not trusted)."""
+def config_from_yaml(text: str, source: str, stored: bool = False) -> JobConfig:
+    """Parse a config that crossed a boundary as text (validated again: text is not trusted).
+    ``stored``: a job record's (parse_config)."""
     try:
         raw = bounded_yaml.load(text, _Loader, source) if text else None
     except yaml.YAMLError as e:
         raise ConfigError(f"{source} is not valid YAML: {e}") from None
-    return parse_config(raw, source)
+    return parse_config(raw, source, stored)
 
 
 def with_cluster(cfg: JobConfig, source: str, **changes) -> JobConfig:

@@ -23,8 +23,15 @@ from coordinator.domain import (
 )
 from coordinator.scheduler import Scheduler
 from coordinator.store import _MIGRATIONS, JobStore
-from herd.config import parse_config
-from herd.errors import ChecksumError, DatasetError, HerdError, NotFoundError, PlacementError
+from herd.config import config_from_yaml, config_to_yaml, parse_config
+from herd.errors import (
+    ChecksumError,
+    ConfigError,
+    DatasetError,
+    HerdError,
+    NotFoundError,
+    PlacementError,
+)
 
 GB = 1024**3
 
@@ -277,6 +284,26 @@ def test_store_survives_a_reopen_and_a_restart_readopts_or_resumes_active_jobs(t
     got = store.get_job(lost.job_id)
     assert (got.state, got.attempt) == (JobState.RUNNING, 2)
     assert launcher.started[-1].resume_step == 2
+
+
+def test_a_job_stored_by_an_older_herd_stays_readable_when_a_rule_is_added(tmp_path):
+    """Cross-field rules are checked at submit. A record written before a rule existed (here: a
+    batch of 5 over 2 workers, refused since) must not make `herd jobs` fail for every job."""
+    import sqlite3
+
+    store = JobStore(tmp_path / "db")
+    store.put_job(job(workers=2))
+    store.close()
+    with sqlite3.connect(tmp_path / "db") as db:  # what the older herd had written
+        text = db.execute("SELECT config_yaml FROM jobs").fetchone()[0]
+        assert "batch_size: 4" in text
+        db.execute("UPDATE jobs SET config_yaml=?", (text.replace("batch_size: 4",
+                                                                  "batch_size: 5"),))
+    store = JobStore(tmp_path / "db")
+    [old] = store.list_jobs()
+    assert (old.config.batch_size, old.config.cluster.workers) == (5, 2)
+    with pytest.raises(ConfigError, match="does not split over the 2 data-parallel ranks"):
+        config_from_yaml(config_to_yaml(old.config), "a new submission")  # still refused
 
 
 # --- artifacts -------------------------------------------------------------------------------
