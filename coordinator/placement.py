@@ -25,6 +25,11 @@ from herd.errors import DoesNotFitError, HerdError, PlacementError
 OVERHEAD = 1.3
 
 
+class TooFewWorkers(PlacementError):
+    """Fewer idle workers than the job needs: a job waits for them (others fail or wait as
+    decide_queued says)."""
+
+
 @dataclass(frozen=True)
 class Placement:
     worker_ids: list[str]   # rank order (for pipelines: the MLX ring order, Plan.ring_order)
@@ -89,7 +94,7 @@ def _place_by_memory(cfg: JobConfig, workers: list[WorkerRecord],
     idle = [w for w in workers if not w.running_job_id]
     if len(idle) < need:
         busy = len(workers) - len(idle)
-        raise PlacementError(
+        raise TooFewWorkers(
             f"needs {need} workers, {len(workers)} verified"
             + (f" ({busy} busy)" if busy else "")
             + f": missing {need - len(idle)}",
@@ -195,7 +200,7 @@ def decide_queued(job: Job, workers: list[WorkerRecord], now_ms: int,
         # here the waiting line names the worker of the last attempt that is not back.
         free = {w.worker_id for w in workers}
         gone = [w for w in job.worker_ids if w not in free] if job.attempt else []
-        if gone and "missing" in reason:
+        if gone and isinstance(e, TooFewWorkers):
             reason += f" (of attempt {job.attempt}'s workers, {', '.join(gone)} is gone or busy)"
         return wait_or_fail(job, Wait(reason), now_ms, placement_timeout_s)
     except HerdError as e:
