@@ -92,7 +92,7 @@ class Elastic:
             job = s.store.get_job(job_id)
             n = workers_needed(job.config)
             if (job.state is not JobState.RUNNING or len(job.worker_ids) >= n
-                    or step >= job.iters):
+                    or step >= job.config.last_step()):
                 return
             workers = {w.worker_id: w for w in s.workers()}
             current = [workers[w] for w in job.worker_ids if w in workers]

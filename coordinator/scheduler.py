@@ -354,15 +354,14 @@ class Scheduler:
                 self.reconcile.forget(job_id)
                 if job.state is JobState.PLACING:
                     self._set_state(job, JobState.RUNNING)
-                # Agents report a rank's exit after its uploads: by now the final adapter is
-                # stored, or it never will be.
-                if job.iters not in {c.step for c in self.store.checkpoints(job_id)}:
-                    self._set_state(job, JobState.FAILED, (
-                        f"every rank finished, but the final adapter (checkpoint {job.iters}) "
-                        "was never stored on the coordinator; see the job's log lines"))
-                else:
-                    self._set_state(job, JobState.SUCCEEDED)
-                return
+                # Agents report a rank's exit after its uploads: by now the final adapter (at
+                # iters, less a trailing partial accumulation) is stored, or it never will be.
+                final = job.config.last_step()
+                if final in {c.step for c in self.store.checkpoints(job_id)}:
+                    return self._set_state(job, JobState.SUCCEEDED)
+                return self._set_state(job, JobState.FAILED, (
+                    f"every rank finished, but the final adapter (checkpoint {final}) "
+                    "was never stored on the coordinator; see the job's log lines"))
         self._stop_ranks(job)
 
     def on_checkpoint(self, checkpoint: Checkpoint) -> None:

@@ -26,6 +26,9 @@ from pydantic import (
 from herd import bounded_yaml
 from herd.errors import ConfigError
 
+# The names mlx-lm's report_to takes (mlx_lm/tuner/callbacks.py SUPPORT_CALLBACK).
+REPORTERS = ("wandb", "swanlab")
+
 
 class LegacyKeyWarning(FutureWarning):
     """A config key older mlx-lm versions read: still accepted, mapped to today's key.
@@ -209,6 +212,25 @@ class JobConfig(_Strict):
     cluster: Cluster = Field(default_factory=Cluster)
     quantize: Quantize | None = None
 
+    @field_validator("report_to")
+    @classmethod
+    def _reporters(cls, v: str | None) -> str | None:
+        # mlx-lm's reporting callbacks (mlx_lm/tuner/callbacks.py), which refuse any other name
+        # on the rank, after the job has been placed.
+        unknown = [r for r in (v or "").split(",") if r.strip() and r.strip().lower()
+                   not in REPORTERS]
+        if unknown:
+            raise ValueError(f"{', '.join(unknown)}: mlx-lm reports to {' or '.join(REPORTERS)} "
+                             "(`herd coordinator --tensorboard DIR` writes TensorBoard logs of "
+                             "every job)")
+        return v
+
+    def last_step(self) -> int:
+        """The micro-batch iteration of the last optimizer step, which writes the final adapter:
+        ``iters`` unless a partial accumulation trails it (computed, never applied, as in
+        mlx-lm)."""
+        return self.iters - self.iters % self.grad_accumulation_steps
+
     @field_validator("num_layers")
     @classmethod
     def _layers(cls, v: int) -> int:
@@ -223,6 +245,15 @@ class JobConfig(_Strict):
             # not make a stored job unreadable (`herd jobs` would fail for every job). What can
             # no longer run fails at its launch, with the reason.
             return self
+        if self.train and self.iters < self.grad_accumulation_steps:
+            raise ValueError(
+                f"iters {self.iters} is fewer than grad_accumulation_steps "
+                f"{self.grad_accumulation_steps}: no optimizer step would run (iters counts "
+                "micro-batches, as in mlx-lm)")
+        if self.fine_tune_type == "full" and self.quantize is not None:
+            raise ValueError(
+                "fine_tune_type: full cannot train a quantized base (a quantized weight has no "
+                "gradient): use lora or dora (QLoRA), or drop the quantize: section")
         dp = self.cluster.data_parallel()
         if dp is not None and self.cluster.shares is None and self.batch_size % dp != 0:
             raise ValueError(

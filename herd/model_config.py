@@ -13,7 +13,7 @@ import json
 import re
 from pathlib import Path
 
-from herd.errors import ConfigError
+from herd.errors import ConfigError, HerdError
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _SNAPSHOT = re.compile(r"/snapshots/([0-9a-f]{40})(/|$)")
@@ -93,3 +93,26 @@ def model_revision(model: str) -> str | None:
         if m := _SNAPSHOT.search(str(path)):
             return m.group(1)
     return None
+
+
+def check_job_files(cfg) -> None:
+    """What a job config names besides its dataset, checked where it is read (``herd check``,
+    ``herd submit``, each rank) rather than failing a rank after placement: the adapter to resume
+    from exists, and a full fine-tune is not of an already quantized model. ConfigError if not."""
+    if cfg.resume_adapter_file:
+        resume = Path(cfg.resume_adapter_file).expanduser()
+        if not resume.exists():
+            raise ConfigError(f"resume_adapter_file {cfg.resume_adapter_file} does not exist "
+                              f"(looked for {resume.resolve()})",
+                              hint="an adapter .safetensors file or a folder holding "
+                              "adapters.safetensors; paths resolve from the current folder")
+    if cfg.fine_tune_type == "full" and cfg.quantize is None:
+        try:
+            quantized = "quantization" in resolve_model_config(cfg.model)
+        except HerdError:
+            quantized = False  # no config.json here: the model's own checks say so
+        if quantized:
+            raise ConfigError(f"fine_tune_type: full cannot train {cfg.model}: it is quantized, "
+                              "and a quantized weight has no gradient",
+                              hint="use fine_tune_type: lora or dora (QLoRA), or a "
+                              "full-precision model")

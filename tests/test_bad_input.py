@@ -138,6 +138,14 @@ ROWS = [
     ("batch not divisible by data ranks",
      set_keys(batch_size=3, cluster={"parallelism": {"data": 2}}),
      2, ["batch_size 3 is not divisible by cluster.parallelism.data 2", "multiple of 2"]),
+    # what a rank would refuse after placement: said at `herd check` / submit
+    ("report_to not mlx-lm's", set_key("report_to", "tensorboard"), 2,
+     ["report_to = 'tensorboard'", "mlx-lm reports to wandb or swanlab"]),
+    ("full fine-tune of a base quantized on load",
+     set_keys(fine_tune_type="full", quantize={"bits": 4}), 2,
+     ["fine_tune_type: full cannot train a quantized base", "quantize:"]),
+    ("missing resume adapter", set_key("resume_adapter_file", "nope.safetensors"), 2,
+     ["resume_adapter_file nope.safetensors does not exist"]),
     # -- dataset: herd.dataset.check_dataset (DatasetError, exit 3) --
     ("missing split", missing_train, 3, ["train.jsonl: missing from"]),
     ("missing data folder", missing_data_folder, 3, ["data is not a local folder"]),
@@ -219,6 +227,15 @@ def test_herd_train_rejects(job: Job, name, breaks, code, needles):
     breaks(job)
     proc = herd("train", job.write(), check=False, timeout=120, cwd=job.dir)
     _assert_failed_before_training(job, proc.returncode, proc.stderr, code, needles)
+
+
+def test_a_full_fine_tune_of_a_quantized_model_is_refused_at_check(job: Job, tiny_quantized,
+                                                                     capsys):
+    """mlx would fail mid-step (no gradient wrt quantized weights), after placement."""
+    job.config.update(model=str(tiny_quantized), fine_tune_type="full")
+    rc = herd_main(["check", str(job.write())])
+    _assert_failed_before_training(job, rc, capsys.readouterr().err, 2, [
+        f"fine_tune_type: full cannot train {tiny_quantized}: it is quantized"])
 
 
 @pytest.mark.slow

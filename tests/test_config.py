@@ -109,6 +109,7 @@ def test_checkpoints_land_on_the_last_optimizer_step_before_each_save_point():
 
     assert saved(3, 100, 1000)[:4] == [99, 198, 300, 399]
     assert saved(3, 100, 1000)[-1] == 999  # the last optimizer step; 1000 is never applied
+    assert parse_config({"grad_accumulation_steps": 3, "iters": 1000}).last_step() == 999
     assert saved(1, 4, 10) == [4, 8, 10]
     assert saved(2, 4, 8) == [4, 8]
     assert saved(4, 2, 8) == [4, 8]  # save_every below the accumulation: every step
@@ -139,6 +140,13 @@ def test_shipped_configs_validate(path):
         # placement would refuse it on every try: said at `herd check` / submit, not after 600 s
         ({"batch_size": 1, "cluster": {"workers": 2}},
          "does not split over the 2 data-parallel ranks of cluster.workers 2"),
+        # what mlx-lm refuses on the rank, after placement: said before any worker is touched
+        ({"report_to": "tensorboard"}, "report_to = 'tensorboard': tensorboard: mlx-lm reports "
+         "to wandb or swanlab"),
+        ({"fine_tune_type": "full", "quantize": {"bits": 4}},
+         "fine_tune_type: full cannot train a quantized base"),
+        ({"train": True, "iters": 2, "grad_accumulation_steps": 4},
+         "no optimizer step would run"),
     ],
 )
 def test_bad_config_names_key_and_fix(raw, expect):

@@ -177,6 +177,9 @@ def test_two_worker_job_runs_checkpoints_and_pulls(cluster, job_yaml, single_ada
     cluster.herd("pull", job_id, "--step", "4", "-o", str(tmp_path / "step4"))
     missing = cluster.herd("pull", job_id, "--step", "5", "-o", str(tmp_path / "x"), check=False)
     assert missing.returncode == 7 and "stored steps: [4, 8]" in missing.stderr
+    zero = cluster.herd("pull", job_id, "--step", "0", "-o", str(tmp_path / "z"), check=False)
+    assert zero.returncode == 7 and "no checkpoint at step 0" in zero.stderr, zero.stderr
+    assert not (tmp_path / "z").exists()
     from mlx_lm.utils import load
 
     model, _ = load(_model_of(cfg), adapter_path=str(out))

@@ -138,6 +138,24 @@ def test_job_waits_with_a_reason_then_runs_and_succeeds(rig):
     assert s.on_progress(j.job_id, 1, RankProgress(rank=0)) is True  # late report: stop
 
 
+def test_a_job_ending_in_a_partial_accumulation_succeeds_with_its_last_step(rig):
+    """iters 7 with accumulation 3: the last optimizer step ends micro-batch 6, whose checkpoint
+    is the final adapter (micro-batch 7 is computed and never applied, as in mlx-lm)."""
+    s, workers, launcher, clock = rig
+    workers += [worker(1), worker(2)]
+    j = job(iters=7)
+    cfg = j.config.model_dump(exclude_unset=True)
+    j.config = parse_config({**cfg, "grad_accumulation_steps": 3})
+    s.submit(j)
+    s.tick()
+    s.on_checkpoint(Checkpoint(j.job_id, 6, [FileDigest("adapters.safetensors", "e" * 64, 1)],
+                               clock.t * 1000))
+    s.on_exit(j.job_id, 1, 0, "w2", 0, "")
+    s.on_exit(j.job_id, 1, 1, "w1", 0, "")
+    got = s.store.get_job(j.job_id)
+    assert got.state is JobState.SUCCEEDED, got.message
+
+
 def test_a_failed_rank_fails_the_job_and_stops_the_others(rig):
     s, workers, launcher, _ = rig
     workers += [worker(1), worker(2)]

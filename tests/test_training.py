@@ -349,3 +349,26 @@ def test_progress_and_metrics(tmp_path, tiny_model, tiny_chat_data):
     train = [e for e in events if e["event"] == "train"]
     assert all(e["tokens_per_second"] > 0 and e["peak_memory_gb"] > 0 for e in train)
     assert all(e["exchange"] == "local" and e["world_size"] == 1 for e in train)
+
+
+def test_a_trailing_partial_accumulation_reports_its_own_mean_loss(tmp_path, tiny_model, tiny_data):
+    """iters 7 with accumulation 3: micro-batch 7 is a step of one (computed, never applied, as in
+    mlx-lm). Its reported loss is that micro-batch's mean, as mlx-lm's figure is (gradient_average
+    mlx_lm: each micro-batch its own mean), not three times it; its checkpoint is the last
+    optimizer step's (6)."""
+    import json
+
+    losses = {}
+    for mode in ("tokens", "mlx_lm"):
+        # A rate too small to move the weights apart: the two modes' updates differ (token
+        # weighting) but not the loss at micro-batch 7 beyond rounding.
+        cfg = write_job(tmp_path / f"{mode}.yaml", tiny_model, tiny_data, iters=7,
+                        grad_accumulation_steps=3, steps_per_report=1, save_every=100,
+                        learning_rate=1e-7, adapter_path=str(tmp_path / mode),
+                        cluster={"gradient_average": mode})
+        herd("train", cfg, "--quiet", "--metrics-file", tmp_path / f"{mode}.jsonl")
+        events = [json.loads(line)
+                  for line in (tmp_path / f"{mode}.jsonl").read_text().splitlines()]
+        losses[mode] = {e["iteration"]: e["train_loss"] for e in events if e["event"] == "train"}
+        assert [e["step"] for e in events if e["event"] == "checkpoint"] == [6], events
+    assert losses["tokens"][7] == pytest.approx(losses["mlx_lm"][7], rel=1e-3), losses

@@ -20,7 +20,7 @@ from herd.cli.connection import CoordinatorConnection, add_connection_args, conn
 from herd.cli.watch import FINAL, STATE, watch
 from herd.config import JobConfig, load_config
 from herd.digest import sha256_file
-from herd.errors import ConfigError, DatasetError, HerdError
+from herd.errors import ConfigError, DatasetError, HerdError, NotFoundError
 from herd.models import ref as refs
 from herd.models.manifest import folder_manifest, model_files
 from herd.rpc.channel import UNARY_DEADLINE_S
@@ -40,8 +40,13 @@ DATA_FILES = ("train.jsonl", "valid.jsonl", "test.jsonl")
 def check_locally(cfg: JobConfig) -> None:
     """The dataset check (herd/dataset.py) before anything leaves the laptop."""
     from herd import dataset
-    from herd.model_config import missing_here
+    from herd.model_config import check_job_files, missing_here
 
+    check_job_files(cfg)
+    if cfg.resume_adapter_file:
+        print(f"note: resume_adapter_file {Path(cfg.resume_adapter_file).expanduser().resolve()} "
+              "is read at that path on the workers (it is not shipped with the job)",
+              file=sys.stderr)
     tokenizer = dataset.load_tokenizer_for(cfg.model)
     report = dataset.check_job_dataset(cfg, tokenizer)
     for w in report.warnings + [missing_here(cfg.model)]:
@@ -170,10 +175,14 @@ def cmd_pull(args) -> int:
     from herd.adapter_card import convert_hint, read_card
 
     out: Path = args.output
+    if args.step is not None and args.step < 1:  # 0 would ask for the latest (the wire's unset)
+        raise NotFoundError(f"no checkpoint at step {args.step}: steps count from 1",
+                            hint="`herd jobs` lists each job's checkpoints; omit --step for the "
+                            "latest")
     made = not out.exists()
     try:
         with connect_from_args(args) as coord:
-            header = coord.pull(args.job, args.step, out, force=args.force)
+            header = coord.pull(args.job, args.step or 0, out, force=args.force)
     except HerdError:
         if made and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # nothing pulled: leave no empty folder behind
@@ -254,7 +263,7 @@ def _parser(cmd: str) -> argparse.ArgumentParser:
                            help="plain lines, no progress bar (the default when stdout is not a "
                            "terminal)")
         if cmd == "pull":
-            p.add_argument("--step", type=int, default=0,
+            p.add_argument("--step", type=int, default=None,
                            help="the checkpoint step (default: the latest)")
             p.add_argument("-o", "--output", type=Path, default=Path("adapters"),
                            help="folder to write the adapter into")

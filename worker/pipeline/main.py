@@ -189,7 +189,7 @@ def _run(job: JobConfig, opts: StageOptions) -> int:
 
     def on_step(info: dict) -> None:
         if reports and (info["iteration"] % job.steps_per_report == 0
-                        or info["iteration"] == job.iters):
+                        or info["iteration"] == job.last_step()):
             log.append(TrainReport(rank=group.rank(), exchange="mlx", world_size=group.size(),
                                    **info))
 

@@ -71,9 +71,12 @@ def _parser(cmd: str) -> argparse.ArgumentParser:
 
 
 def check(job: JobConfig):
-    """Validate the dataset before anything else is loaded; raises DatasetError."""
+    """Validate the files the job names before anything else is loaded: ConfigError or
+    DatasetError."""
     from herd.dataset import check_job_dataset, load_tokenizer_for
+    from herd.model_config import check_job_files
 
+    check_job_files(job)
     return check_job_dataset(job, tokenizer=load_tokenizer_for(job.model))
 
 
@@ -97,8 +100,11 @@ def _resume(job: JobConfig, resume: Path | None, model, optimizer, logger):
     source = resume if resume is not None else job.resume_adapter_file
     if source is not None:
         file = load_adapter_weights(Path(source), model)
+        why = ("resume_adapter_file restores weights only, as in mlx_lm.lora (--resume DIR "
+               "continues a herd checkpoint exactly)") if resume is None else (
+               "an mlx-lm adapter holds no optimizer state or step")
         logger.warning("resumed_weights_only", adapter=str(file), optimizer="fresh",
-                       iteration=0, reason="an mlx-lm adapter holds no optimizer state or step")
+                       iteration=0, reason=why)
     return Progress()
 
 

@@ -72,6 +72,11 @@ def apply_adapters(model: nn.Module, job: JobConfig) -> None:
             hint=f"use num_layers: -1 (all) or a number up to {n_blocks}",
         )
     if job.fine_tune_type == "full":
+        if is_quantized(model):  # else mlx fails mid-step: no gradient wrt quantized weights
+            raise ConfigError(
+                f"fine_tune_type: full cannot train {job.model}: it is quantized, and a "
+                "quantized weight has no gradient",
+                hint="use fine_tune_type: lora or dora (QLoRA), or a full-precision model")
         for layer in model.layers[-max(job.num_layers, 0) :]:
             layer.unfreeze()
         return

@@ -280,6 +280,7 @@ def train(
     grad, denominator, step_loss = None, None, mx.array(0.0)
     win_loss, win_tokens = mx.array(0.0), mx.array(0)
     win_time, win_exchange, win_iters, win_bytes = 0.0, 0.0, 0, 0
+    win_steps = 0.0  # optimizer steps the window's micro-batches make up (a trailing one partial)
     for it in range(progress.iteration + 1, args.iters + 1):
         if it in order.val:
             tic = time.perf_counter()
@@ -323,6 +324,9 @@ def train(
         busy = time.perf_counter() - tic
         win_time += busy
         win_iters += 1
+        # Each micro-batch is 1/k of its step, k its micro-batches: accum, or fewer for a
+        # trailing partial accumulation, whose denominator counts only those (BatchStream.targets).
+        win_steps += 1 / min(accum, args.iters - (it - 1) // accum * accum)
         progress.iteration = it
         balancer.observe(busy - exchanged)  # its own compute, not its wait for the others
 
@@ -340,7 +344,7 @@ def train(
                 # its steps' means (mlx-lm's figure with one rank and no accumulation). With
                 # mlx_lm averaging each is its own mean: mlx-lm's mean over micro-batches and ranks.
                 "train_loss": s / (win_iters * exchange.size) if mlx_lm_mean
-                else s * accum / win_iters,
+                else s / win_steps,
                 "learning_rate": optimizer.learning_rate.item(),
                 "iterations_per_second": win_iters / win_time if win_time else 0.0,
                 "tokens_per_second": n / win_time if win_time else 0.0,
@@ -358,7 +362,7 @@ def train(
             if callback:
                 callback.on_train_report(info)
             win_loss, win_tokens = mx.array(0.0), mx.array(0)
-            win_time, win_exchange, win_iters, win_bytes = 0.0, 0.0, 0, 0
+            win_time, win_exchange, win_iters, win_bytes, win_steps = 0.0, 0.0, 0, 0, 0.0
 
         if callback and checkpoint_due(it, accum, args.save_every, args.iters):
             progress.random_key = _save_random_key()
