@@ -157,11 +157,14 @@ def test_workers_are_found_and_a_stopped_worker_leaves(cluster):
 
 def test_two_worker_job_runs_checkpoints_and_pulls(cluster, job_yaml, single_adapter, tmp_path):
     cfg = job_yaml("dp2", iters=8, save_every=4, cluster={"workers": 2, "exchange": "mlx"},
-                   **SAME_UPDATE)
+                   test=True, test_batches=2, **SAME_UPDATE)
     job_id = cluster.herd("submit", str(cfg)).stdout.strip().splitlines()[-1]
     watch = cluster.herd("watch", job_id, "--plain", timeout=240)
     lines = watch.stdout.splitlines()
     assert f"{job_id}: state succeeded" in lines
+    # test: true's figures, as mlx_lm.lora prints them, before the end
+    tested = [i for i, ln in enumerate(lines) if ln.startswith(f"{job_id}: test loss ")]
+    assert len(tested) == 1 and tested[0] < lines.index(f"{job_id}: state succeeded"), lines
     assert any("rank 0 (worker-" in ln and "loss" in ln for ln in lines)
     assert any("rank 1 (worker-" in ln and ln.endswith("[mlx x2]") for ln in lines)
     assert f"{job_id}: checkpoint 4 stored" in lines and f"{job_id}: checkpoint 8 stored" in lines

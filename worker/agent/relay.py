@@ -31,7 +31,14 @@ from worker.agent.coordinator_client import MANIFEST, CoordinatorClient
 from worker.agent.domain import Progress, RankSpec
 from worker.pipeline.topology import saved_piece
 from worker.rank import events
-from worker.rank.events import CheckpointSaved, LinkProbe, RankFailed, TrainReport, ValReport
+from worker.rank.events import (
+    CheckpointSaved,
+    LinkProbe,
+    RankFailed,
+    TestReport,
+    TrainReport,
+    ValReport,
+)
 
 
 def _window_iterations(event: TrainReport) -> int:
@@ -165,6 +172,10 @@ class Relay:
                     self._upload(event.step, event.path, piece)
             case CheckpointSaved() if spec.rank == 0:
                 self._upload(event.step, event.path)
+            case TestReport() if spec.rank == 0:  # `test: true`: every rank holds the same sum
+                self._send(convert.log_report(
+                    spec, self.worker_id, f"test loss {event.test_loss:.3f}, test ppl "
+                    f"{event.test_ppl:.3f} (mlx_lm.lora's figures for the test set)"))
             case LinkProbe():
                 rate = (f"{event.bits_per_second / 1e9:.2f} Gbit/s over {event.seconds:.2f} s"
                         if event.bits_per_second is not None else f"failed: {event.error}")
