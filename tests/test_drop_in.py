@@ -108,6 +108,23 @@ def test_report_to_wandb_logs_what_mlx_lm_logs(tmp_path, tiny_model, tiny_data):
     assert all("peak_memory" in r for r in rows if "train_loss" in r)  # mlx-lm's key names
 
 
+def test_a_reporter_that_cannot_start_is_a_config_error_not_a_traceback(tmp_path, tiny_model,
+                                                                         tiny_data):
+    """swanlab is not installed here (mlx-lm imports it only when asked): the rank says which
+    reporter, why, and what to do, and exits with ConfigError's code."""
+    try:
+        import swanlab  # noqa: F401
+        pytest.skip("swanlab is installed here")
+    except ImportError:
+        pass
+    cfg = write_job(tmp_path / "job.yaml", tiny_model, tiny_data,
+                    adapter_path=str(tmp_path / "ad"), report_to="swanlab")
+    proc = herd("train", cfg, "--quiet", check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "report_to swanlab could not start on this worker" in proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
 @pytest.fixture
 def hf_env(tmp_path, monkeypatch) -> dict:
     """Offline, with a private datasets cache (nothing leaves the machine or touches ~/.cache)."""

@@ -108,6 +108,23 @@ def _resume(job: JobConfig, resume: Path | None, model, optimizer, logger):
     return Progress()
 
 
+def _reporting(job: JobConfig, adapter_path: Path):
+    """mlx-lm's reporting callbacks (``report_to``), or a ConfigError saying why they cannot
+    start here (the package missing on this machine, no wandb login), not a traceback."""
+    from mlx_lm.tuner.callbacks import get_reporting_callbacks
+
+    try:
+        return get_reporting_callbacks(job.report_to, project_name=job.project_name,
+                                       log_dir=str(adapter_path), config=job.mlx_lm_dict())
+    except Exception as e:  # wandb raises its own UsageError, swanlab ImportError, ...
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise ConfigError(
+            f"report_to {job.report_to} could not start on this worker: "
+            f"{type(e).__name__}: {first}",
+            hint="install the package on every worker, and log in there (`wandb login`, or "
+            "WANDB_API_KEY; WANDB_MODE=offline keeps the run local)") from None
+
+
 def _test(job: JobConfig, model, train_set, valid_set, test_set, exchange, events, trained):
     """``test: true``: the test loss mlx_lm.lora prints, same value (same batches, drawn from
     the same numpy stream after training's draws), printed on rank 0 as mlx-lm prints it."""
@@ -130,7 +147,6 @@ def run(job: JobConfig, adapter_path: Path, resume: Path | None, events: EventLo
     skip_unused_reporters(job.report_to)
     import mlx.core as mx
     import numpy as np
-    from mlx_lm.tuner.callbacks import get_reporting_callbacks
     from mlx_lm.tuner.datasets import CacheDataset, load_dataset
     from mlx_lm.tuner.utils import load_adapters
 
@@ -179,9 +195,7 @@ def run(job: JobConfig, adapter_path: Path, resume: Path | None, events: EventLo
             adapter_path.mkdir(parents=True, exist_ok=True)
             reporting = None
             if exchange.rank == 0:
-                reporting = get_reporting_callbacks(job.report_to, project_name=job.project_name,
-                                                    log_dir=str(adapter_path),
-                                                    config=job.mlx_lm_dict())
+                reporting = _reporting(job, adapter_path)
             reporter = Reporter(job, model, optimizer, adapter_path, exchange.rank,
                                 exchange.size, events, quiet, reporting)
             progress = train(model, optimizer, train_set, valid_set, LoopArgs.from_job(job),
