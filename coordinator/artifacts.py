@@ -127,6 +127,13 @@ class BlobStore:
         return read_chunks(path, offset)
 
 
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 class AdapterStore:
     """<root>/<job_id>/<step:07d>/{files}; a step folder exists only when complete.
     Pipeline pieces: <root>/<job_id>/stages/<step:07d>/stage-NN/{files, .piece.json}."""
@@ -253,6 +260,17 @@ class AdapterStore:
                 if path.stat().st_size != f.bytes or sha256_file(path) != f.sha256:
                     return f"{path.name} does not match its sha256"
         return None
+
+    def copy_step(self, checkpoint: Checkpoint, to_job: str) -> None:
+        """``checkpoint`` (its adapter and pipeline pieces) stored again as ``to_job``'s, same
+        step: hard links where the filesystem allows (stored files are never written in place)."""
+        src = self._job_dir(checkpoint.job_id)
+        step = f"{int(checkpoint.step):07d}"
+        with disk_errors(self.root, f"checkpoint {checkpoint.step}"):
+            for part in (Path(step), Path("stages") / step):
+                if (src / part).is_dir():
+                    shutil.copytree(src / part, self._job_dir(to_job) / part,
+                                    copy_function=_link_or_copy, dirs_exist_ok=True)
 
     def remove_step(self, job_id: str, step: int) -> None:
         """Deletes one stored step (retention): its adapter and its pipeline pieces."""

@@ -9,15 +9,15 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from coordinator.artifacts import BlobStore
-from coordinator.domain import Job
+from coordinator.artifacts import AdapterStore, BlobStore
+from coordinator.domain import Checkpoint, Job
 from coordinator.models import ModelCatalog
 from coordinator.placement import workers_needed
 from herd.config import config_from_yaml
 from herd.dataset import SPLITS, check_job_dataset, reads_hub_dataset
 from herd.digest import FileDigest
-from herd.errors import DatasetError
-from herd.rpc.names import check_name, check_sha
+from herd.errors import ConfigError, DatasetError, NotFoundError
+from herd.rpc.names import check_job_id, check_name, check_sha
 
 REQUIRED_DATA = "train.jsonl"
 
@@ -63,3 +63,50 @@ def check_uploaded_dataset(cfg, dataset: list[FileDigest], blobs: BlobStore) -> 
             if d.name in splits:
                 os.symlink(blobs.path(d.sha256), Path(view) / d.name)
         check_job_dataset(cfg.model_copy(update={"data": view}), shown_as=str(cfg.data))
+
+
+# What a checkpoint's adapter and optimizer state are shaped by: a job starting from another's
+# checkpoint must keep them (its rank would refuse the checkpoint, after placement).
+SAME_SHAPE = ("model", "fine_tune_type", "num_layers", "lora_parameters", "quantize", "optimizer",
+              "cluster.packing")
+
+
+def start_from(job: Job, ref: str, store, adapters: AdapterStore, now_ms: int) -> Checkpoint:
+    """``herd submit --resume-from JOB[@STEP]``: that job's stored checkpoint (the latest, or
+    STEP) copied as ``job``'s own, so that its first attempt resumes from it exactly, as a
+    restart does. ConfigError / NotFoundError naming what does not fit, before anything runs."""
+    source_id, _, step = ref.partition("@")
+    source = store.get_job(check_job_id(source_id))  # NotFoundError naming it
+    stored = store.checkpoints(source.job_id)
+    have = [c.step for c in stored]
+    if step and not step.isdigit():
+        raise ConfigError(f"--resume-from {ref}: the step after @ is a number")
+    picked = [c for c in stored if not step or c.step == int(step)]
+    if not picked:
+        raise NotFoundError(f"job {source.job_id} has no checkpoint" + (f" at step {step}"
+                            if step else ""), hint=f"stored steps: {have}" if have else
+                            "it has not saved one yet")
+    checkpoint = picked[-1]
+    for key in SAME_SHAPE:
+        mine, theirs = _get(job.config, key), _get(source.config, key)
+        if mine != theirs:
+            raise ConfigError(f"--resume-from {ref}: {key} is {mine!r} here but {theirs!r} in "
+                              f"{source.job_id}; its checkpoint holds an adapter and optimizer "
+                              "state of that shape", hint=f"set {key} as {source.job_id} had it")
+    cfg = job.config
+    if checkpoint.step >= cfg.last_step() or checkpoint.step % cfg.grad_accumulation_steps:
+        raise ConfigError(f"--resume-from {ref}: checkpoint {checkpoint.step} must fall before "
+                          f"the last optimizer step ({cfg.last_step()}) and on an optimizer step "
+                          f"of grad_accumulation_steps {cfg.grad_accumulation_steps}",
+                          hint="raise iters to train on from there")
+    if problem := adapters.verify(checkpoint):
+        raise NotFoundError(f"checkpoint {checkpoint.step} of {source.job_id} is damaged "
+                            f"({problem})", hint=f"stored steps: {have}")
+    adapters.copy_step(checkpoint, job.job_id)
+    return Checkpoint(job.job_id, checkpoint.step, checkpoint.files, now_ms)
+
+
+def _get(cfg, key: str):
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg.model_dump() if hasattr(cfg, "model_dump") else cfg

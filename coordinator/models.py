@@ -15,15 +15,17 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
 import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from coordinator.artifacts import BlobStore
 from coordinator.domain import FileDigest, Job, ModelSource
+from herd import log
 from herd.config import JobConfig
 from herd.errors import ConfigError, DatasetError, HerdError, NotFoundError, PlacementError
 from herd.models import ref as refs
@@ -218,3 +220,42 @@ class ModelCatalog:
                                  hint="wait for them, or `herd cancel` them")
         keep = {d.sha256 for j in jobs for d in j.dataset}
         return model, self.store.remove(model, keep)
+
+
+def fetch_hub_model(store: ModelStore, hub, now_ms: int, active: Callable[[], bool]
+                    ) -> Iterator[tuple[str, int, int, StoredModel | None]]:
+    """`herd models add ORG/NAME`: download ``hub`` (refs.resolve's pinned commit) and import it
+    into ``store``, in a thread of its own; yields (phase, bytes done, bytes total, None) every
+    half second while ``active()``, then ("import", bytes, bytes, the stored model)."""
+    counts = {"download": 0, "import": 0}
+    progress: queue.Queue = queue.Queue()
+
+    def work():
+        try:
+            folder = refs.snapshot(hub.repo_id, hub.commit, tqdm_class=refs.hub_progress(
+                lambda n: counts.__setitem__("download", counts["download"] + n)))
+            total = sum(p.stat().st_size for p in model_files(folder))
+            progress.put(("import", total))
+            progress.put(store.import_folder(
+                folder, hub.pinned, now_ms, link=True,
+                on_bytes=lambda n: counts.__setitem__("import", counts["import"] + n)))
+        except HerdError as e:
+            progress.put(e)
+
+    threading.Thread(target=work, daemon=True, name="add-model").start()
+    phase, total = "download", 0
+    while active():
+        try:
+            item = progress.get(timeout=0.5)
+        except queue.Empty:
+            yield phase, counts[phase], total, None
+            continue
+        if isinstance(item, HerdError):
+            raise item
+        if isinstance(item, tuple):
+            phase, total = item
+            continue
+        log.get(__name__).info("model_added", model=hub.pinned, digest=item.digest,
+                               bytes=item.bytes)
+        yield "import", item.bytes, item.bytes, item
+        return

@@ -245,7 +245,7 @@ class Scheduler:
                 return
             job.attempt += 1
             job.worker_ids = list(decision.worker_ids)
-            resume = self._resume_from(job) if job.attempt > 1 else 0
+            resume = self._resume_from(job)  # (a first attempt's: --resume-from's checkpoint)
             self.store.start_attempt(job.job_id, job.attempt, job.worker_ids, self.now_ms())
             layout = (f" as {decision.data_parallel} x {decision.pipeline_stages} (data x "
                       f"pipeline), blocks {cut_text(decision.stage_layers)}"

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import queue
-import threading
 import time
 from typing import Iterator
 
@@ -20,9 +18,9 @@ from coordinator import convert, housekeeping
 from coordinator.artifacts import AdapterStore, BlobStore, require_free
 from coordinator.blob_access import check_worker_may_read
 from coordinator.domain import Job
-from coordinator.jobs import new_job
+from coordinator.jobs import new_job, start_from
 from coordinator.logs import LogStore
-from coordinator.models import ModelCatalog, ModelStore
+from coordinator.models import ModelCatalog, ModelStore, fetch_hub_model
 from coordinator.placement import checkpoint_bytes
 from coordinator.registry import Registry
 from coordinator.reports import adapter_with_report
@@ -37,7 +35,6 @@ from herd.errors import (
     StorageError,
 )
 from herd.models import ref as refs
-from herd.models.manifest import model_files
 from herd.rpc import auth
 from herd.rpc.names import check_job_id, check_name, check_sha, check_step
 from herd.rpc.status import abort, streaming
@@ -118,7 +115,18 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
 
     @_unary
     def SubmitJob(self, request, context):
-        job = self.scheduler.submit(self._job_from_spec(request.spec))
+        job, ref = self._job_from_spec(request.spec), request.spec.resume_from
+        # --resume-from: the other job's checkpoint becomes this one's, stored before it queues
+        start = ref and start_from(job, ref, self.store, self.adapters, self.scheduler.now_ms())
+        try:
+            if start:
+                self.store.add_checkpoint(start)
+            job = self.scheduler.submit(job)
+        except BaseException:
+            if start:  # refused (no backend, cannot fit): leave nothing of it behind
+                self.store.delete_checkpoint(job.job_id, start.step)
+                self.adapters.remove_job(job.job_id)
+            raise
         # Every backend's workers count: a Ray job on a coordinator that also has agents is
         # rare, and the warning is advice, never a refusal.
         warning = housekeeping.wait_warning(job, len(self.scheduler.workers()),
@@ -245,41 +253,11 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         if ref.is_local:
             raise ConfigError(f"{request.hub_ref!r} is a path: the coordinator fetches hub ids",
                               hint="the CLI uploads a folder's files itself")
-        hub = refs.resolve(ref)
-        counts = {"download": 0, "import": 0}
-        progress: queue.Queue = queue.Queue()
-
-        def work():
-            try:
-                folder = refs.snapshot(hub.repo_id, hub.commit, tqdm_class=refs.hub_progress(
-                    lambda n: counts.__setitem__("download", counts["download"] + n)))
-                total = sum(p.stat().st_size for p in model_files(folder))
-                progress.put(("import", total))
-                progress.put(store.import_folder(
-                    folder, hub.pinned, now, link=True,
-                    on_bytes=lambda n: counts.__setitem__("import", counts["import"] + n)))
-            except HerdError as e:
-                progress.put(e)
-
-        threading.Thread(target=work, daemon=True, name="add-model").start()
-        phase, total = "download", 0
-        while context.is_active():
-            try:
-                item = progress.get(timeout=0.5)
-            except queue.Empty:
-                yield coordinator_pb2.AddModelProgress(phase=phase, bytes_done=counts[phase],
-                                                       bytes_total=total)
-                continue
-            if isinstance(item, HerdError):
-                raise item
-            if isinstance(item, tuple):
-                phase, total = item
-                continue
-            logger.info("model_added", model=hub.pinned, digest=item.digest, bytes=item.bytes)
-            yield coordinator_pb2.AddModelProgress(phase="import", bytes_done=item.bytes,
-                                                   bytes_total=item.bytes,
-                                                   model=self._model_info(item))
-            return
+        for phase, done, total, model in fetch_hub_model(store, refs.resolve(ref), now,
+                                                         context.is_active):
+            yield coordinator_pb2.AddModelProgress(
+                phase=phase, bytes_done=done, bytes_total=total,
+                model=self._model_info(model) if model else None)
 
     @_unary
     def ListModels(self, request, context):

@@ -193,6 +193,34 @@ def test_two_worker_job_runs_checkpoints_and_pulls(cluster, job_yaml, single_ada
     assert rel <= SAME_UPDATE_RTOL, f"service adapter differs from a single process by {rel:.2e}"
 
 
+def test_a_job_resumed_from_another_goes_on_exactly(cluster, job_yaml, single_adapter, tmp_path):
+    """`herd submit --resume-from JOB`: a 2-worker job of 4 iterations, then the same config with
+    8 starting from its checkpoint 4, ends with the adapter of one process that ran all 8 (the
+    order of the 50 batches is drawn once, at iteration 1: nothing between 4 and 8 depends on
+    where the first job stopped). A changed adapter shape or a missing step is refused at submit."""
+    kw = dict(save_every=4, cluster={"workers": 2, "exchange": "mlx"}, **SAME_UPDATE)
+    first = cluster.herd("submit", str(job_yaml("first4", iters=4, **kw))).stdout.split()[-1]
+    assert f"{first}: state succeeded" in cluster.herd("watch", first, "--plain",
+                                                      timeout=240).stdout
+    longer = job_yaml("then8", iters=8, **kw)
+    job_id = cluster.herd("submit", str(longer), "--resume-from", first).stdout.split()[-1]
+    lines = cluster.herd("watch", job_id, "--plain", timeout=240).stdout.splitlines()
+    assert f"{job_id}: state succeeded" in lines, lines
+    assert any(", resuming from checkpoint 4" in ln for ln in lines), lines
+    assert not any(" iter 4/8 " in ln for ln in lines), lines  # iterations 1-4 were not redone
+    out = tmp_path / "pulled"
+    cluster.herd("pull", job_id, "-o", str(out))
+    rel = update_diff(load_adapter(out), load_adapter(single_adapter), initial_adapter(longer))
+    print(f"resumed job vs one process: the update differs by {rel:.2e} of its size")
+    assert rel <= SAME_UPDATE_RTOL, f"the resumed job's adapter differs by {rel:.2e}"
+    other = job_yaml("rank8", iters=8, lora_parameters={"rank": 8, "scale": 10.0, "dropout": 0.0},
+                     **kw)
+    shape = cluster.herd("submit", str(other), "--resume-from", first, check=False)
+    assert shape.returncode == 2 and "lora_parameters is" in shape.stderr, shape.stderr
+    step = cluster.herd("submit", str(longer), "--resume-from", f"{first}@3", check=False)
+    assert step.returncode == 7 and "stored steps: [4]" in step.stderr, step.stderr
+
+
 def test_a_two_stage_pipeline_job_runs_and_pulls_one_merged_adapter(cluster, job_yaml, tmp_path):
     """Pipeline parallel through the service: one stage per worker on the MLX ring, each stage's
     checkpoint uploaded as its piece, the coordinator merging every step's pieces; its adapter

@@ -304,6 +304,37 @@ def test_store_survives_a_reopen_and_a_restart_readopts_or_resumes_active_jobs(t
     assert launcher.started[-1].resume_step == 2
 
 
+def test_resume_from_another_job_copies_its_checkpoint_or_says_why_not(tmp_path):
+    """`herd submit --resume-from`: the checkpoint is copied as the new job's own (the first
+    attempt then resumes from it, as a restart would); a step it could not resume at, or a
+    damaged checkpoint, is refused before anything is stored."""
+    from coordinator.jobs import start_from
+
+    store, adapters = JobStore(tmp_path / "db"), AdapterStore(tmp_path / "adapters")
+    source = job(iters=8)
+    store.put_job(source)
+    data = b"weights"
+    files = [FileDigest("adapters.safetensors", hashlib.sha256(data).hexdigest(), len(data))]
+    store.add_checkpoint(adapters.receive(source.job_id, 4, files,
+                                          [("adapters.safetensors", data)], 1))
+    longer, same = job(iters=12), job(iters=4)
+    longer.job_id, same.job_id = "longer-1", "same-1"
+    got = start_from(longer, source.job_id, store, adapters, 5)
+    assert (got.job_id, got.step, got.files) == ("longer-1", 4, files)
+    assert adapters.verify(got) is None  # the copy is whole
+    with pytest.raises(ConfigError, match="checkpoint 4 must fall before the last optimizer step"):
+        start_from(same, source.job_id, store, adapters, 5)  # nothing left to train
+    accum = job(iters=12)
+    accum.job_id = "accum-1"
+    accum.config = parse_config({**accum.config.model_dump(exclude_unset=True),
+                                 "grad_accumulation_steps": 3})
+    with pytest.raises(ConfigError, match="on an optimizer step of grad_accumulation_steps 3"):
+        start_from(accum, source.job_id, store, adapters, 5)
+    (adapters.step_dir(source.job_id, 4) / "adapters.safetensors").write_bytes(b"damaged")
+    with pytest.raises(NotFoundError, match="checkpoint 4 of .* is damaged"):
+        start_from(longer, source.job_id, store, adapters, 5)
+
+
 def test_a_job_stored_by_an_older_herd_stays_readable_when_a_rule_is_added(tmp_path):
     """Cross-field rules are checked at submit. A record written before a rule existed (here: a
     batch of 5 over 2 workers, refused since) must not make `herd jobs` fail for every job."""

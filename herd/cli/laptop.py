@@ -125,6 +125,7 @@ def cmd_submit(args) -> int:
     with connect_from_args(args) as coord:
         model, digest = (hub.pinned, "") if hub else pin_folder(cfg, coord)
         spec, files = job_spec(cfg, args.name or Path(args.config).stem, model, digest)
+        spec.resume_from = args.resume_from or ""
         for path, sha in files:  # content-addressed: re-uploading the same bytes is a no-op
             coord.put_blob(path, sha)
         # The coordinator reads the uploaded records before it answers (coordinator/jobs.py):
@@ -251,6 +252,10 @@ def _parser(cmd: str) -> argparse.ArgumentParser:
         p.add_argument("--name", default=None,
                        help="job name, the job id's prefix (default: the config's file name)")
         p.add_argument("--no-check", action="store_true", help="skip the local dataset check")
+        p.add_argument("--resume-from", metavar="JOB[@STEP]", default=None,
+                       help="start from that job's stored checkpoint (the latest, or STEP), "
+                       "exactly: adapter, optimizer state, step and data position (to go on "
+                       "after herd cancel, or with more iters); same model and adapter shape")
         p.add_argument("--watch", action="store_true",
                        help="follow the job until it ends, as herd watch (exit 0/10/11)")
         p.add_argument("--plain", action="store_true", help="with --watch: plain lines")
