@@ -18,7 +18,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from coordinator.domain import Job, JobState, WorkerRecord
-from coordinator.placement import Placement, place, workers_needed
+from coordinator.placement import Placement, mark_held, place, workers_needed
 from herd import log
 from herd.config import JobConfig
 from herd.errors import PlacementError
@@ -96,7 +96,7 @@ class Elastic:
                 return
             workers = {w.worker_id: w for w in s.workers()}
             current = [workers[w] for w in job.worker_ids if w in workers]
-            free = [w for w in s.free_workers(s._backend(job))
+            free = [w for w in mark_held(s._backend(job).workers(), s.store.list_jobs())
                     if w.worker_id not in job.worker_ids]
             if grow_placement(job.config, current, free) is None:
                 return

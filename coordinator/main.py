@@ -221,7 +221,8 @@ def main(argv: list[str], rank_actor: type | None = None) -> int:
     p.add_argument("--no-discovery", action="store_true",
                    help="use only the --worker workers, never ones found by zeroconf")
     p.add_argument("--placement-timeout", type=float, default=600.0, metavar="SECONDS",
-                   help="fail a job that cannot be placed (too few workers) for this long")
+                   help="fail a job that cannot be placed for this long because too few workers "
+                   "are verified (one queued behind other jobs waits for them)")
     p.add_argument("--restart-backoff", type=float, default=RestartPolicy.base_s, metavar="S",
                    help="wait before restarting a failed attempt; doubles with each failure in "
                    f"{RestartPolicy.flap_window_s / 60:.0f} min, up to {RestartPolicy.cap_s:.0f}s")

@@ -26,8 +26,12 @@ OVERHEAD = 1.3
 
 
 class TooFewWorkers(PlacementError):
-    """Fewer idle workers than the job needs: a job waits for them (others fail or wait as
-    decide_queued says)."""
+    """Fewer idle workers than the job needs. ``busy_only``: enough are verified, other jobs
+    hold them: a queue, where a job waits with no deadline (decide_queued)."""
+
+    def __init__(self, message: str, hint: str | None = None, busy_only: bool = False):
+        super().__init__(message, hint)
+        self.busy_only = busy_only
 
 
 @dataclass(frozen=True)
@@ -93,13 +97,16 @@ def _place_by_memory(cfg: JobConfig, workers: list[WorkerRecord],
     need = workers_needed(cfg)
     idle = [w for w in workers if not w.running_job_id]
     if len(idle) < need:
+        holders = sorted({w.running_job_id for w in workers if w.running_job_id})
         busy = len(workers) - len(idle)
+        queued = len(workers) >= need
         raise TooFewWorkers(
             f"needs {need} workers, {len(workers)} verified"
-            + (f" ({busy} busy)" if busy else "")
+            + (f" ({busy} busy: running {', '.join(holders)})" if busy else "")
             + f": missing {need - len(idle)}",
-            hint="`herd join` and start more `herd worker`s, or lower cluster.workers",
-        )
+            hint="it starts when they are free" if queued else
+            "`herd join` and start more `herd worker`s, or lower cluster.workers",
+            busy_only=queued)
     stages = cfg.cluster.pipeline_stages()
     dp = cfg.cluster.data_parallel() or need // stages
     if dp and cfg.batch_size % dp:
@@ -189,27 +196,52 @@ class Fail:
 
 
 def decide_queued(job: Job, workers: list[WorkerRecord], now_ms: int,
-                  placement_timeout_s: float,
-                  model_config: dict | None = None) -> Placement | Wait | Fail:
-    """What to do with a queued (or restarting) job now."""
+                  placement_timeout_s: float, model_config: dict | None = None,
+                  since_ms: int = 0) -> Placement | Wait | Fail:
+    """What to do with a queued (or restarting) job now. ``workers``: every verified one, those
+    other jobs hold marked as running them (Scheduler.workers_for)."""
     try:
         return place(job.config, workers, model_config)
     except PlacementError as e:
         reason = e.message
         # A peer lost mid-job is first seen as the survivors' ranks failing ("lost a peer"):
         # here the waiting line names the worker of the last attempt that is not back.
-        free = {w.worker_id for w in workers}
-        gone = [w for w in job.worker_ids if w not in free] if job.attempt else []
+        idle = {w.worker_id for w in workers if not w.running_job_id}
+        gone = [w for w in job.worker_ids if w not in idle] if job.attempt else []
         if gone and isinstance(e, TooFewWorkers):
             reason += f" (of attempt {job.attempt}'s workers, {', '.join(gone)} is gone or busy)"
-        return wait_or_fail(job, Wait(reason), now_ms, placement_timeout_s)
+        if isinstance(e, TooFewWorkers) and e.busy_only:
+            return Wait(reason)  # a queue behind other jobs: as long as they run
+        return wait_or_fail(job, Wait(reason), now_ms, placement_timeout_s, since_ms)
     except HerdError as e:
         return Fail(e.message)
 
 
-def wait_or_fail(job: Job, wait: Wait, now_ms: int, placement_timeout_s: float) -> Wait | Fail:
-    """Wait, until the job has waited ``placement_timeout_s`` since submit or its last attempt."""
-    since = job.created_ms if job.state is JobState.QUEUED else job.updated_ms
+def mark_held(workers: list[WorkerRecord], jobs: list[Job],
+              job: Job | None = None) -> list[WorkerRecord]:
+    """``workers``, each one an active job holds marked as running it (placement takes idle ones
+    and names the jobs that hold the rest). For ``job``, a worker still running a rank of one of
+    its own failed attempts is idle (the job is waiting, so every rank of it is stale): starting
+    the new attempt's rank there stops the old one."""
+    held = {w: j.job_id for j in jobs if j.state.active for w in j.worker_ids}
+    return [replace(w, running_job_id=held[w.worker_id]) if w.worker_id in held
+            else replace(w, running_job_id="", running_attempt=0)
+            if job is not None and w.running_job_id == job.job_id else w for w in workers]
+
+
+def wait_limit_s(job: Job, placement_timeout_s: float, elastic_grace_s: float) -> float:
+    """How long a job waits for missing workers: a restarting one at least until it may shrink
+    onto fewer (coordinator/elastic.py), with time for a few ticks."""
+    if job.state is JobState.RESTARTING and elastic_grace_s:
+        return max(placement_timeout_s, elastic_grace_s + 30.0)
+    return placement_timeout_s
+
+
+def wait_or_fail(job: Job, wait: Wait, now_ms: int, placement_timeout_s: float,
+                 since_ms: int = 0) -> Wait | Fail:
+    """Wait, until the job has waited ``placement_timeout_s`` since submit or its last attempt,
+    and since ``since_ms`` (the coordinator's start: its own downtime is not the job's wait)."""
+    since = max(since_ms, job.created_ms if job.state is JobState.QUEUED else job.updated_ms)
     if (now_ms - since) / 1000 >= placement_timeout_s:
         return Fail(f"could not be placed within {placement_timeout_s:.0f}s: {wait.reason}")
     return wait

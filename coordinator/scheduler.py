@@ -15,7 +15,6 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from typing import Callable
 
 from coordinator import recovery
@@ -42,6 +41,8 @@ from coordinator.placement import (
     check_fits,
     cut_text,
     decide_queued,
+    mark_held,
+    wait_limit_s,
     wait_or_fail,
 )
 from coordinator.reconcile import Reconciler
@@ -85,6 +86,10 @@ class Scheduler:
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="launch")
         self.reconcile = Reconciler(self)
         self.elastic = Elastic(self, elastic_grace_s)  # 0: never shrink a job
+        self._started_ms = self.now_ms()  # a wait's clock: a restart of ours is not the job's
+
+    def _timeout_s(self, job: Job) -> float:  # a restarting job waits at least until it may shrink
+        return wait_limit_s(job, self.placement_timeout_s, self.elastic.grace_s)
 
     @property
     def health(self) -> str:  # empty while it works; else what keeps it from recording jobs
@@ -183,19 +188,6 @@ class Scheduler:
             self._try_place(job)
         self.reconcile.check_running()
 
-    def free_workers(self, backend: Backend | None = None,
-                     job: Job | None = None) -> list[WorkerRecord]:
-        """Workers no active job holds. For ``job``, a worker still running a rank of one of its
-        own failed attempts is free (the job is waiting, so every rank of it is stale): starting
-        the new attempt's rank there stops the old one."""
-        busy = {w for j in self.store.list_jobs() if j.state.active for w in j.worker_ids}
-        workers = backend.workers() if backend else self.workers()
-        free = [w for w in workers if w.worker_id not in busy]
-        if job is not None:
-            free = [replace(w, running_job_id="", running_attempt=0)
-                    if w.running_job_id == job.job_id else w for w in free]
-        return free
-
     def _resume_from(self, job: Job) -> int:
         """The newest intact stored checkpoint; a damaged one is skipped with a log event."""
         for c in reversed(self.store.checkpoints(job.job_id)):
@@ -217,9 +209,9 @@ class Scheduler:
             if backend is None:  # queued before a restart of this coordinator without Ray
                 self._set_state(job, JobState.FAILED, unavailable(name))
                 return
-            workers = self.free_workers(backend, job)
-            decision = decide_queued(job, workers, self.now_ms(), self.placement_timeout_s,
-                                     self._models and self._models.config(job))
+            workers = mark_held(backend.workers(), self.store.list_jobs(), job)
+            decision = decide_queued(job, workers, self.now_ms(), self._timeout_s(job),
+                                     self._models and self._models.config(job), self._started_ms)
             shrunk = self.elastic.shrink(job, workers) if isinstance(decision, Wait) else None
             decision, note = shrunk or (decision, "")  # (elastic: zeroconf only, nothing reserved)
             if isinstance(decision, Placement):  # where the workers get the model
@@ -231,7 +223,8 @@ class Scheduler:
                 reserved = backend.reserve(job, job.attempt + 1, decision,
                                            {w.worker_id: w for w in workers})
                 if isinstance(reserved, Wait):
-                    decision = wait_or_fail(job, reserved, self.now_ms(), self.placement_timeout_s)
+                    decision = wait_or_fail(job, reserved, self.now_ms(), self._timeout_s(job),
+                                            self._started_ms)
                 else:
                     workers = list(reserved.values())
             if isinstance(decision, Fail):

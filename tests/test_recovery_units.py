@@ -335,6 +335,25 @@ def test_a_job_that_lost_a_worker_for_good_shrinks_and_grows_back_at_a_checkpoin
         "restarting", "grown", None]
 
 
+def test_a_short_placement_timeout_still_lets_a_job_shrink_after_the_grace(tmp_path):
+    """--placement-timeout below the elastic grace: a job that lost a worker for good must still
+    wait out the grace and shrink, not fail at the timeout first."""
+    workers = [worker(1), worker(2)]
+    launcher, clock = StopLog(), Clock()
+    s = Scheduler(JobStore(tmp_path / "db"), lambda: list(workers), launcher, clock,
+                  placement_timeout_s=30, elastic_grace_s=60)
+    j = s.submit(_job(iters=40))
+    s.tick()
+    s.on_checkpoint(_ckpt(j.job_id, 8, clock))
+    s.on_worker_lost(workers.pop(1).worker_id)
+    clock.t += 45  # past the placement timeout, within the grace
+    s.tick()
+    assert _state(s, j.job_id)[0] is JobState.RESTARTING
+    clock.t += 20
+    s.tick()
+    assert _state(s, j.job_id)[:2] == (JobState.RUNNING, 2)  # shrunk onto w1
+
+
 def test_a_rank_that_cannot_reach_the_coordinator_at_start_is_retried(rig):
     """A worker whose link just came back may not reach the coordinator yet (its neighbour
     cache still says unreachable): another attempt, not a failed job. A bad model path, which

@@ -156,6 +156,45 @@ def test_a_job_ending_in_a_partial_accumulation_succeeds_with_its_last_step(rig)
     assert got.state is JobState.SUCCEEDED, got.message
 
 
+def test_a_job_behind_a_running_one_queues_for_as_long_as_it_runs(rig, tmp_path):
+    """Enough workers, all held by another job: a queue, with no deadline, and the waiting line
+    says which job holds them. Too few workers at all: the placement timeout holds, counted from
+    the coordinator's start when it restarted meanwhile (its downtime is not the job's wait)."""
+    s, workers, launcher, clock = rig  # placement_timeout_s=60
+    workers += [worker(1), worker(2)]
+    first = s.submit(job(iters=10))
+    s.tick()
+    second = job(iters=20)
+    s.submit(second)
+    s.tick()
+    clock.t += 3600
+    s.tick()
+    got = s.store.get_job(second.job_id)
+    assert got.state is JobState.QUEUED, got.message
+    assert got.message == (f"waiting: needs 2 workers, 2 verified (2 busy: running "
+                           f"{first.job_id}): missing 2")
+    s.on_checkpoint(Checkpoint(first.job_id, 10, [FileDigest("adapters.safetensors", "e" * 64,
+                                                             1)], clock.t * 1000))
+    s.on_exit(first.job_id, 1, 0, "w2", 0, "")
+    s.on_exit(first.job_id, 1, 1, "w1", 0, "")
+    s.tick()
+    assert s.store.get_job(second.job_id).state is JobState.RUNNING
+    # Too few at all: the deadline holds, from the later of submit and the coordinator's start.
+    three = job(workers=3)
+    s.submit(three)
+    clock.t += 50
+    s.store.close()
+    again = Scheduler(JobStore(tmp_path / "db"), lambda: list(workers), FakeLauncher(), clock,
+                      placement_timeout_s=60)
+    clock.t += 30  # 80 s since submit, 30 since this coordinator started
+    again.tick()
+    assert again.store.get_job(three.job_id).state is JobState.QUEUED
+    clock.t += 31
+    again.tick()
+    got = again.store.get_job(three.job_id)
+    assert got.state is JobState.FAILED and "could not be placed within 60s" in got.message
+
+
 def test_a_failed_rank_fails_the_job_and_stops_the_others(rig):
     s, workers, launcher, _ = rig
     workers += [worker(1), worker(2)]

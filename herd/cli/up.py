@@ -305,7 +305,8 @@ def main(argv: list[str]) -> int:
                    help="each worker reports this much memory instead of the machine's, e.g. "
                    "64GB")
     p.add_argument("--placement-timeout", type=float, default=600.0, metavar="SECONDS",
-                   help="fail a job that cannot be placed (too few workers) for this long")
+                   help="fail a job that cannot be placed for this long because too few workers "
+                   "are verified (one queued behind other jobs waits for them)")
     p.add_argument("--restart-backoff", type=float, default=None, metavar="S",
                    help="a failed attempt restarts after S seconds, doubling with each failure "
                    "in 10 minutes (the coordinator's --restart-backoff; default: its own, 5 s)")
