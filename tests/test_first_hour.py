@@ -15,6 +15,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -341,6 +342,38 @@ def test_the_coordinator_is_found_with_its_default_port_and_another_clusters_is_
     # or another cluster's coordinator), the message names that address.
     bare = cluster.herd("jobs", "--coordinator", HOST, coordinator=False)
     assert bare.returncode in (5, 6) and f"{HOST}:7450" in bare.stderr, bare.stderr
+
+
+def test_herd_up_starts_a_process_that_died_again(cluster):
+    """A coordinator or a worker of `herd up` killed (SIGKILL): started again on its own state
+    folder, the cluster whole again (it used to stop every process when its coordinator died)."""
+    def pid_of(marker: str) -> int:
+        for proc in Path("/proc").iterdir():
+            if proc.name.isdigit():
+                try:
+                    cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                except OSError:
+                    continue
+                if marker in cmd and " -m herd " in cmd:
+                    return int(proc.name)
+        raise AssertionError(f"no process with {marker}")
+
+    for marker in (f"--state-dir {cluster.state / 'coordinator'} ",
+                   f"--state-dir {cluster.state / 'worker-2'} "):
+        old = pid_of(marker)
+        os.kill(old, signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while True:  # the same process name, a new pid, and every worker verified again
+            listed = cluster.herd("workers", "--json", timeout=30)
+            ids = sorted(w["worker_id"] for w in json.loads(listed.stdout or "[]")
+                         ) if listed.returncode == 0 else []
+            if ids == up_worker_ids(cluster.home, WORKERS) and pid_of(marker) != old:
+                break
+            assert time.monotonic() < deadline, (listed.stdout, listed.stderr)
+            time.sleep(1)
+    log = (cluster.state / "up.log").read_text()
+    assert "herd up: coordinator exited (-9); starting it again" in log, log[-2000:]
+    assert "herd up: worker-2 exited (-9); starting it again" in log, log[-2000:]
 
 
 def test_workers_keep_only_their_newest_attempt_and_herd_down_stops_the_cluster(cluster):

@@ -160,6 +160,10 @@ def detach(argv: list[str], args) -> int:
     return 5
 
 
+# `herd up` restarts a process that died, unless this many restarts fall within the window.
+MAX_RESTARTS, RESTART_WINDOW_S = 5, 60.0
+
+
 def run(args) -> int:
     tls = pki.default_dir()
     state = _state_dir(args)
@@ -174,21 +178,22 @@ def run(args) -> int:
     # Ranks on one box share its cores: give each rank's BLAS its share, not all of them.
     env.setdefault("OPENBLAS_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.workers)))
     py = [sys.executable, "-m", "herd"]
-    procs: list[tuple[str, subprocess.Popen]] = []
+    procs: dict[str, subprocess.Popen] = {}
+    cmds: dict[str, list[str]] = {}
 
     def spawn(name: str, cmd: list[str]) -> subprocess.Popen:
         out = open(state / f"{name}.log", "ab")
         proc = subprocess.Popen(py + cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
         out.close()
-        procs.append((name, proc))
+        procs[name], cmds[name] = proc, cmd
         return proc
 
     def stop_all() -> None:
-        for _, proc in reversed(procs):
+        for proc in reversed(procs.values()):
             if proc.poll() is None:
                 proc.terminate()
-        for name, proc in procs:
+        for name, proc in procs.items():
             try:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
@@ -236,13 +241,26 @@ def run(args) -> int:
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
-    code = 0
+    code, restarts = 0, []
     while not done.wait(0.5):
-        if coord.poll() is not None:
-            print(f"herd up: the coordinator exited ({coord.returncode}); stopping",
-                  file=sys.stderr)
-            code = 1
-            break
+        # A process that died is started again on its own state folder, as launchd or systemd
+        # would (deploy/): the coordinator re-adopts the ranks that trained on, a worker's job
+        # resumes from its last checkpoint. One that keeps dying stops the cluster.
+        for name, proc in list(procs.items()):
+            if proc.poll() is None:
+                continue
+            now = time.monotonic()
+            restarts = [t for t in restarts if now - t < RESTART_WINDOW_S] + [now]
+            if len(restarts) > MAX_RESTARTS:
+                print(f"herd up: {name} exited ({proc.returncode}), {len(restarts)} restarts "
+                      f"in {RESTART_WINDOW_S:.0f} s; stopping (see {state / name}.log)",
+                      file=sys.stderr, flush=True)
+                code = 1
+                done.set()
+                break
+            print(f"herd up: {name} exited ({proc.returncode}); starting it again (its log: "
+                  f"{state / name}.log)", file=sys.stderr, flush=True)
+            spawn(name, cmds[name])
     stop_all()
     lock.release()
     return code
