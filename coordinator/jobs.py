@@ -75,11 +75,11 @@ def start_from(job: Job, ref: str, store, adapters: AdapterStore, now_ms: int) -
     """``herd submit --resume-from JOB[@STEP]``: that job's stored checkpoint (the latest, or
     STEP) copied as ``job``'s own, so that its first attempt resumes from it exactly, as a
     restart does. ConfigError / NotFoundError naming what does not fit, before anything runs."""
-    source_id, _, step = ref.partition("@")
+    source_id, at, step = ref.partition("@")
     source = store.get_job(check_job_id(source_id))  # NotFoundError naming it
     stored = store.checkpoints(source.job_id)
     have = [c.step for c in stored]
-    if step and not step.isdigit():
+    if at and not step.isdigit():
         raise ConfigError(f"--resume-from {ref}: the step after @ is a number")
     picked = [c for c in stored if not step or c.step == int(step)]
     if not picked:

@@ -186,6 +186,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     def GetJobLog(self, request, context):
         job = self.store.get_job(check_job_id(request.job_id))
         attempt = request.attempt or job.attempt
+        if request.attempt > job.attempt:
+            raise NotFoundError(f"job {job.job_id} has no attempt {request.attempt}",
+                                hint=f"it has made {job.attempt}" if job.attempt else None)
         ranks = next((len(ids) for a, ids, _ in self.store.attempts(job.job_id) if a == attempt),
                      0)
         if not 0 <= request.rank < max(ranks, 1):

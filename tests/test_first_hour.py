@@ -231,6 +231,8 @@ def test_a_four_worker_job_through_the_cli(cluster, job_yaml, tmp_path):
     assert cluster.herd("logs", job_id, "--rank", "3").returncode == 0
     nine = cluster.herd("logs", job_id, "--rank", "9")
     assert nine.returncode == 7 and "no rank 9 in attempt 1 (ranks 0-3)" in nine.stderr
+    later = cluster.herd("logs", job_id, "--attempt", "5")
+    assert later.returncode == 7 and "has no attempt 5" in later.stderr, later.stderr
 
     # Listings for scripts; retention kept the 2 newest of checkpoints 2, 4, 6, 8.
     job = cluster.job(job_id)
@@ -257,8 +259,11 @@ def test_a_four_worker_job_through_the_cli(cluster, job_yaml, tmp_path):
     assert card["base_model"] == {"model": base, "revision": None, "quantization": None,
                                   "quantized_on_load": False}
 
-    # `herd rm`: gone from the listing and from disk; a second time it is not found.
-    assert cluster.herd("rm", job_id).returncode == 0
+    # `herd rm`: gone from the listing and from disk; a second time it is not found. Each id is
+    # handled on its own: one it cannot remove is reported, the rest are removed.
+    rm = cluster.herd("rm", "nosuch-000000", job_id)
+    assert rm.returncode == 7 and "no job 'nosuch-000000'" in rm.stderr, rm.stderr
+    assert f"{job_id}: removed" in rm.stdout
     assert job_id not in [j["job_id"] for j in json.loads(cluster.ok("jobs", "--json").stdout)]
     assert not (cluster.state / "coordinator" / "adapters" / job_id).exists()
     again = cluster.herd("rm", job_id)

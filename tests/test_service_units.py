@@ -361,6 +361,8 @@ def test_resume_from_another_job_copies_its_checkpoint_or_says_why_not(tmp_path)
     got = start_from(longer, source.job_id, store, adapters, 5)
     assert (got.job_id, got.step, got.files) == ("longer-1", 4, files)
     assert adapters.verify(got) is None  # the copy is whole
+    with pytest.raises(ConfigError, match="the step after @ is a number"):
+        start_from(longer, f"{source.job_id}@", store, adapters, 5)
     with pytest.raises(ConfigError, match="checkpoint 4 must fall before the last optimizer step"):
         start_from(same, source.job_id, store, adapters, 5)  # nothing left to train
     accum = job(iters=12)

@@ -20,7 +20,7 @@ from herd.cli.connection import CoordinatorConnection, add_connection_args, conn
 from herd.cli.watch import FINAL, STATE, watch
 from herd.config import JobConfig, load_config
 from herd.digest import sha256_file
-from herd.errors import ConfigError, DatasetError, HerdError, NotFoundError
+from herd.errors import ConfigError, DatasetError, HerdError, NotFoundError, PeerLostError
 from herd.models import ref as refs
 from herd.models.manifest import folder_manifest, model_files
 from herd.rpc.channel import UNARY_DEADLINE_S
@@ -163,11 +163,21 @@ def cmd_cancel(args) -> int:
 
 
 def cmd_rm(args) -> int:
+    """Each job on its own: one that cannot be removed (running, unknown) is reported and the
+    rest are still removed; the exit code is the last refusal's."""
+    code = 0
     with connect_from_args(args) as coord:
         for job_id in args.jobs:
-            coord.call("DeleteJob", coordinator_pb2.DeleteJobRequest(job_id=job_id))
+            try:
+                coord.call("DeleteJob", coordinator_pb2.DeleteJobRequest(job_id=job_id))
+            except HerdError as e:
+                if isinstance(e, PeerLostError):  # the coordinator is unreachable: stop
+                    raise
+                print(f"herd rm: {e}", file=sys.stderr)
+                code = e.exit_code
+                continue
             print(f"{job_id}: removed (record, events, checkpoints, logs)")
-    return 0
+    return code
 
 
 # --- pull ------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ def follow(coord: CoordinatorConnection, job_id: str, rank: int, attempt: int,
            keep_going: bool) -> int:
     attempt, offset, ranks = _drain(coord, job_id, rank, attempt, 0)
     if not ranks:
-        print(f"({job_id} has not been placed yet: no rank has run)", file=sys.stderr)
+        print(f"({job_id} has no rank output: it was never placed)", file=sys.stderr)
     while keep_going:
         job = coord.call("GetJob", coordinator_pb2.GetJobRequest(job_id=job_id)).job
         ended = job.state in FINAL
