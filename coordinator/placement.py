@@ -199,7 +199,7 @@ def decide_queued(job: Job, workers: list[WorkerRecord], now_ms: int,
                   placement_timeout_s: float, model_config: dict | None = None,
                   since_ms: int = 0) -> Placement | Wait | Fail:
     """What to do with a queued (or restarting) job now. ``workers``: every verified one, those
-    other jobs hold marked as running them (Scheduler.workers_for)."""
+    other jobs hold marked as running them (mark_held)."""
     try:
         return place(job.config, workers, model_config)
     except PlacementError as e:
