@@ -65,6 +65,20 @@ def pytest_xdist_make_scheduler(config, log):
     return TwoStreams(config, log)
 
 
+def pids_of(*markers: str) -> list[int]:
+    """Processes whose command line (arguments joined by spaces) holds every one of ``markers``."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if all(m in cmd for m in markers):
+                pids.append(int(proc.name))
+    return pids
+
+
 def _cpu_flags() -> set[str]:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import free_ports, up_worker_ids, write_job
+from tests.conftest import free_ports, pids_of, up_worker_ids, write_job
 
 pytestmark = pytest.mark.slow
 HOST = "127.0.0.1"
@@ -353,15 +353,9 @@ def test_herd_up_starts_a_process_that_died_again(cluster):
     """A coordinator or a worker of `herd up` killed (SIGKILL): started again on its own state
     folder, the cluster whole again (it used to stop every process when its coordinator died)."""
     def pid_of(marker: str) -> int:
-        for proc in Path("/proc").iterdir():
-            if proc.name.isdigit():
-                try:
-                    cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-                except OSError:
-                    continue
-                if marker in cmd and " -m herd " in cmd:
-                    return int(proc.name)
-        raise AssertionError(f"no process with {marker}")
+        found = pids_of(marker, " -m herd ")
+        assert found, f"no process with {marker}"
+        return found[0]
 
     for marker in (f"--state-dir {cluster.state / 'coordinator'} ",
                    f"--state-dir {cluster.state / 'worker-2'} "):

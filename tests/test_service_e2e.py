@@ -23,6 +23,7 @@ from tests.conftest import (
     free_ports,
     initial_adapter,
     load_adapter,
+    pids_of,
     up_worker_ids,
     update_diff,
     write_job,
@@ -119,16 +120,7 @@ def single_adapter(job_yaml, tmp_path_factory, cluster) -> Path:
 
 def rank_pids(job_id: str) -> list[int]:
     """Rank processes of a job, found by their job folder in the command line."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-            if " -m worker.rank " in cmd and f"/jobs/{job_id}/" in cmd:
-                pids.append(int(proc.name))
-    return pids
+    return pids_of(" -m worker.rank ", f"/jobs/{job_id}/")
 
 
 def test_workers_are_found_and_a_stopped_worker_leaves(cluster):
