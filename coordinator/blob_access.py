@@ -1,6 +1,7 @@
-"""Which blobs a worker may read (GetBlob): only what its current attempt needs, the dataset of
-an active job it runs a rank of and the files of that job's stored model (PrepareRank fetches
-them). A client (the laptop) is not held to this; it may read any blob it could upload."""
+"""Which blobs a worker may read (GetBlob): only what its current attempt needs, the uploaded
+files (dataset, resume adapter) of an active job it runs a rank of and the files of that job's
+stored model (PrepareRank fetches them). A client (the laptop) is not held to this; it may read
+any blob it could upload."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ def check_worker_may_read(jobs: Iterable[Job], models: ModelStore, worker_id: st
     for job in jobs:
         if not job.state.active or worker_id not in job.worker_ids:
             continue
-        if any(d.sha256 == sha for d in job.dataset):
+        if sha in job.blobs():
             return
         model = models.get(job.model_digest) if job.model_digest else None
         if model is not None and any(f.sha256 == sha for f in model.files):

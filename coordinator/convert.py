@@ -204,4 +204,5 @@ def launch_to_pb(launch: RankLaunch, coordinator: str,
         dataset=[digest_to_pb(d) for d in job.dataset], data_path=launch.data_path,
         ibv_devices_json=launch.ibv_devices_json, jaccl_coordinator=launch.jaccl_coordinator,
         model=model_source_to_pb(launch.model),
+        resume_adapter=digest_to_pb(job.resume_adapter) if job.resume_adapter else None,
     )

@@ -102,6 +102,14 @@ class Job:
     worker_ids: list[str] = field(default_factory=list)
     # The model store's model the job trains on, pinned at submit ("": the hub, or a folder).
     model_digest: str = ""
+    # The config's resume_adapter_file as uploaded at submit (None: read at its path on workers).
+    resume_adapter: FileDigest | None = None
+
+    def blobs(self) -> set[str]:
+        """The sha256 of every uploaded file the job's ranks fetch (its dataset, its resume
+        adapter); the stored model's files are the model store's."""
+        return {d.sha256 for d in self.dataset} | (
+            {self.resume_adapter.sha256} if self.resume_adapter else set())
 
 
 @dataclass(frozen=True)

@@ -27,10 +27,12 @@ def job_name(raw: str) -> str:
 
 
 def new_job(name: str, config_yaml: str, dataset: list[FileDigest], blobs: BlobStore,
-            models: ModelCatalog | None = None, model_digest: str = "") -> Job:
+            models: ModelCatalog | None = None, model_digest: str = "",
+            resume_adapter: FileDigest | None = None) -> Job:
     """The job to queue; ConfigError / DatasetError (naming the fix) when it cannot run. With
     ``models``, the model is pinned: a hub id to its commit, and to the stored model when the
-    coordinator's model store holds it (``model_digest``: a stored folder the CLI named)."""
+    coordinator's model store holds it (``model_digest``: a stored folder the CLI named).
+    ``resume_adapter``: the config's resume_adapter_file, uploaded (``check_resume_adapter``)."""
     cfg = config_from_yaml(config_yaml, name or "<submitted config>")
     names = [check_name(d.name, "dataset") for d in dataset]
     for d in dataset:
@@ -45,11 +47,27 @@ def new_job(name: str, config_yaml: str, dataset: list[FileDigest], blobs: BlobS
                            hint="`herd submit` uploads them before submitting")
     if not reads_hub_dataset(cfg):
         check_uploaded_dataset(cfg, dataset, blobs)
+    if resume_adapter is not None:
+        check_resume_adapter(cfg, resume_adapter, blobs)
     if models is not None:
         cfg, model_digest = models.pin(cfg, model_digest)
     name = job_name(name)
     return Job(job_id=f"{name}-{uuid.uuid4().hex[:6]}", name=name, config=cfg, dataset=dataset,
-               model_digest=model_digest, workers_needed=workers_needed(cfg), iters=cfg.iters)
+               model_digest=model_digest, workers_needed=workers_needed(cfg), iters=cfg.iters,
+               resume_adapter=resume_adapter)
+
+
+def check_resume_adapter(cfg, f: FileDigest, blobs: BlobStore) -> None:
+    """A shipped resume adapter: for a config that names one, a .safetensors file, uploaded
+    with the size it claims (its bytes were checked against its sha256 on upload)."""
+    if not cfg.resume_adapter_file:
+        raise ConfigError("a resume adapter was sent with a config that has no "
+                          "resume_adapter_file")
+    if not check_name(f.name, "checkpoint").endswith(".safetensors"):
+        raise ConfigError(f"resume adapter {f.name!r} is not a .safetensors file")
+    if not blobs.has(check_sha(f.sha256)) or blobs.path(f.sha256).stat().st_size != f.bytes:
+        raise DatasetError(f"resume_adapter_file {cfg.resume_adapter_file} was not uploaded",
+                           hint="`herd submit` uploads it before submitting")
 
 
 def check_uploaded_dataset(cfg, dataset: list[FileDigest], blobs: BlobStore) -> None:

@@ -93,7 +93,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     def _job_from_spec(self, spec) -> Job:
         job = new_job(spec.name, spec.config_yaml,
                       [convert.digest_from_pb(f) for f in spec.dataset], self.blobs,
-                      self.models, spec.model_digest)
+                      self.models, spec.model_digest,
+                      convert.digest_from_pb(spec.resume_adapter)
+                      if spec.HasField("resume_adapter") else None)
         # Room for two of its checkpoints (a step is written beside the previous one), now.
         require_free(self.adapters.root, 2 * checkpoint_bytes(job.config), "the job's checkpoints")
         return job
@@ -174,12 +176,11 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         job = housekeeping.delete_ended_job(self.store, check_job_id(request.job_id))
         self.adapters.remove_job(job.job_id)
         self.logs.remove(job.job_id)
-        # Blobs are shared: keep those another job's dataset or a stored model holds.
-        used = {d.sha256 for j in self.store.list_jobs() for d in j.dataset} | {
+        # Blobs are shared: keep those another job's files or a stored model holds.
+        used = {sha for j in self.store.list_jobs() for sha in j.blobs()} | {
             f.sha256 for m in self.models.store.list() for f in m.files}
-        for d in job.dataset:
-            if d.sha256 not in used:
-                self.blobs.remove(d.sha256)
+        for sha in job.blobs() - used:
+            self.blobs.remove(sha)
         return coordinator_pb2.DeleteJobReply()
 
     @_unary

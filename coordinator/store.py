@@ -63,6 +63,8 @@ _MIGRATIONS = [
         exit_code INTEGER NOT NULL, time_ms INTEGER NOT NULL,
         PRIMARY KEY (job_id, attempt, rank));
     """,
+    # A resume_adapter_file shipped with the job (JSON of its FileDigest; '' = none).
+    "ALTER TABLE jobs ADD COLUMN resume_adapter TEXT NOT NULL DEFAULT ''",
 ]
 
 
@@ -102,6 +104,8 @@ def _job(row: sqlite3.Row, config: JobConfig) -> Job:
         message=row["message"], created_ms=row["created_ms"], updated_ms=row["updated_ms"],
         attempt=row["attempt"], worker_ids=json.loads(row["worker_ids"]),
         model_digest=row["model_digest"],
+        resume_adapter=FileDigest(**json.loads(row["resume_adapter"]))
+        if row["resume_adapter"] else None,
     )
 
 
@@ -161,11 +165,13 @@ class JobStore:
     def put_job(self, job: Job) -> None:
         with self._lock:
             self._db.execute(
-                "INSERT OR REPLACE INTO jobs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT OR REPLACE INTO jobs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (job.job_id, job.name, config_to_yaml(job.config),
                  json.dumps([dataclasses.asdict(d) for d in job.dataset]), job.workers_needed,
                  job.iters, job.state.value, job.message, job.created_ms, job.updated_ms,
-                 job.attempt, json.dumps(job.worker_ids), job.model_digest),
+                 job.attempt, json.dumps(job.worker_ids), job.model_digest,
+                 json.dumps(dataclasses.asdict(job.resume_adapter)) if job.resume_adapter
+                 else ""),
             )
 
     def _config(self, row: sqlite3.Row) -> JobConfig:

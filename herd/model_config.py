@@ -95,17 +95,37 @@ def model_revision(model: str) -> str | None:
     return None
 
 
+RESUME_HINT = ("an adapter .safetensors file or a folder holding adapters.safetensors; paths "
+               "resolve from the current folder")
+
+
+def resume_weights_file(cfg) -> Path | None:
+    """The file ``resume_adapter_file`` names (a folder: its adapters.safetensors, as the rank
+    loads it), checked to be a readable safetensors file; ConfigError naming it if not."""
+    if not cfg.resume_adapter_file:
+        return None
+    from safetensors import safe_open
+
+    resume = Path(cfg.resume_adapter_file).expanduser()
+    file = resume / "adapters.safetensors" if resume.is_dir() else resume
+    if not file.is_file():
+        raise ConfigError(f"resume_adapter_file {cfg.resume_adapter_file} does not exist "
+                          f"(looked for {file.resolve()})", hint=RESUME_HINT)
+    try:
+        with safe_open(str(file), framework="numpy") as f:
+            f.keys()
+    except Exception as e:  # safetensors raises its own SafetensorError, OSError, ...
+        raise ConfigError(f"resume_adapter_file {file} is not a safetensors file: {e}",
+                          hint=RESUME_HINT) from None
+    return file
+
+
 def check_job_files(cfg) -> None:
     """What a job config names besides its dataset, checked where it is read (``herd check``,
     ``herd submit``, each rank) rather than failing a rank after placement: the adapter to resume
-    from exists, and a full fine-tune is not of an already quantized model. ConfigError if not."""
-    if cfg.resume_adapter_file:
-        resume = Path(cfg.resume_adapter_file).expanduser()
-        if not resume.exists():
-            raise ConfigError(f"resume_adapter_file {cfg.resume_adapter_file} does not exist "
-                              f"(looked for {resume.resolve()})",
-                              hint="an adapter .safetensors file or a folder holding "
-                              "adapters.safetensors; paths resolve from the current folder")
+    from exists and reads as safetensors, and a full fine-tune is not of an already quantized
+    model. ConfigError if not."""
+    resume_weights_file(cfg)
     if cfg.fine_tune_type == "full" and cfg.quantize is None:
         try:
             quantized = "quantization" in resolve_model_config(cfg.model)

@@ -84,6 +84,11 @@ def set_keys(**values) -> Callable[[Job], None]:
     return apply
 
 
+def resume_adapter_not_safetensors(job: Job) -> None:
+    (job.dir / "adapters.safetensors").write_text("not tensors")
+    job.config["resume_adapter_file"] = str(job.dir / "adapters.safetensors")
+
+
 def malformed_line(job: Job) -> None:
     job.lines("train", records(5) + ['{"text": "the cat is'] + records(2))
 
@@ -146,6 +151,8 @@ ROWS = [
      ["fine_tune_type: full cannot train a quantized base", "quantize:"]),
     ("missing resume adapter", set_key("resume_adapter_file", "nope.safetensors"), 2,
      ["resume_adapter_file nope.safetensors does not exist"]),
+    ("resume adapter that is not safetensors", resume_adapter_not_safetensors, 2,
+     ["adapters.safetensors is not a safetensors file"]),
     # -- dataset: herd.dataset.check_dataset (DatasetError, exit 3) --
     ("missing split", missing_train, 3, ["train.jsonl: missing from"]),
     ("missing data folder", missing_data_folder, 3, ["data is not a local folder"]),

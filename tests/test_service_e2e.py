@@ -213,6 +213,38 @@ def test_a_job_resumed_from_another_goes_on_exactly(cluster, job_yaml, single_ad
     assert step.returncode == 7 and "stored steps: [4]" in step.stderr, step.stderr
 
 
+def test_a_resume_adapter_file_on_the_laptop_only_goes_with_the_job(cluster, job_yaml,
+                                                                    single_adapter, tmp_path):
+    """mlx-lm's resume_adapter_file naming a file only the laptop holds: `herd submit` ships it
+    (the file is deleted once submit returns, before any rank reads it), and the 2-worker job
+    starts from its weights: its adapter is that of one `herd train` process on the same file."""
+    import mlx.core as mx
+
+    laptop = tmp_path / "laptop"
+    laptop.mkdir()
+    start = laptop / "start.safetensors"
+    start.write_bytes((single_adapter / "adapters.safetensors").read_bytes())
+    weights = dict(mx.load(str(start)))
+    mx.eval(weights)
+    kw = dict(iters=4, save_every=4, resume_adapter_file=str(start), **SAME_UPDATE)
+    reference = tmp_path / "reference"
+    one = job_yaml("resume-one", adapter_path=str(reference), **kw)
+    proc = subprocess.run([sys.executable, "-m", "herd", "train", str(one), "--quiet"],
+                          env={**cluster.env, "OPENBLAS_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    job = job_yaml("resume-two", cluster={"workers": 2, "exchange": "mlx"}, **kw)
+    job_id = cluster.herd("submit", str(job)).stdout.split()[-1]
+    start.unlink()  # from here on only the shipped copy exists
+    lines = cluster.herd("watch", job_id, "--plain", timeout=240).stdout.splitlines()
+    assert f"{job_id}: state succeeded" in lines, lines
+    out = tmp_path / "pulled"
+    cluster.herd("pull", job_id, "-o", str(out))
+    rel = update_diff(load_adapter(out), load_adapter(reference), weights)
+    print(f"shipped resume adapter vs one process: the update differs by {rel:.2e} of its size")
+    assert rel <= SAME_UPDATE_RTOL, f"the job did not start from the shipped adapter ({rel:.2e})"
+
+
 def test_a_two_stage_pipeline_job_runs_and_pulls_one_merged_adapter(cluster, job_yaml, tmp_path):
     """Pipeline parallel through the service: one stage per worker on the MLX ring, each stage's
     checkpoint uploaded as its piece, the coordinator merging every step's pieces; its adapter

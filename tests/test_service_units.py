@@ -761,3 +761,48 @@ def test_a_watch_ends_with_the_final_event_even_when_the_state_is_stored_first(t
         servicer, coordinator_pb2.WatchJobRequest(job_id=j.job_id), Context()))
     later.join()
     assert [convert.event_from_pb(e).state for e in got] == [JobState.QUEUED, JobState.SUCCEEDED]
+
+
+def test_a_shipped_resume_adapter_is_checked_kept_and_readable_only_by_the_jobs_workers(
+        tmp_path):
+    """A resume adapter sent with a job (herd submit ships resume_adapter_file): refused unless
+    the config names one, it is a .safetensors name and its bytes were uploaded; kept with the job
+    across a reopened store; its blob readable by the workers of the job's attempt, not others."""
+    import dataclasses
+
+    from coordinator.blob_access import check_worker_may_read
+    from coordinator.jobs import new_job
+    from coordinator.models import ModelStore
+    from herd.errors import AuthError
+
+    blobs = BlobStore(tmp_path / "blobs")
+    train, adapter = b'{"text": "hello"}\n', b"not read by the coordinator"
+    shas = [hashlib.sha256(b).hexdigest() for b in (train, adapter)]
+    blobs.put(shas[0], [train])
+    dataset = [FileDigest("train.jsonl", shas[0], len(train))]
+    shipped = FileDigest("resume_adapters.safetensors", shas[1], len(adapter))
+    config = "model: /nonexistent/model\ndata: d\nresume_adapter_file: /laptop/a.safetensors\n"
+
+    def submit(yaml_text=config, f=shipped):
+        return new_job("j", yaml_text, dataset, blobs, resume_adapter=f)
+
+    with pytest.raises(DatasetError, match="was not uploaded"):
+        submit()
+    blobs.put(shas[1], [adapter])
+    with pytest.raises(ConfigError, match="has no resume_adapter_file"):
+        submit("model: /nonexistent/model\ndata: d\n")
+    with pytest.raises(ConfigError, match="not a .safetensors file"):
+        submit(f=dataclasses.replace(shipped, name="adapter_config.json"))
+    with pytest.raises(DatasetError, match="was not uploaded"):  # a size the upload does not have
+        submit(f=dataclasses.replace(shipped, bytes=len(adapter) + 1))
+    made = submit()
+    store = JobStore(tmp_path / "db")
+    store.put_job(dataclasses.replace(made, state=JobState.RUNNING, attempt=1, worker_ids=["w1"]))
+    store.close()
+    store = JobStore(tmp_path / "db")
+    got = store.get_job(made.job_id)
+    assert got.resume_adapter == shipped and got.blobs() == set(shas)
+    models = ModelStore(tmp_path / "models", blobs)
+    check_worker_may_read(store.list_jobs(), models, "w1", shas[1])
+    with pytest.raises(AuthError):
+        check_worker_may_read(store.list_jobs(), models, "w2", shas[1])

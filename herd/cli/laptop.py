@@ -21,6 +21,7 @@ from herd.cli.watch import FINAL, STATE, watch
 from herd.config import JobConfig, load_config
 from herd.digest import sha256_file
 from herd.errors import ConfigError, DatasetError, HerdError, NotFoundError, PeerLostError
+from herd.model_config import resume_weights_file
 from herd.models import ref as refs
 from herd.models.manifest import folder_manifest, model_files
 from herd.rpc.channel import UNARY_DEADLINE_S
@@ -31,6 +32,7 @@ logger = log.get(__name__)
 EXIT_JOB_FAILED = 10
 EXIT_JOB_CANCELLED = 11
 DATA_FILES = ("train.jsonl", "valid.jsonl", "test.jsonl")
+RESUME_ADAPTER = "resume_adapters.safetensors"  # the shipped resume_adapter_file, on workers
 
 
 
@@ -43,10 +45,6 @@ def check_locally(cfg: JobConfig) -> None:
     from herd.model_config import check_job_files, missing_here
 
     check_job_files(cfg)
-    if cfg.resume_adapter_file:
-        print(f"note: resume_adapter_file {Path(cfg.resume_adapter_file).expanduser().resolve()} "
-              "is read at that path on the workers (it is not shipped with the job)",
-              file=sys.stderr)
     tokenizer = dataset.load_tokenizer_for(cfg.model)
     report = dataset.check_job_dataset(cfg, tokenizer)
     for w in report.warnings + [missing_here(cfg.model)]:
@@ -102,12 +100,19 @@ def job_spec(cfg: JobConfig, name: str, model: str | None = None,
         doc["model"] = model
     elif Path(cfg.model).expanduser().exists():  # the same path must exist on workers
         doc["model"] = str(Path(cfg.model).expanduser().resolve())
-    if cfg.resume_adapter_file and Path(cfg.resume_adapter_file).expanduser().exists():
-        doc["resume_adapter_file"] = str(Path(cfg.resume_adapter_file).expanduser().resolve())
     spec = common_pb2.JobSpec(name=name, config_yaml=yaml.safe_dump(doc, sort_keys=False),
                               model_digest=model_digest)
     for path, sha in files:
         spec.dataset.add(name=path.name, sha256=sha, bytes=path.stat().st_size)
+    # The adapter to resume from goes with the job (no worker need hold it); the config keeps
+    # the laptop's path, which each rank replaces with its fetched copy.
+    if cfg.resume_adapter_file and Path(cfg.resume_adapter_file).expanduser().exists():
+        resume = resume_weights_file(cfg)
+        doc["resume_adapter_file"] = str(resume.resolve())
+        spec.config_yaml = yaml.safe_dump(doc, sort_keys=False)
+        files.append((resume, sha256_file(resume)))
+        spec.resume_adapter.CopyFrom(common_pb2.FileDigest(
+            name=RESUME_ADAPTER, sha256=files[-1][1], bytes=resume.stat().st_size))
     return spec, files
 
 
@@ -130,7 +135,7 @@ def cmd_submit(args) -> int:
             coord.put_blob(path, sha)
         # The coordinator reads the uploaded records before it answers (coordinator/jobs.py):
         # the deadline grows with the dataset, at a parse rate well below one core's.
-        data_bytes = sum(path.stat().st_size for path, _ in files)
+        data_bytes = sum(d.bytes for d in spec.dataset)
         reply = coord.call("SubmitJob", coordinator_pb2.SubmitJobRequest(spec=spec),
                            timeout=UNARY_DEADLINE_S + data_bytes / SUBMIT_CHECK_BYTES_PER_S)
     job_id = reply.job_id

@@ -27,6 +27,9 @@ def spec_from_pb(m: worker_pb2.StartRankRequest) -> RankSpec:
         model=ModelSource(digest=m.model.digest,
                           files=tuple(FileDigest(f.name, f.sha256, f.bytes) for f in m.model.files),
                           hub_repo=m.model.hub_repo, hub_revision=m.model.hub_revision),
+        resume_adapter=FileDigest(m.resume_adapter.name, m.resume_adapter.sha256,
+                                  m.resume_adapter.bytes)
+        if m.HasField("resume_adapter") else None,
     )
 
 

@@ -34,6 +34,8 @@ class RankSpec:
     # The rank's own certificate and key, for this job attempt's exchange only (never logged).
     rank_cert_pem: bytes = field(default=b"", repr=False)
     rank_key_pem: bytes = field(default=b"", repr=False)
+    # The job's resume_adapter_file as shipped from the laptop (None: read at the config's path).
+    resume_adapter: FileDigest | None = None
 
     def folder(self, state_dir: Path) -> Path:
         """This rank's job folder on the worker (one rank per worker and attempt):

@@ -122,6 +122,9 @@ def check_spec(spec: RankSpec, ca_pem: bytes) -> None:
     for f in spec.model.files:
         check_path(f.name, "model")
         check_sha(f.sha256)
+    if spec.resume_adapter is not None:
+        check_name(spec.resume_adapter.name, "checkpoint")
+        check_sha(spec.resume_adapter.sha256)
     if spec.resume_step:
         check_step(spec.resume_step, spec.config.iters)
     pki.check_rank_credential(ca_pem, spec.rank_cert_pem, spec.rank_key_pem,

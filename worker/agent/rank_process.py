@@ -26,6 +26,7 @@ from typing import Callable
 from herd import jaccl, log
 from herd.adapter_card import BASE_MODEL_ENV
 from herd.config import config_to_yaml
+from herd.digest import FileDigest
 from herd.rpc import pki
 from herd.rpc.files import check_name, check_sha
 from herd.rpc.names import inside
@@ -100,12 +101,7 @@ class RankProcess:
         data.mkdir(parents=True, exist_ok=True)
         self._blobs.mkdir(parents=True, exist_ok=True)
         for f in self.spec.dataset:
-            cached = self._blobs / check_sha(f.sha256)
-            if not cached.exists():
-                self._client.fetch_blob(f.sha256, cached)
-            target = inside(data, check_name(f.name, "dataset"))
-            target.unlink(missing_ok=True)
-            os.link(cached, target)
+            self._link_blob(f, inside(data, check_name(f.name, "dataset")))
         pki.Identity("rank", pki.rank_scope(self.spec.job_id, self.spec.attempt), self._ca_pem,
                      self.spec.rank_cert_pem, self.spec.rank_key_pem).save(self.dir / "tls")
         cfg = self.spec.config
@@ -114,6 +110,10 @@ class RankProcess:
             update["data"] = str(data)
         if self.model_dir is not None:
             update["model"] = str(self.model_dir)
+        if (shipped := self.spec.resume_adapter) is not None:  # loaded in place of the path
+            target = inside(self.dir, check_name(shipped.name, "checkpoint"))
+            self._link_blob(shipped, target)
+            update["resume_adapter_file"] = str(target)
         local = cfg.model_copy(update=update)
         (self.dir / "config.yaml").write_text(config_to_yaml(local))
         if self.spec.ring_hosts:
@@ -121,6 +121,14 @@ class RankProcess:
         if self.spec.data_path == "jaccl":
             (self.dir / "ibv_devices.json").write_text(self.spec.ibv_devices_json)
         return self.dir / "config.yaml"
+
+    def _link_blob(self, f: FileDigest, target: Path) -> None:
+        """A job file (from the content-addressed cache, fetched once per worker) at ``target``."""
+        cached = self._blobs / check_sha(f.sha256)
+        if not cached.exists():
+            self._client.fetch_blob(f.sha256, cached)
+        target.unlink(missing_ok=True)
+        os.link(cached, target)
 
     def _fetch_resume(self) -> Path:
         """The checkpoint to resume from, pulled from the coordinator (sha256-checked). A
