@@ -10,7 +10,7 @@ import uuid
 from pathlib import Path
 
 from coordinator.artifacts import AdapterStore, BlobStore
-from coordinator.domain import Checkpoint, Job
+from coordinator.domain import Checkpoint, Job, JobState
 from coordinator.models import ModelCatalog
 from coordinator.placement import workers_needed
 from herd.config import config_from_yaml
@@ -89,6 +89,21 @@ SAME_SHAPE = ("model", "fine_tune_type", "num_layers", "lora_parameters", "quant
               "cluster.packing")
 
 
+def no_checkpoint(job: Job, step: int, have: list[int]) -> NotFoundError:
+    """A job has no stored checkpoint (at ``step``, when given); the hint says which it has, or
+    why it has none."""
+    if have:
+        hint = f"stored steps: {have}"
+    elif job.state.final:
+        hint = f"it {job.state.value} before saving one"
+    elif job.state is JobState.QUEUED:
+        hint = "it has not started yet"
+    else:
+        hint = f"it has not saved one yet (one every {job.config.save_every} steps)"
+    return NotFoundError(f"job {job.job_id} has no checkpoint"
+                         + (f" at step {step}" if step else ""), hint=hint)
+
+
 def start_from(job: Job, ref: str, store, adapters: AdapterStore, now_ms: int) -> Checkpoint:
     """``herd submit --resume-from JOB[@STEP]``: that job's stored checkpoint (the latest, or
     STEP) copied as ``job``'s own, so that its first attempt resumes from it exactly, as a
@@ -101,9 +116,7 @@ def start_from(job: Job, ref: str, store, adapters: AdapterStore, now_ms: int) -
         raise ConfigError(f"--resume-from {ref}: the step after @ is a number")
     picked = [c for c in stored if not step or c.step == int(step)]
     if not picked:
-        raise NotFoundError(f"job {source.job_id} has no checkpoint" + (f" at step {step}"
-                            if step else ""), hint=f"stored steps: {have}" if have else
-                            "it has not saved one yet")
+        raise no_checkpoint(source, int(step or 0), have)
     checkpoint = picked[-1]
     for key in SAME_SHAPE:
         mine, theirs = _get(job.config, key), _get(source.config, key)

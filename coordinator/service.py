@@ -18,7 +18,7 @@ from coordinator import convert, housekeeping
 from coordinator.artifacts import AdapterStore, BlobStore, require_free
 from coordinator.blob_access import check_worker_may_read
 from coordinator.domain import Job
-from coordinator.jobs import new_job, start_from
+from coordinator.jobs import new_job, no_checkpoint, start_from
 from coordinator.logs import LogStore
 from coordinator.models import ModelCatalog, ModelStore, fetch_hub_model
 from coordinator.placement import checkpoint_bytes
@@ -349,16 +349,13 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     @_stream
     def GetAdapter(self, request, context):
         self._workers_job(context, request.job_id)  # a worker: only a job it runs
-        self.store.get_job(request.job_id)  # NOT_FOUND for an unknown job
+        job = self.store.get_job(request.job_id)  # NOT_FOUND for an unknown job
         checkpoints = self.store.checkpoints(request.job_id)
         if request.step:
             checkpoints = [c for c in checkpoints if c.step == request.step]
         if not checkpoints:
             have = [c.step for c in self.store.checkpoints(request.job_id)]
-            raise NotFoundError(
-                f"job {request.job_id} has no checkpoint"
-                + (f" at step {request.step}" if request.step else ""),
-                hint=f"stored steps: {have}" if have else "it has not saved one yet")
+            raise no_checkpoint(job, request.step, have)
         c = checkpoints[-1]
         if request.HasField("stage"):
             # A pipeline stage resuming: its own piece (stage-local names, optimizer state).

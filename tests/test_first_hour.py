@@ -375,12 +375,19 @@ def test_herd_up_starts_a_process_that_died_again(cluster):
     assert "herd up: worker-2 exited (-9); starting it again" in log, log[-2000:]
 
 
-def test_workers_keep_only_their_newest_attempt_and_herd_down_stops_the_cluster(cluster):
+def test_workers_keep_only_their_newest_attempt_and_herd_down_stops_the_cluster(cluster,
+                                                                                job_yaml):
+    """`herd down` stops the cluster and names the jobs it leaves unfinished (here one that waits
+    for a fifth worker), which go on when it starts again."""
     for w in range(1, WORKERS + 1):
         attempts = list((cluster.state / f"worker-{w}" / "jobs").glob("*/attempt-*"))
         assert len(attempts) <= 1, attempts  # --keep-attempts 1
+    cfg = job_yaml("left", batch_size=WORKERS + 1, cluster={"workers": WORKERS + 1})
+    waiting = cluster.ok("submit", cfg, "--no-check").stdout.strip()
     down = cluster.ok("down", "--state-dir", cluster.state, timeout=120)
     assert "stopped the cluster" in down.stdout
+    assert (f"1 unfinished job(s) stopped with it: {waiting} (queued); they go on" in
+            down.stderr), down.stderr
     gone = cluster.herd("jobs", timeout=60)
     assert gone.returncode == 5 and "unreachable" in gone.stderr
     again = cluster.herd("down", "--state-dir", cluster.state)

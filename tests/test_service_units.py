@@ -806,3 +806,41 @@ def test_a_shipped_resume_adapter_is_checked_kept_and_readable_only_by_the_jobs_
     check_worker_may_read(store.list_jobs(), models, "w1", shas[1])
     with pytest.raises(AuthError):
         check_worker_may_read(store.list_jobs(), models, "w2", shas[1])
+
+
+def test_herd_jobs_shows_a_shrunk_job_as_running_of_asked_and_one_line_per_job():
+    """`herd jobs`: an elastic job running on 1 of its 2 workers says 1/2 (the asked size alone
+    hid the shrink); a message with a hint stays on its job's row, not a row of its own."""
+    from herd.cli.listing import JOB_HEADER, job_dict, job_row, table
+    from protos.v1 import common_pb2
+
+    shrunk = common_pb2.JobStatus(job_id="a", state=common_pb2.JOB_STATE_RUNNING, workers=2,
+                                  iters=10, worker_ids=["w1"], model="m")
+    waiting = common_pb2.JobStatus(job_id="b", state=common_pb2.JOB_STATE_QUEUED, workers=2,
+                                   iters=10, model="m",
+                                   message="waiting: needs 2 workers\nhint: start another")
+    done = common_pb2.JobStatus(job_id="c", state=common_pb2.JOB_STATE_SUCCEEDED, workers=2,
+                                iters=10, worker_ids=["w1"], model="m")
+    rows = [job_row(job_dict(j)) for j in (shrunk, waiting, done)]
+    assert [r[2] for r in rows] == ["1/2", "2", "2"]
+    assert rows[1][-1] == "waiting: needs 2 workers; hint: start another"
+    assert len(table([JOB_HEADER] + rows).splitlines()) == 4
+
+
+def test_no_checkpoint_says_why_a_job_has_none():
+    """`herd pull` / `--resume-from` on a job with no checkpoint: the hint fits the job's state
+    (an ended job will never save one; "not saved yet" was said of failed jobs too)."""
+    import dataclasses
+
+    from coordinator.jobs import no_checkpoint
+
+    j = job(workers=1)
+
+    def hint(state, have=()):
+        return no_checkpoint(dataclasses.replace(j, state=state), 0, list(have)).hint
+
+    assert hint(JobState.FAILED) == "it failed before saving one"
+    assert hint(JobState.QUEUED) == "it has not started yet"
+    assert hint(JobState.RUNNING) == "it has not saved one yet (one every 100 steps)"
+    assert hint(JobState.SUCCEEDED, [4, 8]) == "stored steps: [4, 8]"
+    assert str(no_checkpoint(j, 3, [4]).message) == f"job {j.job_id} has no checkpoint at step 3"

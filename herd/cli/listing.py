@@ -23,7 +23,7 @@ from protos.v1 import common_pb2, coordinator_pb2
 
 
 def _gb(n: int) -> str:
-    return f"{n / 1024**3:.1f} GB"
+    return f"{n / 1024**3:.1f} GiB"  # as macOS and Apple's specs count a Mac's memory
 
 
 def table(rows: list[list[str]]) -> str:
@@ -61,12 +61,18 @@ def job_row(d: dict) -> list[str]:
     def f(x):
         return "-" if x is None else f"{x:.3f}"
 
-    return [d["job_id"], d["state"], str(d["workers"]), f"{d['iteration']}/{d['iters']}",
+    # An active job shrunk to fewer workers (cluster.elastic) shows it: running/asked.
+    running = len(d["worker_ids"])
+    workers = (f"{running}/{d['workers']}" if d["state"] not in FINAL_NAMES and running
+               and running != d["workers"] else str(d["workers"]))
+    return [d["job_id"], d["state"], workers, f"{d['iteration']}/{d['iters']}",
             f(d["train_loss"]), f(d["val_loss"]), _steps(d["checkpoints"]),
             d["model"] + (f" ({d['model_digest'][:12]})" if d["model_digest"] else ""),
-            d["message"]]
+            # One line per job: a message's hint (its next lines) joins it.
+            "; ".join(line.strip() for line in d["message"].splitlines() if line.strip())]
 
 
+FINAL_NAMES = {STATE[s] for s in FINAL}
 JOB_HEADER = ["JOB", "STATE", "WORKERS", "ITER", "LOSS", "VAL", "CHECKPOINTS", "MODEL",
               "MESSAGE"]
 
@@ -195,8 +201,7 @@ def cmd_workers(args, coord: CoordinatorConnection | None) -> int:
 
 def cmd_status(args, coord: CoordinatorConnection) -> int:
     workers, jobs = _workers(coord), _jobs(coord)
-    final = {STATE[s] for s in FINAL}
-    active = [j for j in jobs if j["state"] not in final]
+    active = [j for j in jobs if j["state"] not in FINAL_NAMES]
     counts: dict[str, int] = {}
     for j in jobs:
         counts[j["state"]] = counts.get(j["state"], 0) + 1

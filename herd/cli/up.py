@@ -14,6 +14,7 @@ SIGTERM, or ``herd down``) stops all. A state dir holds one ``herd up`` at a tim
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import subprocess
@@ -283,6 +284,7 @@ def down(argv: list[str]) -> int:
                           "--detach --state-dir DIR` needs `herd down --state-dir DIR`")
         print(f"herd down: {e}", file=sys.stderr)
         return e.exit_code
+    unfinished = _unfinished_jobs(state / "coordinator" / "herd.db")
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + args.timeout
     while held(state):
@@ -292,7 +294,27 @@ def down(argv: list[str]) -> int:
             return 1
         time.sleep(0.2)
     print(f"herd down: stopped the cluster of {state} (pid {pid})")
+    if unfinished:
+        again = "herd up" + ("" if args.state_dir is None else f" --state-dir {state}")
+        print(f"herd down: {len(unfinished)} unfinished job(s) stopped with it: "
+              f"{', '.join(unfinished)}; they go on (running ones from their last checkpoint) "
+              f"when `{again}` starts it again", file=sys.stderr)
     return 0
+
+
+def _unfinished_jobs(db: Path) -> list[str]:
+    """The jobs of the cluster's coordinator that have not ended, read from its job database
+    (read-only, beside the running coordinator); [] when it cannot be read."""
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+            # (coordinator/domain.py JobState's final values, as its store writes them)
+            rows = conn.execute("SELECT job_id, state FROM jobs WHERE state NOT IN "
+                                "('succeeded', 'failed', 'cancelled') ORDER BY created_ms")
+            return [f"{job_id} ({state})" for job_id, state in rows]
+    except sqlite3.Error:
+        return []
 
 
 DESCRIPTION = """\
