@@ -120,6 +120,14 @@ def resume_weights_file(cfg) -> Path | None:
     return file
 
 
+def full_of_quantized(model: str) -> ConfigError:
+    """A full fine-tune of a model stored quantized (refused here, and by the rank that loads
+    it: mlx would fail mid-step, as a quantized weight has no gradient)."""
+    return ConfigError(f"fine_tune_type: full cannot train {model}: it is quantized, and a "
+                       "quantized weight has no gradient",
+                       hint="use fine_tune_type: lora or dora (QLoRA), or a full-precision model")
+
+
 def check_job_files(cfg) -> None:
     """What a job config names besides its dataset, checked where it is read (``herd check``,
     ``herd submit``, each rank) rather than failing a rank after placement: the adapter to resume
@@ -132,7 +140,4 @@ def check_job_files(cfg) -> None:
         except HerdError:
             quantized = False  # no config.json here: the model's own checks say so
         if quantized:
-            raise ConfigError(f"fine_tune_type: full cannot train {cfg.model}: it is quantized, "
-                              "and a quantized weight has no gradient",
-                              hint="use fine_tune_type: lora or dora (QLoRA), or a "
-                              "full-precision model")
+            raise full_of_quantized(cfg.model)

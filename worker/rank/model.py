@@ -19,6 +19,7 @@ from mlx_lm.utils import load
 from herd.adapter_card import BASE_MODEL_ENV, RUN_PATHS, base_model
 from herd.config import JobConfig
 from herd.errors import ConfigError
+from herd.model_config import full_of_quantized
 from herd.models.ref import local_folder
 
 
@@ -73,10 +74,7 @@ def apply_adapters(model: nn.Module, job: JobConfig) -> None:
         )
     if job.fine_tune_type == "full":
         if is_quantized(model):  # else mlx fails mid-step: no gradient wrt quantized weights
-            raise ConfigError(
-                f"fine_tune_type: full cannot train {job.model}: it is quantized, and a "
-                "quantized weight has no gradient",
-                hint="use fine_tune_type: lora or dora (QLoRA), or a full-precision model")
+            raise full_of_quantized(job.model)
         for layer in model.layers[-max(job.num_layers, 0) :]:
             layer.unfreeze()
         return
