@@ -334,6 +334,13 @@ def test_herd_plan_cli(tmp_path):
     shown = json.loads(mixed.stdout)
     assert shown["data_parallel"] == 2 and shown["max_shares"][0] == 8
     assert 1 <= shown["max_shares"][1] < 4, shown
+    assert (shown["workers_asked"], shown["workers_available"]) == (None, 2)
+    cfg.write_text(cfg.read_text() + "cluster: {workers: 4}\n")
+    short = subprocess.run([sys.executable, "-m", "herd", "plan", str(cfg), "--workers",
+                            "192,64", "--json"], capture_output=True, text=True, timeout=60,
+                           cwd=REPO)
+    asked = json.loads(short.stdout or "{}").get("workers_asked")
+    assert (asked, short.returncode) == (4, 0), short.stderr
 
 
 if __name__ == "__main__":

@@ -154,7 +154,9 @@ def main(argv: list[str]) -> int:
         print(f"herd plan: {e}", file=sys.stderr)
         return e.exit_code
     if args.json:
-        print(json.dumps(plan_dict(plan, source), indent=2))
+        # (a job asking for more workers than there are waits for them: said as in the text)
+        print(json.dumps({**plan_dict(plan, source), "workers_asked": needed or None,
+                          "workers_available": len(workers)}, indent=2))
         return 0
     print(f"planned for {source}: {len(workers)} worker(s) of "
           + ", ".join(f"{w.memory_bytes / GIB:.1f}" for w in workers) + " GiB usable" + short)
