@@ -14,9 +14,10 @@ from coordinator.domain import Checkpoint, Job, JobState
 from coordinator.models import ModelCatalog
 from coordinator.placement import workers_needed
 from herd.config import config_from_yaml
-from herd.dataset import SPLITS, check_job_dataset, reads_hub_dataset
+from herd.dataset import SPLITS, check_job_dataset
 from herd.digest import FileDigest
 from herd.errors import ConfigError, DatasetError, NotFoundError
+from herd.hf_dataset import check_cluster_source
 from herd.rpc.names import check_job_id, check_name, check_sha
 
 REQUIRED_DATA = "train.jsonl"
@@ -37,15 +38,19 @@ def new_job(name: str, config_yaml: str, dataset: list[FileDigest], blobs: BlobS
     names = [check_name(d.name, "dataset") for d in dataset]
     for d in dataset:
         check_sha(d.sha256)
-    # (a Hugging Face dataset ships no files: each rank loads it through `datasets`)
-    if not reads_hub_dataset(cfg) and REQUIRED_DATA not in names:
-        raise DatasetError(f"the dataset has no {REQUIRED_DATA}",
-                           hint="a dataset folder holds train.jsonl (and valid.jsonl)")
     missing = [d.name for d in dataset if not blobs.has(d.sha256)]
     if missing:
         raise DatasetError(f"dataset files not uploaded: {', '.join(missing)}",
                            hint="`herd submit` uploads them before submitting")
-    if not reads_hub_dataset(cfg):
+    # What the laptop shipped decides (herd/dataset.py reads_hub_dataset there, on its own
+    # folders): files, or a Hugging Face dataset that each rank loads through `datasets`, which
+    # must then be a hub dataset, never a path or a file loader on the workers.
+    if cfg.hf_dataset or not dataset:
+        check_cluster_source(cfg, shipped=bool(dataset))
+    elif REQUIRED_DATA not in names:
+        raise DatasetError(f"the dataset has no {REQUIRED_DATA}",
+                           hint="a dataset folder holds train.jsonl (and valid.jsonl)")
+    else:
         check_uploaded_dataset(cfg, dataset, blobs)
     if resume_adapter is not None:
         check_resume_adapter(cfg, resume_adapter, blobs)

@@ -16,6 +16,7 @@ does (``HF_HUB_OFFLINE=1``: the cache and local files only).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from herd.dataset import (
     check_records,
     split_summary,
 )
-from herd.errors import DatasetError
+from herd.errors import ConfigError, DatasetError
 
 logger = log.get(__name__)
 
@@ -128,3 +129,83 @@ def check_hub_dataset(cfg: Any, tokenizer: Any, trains: bool) -> DatasetReport:
     logger.info("dataset_checked", hub=True, warnings=len(warnings),
                 **{f"{k}_records": v for k, v in records_of.items()})
     return DatasetReport(splits=splits, warnings=warnings, sha256={})
+
+
+# --- what a cluster job may name ---------------------------------------------------------------
+#
+# `herd train` reads whatever the user's own machine holds. A cluster job's Hugging Face dataset
+# is loaded on the workers, by the submitter's config: a loader that reads files (csv, json, ...)
+# or a path would read the worker's own files (its keys included), and the dataset check quotes
+# rows back into the job's messages. So a cluster job names hub datasets only, with the
+# load_dataset arguments that pick within one (local files go as `data:`, which herd ships).
+# The loaders `datasets` packages (5.2), for when it is not installed where this is checked.
+FILE_LOADERS = frozenset({
+    "arrow", "audiofolder", "conll", "csv", "eval", "fasta", "fastq", "genbank", "harbor",
+    "hdf5", "iceberg", "imagefolder", "json", "lance", "meshfolder", "mmcif", "niftifolder",
+    "pandas", "parquet", "pdb", "pdffolder", "text", "tsfile", "videofolder", "vortex",
+    "webdataset", "xml", "sql", "spark", "generator", "cache", "folder_based_builder"})
+# load_dataset arguments that choose within a hub dataset; any other (cache_dir, storage_options,
+# trust_remote_code, token, download_config, ...) reaches past the dataset.
+HUB_ARGS = frozenset({"name", "revision", "data_dir", "data_files"})
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?$")
+
+
+def _file_loaders() -> frozenset[str]:
+    try:
+        from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
+    except ImportError:
+        return FILE_LOADERS
+    return FILE_LOADERS | frozenset(_PACKAGED_DATASETS_MODULES)
+
+
+def _hub_id(source: str, what: str) -> None:
+    if ".." in source or not _HUB_ID.match(source) or source in _file_loaders():
+        raise ConfigError(
+            f"{what} {source!r} is not a Hugging Face hub dataset id: a cluster job loads hub "
+            "datasets only (a loader such as json or csv, or a path, would read files on the "
+            "workers)", hint="ship local files as `data: FOLDER` (train.jsonl, valid.jsonl), "
+            "or name the dataset's hub id (org/name)")
+
+
+def _in_repo(value: Any, what: str) -> None:
+    """data_files / data_dir: paths inside the dataset's repo, never a URL or a path here."""
+    values = (list(value.values()) if isinstance(value, dict) else
+              value if isinstance(value, list) else [value])
+    for v in values:
+        if isinstance(v, (list, dict)):
+            _in_repo(v, what)
+            continue
+        s = str(v)
+        if s.startswith(("/", "~", "\\")) or "://" in s or ".." in s.split("/") or ":" in s:
+            raise ConfigError(f"{what} {s!r} is not a path inside the hub dataset's repo",
+                              hint="a cluster job's data_files and data_dir name files of the "
+                              "hub dataset (e.g. data/train-*.parquet); ship local files as "
+                              "`data: FOLDER`")
+
+
+def check_cluster_source(cfg: Any, shipped: bool) -> None:
+    """ConfigError unless the job's Hugging Face dataset, if it reads one, is a hub dataset
+    named by its id with only HUB_ARGS (checked at submit by the coordinator, and again by each
+    worker before it starts a rank). ``shipped``: the job carries its data folder's files (then
+    ``data`` is that folder); a job with neither those nor hf_dataset names a hub id as
+    ``data``, never a path on the workers."""
+    if getattr(cfg, "hf_dataset", None):
+        for i, d in enumerate(cfg.hf_datasets()):
+            where = f"hf_dataset[{i}]" if isinstance(cfg.hf_dataset, list) else "hf_dataset"
+            _hub_id(d.path, f"{where}.path")
+            extra = sorted(set(d.config) - HUB_ARGS)
+            if extra:
+                raise ConfigError(f"{where}.config: {', '.join(extra)} not allowed in a cluster "
+                                  "job", hint=f"a cluster job's load_dataset arguments are "
+                                  f"{', '.join(sorted(HUB_ARGS))}")
+            for key in ("data_files", "data_dir"):
+                if key in d.config:
+                    _in_repo(d.config[key], f"{where}.config.{key}")
+    elif not shipped:
+        _hub_id(str(cfg.data), "data")
+
+
+def hub_source(cfg: Any) -> str | None:
+    """The hub dataset id a job loads first (hf_dataset's first path, else ``data``)."""
+    hf = cfg.hf_datasets() if getattr(cfg, "hf_dataset", None) else []
+    return hf[0].path if hf else str(cfg.data)

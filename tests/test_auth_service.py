@@ -386,6 +386,73 @@ def test_a_dataset_carrying_code_or_config_is_refused_at_submit(cluster, tmp_pat
                 conn.call("SubmitJob", spec)
 
 
+# A submitter's Hugging Face dataset that would read the worker's own files (its TLS key read
+# back one line per job through the dataset check's messages, by an outside review).
+WORKER_FILE_DATASETS = {
+    "csv loader on a worker file": {"hf_dataset": {
+        "path": "csv", "config": {"data_files": {"train": "/etc/hostname"}}}},
+    "json loader": {"hf_dataset": {"path": "json", "config": {"data_files": "x.jsonl"}}},
+    "a path as the dataset": {"hf_dataset": {"path": "/etc"}},
+    "a parent path": {"hf_dataset": {"path": "../secrets"}},
+    "a file in a hub dataset's place": {"hf_dataset": {
+        "path": "org/name", "config": {"data_files": "/etc/hostname"}}},
+    "a url": {"hf_dataset": {"path": "org/name", "config": {
+        "data_files": "http://10.0.0.1/secret.csv"}}},
+    "out of the repo": {"hf_dataset": {"path": "org/name", "config": {"data_dir": "../../x"}}},
+    "cache_dir": {"hf_dataset": {"path": "org/name", "config": {"cache_dir": "/tmp/x"}}},
+    "data as a worker path": {"data": "/home/someone/data"},
+    "data as a loader": {"data": "json"},
+}
+
+
+def test_a_dataset_on_the_workers_files_is_refused_at_submit(cluster, tiny_model):
+    """SubmitJob straight to the coordinator (no CLI): a Hugging Face dataset that is a file
+    loader, a path, a URL or an argument past the dataset is refused before any worker is
+    touched, naming the key; a hub dataset by its id is accepted (and cancelled here)."""
+    import yaml
+
+    from herd.cli.connection import CoordinatorConnection
+
+    with CoordinatorConnection(cluster.coord.address, cluster.client) as conn:
+        for name, keys in WORKER_FILE_DATASETS.items():
+            doc = {"model": str(tiny_model), "train": True, **keys}
+            spec = coordinator_pb2.SubmitJobRequest(spec=common_pb2.JobSpec(
+                name="exfil", config_yaml=yaml.safe_dump(doc)))
+            with pytest.raises(HerdError) as e:
+                conn.call("SubmitJob", spec)
+            assert e.value.exit_code == 2 and ("hub dataset" in e.value.message or
+                                               "not allowed" in e.value.message), (name, e.value)
+        hub = {"model": str(tiny_model), "train": True, "batch_size": 8, "cluster": {"workers": 8},
+               "hf_dataset": {"path": "org/name", "config": {"name": "default",
+                                                             "data_files": "data/*.parquet"}}}
+        reply = conn.call("SubmitJob", coordinator_pb2.SubmitJobRequest(spec=common_pb2.JobSpec(
+            name="hub", config_yaml=yaml.safe_dump(hub))))
+        conn.call("CancelJob", coordinator_pb2.CancelJobRequest(job_id=reply.job_id))
+
+
+def test_a_worker_loads_only_hub_datasets_for_jobs(tmp_path):
+    """The worker's own check (the coordinator's may be bypassed by a rogue or older one): the
+    same refusals, and a hub id that names a file of the rank's folder (datasets would load it)."""
+    from herd.config import parse_config
+    from herd.errors import ConfigError
+    from worker.agent.policy import Policy
+
+    for name, keys in WORKER_FILE_DATASETS.items():
+        with pytest.raises(ConfigError, match=r"hub dataset|not allowed") as e:
+            Policy().check_job(parse_config({"model": "org/m", **keys}), tmp_path, "w",
+                               shipped_data=False)
+        assert e.value.exit_code == 2, name
+    (tmp_path / "notes").mkdir()
+    for data in ("tls", "data", "notes"):
+        with pytest.raises(ConfigError, match="job's own folder"):
+            Policy().check_job(parse_config({"model": "org/m", "data": data}), tmp_path, "w",
+                               shipped_data=False)
+    Policy().check_job(parse_config({"model": "org/m", "data": "org/dataset"}), tmp_path, "w",
+                       shipped_data=False)
+    # a shipped folder: `data` is that folder's name on the laptop, replaced by the agent
+    Policy().check_job(parse_config({"model": "org/m", "data": "data"}), tmp_path, "w")
+
+
 def test_a_worker_refuses_remote_code_unless_its_owner_allows_it(tmp_path):
     """The policy itself, both ways (the service test above runs it through a real worker)."""
     from herd.config import parse_config

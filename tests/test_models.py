@@ -399,7 +399,7 @@ def test_a_job_from_either_door_is_pinned_to_its_commit(sharded, offline_hub, tm
     commit = write_hub_cache(offline_hub, "org/tiny", sharded,
                              names=["config.json", "model.safetensors.index.json"])
     blobs = BlobStore(tmp_path / "blobs")
-    train = b'{"text": "hello"}\n'
+    train = b'{"text": "hello"}\n' * 4  # batch_size 4's worth: the coordinator checks it
     sha = hashlib.sha256(train).hexdigest()
     blobs.put(sha, [train])
     models = ModelCatalog(ModelStore(tmp_path / "models", blobs))

@@ -776,7 +776,7 @@ def test_a_shipped_resume_adapter_is_checked_kept_and_readable_only_by_the_jobs_
     from herd.errors import AuthError
 
     blobs = BlobStore(tmp_path / "blobs")
-    train, adapter = b'{"text": "hello"}\n', b"not read by the coordinator"
+    train, adapter = b'{"text": "hello"}\n' * 4, b"not read by the coordinator"
     shas = [hashlib.sha256(b).hexdigest() for b in (train, adapter)]
     blobs.put(shas[0], [train])
     dataset = [FileDigest("train.jsonl", shas[0], len(train))]

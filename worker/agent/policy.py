@@ -6,6 +6,9 @@ the checks every StartRank passes before anything is written.
 - ``model`` is a hub id, or a folder under one of the worker's model roots (``--model-root``).
   A relative path would resolve inside the job's own folder, next to the files the job shipped,
   so a path that names anything there is refused as well.
+- A dataset the rank loads through ``datasets`` (no shipped folder) is a hub dataset by its id,
+  with only the arguments that pick within it: a file loader (json, csv, ...) or a path would
+  read this worker's own files, its keys included, and the dataset check quotes rows back.
 - Every field of the request is checked as data: a job id of the coordinator's form, an attempt,
   a rank within its world, dataset names of data files, model file names of model files (a
   relative path, each part checked), a checkpoint step the job can reach, and a
@@ -20,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from herd.config import JobConfig
-from herd.errors import PlacementError, ProtocolError
+from herd.errors import ConfigError, PlacementError, ProtocolError
+from herd.hf_dataset import check_cluster_source, hub_source
 from herd.models.source import ModelSource
 from herd.rpc import pki
 from herd.rpc.names import check_job_id, check_name, check_path, check_sha, check_step
@@ -63,11 +67,13 @@ class Policy:
                    tuple(Path(r) for r in roots.split(os.pathsep) if r) or default_model_roots())
 
     def check_job(self, cfg: JobConfig, job_dir: Path, worker_id: str,
-                  source: ModelSource | None = None) -> None:
+                  source: ModelSource | None = None, shipped_data: bool = True) -> None:
         """``source``: where the model comes from. A stored model's files arrive by digest from
         the coordinator's store (data files only: herd/models/manifest.py is_model_file, their
         names checked by check_spec), a pinned hub model from the hub: neither is a path here,
-        so only a local folder is held to the model roots."""
+        so only a local folder is held to the model roots. ``shipped_data``: the job carries its
+        data folder's files; else its dataset is a hub dataset (``check_dataset``)."""
+        self.check_dataset(cfg, job_dir, shipped_data)
         if cfg.trust_remote_code and not self.allow_remote_code:
             raise PlacementError(
                 f"the job sets trust_remote_code: true, and worker {worker_id} runs no code "
@@ -81,6 +87,19 @@ class Policy:
                 raise PlacementError(f"refusing hub repo {source.hub_repo[:80]!r}")
             return
         self.check_model(cfg.model, job_dir, worker_id)
+
+    @staticmethod
+    def check_dataset(cfg: JobConfig, job_dir: Path, shipped_data: bool) -> None:
+        """A Hugging Face dataset a rank would load here: a hub dataset by its id, never a file
+        loader, a path or an argument that reaches past it (herd/hf_dataset.py
+        check_cluster_source: the coordinator checked it at submit), nor a name that the rank's
+        folder holds (``datasets`` would load that folder)."""
+        check_cluster_source(cfg, shipped_data)
+        if cfg.hf_dataset or not shipped_data:
+            first = hub_source(cfg).split("/")[0]
+            if first in JOB_FOLDER or (job_dir / first).exists():
+                raise ConfigError(f"dataset {hub_source(cfg)!r} names a file of the job's own "
+                                  "folder on the worker", hint="name a hub dataset id")
 
     def check_model(self, model: str, job_dir: Path, worker_id: str) -> None:
         path = Path(model).expanduser()
