@@ -38,6 +38,9 @@ def new_job(name: str, config_yaml: str, dataset: list[FileDigest], blobs: BlobS
     names = [check_name(d.name, "dataset") for d in dataset]
     for d in dataset:
         check_sha(d.sha256)
+    if len(set(names)) < len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise DatasetError(f"dataset files listed twice: {', '.join(twice)}")
     missing = [d.name for d in dataset if not blobs.has(d.sha256)]
     if missing:
         raise DatasetError(f"dataset files not uploaded: {', '.join(missing)}",

@@ -11,10 +11,15 @@ import re
 import shutil
 from pathlib import Path
 
-from herd.errors import NotFoundError
+from herd.errors import NotFoundError, ProtocolError
 
 _JOB = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_READ = 1 << 20  # one reply's worth; a client pages with the offsets
+# A rank's log is kept up to this much (a long run's output is a few MB); the rest is dropped.
+MAX_LOG_BYTES = 256 * 1024 * 1024
+# The agent sends pieces in order and resends a failed one: a piece starts where the log ends,
+# or a little past it when one was lost (worker/agent/relay.py sends 256 KB pieces).
+MAX_GAP = 4 * 1024 * 1024
 
 
 class LogStore:
@@ -28,11 +33,19 @@ class LogStore:
         return self.root / job_id / f"attempt-{int(attempt)}" / f"rank-{int(rank)}.log"
 
     def write(self, job_id: str, attempt: int, rank: int, offset: int, data: bytes) -> None:
+        """A piece at ``offset``: ProtocolError for one far past the end (never a sparse file
+        a reader would page through); beyond MAX_LOG_BYTES the rest is dropped."""
         path = self._path(job_id, attempt, rank)
+        size = path.stat().st_size if path.exists() else 0
+        if not 0 <= offset <= size + MAX_GAP:
+            raise ProtocolError(f"rank log piece at byte {offset}: the log has {size} bytes")
+        data = data[:max(0, MAX_LOG_BYTES - offset)]
+        if not data:
+            return
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "r+b" if path.exists() else "wb") as f:
             # A piece past the end (an earlier one lost) leaves a hole of zero bytes, not a shift.
-            f.seek(max(0, offset))
+            f.seek(offset)
             f.write(data)
 
     def read(self, job_id: str, attempt: int, rank: int, offset: int,

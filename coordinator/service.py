@@ -284,9 +284,16 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             raise AuthError(f"{peer.label if peer else 'the caller'} may only report its own "
                             f"ranks, not worker {request.worker_id[:80]!r}'s")
         job = self.store.get_job(check_job_id(request.job_id))
-        if peer.name not in job.worker_ids:
-            return coordinator_pb2.ReportRankReply(stop=True)  # not a rank of this job (now)
         kind = request.WhichOneof("report")
+        # Only the worker that ran that rank of that attempt (ranks are in worker_ids order).
+        ran = (job.worker_ids if request.attempt == job.attempt else
+               next((ids for a, ids, _ in self.store.attempts(job.job_id)
+                     if a == request.attempt), []))
+        if not 0 <= request.rank < len(ran) or ran[request.rank] != peer.name:
+            if kind == "rank_log":
+                raise AuthError(f"worker {peer.name} ran no rank {request.rank} of attempt "
+                                f"{request.attempt} of job {job.job_id}")
+            return coordinator_pb2.ReportRankReply(stop=True)  # not a rank of this job (now)
         s = self.scheduler
         if kind == "progress":
             stop = s.on_progress(request.job_id, request.attempt,
@@ -294,7 +301,6 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         elif kind == "log":
             stop = s.on_log(request.job_id, request.attempt, request.log)
         elif kind == "rank_log":  # kept whatever the job's state: a stopped rank's last words
-            self.store.get_job(request.job_id)
             self.logs.write(request.job_id, request.attempt, request.rank,
                             request.rank_log.offset, request.rank_log.data)
             stop = False

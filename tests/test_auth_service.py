@@ -189,6 +189,41 @@ def test_only_members_in_their_roles_reach_a_server(cluster):
         == "honest-w"
 
 
+def test_a_worker_writes_only_the_logs_of_the_ranks_it_ran(cluster):
+    """ReportRank(rank_log): a worker stores output only for a rank it ran, in that attempt
+    (kept after the job ends: a rank's last words), never another worker's rank, an attempt
+    that never ran, nor a piece far past the log's end (an outside review overwrote another
+    rank's log and made a 1 TB sparse log that `herd logs` streamed as NUL bytes)."""
+    from coordinator.domain import Job, JobState
+    from coordinator.logs import LogStore
+    from herd.config import parse_config
+
+    c = cluster
+    job_id = "logs-5eed00"
+    c.coord.store.put_job(Job(job_id, "logs", parse_config({"model": "m", "data": "d"}), [], 2,
+                              10, state=JobState.SUCCEEDED, attempt=2,
+                              worker_ids=["doomed", "honest-w"]))
+    c.coord.store.start_attempt(job_id, 1, ["honest-w", "doomed"], 0)
+    c.coord.store.start_attempt(job_id, 2, ["doomed", "honest-w"], 1)
+    honest = coordinator_stub(c, c.ca.issue("worker", "honest-w"))
+
+    def piece(attempt, rank, offset=0, data=b"ok\n"):
+        return coordinator_pb2.ReportRankRequest(
+            job_id=job_id, attempt=attempt, rank=rank, worker_id="honest-w",
+            rank_log=coordinator_pb2.RankLog(offset=offset, data=data))
+
+    honest.ReportRank(piece(1, 0), timeout=5)  # its rank 0 of attempt 1
+    honest.ReportRank(piece(2, 1), timeout=5)  # and rank 1 of attempt 2
+    denied = grpc.StatusCode.UNAUTHENTICATED  # (an AuthError, as a report in another's name)
+    for attempt, rank in ((1, 1), (2, 0), (7777, 3), (2, 2)):
+        assert code_of(lambda: honest.ReportRank(piece(attempt, rank), timeout=5)) == denied
+    far = piece(1, 0, offset=1 << 40, data=b"x")
+    assert code_of(lambda: honest.ReportRank(far, timeout=5)) == grpc.StatusCode.INVALID_ARGUMENT
+    logs = LogStore(c.root / "coord" / "logs")  # the coordinator's (coordinator/service.py)
+    assert (logs.read(job_id, 1, 0, 0), logs.read(job_id, 2, 1, 0)) == (b"ok\n", b"ok\n")
+    assert [logs.read(job_id, a, r, 0) for a, r in ((1, 1), (2, 0))] == [b"", b""]
+
+
 def test_rogue_and_impostor_worker_adverts_never_get_work(cluster):
     c = cluster
     assert wait(lambda: "honest-w" in [w.worker_id for w in c.coord.registry.workers()], 20)
@@ -384,6 +419,15 @@ def test_a_dataset_carrying_code_or_config_is_refused_at_submit(cluster, tmp_pat
             spec.spec.dataset.add(name=name, sha256=file_digest(evil).sha256, bytes=9)
             with pytest.raises(HerdError, match="refusing"):
                 conn.call("SubmitJob", spec)
+        # the same name twice: a clear refusal (it was an unhandled error naming a server path)
+        spec = coordinator_pb2.SubmitJobRequest(spec=common_pb2.JobSpec(
+            name="twice", config_yaml=f"model: {tiny_model}\n"))
+        for _ in range(2):
+            spec.spec.dataset.add(name="train.jsonl", sha256=file_digest(train).sha256,
+                                  bytes=train.stat().st_size)
+        with pytest.raises(HerdError, match="listed twice: train.jsonl") as e:
+            conn.call("SubmitJob", spec)
+        assert e.value.exit_code == 3
 
 
 # A submitter's Hugging Face dataset that would read the worker's own files (its TLS key read
