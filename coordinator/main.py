@@ -38,6 +38,7 @@ from herd.rpc.auth import Revocations
 from herd.rpc.channel import bind, secure_server
 from herd.rpc.join import make_token
 from herd.rpc.ports import DEFAULT_COORDINATOR_PORT
+from herd.state_lock import private_folder
 from herd.usage import HelpFormatter
 
 logger = log.get(__name__)
@@ -57,8 +58,7 @@ class Coordinator:
                  tensorboard_dir: Path | None = None, http_required: bool = True,
                  rank_actor: type | None = None,
                  restart_backoff_s: float = RestartPolicy.base_s, elastic_grace_s: float = 60.0):
-        self.state_dir = state_dir
-        state_dir.mkdir(parents=True, exist_ok=True)
+        self.state_dir = private_folder(state_dir)
         self.authority = authority
         self.identity = pki.load_or_issue(authority.folder, "coordinator")
         self.revoked = Revocations(authority.folder)

@@ -19,6 +19,14 @@ from herd.errors import HerdError
 LOCK_FILE = "lock"
 
 
+def private_folder(folder: Path) -> Path:
+    """A state folder only its owner can enter (0700, made or tightened): it holds job configs,
+    datasets, adapters, logs and, in a coordinator's log, the join token it printed."""
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    folder.chmod(0o700)
+    return folder
+
+
 class FolderInUseError(HerdError):
     """Another live process holds this state folder (exit code 1)."""
 
@@ -32,8 +40,8 @@ class StateLock:
     @classmethod
     def acquire(cls, folder: Path, what: str) -> StateLock:
         """Claims ``folder`` for this process (``what`` says who, for whoever is refused);
-        raises FolderInUseError naming the holder."""
-        folder.mkdir(parents=True, exist_ok=True)
+        raises FolderInUseError naming the holder. The folder is made private."""
+        private_folder(folder)
         fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -113,6 +113,11 @@ def test_up_detach_uses_only_the_workers_it_started(cluster):
     again = cluster.herd("up", "--detach", "--port", free_ports(1)[0], "--state-dir",
                          cluster.state)
     assert again.returncode == 1 and "in use by herd up (pid" in again.stderr, again.stderr
+    # Its folders are its user's alone: the coordinator's log holds the join token it printed,
+    # the folders hold jobs' configs, data and adapters (an outside review read them as another
+    # user).
+    for folder in (cluster.state, cluster.state / "coordinator", cluster.state / "worker-1"):
+        assert folder.stat().st_mode & 0o077 == 0, (folder, oct(folder.stat().st_mode))
 
 
 def test_agents_on_one_machine_get_their_own_folder_and_id_and_a_taken_folder_is_refused(

@@ -27,7 +27,7 @@ from herd import log
 from herd.errors import AuthError, HerdError, NotFoundError
 from herd.rpc import discovery, pki
 from herd.rpc.ports import free_ports
-from herd.state_lock import StateLock, held, read_holder
+from herd.state_lock import StateLock, held, private_folder, read_holder
 from herd.usage import HelpFormatter
 
 logger = log.get(__name__)
@@ -119,8 +119,7 @@ def _state_dir(args) -> Path:
 def detach(argv: list[str], args) -> int:
     """Starts ``herd up`` again in the background (its own session, its output in up.log), waits
     until its coordinator answers with every worker verified, and returns."""
-    state = _state_dir(args)
-    state.mkdir(parents=True, exist_ok=True)
+    state = private_folder(_state_dir(args))
     if held(state):
         pid, _ = read_holder(state)
         print(f"herd up: {state} is in use by {WHO} (pid {pid}); `herd down` stops it",
