@@ -325,6 +325,58 @@ def test_a_revoked_worker_is_dropped_refused_and_never_issued_again(cluster, tmp
     assert "doomed" not in [w.worker_id for w in c.coord.registry.workers()]
 
 
+def test_revoking_a_certificate_ends_its_open_streams_both_ways(tmp_path):
+    """A stream opened before `herd revoke` does not outlive it (an outside review watched 52
+    events arrive after the revoke): a real server with herd's gate, one server stream and one
+    client stream, each cut with UNAUTHENTICATED once the name is revoked."""
+    from herd.rpc.auth import Revocations, rules
+    from herd.rpc.channel import bind, secure_channel, secure_server
+
+    ca = pki.Authority.create(tmp_path / "ca")
+    server_id, client = ca.issue("coordinator", "c"), ca.issue("client", "lap")
+    revoked = Revocations(ca.folder)
+
+    def ticks(request, context):
+        while context.is_active():
+            yield b"tick"
+            time.sleep(0.05)
+
+    def sink(requests, context):
+        return b"%d" % sum(1 for _ in requests)
+
+    handler = grpc.method_handlers_generic_handler("T", {
+        "Ticks": grpc.unary_stream_rpc_method_handler(ticks),
+        "Sink": grpc.stream_unary_rpc_method_handler(sink)})
+    server = secure_server(server_id, rules("T", {"Ticks": "client", "Sink": "client"}), 4,
+                           revoked)
+    server.add_generic_rpc_handlers([handler])
+    port = bind(server, server_id, f"{HOST}:0")
+    server.start()
+    try:
+        channel = secure_channel(f"{HOST}:{port}", client, pki.dns_name("coordinator"))
+        stream = channel.unary_stream("/T/Ticks")(b"", timeout=60)
+        assert next(stream) == b"tick"
+
+        def requests():
+            while True:
+                yield b"x"
+                time.sleep(0.05)
+
+        upload = channel.stream_unary("/T/Sink").future(requests(), timeout=60)
+        time.sleep(0.5)
+        ca.revoke("client/lap")
+        with pytest.raises(grpc.RpcError) as cut:
+            for _ in stream:
+                pass
+        assert cut.value.code() == grpc.StatusCode.UNAUTHENTICATED, cut.value
+        assert "revoked" in cut.value.details()
+        with pytest.raises(grpc.RpcError) as cut:
+            upload.result(timeout=30)
+        assert cut.value.code() == grpc.StatusCode.UNAUTHENTICATED, cut.value
+    finally:
+        server.stop(0)
+
+
 # --- what a job may ask of a worker ----------------------------------------------------------
 
 def submit(c, cfg: Path, data: Path) -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Container, Mapping
@@ -104,6 +105,9 @@ class Revocations:
         return label in self.names()
 
 
+REVOKED_CHECK_S = 1.0  # how often an open stream looks at the revocations again
+
+
 class _TooBig:
     def __init__(self, size: int):
         self.size = size
@@ -183,12 +187,26 @@ def _guard(handler, gate: Gate, method: str, rule: Rule):
                           f"{request.size}-byte request: {method.rsplit('/', 1)[-1]} takes at most "
                           f"{rule.max_request_bytes} bytes")
 
+    def watched(messages, label: str, context):
+        """A stream's messages, its caller's revocation checked again as they pass (at most
+        every REVOKED_CHECK_S): `herd revoke` also ends the calls already open."""
+        checked = time.monotonic()
+        for message in messages:
+            if time.monotonic() - checked > REVOKED_CHECK_S:
+                checked = time.monotonic()
+                if label in gate._revoked:
+                    context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                  f"the certificate of {label} was revoked")
+            yield message
+
     if handler.response_streaming:
         def guarded(request, context):
             label = gate.admit(context, method, rule)
             try:
                 check_size(request, context)
-                yield from behavior(request, context)
+                if handler.request_streaming:
+                    request = watched(request, label, context)
+                yield from watched(behavior(request, context), label, context)
             finally:
                 gate.release(label)
     else:
@@ -196,6 +214,8 @@ def _guard(handler, gate: Gate, method: str, rule: Rule):
             label = gate.admit(context, method, rule)
             try:
                 check_size(request, context)
+                if handler.request_streaming:
+                    request = watched(request, label, context)
                 return behavior(request, context)
             finally:
                 gate.release(label)
