@@ -128,6 +128,13 @@ class Scheduler:
         max_restarts = job.config.cluster.max_restarts
         self.reconcile.forget(job.job_id)
         now = self.now_ms()
+        final = job.config.last_step()
+        if job.state is JobState.RUNNING and any(
+                c.step == final for c in self.store.checkpoints(job.job_id)):
+            # Its final adapter is stored: the training is done, whatever ended the ranks after.
+            self._set_state(job, JobState.SUCCEEDED, f"after its final checkpoint ({final}): "
+                            f"{reason}")
+            return
         if (lowered := recovery.rollback_config(job.config, exit_code)) is not None:
             job.config = lowered  # stored with the state below: every later attempt uses it
             self._not_before[job.job_id] = now  # nothing to wait for: no peer or link failed

@@ -844,3 +844,23 @@ def test_no_checkpoint_says_why_a_job_has_none():
     assert hint(JobState.RUNNING) == "it has not saved one yet (one every 100 steps)"
     assert hint(JobState.SUCCEEDED, [4, 8]) == "stored steps: [4, 8]"
     assert str(no_checkpoint(j, 3, [4]).message) == f"job {j.job_id} has no checkpoint at step 3"
+
+
+def test_a_job_whose_final_checkpoint_is_stored_succeeds_whatever_ends_its_ranks(rig):
+    """A worker lost (or a rank failing) after the final adapter was stored ends the job
+    SUCCEEDED, saying what happened; it went back to RESTARTING and waited for a worker (an
+    outside review revoked a worker at 400/400)."""
+    s, workers, _, _ = rig
+    workers += [worker(1), worker(2)]
+    j = s.submit(job(workers=2, iters=8))
+    s.tick()
+    s.on_checkpoint(Checkpoint(j.job_id, 8, [FileDigest("adapters.safetensors", "c" * 64, 5)], 9))
+    s.on_worker_lost("w2", "revoked")
+    got = s.store.get_job(j.job_id)
+    assert (got.state, got.message) == (JobState.SUCCEEDED, "after its final checkpoint (8): "
+                                        "worker w2 was lost: revoked")
+    k = s.submit(job(workers=2, iters=9))  # checkpoint 8 of 9: not the final one
+    s.tick()
+    s.on_checkpoint(Checkpoint(k.job_id, 8, [FileDigest("adapters.safetensors", "d" * 64, 5)], 9))
+    s.on_worker_lost("w1")
+    assert s.store.get_job(k.job_id).state is JobState.RESTARTING
