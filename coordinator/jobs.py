@@ -57,6 +57,9 @@ def new_job(name: str, config_yaml: str, dataset: list[FileDigest], blobs: BlobS
         check_uploaded_dataset(cfg, dataset, blobs)
     if resume_adapter is not None:
         check_resume_adapter(cfg, resume_adapter, blobs)
+    elif cfg.resume_adapter_file:  # read on the workers, it would be any file of theirs
+        raise ConfigError(f"resume_adapter_file {cfg.resume_adapter_file} was not sent with the "
+                          "job", hint="`herd submit` sends it when the file exists where it runs")
     if models is not None:
         cfg, model_digest = models.pin(cfg, model_digest)
     name = job_name(name)

@@ -547,6 +547,11 @@ def test_a_worker_loads_only_hub_datasets_for_jobs(tmp_path):
                        shipped_data=False)
     # a shipped folder: `data` is that folder's name on the laptop, replaced by the agent
     Policy().check_job(parse_config({"model": "org/m", "data": "data"}), tmp_path, "w")
+    # an adapter to resume from is one the job sent, never a file of this worker's
+    resume = parse_config({"model": "org/m", "resume_adapter_file": "/jobs/other/a.safetensors"})
+    with pytest.raises(ConfigError, match="was not sent with the job"):
+        Policy().check_job(resume, tmp_path, "w")
+    Policy().check_job(resume, tmp_path, "w", shipped_resume=True)
 
 
 def test_a_worker_refuses_remote_code_unless_its_owner_allows_it(tmp_path):

@@ -788,6 +788,8 @@ def test_a_shipped_resume_adapter_is_checked_kept_and_readable_only_by_the_jobs_
 
     with pytest.raises(DatasetError, match="was not uploaded"):
         submit()
+    with pytest.raises(ConfigError, match="was not sent with the job"):  # read on the workers
+        submit(f=None)
     blobs.put(shas[1], [adapter])
     with pytest.raises(ConfigError, match="has no resume_adapter_file"):
         submit("model: /nonexistent/model\ndata: d\n")

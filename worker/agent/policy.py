@@ -67,13 +67,19 @@ class Policy:
                    tuple(Path(r) for r in roots.split(os.pathsep) if r) or default_model_roots())
 
     def check_job(self, cfg: JobConfig, job_dir: Path, worker_id: str,
-                  source: ModelSource | None = None, shipped_data: bool = True) -> None:
+                  source: ModelSource | None = None, shipped_data: bool = True,
+                  shipped_resume: bool = False) -> None:
         """``source``: where the model comes from. A stored model's files arrive by digest from
         the coordinator's store (data files only: herd/models/manifest.py is_model_file, their
         names checked by check_spec), a pinned hub model from the hub: neither is a path here,
         so only a local folder is held to the model roots. ``shipped_data``: the job carries its
-        data folder's files; else its dataset is a hub dataset (``check_dataset``)."""
+        data folder's files; else its dataset is a hub dataset (``check_dataset``).
+        ``shipped_resume``: the job carries its resume_adapter_file, which is never read from
+        this worker's own files (another job's adapter, say)."""
         self.check_dataset(cfg, job_dir, shipped_data)
+        if cfg.resume_adapter_file and not shipped_resume:
+            raise ConfigError(f"resume_adapter_file {cfg.resume_adapter_file} was not sent with "
+                              "the job", hint="submit it with `herd submit`, which sends it")
         if cfg.trust_remote_code and not self.allow_remote_code:
             raise PlacementError(
                 f"the job sets trust_remote_code: true, and worker {worker_id} runs no code "

@@ -83,7 +83,8 @@ class Worker:
             prep = self._preparing.get(spec.key)
             if prep is None or prep.failed or prep.cancelled:
                 self.policy.check_job(spec.config, spec.folder(self.state_dir), self.worker_id,
-                                      spec.model, shipped_data=bool(spec.dataset))
+                                      spec.model, shipped_data=bool(spec.dataset),
+                                      shipped_resume=spec.resume_adapter is not None)
                 for key in list(self._preparing):
                     if key != spec.key:  # one job at a time: an older attempt's is over
                         self._retire(key)
