@@ -30,6 +30,29 @@ from herd.errors import ConfigError
 REPORTERS = ("wandb", "swanlab")
 
 
+OPTIMIZERS = ("adam", "adamw", "muon", "sgd", "adafactor")  # mlx-lm's, by its names
+
+
+def _optimizer_arguments(name: str) -> list[str] | None:
+    """The keyword arguments mlx's optimizer ``name`` takes besides the learning rate (None: no
+    such optimizer)."""
+    import inspect
+
+    import mlx.optimizers as optim
+
+    cls = {"adam": optim.Adam, "adamw": optim.AdamW, "muon": optim.Muon, "sgd": optim.SGD,
+           "adafactor": optim.Adafactor}.get(name)
+    if cls is None:
+        return None
+    return [p for p in inspect.signature(cls.__init__).parameters
+            if p not in ("self", "learning_rate")]
+
+
+def _did_you_mean(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 class LegacyKeyWarning(FutureWarning):
     """A config key older mlx-lm versions read: still accepted, mapped to today's key.
     (A FutureWarning, so Python shows it to users by default; ``herd`` prints it as a
@@ -211,6 +234,23 @@ class JobConfig(_Strict):
 
     cluster: Cluster = Field(default_factory=Cluster)
     quantize: Quantize | None = None
+
+    @field_validator("optimizer_config")
+    @classmethod
+    def _optimizer_arguments(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        # Passed as keyword arguments to the mlx optimizer (worker/rank/model.py): a misspelt one
+        # is a TypeError in the rank after placement, so it is named here, with a did-you-mean.
+        for name, kwargs in v.items():
+            known = _optimizer_arguments(name)
+            if known is None:
+                raise ValueError(f"{name}: not an optimizer mlx-lm offers"
+                                 + _did_you_mean(name, OPTIMIZERS))
+            for arg in kwargs:
+                if arg not in known:
+                    raise ValueError(f"{name}.{arg}: not an argument of mlx's {name} optimizer"
+                                     + _did_you_mean(arg, known)
+                                     + f" (it takes {', '.join(known)})")
+        return v
 
     @field_validator("report_to")
     @classmethod

@@ -128,16 +128,26 @@ def full_of_quantized(model: str) -> ConfigError:
                        hint="use fine_tune_type: lora or dora (QLoRA), or a full-precision model")
 
 
+def too_many_layers(num_layers: int, model: str, blocks: int) -> ConfigError:
+    """``num_layers`` beyond the model's blocks (mlx-lm fails on it too, in the rank)."""
+    return ConfigError(f"num_layers = {num_layers}, but {model} has only {blocks} layers",
+                       hint=f"use num_layers: -1 (all) or a number up to {blocks} (mlx-lm's "
+                       "default is 16)")
+
+
 def check_job_files(cfg) -> None:
     """What a job config names besides its dataset, checked where it is read (``herd check``,
     ``herd submit``, each rank) rather than failing a rank after placement: the adapter to resume
     from exists and reads as safetensors, and a full fine-tune is not of an already quantized
     model. ConfigError if not."""
     resume_weights_file(cfg)
-    if cfg.fine_tune_type == "full" and cfg.quantize is None:
-        try:
-            quantized = "quantization" in resolve_model_config(cfg.model)
-        except HerdError:
-            quantized = False  # no config.json here: the model's own checks say so
-        if quantized:
-            raise full_of_quantized(cfg.model)
+    try:
+        model = resolve_model_config(cfg.model)
+    except HerdError:
+        return  # no config.json here: the model's own checks say so, where it is
+    model = {**model.get("text_config", {}), **model}
+    blocks = model.get("num_hidden_layers")
+    if isinstance(blocks, int) and cfg.num_layers > blocks:
+        raise too_many_layers(cfg.num_layers, cfg.model, blocks)
+    if cfg.fine_tune_type == "full" and cfg.quantize is None and "quantization" in model:
+        raise full_of_quantized(cfg.model)

@@ -84,6 +84,15 @@ def set_keys(**values) -> Callable[[Job], None]:
     return apply
 
 
+def num_layers_beyond_the_model(job: Job) -> None:
+    """mlx-lm's default num_layers (16) on a 2-block model: its config.json says so."""
+    model = job.dir / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "llama",
+                                                   "num_hidden_layers": 2}))
+    job.config.update(model=str(model), num_layers=16)
+
+
 def resume_adapter_not_safetensors(job: Job) -> None:
     (job.dir / "adapters.safetensors").write_text("not tensors")
     job.config["resume_adapter_file"] = str(job.dir / "adapters.safetensors")
@@ -149,6 +158,11 @@ ROWS = [
     ("full fine-tune of a base quantized on load",
      set_keys(fine_tune_type="full", quantize={"bits": 4}), 2,
      ["fine_tune_type: full cannot train a quantized base", "quantize:"]),
+    ("num_layers beyond the model", num_layers_beyond_the_model, 2,
+     ["num_layers = 16, but", "has only 2 layers", "num_layers: -1"]),
+    ("misspelt optimizer argument",
+     set_keys(optimizer="adamw", optimizer_config={"adamw": {"betass": [0.9, 0.9]}}), 2,
+     ["adamw.betass: not an argument of mlx's adamw optimizer", "did you mean 'betas'"]),
     ("missing resume adapter", set_key("resume_adapter_file", "nope.safetensors"), 2,
      ["resume_adapter_file nope.safetensors does not exist"]),
     ("resume adapter that is not safetensors", resume_adapter_not_safetensors, 2,

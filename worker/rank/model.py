@@ -19,7 +19,7 @@ from mlx_lm.utils import load
 from herd.adapter_card import BASE_MODEL_ENV, RUN_PATHS, base_model
 from herd.config import JobConfig
 from herd.errors import ConfigError
-from herd.model_config import full_of_quantized
+from herd.model_config import full_of_quantized, too_many_layers
 from herd.models.ref import local_folder
 
 
@@ -68,10 +68,7 @@ def apply_adapters(model: nn.Module, job: JobConfig) -> None:
     model.freeze()
     n_blocks = len(model.layers)
     if job.num_layers > n_blocks:
-        raise ConfigError(
-            f"num_layers = {job.num_layers}, but {job.model} has only {n_blocks} layers",
-            hint=f"use num_layers: -1 (all) or a number up to {n_blocks}",
-        )
+        raise too_many_layers(job.num_layers, job.model, n_blocks)
     if job.fine_tune_type == "full":
         if is_quantized(model):  # else mlx fails mid-step: no gradient wrt quantized weights
             raise full_of_quantized(job.model)
