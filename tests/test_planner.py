@@ -196,6 +196,17 @@ def test_cut_balances_compute_when_memory_allows():
         assert spans[0][0] == 0 and spans[-1][1] == blocks
         assert all(a < b for a, b in spans) and all(x[1] == y[0] for x, y in zip(spans, spans[1:]))
     assert 1.0 < head_blocks(LLAMA_70B) < 1.6  # a 128k vocabulary: more than one block of work
+    # The cut's costliest stage is the least of every possible cut's (all of them, small cases).
+    import itertools
+
+    for blocks, stages, adapted in [(7, 3, 0), (9, 4, 5), (10, 2, 3), (8, 8, 2), (12, 5, 6)]:
+        def worst(ends):
+            starts = (0, *ends[:-1])
+            return max(stage_cost(a, b, b == blocks, adapted, 1.3) for a, b in zip(starts, ends))
+
+        every = [(*cut, blocks) for cut in itertools.combinations(range(1, blocks), stages - 1)]
+        got = tuple(b for _, b in balanced_split(blocks, stages, 1.3, first_adapted=adapted))
+        assert worst(got) == min(map(worst, every)), (blocks, stages, adapted)
 
     job = parse_config({"batch_size": 2, "grad_checkpoint": True, "max_seq_length": 1024,
                         "num_layers": 16})

@@ -70,15 +70,37 @@ def fixes(model_config: dict, job: JobConfig, workers: list[WorkerMemory]) -> li
                         halvings(job.max_seq_length, 128)):
         seq, j, p = hit
         out.append(f"max_seq_length {seq} -> {_describe(p, model_config, j, workers)}")
-    biggest = max(w.memory_bytes for w in workers)
-    for extra in range(1, 33):
-        more = workers + [WorkerMemory(f"new-{i}", biggest) for i in range(extra)]
-        j = job.model_copy(update={"cluster": job.cluster.model_copy(update={"workers": None})})
-        if (p := _fits(model_config, j, more)) is not None:
-            fit = _describe(p, model_config, j, more)
-            out.append(f"{extra} more worker(s) of {biggest / GB_SI:.0f} GB -> {fit}")
-            break
+    if found := more_workers(model_config, job, workers):
+        extra, j, more, p = found
+        out.append(f"{extra} more worker(s) of {max(w.memory_bytes for w in workers) / GB_SI:.0f}"
+                   f" GB -> {_describe(p, model_config, j, more)}")
     return out
+
+
+def more_workers(model_config: dict, job: JobConfig, workers: list[WorkerMemory],
+                 most: int = 32) -> tuple[int, JobConfig, list[WorkerMemory], Plan] | None:
+    """The fewest extra workers (up to ``most``) like the largest one that make the job fit:
+    doubling, then halving the gap (a layout of many workers is costly to search, and more
+    workers like these never make a fitting job stop fitting)."""
+    biggest = max(w.memory_bytes for w in workers)
+    j = job.model_copy(update={"cluster": job.cluster.model_copy(update={"workers": None})})
+
+    def attempt(extra: int):
+        more = workers + [WorkerMemory(f"new-{i}", biggest) for i in range(extra)]
+        return more, _fits(model_config, j, more)
+
+    low, high, hit = 0, 1, None  # low: known not to fit
+    while high <= most and (hit := attempt(high))[1] is None:
+        low, high = high, min(2 * high, most) if high < most else most + 1
+    if high > most:
+        return None
+    while high - low > 1:
+        mid = (low + high) // 2
+        if (tried := attempt(mid))[1] is not None:
+            high, hit = mid, tried
+        else:
+            low = mid
+    return high, j, hit[0], hit[1]
 
 
 def refusal(cfg: dict, job: JobConfig, workers: list[WorkerMemory]) -> str:

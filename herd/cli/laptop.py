@@ -117,6 +117,7 @@ def job_spec(cfg: JobConfig, name: str, model: str | None = None,
 
 
 SUBMIT_CHECK_BYTES_PER_S = 5e6
+SUBMIT_PLAN_S = 30.0
 
 
 def cmd_submit(args) -> int:
@@ -133,11 +134,13 @@ def cmd_submit(args) -> int:
         spec.resume_from = args.resume_from or ""
         for path, sha in files:  # content-addressed: re-uploading the same bytes is a no-op
             coord.put_blob(path, sha)
-        # The coordinator reads the uploaded records before it answers (coordinator/jobs.py):
-        # the deadline grows with the dataset, at a parse rate well below one core's.
+        # The coordinator reads the uploaded records (coordinator/jobs.py) and plans the job, or
+        # the fixes that would make it fit, before it answers: the deadline grows with the
+        # dataset, at a parse rate well below one core's, plus the planning on a loaded machine.
         data_bytes = sum(d.bytes for d in spec.dataset)
         reply = coord.call("SubmitJob", coordinator_pb2.SubmitJobRequest(spec=spec),
-                           timeout=UNARY_DEADLINE_S + data_bytes / SUBMIT_CHECK_BYTES_PER_S)
+                           timeout=UNARY_DEADLINE_S + SUBMIT_PLAN_S
+                           + data_bytes / SUBMIT_CHECK_BYTES_PER_S)
     job_id = reply.job_id
     print(job_id, flush=True)  # stdout holds the id alone: JOB=$(herd submit job.yaml)
     if reply.warning:
