@@ -68,6 +68,22 @@ def single_process_losses(metrics: Path) -> list[float]:
     return [r["train_loss"] for r in rows if r.get("event") == "train"]
 
 
+def reported(rows: list[dict], kind: str, key: str) -> list[tuple[int, float]]:
+    return [(r["iteration"], r[key]) for r in rows if r.get("event") == kind]
+
+
+def assert_same_reports(pipeline: list[dict], one: Path) -> None:
+    """A pipeline reports what one process reports: each window's mean train loss (mlx-lm's
+    figure) and the validation losses, at the same iterations, to float rounding. (It reported
+    the last step's loss and never validated: an outside review.)"""
+    rows = [json.loads(line) for line in one.read_text().splitlines()]
+    for kind, key in (("train", "train_loss"), ("val", "val_loss")):
+        got, want = reported(pipeline, kind, key), reported(rows, kind, key)
+        assert [i for i, _ in got] == [i for i, _ in want] and want, (kind, got, want)
+        assert all(abs(g - w) <= LOSS_RTOL * abs(w) for (_, g), (_, w) in zip(got, want)), (
+            kind, got, want)
+
+
 def _stage_weight_bytes(model_dir: Path, start: int, end: int, first: bool, last: bool,
                         tied: bool) -> int:
     from worker.pipeline.stage import StageSpec, _owned
@@ -114,6 +130,7 @@ def test_pipeline_equals_one_process(tmp_path, arch, stages, cut, blas_kernels):
     load(str(model), adapter_path=str(tmp_path / "pp"))
     train = [e for e in EVENTS[-1] if e["event"] == "train"]
     assert [e["train_loss"] for e in train] == got and EVENTS[-1][-1]["event"] == "done"
+    assert_same_reports(EVENTS[-1], tmp_path / "one.jsonl")
 
     # Each stage's memory right after loading is its own blocks' weights (+ LoRA), never the
     # model's.
@@ -165,17 +182,15 @@ def test_two_pipelines_of_two_stages_equal_one_process(tmp_path, blas_kernels):
 
     model = make_tiny_model(tmp_path / "llama", arch="llama", layers=4, hidden=64)
     data = REPO_DATA(tmp_path)
-    kw = dict(iters=3, steps_per_report=1, save_every=3, batch_size=4, num_layers=-1, **SAME_UPDATE)
+    kw = dict(iters=3, steps_per_report=2, steps_per_eval=2, save_every=3, batch_size=4,
+              num_layers=-1, **SAME_UPDATE)
     one = write_job(tmp_path / "one.yaml", model, data, adapter_path=str(tmp_path / "one"), **kw)
     herd("train", one, "--quiet", "--metrics-file", tmp_path / "one.jsonl")
     pp = write_job(tmp_path / "pp.yaml", model, data, adapter_path=str(tmp_path / "pp"), **kw)
     rows = run_stages(pp, tmp_path / "pp", 4, tmp_path, "--data-parallel", "2")
-
-    want = single_process_losses(tmp_path / "one.jsonl")
-    for r in rows:
-        if r["stage"] == 1:
-            close = [abs(g - w) <= LOSS_RTOL * abs(w) for g, w in zip(r["losses"], want)]
-            assert all(close), (r, want)
+    # reports at 2 (the mean of steps 1-2) and 3; validation at 1, 2 and 3, over both replicas
+    assert_same_reports(EVENTS[-1], tmp_path / "one.jsonl")
+    assert len({tuple(r["losses"]) for r in rows if r["stage"] == 1}) == 1  # replicas agree
     pieces = sorted((tmp_path / "pp" / "stages").iterdir())
     merged = merge_stage_adapters(pieces, tmp_path / "merged")
     rel = update_diff(load_adapter(merged), load_adapter(tmp_path / "one"), initial_adapter(one))

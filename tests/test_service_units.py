@@ -823,6 +823,10 @@ def test_herd_jobs_shows_a_shrunk_job_as_running_of_asked_and_one_line_per_job()
                                    message="waiting: needs 2 workers\nhint: start another")
     done = common_pb2.JobStatus(job_id="c", state=common_pb2.JOB_STATE_SUCCEEDED, workers=2,
                                 iters=10, worker_ids=["w1"], model="m")
+    # a pipeline's loss is its last stage's (rank 1 here): shown, not "-"
+    done.ranks.add(rank=0, iteration=10)
+    done.ranks.add(rank=1, iteration=10, train_loss=2.5, val_loss=2.75)
+    assert (job_dict(done)["train_loss"], job_dict(done)["val_loss"]) == (2.5, 2.75)
     rows = [job_row(job_dict(j)) for j in (shrunk, waiting, done)]
     assert [r[2] for r in rows] == ["1/2", "2", "2"]
     assert rows[1][-1] == "waiting: needs 2 workers; hint: start another"

@@ -36,7 +36,9 @@ def table(rows: list[list[str]]) -> str:
 def job_dict(j: common_pb2.JobStatus) -> dict:
     # A validation report's iteration is the one it ran at, before that iteration's step.
     done = [r.iteration - 1 if r.validation else r.iteration for r in j.ranks]
-    rank0 = next((r for r in j.ranks if r.rank == 0), None)
+    # The rank that holds the loss: rank 0, or a pipeline's last stage (the one that reports it).
+    rank0 = next((r for r in j.ranks if r.rank == 0 and r.train_loss), None) or max(
+        (r for r in j.ranks if r.train_loss), key=lambda r: r.iteration, default=None)
     return {
         "job_id": j.job_id, "name": j.name, "state": STATE[j.state], "message": j.message,
         "workers": j.workers, "worker_ids": list(j.worker_ids), "attempt": j.attempt,

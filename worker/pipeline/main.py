@@ -51,9 +51,11 @@ from worker.rank.events import (
     RankFailed,
     StageDone,
     TrainReport,
+    ValReport,
 )
 from worker.rank.heartbeat import Heartbeat
 from worker.rank.model import adapter_config, build_optimizer, read_model_config
+from worker.rank.reporter import train_line, val_line
 from worker.rank.runtime import reuse_freed_memory
 from worker.rank.trainer import LoopArgs, data_order
 
@@ -187,22 +189,43 @@ def _run(job: JobConfig, opts: StageOptions) -> int:
     reports = topo.replica == 0 and stage.spec.last  # the rank that holds the loss
     log = EventLog(opts.metrics_file)
 
+    # mlx-lm reports the mean loss of the steps since its last report, and their token rate.
+    window = {"loss": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0}
+
     def on_step(info: dict) -> None:
-        if reports and (info["iteration"] % job.steps_per_report == 0
-                        or info["iteration"] == job.last_step()):
-            log.append(TrainReport(rank=group.rank(), exchange="mlx", world_size=group.size(),
-                                   **info))
+        if not reports:
+            return
+        window["loss"] += info["train_loss"]
+        window["steps"] += 1
+        window["tokens"] += info["tokens"]
+        window["seconds"] += info["seconds"]
+        if info["iteration"] % job.steps_per_report == 0 or info["iteration"] == job.last_step():
+            report = TrainReport(
+                rank=group.rank(), iteration=info["iteration"],
+                train_loss=window["loss"] / window["steps"],
+                learning_rate=info["learning_rate"],
+                tokens_per_second=window["tokens"] / max(window["seconds"], 1e-9),
+                trained_tokens=info["trained_tokens"], peak_memory_gb=info["peak_memory_gb"],
+                exchange="mlx", world_size=group.size())
+            log.append(report)
+            print(train_line(vars(report), job.iters), flush=True)  # the stage's log
+            window.update(loss=0.0, steps=0, tokens=0, seconds=0.0)
+
+    def on_val(info: dict) -> None:
+        if reports:
+            log.append(ValReport(rank=group.rank(), **info))
+            print(val_line(info, job.iters), flush=True)
 
     optimizer = build_optimizer(job)
     start, tokens = resume(opts, stage, optimizer)
     on_save = make_on_save(job, opts, stage, topo, group.size(), group.rank(), log)
-    # The one process's batch order, validation draws included (the stages do not validate).
+    # The one process's batch order, its validation passes included (every stage takes part).
     order = data_order(train_set, valid_set, LoopArgs.from_job(job))
     run = train_stage(job, stage, WatchedLink(MLXLink(group, topo), heartbeat), train_set,
                       opts.microbatches or job.batch_size // topo.replicas,
                       dp_rank=topo.replica, dp_size=topo.replicas, on_step=on_step,
                       optimizer=optimizer, start=start, trained_tokens=tokens, on_save=on_save,
-                      order=order)
+                      order=order, valid_set=valid_set, on_val=on_val)
     finish(job, opts, stage, topo, group, run, load_peak, reports, log)
     return 0
 

@@ -18,6 +18,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from herd.config import JobConfig
 from worker.exchange import all_sum_scalars, reduce_gradients
+from worker.pipeline.evaluate import evaluate_stage
 from worker.pipeline.link import Link, MLXLink
 from worker.pipeline.stage import Stage
 from worker.pipeline.step import pipeline_step, position_seed
@@ -84,11 +85,14 @@ def train_stage(job: JobConfig, stage: Stage, link: Link, train_set, microbatche
                 on_step: Callable[[dict], None] | None = None, optimizer=None, start: int = 0,
                 trained_tokens: int = 0,
                 on_save: Callable[[int, object, int], None] | None = None,
-                order: DataOrder | None = None) -> PipelineRun:
+                order: DataOrder | None = None, valid_set=None,
+                on_val: Callable[[dict], None] | None = None) -> PipelineRun:
     """One pipelined step per batch; ``grad_accumulation_steps`` batches summed before one
     update. ``start``: iterations already done (a resumed run; the optimizer then holds their
     state). ``order``: the run's batch order (default: drawn as if there were no validation
-    set), the same as the one process's it must equal."""
+    set), the same as the one process's it must equal; with ``valid_set``, its validation passes
+    run where the one process's do (worker/pipeline/evaluate.py), the last stage's loss to
+    ``on_val``."""
     optimizer = optimizer or build_optimizer(job)
     order = order or data_order(train_set, None, LoopArgs.from_job(job))
     stream = BatchStream(train_set, job.batch_size, job.max_seq_length, dp_rank, dp_size, order,
@@ -101,6 +105,14 @@ def train_stage(job: JobConfig, stage: Stage, link: Link, train_set, microbatche
     acc, acc_tokens, acc_loss = None, 0, 0.0
     t_step = time.perf_counter()
     for it in range(start + 1, last + 1):
+        if valid_set is not None and it in order.val:
+            tic = time.perf_counter()
+            val_loss = evaluate_stage(job, stage, link, valid_set, order.val[it], dp_rank,
+                                      dp_size, ReplicaExchange(link) if dp_size > 1 else None)
+            if val_loss is not None and on_val is not None:
+                on_val({"iteration": it, "val_loss": val_loss,
+                        "val_time": time.perf_counter() - tic})
+            t_step = time.perf_counter()  # the step's rate leaves the validation out
         step_seed = position_seed(job.seed, dp_rank, it)
         if (it - 1) % accum == 0:
             denominator = stream.targets(it, accum)
@@ -123,11 +135,11 @@ def train_stage(job: JobConfig, stage: Stage, link: Link, train_set, microbatche
                 mx.eval(stage.model.parameters(), optimizer.state)
             run.losses.append(acc_loss)
             run.trained_tokens += acc_tokens
-            if on_step is not None:
+            if on_step is not None:  # one optimizer step: its loss, tokens and seconds
                 on_step({"iteration": it, "train_loss": acc_loss,
                          "learning_rate": optimizer.learning_rate.item(),
-                         "trained_tokens": run.trained_tokens,
-                         "tokens_per_second": acc_tokens / max(time.perf_counter() - t_step, 1e-9),
+                         "trained_tokens": run.trained_tokens, "tokens": acc_tokens,
+                         "seconds": time.perf_counter() - t_step,
                          "peak_memory_gb": mx.get_peak_memory() / 1e9})
             t_step = time.perf_counter()
             acc, acc_tokens, acc_loss = None, 0, 0.0

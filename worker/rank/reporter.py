@@ -36,20 +36,14 @@ class Reporter:
             self.reporting.on_train_loss_report(
                 {**{k: info[k] for k in keys}, "peak_memory": info["peak_memory_gb"]})
         if not self.quiet:
-            print(
-                f"iter {info['iteration']:>6}/{self.job.iters}  loss {info['train_loss']:.4f}  "
-                f"tok/s {info['tokens_per_second']:8.1f}  lr {info['learning_rate']:.2e}  "
-                f"peak {info['peak_memory_gb']:.3f} GB",
-                flush=True,
-            )
+            print(train_line(info, self.job.iters), flush=True)
 
     def on_val_report(self, info: dict) -> None:
         self.events.append(ValReport(rank=self.rank, **info))
         if self.reporting is not None:
             self.reporting.on_val_loss_report(dict(info))
         if not self.quiet:
-            print(f"iter {info['iteration']:>6}/{self.job.iters}  val loss {info['val_loss']:.4f}",
-                  flush=True)
+            print(val_line(info, self.job.iters), flush=True)
 
     def on_save(self, progress) -> None:
         if self.rank != 0:
@@ -74,6 +68,17 @@ class Reporter:
     def close(self) -> None:
         """Waits for the last checkpoint (raises its error)."""
         self.writer.wait()
+
+
+def train_line(info: dict, iters: int) -> str:
+    """A train report as the rank prints it (its log, `herd logs`)."""
+    return (f"iter {info['iteration']:>6}/{iters}  loss {info['train_loss']:.4f}  "
+            f"tok/s {info['tokens_per_second']:8.1f}  lr {info['learning_rate']:.2e}  "
+            f"peak {info['peak_memory_gb']:.3f} GB")
+
+
+def val_line(info: dict, iters: int) -> str:
+    return f"iter {info['iteration']:>6}/{iters}  val loss {info['val_loss']:.4f}"
 
 
 def skip_unused_reporters(report_to: str | None) -> None:
