@@ -201,7 +201,7 @@ def test_herd_workers_lists_the_ray_nodes_with_their_resources(rc):
     assert header[-2:] == ["JOB", "RESOURCES"], header  # rows are read from the end below
     assert all(r[0].startswith("ray-") and r[1] == f"ray:{NODE_IP}" for r in rows), rows
     assert all("herd_memory_gb=8" in r[-1] and "herd_worker=1" in r[-1] for r in rows), rows
-    assert all(r[2:4] == ["8.0", "GB"] for r in rows), rows  # herd_memory_gb is the memory
+    assert all(r[2:4] == ["8.0", "GiB"] for r in rows), rows  # herd_memory_gb is the memory
 
 
 @pytest.fixture(scope="module")

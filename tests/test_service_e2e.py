@@ -128,7 +128,7 @@ def test_workers_are_found_and_a_stopped_worker_leaves(cluster):
     print(f"2 workers listed after {waited:.1f} s")
     assert [r[0] for r in rows] == up_worker_ids(cluster.home, 2)
     for r in rows:
-        assert r[3] == "GB" and float(r[2]) > 0        # memory
+        assert r[3] == "GiB" and float(r[2]) > 0        # memory
         assert "cores" in " ".join(r)                 # chip (a CPU model on Linux)
     # The CLI also finds the coordinator by zeroconf alone.
     found = cluster.herd("workers", coordinator=False)
