@@ -46,6 +46,11 @@ TRANSITIONS: dict[JobState, set[JobState]] = {
 }
 
 
+def check_transition(job: "Job", to: JobState) -> None:
+    if to not in TRANSITIONS[job.state]:
+        raise ValueError(f"job {job.job_id}: {job.state.value} -> {to.value} is not allowed")
+
+
 class EventKind(enum.Enum):
     STATE = "state"
     PROGRESS = "progress"

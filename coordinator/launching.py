@@ -12,7 +12,7 @@ from typing import Callable, Protocol
 from coordinator.backend import Backend
 from coordinator.domain import FetchProgress, Job, ModelSource, RankLaunch, WorkerRecord
 from coordinator.placement import Placement
-from coordinator.planner.network import DataPath
+from coordinator.planner.network import CONTROL, DataPath
 from herd import jaccl
 from herd.config import JobConfig, with_cluster
 from herd.errors import HerdError
@@ -30,7 +30,7 @@ def launches(job: Job, placement: Placement, workers: dict[str, WorkerRecord],
     pipeline, the placement's ring order), for a pipeline every stage's blocks, and where the
     workers get the model."""
     chosen = [workers[w] for w in placement.worker_ids]
-    path = placement.path or DataPath("ring", [w.host for w in chosen], "control network")
+    path = placement.path or DataPath("ring", [w.host for w in chosen], CONTROL)
     peers = [hostport(a, w.exchange_port) for a, w in zip(path.addresses, chosen)]
     ring = [hostport(a, w.ring_port) for a, w in zip(path.addresses, chosen)]
     extra = {}

@@ -20,7 +20,6 @@ from typing import Callable
 from coordinator import recovery
 from coordinator.backend import AgentBackend, Backend, Launcher, unavailable
 from coordinator.domain import (
-    TRANSITIONS,
     Checkpoint,
     EventKind,
     FetchProgress,
@@ -30,9 +29,11 @@ from coordinator.domain import (
     RankLaunch,
     RankProgress,
     WorkerRecord,
+    check_transition,
 )
 from coordinator.elastic import Elastic
 from coordinator.launching import ModelInfo, bring_up, launches
+from coordinator.paths import FailedPaths
 from coordinator.placement import (
     Fail,
     Placement,
@@ -52,13 +53,6 @@ from herd import log
 from herd.errors import ConfigError, HerdError, PeerLostError
 
 logger = log.get(__name__)
-
-
-# --- pure policy -------------------------------------------------------------------------------
-
-def check_transition(job: Job, to: JobState) -> None:
-    if to not in TRANSITIONS[job.state]:
-        raise ValueError(f"job {job.job_id}: {job.state.value} -> {to.value} is not allowed")
 
 
 # --- the scheduler -----------------------------------------------------------------------------
@@ -86,6 +80,7 @@ class Scheduler:
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="launch")
         self.reconcile = Reconciler(self)
         self.elastic = Elastic(self, elastic_grace_s)  # 0: never shrink a job
+        self.paths = FailedPaths()  # data subnets a job's attempt failed on: avoided after
         self._started_ms = self.now_ms()  # a wait's clock: a restart of ours is not the job's
 
     def _timeout_s(self, job: Job) -> float:  # a restarting job waits at least until it may shrink
@@ -141,6 +136,7 @@ class Scheduler:
             self._set_state(job, JobState.RESTARTING, f"attempt {job.attempt} failed: {reason}; "
                             + recovery.rolling_back(lowered, self.store.checkpoints(job.job_id)))
             return
+        reason += self.paths.on_failed(job, self.store)
         d = decide_restart(self.store.attempt_history(job.job_id),
                            self.store.checkpoints(job.job_id), now, max_restarts,
                            retryable(exit_code), self.restart_policy)
@@ -221,7 +217,8 @@ class Scheduler:
                                      self._models and self._models.config(job), self._started_ms)
             shrunk = self.elastic.shrink(job, workers) if isinstance(decision, Wait) else None
             decision, note = shrunk or (decision, "")  # (elastic: zeroconf only, nothing reserved)
-            if isinstance(decision, Placement):  # where the workers get the model
+            if isinstance(decision, Placement):  # its data path, and where workers get the model
+                decision = self.paths.reroute(job, decision, workers)
                 try:
                     model = self._models.source(job) if self._models else ModelSource()
                 except HerdError as e:

@@ -30,6 +30,7 @@ from herd.errors import (
     DatasetError,
     HerdError,
     NotFoundError,
+    PeerLostError,
     PlacementError,
 )
 
@@ -527,7 +528,7 @@ def test_submit_exit_codes_for_bad_config_and_dataset(tmp_path, tiny_model, caps
     data.mkdir()
     (data / "train.jsonl").write_text('{"text": "ok"}\nnot json\n')
     cfg = tmp_path / "job.yaml"
-    cfg.write_text(f"model: {tiny_model}\ndata: {data}\nbatch_size: 1\n")
+    cfg.write_text(f"model: {tiny_model}\ndata: {data}\nbatch_size: 1\nnum_layers: -1\n")
     assert client.main(["submit", str(cfg), "--coordinator", "127.0.0.1:1"]) == 3
     assert "train.jsonl" in capsys.readouterr().err
     (data / "train.jsonl").write_text('{"text": "ok"}\n' * 4)
@@ -870,3 +871,34 @@ def test_a_job_whose_final_checkpoint_is_stored_succeeds_whatever_ends_its_ranks
     s.on_checkpoint(Checkpoint(k.job_id, 8, [FileDigest("adapters.safetensors", "d" * 64, 5)], 9))
     s.on_worker_lost("w1")
     assert s.store.get_job(k.job_id).state is JobState.RESTARTING
+
+
+def test_an_attempt_that_never_stepped_on_its_data_subnet_sends_the_next_one_elsewhere(rig):
+    """A fast data subnet that is dead (a pulled cable: the interface is still reported) is
+    picked again by every restart, failing the job, though the control network works (an
+    outside review). An attempt that fails there before any rank's first step moves the next
+    attempt to the next path; a failure after progress keeps the path."""
+    from herd.netif import Interface
+
+    s, workers, launcher, clock = rig
+
+    def nics(i):
+        return [Interface("eth0", "ethernet", (f"10.0.0.{i}/24",), 1000),
+                Interface("eth1", "ethernet", (f"10.10.0.{i}/24",), 10000)]
+
+    workers += [worker(1, interfaces=nics(1)), worker(2, interfaces=nics(2))]
+    j = s.submit(job(workers=2))
+    s.tick()
+    assert all(p.startswith("10.10.0.") for p in launcher.started[-1].exchange_peers)
+    s.on_exit(j.job_id, 1, 1, "w2", PeerLostError.exit_code, "could not form the MLX ring")
+    got = s.store.get_job(j.job_id)
+    assert got.state is JobState.RESTARTING and ("no rank made a step on its data subnet "
+                                                  "10.10.0.0/24") in got.message, got.message
+    clock.t += 60
+    s.tick()
+    assert all(p.startswith("10.0.0.") for p in launcher.started[-1].exchange_peers)
+    assert "data path: MLX ring on 10.0.0.0/24" in " ".join(
+        e.message for e in s.store.events(j.job_id))
+    s.on_progress(j.job_id, 2, RankProgress(rank=0, worker_id="w1", iteration=3))
+    s.on_exit(j.job_id, 2, 1, "w2", -9, "a crash after a step")
+    assert "data subnet" not in s.store.get_job(j.job_id).message

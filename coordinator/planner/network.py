@@ -32,6 +32,7 @@ from herd.netif import Interface
 
 # How fast a kind of link is, before its reported speed breaks ties (lower is better).
 _KIND_RANK = {"thunderbolt": 0, "ethernet": 1, "other": 2, "loopback": 3, "wifi": 4}
+CONTROL = "control network"  # DataPath.network of the addresses the coordinator reaches them on
 WIFI_HINT = ("connect the workers by Ethernet or Thunderbolt (and name that interface with "
              "`herd worker --data IFACE`), or set cluster.allow_wifi: true to train over Wi-Fi")
 
@@ -123,18 +124,21 @@ def _jaccl(workers: list[WorkerRecord]) -> list[list[str | None]] | None:
 
 
 def choose_path(workers: list[WorkerRecord], exchange: str = "auto", allow_wifi: bool = False,
-                pipeline: bool = False) -> DataPath:
-    """The data path for ``workers`` in rank order (see the module docstring)."""
+                pipeline: bool = False, avoid: frozenset[str] = frozenset()) -> DataPath:
+    """The data path for ``workers`` in rank order (see the module docstring); never one of the
+    subnets in ``avoid`` (the job's attempts failed on them: coordinator/paths.py)."""
     hosts = [w.host for w in workers]
     if len(workers) < 2 or not all(w.interfaces for w in workers):
         # One rank, or workers that reported no interfaces: their control addresses, as before.
-        return DataPath("grpc" if exchange == "grpc" else "ring", hosts, "control network")
+        return DataPath("grpc" if exchange == "grpc" else "ring", hosts, CONTROL)
     mlx_only = exchange == "mlx" or pipeline
-    if exchange != "grpc" and not pipeline and (rdma := _jaccl(workers)):
+    if exchange != "grpc" and not pipeline and "Thunderbolt RDMA" not in avoid and (
+            rdma := _jaccl(workers)):
         return DataPath("jaccl", hosts, "Thunderbolt RDMA", rdma=rdma,
                         note="untested on hardware by herd's CI")
     local = all(_is_loopback(h) for h in hosts)
-    shared = sorted(_shared_subnets(workers, local), key=lambda s: _order(s, set(hosts)))
+    shared = sorted((s for s in _shared_subnets(workers, local) if str(s.network) not in avoid),
+                    key=lambda s: _order(s, set(hosts)))
     wifi = [s for s in shared if s.worst.kind == "wifi"]
     usable = [s for s in shared if allow_wifi or s.worst.kind != "wifi"]
     for s in usable:
@@ -177,4 +181,5 @@ def choose_path(workers: list[WorkerRecord], exchange: str = "auto", allow_wifi:
             f"{names} share no data network, their control addresses are IPv6, and "
             f"cluster.exchange is {exchange} (MLX's ring is IPv4-only)",
             hint="use cluster.exchange: grpc (or auto), or give the workers a shared IPv4 subnet")
-    return DataPath(kind, hosts, "control network", note="no data subnet shared by every worker")
+    return DataPath(kind, hosts, CONTROL, note="no other data subnet shared by every worker"
+                    if avoid else "no data subnet shared by every worker")
