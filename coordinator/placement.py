@@ -209,7 +209,8 @@ def decide_queued(job: Job, workers: list[WorkerRecord], now_ms: int,
         idle = {w.worker_id for w in workers if not w.running_job_id}
         gone = [w for w in job.worker_ids if w not in idle] if job.attempt else []
         if gone and isinstance(e, TooFewWorkers):
-            reason += f" (of attempt {job.attempt}'s workers, {', '.join(gone)} is gone or busy)"
+            reason += (f" (of attempt {job.attempt}'s workers, {', '.join(gone)} "
+                       + ("is" if len(gone) == 1 else "are") + " gone or busy)")
         if isinstance(e, TooFewWorkers) and e.busy_only:
             return Wait(reason)  # a queue behind other jobs: as long as they run
         return wait_or_fail(job, Wait(reason), now_ms, placement_timeout_s, since_ms)

@@ -209,6 +209,22 @@ def test_hostport_brackets_ipv6_only():
     assert netif.split_hostport("[fd18::1]:7450") == ("fd18::1", 7450)
 
 
+def test_herd_token_on_an_ipv6_only_host_names_a_join_address_that_dials(tmp_path, monkeypatch,
+                                                                          capsys):
+    """`herd token` on an IPv6-only coordinator host: the token's join address is bracketed, as
+    the one `herd coordinator` prints (an outside review's laptop could not join with it)."""
+    from herd.cli import trust
+    from herd.rpc import discovery, pki
+    from herd.rpc.join import JoinToken
+
+    pki.Authority.create(tmp_path / "tls")
+    monkeypatch.setattr(discovery, "local_ip", lambda: "fd18::1")  # the host's only address
+    assert trust.main(["token", "--role", "client", "--tls-dir", str(tmp_path / "tls")]) == 0
+    token = JoinToken.decode(capsys.readouterr().out.strip())
+    assert token.address == "[fd18::1]:7452"
+    assert netif.split_hostport(token.address) == ("fd18::1", 7452)
+
+
 def test_data_spec_marks_interfaces_and_names_what_exists():
     found = [LO, eth("eth0", "198.18.0.1/24"), eth("eth1", "198.19.0.1/24")]
     chosen = netif.select_data(found, ["eth1=wifi"])

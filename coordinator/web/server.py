@@ -41,6 +41,7 @@ from coordinator.web.openai_api import JobApi
 from coordinator.web.openai_shape import error_object, error_status
 from herd import log
 from herd.errors import HerdError, NotFoundError
+from herd.netif import hostport
 
 logger = log.get(__name__)
 DEFAULT_HTTP_PORT = 7480  # 7450: gRPC; 7451, 7460, 7461: a worker's (deploy/README.md)
@@ -234,7 +235,7 @@ class WebServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}/"
+        return f"http://{hostport(self.host, self.port)}/"  # an IPv6 host in brackets
 
     def start(self) -> None:
         threading.Thread(target=self._run, daemon=True, name="http").start()

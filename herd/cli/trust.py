@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from herd.errors import HerdError
+from herd.netif import hostport
 from herd.rpc import discovery, pki
 from herd.rpc.join import DEFAULT_TTL_S, JOIN_ROLES, JoinToken, join, make_token
 from herd.usage import HelpFormatter
@@ -56,7 +57,7 @@ def _seconds(text: str) -> float:
 
 def cmd_token(args) -> int:
     ca = pki.Authority.load(_dir(args))
-    address = args.join or f"{discovery.local_ip()}:{DEFAULT_JOIN_PORT}"
+    address = args.join or hostport(discovery.local_ip(), DEFAULT_JOIN_PORT)  # IPv6: [addr]
     token = make_token(ca, address, args.role, _seconds(args.ttl))
     print(token.encode())
     print(f"(a {args.role} token for {address}, valid {args.ttl}: run `herd join TOKEN` on the "

@@ -239,7 +239,7 @@ class GrpcExchange:
                 # hops away would otherwise hear of it only from our own close, and blame us.
                 self._tell_peers(self._seq, broken, wait=True)
             raise PeerLostError(f"the grpc exchange failed earlier: {broken.message}",
-                                hint="re-form the group with a new exchange")
+                                hint="the job's next attempt forms a new group")
         try:
             # Stop waiting a little before the deadline: what is left goes to naming the culprit.
             probe_s = min(1.0, 0.1 * self.timeout_s)

@@ -108,7 +108,8 @@ def connect(rank: int, peers: list[str], credential: pki.Identity | None,
                         + f" (rank {rank} waited)", hint=CREDENTIAL_HINT)
                 raise PeerLostError(
                     f"{names} did not come up within {timeout_s:g}s (rank {rank} waited)",
-                    hint="start every rank, and check HERD_EXCHANGE_PEERS and firewalls")
+                    hint="is the data link between these workers up, and open to the "
+                    "exchange port (a firewall)?")
             time.sleep(0.1)
     except BaseException:
         for channel in channels.values():
