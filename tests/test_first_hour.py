@@ -133,6 +133,13 @@ def test_agents_on_one_machine_get_their_own_folder_and_id_and_a_taken_folder_is
     pid = cluster.hand[[dir1, dir2].index(dir1)].pid
     assert taken.returncode == 1
     assert f"{dir1} is in use by a herd worker (pid {pid})" in taken.stderr, taken.stderr
+    # ...and so is its port: a coordinator told `--worker HOST:PORT` (no zeroconf) finds the
+    # restarted agent where it was (it came back on a new random port, refused for good).
+    first = cluster.hand[0]
+    first.send_signal(signal.SIGTERM)
+    first.wait(timeout=30)
+    again = cluster.agent("--state-dir", dir1).stdout.readline().strip()
+    assert again.split(" listening on ")[1] == cluster.hand_lines[0].split(" listening on ")[1]
 
 
 def test_help_is_enough_without_the_readme(cluster):

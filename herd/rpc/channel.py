@@ -46,6 +46,9 @@ SERVER_OPTIONS = [
     ("grpc.server_handshake_timeout_ms", 5_000),
     # Streams one connection may have open at once (the per-peer call limit is in auth.Gate).
     ("grpc.max_concurrent_streams", 64),
+    # A port another server holds is refused, not shared: with SO_REUSEPORT (gRPC's default on
+    # Linux) a second coordinator on 7450 would take half of the first one's connections.
+    ("grpc.so_reuseport", 0),
 ]
 
 

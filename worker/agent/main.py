@@ -70,7 +70,9 @@ def main(argv: list[str]) -> int:
                    "10.0.0.2; repeatable; default: every interface, the coordinator picks the "
                    "fastest shared one. =KIND states its kind (thunderbolt, ethernet, wifi, "
                    "loopback, other) where the OS cannot tell")
-    p.add_argument("--port", type=int, default=0, help="WorkerService port (0 = any free)")
+    p.add_argument("--port", type=int, default=0,
+                   help="WorkerService port (0 = the one this state folder used last, when free; "
+                   "else any free)")
     p.add_argument("--ring-port", type=int, default=0,
                    help="MLX ring port for ranks (0 = a free one in 20000-32767, outside the "
                    "OS's ephemeral range: no outgoing connection can take it between two jobs)")
@@ -147,10 +149,14 @@ def main(argv: list[str]) -> int:
     policy = Policy(args.allow_remote_code, tuple(args.model_root or default_model_roots()))
 
     server = secure_server(identity, RULES, max_workers=16, max_calls_per_peer=12)
-    port = bind(server, identity, netif.hostport(host, args.port))
+    # --port 0: the port this state folder served on last time when it is free, else any.
+    port = (args.port == 0 and (kept := state.kept_port(state_dir))
+            and bind(server, identity, netif.hostport(host, kept)))
+    port = port or bind(server, identity, netif.hostport(host, args.port))
     if port == 0:
         print(f"herd worker: cannot listen on {netif.hostport(host, args.port)}", flush=True)
         return 1
+    state.keep_port(state_dir, port)
     cache = ModelCache(args.model_cache or state_dir / "models", worker_id,
                        parse_bytes(args.model_cache_max) if args.model_cache_max else 0)
     # Rank ports are chosen once here and reused: a worker runs one rank at a time, and the

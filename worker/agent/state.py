@@ -17,6 +17,7 @@ from herd.state_lock import FolderInUseError, StateLock
 
 WHO = "a herd worker"
 ID_FILE = "worker-id"
+PORT_FILE = "port"
 MAX_SLOTS = 64
 
 
@@ -44,6 +45,19 @@ def worker_id(folder: Path, explicit: str | None) -> str:
     made = f"{socket.gethostname().split('.')[0]}-{uuid.uuid4().hex[:6]}"
     path.write_text(made + "\n")
     return made
+
+
+def kept_port(folder: Path) -> int:
+    """The WorkerService port this agent served on last time (0: none kept), so that a
+    coordinator given ``--worker HOST:PORT`` (no zeroconf) finds a restarted agent again."""
+    try:
+        return int((folder / PORT_FILE).read_text().strip())
+    except (OSError, ValueError):
+        return 0
+
+
+def keep_port(folder: Path, port: int) -> None:
+    (folder / PORT_FILE).write_text(f"{port}\n")
 
 
 def prune_attempts(folder: Path, keep: int) -> list[Path]:
