@@ -4,10 +4,10 @@ The planner (coordinator/planner/network.py) picks a job's data path from the in
 workers reported, which say nothing of a cable pulled or a switch gone: a dead fast subnet would
 be picked again by every restart until the job runs out of them, though the control network
 works (an outside review: one bad ring cable failed every job). So an attempt that fails on a
-dedicated data subnet before any of its ranks reported a step (the ring never formed, or its
-link never carried a step) marks that subnet bad for the job, and its later attempts take the
-next path the planner has: another shared subnet, else the control network. A failure after
-progress proves nothing about the link (its restart tries the same path first).
+dedicated data subnet after every rank started but before any reported a step (the ring never
+formed, or its link never carried a step) marks that subnet bad for the job, and its later
+attempts take the next path the planner has: another shared subnet, else the control network. A
+failure after progress proves nothing about the link (its restart tries the same path first).
 Kept in memory: a restarted coordinator tries the fast path again, once.
 """
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from coordinator.domain import Job, WorkerRecord
+from coordinator.domain import Job, JobState, WorkerRecord
 from coordinator.placement import Fail, Placement
 from coordinator.planner.network import CONTROL, choose_path
 from coordinator.store import JobStore
@@ -48,10 +48,11 @@ class FailedPaths:
         return placement
 
     def on_failed(self, job: Job, store: JobStore) -> str:
-        """The job's current attempt failed: its subnet is avoided from now on when no rank of
-        the attempt reported a step. Returns what to add to the failure's message."""
+        """The job's current attempt failed: its subnet is avoided from now on when every rank
+        started (the ring forms after) and none reported a step. Returns what to add to the
+        failure's message."""
         network = self._used.pop(job.job_id, None)
-        if network is None or network == CONTROL:
+        if network is None or network == CONTROL or job.state is not JobState.RUNNING:
             return ""
         started = next((a.started_ms for a in reversed(store.attempt_history(job.job_id))
                         if a.attempt == job.attempt), 0)
