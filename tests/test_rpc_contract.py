@@ -307,8 +307,10 @@ def test_report_rank_exit_twice_changes_the_job_once(coordinator):
             s.submit(_job(name, max_restarts=1))
             s.tick()
             assert s.store.get_job(name).state is JobState.RUNNING
-            # The final adapter is stored before the exit is reported (worker/agent/relay.py).
-            s.on_checkpoint(Checkpoint(name, 100_000, [FileDigest("a", "b" * 64, 1)], 0))
+            # The final adapter is stored before the exit is reported (worker/agent/relay.py);
+            # the killed rank got as far as an earlier one (after the final one it would succeed).
+            step = 100_000 if code == 0 else 50_000
+            s.on_checkpoint(Checkpoint(name, step, [FileDigest("a", "b" * 64, 1)], 0))
             exit_ = coordinator_pb2.ReportRankRequest(
                 job_id=name, attempt=1, rank=0, worker_id="w1",
                 exit=coordinator_pb2.RankExit(exit_code=code, error="" if code == 0 else "killed"))
