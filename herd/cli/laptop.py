@@ -100,16 +100,17 @@ def job_spec(cfg: JobConfig, name: str, model: str | None = None,
         doc["model"] = model
     elif Path(cfg.model).expanduser().exists():  # the same path must exist on workers
         doc["model"] = str(Path(cfg.model).expanduser().resolve())
+    # The adapter to resume from goes with the job (no worker need hold it); the config keeps
+    # the laptop's path, which each rank replaces with its fetched copy.
+    resume = (resume_weights_file(cfg) if cfg.resume_adapter_file
+              and Path(cfg.resume_adapter_file).expanduser().exists() else None)
+    if resume is not None:
+        doc["resume_adapter_file"] = str(resume.resolve())
     spec = common_pb2.JobSpec(name=name, config_yaml=yaml.safe_dump(doc, sort_keys=False),
                               model_digest=model_digest)
     for path, sha in files:
         spec.dataset.add(name=path.name, sha256=sha, bytes=path.stat().st_size)
-    # The adapter to resume from goes with the job (no worker need hold it); the config keeps
-    # the laptop's path, which each rank replaces with its fetched copy.
-    if cfg.resume_adapter_file and Path(cfg.resume_adapter_file).expanduser().exists():
-        resume = resume_weights_file(cfg)
-        doc["resume_adapter_file"] = str(resume.resolve())
-        spec.config_yaml = yaml.safe_dump(doc, sort_keys=False)
+    if resume is not None:
         files.append((resume, sha256_file(resume)))
         spec.resume_adapter.CopyFrom(common_pb2.FileDigest(
             name=RESUME_ADAPTER, sha256=files[-1][1], bytes=resume.stat().st_size))
