@@ -33,15 +33,20 @@ REPORTERS = ("wandb", "swanlab")
 OPTIMIZERS = ("adam", "adamw", "muon", "sgd", "adafactor")  # mlx-lm's, by its names
 
 
+def optimizer_class(name: str):
+    """mlx's optimizer class for mlx-lm's name of it (None: no such optimizer)."""
+    import mlx.optimizers as optim
+
+    return {"adam": optim.Adam, "adamw": optim.AdamW, "muon": optim.Muon, "sgd": optim.SGD,
+            "adafactor": optim.Adafactor}.get(name)
+
+
 def _optimizer_arguments(name: str) -> list[str] | None:
     """The keyword arguments mlx's optimizer ``name`` takes besides the learning rate (None: no
     such optimizer)."""
     import inspect
 
-    import mlx.optimizers as optim
-
-    cls = {"adam": optim.Adam, "adamw": optim.AdamW, "muon": optim.Muon, "sgd": optim.SGD,
-           "adafactor": optim.Adafactor}.get(name)
+    cls = optimizer_class(name)
     if cls is None:
         return None
     return [p for p in inspect.signature(cls.__init__).parameters

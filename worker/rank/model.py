@@ -17,7 +17,7 @@ from mlx_lm.tuner.utils import build_schedule, linear_to_lora_layers
 from mlx_lm.utils import load
 
 from herd.adapter_card import BASE_MODEL_ENV, RUN_PATHS, base_model
-from herd.config import JobConfig
+from herd.config import JobConfig, optimizer_class
 from herd.errors import ConfigError
 from herd.model_config import full_of_quantized, too_many_layers
 from herd.models.ref import local_folder
@@ -83,14 +83,8 @@ def build_optimizer(job: JobConfig) -> optim.Optimizer:
     lr = build_schedule(job.lr_schedule.model_dump()) if job.lr_schedule else job.learning_rate
     if (scale := job.cluster.lr_scale) != 1.0:  # lowered by a rollback (coordinator/scheduler.py)
         lr = (lambda step, sched=lr: scale * sched(step)) if callable(lr) else lr * scale
-    classes = {
-        "adam": optim.Adam,
-        "adamw": optim.AdamW,
-        "muon": optim.Muon,
-        "sgd": optim.SGD,
-        "adafactor": optim.Adafactor,
-    }
-    return classes[job.optimizer](learning_rate=lr, **job.optimizer_config.get(job.optimizer, {}))
+    return optimizer_class(job.optimizer)(learning_rate=lr,
+                                          **job.optimizer_config.get(job.optimizer, {}))
 
 
 def adapter_config(job: JobConfig) -> dict:
