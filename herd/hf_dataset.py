@@ -16,7 +16,6 @@ does (``HF_HUB_OFFLINE=1``: the cache and local files only).
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ from herd.dataset import (
     split_summary,
 )
 from herd.errors import ConfigError, DatasetError
+from herd.rpc.names import HUB_ID
 
 logger = log.get(__name__)
 
@@ -147,7 +147,6 @@ FILE_LOADERS = frozenset({
 # load_dataset arguments that choose within a hub dataset; any other (cache_dir, storage_options,
 # trust_remote_code, token, download_config, ...) reaches past the dataset.
 HUB_ARGS = frozenset({"name", "revision", "data_dir", "data_files"})
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?$")
 
 
 def _file_loaders() -> frozenset[str]:
@@ -159,7 +158,7 @@ def _file_loaders() -> frozenset[str]:
 
 
 def _hub_id(source: str, what: str) -> None:
-    if ".." in source or not _HUB_ID.match(source) or source in _file_loaders():
+    if ".." in source or not HUB_ID.match(source) or source in _file_loaders():
         raise ConfigError(
             f"{what} {source!r} is not a Hugging Face hub dataset id: a cluster job loads hub "
             "datasets only (a loader such as json or csv, or a path, would read files on the "

@@ -17,6 +17,8 @@ from herd.errors import DatasetError, ProtocolError
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 _FILE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 _SHA = re.compile(r"^[0-9a-f]{64}$")
+# A hub repo id as the hub spells one: org/name, or a bare legacy name (a model or a dataset).
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?$")
 MAX_STEP = 10**9
 
 # The files each kind of transfer may carry: datasets are data, checkpoints are safetensors and

@@ -27,11 +27,16 @@ from herd.errors import ConfigError, PlacementError, ProtocolError
 from herd.hf_dataset import check_cluster_source, hub_source
 from herd.models.source import ModelSource
 from herd.rpc import pki
-from herd.rpc.names import check_job_id, check_name, check_path, check_sha, check_step
+from herd.rpc.names import (
+    HUB_ID,
+    check_job_id,
+    check_name,
+    check_path,
+    check_sha,
+    check_step,
+)
 from worker.agent.domain import RankSpec
 
-# An org/name repo id (or a bare legacy name), as the hub spells them.
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?$")
 MAX_WORLD = 4096
 # What a rank's folder (its working directory) holds, made by worker/agent/rank_process.py: a
 # relative model path starting with one of these would load what the job shipped (data/) or
@@ -89,7 +94,7 @@ class Policy:
         if source.digest:
             return
         if source.hub_repo:
-            if ".." in source.hub_repo or not _HUB_ID.match(source.hub_repo):
+            if ".." in source.hub_repo or not HUB_ID.match(source.hub_repo):
                 raise PlacementError(f"refusing hub repo {source.hub_repo[:80]!r}")
             return
         self.check_model(cfg.model, job_dir, worker_id)
@@ -110,7 +115,7 @@ class Policy:
     def check_model(self, model: str, job_dir: Path, worker_id: str) -> None:
         path = Path(model).expanduser()
         if not path.is_absolute():
-            if ".." in model or not _HUB_ID.match(model):
+            if ".." in model or not HUB_ID.match(model):
                 raise PlacementError(f"model {model!r} is neither a hub id nor an absolute path",
                                      hint="name a hub id (org/name) or a folder under one of "
                                      f"worker {worker_id}'s model roots")
