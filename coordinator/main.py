@@ -57,14 +57,15 @@ class Coordinator:
                  http_host: str | None = None, dashboard_open: bool = False,
                  tensorboard_dir: Path | None = None, http_required: bool = True,
                  rank_actor: type | None = None,
-                 restart_backoff_s: float = RestartPolicy.base_s, elastic_grace_s: float = 60.0):
+                 restart_backoff_s: float = RestartPolicy.base_s, elastic_grace_s: float = 60.0,
+                 unreachable_grace_s: float = 60.0):
         self.state_dir = private_folder(state_dir)
         self.authority = authority
         self.identity = pki.load_or_issue(authority.folder, "coordinator")
         self.revoked = Revocations(authority.folder)
         self.store = JobStore(state_dir / "herd.db")
         self.registry = Registry(self.identity,
-                                 on_lost=lambda wid: self.scheduler.on_worker_lost(wid),
+                                 on_lost=lambda *a: self.scheduler.on_worker_lost(*a),
                                  static_targets=list(static_workers), revoked=self.revoked)
         self.server = secure_server(self.identity, RULES, max_workers=32, revoked=self.revoked)
         self.host = host
@@ -91,7 +92,8 @@ class Coordinator:
                                    models=self.models,
                                    restart_policy=RestartPolicy(base_s=restart_backoff_s),
                                    verify_checkpoint=adapters.verify,
-                                   elastic_grace_s=elastic_grace_s)
+                                   elastic_grace_s=elastic_grace_s,
+                                   unreachable_grace_s=unreachable_grace_s)
         add_to_server(CoordinatorServicer(self.scheduler, self.registry, blobs, adapters,
                                           self.models, keep_checkpoints=keep_checkpoints),
                       self.server)
@@ -229,6 +231,10 @@ def main(argv: list[str], rank_actor: type | None = None) -> int:
     p.add_argument("--elastic-grace", type=float, default=60.0, metavar="S",
                    help="a data-parallel job that lost a worker this long carries on with the "
                    "workers left (same global batch) and grows back at a checkpoint; 0: wait")
+    p.add_argument("--unreachable-grace", type=float, default=60.0, metavar="S",
+                   help="a worker that stops answering while its ranks may train on (this "
+                   "machine's link broke?) is waited for this long before its attempt restarts; "
+                   "a rank that loses it fails sooner; 0: restart at once")
     p.add_argument("--keep-checkpoints", type=int, default=0, metavar="N",
                    help="keep each job's N newest checkpoints and delete older ones (0 = all); "
                    "`herd rm JOB` deletes a finished job whole")
@@ -273,7 +279,8 @@ def main(argv: list[str], rank_actor: type | None = None) -> int:
                             http_host=args.http_host, dashboard_open=args.dashboard_open,
                             tensorboard_dir=args.tensorboard, rank_actor=rank_actor,
                             restart_backoff_s=args.restart_backoff,
-                            elastic_grace_s=args.elastic_grace)
+                            elastic_grace_s=args.elastic_grace,
+                            unreachable_grace_s=args.unreachable_grace)
     except HerdError as e:
         print(f"herd coordinator: {e}", flush=True)
         return e.exit_code

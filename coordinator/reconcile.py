@@ -5,6 +5,13 @@ Health) compared with the attempts the store says are current.
   worker stops reporting it (coordinator/recovery.py ``stale_ranks``).
 - After a coordinator restart, an attempt whose ranks all still run (or finished) is re-adopted;
   one that is not complete within ``adopt_grace_s`` restarts from its last checkpoint.
+- A worker that stops answering the coordinator (its health checks fail) is not yet a failed
+  attempt: the coordinator's own link may be what broke (a Wi-Fi blip, a switch port), and its
+  ranks train on without it. The attempt waits up to ``unreachable_grace_s`` for the worker to
+  come back and is re-adopted if its ranks still run; it fails sooner when a rank does (a worker
+  that is really gone leaves its peers' collectives stalled: their watchdog or the exchange's
+  deadline ends them, and their exit reports end the attempt as before). Back but running
+  nothing: the wait for its exit report below.
 - A running job whose worker runs nothing, with no exit report for ``lost_rank_grace_s``, lost
   its rank silently (its agent restarted): the attempt failed.
 
@@ -26,10 +33,17 @@ if TYPE_CHECKING:
 logger = log.get(__name__)
 
 
+def _workers(ids: tuple[str, ...]) -> str:
+    return f"worker {ids[0]}" if len(ids) == 1 else "workers " + ", ".join(ids)
+
+
 class Reconciler:
-    def __init__(self, scheduler: "Scheduler"):
+    def __init__(self, scheduler: "Scheduler", unreachable_grace_s: float = 60.0):
         self.s = scheduler
-        self.adopting: dict[str, int] = {}  # job_id -> re-adoption deadline (ms)
+        # job_id -> (re-adoption deadline in ms, the workers that stopped answering and why the
+        # first did; none: a coordinator restart)
+        self.adopting: dict[str, tuple[int, tuple[str, ...], str]] = {}
+        self.unreachable_grace_s = unreachable_grace_s
         self._stale_sent: dict[tuple[str, str, int], int] = {}  # (worker, job, attempt) -> ms
         self._idle_since: dict[tuple[str, str], int] = {}
         self.lost_rank_grace_s = 20.0
@@ -45,10 +59,32 @@ class Reconciler:
             deadline = s.now_ms() + int(s.adopt_grace_s * 1000)
             for job in s.store.list_jobs():
                 if job.state.active:
-                    self.adopting[job.job_id] = deadline
+                    self.adopting[job.job_id] = (deadline, (), "")
                     s._event(job, EventKind.LOG, message=(
                         f"the coordinator restarted: waiting up to {s.adopt_grace_s:.0f}s for "
                         f"attempt {job.attempt}'s ranks to report"))
+
+    def await_return(self, job: Job, worker_id: str, reason: str) -> bool:
+        """``worker_id`` of the job's attempt stopped answering: True when the attempt waits for
+        it (a running job of the agents' backend); False: the caller fails the attempt now."""
+        s = self.s
+        if (not self.unreachable_grace_s or job.state is not JobState.RUNNING
+                or job.config.cluster.backend != "zeroconf"):
+            return False
+        grace = self.unreachable_grace_s
+        deadline, lost, why = self.adopting.get(
+            job.job_id, (s.now_ms() + int(grace * 1000), (), reason))
+        if deadline and not lost and job.job_id in self.adopting:
+            return True  # re-adopting after a coordinator restart: that wait covers this one
+        self.adopting[job.job_id] = (deadline, (*lost, worker_id), why)
+        left = (deadline - s.now_ms()) / 1000
+        s._event(job, EventKind.LOG, message=(
+            f"worker {worker_id} stopped answering the coordinator ({reason}); its ranks may "
+            f"train on: waiting up to {left:.0f}s for it before restarting attempt "
+            f"{job.attempt} (a rank that lost it fails sooner)"))
+        logger.warning("worker_unreachable_waiting", job_id=job.job_id, worker_id=worker_id,
+                       left_s=left)
+        return True
 
     def stop_stale(self) -> None:
         """Stops, again every few seconds until its worker no longer reports it, every rank that
@@ -87,7 +123,7 @@ class Reconciler:
         failed = []
         with s._lock:
             now = s.now_ms()
-            for job_id, deadline in list(self.adopting.items()):
+            for job_id, (deadline, lost, why) in list(self.adopting.items()):
                 job = s.store.get_job(job_id)
                 if not job.state.active:
                     del self.adopting[job_id]
@@ -99,12 +135,20 @@ class Reconciler:
                     if job.state is JobState.PLACING:
                         s._set_state(job, JobState.RUNNING)
                     s._event(job, EventKind.LOG, message=(
-                        f"re-adopted attempt {job.attempt}: its ranks trained on through the "
-                        "coordinator restart"))
+                        f"re-adopted attempt {job.attempt}: its ranks trained on "
+                        + (f"while {_workers(lost)} did not answer the coordinator" if lost else
+                           "through the coordinator restart")))
                     logger.info("attempt_readopted", job_id=job_id, attempt=job.attempt)
+                elif lost and all(" no longer runs rank " in m for m in missing):
+                    # Back, but its rank is gone: its exit report may still be on its way
+                    # (check_running waits lost_rank_grace_s for it), or the agent restarted.
+                    del self.adopting[job_id]
                 elif now >= deadline:
-                    s._attempt_failed(job, "the coordinator restarted and could not re-adopt "
-                                      f"attempt {job.attempt}: " + "; ".join(missing), None)
+                    s._attempt_failed(job, (
+                        f"worker {lost[0]} was lost: {why}; not back within "
+                        f"{self.unreachable_grace_s:.0f}s" if lost else
+                        "the coordinator restarted and could not re-adopt "
+                        f"attempt {job.attempt}: " + "; ".join(missing)), None)
                     failed.append(job)
         for job in failed:
             s._stop_ranks(job)

@@ -151,6 +151,8 @@ def adoption_missing(job: Job, workers: dict[str, WorkerRecord], finished: set[i
         w = workers.get(wid)
         if w is None:
             missing.append(f"worker {wid} (rank {rank}) has not come back")
+        elif w.running_job_id == job.job_id and not w.running_attempt:
+            missing.append(f"worker {wid} has not said which attempt it runs yet")
         elif not (w.running_job_id == job.job_id and w.running_attempt == job.attempt):
             missing.append(f"worker {wid} no longer runs rank {rank}")
     return missing

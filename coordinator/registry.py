@@ -10,7 +10,8 @@ admitted. A refused candidate is tried again later and later (up to MAX_RETRY_S)
 that was admitted and stopped answering: it is tried every RETURN_RETRY_S, so a Mac whose cable is
 plugged back in (or that woke up) is used again within seconds. Retries run off the health loop:
 an unreachable address waits out its Describe deadline, the admitted workers' checks do not.
-Liveness is authenticated too: ``max_failures`` failed Health calls in a row remove a worker, and
+Liveness is authenticated too: ``max_failures`` failed Health calls in a row remove a worker
+(``on_lost(worker_id, reason, unreachable=True)``: it may come back; a revoked one: False), and
 a vanished record (an mDNS goodbye, which anyone on the LAN can send for any name) only prompts a
 Health call at once; the worker leaves if that fails.
 
@@ -143,11 +144,10 @@ def _refusal(target: str, err: HerdError) -> Refusal:
 
 
 class Registry:
-    def __init__(self, identity: pki.Identity, on_lost: Callable[[str], None] = lambda _id: None,
+    def __init__(self, identity: pki.Identity, on_lost: Callable[..., None] = lambda *_: None,
                  static_targets: list[str] = (), health_interval_s: float = 1.0,
                  max_failures: int = 2, revoked: Container[str] = frozenset()):
-        self._identity = identity
-        self._revoked = revoked
+        self._identity, self._revoked = identity, revoked
         self._on_lost = on_lost
         self._lock = threading.Lock()
         self._workers: dict[str, WorkerRecord] = {}
@@ -290,7 +290,7 @@ class Registry:
             old.retire()  # closed when the calls in flight on it end
         return record
 
-    def _remove(self, worker_id: str, reason: str) -> None:
+    def _remove(self, worker_id: str, reason: str, unreachable: bool = True) -> None:
         with self._lock:
             record = self._workers.pop(worker_id, None)
             client = self._clients.pop(worker_id, None)
@@ -299,7 +299,7 @@ class Registry:
             client.retire()
         if record:
             logger.info("worker_removed", worker_id=worker_id, reason=reason)
-            self._on_lost(worker_id)
+            self._on_lost(worker_id, reason, unreachable)
 
     # --- queries ---------------------------------------------------------------------------
 
@@ -329,7 +329,7 @@ class Registry:
             pending = {n: t for n, t in self._candidates.items() if n not in known}
         for wid, client in clients.items():
             if f"worker/{wid}" in self._revoked:
-                self._remove(wid, "its certificate was revoked")
+                self._remove(wid, "its certificate was revoked", unreachable=False)  # not back
                 continue
             try:
                 reply = client.health()

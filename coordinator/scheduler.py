@@ -63,7 +63,8 @@ class Scheduler:
                  placement_timeout_s: float = 600.0, backends: dict[str, Backend] | None = None,
                  models: ModelInfo | None = None, restart_policy: RestartPolicy | None = None,
                  verify_checkpoint: Callable[[Checkpoint], str | None] = lambda c: None,
-                 adopt_grace_s: float = 30.0, elastic_grace_s: float = 60.0):
+                 adopt_grace_s: float = 30.0, elastic_grace_s: float = 60.0,
+                 unreachable_grace_s: float = 60.0):
         self.store = store
         self._models = models
         # cluster.backend -> where its ranks run; worker ids are unique across backends.
@@ -78,7 +79,7 @@ class Scheduler:
         self._changed = threading.Condition(self._lock)
         self._not_before: dict[str, int] = {}  # job_id -> when its restart may be placed (ms)
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="launch")
-        self.reconcile = Reconciler(self)
+        self.reconcile = Reconciler(self, unreachable_grace_s)
         self.elastic = Elastic(self, elastic_grace_s)  # 0: never shrink a job
         self.paths = FailedPaths()  # data subnets a job's attempt failed on: avoided after
         self._started_ms = self.now_ms()  # a wait's clock: a restart of ours is not the job's
@@ -369,10 +370,13 @@ class Scheduler:
                         message=f"checkpoint {checkpoint.step} stored")
         self.elastic.on_checkpoint(checkpoint.job_id, checkpoint.step)
 
-    def on_worker_lost(self, worker_id: str, reason: str = "") -> None:
+    def on_worker_lost(self, worker_id: str, reason: str = "", unreachable: bool = False) -> None:
+        """``unreachable``: it only stopped answering, so a running attempt first waits for it
+        (coordinator/reconcile.py ``await_return``); else (revoked, a dead Ray node) it fails."""
         with self._lock:
-            hit = [j for j in self.store.list_jobs()
-                   if j.state.active and worker_id in j.worker_ids]
+            hit = [j for j in self.store.list_jobs() if j.state.active and worker_id in
+                   j.worker_ids and not (unreachable and self.reconcile.await_return(
+                       j, worker_id, reason))]
             for job in hit:
                 self._attempt_failed(job, f"worker {worker_id} was lost"
                                      + (f": {reason}" if reason else ""), None)

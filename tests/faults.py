@@ -262,7 +262,7 @@ def run_faults(cluster: Cluster, reference, folder: Path, model: Path, data: Pat
         d["uploader"] = placed[-1] if placed else None
     steps = _iters(lines, before=first)
     rates = [(t2 - t1) / (i2 - i1) for (t1, i1), (t2, i2) in zip(steps, steps[1:]) if i2 > i1]
-    result = {"job_id": job_id, "faults": done, "text": watch.text(),
+    result = {"job_id": job_id, "faults": done, "text": watch.text(), "lines": lines,
               "outcome": end.split("state ", 1)[1], "step_s": max(rates, default=0.0),
               "rel": float("nan")}
     if result["outcome"] == "succeeded":
@@ -363,6 +363,10 @@ def scenarios(cluster: Cluster, cut_s: float, ring_cut_s: float, stop_s: float,
             inject=lose_worker, heal=return_worker,
             **({"heal_after_s": lost_s} if lost_s else {"heal_on": r"shrunk to \d+ of"}),
             mlx_only=True)),
+        (f"coordinator cut off from the workers {cut_s:.0f}s", dict(
+            inject=lambda _: [cluster.net.block(cluster.c, w) for w in (cluster.w1, cluster.w2)],
+            heal=lambda _: [cluster.net.unblock(cluster.c, w) for w in (cluster.w1, cluster.w2)],
+            heal_after_s=cut_s, detect="stopped answering the coordinator")),
         ("coordinator killed (restarted after 3 s)", dict(
             inject=restart_coordinator, detect=r"re-adopted attempt \d+", mlx_only=True)),
     ]

@@ -55,7 +55,9 @@ SEQUENCES = {
             "lost worker", "coordinator killed"],
     # A worker cut off is the coordinator losing it, whichever exchange the ranks use; what the
     # gRPC exchange adds is its own deadline, on a stopped peer and on a cut link.
-    "grpc": ["stopped rank", "worker-to-worker link cut"],
+    # The coordinator cut off from both workers comes last too: the tiny job's ranks may finish
+    # while it is cut off (then it succeeds once their reports arrive, restarting nothing).
+    "grpc": ["stopped rank", "worker-to-worker link cut", "coordinator cut off"],
 }
 
 
@@ -72,6 +74,9 @@ def test_faults_are_detected_within_the_bound_and_the_job_finishes_exactly(
     - (MLX) a killed agent: its rank dies with it (asserted), the restarted agent takes part;
     - (MLX) the coordinator SIGKILLed and restarted on its state folder: the ranks train on, the
       attempt is re-adopted, nothing is redone;
+    - (gRPC) the coordinator cut off from both workers (its own link broke): it loses both, but
+      waits for them instead of restarting; the ranks train on and the attempt is re-adopted
+      (or, the tiny job being done meanwhile, ends as succeeded), nothing redone;
     - (MLX) a worker lost for good: after the elastic grace the job carries on one worker with
       the same global batch, and grows back at a checkpoint when the worker returns.
     Each detected within 2 x step time + exchange_timeout_s (+ slack), at most save_every
@@ -105,6 +110,13 @@ def test_faults_are_detected_within_the_bound_and_the_job_finishes_exactly(
             assert f["redone"] <= faults.SAVE_EVERY + faults.JOB["steps_per_report"], (
                 f["name"], f["redone"], job["text"][-3000:])
     by_name = {f["name"]: f for f in job["faults"]}
+    if exchange == "grpc":
+        cut = next(f for n, f in by_name.items() if n.startswith("coordinator cut off"))
+        after = [ln for t, ln in job["lines"] if t >= cut["t0"]]
+        assert cut["resumed"] is None and not any(": state restarting" in ln for ln in after), (
+            "\n".join(after)[-3000:])
+        assert any("did not answer the coordinator" in ln for ln in after) or (
+            "state succeeded" in after[-1]), "\n".join(after)[-3000:]
     if exchange == "mlx":
         assert "stalled: all_sum" in by_name["stopped rank"]["line"]
         assert "stalled: all_sum" in by_name["worker-to-worker link cut"]["line"]

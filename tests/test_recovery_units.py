@@ -335,6 +335,88 @@ def test_a_job_that_lost_a_worker_for_good_shrinks_and_grows_back_at_a_checkpoin
         "restarting", "grown", None]
 
 
+def test_a_worker_that_stops_answering_is_waited_for_and_its_attempt_re_adopted(rig):
+    """The coordinator's own link drops (both workers stop answering its health checks) while
+    the ranks train on: the attempt is not restarted; once the workers answer again running it,
+    it is re-adopted, nothing redone. A worker that never comes back fails the attempt after
+    the grace; one back without its rank, once its exit report had time to arrive; a rank that
+    fails meanwhile, and a revoked worker, at once."""
+    s, workers, launcher, clock = rig
+    j = s.submit(_job(iters=40, max_restarts=9))
+    s.tick()
+    for w in workers:
+        w.running_job_id, w.running_attempt = j.job_id, 1
+    cut = list(workers)
+    workers.clear()
+    for w in cut:
+        s.on_worker_lost(w.worker_id, "health failed 2 times: unreachable", True)
+    clock.t += 59
+    s.tick()
+    assert _state(s, j.job_id)[:2] == (JobState.RUNNING, 1) and launcher.stopped == []
+    for w in cut:  # the link is back: admitted again (Describe), before a Health says which
+        w.running_attempt = 0  # attempt they run: not yet a verdict
+    workers.extend(cut)
+    s.tick()
+    assert s.reconcile.adopting and "re-adopted" not in s.store.events(j.job_id)[-1].message
+    for w in cut:
+        w.running_attempt = 1
+    s.tick()
+    assert _state(s, j.job_id)[:2] == (JobState.RUNNING, 1) and launcher.stopped == []
+    events = [e.message for e in s.store.events(j.job_id)]
+    assert events[-3:-1] == [
+        f"worker {w} stopped answering the coordinator (health failed 2 times: unreachable); its "
+        f"ranks may train on: waiting up to 60s for it before restarting attempt 1 (a rank that "
+        "lost it fails sooner)" for w in ("w1", "w2")]  # one deadline for both
+    assert events[-1] == ("re-adopted attempt 1: its ranks trained on while workers w1, w2 did "
+                          "not answer the coordinator")
+
+    # Gone for good: restarted from its last checkpoint once the grace is over.
+    s.on_checkpoint(_ckpt(j.job_id, 8, clock))
+    gone = workers.pop(1)
+    s.on_worker_lost(gone.worker_id, "health failed 2 times: unreachable", True)
+    clock.t += 61
+    s.tick()
+    state, attempt, message = _state(s, j.job_id)
+    assert (state, attempt) == (JobState.RESTARTING, 1)
+    assert message.startswith("attempt 1 failed: worker w2 was lost: health failed 2 times: "
+                              "unreachable; not back within 60s; restarting from checkpoint 8")
+    workers.append(gone)
+    gone.running_job_id = workers[0].running_job_id = ""
+    clock.t += 5
+    s.tick()
+    assert _state(s, j.job_id)[:2] == (JobState.RUNNING, 2)
+    for w in workers:
+        w.running_job_id, w.running_attempt = j.job_id, 2
+
+    # Back at once, but its rank is gone (its agent restarted): the exit report's wait, no more.
+    s.on_worker_lost("w2", "health failed 2 times: unreachable", True)
+    workers[1].running_job_id, workers[1].running_attempt = "", 0
+    s.tick()
+    assert _state(s, j.job_id)[0] is JobState.RUNNING
+    clock.t += s.reconcile.lost_rank_grace_s + 1
+    s.tick()
+    state, attempt, message = _state(s, j.job_id)
+    assert (state, attempt) == (JobState.RESTARTING, 2)
+    assert "worker w2 is no longer running its rank" in message
+    clock.t += 10
+    s.tick()
+    for w in workers:
+        w.running_job_id, w.running_attempt = j.job_id, 3
+
+    # A rank that fails while its peer's worker is waited for ends the attempt as before.
+    s.on_worker_lost("w2", "health failed 2 times: unreachable", True)
+    s.on_exit(j.job_id, 3, 0, "w1", PeerLostError.exit_code, "lost a peer of the MLX group")
+    assert _state(s, j.job_id)[:2] == (JobState.RESTARTING, 3)
+    clock.t += 20
+    s.tick()
+    assert _state(s, j.job_id)[:2] == (JobState.RUNNING, 4)
+
+    # Revoked: shut out, not waited for.
+    s.on_worker_lost("w2", "revoked")
+    state, _, message = _state(s, j.job_id)
+    assert state is JobState.RESTARTING and "worker w2 was lost: revoked" in message
+
+
 def test_a_short_placement_timeout_still_lets_a_job_shrink_after_the_grace(tmp_path):
     """--placement-timeout below the elastic grace: a job that lost a worker for good must still
     wait out the grace and shrink, not fail at the timeout first."""

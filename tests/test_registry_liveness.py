@@ -59,7 +59,7 @@ def test_a_goodbye_from_anyone_does_not_drop_a_worker_that_answers(tmp_path, mon
          "--state-dir", str(tmp_path / "worker")], cwd=REPO, env=env,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     lost: list[str] = []
-    registry = Registry(ca.issue("coordinator", "c"), on_lost=lost.append,
+    registry = Registry(ca.issue("coordinator", "c"), on_lost=lambda wid, *_: lost.append(wid),
                         health_interval_s=0.5)
     zc, forger = discovery.make_zeroconf(), discovery.make_zeroconf()
     name = f"{worker_id}.{discovery.WORKER_TYPE}"
@@ -189,7 +189,7 @@ def test_a_lost_worker_is_tried_again_often_and_a_stranger_less_and_less(tmp_pat
                                 {"id": worker_id})
 
     lost: list[str] = []
-    registry = Registry(ca.issue("coordinator", "c"), on_lost=lost.append,
+    registry = Registry(ca.issue("coordinator", "c"), on_lost=lambda wid, *_: lost.append(wid),
                         health_interval_s=0.2)
     mine, theirs = advert("w1", target), advert("w2", foreign)
 

@@ -15,7 +15,7 @@ from herd.config import JobConfig
 from worker.exchange import all_sum_scalars
 from worker.pipeline.link import Link
 from worker.pipeline.stage import Stage
-from worker.pipeline.step import _activation_dtype, _inputs_targets
+from worker.pipeline.step import activation_dtype, inputs_targets
 from worker.rank.batches import eval_batches
 from worker.rank.trainer import default_loss
 
@@ -25,13 +25,13 @@ def evaluate_stage(job: JobConfig, stage: Stage, link: Link, dataset, order: tup
     """This stage's part of one validation pass; the loss on the last stage (summed over the
     replicas through ``replicas``, a GradientExchange of the replica pair), None on the others."""
     spec = stage.spec
-    hidden, dtype = stage.model.args.hidden_size, _activation_dtype(stage)
+    hidden, dtype = stage.model.args.hidden_size, activation_dtype(stage)
     total, ntoks = mx.array(0.0), mx.array(0)
     stage.model.eval()
     try:
         for batch, lengths in eval_batches(dataset, job.batch_size, job.max_seq_length, dp_rank,
                                            dp_size, job.val_batches, order):
-            inputs = _inputs_targets(batch)[0]
+            inputs = inputs_targets(batch)[0]
             x = inputs if spec.first else link.recv(
                 (inputs.shape[0], inputs.shape[1], hidden), dtype, spec.index - 1)
             if not spec.last:

@@ -50,7 +50,7 @@ def _targets_mask(batch: mx.array, lengths: mx.array) -> mx.array:
     return mx.logical_and(steps >= lengths[:, 0:1], steps <= lengths[:, 1:])
 
 
-def _inputs_targets(batch: mx.array) -> tuple[mx.array, mx.array]:
+def inputs_targets(batch: mx.array) -> tuple[mx.array, mx.array]:
     if batch.ndim == 3:
         return batch[:, INPUTS], batch[:, TARGETS]
     return batch[:, :-1], batch[:, 1:]
@@ -111,7 +111,7 @@ class _Step:
 
     def input_of(self, i: int) -> mx.array:
         if self.stage.spec.first:
-            return _inputs_targets(self.microbatches[i][0])[0]
+            return inputs_targets(self.microbatches[i][0])[0]
         return self.inputs.pop(i)
 
 
@@ -162,7 +162,7 @@ def _fwd_bwd(s: _Step, i: int) -> None:
     tic = time.perf_counter()
     x = s.input_of(i)
     b, lens = s.microbatches[i]
-    targets, mask = _inputs_targets(b)[1], _targets_mask(b, lens)
+    targets, mask = inputs_targets(b)[1], _targets_mask(b, lens)
 
     def loss_fn(xx, params):
         logits = s.run(i, xx, params)
@@ -184,7 +184,7 @@ _HANDLERS: dict[str, Callable[[_Step, int], None]] = {
 }
 
 
-def _activation_dtype(stage: Stage) -> mx.Dtype:
+def activation_dtype(stage: Stage) -> mx.Dtype:
     # Hidden states keep the embedding's dtype through every block (LoRA casts back to it).
     norm = stage.model.layers[0].input_layernorm.weight
     return norm.dtype
@@ -205,9 +205,9 @@ def pipeline_step(stage: Stage, link: Link, batch: mx.array, lengths: mx.array,
     flat = tree_flatten(stage.model.trainable_parameters())
     names, values = [k for k, _ in flat], [v for _, v in flat]
     send_back = not spec.first and spec.start > spec.first_adapted
-    width = _inputs_targets(batch)[0].shape[1]
+    width = inputs_targets(batch)[0].shape[1]
     s = _Step(stage, link, mbs, (bm, width, stage.model.args.hidden_size),
-              _activation_dtype(stage), seed,
+              activation_dtype(stage), seed,
               ntoks if denominator is None else mx.array(denominator), names, values, send_back,
               grads=[mx.zeros_like(v) for v in values], loss_sum=mx.array(0.0))
     for op in one_f_one_b(spec.index, spec.count, microbatches, trains=spec.trains,
