@@ -72,7 +72,9 @@ class Elastic:
     def shrink(self, job: Job, workers: list[WorkerRecord]) -> tuple[Placement, str] | None:
         """For a restarting job that has waited past the grace period for its workers: the
         placement on fewer, and why (for its PLACING message). Caller holds the lock."""
-        waited_s = (self.s.now_ms() - job.updated_ms) / 1000
+        attempt, gone_ms = self.s.reconcile.gone_since.get(job.job_id, (0, job.updated_ms))
+        since = min(job.updated_ms, gone_ms) if attempt == job.attempt else job.updated_ms
+        waited_s = (self.s.now_ms() - since) / 1000
         if (not self.grace_s or job.state is not JobState.RESTARTING or waited_s < self.grace_s
                 or not elastic(job.config)):
             return None

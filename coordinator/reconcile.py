@@ -44,6 +44,9 @@ class Reconciler:
         # first did; none: a coordinator restart)
         self.adopting: dict[str, tuple[int, tuple[str, ...], str]] = {}
         self.unreachable_grace_s = unreachable_grace_s
+        # job_id -> (attempt, when a worker of it stopped answering): a worker gone for good has
+        # been gone since then, not since the attempt failed (coordinator/elastic.py counts so)
+        self.gone_since: dict[str, tuple[int, int]] = {}
         self._stale_sent: dict[tuple[str, str, int], int] = {}  # (worker, job, attempt) -> ms
         self._idle_since: dict[tuple[str, str], int] = {}
         self.lost_rank_grace_s = 20.0
@@ -77,6 +80,8 @@ class Reconciler:
         if deadline and not lost and job.job_id in self.adopting:
             return True  # re-adopting after a coordinator restart: that wait covers this one
         self.adopting[job.job_id] = (deadline, (*lost, worker_id), why)
+        if self.gone_since.get(job.job_id, (0, 0))[0] != job.attempt:
+            self.gone_since[job.job_id] = (job.attempt, s.now_ms())
         left = (deadline - s.now_ms()) / 1000
         s._event(job, EventKind.LOG, message=(
             f"worker {worker_id} stopped answering the coordinator ({reason}); its ranks may "
@@ -127,11 +132,13 @@ class Reconciler:
                 job = s.store.get_job(job_id)
                 if not job.state.active:
                     del self.adopting[job_id]
+                    self.gone_since.pop(job_id, None)
                     continue
                 missing = adoption_missing(job, workers,
                                            s.store.finished_ranks(job_id, job.attempt))
                 if not missing:
                     del self.adopting[job_id]
+                    self.gone_since.pop(job_id, None)
                     if job.state is JobState.PLACING:
                         s._set_state(job, JobState.RUNNING)
                     s._event(job, EventKind.LOG, message=(
@@ -143,6 +150,7 @@ class Reconciler:
                     # Back, but its rank is gone: its exit report may still be on its way
                     # (check_running waits lost_rank_grace_s for it), or the agent restarted.
                     del self.adopting[job_id]
+                    self.gone_since.pop(job_id, None)
                 elif now >= deadline:
                     s._attempt_failed(job, (
                         f"worker {lost[0]} was lost: {why}; not back within "

@@ -417,6 +417,32 @@ def test_a_worker_that_stops_answering_is_waited_for_and_its_attempt_re_adopted(
     assert state is JobState.RESTARTING and "worker w2 was lost: revoked" in message
 
 
+def test_a_worker_that_never_answers_again_counts_towards_the_elastic_grace_from_the_start(
+        tmp_path):
+    """Waiting for an unreachable worker does not add to the elastic grace: a worker gone for
+    good has been gone since it stopped answering, and the job shrinks --elastic-grace after
+    that, as it did when a lost worker failed the attempt at once."""
+    workers = [worker(1), worker(2)]
+    launcher, clock = StopLog(), Clock()
+    s = Scheduler(JobStore(tmp_path / "db"), lambda: list(workers), launcher, clock,
+                  elastic_grace_s=60, unreachable_grace_s=45)
+    j = s.submit(_job(iters=40))
+    s.tick()
+    s.on_checkpoint(_ckpt(j.job_id, 8, clock))
+    s.on_worker_lost(workers.pop(1).worker_id, "health failed 2 times", True)
+    clock.t += 46
+    s.tick()
+    assert _state(s, j.job_id)[:2] == (JobState.RESTARTING, 1)  # the unreachable grace is over
+    clock.t += 10
+    s.tick()
+    assert _state(s, j.job_id)[:2] == (JobState.RESTARTING, 1)  # 56 s gone: not yet
+    clock.t += 5
+    s.tick()
+    assert _state(s, j.job_id)[:2] == (JobState.RUNNING, 2)
+    placing = [e.message for e in s.store.events(j.job_id) if e.state is JobState.PLACING][-1]
+    assert "shrunk to 1 of 2 workers after waiting 61s for the rest" in placing, placing
+
+
 def test_a_short_placement_timeout_still_lets_a_job_shrink_after_the_grace(tmp_path):
     """--placement-timeout below the elastic grace: a job that lost a worker for good must still
     wait out the grace and shrink, not fail at the timeout first."""
