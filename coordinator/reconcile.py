@@ -77,12 +77,16 @@ class Reconciler:
         grace = self.unreachable_grace_s
         deadline, lost, why = self.adopting.get(
             job.job_id, (s.now_ms() + int(grace * 1000), (), reason))
-        if deadline and not lost and job.job_id in self.adopting:
+        if job.job_id in self.adopting and not lost:
             return True  # re-adopting after a coordinator restart: that wait covers this one
         self.adopting[job.job_id] = (deadline, (*lost, worker_id), why)
         if self.gone_since.get(job.job_id, (0, 0))[0] != job.attempt:
             self.gone_since[job.job_id] = (job.attempt, s.now_ms())
         left = (deadline - s.now_ms()) / 1000
+        it, its = ("them", "their") if lost else ("it", "its")
+        job.message = (f"{_workers((*lost, worker_id))} stopped answering the coordinator: "
+                       f"waiting for {it} ({its} ranks may train on)")
+        s.store.put_job(job)  # `herd jobs` says so while it lasts
         s._event(job, EventKind.LOG, message=(
             f"worker {worker_id} stopped answering the coordinator ({reason}); its ranks may "
             f"train on: waiting up to {left:.0f}s for it before restarting attempt "
@@ -141,6 +145,7 @@ class Reconciler:
                     self.gone_since.pop(job_id, None)
                     if job.state is JobState.PLACING:
                         s._set_state(job, JobState.RUNNING)
+                    self._waited(job, lost)
                     s._event(job, EventKind.LOG, message=(
                         f"re-adopted attempt {job.attempt}: its ranks trained on "
                         + (f"while {_workers(lost)} did not answer the coordinator" if lost else
@@ -151,6 +156,7 @@ class Reconciler:
                     # (check_running waits lost_rank_grace_s for it), or the agent restarted.
                     del self.adopting[job_id]
                     self.gone_since.pop(job_id, None)
+                    self._waited(job, lost)
                 elif now >= deadline:
                     s._attempt_failed(job, (
                         f"worker {lost[0]} was lost: {why}; not back within "
@@ -160,6 +166,11 @@ class Reconciler:
                     failed.append(job)
         for job in failed:
             s._stop_ranks(job)
+
+    def _waited(self, job: Job, lost: tuple[str, ...]) -> None:
+        if lost and job.state is JobState.RUNNING:  # no longer waiting for anyone
+            job.message = ""
+            self.s.store.put_job(job)
 
     def check_running(self) -> None:
         """A running job whose worker says it runs nothing, for longer than an exit report takes

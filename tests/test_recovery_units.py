@@ -352,7 +352,9 @@ def test_a_worker_that_stops_answering_is_waited_for_and_its_attempt_re_adopted(
         s.on_worker_lost(w.worker_id, "health failed 2 times: unreachable", True)
     clock.t += 59
     s.tick()
-    assert _state(s, j.job_id)[:2] == (JobState.RUNNING, 1) and launcher.stopped == []
+    assert _state(s, j.job_id) == (JobState.RUNNING, 1, (
+        "workers w1, w2 stopped answering the coordinator: waiting for them (their ranks "
+        "may train on)")) and launcher.stopped == []
     for w in cut:  # the link is back: admitted again (Describe), before a Health says which
         w.running_attempt = 0  # attempt they run: not yet a verdict
     workers.extend(cut)
@@ -361,7 +363,7 @@ def test_a_worker_that_stops_answering_is_waited_for_and_its_attempt_re_adopted(
     for w in cut:
         w.running_attempt = 1
     s.tick()
-    assert _state(s, j.job_id)[:2] == (JobState.RUNNING, 1) and launcher.stopped == []
+    assert _state(s, j.job_id) == (JobState.RUNNING, 1, "") and launcher.stopped == []
     events = [e.message for e in s.store.events(j.job_id)]
     assert events[-3:-1] == [
         f"worker {w} stopped answering the coordinator (health failed 2 times: unreachable); its "
