@@ -40,6 +40,22 @@ def test_resume_writes_on_into_the_resumed_folder_and_val_lines_carry_their_iter
     assert not (tmp_path / "adapters").exists()
 
 
+def test_a_checkpoint_between_two_reports_counts_every_token_trained_before_it(
+        tmp_path, tiny_model, tiny_data):
+    """save_every 3, steps_per_report 4: checkpoint 3 holds the tokens of iterations 1-3 (what a
+    run of 3 iterations counts), so a run resumed from it counts on from the right figure."""
+    import json
+
+    def tokens_at_3(name: str, iters: int) -> int:
+        cfg = write_job(tmp_path / f"{name}.yaml", tiny_model, tiny_data, iters=iters,
+                        save_every=3, steps_per_report=4, adapter_path=str(tmp_path / name))
+        herd("train", cfg, "--quiet", cwd=tmp_path)
+        state = tmp_path / name / "checkpoints" / "0000003" / "trainer_state.json"
+        return json.loads(state.read_text())["trained_tokens"]
+
+    assert tokens_at_3("long", 8) == tokens_at_3("short", 3) > 0
+
+
 def test_paths_in_a_config_resolve_from_the_current_folder_as_in_mlx_lm(
         tmp_path, tiny_model, tiny_data):
     job_dir = tmp_path / "job"

@@ -104,7 +104,10 @@ def test_report_to_wandb_logs_what_mlx_lm_logs(tmp_path, tiny_model, tiny_data):
     val = [(e["iteration"], e["val_loss"]) for e in events if e["event"] == "val"]
     assert train and val
     assert [(r["iteration"], r["train_loss"]) for r in rows if "train_loss" in r] == train
-    assert [(r["iteration"], r["val_loss"]) for r in rows if "val_loss" in r] == val
+    # mlx-lm's trainer reports a validation pass that runs before step it as it - 1
+    # (trainer.py: "iteration": it - 1): so does herd, for wandb's steps to line up with its.
+    assert [(r["iteration"] + 1, r["val_loss"]) for r in rows if "val_loss" in r] == val
+    assert rows[0]["iteration"] == 0
     assert all("peak_memory" in r for r in rows if "train_loss" in r)  # mlx-lm's key names
 
 

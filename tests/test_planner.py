@@ -297,6 +297,26 @@ def test_a_stage_counts_the_inputs_it_holds_in_flight():
     assert per_stage[0] - per_stage[1] == per_stage[1] - per_stage[2] == mb_state
 
 
+def test_keys_of_other_architectures_and_the_head_are_estimated_not_refused():
+    """mlx-lm takes any lora_parameters.keys (phi3's fused qkv_proj/gate_up_proj, lm_head, which
+    it matches against the whole model): planned, never refused; lm_head's adapter only on the
+    rank that holds the head."""
+    def lora(keys, **kw):
+        job = parse_config({"num_layers": 16, "lora_parameters": {"rank": 8, "keys": keys}})
+        return estimate_memory(LLAMA_70B, job, **kw).lora
+
+    h, vocab = LLAMA_70B["hidden_size"], LLAMA_70B["vocab_size"]
+    v = lora(["self_attn.v_proj"])
+    assert lora(["self_attn.v_proj", "lm_head"]) == v + 8 * (h + vocab) * 4
+    assert lora(["self_attn.v_proj", "lm_head"], layers=(0, 40), has_head=False) == lora(
+        ["self_attn.v_proj"], layers=(0, 40), has_head=False)
+    fused = lora(["self_attn.qkv_proj", "mlp.gate_up_proj"])
+    split = lora(["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj",
+                  "mlp.up_proj"])
+    assert split > fused > 0  # one adapter per fused linear: fewer in-dimensions
+    assert lora(["block_sparse_moe.gate"]) >= lora(["mlp.up_proj"]) > 0  # unknown: the largest
+
+
 def test_a_multimodal_config_is_planned_from_its_text_config():
     nested = {"model_type": "llava", "text_config": {k: v for k, v in LLAMA_70B.items()}}
     job = parse_config({"batch_size": 2, "quantize": {"bits": 4}, "grad_checkpoint": True,

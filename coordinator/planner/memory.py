@@ -136,18 +136,24 @@ def _matrix_bytes(rows: int, cols: int, bits: int | None, group: int, dtype_byte
 
 
 def _adapted_keys(shape: ModelShape, job: JobConfig) -> dict[str, tuple[int, int]]:
-    # mlx-lm's linear_to_lora_layers adapts every Linear of a block unless keys are given.
+    """(in, out) of each linear LoRA adapts in one block. mlx-lm adapts every Linear of a block
+    unless keys are given, and a key that names no module of a block adapts nothing there (not
+    an error in mlx-lm either): a key the planner does not know (another architecture's names)
+    is sized as the block's largest linear, so the estimate errs on the safe side."""
     lin = shape.linears()
     keys = job.lora_parameters.keys
     if keys is None:
         return lin
-    unknown = [k for k in keys if k not in lin]
-    if unknown:
-        raise ConfigError(
-            f"lora_parameters.keys {unknown} are not linears of a {shape.model_type} block",
-            hint=f"known keys: {', '.join(lin)}",
-        )
-    return {k: lin[k] for k in keys}
+    h, i = shape.hidden, shape.intermediate
+    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    fused = {"self_attn.qkv_proj": (h, q + 2 * kv), "mlp.gate_up_proj": (h, 2 * i)}  # phi3's
+    return {k: lin.get(k) or fused.get(k) or (h, max(h, i, q)) for k in keys
+            if k not in TOP_LEVEL_KEYS}
+
+
+# Keys mlx-lm matches against the whole model rather than a block (linear_to_lora_layers):
+# adapted once, on the rank that holds the head.
+TOP_LEVEL_KEYS = ("lm_head",)
 
 
 def _copies(pair: tuple[float, float], act_bytes: int) -> float:
@@ -201,6 +207,8 @@ def estimate_memory(
     if job.fine_tune_type == "dora":
         per_block += sum(o for _, o in keys.values())
     params = adapted * per_block
+    if has_head and "lm_head" in (job.lora_parameters.keys or ()):
+        params += r * (shape.hidden + shape.vocab)
     lora = params * 4
     grads = params * 4
     optimizer = params * 4 * _OPTIMIZER_STATES.get(job.optimizer, 2)

@@ -40,8 +40,8 @@ class Reporter:
 
     def on_val_report(self, info: dict) -> None:
         self.events.append(ValReport(rank=self.rank, **info))
-        if self.reporting is not None:
-            self.reporting.on_val_loss_report(dict(info))
+        if self.reporting is not None:  # mlx-lm's trainer passes it - 1 (before the step)
+            self.reporting.on_val_loss_report({**info, "iteration": info["iteration"] - 1})
         if not self.quiet:
             print(val_line(info, self.job.iters), flush=True)
 

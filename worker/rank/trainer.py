@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Callable, Protocol
 
@@ -364,9 +364,15 @@ def train(
             win_loss, win_tokens = mx.array(0.0), mx.array(0)
             win_time, win_exchange, win_iters, win_bytes, win_steps = 0.0, 0.0, 0, 0, 0.0
 
-        if callback and checkpoint_due(it, accum, args.save_every, args.iters):
+        if checkpoint_due(it, accum, args.save_every, args.iters):
             progress.random_key = _save_random_key()
             progress.shares = stream.shares
-            callback.on_save(progress)
+            # The count as of this checkpoint, which a resumed run starts from: the reports'
+            # total and the open window's tokens (save_every need not be a multiple of
+            # steps_per_report). A collective on every rank, like the report's.
+            opened = int(all_sum_scalars(exchange, win_tokens)[0]) if win_iters else 0
+            if callback:
+                callback.on_save(replace(progress,
+                                         trained_tokens=progress.trained_tokens + opened))
     progress.random_key = _save_random_key()
     return progress
