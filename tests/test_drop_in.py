@@ -88,6 +88,30 @@ def _wandb_history(run_file: Path) -> list[dict]:
     return rows
 
 
+def test_a_bad_test_record_stops_only_a_job_that_tests(tmp_path, tiny_model, tiny_chat_data):
+    """mlx-lm parses test.jsonl and renders none of it unless it tests: a record the chat
+    template cannot take is a warning for a job with test: false (it trains), a dataset error
+    for one that tests; a line that is not JSON fails both, as it fails mlx-lm's loader."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_chat_data, data)
+    with open(data / "test.jsonl", "a") as f:
+        f.write(json.dumps({"messages": "hello"}) + "\n")
+    cfg = write_job(tmp_path / "job.yaml", tiny_model, data, iters=2,
+                    adapter_path=str(tmp_path / "ad"))
+    trained = herd("train", cfg, "--quiet", check=False)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    assert "test.jsonl: 1 record" in trained.stderr and "not used by this job" in trained.stderr
+    tested = write_job(tmp_path / "tested.yaml", tiny_model, data, iters=2, test=True,
+                       adapter_path=str(tmp_path / "ad2"))
+    refused = herd("check", tested, check=False)
+    assert refused.returncode == DatasetError.exit_code and "test.jsonl: 1 record" in (
+        refused.stderr), refused.stderr
+    with open(data / "test.jsonl", "a") as f:
+        f.write("{not json\n")
+    broken = herd("check", cfg, check=False)
+    assert broken.returncode == DatasetError.exit_code and "malformed JSON" in broken.stderr
+
+
 def test_report_to_wandb_logs_what_mlx_lm_logs(tmp_path, tiny_model, tiny_data):
     """report_to: wandb goes through mlx-lm's own callback (offline here): the run lands under
     adapter_path/wandb with every train and validation report herd makes."""
