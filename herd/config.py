@@ -465,6 +465,9 @@ def parse_config(raw: dict[str, Any], source: str = "<dict>", stored: bool = Fal
     were checked at its submission (JobConfig._cross)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: a job config is a YAML mapping, got {type(raw).__name__}")
+    # `key: null` is mlx-lm's default for that key (mlx_lm.lora fills every None from its
+    # CONFIG_DEFAULTS): configs written from a dict, or templates that list every key, hold them.
+    raw = {k: v for k, v in raw.items() if v is not None}
     try:
         return JobConfig.model_validate(raw, context={"stored": stored})
     except ValidationError as e:
@@ -484,6 +487,7 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None,
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a job config is a YAML mapping, got {type(raw).__name__}")
+    raw = {k: v for k, v in raw.items() if v is not None}  # (as parse_config: mlx-lm's defaults)
     raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
     raw.update({k: v for k, v in (defaults or {}).items() if v is not None and k not in raw})
     return parse_config(raw, str(path))

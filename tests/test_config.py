@@ -24,6 +24,18 @@ def test_mlx_lm_defaults_are_ours():
             assert ours[key] == default, f"{key}: ours {ours[key]!r} != mlx-lm {default!r}"
 
 
+def test_a_null_value_is_mlx_lm_s_default_for_that_key(tmp_path):
+    """mlx_lm.lora fills every None from CONFIG_DEFAULTS: a config that lists every key with
+    null (written from a dict, or a template) is the default config, in a file or a dict."""
+    nulls = {k: None for k in CONFIG_DEFAULTS if k not in ("model", "data")}
+    cfg = parse_config({"model": "m", **nulls})
+    assert cfg == parse_config({"model": "m"})
+    assert cfg.seed == CONFIG_DEFAULTS["seed"] and cfg.lora_parameters.rank == 8
+    path = tmp_path / "job.yaml"
+    path.write_text("model: m\nseed: null\nlora_parameters:\ntest_batches: ~\n")
+    assert load_config(path).model_dump() == parse_config({"model": "m"}).model_dump()
+
+
 def test_full_mlx_lm_config_validates():
     parse_config({**CONFIG_DEFAULTS, "train": True}, "mlx-lm defaults")
     parse_config({**CONFIG_DEFAULTS, "test": True}, "mlx-lm defaults")
