@@ -47,12 +47,14 @@ class FailedPaths:
             self._used[job.job_id] = path.network
         return placement
 
-    def on_failed(self, job: Job, store: JobStore) -> str:
+    def on_failed(self, job: Job, store: JobStore, retryable: bool = True) -> str:
         """The job's current attempt failed: its subnet is avoided from now on when every rank
         started (the ring forms after) and none reported a step. Returns what to add to the
-        failure's message."""
+        failure's message. Not ``retryable`` (a rank refused its config or data, exit 2 or 3):
+        the link is not in question."""
         network = self._used.pop(job.job_id, None)
-        if network is None or network == CONTROL or job.state is not JobState.RUNNING:
+        if (network is None or network == CONTROL or job.state is not JobState.RUNNING
+                or not retryable):
             return ""
         started = next((a.started_ms for a in reversed(store.attempt_history(job.job_id))
                         if a.attempt == job.attempt), 0)

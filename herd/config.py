@@ -315,6 +315,12 @@ class JobConfig(_Strict):
                 f"of cluster.workers {workers}: use a batch_size that is a multiple of {n}, or "
                 f"fewer workers")
         shares, caps = self.cluster.shares, self.cluster.max_shares
+        ranks = dp or (workers // stages if workers and workers > 1 else None)
+        for key, given in (("shares", shares), ("max_shares", caps)):
+            if given is not None and ranks and len(given) != ranks:  # (else every rank fails)
+                raise ValueError(
+                    f"cluster.{key} {given} names {len(given)} ranks; the job runs {ranks} "
+                    f"data-parallel ranks: give one entry per rank, or remove cluster.{key}")
         if shares is not None and (sum(shares) != self.batch_size or dp and len(shares) != dp):
             raise ValueError(f"cluster.shares {shares} split the global batch: one per "
                              f"data-parallel rank ({dp or 'any'}), summing to {self.batch_size}")

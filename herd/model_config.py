@@ -113,10 +113,22 @@ def resume_weights_file(cfg) -> Path | None:
                           f"(looked for {file.resolve()})", hint=RESUME_HINT)
     try:
         with safe_open(str(file), framework="numpy") as f:
-            f.keys()
+            shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
     except Exception as e:  # safetensors raises its own SafetensorError, OSError, ...
         raise ConfigError(f"resume_adapter_file {file} is not a safetensors file: {e}",
                           hint=RESUME_HINT) from None
+    # An adapter of another LoRA rank fails every rank after placement: said here instead.
+    # (lora_a is (in, rank) and lora_b (rank, out), whatever the base's quantization.)
+    rank = cfg.lora_parameters.rank
+    for name, shape in sorted(shapes.items()):
+        if cfg.fine_tune_type != "full" and len(shape) == 2 and (
+                name.endswith("lora_a") and shape[1] != rank
+                or name.endswith("lora_b") and shape[0] != rank):
+            raise ConfigError(
+                f"resume_adapter_file {cfg.resume_adapter_file} was trained with LoRA rank "
+                f"{shape[1] if name.endswith('lora_a') else shape[0]} ({name}: shape "
+                f"{tuple(shape)}); this job's lora_parameters.rank is {rank}",
+                hint="resume with the lora_parameters (rank, keys) of the run that wrote it")
     return file
 
 

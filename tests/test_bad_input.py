@@ -98,6 +98,17 @@ def resume_adapter_not_safetensors(job: Job) -> None:
     job.config["resume_adapter_file"] = str(job.dir / "adapters.safetensors")
 
 
+def resume_adapter_of_another_rank(job: Job) -> None:
+    """An adapter trained with LoRA rank 2, resumed by the job's rank 4."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    save_file({"model.layers.0.self_attn.q_proj.lora_a": np.zeros((64, 2), np.float32),
+               "model.layers.0.self_attn.q_proj.lora_b": np.zeros((2, 64), np.float32)},
+              str(job.dir / "adapters.safetensors"))
+    job.config["resume_adapter_file"] = str(job.dir / "adapters.safetensors")
+
+
 def malformed_line(job: Job) -> None:
     job.lines("train", records(5) + ['{"text": "the cat is'] + records(2))
 
@@ -167,6 +178,9 @@ ROWS = [
      ["resume_adapter_file nope.safetensors does not exist"]),
     ("resume adapter that is not safetensors", resume_adapter_not_safetensors, 2,
      ["adapters.safetensors is not a safetensors file"]),
+    ("resume adapter of another LoRA rank", resume_adapter_of_another_rank, 2,
+     ["was trained with LoRA rank 2 (model.layers.0.self_attn.q_proj.lora_a: shape (64, 2)); "
+      "this job's lora_parameters.rank is 4"]),
     # -- dataset: herd.dataset.check_dataset (DatasetError, exit 3) --
     ("missing split", missing_train, 3, ["train.jsonl: missing from"]),
     ("missing data folder", missing_data_folder, 3, ["data is not a local folder"]),

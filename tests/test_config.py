@@ -152,6 +152,10 @@ def test_shipped_configs_validate(path):
         # placement would refuse it on every try: said at `herd check` / submit, not after 600 s
         ({"batch_size": 1, "cluster": {"workers": 2}},
          "does not split over the 2 data-parallel ranks of cluster.workers 2"),
+        ({"batch_size": 6, "cluster": {"workers": 2, "shares": [2, 2, 2]}},
+         "cluster.shares [2, 2, 2] names 3 ranks; the job runs 2 data-parallel ranks"),
+        ({"batch_size": 6, "cluster": {"workers": 3, "max_shares": [4, 4]}},
+         "cluster.max_shares [4, 4] names 2 ranks; the job runs 3 data-parallel ranks"),
         # what mlx-lm refuses on the rank, after placement: said before any worker is touched
         ({"report_to": "tensorboard"}, "report_to = 'tensorboard': tensorboard: mlx-lm reports "
          "to wandb or swanlab"),

@@ -232,6 +232,27 @@ def test_an_adapter_of_another_layout_is_refused_by_name(tmp_path, tiny_model, s
         load_adapter_weights(start_adapter, model)
     with pytest.raises(FileNotFoundError, match="neither a herd checkpoint"):
         load_adapter_weights(tmp_path, model)
+    full = parse_config({"model": str(tiny_model), "fine_tune_type": "full", "train": True,
+                         "num_layers": -1})
+    model, _ = load_base(full)
+    apply_adapters(model, full)
+    with pytest.raises(ValueError, match="lora_a: not a trainable parameter of this job's model"):
+        load_adapter_weights(start_adapter, model)  # nothing of it is the job's: nothing resumed
+
+
+def test_an_adapter_of_more_layers_resumes_the_ones_the_job_trains(tmp_path, tiny_model,
+                                                                   tiny_data, start_adapter):
+    """resume_adapter_file written for every layer, a job of num_layers 1: mlx-lm loads what its
+    model has (load_weights strict=False) and trains; so does herd, saying what it left out."""
+    kw = dict(num_layers=1, resume_adapter_file=str(start_adapter),
+              lora_parameters={"rank": 4, "scale": 10.0, "dropout": 0.0})
+    ours = write_job(tmp_path / "herd.yaml", tiny_model, tiny_data,
+                     adapter_path=str(tmp_path / "herd"), **kw)
+    theirs = write_job(tmp_path / "mlx.yaml", tiny_model, tiny_data,
+                       adapter_path=str(tmp_path / "mlx"), **kw)
+    proc, _ = side_by_side(("train", ours, "--quiet"), theirs)
+    assert "adapter_tensors_ignored" in proc.stderr, proc.stderr[-2000:]
+    assert max_abs_diff(load_adapter(tmp_path / "herd"), load_adapter(tmp_path / "mlx")) == 0.0
 
 
 def test_resume_is_exact_across_an_epoch_boundary_with_validation(tmp_path, tiny_model,

@@ -902,3 +902,14 @@ def test_an_attempt_that_never_stepped_on_its_data_subnet_sends_the_next_one_els
     s.on_progress(j.job_id, 2, RankProgress(rank=0, worker_id="w1", iteration=3))
     s.on_exit(j.job_id, 2, 1, "w2", -9, "a crash after a step")
     assert "data subnet" not in s.store.get_job(j.job_id).message
+    # A rank that refuses its config before any step says nothing of the link: the job fails
+    # (no next attempt to send elsewhere), naming only what the rank said.
+    workers += [worker(3, interfaces=nics(3)), worker(4, interfaces=nics(4))]
+    k = s.submit(job(workers=2, iters=12))
+    clock.t += 60
+    s.tick()
+    placed = s.store.get_job(k.job_id)
+    assert placed.state is JobState.RUNNING and placed.worker_ids == ["w3", "w4"]
+    s.on_exit(k.job_id, 1, 0, "w3", 2, "cluster.shares has 3 entries for 2 ranks")
+    got = s.store.get_job(k.job_id)
+    assert got.state is JobState.FAILED and "data subnet" not in got.message, got.message

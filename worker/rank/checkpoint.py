@@ -309,24 +309,28 @@ def adapter_weights_file(path: Path) -> Path:
     )
 
 
-def load_adapter_weights(path: Path, model) -> Path:
+def load_adapter_weights(path: Path, model) -> tuple[Path, list[str]]:
     """Load an mlx-lm adapter's weights into ``model`` (as mlx_lm.lora's resume_adapter_file:
-    weights only). Every tensor must be one of the model's trainable parameters with the same
-    shape; ValueError naming each one that is not (an adapter of another rank or layout)."""
+    weights only, ``load_weights(strict=False)``): a tensor the job's model does not train (an
+    adapter of more layers than ``num_layers``) is left out, as mlx-lm leaves it; returns the
+    file and their names. ValueError naming each tensor of another shape (another rank), or
+    when no tensor is the job's (another layout or fine_tune_type: nothing would be resumed)."""
     file = adapter_weights_file(path)
     weights = mx.load(str(file))
     trainable = dict(tree_flatten(model.trainable_parameters()))
-    errors = [f"{name}: not a trainable parameter of this job's model" if name not in trainable
-              else f"{name}: shape {tuple(w.shape)}, the job's is {tuple(trainable[name].shape)}"
+    ignored = sorted(name for name in weights if name not in trainable)
+    errors = [f"{name}: shape {tuple(w.shape)}, the job's is {tuple(trainable[name].shape)}"
               for name, w in weights.items()
-              if name not in trainable or w.shape != trainable[name].shape]
+              if name in trainable and w.shape != trainable[name].shape]
+    if len(ignored) == len(weights):
+        errors = [f"{name}: not a trainable parameter of this job's model" for name in ignored]
     if errors:
         shown = "\n  ".join(errors[:5]) + (f"\n  and {len(errors) - 5} more" if len(errors) > 5
                                             else "")
         raise ValueError(f"adapter {file} does not fit this job (fine_tune_type, num_layers, "
                          f"lora_parameters must match the run that wrote it):\n  {shown}")
-    model.load_weights(list(weights.items()), strict=False)
-    return file
+    model.load_weights([(k, w) for k, w in weights.items() if k in trainable], strict=False)
+    return file, ignored
 
 
 def load_checkpoint(folder: Path, model, optimizer) -> TrainerState:

@@ -99,7 +99,11 @@ def _resume(job: JobConfig, resume: Path | None, model, optimizer, logger):
                         shares=tuple(state.shares) if state.shares else None)
     source = resume if resume is not None else job.resume_adapter_file
     if source is not None:
-        file = load_adapter_weights(Path(source), model)
+        file, ignored = load_adapter_weights(Path(source), model)
+        if ignored:
+            logger.warning("adapter_tensors_ignored", adapter=str(file), count=len(ignored),
+                           first=ignored[0], reason="not trained by this job (num_layers, "
+                           "lora_parameters.keys): left out, as mlx_lm.lora leaves them")
         why = ("resume_adapter_file restores weights only, as in mlx_lm.lora (--resume DIR "
                "continues a herd checkpoint exactly)") if resume is None else (
                "an mlx-lm adapter holds no optimizer state or step")
