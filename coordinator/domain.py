@@ -109,6 +109,9 @@ class Job:
     model_digest: str = ""
     # The config's resume_adapter_file as uploaded at submit (None: read at its path on workers).
     resume_adapter: FileDigest | None = None
+    # The model's config.json as the laptop read it at submit: what the coordinator plans with
+    # when it cannot read the model itself (coordinator/models.py ``config``).
+    model_config: dict | None = None
 
     def blobs(self) -> set[str]:
         """The sha256 of every uploaded file the job's ranks fetch (its dataset, its resume

@@ -3,6 +3,7 @@ by (the gRPC SubmitJob, or the HTTP job API of coordinator/web/)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
@@ -29,11 +30,12 @@ def job_name(raw: str) -> str:
 
 def new_job(name: str, config_yaml: str, dataset: list[FileDigest], blobs: BlobStore,
             models: ModelCatalog | None = None, model_digest: str = "",
-            resume_adapter: FileDigest | None = None) -> Job:
+            resume_adapter: FileDigest | None = None, model_config_json: str = "") -> Job:
     """The job to queue; ConfigError / DatasetError (naming the fix) when it cannot run. With
     ``models``, the model is pinned: a hub id to its commit, and to the stored model when the
     coordinator's model store holds it (``model_digest``: a stored folder the CLI named).
-    ``resume_adapter``: the config's resume_adapter_file, uploaded (``check_resume_adapter``)."""
+    ``resume_adapter``: the config's resume_adapter_file, uploaded (``check_resume_adapter``).
+    ``model_config_json``: the model's config.json as the laptop read it."""
     cfg = config_from_yaml(config_yaml, name or "<submitted config>")
     names = [check_name(d.name, "dataset") for d in dataset]
     for d in dataset:
@@ -65,7 +67,27 @@ def new_job(name: str, config_yaml: str, dataset: list[FileDigest], blobs: BlobS
     name = job_name(name)
     return Job(job_id=f"{name}-{uuid.uuid4().hex[:6]}", name=name, config=cfg, dataset=dataset,
                model_digest=model_digest, workers_needed=workers_needed(cfg), iters=cfg.iters,
-               resume_adapter=resume_adapter)
+               resume_adapter=resume_adapter, model_config=sent_model_config(model_config_json))
+
+
+MAX_MODEL_CONFIG = 1 << 20  # a config.json is a few KB; a vision model's, tens
+
+
+def sent_model_config(text: str) -> dict | None:
+    """The model's config.json a laptop sent (None: none): a JSON object the planner can read,
+    else ConfigError (it decides whether the job fits)."""
+    if not text:
+        return None
+    if len(text) > MAX_MODEL_CONFIG:
+        raise ConfigError(f"the model's config.json sent with the job is {len(text)} bytes, "
+                          f"over {MAX_MODEL_CONFIG}")
+    try:
+        parsed = json.loads(text)
+    except ValueError as e:
+        raise ConfigError(f"the model's config.json sent with the job is not JSON: {e}") from None
+    if not isinstance(parsed, dict):
+        raise ConfigError("the model's config.json sent with the job is not a JSON object")
+    return parsed
 
 
 def check_resume_adapter(cfg, f: FileDigest, blobs: BlobStore) -> None:

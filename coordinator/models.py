@@ -182,8 +182,13 @@ class ModelCatalog:
         return cfg, stored.digest if stored else ""
 
     def config(self, job: Job) -> dict[str, Any] | None:
-        """config.json of the job's model, when this coordinator can read it; None otherwise (the
-        job is then placed as data parallel, and a pipeline is refused)."""
+        """config.json of the job's model: this coordinator's own reading, else the one the
+        laptop sent with the job; None when neither (the job is then placed as data parallel,
+        and a pipeline is refused)."""
+        own = self._own_config(job)
+        return own if own is not None else job.model_config
+
+    def _own_config(self, job: Job) -> dict[str, Any] | None:
         if job.model_digest:
             model = self.store.get(job.model_digest)
             return self.store.read_json(model, refs.CONFIG) if model else None

@@ -95,7 +95,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                       [convert.digest_from_pb(f) for f in spec.dataset], self.blobs,
                       self.models, spec.model_digest,
                       convert.digest_from_pb(spec.resume_adapter)
-                      if spec.HasField("resume_adapter") else None)
+                      if spec.HasField("resume_adapter") else None, spec.model_config_json)
         # Room for two of its checkpoints (a step is written beside the previous one), now.
         require_free(self.adapters.root, 2 * checkpoint_bytes(job.config), "the job's checkpoints")
         return job

@@ -65,6 +65,8 @@ _MIGRATIONS = [
     """,
     # A resume_adapter_file shipped with the job (JSON of its FileDigest; '' = none).
     "ALTER TABLE jobs ADD COLUMN resume_adapter TEXT NOT NULL DEFAULT ''",
+    # The model's config.json as the laptop read it at submit (JSON; '' = none sent).
+    "ALTER TABLE jobs ADD COLUMN model_config TEXT NOT NULL DEFAULT ''",
 ]
 
 
@@ -106,6 +108,7 @@ def _job(row: sqlite3.Row, config: JobConfig) -> Job:
         model_digest=row["model_digest"],
         resume_adapter=FileDigest(**json.loads(row["resume_adapter"]))
         if row["resume_adapter"] else None,
+        model_config=json.loads(row["model_config"]) if row["model_config"] else None,
     )
 
 
@@ -165,13 +168,13 @@ class JobStore:
     def put_job(self, job: Job) -> None:
         with self._lock:
             self._db.execute(
-                "INSERT OR REPLACE INTO jobs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT OR REPLACE INTO jobs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (job.job_id, job.name, config_to_yaml(job.config),
                  json.dumps([dataclasses.asdict(d) for d in job.dataset]), job.workers_needed,
                  job.iters, job.state.value, job.message, job.created_ms, job.updated_ms,
                  job.attempt, json.dumps(job.worker_ids), job.model_digest,
                  json.dumps(dataclasses.asdict(job.resume_adapter)) if job.resume_adapter
-                 else ""),
+                 else "", json.dumps(job.model_config) if job.model_config else ""),
             )
 
     def _config(self, row: sqlite3.Row) -> JobConfig:

@@ -414,6 +414,48 @@ def test_a_job_from_either_door_is_pinned_to_its_commit(sharded, offline_hub, tm
         submit("org/nope")
 
 
+def test_a_model_only_the_laptop_can_read_is_planned_from_the_config_it_sent(offline_hub,
+                                                                            tmp_path):
+    """A hub model cached only on the laptop (or gated, its token only there): the coordinator
+    cannot read its config.json, and used to place a 70B job on 16 GB workers that `herd plan`
+    refused (an outside run). The laptop sends the config.json it read; the job that cannot fit
+    is refused at submit, with the fixes."""
+    from coordinator.artifacts import BlobStore
+    from coordinator.jobs import new_job
+    from coordinator.models import ModelCatalog, ModelStore
+    from coordinator.placement import DoesNotFitError
+    from coordinator.scheduler import Scheduler
+    from coordinator.store import JobStore
+    from herd.digest import FileDigest
+    from tests.test_planner import LLAMA_70B
+    from tests.test_service_units import FakeLauncher, worker
+
+    blobs = BlobStore(tmp_path / "blobs")
+    train = b'{"text": "hello"}\n' * 4
+    sha = hashlib.sha256(train).hexdigest()
+    blobs.put(sha, [train])
+    models = ModelCatalog(ModelStore(tmp_path / "models", blobs))
+    s = Scheduler(JobStore(tmp_path / "db"), lambda: [worker(1), worker(2)], FakeLauncher(),
+                  models=models)
+    pinned = "org/llama-70b@" + "a" * 40  # the laptop pinned it: the coordinator asks nothing
+
+    def submit(sent: str):
+        job = new_job("j", f"model: {pinned}\ndata: d\nbatch_size: 2\ncluster: {{workers: 2}}\n",
+                      [FileDigest("train.jsonl", sha, len(train))], blobs, models,
+                      model_config_json=sent)
+        return s.submit(job)
+
+    with pytest.raises(DoesNotFitError, match="GB"):
+        submit(json.dumps(LLAMA_70B))
+    assert submit("").state.value == "queued"  # nothing to plan with: placement decides
+    small = {**LLAMA_70B, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 1000}
+    ok = submit(json.dumps(small))  # fits: kept with the job, which placement (and any
+    assert s.store.get_job(ok.job_id).model_config == small  # restart) plans with
+    with pytest.raises(ConfigError, match="not a JSON object"):
+        submit("[1, 2]")
+
+
 def test_a_model_an_unfinished_job_uses_is_not_removed(sharded, tmp_path):
     """`herd models rm` (ModelCatalog.remove): refused, naming the jobs, while an unfinished job
     is pinned to the model; once they are final it goes, keeping a dataset's blob it shares."""

@@ -10,6 +10,7 @@ returns 10 when the job failed and 11 when it was cancelled.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from herd.cli.watch import FINAL, STATE, watch
 from herd.config import JobConfig, load_config
 from herd.digest import sha256_file
 from herd.errors import ConfigError, DatasetError, HerdError, NotFoundError, PeerLostError
-from herd.model_config import resume_weights_file
+from herd.model_config import resolve_model_config, resume_weights_file
 from herd.models import ref as refs
 from herd.models.manifest import folder_manifest, model_files
 from herd.rpc.channel import UNARY_DEADLINE_S
@@ -133,6 +134,7 @@ def cmd_submit(args) -> int:
         model, digest = (hub.pinned, "") if hub else pin_folder(cfg, coord)
         spec, files = job_spec(cfg, args.name or Path(args.config).stem, model, digest)
         spec.resume_from = args.resume_from or ""
+        spec.model_config_json = _model_config_json(cfg, hub)
         for path, sha in files:  # content-addressed: re-uploading the same bytes is a no-op
             coord.put_blob(path, sha)
         # The coordinator reads the uploaded records (coordinator/jobs.py) and plans the job, or
@@ -155,6 +157,19 @@ def cmd_submit(args) -> int:
           f"  herd pull {job_id} -o adapters/     # its adapter, once a checkpoint is stored",
           file=sys.stderr)
     return 0
+
+
+def _model_config_json(cfg: JobConfig, hub) -> str:
+    """The model's config.json as read here, sent with the job: the coordinator plans with it
+    when it cannot read the model itself (a hub model cached only here, a gated one whose token
+    is only here, a folder only the workers and this machine hold), so a job that cannot fit is
+    refused at submit, as `herd plan` says. "" when it is not readable here either."""
+    if hub is not None:
+        return json.dumps(hub.config)
+    try:
+        return json.dumps(resolve_model_config(cfg.model))
+    except (HerdError, ValueError):  # (a config.json that is not JSON: the workers say so)
+        return ""
 
 
 # --- cancel, rm ------------------------------------------------------------------------------

@@ -96,20 +96,22 @@ class FileDigest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., sha256: _Optional[str] = ..., bytes: _Optional[int] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("name", "config_yaml", "dataset", "model_digest", "resume_from", "resume_adapter")
+    __slots__ = ("name", "config_yaml", "dataset", "model_digest", "resume_from", "resume_adapter", "model_config_json")
     NAME_FIELD_NUMBER: _ClassVar[int]
     CONFIG_YAML_FIELD_NUMBER: _ClassVar[int]
     DATASET_FIELD_NUMBER: _ClassVar[int]
     MODEL_DIGEST_FIELD_NUMBER: _ClassVar[int]
     RESUME_FROM_FIELD_NUMBER: _ClassVar[int]
     RESUME_ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    MODEL_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     name: str
     config_yaml: str
     dataset: _containers.RepeatedCompositeFieldContainer[FileDigest]
     model_digest: str
     resume_from: str
     resume_adapter: FileDigest
-    def __init__(self, name: _Optional[str] = ..., config_yaml: _Optional[str] = ..., dataset: _Optional[_Iterable[_Union[FileDigest, _Mapping]]] = ..., model_digest: _Optional[str] = ..., resume_from: _Optional[str] = ..., resume_adapter: _Optional[_Union[FileDigest, _Mapping]] = ...) -> None: ...
+    model_config_json: str
+    def __init__(self, name: _Optional[str] = ..., config_yaml: _Optional[str] = ..., dataset: _Optional[_Iterable[_Union[FileDigest, _Mapping]]] = ..., model_digest: _Optional[str] = ..., resume_from: _Optional[str] = ..., resume_adapter: _Optional[_Union[FileDigest, _Mapping]] = ..., model_config_json: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("digest", "names", "files", "bytes", "added_unix_ms", "job_ids")
