@@ -29,7 +29,7 @@ from protos.v1 import (
     worker_pb2,
     worker_pb2_grpc,
 )
-from tests.conftest import write_job
+from tests.conftest import herd, write_job
 
 HOST = "127.0.0.1"
 
@@ -275,6 +275,38 @@ def test_joining_takes_a_valid_token_and_a_free_name(cluster, tmp_path):
     with pytest.raises(AuthError, match="expired"):
         join(expired, "newbie", tmp_path / "nope")
     assert not (tmp_path / "nope").exists()
+
+
+def test_a_second_member_of_a_machine_is_kept_beside_the_first_and_another_cluster_is_refused(
+        cluster, tmp_path):
+    """`herd join --id` on a machine that already joined keeps both identities (a second worker
+    runs as `herd worker --id NAME`); a token of another cluster is refused before the join port
+    is asked (it used to overwrite this cluster's CA, key and certificate without a word); and a
+    second `herd worker` that would serve the machine's one joined id is refused, naming the
+    fix (an outside run saw the coordinator flip between two agents under one id)."""
+    from herd.state_lock import StateLock
+    from worker.agent.state import WHO
+
+    c, home = cluster, tmp_path / "home"
+    tls = home / "tls"
+    first = join(make_token(c.ca, c.coord.join_address, "worker"), "mac-a", tls)
+    second = join(make_token(c.ca, c.coord.join_address, "worker"), "mac-b", tls)
+    assert pki.load_or_issue(tls, "worker").cert_pem == first.cert_pem
+    assert pki.load_or_issue(tls, "worker", "mac-b").cert_pem == second.cert_pem
+    before = {f.name: f.read_bytes() for f in tls.iterdir()}
+    with pytest.raises(AuthError, match="a member of another cluster"):
+        join(make_token(c.foreign, c.coord.join_address, "worker"), "mac-c", tls)
+    assert {f.name: f.read_bytes() for f in tls.iterdir()} == before
+
+    held = StateLock.acquire(home / "worker", WHO)  # the first agent of this machine
+    try:
+        proc = herd("worker", "--host", HOST, env={"HERD_HOME": str(home)}, check=False,
+                    timeout=120)
+    finally:
+        held.release()
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "joined the cluster as worker mac-a" in proc.stderr
+    assert "herd worker --id NAME" in proc.stderr
 
 
 def test_joining_never_trusts_a_join_port_that_lacks_the_tokens_secret(cluster, tmp_path):

@@ -70,7 +70,9 @@ def cmd_join(args) -> int:
     ident = join(token, args.id or pki.host_label(), _dir(args))
     print(f"joined as {ident.label}; certificate and key in {_dir(args)}")
     if ident.role == "worker":
-        print("next: `herd worker` (its id is the name above)")
+        second = (_dir(args) / f"worker-{ident.name}.pem").is_file()
+        print(f"next: `herd worker --id {ident.name}` (a second worker of this machine)" if second
+              else "next: `herd worker` (its id is the name above)")
     return 0
 
 

@@ -100,6 +100,15 @@ def join(token: JoinToken, name: str, folder: Path, timeout_s: float = 10.0) -> 
         raise AuthError("this join token has expired",
                         hint="make a new one on the coordinator's machine: `herd token`")
     pki.check_label(name, f"{token.role} name")
+    ca_file = folder / "ca.pem"
+    if ca_file.is_file() and not pki.fingerprint(ca_file.read_bytes()).startswith(
+            token.fingerprint):
+        # Checked before asking: the coordinator would sign (and claim the name), and this
+        # machine's membership of the other cluster would be overwritten without a word.
+        raise AuthError(f"this machine is a member of another cluster (its CA is in {folder}); "
+                        "joining this one there would replace that membership",
+                        hint="join into a folder of its own: herd join TOKEN --tls-dir DIR, and "
+                        "give that cluster's commands --tls-dir DIR")
     key = pki.new_key()
     csr = pki.csr_for(key, token.role, name)
     request = join_pb2.JoinRequest(role=token.role, expires=token.expires, nonce=token.nonce,
@@ -124,5 +133,16 @@ def join(token: JoinToken, name: str, folder: Path, timeout_s: float = 10.0) -> 
         raise AuthError("the certificate the coordinator sent is not for this machine's key")
     cert.verify_directly_issued_by(x509.load_pem_x509_certificate(reply.ca_pem))
     ident = pki.Identity(token.role, name, reply.ca_pem, reply.cert_pem, pki.key_pem(key))
-    ident.save(folder)
+    ident.save(folder, member_stem(folder, token.role, name))
     return ident
+
+
+def member_stem(folder: Path, role: str, name: str) -> str:
+    """Where a new ``role`` identity named ``name`` is kept: ``<role>.pem``, unless that holds
+    another member of this machine (a second worker: ``herd join --id NAME``), which is kept;
+    the new one goes to ``<role>-<name>.pem``, which ``herd worker --id NAME`` loads."""
+    try:
+        current = pki.Identity.load(folder, role)
+    except AuthError:
+        return role
+    return role if current.name == name else f"{role}-{name}"

@@ -17,7 +17,7 @@ import threading
 from pathlib import Path
 
 from herd import log, netif
-from herd.errors import HerdError
+from herd.errors import ConfigError, HerdError
 from herd.rpc import discovery, pki
 from herd.rpc.channel import bind, secure_server
 from herd.rpc.ports import kept_ports
@@ -127,6 +127,15 @@ def main(argv: list[str]) -> int:
         name = args.id or (state.worker_id(lock.folder, None)
                            if pki.Authority.exists(tls) else None)
         identity = pki.load_or_issue(tls, "worker", name)
+        if name is None and args.tls_dir is None and args.state_dir is None and (
+                lock.folder.name != "worker"):
+            # Another agent serves this machine's one joined identity from ~/.herd/worker: a
+            # second one under the same id would make the coordinator flip between the two.
+            raise ConfigError(
+                f"this machine joined the cluster as worker {identity.name} (its certificate "
+                f"in {tls}), which the agent on {lock.folder.parent / 'worker'} serves; a "
+                "second agent here needs a member name of its own",
+                hint="herd join TOKEN --id NAME (a worker token), then herd worker --id NAME")
     except HerdError as e:
         print(f"herd worker: {e}", file=sys.stderr, flush=True)
         return e.exit_code
