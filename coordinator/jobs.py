@@ -113,7 +113,9 @@ def check_uploaded_dataset(cfg, dataset: list[FileDigest], blobs: BlobStore) -> 
         for d in dataset:
             if d.name in splits:
                 os.symlink(blobs.path(d.sha256), Path(view) / d.name)
-        check_job_dataset(cfg.model_copy(update={"data": view}), shown_as=str(cfg.data))
+        # (a config without `data`, as the HTTP job API's, holds mlx-lm's default: not the user's)
+        shown = str(cfg.data) if "data" in cfg.model_fields_set else "uploaded with the job"
+        check_job_dataset(cfg.model_copy(update={"data": view}), shown_as=shown)
 
 
 # What a checkpoint's adapter and optimizer state are shaped by: a job starting from another's

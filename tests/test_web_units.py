@@ -166,7 +166,8 @@ def test_an_openai_create_request_becomes_a_herd_config():
     name, text, dataset = openai_shape.job_request(body, lambda s: 100 if s == sha else 0)
     cfg = parse_config(__import__("yaml").safe_load(text))
     assert name == "mine"
-    assert (cfg.model, cfg.batch_size, cfg.iters, cfg.seed) == ("/models/tiny", 8, 25, 3)
+    # two mlx-lm epochs of 100 // 8 = 12 batches (the partial thirteenth is dropped, as there)
+    assert (cfg.model, cfg.batch_size, cfg.iters, cfg.seed) == ("/models/tiny", 8, 24, 3)
     assert cfg.learning_rate == 2e-4 and cfg.lora_parameters.rank == 4
     assert cfg.cluster.workers == 2
     assert [(d.name, d.sha256) for d in dataset] == [("train.jsonl", sha),
@@ -178,6 +179,26 @@ def test_an_openai_create_request_becomes_a_herd_config():
     for request, words in bad:
         with pytest.raises((ConfigError, DatasetError), match=words):
             openai_shape.job_request(request, lambda s: 100)
+
+
+def test_a_bad_upload_is_named_as_uploaded_not_as_mlx_lm_s_default_dataset(tmp_path):
+    """A job API config has no `data`: its dataset problems name the upload, not the
+    mlx-community/WikiSQL that mlx-lm's default would say (an outside run)."""
+    import hashlib
+
+    from coordinator.artifacts import BlobStore
+    from coordinator.jobs import new_job
+    from herd.digest import FileDigest
+
+    blobs = BlobStore(tmp_path / "blobs")
+    train = b'{"text": "a"}\n' * 4 + b'{"question": "b"}\n'
+    sha = hashlib.sha256(train).hexdigest()
+    blobs.put(sha, [train])
+    with pytest.raises(DatasetError) as e:
+        new_job("api", "model: /models/tiny\n", [FileDigest("train.jsonl", sha, len(train))],
+                blobs)
+    assert e.value.message.startswith("dataset uploaded with the job has 1 problem(s)")
+    assert "WikiSQL" not in e.value.message and "(line 5)" in e.value.message
 
 
 def test_report_files_hold_every_report_and_a_drawn_loss_curve(tmp_path):

@@ -10,7 +10,6 @@ mlx-lm, so only "auto" is accepted and ``learning_rate`` is set in ``config``.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable
 
 import yaml
@@ -97,7 +96,9 @@ def job_request(body: Any, count_examples: Callable[[str], int]) -> tuple[str, s
         if not isinstance(epochs, int) or epochs < 1:
             raise ConfigError(f"hyperparameters.n_epochs = {epochs!r}: a whole number >= 1")
         batch = int(config.get("batch_size", 4))
-        config["iters"] = max(1, math.ceil(epochs * count_examples(train) / batch))
+        # An mlx-lm epoch is examples // batch_size batches (iterate_batches drops the rest); a
+        # file smaller than one batch is refused by the dataset check with the figures.
+        config["iters"] = max(1, epochs * (count_examples(train) // batch))
     dataset = [FileDigest("train.jsonl", train, 0)]
     if body.get("validation_file"):
         dataset.append(FileDigest("valid.jsonl", sha_of(body["validation_file"],
