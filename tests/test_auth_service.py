@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from herd.errors import AuthError, HerdError, PlacementError
+from herd.errors import AuthError, HerdError, NotFoundError, PlacementError
 from herd.rpc import discovery, pki
 from herd.rpc.channel import CHANNEL_OPTIONS, bind, secure_channel, secure_server
 from herd.rpc.join import JoinToken, join, make_token
@@ -344,6 +344,13 @@ def test_a_revoked_worker_is_dropped_refused_and_never_issued_again(cluster, tmp
                               timeout=60)
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.startswith(f"worker/doomed {said}:"), proc.stdout
+    # A typo is not a success: the name was never issued (the member it meant stays in).
+    typo = subprocess.run([sys.executable, "-m", "herd", "revoke", "worker/dooomed",
+                           "--tls-dir", str(c.ca.folder)], capture_output=True, text=True,
+                          timeout=60)
+    assert typo.returncode == NotFoundError.exit_code, typo.stderr
+    assert "worker/dooomed was never issued" in typo.stderr and "worker/doomed" in typo.stderr
+    assert c.ca.revoke("worker/not-yet", unissued=True)  # shut out before it joins
     assert wait(lambda: "doomed" not in [w.worker_id for w in c.coord.registry.workers()], 20)
     client = CoordinatorClient(c.coord.address, doomed)
     try:

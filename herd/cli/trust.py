@@ -78,7 +78,7 @@ def cmd_join(args) -> int:
 
 def cmd_revoke(args) -> int:
     ca = pki.Authority.load(_dir(args))
-    done = ca.revoke(args.member)
+    done = ca.revoke(args.member, unissued=args.unissued)
     print(f"{args.member} {'revoked' if done else 'was already revoked'}: the coordinator using "
           f"{_dir(args)} refuses it from now on")
     return 0
@@ -118,6 +118,8 @@ def _parser(cmd: str) -> argparse.ArgumentParser:
                        help="this machine's member name, e.g. its worker id (default: host name)")
     elif cmd == "revoke":
         p.add_argument("member", metavar="ROLE/NAME", help="e.g. worker/mac-studio-2")
+        p.add_argument("--unissued", action="store_true",
+                       help="revoke a name no certificate was issued for yet")
     return p
 
 

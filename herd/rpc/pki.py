@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from herd.errors import AuthError
+from herd.errors import AuthError, NotFoundError
 
 DOMAIN = "herd"
 ROLES = ("coordinator", "worker", "client", "rank")
@@ -340,8 +340,10 @@ class Authority:
     def revoked(self) -> set[str]:
         return set(self._read("revoked.json"))
 
-    def revoke(self, label: str) -> bool:
-        """Revokes ``role/name``; False when it already was."""
+    def revoke(self, label: str, unissued: bool = False) -> bool:
+        """Revokes ``role/name``; False when it already was. A name never issued is refused
+        (a typo would report success and leave the member in), unless ``unissued``: the name
+        is then shut out before anyone joins as it."""
         role, _, name = label.partition("/")
         if role not in ROLES or not name:
             raise AuthError(f"cannot revoke {label!r}", hint="name it as ROLE/NAME, e.g. worker/w1")
@@ -350,6 +352,11 @@ class Authority:
             revoked = self.revoked()
             if label in revoked:
                 return False
+            held = self._read("issued.json")
+            if label not in held and not unissued:
+                raise NotFoundError(f"{label} was never issued by the CA in {self.folder}",
+                                    hint=f"issued: {', '.join(held) or 'none'} (`herd revoke "
+                                    f"--unissued {label}` shuts the name out before it joins)")
             _write(self.folder / "revoked.json", json.dumps(sorted(revoked | {label})).encode(),
                    0o644)
         return True
