@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from herd.errors import AuthError, HerdError, NotFoundError, PlacementError
+from herd.errors import AuthError, HerdError, NotFoundError, PeerLostError, PlacementError
 from herd.rpc import discovery, pki
 from herd.rpc.channel import CHANNEL_OPTIONS, bind, secure_channel, secure_server
 from herd.rpc.join import JoinToken, join, make_token
@@ -771,3 +771,21 @@ def test_processes_issuing_from_one_ca_at_once_lose_no_name(tmp_path):
     held = json.loads((tmp_path / "ca" / "issued.json").read_text())
     assert len(held) == 90 and "worker/w5-14" in held
     assert not list((tmp_path / "ca").glob(".*.tmp")), "a temporary file was left behind"
+
+
+def test_trust_commands_say_what_is_wrong_with_their_own_arguments(tmp_path):
+    """An out-of-range --ttl is a bad argument (exit 2), not an authentication failure; a join
+    whose address does not answer says what to check (herd join has no --coordinator); a laptop
+    without a client certificate is told which token it needs (outside runs)."""
+    ca = pki.Authority.create(tmp_path / "ca")
+    for ttl in ("0", "100d", "abc"):
+        proc = herd("token", "--tls-dir", ca.folder, "--ttl", ttl, "--join", f"{HOST}:9",
+                    check=False)
+        assert proc.returncode == 2, (ttl, proc.stderr)
+    token = make_token(ca, f"{HOST}:9", "client")  # port 9: nothing listens
+    with pytest.raises(PeerLostError) as e:
+        join(token, "lap", tmp_path / "lap")
+    assert "join port" in e.value.hint and "--coordinator" not in e.value.hint
+    with pytest.raises(AuthError) as e:
+        pki.Identity.load(tmp_path / "nothing", "client")
+    assert "herd token --role client" in e.value.hint

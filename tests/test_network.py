@@ -209,6 +209,20 @@ def test_hostport_brackets_ipv6_only():
     assert netif.split_hostport("[fd18::1]:7450") == ("fd18::1", 7450)
 
 
+def test_a_coordinator_address_gets_its_default_port_and_a_port_out_of_range_is_refused():
+    """gRPC dials port 99999 as 34463 (modulo 65536): refused by name instead (an outside run)."""
+    from herd.cli.connection import with_port
+    from herd.errors import ConfigError
+
+    assert with_port("10.0.0.1") == "10.0.0.1:7450"
+    assert with_port("10.0.0.1:7999") == "10.0.0.1:7999"
+    assert with_port("fd00::1") == "[fd00::1]:7450"
+    assert with_port("[fd00::1]:7999") == "[fd00::1]:7999"
+    for bad in ("10.0.0.1:99999", "10.0.0.1:0", "[fd00::1]:70000"):
+        with pytest.raises(ConfigError, match="is not a port"):
+            with_port(bad)
+
+
 def test_herd_token_on_an_ipv6_only_host_names_a_join_address_that_dials(tmp_path, monkeypatch,
                                                                           capsys):
     """`herd token` on an IPv6-only coordinator host: the token's join address is bracketed, as

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from herd import log
-from herd.errors import AuthError, HerdError, PeerLostError
+from herd.errors import AuthError, ConfigError, HerdError, PeerLostError
 from herd.netif import hostport
 from herd.rpc import discovery, pki
 from herd.rpc.channel import TRANSFER_DEADLINE_S, UNARY_DEADLINE_S, secure_channel
@@ -81,10 +81,12 @@ class CoordinatorConnection:
 def with_port(target: str) -> str:
     """``HOST`` -> ``HOST:7450`` (the coordinator's default port); ``HOST:PORT`` unchanged; a
     bare IPv6 address gets its brackets."""
-    if target.startswith("[") and "]:" in target:
-        return target
     host, sep, port = target.rpartition(":")
-    if sep and port.isdigit() and ":" not in host:  # HOST:PORT
+    if sep and port.isdigit() and (":" not in host or host.startswith("[")):  # HOST:PORT
+        if not 0 < int(port) < 65536:  # (gRPC would dial it modulo 65536: another port)
+            raise ConfigError(f"coordinator {target}: port {port} is not a port (1-65535)",
+                              hint=f"the coordinator's gRPC port is {DEFAULT_COORDINATOR_PORT} "
+                              "unless `herd coordinator --port` says otherwise")
         return target
     return hostport(target.strip("[]"), DEFAULT_COORDINATOR_PORT)
 
@@ -134,11 +136,14 @@ def find_coordinator(explicit: str | None, identity: pki.Identity, wait_s: float
     finally:
         zc.close()
     seen = ", ".join(sorted(refused))
-    if any(isinstance(e, AuthError) for e in refused.values()):
+    if auth := [(t, e) for t, e in sorted(refused.items()) if isinstance(e, AuthError)]:
+        # Each one's own reason: "revoked" is not "another cluster's coordinator".
         raise AuthError(
-            f"no coordinator found by zeroconf accepts this machine's certificate ({seen})",
-            hint="join the cluster you mean (`herd token --role client` on its coordinator's "
-            "machine, then `herd join TOKEN` here), or pass --coordinator HOST[:PORT]")
+            "no coordinator found by zeroconf is this cluster's and accepts this machine's "
+            f"certificate ({'; '.join(f'{t}: {e.message}' for t, e in auth)})",
+            hint="is this cluster's `herd coordinator` running? Else join the cluster you mean "
+            "(`herd token --role client` on its coordinator's machine, then `herd join TOKEN` "
+            "here), or pass --coordinator HOST[:PORT]")
     raise PeerLostError(
         "no coordinator found by zeroconf"
         + (f" that proves it is this cluster's (saw {seen})" if refused else ""),

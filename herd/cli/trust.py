@@ -17,10 +17,10 @@ import re
 import sys
 from pathlib import Path
 
-from herd.errors import HerdError
+from herd.errors import ConfigError, HerdError
 from herd.netif import hostport
 from herd.rpc import discovery, pki
-from herd.rpc.join import DEFAULT_TTL_S, JOIN_ROLES, JoinToken, join, make_token
+from herd.rpc.join import DEFAULT_TTL_S, JOIN_ROLES, MAX_TTL_S, JoinToken, join, make_token
 from herd.usage import HelpFormatter
 
 DEFAULT_JOIN_PORT = 7452  # coordinator/main.py: its default port + 2
@@ -51,8 +51,11 @@ def cmd_init(args) -> int:
 def _seconds(text: str) -> float:
     m = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd]?)", text.strip())
     if not m:
-        raise HerdError(f"--ttl {text!r} is not a duration", hint="e.g. 90s, 15m, 2h, 1d")
-    return float(m[1]) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m[2]]
+        raise ConfigError(f"--ttl {text!r} is not a duration", hint="e.g. 90s, 15m, 2h, 1d")
+    seconds = float(m[1]) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m[2]]
+    if not 0 < seconds <= MAX_TTL_S:  # (an argument's range: exit 2, not an auth failure)
+        raise ConfigError(f"--ttl {text}: a join token lives 1 s to {MAX_TTL_S // 86400} days")
+    return seconds
 
 
 def cmd_token(args) -> int:

@@ -23,7 +23,7 @@ from pathlib import Path
 import grpc
 from cryptography import x509
 
-from herd.errors import AuthError
+from herd.errors import AuthError, PeerLostError
 from herd.rpc import pki
 from herd.rpc.status import rpc_errors
 from protos.v1 import join_pb2, join_pb2_grpc
@@ -120,6 +120,11 @@ def join(token: JoinToken, name: str, folder: Path, timeout_s: float = 10.0) -> 
     try:
         with rpc_errors(token.address):
             reply = join_pb2_grpc.JoinServiceStub(channel).Join(request, timeout=timeout_s)
+    except PeerLostError as e:  # (rpc_errors' hint is for commands that take --coordinator)
+        raise PeerLostError(e.message, hint="is `herd coordinator` running there, with its join "
+                            "port? A token names the address it was made for: on the "
+                            "coordinator's machine `herd token --join HOST:PORT` makes one for "
+                            "another") from None
     finally:
         channel.close()
     if not hmac.compare_digest(reply.proof, reply_proof(token.secret, reply.ca_pem,

@@ -180,8 +180,12 @@ class Identity:
         except FileNotFoundError as e:
             raise AuthError(
                 f"no {role} certificate in {folder} ({Path(e.filename).name} is missing)",
-                hint="run `herd init` on the coordinator's machine, and `herd join TOKEN` (the "
-                "token `herd coordinator` prints) on every other machine") from None
+                hint="run `herd init` on the coordinator's machine; on any other machine `herd "
+                "join TOKEN` with a token for this role: the one `herd coordinator` prints is "
+                "for workers, `herd token --role client` (where the CA is) makes one for a "
+                "laptop" if role == "client" else "run `herd init` on the coordinator's machine, "
+                "and `herd join TOKEN` (the token `herd coordinator` prints) on every other "
+                "machine") from None
         if (folder / f"{stem}.key").stat().st_mode & 0o077:
             raise AuthError(f"{folder / f'{stem}.key'} can be read by other users",
                             hint=f"chmod 600 {folder / f'{stem}.key'}")
