@@ -410,6 +410,7 @@ _Loader.add_implicit_resolver(
 )
 
 _HINTS = {
+    "data_files": "it goes in hf_dataset.config, load_dataset's arguments, as in mlx-lm",
     "alpha": "mlx-lm's LoRA config uses 'scale', not 'alpha'",
     "lora_rank": "put it under lora_parameters: {rank: N}",
     "rank": "put it under lora_parameters: {rank: N}",
@@ -420,30 +421,43 @@ _HINTS = {
 }
 
 
+def _tag(part) -> bool:
+    """A part of pydantic's error path that is not the user's key: a list index, a union
+    branch (``HfDataset``, ``list[HfDataset]``) or a validator (``function-after[...]``)."""
+    return (not isinstance(part, str) or part[:1].isupper() or "[" in part or "-" in part
+            or part in ("int", "float", "str", "bool", "dict", "list"))
+
+
+def _models_in(ann) -> BaseModel | None:
+    """The model class inside an annotation (``X | list[X] | None`` -> X)."""
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    for arg in getattr(ann, "__args__", ()):
+        if (found := _models_in(arg)) is not None:
+            return found
+    return None
+
+
 def _model_for(loc: tuple) -> type[BaseModel] | None:
     model: Any = JobConfig
-    for part in loc[:-1]:
+    for part in [p for p in loc[:-1] if not _tag(p)]:
         field = getattr(model, "model_fields", {}).get(part)
-        if field is None:
-            return None
-        ann = field.annotation
-        for cand in getattr(ann, "__args__", (ann,)):
-            if isinstance(cand, type) and issubclass(cand, BaseModel):
-                model = cand
-                break
-        else:
+        if field is None or (model := _models_in(field.annotation)) is None:
             return None
     return model
 
 
 def _format(err: ValidationError, source: str) -> ConfigError:
     lines = []
-    for e in err.errors():
+    errors = [(".".join(str(p) for p in e["loc"] if not _tag(p) or isinstance(p, int))
+               or "(top level)", e) for e in err.errors()]
+    # A value a union rejects gets one error per branch: where one branch got further (a key
+    # deeper inside it), the others' "should be a list / 'auto'" only add noise.
+    deeper = {k for k, _ in errors}
+    for key, e in errors:
         loc = tuple(e["loc"])
-        # pydantic names union branches and validators in the path; the user's key has neither.
-        key = ".".join(str(p) for p in loc
-                       if not str(p).startswith(("function-after", "Parallelism")))
-        key = key or "(top level)"
+        if any(d.startswith(key + ".") for d in deeper) and e["type"] != "extra_forbidden":
+            continue
         if e["type"] == "extra_forbidden":
             name = str(loc[-1])
             model = _model_for(loc)

@@ -475,6 +475,10 @@ def check_dataset(
     sha256: dict[str, str] = {}
     for split in SPLITS:
         path = data_dir / f"{split}.jsonl"
+        if path.exists() and not path.is_file():
+            problems.append(f"{path.name} in {shown} is a folder, not a file. Fix: make it "
+                            "the JSONL file itself")
+            continue
         if not path.is_file():
             if needed[split]:
                 problems.append(f"{path.name}: missing from {shown}. Fix: add {path.name}"

@@ -117,6 +117,11 @@ def empty_file(job: Job) -> None:
     job.lines("valid", [])
 
 
+def train_is_a_folder(job: Job) -> None:
+    (job.data / "train.jsonl").unlink()
+    (job.data / "train.jsonl").mkdir()
+
+
 def missing_train(job: Job) -> None:
     (job.data / "train.jsonl").unlink()
 
@@ -183,6 +188,7 @@ ROWS = [
       "this job's lora_parameters.rank is 4"]),
     # -- dataset: herd.dataset.check_dataset (DatasetError, exit 3) --
     ("missing split", missing_train, 3, ["train.jsonl: missing from"]),
+    ("split that is a folder", train_is_a_folder, 3, ["train.jsonl in", "is a folder, not a file"]),
     ("missing data folder", missing_data_folder, 3, ["data is not a local folder"]),
     ("malformed line", malformed_line, 3,
      ["train.jsonl: 1 malformed JSON line (line 6)"]),

@@ -136,6 +136,11 @@ def test_shipped_configs_validate(path):
     "raw, expect",
     [
         ({"learning_rte": 1e-5}, "did you mean 'learning_rate'"),
+        # inside a union (one entry or a list of them): the user's key, not pydantic's branch
+        ({"hf_dataset": [{"path": "a"}, {"path": "b", "splt": 1}]},
+         "hf_dataset.1.splt: unknown key (known keys: path, config, train_split"),
+        ({"hf_dataset": {"path": "json", "data_files": {}}},
+         "hf_dataset.data_files: unknown key (it goes in hf_dataset.config"),
         ({"lora_parameters": {"alpha": 16}}, "uses 'scale', not 'alpha'"),
         ({"lora_parameters": {"rank": 0}}, "lora_parameters.rank = 0"),
         ({"batch_size": "four"}, "batch_size = 'four'"),

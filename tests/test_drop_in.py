@@ -112,6 +112,19 @@ def test_a_bad_test_record_stops_only_a_job_that_tests(tmp_path, tiny_model, tin
     assert broken.returncode == DatasetError.exit_code and "malformed JSON" in broken.stderr
 
 
+def test_submit_refuses_a_file_loader_before_loading_it(tmp_path, tiny_model, tiny_data):
+    """A cluster job reads hub datasets only: `herd submit` says so first, before it loads the
+    json loader's file here and reports its parse error (an outside run was sent to fix data
+    that would be refused anyway). No coordinator is asked (port 9: nothing listens)."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{not json\n")
+    cfg = write_job(tmp_path / "job.yaml", tiny_model, tiny_data, cluster={"workers": 1},
+                    hf_dataset={"path": "json", "config": {"data_files": {"train": str(bad)}}})
+    proc = herd("submit", cfg, "--coordinator", "127.0.0.1:9", check=False)
+    assert proc.returncode == ConfigError.exit_code, proc.stderr[-2000:]
+    assert "hub dataset" in proc.stderr and "could not be loaded" not in proc.stderr
+
+
 def test_report_to_wandb_logs_what_mlx_lm_logs(tmp_path, tiny_model, tiny_data):
     """report_to: wandb goes through mlx-lm's own callback (offline here): the run lands under
     adapter_path/wandb with every train and validation report herd makes."""

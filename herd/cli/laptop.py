@@ -128,6 +128,11 @@ def cmd_submit(args) -> int:
     # A hub id pinned to its commit from config.json alone (never weights): a wrong id or
     # revision fails here, first, before the coordinator is asked anything.
     hub = None if ref.is_local else refs.resolve(ref)
+    from herd.dataset import reads_hub_dataset
+    from herd.hf_dataset import check_cluster_source
+
+    if reads_hub_dataset(cfg):  # what the coordinator refuses for any cluster job: said before
+        check_cluster_source(cfg, shipped=False)  # loading it here (a file loader, a path)
     if not args.no_check:
         check_locally(cfg)
     with connect_from_args(args) as coord:

@@ -59,6 +59,10 @@ def is_model_file(name: str) -> bool:
 
 def model_files(folder: Path) -> list[Path]:
     """The files of a model folder herd moves (top level; weights, configs, tokenizer)."""
+    if not folder.is_dir():
+        what = "a file" if folder.exists() else "it does not exist"
+        raise ConfigError(f"{folder} is not a folder here ({what})",
+                          hint="give a model folder, or a hub id")
     if not (folder / CONFIG).is_file():
         raise ConfigError(f"{folder} is not a model folder: it has no {CONFIG}",
                           hint="a model folder holds config.json, *.safetensors and a tokenizer")
