@@ -289,9 +289,15 @@ class _Lengths:
                 enable_thinking=self.thinking,
             )
         except Exception as e:  # noqa: BLE001 - a template error is the record's problem; reported
-            self.fc.add("template", line, "record{s} the chat template rejects",
-                        "make the conversation fit the model's chat template (roles, order)",
-                        f"{type(e).__name__}: {e}")
+            if not getattr(self.tok, "chat_template", None):  # the model's, not the record's
+                self.fc.add("no_template", line, "record{s} that need a chat template, which "
+                            "the model's tokenizer does not have",
+                            "use text data (or a model whose tokenizer has a chat_template), "
+                            "as mlx-lm fails on it too", "")
+            else:
+                self.fc.add("template", line, "record{s} the chat template rejects",
+                            "make the conversation fit the model's chat template (roles, order)",
+                            f"{type(e).__name__}: {e}")
             return
         self.lengths.append((line, len(ids)))
 
@@ -444,6 +450,7 @@ def check_dataset(
     need_valid: bool = True,
     need_test: bool = False,
     batch_size: int | None = None,
+    val_batches: int = -1,
     text_feature: str = "text",
     prompt_feature: str = "prompt",
     completion_feature: str = "completion",
@@ -502,7 +509,8 @@ def check_dataset(
         report, p, w = split_summary(
             path.name, split, path, result.format, result.records, result.lengths, tokenizer,
             max_seq_length=max_seq_length, batch_size=batch_size,
-            batched=used)
+            # (val_batches 0: mlx-lm's evaluate draws no batch, so a small valid set is fine)
+            batched=used and not (split == "valid" and val_batches == 0))
         splits[split], problems, warnings = report, problems + p, warnings + w
     if problems:
         raise DatasetError(
@@ -550,6 +558,7 @@ def check_job_dataset(cfg: Any, tokenizer: Any = None, shown_as: str | None = No
         need_valid=False,
         need_test=bool(getattr(cfg, "test", False)),
         batch_size=cfg.batch_size,
+        val_batches=getattr(cfg, "val_batches", -1),
         text_feature=getattr(cfg, "text_feature", None) or "text",
         prompt_feature=getattr(cfg, "prompt_feature", None) or "prompt",
         completion_feature=getattr(cfg, "completion_feature", None) or "completion",

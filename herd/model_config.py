@@ -159,7 +159,8 @@ def check_job_files(cfg) -> None:
         return  # no config.json here: the model's own checks say so, where it is
     model = {**model.get("text_config", {}), **model}
     blocks = model.get("num_hidden_layers")
-    if isinstance(blocks, int) and cfg.num_layers > blocks:
+    # (a job that only tests loads its adapter's own layout, as mlx-lm does: num_layers unused)
+    if isinstance(blocks, int) and cfg.num_layers > blocks and cfg.trains():
         raise too_many_layers(cfg.num_layers, cfg.model, blocks)
     if cfg.fine_tune_type == "full" and cfg.quantize is None and "quantization" in model:
         raise full_of_quantized(cfg.model)

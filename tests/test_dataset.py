@@ -217,6 +217,20 @@ def test_unusual_roles_are_a_warning_naming_line_message_and_role(data: Path, me
         assert shown in warning and "'assistant'" in warning
 
 
+def test_chat_data_for_a_tokenizer_without_a_chat_template_says_so(data: Path,
+                                                                   tokenizer_dir: Path):
+    """No template at all is the model's lack, not the records' fault (an outside run was told
+    to fit the conversation to a template that does not exist)."""
+    tok = load_tokenizer_for(tokenizer_dir)
+    tok.chat_template = None
+    write(data, "train.jsonl", [{"messages": CHAT}] * 2)
+    write(data, "valid.jsonl", [{"messages": CHAT}])
+    msg = error_of(data, tokenizer=tok)
+    assert "train.jsonl: 2 records that need a chat template, which the model's tokenizer does " \
+           "not have (lines 1, 2)" in msg and "use text data" in msg
+    assert "roles, order" not in msg
+
+
 def test_a_role_the_chat_template_rejects_is_an_error(data: Path, tokenizer_dir: Path):
     tok = load_tokenizer_for(tokenizer_dir)
     tok.chat_template = (

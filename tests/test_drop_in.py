@@ -47,7 +47,9 @@ def test_test_loss_is_mlx_lm_s_after_training_and_of_an_existing_adapter(tmp_pat
     assert max_abs_diff(load_adapter(tmp_path / "herd"), load_adapter(tmp_path / "mlx")) == 0.0
 
     before = _files(tmp_path / "herd")
-    kw.update(train=False, test_batches=-1)
+    # num_layers: mlx-lm's default 16 on this 2-block model: a job that only tests loads the
+    # adapter's own layout, so mlx-lm does not read it (nor may herd's check)
+    kw.update(train=False, test_batches=-1, num_layers=16)
     ours = write_job(tmp_path / "herd-test.yaml", tiny_model, tiny_data,
                      adapter_path=str(tmp_path / "herd"), **kw)
     theirs = write_job(tmp_path / "mlx-test.yaml", tiny_model, tiny_data,
@@ -123,6 +125,38 @@ def test_submit_refuses_a_file_loader_before_loading_it(tmp_path, tiny_model, ti
     proc = herd("submit", cfg, "--coordinator", "127.0.0.1:9", check=False)
     assert proc.returncode == ConfigError.exit_code, proc.stderr[-2000:]
     assert "hub dataset" in proc.stderr and "could not be loaded" not in proc.stderr
+
+
+def test_a_valid_set_smaller_than_a_batch_is_fine_when_nothing_validates(tmp_path, tiny_model,
+                                                                         tiny_data):
+    """val_batches: 0 draws no validation batch in mlx-lm (its iterator never starts): a valid
+    set smaller than batch_size trains; validating from it is refused before training."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    lines = (data / "valid.jsonl").read_text().splitlines()[:2]
+    (data / "valid.jsonl").write_text("\n".join(lines) + "\n")
+    quiet = write_job(tmp_path / "quiet.yaml", tiny_model, data, iters=2, batch_size=4,
+                      val_batches=0, adapter_path=str(tmp_path / "a"))
+    trained = herd("train", quiet, "--quiet", check=False)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    loud = write_job(tmp_path / "loud.yaml", tiny_model, data, iters=2, batch_size=4,
+                     val_batches=1, adapter_path=str(tmp_path / "b"))
+    refused = herd("check", loud, check=False)
+    assert refused.returncode == DatasetError.exit_code, refused.stderr
+    assert "valid.jsonl: 2 records, fewer than batch_size 4" in refused.stderr
+
+
+def test_a_step_with_no_target_token_is_a_dataset_error_not_a_learning_rate(
+        tmp_path, tiny_model, tiny_completions_data):
+    """mask_prompt with every prompt as long as max_seq_length: no completion token is left to
+    train on (mlx-lm trains on NaN). herd used to stop on the non-finite loss and suggest a
+    lower learning rate; it names the cause and the fix instead (an outside run)."""
+    cfg = write_job(tmp_path / "job.yaml", tiny_model, tiny_completions_data, iters=2,
+                    mask_prompt=True, max_seq_length=2, adapter_path=str(tmp_path / "a"))
+    proc = herd("train", cfg, "--quiet", check=False)
+    assert proc.returncode == DatasetError.exit_code, proc.stderr[-2000:]
+    assert "iteration 1's batch has no target token" in proc.stderr
+    assert "raise max_seq_length" in proc.stderr and "learning_rate" not in proc.stderr
 
 
 def test_report_to_wandb_logs_what_mlx_lm_logs(tmp_path, tiny_model, tiny_data):

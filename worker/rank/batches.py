@@ -18,6 +18,7 @@ from typing import Iterator
 import mlx.core as mx
 import numpy as np
 
+from herd.errors import DatasetError
 from worker.rank import balance
 from worker.rank.packing import collate_packed, counted_targets, document_slots, pack
 
@@ -145,7 +146,14 @@ class BatchStream:
         """Target tokens of iterations ``first .. first + count - 1`` over all ranks: the
         denominator of their token-weighted mean, known before any forward pass."""
         last = min(first + count - 1, len(self.order.train))
-        return sum(self.global_targets[self.order.train[it - 1]] for it in range(first, last + 1))
+        n = sum(self.global_targets[self.order.train[it - 1]] for it in range(first, last + 1))
+        if not n:  # its loss would be 0 / 0: mlx-lm trains on NaN, herd says why, before it
+            raise DatasetError(
+                f"iteration {first}'s batch has no target token to train on",
+                hint="with mask_prompt, a prompt as long as max_seq_length "
+                f"({self.max_seq_length}) leaves nothing of its completion: raise "
+                "max_seq_length, or shorten the prompts")
+        return n
 
     def batch(self, b: int):
         """This rank's part of global batch ``b`` under the current shares, collated: (tokens,

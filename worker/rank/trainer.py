@@ -194,6 +194,8 @@ def _batches_in(dataset, args: LoopArgs, name: str) -> int:
     if dataset is None or not len(dataset):
         return 0
     if len(dataset) < args.batch_size:
+        if name == "validation" and args.val_batches == 0:
+            return 0  # mlx-lm's evaluate draws no batch then: its iterator never starts
         raise ValueError(f"the {name} set has {len(dataset)} examples, fewer than "
                          f"batch_size={args.batch_size} (mlx-lm refuses it too)")
     return len(sorted_batches(dataset, args.batch_size))
