@@ -204,17 +204,18 @@ class ControlChoice:
 
 
 def choose_control(interfaces: list[Interface] | None = None) -> ControlChoice:
-    """The address to serve and advertise on when ``--host`` is not given: an Ethernet (or other
-    wired) LAN address first, then Wi-Fi, then Thunderbolt (usually a point-to-point data link),
-    IPv4 before IPv6, the default route's first among equals. Loopback only when nothing else is
-    up, and then with a warning, as for Wi-Fi."""
+    """The address to serve and advertise on when ``--host`` is not given: the default route's
+    (the LAN the other machines and a laptop reach; an address with no route is a data link, such
+    as a 10GbE ring subnet, that the coordinator may not be on), then an Ethernet (or other wired)
+    LAN address, then Wi-Fi, then Thunderbolt (usually a point-to-point data link), IPv4 before
+    IPv6. Loopback only when nothing else is up, and then with a warning, as for Wi-Fi."""
     interfaces = probe_interfaces() if interfaces is None else interfaces
     routed = {_route_address(socket.AF_INET), _route_address(socket.AF_INET6)}
     options = []
     for i in interfaces:
         for a in i.addresses:
             addr = a.split("/")[0]
-            options.append(((_CONTROL_ORDER.get(i.kind, 5), ":" in addr, addr not in routed),
+            options.append(((addr not in routed, _CONTROL_ORDER.get(i.kind, 5), ":" in addr),
                             addr, i))
     if not options:
         return ControlChoice("127.0.0.1", None, "no network interface with an address is up: "
@@ -226,6 +227,10 @@ def choose_control(interfaces: list[Interface] | None = None) -> ControlChoice:
         warning = (f"no LAN address found: serving on {addr} (loopback), which no other machine "
                    "can reach; pass --host ADDRESS")
     elif iface.kind == "wifi":
-        warning = (f"serving on {addr}, a Wi-Fi interface ({iface.name}); gradients never go "
-                   "over Wi-Fi unless a job sets cluster.allow_wifi; pass --host to choose")
+        wired = [f"{o[2].name} {o[1]}" for o in options if o[2].kind in ("ethernet", "other")]
+        warning = (f"serving on {addr}, a Wi-Fi interface ({iface.name})"
+                   + (f", the default route's ({', '.join(wired)} has none: a data link?)"
+                      if wired else "")
+                   + "; gradients never go over Wi-Fi unless a job sets cluster.allow_wifi; "
+                   "pass --host to choose")
     return ControlChoice(addr, iface, warning, [o[1] for o in options])

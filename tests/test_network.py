@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
 
 import pytest
 
@@ -263,6 +264,22 @@ def test_control_address_prefers_wired_and_warns_on_loopback_and_wifi():
     assert alone.address == "127.0.0.1" and "loopback" in alone.warning
     v6 = netif.choose_control([LO, eth("eth0", "fd18::5/64")])
     assert (v6.address, v6.warning) == ("fd18::5", "")
+
+
+def test_control_address_is_the_default_routes_over_an_unrouted_ethernet_data_link(
+        monkeypatch):
+    """deploy/README's 10GbE recipe: en0 on its own ring subnet (no route), the LAN and default
+    route on Wi-Fi. The control address is the routed one, which others reach, with a warning
+    naming both (an outside run saw the ring address advertised, unreachable, without a word)."""
+    ifs = [LO, eth("en0", "10.10.0.11/24"), eth("en1", "192.168.1.20/24", kind="wifi")]
+    monkeypatch.setattr(netif, "_route_address",
+                        lambda fam: "192.168.1.20" if fam == socket.AF_INET else None)
+    got = netif.choose_control(ifs)
+    assert got.address == "192.168.1.20"
+    assert "Wi-Fi" in got.warning and "en0 10.10.0.11 has none" in got.warning
+    monkeypatch.setattr(netif, "_route_address",
+                        lambda fam: "10.10.0.11" if fam == socket.AF_INET else None)
+    assert netif.choose_control(ifs).address == "10.10.0.11"  # routed Ethernet: as before
 
 
 def test_the_link_probe_works_where_the_kernel_would_pick_another_source_address():
