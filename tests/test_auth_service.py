@@ -789,3 +789,16 @@ def test_trust_commands_say_what_is_wrong_with_their_own_arguments(tmp_path):
     with pytest.raises(AuthError) as e:
         pki.Identity.load(tmp_path / "nothing", "client")
     assert "herd token --role client" in e.value.hint
+
+
+def test_a_command_pointed_at_a_workers_port_is_told_it_reached_another_member(cluster):
+    """--coordinator at a worker's port: a member of this cluster answers, not the coordinator;
+    the message says so instead of asking the user to join (an outside run)."""
+    from herd.cli.connection import CoordinatorConnection
+
+    worker = cluster.honest[2]
+    with CoordinatorConnection(f"{HOST}:{worker.port}", cluster.client) as conn:
+        with pytest.raises(AuthError) as e:
+            conn.call("ListJobs", coordinator_pb2.ListJobsRequest())
+    assert "is a member of this cluster, but not the one dialled" in e.value.message
+    assert "herd join" not in e.value.hint

@@ -97,8 +97,14 @@ def error_from_rpc(e: grpc.RpcError, target: str = "") -> HerdError:
         # The server's own error: its message already names the culprit and the fix.
         return cls(details)
     if is_tls_failure(e):
+        if "Hostname Verification" in details:  # signed by this cluster's CA, another member
+            return AuthError(
+                f"{target or 'the server'} is a member of this cluster, but not the one dialled "
+                f"(TLS: another role or name answers there, e.g. a worker's port): {details}",
+                hint="check the address and port: the coordinator's gRPC port is 7450 unless "
+                "`herd coordinator --port` says otherwise")
         return AuthError(f"{target or 'the server'} is not a verified member of this cluster "
-                         f"(TLS): {details}", hint=CERT_HINT)
+                         f"(TLS; or not a herd gRPC port): {details}", hint=CERT_HINT)
     if code == grpc.StatusCode.UNAVAILABLE:
         return PeerLostError(
             f"{target or 'the server'} is unreachable: {details}",
