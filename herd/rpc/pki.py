@@ -42,9 +42,7 @@ from herd.errors import AuthError, NotFoundError
 
 DOMAIN = "herd"
 ROLES = ("coordinator", "worker", "client", "rank")
-CA_DAYS = 3650
-MEMBER_DAYS = 730
-RANK_DAYS = 30
+CA_DAYS, MEMBER_DAYS, RANK_DAYS = 3650, 730, 30  # how long each certificate lives
 _CLAIMS = threading.Lock()  # two joins at once must not both take one name
 # A DNS label: what a name must be to sit inside a certificate's DNS name.
 _LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
@@ -180,12 +178,9 @@ class Identity:
         except FileNotFoundError as e:
             raise AuthError(
                 f"no {role} certificate in {folder} ({Path(e.filename).name} is missing)",
-                hint="run `herd init` on the coordinator's machine; on any other machine `herd "
-                "join TOKEN` with a token for this role: the one `herd coordinator` prints is "
-                "for workers, `herd token --role client` (where the CA is) makes one for a "
-                "laptop" if role == "client" else "run `herd init` on the coordinator's machine, "
-                "and `herd join TOKEN` (the token `herd coordinator` prints) on every other "
-                "machine") from None
+                hint="run `herd init` on the coordinator's machine, `herd join TOKEN` on every "
+                "other: " + ("`herd token --role client` there makes a laptop's token" if role
+                             == "client" else "`herd coordinator` prints the token")) from None
         if (folder / f"{stem}.key").stat().st_mode & 0o077:
             raise AuthError(f"{folder / f'{stem}.key'} can be read by other users",
                             hint=f"chmod 600 {folder / f'{stem}.key'}")
@@ -345,9 +340,8 @@ class Authority:
         return set(self._read("revoked.json"))
 
     def revoke(self, label: str, unissued: bool = False) -> bool:
-        """Revokes ``role/name``; False when it already was. A name never issued is refused
-        (a typo would report success and leave the member in), unless ``unissued``: the name
-        is then shut out before anyone joins as it."""
+        """Revokes ``role/name``; False when it already was. A name never issued is refused (a
+        typo would pass for a revocation) unless ``unissued``: shut out before it joins."""
         role, _, name = label.partition("/")
         if role not in ROLES or not name:
             raise AuthError(f"cannot revoke {label!r}", hint="name it as ROLE/NAME, e.g. worker/w1")
@@ -357,10 +351,9 @@ class Authority:
             if label in revoked:
                 return False
             held = self._read("issued.json")
-            if label not in held and not unissued:
+            if label not in held and not unissued:  # (--unissued: before it joins)
                 raise NotFoundError(f"{label} was never issued by the CA in {self.folder}",
-                                    hint=f"issued: {', '.join(held) or 'none'} (`herd revoke "
-                                    f"--unissued {label}` shuts the name out before it joins)")
+                                    hint=f"issued: {', '.join(held) or 'none'}")
             _write(self.folder / "revoked.json", json.dumps(sorted(revoked | {label})).encode(),
                    0o644)
         return True
