@@ -23,11 +23,11 @@ from coordinator.artifacts import AdapterStore, BlobStore
 from coordinator.join import serve_join
 from coordinator.launcher import GrpcLauncher
 from coordinator.models import ModelCatalog, ModelStore
-from coordinator.recovery import RestartPolicy, control_loop
+from coordinator.recovery import RestartPolicy, control_loop, wait_until_writable
 from coordinator.registry import Registry
 from coordinator.scheduler import Scheduler
 from coordinator.service import RULES, CoordinatorServicer, add_to_server
-from coordinator.store import JobStore
+from coordinator.store import DATABASE, JobStore
 from coordinator.web.auth import WebAuth, is_loopback
 from coordinator.web.hub import MetricsHub
 from coordinator.web.server import DEFAULT_HTTP_PORT, WebContext, WebServer
@@ -63,7 +63,7 @@ class Coordinator:
         self.authority = authority
         self.identity = pki.load_or_issue(authority.folder, "coordinator")
         self.revoked = Revocations(authority.folder)
-        self.store = JobStore(state_dir / "herd.db")
+        self.store = JobStore(state_dir / DATABASE)
         self.registry = Registry(self.identity,
                                  on_lost=lambda *a: self.scheduler.on_worker_lost(*a),
                                  static_targets=list(static_workers), revoked=self.revoked)
@@ -267,9 +267,15 @@ def main(argv: list[str], rank_actor: type | None = None) -> int:
     join_port = None if args.no_join else (
         args.join_port if args.join_port is not None
         else (args.port + JOIN_PORT_OFFSET if args.port else 0))
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    state_dir = args.state_dir or pki.default_home() / "coordinator"
+    if not wait_until_writable(state_dir / DATABASE, done):
+        return 0
     try:
         authority = pki.Authority.load(args.tls_dir or pki.default_dir())
-        coord = Coordinator(args.state_dir or pki.default_home() / "coordinator", authority,
+        coord = Coordinator(state_dir, authority,
                             host, args.port, args.worker, args.placement_timeout,
                             discover=not args.no_discovery,
                             keep_checkpoints=max(0, args.keep_checkpoints),
@@ -310,9 +316,6 @@ def main(argv: list[str], rank_actor: type | None = None) -> int:
               f"  herd join {token.encode()}", flush=True)
     if coord.web is not None:
         print(f"herd coordinator: dashboard at {coord.web.url}", flush=True)
-    done = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: done.set())
     # Wake up now and then: a signal the OS hands to another thread does not interrupt a wait
     # without a timeout, so the handler would only run when something else woke this thread.
     while not done.wait(1.0):

@@ -24,12 +24,14 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 from coordinator.domain import Checkpoint, Job, WorkerRecord
-from coordinator.store import Attempt
+from coordinator.store import Attempt, JobStore
 from herd import log
 from herd.config import JobConfig, with_cluster
 from herd.errors import NumericalError, PeerLostError, StorageError
+from herd.state_lock import private_folder
 
 STALE_STOP_EVERY_S = 5.0
 # A rank killed by a signal (its agent's watchdog included), a lost peer (PeerLostError's exit
@@ -178,3 +180,34 @@ def control_loop(scheduler, stop: threading.Event, interval_s: float = 0.5) -> N
                 logger.exception("scheduler_tick_failed")
             last_error = repr(e)
         stop.wait(max(interval_s, 5.0) if degraded else interval_s)
+
+
+def wait_until_writable(path: Path, stop: threading.Event, max_delay_s: float = 30.0) -> bool:
+    """Before a coordinator starts on its state folder: True once its job database (``path``)
+    can be written, False when ``stop`` is set first. A coordinator that exited instead (a full
+    or read-only disk) was restarted by its supervisor again and again, and `herd up` stops the
+    whole cluster, ranks training fine included, after 5 restarts in a minute. Waiting keeps the
+    ranks training (their agents hold their reports) and loses nothing; it says so once per
+    cause, in its log and on stdout."""
+    delay, said = 1.0, ""
+    while True:
+        try:
+            private_folder(path.parent)
+            store = JobStore(path)
+            try:
+                store.check_writable()
+            finally:
+                store.close()
+            if said:
+                logger.info("coordinator_database_writable", path=str(path))
+            return True
+        except (StorageError, OSError) as e:
+            why = e.message if isinstance(e, StorageError) else f"{path.parent}: {e}"
+            if why.split(" (")[0] != said.split(" (")[0]:  # (its free-space figure moves)
+                print(f"herd coordinator: {why}; waiting until it can be written (the ranks "
+                      "train on meanwhile)", flush=True)
+                logger.error("coordinator_database_unwritable", reason=why)
+            said = why
+        if stop.wait(delay):
+            return False
+        delay = min(max_delay_s, 2 * delay)

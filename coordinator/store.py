@@ -122,6 +122,9 @@ def _event(row: sqlite3.Row) -> JobEvent:
     )
 
 
+DATABASE = "herd.db"  # the job database's file name in the coordinator's state folder
+
+
 class JobStore:
     """Thread-safe: one connection, one lock (the coordinator's write rate is tiny)."""
 
@@ -129,14 +132,17 @@ class JobStore:
         self.path = path
         self.health = ""  # why the database cannot be written, while it cannot
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
         self._lock = threading.Lock()
         # Configs parsed once, by their text: the control loop loads every job several times a
         # tick, and a stored job's config never changes (a JobConfig is never changed in place).
         self._configs: dict[str, JobConfig] = {}
-        self._migrate()
+        try:  # (a full or read-only disk: a StorageError naming it, not sqlite's traceback)
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._migrate()
+        except sqlite3.Error as e:
+            raise self._storage_error(e) from None
 
     def _migrate(self) -> None:
         with self._lock:
@@ -157,6 +163,14 @@ class JobStore:
                        "disk)")
         return StorageError(self.health, hint=f"free space on the disk holding {self.path.parent} "
                             "(the coordinator's --state-dir); it carries on once it can write")
+
+    @_guarded(write=True)
+    def check_writable(self) -> None:
+        """A write that reaches the disk (a WAL frame), or StorageError."""
+        with self._lock:
+            self._db.execute("CREATE TABLE IF NOT EXISTS writable (at INTEGER)")
+            self._db.execute("INSERT INTO writable VALUES (1)")
+            self._db.execute("DELETE FROM writable")
 
     def schema_version(self) -> int:
         with self._lock:

@@ -10,6 +10,7 @@ filelock truncates the file when it tries.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 from pathlib import Path
@@ -23,7 +24,11 @@ def private_folder(folder: Path) -> Path:
     """A state folder only its owner can enter (0700, made or tightened): it holds job configs,
     datasets, adapters, logs and, in a coordinator's log, the join token it printed."""
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    folder.chmod(0o700)
+    try:
+        folder.chmod(0o700)
+    except OSError as e:  # a disk remounted read-only: what it holds is what it was
+        if e.errno != errno.EROFS:
+            raise
     return folder
 
 

@@ -255,6 +255,41 @@ def _fill(folder: Path) -> Path:
     return ballast
 
 
+def test_a_coordinator_that_starts_on_a_full_disk_waits_for_it_instead_of_exiting(tmp_path):
+    """Restarted (a crash, a reboot, `herd up`'s supervisor) while its disk is full, the
+    coordinator used to exit at once, again at every restart, and `herd up` then stopped the
+    whole cluster, ranks training fine included (an outside run). It waits for the disk,
+    saying so once, and starts when it can write."""
+    import socket
+    import sys
+
+    from herd.rpc import pki
+
+    pki.Authority.create(tmp_path / "home" / "tls")
+    with socket.socket() as s_:
+        s_.bind(("127.0.0.1", 0))
+        port = s_.getsockname()[1]
+    with tiny_disk(tmp_path / "disk", "1m") as disk:
+        ballast = _fill(disk)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "herd", "coordinator", "--state-dir", str(disk / "coord"),
+             "--host", "127.0.0.1", "--port", str(port), "--http-port", "-1", "--no-discovery",
+             "--no-join"], env={**os.environ, "HERD_HOME": str(tmp_path / "home")},
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            lines = iter(proc.stdout.readline, "")
+            said = next(ln for ln in lines if "cannot be written" in ln and "{" not in ln)
+            assert "waiting until it can be written" in said, said
+            assert proc.poll() is None  # still there: nothing for a supervisor to restart
+            ballast.unlink()
+            started = next(ln for ln in lines if "listening on" in ln or "Traceback" in ln)
+            assert "listening on" in started, started
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+        assert proc.returncode == 0
+
+
 def test_a_full_disk_is_a_health_state_and_a_clear_refusal_not_a_traceback_loop(tmp_path,
                                                                                 capsys):
     """SQLite on a real full disk: writes raise StorageError naming the database and its disk,
