@@ -113,6 +113,12 @@ def test_up_detach_uses_only_the_workers_it_started(cluster):
     again = cluster.herd("up", "--detach", "--port", free_ports(1)[0], "--state-dir",
                          cluster.state)
     assert again.returncode == 1 and "in use by herd up (pid" in again.stderr, again.stderr
+    # Another `herd up` on this one's coordinator port: refused before it starts anything (it
+    # used to report success, counting this cluster's workers, and stop itself unseen).
+    other = cluster.herd("up", "--detach", "--port", cluster.port, "--state-dir",
+                         cluster.root / "other-up")
+    assert other.returncode == 1 and f":{cluster.port} is in use" in other.stderr, other.stderr
+    assert not (cluster.root / "other-up" / "coordinator").exists()
     # Its folders are its user's alone: the coordinator's log holds the join token it printed,
     # the folders hold jobs' configs, data and adapters (an outside review read them as another
     # user).

@@ -77,6 +77,22 @@ def _die_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def _port_in_use(host: str, port: int) -> str:
+    """Why ``herd up`` cannot serve its coordinator on ``port`` ("" when it can): checked before
+    anything starts, since a coordinator already there (`herd coordinator` of the Quickstart,
+    another `herd up`) would answer for the new cluster, which would stop itself unseen."""
+    import socket
+
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (a port in TIME_WAIT is free)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            return (f"herd up: {host}:{port} is in use ({e.strerror}): another coordinator? "
+                    "`herd down` stops a herd up; or pass --port N (and --http-port)")
+    return ""
+
+
 def _wait_port(proc: subprocess.Popen, host: str, port: int, timeout_s: float) -> bool:
     import socket
 
@@ -125,6 +141,9 @@ def detach(argv: list[str], args) -> int:
         print(f"herd up: {state} is in use by {WHO} (pid {pid}); `herd down` stops it",
               file=sys.stderr)
         return 1
+    if taken := _port_in_use(HOST, args.port):
+        print(taken, file=sys.stderr)
+        return 1
     try:  # before the child starts: one CA, made once
         client = pki.load_or_issue(_authority(pki.default_dir()).folder, "client")
     except AuthError as e:
@@ -167,6 +186,9 @@ MAX_RESTARTS, RESTART_WINDOW_S = 5, 60.0
 def run(args) -> int:
     tls = pki.default_dir()
     state = _state_dir(args)
+    if taken := _port_in_use(HOST, args.port):
+        print(taken, file=sys.stderr)
+        return 1
     try:
         ca = _authority(tls)
         lock = StateLock.acquire(state, WHO)
