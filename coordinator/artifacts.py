@@ -60,7 +60,8 @@ def require_free(folder: Path, need: int, what: str) -> None:
     if free < need + RESERVE_BYTES:
         raise StorageError(
             f"the coordinator's disk holding {folder} is full: {what} needs "
-            f"{(need + RESERVE_BYTES) / 1e6:.1f} MB, {free / 1e6:.1f} MB free",
+            f"{need / 1e6:.1f} MB and {RESERVE_BYTES / 1e6:.1f} MB are kept free; "
+            f"{free / 1e6:.1f} MB free",
             hint="free space there or restart the coordinator with a --state-dir on a larger disk")
 
 
@@ -142,6 +143,10 @@ class AdapterStore:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self._merging = threading.Lock()  # two stages' last pieces may arrive together
+        # A delivery cut by a coordinator crash leaves its temporary folder (herd/rpc/files.py
+        # ".<step>.part-*"), which nothing else removes: gone at start, when none is in flight.
+        for part in [*root.glob("*/.*.part-*"), *root.glob("*/stages/*/.*.part-*")]:
+            shutil.rmtree(part, ignore_errors=True)
 
     def _job_dir(self, job_id: str) -> Path:
         if not _JOB.match(job_id):

@@ -913,3 +913,19 @@ def test_an_attempt_that_never_stepped_on_its_data_subnet_sends_the_next_one_els
     s.on_exit(k.job_id, 1, 0, "w3", 2, "cluster.shares has 3 entries for 2 ranks")
     got = s.store.get_job(k.job_id)
     assert got.state is JobState.FAILED and "data subnet" not in got.message, got.message
+
+
+def test_a_delivery_cut_by_a_coordinator_crash_leaves_nothing_behind_after_a_restart(tmp_path):
+    """A checkpoint's temporary folder from a delivery the coordinator died in the middle of
+    (an outside run found 22 MB of them, kept forever) is removed when the store opens again;
+    stored checkpoints stay."""
+    from coordinator.artifacts import AdapterStore
+
+    stored = tmp_path / "adapters" / "j-1" / "0000010"
+    parts = [tmp_path / "adapters" / "j-1" / ".0000020.part-x1",
+             tmp_path / "adapters" / "j-2" / "stages" / "0000020" / ".stage-01.part-x2"]
+    for folder in (stored, *parts):
+        folder.mkdir(parents=True)
+        (folder / "adapters.safetensors").write_bytes(b"x")
+    AdapterStore(tmp_path / "adapters")
+    assert stored.is_dir() and not any(p.exists() for p in parts)
