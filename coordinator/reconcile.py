@@ -24,8 +24,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from coordinator.domain import EventKind, Job, JobState, WorkerRecord
-from coordinator.recovery import STALE_STOP_EVERY_S, adoption_missing, stale_ranks
+from coordinator.recovery import STALE_STOP_EVERY_S, adoption_missing, retryable, stale_ranks
 from herd import log
+from herd.errors import NumericalError
 
 if TYPE_CHECKING:
     from coordinator.scheduler import Scheduler
@@ -171,6 +172,20 @@ class Reconciler:
         if lost and job.state is JobState.RUNNING:  # no longer waiting for anyone
             job.message = ""
             self.s.store.put_job(job)
+
+    def late_exit(self, job_id: str, attempt: int, rank: int, worker_id: str, code: int,
+                  error: str) -> None:
+        """An exit report of an attempt that already failed. A rank that failed on its own (its
+        config, data, disk: no retry fixes it) while the restart waits is why the attempt
+        failed, whatever was reported first (a peer's "lost a peer", quicker to arrive): the job
+        fails naming it, instead of a restart that fails alike (an outside run: a worker's full
+        disk, blamed on the healthy worker and retried). Caller holds the lock."""
+        job = self.s.store.get_job(job_id)
+        if (code == 0 or retryable(code) or job.state is not JobState.RESTARTING
+                or job.attempt != attempt or code == NumericalError.exit_code):
+            return  # (a non-finite step may be rolled back: coordinator/recovery.py)
+        self.s._set_state(job, JobState.FAILED, f"attempt {attempt} failed: rank {rank} on "
+                          f"{worker_id} exited with code {code}" + (f": {error}" if error else ""))
 
     def check_running(self) -> None:
         """A running job whose worker says it runs nothing, for longer than an exit report takes

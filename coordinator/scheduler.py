@@ -341,7 +341,7 @@ class Scheduler:
         with self._lock:
             job = self._current(job_id, attempt)
             if job is None:
-                return
+                return self.reconcile.late_exit(job_id, attempt, rank, worker_id, code, error)
             if code != 0:
                 reason = f"rank {rank} on {worker_id} exited with code {code}"
                 self._attempt_failed(job, f"{reason}: {error}" if error else reason, code)

@@ -290,6 +290,40 @@ def test_a_coordinator_that_starts_on_a_full_disk_waits_for_it_instead_of_exitin
         assert proc.returncode == 0
 
 
+def test_a_rank_that_failed_on_its_own_is_the_cause_even_when_its_peer_reported_first(rig):
+    """A worker's disk fills: its rank exits 8 naming the disk, but its peer's "lost a peer"
+    (exit 5) may reach the coordinator first and start a restart. The late exit of the attempt
+    it failed is the cause: the job fails naming the disk, not retried onto the same disk (an
+    outside run). A late non-finite step (9) is left to the rollback policy."""
+    s, workers, launcher, clock = rig
+    j = s.submit(_job(max_restarts=3))
+    s.tick()
+    s.on_exit(j.job_id, 1, 0, "w1", PeerLostError.exit_code, "lost a peer of the MLX group")
+    assert _state(s, j.job_id)[0] is JobState.RESTARTING
+    s.on_exit(j.job_id, 1, 1, "w2", NumericalError.exit_code, "non-finite loss")
+    assert _state(s, j.job_id)[0] is JobState.RESTARTING
+    s.on_exit(j.job_id, 1, 1, "w2", StorageError.exit_code,
+              "the worker's disk holding /w2/jobs cannot be written: No space left on device")
+    state, _, message = _state(s, j.job_id)
+    assert state is JobState.FAILED and message == (
+        "attempt 1 failed: rank 1 on w2 exited with code 8: the worker's disk holding /w2/jobs "
+        "cannot be written: No space left on device")
+
+
+def test_a_rank_event_on_a_full_worker_disk_is_a_storage_error_naming_it(tmp_path):
+    """The rank's event file on a full disk: exit 8 naming the folder (it was a traceback,
+    exit 1)."""
+    from worker.rank.events import Done, EventLog
+
+    with tiny_disk(tmp_path / "disk", "256k") as disk:
+        log = EventLog(disk / "events.jsonl")
+        _fill(disk)
+        with pytest.raises(StorageError, match=f"the worker's disk holding {disk} cannot be "
+                                               "written: No space left on device"):
+            for _ in range(10_000):  # (until the page cache's last free block is used)
+                log.append(Done(rank=0, iteration=1))
+
+
 def test_a_full_disk_is_a_health_state_and_a_clear_refusal_not_a_traceback_loop(tmp_path,
                                                                                 capsys):
     """SQLite on a real full disk: writes raise StorageError naming the database and its disk,

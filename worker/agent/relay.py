@@ -270,7 +270,8 @@ class Relay:
         error = "" if code == 0 else (self.error or self._last_error())
         if code < 0 and not self.error:
             error = f"killed by {signal.Signals(-code).name}"
-        if self._stopping.is_set() and code != 0:
+        if self._stopping.is_set() and code != 0 and (code < 0 or not error):
+            # (stopped: a signal; a rank that exited with a code of its own said why itself)
             error = self._stop_reason() or "stopped by the agent"
         self.log.info("rank_exited", exit_code=code, error=error)
         self._flush(force=True)

@@ -3,13 +3,14 @@ and its thin servicer."""
 
 from __future__ import annotations
 
+import errno
 import functools
 import threading
 from pathlib import Path
 from typing import Callable
 
 from herd import PROTOCOL_VERSION, log
-from herd.errors import HerdError, PlacementError
+from herd.errors import HerdError, PlacementError, StorageError
 from herd.netif import Interface
 from herd.rpc import auth, pki
 from herd.rpc.status import abort, streaming
@@ -147,6 +148,9 @@ class Worker:
             self.rank.stop()
 
 
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
+
+
 def _unary(fn):
     @functools.wraps(fn)
     def wrapper(self, request, context):
@@ -155,6 +159,14 @@ def _unary(fn):
         except HerdError as e:
             logger.warning("rpc_refused", rpc=fn.__name__, error=str(e))
             abort(context, e)
+        except OSError as e:  # a full or failing disk (an attempt's folder, its files): named,
+            if e.errno not in DISK_ERRORS:  # not grpcio's "Exception calling application"
+                raise
+            err = StorageError(f"the worker's disk cannot be written ({e.strerror}: "
+                               f"{e.filename or self.worker.state_dir})",
+                               hint="free space on the worker's disk (its --state-dir)")
+            logger.warning("rpc_refused", rpc=fn.__name__, error=str(err))
+            abort(context, err)
 
     return wrapper
 

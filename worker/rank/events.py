@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
+
+from herd.errors import StorageError
 
 
 @dataclass(frozen=True)
@@ -157,5 +160,11 @@ class EventLog:
     def append(self, event: Event) -> None:
         if self.path is None:
             return
-        with open(self.path, "a") as f:
-            f.write(to_line(event) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(to_line(event) + "\n")
+        except OSError as e:  # a full (or failing) disk: the rank's exit 8 names it
+            free = shutil.disk_usage(self.path.parent).free / 1e6
+            raise StorageError(f"the worker's disk holding {self.path.parent} cannot be "
+                               f"written: {e.strerror} ({free:.1f} MB free)",
+                               hint="free space on the worker's disk (its --state-dir)") from None
