@@ -24,7 +24,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from coordinator.domain import EventKind, Job, JobState, WorkerRecord
-from coordinator.recovery import STALE_STOP_EVERY_S, adoption_missing, retryable, stale_ranks
+from coordinator.recovery import (
+    STALE_STOP_EVERY_S,
+    adoption_missing,
+    decide_restart,
+    retryable,
+    stale_ranks,
+)
 from herd import log
 from herd.errors import NumericalError
 
@@ -62,6 +68,11 @@ class Reconciler:
         with s._lock:
             deadline = s.now_ms() + int(s.adopt_grace_s * 1000)
             for job in s.store.list_jobs():
+                if job.state is JobState.RESTARTING:  # its backoff, as when it failed: kept
+                    d = decide_restart(s.store.attempt_history(job.job_id),
+                                       s.store.checkpoints(job.job_id), job.updated_ms, 1, True,
+                                       s.restart_policy)
+                    s._not_before[job.job_id] = job.updated_ms + int(d.delay_s * 1000)
                 if job.state.active:
                     self.adopting[job.job_id] = (deadline, (), "")
                     s._event(job, EventKind.LOG, message=(

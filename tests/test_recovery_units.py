@@ -105,6 +105,27 @@ def test_a_link_that_keeps_failing_backs_off_and_is_reported_as_flapping(rig):
                             "(cluster.max_restarts: 3)")
 
 
+def test_a_coordinator_restart_keeps_a_restarting_jobs_backoff(rig, tmp_path):
+    """A restart waiting out its backoff, then the coordinator restarts (a supervisor, while a
+    job flaps): the new coordinator waits the rest of it, instead of placing at once (an
+    outside run saw a 30 s backoff become 4 s)."""
+    s, workers, launcher, clock = rig
+    s.restart_policy = RestartPolicy(base_s=30)
+    j = s.submit(_job(max_restarts=3))
+    s.tick()
+    s.on_exit(j.job_id, 1, 1, "w2", -9, "killed")
+    assert "in 30s" in _state(s, j.job_id)[2]
+    clock.t += 2
+    again = Scheduler(s.store, lambda: list(workers), launcher, clock,
+                      restart_policy=RestartPolicy(base_s=30))
+    again.recover()
+    again.tick()
+    assert _state(again, j.job_id)[:2] == (JobState.RESTARTING, 1)
+    clock.t += 29
+    again.tick()
+    assert _state(again, j.job_id)[:2] == (JobState.RUNNING, 2)
+
+
 def test_a_non_finite_step_rolls_back_with_a_lower_learning_rate_only_when_asked(rig):
     """cluster.on_non_finite: rollback: a rank's NumericalError (exit 9) restarts the job at once
     from its last checkpoint with the learning rate times rollback_lr_factor, each time lower,
