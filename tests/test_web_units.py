@@ -152,6 +152,11 @@ def test_metrics_parse_with_the_prometheus_parser_and_carry_grafana_labels(tmp_p
         0.8 + 0.2)
     assert samples[("herd_worker_memory_used_bytes", (("worker_id", "worker-1"),))] == 16 << 30
     assert samples[("herd_queue_length", ())] == 0
+    assert samples[("herd_coordinator_degraded", ())] == 0
+    # A database it cannot write: a gauge to alert on (`herd jobs` and `herd status` say it too)
+    text = render(metrics_registry(hub, lambda: [WORKER], lambda: "disk full")).decode()
+    assert ("herd_coordinator_degraded", 1.0) in {
+        (s.name, s.value) for f in text_string_to_metric_families(text) for s in f.samples}
     assert samples[("herd_job_state", tuple(sorted(job + (("state", "running"),))))] == 1
     store.close()
 

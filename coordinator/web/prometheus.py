@@ -34,10 +34,15 @@ def _counter(name: str, doc: str, labels: list[str]) -> CounterMetricFamily:
 
 
 class HerdCollector:
-    def __init__(self, hub: MetricsHub, workers: Callable[[], list[WorkerRecord]]):
-        self.hub, self.workers = hub, workers
+    def __init__(self, hub: MetricsHub, workers: Callable[[], list[WorkerRecord]],
+                 health: Callable[[], str] = lambda: ""):
+        self.hub, self.workers, self.health = hub, workers, health
 
     def collect(self) -> Iterator[Metric]:
+        degraded = _gauge("herd_coordinator_degraded", "1 while the coordinator cannot write its "
+                          "job database (what it reports is as of its last write)", [])
+        degraded.add_metric([], 1 if self.health() else 0)
+        yield degraded
         yield from self._workers(self.workers())
         now_ms = time.time() * 1000
         views = [v for v in self.hub.views() if not JobState(v.state).final
@@ -136,11 +141,12 @@ class HerdCollector:
         yield from (*g.values(), *c.values(), *r.values())
 
 
-def metrics_registry(hub: MetricsHub, workers: Callable[[], list[WorkerRecord]]):
+def metrics_registry(hub: MetricsHub, workers: Callable[[], list[WorkerRecord]],
+                     health: Callable[[], str] = lambda: ""):
     """A registry of the coordinator's own (never the process-global default registry: two
     coordinators in one test process must not share one)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(HerdCollector(hub, workers))
+    registry.register(HerdCollector(hub, workers, health))
     return registry
 
 

@@ -218,7 +218,8 @@ async def _send(resp: web.StreamResponse, event: str, data: dict) -> None:
 def make_app(ctx: WebContext) -> web.Application:
     app = web.Application(middlewares=[_guard])
     app[CONTEXT] = ctx
-    app[METRICS] = prometheus.metrics_registry(ctx.hub, ctx.workers)
+    app[METRICS] = prometheus.metrics_registry(ctx.hub, ctx.workers,
+                                               lambda: ctx.scheduler.health)
     app.add_routes(Dashboard(ctx).routes() + JobApi(ctx).routes())
     return app
 

@@ -128,10 +128,6 @@ def _refused(reply) -> list[dict]:
             for r in reply.refused]
 
 
-def _jobs(coord: CoordinatorConnection) -> list[dict]:
-    return [job_dict(j) for j in coord.call("ListJobs", coordinator_pb2.ListJobsRequest()).jobs]
-
-
 # --- the commands ----------------------------------------------------------------------------
 
 def cmd_jobs(args, coord: CoordinatorConnection) -> int:
@@ -202,17 +198,21 @@ def cmd_workers(args, coord: CoordinatorConnection | None) -> int:
 
 
 def cmd_status(args, coord: CoordinatorConnection) -> int:
-    workers, jobs = _workers(coord), _jobs(coord)
+    reply = coord.call("ListJobs", coordinator_pb2.ListJobsRequest())
+    workers, jobs = _workers(coord), [job_dict(j) for j in reply.jobs]
     active = [j for j in jobs if j["state"] not in FINAL_NAMES]
     counts: dict[str, int] = {}
     for j in jobs:
         counts[j["state"]] = counts.get(j["state"], 0) + 1
     if args.json:
         print(json.dumps({"coordinator": coord.target, "found_by": coord.found_by,
-                          "workers": workers, "jobs": active, "job_counts": counts}, indent=2))
+                          "health": reply.coordinator_health, "workers": workers,
+                          "jobs": active, "job_counts": counts}, indent=2))
         return 0
     busy = sum(1 for w in workers if w["running_job_id"])
     print(f"coordinator  {coord.target} (from {coord.found_by})")
+    if reply.coordinator_health:  # (what it shows of jobs is as of its last write)
+        print(f"degraded     {reply.coordinator_health}")
     print(f"workers      {len(workers)} verified, {busy} busy, "
           f"{_gb(sum(w['memory_bytes'] for w in workers))} in all")
     print("jobs         " + (", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none"))
