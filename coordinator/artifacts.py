@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import json
 import os
 import re
@@ -28,7 +27,7 @@ from typing import Iterable, Iterator
 from coordinator.domain import Checkpoint, FileDigest
 from herd.adapter_merge import ADAPTER_CONFIG, ADAPTERS, AdapterPiece, merge_pieces
 from herd.digest import file_digest, sha256_file
-from herd.errors import DatasetError, HerdError, NotFoundError, StorageError
+from herd.errors import DISK_ERRNOS, DatasetError, HerdError, NotFoundError, StorageError
 from herd.rpc.files import (
     check_sha,
     read_chunks,
@@ -46,7 +45,6 @@ MERGED_FROM = ".merged-from"  # in a merged step: which pieces it was made of
 MAX_STAGES = 1024
 # Kept free beyond what a write needs: the job database and its events live on the same disk.
 RESERVE_BYTES = 4 * 1024 * 1024
-_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS)
 
 
 def _free_bytes(folder: Path) -> int:
@@ -71,7 +69,7 @@ def disk_errors(folder: Path, what: str) -> Iterator[None]:
     try:
         yield
     except OSError as e:
-        if e.errno not in _DISK_ERRNOS:
+        if e.errno not in DISK_ERRNOS:
             raise
         raise StorageError(
             f"the coordinator's disk holding {folder} failed writing {what}: {e.strerror} "

@@ -2,6 +2,8 @@
 (CLI entry, gRPC servicer, control loop, rank runner). gRPC carries the class across the wire
 (herd/rpc/status.py), so a client raises what the server raised, with the same exit code."""
 
+import errno
+
 
 class HerdError(Exception):
     """Base of every error herd raises on purpose. ``hint`` says how to fix it."""
@@ -67,6 +69,11 @@ class StorageError(HerdError):
     what it holds free and what was needed."""
 
     exit_code = 8
+
+
+# The errnos of a write that failed for the disk's sake (full, over quota, failing, read-only):
+# a StorageError where they are caught, any other OSError stays what it is.
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS})
 
 
 class NumericalError(HerdError):

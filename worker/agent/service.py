@@ -3,14 +3,13 @@ and its thin servicer."""
 
 from __future__ import annotations
 
-import errno
 import functools
 import threading
 from pathlib import Path
 from typing import Callable
 
 from herd import PROTOCOL_VERSION, log
-from herd.errors import HerdError, PlacementError, StorageError
+from herd.errors import DISK_ERRNOS, HerdError, PlacementError, StorageError
 from herd.netif import Interface
 from herd.rpc import auth, pki
 from herd.rpc.status import abort, streaming
@@ -148,9 +147,6 @@ class Worker:
             self.rank.stop()
 
 
-DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
-
-
 def _unary(fn):
     @functools.wraps(fn)
     def wrapper(self, request, context):
@@ -160,7 +156,7 @@ def _unary(fn):
             logger.warning("rpc_refused", rpc=fn.__name__, error=str(e))
             abort(context, e)
         except OSError as e:  # a full or failing disk (an attempt's folder, its files): named,
-            if e.errno not in DISK_ERRORS:  # not grpcio's "Exception calling application"
+            if e.errno not in DISK_ERRNOS:  # not grpcio's "Exception calling application"
                 raise
             err = StorageError(f"the worker's disk cannot be written ({e.strerror}: "
                                f"{e.filename or self.worker.state_dir})",

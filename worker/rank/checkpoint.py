@@ -24,7 +24,6 @@ mx.save_safetensors evaluates): it may run on a background thread (``BackgroundW
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -39,7 +38,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from herd.digest import sha256_file
-from herd.errors import StorageError
+from herd.errors import DISK_ERRNOS, StorageError
 
 ADAPTERS = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -190,7 +189,7 @@ def write_checkpoint(adapter_path: Path, snap: Snapshot) -> Path:
     try:
         return _write_checkpoint(Path(adapter_path), snap)
     except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS):
+        if e.errno not in DISK_ERRNOS:
             raise
         raise StorageError(f"checkpoint {snap.state.iteration} could not be written under "
                            f"{adapter_path}: {e.strerror}",

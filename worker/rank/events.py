@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from herd.errors import StorageError
+from herd.errors import DISK_ERRNOS, StorageError
 
 
 @dataclass(frozen=True)
@@ -164,6 +164,8 @@ class EventLog:
             with open(self.path, "a") as f:
                 f.write(to_line(event) + "\n")
         except OSError as e:  # a full (or failing) disk: the rank's exit 8 names it
+            if e.errno not in DISK_ERRNOS:
+                raise
             free = shutil.disk_usage(self.path.parent).free / 1e6
             raise StorageError(f"the worker's disk holding {self.path.parent} cannot be "
                                f"written: {e.strerror} ({free:.1f} MB free)",
