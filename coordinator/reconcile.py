@@ -147,17 +147,14 @@ class Reconciler:
             for job_id, (deadline, lost, why) in list(self.adopting.items()):
                 job = s.store.get_job(job_id)
                 if not job.state.active:
-                    del self.adopting[job_id]
-                    self.gone_since.pop(job_id, None)
+                    self._stop_waiting(job, lost)
                     continue
                 missing = adoption_missing(job, workers,
                                            s.store.finished_ranks(job_id, job.attempt))
                 if not missing:
-                    del self.adopting[job_id]
-                    self.gone_since.pop(job_id, None)
                     if job.state is JobState.PLACING:
                         s._set_state(job, JobState.RUNNING)
-                    self._waited(job, lost)
+                    self._stop_waiting(job, lost)
                     s._event(job, EventKind.LOG, message=(
                         f"re-adopted attempt {job.attempt}: its ranks trained on "
                         + (f"while {_workers(lost)} did not answer the coordinator" if lost else
@@ -166,9 +163,7 @@ class Reconciler:
                 elif lost and all(" no longer runs rank " in m for m in missing):
                     # Back, but its rank is gone: its exit report may still be on its way
                     # (check_running waits lost_rank_grace_s for it), or the agent restarted.
-                    del self.adopting[job_id]
-                    self.gone_since.pop(job_id, None)
-                    self._waited(job, lost)
+                    self._stop_waiting(job, lost)
                 elif now >= deadline:
                     s._attempt_failed(job, (
                         f"worker {lost[0]} was lost: {why}; not back within "
@@ -179,8 +174,12 @@ class Reconciler:
         for job in failed:
             s._stop_ranks(job)
 
-    def _waited(self, job: Job, lost: tuple[str, ...]) -> None:
-        if lost and job.state is JobState.RUNNING:  # no longer waiting for anyone
+    def _stop_waiting(self, job: Job, lost: tuple[str, ...]) -> None:
+        """The job's attempt is no longer waited for (re-adopted, ended, or its worker back):
+        its entries go, and `herd jobs` stops saying it waits."""
+        del self.adopting[job.job_id]
+        self.gone_since.pop(job.job_id, None)
+        if lost and job.state is JobState.RUNNING:
             job.message = ""
             self.s.store.put_job(job)
 
