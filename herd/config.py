@@ -393,7 +393,24 @@ class JobConfig(_Strict):
 class _Loader(yaml.SafeLoader):
     """mlx-lm's YAML loader reads 1e-5 as a float (PyYAML's default reads it as a string).
     mlx-lm changes PyYAML's global SafeLoader for that; herd changes only its own subclass, so
-    importing herd.config changes no other ``yaml.safe_load`` in the process."""
+    importing herd.config changes no other ``yaml.safe_load`` in the process.
+
+    It also refuses a key given twice in one mapping, naming both lines: PyYAML (and so mlx-lm)
+    keeps the last silently, so a second ``learning_rate`` further down would quietly win."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first: dict[str, int] = {}
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.value == "<<":
+                    continue  # (a merge key: explicit keys may override merged ones)
+                line = key_node.start_mark.line + 1
+                if key_node.value in first:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key_node.value!r} is given twice (lines "
+                        f"{first[key_node.value]} and {line}): keep one", key_node.start_mark)
+                first[key_node.value] = line
+        return super().construct_mapping(node, deep)
 
 
 _Loader.add_implicit_resolver(
@@ -520,11 +537,15 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None,
 def config_from_yaml(text: str, source: str, stored: bool = False) -> JobConfig:
     """Parse a config that crossed a boundary as text (validated again: text is not trusted).
     ``stored``: a job record's (parse_config)."""
+    return parse_config(read_yaml(text, source), source, stored)
+
+
+def read_yaml(text: str, source: str) -> Any:
+    """YAML text as mlx-lm reads it (1e-5 a float), bounded, with duplicate keys refused."""
     try:
-        raw = bounded_yaml.load(text, _Loader, source) if text else None
+        return bounded_yaml.load(text, _Loader, source) if text else None
     except yaml.YAMLError as e:
         raise ConfigError(f"{source} is not valid YAML: {e}") from None
-    return parse_config(raw, source, stored)
 
 
 def with_cluster(cfg: JobConfig, source: str, **changes) -> JobConfig:

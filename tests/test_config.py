@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from mlx_lm.lora import CONFIG_DEFAULTS
 
-from herd.config import JobConfig, load_config, parse_config
+from herd.config import JobConfig, load_config, parse_config, read_yaml
 from herd.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -181,3 +181,16 @@ def test_yaml_scientific_notation_is_a_float(tmp_path):
     p = tmp_path / "j.yaml"
     p.write_text("learning_rate: 1e-5\n")
     assert load_config(p).learning_rate == 1e-5
+
+
+def test_a_key_given_twice_is_refused_naming_both_lines(tmp_path):
+    """PyYAML (and so mlx-lm) keeps the last of two equal keys silently: a second
+    learning_rate further down a long config would quietly win. Merge keys may still be
+    overridden, as YAML means them to be."""
+    p = tmp_path / "j.yaml"
+    p.write_text("learning_rate: 1e-5\nlora_parameters:\n  rank: 8\n  scale: 10\n"
+                 "  rank: 4\n")
+    with pytest.raises(ConfigError, match=r"'rank' is given twice \(lines 3 and 5\)"):
+        load_config(p)
+    merged = read_yaml("base: &b {rank: 8, scale: 10}\nlora: {<<: *b, rank: 4}\n", "j.yaml")
+    assert merged["lora"] == {"rank": 4, "scale": 10}

@@ -161,7 +161,14 @@ def test_metrics_parse_with_the_prometheus_parser_and_carry_grafana_labels(tmp_p
     store.close()
 
 
+def _alias_bomb() -> str:
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    return "\n".join(lines) + "\n"
+
+
 def test_an_openai_create_request_becomes_a_herd_config():
+    """(Its config text is read as a job file is: bounded, duplicate keys refused.)"""
     sha = "ab" * 32
     body = {"model": "/models/tiny", "training_file": f"file-{sha}", "suffix": "mine",
             "validation_file": f"file-{'cd' * 32}", "seed": 3,
@@ -180,7 +187,10 @@ def test_an_openai_create_request_becomes_a_herd_config():
     bad = [({**body, "hyperparameters": {"learning_rate_multiplier": 2}}, "learning_rate"),
            ({**body, "config": {"model": "/elsewhere"}}, "config.model"),
            ({**body, "training_file": "train.jsonl"}, "file id"),
-           ({**body, "model": ""}, "model is required")]
+           ({**body, "model": ""}, "model is required"),
+           ({**body, "config": "seed: 1\nseed: 2\n"}, "given twice"),
+           ({**body, "config": "seed: ["}, "not valid YAML"),
+           ({**body, "config": _alias_bomb()}, "more than 100000 values")]
     for request, words in bad:
         with pytest.raises((ConfigError, DatasetError), match=words):
             openai_shape.job_request(request, lambda s: 100)

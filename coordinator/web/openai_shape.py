@@ -15,7 +15,7 @@ from typing import Any, Callable
 import yaml
 
 from coordinator.domain import Checkpoint, Job, JobEvent, JobState
-from herd.config import config_to_yaml
+from herd.config import config_to_yaml, read_yaml
 from herd.digest import FileDigest
 from herd.errors import ConfigError, DatasetError, HerdError, NotFoundError, PlacementError
 
@@ -64,10 +64,7 @@ def job_request(body: Any, count_examples: Callable[[str], int]) -> tuple[str, s
         raise ConfigError("the request body is not a JSON object")
     config = body.get("config") or {}
     if isinstance(config, str):
-        try:
-            config = yaml.safe_load(config) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config is not valid YAML: {e}") from None
+        config = read_yaml(config, "config") or {}
     if not isinstance(config, dict):
         raise ConfigError("config must be an mlx_lm.lora YAML mapping (text or an object)")
     model = body.get("model")
