@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from coordinator.domain import (
     Checkpoint,
     EventKind,
@@ -137,6 +139,17 @@ def event_to_pb(e: JobEvent) -> common_pb2.JobEvent:
     if e.fetch is not None:
         m.fetch.CopyFrom(fetch_to_pb(e.fetch))
     return m
+
+
+def health_event_pb(job_id: str, after_seq: int, health: str) -> common_pb2.JobEvent:
+    """A line for a watcher when the coordinator cannot write its database (or can again): not
+    stored (the database is what fails), so it repeats the last seq sent and a watcher that
+    reconnects asks for the same events."""
+    message = (f"the coordinator cannot record this job's progress: {health}; the ranks train "
+               "on and their reports wait until it can" if health else
+               "the coordinator can write its database again; the reports held meanwhile follow")
+    return common_pb2.JobEvent(job_id=job_id, seq=after_seq, time_unix_ms=int(time.time() * 1000),
+                               kind=common_pb2.JobEvent.KIND_LOG, message=message)
 
 
 def event_from_pb(m: common_pb2.JobEvent) -> JobEvent:

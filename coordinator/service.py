@@ -150,9 +150,12 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
 
     @_stream
     def WatchJob(self, request, context) -> Iterator:
-        after, final_sent, give_up = request.after_seq, False, None
+        after, final_sent, give_up, said = request.after_seq, False, None, ""
         self.store.get_job(request.job_id)  # NOT_FOUND before the stream starts
         while context.is_active():
+            if (health := self.scheduler.health) != said:  # (it cannot be a stored event)
+                said = health
+                yield convert.health_event_pb(request.job_id, after, health)
             events = self.store.events(request.job_id, after)
             for e in events:
                 yield convert.event_to_pb(e)

@@ -749,6 +749,8 @@ def test_a_watch_ends_with_the_final_event_even_when_the_state_is_stored_first(t
             return True
 
     class Waits:
+        health = ""
+
         def wait_for_events(self, timeout_s):
             time.sleep(0.05)
 
@@ -762,6 +764,56 @@ def test_a_watch_ends_with_the_final_event_even_when_the_state_is_stored_first(t
         servicer, coordinator_pb2.WatchJobRequest(job_id=j.job_id), Context()))
     later.join()
     assert [convert.event_from_pb(e).state for e in got] == [JobState.QUEUED, JobState.SUCCEEDED]
+
+
+def test_a_watch_says_when_the_coordinator_cannot_record_progress_and_when_it_can_again(
+        tmp_path):
+    """A coordinator whose disk is full stores no events, so `herd watch` went silent with no
+    reason given (herd status said it): the stream now says so, and when it recovers, without
+    moving the watcher's place in the event sequence."""
+    import time
+
+    from coordinator.service import CoordinatorServicer
+    from protos.v1 import common_pb2, coordinator_pb2
+
+    store = JobStore(tmp_path / "db")
+    j = job()
+    store.put_job(j)
+    store.add_event(j.job_id, 1, EventKind.STATE, state=JobState.RUNNING)
+    full = "the job database /state/herd.db cannot be written: disk full (0 MB free on its disk)"
+    healths = iter([full, full, "", "", ""])
+
+    class Disk:  # the edge: what the store's last write said, tick by tick
+        @property
+        def health(self):
+            return next(healths, "")
+
+        def wait_for_events(self, timeout_s):
+            if self.ticks == 3:
+                j.state = JobState.SUCCEEDED
+                store.put_job(j)
+                store.add_event(j.job_id, 2, EventKind.STATE, state=JobState.SUCCEEDED)
+            self.ticks += 1
+            time.sleep(0.01)
+
+        ticks = 0
+
+    class Context:
+        calls = 0
+
+        def is_active(self):  # (a stream that never ends fails the test, not hangs it)
+            self.calls += 1
+            assert self.calls < 100
+            return True
+
+    servicer = type("S", (), {"store": store, "scheduler": Disk()})()
+    got = list(CoordinatorServicer.WatchJob(
+        servicer, coordinator_pb2.WatchJobRequest(job_id=j.job_id), Context()))
+    logs = [(e.seq, e.message) for e in got if e.kind == common_pb2.JobEvent.KIND_LOG]
+    assert logs[0][0] == 0 and f"cannot record this job's progress: {full}" in logs[0][1]
+    assert logs[1][0] == 1 and "can write its database again" in logs[1][1]
+    assert len(logs) == 2  # once each, not once per tick
+    assert [e.seq for e in got if e.kind != common_pb2.JobEvent.KIND_LOG] == [1, 2]
 
 
 def test_a_shipped_resume_adapter_is_checked_kept_and_readable_only_by_the_jobs_workers(

@@ -315,6 +315,7 @@ def test_the_login_cookie_reads_the_dashboard_but_never_writes(server):
         assert "HttpOnly" in header and "SameSite=Strict" in header and TOKEN not in header
         cluster = http.get("/api/cluster").json()
         assert [w["id"] for w in cluster["workers"]] == ["worker-1"]
+        assert cluster["health"] == ""  # (a degraded coordinator's reason: the page shows it)
         assert cluster["jobs"][0]["id"] == "demo-1" and cluster["jobs"][0]["restarts"] == 1
         assert http.get("/metrics").status_code == 200
         # The cookie never creates or cancels: a page on another site could make a browser

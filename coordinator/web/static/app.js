@@ -45,7 +45,11 @@ function duration(s) {
 // --- the overview -------------------------------------------------------------------------------
 
 function renderCluster() {
-  const { workers, jobs } = state.cluster;
+  const { workers, jobs, health } = state.cluster;
+  // A coordinator that cannot write its database records no progress: say why, not just stall.
+  $("#degraded").hidden = !health;
+  $("#degraded").textContent = health ? "The coordinator cannot record progress: " + health
+    + ". The ranks train on; their reports wait until it can." : "";
   $("#worker-count").textContent = `(${workers.length})`;
   const wbody = $("#workers tbody");
   wbody.replaceChildren(...workers.map((w) => {
