@@ -216,6 +216,6 @@ def launch_to_pb(launch: RankLaunch, coordinator: str,
         stage_layers=[common_pb2.LayerRange(start=a, end=b) for a, b in launch.stage_layers],
         dataset=[digest_to_pb(d) for d in job.dataset], data_path=launch.data_path,
         ibv_devices_json=launch.ibv_devices_json, jaccl_coordinator=launch.jaccl_coordinator,
-        model=model_source_to_pb(launch.model),
+        model=model_source_to_pb(launch.model), neighbors_only=launch.neighbors_only,
         resume_adapter=digest_to_pb(job.resume_adapter) if job.resume_adapter else None,
     )

@@ -177,3 +177,4 @@ class RankLaunch:
     ibv_devices_json: str = ""  # JACCL: MLX_IBV_DEVICES content
     jaccl_coordinator: str = ""  # JACCL: MLX_JACCL_COORDINATOR
     model: ModelSource = ModelSource()
+    neighbors_only: bool = False  # a cable ring: each rank reaches only the ranks next to it

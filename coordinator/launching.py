@@ -41,7 +41,8 @@ def launches(job: Job, placement: Placement, workers: dict[str, WorkerRecord],
     if placement.max_shares:
         job = replace(job, config=with_memory_caps(job.config, placement.max_shares))
     return [RankLaunch(job, r, w, ring if path.kind == "ring" else [], peers, resume_step, stages,
-                       placement.data_parallel, path.kind, **extra, model=model or ModelSource())
+                       placement.data_parallel, path.kind, **extra, model=model or ModelSource(),
+                       neighbors_only=path.neighbors_only)
             for r, w in enumerate(chosen)]
 
 

@@ -13,10 +13,8 @@ Kept in memory: a restarted coordinator tries the fast path again, once.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from coordinator.domain import Job, JobState, WorkerRecord
-from coordinator.placement import Fail, Placement
+from coordinator.placement import Fail, Placement, with_path
 from coordinator.planner.network import CONTROL, choose_path
 from coordinator.store import JobStore
 from herd.errors import PlacementError
@@ -42,7 +40,7 @@ class FailedPaths:
             except PlacementError as e:
                 return Fail(f"{e.message} (data subnets its attempts failed on: "
                             f"{', '.join(sorted(avoid))})")
-            placement = replace(placement, path=path)
+            placement = with_path(placement, path)
         if path is not None:
             self._used[job.job_id] = path.network
         return placement

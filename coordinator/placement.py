@@ -89,7 +89,18 @@ def place(cfg: JobConfig, workers: list[WorkerRecord],
     by_id = {w.worker_id: w for w in workers}
     path = choose_path([by_id[w] for w in placement.worker_ids], cfg.cluster.exchange,
                        cfg.cluster.allow_wifi, pipeline=placement.pipeline_stages > 1)
-    return replace(placement, path=path)
+    return with_path(placement, path)
+
+
+def with_path(placement: Placement, path: DataPath) -> Placement:
+    """``placement`` on ``path``, its ranks reordered when the path follows cables between pairs
+    of workers (DataPath.order; data parallel only: a rank's place in a data-parallel ring
+    changes which examples it reads, not the update)."""
+    if list(path.order) in ([], list(range(len(placement.worker_ids)))):
+        return replace(placement, path=path)
+    caps = placement.max_shares
+    return replace(placement, worker_ids=[placement.worker_ids[i] for i in path.order],
+                   max_shares=caps and tuple(caps[i] for i in path.order), path=path)
 
 
 def _place_by_memory(cfg: JobConfig, workers: list[WorkerRecord],

@@ -144,6 +144,29 @@ def probe_interfaces() -> list[Interface]:
     return found
 
 
+def _own_interfaces() -> list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]:
+    found = []
+    for adapter in ifaddr.get_adapters():
+        for ip in adapter.ips:
+            addr = ip.ip[0] if isinstance(ip.ip, tuple) else ip.ip
+            found.append(ipaddress.ip_interface(f"{addr.split('%')[0]}/{ip.network_prefix}"))
+    return found
+
+
+def local_network(address: str):
+    """The subnet of this machine's interface that holds ``address``, or None."""
+    ip = ipaddress.ip_address(address.strip("[]"))
+    return next((i.network for i in _own_interfaces() if i.ip == ip), None)
+
+
+def address_on_link(host: str) -> str | None:
+    """This machine's address on a subnet that holds ``host`` (a peer it reaches directly), or
+    None."""
+    ip = ipaddress.ip_address(host.strip("[]"))
+    return next((str(i.ip) for i in _own_interfaces()
+                 if i.version == ip.version and ip in i.network and i.ip != ip), None)
+
+
 # --- choosing ----------------------------------------------------------------------------------
 
 def parse_data_spec(spec: str) -> tuple[str, str | None]:

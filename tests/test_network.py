@@ -141,12 +141,69 @@ def test_jaccl_when_every_pair_has_rdma_else_the_ring():
     assert path.kind == "jaccl" and path.rdma == WANT_RDMA
     assert path.addresses == [w.host for w in macs]
     assert "untested on hardware" in path.describe()
-    # One cable missing: no JACCL (each cable is its own /30: no shared subnet either), so the
-    # ring on the 10GbE LAN they all share.
+    # One cable missing (mac1-mac4): no JACCL (each cable is its own /30, no subnet shared by
+    # all), but the cables still close a cycle, mac1 mac2 mac4 mac3: the ring follows them.
     macs[3].interfaces = [i for i in macs[3].interfaces if i.name != "en2"]
     path = choose_path(macs)
-    assert (path.kind, path.network) == ("ring", "198.18.0.0/24")
+    assert (path.kind, path.order, path.neighbors_only) == ("ring", (0, 1, 3, 2), True)
+    # each rank at its end of the cable from the rank before it: mac3-mac1, mac1-mac2, ...
+    assert path.addresses == ["198.19.1.1", "198.19.0.2", "198.19.4.2", "198.19.5.1"]
+    assert path.network == "cable ring 198.19.0.0/30 198.19.4.0/30 198.19.5.0/30 198.19.1.0/30"
+    # A pipeline keeps its stage order, which the cables do not follow: the 10GbE LAN.
+    path = choose_path(macs, pipeline=True)
+    assert (path.kind, path.network, path.order) == ("ring", "198.18.0.0/24", ())
     assert choose_path(four_macs(), exchange="grpc").kind == "grpc"
+
+
+def cabled(n: int, cables: list[tuple[int, int]], lan_speed: int = 1000,
+           kind: str = "thunderbolt") -> list[WorkerRecord]:
+    """n Macs on one LAN, with a point-to-point subnet per cable (mlx.distributed_config's way)."""
+    ifaces = [[eth("en0", f"198.18.0.{i + 1}/24", speed=lan_speed)] for i in range(n)]
+    for k, (a, b) in enumerate(cables):
+        ifaces[a].append(eth(f"en{k + 2}", f"198.19.{k}.1/30", kind=kind, speed=40000))
+        ifaces[b].append(eth(f"en{k + 2}", f"198.19.{k}.2/30", kind=kind, speed=40000))
+    return [worker(f"mac{i + 1}", f"198.18.0.{i + 1}", *ifaces[i]) for i in range(n)]
+
+
+def test_three_macs_cabled_in_a_triangle_ring_over_the_cables_not_the_lan():
+    """The common Mac Studio setup without a Thunderbolt switch: three cables, no subnet all
+    share but the 1 GbE LAN. A ring rank talks only to its two neighbours, so the cables carry
+    it: each rank listed at its address on the cable from the rank before it, where MLX's ring
+    has it accept (mlx.distributed_config writes the same for a Thunderbolt ring)."""
+    macs = cabled(3, [(0, 1), (1, 2), (2, 0)])
+    path = choose_path(macs)
+    assert (path.kind, path.order, path.neighbors_only) == ("ring", (0, 1, 2), True)
+    assert path.addresses == ["198.19.2.2", "198.19.0.2", "198.19.1.2"]
+    assert path.describe() == ("data path: MLX ring on cable ring 198.19.0.0/30 198.19.1.0/30 "
+                               "198.19.2.0/30 via 3 cables (thunderbolt 40 Gbit/s) (ranks in "
+                               "cable order)")
+    assert choose_path(macs, exchange="grpc").kind == "grpc"  # the gRPC ring follows them too
+    assert choose_path(macs, pipeline=True).order == (0, 1, 2)  # already in stage order
+    # A failed attempt on the cables: the next one takes the LAN.
+    assert choose_path(macs, avoid=frozenset({path.network})).network == "198.18.0.0/24"
+    # A LAN as fast as the cables: the subnet every worker shares wins (one hop, no reorder).
+    assert choose_path(cabled(3, [(0, 1), (1, 2), (2, 0)], lan_speed=40000,
+                              kind="ethernet")).network == "198.18.0.0/24"
+    # Cables that do not close a cycle (a chain): the LAN.
+    assert choose_path(cabled(3, [(0, 1), (1, 2)])).network == "198.18.0.0/24"
+    # Two workers: a cable between them is a subnet they share (the ring as before).
+    two = choose_path(cabled(2, [(0, 1)]))
+    assert (two.network, two.neighbors_only) == ("198.19.0.0/30", False)
+
+
+def test_a_data_parallel_placement_follows_the_cables():
+    """Four Macs cabled in a square whose cycle is not the memory order: the ranks (and the
+    planner's per-rank caps) are reordered to follow the cables; rank 0 keeps its worker."""
+    from coordinator.placement import Placement, with_path
+
+    macs = cabled(4, [(0, 1), (1, 3), (3, 2), (2, 0)])
+    path = choose_path(macs)
+    assert path.order == (0, 1, 3, 2)
+    placed = with_path(Placement([w.worker_id for w in macs], 1, max_shares=(4, 3, 2, 1)), path)
+    assert placed.worker_ids == ["mac1", "mac2", "mac4", "mac3"]
+    assert placed.max_shares == (4, 3, 1, 2)
+    # each rank listed on the cable from the one before it: mac3-mac1, mac1-mac2, mac2-mac4, ...
+    assert path.addresses == ["198.19.3.2", "198.19.0.2", "198.19.1.2", "198.19.2.2"]
 
 
 def test_jaccl_hostfile_and_env_match_what_mlx_launch_produces(tmp_path, monkeypatch):

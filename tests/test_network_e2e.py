@@ -179,3 +179,64 @@ def test_cli_discovery_with_two_coordinators_of_one_host_name(netns, tmp_path): 
     theirs.wait_workers(cli, 0, args=("--coordinator", "198.18.0.2:7450"), ok_codes=(4,))
     out = cli.run_python("-c", LOOKUPS, "20", env=ours.env(cli), timeout=300)
     assert out.stdout.split() == ["198.18.0.1:7450"] * 20, out.stdout + out.stderr[-2000:]
+
+
+def test_three_workers_cabled_in_a_triangle_train_over_the_cables(
+        netns, tmp_path, tiny_model, tiny_data):  # noqa: F811
+    """Three Macs cabled pairwise (Thunderbolt without a switch: each cable its own /30, no
+    subnet all three share but a slower LAN): the ring follows the cables, MLX's and the gRPC
+    exchange's alike, each rank listed at its end of the cable from the rank before it; the
+    link probe measures every cable, and the cables carry the gradients."""
+    net = netns()
+    net.bridge("lan")
+    c, w1, w2, w3, cli = (net.host(n) for n in ("c", "w1", "w2", "w3", "cli"))
+    for h, last in ((c, 1), (w1, 11), (w2, 12), (w3, 13), (cli, 100)):
+        net.link(h, "lan", f"198.18.0.{last}/24")
+    ends = {}  # worker -> its cable addresses
+    for k, (a, b) in enumerate(((w1, w2), (w2, w3), (w3, w1)), start=1):
+        net.bridge(f"cable{k}")  # a bridge with two ends: one cable
+        for h, last in ((a, 1), (b, 2)):
+            net.link(h, f"cable{k}", f"198.19.{k}.{last}/30")
+            ends.setdefault(h.name, []).append(f"198.19.{k}.{last}")
+    herd = HerdNet(net, tmp_path)
+    herd.coordinator(c)
+    for w in (w1, w2, w3):  # the LAN a data candidate too: the cables must beat it
+        herd.worker(w, "--data", "eth0", "--data", "eth1=thunderbolt",
+                    "--data", "eth2=thunderbolt")
+    herd.wait_workers(cli, 3)
+    before = {(h.name, i): h.counters(i)["tx_bytes"] for h in (w1, w2, w3)
+              for i in ("eth0", "eth1", "eth2")}
+    cfg = write_job(tmp_path / "job.yaml", tiny_model, tiny_data, iters=6, save_every=6,
+                    batch_size=6, cluster={"workers": 3, "exchange": "mlx"})
+    job_id = _job_id(herd.herd(cli, "submit", str(cfg)))
+    watch = herd.herd(cli, "watch", job_id, "--plain", check=False)
+    assert f"{job_id}: state succeeded" in watch.stdout, watch.stdout[-3000:]
+    assert "attempt 1 failed" not in watch.stdout, watch.stdout[-3000:]
+    assert (f"{job_id}: data path: MLX ring on cable ring " in watch.stdout
+            and "via 3 cables (thunderbolt)" in watch.stdout), watch.stdout[-3000:]
+    probes = [line for line in watch.stdout.splitlines() if "link probe:" in line]
+    assert len(probes) == 3 and not any("failed" in p for p in probes), probes
+    # One hostfile for all, of cable addresses: each rank's end of the cable from the one
+    # before it, so consecutive ranks (and the last and the first) share a cable.
+    hostfiles = _hostfiles(herd, w1, w2, w3)
+    assert hostfiles[0] == hostfiles[1] == hostfiles[2], hostfiles
+    ring = [a.rsplit(":", 1)[0] for a in hostfiles[0]]
+    assert all(a.startswith("198.19.") for a in ring), ring
+    cable_of = {a: a.rsplit(".", 1)[0] for addrs in ends.values() for a in addrs}
+    owner = {a: w for w, addrs in ends.items() for a in addrs}
+    assert sorted(owner[a] for a in ring) == ["w1", "w2", "w3"]
+    for i, a in enumerate(ring):  # rank i-1's other end of this cable is one of its own
+        assert any(cable_of[b] == cable_of[a] for b in ends[owner[ring[i - 1]]]), ring
+    sent = {k: net.hosts[k[0]].counters(k[1])["tx_bytes"] - v for k, v in before.items()}
+    herd.herd(cli, "pull", job_id, "-o", str(tmp_path / "adapter"))
+    grad_bytes = (tmp_path / "adapter" / "adapters.safetensors").stat().st_size
+    for w in ("w1", "w2", "w3"):  # a 3-rank ring sends 2/3 of the gradient per step per rank
+        assert sent[(w, "eth1")] + sent[(w, "eth2")] >= 0.8 * 6 * 2 / 3 * grad_bytes, sent
+    # herd's gRPC ring over the same cables: each rank dials only its two neighbours.
+    cfg = write_job(tmp_path / "grpc.yaml", tiny_model, tiny_data, iters=4, save_every=4,
+                    batch_size=6, cluster={"workers": 3, "exchange": "grpc"})
+    job_id = _job_id(herd.herd(cli, "submit", str(cfg)))
+    watch = herd.herd(cli, "watch", job_id, "--plain", check=False)
+    assert f"{job_id}: state succeeded" in watch.stdout, watch.stdout[-3000:]
+    assert f"{job_id}: data path: gRPC exchange on cable ring " in watch.stdout
+    assert "attempt 1 failed" not in watch.stdout, watch.stdout[-3000:]  # (not on the LAN)

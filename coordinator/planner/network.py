@@ -10,6 +10,14 @@ interfaces (herd/netif.py):
    fastest subnet every worker has a data interface on: Thunderbolt, then Ethernet by link speed,
    then others; IPv4 before IPv6 (MLX's ring needs it), and a dedicated data subnet before the
    control one at equal speed;
+   or, when it is faster, a **cable ring**: 3+ Macs cabled in a cycle (Thunderbolt without a
+   switch: each cable its own point-to-point subnet, no subnet shared by all) carry a ring whose
+   ranks follow the cables, since a ring rank talks only to the ranks before and after it. Rank i
+   is listed at its address on the cable from rank i-1, which is where MLX's ring has rank i
+   accept and rank i-1 dial (mlx/distributed/ring/ring.cpp), and what mlx.distributed_config
+   writes for a Thunderbolt ring. Data-parallel ranks are reordered to follow the cables (rank 0
+   keeps its worker); a pipeline's stage order is fixed, so it takes the cables only if they
+   follow it;
 3. else **gRPC over the control network** (the addresses the coordinator reaches the workers on).
 
 Never Wi-Fi for gradients unless the job sets ``cluster.allow_wifi``: a job whose only shared path
@@ -24,7 +32,7 @@ Pure: WorkerRecords in, a DataPath or a PlacementError out.
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from coordinator.domain import WorkerRecord
 from herd.errors import PlacementError
@@ -45,6 +53,10 @@ class DataPath:
     link: str = ""               # "eth1 (ethernet 10 Gbit/s)"
     rdma: list[list[str | None]] = field(default_factory=list)  # JACCL: rank -> peer -> device
     note: str = ""
+    # A cable ring: each rank reaches only the ranks before and after it, and ``order`` lists the
+    # input workers in the rank order that follows the cables (the caller reorders its ranks).
+    neighbors_only: bool = False
+    order: tuple[int, ...] = ()
 
     def describe(self) -> str:
         what = {"jaccl": "MLX JACCL over RDMA", "ring": "MLX ring", "grpc": "gRPC exchange"}
@@ -104,6 +116,80 @@ def _order(s: _Shared, control: set[str]) -> tuple:
             str(s.network))
 
 
+MAX_CABLE_RING = 8  # Macs in a cable ring searched for (a Mac has at most 6 Thunderbolt ports)
+
+
+def _pair_links(a: WorkerRecord, b: WorkerRecord, allow_wifi: bool,
+                avoid: frozenset[str]) -> tuple[tuple, str, str, str, Interface] | None:
+    """The best IPv4 data subnet ``a`` and ``b`` share: (its order key, a's address, b's
+    address, the subnet, the slower end's interface), or None."""
+    best = None
+    theirs = {}
+    for i in b.interfaces:
+        if i.data and i.kind != "loopback":
+            for addr in i.addresses:
+                iface = ipaddress.ip_interface(addr)
+                if iface.version == 4:
+                    theirs.setdefault(iface.network, (str(iface.ip), i))
+    for i in a.interfaces:
+        if not i.data or i.kind == "loopback":
+            continue
+        for addr in i.addresses:
+            iface = ipaddress.ip_interface(addr)
+            if iface.network not in theirs or str(iface.network) in avoid:
+                continue
+            other, j = theirs[iface.network]
+            worst = max((i, j), key=lambda x: (_KIND_RANK.get(x.kind, 2), -x.speed_mbps))
+            if worst.kind == "wifi" and not allow_wifi:
+                continue
+            key = (_KIND_RANK.get(worst.kind, 2), -worst.speed_mbps, str(iface.network))
+            if best is None or key < best[0]:
+                best = (key, str(iface.ip), other, str(iface.network), worst)
+    return best
+
+
+def _cable_ring(workers: list[WorkerRecord], allow_wifi: bool, avoid: frozenset[str],
+                reorder: bool) -> tuple[tuple, DataPath] | None:
+    """The fastest ring over links between pairs (the module docstring), as (its slowest link's
+    order key, a path of kind "ring"), or None. ``reorder``: may the ranks be reordered."""
+    n = len(workers)
+    if not 3 <= n <= MAX_CABLE_RING:
+        return None
+    links = {(a, b): _pair_links(workers[a], workers[b], allow_wifi, avoid)
+             for a in range(n) for b in range(n) if a != b}
+    best: tuple | None = None
+
+    def visit(path: list[int], worst: tuple) -> None:
+        nonlocal best
+        if best is not None and worst >= best[0]:
+            return  # no better than a cycle already found
+        if len(path) == n:
+            if (close := links[path[-1], path[0]]) is not None:
+                best = min(best or (max(worst, close[0][:2]), path), (max(worst, close[0][:2]),
+                                                                       path))
+            return
+        nexts = range(1, n) if reorder else [len(path)]
+        for b in nexts:
+            if b not in path and (link := links[path[-1], b]) is not None:
+                visit(path + [b], max(worst, link[0][:2]))
+
+    visit([0], (-1, 0))
+    if best is None:
+        return None
+    worst, order = best
+    hops = [links[order[i - 1], order[i]] for i in range(n)]  # the cable into each rank
+    # Rank i is listed at its address on the cable from rank i-1 (MLX's ring has it accept there).
+    addresses = [hop[2] for hop in hops]
+    slowest = max((h[4] for h in hops), key=lambda i: (_KIND_RANK.get(i.kind, 2), -i.speed_mbps))
+    kinds = {h[4].describe().split(" (", 1)[1] for h in hops}  # "thunderbolt 40 Gbit/s)"
+    link = (f"{len(hops)} cables ({kinds.pop()}" if len(kinds) == 1 else
+            f"{len(hops)} cables, the slowest {slowest.describe()}")
+    network = "cable ring " + " ".join(h[3] for h in hops[1:] + hops[:1])
+    return worst, DataPath("ring", addresses, network, link,
+                           note="ranks in cable order",
+                           neighbors_only=True, order=tuple(order))
+
+
 def _jaccl(workers: list[WorkerRecord]) -> list[list[str | None]] | None:
     """Per rank, the RDMA device facing every other rank (None towards itself), when every pair
     shares a subnet with an RDMA device at both ends; else None."""
@@ -139,6 +225,11 @@ def choose_path(workers: list[WorkerRecord], exchange: str = "auto", allow_wifi:
     local = all(_is_loopback(h) for h in hosts)
     shared = sorted((s for s in _shared_subnets(workers, local) if str(s.network) not in avoid),
                     key=lambda s: _order(s, set(hosts)))
+    ring = None if local else _cable_ring(workers, allow_wifi, avoid, reorder=not pipeline)
+    if ring is not None and ring[1].network not in avoid and not (
+            shared and _order(shared[0], set(hosts))[:2] <= ring[0]):
+        path = ring[1]  # cables faster than any subnet every worker shares
+        return replace(path, kind="grpc") if exchange == "grpc" else path
     wifi = [s for s in shared if s.worst.kind == "wifi"]
     usable = [s for s in shared if allow_wifi or s.worst.kind != "wifi"]
     for s in usable:

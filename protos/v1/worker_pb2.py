@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos.v1 import common_pb2 as protos_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/v1/worker.proto\x12\x07herd.v1\x1a\x16protos/v1/common.proto\"\x11\n\x0f\x44\x65scribeRequest\"4\n\rDescribeReply\x12#\n\x06worker\x18\x01 \x01(\x0b\x32\x13.herd.v1.WorkerInfo\"\xef\x03\n\x10StartRankRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x12\n\nworld_size\x18\x04 \x01(\x05\x12\x13\n\x0b\x63onfig_yaml\x18\x05 \x01(\t\x12$\n\x07\x64\x61taset\x18\x06 \x03(\x0b\x32\x13.herd.v1.FileDigest\x12\x13\n\x0b\x63oordinator\x18\x07 \x01(\t\x12\x12\n\nring_hosts\x18\x08 \x03(\t\x12\x16\n\x0e\x65xchange_peers\x18\t \x03(\t\x12\x13\n\x0bresume_step\x18\n \x01(\x03\x12)\n\x0cstage_layers\x18\x0b \x03(\x0b\x32\x13.herd.v1.LayerRange\x12\x15\n\rdata_parallel\x18\x0c \x01(\x05\x12\x11\n\tdata_path\x18\r \x01(\t\x12\x18\n\x10ibv_devices_json\x18\x0e \x01(\t\x12\x19\n\x11jaccl_coordinator\x18\x0f \x01(\t\x12#\n\x05model\x18\x10 \x01(\x0b\x32\x14.herd.v1.ModelSource\x12\x15\n\rrank_cert_pem\x18\x11 \x01(\x0c\x12\x14\n\x0crank_key_pem\x18\x12 \x01(\x0c\x12+\n\x0eresume_adapter\x18\x13 \x01(\x0b\x32\x13.herd.v1.FileDigest\"\x1d\n\x0eStartRankReply\x12\x0b\n\x03pid\x18\x01 \x01(\x03\"1\n\x0eStopJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\"#\n\x0cStopJobReply\x12\x13\n\x0bwas_running\x18\x01 \x01(\x08\"\x0f\n\rHealthRequest\"I\n\x0bRunningRank\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x0b\n\x03pid\x18\x04 \x01(\x03\"W\n\x0bHealthReply\x12#\n\x06worker\x18\x01 \x01(\x0b\x32\x13.herd.v1.WorkerInfo\x12#\n\x05ranks\x18\x02 \x03(\x0b\x32\x14.herd.v1.RunningRank2\xc5\x02\n\rWorkerService\x12<\n\x08\x44\x65scribe\x12\x18.herd.v1.DescribeRequest\x1a\x16.herd.v1.DescribeReply\x12?\n\tStartRank\x12\x19.herd.v1.StartRankRequest\x1a\x17.herd.v1.StartRankReply\x12\x42\n\x0bPrepareRank\x12\x19.herd.v1.StartRankRequest\x1a\x16.herd.v1.FetchProgress0\x01\x12\x39\n\x07StopJob\x12\x17.herd.v1.StopJobRequest\x1a\x15.herd.v1.StopJobReply\x12\x36\n\x06Health\x12\x16.herd.v1.HealthRequest\x1a\x14.herd.v1.HealthReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/v1/worker.proto\x12\x07herd.v1\x1a\x16protos/v1/common.proto\"\x11\n\x0f\x44\x65scribeRequest\"4\n\rDescribeReply\x12#\n\x06worker\x18\x01 \x01(\x0b\x32\x13.herd.v1.WorkerInfo\"\x87\x04\n\x10StartRankRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x12\n\nworld_size\x18\x04 \x01(\x05\x12\x13\n\x0b\x63onfig_yaml\x18\x05 \x01(\t\x12$\n\x07\x64\x61taset\x18\x06 \x03(\x0b\x32\x13.herd.v1.FileDigest\x12\x13\n\x0b\x63oordinator\x18\x07 \x01(\t\x12\x12\n\nring_hosts\x18\x08 \x03(\t\x12\x16\n\x0e\x65xchange_peers\x18\t \x03(\t\x12\x13\n\x0bresume_step\x18\n \x01(\x03\x12)\n\x0cstage_layers\x18\x0b \x03(\x0b\x32\x13.herd.v1.LayerRange\x12\x15\n\rdata_parallel\x18\x0c \x01(\x05\x12\x11\n\tdata_path\x18\r \x01(\t\x12\x18\n\x10ibv_devices_json\x18\x0e \x01(\t\x12\x19\n\x11jaccl_coordinator\x18\x0f \x01(\t\x12#\n\x05model\x18\x10 \x01(\x0b\x32\x14.herd.v1.ModelSource\x12\x15\n\rrank_cert_pem\x18\x11 \x01(\x0c\x12\x14\n\x0crank_key_pem\x18\x12 \x01(\x0c\x12+\n\x0eresume_adapter\x18\x13 \x01(\x0b\x32\x13.herd.v1.FileDigest\x12\x16\n\x0eneighbors_only\x18\x14 \x01(\x08\"\x1d\n\x0eStartRankReply\x12\x0b\n\x03pid\x18\x01 \x01(\x03\"1\n\x0eStopJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\"#\n\x0cStopJobReply\x12\x13\n\x0bwas_running\x18\x01 \x01(\x08\"\x0f\n\rHealthRequest\"I\n\x0bRunningRank\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x0b\n\x03pid\x18\x04 \x01(\x03\"W\n\x0bHealthReply\x12#\n\x06worker\x18\x01 \x01(\x0b\x32\x13.herd.v1.WorkerInfo\x12#\n\x05ranks\x18\x02 \x03(\x0b\x32\x14.herd.v1.RunningRank2\xc5\x02\n\rWorkerService\x12<\n\x08\x44\x65scribe\x12\x18.herd.v1.DescribeRequest\x1a\x16.herd.v1.DescribeReply\x12?\n\tStartRank\x12\x19.herd.v1.StartRankRequest\x1a\x17.herd.v1.StartRankReply\x12\x42\n\x0bPrepareRank\x12\x19.herd.v1.StartRankRequest\x1a\x16.herd.v1.FetchProgress0\x01\x12\x39\n\x07StopJob\x12\x17.herd.v1.StopJobRequest\x1a\x15.herd.v1.StopJobReply\x12\x36\n\x06Health\x12\x16.herd.v1.HealthRequest\x1a\x14.herd.v1.HealthReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,19 +37,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DESCRIBEREPLY']._serialized_start=78
   _globals['_DESCRIBEREPLY']._serialized_end=130
   _globals['_STARTRANKREQUEST']._serialized_start=133
-  _globals['_STARTRANKREQUEST']._serialized_end=628
-  _globals['_STARTRANKREPLY']._serialized_start=630
-  _globals['_STARTRANKREPLY']._serialized_end=659
-  _globals['_STOPJOBREQUEST']._serialized_start=661
-  _globals['_STOPJOBREQUEST']._serialized_end=710
-  _globals['_STOPJOBREPLY']._serialized_start=712
-  _globals['_STOPJOBREPLY']._serialized_end=747
-  _globals['_HEALTHREQUEST']._serialized_start=749
-  _globals['_HEALTHREQUEST']._serialized_end=764
-  _globals['_RUNNINGRANK']._serialized_start=766
-  _globals['_RUNNINGRANK']._serialized_end=839
-  _globals['_HEALTHREPLY']._serialized_start=841
-  _globals['_HEALTHREPLY']._serialized_end=928
-  _globals['_WORKERSERVICE']._serialized_start=931
-  _globals['_WORKERSERVICE']._serialized_end=1256
+  _globals['_STARTRANKREQUEST']._serialized_end=652
+  _globals['_STARTRANKREPLY']._serialized_start=654
+  _globals['_STARTRANKREPLY']._serialized_end=683
+  _globals['_STOPJOBREQUEST']._serialized_start=685
+  _globals['_STOPJOBREQUEST']._serialized_end=734
+  _globals['_STOPJOBREPLY']._serialized_start=736
+  _globals['_STOPJOBREPLY']._serialized_end=771
+  _globals['_HEALTHREQUEST']._serialized_start=773
+  _globals['_HEALTHREQUEST']._serialized_end=788
+  _globals['_RUNNINGRANK']._serialized_start=790
+  _globals['_RUNNINGRANK']._serialized_end=863
+  _globals['_HEALTHREPLY']._serialized_start=865
+  _globals['_HEALTHREPLY']._serialized_end=952
+  _globals['_WORKERSERVICE']._serialized_start=955
+  _globals['_WORKERSERVICE']._serialized_end=1280
 # @@protoc_insertion_point(module_scope)

@@ -18,7 +18,7 @@ class DescribeReply(_message.Message):
     def __init__(self, worker: _Optional[_Union[_common_pb2.WorkerInfo, _Mapping]] = ...) -> None: ...
 
 class StartRankRequest(_message.Message):
-    __slots__ = ("job_id", "attempt", "rank", "world_size", "config_yaml", "dataset", "coordinator", "ring_hosts", "exchange_peers", "resume_step", "stage_layers", "data_parallel", "data_path", "ibv_devices_json", "jaccl_coordinator", "model", "rank_cert_pem", "rank_key_pem", "resume_adapter")
+    __slots__ = ("job_id", "attempt", "rank", "world_size", "config_yaml", "dataset", "coordinator", "ring_hosts", "exchange_peers", "resume_step", "stage_layers", "data_parallel", "data_path", "ibv_devices_json", "jaccl_coordinator", "model", "rank_cert_pem", "rank_key_pem", "resume_adapter", "neighbors_only")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +38,7 @@ class StartRankRequest(_message.Message):
     RANK_CERT_PEM_FIELD_NUMBER: _ClassVar[int]
     RANK_KEY_PEM_FIELD_NUMBER: _ClassVar[int]
     RESUME_ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    NEIGHBORS_ONLY_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     attempt: int
     rank: int
@@ -57,7 +58,8 @@ class StartRankRequest(_message.Message):
     rank_cert_pem: bytes
     rank_key_pem: bytes
     resume_adapter: _common_pb2.FileDigest
-    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., config_yaml: _Optional[str] = ..., dataset: _Optional[_Iterable[_Union[_common_pb2.FileDigest, _Mapping]]] = ..., coordinator: _Optional[str] = ..., ring_hosts: _Optional[_Iterable[str]] = ..., exchange_peers: _Optional[_Iterable[str]] = ..., resume_step: _Optional[int] = ..., stage_layers: _Optional[_Iterable[_Union[_common_pb2.LayerRange, _Mapping]]] = ..., data_parallel: _Optional[int] = ..., data_path: _Optional[str] = ..., ibv_devices_json: _Optional[str] = ..., jaccl_coordinator: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelSource, _Mapping]] = ..., rank_cert_pem: _Optional[bytes] = ..., rank_key_pem: _Optional[bytes] = ..., resume_adapter: _Optional[_Union[_common_pb2.FileDigest, _Mapping]] = ...) -> None: ...
+    neighbors_only: bool
+    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., config_yaml: _Optional[str] = ..., dataset: _Optional[_Iterable[_Union[_common_pb2.FileDigest, _Mapping]]] = ..., coordinator: _Optional[str] = ..., ring_hosts: _Optional[_Iterable[str]] = ..., exchange_peers: _Optional[_Iterable[str]] = ..., resume_step: _Optional[int] = ..., stage_layers: _Optional[_Iterable[_Union[_common_pb2.LayerRange, _Mapping]]] = ..., data_parallel: _Optional[int] = ..., data_path: _Optional[str] = ..., ibv_devices_json: _Optional[str] = ..., jaccl_coordinator: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelSource, _Mapping]] = ..., rank_cert_pem: _Optional[bytes] = ..., rank_key_pem: _Optional[bytes] = ..., resume_adapter: _Optional[_Union[_common_pb2.FileDigest, _Mapping]] = ..., neighbors_only: _Optional[bool] = ...) -> None: ...
 
 class StartRankReply(_message.Message):
     __slots__ = ("pid",)

@@ -30,6 +30,7 @@ def spec_from_pb(m: worker_pb2.StartRankRequest) -> RankSpec:
         resume_adapter=FileDigest(m.resume_adapter.name, m.resume_adapter.sha256,
                                   m.resume_adapter.bytes)
         if m.HasField("resume_adapter") else None,
+        neighbors_only=m.neighbors_only,
     )
 
 

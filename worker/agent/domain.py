@@ -36,6 +36,7 @@ class RankSpec:
     rank_key_pem: bytes = field(default=b"", repr=False)
     # The job's resume_adapter_file as shipped from the laptop (None: read at the config's path).
     resume_adapter: FileDigest | None = None
+    neighbors_only: bool = False  # a cable ring: the exchange dials only the ranks next to this
 
     def folder(self, state_dir: Path) -> Path:
         """This rank's job folder on the worker (one rank per worker and attempt):

@@ -156,6 +156,8 @@ class RankProcess:
             "MLX_WORLD_SIZE": str(self.spec.world_size),
             "MLX_HOSTFILE": str(self.dir / "hostfile.json"),
             "HERD_EXCHANGE_PEERS": ",".join(self.spec.exchange_peers),
+            # a cable ring: the exchange dials only the ranks before and after this one
+            "HERD_EXCHANGE_NEIGHBORS_ONLY": "1" if self.spec.neighbors_only else "0",
             RANK_TLS_ENV: str(self.dir / "tls"),
             "HERD_JOB_ID": self.spec.job_id,
             AGENT_PID_ENV: str(os.getpid()),

@@ -14,12 +14,14 @@ slow to start, a port taken) is reported and never fails the job.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import socket
 import struct
 import threading
 import time
 from dataclasses import dataclass
 
+from herd import netif
 from herd.netif import family, split_hostport
 
 CHUNK = 1 << 20
@@ -35,10 +37,11 @@ class LinkRate:
 
 
 class _Sink(threading.Thread):
-    """Accepts one connection from ``expect`` (the previous rank's host), reads until EOF (for at
-    most ``read_s``), answers with the count."""
+    """Accepts one connection from ``expect`` (the previous rank's host, or an address on the
+    subnets listed there: the cable from it), reads until EOF (for at most ``read_s``), answers
+    with the count."""
 
-    def __init__(self, address: str, expect: str, timeout_s: float, read_s: float):
+    def __init__(self, address: str, expect: list, timeout_s: float, read_s: float):
         super().__init__(daemon=True, name="link-probe-sink")
         host, port = split_hostport(address)
         self.sock = socket.socket(family(host), socket.SOCK_STREAM)
@@ -54,7 +57,9 @@ class _Sink(threading.Thread):
                 self.sock.settimeout(max(0.01, deadline - time.monotonic()))
                 conn, peer = self.sock.accept()
                 with conn:
-                    if peer[0].removeprefix("::ffff:") != self.expect:
+                    source = peer[0].removeprefix("::ffff:")
+                    if not any(source == e if isinstance(e, str)
+                               else ipaddress.ip_address(source) in e for e in self.expect):
                         continue  # not the previous rank: not ours to measure
                     conn.settimeout(self.read_s)
                     got, stop = 0, time.monotonic() + self.read_s
@@ -73,15 +78,26 @@ def probe_next(rank: int, peers: list[str], seconds: float = 0.3,
     """Measures rank -> rank+1 while rank-1 measures its link to us. OSError when it fails."""
     n = len(peers)
     nxt, prev = (rank + 1) % n, (rank - 1) % n
-    sink = _Sink(peers[rank], split_hostport(peers[prev])[0], timeout_s, seconds + 5.0)
+    own = split_hostport(peers[rank])[0]
+    host, port = split_hostport(peers[nxt])
+    # A cable ring (coordinator/planner/network.py): this rank is listed at its end of the cable
+    # from the previous rank, which dials from its own end of that cable (an address the list
+    # does not hold), and the next rank is reached over another cable, from this rank's end of
+    # that one.
+    expect: list = [split_hostport(peers[prev])[0]]
+    source = own
+    if (own_net := netif.local_network(own)) is not None:
+        if ipaddress.ip_address(expect[0]) not in own_net:
+            expect.append(own_net)
+        if ipaddress.ip_address(host) not in own_net:
+            source = netif.address_on_link(host) or own
+    sink = _Sink(peers[rank], expect, timeout_s, seconds + 5.0)
     sink.start()
     try:
-        host, port = split_hostport(peers[nxt])
-        own = split_hostport(peers[rank])[0]
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                conn = _connect(host, port, own)
+                conn = _connect(host, port, source)
                 break
             except OSError:
                 if time.monotonic() > deadline:

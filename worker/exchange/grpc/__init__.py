@@ -45,6 +45,7 @@ from worker.rank.runtime import reuse_freed_memory
 logger = log.get(__name__)
 
 RANK_TLS_ENV = "HERD_RANK_TLS"  # set by the worker agent (worker/agent/rank_process.py)
+NEIGHBORS_ONLY_ENV = "HERD_EXCHANGE_NEIGHBORS_ONLY"  # "1": a cable ring (peers.connect)
 # Big enough that per-message Python overhead is small next to the copy, small enough that a ring
 # of a few ranks keeps several chunks in flight (bench/results/allreduce-*.md).
 DEFAULT_CHUNK_BYTES = 1024 * 1024
@@ -107,6 +108,7 @@ class GrpcExchange:
         timeout_s: float = 60.0,
         wire_dtype: str = "float32",
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        neighbors_only: bool = False,
     ):
         if not 0 <= rank < len(peers):
             raise ConfigError(
@@ -145,7 +147,8 @@ class GrpcExchange:
         reuse_freed_memory()  # chunk buffers stay warm: no page fault per byte moved
         try:
             self._server, self._pool = serve(self, credential)
-            self._channels = connect(rank, self.peers, credential, self.timeout_s)
+            self._channels = connect(rank, self.peers, credential, self.timeout_s,
+                                     neighbors_only)
         except AuthError:
             # Stay reachable a moment: peers still dialling us (their deadline may be just after
             # ours) then fail TLS too, and report a credential mismatch instead of a rank that
@@ -193,7 +196,8 @@ class GrpcExchange:
             raise ConfigError(f"the grpc exchange needs {RANK_TLS_ENV}: the folder of this "
                               "rank's credential", hint=CREDENTIAL_HINT)
         credential = pki.Identity.load(Path(folder), "rank")
-        return cls(rank_i, peers, credential, timeout_s=timeout_s, wire_dtype=wire_dtype)
+        return cls(rank_i, peers, credential, timeout_s=timeout_s, wire_dtype=wire_dtype,
+                   neighbors_only=os.environ.get(NEIGHBORS_ONLY_ENV) == "1")
 
     # ---- the collective ----------------------------------------------------------------------
 
@@ -467,12 +471,14 @@ class GrpcExchange:
             self._registry.notify_all()  # the link's request stream ends: a half-close
         if self._replies is not None:
             # The left neighbour's link to us ends with our server: say it is orderly first.
-            left = self._channels.get((self.rank - 1) % self.size)
-            try:
-                unary(left, "Bye")(pb.ByeRequest(rank=self.rank, reason=self._closing_reason()),
-                                   timeout=min(TELL_S, self.timeout_s))
-            except grpc.RpcError:
-                pass  # best effort: that neighbour is gone, or finds out by itself
+            # (In a cable ring it is out of reach: its own stream to us ending tells it.)
+            if (left := self._channels.get((self.rank - 1) % self.size)) is not None:
+                try:
+                    unary(left, "Bye")(pb.ByeRequest(rank=self.rank,
+                                                     reason=self._closing_reason()),
+                                       timeout=min(TELL_S, self.timeout_s))
+                except grpc.RpcError:
+                    pass  # best effort: that neighbour is gone, or finds out by itself
             # The right neighbour ends our link once it sees the goodbye; bounded, for a
             # neighbour that is gone.
             self._replies.join(timeout=1.0)

@@ -51,8 +51,11 @@ def channel_to(target: str, credential: pki.Identity | None) -> grpc.Channel:
 
 
 def connect(rank: int, peers: list[str], credential: pki.Identity | None,
-            timeout_s: float) -> dict[int, grpc.Channel]:
+            timeout_s: float, neighbors_only: bool = False) -> dict[int, grpc.Channel]:
     """Hello every peer until all answer (they may start seconds apart); one channel per peer.
+    ``neighbors_only`` (a ring over point-to-point cables): only the next rank. Each rank is
+    listed at its end of the cable from the rank before it, so that is the only peer address this
+    rank can reach, and the only one the ring sends to (the rank before dials us).
 
     Raises AuthError when a peer refuses our credential, or when a peer still missing at the
     deadline failed TLS (it holds no credential for this job attempt); ConfigError when a peer is
@@ -61,7 +64,7 @@ def connect(rank: int, peers: list[str], credential: pki.Identity | None,
     deadline = time.monotonic() + timeout_s
     size = len(peers)
     channels: dict[int, grpc.Channel] = {}
-    missing = {r for r in range(size) if r != rank}
+    missing = {(rank + 1) % size} if neighbors_only else set(range(size)) - {rank}
     untrusted: dict[int, str] = {}  # peers whose last try failed TLS, and how
     request = pb.HelloRequest(rank=rank, world_size=size)
     try:
