@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import socket
+from dataclasses import replace
 
 import pytest
 
@@ -141,9 +142,16 @@ def test_jaccl_when_every_pair_has_rdma_else_the_ring():
     assert path.kind == "jaccl" and path.rdma == WANT_RDMA
     assert path.addresses == [w.host for w in macs]
     assert "untested on hardware" in path.describe()
-    # One cable missing (mac1-mac4): no JACCL (each cable is its own /30, no subnet shared by
-    # all), but the cables still close a cycle, mac1 mac2 mac4 mac3: the ring follows them.
+    # One cable missing (mac1-mac4): no JACCL over every pair, but the RDMA cables still close
+    # a cycle, mac1 mac2 mac4 mac3: a JACCL ring in that order.
     macs[3].interfaces = [i for i in macs[3].interfaces if i.name != "en2"]
+    path = choose_path(macs)
+    assert (path.kind, path.order, path.network) == ("jaccl", (0, 1, 3, 2),
+                                                     "Thunderbolt RDMA ring")
+    assert path.rdma[0] == [None, "rdma_en2", None, "rdma_en3"]  # towards mac2 and mac3
+    # Without RDMA (before macOS 26.2): MLX's TCP ring over the same cables, in that order.
+    for m in macs:
+        m.interfaces = [replace(i, rdma_device="") for i in m.interfaces]
     path = choose_path(macs)
     assert (path.kind, path.order, path.neighbors_only) == ("ring", (0, 1, 3, 2), True)
     # each rank at its end of the cable from the rank before it: mac3-mac1, mac1-mac2, ...
@@ -249,6 +257,50 @@ def test_jaccl_hostfile_and_env_match_what_mlx_launch_produces(tmp_path, monkeyp
     assert {lr.ibv_devices_json for lr in plan} == {files["MLX_IBV_DEVICES"]}
     assert {lr.jaccl_coordinator for lr in plan} == {"198.18.0.1:7460"}
     assert all(lr.ring_hosts == [] and lr.data_path == "jaccl" for lr in plan)
+
+
+def test_a_jaccl_ring_where_rdma_cables_close_a_cycle_but_not_every_pair(tmp_path, monkeypatch):
+    """Five Macs with RDMA, cabled in a pentagon (in an order that is not the memory order):
+    mlx's jaccl-ring backend, devices towards neighbours only, ranks in cable order; the hostfile
+    parses with mlx's own Hostfile and mlx's own launcher gives each rank herd's environment."""
+    from mlx._distributed_utils import common, launch
+
+    cycle = [0, 2, 4, 1, 3]
+    cables = [(cycle[k], cycle[(k + 1) % 5]) for k in range(5)]
+    macs = cabled(5, cables)
+    for k, (a, b) in enumerate(cables):  # each cable's ends get an RDMA device
+        for m in (a, b):
+            macs[m].interfaces = [replace(i, rdma_device=f"rdma_{i.name}")
+                                  if i.name == f"en{k + 2}" else i for i in macs[m].interfaces]
+    path = choose_path(macs)
+    assert (path.kind, path.network, path.order) == ("jaccl", "Thunderbolt RDMA ring",
+                                                     tuple(cycle))
+    assert path.rdma[0] == [None, "rdma_en2", None, None, "rdma_en6"]
+    assert jaccl.is_ring(path.rdma)
+    names = [macs[k].worker_id for k in cycle]
+    hf = tmp_path / "hostfile.json"
+    hf.write_text(json.dumps(jaccl.hostfile(names, path.addresses, path.rdma)))
+    parsed = common.Hostfile.from_file(hf)
+    assert parsed.backend == "jaccl-ring"
+    captured = []
+    monkeypatch.setattr(launch, "_launch_with_io", lambda cls, arguments, verbose:
+                        captured.extend(a for a, _ in arguments))
+
+    class Parser:
+        def error(self, msg):
+            raise AssertionError(f"mlx's launcher refused herd's hostfile: {msg}")
+
+    args = argparse.Namespace(backend="jaccl-ring", env=[], cwd=None, verbose=False,
+                              python=None, starting_port=32323)
+    launch.launch_jaccl(Parser(), parsed.hosts, args, ["train.py"])
+    for rank, (_r, _host, _python, _cwd, files, env, _cmd) in enumerate(captured):
+        ours = jaccl.env(rank, "<file>", f"{path.addresses[0]}:32323", ring=True)
+        assert sorted(env) == sorted(f"{k}={v}" for k, v in ours.items()
+                                     if k in ("MLX_JACCL_COORDINATOR", "MLX_JACCL_RING"))
+        assert files == {"MLX_IBV_DEVICES": jaccl.devices_json(path.rdma)}
+    # One RDMA cable missing: no cycle of RDMA, so the TCP ring over the same cables.
+    macs[cycle[1]].interfaces = [replace(i, rdma_device="") for i in macs[cycle[1]].interfaces]
+    assert choose_path(macs).kind == "ring"
 
 
 def test_jaccl_refuses_a_matrix_mlx_would_refuse():

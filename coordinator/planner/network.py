@@ -5,7 +5,9 @@ interfaces (herd/netif.py):
 
 1. **JACCL** (MLX over RDMA, Thunderbolt 5, macOS 26.2+) when every pair of ranks shares a
    subnet on which both ends have an RDMA device (mlx.distributed_config gives each cable its own
-   point-to-point subnet, so the subnet tells which device faces which peer);
+   point-to-point subnet, so the subnet tells which device faces which peer); else a **JACCL
+   ring** when 4+ workers' RDMA cables close a cycle (devices towards neighbours only, ranks in
+   cable order: mlx's ``jaccl-ring`` backend);
 2. else the **TCP ring** (MLX's ring, or herd's gRPC ring when the job asks for grpc) on the
    fastest subnet every worker has a data interface on: Thunderbolt, then Ethernet by link speed,
    then others; IPv4 before IPv6 (MLX's ring needs it), and a dedicated data subnet before the
@@ -148,15 +150,10 @@ def _pair_links(a: WorkerRecord, b: WorkerRecord, allow_wifi: bool,
     return best
 
 
-def _cable_ring(workers: list[WorkerRecord], allow_wifi: bool, avoid: frozenset[str],
-                reorder: bool) -> tuple[tuple, DataPath] | None:
-    """The fastest ring over links between pairs (the module docstring), as (its slowest link's
-    order key, a path of kind "ring"), or None. ``reorder``: may the ranks be reordered."""
-    n = len(workers)
-    if not 3 <= n <= MAX_CABLE_RING:
-        return None
-    links = {(a, b): _pair_links(workers[a], workers[b], allow_wifi, avoid)
-             for a in range(n) for b in range(n) if a != b}
+def _cycle(n: int, links: dict, reorder: bool) -> tuple[tuple, list[int]] | None:
+    """The cycle through ``n`` workers whose slowest link is fastest, as (that link's order key,
+    the workers in order, the first kept first), or None. ``links[a, b]``: None (no link) or a
+    tuple whose first item is the link's order key. ``reorder``: False keeps 0, 1, ..., n-1."""
     best: tuple | None = None
 
     def visit(path: list[int], worst: tuple) -> None:
@@ -174,9 +171,21 @@ def _cable_ring(workers: list[WorkerRecord], allow_wifi: bool, avoid: frozenset[
                 visit(path + [b], max(worst, link[0][:2]))
 
     visit([0], (-1, 0))
-    if best is None:
+    return best
+
+
+def _cable_ring(workers: list[WorkerRecord], allow_wifi: bool, avoid: frozenset[str],
+                reorder: bool) -> tuple[tuple, DataPath] | None:
+    """The fastest ring over links between pairs (the module docstring), as (its slowest link's
+    order key, a path of kind "ring"), or None. ``reorder``: may the ranks be reordered."""
+    n = len(workers)
+    if not 3 <= n <= MAX_CABLE_RING:
         return None
-    worst, order = best
+    links = {(a, b): _pair_links(workers[a], workers[b], allow_wifi, avoid)
+             for a in range(n) for b in range(n) if a != b}
+    if (found := _cycle(n, links, reorder)) is None:
+        return None
+    worst, order = found
     hops = [links[order[i - 1], order[i]] for i in range(n)]  # the cable into each rank
     # Rank i is listed at its address on the cable from rank i-1 (MLX's ring has it accept there).
     addresses = [hop[2] for hop in hops]
@@ -209,6 +218,30 @@ def _jaccl(workers: list[WorkerRecord]) -> list[list[str | None]] | None:
     return devices
 
 
+def _jaccl_ring(workers: list[WorkerRecord], reorder: bool) -> DataPath | None:
+    """A JACCL ring (herd/jaccl.py): a cycle of RDMA cables, devices towards neighbours only."""
+    n = len(workers)
+    if not 4 <= n <= MAX_CABLE_RING:  # (three: every pair is a neighbour, JACCL proper)
+        return None
+
+    def rdma(a: WorkerRecord, b: WorkerRecord) -> tuple | None:
+        nets_b = {net for i in b.interfaces if i.rdma_device for net in i.networks()}
+        hit = [i for i in a.interfaces if i.rdma_device and set(i.networks()) & nets_b]
+        return ((0, 0), hit[0].rdma_device) if hit else None
+
+    links = {(a, b): rdma(workers[a], workers[b]) for a in range(n) for b in range(n) if a != b}
+    if (found := _cycle(n, links, reorder)) is None:
+        return None
+    order = found[1]
+    devices: list[list[str | None]] = [[None] * n for _ in range(n)]
+    for i in range(n):
+        for j in ((i - 1) % n, (i + 1) % n):
+            devices[i][j] = links[order[i], order[j]][1]
+    return DataPath("jaccl", [workers[k].host for k in order], "Thunderbolt RDMA ring",
+                    rdma=devices, order=tuple(order),
+                    note="untested on hardware by herd's CI; ranks in cable order")
+
+
 def choose_path(workers: list[WorkerRecord], exchange: str = "auto", allow_wifi: bool = False,
                 pipeline: bool = False, avoid: frozenset[str] = frozenset()) -> DataPath:
     """The data path for ``workers`` in rank order (see the module docstring); never one of the
@@ -222,6 +255,9 @@ def choose_path(workers: list[WorkerRecord], exchange: str = "auto", allow_wifi:
             rdma := _jaccl(workers)):
         return DataPath("jaccl", hosts, "Thunderbolt RDMA", rdma=rdma,
                         note="untested on hardware by herd's CI")
+    if exchange != "grpc" and not pipeline and "Thunderbolt RDMA ring" not in avoid and (
+            ring := _jaccl_ring(workers, reorder=True)):
+        return ring
     local = all(_is_loopback(h) for h in hosts)
     shared = sorted((s for s in _shared_subnets(workers, local) if str(s.network) not in avoid),
                     key=lambda s: _order(s, set(hosts)))

@@ -169,7 +169,8 @@ class RankProcess:
             env.pop("MLX_HOSTFILE")
         if self.spec.data_path == "jaccl":  # as `mlx.launch --backend jaccl` does (herd/jaccl.py)
             env.update(jaccl.env(self.spec.rank, str(self.dir / "ibv_devices.json"),
-                                 self.spec.jaccl_coordinator))
+                                 self.spec.jaccl_coordinator,
+                                 ring=jaccl.is_ring(json.loads(self.spec.ibv_devices_json))))
         if self.spec.world_size == 1:  # one process; its one exchange peer says "a group of one"
             for key in ("MLX_RANK", "MLX_WORLD_SIZE", "MLX_HOSTFILE"):
                 env.pop(key, None)
