@@ -221,8 +221,9 @@ class ModelCatalog:
             raise NotFoundError(f"no stored model {key!r}", hint="`herd models` lists them")
         users = [j.job_id for j in jobs if j.model_digest == model.digest and not j.state.final]
         if users:
-            raise PlacementError(f"model {key} is used by unfinished jobs: {', '.join(users)}",
-                                 hint="wait for them, or `herd cancel` them")
+            # (exit 1, as removing an unfinished job is: a conflict, not a placement)
+            raise HerdError(f"model {key} is used by unfinished jobs: {', '.join(users)}",
+                            hint="wait for them, or `herd cancel` them")
         keep = {d.sha256 for j in jobs for d in j.dataset}
         return model, self.store.remove(model, keep)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from herd.errors import ConfigError, PlacementError
+from herd.errors import ConfigError, HerdError, PlacementError
 from tests.conftest import free_ports
 from tests.hub_cache import write_hub_cache
 
@@ -464,7 +464,7 @@ def test_a_model_an_unfinished_job_uses_is_not_removed(sharded, tmp_path):
     from coordinator.models import ModelCatalog, ModelStore
     from herd.config import parse_config
     from herd.digest import FileDigest
-    from herd.errors import NotFoundError, PlacementError
+    from herd.errors import NotFoundError
 
     blobs = BlobStore(tmp_path / "blobs")
     models = ModelCatalog(ModelStore(tmp_path / "models", blobs))
@@ -477,8 +477,9 @@ def test_a_model_an_unfinished_job_uses_is_not_removed(sharded, tmp_path):
                    state=state, model_digest=stored.digest,
                    dataset=[FileDigest("train.jsonl", config.sha256, config.bytes)])
 
-    with pytest.raises(PlacementError, match="used by unfinished jobs: j-running"):
+    with pytest.raises(HerdError, match="used by unfinished jobs: j-running") as refused:
         models.remove("sharded", [job(JobState.RUNNING), job(JobState.SUCCEEDED)])
+    assert type(refused.value) is HerdError  # exit 1, as for removing an unfinished job
     assert models.store.find("sharded") is not None
     removed, freed = models.remove("sharded", [job(JobState.SUCCEEDED)])
     assert removed.digest == stored.digest
