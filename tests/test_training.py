@@ -355,7 +355,8 @@ def test_a_trailing_partial_accumulation_reports_its_own_mean_loss(tmp_path, tin
     """iters 7 with accumulation 3: micro-batch 7 is a step of one (computed, never applied, as in
     mlx-lm). Its reported loss is that micro-batch's mean, as mlx-lm's figure is (gradient_average
     mlx_lm: each micro-batch its own mean), not three times it; its checkpoint is the last
-    optimizer step's (6)."""
+    optimizer step's (6). Every window of one micro-batch, cutting its step, reports that
+    micro-batch's mean too (each was scaled by its part of its step's tokens: an outside run)."""
     import json
 
     losses = {}
@@ -372,3 +373,6 @@ def test_a_trailing_partial_accumulation_reports_its_own_mean_loss(tmp_path, tin
         losses[mode] = {e["iteration"]: e["train_loss"] for e in events if e["event"] == "train"}
         assert [e["step"] for e in events if e["event"] == "checkpoint"] == [6], events
     assert losses["tokens"][7] == pytest.approx(losses["mlx_lm"][7], rel=1e-3), losses
+    assert sorted(losses["tokens"]) == list(range(1, 8))
+    for it in range(1, 7):
+        assert losses["tokens"][it] == pytest.approx(losses["mlx_lm"][it], rel=1e-3), (it, losses)

@@ -106,6 +106,25 @@ class LoopArgs:
         return cls(**fields, **mine)
 
 
+def window_loss(total: float, summed: list[float], step_targets: list[int]) -> float:
+    """The mean over a report window's micro-batches of each one's mean loss over every rank
+    (gradient_average tokens). ``summed``: the micro-batches' losses, each its share of its
+    step's mean, then their target counts, both summed over the ranks; ``step_targets``: the
+    target count of each one's step; ``total``: the losses' sum as the window summed them.
+
+    A micro-batch that is a whole step (no accumulation) is its loss as summed, so the figure
+    is ``total`` over the count: mlx-lm's, to the bit with one rank. With accumulation a
+    micro-batch's mean is its loss x its step's targets / its own; summing shares per window
+    instead was right only for windows of whole steps (a window cutting a step scaled each
+    micro-batch by its part of the step's tokens: an outside run)."""
+    k = len(step_targets)
+    losses, counts = summed[:k], summed[k:]
+    if all(n == t for n, t in zip(counts, step_targets)):
+        return total / k if k else 0.0
+    means = [v * t / n for v, n, t in zip(losses, counts, step_targets) if n]
+    return sum(means) / len(means) if means else 0.0
+
+
 def checkpoint_due(it: int, accum: int, save_every: int, iters: int) -> bool:
     """Whether the optimizer step ending at micro-batch ``it`` writes a checkpoint.
 
@@ -282,7 +301,9 @@ def train(
     grad, denominator, step_loss = None, None, mx.array(0.0)
     win_loss, win_tokens = mx.array(0.0), mx.array(0)
     win_time, win_exchange, win_iters, win_bytes = 0.0, 0.0, 0, 0
-    win_steps = 0.0  # optimizer steps the window's micro-batches make up (a trailing one partial)
+    # tokens mode: per micro-batch, its loss (its share of its step's mean) and its step's target
+    # count, for the window's mean whatever the window's cut through accumulation steps
+    win_parts: list[tuple[mx.array, mx.array, int]] = []
     for it in range(progress.iteration + 1, args.iters + 1):
         if it in order.val:
             tic = time.perf_counter()
@@ -302,10 +323,13 @@ def train(
             # summing gradients over micro-batches and ranks gives one process's mean. With one
             # rank and no accumulation it is the batch's own count: mlx-lm's exact ops.
             # (gradient_average: mlx_lm leaves it None: each micro-batch its own mean.)
-            denominator = mx.array(stream.targets(it, accum))
+            step_targets = stream.targets(it, accum)
+            denominator = mx.array(step_targets)
         batch, lengths = next(batches)
         value, ntoks, grad = micro_step(batch, lengths, denominator, grad)
         win_loss, win_tokens = win_loss + value, win_tokens + ntoks
+        if not mlx_lm_mean:
+            win_parts.append((value, ntoks, step_targets))
         step_loss = step_loss + value
         exchanged = 0.0
         if it % accum == 0:
@@ -326,27 +350,27 @@ def train(
         busy = time.perf_counter() - tic
         win_time += busy
         win_iters += 1
-        # Each micro-batch is 1/k of its step, k its micro-batches: accum, or fewer for a
-        # trailing partial accumulation, whose denominator counts only those (BatchStream.targets).
-        win_steps += 1 / min(accum, args.iters - (it - 1) // accum * accum)
         progress.iteration = it
         balancer.observe(busy - exchanged)  # its own compute, not its wait for the others
 
         if it % args.steps_per_report == 0 or it == args.iters:
             # one collective: the window's loss and tokens, and every rank's speed
-            s, n, *rates = all_sum_scalars(exchange, win_loss, win_tokens,
-                                           *balancer.local_rates())
+            local_rates = balancer.local_rates()
+            s, n, *summed = all_sum_scalars(exchange, win_loss, win_tokens, *local_rates,
+                                            *(v for v, _, _ in win_parts),
+                                            *(t for _, t, _ in win_parts))
+            rates, summed = summed[:len(local_rates)], summed[len(local_rates):]
             shares = list(stream.shares)
             if (new := balancer.decide(rates, it)) is not None:
                 stream.shares = new
             progress.trained_tokens += int(n)
             info = {
                 "iteration": it,
-                # A micro-batch's loss is its share of its step's mean: the window's losses sum to
-                # its steps' means (mlx-lm's figure with one rank and no accumulation). With
-                # mlx_lm averaging each is its own mean: mlx-lm's mean over micro-batches and ranks.
+                # mlx-lm's figure, the mean over the window's micro-batches of each one's mean
+                # loss: with mlx_lm averaging over ranks' own means too; else each global
+                # micro-batch's (window_loss), the same for N workers as for one.
                 "train_loss": s / (win_iters * exchange.size) if mlx_lm_mean
-                else s / win_steps,
+                else window_loss(s, summed, [d for _, _, d in win_parts]),
                 "learning_rate": optimizer.learning_rate.item(),
                 "iterations_per_second": win_iters / win_time if win_time else 0.0,
                 "tokens_per_second": n / win_time if win_time else 0.0,
@@ -363,8 +387,8 @@ def train(
             }
             if callback:
                 callback.on_train_report(info)
-            win_loss, win_tokens = mx.array(0.0), mx.array(0)
-            win_time, win_exchange, win_iters, win_bytes, win_steps = 0.0, 0.0, 0, 0, 0.0
+            win_loss, win_tokens, win_parts = mx.array(0.0), mx.array(0), []
+            win_time, win_exchange, win_iters, win_bytes = 0.0, 0.0, 0, 0
 
         if checkpoint_due(it, accum, args.save_every, args.iters):
             progress.random_key = _save_random_key()
