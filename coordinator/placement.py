@@ -120,7 +120,7 @@ def _place_by_memory(cfg: JobConfig, workers: list[WorkerRecord],
             busy_only=queued)
     stages = cfg.cluster.pipeline_stages()
     dp = cfg.cluster.data_parallel() or need // stages
-    if dp and cfg.batch_size % dp:
+    if dp and cfg.batch_size % dp and not cfg.cluster.shares:  # (shares split any batch)
         raise PlacementError(
             f"batch_size {cfg.batch_size} does not split over {dp} data-parallel ranks",
             hint=f"use a batch_size that is a multiple of {dp}",

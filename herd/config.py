@@ -307,8 +307,10 @@ class JobConfig(_Strict):
                 f"is a multiple of {dp}"
             )
         workers, stages = self.cluster.workers, self.cluster.pipeline_stages()
-        if dp is None and workers and workers >= stages and self.batch_size % (workers // stages):
+        if (dp is None and workers and workers >= stages and self.cluster.shares is None
+                and self.batch_size % (workers // stages)):
             # What placement would refuse on every try (coordinator/placement.py): said now.
+            # (Given shares split any batch: checked below.)
             n = workers // stages
             raise ValueError(
                 f"batch_size {self.batch_size} does not split over the {n} data-parallel ranks "

@@ -194,3 +194,20 @@ def test_a_key_given_twice_is_refused_naming_both_lines(tmp_path):
         load_config(p)
     merged = read_yaml("base: &b {rank: 8, scale: 10}\nlora: {<<: *b, rank: 4}\n", "j.yaml")
     assert merged["lora"] == {"rank": 4, "scale": 10}
+
+
+def test_fixed_shares_split_an_odd_global_batch_in_either_spelling():
+    """cluster.shares [3, 2] split batch_size 5: the ranks train it (the same update as one
+    process), so neither `workers: 2` (refused at check) nor `parallelism: {data: 2}` (accepted,
+    then never placed for 600 s) may refuse it (an outside run)."""
+    from coordinator.placement import place
+    from tests.test_network import worker
+
+    for cluster in ({"workers": 2, "shares": [3, 2]},
+                    {"workers": 2, "parallelism": {"data": 2, "pipeline": 1}, "shares": [3, 2]}):
+        cfg = parse_config({"model": "m", "data": "d", "batch_size": 5, "cluster": cluster})
+        placed = place(cfg, [worker("w1", "10.0.0.1"), worker("w2", "10.0.0.2")])
+        assert len(placed.worker_ids) == 2
+    with pytest.raises(ConfigError, match="summing to 5"):
+        parse_config({"model": "m", "data": "d", "batch_size": 5,
+                      "cluster": {"workers": 2, "shares": [3, 3]}})
