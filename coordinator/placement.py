@@ -19,7 +19,7 @@ from coordinator import planner
 from coordinator.domain import Job, JobState, WorkerRecord
 from coordinator.planner.network import DataPath, choose_path
 from herd.config import JobConfig
-from herd.errors import DoesNotFitError, HerdError, PlacementError
+from herd.errors import ConfigError, DoesNotFitError, HerdError, PlacementError
 
 # Weights plus LoRA state, activations and the allocator's slack, as a multiple of weight bytes.
 OVERHEAD = 1.3
@@ -165,7 +165,20 @@ def check_fits(cfg: JobConfig, workers: list[WorkerRecord],
                model_config: dict | None = None) -> None:
     """At submit: raise DoesNotFitError when the job could not be placed even if every verified
     worker were idle with all its memory free. A job that is only short of workers (or whose model
-    this coordinator cannot read) is not refused here: workers may join, and placement decides."""
+    this coordinator cannot read) is not refused here: workers may join, and placement decides.
+    Stages the model cannot have, or that cannot be cut without its config.json, are refused
+    (ConfigError) whatever the workers: no placement could ever run them."""
+    config_json = Path(cfg.model).expanduser() / "config.json"
+    if model_config is None and config_json.is_file():
+        model_config = json.loads(config_json.read_text())
+    if model_config is not None:
+        planner.check_stages(model_config, cfg)
+    elif cfg.cluster.parallelism != "auto" and cfg.cluster.pipeline_stages() > 1:
+        raise ConfigError(
+            f"cutting {cfg.model} into {cfg.cluster.pipeline_stages()} pipeline stages needs "
+            "its config.json, which neither the coordinator nor `herd submit` could read",
+            hint="submit from a machine that holds the model folder (or its config.json), or "
+            "`herd models add` it to the coordinator's store")
     if len(workers) < workers_needed(cfg):
         return
     everyone = [replace(w, running_job_id="", free_memory_bytes=w.memory_bytes) for w in workers]

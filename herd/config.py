@@ -25,6 +25,7 @@ from pydantic import (
 
 from herd import bounded_yaml
 from herd.errors import ConfigError
+from herd.stage_cut import job_refusal
 
 # The names mlx-lm's report_to takes (mlx_lm/tuner/callbacks.py SUPPORT_CALLBACK).
 REPORTERS = ("wandb", "swanlab")
@@ -330,6 +331,9 @@ class JobConfig(_Strict):
             raise ValueError(f"cluster.max_shares {caps} sum below batch_size {self.batch_size}")
         if self.cluster.gradient_average == "mlx_lm" and (shares or caps or self.cluster.packing):
             raise ValueError("cluster.gradient_average: mlx_lm takes no shares or packing")
+        if self.cluster.pipeline_stages() > 1 and (refused := job_refusal(self)) is not None:
+            raise ValueError(f"cluster.parallelism.pipeline {self.cluster.pipeline_stages()}: "
+                             f"{refused[0]} ({refused[1]})")
         if self.cluster.gradient_average == "mlx_lm" and self.cluster.pipeline_stages() > 1:
             raise ValueError(
                 "cluster.gradient_average: mlx_lm is for data-parallel and single-process jobs; "

@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 from herd.errors import ConfigError, HerdError
+from herd.stage_cut import check_stages
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _SNAPSHOT = re.compile(r"/snapshots/([0-9a-f]{40})(/|$)")
@@ -157,6 +158,13 @@ def check_job_files(cfg) -> None:
         model = resolve_model_config(cfg.model)
     except HerdError:
         return  # no config.json here: the model's own checks say so, where it is
+    check_against_model(cfg, model)
+
+
+def check_against_model(cfg, model: dict) -> None:
+    """A job config against its model's config.json (also `herd plan`'s, so plan and submit
+    refuse the same configs): ConfigError for layers, stages or a full fine-tune it cannot
+    have."""
     model = {**model.get("text_config", {}), **model}
     blocks = model.get("num_hidden_layers")
     # (a job that only tests loads its adapter's own layout, as mlx-lm does: num_layers unused)
@@ -164,3 +172,4 @@ def check_job_files(cfg) -> None:
         raise too_many_layers(cfg.num_layers, cfg.model, blocks)
     if cfg.fine_tune_type == "full" and cfg.quantize is None and "quantization" in model:
         raise full_of_quantized(cfg.model)
+    check_stages(model, cfg)

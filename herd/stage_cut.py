@@ -140,3 +140,69 @@ def head_blocks(model_config: dict) -> float:
         return 0.0  # the cut then ignores the head; the planner reports the missing size itself
     attention = 2 * hidden * heads * head_dim + 2 * hidden * kv
     return vocab * hidden / (attention + mlp)
+
+
+# --- what a pipeline stage can run ---------------------------------------------------------------
+
+# Model types whose mlx-lm forward is exactly embed -> blocks(h, mask) -> norm -> head, which is
+# what a stage runs (worker/pipeline/stage.py Stage.forward): llama and qwen2 are tested against
+# one process (tests/test_pipeline.py), mistral and phi3 were in an outside run; qwen3's forward
+# is qwen2's. Others add steps a stage would skip silently (gemma scales the embeddings, gemma2
+# also caps logits and passes masks its own way): trained, they would be a different network.
+PIPELINE_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3"})
+
+# mlx-lm keys a stage does not implement, and what to do instead.
+_NOT_IN_STAGES = {
+    "test": "evaluate the adapter with `herd train` on one machine (train: false, test: true)",
+    "resume_adapter_file": "train the first run as a herd job and resume its checkpoint",
+    "report_to": "follow the job with `herd watch` or its metrics",
+}
+
+
+def job_refusal(job) -> tuple[str, str] | None:
+    """(why, what to do) when this job config cannot be cut into pipeline stages at all."""
+    found = [k for k in _NOT_IN_STAGES if getattr(job, k)]
+    if found:
+        return (f"{', '.join(found)}: not supported when the model is cut into pipeline stages",
+                "; ".join(f"{k}: {_NOT_IN_STAGES[k]}" for k in found))
+    if job.fine_tune_type == "full":
+        return ("pipeline stages train LoRA/DoRA adapters, not fine_tune_type: full",
+                "use fine_tune_type: lora (or dora), or data parallelism")
+    return None
+
+
+def model_refusal(model_config: dict) -> tuple[str, str] | None:
+    """(why, what to do) when this model cannot be cut into pipeline stages."""
+    kind = model_config.get("model_type", "?")
+    hint = "train it data parallel (quantize: {bits: 4} makes a large model fit one Mac)"
+    if kind not in PIPELINE_MODEL_TYPES:
+        return (f"pipeline stages run {', '.join(sorted(PIPELINE_MODEL_TYPES))} models; this one "
+                f"is {kind}", hint)
+    if any(t != "full_attention" for t in model_config.get("layer_types") or ()):
+        return (f"this {kind} model has sliding-window attention layers (layer_types), which a "
+                "pipeline stage does not run", hint)
+    return None
+
+
+def pipeline_refusal(job, model_config: dict | None) -> tuple[str, str] | None:
+    """Why ``job`` (a JobConfig) cannot run cut into stages, with what to do; None if it can.
+    Checked at submit and by the planner (which then plans no stages), and by the stage."""
+    return job_refusal(job) or (model_refusal(model_config) if model_config else None)
+
+
+def check_stages(model_config: dict, job) -> None:
+    """ConfigError when ``job`` (a JobConfig) asks for pipeline stages this model cannot have:
+    more stages than blocks, or a model (or job) a stage cannot run. Said at `herd plan`,
+    `herd submit` and by the coordinator, before any worker is touched."""
+    stages = job.cluster.pipeline_stages() if job.cluster.parallelism != "auto" else 1
+    if stages <= 1:
+        return
+    config = {**model_config.get("text_config", {}), **model_config}
+    blocks = config.get("num_hidden_layers")
+    if isinstance(blocks, int) and stages > blocks:
+        raise ConfigError(f"cluster.parallelism.pipeline = {stages}, but the model has {blocks} "
+                          f"blocks: at most {blocks} stages",
+                          hint=f"use at most {blocks} pipeline stages")
+    if (refused := pipeline_refusal(job, config)) is not None:
+        raise ConfigError(f"cluster.parallelism.pipeline = {stages}: {refused[0]}",
+                          hint=refused[1])

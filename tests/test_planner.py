@@ -335,6 +335,34 @@ def test_refusal_lists_fixes_with_numbers():
     assert " GB" in text
 
 
+def test_pipeline_stages_a_model_or_job_cannot_have_are_refused_at_plan_not_on_a_worker():
+    """A stage runs embed -> blocks -> norm -> head: a gemma cut into stages trained a different
+    network silently (its embedding scale skipped) and gemma2 crashed on the worker; 8 stages of
+    a 6-block model were "needs 0.0 GB"; test: true failed on a rank (outside runs). Fixed
+    stages are refused with the reason; auto plans no stages for them."""
+    from herd.errors import ConfigError
+
+    gemma = {**LLAMA_70B, "model_type": "gemma"}
+    two = {"parallelism": {"data": 1, "pipeline": 2}}
+    macs = [WorkerMemory("a", macos_usable_bytes(64 * GIB)),
+            WorkerMemory("b", macos_usable_bytes(64 * GIB))]
+    qlora = {"quantize": {"bits": 4}, "batch_size": 1, "max_seq_length": 512}
+    with pytest.raises(ConfigError, match="pipeline stages run llama, mistral, phi3, qwen2, "
+                                          "qwen3 models; this one is gemma"):
+        plan_job(gemma, parse_config({**qlora, "cluster": two}), macs)
+    # auto: a 2-stage pipeline for the llama, nothing that cuts the gemma
+    assert plan_job(LLAMA_70B, parse_config(qlora), macs).pipeline_stages == 2
+    with pytest.raises(PlacementError) as e:
+        plan_job(gemma, parse_config(qlora), macs)
+    assert "more worker" not in str(e.value)  # (more Macs would not help: no stages for it)
+    six = {**LLAMA_70B, "num_hidden_layers": 6}
+    eight = {"workers": 8, "parallelism": {"data": 1, "pipeline": 8}}
+    with pytest.raises(ConfigError, match="pipeline = 8, but the model has 6 blocks"):
+        plan_job(six, parse_config({"cluster": eight}), macs * 4)
+    with pytest.raises(ConfigError, match="test: not supported when the model is cut"):
+        parse_config({"test": True, "cluster": two})
+
+
 def test_macos_wired_limit():
     assert macos_usable_bytes(64 * GIB) == int(64 * GIB * 0.75)
     assert macos_usable_bytes(64 * GIB, wired_limit_mb=60_000) == 60_000 * (1 << 20)

@@ -21,6 +21,7 @@ from coordinator.planner.memory import (
 )
 from herd.config import JobConfig
 from herd.errors import DoesNotFitError, PlacementError
+from herd.stage_cut import check_stages
 
 __all__ = ["GB_SI", "GIB", "HEADROOM", "MemoryEstimate", "ModelShape", "Plan", "WorkerMemory",
            "estimate_memory", "fixes", "macos_usable_bytes", "plan_job"]
@@ -31,6 +32,7 @@ def plan_job(model_config: dict, job: JobConfig, workers: list[WorkerMemory]) ->
     as the workers allow; or PlacementError listing changes that fit, with their numbers."""
     if not workers:
         raise PlacementError("no workers to place the job on", hint="start `herd worker` on a Mac")
+    check_stages(model_config, job)
     plan = layout(model_config, job, workers)
     if plan is not None:
         return plan

@@ -14,7 +14,7 @@ from coordinator.planner.memory import (
 )
 from herd.config import JobConfig
 from herd.errors import PlacementError
-from herd.stage_cut import balanced_split, head_blocks
+from herd.stage_cut import balanced_split, head_blocks, pipeline_refusal
 
 
 @dataclass(frozen=True)
@@ -159,7 +159,9 @@ def layout(cfg: dict, job: JobConfig, workers: list[WorkerMemory]) -> Plan | Non
         pool = pool[: job.cluster.workers]
     fixed_dp = job.cluster.data_parallel()
     fixed_pp = job.cluster.pipeline_stages() if job.cluster.parallelism != "auto" else None
-    for stages in ([fixed_pp] if fixed_pp else range(1, min(len(pool), shape.layers) + 1)):
+    # (auto plans no stages for a job or model a stage cannot run: herd.stage_cut)
+    most = 1 if pipeline_refusal(job, cfg) else min(len(pool), shape.layers)
+    for stages in ([fixed_pp] if fixed_pp else range(1, most + 1)):
         max_dp = len(pool) // stages
         if max_dp == 0:
             continue

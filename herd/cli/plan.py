@@ -21,7 +21,7 @@ from coordinator.planner import GB_SI, GIB, Plan, WorkerMemory, macos_usable_byt
 from herd.cli.connection import COORDINATOR_ENV, add_connection_args, client_identity, connect
 from herd.config import JobConfig, load_config
 from herd.errors import ConfigError, HerdError, PeerLostError
-from herd.model_config import resolve_model_config
+from herd.model_config import check_against_model, resolve_model_config
 from herd.usage import HelpFormatter
 from protos.v1 import coordinator_pb2
 
@@ -145,6 +145,7 @@ def main(argv: list[str]) -> int:
     try:
         job = load_config(args.config, {"model": args.model})
         model_config = resolve_model_config(job.model)
+        check_against_model(job, model_config)  # (as `herd submit` refuses them)
         workers, source = choose_workers(args)
         needed = job.cluster.workers
         short = (f"\nnote: the job asks for cluster.workers: {needed}; {len(workers)} "

@@ -38,7 +38,7 @@ from herd.adapter_merge import ADAPTER_CONFIG, ADAPTERS, merge_stage_adapters
 from herd.config import JobConfig, load_config
 from herd.errors import ConfigError, HerdError
 from herd.models.ref import local_folder
-from herd.stage_cut import balanced_split, head_blocks
+from herd.stage_cut import balanced_split, head_blocks, job_refusal
 from worker.pipeline.link import MLXLink, WatchedLink
 from worker.pipeline.stage import Stage, StageSpec, build_stage
 from worker.pipeline.topology import Topology
@@ -230,26 +230,11 @@ def _run(job: JobConfig, opts: StageOptions) -> int:
     return 0
 
 
-def _refuse_single_process_keys(job: JobConfig) -> None:
-    """mlx-lm keys a pipeline stage does not implement: refused with the reason, never
-    ignored."""
-    unsupported = {
-        "test": "evaluate the adapter with `herd train` on one machine (train: false, test: true)",
-        "resume_adapter_file": "train the first run as a herd job and resume its checkpoint",
-        "report_to": "follow the job with `herd watch` or its metrics",
-    }
-    found = [k for k in unsupported if getattr(job, k)]
-    if found:
-        raise ConfigError(
-            f"{', '.join(found)}: not supported when the model is cut into pipeline stages",
-            hint="; ".join(f"{k}: {unsupported[k]}" for k in found),
-        )
-
-
 def run_stage(job: JobConfig, opts: StageOptions) -> int:
     """Runs this rank's stage; a HerdError is printed and becomes the exit code."""
     try:
-        _refuse_single_process_keys(job)
+        if (refused := job_refusal(job)) is not None:  # (the model's: stage.build_stage)
+            raise ConfigError(*refused)
         return _run(job, opts)
     except HerdError as e:
         EventLog(opts.metrics_file).append(RankFailed(str(e)))  # the reason its agent reports

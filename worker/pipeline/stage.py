@@ -29,7 +29,7 @@ from herd.config import JobConfig
 from herd.errors import ConfigError
 from herd.models.manifest import stage_shards
 from herd.models.ref import INDEX, local_folder
-from herd.stage_cut import StagePiece, owned_key
+from herd.stage_cut import StagePiece, model_refusal, owned_key
 from worker.rank.model import quantize_in_place, read_model_config
 from worker.rank.packing import DocumentAttention, enable_packing
 
@@ -122,6 +122,8 @@ def build_stage(job: JobConfig, spec: StageSpec) -> Stage:
             f"{model_dir} has {config['num_hidden_layers']} blocks, the plan says "
             f"{spec.total_layers}"
         )
+    if (refused := model_refusal(config)) is not None:  # (refused at submit: never trained wrong)
+        raise ConfigError(*refused)
     tied = bool(config.get("tie_word_embeddings", True))
     stage_config = {**config, "num_hidden_layers": spec.end - spec.start}
     stage_config.pop("layer_types", None)
