@@ -38,7 +38,7 @@ from herd.rpc.auth import Revocations
 from herd.rpc.channel import bind, secure_server
 from herd.rpc.join import make_token
 from herd.rpc.ports import DEFAULT_COORDINATOR_PORT
-from herd.state_lock import private_folder
+from herd.state_lock import StateLock
 from herd.usage import HelpFormatter
 
 logger = log.get(__name__)
@@ -59,7 +59,11 @@ class Coordinator:
                  rank_actor: type | None = None,
                  restart_backoff_s: float = RestartPolicy.base_s, elastic_grace_s: float = 60.0,
                  unreachable_grace_s: float = 60.0):
-        self.state_dir = private_folder(state_dir)
+        # One coordinator per state folder: two would schedule from one database, admit the same
+        # workers and stop each other's ranks (an outside run: a hand-started one beside the
+        # service's). FolderInUseError names the holder.
+        self._state_lock = StateLock.acquire(state_dir, "herd coordinator")
+        self.state_dir = state_dir
         self.authority = authority
         self.identity = pki.load_or_issue(authority.folder, "coordinator")
         self.revoked = Revocations(authority.folder)
@@ -189,6 +193,7 @@ class Coordinator:
         if self._zc:
             self._zc.close()
         self.store.close()
+        self._state_lock.release()
 
 
 DESCRIPTION = """\

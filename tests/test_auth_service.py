@@ -802,3 +802,19 @@ def test_a_command_pointed_at_a_workers_port_is_told_it_reached_another_member(c
             conn.call("ListJobs", coordinator_pb2.ListJobsRequest())
     assert "is a member of this cluster, but not the one dialled" in e.value.message
     assert "herd join" not in e.value.hint
+
+
+def test_a_second_coordinator_on_a_state_folder_in_use_is_refused_naming_the_first(cluster):
+    """Two coordinators on one folder both scheduled from its database, admitted the same
+    workers and stopped each other's ranks (an outside run: one started by hand beside the
+    service's). The second is refused before it opens anything, naming the holder."""
+    import os
+
+    from coordinator.main import Coordinator
+    from herd.state_lock import FolderInUseError
+
+    with pytest.raises(FolderInUseError) as e:
+        Coordinator(cluster.root / "coord", cluster.ca, HOST, 0, advertise=False, join_port=None)
+    assert f"is in use by herd coordinator (pid {os.getpid()})" in e.value.message
+    assert e.value.exit_code == 1
+    assert cluster.coord.store.list_jobs() is not None  # the first one carries on
