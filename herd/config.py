@@ -7,6 +7,7 @@ bad value and the fix. An existing mlx-lm LoRA config validates unchanged.
 from __future__ import annotations
 
 import difflib
+import math
 import re
 import warnings
 from pathlib import Path
@@ -512,9 +513,33 @@ def parse_config(raw: dict[str, Any], source: str = "<dict>", stored: bool = Fal
     # CONFIG_DEFAULTS): configs written from a dict, or templates that list every key, hold them.
     raw = {k: v for k, v in raw.items() if v is not None}
     try:
-        return JobConfig.model_validate(raw, context={"stored": stored})
+        cfg = JobConfig.model_validate(raw, context={"stored": stored})
     except ValidationError as e:
         raise _format(e, source) from None
+    _check_bounds(cfg.model_dump(mode="python"), source)
+    return cfg
+
+
+MAX_INT = 2**31 - 1  # iters, seeds, sizes: more than any job needs, and what NumPy's seed takes
+
+
+def _check_bounds(value: Any, source: str, path: str = "") -> None:
+    """Every number in the config finite and within MAX_INT: iters: 1e20 passed `herd check` and
+    then failed in SQLite ("Python int too large") or as an HTTP 500, and learning_rate: .inf
+    on the rank at its first step (an outside run)."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_bounds(v, source, f"{path}.{k}" if path else str(k))
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_bounds(v, source, f"{path}.{i}")
+    elif isinstance(value, bool):
+        return
+    elif isinstance(value, int) and abs(value) > MAX_INT:
+        raise ConfigError(f"{source}: {path} = {value}: at most {MAX_INT}",
+                          hint="a job config's whole numbers fit in 32 bits")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{source}: {path} = {value}: not a finite number")
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None,

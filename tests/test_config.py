@@ -168,6 +168,11 @@ def test_shipped_configs_validate(path):
          "fine_tune_type: full cannot train a quantized base"),
         ({"train": True, "iters": 2, "grad_accumulation_steps": 4},
          "no optimizer step would run"),
+        # passed `herd check`, then "Python int too large" in SQLite / an HTTP 500 (outside run)
+        ({"iters": 2**63}, "iters = 9223372036854775808: at most 2147483647"),
+        ({"lr_schedule": {"name": "cosine_decay", "arguments": [1e-5, 10**12]}},
+         "lr_schedule.arguments.1 = 1000000000000: at most"),
+        ({"learning_rate": float("inf")}, "learning_rate = inf: not a finite number"),
     ],
 )
 def test_bad_config_names_key_and_fix(raw, expect):
