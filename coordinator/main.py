@@ -98,11 +98,12 @@ class Coordinator:
                                    verify_checkpoint=adapters.verify,
                                    elastic_grace_s=elastic_grace_s,
                                    unreachable_grace_s=unreachable_grace_s)
-        add_to_server(CoordinatorServicer(self.scheduler, self.registry, blobs, adapters,
-                                          self.models, keep_checkpoints=keep_checkpoints),
-                      self.server)
         # The HTTP side (None: off): the metrics stream, and the server that shows it.
         self.hub = MetricsHub(self.store, self.scheduler.wait_for_events)
+        add_to_server(CoordinatorServicer(self.scheduler, self.registry, blobs, adapters,
+                                          self.models, keep_checkpoints=keep_checkpoints,
+                                          on_deleted=self.hub.forget),
+                      self.server)
         self.tensorboard = None
         if tensorboard_dir is not None:
             from coordinator.web.tensorboard import TensorBoardWriter

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 import grpc
 
@@ -79,8 +79,10 @@ FINAL_EVENT_GRACE_S = 5  # WatchJob: how long a final job's stream waits for its
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     def __init__(self, scheduler: Scheduler, registry: Registry, blobs: BlobStore,
                  adapters: AdapterStore, models: ModelCatalog | None = None,
-                 logs: LogStore | None = None, keep_checkpoints: int = 0):
+                 logs: LogStore | None = None, keep_checkpoints: int = 0,
+                 on_deleted: Callable[[str], None] = lambda job_id: None):
         self.scheduler, self.registry = scheduler, registry
+        self.on_deleted = on_deleted  # a removed job leaves the dashboard and /metrics too
         self.keep_checkpoints = keep_checkpoints  # per job, newest kept; 0 = all
         self.store = scheduler.store
         self.blobs, self.adapters = blobs, adapters
@@ -184,6 +186,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             f.sha256 for m in self.models.store.list() for f in m.files}
         for sha in job.blobs() - used:
             self.blobs.remove(sha)
+        self.on_deleted(job.job_id)
         return coordinator_pb2.DeleteJobReply()
 
     @_unary

@@ -284,6 +284,15 @@ def test_a_four_worker_job_through_the_cli(cluster, job_yaml, tmp_path):
     assert f"{job_id}: removed" in rm.stdout
     assert job_id not in [j["job_id"] for j in json.loads(cluster.ok("jobs", "--json").stdout)]
     assert not (cluster.state / "coordinator" / "adapters" / job_id).exists()
+    # ...and from the dashboard and /metrics (they kept it, with links that 404, until the
+    # coordinator restarted: an outside run)
+    import httpx
+
+    url = (cluster.state / "coordinator" / "http.url").read_text().strip()  # (on loopback: open)
+    with httpx.Client(base_url=url, timeout=10) as http:
+        assert job_id not in [j["id"] for j in http.get("/api/cluster").json()["jobs"]]
+        assert http.get(f"/api/jobs/{job_id}").status_code == 404
+        assert job_id not in http.get("/metrics").text
     again = cluster.herd("rm", job_id)
     assert again.returncode == 7 and f"no job '{job_id}'" in again.stderr
 

@@ -159,6 +159,12 @@ class MetricsHub:
             view = self._jobs.get(job_id) if job_id else None
             return view.detail() if view else None
 
+    def forget(self, job_id: str) -> None:
+        """A removed job (herd rm): off the dashboard, its API and /metrics (they listed it, with
+        download links that 404, until the coordinator restarted: an outside run)."""
+        with self._lock:
+            self._jobs.pop(job_id, None)
+
     def unsubscribe(self, listener: Listener) -> None:
         with self._lock:
             if listener in self._listeners:
