@@ -212,6 +212,7 @@ def _place_with_planner(cfg: JobConfig, chosen: list[WorkerRecord],
 @dataclass(frozen=True)
 class Wait:
     reason: str
+    busy: bool = False  # for workers other jobs hold: a queue (coordinator/queue.py)
 
 
 @dataclass(frozen=True)
@@ -236,7 +237,7 @@ def decide_queued(job: Job, workers: list[WorkerRecord], now_ms: int,
             reason += (f" (of attempt {job.attempt}'s workers, {', '.join(gone)} "
                        + ("is" if len(gone) == 1 else "are") + " gone or busy)")
         if isinstance(e, TooFewWorkers) and e.busy_only:
-            return Wait(reason)  # a queue behind other jobs: as long as they run
+            return Wait(reason, busy=True)  # a queue behind other jobs: as long as they run
         return wait_or_fail(job, Wait(reason), now_ms, placement_timeout_s, since_ms)
     except HerdError as e:
         return Fail(e.message)
@@ -270,6 +271,15 @@ def wait_or_fail(job: Job, wait: Wait, now_ms: int, placement_timeout_s: float,
     if (now_ms - since) / 1000 >= placement_timeout_s:
         return Fail(f"could not be placed within {placement_timeout_s:.0f}s: {wait.reason}")
     return wait
+
+
+def placing_text(placement: Placement, resume: int, note: str) -> str:
+    """The placing line: where the ranks start, the layout, from which checkpoint."""
+    layout = (f" as {placement.data_parallel} x {placement.pipeline_stages} (data x pipeline), "
+              f"blocks {cut_text(placement.stage_layers)}" if placement.stage_layers else "")
+    return (f"starting {len(placement.worker_ids)} ranks on " + ", ".join(placement.worker_ids)
+            + layout + caps_text(placement)
+            + (f", resuming from checkpoint {resume}" if resume else "") + note)
 
 
 def caps_text(placement: Placement) -> str:

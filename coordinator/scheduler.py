@@ -38,14 +38,14 @@ from coordinator.placement import (
     Fail,
     Placement,
     Wait,
-    caps_text,
     check_fits,
-    cut_text,
     decide_queued,
     mark_held,
+    placing_text,
     wait_limit_s,
     wait_or_fail,
 )
+from coordinator.queue import Ahead, queue_order
 from coordinator.reconcile import Reconciler
 from coordinator.recovery import RestartPolicy, decide_restart, retryable
 from coordinator.store import JobStore
@@ -188,8 +188,9 @@ class Scheduler:
         self.reconcile.adopt()
         with self._lock:
             queued = [j for j in self.store.list_jobs() if j.state.waiting]
-        for job in sorted(queued, key=lambda j: j.created_ms):
-            self._try_place(job)
+        ahead = Ahead()  # the waiting jobs before each one, and the workers they keep
+        for job in queue_order(queued):
+            self._try_place(job, ahead)
         self.reconcile.check_running()
 
     def _resume_from(self, job: Job) -> int:
@@ -203,11 +204,11 @@ class Scheduler:
             logger.warning("checkpoint_damaged", job_id=job.job_id, step=c.step, problem=problem)
         return 0
 
-    def _try_place(self, job: Job) -> None:
+    def _try_place(self, job: Job, ahead: Ahead) -> None:
         with self._lock:
             job = self.store.get_job(job.job_id)
             if not job.state.waiting or self.now_ms() < self._not_before.get(job.job_id, 0):
-                return
+                return ahead.keep(job, job.state.waiting)  # (in its backoff: it keeps them)
             name = job.config.cluster.backend
             backend = self._backends.get(name)
             if backend is None:  # queued before a restart of this coordinator without Ray
@@ -218,6 +219,8 @@ class Scheduler:
                                      self._models and self._models.config(job), self._started_ms)
             shrunk = self.elastic.shrink(job, workers) if isinstance(decision, Wait) else None
             decision, note = shrunk or (decision, "")  # (elastic: zeroconf only, nothing reserved)
+            if isinstance(decision, Placement) and (why := ahead.holds_back(job, workers)):
+                decision = Wait(why, busy=True)
             if isinstance(decision, Placement):  # its data path, and where workers get the model
                 decision = self.paths.reroute(job, decision, workers)
                 try:
@@ -236,6 +239,7 @@ class Scheduler:
                 self._set_state(job, JobState.FAILED, decision.reason)
                 return
             if isinstance(decision, Wait):
+                ahead.keep(job, decision.busy or job.state is JobState.RESTARTING)
                 if job.message != f"waiting: {decision.reason}":
                     job.message = f"waiting: {decision.reason}"
                     self.store.put_job(job)
@@ -245,12 +249,7 @@ class Scheduler:
             job.worker_ids = list(decision.worker_ids)
             resume = self._resume_from(job)  # (a first attempt's: --resume-from's checkpoint)
             self.store.start_attempt(job.job_id, job.attempt, job.worker_ids, self.now_ms())
-            layout = (f" as {decision.data_parallel} x {decision.pipeline_stages} (data x "
-                      f"pipeline), blocks {cut_text(decision.stage_layers)}"
-                      if decision.stage_layers else "") + caps_text(decision)
-            self._set_state(job, JobState.PLACING, f"starting {len(job.worker_ids)} ranks on "
-                            + ", ".join(job.worker_ids) + layout
-                            + (f", resuming from checkpoint {resume}" if resume else "") + note)
+            self._set_state(job, JobState.PLACING, placing_text(decision, resume, note))
             if decision.path is not None and len(job.worker_ids) > 1:
                 self._event(job, EventKind.LOG, message=decision.path.describe())
             plan = launches(job, decision, {w.worker_id: w for w in workers}, resume, model)

@@ -583,3 +583,43 @@ def test_a_rank_that_cannot_reach_the_coordinator_at_start_is_retried(rig):
     errors.append(PlacementError("model path /m does not exist on worker w4"))
     s.tick()
     assert _state(s, k.job_id)[0] is JobState.FAILED
+
+
+def test_a_waiting_job_keeps_the_workers_it_needs_from_later_jobs(rig):
+    """First in, first out: a stream of one-worker jobs took each worker as it came free and a
+    two-worker job waited for ever; and a restarting job in its backoff lost its worker to a job
+    that had only been queued (an outside run)."""
+    s, workers, launcher, clock = rig
+    a = s.submit(_job(workers=1, iters=100))
+    clock.t += 1
+    b = s.submit(_job(workers=2))
+    clock.t += 1
+    c = s.submit(_job(workers=1))
+    s.tick()
+    assert _state(s, a.job_id)[0] is JobState.RUNNING
+    assert _state(s, b.job_id)[0] is JobState.QUEUED  # one worker is free, it needs two
+    state, _, message = _state(s, c.job_id)
+    assert state is JobState.QUEUED, message  # the free worker is kept for b
+    assert message == (f"waiting: queued behind {b.job_id}: first in, first out (the workers "
+                       "they wait for are kept for them)")
+    s.cancel(a.job_id)
+    s.tick()
+    assert _state(s, b.job_id)[0] is JobState.RUNNING and _state(s, c.job_id)[0] is JobState.QUEUED
+    s.cancel(b.job_id)
+    s.tick()
+    assert _state(s, c.job_id)[0] is JobState.RUNNING
+    # A restarting job in its backoff keeps its worker from a job queued after it started.
+    s.cancel(c.job_id)
+    s.tick()
+    r = s.submit(_job(workers=2, max_restarts=3))
+    s.tick()
+    s.on_checkpoint(_ckpt(r.job_id, 4, clock))
+    clock.t += 1
+    late = s.submit(_job(workers=1))
+    s.on_exit(r.job_id, 1, 0, "w1", 5, "lost a peer of the MLX group")
+    assert _state(s, r.job_id)[0] is JobState.RESTARTING
+    s.tick()  # r waits out its backoff
+    assert _state(s, late.job_id)[0] is JobState.QUEUED
+    clock.t += 60
+    s.tick()
+    assert _state(s, r.job_id)[:2] == (JobState.RUNNING, 2)

@@ -3,6 +3,7 @@ launcher and clock, the SQLite store across a reopen, and the adapter store's ch
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -168,8 +169,12 @@ def test_a_job_behind_a_running_one_queues_for_as_long_as_it_runs(rig, tmp_path)
     second = job(iters=20)
     s.submit(second)
     s.tick()
+    # its workers say they run its ranks (else, an hour later, the attempt would be given up)
+    workers[:] = [dataclasses.replace(w, running_job_id=first.job_id, running_attempt=1)
+                  for w in workers]
     clock.t += 3600
     s.tick()
+    assert s.store.get_job(first.job_id).state is JobState.RUNNING
     got = s.store.get_job(second.job_id)
     assert got.state is JobState.QUEUED, got.message
     assert got.message == (f"waiting: needs 2 workers, 2 verified (2 busy: running "
@@ -178,6 +183,7 @@ def test_a_job_behind_a_running_one_queues_for_as_long_as_it_runs(rig, tmp_path)
                                                              1)], clock.t * 1000))
     s.on_exit(first.job_id, 1, 0, "w2", 0, "")
     s.on_exit(first.job_id, 1, 1, "w1", 0, "")
+    workers[:] = [worker(1), worker(2)]
     s.tick()
     assert s.store.get_job(second.job_id).state is JobState.RUNNING
     # Too few at all: the deadline holds, from the later of submit and the coordinator's start.

@@ -92,3 +92,22 @@ def skip_unused_reporters(report_to: str | None) -> None:
     for name in ("wandb", "swanlab"):
         if name not in wanted:
             sys.modules.setdefault(name, None)
+
+
+def window_loss(total: float, summed: list[float], step_targets: list[int]) -> float:
+    """The mean over a report window's micro-batches of each one's mean loss over every rank
+    (gradient_average tokens). ``summed``: the micro-batches' losses, each its share of its
+    step's mean, then their target counts, both summed over the ranks; ``step_targets``: the
+    target count of each one's step; ``total``: the losses' sum as the window summed them.
+
+    A micro-batch that is a whole step (no accumulation) is its loss as summed, so the figure
+    is ``total`` over the count: mlx-lm's, to the bit with one rank. With accumulation a
+    micro-batch's mean is its loss x its step's targets / its own; summing shares per window
+    instead was right only for windows of whole steps (a window cutting a step scaled each
+    micro-batch by its part of the step's tokens: an outside run)."""
+    k = len(step_targets)
+    losses, counts = summed[:k], summed[k:]
+    if all(n == t for n, t in zip(counts, step_targets)):
+        return total / k if k else 0.0
+    means = [v * t / n for v, n, t in zip(losses, counts, step_targets) if n]
+    return sum(means) / len(means) if means else 0.0
