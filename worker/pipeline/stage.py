@@ -30,7 +30,7 @@ from herd.errors import ConfigError
 from herd.models.manifest import stage_shards
 from herd.models.ref import INDEX, local_folder
 from herd.stage_cut import StagePiece, model_refusal, owned_key
-from worker.rank.model import quantize_in_place, read_model_config
+from worker.rank.model import materialize, quantize_in_place, read_model_config
 from worker.rank.packing import DocumentAttention, enable_packing
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
@@ -146,12 +146,13 @@ def build_stage(job: JobConfig, spec: StageSpec) -> Stage:
             class_predicate=lambda p, m: f"{p}.scales" in weights,
         )
     model.load_weights(list(weights.items()), strict=True)
+    weights.clear()  # (else every block's full-precision weights stay alive until it is built)
     if job.quantize is not None:
         quantize_in_place(model, job)
     _apply_adapters(model, job, spec)
     if job.cluster.packing:
         enable_packing(model, config.get("model_type", ""))
-    mx.eval(model.parameters())
+    materialize(model)
     if job.grad_checkpoint and len(model.layers):
         grad_checkpoint(model.layers[0])
     return Stage(model, spec, tied)
