@@ -83,16 +83,24 @@ class ModelStore:
             return self._load(path) if path.exists() else None
 
     def find(self, key: str) -> StoredModel | None:
-        """By a name it is stored under, else by its digest or a unique prefix of it."""
+        """By a name it is stored under, else a hub id without its revision when one revision of
+        it is stored (as `herd models add ID` took it), else by its digest or a unique prefix of
+        it."""
         models = self.list()
         for m in models:
             if key in m.names:
                 return m
+        if len(pinned := self.revisions_of(key)) == 1:
+            return pinned[0]
         if match := _DIGEST.match(key):
             hits = [m for m in models if m.digest.startswith(match.group(1))]
             if len(hits) == 1:
                 return hits[0]
         return None
+
+    def revisions_of(self, hub_id: str) -> list[StoredModel]:
+        """The stored models named ``hub_id@<revision>``."""
+        return [m for m in self.list() if any(n.startswith(f"{hub_id}@") for n in m.names)]
 
     def add(self, files: list[FileDigest], name: str, now_ms: int) -> StoredModel:
         """Stores a model whose files are already blobs; the same files again add ``name`` to the
@@ -218,7 +226,11 @@ class ModelCatalog:
     def remove(self, key: str, jobs: list[Job]) -> tuple[StoredModel, int]:
         model = self.store.find(key)
         if model is None:
-            raise NotFoundError(f"no stored model {key!r}", hint="`herd models` lists them")
+            several = sorted(n for m in self.store.revisions_of(key) for n in m.names
+                             if n.startswith(f"{key}@"))
+            raise NotFoundError(f"no stored model {key!r}" + (
+                f": {len(several)} revisions of it are stored ({', '.join(several)})"
+                if several else ""), hint="name one as listed by `herd models`")
         users = [j.job_id for j in jobs if j.model_digest == model.digest and not j.state.final]
         if users:
             # (exit 1, as removing an unfinished job is: a conflict, not a placement)

@@ -487,3 +487,23 @@ def test_a_model_an_unfinished_job_uses_is_not_removed(sharded, tmp_path):
     assert blobs.has(config.sha256) and models.store.find("sharded") is None
     with pytest.raises(NotFoundError, match="no stored model 'sharded'"):
         models.remove("sharded", [])
+
+
+def test_a_hub_model_is_found_by_the_id_herd_models_add_took(sharded, tiny_model, tmp_path):
+    """`herd models add org/name` stores org/name@<commit>; `herd models rm org/name` said "no
+    stored model" (an outside run). One revision stored: the id finds it; several: the error
+    lists them."""
+    from coordinator.artifacts import BlobStore
+    from coordinator.models import ModelCatalog, ModelStore
+    from herd.errors import NotFoundError
+
+    models = ModelCatalog(ModelStore(tmp_path / "models", BlobStore(tmp_path / "blobs")))
+    first = models.store.import_folder(sharded, f"org/m@{'a' * 40}", 0, link=False)
+    assert models.store.find("org/m").digest == first.digest
+    assert models.store.find("org/other") is None
+    models.store.import_folder(tiny_model, f"org/m@{'b' * 40}", 0, link=False)
+    with pytest.raises(NotFoundError, match=f"2 revisions of it are stored \\(org/m@{'a' * 40}, "
+                                            f"org/m@{'b' * 40}\\)"):
+        models.remove("org/m", [])
+    removed, _ = models.remove(f"org/m@{'a' * 40}", [])
+    assert removed.digest == first.digest and models.store.find("org/m") is not None
