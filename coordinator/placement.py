@@ -20,6 +20,7 @@ from coordinator.domain import Job, JobState, WorkerRecord
 from coordinator.planner.network import DataPath, choose_path
 from herd.config import JobConfig
 from herd.errors import ConfigError, DoesNotFitError, HerdError, PlacementError
+from herd.model_config import check_against_model
 
 # Weights plus LoRA state, activations and the allocator's slack, as a multiple of weight bytes.
 OVERHEAD = 1.3
@@ -171,8 +172,8 @@ def check_fits(cfg: JobConfig, workers: list[WorkerRecord],
     config_json = Path(cfg.model).expanduser() / "config.json"
     if model_config is None and config_json.is_file():
         model_config = json.loads(config_json.read_text())
-    if model_config is not None:
-        planner.check_stages(model_config, cfg)
+    if model_config is not None:  # (the job API's jobs too: the CLI checked them on the laptop)
+        check_against_model(cfg, model_config)
     elif cfg.cluster.parallelism != "auto" and cfg.cluster.pipeline_stages() > 1:
         raise ConfigError(
             f"cutting {cfg.model} into {cfg.cluster.pipeline_stages()} pipeline stages needs "

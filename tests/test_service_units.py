@@ -987,3 +987,13 @@ def test_a_delivery_cut_by_a_coordinator_crash_leaves_nothing_behind_after_a_res
         (folder / "adapters.safetensors").write_bytes(b"x")
     AdapterStore(tmp_path / "adapters")
     assert stored.is_dir() and not any(p.exists() for p in parts)
+
+
+def test_a_job_is_checked_against_its_model_at_submit_however_it_comes(tiny_model):
+    """The CLI checks num_layers against the model on the laptop; the job API's jobs were only
+    refused on a worker after placement (an outside run): the coordinator checks both."""
+    from coordinator.placement import check_fits
+
+    cfg = parse_config({"model": str(tiny_model), "data": "d", "num_layers": 16})
+    with pytest.raises(ConfigError, match="num_layers = 16, but .* has only 2 layers"):
+        check_fits(cfg, [])

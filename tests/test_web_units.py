@@ -190,6 +190,7 @@ def test_an_openai_create_request_becomes_a_herd_config():
            ({**body, "model": ""}, "model is required"),
            ({**body, "config": "seed: 1\nseed: 2\n"}, "given twice"),
            ({**body, "config": "seed: ["}, "not valid YAML"),
+           ({**body, "config": "data: /etc\n"}, "config.data: the job API takes training_file"),
            ({**body, "config": _alias_bomb()}, "more than 100000 values")]
     for request, words in bad:
         with pytest.raises((ConfigError, DatasetError), match=words):

@@ -67,6 +67,11 @@ def job_request(body: Any, count_examples: Callable[[str], int]) -> tuple[str, s
         config = read_yaml(config, "config") or {}
     if not isinstance(config, dict):
         raise ConfigError("config must be an mlx_lm.lora YAML mapping (text or an object)")
+    for key, instead in (("data", "training_file and validation_file"),
+                         ("adapter_path", "GET .../checkpoints (or `herd pull`)")):
+        if key in config:  # (it was dropped without a word: an outside run)
+            raise ConfigError(f"config.{key}: the job API takes {instead} instead",
+                              hint=f"remove {key} from config")
     model = body.get("model")
     if not model:
         raise ConfigError("model is required", hint="a model folder or hub id the workers load")
