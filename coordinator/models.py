@@ -29,7 +29,13 @@ from herd import log
 from herd.config import JobConfig
 from herd.errors import ConfigError, DatasetError, HerdError, NotFoundError, PlacementError
 from herd.models import ref as refs
-from herd.models.manifest import ModelManifest, hash_file, is_model_file, model_files
+from herd.models.manifest import (
+    ModelManifest,
+    check_complete,
+    hash_file,
+    is_model_file,
+    model_files,
+)
 from herd.rpc.names import check_path, check_sha
 
 _DIGEST = re.compile(r"^(?:sha256:)?([0-9a-f]{8,64})$")
@@ -119,6 +125,9 @@ class ModelStore:
         if missing:
             raise DatasetError(f"model {name!r}: files not uploaded: {', '.join(missing)}",
                                hint="`herd models add FOLDER` uploads them first")
+        index = manifest.by_name().get(refs.INDEX)
+        check_complete(names, json.loads(self.blobs.path(index.sha256).read_text())
+                       if index else None, repr(name))
         with self._lock:
             old = self.get(manifest.digest)
             model = StoredModel(manifest, tuple(dict.fromkeys((*(old.names if old else ()),

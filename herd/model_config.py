@@ -161,6 +161,20 @@ def check_job_files(cfg) -> None:
     check_against_model(cfg, model)
 
 
+def check_model_folder(model: str) -> None:
+    """A local model folder holds every shard its index names and a tokenizer (ConfigError if
+    not). Where a job is submitted: a pipeline rank's folder holds its own shards only."""
+    folder = Path(model).expanduser()
+    if not folder.is_dir():
+        return  # a hub id: the model store checks what it stores
+    from herd.models.manifest import check_complete
+    from herd.models.ref import INDEX
+
+    index = folder / INDEX
+    check_complete({p.name for p in folder.iterdir()},
+                   json.loads(index.read_text()) if index.is_file() else None, str(folder))
+
+
 def check_against_model(cfg, model: dict) -> None:
     """A job config against its model's config.json (also `herd plan`'s, so plan and submit
     refuse the same configs): ConfigError for layers, stages or a full fine-tune it cannot

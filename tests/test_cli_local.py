@@ -72,7 +72,7 @@ def test_paths_in_a_config_resolve_from_the_current_folder_as_in_mlx_lm(
     assert here.stderr == "", here.stderr
 
 
-def test_output_into_a_closed_pipe_ends_quietly(tiny_model):
+def test_output_into_a_closed_pipe_ends_quietly(tiny_model, tmp_path):
     """`herd plan job.yaml | head -2`: the reader goes away while herd still writes. No
     traceback (exit 1, as Python's own recipe for a broken pipe)."""
     import os
@@ -81,11 +81,14 @@ def test_output_into_a_closed_pipe_ends_quietly(tiny_model):
 
     from tests.conftest import REPO
 
+    config = tmp_path / "job.yaml"  # the 70B config on the tiny model: all of its blocks
+    config.write_text((REPO / "configs/llama-3.1-70b-qlora.yaml").read_text().replace(
+        "num_layers: 16", "num_layers: -1"))
     read, write = os.pipe()
     os.close(read)
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "herd", "plan", "configs/llama-3.1-70b-qlora.yaml",
+            [sys.executable, "-m", "herd", "plan", str(config),
              "--workers", "192,192", "--model", str(tiny_model)],
             cwd=REPO, stdout=write, stderr=subprocess.PIPE, text=True, timeout=120)
     finally:

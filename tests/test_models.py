@@ -252,6 +252,7 @@ def test_a_transfer_cut_mid_shard_resumes_where_it_stopped(tmp_path):
     folder = tmp_path / "model"
     folder.mkdir()
     (folder / "config.json").write_text("{}")
+    (folder / "tokenizer.json").write_text("{}")
     shard = folder / "model-00001-of-00001.safetensors"
     shard.write_bytes(os.urandom(96 * 2**20))  # far more than gRPC keeps in flight
     f = FileDigest(shard.name, hashlib.sha256(shard.read_bytes()).hexdigest(),
@@ -271,7 +272,7 @@ def test_a_transfer_cut_mid_shard_resumes_where_it_stopped(tmp_path):
     try:
         manifest = folder_manifest(folder)
         with CoordinatorConnection(coord.address, ca.issue("client", "t")) as c:
-            for path in (shard, folder / "config.json"):
+            for path in (shard, folder / "config.json", folder / "tokenizer.json"):
                 c.put_blob(path, manifest.by_name()[path.name].sha256)
             files = [common_pb2.FileDigest(name=m.name, sha256=m.sha256, bytes=m.bytes)
                      for m in manifest.files]
@@ -440,7 +441,8 @@ def test_a_model_only_the_laptop_can_read_is_planned_from_the_config_it_sent(off
     pinned = "org/llama-70b@" + "a" * 40  # the laptop pinned it: the coordinator asks nothing
 
     def submit(sent: str):
-        job = new_job("j", f"model: {pinned}\ndata: d\nbatch_size: 2\ncluster: {{workers: 2}}\n",
+        job = new_job("j", f"model: {pinned}\ndata: d\nbatch_size: 2\nnum_layers: -1\n"
+                      "cluster: {workers: 2}\n",
                       [FileDigest("train.jsonl", sha, len(train))], blobs, models,
                       model_config_json=sent)
         return s.submit(job)
@@ -507,3 +509,32 @@ def test_a_hub_model_is_found_by_the_id_herd_models_add_took(sharded, tiny_model
         models.remove("org/m", [])
     removed, _ = models.remove(f"org/m@{'a' * 40}", [])
     assert removed.digest == first.digest and models.store.find("org/m") is not None
+
+
+def test_a_model_folder_missing_a_shard_or_its_tokenizer_is_refused_before_any_worker(
+        sharded, tmp_path):
+    """Submitted, or stored with `herd models add`, such a folder failed on a rank after
+    placement with safetensors' or transformers' own message (an outside run)."""
+    import json
+    import shutil
+
+    from coordinator.artifacts import BlobStore
+    from coordinator.models import ModelStore
+    from herd.model_config import check_model_folder
+
+    store = ModelStore(tmp_path / "models", BlobStore(tmp_path / "blobs"))
+    check_model_folder(str(sharded))  # complete
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    shard = sorted(set(index["weight_map"].values()))[1]
+    no_shard = shutil.copytree(sharded, tmp_path / "no-shard")
+    (no_shard / shard).unlink()
+    no_tokenizer = shutil.copytree(sharded, tmp_path / "no-tokenizer")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (no_tokenizer / f).unlink(missing_ok=True)
+    for folder, words in ((no_shard, f"names shards it does not hold: {shard}"),
+                          (no_tokenizer, "has no tokenizer")):
+        with pytest.raises(ConfigError, match=words):
+            check_model_folder(str(folder))
+        with pytest.raises(ConfigError, match=words):
+            store.import_folder(folder, folder.name, 0, link=False)
+    assert store.list() == []

@@ -45,7 +45,7 @@ def worker(i: int, mem: int = 16 * GB, **kw) -> WorkerRecord:
 
 
 def job(workers: int = 2, iters: int = 10, model: str = "/nonexistent/model") -> Job:
-    cfg = {"model": model, "data": "data", "iters": iters,
+    cfg = {"model": model, "data": "data", "iters": iters, "num_layers": -1,
            "batch_size": 4 if 4 % workers == 0 else 4 * workers,  # splits over the workers
            "cluster": {"workers": workers}}
     return Job(job_id=f"j{workers}-{iters}", name="t", config=parse_config(cfg),
@@ -703,6 +703,7 @@ def test_a_worker_reads_the_blobs_of_its_jobs_stored_model_and_no_others(tmp_pat
     other.mkdir()
     (other / "config.json").write_text('{"other": true}')
     (other / "w.safetensors").write_bytes(b"not the job's")
+    (other / "tokenizer.json").write_text("{}")
     digests = {}
     with CoordinatorConnection(target, ids["client"]) as conn:
         for folder in (tiny_model, other):

@@ -43,9 +43,10 @@ RESUME_ADAPTER = "resume_adapters.safetensors"  # the shipped resume_adapter_fil
 def check_locally(cfg: JobConfig) -> None:
     """The dataset check (herd/dataset.py) before anything leaves the laptop."""
     from herd import dataset
-    from herd.model_config import check_job_files, missing_here
+    from herd.model_config import check_job_files, check_model_folder, missing_here
 
     check_job_files(cfg)
+    check_model_folder(cfg.model)
     tokenizer = dataset.load_tokenizer_for(cfg.model)
     report = dataset.check_job_dataset(cfg, tokenizer)
     for w in report.warnings + [missing_here(cfg.model)]:

@@ -113,6 +113,26 @@ def tied_embeddings(config: dict[str, Any]) -> bool:
     return bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", True)))
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tiktoken.model", "vocab.json")
+
+
+def check_complete(names: set[str], index: dict[str, Any] | None, model: str) -> None:
+    """ConfigError when a model's files lack what loading it needs: a shard its index names, or
+    any tokenizer. Said at `herd models add` and `herd submit`: a rank found them missing only
+    after placement, with transformers' or safetensors' own message (an outside run)."""
+    weight_map = (index or {}).get("weight_map")
+    if isinstance(weight_map, dict):
+        missing = sorted(set(weight_map.values()) - names)
+        if missing:
+            raise ConfigError(f"model {model}: {INDEX} names shards it does not hold: "
+                              f"{', '.join(missing)}",
+                              hint="an interrupted download or copy: fetch the model again")
+    if not any(n in names or n.endswith(".tiktoken") for n in TOKENIZER_FILES):
+        raise ConfigError(f"model {model} has no tokenizer (none of "
+                          f"{', '.join(TOKENIZER_FILES)})",
+                          hint="copy the tokenizer files from the model's hub repository")
+
+
 def needed_files(names: Iterable[str], config: dict[str, Any], index: dict[str, Any] | None,
                  piece: StagePiece | None) -> list[str]:
     """The files one rank needs: all of them for the whole model (``piece`` None); for a pipeline
