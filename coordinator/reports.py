@@ -63,7 +63,26 @@ def metric_records(events: list[JobEvent], up_to_step: int) -> list[dict]:
                             "message": e.message})
         elif e.kind is EventKind.CHECKPOINT and (not up_to_step or e.step <= up_to_step):
             records.append({"event": "checkpoint", **base, "step": e.step})
-    return records
+    return _once_per_iteration(records)
+
+
+def _once_per_iteration(records: list[dict]) -> list[dict]:
+    """One train and one validation record per rank and iteration. A resumed attempt redoes the
+    iterations after its checkpoint, and its first window is short (from the checkpoint to the
+    next report): the attempt that was cut off reported the full window, and an exact resume
+    redoes it to the bit, so the record over more iterations stays (the latest on a tie). Both
+    were kept, and the curve showed a bump that never happened (an outside run)."""
+    best: dict[tuple, int] = {}
+    for i, r in enumerate(records):
+        if r["event"] not in ("train", "val"):
+            continue
+        key = (r["event"], r["rank"], r["iteration"])
+        kept = best.get(key)
+        if kept is None or (r.get("window_iterations", 0)
+                            >= records[kept].get("window_iterations", 0)):
+            best[key] = i
+    keep = set(best.values())
+    return [r for i, r in enumerate(records) if r["event"] not in ("train", "val") or i in keep]
 
 
 def loss_png(records: list[dict], title: str) -> bytes:

@@ -224,7 +224,10 @@ def test_report_files_hold_every_report_and_a_drawn_loss_curve(tmp_path):
     feed_job(store)
     records = metric_records(store.events("demo-1"), up_to_step=0)
     kinds = [r["event"] for r in records]
-    assert kinds.count("train") == 5 and kinds.count("val") == 1 and kinds.count("state") == 6
+    # (rank 0's iteration 4, reported again after the restart over as many iterations: once)
+    assert kinds.count("train") == 4 and kinds.count("val") == 1 and kinds.count("state") == 6
+    assert [r["train_loss"] for r in records if r["event"] == "train"
+            and (r["rank"], r["iteration"]) == (0, 4)] == [1.4]
     assert metric_records(store.events("demo-1"), up_to_step=2).count(records[3]) == 1
     # `herd pull --step 2`: what was recorded up to step 2, not the restart that came later
     upto2 = [r["event"] for r in metric_records(store.events("demo-1"), up_to_step=2)]
@@ -234,6 +237,27 @@ def test_report_files_hold_every_report_and_a_drawn_loss_curve(tmp_path):
     png = loss_png(records, "demo-1")
     image = Image.open(io.BytesIO(png)).convert("L")
     assert image.size[0] > 300 and len(set(image.getdata())) > 10  # drawn, not blank
+    store.close()
+
+
+def test_a_resumed_attempt_s_short_first_window_does_not_replace_the_full_one(tmp_path):
+    """Killed after reporting iteration 24 (checkpoint at 20), the job resumed and reported 21
+    over one iteration, then 24 again: metrics.jsonl held both 21s and the curve a bump (an
+    outside run). The full window stays; a redone one of as many iterations replaces it."""
+    store = JobStore(tmp_path / "herd.db")
+    put_job(store, "r-1")
+    add = store.add_event
+    for t, it, loss, n in ((1, 18, 3.1, 3), (2, 21, 3.04, 3), (3, 24, 2.9, 3),
+                           (5, 21, 3.29, 1), (6, 24, 2.91, 3), (7, 27, 2.8, 3)):
+        add("r-1", t * 1000, EventKind.PROGRESS, progress=progress(0, it, loss=loss,
+                                                                   window=(n, 1.0, 0.1, 64)))
+    train = [(r["iteration"], r["train_loss"]) for r in metric_records(store.events("r-1"), 0)
+             if r["event"] == "train"]
+    assert train == [(18, 3.1), (21, 3.04), (24, 2.91), (27, 2.8)]
+    hub = MetricsHub(store, lambda timeout_s: None)  # the dashboard's chart: no bump either
+    hub.poll()
+    charted = [(p["it"], p["loss"]) for p in hub.job("r-1")["points"]]
+    assert (21, 3.29) not in charted and (21, 3.04) in charted
     store.close()
 
 

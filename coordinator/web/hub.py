@@ -87,6 +87,8 @@ class JobView:
     _rate_base: tuple[int, int] | None = None
     _rate_last: tuple[int, int] | None = None
     _windows: dict[int, dict[int, tuple[int, float, float]]] = field(default_factory=dict)
+    # (rank, iteration) -> the iterations its charted train loss covers (coordinator/reports.py)
+    _charted: dict[tuple[int, int], int] = field(default_factory=dict)
 
     @property
     def iteration(self) -> int:
@@ -253,14 +255,19 @@ class MetricsHub:
         # A report carries the last val loss until the next validation: a new one is a val point.
         if p.validation or (p.val_loss and (before is None or p.val_loss != before.val_loss)):
             point.update(loss=None, val=p.val_loss)
-        view.points.append(point)
-        _thin(view.points)
+        elif view._charted.get((p.rank, p.iteration), 0) > p.window_iterations:
+            point = None  # a resumed attempt's short first window: the full one is charted
+        else:
+            view._charted[(p.rank, p.iteration)] = p.window_iterations
+        if point is not None:
+            view.points.append(point)
+            _thin(view.points)
         # Counters: iterations and tokens move forward only (a redone iteration counts once).
         if p.iteration > view.iterations_done:
             view.iterations_done = p.iteration
         if p.trained_tokens > view.tokens_done:
             view.tokens_done = p.trained_tokens
-        change: dict = {"point": point}
+        change: dict = {"point": point} if point is not None else {}
         if p.window_iterations:
             c = view.rank_counters.setdefault((p.rank, p.worker_id), RankCounters())
             c.step_seconds += p.window_seconds
