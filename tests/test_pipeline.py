@@ -198,6 +198,30 @@ def test_two_pipelines_of_two_stages_equal_one_process(tmp_path, blas_kernels):
     assert rel <= SAME_UPDATE_RTOL, f"2 x 2 adapter differs from one process by {rel:.2e}"
 
 
+def test_a_pipeline_with_accumulation_reports_every_steps_per_report_and_at_the_end(
+        tmp_path, tiny_model):
+    """Accumulation 3, a report every 2 iterations, 8 iterations: a pipeline reported only at
+    steps on a multiple of steps_per_report (6) and never the last, and its reports covered no
+    window (an outside run). It reports at the first step at or after every 2 iterations (3, 6)
+    and at the last (8: the trailing partial accumulation, never applied, as in mlx-lm)."""
+    from worker.agent.relay import _window_iterations
+    from worker.rank.events import TrainReport
+
+    data = REPO_DATA(tmp_path)
+    pp = write_job(tmp_path / "pp.yaml", tiny_model, data, adapter_path=str(tmp_path / "pp"),
+                   iters=8, grad_accumulation_steps=3, steps_per_report=2, save_every=6,
+                   batch_size=2, num_layers=-1)
+    rows = run_stages(pp, tmp_path / "pp", 2, tmp_path)
+    train = [e for e in EVENTS[-1] if e["event"] == "train"]
+    assert [e["iteration"] for e in train] == [3, 6, 8], train
+    fields = set(TrainReport.__dataclass_fields__)
+    windows = [_window_iterations(TrainReport(**{k: v for k, v in e.items() if k in fields}))
+               for e in train]
+    assert windows == [3, 3, 2]
+    assert all(0 < e["train_loss"] < 20 for e in train)
+    assert len(rows[-1]["losses"]) == 2  # two optimizer steps applied
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["prequantized", "quantize-on-load"])
 def test_qlora_pipeline_equals_one_process(tmp_path, tiny_model, tiny_quantized, variant):

@@ -189,8 +189,11 @@ def _run(job: JobConfig, opts: StageOptions) -> int:
     reports = topo.replica == 0 and stage.spec.last  # the rank that holds the loss
     log = EventLog(opts.metrics_file)
 
-    # mlx-lm reports the mean loss of the steps since its last report, and their token rate.
-    window = {"loss": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0}
+    # mlx-lm reports the mean loss of the steps since its last report, and their token rate,
+    # every steps_per_report iterations: here at the first step at or after each (a step ends
+    # grad_accumulation_steps iterations) and at the last iteration (it reported only at steps
+    # on a multiple of steps_per_report, and never the last: an outside run).
+    window = {"loss": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0, "since": 0}
 
     def on_step(info: dict) -> None:
         if not reports:
@@ -199,17 +202,19 @@ def _run(job: JobConfig, opts: StageOptions) -> int:
         window["steps"] += 1
         window["tokens"] += info["tokens"]
         window["seconds"] += info["seconds"]
-        if info["iteration"] % job.steps_per_report == 0 or info["iteration"] == job.last_step():
+        it, every = info["iteration"], job.steps_per_report
+        if it // every > window["since"] // every or it == job.iters:
+            seconds = max(window["seconds"], 1e-9)
             report = TrainReport(
-                rank=group.rank(), iteration=info["iteration"],
-                train_loss=window["loss"] / window["steps"],
+                rank=group.rank(), iteration=it, train_loss=window["loss"] / window["steps"],
                 learning_rate=info["learning_rate"],
-                tokens_per_second=window["tokens"] / max(window["seconds"], 1e-9),
+                tokens_per_second=window["tokens"] / seconds,
                 trained_tokens=info["trained_tokens"], peak_memory_gb=info["peak_memory_gb"],
-                exchange="mlx", world_size=group.size())
+                exchange="mlx", world_size=group.size(),
+                iterations_per_second=(it - window["since"]) / seconds, step_seconds=seconds)
             log.append(report)
             print(train_line(vars(report), job.iters), flush=True)  # the stage's log
-            window.update(loss=0.0, steps=0, tokens=0, seconds=0.0)
+            window.update(loss=0.0, steps=0, tokens=0, seconds=0.0, since=it)
 
     def on_val(info: dict) -> None:
         if reports:
@@ -218,6 +223,7 @@ def _run(job: JobConfig, opts: StageOptions) -> int:
 
     optimizer = build_optimizer(job)
     start, tokens = resume(opts, stage, optimizer)
+    window["since"] = start
     on_save = make_on_save(job, opts, stage, topo, group.size(), group.rank(), log)
     # The one process's batch order, its validation passes included (every stage takes part).
     order = data_order(train_set, valid_set, LoopArgs.from_job(job))

@@ -125,17 +125,20 @@ def train_stage(job: JobConfig, stage: Stage, link: Link, train_set, microbatche
         acc = res.grads if acc is None else tree_map(mx.add, acc, res.grads)
         acc_tokens += res.ntoks
         acc_loss += res.loss
-        if it % accum == 0:
+        # An optimizer step; or a trailing partial accumulation, computed and never applied (as
+        # in mlx-lm), whose loss is still reported at the last iteration.
+        if it % accum == 0 or it == last:
             if dp_size > 1:
                 acc, acc_tokens, acc_loss = _sum_replicas(link, acc, acc_tokens, acc_loss)
-            _check_finite_everywhere(link, acc, acc_loss, it, accum,
-                                     optimizer.learning_rate.item())
-            if tree_flatten(acc):  # a stage before the adapted blocks only relays
-                optimizer.update(stage.model, acc)
-                mx.eval(stage.model.parameters(), optimizer.state)
-            run.losses.append(acc_loss)
+            if it % accum == 0:
+                _check_finite_everywhere(link, acc, acc_loss, it, accum,
+                                         optimizer.learning_rate.item())
+                if tree_flatten(acc):  # a stage before the adapted blocks only relays
+                    optimizer.update(stage.model, acc)
+                    mx.eval(stage.model.parameters(), optimizer.state)
+                run.losses.append(acc_loss)
             run.trained_tokens += acc_tokens
-            if on_step is not None:  # one optimizer step: its loss, tokens and seconds
+            if on_step is not None:  # one step: its loss, tokens and seconds
                 on_step({"iteration": it, "train_loss": acc_loss,
                          "learning_rate": optimizer.learning_rate.item(),
                          "trained_tokens": run.trained_tokens, "tokens": acc_tokens,
@@ -143,7 +146,8 @@ def train_stage(job: JobConfig, stage: Stage, link: Link, train_set, microbatche
                          "peak_memory_gb": mx.get_peak_memory() / 1e9})
             t_step = time.perf_counter()
             acc, acc_tokens, acc_loss = None, 0, 0.0
-            if on_save is not None and checkpoint_due(it, accum, job.save_every, last):
+            if on_save is not None and checkpoint_due(it, accum, job.save_every, last) and (
+                    it % accum == 0):
                 on_save(it, optimizer, run.trained_tokens)
         run.step_seconds.append(time.perf_counter() - tic)
     run.link_seconds = link.seconds
