@@ -258,3 +258,25 @@ def test_pipeline_resume_is_exact(tmp_path, tiny_model):
     assert latest.read_text().strip() == "0000002"
     run_stages(b, tmp_path / "b", 2, tmp_path, "--resume", str(tmp_path / "b"))
     assert max_abs_diff(load_adapter(tmp_path / "a"), load_adapter(tmp_path / "b")) == 0
+
+
+def test_a_stage_names_the_missing_blocks_by_the_models_names(tmp_path, tiny_model):
+    """config.json promising more blocks than the weights hold: the stage said "Missing 18
+    parameters: model.layers.2..." (its own names, which the file does hold: an outside run)."""
+    import shutil
+
+    from herd.config import parse_config
+    from herd.errors import ConfigError
+    from worker.pipeline.stage import StageSpec, build_stage
+
+    model = shutil.copytree(tiny_model, tmp_path / "m")
+    config = json.loads((model / "config.json").read_text())
+    blocks = config["num_hidden_layers"]
+    config["num_hidden_layers"] = blocks + 2
+    (model / "config.json").write_text(json.dumps(config))
+    job = parse_config({"model": str(model), "data": "d", "num_layers": -1})
+    with pytest.raises(ConfigError) as e:
+        build_stage(job, StageSpec(1, 2, blocks - 1, blocks + 2, blocks + 2))
+    assert f"lacks 18 weights of blocks {blocks - 1}:{blocks + 2}" in e.value.message
+    assert f"model.layers.{blocks}." in e.value.message
+    assert f"model.layers.{blocks - 1}." not in e.value.message

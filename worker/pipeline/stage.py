@@ -145,7 +145,7 @@ def build_stage(job: JobConfig, spec: StageSpec) -> Stage:
             model, group_size=q["group_size"], bits=q["bits"],
             class_predicate=lambda p, m: f"{p}.scales" in weights,
         )
-    model.load_weights(list(weights.items()), strict=True)
+    _load(model, weights, spec, model_dir)
     weights.clear()  # (else every block's full-precision weights stay alive until it is built)
     if job.quantize is not None:
         quantize_in_place(model, job)
@@ -156,6 +156,24 @@ def build_stage(job: JobConfig, spec: StageSpec) -> Stage:
     if job.grad_checkpoint and len(model.layers):
         grad_checkpoint(model.layers[0])
     return Stage(model, spec, tied)
+
+
+def _load(model: nn.Module, weights: dict[str, mx.array], spec: StageSpec, model_dir: Path):
+    """The stage's weights into its model; ConfigError naming the missing ones by the full
+    model's names (mlx named them as the stage does, model.layers.0: names the file does hold,
+    when config.json promised more blocks than the weights have: an outside run)."""
+    from mlx.utils import tree_flatten
+
+    missing = sorted(set(dict(tree_flatten(model.parameters()))) - set(weights))
+    if missing:
+        stage = Stage(model, spec, tied=False)
+        names = [stage.global_name(k) for k in missing]
+        raise ConfigError(
+            f"{model_dir} lacks {len(names)} weights of blocks {spec.start}:{spec.end}: "
+            + ", ".join(names[:6]) + (" ..." if len(names) > 6 else ""),
+            hint="config.json's num_hidden_layers must match the weights: an incomplete "
+            "download, or a config from another model")
+    model.load_weights(list(weights.items()), strict=True)
 
 
 def _apply_adapters(model: nn.Module, job: JobConfig, spec: StageSpec) -> None:
