@@ -185,6 +185,10 @@ class AdapterStore:
             with disk_errors(self.root, f"the merged checkpoint {step}"):
                 return self._merge(job_id, step, pieces, now_ms)
 
+    def stages_of(self, job_id: str, step: int) -> int:
+        """How many pipeline stages wrote this stored step (0: not a pipeline's)."""
+        return max((p.count for p in self._pieces(job_id, step)), default=0)
+
     def _pieces(self, job_id: str, step: int) -> dict[StagePiece, Path]:
         root = self._job_dir(job_id) / "stages" / f"{int(step):07d}"
         out = {}

@@ -165,11 +165,33 @@ def start_from(job: Job, ref: str, store, adapters: AdapterStore, now_ms: int) -
                           f"the last optimizer step ({cfg.last_step()}) and on an optimizer step "
                           f"of grad_accumulation_steps {cfg.grad_accumulation_steps}",
                           hint="raise iters to train on from there")
+    _check_layout(ref, source, checkpoint.step, adapters.stages_of(source.job_id, checkpoint.step),
+                  cfg)
     if problem := adapters.verify(checkpoint):
         raise NotFoundError(f"checkpoint {checkpoint.step} of {source.job_id} is damaged "
                             f"({problem})", hint=f"stored steps: {have}")
     adapters.copy_step(checkpoint, job.job_id)
     return Checkpoint(job.job_id, checkpoint.step, checkpoint.files, now_ms)
+
+
+def _check_layout(ref: str, source: Job, step: int, stages: int, cfg) -> None:
+    """A pipeline's checkpoint keeps its optimizer state and step in its stage pieces: another
+    layout resumed its weights only, from iteration 1 with a fresh optimizer, while `herd watch`
+    said "resuming from checkpoint N"; and a pipeline could not start from a data-parallel
+    checkpoint at all, failing on a worker (an outside run). Refused here instead."""
+    pinned = cfg.cluster.pipeline_stages() if cfg.cluster.parallelism != "auto" else None
+    if stages > 1 and pinned != stages:
+        raise ConfigError(
+            f"--resume-from {ref}: checkpoint {step} of {source.job_id} was written by "
+            f"{stages} pipeline stages, which hold its optimizer state and position; this job's "
+            f"layout is {'auto' if pinned is None else f'{pinned} stage(s)'}",
+            hint=f"pin cluster.parallelism: {{data: N, pipeline: {stages}}} as "
+            f"{source.job_id} ran")
+    if stages <= 1 and pinned and pinned > 1:
+        raise ConfigError(
+            f"--resume-from {ref}: checkpoint {step} of {source.job_id} was not written by "
+            f"pipeline stages; a job cut into {pinned} stages cannot resume from it",
+            hint="resume it data parallel (cluster.parallelism: auto, or {data: N, pipeline: 1})")
 
 
 def _get(cfg, key: str):

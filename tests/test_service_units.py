@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from coordinator import convert
-from coordinator.artifacts import AdapterStore, BlobStore
+from coordinator.artifacts import PIECE_META, AdapterStore, BlobStore
 from coordinator.domain import (
     Checkpoint,
     EventKind,
@@ -380,6 +380,21 @@ def test_resume_from_another_job_copies_its_checkpoint_or_says_why_not(tmp_path)
         start_from(accum, source.job_id, store, adapters, 5)
     (adapters.step_dir(source.job_id, 4) / "adapters.safetensors").write_bytes(b"damaged")
     with pytest.raises(NotFoundError, match="checkpoint 4 of .* is damaged"):
+        start_from(longer, source.job_id, store, adapters, 5)
+    # Another layout: a data-parallel checkpoint cannot seed pipeline stages, and a pipeline's
+    # checkpoint (its optimizer state in its stage pieces) resumes only into as many stages.
+    piped = job(iters=12)
+    piped.job_id = "piped-1"
+    piped.config = parse_config({**piped.config.model_dump(exclude_unset=True), "cluster": {
+        "workers": 2, "parallelism": {"data": 1, "pipeline": 2}}})
+    with pytest.raises(ConfigError, match="was not written by pipeline stages; a job cut into 2"):
+        start_from(piped, source.job_id, store, adapters, 5)
+    for index in (0, 1):
+        meta = adapters._piece_dir(source.job_id, 4, index) / PIECE_META
+        meta.parent.mkdir(parents=True)
+        meta.write_text(json.dumps({"index": index, "count": 2, "start": index, "end": index + 1}))
+    with pytest.raises(ConfigError, match="written by 2 pipeline stages, which hold its optimizer "
+                                          "state and position; this job's layout is auto"):
         start_from(longer, source.job_id, store, adapters, 5)
 
 
