@@ -32,6 +32,12 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
+    # A peer that was away (a coordinator restarted) is dialled again within 5 s of its return:
+    # gRPC's own backoff grows to 120 s, and workers took ~40 s to reach a coordinator that had
+    # been down a minute, past the 30 s the README promises for re-adoption (an outside run).
+    ("grpc.initial_reconnect_backoff_ms", 1_000),
+    ("grpc.min_reconnect_backoff_ms", 1_000),
+    ("grpc.max_reconnect_backoff_ms", 5_000),
 ]
 SERVER_OPTIONS = [
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
