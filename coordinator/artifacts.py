@@ -86,6 +86,15 @@ class BlobStore:
     def has(self, sha: str) -> bool:
         return (self.root / check_sha(sha)).exists()
 
+    def touch(self, sha: str) -> bool:
+        """``has``, and the blob's time set to now (coordinator/housekeeping.py sweeps old
+        unused ones)."""
+        try:
+            os.utime(self.root / check_sha(sha))
+            return True
+        except FileNotFoundError:
+            return False
+
     def path(self, sha: str) -> Path:
         return self.root / check_sha(sha)
 

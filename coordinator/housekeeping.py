@@ -44,3 +44,29 @@ def expired_checkpoints(store: JobStore, job_id: str, keep: int) -> list[int]:
     for step in expired:
         store.delete_checkpoint(job_id, step)
     return expired
+
+
+ORPHAN_GRACE_S = 24 * 3600  # an upload waits this long for the job that uses it
+
+
+def sweep_blobs(store: JobStore, model_files: set[str], blobs, now_s: float,
+                grace_s: float = ORPHAN_GRACE_S) -> tuple[int, int]:
+    """Removes the blobs no job and no stored model holds, once older than ``grace_s``: a
+    dataset uploaded to the job API and never used, or shipped by a submit that was then
+    refused, stayed for ever (an outside run). Returns (files, bytes) removed."""
+    used = {sha for j in store.list_jobs() for sha in j.blobs()} | model_files
+    count = freed = 0
+    for path in blobs.root.iterdir():
+        name = path.name
+        if len(name) != 64 or name in used or not path.is_file():
+            continue  # (in-flight uploads and links are dot-files: never a blob's name)
+        try:
+            if now_s - path.stat().st_mtime < grace_s:
+                continue
+        except FileNotFoundError:
+            continue
+        freed += blobs.remove(name)
+        count += 1
+    if count:
+        logger.info("orphan_blobs_removed", files=count, bytes=freed)
+    return count, freed

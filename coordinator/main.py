@@ -17,8 +17,10 @@ import signal
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
 
+from coordinator import housekeeping
 from coordinator.artifacts import AdapterStore, BlobStore
 from coordinator.join import serve_join
 from coordinator.launcher import GrpcLauncher
@@ -86,7 +88,7 @@ class Coordinator:
                                   lambda *a: self.scheduler.on_worker_lost(*a),
                                   lambda *a: self.scheduler.on_rank_lost(*a),
                                   authority=authority)
-        blobs = BlobStore(state_dir / "blobs")  # datasets and the model store's files
+        self.blobs = blobs = BlobStore(state_dir / "blobs")  # datasets, the model store's files
         adapters = AdapterStore(state_dir / "adapters")
         self.models = ModelCatalog(ModelStore(state_dir / "models", blobs))
         self.scheduler = Scheduler(self.store, self.registry.workers,
@@ -166,6 +168,7 @@ class Coordinator:
                          name="scheduler").start()
         threading.Thread(target=self.hub.run, args=(self._stop,), daemon=True,
                          name="metrics-hub").start()
+        threading.Thread(target=self._housekeeping, daemon=True, name="housekeeping").start()
         if self._advertise:
             # A unique instance (and mDNS host) name: two coordinators on machines with the same
             # host name must not publish conflicting address records for one name.
@@ -176,6 +179,17 @@ class Coordinator:
                 {"port": str(self.port), "protocol": str(PROTOCOL_VERSION),
                  "join": self.join_address.rsplit(":", 1)[-1] if self.join_address else ""})
         logger.info("coordinator_started", address=self.address, state_dir=str(self.state_dir))
+
+    def _housekeeping(self, every_s: float = 3600.0) -> None:
+        """Unused uploads swept at start and then hourly (coordinator/housekeeping.py)."""
+        while True:
+            try:
+                housekeeping.sweep_blobs(self.store, {f.sha256 for m in self.models.store.list()
+                                                      for f in m.files}, self.blobs, time.time())
+            except Exception:  # (a full disk, a store being closed): next time
+                logger.exception("housekeeping_failed")
+            if self._stop.wait(every_s):
+                return
 
     def stop(self) -> None:
         self._stop.set()

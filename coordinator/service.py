@@ -242,8 +242,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
 
     @_unary
     def MissingBlobs(self, request, context):
+        # (one it holds is touched: about to be used again, it is not an orphan to sweep)
         return coordinator_pb2.MissingBlobsReply(
-            sha256=[sha for sha in request.sha256 if not self.blobs.has(check_sha(sha))])
+            sha256=[sha for sha in request.sha256 if not self.blobs.touch(check_sha(sha))])
 
     # --- models ----------------------------------------------------------------------------
 

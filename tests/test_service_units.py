@@ -1013,3 +1013,31 @@ def test_a_job_is_checked_against_its_model_at_submit_however_it_comes(tiny_mode
     cfg = parse_config({"model": str(tiny_model), "data": "d", "num_layers": 16})
     with pytest.raises(ConfigError, match="num_layers = 16, but .* has only 2 layers"):
         check_fits(cfg, [])
+
+
+def test_uploads_no_job_or_model_holds_are_swept_after_a_day(tmp_path):
+    """A dataset uploaded to the job API and never used, or shipped by a submit that was then
+    refused, stayed on the coordinator's disk for ever (an outside run)."""
+    import os
+
+    from coordinator.housekeeping import ORPHAN_GRACE_S, sweep_blobs
+
+    store, blobs = JobStore(tmp_path / "db"), BlobStore(tmp_path / "blobs")
+    sha = {}
+    for name in ("job", "model", "old orphan", "new orphan", "reused"):
+        data = name.encode()
+        sha[name] = hashlib.sha256(data).hexdigest()
+        blobs.put(sha[name], [data])
+    j = job()
+    j.dataset = [FileDigest("train.jsonl", sha["job"], 3)]
+    store.put_job(j)
+    import time
+
+    now = time.time()
+    for name in ("job", "model", "old orphan", "reused"):  # uploaded over a day ago
+        os.utime(blobs.path(sha[name]), (now - ORPHAN_GRACE_S - 30,) * 2)
+    assert blobs.touch(sha["reused"])  # `herd submit` asked for it: about to be used again
+    assert not blobs.touch("0" * 64)
+    count, freed = sweep_blobs(store, {sha["model"]}, blobs, now)
+    assert (count, freed) == (1, len(b"old orphan"))
+    assert [n for n in sha if blobs.has(sha[n])] == ["job", "model", "new orphan", "reused"]
