@@ -47,6 +47,7 @@ logger = log.get(__name__)
 DEFAULT_PORT = DEFAULT_COORDINATOR_PORT
 JOIN_PORT_OFFSET = 2  # the join port, by default: the service port + 2 (7451: a worker)
 HTTP_URL_FILE = "http.url"
+JOIN_ADDRESS_FILE = "join.address"
 
 
 class Coordinator:
@@ -158,6 +159,8 @@ class Coordinator:
             self.join_server, port = serve_join(self.authority, wanted)
             if port:
                 self.join_address = netif.hostport(self.host, port)
+                # Where `herd token` on this machine finds it (`herd up` picks a free port).
+                (self.state_dir / JOIN_ADDRESS_FILE).write_text(self.join_address + "\n")
             else:
                 logger.warning("join_port_unavailable", address=wanted)
         self._zc = discovery.make_zeroconf()
@@ -208,6 +211,7 @@ class Coordinator:
         if self._zc:
             self._zc.close()
         self.store.close()
+        (self.state_dir / JOIN_ADDRESS_FILE).unlink(missing_ok=True)
         self._state_lock.release()
 
 

@@ -818,3 +818,6 @@ def test_a_second_coordinator_on_a_state_folder_in_use_is_refused_naming_the_fir
     assert f"is in use by herd coordinator (pid {os.getpid()})" in e.value.message
     assert e.value.exit_code == 1
     assert cluster.coord.store.list_jobs() is not None  # the first one carries on
+    # (where `herd token` on this machine finds the join port it serves)
+    joined = (cluster.root / "coord" / "join.address").read_text().strip()
+    assert joined == cluster.coord.join_address and not joined.endswith(":0")

@@ -94,3 +94,30 @@ def test_output_into_a_closed_pipe_ends_quietly(tiny_model, tmp_path):
     finally:
         os.close(write)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_a_token_names_the_join_port_the_running_coordinator_serves(tmp_path):
+    """`herd up` serves joins on a free port: `herd token` made tokens for port 7452, which
+    nothing served (an outside run). It takes the address that coordinator wrote; else the
+    default."""
+    import subprocess
+    import sys
+
+    from herd.rpc.join import JoinToken
+    from tests.conftest import REPO
+
+    env = {**__import__("os").environ, "HERD_HOME": str(tmp_path / "home")}
+
+    def token_address() -> str:
+        out = subprocess.run([sys.executable, "-m", "herd", "token", "--role", "client"],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return JoinToken.decode(out.stdout.strip()).address
+
+    assert subprocess.run([sys.executable, "-m", "herd", "init"], cwd=REPO, env=env,
+                          capture_output=True, timeout=60).returncode == 0
+    assert token_address().endswith(":7452")
+    running = tmp_path / "home" / "local" / "coordinator"  # `herd up`'s, by default
+    running.mkdir(parents=True)
+    (running / "join.address").write_text("127.0.0.1:38511\n")
+    assert token_address() == "127.0.0.1:38511"

@@ -58,9 +58,23 @@ def _seconds(text: str) -> float:
     return seconds
 
 
+def _running_join_address() -> str | None:
+    """The join address a coordinator of this HERD_HOME wrote when it started (`herd coordinator`
+    or `herd up`'s, whose join port is a free one: a token for the default port did not reach
+    it, an outside run)."""
+    home = pki.default_home()
+    for folder in (home / "coordinator", home / "local" / "coordinator"):
+        try:
+            return (folder / "join.address").read_text().strip() or None
+        except OSError:
+            continue
+    return None
+
+
 def cmd_token(args) -> int:
     ca = pki.Authority.load(_dir(args))
-    address = args.join or hostport(discovery.local_ip(), DEFAULT_JOIN_PORT)  # IPv6: [addr]
+    address = (args.join or _running_join_address()
+               or hostport(discovery.local_ip(), DEFAULT_JOIN_PORT))  # IPv6: [addr]
     token = make_token(ca, address, args.role, _seconds(args.ttl))
     print(token.encode())
     print(f"(a {args.role} token for {address}, valid {args.ttl}: run `herd join TOKEN` on the "
@@ -113,8 +127,9 @@ def _parser(cmd: str) -> argparse.ArgumentParser:
                        help="what the joining machine will be")
         p.add_argument("--ttl", default=f"{DEFAULT_TTL_S // 60}m", help="how long it is valid")
         p.add_argument("--join", metavar="HOST:PORT", default=None,
-                       help=f"the coordinator's join address (default: this machine's LAN "
-                       f"address, port {DEFAULT_JOIN_PORT})")
+                       help="the coordinator's join address (default: the one the coordinator "
+                       "of this HERD_HOME, or its `herd up`, is serving; else this machine's "
+                       f"LAN address, port {DEFAULT_JOIN_PORT})")
     elif cmd == "join":
         p.add_argument("token")
         p.add_argument("--id", default=None,
