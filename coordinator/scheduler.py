@@ -159,7 +159,7 @@ class Scheduler:
 
     # --- entry points ----------------------------------------------------------------------
 
-    def submit(self, job: Job) -> Job:
+    def submit(self, job: Job, by: str = "") -> Job:  # by: who, for the job's events
         cfg = job.config
         backend = self._backends.get(cfg.cluster.backend)
         if backend is None:  # never silently place on other workers than asked
@@ -174,7 +174,8 @@ class Scheduler:
             job.created_ms = job.updated_ms = self.now_ms()
             job.state = JobState.QUEUED
             self.store.put_job(job)
-            self._event(job, EventKind.STATE, state=JobState.QUEUED)
+            self._event(job, EventKind.STATE, state=JobState.QUEUED,
+                        message=f"submitted by {by}" if by else "")
         logger.info("job_submitted", job_id=job.job_id, workers=job.workers_needed)
         return job
 
@@ -292,12 +293,12 @@ class Scheduler:
             except Exception as e:
                 logger.warning("stop_rank_failed", job_id=job.job_id, error=str(e))
 
-    def cancel(self, job_id: str) -> JobState:
+    def cancel(self, job_id: str, by: str = "the user") -> JobState:
         with self._lock:
             job = self.store.get_job(job_id)
             if job.state.final:
                 return job.state
-            self._set_state(job, JobState.CANCELLED, "cancelled by the user")
+            self._set_state(job, JobState.CANCELLED, f"cancelled by {by}")
         self._stop_ranks(job)
         return JobState.CANCELLED
 

@@ -76,6 +76,13 @@ _stream = streaming
 FINAL_EVENT_GRACE_S = 5  # WatchJob: how long a final job's stream waits for its final event
 
 
+def _caller(context) -> str:
+    """Who called, for the job's events (a laptop's client/NAME): with several users on one
+    cluster nothing said whose job was whose, or who cancelled it (an outside run)."""
+    peer = auth.peer_of(context)
+    return peer.label if peer else "the user"
+
+
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     def __init__(self, scheduler: Scheduler, registry: Registry, blobs: BlobStore,
                  adapters: AdapterStore, models: ModelCatalog | None = None,
@@ -125,7 +132,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         try:
             if start:
                 self.store.add_checkpoint(start)
-            job = self.scheduler.submit(job)
+            job = self.scheduler.submit(job, by=_caller(context))
         except BaseException:
             if start:  # refused (no backend, cannot fit): leave nothing of it behind
                 self.store.delete_checkpoint(job.job_id, start.step)
@@ -173,7 +180,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
 
     @_unary
     def CancelJob(self, request, context):
-        state = self.scheduler.cancel(request.job_id)
+        state = self.scheduler.cancel(request.job_id, by=_caller(context))
         return coordinator_pb2.CancelJobReply(state=convert.state_to_pb(state))
 
     @_unary

@@ -1041,3 +1041,19 @@ def test_uploads_no_job_or_model_holds_are_swept_after_a_day(tmp_path):
     count, freed = sweep_blobs(store, {sha["model"]}, blobs, now)
     assert (count, freed) == (1, len(b"old orphan"))
     assert [n for n in sha if blobs.has(sha[n])] == ["job", "model", "new orphan", "reused"]
+
+
+def test_a_jobs_events_say_who_submitted_and_who_cancelled_it(coordinator_rpc):
+    """Five users on one cluster: nothing said whose job was whose, or who cancelled it ("by the
+    user"): the events name the caller's certificate (an outside run)."""
+    from herd.cli.connection import CoordinatorConnection
+    from protos.v1 import coordinator_pb2
+
+    target, ids, s = coordinator_rpc
+    j = s.submit(job(), by="client/alice")
+    with CoordinatorConnection(target, ids["client"]) as conn:
+        conn.call("CancelJob", coordinator_pb2.CancelJobRequest(job_id=j.job_id))
+    told = [(e.state.value, e.message) for e in s.store.events(j.job_id)
+            if e.kind is EventKind.STATE]
+    assert told == [("queued", "submitted by client/alice"),
+                    ("cancelled", "cancelled by client/tester")]

@@ -144,8 +144,8 @@ class JobApi:
         blobs = self.ctx.blobs
         dataset = [dataclasses.replace(d, bytes=(blobs.root / d.sha256).stat().st_size)
                    if blobs.has(d.sha256) else d for d in dataset]
-        job = self.ctx.scheduler.submit(new_job(name, config_yaml, dataset, blobs,
-                                                     self.ctx.models))
+        job = new_job(name, config_yaml, dataset, blobs, self.ctx.models)
+        job = self.ctx.scheduler.submit(job, by="the job API")
         return self._job(job.job_id)
 
     async def create(self, request: web.Request) -> web.Response:
@@ -194,7 +194,7 @@ class JobApi:
         return web.json_response(shape.page(items, after, limit))
 
     def _cancel(self, job_id: str) -> dict:
-        self.ctx.scheduler.cancel(job_id)
+        self.ctx.scheduler.cancel(job_id, by="the job API")
         return self._job(job_id)
 
     async def cancel(self, request: web.Request) -> web.Response:
