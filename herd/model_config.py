@@ -54,6 +54,16 @@ def _fetch(model: str, revision: str | None) -> Path:
             return Path(hf_hub_download(model, "config.json", revision=revision))
         except Exception as e:  # any hub failure (network, auth, no such repo): one message
             where += f" nor on the hub ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+    from herd.models.ref import _cached_revisions
+
+    if revision and (cached := _cached_revisions(model)) is not None:
+        # the repository is there, the revision is not (plan said "no config.json for this hub
+        # id" and hinted a download that would not help: an outside run)
+        raise ConfigError(
+            f"{model} has no revision {revision!r} with config.json in {where} (cached: "
+            f"{', '.join(cached) or 'nothing'})",
+            hint="check the revision (a branch, a tag or a commit), or fetch it: "
+            f"`hf download {model} config.json --revision {revision}`")
     raise ConfigError(
         f"{model}: no config.json for this hub id in {where}",
         hint=f"fetch just that file (`hf download {model} config.json`), or pass --model with a "

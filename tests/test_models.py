@@ -538,3 +538,15 @@ def test_a_model_folder_missing_a_shard_or_its_tokenizer_is_refused_before_any_w
         with pytest.raises(ConfigError, match=words):
             store.import_folder(folder, folder.name, 0, link=False)
     assert store.list() == []
+
+
+def test_plan_names_a_revision_the_cache_does_not_hold(offline_hub, sharded):
+    """`herd plan` on org/name@nope said "no config.json for this hub id" and hinted a download
+    that would not help; submit named the revision (an outside run). Both do now."""
+    from herd.model_config import resolve_model_config
+
+    write_hub_cache(offline_hub, "org/tiny", sharded, names=["config.json"])
+    assert resolve_model_config("org/tiny")["model_type"] == "llama"
+    with pytest.raises(ConfigError, match=r"org/tiny has no revision 'nope' with config.json in "
+                                          r"the local Hugging Face cache \(cached: .*main"):
+        resolve_model_config("org/tiny@nope")
