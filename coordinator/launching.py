@@ -5,6 +5,7 @@ no rank waits on another's download."""
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import Executor
 from dataclasses import replace
 from typing import Callable, Protocol
@@ -63,9 +64,17 @@ def bring_up(pool: Executor, backend: Backend, plan: list[RankLaunch],
     records a worker's progress; its False stops that fetch (the attempt is over). A backend without
     ``prepare_rank`` (Ray: its actor's Worker.start_rank prepares the model) only starts."""
     prepare_rank = getattr(backend, "prepare_rank", None)  # (absent in a test double: None)
+    refused = threading.Event()  # one worker cannot prepare: the others stop fetching
 
     def prepare(launch: RankLaunch) -> HerdError | None:
-        return _call(prepare_rank, launch, lambda fetch: on_fetch(launch, fetch))
+        # (A worker short of disk refused before its own fetch, while the others went on
+        # pulling their shards, tens of GB for a 70B, for an attempt that had failed: an
+        # outside run. Their next progress report now ends their fetch.)
+        err = _call(prepare_rank, launch,
+                    lambda fetch: on_fetch(launch, fetch) and not refused.is_set())
+        if err is not None:
+            refused.set()
+        return err
 
     results = list(pool.map(prepare, plan)) if prepare_rank is not None else [None] * len(plan)
     if not any(results):

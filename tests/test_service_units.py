@@ -33,6 +33,7 @@ from herd.errors import (
     NotFoundError,
     PeerLostError,
     PlacementError,
+    StorageError,
 )
 
 GB = 1024**3
@@ -1057,3 +1058,40 @@ def test_a_jobs_events_say_who_submitted_and_who_cancelled_it(coordinator_rpc):
             if e.kind is EventKind.STATE]
     assert told == [("queued", "submitted by client/alice"),
                     ("cancelled", "cancelled by client/tester")]
+
+
+def test_a_worker_that_cannot_prepare_stops_the_others_fetches():
+    """A worker short of disk refused before its own fetch while the others went on pulling
+    their shards (tens of GB for a 70B) for an attempt that had already failed (an outside run):
+    their next progress report now ends their fetch."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from coordinator.domain import FetchProgress, RankLaunch
+    from coordinator.launching import bring_up
+
+    reports = {"w1": 0}
+    started = threading.Event()
+
+    class Backend:
+        def prepare_rank(self, launch, on_progress):
+            if launch.worker.worker_id == "w2":
+                started.wait(10)
+                raise StorageError("worker w2 cannot hold the model: its files need 2 GB more")
+            for _ in range(500):  # a long fetch, reporting as it goes
+                reports["w1"] += 1
+                started.set()
+                if not on_progress(FetchProgress(rank=0)):
+                    return
+                time.sleep(0.01)
+
+        def start_rank(self, launch):
+            raise AssertionError("no rank starts when one could not prepare")
+
+    j = job()
+    plan = [RankLaunch(j, r, worker(r + 1), [], []) for r in range(2)]
+    with ThreadPoolExecutor(4) as pool:
+        results = bring_up(pool, Backend(), plan, lambda launch, fetch: True)
+    assert results[0] is None and "cannot hold the model" in results[1].message
+    assert reports["w1"] < 500  # stopped, not fetched to the end
