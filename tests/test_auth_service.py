@@ -557,7 +557,8 @@ def test_a_dataset_on_the_workers_files_is_refused_at_submit(cluster, tiny_model
                 conn.call("SubmitJob", spec)
             assert e.value.exit_code == 2 and ("hub dataset" in e.value.message or
                                                "not allowed" in e.value.message), (name, e.value)
-        hub = {"model": str(tiny_model), "train": True, "batch_size": 8, "cluster": {"workers": 8},
+        hub = {"model": str(tiny_model), "train": True, "batch_size": 8, "num_layers": -1,
+               "cluster": {"workers": 8},
                "hf_dataset": {"path": "org/name", "config": {"name": "default",
                                                              "data_files": "data/*.parquet"}}}
         reply = conn.call("SubmitJob", coordinator_pb2.SubmitJobRequest(spec=common_pb2.JobSpec(

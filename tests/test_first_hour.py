@@ -76,8 +76,9 @@ def cluster(tmp_path_factory):
     # Two agents of the same cluster started by hand first: `herd up` must not adopt them.
     c.hand = [c.agent(), c.agent()]
     c.hand_lines = [p.stdout.readline().strip() for p in c.hand]
+    # (its own dashboard port: the default one may be another test's coordinator's)
     up = c.herd("up", "--workers", WORKERS, "--detach", "--port", c.port, "--state-dir", c.state,
-                "--keep-checkpoints", 2, "--keep-attempts", 1, timeout=300)
+                "--keep-checkpoints", 2, "--keep-attempts", 1, "--http-port", 0, timeout=300)
     c.up_output = up
     yield c
     c.herd("down", "--state-dir", c.state, timeout=90)

@@ -189,7 +189,7 @@ def _job(name: str, model: str = "/nonexistent/model", **cluster):
     from coordinator.domain import FileDigest, Job
     from herd.config import parse_config
 
-    cfg = parse_config({"model": model, "iters": 100_000, "batch_size": 4,
+    cfg = parse_config({"model": model, "iters": 100_000, "batch_size": 4, "num_layers": -1,
                         "cluster": {"workers": 1, **cluster}})
     return Job(job_id=name, name=name, config=cfg, dataset=[FileDigest("train.jsonl", "a" * 64, 1)],
                workers_needed=1, iters=cfg.iters)
