@@ -247,6 +247,12 @@ def test_rogue_and_impostor_worker_adverts_never_get_work(cluster):
     # Not one call reached a rogue: no Describe, no Health, no StartRank, no token.
     assert {k: v.calls for k, v in c.counts.items()} == {"rogue": [], "impostor": [],
                                                          "mallory": []}
+    # `herd up` that is not ready says why, from the same list (a revoked id kept it waiting
+    # with no word: an outside run)
+    from herd.cli.up import _verified
+
+    verified, refused = _verified(c.coord.address, c.client)
+    assert verified >= 1 and any("rogue" in r for r in refused), refused
 
 
 def test_joining_takes_a_valid_token_and_a_free_name(cluster, tmp_path):

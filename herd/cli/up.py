@@ -116,16 +116,18 @@ def _dashboard_url(coord: subprocess.Popen, url_file: Path, timeout_s: float = 1
     return ""
 
 
-def _verified(address: str, identity: pki.Identity) -> int:
+def _verified(address: str, identity: pki.Identity) -> tuple[int, list[str]]:
+    """The workers the coordinator verified, and why it refused others (`herd workers`)."""
     from herd.cli.connection import CoordinatorConnection
     from protos.v1 import coordinator_pb2
 
     try:
         with CoordinatorConnection(address, identity) as c:
-            return len(c.call("ListWorkers", coordinator_pb2.ListWorkersRequest(),
-                              timeout=2.0).workers)
+            reply = c.call("ListWorkers", coordinator_pb2.ListWorkersRequest(), timeout=2.0)
+            return len(reply.workers), [f"{r.source or r.target}: {r.reason}"
+                                        for r in reply.refused]
     except HerdError:
-        return 0
+        return 0, []
 
 
 def _state_dir(args) -> Path:
@@ -155,14 +157,15 @@ def detach(argv: list[str], args) -> int:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
     address = f"{HOST}:{args.port}"
-    deadline = time.monotonic() + args.timeout
+    deadline, refused = time.monotonic() + args.timeout, []
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             tail = (state / "up.log").read_text(errors="replace").strip().splitlines()[-5:]
             print("herd up: the background cluster stopped at once:\n  " + "\n  ".join(tail),
                   file=sys.stderr)
             return proc.returncode or 1
-        if _verified(address, client) >= args.workers:
+        verified, refused = _verified(address, client)
+        if verified >= args.workers:
             print(f"herd up: coordinator at {address}, {args.workers} workers, in the background "
                   f"(pid {proc.pid}; logs in {state})\n"
                   f"  export HERD_COORDINATOR={address}   # or pass --coordinator {address}\n"
@@ -175,7 +178,9 @@ def detach(argv: list[str], args) -> int:
             return 0
         time.sleep(0.3)
     print(f"herd up: not ready after {args.timeout:.0f} s; it keeps starting in the background "
-          f"(pid {proc.pid}, logs in {state}); `herd down` stops it", file=sys.stderr)
+          f"(pid {proc.pid}, logs in {state}); `herd down` stops it"
+          # (a revoked worker's id kept it from ever being ready, with no word why: outside run)
+          + "".join(f"\n  refused {r}" for r in refused), file=sys.stderr)
     return 5
 
 
