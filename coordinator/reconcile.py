@@ -169,7 +169,8 @@ class Reconciler:
                         f"worker {lost[0]} was lost: {why}; not back within "
                         f"{self.unreachable_grace_s:.0f}s" if lost else
                         "the coordinator restarted and could not re-adopt "
-                        f"attempt {job.attempt}: " + "; ".join(missing)), None)
+                        f"attempt {job.attempt}: " + "; ".join(missing)), None,
+                        interrupted=not lost)
                     failed.append(job)
         for job in failed:
             s._stop_ranks(job)

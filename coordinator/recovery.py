@@ -107,9 +107,15 @@ def made_progress(a: Attempt, checkpoints: list[Checkpoint], until_ms: int) -> b
 
 
 def decide_restart(history: list[Attempt], checkpoints: list[Checkpoint], now_ms: int,
-                   max_restarts: int, retryable: bool, policy: RestartPolicy) -> RestartDecision:
-    """After the last attempt of ``history`` (still open: the one failing now) failed."""
-    wasted = 0  # ("grown": an attempt stopped on purpose to grow back, coordinator/elastic.py)
+                   max_restarts: int, retryable: bool, policy: RestartPolicy,
+                   interrupted: bool = False) -> RestartDecision:
+    """After the last attempt of ``history`` (still open: the one failing now) failed.
+    ``interrupted``: it did not fail, the coordinator stopped it (a `herd down`, a restart whose
+    ranks were gone): restarted at once, and not counted as a failure (it was: "flapping", with
+    a backoff, after an operator's `herd down` and `herd up`: an outside run)."""
+    if interrupted:
+        return RestartDecision(True, 0.0, 0, 0, False)
+    wasted = 0  # ("grown": stopped to grow back, coordinator/elastic.py; "interrupted": above)
     for a in reversed(history):
         if a.outcome not in (None, "restarting", "failed") or made_progress(a, checkpoints,
                                                                             now_ms):

@@ -117,10 +117,10 @@ class Scheduler:
         self._event(job, EventKind.STATE, state=to, message=message)
         logger.info("job_state", job_id=job.job_id, state=to.value, message=message)
 
-    def _attempt_failed(self, job: Job, reason: str, exit_code: int | None) -> None:
-        """Restart from the last checkpoint, after a backoff, when the policy allows
-        (coordinator/recovery.py), else fail. Caller holds the lock and stops the attempt's
-        ranks afterwards."""
+    def _attempt_failed(self, job: Job, reason: str, exit_code: int | None,
+                        interrupted: bool = False) -> None:
+        """Restart from the last checkpoint, after a backoff, when the policy allows (recovery.py;
+        at once when ``interrupted``), else fail. Caller holds the lock, then stops the ranks."""
         max_restarts = job.config.cluster.max_restarts
         self.reconcile.forget(job.job_id)
         now = self.now_ms()
@@ -140,16 +140,16 @@ class Scheduler:
         reason += self.paths.on_failed(job, self.store, retryable(exit_code))
         d = decide_restart(self.store.attempt_history(job.job_id),
                            self.store.checkpoints(job.job_id), now, max_restarts,
-                           retryable(exit_code), self.restart_policy)
+                           retryable(exit_code), self.restart_policy, interrupted)
         if d.restart:
             ckpts = self.store.checkpoints(job.job_id)
             start = f"from checkpoint {ckpts[-1].step}" if ckpts else "from the start"
             self._not_before[job.job_id] = now + int(d.delay_s * 1000)
             flapping = (f"; flapping: {d.recent} attempts failed in the last "
                         f"{self.restart_policy.flap_window_s / 60:.0f} min" if d.flapping else "")
-            self._set_state(job, JobState.RESTARTING,
-                            f"attempt {job.attempt} failed: {reason}; restarting {start} in "
-                            f"{d.delay_s:.0f}s{flapping}")
+            self._set_state(job, JobState.RESTARTING, f"attempt {job.attempt} failed: {reason}; "
+                            f"restarting {start} in {d.delay_s:.0f}s{flapping}",
+                            "interrupted" if interrupted else None)
         else:
             tried = f" (attempt {job.attempt})" if job.attempt > 1 else ""
             wasted = (f"; {d.wasted} attempts in a row stored no new checkpoint "
