@@ -46,6 +46,20 @@ def expired_checkpoints(store: JobStore, job_id: str, keep: int) -> list[int]:
     return expired
 
 
+def prune_checkpoints(store: JobStore, adapters, keep: int) -> int:
+    """``--keep-checkpoints`` applied to every job's stored checkpoints, not only to those saved
+    from then on (an operator who set it to free space freed nothing: an outside run). Returns
+    how many were removed."""
+    removed = 0
+    for job in store.list_jobs():
+        for step in expired_checkpoints(store, job.job_id, keep):
+            adapters.remove_step(job.job_id, step)
+            removed += 1
+    if removed:
+        logger.info("checkpoints_pruned", checkpoints=removed, keep=keep)
+    return removed
+
+
 ORPHAN_GRACE_S = 24 * 3600  # an upload waits this long for the job that uses it
 
 

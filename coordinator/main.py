@@ -90,7 +90,8 @@ class Coordinator:
                                   lambda *a: self.scheduler.on_rank_lost(*a),
                                   authority=authority)
         self.blobs = blobs = BlobStore(state_dir / "blobs")  # datasets, the model store's files
-        adapters = AdapterStore(state_dir / "adapters")
+        self.adapters = adapters = AdapterStore(state_dir / "adapters")
+        self.keep_checkpoints = keep_checkpoints
         self.models = ModelCatalog(ModelStore(state_dir / "models", blobs))
         self.scheduler = Scheduler(self.store, self.registry.workers,
                                    GrpcLauncher(self.registry, lambda: self.address, authority),
@@ -184,9 +185,11 @@ class Coordinator:
         logger.info("coordinator_started", address=self.address, state_dir=str(self.state_dir))
 
     def _housekeeping(self, every_s: float = 3600.0) -> None:
-        """Unused uploads swept at start and then hourly (coordinator/housekeeping.py)."""
+        """Unused uploads swept, and checkpoints beyond --keep-checkpoints pruned, at start and
+        then hourly (coordinator/housekeeping.py)."""
         while True:
             try:
+                housekeeping.prune_checkpoints(self.store, self.adapters, self.keep_checkpoints)
                 housekeeping.sweep_blobs(self.store, {f.sha256 for m in self.models.store.list()
                                                       for f in m.files}, self.blobs, time.time())
             except Exception:  # (a full disk, a store being closed): next time

@@ -1097,3 +1097,22 @@ def test_a_worker_that_cannot_prepare_stops_the_others_fetches():
         results = bring_up(pool, Backend(), plan, lambda launch, fetch: True)
     assert results[0] is None and "cannot hold the model" in results[1].message
     assert reports["w1"] < 500  # stopped, not fetched to the end
+
+
+def test_keep_checkpoints_applies_to_what_is_already_stored(tmp_path):
+    """An operator restarting the coordinator with --keep-checkpoints 1 to free space freed
+    nothing: it applied only to checkpoints saved from then on (an outside run)."""
+    from coordinator.housekeeping import prune_checkpoints
+
+    store, adapters = JobStore(tmp_path / "db"), AdapterStore(tmp_path / "adapters")
+    j = job(iters=40)
+    store.put_job(j)
+    data = b"weights"
+    files = [FileDigest("adapters.safetensors", hashlib.sha256(data).hexdigest(), len(data))]
+    for step in (10, 20, 30, 40):
+        store.add_checkpoint(adapters.receive(j.job_id, step, files,
+                                              [("adapters.safetensors", data)], step))
+    assert prune_checkpoints(store, adapters, 0) == 0  # 0: keep all
+    assert prune_checkpoints(store, adapters, 2) == 2
+    assert [c.step for c in store.checkpoints(j.job_id)] == [30, 40]
+    assert [s for s in (10, 20, 30, 40) if adapters.step_dir(j.job_id, s).exists()] == [30, 40]
