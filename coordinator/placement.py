@@ -112,10 +112,14 @@ def _place_by_memory(cfg: JobConfig, workers: list[WorkerRecord],
         holders = sorted({w.running_job_id for w in workers if w.running_job_id})
         busy = len(workers) - len(idle)
         queued = len(workers) >= need
+        # ("missing 5" for a 5-worker job on 2 busy workers read as if none existed: an
+        # outside run; with busy ones, what is free and what must still join)
+        short = (f": {len(idle)} free" + (f", {need - len(workers)} more to join"
+                                          if len(workers) < need else "")
+                 if busy else f": missing {need - len(idle)}")
         raise TooFewWorkers(
             f"needs {need} workers, {len(workers)} verified"
-            + (f" ({busy} busy: running {', '.join(holders)})" if busy else "")
-            + f": missing {need - len(idle)}",
+            + (f" ({busy} busy: running {', '.join(holders)})" if busy else "") + short,
             hint="it starts when they are free" if queued else
             "`herd join` and start more `herd worker`s, or lower cluster.workers",
             busy_only=queued)

@@ -179,7 +179,7 @@ def test_a_job_behind_a_running_one_queues_for_as_long_as_it_runs(rig, tmp_path)
     got = s.store.get_job(second.job_id)
     assert got.state is JobState.QUEUED, got.message
     assert got.message == (f"waiting: needs 2 workers, 2 verified (2 busy: running "
-                           f"{first.job_id}): missing 2")
+                           f"{first.job_id}): 0 free")
     s.on_checkpoint(Checkpoint(first.job_id, 10, [FileDigest("adapters.safetensors", "e" * 64,
                                                              1)], clock.t * 1000))
     s.on_exit(first.job_id, 1, 0, "w2", 0, "")
