@@ -63,12 +63,19 @@ def prune_checkpoints(store: JobStore, adapters, keep: int) -> int:
 ORPHAN_GRACE_S = 24 * 3600  # an upload waits this long for the job that uses it
 
 
-def sweep_blobs(store: JobStore, model_files: set[str], blobs, now_s: float,
+def blobs_in_use(store: JobStore, models) -> set[str]:
+    """The blobs a job (its dataset, its shipped adapter) or a stored model (a ModelStore)
+    holds: blobs are shared, so only the others may go."""
+    return ({sha for j in store.list_jobs() for sha in j.blobs()}
+            | {f.sha256 for m in models.list() for f in m.files})
+
+
+def sweep_blobs(store: JobStore, models, blobs, now_s: float,
                 grace_s: float = ORPHAN_GRACE_S) -> tuple[int, int]:
     """Removes the blobs no job and no stored model holds, once older than ``grace_s``: a
     dataset uploaded to the job API and never used, or shipped by a submit that was then
     refused, stayed for ever (an outside run). Returns (files, bytes) removed."""
-    used = {sha for j in store.list_jobs() for sha in j.blobs()} | model_files
+    used = blobs_in_use(store, models)
     count = freed = 0
     for path in blobs.root.iterdir():
         name = path.name

@@ -190,8 +190,7 @@ class Coordinator:
         while True:
             try:
                 housekeeping.prune_checkpoints(self.store, self.adapters, self.keep_checkpoints)
-                housekeeping.sweep_blobs(self.store, {f.sha256 for m in self.models.store.list()
-                                                      for f in m.files}, self.blobs, time.time())
+                housekeeping.sweep_blobs(self.store, self.models.store, self.blobs, time.time())
             except Exception:  # (a full disk, a store being closed): next time
                 logger.exception("housekeeping_failed")
             if self._stop.wait(every_s):

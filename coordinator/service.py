@@ -188,10 +188,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         job = housekeeping.delete_ended_job(self.store, check_job_id(request.job_id))
         self.adapters.remove_job(job.job_id)
         self.logs.remove(job.job_id)
-        # Blobs are shared: keep those another job's files or a stored model holds.
-        used = {sha for j in self.store.list_jobs() for sha in j.blobs()} | {
-            f.sha256 for m in self.models.store.list() for f in m.files}
-        for sha in job.blobs() - used:
+        for sha in job.blobs() - housekeeping.blobs_in_use(self.store, self.models.store):
             self.blobs.remove(sha)
         self.on_deleted(job.job_id)
         return coordinator_pb2.DeleteJobReply()

@@ -1041,7 +1041,16 @@ def test_uploads_no_job_or_model_holds_are_swept_after_a_day(tmp_path):
         os.utime(blobs.path(sha[name]), (now - ORPHAN_GRACE_S - 30,) * 2)
     assert blobs.touch(sha["reused"])  # `herd submit` asked for it: about to be used again
     assert not blobs.touch("0" * 64)
-    count, freed = sweep_blobs(store, {sha["model"]}, blobs, now)
+    from coordinator.models import ModelStore
+
+    models = ModelStore(tmp_path / "models", blobs)  # a stored model whose weights are "model"
+    extra = {"config.json": b"{}", "tokenizer.json": b"{}"}
+    for data in extra.values():
+        blobs.put(hashlib.sha256(data).hexdigest(), [data])
+    models.add([FileDigest("w.safetensors", sha["model"], 5)]
+               + [FileDigest(n, hashlib.sha256(d).hexdigest(), len(d)) for n, d in extra.items()],
+               "m", 0)
+    count, freed = sweep_blobs(store, models, blobs, now)
     assert (count, freed) == (1, len(b"old orphan"))
     assert [n for n in sha if blobs.has(sha[n])] == ["job", "model", "new orphan", "reused"]
 
