@@ -516,7 +516,8 @@ def parse_config(raw: dict[str, Any], source: str = "<dict>", stored: bool = Fal
         cfg = JobConfig.model_validate(raw, context={"stored": stored})
     except ValidationError as e:
         raise _format(e, source) from None
-    _check_bounds(cfg.model_dump(mode="python"), source)
+    if not stored:  # (a job record's held at its submission; the scheduler reads them each tick)
+        _check_bounds(cfg.model_dump(mode="python"), source)
     return cfg
 
 

@@ -180,9 +180,6 @@ def _apply_adapters(model: nn.Module, job: JobConfig, spec: StageSpec) -> None:
     """LoRA on this stage's share of the last ``num_layers`` blocks, initialized with exactly the
     random draws one process makes for them (worker.rank.model.apply_adapters): seed, then skip the
     draws the earlier stages' adapted linears take, then convert ours in mlx-lm's order."""
-    if job.fine_tune_type == "full":
-        raise ConfigError("pipeline parallelism trains LoRA/DoRA adapters",
-                          hint="fine_tune_type: lora")
     n_lora = spec.total_layers if job.num_layers == -1 else job.num_layers
     if n_lora > spec.total_layers:
         raise ConfigError(
