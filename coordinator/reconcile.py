@@ -184,6 +184,31 @@ class Reconciler:
             job.message = ""
             self.s.store.put_job(job)
 
+    def silent_peers(self, job: Job) -> str:
+        """For a rank's failure report: the job's workers that had already stopped answering the
+        coordinator. A peer's agent killed or its Mac gone is seen first as a survivor's "lost
+        a peer"; the one line a user reads names the worker that went (an outside run: the
+        killed middle stage's worker was named nowhere)."""
+        _, lost, why = self.adopting.get(job.job_id, (0, (), ""))
+        return (f" ({_workers(lost)} stopped answering the coordinator ({why}): the likely "
+                "cause)" if lost else "")
+
+    def lost_after_failure(self, worker_id: str, reason: str) -> None:
+        """``worker_id`` stopped answering just after an attempt of its job failed (the other
+        order of the case above: its peers' reports came first): said in the job's events and
+        its message, as the likely cause. Caller holds the lock."""
+        s = self.s
+        for job in s.store.list_jobs():
+            if (job.state is not JobState.RESTARTING or worker_id not in job.worker_ids
+                    or s.now_ms() - job.updated_ms > self.lost_rank_grace_s * 1000
+                    or f"worker {worker_id} " in job.message):
+                continue
+            said = f"worker {worker_id} stopped answering the coordinator ({reason})"
+            job.message = f"{job.message} ({said}: the likely cause)"
+            s.store.put_job(job)
+            s._event(job, EventKind.LOG, message=(
+                f"{said} as attempt {job.attempt} failed: the likely cause (its peers lost it)"))
+
     def late_exit(self, job_id: str, attempt: int, rank: int, worker_id: str, code: int,
                   error: str) -> None:
         """An exit report of an attempt that already failed. A rank that failed on its own (its

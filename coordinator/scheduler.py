@@ -87,9 +87,7 @@ class Scheduler:
     def _timeout_s(self, job: Job) -> float:  # a restarting job waits at least until it may shrink
         return wait_limit_s(job, self.placement_timeout_s, self.elastic.grace_s)
 
-    @property
-    def health(self) -> str:  # empty while it works; else what keeps it from recording jobs
-        return self.store.health
+    health = property(lambda self: self.store.health)  # empty, or what keeps jobs unrecorded
 
     def now_ms(self) -> int:
         return int(self._clock() * 1000)
@@ -343,8 +341,9 @@ class Scheduler:
             if job is None:
                 return self.reconcile.late_exit(job_id, attempt, rank, worker_id, code, error)
             if code != 0:
-                reason = f"rank {rank} on {worker_id} exited with code {code}"
-                self._attempt_failed(job, f"{reason}: {error}" if error else reason, code)
+                reason = f"rank {rank} on {worker_id} exited with code {code}" + (
+                    f": {error}" if error else "") + self.reconcile.silent_peers(job)
+                self._attempt_failed(job, reason, code)
             else:
                 self.store.add_rank_exit(job_id, attempt, rank, code, self.now_ms())
                 if len(self.store.finished_ranks(job_id, attempt)) < len(job.worker_ids):
@@ -374,6 +373,7 @@ class Scheduler:
         """``unreachable``: it only stopped answering, so a running attempt first waits for it
         (coordinator/reconcile.py ``await_return``); else (revoked, a dead Ray node) it fails."""
         with self._lock:
+            self.reconcile.lost_after_failure(worker_id, reason)  # its peers' failure named it not
             hit = [j for j in self.store.list_jobs() if j.state.active and worker_id in
                    j.worker_ids and not (unreachable and self.reconcile.await_return(
                        j, worker_id, reason))]

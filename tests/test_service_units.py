@@ -308,6 +308,39 @@ def test_the_waiting_line_names_the_worker_a_restart_misses(rig):
                            "workers, w2 is gone or busy)")
 
 
+@pytest.mark.parametrize("lost_first", [False, True])
+def test_the_failure_line_names_the_worker_that_went_not_only_the_survivor(rig, lost_first):
+    """A 3-stage job whose middle worker's agent is killed: the survivors' ranks report "lost a
+    peer" and the coordinator's health checks find the killed one gone, in either order. The
+    failure line a user reads names the worker that went, not only the survivor (an outside
+    run: it named the innocent worker-1 alone)."""
+    s, workers, launcher, clock = rig
+    workers += [worker(1), worker(2), worker(3)]
+    j = s.submit(job(workers=3))
+    s.tick()
+    for w in workers:
+        w.running_job_id, w.running_attempt = j.job_id, 1
+    if lost_first:
+        s.on_worker_lost("w2", "health failed 2 times: unreachable", True)
+    s.on_exit(j.job_id, 1, 0, "w1", 5, "lost a peer of the MLX group")
+    if not lost_first:
+        s.on_worker_lost("w2", "health failed 2 times: unreachable", True)
+    s.on_exit(j.job_id, 1, 2, "w3", 5, "lost a peer of the MLX group")  # late: changes nothing
+    got = s.store.get_job(j.job_id)
+    assert got.state is JobState.RESTARTING
+    assert got.message.startswith("attempt 1 failed: rank 0 on w1 exited with code 5: lost a "
+                                  "peer of the MLX group")
+    assert "worker w2 stopped answering the coordinator (health failed 2 times: unreachable)" \
+        in got.message, got.message
+    assert "w3" not in got.message  # a survivor's late report is not a cause
+    said = [e.message for e in s.store.events(j.job_id) if "w2" in e.message]
+    assert said, "no event names the lost worker"
+    # Later losses of an unrelated worker, or of the same one again, add nothing.
+    s.on_worker_lost("w2", "health failed 2 times: unreachable", True)
+    s.on_worker_lost("w9", "health failed 2 times: unreachable", True)
+    assert s.store.get_job(j.job_id).message == got.message
+
+
 def test_store_survives_a_reopen_and_a_restart_readopts_or_resumes_active_jobs(tmp_path):
     """A coordinator restarted on its state folder fails nothing: an attempt whose worker still
     runs its rank is re-adopted, one whose worker does not restarts from its last checkpoint
