@@ -1,7 +1,7 @@
 """Elastic on a permanent loss: a data-parallel job that lost a worker for longer than a grace
 period carries on with the workers left, and grows back at a checkpoint once workers return.
 
-The global batch never changes: each of k ranks takes batch_size / k examples of every step, and
+The global batch never changes: k ranks split the batch_size examples of every step, and
 the gradients are summed with each rank's loss divided by the whole step's target count
 (worker/rank/trainer.py), so k ranks give the update of one process with the same global batch,
 whatever k (to float rounding: tests/conftest.py SAME_UPDATE). Checkpoints carry no world size
@@ -40,10 +40,11 @@ def elastic(cfg: JobConfig) -> bool:  # (Ray reserves its own bundles: not resiz
 
 def shrink_placement(cfg: JobConfig, workers: list[WorkerRecord]) -> Placement | None:
     """The most ranks, fewer than asked, that the idle workers hold with the same global batch
-    (``batch_size`` split evenly, data parallel only); None when none do."""
+    (data parallel only; split evenly only where the job needs it: herd.config
+    ``uneven_split_why_not``); None when none do."""
     idle = [w for w in workers if not w.running_job_id]
     for k in range(min(workers_needed(cfg) - 1, len(idle)), 0, -1):
-        if cfg.batch_size % k:
+        if k > cfg.batch_size or cfg.batch_size % k and cfg.cluster.uneven_split_why_not():
             continue
         try:
             placement = place(_with_workers(cfg, k), idle)
@@ -84,8 +85,8 @@ class Elastic:
         k, n = len(placement.worker_ids), workers_needed(job.config)
         logger.info("job_shrunk", job_id=job.job_id, workers=k, asked=n)
         return placement, (f"; shrunk to {k} of {n} workers after waiting {waited_s:.0f}s for "
-                           f"the rest (same global batch: {job.config.batch_size // k} examples "
-                           "per rank); it grows back at a checkpoint once workers return")
+                           f"the rest (the same global batch of {job.config.batch_size}, over {k} "
+                           "ranks); it grows back at a checkpoint once workers return")
 
     def on_checkpoint(self, job_id: str, step: int) -> None:
         """A shrunk job grows back at this checkpoint when enough workers are free again."""

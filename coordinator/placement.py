@@ -125,9 +125,11 @@ def _place_by_memory(cfg: JobConfig, workers: list[WorkerRecord],
             busy_only=queued)
     stages = cfg.cluster.pipeline_stages()
     dp = cfg.cluster.data_parallel() or need // stages
-    if dp and cfg.batch_size % dp and not cfg.cluster.shares:  # (shares split any batch)
+    if dp and not cfg.cluster.shares and (cfg.batch_size < dp or cfg.batch_size % dp and (
+            why := cfg.cluster.uneven_split_why_not())):  # (shares split any batch)
         raise PlacementError(
-            f"batch_size {cfg.batch_size} does not split over {dp} data-parallel ranks",
+            f"batch_size {cfg.batch_size} does not split over {dp} data-parallel ranks"
+            + (f" ({why})" if cfg.batch_size >= dp else ""),
             hint=f"use a batch_size that is a multiple of {dp}",
         )
     ranked = sorted(idle, key=lambda w: (-usable_bytes(w), w.worker_id))

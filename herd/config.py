@@ -180,6 +180,19 @@ class Cluster(_Strict):
     def pipeline_stages(self) -> int:
         return self.parallelism.pipeline if isinstance(self.parallelism, Parallelism) else 1
 
+    def uneven_split_why_not(self, stages: int | None = None) -> str:
+        """Why the global batch must split evenly over the data-parallel ranks ("": any split,
+        e.g. 4 examples over 3 Macs as 2, 1, 1). Token-weighted averaging gives the same update
+        for any split (worker/rank/balance.py); mlx-lm's mean of per-rank means only for equal
+        ones, and a pipeline's replicas take equal micro-batches. ``stages``: the layout's, when
+        a planner chose it."""
+        if self.gradient_average == "mlx_lm":
+            return ("cluster.gradient_average: mlx_lm averages each rank's own mean, which is "
+                    "the global batch's only when the ranks take equal shares")
+        if (stages or self.pipeline_stages()) > 1:
+            return "the replicas of a pipeline take equal shares of the global batch"
+        return ""
+
     @model_validator(mode="after")
     def _ray_address_needs_ray(self):
         if self.ray_address != "auto" and self.backend != "ray":
@@ -302,24 +315,23 @@ class JobConfig(_Strict):
                 "fine_tune_type: full cannot train a quantized base (a quantized weight has no "
                 "gradient): use lora or dora (QLoRA), or drop the quantize: section")
         dp = self.cluster.data_parallel()
-        if dp is not None and self.cluster.shares is None and self.batch_size % dp != 0:
-            raise ValueError(
-                f"batch_size {self.batch_size} is not divisible by cluster.parallelism.data {dp}: "
-                f"each data-parallel rank takes batch_size / data examples; use a batch_size that "
-                f"is a multiple of {dp}"
-            )
         workers, stages = self.cluster.workers, self.cluster.pipeline_stages()
-        if (dp is None and workers and workers >= stages and self.cluster.shares is None
-                and self.batch_size % (workers // stages)):
+        ranks = dp or (workers // stages if workers and workers > 1 else None)
+        if ranks and self.cluster.shares is None:
             # What placement would refuse on every try (coordinator/placement.py): said now.
             # (Given shares split any batch: checked below.)
-            n = workers // stages
-            raise ValueError(
-                f"batch_size {self.batch_size} does not split over the {n} data-parallel ranks "
-                f"of cluster.workers {workers}: use a batch_size that is a multiple of {n}, or "
-                f"fewer workers")
+            of = (f"cluster.parallelism.data {dp}" if dp else f"cluster.workers {workers}")
+            if self.batch_size < ranks:
+                raise ValueError(
+                    f"batch_size {self.batch_size} is smaller than the {ranks} data-parallel "
+                    f"ranks of {of}: every rank takes at least one example of each global "
+                    f"batch; use a batch_size of at least {ranks}, or fewer workers")
+            if self.batch_size % ranks and (why := self.cluster.uneven_split_why_not()):
+                raise ValueError(
+                    f"batch_size {self.batch_size} does not split evenly over the {ranks} "
+                    f"data-parallel ranks of {of} ({why}): use a batch_size that is a multiple "
+                    f"of {ranks}, or fewer workers")
         shares, caps = self.cluster.shares, self.cluster.max_shares
-        ranks = dp or (workers // stages if workers and workers > 1 else None)
         for key, given in (("shares", shares), ("max_shares", caps)):
             if given is not None and ranks and len(given) != ranks:  # (else every rank fails)
                 raise ValueError(

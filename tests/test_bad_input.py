@@ -166,8 +166,9 @@ ROWS = [
     ("num_layers 0", set_key("num_layers", 0), 2,
      ["num_layers = 0", "-1 for all layers"]),
     ("batch not divisible by data ranks",
-     set_keys(batch_size=3, cluster={"parallelism": {"data": 2}}),
-     2, ["batch_size 3 is not divisible by cluster.parallelism.data 2", "multiple of 2"]),
+     set_keys(batch_size=3, cluster={"parallelism": {"data": 2}, "gradient_average": "mlx_lm"}),
+     2, ["batch_size 3 does not split evenly over the 2 data-parallel ranks of "
+         "cluster.parallelism.data 2 (cluster.gradient_average: mlx_lm", "multiple of 2"]),
     # what a rank would refuse after placement: said at `herd check` / submit
     ("report_to not mlx-lm's", set_key("report_to", "tensorboard"), 2,
      ["report_to = 'tensorboard'", "mlx-lm reports to wandb or swanlab"]),
@@ -281,8 +282,10 @@ def test_a_full_fine_tune_of_a_quantized_model_is_refused_at_check(job: Job, tin
 
 @pytest.mark.slow
 def test_batch_not_divisible_by_the_ranks_of_a_real_group(job: Job):
-    # No cluster section: the number of ranks is only known once the group forms (2 here).
+    # No data parallelism in the config: the number of ranks is only known once the group
+    # forms (2 here). (Token-weighted averaging, the default, splits 3 as 2 and 1.)
     job.config["batch_size"] = 3
+    job.config["cluster"] = {"gradient_average": "mlx_lm"}
     job.lines("train", records(9))
     procs = start_ranks(["train", str(job.write())], world=2, hostfile_dir=job.dir)
     try:
@@ -294,7 +297,8 @@ def test_batch_not_divisible_by_the_ranks_of_a_real_group(job: Job):
     for code, err in results:
         # Raised from the launcher's env, before any ring forms.
         assert code == ConfigError.exit_code, err
-        assert "batch_size = 3 is not divisible by the 2 data-parallel ranks" in err, err
+        assert ("batch_size = 3 is not divisible by the 2 data-parallel ranks "
+                "(cluster.gradient_average: mlx_lm") in err, err
     assert not job.adapters.exists()
 
 

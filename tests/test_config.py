@@ -152,11 +152,20 @@ def test_shipped_configs_validate(path):
         ({"optimizer": "lion"}, "optimizer = 'lion'"),
         ({"cluster": {"gradient_average": "mlx_lm", "parallelism": {"pipeline": 2}}},
          "pipeline stages average by tokens"),
-        ({"batch_size": 6, "cluster": {"parallelism": {"data": 4, "pipeline": 1}}},
-         "not divisible by cluster.parallelism.data 4"),
+        ({"batch_size": 6, "cluster": {"parallelism": {"data": 4, "pipeline": 1},
+                                       "gradient_average": "mlx_lm"}},
+         "batch_size 6 does not split evenly over the 4 data-parallel ranks of "
+         "cluster.parallelism.data 4 (cluster.gradient_average: mlx_lm averages each rank's "
+         "own mean"),
+        ({"batch_size": 5, "cluster": {"workers": 4, "parallelism": {"data": "auto",
+                                                                      "pipeline": 2}}},
+         "does not split evenly over the 2 data-parallel ranks of cluster.workers 4 (the "
+         "replicas of a pipeline take equal shares"),
         # placement would refuse it on every try: said at `herd check` / submit, not after 600 s
         ({"batch_size": 1, "cluster": {"workers": 2}},
-         "does not split over the 2 data-parallel ranks of cluster.workers 2"),
+         "batch_size 1 is smaller than the 2 data-parallel ranks of cluster.workers 2"),
+        ({"batch_size": 2, "cluster": {"parallelism": {"data": 3}}},
+         "batch_size 2 is smaller than the 3 data-parallel ranks of cluster.parallelism.data 3"),
         ({"batch_size": 6, "cluster": {"workers": 2, "shares": [2, 2, 2]}},
          "cluster.shares [2, 2, 2] names 3 ranks; the job runs 2 data-parallel ranks"),
         ({"batch_size": 6, "cluster": {"workers": 3, "max_shares": [4, 4]}},

@@ -21,7 +21,7 @@ from coordinator.planner import (
     plan_job,
 )
 from herd.config import parse_config
-from herd.errors import PlacementError
+from herd.errors import ConfigError, PlacementError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -272,6 +272,29 @@ def test_data_parallel_on_macs_of_different_memory_caps_each_ranks_share():
     mine = parse_config({**per_rank(8), "cluster": {"max_shares": [6, 6]}})
     assert with_memory_caps(mine, (8, 3)).cluster.max_shares == [6, 3]
     assert with_memory_caps(mine, (8, 1)).cluster.max_shares == [8, 1]  # 6 + 1 < 8: the planner's
+
+
+def test_three_macs_train_mlx_lms_default_batch_of_four():
+    """mlx-lm's default batch_size 4 on 3 Macs (`workers: 3`): token-weighted data parallelism
+    splits it 2, 1, 1 (the same update as one process: tests/test_balance.py), where mlx-lm's
+    launcher refuses a batch its hosts do not divide. Before, `herd check` refused it and auto
+    left a Mac out. mlx-lm's averaging keeps equal splits: 2 of the 3."""
+    from coordinator.placement import place
+    from tests.test_service_units import worker
+
+    base = {"batch_size": 4, "quantize": {"bits": 4}, "grad_checkpoint": True,
+            "max_seq_length": 2048}
+    macs = [WorkerMemory(n, 128 * GIB) for n in "abc"]
+    for cluster in ({"workers": 3}, {"workers": 3, "parallelism": {"data": 3}}):
+        job = parse_config({**base, "cluster": cluster})
+        plan = plan_job(LLAMA_70B, job, macs)
+        assert (plan.data_parallel, plan.pipeline_stages) == (3, 1), cluster
+        placed = place(job, [worker(i, mem=128 * GIB) for i in (1, 2, 3)], LLAMA_70B)
+        assert placed.worker_ids == ["w1", "w2", "w3"]
+    mean = parse_config({**base, "cluster": {"gradient_average": "mlx_lm"}})
+    assert plan_job(LLAMA_70B, mean, macs).data_parallel == 2
+    with pytest.raises(ConfigError, match="does not split evenly over the 3 data-parallel"):
+        parse_config({**base, "cluster": {"workers": 3, "gradient_average": "mlx_lm"}})
 
 
 def test_a_stage_counts_the_inputs_it_holds_in_flight():

@@ -407,8 +407,8 @@ def test_a_job_that_lost_a_worker_for_good_shrinks_and_grows_back_at_a_checkpoin
     assert (state, attempt) == (JobState.RUNNING, 2)
     placing = [e.message for e in s.store.events(j.job_id) if e.state is JobState.PLACING][-1]
     assert placing == ("starting 1 ranks on w1, resuming from checkpoint 8; shrunk to 1 of 2 "
-                       "workers after waiting 61s for the rest (same global batch: 4 examples "
-                       "per rank); it grows back at a checkpoint once workers return")
+                       "workers after waiting 61s for the rest (the same global batch of 4, over 1 "
+                       "ranks); it grows back at a checkpoint once workers return")
     one = launcher.started[-1]
     assert (one.rank, one.ring_hosts, one.resume_step) == (0, ["10.0.0.1:8001"], 8)
     s.on_checkpoint(_ckpt(j.job_id, 12, clock))  # nobody is back yet: it carries on

@@ -436,7 +436,7 @@ def test_resume_from_another_job_copies_its_checkpoint_or_says_why_not(tmp_path)
 
 def test_a_job_stored_by_an_older_herd_stays_readable_when_a_rule_is_added(tmp_path):
     """Cross-field rules are checked at submit. A record written before a rule existed (here: a
-    batch of 5 over 2 workers, refused since) must not make `herd jobs` fail for every job."""
+    batch of 1 over 2 workers, refused since) must not make `herd jobs` fail for every job."""
     import sqlite3
 
     store = JobStore(tmp_path / "db")
@@ -446,11 +446,11 @@ def test_a_job_stored_by_an_older_herd_stays_readable_when_a_rule_is_added(tmp_p
         text = db.execute("SELECT config_yaml FROM jobs").fetchone()[0]
         assert "batch_size: 4" in text
         db.execute("UPDATE jobs SET config_yaml=?", (text.replace("batch_size: 4",
-                                                                  "batch_size: 5"),))
+                                                                  "batch_size: 1"),))
     store = JobStore(tmp_path / "db")
     [old] = store.list_jobs()
-    assert (old.config.batch_size, old.config.cluster.workers) == (5, 2)
-    with pytest.raises(ConfigError, match="does not split over the 2 data-parallel ranks"):
+    assert (old.config.batch_size, old.config.cluster.workers) == (1, 2)
+    with pytest.raises(ConfigError, match="smaller than the 2 data-parallel ranks"):
         config_from_yaml(config_to_yaml(old.config), "a new submission")  # still refused
 
 

@@ -166,8 +166,9 @@ def layout(cfg: dict, job: JobConfig, workers: list[WorkerMemory]) -> Plan | Non
         if max_dp == 0:
             continue
         for dp in ([fixed_dp] if fixed_dp else range(max_dp, 0, -1)):
-            if dp > max_dp or job.batch_size % dp:
-                continue
+            if dp > max_dp or dp > job.batch_size or (
+                    job.batch_size % dp and job.cluster.uneven_split_why_not(stages)):
+                continue  # (token-weighted data parallelism splits any batch: 4 over 3 ranks)
             used = pool[: dp * stages]
             if stages == 1 and dp > 1 and job.cluster.gradient_average != "mlx_lm":
                 if (plan := _data_parallel_by_memory(cfg, job, shape, used, budget)) is not None:

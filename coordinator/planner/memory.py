@@ -215,7 +215,7 @@ def estimate_memory(
 
     # Activations. Only blocks with trainable parameters (and those after them) keep anything for
     # the backward pass; blocks before the first adapted one run forward only.
-    per_replica = max(1, job.batch_size // max(1, data_parallel))
+    per_replica = max(1, -(-job.batch_size // max(1, data_parallel)))  # the largest share
     b_micro = max(1, per_replica // max(1, microbatches))
     seq = job.max_seq_length
     tokens = b_micro * seq

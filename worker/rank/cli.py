@@ -340,15 +340,22 @@ def _launcher_world() -> int:
 
 
 def _check_world(job: JobConfig, world: int) -> None:
-    """The global batch splits over the ranks: by cluster.shares (one per rank), else evenly."""
+    """The global batch splits over the ranks: by cluster.shares (one per rank), else as evenly
+    as it goes (4 over 3 ranks: 2, 1, 1), or evenly where the job needs it (herd.config
+    ``uneven_split_why_not``)."""
     for key in ("shares", "max_shares"):
         given = getattr(job.cluster, key)
         if given is not None and world > 1 and len(given) != world:
             raise ConfigError(
                 f"cluster.{key} {given} names {len(given)} ranks; the job runs {world}",
                 hint=f"give one entry per data-parallel rank, or remove cluster.{key}")
-    if job.cluster.shares is None and job.batch_size % world:
+    if job.cluster.shares is not None:
+        return
+    why = job.cluster.uneven_split_why_not()
+    if job.batch_size < world or job.batch_size % world and why:
         raise ConfigError(
-            f"batch_size = {job.batch_size} is not divisible by the {world} data-parallel ranks",
+            f"batch_size = {job.batch_size} is not divisible by the {world} data-parallel ranks"
+            + (f" ({why})" if job.batch_size >= world else ": every rank takes at least one "
+               "example of each global batch"),
             hint=f"batch_size is the global batch; use a multiple of {world}",
         )

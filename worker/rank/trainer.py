@@ -271,8 +271,8 @@ def train(
     shares = None if mlx_lm_mean else next((s for s in (progress.shares, args.shares)
                    if s and len(s) == exchange.size and sum(s) == args.batch_size
                    and (not caps or all(a <= c for a, c in zip(s, caps)))), None)
-    if shares is None and caps and not mlx_lm_mean:
-        shares = split(args.batch_size, [1.0] * exchange.size, list(caps))  # as equal as fits
+    if shares is None and not mlx_lm_mean:  # as equal as fits (4 over 3 ranks: 2, 1, 1)
+        shares = split(args.batch_size, [1.0] * exchange.size, list(caps) if caps else None)
     stream = BatchStream(train_set, args.batch_size, args.max_seq_length, exchange.rank,
                          exchange.size, order, packing=args.packing, shares=shares)
     balancer = Balancer(exchange.rank, stream.shares, enabled=args.balance and not mlx_lm_mean,
