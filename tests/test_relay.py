@@ -70,3 +70,98 @@ def test_a_coordinator_away_for_very_long_costs_the_oldest_reports_only(tmp_path
     coordinator.down = False
     relay._flush(force=True)
     assert [_what(r) for r in coordinator.taken] == ["iter 3", "iter 4", "iter 5"]
+
+
+# A real shortage of file descriptors (an outside run: ~1,100 unauthenticated connections to a
+# worker's agent port used up its 1024; the relay's open() of metrics.jsonl failed and its
+# thread ended, so every later checkpoint and the exit stayed on the worker). Run in a child
+# process with a low limit, so that using up its descriptors touches no other test.
+_STARVED = r'''
+import json, os, resource, subprocess, sys, threading, time
+from pathlib import Path
+from herd import log
+from herd.config import JobConfig
+from worker.agent.domain import RankSpec
+from worker.agent.relay import Relay
+from worker.rank import events
+
+folder = Path(sys.argv[1])
+metrics = folder / "metrics.jsonl"
+taken = []
+class Coordinator:
+    def report(self, request):
+        taken.append(request.WhichOneof("report"))
+        return False
+spec = RankSpec("j", 1, 0, 1, JobConfig(), [], "c:1", [], [])
+relay = Relay(spec, "w", folder, Coordinator(), threading.Event(), lambda: None,
+              log.get("test").bind())
+rank = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
+                        stdin=subprocess.PIPE)
+thread = threading.Thread(target=relay.run, args=(rank, metrics), daemon=True)
+thread.start()
+report = lambda i: events.to_line(events.TrainReport(0, i, 2.0, 1e-4, 10.0, i * 10, 0.1,
+                                                     "local", 1)) + "\n"
+metrics.write_text(report(1))
+while "progress" not in taken:
+    time.sleep(0.05)
+held = [os.open(metrics, os.O_WRONLY | os.O_APPEND)]
+try:
+    while True:
+        held.append(os.open(os.devnull, os.O_RDONLY))
+except OSError:
+    pass  # EMFILE: this process can open nothing more
+os.write(held[0], report(2).encode())  # written while the relay cannot open the file
+time.sleep(1.5)  # several turns of the relay, each failing to open metrics.jsonl
+starved_alive = thread.is_alive()
+for fd in held:
+    os.close(fd)
+rank.stdin.close()
+rank.wait()
+thread.join(30)
+print(json.dumps({"held": len(held), "starved_alive": starved_alive,
+                  "ended": not thread.is_alive(), "taken": taken}))
+'''
+
+
+def test_a_relay_out_of_file_descriptors_carries_on_once_they_are_back(tmp_path):
+    import json
+    import resource
+    import subprocess
+    import sys
+
+    def low_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(
+            resource.RLIMIT_NOFILE)[1]))
+
+    proc = subprocess.run([sys.executable, "-c", _STARVED, str(tmp_path)], capture_output=True,
+                          text=True, timeout=120, preexec_fn=low_limit)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["held"] > 100, got  # the limit was really reached
+    assert got["starved_alive"] and got["ended"], (got, proc.stderr[-2000:])
+    # The report written while starved arrived once descriptors were back, then the exit.
+    assert got["taken"].count("progress") == 2 and got["taken"][-1] == "exit", got
+    assert "relay_turn_failed" in proc.stdout + proc.stderr  # said, once
+
+
+def test_every_herd_process_raises_its_open_file_limit_as_far_as_allowed():
+    """systemd's default soft limit is 1024 and launchd's 256: a herd process starts with what
+    its hard limit allows (herd/limits.py), so a flood needs far more sockets."""
+    import resource
+    import subprocess
+    import sys
+
+    from herd.limits import MAX_OPEN_FILES
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    expect = MAX_OPEN_FILES if hard == resource.RLIM_INFINITY else min(hard, MAX_OPEN_FILES)
+
+    def low_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+
+    code = ("import resource, sys; from herd.cli.main import main; main(['--version']); "
+            "print(resource.getrlimit(resource.RLIMIT_NOFILE)[0], file=sys.stderr)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, preexec_fn=low_limit)
+    assert proc.returncode == 0, proc.stderr
+    assert int(proc.stderr.strip().splitlines()[-1]) == max(256, expect)

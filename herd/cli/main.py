@@ -13,6 +13,7 @@ import os
 import sys
 import warnings
 
+from herd.limits import raise_open_files
 from herd.usage import environment_text, exit_codes_text
 
 # name -> (module with main(argv), one-line help), in the order of a first session.
@@ -104,6 +105,7 @@ def _print_config_warnings() -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _quiet_third_parties()
+    raise_open_files()  # a flood of connections must not use up a server's descriptors
     if argv[:1] == ["train"]:
         # A `herd train` process that re-execs itself for OpenBLAS does it before importing
         # anything it would lose (worker/rank/runtime.py; returns when nothing would change).

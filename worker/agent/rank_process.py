@@ -217,7 +217,11 @@ class RankProcess:
         threading.Thread(target=self.stop, args=(reason,), daemon=True).start()
 
     def _relay(self, relay: Relay, metrics: Path) -> None:
-        relay.run(self.proc, metrics)
+        try:
+            relay.run(self.proc, metrics)
+        except Exception:  # a bug must not leave the coordinator waiting for the exit in silence
+            self.log.exception("relay_failed")
+            relay.report_exit(self.proc.wait())
         self._watchdog.stop()
         (self.dir / PID_FILE).unlink(missing_ok=True)
         if self._lifeline is not None:

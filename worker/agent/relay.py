@@ -54,6 +54,8 @@ REFUSED_TRIES = 3
 # Reports kept while the coordinator is away: a report every ~10 s for ~14 h (a few hundred bytes
 # each); beyond it the oldest go, counted.
 MAX_PENDING_REPORTS = 5000
+EXIT_READ_S = 60.0  # after the rank exited: how long failed turns may delay its exit report
+TROUBLE_LOG_S = 30.0
 
 
 def _share(event: TrainReport) -> dict:
@@ -85,6 +87,7 @@ class Relay:
         self._dropped = 0  # reports lost because the queue was full
         self._log_sent = 0  # bytes of rank.log relayed so far
         self._log_at = 0.0
+        self._troubled_since = self._troubled_said = 0.0  # failed turns of run(), for the log
 
     def _deliver(self, what: str, call: Callable[[], object]) -> bool:
         """Calls until the coordinator takes it: True when it did, False when it refused for good
@@ -94,10 +97,11 @@ class Relay:
             try:
                 call()
                 return True
-            except (PeerLostError, StorageError) as e:
+            except (PeerLostError, StorageError, OSError) as e:
                 # Unreachable or restarting, or its disk full: it comes back, or it fails the
-                # job and says so (a StopJob, which ends this).
-                self.log.warning("delivery_retry", what=what, error=e.message,
+                # job and says so (a StopJob, which ends this). OSError: this machine's own
+                # trouble reading the files (out of file descriptors): it passes.
+                self.log.warning("delivery_retry", what=what, error=str(e),
                                  retry_in=round(wait, 1))
             except HerdError as e:
                 refused += 1
@@ -210,31 +214,54 @@ class Relay:
                 f"checkpoint {step} could not be uploaded: {self.last_refusal}"))
 
     def run(self, proc: subprocess.Popen, metrics: Path) -> None:
-        """Tails ``metrics`` until ``proc`` exits, then reports the exit."""
-        offset, buf = 0, b""
+        """Tails ``metrics`` until ``proc`` exits, then reports the exit. Every checkpoint,
+        progress line and the exit itself travel here, so a failed turn never ends it: it is
+        tried again (an outside run: a flood of connections used up the agent's file
+        descriptors, an open() failed, and every later checkpoint stayed on the worker).
+        After the rank exited, ``EXIT_READ_S`` of failed turns at most, then the exit is
+        reported anyway."""
+        offset, buf, todo, exited_at = 0, b"", deque(), None
         while True:
             exited = proc.poll() is not None
-            if metrics.exists():
-                with open(metrics, "rb") as f:
-                    f.seek(offset)
-                    data = f.read()
-                offset += len(data)
-                buf += data
-                *lines, buf = buf.split(b"\n")
-                for line in lines:
+            if exited and exited_at is None:
+                exited_at = time.monotonic()
+            try:
+                if metrics.exists():
+                    with open(metrics, "rb") as f:
+                        f.seek(offset)
+                        data = f.read()
+                    offset += len(data)
+                    *lines, buf = (buf + data).split(b"\n")
+                    todo.extend(lines)
+                while todo:  # a line leaves only once handled: a failed one is tried again
                     try:
-                        event = events.parse(line)
+                        event = events.parse(todo[0])
                     except ValueError:
-                        self.log.warning("bad_metrics_line", line=line[:200])
-                        continue
-                    self.handle(event)
-            self._relay_log(final=exited)
-            if exited:
-                break
-            if self._pending:
-                self._flush()
-            time.sleep(0.2)
-        self._report_exit(proc.returncode)
+                        self.log.warning("bad_metrics_line", line=todo[0][:200])
+                    else:
+                        self.handle(event)
+                    todo.popleft()
+                self._relay_log(final=exited)
+                self._troubled_since = 0.0
+                if exited:
+                    break
+                if self._pending:
+                    self._flush()
+            except OSError as e:
+                self._trouble(e)
+                if exited and time.monotonic() - exited_at > EXIT_READ_S:
+                    break
+            time.sleep(0.2 if not self._troubled_since else 1.0)
+        self.report_exit(proc.returncode)
+
+    def _trouble(self, error: OSError) -> None:
+        """A failed turn, logged once per ``TROUBLE_LOG_S`` (a flood may last minutes)."""
+        now = time.monotonic()
+        if not self._troubled_since or now - self._troubled_said >= TROUBLE_LOG_S:
+            self.log.warning("relay_turn_failed", error=str(error), retry_s=1.0,
+                             failing_for_s=round(now - (self._troubled_since or now), 1))
+            self._troubled_said = now
+        self._troubled_since = self._troubled_since or now
 
     def _relay_log(self, final: bool, every_s: float = 1.0, chunk: int = 256 * 1024) -> None:
         """Sends what the rank wrote to rank.log since the last call (at most every ``every_s``
@@ -266,7 +293,7 @@ class Relay:
         errs = [ln for ln in plain if "Error" in ln or "error" in ln]
         return (errs[-1] if errs else (plain[-1] if plain else ""))[-500:]
 
-    def _report_exit(self, code: int) -> None:
+    def report_exit(self, code: int) -> None:
         error = "" if code == 0 else (self.error or self._last_error())
         if code < 0 and not self.error:
             error = f"killed by {signal.Signals(-code).name}"
