@@ -16,7 +16,7 @@ import grpc
 
 from coordinator import convert, housekeeping
 from coordinator.artifacts import AdapterStore, BlobStore, require_free
-from coordinator.blob_access import check_worker_may_read
+from coordinator.blob_access import check_upload_size, check_uploader, check_worker_may_read
 from coordinator.domain import Job
 from coordinator.jobs import new_job, no_checkpoint, start_from
 from coordinator.logs import LogStore
@@ -334,9 +334,12 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         if job is None:
             raise AuthError("only a worker running the job uploads its checkpoints")
         check_step(h.step, job.iters)
+        check_uploader(job, auth.peer_of(context).name,
+                       h.stage.index if h.HasField("stage") else None)
         files = [convert.digest_from_pb(f) for f in h.files]
         for f in files:
             check_name(f.name, "checkpoint")
+        check_upload_size(job, sum(f.bytes for f in files), self.models.config(job))
         chunks = ((m.chunk.name, m.chunk.data) for m in request_iterator
                   if m.WhichOneof("part") == "chunk")
         now = self.scheduler.now_ms()

@@ -307,11 +307,15 @@ def test_herd_pull_overwrites_nothing_without_force(site, tmp_path, capsys):
         server.stop(0)
 
 
-def _checkpoint_parts(job_id: str, attempt: int, step: int, names=("adapters.safetensors",)):
+def _checkpoint_parts(job_id: str, attempt: int, step: int, names=("adapters.safetensors",),
+                      declared: int | None = None, stage: int | None = None):
     data = b"weights"
     header = coordinator_pb2.CheckpointHeader(job_id=job_id, attempt=attempt, step=step, files=[
-        common_pb2.FileDigest(name=n, sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
-        for n in names])
+        common_pb2.FileDigest(name=n, sha256=hashlib.sha256(data).hexdigest(),
+                              bytes=declared or len(data)) for n in names])
+    if stage is not None:
+        header.stage.CopyFrom(common_pb2.StagePiece(index=stage, count=2, start=stage,
+                                                    end=stage + 1))
     yield coordinator_pb2.PutCheckpointRequest(header=header)
     for n in names:
         yield coordinator_pb2.PutCheckpointRequest(chunk=common_pb2.FileChunk(name=n, data=data))
@@ -324,11 +328,11 @@ def test_put_checkpoint_takes_only_a_running_attempts_steps_from_its_worker(site
     from herd.digest import FileDigest
 
     store = site.coord.store
-    cfg = parse_config({"model": str(tiny_model), "iters": 8, "cluster": {"workers": 1}})
+    cfg = parse_config({"model": str(tiny_model), "iters": 8, "cluster": {"workers": 2}})
     for job_id, state in (("victim-aaaaaa", JobState.RUNNING), ("done-bbbbbb", JobState.SUCCEEDED)):
-        store.put_job(Job(job_id=job_id, name=job_id, config=cfg, iters=8, workers_needed=1,
+        store.put_job(Job(job_id=job_id, name=job_id, config=cfg, iters=8, workers_needed=2,
                           dataset=[FileDigest("train.jsonl", "a" * 64, 1)], state=state,
-                          attempt=1, worker_ids=["w1"]))
+                          attempt=1, worker_ids=["w1", "w3"]))
 
     def put(worker: str, *args, **kw):
         stub = coordinator_pb2_grpc.CoordinatorServiceStub(secure_channel(
@@ -349,9 +353,16 @@ def test_put_checkpoint_takes_only_a_running_attempts_steps_from_its_worker(site
         put("w1", "victim-aaaaaa", 1, 4, names=["../../evil.safetensors"]),
         put("w1", "victim-aaaaaa", 1, 4, names=["evil.py"]),
         put("w1", "victim-aaaaaa", 1, 4, names=[".hidden.json"]),
+        # A worker of the job that does not save its checkpoints (rank 1: an outside run had it
+        # replace a stored step), or a stage piece from the wrong rank.
+        put("w3", "victim-aaaaaa", 1, 4), put("w1", "victim-aaaaaa", 1, 4, stage=1),
+        # One header declaring 1 PB: refused as no checkpoint of this job, the job not failed
+        # as if the coordinator's disk were full.
+        put("w1", "victim-aaaaaa", 1, 4, declared=10**15),
     ]
     assert grpc.StatusCode.OK not in refused, refused
     assert store.checkpoints("victim-aaaaaa") == [] and store.checkpoints("done-bbbbbb") == []
+    assert store.get_job("victim-aaaaaa").state is JobState.RUNNING
     assert put("w1", "victim-aaaaaa", 1, 4) == grpc.StatusCode.OK  # the one that belongs
     assert [c.step for c in store.checkpoints("victim-aaaaaa")] == [4]
     stored = [p.relative_to(site.root) for p in site.root.rglob("*") if p.is_file()
