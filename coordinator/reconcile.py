@@ -57,10 +57,12 @@ class Reconciler:
         self._stale_sent: dict[tuple[str, str, int], int] = {}  # (worker, job, attempt) -> ms
         self._idle_since: dict[tuple[str, str], int] = {}
         self.lost_rank_grace_s = 20.0
+        self._cut_off_jobs: set[str] = set()  # waiting on, the coordinator cut off (_cut_off)
 
     def forget(self, job_id: str) -> None:
         """The job's attempt ended: nothing to re-adopt or to wait for."""
         self.adopting.pop(job_id, None)
+        self._cut_off_jobs.discard(job_id)
         self._idle_since = {k: v for k, v in self._idle_since.items() if k[0] != job_id}
 
     def recover(self) -> None:
@@ -164,10 +166,14 @@ class Reconciler:
                     # Back, but its rank is gone: its exit report may still be on its way
                     # (check_running waits lost_rank_grace_s for it), or the agent restarted.
                     self._stop_waiting(job, lost)
+                elif now >= deadline and self._cut_off(job, lost, why, now):
+                    continue  # its deadline moved on
                 elif now >= deadline:
+                    waited = self.unreachable_grace_s + (
+                        s.placement_timeout_s if job_id in self._cut_off_jobs else 0)
                     s._attempt_failed(job, (
-                        f"worker {lost[0]} was lost: {why}; not back within "
-                        f"{self.unreachable_grace_s:.0f}s" if lost else
+                        f"worker {lost[0]} was lost: {why}; not back within {waited:.0f}s"
+                        if lost else
                         "the coordinator restarted and could not re-adopt "
                         f"attempt {job.attempt}: " + "; ".join(missing)), None,
                         interrupted=not lost)
@@ -175,11 +181,36 @@ class Reconciler:
         for job in failed:
             s._stop_ranks(job)
 
+    def _cut_off(self, job: Job, lost: tuple[str, ...], why: str, now: int) -> bool:
+        """At the end of the wait no worker at all answers the coordinator: what broke is the
+        coordinator's own link (a cable, a switch port, a Wi-Fi blip), most likely, and the
+        ranks train on. The wait goes on, once, for ``placement_timeout_s`` (as long as a
+        restart would wait for workers anyway), so that they are re-adopted with the
+        checkpoints their agents kept meanwhile (an outside run: a 120 s cut of the
+        coordinator's cable failed the attempt at 60 s while its ranks trained on; 1,700
+        iterations were redone). True when it goes on."""
+        s = self.s
+        extra = s.placement_timeout_s
+        if job.job_id in self._cut_off_jobs or s._backends["zeroconf"].workers() or not extra:
+            return False
+        self._cut_off_jobs.add(job.job_id)
+        self.adopting[job.job_id] = (now + int(extra * 1000), lost, why)
+        whom = _workers(lost) if lost else f"attempt {job.attempt}'s workers"
+        job.message = (f"no worker answers the coordinator (its own link, most likely): waiting "
+                       f"for {whom} (their ranks may train on)")
+        s.store.put_job(job)
+        s._event(job, EventKind.LOG, message=(
+            f"no worker answers the coordinator, the cause most likely its own link: waiting up "
+            f"to {extra:.0f}s more for {whom} before restarting attempt {job.attempt}"))
+        logger.warning("coordinator_cut_off_waiting", job_id=job.job_id, more_s=extra)
+        return True
+
     def _stop_waiting(self, job: Job, lost: tuple[str, ...]) -> None:
         """The job's attempt is no longer waited for (re-adopted, ended, or its worker back):
         its entries go, and `herd jobs` stops saying it waits."""
         del self.adopting[job.job_id]
         self.gone_since.pop(job.job_id, None)
+        self._cut_off_jobs.discard(job.job_id)
         if lost and job.state is JobState.RUNNING:
             job.message = ""
             self.s.store.put_job(job)

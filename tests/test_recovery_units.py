@@ -509,6 +509,52 @@ def test_a_worker_that_stops_answering_is_waited_for_and_its_attempt_re_adopted(
     assert state is JobState.RESTARTING and "worker w2 was lost: revoked" in message
 
 
+def test_a_coordinator_cut_off_from_every_worker_waits_on_and_re_adopts_what_trained_meanwhile(
+        rig):
+    """The coordinator's own cable is pulled for two minutes: no worker at all answers it, while
+    the ranks train on and their agents keep the checkpoints. Past the 60 s grace the attempt is
+    not failed (an outside run: it was, and 1,700 iterations were redone): it waits on, up to
+    the placement timeout, and is re-adopted when the workers answer again, one after the other,
+    nothing stopped. Past that longer wait it fails as before, saying how long it waited."""
+    s, workers, launcher, clock = rig
+    j = s.submit(_job(iters=4000, max_restarts=9))
+    s.tick()
+    for w in workers:
+        w.running_job_id, w.running_attempt = j.job_id, 1
+    cut = list(workers)
+    workers.clear()
+    for w in cut:
+        s.on_worker_lost(w.worker_id, "health failed 2 times: unreachable", True)
+    clock.t += 61
+    s.tick()
+    state, attempt, message = _state(s, j.job_id)
+    assert (state, attempt) == (JobState.RUNNING, 1), message
+    assert message.startswith("no worker answers the coordinator (its own link, most likely)")
+    assert "waiting up to 600s more" in s.store.events(j.job_id)[-1].message
+    clock.t += 60  # 121 s: the cable is back; w2 answers a second before w1
+    workers.append(cut[1])
+    s.tick()
+    assert _state(s, j.job_id)[:2] == (JobState.RUNNING, 1)  # not shrunk onto w2, not failed
+    clock.t += 1
+    workers.insert(0, cut[0])
+    s.tick()
+    assert _state(s, j.job_id) == (JobState.RUNNING, 1, "") and launcher.stopped == []
+    assert s.store.events(j.job_id)[-1].message.startswith("re-adopted attempt 1")
+
+    # Cut off again, for longer than the longer wait: restarted, saying how long it waited.
+    workers.clear()
+    for w in cut:
+        s.on_worker_lost(w.worker_id, "health failed 2 times: unreachable", True)
+    clock.t += 61
+    s.tick()
+    assert _state(s, j.job_id)[0] is JobState.RUNNING
+    clock.t += 600
+    s.tick()
+    state, attempt, message = _state(s, j.job_id)
+    assert (state, attempt) == (JobState.RESTARTING, 1)
+    assert "not back within 660s" in message, message
+
+
 def test_a_worker_that_never_answers_again_counts_towards_the_elastic_grace_from_the_start(
         tmp_path):
     """Waiting for an unreachable worker does not add to the elastic grace: a worker gone for

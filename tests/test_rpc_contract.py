@@ -104,13 +104,14 @@ def coordinator(tmp_path, cluster_ca):
     server.stop(grace=0).wait()
 
 
-def running_on(s, name: str, worker: str = "w1", attempt: int = 1) -> None:
-    """Mark a submitted job as running its ``attempt`` on ``worker`` (what placement would do):
-    a worker's uploads and fetches are only taken for a job it runs."""
+def running_on(s, name: str, worker: str = "w1", attempt: int = 1, ranks: int = 1) -> None:
+    """Mark a submitted job as running its ``attempt`` on ``worker`` (what placement would do),
+    ``ranks`` of them there: a worker's uploads and fetches are only taken for a job it runs, a
+    checkpoint only from the rank that saves it."""
     from coordinator.domain import JobState
 
     job = s.store.get_job(name)
-    job.state, job.attempt, job.worker_ids = JobState.RUNNING, attempt, [worker]
+    job.state, job.attempt, job.worker_ids = JobState.RUNNING, attempt, [worker] * ranks
     s.store.put_job(job)
 
 
@@ -262,7 +263,7 @@ def test_put_checkpoint_twice_per_step_stores_it_once(coordinator, tmp_path):
     target, ids, s, _ = coordinator
     for name in ("plain", "piped"):
         s.submit(_job(name))
-        running_on(s, name)
+        running_on(s, name, ranks=2 if name == "piped" else 1)  # (a stage per rank)
     folder = _checkpoint(tmp_path / "step4", 4, 1.0)
     client = CoordinatorClient(target, ids.worker)
     try:

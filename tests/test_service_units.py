@@ -691,7 +691,9 @@ def test_stage_pieces_merge_into_one_adapter_and_each_stage_resumes_from_its_own
 
     target, ids, s = coordinator_rpc
     j = s.submit(job())
-    j.state, j.attempt, j.worker_ids = JobState.RUNNING, 1, ["w1"]  # as placement would run it
+    # As placement would run it; both stages' ranks on w1, this test's one worker identity (each
+    # stage's rank uploads its own piece: coordinator/blob_access.py check_uploader).
+    j.state, j.attempt, j.worker_ids = JobState.RUNNING, 1, ["w1", "w1"]
     s.store.put_job(j)
     # Blocks 0:2 and 2:3; each stage names its blocks from 0.
     a0, a1 = "model.layers.0.q.lora_a", "model.layers.1.q.lora_a"
