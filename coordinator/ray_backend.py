@@ -93,15 +93,14 @@ class RayBackend:
             os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # before Ray loads; nothing leaves
             address = ray_nodes.resolve_address(asked)
             ray_nodes.check_reachable(address)
+            ray_nodes.check_session_writable()
             import ray
 
             try:
                 ray.init(address=address, namespace=NAMESPACE, log_to_driver=False,
                          logging_level="warning", ignore_reinit_error=True)
             except Exception as e:  # ConnectionError, RuntimeError...: Ray's reason, verbatim
-                raise PlacementError(f"cannot connect to the Ray cluster at {address}: {e}",
-                                     hint="run the coordinator on a node of that Ray cluster "
-                                     "(docs/ray.md)") from None
+                raise ray_nodes.connect_refusal(address, e) from None
             self.address = address
             self._refresh_nodes()
         threading.Thread(target=self._monitor, daemon=True, name="ray-monitor").start()

@@ -11,7 +11,9 @@ when it joins a node; a node joined with plain ``ray start`` needs ``--resources
 
 from __future__ import annotations
 
+import os
 import socket
+from pathlib import Path
 
 from coordinator.domain import WorkerRecord
 from herd.digest import GIB
@@ -89,3 +91,31 @@ def check_reachable(address: str, timeout_s: float = 3.0) -> None:
             f"cannot reach the Ray cluster at {address}: {e}",
             hint="is its head running (`ray status` there)? set cluster.ray_address to its "
                  "host:port") from None
+
+
+def check_session_writable(root: str | None = None) -> None:
+    """Ray's driver writes its log into this node's session folder, and Ray's C++ logger aborts
+    the whole process when it cannot (an outside run: a coordinator under the shipped systemd
+    unit, whose /tmp is read-only, died on its first Ray job, its other jobs with it). Refused
+    here instead, naming the folder. A head started with another --temp-dir is not checked."""
+    logs = Path(root or os.environ.get("RAY_TMPDIR") or "/tmp") / "ray" / "session_latest" / "logs"
+    if logs.is_dir() and not os.access(logs, os.W_OK):
+        raise PlacementError(
+            f"the coordinator cannot write Ray's session folder {logs.resolve()}, where Ray "
+            "writes its driver's log (and aborts the process when it cannot)",
+            hint="run the coordinator as the user that ran `ray start`, with that folder "
+            "writable (deploy/systemd: ReadWritePaths= holds /tmp/ray)")
+
+
+def connect_refusal(address: str, error: Exception) -> PlacementError:
+    """ray.init's failure, with what it hides: token authentication (Ray 2.60 turns it on where
+    ~/.ray/auth_token exists) fails as a bare "Failed to connect"."""
+    token = Path.home() / ".ray" / "auth_token"
+    auth = os.environ.get("RAY_AUTH_MODE") or ("token" if token.exists() else "")
+    return PlacementError(
+        f"cannot connect to the Ray cluster at {address}: {error}",
+        hint="run the coordinator on a node of that Ray cluster (docs/ray.md)" + (
+            f"; Ray's token authentication (RAY_AUTH_MODE={auth or 'unset'}, {token}"
+            f"{' present' if token.exists() else ' absent'}) must match the cluster's: the same "
+            "token on every node and here, or RAY_AUTH_MODE=disabled everywhere"
+            if auth or "auth" in str(error).lower() else ""))

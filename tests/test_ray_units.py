@@ -66,6 +66,24 @@ def test_herd_worker_ray_joins_with_resources_and_labels_ray_accepts():
     assert cmd[-5:] == ["--address", "10.0.0.1:6379", "--node-ip-address", "10.0.0.7",
                         "--num-cpus=24"]
     assert "--head" in ray_join.ray_start_command(mac, "head")
+    # A Linux box's MemTotal is no whole number of GiB (23.54 here): Ray refuses a fraction
+    # above 1 for a node (an outside run: the node never joined). Whole GiB, rounded down, pass
+    # Ray's own check.
+    from ray._private.resource_and_label_spec import ResourceAndLabelSpec
+
+    def ray_checks(resources: dict) -> None:
+        spec = ResourceAndLabelSpec(num_cpus=1, num_gpus=0, memory=GB, object_store_memory=GB,
+                                    resources=resources, labels={})
+        spec._is_resolved = True  # (its fields are all given: nothing for resolve() to probe)
+        spec.to_resource_dict()  # Ray's own check of a node's resources: raises if refused
+
+    linux = Machine(chip="AMD EPYC", memory_bytes=int(23.54 * GB), gpu_cores=0,
+                    os="Linux 6.1", mlx_version="0.32.4")
+    got = ray_join.resources(linux)
+    assert got == {"herd_worker": 1.0, "herd_memory_gb": 23.0}
+    ray_checks(got)
+    with pytest.raises(ValueError, match="whole numbers"):  # what 23.54 did
+        ray_checks({"herd_memory_gb": 23.54})
     # macOS: Ray refuses multi-node clusters unless told; nothing reports usage.
     assert ray_join.ray_env("darwin")["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "1"
     assert ray_join.ray_env("linux")["RAY_USAGE_STATS_ENABLED"] == "0"
@@ -199,3 +217,31 @@ def test_releasing_a_replaced_reservation_keeps_the_new_plans_reservation(tmp_pa
     assert backend._attempts == {("j", 2): new}
     backend._teardown(new)
     assert backend._attempts == {}
+
+
+def test_a_ray_session_folder_the_coordinator_cannot_write_is_refused_not_an_abort(tmp_path):
+    """Ray's C++ logger aborts the driver's process when its log cannot be written: under the
+    shipped systemd unit (a read-only /tmp) the coordinator died on its first Ray job (an
+    outside run). A read-only filesystem, as systemd's ProtectSystem makes it: refused first,
+    naming the folder."""
+    import subprocess
+
+    from coordinator import ray_nodes
+    from herd.errors import PlacementError
+
+    logs = tmp_path / "ray" / "session_latest" / "logs"
+    logs.mkdir(parents=True)
+    ray_nodes.check_session_writable(str(tmp_path))  # writable: nothing to say
+    ro = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(logs)],
+                        capture_output=True, text=True)
+    if ro.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here: {ro.stderr.strip()}")
+    try:
+        with pytest.raises(PlacementError, match="cannot write Ray's session folder") as e:
+            ray_nodes.check_session_writable(str(tmp_path))
+        assert "ReadWritePaths" in e.value.hint
+    finally:
+        subprocess.run(["umount", str(logs)], check=True)
+    refusal = ray_nodes.connect_refusal("10.0.0.1:6379", ConnectionError(
+        "AuthenticationError: InvalidAuthToken"))
+    assert "token authentication" in refusal.hint and "RAY_AUTH_MODE" in refusal.hint

@@ -34,7 +34,10 @@ def _label(text: str) -> str:
 
 
 def resources(machine: Machine) -> dict[str, float]:
-    return {"herd_worker": 1.0, "herd_memory_gb": round(machine.memory_bytes / GIB, 2)}
+    """Ray takes a node's resource above 1 only as a whole number (an outside run: 23.54 GiB of
+    a Linux box's MemTotal was refused, and the node never joined): whole GiB, rounded down.
+    (The placement group bundles may ask for fractions: coordinator/ray_nodes.py.)"""
+    return {"herd_worker": 1.0, "herd_memory_gb": float(max(1, machine.memory_bytes // GIB))}
 
 
 def labels(machine: Machine) -> dict[str, str]:
