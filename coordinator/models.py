@@ -8,7 +8,9 @@ fetches them through huggingface_hub: ``herd models add org/name``) or from a fo
 uploads (``herd models add FOLDER``). Workers pull the files their rank needs with GetBlob.
 
 A job's model is pinned at submit (``ModelCatalog.pin``): a hub id to its commit, and to the
-stored model when the store holds it; a local folder to the stored model with the same digest.
+stored model the coordinator fetched from the hub for that commit (``hub_ids``, never a name: a
+folder import takes only a plain name, see herd.models.ref.check_folder_name); a local folder to
+the stored model with the same digest.
 """
 
 from __future__ import annotations
@@ -46,6 +48,11 @@ class StoredModel:
     manifest: ModelManifest
     names: tuple[str, ...]
     added_ms: int
+    # The pinned hub ids (org/name@commit) the coordinator itself fetched these files for: the
+    # only way a job's hub id reaches a stored model. A record stored before herd kept this has
+    # none, so a hub-like name a folder took then lists and removes but never stands in for the
+    # hub model (`herd models add ORG/NAME@REV` fetches it and records it).
+    hub_ids: tuple[str, ...] = ()
 
     @property
     def digest(self) -> str:
@@ -76,7 +83,7 @@ class ModelStore:
     def _load(path: Path) -> StoredModel:
         m = json.loads(path.read_text())
         return StoredModel(ModelManifest.of(FileDigest(**f) for f in m["files"]),
-                           tuple(m["names"]), m["added_ms"])
+                           tuple(m["names"]), m["added_ms"], tuple(m.get("hub_ids", ())))
 
     def list(self) -> list[StoredModel]:
         with self._lock:
@@ -104,13 +111,21 @@ class ModelStore:
                 return hits[0]
         return None
 
+    def fetched(self, pinned: str) -> StoredModel | None:
+        """The model the coordinator fetched from the hub for ``pinned`` (org/name@commit)."""
+        return next((m for m in self.list() if pinned in m.hub_ids), None)
+
     def revisions_of(self, hub_id: str) -> list[StoredModel]:
         """The stored models named ``hub_id@<revision>``."""
         return [m for m in self.list() if any(n.startswith(f"{hub_id}@") for n in m.names)]
 
-    def add(self, files: list[FileDigest], name: str, now_ms: int) -> StoredModel:
+    def add(self, files: list[FileDigest], name: str, now_ms: int,
+            from_hub: bool = False) -> StoredModel:
         """Stores a model whose files are already blobs; the same files again add ``name`` to the
-        model already stored (idempotent)."""
+        model already stored (idempotent). ``from_hub``: this coordinator fetched the files from
+        the hub for ``name`` (a pinned hub id); anything else takes a plain name only."""
+        if not from_hub:
+            refs.check_folder_name(name)
         for f in files:
             check_path(f.name, "model")
             check_sha(f.sha256)
@@ -130,11 +145,12 @@ class ModelStore:
                        if index else None, repr(name))
         with self._lock:
             old = self.get(manifest.digest)
+            hub_ids = (*(old.hub_ids if old else ()), *((name,) if from_hub else ()))
             model = StoredModel(manifest, tuple(dict.fromkeys((*(old.names if old else ()),
                                                                name))),
-                                old.added_ms if old else now_ms)
+                                old.added_ms if old else now_ms, tuple(dict.fromkeys(hub_ids)))
             doc = {"names": list(model.names), "added_ms": model.added_ms,
-                   "files": [f.__dict__ for f in manifest.files]}
+                   "hub_ids": list(model.hub_ids), "files": [f.__dict__ for f in manifest.files]}
             fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".model-")
             with os.fdopen(fd, "w") as f:
                 json.dump(doc, f, indent=1)
@@ -142,14 +158,17 @@ class ModelStore:
         return model
 
     def import_folder(self, folder: Path, name: str, now_ms: int, link: bool,
-                      on_bytes: Callable[[int], None] | None = None) -> StoredModel:
+                      on_bytes: Callable[[int], None] | None = None,
+                      from_hub: bool = False) -> StoredModel:
         """A model folder on this machine (a hub snapshot), hashed file by file into the store."""
+        if not from_hub:  # said before hashing anything
+            refs.check_folder_name(name)
         files = []
         for path in model_files(folder):
             digest = hash_file(path, on_bytes)
             self.blobs.import_file(path, digest.sha256, link)
             files.append(digest)
-        return self.add(files, name, now_ms)
+        return self.add(files, name, now_ms, from_hub)
 
     def read_json(self, model: StoredModel, name: str) -> dict[str, Any] | None:
         f = model.manifest.by_name().get(name)
@@ -191,11 +210,12 @@ class ModelCatalog:
             return cfg, ""  # a folder every worker holds at this path
         if not ref.pinned:  # a raw client: the CLI pins on the laptop already
             cfg = cfg.model_copy(update={"model": refs.resolve(ref).pinned})
-        stored = self.store.find(cfg.model) if want != "hub" else None
+        stored = self.store.fetched(cfg.model) if want != "hub" else None
         if want == "coordinator" and stored is None:
             raise ConfigError(f"model = {cfg.model!r} is not in the coordinator's model store "
-                              "(cluster.model_source: coordinator)",
-                              hint=f"`herd models add {cfg.model}` first, or model_source: auto")
+                              "as fetched from the hub (cluster.model_source: coordinator)",
+                              hint=f"`herd models add {cfg.model}` first (the coordinator "
+                              "fetches it), or model_source: auto")
         return cfg, stored.digest if stored else ""
 
     def config(self, job: Job) -> dict[str, Any] | None:
@@ -264,7 +284,7 @@ def fetch_hub_model(store: ModelStore, hub, now_ms: int, active: Callable[[], bo
             total = sum(p.stat().st_size for p in model_files(folder))
             progress.put(("import", total))
             progress.put(store.import_folder(
-                folder, hub.pinned, now_ms, link=True,
+                folder, hub.pinned, now_ms, link=True, from_hub=True,
                 on_bytes=lambda n: counts.__setitem__("import", counts["import"] + n)))
         except HerdError as e:
             progress.put(e)

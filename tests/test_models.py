@@ -500,10 +500,11 @@ def test_a_hub_model_is_found_by_the_id_herd_models_add_took(sharded, tiny_model
     from herd.errors import NotFoundError
 
     models = ModelCatalog(ModelStore(tmp_path / "models", BlobStore(tmp_path / "blobs")))
-    first = models.store.import_folder(sharded, f"org/m@{'a' * 40}", 0, link=False)
+    first = models.store.import_folder(sharded, f"org/m@{'a' * 40}", 0, link=False,
+                                       from_hub=True)  # as fetch_hub_model imports it
     assert models.store.find("org/m").digest == first.digest
     assert models.store.find("org/other") is None
-    models.store.import_folder(tiny_model, f"org/m@{'b' * 40}", 0, link=False)
+    models.store.import_folder(tiny_model, f"org/m@{'b' * 40}", 0, link=False, from_hub=True)
     with pytest.raises(NotFoundError, match=f"2 revisions of it are stored \\(org/m@{'a' * 40}, "
                                             f"org/m@{'b' * 40}\\)"):
         models.remove("org/m", [])

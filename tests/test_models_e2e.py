@@ -86,7 +86,9 @@ def _job(world, name: str, model: str, **kw) -> Path:
 
 
 def _run(world, cfg: Path) -> tuple[str, list[str]]:
-    job_id = _herd(world, "submit", str(cfg)).stdout.strip().splitlines()[-1]
+    submitted = _herd(world, "submit", str(cfg))
+    world["submitted"] = submitted.stderr  # what submit said besides the id
+    job_id = submitted.stdout.strip().splitlines()[-1]
     watch = _herd(world, "watch", job_id, "--plain", check=False, timeout=300)
     return job_id, watch.stdout.splitlines()
 
@@ -215,7 +217,20 @@ def test_a_data_parallel_job_on_a_stored_hub_model_gets_the_whole_model_once(wor
         assert _cached_shas(world, worker) == everything
     jobs = _herd(world, "jobs").stdout
     assert f"org/tiny@{commit}" in jobs  # the revision pinned in the job record
+    digest = re.search(r" as ([0-9a-f]{12}) ", added).group(1)
+    assert (f"model org/tiny@{commit}: the coordinator's copy {digest}, which it fetched from "
+            "the hub") in world["submitted"], world["submitted"]
     _same_as_baseline(world, job_id, baseline)
+
+
+def test_a_folder_cannot_take_a_hub_models_name(world):
+    """A folder listed as org/tiny@<commit> trained every other user's org/tiny jobs (an outside
+    review): `herd models add` refuses the name before uploading anything."""
+    name = f"org/tiny@{world['commit']}"
+    squat = _herd(world, "models", "add", str(world["model"]), "--name", name, "--plain",
+                  check=False)
+    assert squat.returncode == 2 and "hub id's form" in squat.stderr, squat.stderr
+    assert "uploading" not in squat.stdout + squat.stderr
 
 
 def test_a_corrupted_cached_shard_is_fetched_again_and_nothing_else_moves(world):

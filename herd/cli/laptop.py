@@ -150,8 +150,15 @@ def cmd_submit(args) -> int:
         reply = coord.call("SubmitJob", coordinator_pb2.SubmitJobRequest(spec=spec),
                            timeout=UNARY_DEADLINE_S + SUBMIT_PLAN_S
                            + data_bytes / SUBMIT_CHECK_BYTES_PER_S)
+        # Which bytes a hub id trains on: the copy the coordinator fetched, or the hub's.
+        stored = hub and coord.call("GetJob", coordinator_pb2.GetJobRequest(
+            job_id=reply.job_id)).job.model_digest
     job_id = reply.job_id
     print(job_id, flush=True)  # stdout holds the id alone: JOB=$(herd submit job.yaml)
+    if hub:
+        print(f"model {hub.pinned}: " + (f"the coordinator's copy {stored[:12]}, which it "
+                                         "fetched from the hub" if stored else
+                                         "the workers fetch it from the hub"), file=sys.stderr)
     if reply.warning:
         print(f"warning: {reply.warning}", file=sys.stderr)
     if args.watch:

@@ -3,11 +3,12 @@
     herd models                          what is stored: names, digest, files, size, jobs using it
     herd models add ID|FOLDER [--name N] a hub id (org/name[@revision]: the coordinator fetches
                                          it) or a model folder here (hashed and uploaded; files the
-                                         store already holds are not sent again)
+                                         store already holds are not sent again), under a plain
+                                         name (no '/' or '@': those name hub models only)
     herd models rm NAME|DIGEST           remove it, and the files no other model holds
 
-Jobs whose ``model`` is a stored hub id (or a folder with the same files) get it from the
-coordinator: each worker fetches only what its rank needs, once.
+Jobs whose ``model`` is a hub id the coordinator fetched (or a folder with the same files) get it
+from the coordinator: each worker fetches only what its rank needs, once.
 """
 
 from __future__ import annotations
@@ -138,8 +139,9 @@ def cmd_list(coord: CoordinatorConnection, args) -> int:
 def cmd_add(coord: CoordinatorConnection, args) -> int:
     plain = args.plain or not sys.stdout.isatty()
     ref = refs.parse(args.model)
-    if ref.is_local:
-        info = add_folder(coord, ref.path.resolve(), args.name or ref.path.resolve().name, plain)
+    if ref.is_local:  # the name's rule said here, before anything is hashed or uploaded
+        name = refs.check_folder_name(args.name or ref.path.resolve().name)
+        info = add_folder(coord, ref.path.resolve(), name, plain)
     else:
         info = _add(coord, coordinator_pb2.AddModelRequest(hub_ref=args.model), plain)
     print(_info_line(info))
@@ -160,7 +162,8 @@ def main(argv: list[str]) -> int:
                    help="list the store, add a model to it, or rm one")
     p.add_argument("model", nargs="?",
                    help="add: org/name[@revision] or a model folder; rm: a name or digest")
-    p.add_argument("--name", default=None, help="add: a folder's name in the store")
+    p.add_argument("--name", default=None,
+                   help="add: a folder's name in the store (plain: no '/' or '@')")
     p.add_argument("--plain", action="store_true", help="plain lines, no progress bar")
     p.add_argument("--json", action="store_true", help="list: JSON for scripts instead of a table")
     add_connection_args(p)

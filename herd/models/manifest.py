@@ -66,11 +66,38 @@ def model_files(folder: Path) -> list[Path]:
     if not (folder / CONFIG).is_file():
         raise ConfigError(f"{folder} is not a model folder: it has no {CONFIG}",
                           hint="a model folder holds config.json, *.safetensors and a tokenizer")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and is_model_file(p.name))
+    roots = link_roots(folder)
+    files = sorted(p for p in folder.iterdir()
+                   if is_model_file(p.name) and _contained(p, roots) and p.is_file())
     if not any(p.name.endswith(WEIGHTS_SUFFIX) for p in files):
         raise ConfigError(f"{folder} holds no *{WEIGHTS_SUFFIX} weights",
                           hint="herd moves safetensors weights only")
     return files
+
+
+def link_roots(folder: Path) -> tuple[Path, ...]:
+    """Where a model folder's symlinks may lead: inside the folder; for a hub cache snapshot
+    (models--org--name/snapshots/<commit>/, each file a link to ../../blobs/<etag>), inside that
+    repository's cache folder too."""
+    folder = folder.resolve()
+    repo = folder.parent.parent
+    if folder.parent.name == "snapshots" and repo.name.startswith("models--"):
+        return folder, repo.resolve(), (repo / "blobs").resolve()
+    return (folder,)
+
+
+def _contained(path: Path, roots: tuple[Path, ...]) -> bool:
+    """True for a file (or a link that stays within ``roots``); a link leading anywhere else is
+    refused by name: a cloned model repo can carry one to ~/.ssh/id_ed25519 or herd's own client
+    key, and `herd models add` uploaded what it pointed to (an outside review)."""
+    if not path.is_symlink():
+        return True
+    target = path.resolve()
+    if any(target.is_relative_to(r) for r in roots):
+        return True
+    raise ConfigError(f"{path} is a link to {target}, outside the model folder {roots[0]}",
+                      hint="herd moves only files inside the model folder: remove the link, or "
+                      "copy the file in if it really belongs to the model")
 
 
 def hash_file(path: Path, on_bytes: Callable[[int], None] | None = None) -> FileDigest:

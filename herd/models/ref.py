@@ -69,6 +69,29 @@ def parse(text: str) -> ModelRef:
     return ModelRef(text, repo_id=repo, revision=revision or None)
 
 
+NAME_MAX = 200
+
+
+def check_folder_name(name: str) -> str:
+    """A folder import's name in the model store (``herd models add FOLDER --name N``): plain,
+    printable text. '/' and '@' make a hub id (org/name@revision), which names only a model the
+    coordinator fetched from the hub itself: a folder listed as acme/tiny-llama@<commit> read as
+    that hub model to everyone else (an outside review). Control characters would reach every
+    user's terminal through `herd models`."""
+    if not name.isprintable():
+        raise ConfigError(f"model name {name!r} holds control characters",
+                          hint="give a plain name, e.g. --name my-llama")
+    if not name or len(name) > NAME_MAX:
+        raise ConfigError(f"model name {name[:40]!r} is {len(name)} characters (1 to "
+                          f"{NAME_MAX})", hint="give a plain name, e.g. --name my-llama")
+    if "/" in name or "@" in name:
+        raise ConfigError(f"model name {name!r} has a hub id's form (org/name@revision): only "
+                          "a model the coordinator fetches from the hub is stored under one",
+                          hint="give the folder a plain name without '/' or '@' (--name "
+                          "my-llama), or `herd models add ORG/NAME` to store the hub's own files")
+    return name
+
+
 @dataclass(frozen=True)
 class HubModel:
     """A hub model pinned to a commit, with what planning needs from it."""
