@@ -95,7 +95,8 @@ def model_source_to_pb(m: ModelSource) -> common_pb2.ModelSource:
 def model_to_pb(m: StoredModel, job_ids: list[str] = ()) -> common_pb2.ModelInfo:
     return common_pb2.ModelInfo(digest=m.digest, names=m.names, bytes=m.bytes,
                                 files=[digest_to_pb(f) for f in m.files],
-                                added_unix_ms=m.added_ms, job_ids=job_ids)
+                                added_unix_ms=m.added_ms, job_ids=job_ids,
+                                hub_ids=m.hub_ids)
 
 
 def checkpoint_to_pb(c: Checkpoint) -> common_pb2.CheckpointInfo:

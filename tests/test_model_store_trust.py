@@ -196,3 +196,29 @@ def test_a_hub_cache_snapshot_may_link_into_its_own_blobs_only(
     os.symlink(os.path.relpath(secret, snapshot), snapshot / "vocab.txt")
     with pytest.raises(ConfigError, match=f"vocab.txt is a link to {secret}"):
         model_files(snapshot)
+
+
+def test_herd_models_shows_an_old_squat_as_a_folder_and_escapes_its_name(
+        sharded, tmp_path, coordinator_rpc, capsys):  # noqa: F811 (fixtures)
+    """A record stored before these rules (a hub-like name from a folder, a name with terminal
+    escapes) lists with the escapes shown as text and the hub-like name marked as a folder's."""
+    from coordinator.artifacts import BlobStore
+    from coordinator.models import ModelStore
+    from herd.cli.connection import CoordinatorConnection
+    from herd.cli.models import cmd_list
+
+    store = ModelStore(tmp_path / "models", BlobStore(tmp_path / "blobs"))  # the servicer's
+    squat = store.import_folder(_evil(tmp_path, sharded), "evil", 0, link=False)
+    record = store.root / f"{squat.digest}.json"
+    squatted = f"org/tiny@{'7' * 40}"
+    record.write_text(json.dumps({**json.loads(record.read_text()), "hub_ids": [],
+                                  "names": [squatted, ESCAPES]}))
+    target, ids, _ = coordinator_rpc
+    with CoordinatorConnection(target, ids["client"]) as coord:
+        cmd_list(coord, argparse.Namespace(json=False))
+        table = capsys.readouterr().out
+        cmd_list(coord, argparse.Namespace(json=True))
+        listed = json.loads(capsys.readouterr().out)
+    assert f"{squatted} (a folder, not the hub's), x\\x1b[2J" in table, table
+    assert "\x1b" not in table and "\x07" not in table
+    assert listed[0]["hub_ids"] == [] and listed[0]["names"] == [squatted, ESCAPES]

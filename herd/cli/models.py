@@ -84,8 +84,20 @@ class Bar:
         self._progress.update(tasks[what], completed=done, total=total or None)
 
 
+def _names(m: common_pb2.ModelInfo) -> str:
+    """A model's names as a terminal may show them: control characters escaped (a record stored
+    before herd refused them), and a hub-like name the coordinator did not fetch from the hub
+    marked as the folder's it is (a job's hub id never resolves to it)."""
+    def shown(name: str) -> str:
+        text = name if name.isprintable() else name.encode("unicode_escape").decode()
+        folder = ("/" in name or "@" in name) and name not in m.hub_ids
+        return text + (" (a folder, not the hub's)" if folder else "")
+
+    return ", ".join(shown(n) for n in m.names)
+
+
 def _info_line(m: common_pb2.ModelInfo) -> str:
-    return (f"stored {', '.join(m.names)} as {m.digest[:12]} ({len(m.files)} files, "
+    return (f"stored {_names(m)} as {m.digest[:12]} ({len(m.files)} files, "
             f"{human_bytes(m.bytes)})")
 
 
@@ -124,12 +136,13 @@ def cmd_list(coord: CoordinatorConnection, args) -> int:
         print(json.dumps([{"names": list(m.names), "digest": m.digest, "bytes": m.bytes,
                            "files": [{"name": f.name, "sha256": f.sha256, "bytes": f.bytes}
                                      for f in m.files],
-                           "added_unix_ms": m.added_unix_ms, "jobs": list(m.job_ids)}
+                           "added_unix_ms": m.added_unix_ms, "jobs": list(m.job_ids),
+                           "hub_ids": list(m.hub_ids)}
                           for m in models], indent=2))
         return 0
     rows = [["MODEL", "DIGEST", "FILES", "SIZE", "JOBS"]]
     for m in models:
-        rows.append([", ".join(m.names), m.digest[:12], str(len(m.files)), human_bytes(m.bytes),
+        rows.append([_names(m), m.digest[:12], str(len(m.files)), human_bytes(m.bytes),
                      ", ".join(m.job_ids) or "-"])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     print("\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows))
@@ -150,7 +163,7 @@ def cmd_add(coord: CoordinatorConnection, args) -> int:
 
 def cmd_rm(coord: CoordinatorConnection, args) -> int:
     reply = coord.call("RemoveModel", coordinator_pb2.RemoveModelRequest(model=args.model))
-    print(f"removed {', '.join(reply.model.names)} ({reply.model.digest[:12]}); freed "
+    print(f"removed {_names(reply.model)} ({reply.model.digest[:12]}); freed "
           f"{human_bytes(reply.freed_bytes)}")
     return 0
 

@@ -114,20 +114,22 @@ class JobSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., config_yaml: _Optional[str] = ..., dataset: _Optional[_Iterable[_Union[FileDigest, _Mapping]]] = ..., model_digest: _Optional[str] = ..., resume_from: _Optional[str] = ..., resume_adapter: _Optional[_Union[FileDigest, _Mapping]] = ..., model_config_json: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("digest", "names", "files", "bytes", "added_unix_ms", "job_ids")
+    __slots__ = ("digest", "names", "files", "bytes", "added_unix_ms", "job_ids", "hub_ids")
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     NAMES_FIELD_NUMBER: _ClassVar[int]
     FILES_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
     ADDED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     JOB_IDS_FIELD_NUMBER: _ClassVar[int]
+    HUB_IDS_FIELD_NUMBER: _ClassVar[int]
     digest: str
     names: _containers.RepeatedScalarFieldContainer[str]
     files: _containers.RepeatedCompositeFieldContainer[FileDigest]
     bytes: int
     added_unix_ms: int
     job_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, digest: _Optional[str] = ..., names: _Optional[_Iterable[str]] = ..., files: _Optional[_Iterable[_Union[FileDigest, _Mapping]]] = ..., bytes: _Optional[int] = ..., added_unix_ms: _Optional[int] = ..., job_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    hub_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, digest: _Optional[str] = ..., names: _Optional[_Iterable[str]] = ..., files: _Optional[_Iterable[_Union[FileDigest, _Mapping]]] = ..., bytes: _Optional[int] = ..., added_unix_ms: _Optional[int] = ..., job_ids: _Optional[_Iterable[str]] = ..., hub_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ModelSource(_message.Message):
     __slots__ = ("digest", "files", "hub_repo", "hub_revision")
