@@ -26,6 +26,7 @@ from herd.rpc.join import (
     token_secret,
 )
 from herd.rpc.status import abort
+from herd.rpc.token_ledger import TokenLedger
 from protos.v1 import join_pb2, join_pb2_grpc
 
 logger = log.get(__name__)
@@ -47,6 +48,7 @@ class JoinServicer(join_pb2_grpc.JoinServiceServicer):
         self._ca = authority
         self._key = authority.join_key()
         self._clock = clock
+        self._tokens = TokenLedger(authority.folder)  # `herd revoke` voids a member's token
 
     def Join(self, request, context):
         try:
@@ -74,7 +76,10 @@ class JoinServicer(join_pb2_grpc.JoinServiceServicer):
         if not now <= request.expires <= now + MAX_TTL_S:
             raise AuthError("the join token has expired",
                             hint="make a new one on the coordinator's machine: `herd token`")
-        return self._ca.sign_csr(request.csr_pem, request.role, request.name)
+        self._tokens.check(request.nonce)
+        cert = self._ca.sign_csr(request.csr_pem, request.role, request.name)
+        self._tokens.joined(f"{request.role}/{request.name}", request.nonce)
+        return cert
 
 
 def serve_join(authority: pki.Authority, address: str) -> tuple[grpc.Server, int]:

@@ -283,6 +283,32 @@ def test_joining_takes_a_valid_token_and_a_free_name(cluster, tmp_path):
     assert not (tmp_path / "nope").exists()
 
 
+def test_revoking_a_member_voids_the_token_it_joined_with(cluster, tmp_path):
+    """A revoked laptop rejoined at once under a new name with the token it had joined with (an
+    outside run; tokens live up to 7 days and are handed around). `herd revoke` voids that
+    token: nobody joins with it again; a new token works, and a member who joined with another
+    token keeps working."""
+    c = cluster
+    shared = make_token(c.ca, c.coord.join_address, "client", ttl_s=3600)
+    mallory = join(shared, "mallory", tmp_path / "mallory")
+    other = make_token(c.ca, c.coord.join_address, "client", ttl_s=3600)
+    alice = join(other, "alice", tmp_path / "alice")
+    proc = subprocess.run([sys.executable, "-m", "herd", "revoke", "client/mallory",
+                           "--tls-dir", str(c.ca.folder)], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "the join token it joined with is void" in proc.stdout, proc.stdout
+    with pytest.raises(AuthError, match="voided when client/mallory was revoked"):
+        join(shared, "mallory2", tmp_path / "mallory2")
+    assert not (tmp_path / "mallory2").exists()
+    with pytest.raises(grpc.RpcError):
+        coordinator_stub(c, mallory).ListWorkers(coordinator_pb2.ListWorkersRequest(), timeout=5)
+    carol = join(make_token(c.ca, c.coord.join_address, "client"), "carol", tmp_path / "carol")
+    for member in (alice, carol):
+        assert coordinator_stub(c, member).ListWorkers(coordinator_pb2.ListWorkersRequest(),
+                                                       timeout=5)
+
+
 def test_a_second_member_of_a_machine_is_kept_beside_the_first_and_another_cluster_is_refused(
         cluster, tmp_path):
     """`herd join --id` on a machine that already joined keeps both identities (a second worker

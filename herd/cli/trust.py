@@ -21,6 +21,7 @@ from herd.errors import ConfigError, HerdError
 from herd.netif import hostport
 from herd.rpc import discovery, pki
 from herd.rpc.join import DEFAULT_TTL_S, JOIN_ROLES, MAX_TTL_S, JoinToken, join, make_token
+from herd.rpc.token_ledger import TokenLedger
 from herd.usage import HelpFormatter
 
 DEFAULT_JOIN_PORT = 7452  # coordinator/main.py: its default port + 2
@@ -96,8 +97,11 @@ def cmd_join(args) -> int:
 def cmd_revoke(args) -> int:
     ca = pki.Authority.load(_dir(args))
     done = ca.revoke(args.member, unissued=args.unissued)
+    voided = TokenLedger(ca.folder).void_for(args.member)
     print(f"{args.member} {'revoked' if done else 'was already revoked'}: the coordinator using "
-          f"{_dir(args)} refuses it from now on")
+          f"{_dir(args)} refuses it from now on"
+          + ("; the join token it joined with is void (other machines need a new one)"
+             if voided else ""))
     return 0
 
 
