@@ -83,7 +83,7 @@ def sent_model_config(text: str) -> dict | None:
                           f"over {MAX_MODEL_CONFIG}")
     try:
         parsed = json.loads(text)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # (RecursionError: nested deeper than Python reads)
         raise ConfigError(f"the model's config.json sent with the job is not JSON: {e}") from None
     if not isinstance(parsed, dict):
         raise ConfigError("the model's config.json sent with the job is not a JSON object")

@@ -41,7 +41,11 @@ def load(text: str, loader: type[yaml.SafeLoader], source: str) -> Any:
         if node is None:
             return None
         _measure(node, source)
-        return parser.construct_document(node)
+        try:
+            return parser.construct_document(node)
+        except ValueError as e:  # a value Python will not build (an int of 5,000 digits)
+            raise ConfigError(f"{source}: {e}", hint="no number in a job config needs more "
+                              "than a few digits") from None
     finally:
         parser.dispose()
 

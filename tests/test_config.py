@@ -225,3 +225,27 @@ def test_fixed_shares_split_an_odd_global_batch_in_either_spelling():
     with pytest.raises(ConfigError, match="summing to 5"):
         parse_config({"model": "m", "data": "d", "batch_size": 5,
                       "cluster": {"workers": 2, "shares": [3, 3]}})
+
+
+def test_odd_numbers_in_a_config_or_a_sent_config_json_are_refused_by_name():
+    """An outside run: a 5,000-digit integer in a job config, and a model config.json sent with a
+    job holding heads 0, "x", infinity or a 40 KB nested array, came back as Python's own
+    exceptions (exit 1; 'integer division or modulo by zero')."""
+    from coordinator.jobs import sent_model_config
+    from coordinator.planner.memory import ModelShape
+    from herd.config import config_from_yaml
+
+    with pytest.raises(ConfigError, match="4300 digits"):
+        config_from_yaml(f"iters: {'9' * 5000}\n", "job.yaml")
+    base = {"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
+            "intermediate_size": 128, "vocab_size": 100}
+    assert ModelShape.from_config(base).head_dim == 16
+    for key, value in (("num_attention_heads", 0), ("hidden_size", "x"),
+                       ("vocab_size", float("inf")), ("num_key_value_heads", -2),
+                       ("num_hidden_layers", True)):
+        with pytest.raises(ConfigError, match=f"{key} = .* is not a positive whole number"):
+            ModelShape.from_config({**base, key: value})
+    with pytest.raises(ConfigError, match="lacks 'vocab_size'"):
+        ModelShape.from_config({k: v for k, v in base.items() if k != "vocab_size"})
+    with pytest.raises(ConfigError, match="not JSON"):
+        sent_model_config("[" * 20_000 + "]" * 20_000)

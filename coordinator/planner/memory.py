@@ -82,19 +82,29 @@ class ModelShape:
 
     @classmethod
     def from_config(cls, cfg: dict) -> "ModelShape":
-        cfg = {**cfg.get("text_config", {}), **cfg} if "text_config" in cfg else cfg
-        try:
-            hidden = int(cfg["hidden_size"])
-            heads = int(cfg["num_attention_heads"])
-            layers = int(cfg["num_hidden_layers"])
-            inter = int(cfg["intermediate_size"])
-            vocab = int(cfg["vocab_size"])
-        except KeyError as e:
-            raise ConfigError(
-                f"model config.json lacks {e.args[0]!r}",
-                hint="herd plans dense llama/qwen2-style models from their config.json",
-            ) from None
+        text = cfg.get("text_config") if isinstance(cfg, dict) else None
+        cfg = {**text, **cfg} if isinstance(text, dict) else cfg
+        sizes = ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size",
+                 "vocab_size")
+        for key in (*sizes, "num_key_value_heads", "head_dim"):
+            if key not in sizes and not cfg.get(key):
+                continue  # (optional: derived below)
+            if key not in cfg:
+                raise ConfigError(
+                    f"model config.json lacks {key!r}",
+                    hint="herd plans dense llama/qwen2-style models from their config.json")
+            value = cfg[key]
+            # (a laptop's config.json reaches the coordinator's planner: an outside run sent
+            # heads 0, "x" and infinity, and got Python's exceptions back)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 2**40:
+                raise ConfigError(f"model config.json: {key} = {value!r} is not a positive "
+                                  "whole number")
+        hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+        layers, inter, vocab = (cfg["num_hidden_layers"], cfg["intermediate_size"],
+                                cfg["vocab_size"])
         q = cfg.get("quantization") or cfg.get("quantization_config") or {}
+        if not isinstance(q, dict):
+            q = {}
         model_type = str(cfg.get("model_type", "llama"))
         return cls(
             model_type=model_type,
