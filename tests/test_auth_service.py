@@ -255,6 +255,16 @@ def test_rogue_and_impostor_worker_adverts_never_get_work(cluster):
     assert verified >= 1 and any("rogue" in r for r in refused), refused
 
 
+def _expired_token(c, role: str) -> JoinToken:
+    """A token of this cluster, signed, whose expiry is 5 s past (make_token makes none)."""
+    from herd.rpc.join import token_secret
+
+    t = make_token(c.ca, c.coord.join_address, role)
+    past = int(time.time()) - 5
+    return JoinToken(**{**t.__dict__, "expires": past,
+                        "secret": token_secret(c.ca.join_key(), role, past, t.nonce)})
+
+
 def test_joining_takes_a_valid_token_and_a_free_name(cluster, tmp_path):
     c = cluster
     token = make_token(c.ca, c.coord.join_address, "client", ttl_s=60)
@@ -276,11 +286,31 @@ def test_joining_takes_a_valid_token_and_a_free_name(cluster, tmp_path):
     for bad, name, why in refused:
         with pytest.raises(AuthError, match=why):
             join(bad, name, tmp_path / "nope")
-    expired = make_token(c.ca, c.coord.join_address, "worker", ttl_s=1)
-    expired = JoinToken(**{**expired.__dict__, "expires": int(time.time()) - 5})
+    expired = _expired_token(c, "worker")
     with pytest.raises(AuthError, match="expired"):
         join(expired, "newbie", tmp_path / "nope")
     assert not (tmp_path / "nope").exists()
+
+
+def test_a_joining_machine_whose_clock_is_off_is_told_so(cluster, tmp_path):
+    """Outside runs with a worker's clock 5 h off: ahead, `herd join` refused a token made
+    seconds before as expired (its own clock decided); behind, it joined and then every
+    connection failed as "unreachable", the certificates not yet valid there. The coordinator
+    decides expiry by its clock, and the join says how far this machine's clock is off."""
+    from herd.rpc.join import clock_skew_s, skew_warning
+
+    c = cluster
+    old = _expired_token(c, "client")
+    with pytest.raises(AuthError) as e:  # the coordinator's verdict, not this machine's clock
+        join(old, "skewed", tmp_path / "skewed")
+    assert e.value.message.startswith("the join token has expired")  # (not "this join token")
+    me = join(make_token(c.ca, c.coord.join_address, "client", ttl_s=60), "skewed",
+              tmp_path / "skewed")
+    skew = clock_skew_s(me)
+    assert abs(skew) < 60 and skew_warning(skew) is None
+    behind = skew_warning(clock_skew_s(me, now=time.time() - 5 * 3600))
+    assert "5.0 h behind the coordinator's" in behind and "not valid here yet" in behind
+    assert "ahead of" in skew_warning(clock_skew_s(me, now=time.time() + 3 * 3600))
 
 
 def test_revoking_a_member_voids_the_token_it_joined_with(cluster, tmp_path):

@@ -20,7 +20,16 @@ from pathlib import Path
 from herd.errors import ConfigError, HerdError
 from herd.netif import hostport
 from herd.rpc import discovery, pki
-from herd.rpc.join import DEFAULT_TTL_S, JOIN_ROLES, MAX_TTL_S, JoinToken, join, make_token
+from herd.rpc.join import (
+    DEFAULT_TTL_S,
+    JOIN_ROLES,
+    MAX_TTL_S,
+    JoinToken,
+    clock_skew_s,
+    join,
+    make_token,
+    skew_warning,
+)
 from herd.rpc.token_ledger import TokenLedger
 from herd.usage import HelpFormatter
 
@@ -87,6 +96,8 @@ def cmd_join(args) -> int:
     token = JoinToken.decode(args.token)
     ident = join(token, args.id or pki.host_label(), _dir(args))
     print(f"joined as {ident.label}; certificate and key in {_dir(args)}")
+    if warning := skew_warning(clock_skew_s(ident)):
+        print(f"warning: {warning}", file=sys.stderr)
     if ident.role == "worker":
         second = (_dir(args) / f"worker-{ident.name}.pem").is_file()
         print(f"next: `herd worker --id {ident.name}` (a second worker of this machine)" if second

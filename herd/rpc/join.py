@@ -95,10 +95,9 @@ def reply_proof(secret: bytes, ca_pem: bytes, cert_pem: bytes) -> bytes:
 
 def join(token: JoinToken, name: str, folder: Path, timeout_s: float = 10.0) -> pki.Identity:
     """Asks the coordinator for a certificate for this machine's new key as ``token.role`` /
-    ``name``; checks the reply and saves the identity in ``folder``."""
-    if token.expires < time.time():
-        raise AuthError("this join token has expired",
-                        hint="make a new one on the coordinator's machine: `herd token`")
+    ``name``; checks the reply and saves the identity in ``folder``. Whether the token has
+    expired is the coordinator's to say, by its clock: this machine's may be off (an outside
+    run: a clock 5 h ahead refused a token made seconds before)."""
     pki.check_label(name, f"{token.role} name")
     ca_file = folder / "ca.pem"
     if ca_file.is_file() and not pki.fingerprint(ca_file.read_bytes()).startswith(
@@ -140,6 +139,34 @@ def join(token: JoinToken, name: str, folder: Path, timeout_s: float = 10.0) -> 
     ident = pki.Identity(token.role, name, reply.ca_pem, reply.cert_pem, pki.key_pem(key))
     ident.save(folder, member_stem(folder, token.role, name))
     return ident
+
+
+# Certificates are dated from 5 minutes before they are signed (herd/rpc/pki.py), so a clock up
+# to that far behind still accepts them.
+BACKDATED_S = 300
+
+
+def clock_skew_s(ident: pki.Identity, now: float | None = None) -> float:
+    """How far this machine's clock is from the coordinator's that just signed ``ident``'s
+    certificate (negative: behind), to the second or so a join takes."""
+    signed = x509.load_pem_x509_certificate(ident.cert_pem).not_valid_before_utc.timestamp()
+    return (time.time() if now is None else now) - (signed + BACKDATED_S)
+
+
+def skew_warning(skew_s: float) -> str | None:
+    """What to say about a clock ``skew_s`` away from the coordinator's ("" when close): behind
+    by more than the backdating, no certificate of this cluster is valid here yet, and every
+    connection fails as if unreachable (an outside run)."""
+    if abs(skew_s) < 60:
+        return None
+    hours = abs(skew_s) / 3600
+    far = f"{hours:.1f} h" if hours >= 1 else f"{abs(skew_s) / 60:.0f} min"
+    behind = skew_s < -BACKDATED_S + 5
+    return (f"this machine's clock is {far} {'behind' if skew_s < 0 else 'ahead of'} the "
+            "coordinator's" + (": the cluster's certificates are not valid here yet, so every "
+                               "connection will fail" if behind else "")
+            + "; set it right (macOS: System Settings > General > Date & Time, automatic; "
+            "Linux: timedatectl set-ntp true)")
 
 
 def member_stem(folder: Path, role: str, name: str) -> str:
