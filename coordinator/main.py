@@ -120,7 +120,8 @@ class Coordinator:
         if http_port is not None:
             http_host = http_host or host
             auth = WebAuth(authority.api_secret(),
-                           anonymous_read=dashboard_open or is_loopback(http_host))
+                           anonymous_read=dashboard_open or is_loopback(http_host),
+                           bind_host=http_host)
             self.web = WebServer(WebContext(self.store, self.scheduler, self.hub,
                                             self.scheduler.workers, blobs, adapters, auth,
                                             self.models),

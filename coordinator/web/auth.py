@@ -6,8 +6,16 @@
   page on another site can make a browser send the cookie but can change nothing; it is also
   SameSite=Strict and HttpOnly.
 - Anonymous: reading the dashboard and /metrics only when the coordinator's HTTP side is bound to
-  loopback or started with ``--dashboard-open``; otherwise nothing. The job API (/v1) always wants
+  loopback or started with ``--dashboard-open``, and only for a request that names this machine
+  in its Host header (``WebAuth.host_ok``); otherwise nothing. The job API (/v1) always wants
   the bearer token: programs can carry one, and it starts work on the cluster.
+
+Why the Host: any web page the operator opens can point a name of its own at 127.0.0.1 (DNS
+rebinding) and then read the loopback dashboard as its own site (an outside review). Its requests
+carry its own name as Host, and no token: the browser keeps a session cookie for the name it was
+set under, and the page cannot know the token. So a token or cookie is accepted whatever the
+Host (an SSH tunnel, a proxy, a hostname), and an anonymous read is granted only to names such a
+page cannot own.
 
 The token never appears in a page, a URL or a log: the login posts it in a request body, and the
 cookie holds an expiry and an HMAC of it, not the token.
@@ -19,6 +27,7 @@ import enum
 import hashlib
 import hmac
 import ipaddress
+import socket
 import time
 
 from herd.rpc.api_token import api_token
@@ -42,10 +51,41 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def host_name(header: str) -> str:
+    """The name or address in a Host header: no port, no IPv6 brackets, lower case."""
+    name = header.strip().lower()
+    if name.startswith("["):
+        name = name[1:].partition("]")[0]
+    elif name.count(":") == 1:
+        name = name.partition(":")[0]
+    return name.rstrip(".")
+
+
 class WebAuth:
-    def __init__(self, secret: str, anonymous_read: bool):
+    def __init__(self, secret: str, anonymous_read: bool, bind_host: str = "127.0.0.1"):
         self._token = api_token(secret)
         self.anonymous_read = anonymous_read
+        self._names = {"localhost", host_name(bind_host)}
+        self._lan = not is_loopback(host_name(bind_host))
+        if self._lan:  # --dashboard-open: also this machine's own names, as a browser types them
+            me = socket.gethostname().lower().split(".")[0]
+            self._names |= {me, f"{me}.local"}
+
+    def host_ok(self, host: str | None) -> bool:
+        """Whether a request with this Host header may read anonymously: a loopback name or
+        address, the bound address, and on a LAN bind any IP address and this machine's name.
+        A rebinding page always sends a name of its own (an address in the page's URL is
+        connected to as it is, so it cannot be pointed elsewhere)."""
+        if host is None:
+            return True  # (a browser always sends one: this is a hand-made request)
+        name = host_name(host)
+        if name in self._names or name.endswith(".localhost"):
+            return True  # (browsers resolve *.localhost to loopback themselves)
+        try:
+            address = ipaddress.ip_address(name)
+        except ValueError:
+            return False
+        return address.is_loopback or self._lan
 
     def token_ok(self, token: str) -> bool:
         return hmac.compare_digest(token.encode(), self._token.encode())
@@ -67,12 +107,16 @@ class WebAuth:
         fresh = expiry > (time.time() if now is None else now)
         return fresh and hmac.compare_digest(mac, self._session_mac(expiry))
 
-    def access(self, authorization: str | None, cookie: str | None) -> Access:
-        """What a request may do, from its Authorization header and session cookie."""
+    def anonymous_ok(self, host: str | None) -> bool:
+        return self.anonymous_read and self.host_ok(host)
+
+    def access(self, authorization: str | None, cookie: str | None,
+               host: str | None = None) -> Access:
+        """What a request may do, from its Authorization header, session cookie and Host."""
         if authorization is not None:
             scheme, _, token = authorization.partition(" ")
             ok = scheme.lower() == "bearer" and self.token_ok(token.strip())
             return Access.FULL if ok else Access.NONE
-        if self.session_ok(cookie) or self.anonymous_read:
+        if self.session_ok(cookie) or self.anonymous_ok(host):
             return Access.READ
         return Access.NONE

@@ -37,6 +37,7 @@ from coordinator.store import JobStore
 from coordinator.web import prometheus
 from coordinator.web.auth import COOKIE, SESSION_S, Access, WebAuth
 from coordinator.web.hub import MetricsHub
+from coordinator.web.limits import AcceptErrors, Admission
 from coordinator.web.openai_api import JobApi
 from coordinator.web.openai_shape import error_object, error_status
 from herd import log
@@ -49,6 +50,7 @@ STATIC = Path(__file__).parent / "static"
 CLUSTER_EVERY_S = 2.0  # worker heartbeats age: the overview is re-sent at least this often
 QUEUE_MAX = 2000  # a stream that falls this far behind is closed; the browser reconnects
 OVERVIEW_JOBS = 100
+KEEPALIVE_S = 30.0  # an idle connection, or one dripping its next request head, is closed then
 CONTEXT = web.AppKey("ctx", object)
 METRICS = web.AppKey("metrics", object)
 
@@ -86,13 +88,20 @@ def _required(request: web.Request) -> Access:
 async def _guard(request: web.Request, handler):
     ctx: WebContext = request.app[CONTEXT]
     if request.path not in ("/login", "/logout"):
-        need = _required(request)
-        have = ctx.auth.access(request.headers.get("Authorization"), request.cookies.get(COOKIE))
+        need, host = _required(request), request.headers.get("Host")
+        have = ctx.auth.access(request.headers.get("Authorization"), request.cookies.get(COOKIE),
+                               host)
         if have < need:
-            return web.json_response(
-                error_object("a valid API token is required (`herd api-token` prints it)",
-                             "invalid_api_key"),
-                status=401, headers={"WWW-Authenticate": 'Bearer realm="herd"'})
+            why = "a valid API token is required (`herd api-token` prints it)"
+            if ctx.auth.anonymous_read and not ctx.auth.host_ok(host):
+                # 401, not 403: the dashboard then asks for the token, so a name the operator
+                # chose (an alias, a tunnel) still works after one login.
+                why = (f"this was asked for as {host!r}: the dashboard is read without a token "
+                       "only at localhost or its own address (another name may be a web page "
+                       "that pointed its name at this machine); log in with the token "
+                       "(`herd api-token` prints it)")
+            return web.json_response(error_object(why, "invalid_api_key"), status=401,
+                                     headers={"WWW-Authenticate": 'Bearer realm="herd"'})
     try:
         return await handler(request)
     except HerdError as e:
@@ -228,10 +237,12 @@ def make_app(ctx: WebContext) -> web.Application:
 class WebServer:
     """The app on ``host:port`` (0 = any free port), on an event loop in a thread of its own."""
 
-    def __init__(self, ctx: WebContext, host: str, port: int):
+    def __init__(self, ctx: WebContext, host: str, port: int, admission: Admission | None = None):
         self.ctx, self.host, self.port = ctx, host, port
+        self.admission = admission or Admission()  # connections per source, head deadline
         self._loop = asyncio.new_event_loop()
         self._runner: web.AppRunner | None = None
+        self._listener: asyncio.Server | None = None
         self._started = threading.Event()
         self._error: BaseException | None = None
 
@@ -259,17 +270,26 @@ class WebServer:
 
     async def _serve(self) -> None:
         # No access log: it would hold every URL, and nothing secret must reach a log anyway.
+        self._loop.set_exception_handler(AcceptErrors())  # out of descriptors: said once a minute
         self._runner = web.AppRunner(make_app(self.ctx), access_log=None,
-                                     handler_cancellation=True, shutdown_timeout=2.0)
+                                     handler_cancellation=True, shutdown_timeout=2.0,
+                                     keepalive_timeout=KEEPALIVE_S)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
+        # Our own listener instead of web.TCPSite: every connection goes through the admission
+        # guard (coordinator/web/limits.py) before aiohttp sees it.
+        self._listener = await self._loop.create_server(
+            self.admission.factory(self._runner.server), self.host, self.port)
+        self.port = self._listener.sockets[0].getsockname()[1]
+
+    async def _close(self) -> None:
+        if self._listener is not None:
+            self._listener.close()  # (not wait_closed: it waits for every client to leave)
+        await self._runner.cleanup()
 
     def stop(self) -> None:
         if self._runner is None or not self._loop.is_running():
             return
-        fut = asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop)
+        fut = asyncio.run_coroutine_threadsafe(self._close(), self._loop)
         try:
             fut.result(timeout=10)
         except Exception as e:  # stopping anyway; say why it was not clean

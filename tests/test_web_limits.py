@@ -1,0 +1,169 @@
+"""The HTTP side against an outside review's attacks: a web page that points its own name at the
+loopback dashboard (DNS rebinding) and slowloris connections. A real server on a free port, real
+HTTP requests."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import time
+
+import httpx
+import pytest
+from structlog.testing import capture_logs
+
+from coordinator.artifacts import AdapterStore, BlobStore
+from coordinator.scheduler import Scheduler
+from coordinator.store import JobStore
+from coordinator.web.auth import Access, WebAuth
+from coordinator.web.hub import MetricsHub
+from coordinator.web.limits import AcceptErrors, Admission
+from coordinator.web.server import WebContext, WebServer
+from tests.test_web_units import SECRET, TOKEN, WORKER, NoLauncher, feed_job
+
+
+@pytest.fixture
+def make_server(tmp_path):
+    """``make_server(anonymous_read, admission)``: the HTTP side bound to 127.0.0.1."""
+    store = JobStore(tmp_path / "herd.db")
+    feed_job(store)
+    scheduler = Scheduler(store, lambda: [WORKER], NoLauncher())
+    hub = MetricsHub(store, scheduler.wait_for_events)
+    hub.poll()
+    started = []
+
+    def make(anonymous_read: bool = True, admission: Admission | None = None) -> WebServer:
+        ctx = WebContext(store, scheduler, hub, lambda: [WORKER], BlobStore(tmp_path / "blobs"),
+                         AdapterStore(tmp_path / "adapters"),
+                         WebAuth(SECRET, anonymous_read, bind_host="127.0.0.1"))
+        web = WebServer(ctx, "127.0.0.1", 0, admission)
+        web.start()
+        started.append(web)
+        return web
+
+    yield make
+    for web in started:
+        web.stop()
+    store.close()
+
+
+# --- DNS rebinding --------------------------------------------------------------------------------
+
+def test_a_page_that_points_its_name_at_the_loopback_dashboard_reads_nothing(make_server):
+    web = make_server(anonymous_read=True)
+    port = web.port
+    with httpx.Client(base_url=web.url, timeout=10) as http:
+        for path in ("/api/cluster", "/api/jobs/demo-1", "/metrics", "/api/stream",
+                     "/api/jobs/demo-1/checkpoints/4/adapter.tar.gz"):
+            r = http.get(path, headers={"Host": f"attacker.example:{port}"})
+            assert r.status_code == 401, path
+            assert "'attacker.example:" in r.json()["error"]["message"]
+        assert http.get("/", headers={"Host": "attacker.example"}).status_code == 200  # no data
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", "LOCALHOST.", f"[::1]:{port}",
+                     "dash.localhost", "127.0.0.2", "127.0.0.1"):
+            assert http.get("/api/cluster", headers={"Host": host}).status_code == 200, host
+        # The token, or the session cookie it buys, works whatever name the client used (an SSH
+        # tunnel, an alias): a rebinding page has neither.
+        bearer = {"Host": "coordinator.lab.example", "Authorization": f"Bearer {TOKEN}"}
+        assert http.get("/api/cluster", headers=bearer).status_code == 200
+        assert http.get("/v1/fine_tuning/jobs", headers=bearer).status_code == 200
+        alias = {"Host": "coordinator.lab.example"}
+        assert http.post("/login", data={"token": TOKEN}, headers=alias).status_code == 200
+        assert http.get("/metrics", headers=alias).status_code == 200
+
+
+def test_which_host_names_read_anonymously():
+    loopback = WebAuth(SECRET, True, bind_host="127.0.0.1")
+    assert loopback.access(None, None, "localhost:7480") is Access.READ
+    assert loopback.access(None, None, "evil.example") is Access.NONE
+    assert loopback.access(None, None, "192.168.1.5:7480") is Access.NONE  # not what we bound
+    assert loopback.access(f"Bearer {TOKEN}", None, "evil.example") is Access.FULL
+    # A LAN bind with --dashboard-open: its addresses and the machine's name, not a page's name.
+    lan = WebAuth(SECRET, True, bind_host="192.168.1.5")
+    me = socket.gethostname().split(".")[0]
+    for host in ("192.168.1.5:7480", "10.1.2.3", "[fe80::1]:7480", f"{me}.local:7480", me):
+        assert lan.access(None, None, host) is Access.READ, host
+    assert lan.access(None, None, "evil.example:7480") is Access.NONE
+    # Without --dashboard-open nothing is anonymous, whatever the name.
+    assert WebAuth(SECRET, False).access(None, None, "localhost") is Access.NONE
+
+
+# --- connections --------------------------------------------------------------------------------
+
+def _closed_by_server(sock: socket.socket) -> bool:
+    """Waits (up to the socket's timeout) for the server to close the connection."""
+    try:
+        return sock.recv(1024) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_a_request_head_dripped_slowly_is_cut_off_and_others_are_still_served(make_server):
+    web = make_server(admission=Admission(head_timeout_s=2.0))
+    slow = socket.create_connection(("127.0.0.1", web.port), timeout=8)
+    slow.sendall(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+    for _ in range(15):  # one header line at a time, never the blank line that ends the head
+        time.sleep(0.2)
+        try:
+            slow.sendall(b"X-a: b\r\n")
+        except OSError:
+            break
+    assert _closed_by_server(slow)
+    slow.close()
+    # A head split across reads still counts as complete.
+    quick = socket.create_connection(("127.0.0.1", web.port), timeout=8)
+    quick.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r")
+    time.sleep(0.05)
+    quick.sendall(b"\n")
+    assert quick.recv(12) == b"HTTP/1.1 200"
+    quick.close()
+
+
+def test_one_source_holds_a_bounded_number_of_connections(make_server):
+    web = make_server(admission=Admission(max_per_peer=3, head_timeout_s=60))
+    held = [socket.create_connection(("127.0.0.1", web.port), timeout=8) for _ in range(3)]
+    extra = socket.create_connection(("127.0.0.1", web.port), timeout=8)
+    assert _closed_by_server(extra)
+    extra.close()
+    # Another source is still served while the first is at its bound.
+    other = socket.create_connection(("127.0.0.1", web.port), timeout=8,
+                                     source_address=("127.0.0.2", 0))
+    other.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+    assert other.recv(12) == b"HTTP/1.1 200"
+    other.close()
+    for sock in held:
+        sock.close()
+    deadline = time.monotonic() + 8
+    while web.admission.open.get("127.0.0.1") and time.monotonic() < deadline:
+        time.sleep(0.02)  # the server sees the closes
+    assert httpx.get(web.url, timeout=8).status_code == 200
+
+
+def test_running_out_of_descriptors_is_logged_once_then_counted():
+    """asyncio's accept loop reports every failed accept(): 42,363 tracebacks a minute in the
+    outside run. Here the first is said, then a count at most once a minute."""
+    import asyncio
+
+    now = [0.0]
+    loop = asyncio.new_event_loop()
+    loop.set_exception_handler(AcceptErrors(every_s=60, clock=lambda: now[0]))
+    emfile = {"message": "socket.accept() out of system resource",
+              "exception": OSError(errno.EMFILE, os.strerror(errno.EMFILE))}
+    with capture_logs() as logs:
+        for _ in range(1000):
+            loop.call_exception_handler(emfile)
+        now[0] = 61.0
+        for _ in range(5):
+            loop.call_exception_handler(emfile)
+    loop.close()
+    said = [e for e in logs if e["event"] == "http_accept_failing"]
+    assert [e["times"] for e in said] == [1, 1000]
+    assert said[0]["error"] == os.strerror(errno.EMFILE)
+
+
+def test_the_server_s_loop_uses_the_quiet_handler(make_server):
+    web = make_server()
+    assert isinstance(web._loop.get_exception_handler(), AcceptErrors)
