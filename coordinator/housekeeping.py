@@ -61,6 +61,13 @@ def prune_checkpoints(store: JobStore, adapters, keep: int) -> int:
 
 
 ORPHAN_GRACE_S = 24 * 3600  # an upload waits this long for the job that uses it
+# A temporary file of an upload (".upload-*" from the job API, ".<sha>.part-*" from PutBlob) not
+# written to for this long was left by a crash or a bug: a live upload writes every few seconds.
+TEMP_GRACE_S = 3600
+
+
+def _stale_temp(name: str) -> bool:
+    return name.startswith(".upload-") or (name.startswith(".") and ".part-" in name)
 
 
 def blobs_in_use(store: JobStore, models) -> set[str]:
@@ -74,19 +81,26 @@ def sweep_blobs(store: JobStore, models, blobs, now_s: float,
                 grace_s: float = ORPHAN_GRACE_S) -> tuple[int, int]:
     """Removes the blobs no job and no stored model holds, once older than ``grace_s``: a
     dataset uploaded to the job API and never used, or shipped by a submit that was then
-    refused, stayed for ever (an outside run). Returns (files, bytes) removed."""
+    refused, stayed for ever (an outside run); and the temporary files of uploads that ended
+    without removing theirs, once ``TEMP_GRACE_S`` old. Returns (files, bytes) removed."""
     used = blobs_in_use(store, models)
     count = freed = 0
     for path in blobs.root.iterdir():
         name = path.name
-        if len(name) != 64 or name in used or not path.is_file():
-            continue  # (in-flight uploads and links are dot-files: never a blob's name)
+        temp = _stale_temp(name)
+        if not temp and (len(name) != 64 or name in used):
+            continue  # (links being made are dot-files too: never a blob's name)
         try:
-            if now_s - path.stat().st_mtime < grace_s:
+            st = path.lstat()
+            if not path.is_file() or now_s - st.st_mtime < (TEMP_GRACE_S if temp else grace_s):
                 continue
+            if temp:
+                path.unlink()
+                freed += st.st_size
+            else:
+                freed += blobs.remove(name)
         except FileNotFoundError:
-            continue
-        freed += blobs.remove(name)
+            continue  # (an upload finishing as we look)
         count += 1
     if count:
         logger.info("orphan_blobs_removed", files=count, bytes=freed)

@@ -1,6 +1,6 @@
 """The HTTP side against an outside review's attacks: a web page that points its own name at the
-loopback dashboard (DNS rebinding) and slowloris connections. A real server on a free port, real
-HTTP requests."""
+loopback dashboard (DNS rebinding), slowloris connections, oversized and many-file uploads, and
+the temporary files they leave. A real server on a free port, real HTTP requests."""
 
 from __future__ import annotations
 
@@ -16,11 +16,14 @@ from structlog.testing import capture_logs
 from coordinator.artifacts import AdapterStore, BlobStore
 from coordinator.scheduler import Scheduler
 from coordinator.store import JobStore
+from coordinator.web import openai_api
 from coordinator.web.auth import Access, WebAuth
 from coordinator.web.hub import MetricsHub
 from coordinator.web.limits import AcceptErrors, Admission
 from coordinator.web.server import WebContext, WebServer
 from tests.test_web_units import SECRET, TOKEN, WORKER, NoLauncher, feed_job
+
+JSONL = b'{"text": "a"}\n'
 
 
 @pytest.fixture
@@ -167,3 +170,59 @@ def test_running_out_of_descriptors_is_logged_once_then_counted():
 def test_the_server_s_loop_uses_the_quiet_handler(make_server):
     web = make_server()
     assert isinstance(web._loop.get_exception_handler(), AcceptErrors)
+
+
+# --- uploads ------------------------------------------------------------------------------------
+
+def _temp_files(web: WebServer) -> list[str]:
+    return [p.name for p in web.ctx.blobs.root.iterdir() if p.name.startswith(".")]
+
+
+def test_an_upload_with_two_files_is_refused_and_leaves_no_temporary_file(make_server):
+    web = make_server()
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    with httpx.Client(base_url=web.url, timeout=10, headers=auth) as http:
+        files = [("file", ("a.jsonl", JSONL * 1000)), ("file", ("b.jsonl", JSONL))]
+        r = http.post("/v1/files", files=files, data={"purpose": "fine-tune"})
+        assert r.status_code == 400 and "more than one file" in r.json()["error"]["message"]
+        assert _temp_files(web) == []
+        r = http.post("/v1/files", files={"file": ("a.jsonl", JSONL)},
+                      data={"purpose": "fine-tune"})
+        assert r.status_code == 200 and r.json()["bytes"] == len(JSONL)
+        assert _temp_files(web) == []
+
+
+def test_an_upload_over_the_bound_is_refused_with_413(make_server, monkeypatch):
+    monkeypatch.setattr(openai_api, "MAX_UPLOAD_BYTES", 1000)
+    web = make_server()
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    with httpx.Client(base_url=web.url, timeout=10, headers=auth) as http:
+        # Counted as it streams in (a chunked body has no length to check first) ...
+        r = http.post("/v1/files", files={"file": ("big.jsonl", JSONL * 100)},
+                      data={"purpose": "fine-tune"})
+        assert r.status_code == 413 and "larger than" in r.json()["error"]["message"]
+        assert _temp_files(web) == []
+        # ... and refused before reading when its length says so.
+        r = http.post("/v1/files", files={"file": ("big.jsonl", JSONL * 10000)},
+                      data={"purpose": "fine-tune"})
+        assert r.status_code == 413
+        assert _temp_files(web) == []
+
+
+def test_the_sweep_removes_stale_temporary_upload_files(tmp_path):
+    from coordinator.housekeeping import TEMP_GRACE_S, sweep_blobs
+    from coordinator.models import ModelStore
+
+    store, blobs = JobStore(tmp_path / "db"), BlobStore(tmp_path / "blobs")
+    models = ModelStore(tmp_path / "models", blobs)
+    now = time.time()
+    names = {".upload-old1": True, f".{'a' * 64}.part-x1": True, ".upload-live": False,
+             f".{'b' * 64}.link": False}  # name: stale (a link being made is not a temp write)
+    for name, stale in names.items():
+        (blobs.root / name).write_bytes(b"x" * 10)
+        if stale or name.endswith(".link"):
+            os.utime(blobs.root / name, (now - TEMP_GRACE_S - 30,) * 2)
+    assert sweep_blobs(store, models, blobs, now) == (2, 20)
+    assert sorted(p.name for p in blobs.root.iterdir()) == sorted(
+        n for n, stale in names.items() if not stale)
+    store.close()

@@ -24,6 +24,7 @@ import json
 import os
 import tempfile
 import time
+from pathlib import Path
 
 from aiohttp import web
 
@@ -35,6 +36,11 @@ from herd.errors import DatasetError, HerdError
 from herd.rpc.files import read_chunks
 
 MAX_LIMIT = 100
+# A fine-tuning file is at most this (OpenAI's own bound is 512 MB). The upload lands on the state
+# disk that also holds the job database and checkpoints, where a full disk stops the coordinator
+# recording anything; aiohttp bounds other bodies (1 MiB) but not a streamed multipart part.
+MAX_UPLOAD_BYTES = 512 * 2**20
+FORM_BYTES = 64 * 1024  # the rest of the form: the purpose field and the parts' headers
 
 
 def _limit(request: web.Request) -> tuple[str | None, int]:
@@ -70,6 +76,11 @@ def _check_jsonl(path: str) -> int:
     return n
 
 
+def _too_large() -> shape.TooLargeError:
+    return shape.TooLargeError(f"the file is larger than {MAX_UPLOAD_BYTES // 2**20} MiB",
+                               hint="make the file smaller, or ship it with `herd submit`")
+
+
 class JobApi:
     def __init__(self, ctx):
         self.ctx = ctx  # coordinator/web/server.py WebContext
@@ -97,19 +108,27 @@ class JobApi:
     # --- files -----------------------------------------------------------------------------
 
     async def upload(self, request: web.Request) -> web.Response:
+        if (request.content_length or 0) > MAX_UPLOAD_BYTES + FORM_BYTES:
+            raise _too_large()  # said before a byte of it is read
         reader = await request.multipart()
-        purpose, filename, tmp, sha = None, "", None, None
+        purpose, filename, tmp, sha, size = None, "", None, None, 0
         blobs = self.ctx.blobs
         try:
             while (part := await reader.next()) is not None:
                 if part.name == "purpose":
                     purpose = (await part.text()).strip()
                 elif part.name == "file":
+                    if tmp is not None:  # (each part used to leave a temporary file behind)
+                        raise DatasetError("the upload holds more than one file",
+                                           hint="send one file per request")
                     filename = os.path.basename(part.filename or "")
                     fd, tmp = tempfile.mkstemp(dir=blobs.root, prefix=".upload-")
                     h = hashlib.sha256()
                     with os.fdopen(fd, "wb") as f:
                         while chunk := await part.read_chunk(1 << 20):
+                            size += len(chunk)
+                            if size > MAX_UPLOAD_BYTES:
+                                raise _too_large()
                             h.update(chunk)
                             f.write(chunk)
                     sha = h.hexdigest()
@@ -120,8 +139,8 @@ class JobApi:
             await asyncio.to_thread(_check_jsonl, tmp)
             size = await asyncio.to_thread(blobs.put, sha, read_chunks(tmp))
         finally:
-            if tmp and os.path.exists(tmp):
-                os.unlink(tmp)
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
         return web.json_response(shape.file_object(sha, size, int(time.time()), filename))
 
     async def get_file(self, request: web.Request) -> web.Response:

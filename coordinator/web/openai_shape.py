@@ -191,9 +191,15 @@ def page(items: list[dict], after: str | None, limit: int) -> dict:
     return {"object": "list", "data": chunk, "has_more": start + limit < len(items)}
 
 
+class TooLargeError(DatasetError):
+    """A request body over its bound: 413."""
+
+
 def error_status(e: HerdError) -> int:
     if isinstance(e, NotFoundError):
         return 404
+    if isinstance(e, TooLargeError):
+        return 413
     if isinstance(e, (ConfigError, DatasetError, PlacementError)):
         return 400
     return 500
