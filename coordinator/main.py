@@ -280,7 +280,9 @@ def main(argv: list[str], rank_actor: type | None = None) -> int:
     p.add_argument("--http-host", default=None, help="address to serve HTTP on (default: --host)")
     p.add_argument("--dashboard-open", action="store_true",
                    help="let anyone who reaches the HTTP port read the dashboard and /metrics "
-                   "without the API token (always so on loopback); the job API still wants it")
+                   "without the API token (always so on loopback), at an IP address or this "
+                   "machine's name (not another DNS name: DNS rebinding); the job API still "
+                   "wants it")
     p.add_argument("--tensorboard", type=Path, default=None, metavar="DIR",
                    help="also write each job's metrics as TensorBoard event files in DIR/<job>")
     args = p.parse_args(argv[1:])
