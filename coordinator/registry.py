@@ -248,11 +248,11 @@ class Registry:
         client, record = self._describe(source, targets)
         if client is None:
             with self._lock:
-                first = self.refused.get(source) != record
+                old = self.refused.get(source)  # (logged per kind: gRPC's text varies each try)
+                first = old is None or (old.kind, old.target) != (record.kind, record.target)
                 self.refused[source] = record
                 # Tried again later, less and less often: a stranger's advert costs a handshake
-                # now and then, not one per health tick forever. A worker this registry admitted
-                # before and that only stopped answering is expected back: tried often.
+                # now and then, not one per tick forever; an admitted worker is expected back.
                 if source in self._admitted_sources and record.kind == "unreachable":
                     delay = RETURN_RETRY_S
                 else:
