@@ -425,6 +425,19 @@ def test_a_job_that_lost_a_worker_for_good_shrinks_and_grows_back_at_a_checkpoin
         "restarting", "grown", None]
 
 
+def _cut_off(s, workers, j) -> list:
+    """``j`` placed and running on every worker, then none of them answers the coordinator's
+    health checks (its own link cut): the workers that were cut."""
+    s.tick()
+    for w in workers:
+        w.running_job_id, w.running_attempt = j.job_id, 1
+    cut = list(workers)
+    workers.clear()
+    for w in cut:
+        s.on_worker_lost(w.worker_id, "health failed 2 times: unreachable", True)
+    return cut
+
+
 def test_a_worker_that_stops_answering_is_waited_for_and_its_attempt_re_adopted(rig):
     """The coordinator's own link drops (both workers stop answering its health checks) while
     the ranks train on: the attempt is not restarted; once the workers answer again running it,
@@ -433,13 +446,7 @@ def test_a_worker_that_stops_answering_is_waited_for_and_its_attempt_re_adopted(
     fails meanwhile, and a revoked worker, at once."""
     s, workers, launcher, clock = rig
     j = s.submit(_job(iters=40, max_restarts=9))
-    s.tick()
-    for w in workers:
-        w.running_job_id, w.running_attempt = j.job_id, 1
-    cut = list(workers)
-    workers.clear()
-    for w in cut:
-        s.on_worker_lost(w.worker_id, "health failed 2 times: unreachable", True)
+    cut = _cut_off(s, workers, j)
     clock.t += 59
     s.tick()
     assert _state(s, j.job_id) == (JobState.RUNNING, 1, (
@@ -518,13 +525,7 @@ def test_a_coordinator_cut_off_from_every_worker_waits_on_and_re_adopts_what_tra
     nothing stopped. Past that longer wait it fails as before, saying how long it waited."""
     s, workers, launcher, clock = rig
     j = s.submit(_job(iters=4000, max_restarts=9))
-    s.tick()
-    for w in workers:
-        w.running_job_id, w.running_attempt = j.job_id, 1
-    cut = list(workers)
-    workers.clear()
-    for w in cut:
-        s.on_worker_lost(w.worker_id, "health failed 2 times: unreachable", True)
+    cut = _cut_off(s, workers, j)
     clock.t += 61
     s.tick()
     state, attempt, message = _state(s, j.job_id)
