@@ -6,6 +6,7 @@ fault helpers (block, cut) do what they say."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -73,3 +74,32 @@ def test_a_two_worker_job_runs_across_namespaces(lan, tmp_path, tiny_model, tiny
     assert min(sent.values()) > 100_000, f"bytes sent over the bridge: {sent}"
     herd.herd(cli, "pull", job_id, "-o", str(tmp_path / "adapter"))
     assert (tmp_path / "adapter" / "adapters.safetensors").is_file()
+
+
+def test_a_worker_whose_address_leaves_the_machine_stops_saying_why(lan, tmp_path):  # noqa: F811
+    """A renumbered Mac (a new DHCP lease) kept serving and advertising its old address, refused
+    there until restarted by hand, its own log silent (an outside run). Its server is bound to
+    that address, so the agent stops, saying why, with the exit code of a lost peer, for
+    launchd or systemd to start it again on the new one."""
+    from herd.errors import PeerLostError
+    from herd.rpc import pki
+
+    w1 = lan.hosts["w1"]
+    w1.run(["ip", "addr", "add", "198.18.0.51/24", "dev", "eth0"])
+    herd = HerdNet(lan, tmp_path)
+    herd.ca = pki.Authority.create(tmp_path / "ca")  # (no coordinator: the worker serves alone)
+    agent = herd.worker(w1, address="198.18.0.51", worker_id="renumbered")
+    log = tmp_path / "w1" / "worker.log"
+    deadline = time.monotonic() + 120
+    while "listening on 198.18.0.51" not in (log.read_text() if log.exists() else ""):
+        assert agent.poll() is None and time.monotonic() < deadline, herd.log(w1, "worker")
+        time.sleep(0.2)
+    w1.run(["ip", "addr", "del", "198.18.0.51/24", "dev", "eth0"])  # the lease moved on
+    try:
+        code = agent.wait(timeout=60)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+    out = herd.log(w1, "worker")
+    assert code == PeerLostError.exit_code, out[-2000:]
+    assert "no longer has the address 198.18.0.51 it serves" in out, out[-2000:]

@@ -10,14 +10,16 @@ relay.py). Its id is the name in its certificate (``herd join`` made it); what j
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 from herd import log, netif
-from herd.errors import ConfigError, HerdError
+from herd.errors import ConfigError, HerdError, PeerLostError
 from herd.rpc import discovery, pki
 from herd.rpc.channel import bind, secure_server
 from herd.rpc.ports import kept_ports
@@ -194,12 +196,43 @@ def main(argv: list[str]) -> int:
         signal.signal(sig, lambda *_: done.set())
     # Wake up now and then: a signal the OS hands to another thread does not interrupt a wait
     # without a timeout, so the handler would only run when something else woke this thread.
+    gone, code = AddressWatch(host), 0
     while not done.wait(1.0):
-        pass
+        if gone.check():
+            print(f"herd worker: this machine no longer has the address {host} it serves and "
+                  "advertises (its network changed: a new DHCP lease, another Wi-Fi); stopping "
+                  "so that it starts again on the new one (launchd and systemd restart it; by "
+                  "hand: run `herd worker` again)", file=sys.stderr, flush=True)
+            logger.error("worker_address_gone", worker_id=worker_id, address=host)
+            code = PeerLostError.exit_code
+            break
     logger.info("worker_stopping", worker_id=worker_id)
     advert.close()
     worker.stop_all()
     server.stop(grace=2).wait()
     zc.close()
     lock.release()
-    return 0
+    return code
+
+
+class AddressWatch:
+    """Whether the address the agent serves on left this machine: its server is bound to it and
+    its advert names it, so a renumbered Mac was refused at its old address until restarted, its
+    own log silent (an outside run). Checked every ``every_s``; gone after two checks in a row
+    (an interface being reconfigured may miss it for a moment). Loopback never leaves."""
+
+    def __init__(self, host: str, every_s: float = 5.0, clock=time.monotonic):
+        self.host, self.every_s, self._clock = host, every_s, clock
+        self._next, self._misses = clock() + every_s, 0
+        try:
+            self._watched = not ipaddress.ip_address(host.split("%")[0]).is_loopback
+        except ValueError:  # --host NAME: the name may follow the machine anywhere
+            self._watched = False
+
+    def check(self) -> bool:
+        if not self._watched or self._clock() < self._next:
+            return False
+        self._next = self._clock() + self.every_s
+        here = netif.local_network(self.host.split("%")[0]) is not None
+        self._misses = 0 if here else self._misses + 1
+        return self._misses >= 2
