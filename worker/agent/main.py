@@ -198,7 +198,9 @@ def main(argv: list[str]) -> int:
     # without a timeout, so the handler would only run when something else woke this thread.
     gone, code = AddressWatch(host), 0
     while not done.wait(1.0):
-        if gone.check():
+        # (a rank that runs is left to finish: it may train on over a data cable while the
+        # control address is away, e.g. Wi-Fi dropped; the agent stops once it has ended)
+        if gone.check() and not (worker.rank and worker.rank.running()):
             print(f"herd worker: this machine no longer has the address {host} it serves and "
                   "advertises (its network changed: a new DHCP lease, another Wi-Fi); stopping "
                   "so that it starts again on the new one (launchd and systemd restart it; by "
