@@ -73,9 +73,9 @@ def resolve_address(address: str) -> str:
     if not resolved:
         raise PlacementError(
             "cluster.ray_address is auto and no Ray cluster was found (RAY_ADDRESS is unset and "
-            "no `ray start` ran on the coordinator's machine)",
-            hint="start one (`ray start --head`, docs/ray.md) or set "
-                 "cluster.ray_address: HOST:PORT")
+            "Ray's default temporary folder names no `ray start` on the coordinator's machine)",
+            hint="start one (`ray start --head`, docs/ray.md), or set cluster.ray_address: "
+                 "HOST:PORT or RAY_ADDRESS (a head started with --temp-dir is found only so)")
     return resolved
 
 
