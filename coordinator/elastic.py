@@ -99,7 +99,7 @@ class Elastic:
                 return
             workers = {w.worker_id: w for w in s.workers()}
             current = [workers[w] for w in job.worker_ids if w in workers]
-            free = [w for w in mark_held(s._backend(job).workers(), s.store.list_jobs())
+            free = [w for w in mark_held(s.backend(job).workers(), s.store.list_jobs())
                     if w.worker_id not in job.worker_ids]
             if grow_placement(job.config, current, free) is None:
                 return

@@ -92,7 +92,7 @@ class Scheduler:
     def now_ms(self) -> int:
         return int(self._clock() * 1000)
 
-    def _backend(self, job: Job) -> Backend:
+    def backend(self, job: Job) -> Backend:
         return self._backends[job.config.cluster.backend]
 
     def workers(self) -> list[WorkerRecord]:
@@ -282,7 +282,7 @@ class Scheduler:
 
     def _stop_ranks(self, job: Job) -> None:
         """Stops the attempt's ranks now (a worker that does not answer: Reconciler.stop_stale)."""
-        backend = self._backend(job)
+        backend = self.backend(job)
         workers = {w.worker_id: w for w in backend.workers()}
         targets = [workers[w] for w in job.worker_ids if w in workers]
         for fut in [self._pool.submit(backend.stop_job, w, job) for w in targets]:

@@ -140,7 +140,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             raise
         # Every backend's workers count: a Ray job on a coordinator that also has agents is
         # rare, and the warning is advice, never a refusal.
-        warning = housekeeping.wait_warning(job, len(self.scheduler.workers()),
+        warning = housekeeping.wait_warning(job, len(self.scheduler.backend(job).workers()),
                                             self.scheduler.placement_timeout_s)
         return coordinator_pb2.SubmitJobReply(job_id=job.job_id, warning=warning)
 

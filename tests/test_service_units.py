@@ -1160,3 +1160,36 @@ def test_keep_checkpoints_applies_to_what_is_already_stored(tmp_path):
     assert prune_checkpoints(store, adapters, 2) == 2
     assert [c.step for c in store.checkpoints(j.job_id)] == [30, 40]
     assert [s for s in (10, 20, 30, 40) if adapters.step_dir(j.job_id, s).exists()] == [30, 40]
+
+
+def test_plan_counts_only_the_jobs_backends_workers(tmp_path, coordinator_rpc, tiny_model,
+                                                    capsys):
+    """Ray nodes and agents under one coordinator: a Ray job's `herd plan` placed a rank on the
+    agent (an outside run), and a zeroconf job's on the Ray nodes; the scheduler only ever
+    places a job on its own backend's workers. The plan now takes those alone."""
+    import json
+
+    from coordinator.backend import AgentBackend
+    from herd.cli.plan import main as plan_main
+    from herd.config import config_to_yaml
+
+    target, ids, s = coordinator_rpc
+    ray_nodes = [worker(7, resources={"herd_worker": 1.0, "herd_memory_gb": 16.0}),
+                 worker(8, resources={"herd_worker": 1.0, "herd_memory_gb": 16.0})]
+
+    class RayNodes(AgentBackend):  # the Ray cluster: an edge (tests/test_ray_backend.py is real)
+        pass
+
+    s._backends = {"zeroconf": AgentBackend(lambda: [worker(1)], FakeLauncher()),
+                   "ray": RayNodes(lambda: list(ray_nodes), FakeLauncher())}
+    ids["client"].save(tmp_path / "tls")
+    for backend, expect in (("ray", {"w7", "w8"}), ("zeroconf", {"w1"})):
+        cfg = parse_config({"model": str(tiny_model), "num_layers": -1, "batch_size": 2,
+                            "cluster": {"backend": backend}})
+        path = tmp_path / f"{backend}.yaml"
+        path.write_text(config_to_yaml(cfg))
+        assert plan_main(["plan", str(path), "--coordinator", target, "--tls-dir",
+                          str(tmp_path / "tls"), "--json"]) == 0
+        got = json.loads(capsys.readouterr().out)
+        assert got["workers_available"] == len(expect), got
+        assert set(got["peak_bytes_per_worker"]) | set(got.get("unused", [])) == expect, got

@@ -39,8 +39,9 @@ def _given(spec: str, macos: bool) -> list[WorkerMemory]:
     return out
 
 
-def _cluster(args) -> tuple[list[WorkerMemory], str] | None:
-    """The verified workers of the coordinator that answers (all memory counted free, as at
+def _cluster(args, backend: str = "zeroconf") -> tuple[list[WorkerMemory], str] | None:
+    """The verified workers of the coordinator that answers of the job's ``backend`` (a Ray
+    node's record carries its Ray resources, an agent's none; all memory counted free, as at
     submit), or None when none answers and none was named."""
     named = args.coordinator or os.environ.get(COORDINATOR_ENV)
     try:
@@ -53,6 +54,8 @@ def _cluster(args) -> tuple[list[WorkerMemory], str] | None:
         return None
     workers = []
     for w in map(worker_from_pb, reply.workers):
+        if bool(w.resources) != (backend == "ray"):
+            continue  # (another backend's: the job could never run there)
         whole = dataclasses.replace(w, free_memory_bytes=w.memory_bytes, running_job_id="")
         workers.append(WorkerMemory(w.worker_id, usable_bytes(whole)))
     return workers, where
@@ -63,13 +66,14 @@ def _this_machine(macos: bool) -> list[WorkerMemory]:
     return [WorkerMemory("this-machine", macos_usable_bytes(total) if macos else total)]
 
 
-def choose_workers(args) -> tuple[list[WorkerMemory], str]:
+def choose_workers(args, backend: str = "zeroconf") -> tuple[list[WorkerMemory], str]:
     if args.workers:
         return _given(args.workers, args.macos), "--workers"
-    found = _cluster(args)
+    found = _cluster(args, backend)
     if found is not None:
         if not found[0]:
-            raise PeerLostError(f"{found[1]} has no verified workers",
+            raise PeerLostError(f"{found[1]} has no verified workers" + (
+                f" of cluster.backend {backend}" if backend != "zeroconf" else ""),
                                 hint="start `herd worker` on each machine, or pass --workers "
                                 "64,64 to plan for machines of that much memory")
         return found
@@ -146,7 +150,7 @@ def main(argv: list[str]) -> int:
         job = load_config(args.config, {"model": args.model})
         model_config = resolve_model_config(job.model)
         check_against_model(job, model_config)  # (as `herd submit` refuses them)
-        workers, source = choose_workers(args)
+        workers, source = choose_workers(args, job.cluster.backend)
         needed = job.cluster.workers
         short = (f"\nnote: the job asks for cluster.workers: {needed}; {len(workers)} "
                  "available: it would wait for more" if needed and needed > len(workers) else "")
