@@ -379,3 +379,15 @@ def test_start_rank_twice_runs_one_rank_and_stop_job_twice_stops_it_once(
         assert not worker.rank.running()
     finally:
         channel.close()
+
+
+def test_an_upload_has_time_for_its_size_on_a_slow_uplink():
+    """One deadline of 600 s cut every dataset over ~300 MB on a 4 Mbit/s uplink, however often
+    it was retried (an outside run): an upload's deadline grows with its size, room for 2
+    Mbit/s."""
+    from herd.rpc.channel import TRANSFER_DEADLINE_S, transfer_deadline_s
+
+    for size in (10**6, 400 * 10**6, 5 * 10**9):
+        at_4_mbit = size / (4e6 / 8)
+        assert transfer_deadline_s(size) > 1.5 * at_4_mbit, size
+        assert transfer_deadline_s(size) >= TRANSFER_DEADLINE_S

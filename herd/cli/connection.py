@@ -19,7 +19,12 @@ from herd import log
 from herd.errors import AuthError, ConfigError, HerdError, PeerLostError
 from herd.netif import hostport
 from herd.rpc import discovery, pki
-from herd.rpc.channel import TRANSFER_DEADLINE_S, UNARY_DEADLINE_S, secure_channel
+from herd.rpc.channel import (
+    TRANSFER_DEADLINE_S,
+    UNARY_DEADLINE_S,
+    secure_channel,
+    transfer_deadline_s,
+)
 from herd.rpc.files import read_chunks, receive_checkpoint_files
 from herd.rpc.ports import DEFAULT_COORDINATOR_PORT
 from herd.rpc.status import rpc_errors
@@ -64,7 +69,7 @@ class CoordinatorConnection:
                     on_bytes(len(block))
 
         with rpc_errors(self.target):
-            self.stub.PutBlob(parts(), timeout=TRANSFER_DEADLINE_S)
+            self.stub.PutBlob(parts(), timeout=transfer_deadline_s(path.stat().st_size))
 
     def pull(self, job_id: str, step: int, out: Path,
              force: bool = False) -> common_pb2.CheckpointInfo:

@@ -19,6 +19,13 @@ from herd.rpc.pki import Identity
 # Deadlines (seconds) every client call carries. Streams that move files get a longer one.
 UNARY_DEADLINE_S = 10.0
 TRANSFER_DEADLINE_S = 600.0
+SLOW_LINK_BYTES_S = 256 * 1024  # 2 Mbit/s: a slow uplink a laptop may upload over
+
+
+def transfer_deadline_s(size: int) -> float:
+    """A file upload's deadline: TRANSFER_DEADLINE_S, plus its size at SLOW_LINK_BYTES_S (600 s
+    alone cut a 300 MB dataset on a 4 Mbit/s uplink for ever: an outside run)."""
+    return TRANSFER_DEADLINE_S + size / SLOW_LINK_BYTES_S
 
 # The largest message a server takes: transfers move 1 MiB chunks (herd/rpc/files.py, the
 # exchange), every other request is far smaller (auth.SMALL_REQUEST_BYTES, checked per rpc).
