@@ -6,21 +6,20 @@ the worker id its advert claims (``<id>.worker.herd``, herd/rpc/pki.py), and ans
 A process without a certificate of this cluster never completes the handshake, and one that
 claims another worker's id fails it (its certificate names another id), so neither gets work nor
 displaces the worker it imitates. A revoked worker id is refused, and dropped when revoked while
-admitted. A refused candidate is tried again later and later (up to MAX_RETRY_S), except a worker
-that was admitted and stopped answering: it is tried every RETURN_RETRY_S, so a Mac whose cable is
-plugged back in (or that woke up) is used again within seconds. Retries run off the health loop:
-an unreachable address waits out its Describe deadline, the admitted workers' checks do not.
+admitted. A refused candidate is tried again later and later (up to MAX_RETRY_S), one admitted
+before that stopped answering every RETURN_RETRY_S (a Mac plugged back in, or woken up, is used
+again within seconds); retries run off the health loop, so only they wait out a deadline.
 Liveness is authenticated too: ``max_failures`` failed Health calls in a row remove a worker
-(``on_lost(worker_id, reason, unreachable=True)``: it may come back; a revoked one: False), and
-a vanished record (an mDNS goodbye, which anyone on the LAN can send for any name) only prompts a
-Health call at once; the worker leaves if that fails.
+(``on_lost(worker_id, reason, unreachable=True)``: it may come back; False: revoked, or its host
+refused the connection: its agent is down, its ranks died with it), and a vanished record (an
+mDNS goodbye, which anyone on the LAN can send for any name) only prompts a Health call at once;
+the worker leaves if that fails.
 
-An advert is verified again whenever zeroconf reports it updated, and that happens for reasons
-that are not the worker's: any new record under its name (another cluster's same-named worker on
-the same LAN, a stale record coming back) fires an update. A worker that answers again at the
-address it has keeps its client; one that answers at a new address (it restarted on another port)
-gets a new client, and the old one is closed only when the calls using it end (``retire``): a
-PrepareRank streaming a model download, or a StartRank, must never end as "Channel closed!".
+An advert is verified again whenever zeroconf reports it updated, which happens for reasons not
+the worker's (another cluster's same-named worker on the LAN, a stale record coming back). One
+that answers again at its address keeps its client; one at a new address (restarted on another
+port) gets a new client, the old one closed only when the calls using it end (``retire``): a
+PrepareRank streaming a model, or a StartRank, must never end as "Channel closed!".
 """
 
 from __future__ import annotations
@@ -44,7 +43,7 @@ logger = log.get(__name__)
 MAX_RETRY_S = 30.0  # the longest wait before a refused candidate is tried again
 RETURN_RETRY_S = 1.0  # how often a lost worker (admitted before, now unreachable) is tried again
 # Getting a model onto a worker: 140 GB over 1 GbE is ~20 min. A lost worker fails the call long
-# before (the channel's keepalive), and a broken transfer resumes inside the worker.
+# before (the channel's keepalive); a broken transfer resumes inside the worker.
 PREPARE_DEADLINE_S = 6 * 3600.0
 
 
@@ -340,7 +339,8 @@ class Registry:
                     self._failures[wid] = self._failures.get(wid, 0) + 1
                     n = self._failures[wid]
                 if n >= self.max_failures:
-                    self._remove(wid, f"health failed {n} times: {e.message}")
+                    self._remove(wid, f"health failed {n} times: {e.message}",
+                                 unreachable="onnection refused" not in e.message)
                 continue
             with self._lock:
                 self._failures[wid] = 0

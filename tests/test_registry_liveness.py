@@ -189,8 +189,9 @@ def test_a_lost_worker_is_tried_again_often_and_a_stranger_less_and_less(tmp_pat
                                 {"id": worker_id})
 
     lost: list[str] = []
-    registry = Registry(ca.issue("coordinator", "c"), on_lost=lambda wid, *_: lost.append(wid),
-                        health_interval_s=0.2)
+    flags: list[bool] = []  # on_lost's unreachable: False when its host refuses the connection
+    registry = Registry(ca.issue("coordinator", "c"), on_lost=lambda wid, _, unreachable: (
+        lost.append(wid), flags.append(unreachable)), health_interval_s=0.2)
     mine, theirs = advert("w1", target), advert("w2", foreign)
 
     def backoff(name: str) -> float:
@@ -203,6 +204,10 @@ def test_a_lost_worker_is_tried_again_often_and_a_stranger_less_and_less(tmp_pat
         assert [w.worker_id for w in registry.workers()] == ["w1"]
         server.stop(grace=0).wait()  # gone: removed after max_failures Health calls
         assert wait(lambda: lost == ["w1"]), "the stopped worker was never removed"
+        # Its port refuses connections: its agent is down, and its ranks with it (they die with
+        # their agent), so nothing is waited for (an outside run: a killed agent was read as
+        # "its ranks may train on" and its job waited 30 s before restarting).
+        assert flags == [False]
         assert wait(lambda: mine.name in registry.refused), "the lost worker was never retried"
         # The stranger has been refused several times by now: its back-off has grown...
         assert wait(lambda: backoff(theirs.name) >= 4 * registry_module.RETURN_RETRY_S)
