@@ -191,7 +191,9 @@ class Reconciler:
         iterations were redone). True when it goes on."""
         s = self.s
         extra = s.placement_timeout_s
-        if job.job_id in self._cut_off_jobs or s._backends["zeroconf"].workers() or not extra:
+        # (its own backend's: a Ray job after a coordinator restart has Ray nodes, and its
+        # actors died with the driver: nothing to wait for)
+        if job.job_id in self._cut_off_jobs or s.backend(job).workers() or not extra:
             return False
         self._cut_off_jobs.add(job.job_id)
         self.adopting[job.job_id] = (now + int(extra * 1000), lost, why)

@@ -556,6 +556,37 @@ def test_a_coordinator_cut_off_from_every_worker_waits_on_and_re_adopts_what_tra
     assert "not back within 660s" in message, message
 
 
+def test_a_ray_job_after_a_coordinator_restart_is_not_held_by_the_agents_cut_off_wait(tmp_path):
+    """The cut-off wait is for a job's own backend: a Ray-only cluster has no agents at all, and
+    a Ray attempt's actors die with the coordinator (the driver), so after a restart it resumes
+    from its checkpoint at the end of the re-adoption grace, not 600 s later."""
+    from coordinator.backend import AgentBackend
+
+    nodes = [worker(7, resources={"herd_worker": 1.0}), worker(8, resources={"herd_worker": 1.0})]
+    clock, store = Clock(), JobStore(tmp_path / "db")
+
+    def coordinator() -> Scheduler:  # no agents; the Ray nodes as the backend reports them
+        s = Scheduler(store, lambda: [], FakeLauncher(), clock, placement_timeout_s=600,
+                      adopt_grace_s=30)
+        s._backends["ray"] = AgentBackend(lambda: list(nodes), FakeLauncher())
+        return s
+
+    s = coordinator()
+    j = job(workers=2)
+    j.config = parse_config({**j.config.model_dump(exclude_unset=True),
+                             "cluster": {"workers": 2, "backend": "ray"}})
+    s.submit(j)
+    s.tick()
+    assert store.get_job(j.job_id).state is JobState.RUNNING
+    s = coordinator()  # restarted: its actors are gone with the old driver
+    s.reconcile.recover()
+    clock.t += 31
+    s.tick()
+    state, message = store.get_job(j.job_id).state, store.get_job(j.job_id).message
+    assert state is not JobState.RUNNING or "no worker answers" not in message, message
+    assert "could not re-adopt" in " ".join(e.message for e in store.events(j.job_id))
+
+
 def test_a_worker_that_never_answers_again_counts_towards_the_elastic_grace_from_the_start(
         tmp_path):
     """Waiting for an unreachable worker does not add to the elastic grace: a worker gone for
