@@ -21,9 +21,11 @@ def raise_open_files() -> int:
     """Raises this process's soft RLIMIT_NOFILE as far as allowed; returns the limit in force.
     Never lowers it, never fails (a limit it cannot raise stays as it was)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return soft
     top = MAX_OPEN_FILES if hard == resource.RLIM_INFINITY else min(hard, MAX_OPEN_FILES)
     for want in (top, min(top, MACOS_OPEN_MAX)):
-        if soft != resource.RLIM_INFINITY and want <= soft:
+        if want <= soft:
             break
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
