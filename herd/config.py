@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import math
 import re
+import typing
 import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -78,6 +79,23 @@ LEGACY_KEYS: dict[str, tuple[str, Any]] = {
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_number(cls, v, info: ValidationInfo):
+        # pydantic reads true as 1 for a number (lax mode): `iters: yes` trained one step.
+        if isinstance(v, bool) and _takes_number_not_bool(cls.model_fields[info.field_name]):
+            raise ValueError(f"a number is needed, not {str(v).lower()}")
+        return v
+
+
+def _takes_number_not_bool(field) -> bool:
+    kinds, todo = set(), [field.annotation]
+    while todo:
+        t = todo.pop()
+        kinds.add(t)
+        todo.extend(typing.get_args(t))
+    return bool(kinds & {int, float}) and bool not in kinds and Any not in kinds
 
 
 class LoraParameters(_Strict):

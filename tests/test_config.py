@@ -182,6 +182,10 @@ def test_shipped_configs_validate(path):
         ({"lr_schedule": {"name": "cosine_decay", "arguments": [1e-5, 10**12]}},
          "lr_schedule.arguments.1 = 1000000000000: at most"),
         ({"learning_rate": float("inf")}, "learning_rate = inf: not a finite number"),
+        # pydantic's lax mode read `iters: yes` as 1 and trained one step (an outside run)
+        ({"iters": True}, "iters = True: a number is needed, not true"),
+        ({"lora_parameters": {"rank": True}}, "lora_parameters.rank = True: a number is needed"),
+        ({"cluster": {"workers": False}}, "cluster.workers = False: a number is needed"),
     ],
 )
 def test_bad_config_names_key_and_fix(raw, expect):
