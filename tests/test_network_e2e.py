@@ -1,11 +1,13 @@
 """Real networks, simulated with network namespaces (tests/netns.py) and real processes: the data
 plane on the fast subnet, Wi-Fi refused for gradients, IPv6 only, two coordinators with one host
-name, and refused workers shown by `herd workers` (issue 16's "done when" 1-4; 5 is in
+name, refused workers shown by `herd workers`, and workers named with --worker where multicast is
+blocked (issue 16's "done when" 1-4; 5 is in
 tests/test_network.py against mlx's own launcher)."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 
@@ -103,6 +105,7 @@ def test_a_wifi_only_path_is_refused_for_gradients_unless_the_job_allows_it(
         assert time.monotonic() < deadline, none.stderr  # the coordinator is still starting
         time.sleep(0.5)
     assert none.returncode == 4 and "no usable worker" in none.stderr, none.stderr
+    assert "with `--worker HOST:P`" in none.stderr, none.stderr  # (when multicast is blocked)
     for w in (w1, w2):
         herd.worker(w, "--data", "eth0=wifi")  # the only link, posing as Wi-Fi
     herd.wait_workers(cli, 2)
@@ -240,3 +243,34 @@ def test_three_workers_cabled_in_a_triangle_train_over_the_cables(
     assert f"{job_id}: state succeeded" in watch.stdout, watch.stdout[-3000:]
     assert f"{job_id}: data path: gRPC exchange on cable ring " in watch.stdout
     assert "attempt 1 failed" not in watch.stdout, watch.stdout[-3000:]  # (not on the LAN)
+
+
+NO_MDNS = """table inet nomdns {
+  chain in { type filter hook input priority 0; policy accept; udp dport 5353 counter drop; }
+  chain out { type filter hook output priority 0; policy accept; udp dport 5353 counter drop; }
+}
+"""
+
+
+def test_workers_multicast_cannot_reach_are_used_when_named_with_worker(netns, tmp_path):  # noqa: F811
+    """A LAN that drops multicast (some switches, VLANs, guest Wi-Fi): zeroconf finds no worker,
+    and `herd workers` says how to name them; a worker given to the coordinator with --worker
+    HOST:PORT is verified and listed, one not named stays unseen."""
+    net = netns()
+    net.bridge("lan")
+    c, w1, w2, cli = (net.host(n) for n in ("c", "w1", "w2", "cli"))
+    for h, last in ((c, 1), (w1, 11), (w2, 12), (cli, 100)):
+        net.link(h, "lan", f"198.18.0.{last}/24")
+    for w in (w1, w2):
+        w.run(["nft", "-f", "-"], input=NO_MDNS)
+    herd = HerdNet(net, tmp_path, {"HERD_LINK_PROBE": "0"})
+    herd.coordinator(c, "--worker", f"{w1.address()}:7460")
+    for w in (w1, w2):
+        herd.worker(w, "--port", "7460")
+    rows = herd.wait_workers(cli, 1)
+    assert rows[0][0] == "w1", rows
+    dropped = w2.run(["nft", "list", "table", "inet", "nomdns"]).stdout
+    assert re.search(r"counter packets [1-9]", dropped), dropped  # w2 did advertise
+    time.sleep(3)  # (w2's adverts keep being dropped: still one worker)
+    again = herd.herd(cli, "workers")
+    assert [r.split()[0] for r in again.stdout.strip().splitlines()[1:]] == ["w1"], again.stdout

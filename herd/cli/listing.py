@@ -167,7 +167,9 @@ def _wait_for_workers(args) -> list[dict]:
     raise PeerLostError(f"{have} of {args.wait} workers verified after {args.timeout:.0f} s"
                         + (f" ({last.message})" if last and not have else ""),
                         hint="are the coordinator and the workers running, joined to this "
-                        "cluster (`herd join`)? `herd worker` logs why it is refused")
+                        "cluster (`herd join`)? `herd worker` logs why it is refused; if none "
+                        "logs a refusal, multicast may be blocked between the machines: "
+                        "`herd coordinator --worker HOST:PORT` names each worker")
 
 
 def cmd_workers(args, coord: CoordinatorConnection | None) -> int:
@@ -191,7 +193,9 @@ def cmd_workers(args, coord: CoordinatorConnection | None) -> int:
     if not workers:
         print("herd workers: no usable worker"
               + (f" ({len(refused)} refused, above)" if refused else
-                 "; `herd join` and start `herd worker` on each machine"),
+                 "; `herd join` and start `herd worker` on each machine. Running but not "
+                 "found (multicast blocked between the machines)? start each with "
+                 "`herd worker --port P` and the coordinator with `--worker HOST:P` for each"),
               file=sys.stderr)
         return PlacementError.exit_code
     return 0
