@@ -156,6 +156,70 @@ def test_the_cli_never_uses_a_rogue_coordinator_advert(site, tmp_path, capsys, t
     assert [c.calls for c in counters] == [[], []]  # not one call, so no data and no token
 
 
+class Tarpit:
+    """A listener that accepts and never says a word (a rogue or half-dead coordinator): a
+    dial to it lasts its whole deadline. Counts the connections open at once."""
+
+    def __init__(self, counts: dict[str, int], lock: threading.Lock):
+        self.listener = socket.create_server((HOST, 0))
+        self.port = self.listener.getsockname()[1]
+        self.counts, self.lock = counts, lock  # (open now and at the peak, over all tarpits)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._hold, args=(conn,), daemon=True).start()
+
+    def _hold(self, conn: socket.socket) -> None:
+        with self.lock:
+            self.counts["open"] += 1
+            self.counts["peak"] = max(self.counts["peak"], self.counts["open"])
+        try:
+            while conn.recv(65536):  # (until the dialler gives up and closes)
+                pass
+        except OSError:
+            pass
+        finally:
+            with self.lock:
+                self.counts["open"] -= 1
+            conn.close()
+
+
+def test_rogue_adverts_that_never_answer_are_dialled_side_by_side(site, tmp_path, monkeypatch):
+    """Eight adverts whose servers accept and stay silent each cost a handshake's wait: dialled
+    one at a time they held `herd jobs` that long eight times over (an outside run: minutes,
+    with more). All eight are dialled at once, and the real coordinator is still the one found."""
+    from herd.cli.connection import find_coordinator
+
+    counts, lock = {"open": 0, "peak": 0}, threading.Lock()
+    pits = [Tarpit(counts, lock) for _ in range(8)]
+    zc = discovery.make_zeroconf()
+    adverts = [discovery.Advertiser(zc, discovery.COORDINATOR_TYPE, f"herd-tarpit-{i}", HOST,
+                                    pit.port, {}) for i, pit in enumerate(pits)]
+    try:
+        time.sleep(0.5)  # (every advert seen)
+        # A certificate of another cluster: the real coordinator refuses it too, so every
+        # advert is dialled until wait_s ends.
+        stranger = pki.Authority.create(tmp_path / "other").issue("client", "stranger")
+        with pytest.raises(HerdError):
+            find_coordinator(None, stranger, wait_s=3.0)
+        # One at a time, a tarpit saw at most 2 open together (a close noticed just after the
+        # next accept); side by side, all 8 (4: the bound, for a loaded machine's slow threads).
+        assert counts["peak"] >= 4, counts
+        assert find_coordinator(None, site.client, wait_s=10.0).endswith(
+            f":{site.coord.port}")
+    finally:
+        for advert in adverts:
+            advert.close()
+        zc.close()
+        for pit in pits:
+            pit.listener.close()
+
+
 # --- replaying a captured session ------------------------------------------------------------
 
 class Relay:

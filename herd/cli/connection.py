@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -109,36 +110,48 @@ def _refusal(target: str, identity: pki.Identity) -> HerdError | None:
 
 
 RETRY_S = 1.0  # a target that did not accept is tried again after this (it may be starting)
+DIALS = 16  # candidates dialled at once: a dozen rogue or stale adverts cost one 2 s wait, not 24
 
 
 def find_coordinator(explicit: str | None, identity: pki.Identity, wait_s: float = 4.0) -> str:
     """The first advertised coordinator that proves it is this cluster's (TLS) and accepts this
     machine's certificate; others (another cluster, a stale record, an impostor) are skipped.
-    Every address of every advert is tried, and tried again after RETRY_S until ``wait_s`` is
-    over: a record may carry a stale or unreachable address next to the good one, and zeroconf
-    expires stale records on its own. None accepting: AuthError (exit 6) when one seen refused
-    this machine's certificate (the likely fix is joining the cluster, even beside a stale advert
-    that does not answer), else PeerLostError (exit 5)."""
+    Every address of every advert is tried, DIALS at once, and tried again after RETRY_S until
+    ``wait_s`` is over: a record may carry a stale or unreachable address next to the good one,
+    and zeroconf expires stale records on its own. None accepting: AuthError (exit 6) when one
+    seen refused this machine's certificate (the likely fix is joining the cluster, even beside
+    a stale advert that does not answer), else PeerLostError (exit 5)."""
     if explicit or (explicit := os.environ.get(COORDINATOR_ENV)):
         return with_port(explicit)
     zc = discovery.make_zeroconf()
     tried: dict[str, float] = {}  # target -> when it last refused
     refused: dict[str, HerdError] = {}
+    dialling: dict[Future, str] = {}
+    pool = ThreadPoolExecutor(DIALS, thread_name_prefix="herd-dial")
     try:
         browser = discovery.Browser(zc, discovery.COORDINATOR_TYPE)
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
             for advert in browser.snapshot():
                 for target in advert.targets:
-                    if time.monotonic() - tried.get(target, -RETRY_S) < RETRY_S:
+                    if target in dialling.values() or \
+                            time.monotonic() - tried.get(target, -RETRY_S) < RETRY_S:
                         continue
-                    if (why := _refusal(target, identity)) is None:
-                        return target
-                    tried[target] = time.monotonic()
-                    refused[target] = why
-            time.sleep(0.05)
+                    dialling[pool.submit(_refusal, target, identity)] = target
+            if not dialling:
+                time.sleep(0.05)
+                continue
+            done, _ = wait(dialling, timeout=0.05, return_when=FIRST_COMPLETED)
+            for future in done:
+                target = dialling.pop(future)
+                if (why := future.result()) is None:
+                    return target
+                tried[target] = time.monotonic()
+                refused[target] = why
         browser.close()
     finally:
+        # (the dials still under way end at their own 2 s deadline; nothing waits for them)
+        pool.shutdown(wait=False, cancel_futures=True)
         zc.close()
     seen = ", ".join(sorted(refused))
     if auth := [(t, e) for t, e in sorted(refused.items()) if isinstance(e, AuthError)]:
