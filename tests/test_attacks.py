@@ -198,8 +198,10 @@ def test_rogue_adverts_that_never_answer_are_dialled_side_by_side(site, tmp_path
     counts, lock = {"open": 0, "peak": 0}, threading.Lock()
     pits = [Tarpit(counts, lock) for _ in range(8)]
     zc = discovery.make_zeroconf()
-    adverts = [discovery.Advertiser(zc, discovery.COORDINATOR_TYPE, f"herd-tarpit-{i}", HOST,
-                                    pit.port, {}) for i, pit in enumerate(pits)]
+    with futures.ThreadPoolExecutor(8) as pool:  # (each registration waits out mDNS probing)
+        adverts = list(pool.map(lambda i: discovery.Advertiser(
+            zc, discovery.COORDINATOR_TYPE, f"herd-tarpit-{i}", HOST, pits[i].port, {}),
+            range(len(pits))))
     try:
         time.sleep(0.5)  # (every advert seen)
         # A certificate of another cluster: the real coordinator refuses it too, so every
