@@ -29,7 +29,9 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-PORT=$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+PORT=$(free_port)
+HTTP_PORT=${HERD_DEMO_HTTP_PORT:-$(free_port)}  # (not 7480: a coordinator of yours may hold it)
 COORD="127.0.0.1:$PORT"
 
 echo "== herd init"
@@ -37,7 +39,7 @@ herd init
 echo "== herd up --workers 2"
 # Started directly (not through the shell function) so $! is herd up itself, which stops its
 # coordinator and workers on SIGTERM.
-"$PY" -m herd up --workers 2 --port "$PORT" --state-dir "$WORK/cluster" &
+"$PY" -m herd up --workers 2 --port "$PORT" --http-port "$HTTP_PORT" --state-dir "$WORK/cluster" &
 UP_PID=$!
 
 echo "== tiny model and dataset"

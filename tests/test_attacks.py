@@ -222,6 +222,18 @@ def test_rogue_adverts_that_never_answer_are_dialled_side_by_side(site, tmp_path
             pit.listener.close()
 
 
+def test_workers_wait_says_what_it_waits_for(site, capsys):
+    """`herd workers --wait N` said nothing for its whole timeout (an outside run): it says how
+    many are verified, then the timeout names the count."""
+    from herd.cli import listing
+    from herd.errors import PeerLostError
+
+    assert listing.main(["workers", "--wait", "1", "--timeout", "3"]) == PeerLostError.exit_code
+    err = capsys.readouterr().err
+    assert "herd workers: 0 of 1 verified, waiting up to" in err, err
+    assert "0 of 1 workers verified after 3 s" in err, err
+
+
 # --- replaying a captured session ------------------------------------------------------------
 
 class Relay:

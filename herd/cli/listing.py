@@ -147,7 +147,7 @@ def _wait_for_workers(args) -> list[dict]:
     """At least ``args.wait`` verified workers, waiting for the coordinator itself too (it may
     be starting); PeerLostError after ``args.timeout``."""
     deadline = time.monotonic() + args.timeout
-    have, last = 0, None
+    have, last, said = 0, None, None
     while time.monotonic() < deadline:
         try:
             with connect_from_args(args) as coord:
@@ -155,6 +155,12 @@ def _wait_for_workers(args) -> list[dict]:
                     workers = _workers(coord)
                     if len(workers) >= args.wait:
                         return workers
+                    if len(workers) != said:  # (each change, not each poll)
+                        names = ", ".join(w["worker_id"] for w in workers)
+                        print(f"herd workers: {len(workers)} of {args.wait} verified"
+                              + (f" ({names})" if names else "") + ", waiting up to "
+                              f"{deadline - time.monotonic():.0f} s more", file=sys.stderr)
+                        said = len(workers)
                     have = len(workers)
                     time.sleep(0.5)
         except (PeerLostError, AuthError) as e:
