@@ -182,6 +182,8 @@ def test_shipped_configs_validate(path):
         ({"lr_schedule": {"name": "cosine_decay", "arguments": [1e-5, 10**12]}},
          "lr_schedule.arguments.1 = 1000000000000: at most"),
         ({"learning_rate": float("inf")}, "learning_rate = inf: not a finite number"),
+        ({"learning_rate": -1e-5}, "learning_rate = -1e-05: Input should be greater than 0"),
+        ({"learning_rate": 0}, "learning_rate = 0: Input should be greater than 0"),
         # pydantic's lax mode read `iters: yes` as 1 and trained one step (an outside run)
         ({"iters": True}, "iters = True: a number is needed, not true"),
         ({"lora_parameters": {"rank": True}}, "lora_parameters.rank = True: a number is needed"),

@@ -13,6 +13,7 @@ import pytest
 from coordinator import convert
 from coordinator.artifacts import PIECE_META, AdapterStore, BlobStore
 from coordinator.domain import (
+    TRANSITIONS,
     Checkpoint,
     EventKind,
     FileDigest,
@@ -21,6 +22,7 @@ from coordinator.domain import (
     JobState,
     RankProgress,
     WorkerRecord,
+    check_transition,
 )
 from coordinator.scheduler import Scheduler
 from coordinator.store import _MIGRATIONS, JobStore
@@ -260,6 +262,44 @@ def test_a_killed_rank_restarts_from_the_last_checkpoint_until_max_restarts(rig)
     assert [a[2] for a in s.store.attempts(j.job_id)] == ["restarting", "failed"]
     assert states(s, j.job_id) == ["queued", "placing", "running", "restarting", "placing",
                                    "running", "failed"]
+
+
+def test_reports_of_an_old_attempt_do_not_touch_the_running_one(rig):
+    """A rank of attempt 1 stopped late (its agent was cut off) reports its exit, progress and
+    log lines while attempt 2 runs: none is taken for attempt 2's."""
+    s, workers, launcher, clock = rig
+    workers += [worker(1), worker(2)]
+    j = s.submit(job())
+    s.tick()
+    s.on_exit(j.job_id, 1, 1, "w2", -9, "killed by SIGKILL")
+    clock.t += 5
+    s.tick()
+    assert (s.store.get_job(j.job_id).state, s.store.get_job(j.job_id).attempt) == (
+        JobState.RUNNING, 2)
+    assert not s.on_progress(j.job_id, 2, RankProgress(rank=0, iteration=2, train_loss=3.0))
+    s.on_exit(j.job_id, 1, 0, "w1", 7, "lost a peer")  # attempt 1's other rank, at last
+    assert s.on_progress(j.job_id, 1, RankProgress(rank=0, iteration=9, train_loss=1.0))
+    assert s.on_log(j.job_id, 1, "from attempt 1")
+    got = s.store.get_job(j.job_id)
+    assert (got.state, got.attempt) == (JobState.RUNNING, 2), got.message
+    assert [p.iteration for p in s.store.latest_progress(j.job_id)] == [2]
+    assert not any(e.message == "from attempt 1" for e in s.store.events(j.job_id))
+
+
+def test_the_state_machine_refuses_what_its_table_does_not_allow():
+    """Ended jobs stay ended; a job starts by being placed; every state can end."""
+    for state in JobState:
+        for to in JobState:
+            j = dataclasses.replace(job(), state=state)
+            if to in TRANSITIONS[state]:
+                check_transition(j, to)
+            else:
+                with pytest.raises(ValueError, match=f"{state.value} -> {to.value}"):
+                    check_transition(j, to)
+    assert all(not TRANSITIONS[s] for s in JobState if s.final)
+    assert JobState.RUNNING not in TRANSITIONS[JobState.QUEUED] | TRANSITIONS[JobState.RESTARTING]
+    assert all({JobState.FAILED, JobState.CANCELLED} <= TRANSITIONS[s]
+               for s in JobState if not s.final)
 
 
 def test_placement_timeout_fails_with_what_is_missing(rig):
