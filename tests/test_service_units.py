@@ -574,6 +574,13 @@ def test_a_job_too_big_for_every_worker_says_so(tiny_model):
     with pytest.raises(PlacementError, match="does not fit"):
         place(cfg, small)
     assert place(cfg, [worker(1), worker(2)]).worker_ids == ["w1", "w2"]
+    # Free memory, not installed memory: a 64 GB machine whose apps hold all but 1.5 MB is not
+    # the roomiest, and does not fit this model (it fits in 2 MB, as above)
+    full = dataclasses.replace(worker(3, mem=64 * GB), free_memory_bytes=1_500_000)
+    one = parse_config({"model": str(tiny_model), "batch_size": 4, "cluster": {"workers": 1}})
+    assert place(one, [full, worker(1, mem=2 * GB)]).worker_ids == ["w1"]
+    with pytest.raises(PlacementError, match="does not fit"):
+        place(one, [full])
 
 
 def test_a_mac_offers_what_its_gpu_may_wire():
