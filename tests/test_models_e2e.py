@@ -233,12 +233,28 @@ def test_a_folder_cannot_take_a_hub_models_name(world):
     assert "uploading" not in squat.stdout + squat.stderr
 
 
+def _stored_and_fetched(world) -> None:
+    """org/tiny in the store and on both workers, as the data-parallel test above leaves it
+    (a test run alone, or in another order, does it here)."""
+    from herd.digest import sha256_file
+
+    shard = sorted(world["model"].glob("*.safetensors"))[-1]
+    blobs = world["cluster"].state / "worker-1" / "models" / "blobs"
+    if not (blobs / sha256_file(shard)).exists():
+        _herd(world, "models", "add", str(world["model"]), "--plain")  # (as "tiny")
+        _herd(world, "models", "add", "org/tiny", "--plain")  # (the same files: stored once)
+        cfg = _job(world, "first", "org/tiny", cluster={"workers": 2}, iters=2, save_every=2)
+        job_id, lines = _run(world, cfg)
+        assert f"{job_id}: state succeeded" in lines, "\n".join(lines[-30:])
+
+
 def test_a_corrupted_cached_shard_is_fetched_again_and_nothing_else_moves(world):
     from herd.digest import sha256_file
 
     model = world["model"]
     shard = sorted(model.glob("*.safetensors"))[1]
     blob = world["cluster"].state / "worker-1" / "models" / "blobs" / sha256_file(shard)
+    _stored_and_fetched(world)
     data = bytearray(blob.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped bit-pattern mid-file: the size still matches
     blob.write_bytes(bytes(data))
@@ -255,6 +271,7 @@ def test_a_worker_with_too_little_disk_refuses_before_any_transfer(world):
     if os.geteuid() != 0 or not shutil.which("unshare"):
         pytest.skip("needs root and unshare(1) for a small tmpfs disk of its own")
     c = world["cluster"]
+    _stored_and_fetched(world)
     cache = world["root"] / "small-disk"
     cache.mkdir()
     # Its own mount namespace: a 64 kB tmpfs as its model cache, gone when it exits.
@@ -284,10 +301,12 @@ def test_a_worker_with_too_little_disk_refuses_before_any_transfer(world):
 
 
 def test_a_stored_model_is_listed_for_scripts_and_removed_once(world):
-    """After the jobs above: `herd models --json` names the model, its files and its jobs;
-    `herd models rm` frees what no other model or dataset holds; a second rm exits 7, naming it."""
+    """After the jobs above (or its own): `herd models --json` names the model, its files and
+    its jobs; `herd models rm` frees what no other model or dataset holds; a second rm exits 7,
+    naming it."""
     import json
 
+    _stored_and_fetched(world)
     listed = json.loads(_herd(world, "models", "--json").stdout)
     tiny = next(m for m in listed if "tiny" in m["names"])
     assert re.fullmatch(r"[0-9a-f]{64}", tiny["digest"]) and tiny["jobs"], tiny
