@@ -326,6 +326,36 @@ def test_compiled_path_matches(tmp_path, tiny_model, tiny_data):
     assert rel <= SAME_UPDATE_RTOL
 
 
+def test_an_accumulation_steps_denominator_counts_every_target_of_its_micro_batches(
+        tiny_model, tiny_data):
+    """Token weighting divides a step's summed loss by the target tokens of all its micro-batches
+    on all ranks: the sum of what mlx-lm's own loss counts (its ntoks) for each rank's part.
+    (Runs of herd compared with each other share this number: a wrong count moved them alike,
+    so it is checked here against mlx-lm's.)"""
+    import argparse
+
+    from mlx_lm.tuner.datasets import CacheDataset, load_dataset
+    from mlx_lm.tuner.trainer import default_loss
+    from mlx_lm.utils import load
+
+    from worker.rank.batches import BatchStream, DataOrder, global_batches
+
+    model, tok = load(str(tiny_model))
+    ns = argparse.Namespace(data=str(tiny_data), train=True, test=False, mask_prompt=False)
+    train = CacheDataset(load_dataset(ns, tok)[0])
+    iters = 7
+    order = DataOrder.draw(0, len(global_batches(train, 4, 128)), iters)
+    streams = [BatchStream(train, 4, 128, rank, 2, order) for rank in range(2)]
+
+    def counted(it: int) -> int:  # mlx-lm's count, over both ranks' parts of iteration it
+        return sum(default_loss(model, *s.batch(order.train[it - 1]))[1].item() for s in streams)
+
+    # steps of 1 and of 3 micro-batches, and a trailing partial step (iteration 7 alone)
+    for first, count in ((1, 1), (1, 3), (4, 3), (7, 3)):
+        want = sum(counted(it) for it in range(first, min(first + count - 1, iters) + 1))
+        assert [s.targets(first, count) for s in streams] == [want, want], (first, count)
+
+
 def test_progress_and_metrics(tmp_path, tiny_model, tiny_chat_data):
     """Progress shows iteration, loss, tok/s and peak memory; the metrics file is JSON lines."""
     import json
