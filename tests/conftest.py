@@ -285,9 +285,9 @@ def up_worker_ids(home: Path, n: int) -> list[str]:
 
 
 def start_ranks(argv: list[str], world: int, extra_env: dict | None = None,
-                hostfile_dir: Path | None = None):
-    """Start `world` ranks of `python -m herd ...` directly (MLX_RANK + MLX_HOSTFILE, as FACTS.md
-    advises)."""
+                hostfile_dir: Path | None = None, command: tuple[str, ...] = ("-m", "herd")):
+    """Start `world` ranks of `python -m herd ...` (or `python COMMAND ...`) directly (MLX_RANK +
+    MLX_HOSTFILE, as FACTS.md advises)."""
     ports = free_ports(world)
     hostfile = (hostfile_dir or Path(os.environ.get("TMPDIR", "/tmp"))) / f"hosts-{ports[0]}.json"
     hostfile.write_text(json.dumps([f"127.0.0.1:{p}" for p in ports]))
@@ -302,7 +302,7 @@ def start_ranks(argv: list[str], world: int, extra_env: dict | None = None,
         }
         procs.append(
             subprocess.Popen(
-                [sys.executable, "-m", "herd", *argv], env=env,
+                [sys.executable, *command, *argv], env=env,
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             )
         )

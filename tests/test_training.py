@@ -241,6 +241,27 @@ def test_two_ranks_equal_one_rank(tmp_path, tiny_model, tiny_data, accum, blas_k
 
 
 @pytest.mark.slow
+def test_mlx_lm_averaging_on_two_ranks_is_mlx_lm_lora_on_two_ranks(tmp_path, tiny_model,
+                                                                    tiny_data):
+    """cluster.gradient_average: mlx_lm on a 2-rank MLX ring gives the adapter `mlx_lm.lora`
+    itself gives on a 2-rank ring (its data-parallel step: each rank's own mean, averaged over
+    the ranks). SGD: a gradient's scale shows in the update (Adam's normalisation hides it)."""
+    kw = dict(iters=6, save_every=6, batch_size=4, optimizer="sgd", learning_rate=0.05,
+              cluster={"gradient_average": "mlx_lm", "exchange": "mlx"})
+    ours = write_job(tmp_path / "herd.yaml", tiny_model, tiny_data,
+                     adapter_path=str(tmp_path / "herd"), **kw)
+    theirs = write_job(tmp_path / "mlx.yaml", tiny_model, tiny_data,
+                       adapter_path=str(tmp_path / "mlx"), **kw)  # (mlx-lm ignores cluster:)
+    wait_all(start_ranks(["train", str(ours), "--quiet"], world=2, hostfile_dir=tmp_path))
+    wait_all(start_ranks([str(theirs)], world=2, hostfile_dir=tmp_path,
+                         extra_env=preload_env(), command=("-c", MLX_LM_LORA)))
+    a, b = load_adapter(tmp_path / "herd"), load_adapter(tmp_path / "mlx")
+    rel = update_diff(a, b, initial_adapter(ours))
+    print(f"herd vs mlx_lm.lora on 2 ranks: max abs {max_abs_diff(a, b):.2e}, update {rel:.2e}")
+    assert rel <= SAME_UPDATE_RTOL, f"the 2-rank updates differ by {rel:.2e}"
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("stages", [1, 2])
 def test_a_rank_that_loses_its_mlx_peer_exits_as_peer_lost(tmp_path, tiny_model, tiny_data, stages):
     """Kill one rank of a 2-rank MLX ring (data parallel, or a 2-stage pipeline): the survivor
