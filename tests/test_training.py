@@ -219,6 +219,20 @@ def test_same_adapter_as_mlx_lm_lora(matrix, variant, blas_kernels):
     # and training moved the adapter (lora_b starts at zero; a full fine-tune moves weights)
     start = initial_adapter(run["herd"])
     assert max_abs_diff(a, start) > 1e-5
+    # adapter_config.json, which `mlx_lm.generate --adapter-path` reads to rebuild the layers
+    # (fine_tune_type, num_layers, lora_parameters' rank and scale, ...): every key mlx-lm
+    # writes, as it writes it, but for this run's own files and herd's cluster: section. (herd's
+    # also names the job's model in base_model, and spells out defaults: lr_schedule's warmup.)
+    ours, theirs = (json.loads((Path(run[t]).parent / d / "adapter_config.json").read_text())
+                    for t, d in (("herd", "herd"), ("mlx_lm", "mlx")))
+    for key in sorted(set(theirs) - {"adapter_path", "config", "data", "resume_adapter_file",
+                                     "cluster"}):
+        got, want = ours.get(key), theirs[key]
+        if isinstance(want, dict) and isinstance(got, dict):  # mlx-lm's keys, as it has them
+            got = {k: v for k, v in got.items() if k in want}
+        if key == "optimizer":  # (mlx-lm lowers the name it reads: herd writes it so)
+            want = want.lower()
+        assert got == want, (key, got, want)
 
 
 @pytest.mark.slow
