@@ -240,18 +240,43 @@ def test_same_adapter_as_mlx_lm_lora(matrix, variant, blas_kernels):
 def test_two_ranks_equal_one_rank(tmp_path, tiny_model, tiny_data, accum, blas_kernels):
     """2 ranks on a loopback MLX ring with global batch B == 1 rank with batch B (token-weighted),
     to float32 rounding (tests/conftest.py SAME_UPDATE)."""
-    kw = dict(grad_accumulation_steps=accum, iters=8, save_every=8, batch_size=4, **SAME_UPDATE)
+    kw = dict(grad_accumulation_steps=accum, iters=8, save_every=8, batch_size=4,
+              steps_per_report=2, steps_per_eval=4, **SAME_UPDATE)
     one = write_job(tmp_path / "one.yaml", tiny_model, tiny_data,
                     adapter_path=str(tmp_path / "one"), **kw)
     two = write_job(tmp_path / "two.yaml", tiny_model, tiny_data,
                     adapter_path=str(tmp_path / "two"),
                     cluster={"exchange": "mlx"}, **kw)
-    herd("train", one, "--quiet")
-    wait_all(start_ranks(["train", str(two), "--quiet"], world=2, hostfile_dir=tmp_path))
+    herd("train", one, "--quiet", "--metrics-file", tmp_path / "one.jsonl")
+    wait_all(start_ranks(["train", str(two), "--quiet", "--metrics-file",
+                          str(tmp_path / "two.jsonl")], world=2, hostfile_dir=tmp_path))
     rel = update_diff(load_adapter(tmp_path / "two"), load_adapter(tmp_path / "one"),
                       initial_adapter(one))
     print(f"update differs by {rel:.2e} of its size")
     assert rel <= SAME_UPDATE_RTOL, f"2-rank adapter differs from 1-rank by {rel:.2e} of the update"
+    # What the ranks report is what one process reports: each window's train loss and the
+    # validation losses, over the whole global batch (not rank 0's part), at the same iterations.
+    assert_same_losses(tmp_path / "two.jsonl", tmp_path / "one.jsonl")
+
+
+LOSS_RTOL = 1e-5  # float32 sums in another order (tests/test_pipeline.py's bound)
+
+
+def assert_same_losses(ranks: Path, one: Path) -> None:
+    rows = [json.loads(line) for line in ranks.read_text().splitlines()]
+    want_rows = [json.loads(line) for line in one.read_text().splitlines()]
+    for kind, key in (("train", "train_loss"), ("val", "val_loss")):
+        want = [(r["iteration"], r[key]) for r in want_rows if r.get("event") == kind]
+        assert want, (kind, want_rows)
+        by_rank: dict[int, list] = {}
+        for r in rows:
+            if r.get("event") == kind:
+                by_rank.setdefault(r.get("rank", 0), []).append((r["iteration"], r[key]))
+        assert by_rank, (kind, rows)
+        for rank, got in by_rank.items():
+            assert [i for i, _ in got] == [i for i, _ in want], (kind, rank, got, want)
+            assert all(abs(g - w) <= LOSS_RTOL * abs(w) for (_, g), (_, w) in zip(got, want)), (
+                kind, rank, got, want)
 
 
 @pytest.mark.slow
