@@ -425,6 +425,23 @@ def test_a_job_that_lost_a_worker_for_good_shrinks_and_grows_back_at_a_checkpoin
         "restarting", "grown", None]
 
 
+def test_a_shrunk_job_keeps_the_most_ranks_the_workers_left_hold():
+    """A 4-worker job (batch 4) with 3 idle workers left runs on 3 (token weighting splits 4 as
+    2, 1, 1); with mlx-lm's averaging, which needs an even split, on 2; one busy worker is not
+    counted."""
+    from coordinator.elastic import shrink_placement
+
+    four = parse_config({"model": "/nonexistent/model", "data": "data", "batch_size": 4,
+                         "cluster": {"workers": 4}})
+    left = [worker(1), worker(2), worker(3)]
+    assert len(shrink_placement(four, left).worker_ids) == 3
+    mean = parse_config({"model": "/nonexistent/model", "data": "data", "batch_size": 4,
+                         "cluster": {"workers": 4, "gradient_average": "mlx_lm"}})
+    assert len(shrink_placement(mean, left).worker_ids) == 2
+    left[0].running_job_id = "other"
+    assert len(shrink_placement(four, left).worker_ids) == 2
+
+
 def _cut_off(s, workers, j) -> list:
     """``j`` placed and running on every worker, then none of them answers the coordinator's
     health checks (its own link cut): the workers that were cut."""
