@@ -126,6 +126,27 @@ class LrSchedule(_Strict):
             raise ValueError(f"unknown schedule {v!r}; one of {known}")
         return v
 
+    @field_validator("arguments")
+    @classmethod
+    def _fit_the_schedule(cls, v: list, info: ValidationInfo) -> list:
+        # mlx-lm calls the schedule with *arguments on the rank: a wrong count was a TypeError
+        # there, after placement (an outside run)
+        import inspect
+
+        import mlx.optimizers as optim
+
+        if (name := info.data.get("name")) is None:
+            return v
+        signature = inspect.signature(getattr(optim, name)).replace(
+            return_annotation=inspect.Signature.empty)
+        if [a for a in v if isinstance(a, bool) or not isinstance(a, (int, float))]:
+            raise ValueError(f"{name}'s arguments are numbers: {name}{signature}")
+        try:
+            signature.bind(*v)
+        except TypeError as e:
+            raise ValueError(f"{len(v)} argument(s) do not fit {name}{signature}: {e}") from None
+        return v
+
 
 class HfDataset(_Strict):
     """One entry of ``hf_dataset``: a dataset ``datasets.load_dataset`` loads (mlx-lm's keys and

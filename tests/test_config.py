@@ -184,6 +184,12 @@ def test_shipped_configs_validate(path):
         ({"learning_rate": float("inf")}, "learning_rate = inf: not a finite number"),
         ({"learning_rate": -1e-5}, "learning_rate = -1e-05: Input should be greater than 0"),
         ({"learning_rate": 0}, "learning_rate = 0: Input should be greater than 0"),
+        # the schedule's TypeError came from the rank, after placement (an outside run)
+        ({"lr_schedule": {"name": "cosine_decay", "arguments": [1e-5]}},
+         "lr_schedule.arguments = [1e-05]: 1 argument(s) do not fit cosine_decay(init: float, "
+         "decay_steps: int, end: float = 0.0): missing a required argument: 'decay_steps'"),
+        ({"lr_schedule": {"name": "step_decay", "arguments": [1e-3, "half", 3]}},
+         "step_decay's arguments are numbers"),
         # pydantic's lax mode read `iters: yes` as 1 and trained one step (an outside run)
         ({"iters": True}, "iters = True: a number is needed, not true"),
         ({"lora_parameters": {"rank": True}}, "lora_parameters.rank = True: a number is needed"),
