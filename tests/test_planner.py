@@ -401,7 +401,23 @@ def test_herd_plan_cli(tmp_path):
     ok = subprocess.run([sys.executable, "-m", "herd", "plan", str(cfg), "--workers", "64,64",
                          "--macos"], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert ok.returncode == 0, ok.stderr
-    assert "weights" in ok.stdout and "data x pipeline" in ok.stdout
+    assert "weights" in ok.stdout and "1 x 2 (data x pipeline)" in ok.stdout
+    # The config sets no cluster.workers: `herd submit` would place it on one worker, where it
+    # does not fit (an outside run: plan and submit disagreed). The note says what to add.
+    fix = "cluster: {workers: 2, parallelism: {data: 1, pipeline: 2}}"
+    assert (f"the config asks for 1 (cluster.workers), so `herd submit` would place it on 1: "
+            f"add `{fix}` to run it as planned") in ok.stderr, ok.stderr
+    cfg.write_text(cfg.read_text() + fix + "\n")
+    pinned = subprocess.run([sys.executable, "-m", "herd", "plan", str(cfg), "--workers",
+                             "64,64", "--macos"], capture_output=True, text=True, timeout=60,
+                            cwd=REPO)
+    assert pinned.returncode == 0 and "1 x 2 (data x pipeline)" in pinned.stdout, pinned.stderr
+    assert "note:" not in pinned.stderr, pinned.stderr
+    cfg.write_text(cfg.read_text().replace(fix + "\n", ""))
+    alone = subprocess.run([sys.executable, "-m", "herd", "plan", str(cfg), "--workers", "64",
+                            "--macos"], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert alone.returncode == 4 and f"1 more worker(s) of 52 GB ({fix})" in alone.stderr, \
+        alone.stderr
     cfg.write_text(f"model: {model}\nbatch_size: 1\n")
     bad = subprocess.run([sys.executable, "-m", "herd", "plan", str(cfg), "--workers", "64",
                           "--macos"], capture_output=True, text=True, timeout=60, cwd=REPO)

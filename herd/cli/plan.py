@@ -16,7 +16,7 @@ import os
 import sys
 
 from coordinator.convert import worker_from_pb
-from coordinator.placement import usable_bytes
+from coordinator.placement import usable_bytes, workers_needed
 from coordinator.planner import GB_SI, GIB, Plan, WorkerMemory, macos_usable_bytes, plan_job
 from herd.cli.connection import COORDINATOR_ENV, add_connection_args, client_identity, connect
 from herd.config import JobConfig, load_config
@@ -166,4 +166,12 @@ def main(argv: list[str]) -> int:
     print(f"planned for {source}: {len(workers)} worker(s) of "
           + ", ".join(f"{w.memory_bytes / GIB:.1f}" for w in workers) + " GiB usable" + short)
     print(render(plan, workers, job))
+    if (n := plan.data_parallel * plan.pipeline_stages) > workers_needed(job):
+        # (placement takes cluster.workers, default one: the plan and the job must agree)
+        layout = (f"cluster: {{workers: {n}, parallelism: {{data: {plan.data_parallel}, "
+                  f"pipeline: {plan.pipeline_stages}}}}}" if plan.pipeline_stages > 1
+                  else f"cluster: {{workers: {n}}}")
+        print(f"note: this layout takes {n} workers; the config asks for "
+              f"{workers_needed(job)} (cluster.workers), so `herd submit` would place it on "
+              f"{workers_needed(job)}: add `{layout}` to run it as planned", file=sys.stderr)
     return 0
