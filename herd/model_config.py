@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 from herd.errors import ConfigError, HerdError
+from herd.lora_keys import check_lora_keys
 from herd.stage_cut import check_stages
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -197,3 +198,4 @@ def check_against_model(cfg, model: dict) -> None:
     if cfg.fine_tune_type == "full" and cfg.quantize is None and "quantization" in model:
         raise full_of_quantized(cfg.model)
     check_stages(model, cfg)
+    check_lora_keys(cfg, model)

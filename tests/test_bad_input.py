@@ -93,6 +93,17 @@ def num_layers_beyond_the_model(job: Job) -> None:
     job.config.update(model=str(model), num_layers=16)
 
 
+def lora_keys_no_module_has(job: Job) -> None:
+    """A typo and a name without its block's prefix, on a llama whose config.json is here."""
+    from herd.cli.tiny import model_config
+
+    model = job.dir / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(model_config("llama", 2, 64, 512)))
+    job.config.update(model=str(model), num_layers=-1,
+                      lora_parameters={"keys": ["q_proj", "self_attn.v_prj"]})
+
+
 def resume_adapter_not_safetensors(job: Job) -> None:
     (job.dir / "adapters.safetensors").write_text("not tensors")
     job.config["resume_adapter_file"] = str(job.dir / "adapters.safetensors")
@@ -177,6 +188,10 @@ ROWS = [
      ["fine_tune_type: full cannot train a quantized base", "quantize:"]),
     ("num_layers beyond the model", num_layers_beyond_the_model, 2,
      ["num_layers = 16, but", "has only 2 layers", "num_layers: -1"]),
+    # the rank failed at its first step with MLX's "[grad] Must specify at least one argument"
+    ("LoRA keys no module has", lora_keys_no_module_has, 2,
+     ["lora_parameters.keys: 'q_proj' (did you mean 'self_attn.q_proj'?), 'self_attn.v_prj' "
+      "(did you mean 'self_attn.v_proj'?) match no module of", "self_attn.o_proj"]),
     ("misspelt optimizer argument",
      set_keys(optimizer="adamw", optimizer_config={"adamw": {"betass": [0.9, 0.9]}}), 2,
      ["adamw.betass: not an argument of mlx's adamw optimizer", "did you mean 'betas'"]),
