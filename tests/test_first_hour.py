@@ -127,6 +127,32 @@ def test_up_detach_uses_only_the_workers_it_started(cluster):
         assert folder.stat().st_mode & 0o077 == 0, (folder, oct(folder.stat().st_mode))
 
 
+def test_herd_ups_workers_advertise_nothing_another_coordinator_could_adopt(cluster,
+                                                                            monkeypatch):
+    """A Quickstart coordinator (same cluster CA, discovery on) took `herd up`'s workers and ran
+    its jobs there (an outside run): they are not advertised. (A probe advert shows the browse
+    sees what is there.)"""
+    from herd.rpc import discovery
+
+    monkeypatch.setenv(discovery.INTERFACES_ENV, "127.0.0.1")
+    zc = discovery.make_zeroconf()
+    probe = discovery.Advertiser(zc, discovery.WORKER_TYPE, "probe-worker", "127.0.0.1",
+                                 free_ports(1)[0], {"id": "probe-worker"})
+    browser = discovery.Browser(zc, discovery.WORKER_TYPE)
+    try:
+        deadline = time.monotonic() + 30
+        while not any("probe-worker" in a.name for a in browser.snapshot()):
+            assert time.monotonic() < deadline, "the probe advert was never seen"
+            time.sleep(0.2)
+        time.sleep(2)  # (every advert on the machine answered the browse by now)
+        seen = " ".join(a.name + json.dumps(a.txt) for a in browser.snapshot())
+        assert not [w for w in up_worker_ids(cluster.home, WORKERS) if w in seen], seen
+    finally:
+        browser.close()
+        probe.close()
+        zc.close()
+
+
 def test_agents_on_one_machine_get_their_own_folder_and_id_and_a_taken_folder_is_refused(
         cluster):
     (id1, dir1), (id2, dir2) = (re.match(r"herd worker (\S+) listening on \S+, state in (\S+)",

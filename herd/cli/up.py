@@ -6,7 +6,8 @@ One coordinator and N worker agents, each its own process with its own state dir
 as ``herd join`` would give it. A local cluster belongs to the user who starts it, so its workers
 take models from anywhere that user can read (``--model-root /``) unless told otherwise. The
 coordinator uses exactly the workers it started (their addresses are given to it; it looks for
-no others), so other agents of the same cluster CA on this machine are never adopted. The
+no others), so other agents of the same cluster CA on this machine are never adopted; its
+workers advertise nothing (`herd worker --no-advertise`), so no other coordinator adopts them. The
 coordinator's address is printed and written to STATE_DIR/coordinator.address; Ctrl-C (or
 SIGTERM, or ``herd down``) stops all. A state dir holds one ``herd up`` at a time (STATE_DIR/lock).
 """
@@ -250,7 +251,9 @@ def run(args) -> int:
         return 1
     for i, port in enumerate(ports):
         name, folder = worker_id(ca, i + 1), state / f"worker-{i + 1}"
-        cmd = ["worker", "--host", HOST, "--port", str(port), "--id", name,
+        # (--no-advertise: another coordinator of this cluster CA on the machine, e.g. the
+        # Quickstart's, would adopt them and run its jobs there: an outside run)
+        cmd = ["worker", "--no-advertise", "--host", HOST, "--port", str(port), "--id", name,
                "--state-dir", str(folder), "--keep-attempts", str(args.keep_attempts),
                "--tls-dir", str(_worker_tls(ca, folder / "tls", name))]
         for root in args.model_root or ["/"]:

@@ -84,6 +84,9 @@ def main(argv: list[str]) -> int:
                    help="worker id: the name in this worker's certificate (default: that name; "
                    "on the CA's machine a certificate is made for the id kept in the state "
                    "folder, hostname + a random suffix)")
+    p.add_argument("--no-advertise", action="store_true",
+                   help="no zeroconf advert: only a coordinator started with --worker "
+                   "HOST:PORT uses this worker (herd up's workers; a LAN without multicast)")
     p.add_argument("--keep-attempts", type=int, default=10, metavar="N",
                    help="keep the N newest job attempt folders (rank logs, checkpoints, data "
                    "links) and delete older ones; 0 = keep all")
@@ -180,9 +183,11 @@ def main(argv: list[str]) -> int:
     worker.keep_attempts = max(0, args.keep_attempts)
     add_to_server(WorkerServicer(worker), server)
     server.start()
-    zc = discovery.make_zeroconf()
-    advert = discovery.Advertiser(zc, discovery.WORKER_TYPE, worker_id, host, port,
-                                  advert_txt(worker.info()))
+    # (--no-advertise: found only by a coordinator that names it; another coordinator of the
+    # same cluster CA on this LAN never sees it: `herd up`'s own workers)
+    zc = None if args.no_advertise else discovery.make_zeroconf()
+    advert = zc and discovery.Advertiser(zc, discovery.WORKER_TYPE, worker_id, host, port,
+                                         advert_txt(worker.info()))
     logger.info("worker_started", worker_id=worker_id, address=netif.hostport(host, port),
                 data=[f"{i.name}={i.kind}" for i in interfaces if i.data],
                 memory_bytes=machine.memory_bytes, chip=machine.chip, state_dir=str(state_dir),
@@ -209,10 +214,12 @@ def main(argv: list[str]) -> int:
             code = PeerLostError.exit_code
             break
     logger.info("worker_stopping", worker_id=worker_id)
-    advert.close()
+    if advert:
+        advert.close()
     worker.stop_all()
     server.stop(grace=2).wait()
-    zc.close()
+    if zc:
+        zc.close()
     lock.release()
     return code
 
