@@ -72,6 +72,37 @@ def test_a_coordinator_away_for_very_long_costs_the_oldest_reports_only(tmp_path
     assert [_what(r) for r in coordinator.taken] == ["iter 3", "iter 4", "iter 5"]
 
 
+def test_a_rank_that_ends_while_the_coordinator_is_away_loses_no_report_nor_log(tmp_path):
+    """A rank that finished during a coordinator restart (or cut): its reports and the tail of
+    its log still arrive, before its exit (each was tried once, then only the exit was retried:
+    rank 1's progress after the cut never reached `herd watch` or the pulled metrics, an outside
+    run)."""
+    import time
+
+    from herd.config import JobConfig
+    from worker.agent.domain import RankSpec
+
+    coordinator = AwayCoordinator()
+    spec = RankSpec("j", 1, 1, 2, JobConfig(), [], "c:1", [], [])
+    relay = Relay(spec, "w", tmp_path, coordinator, threading.Event(), lambda: None,
+                  log.get("test").bind())
+    relay._send(progress(10))
+    coordinator.down = True
+    for i in (20, 30):
+        relay._send(progress(i))
+    (tmp_path / "rank.log").write_text("iter 30/30 saved\ntrain_done\n")
+    ending = threading.Thread(target=relay.report_exit, args=(0,))
+    ending.start()
+    time.sleep(1.5)  # (its tries fail meanwhile)
+    assert ending.is_alive() and len(coordinator.taken) == 1
+    coordinator.down = False
+    ending.join(30)
+    kinds = [r.WhichOneof("report") for r in coordinator.taken]
+    assert [_what(r) for r in coordinator.taken[:3]] == ["iter 10", "iter 20", "iter 30"]
+    assert kinds[3:] == ["rank_log", "exit"], kinds
+    assert coordinator.taken[3].rank_log.data == b"iter 30/30 saved\ntrain_done\n"
+
+
 # A real shortage of file descriptors (an outside run: ~1,100 unauthenticated connections to a
 # worker's agent port used up its 1024; the relay's open() of metrics.jsonl failed and its
 # thread ended, so every later checkpoint and the exit stayed on the worker). Run in a child

@@ -125,9 +125,7 @@ class Relay:
         if not force and time.monotonic() < self._next_flush:
             return
         try:
-            while self._pending:
-                self._answer(self._client.report(self._pending[0]))
-                self._pending.popleft()
+            self._send_pending()
             self._flush_wait, self._next_flush = 0.5, 0.0
         except HerdError as e:
             # The coordinator may be restarting: kept, and sent later.
@@ -270,18 +268,29 @@ class Relay:
             return
         self._log_at = time.monotonic()
         try:
-            with open(self.dir / "rank.log", "rb") as f:
-                f.seek(self._log_sent)
-                while data := f.read(chunk):
-                    self._client.report(convert.rank_log_report(self.spec, self.worker_id,
-                                                                self._log_sent, data))
-                    self._log_sent += len(data)  # only once stored: a failed piece is resent
-                    if not final:
-                        break
+            self._send_log(final, chunk)
         except OSError:
             pass
         except HerdError as e:  # the coordinator may be restarting: the next call resends
             self.log.warning("rank_log_relay_failed", error=str(e))
+
+    def _send_log(self, final: bool, chunk: int = 256 * 1024) -> None:
+        """rank.log from where the last piece the coordinator stored ended (one piece, or all
+        of it when ``final``); HerdError when the coordinator does not take one."""
+        with open(self.dir / "rank.log", "rb") as f:
+            f.seek(self._log_sent)
+            while data := f.read(chunk):
+                self._client.report(convert.rank_log_report(self.spec, self.worker_id,
+                                                            self._log_sent, data))
+                self._log_sent += len(data)  # only once stored: a failed piece is resent
+                if not final:
+                    break
+
+    def _send_pending(self) -> None:
+        """Every pending report, in order; HerdError (the rest kept) when one is not taken."""
+        while self._pending:
+            self._answer(self._client.report(self._pending[0]))
+            self._pending.popleft()
 
     def _last_error(self) -> str:
         """The rank's last plain stderr line (its structured log lines are not an error)."""
@@ -301,6 +310,16 @@ class Relay:
             # (stopped: a signal; a rank that exited with a code of its own said why itself)
             error = self._stop_reason() or "stopped by the agent"
         self.log.info("rank_exited", exit_code=code, error=error)
-        self._flush(force=True)
+        # What the rank reported and wrote while the coordinator was away, then its exit: each
+        # retried until taken (tried once, the reports of a rank that ended during a coordinator
+        # restart or cut were lost, though the README promises them: an outside run).
+        self._deliver("reports", self._send_pending)
+        self._deliver("rank log", self._final_log)
         request = convert.exit_report(self.spec, self.worker_id, code, error)
         self._deliver("exit report", lambda: self._client.report(request))
+
+    def _final_log(self) -> None:
+        try:
+            self._send_log(final=True)
+        except FileNotFoundError:  # (a rank that never started wrote none)
+            pass
