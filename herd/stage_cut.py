@@ -168,6 +168,9 @@ def job_refusal(job) -> tuple[str, str] | None:
     if job.fine_tune_type == "full":
         return ("pipeline stages train LoRA/DoRA adapters, not fine_tune_type: full",
                 "use fine_tune_type: lora (or dora), or data parallelism")
+    if job.cluster.exchange == "grpc":  # (placement refused it, so the job waited: outside run)
+        return ("pipeline stages pass activations over the MLX ring, and cluster.exchange is "
+                "grpc", "use cluster.exchange: auto (or mlx) for pipeline jobs")
     return None
 
 

@@ -190,6 +190,11 @@ def test_shipped_configs_validate(path):
          "decay_steps: int, end: float = 0.0): missing a required argument: 'decay_steps'"),
         ({"lr_schedule": {"name": "step_decay", "arguments": [1e-3, "half", 3]}},
          "step_decay's arguments are numbers"),
+        # placement refused it on every try, so it waited out placement_timeout (outside run)
+        ({"batch_size": 4, "cluster": {"workers": 2, "exchange": "grpc",
+                                       "parallelism": {"data": 1, "pipeline": 2}}},
+         "cluster.parallelism.pipeline 2: pipeline stages pass activations over the MLX ring, "
+         "and cluster.exchange is grpc"),
         # pydantic's lax mode read `iters: yes` as 1 and trained one step (an outside run)
         ({"iters": True}, "iters = True: a number is needed, not true"),
         ({"lora_parameters": {"rank": True}}, "lora_parameters.rank = True: a number is needed"),
