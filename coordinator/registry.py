@@ -24,107 +24,20 @@ PrepareRank streaming a model, or a StartRank, must never end as "Channel closed
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Container, Iterator
+from typing import Callable, Container
 
-from coordinator.convert import fetch_from_pb, worker_from_pb
-from coordinator.domain import FetchProgress, WorkerRecord
+from coordinator.domain import WorkerRecord
+from coordinator.worker_client import WorkerClient
 from herd import PROTOCOL_VERSION, log
 from herd.errors import AuthError, HerdError, NotFoundError, PeerLostError
 from herd.rpc import discovery, pki
-from herd.rpc.channel import UNARY_DEADLINE_S, secure_channel
-from herd.rpc.status import rpc_errors
-from protos.v1 import worker_pb2, worker_pb2_grpc
 
 logger = log.get(__name__)
 MAX_RETRY_S = 30.0  # the longest wait before a refused candidate is tried again
 RETURN_RETRY_S = 1.0  # how often a lost worker (admitted before, now unreachable) is tried again
-# Getting a model onto a worker: 140 GB over 1 GbE is ~20 min. A lost worker fails the call long
-# before (the channel's keepalive); a broken transfer resumes inside the worker.
-PREPARE_DEADLINE_S = 6 * 3600.0
-
-
-class WorkerClient:
-    """Calls to one worker agent, each with a deadline; TLS to the worker named ``worker_id``
-    (None: any worker of this cluster)."""
-
-    def __init__(self, target: str, identity: pki.Identity, worker_id: str | None = None):
-        self.target = target
-        self.channel = secure_channel(target, identity, pki.dns_name("worker", worker_id))
-        self.stub = worker_pb2_grpc.WorkerServiceStub(self.channel)
-        self._lock = threading.Lock()
-        self._calls = 0          # calls in flight on the channel
-        self._retired = False    # replaced or removed: close once the last call ends
-        self._closed = False
-
-    @contextlib.contextmanager
-    def _call(self) -> Iterator[None]:
-        """One call on the channel, counted so that ``retire`` never closes it under the call;
-        herd's errors for gRPC's."""
-        with self._lock:
-            if self._closed:
-                raise PeerLostError(f"{self.target}: the connection to this worker was replaced "
-                                    "or dropped by the registry", hint="try the call again")
-            self._calls += 1
-        try:
-            with rpc_errors(self.target):
-                yield
-        finally:
-            with self._lock:
-                self._calls -= 1
-                close = self._retired and self._calls == 0 and not self._closed
-                self._closed = self._closed or close
-            if close:
-                self.channel.close()
-
-    def describe(self, timeout: float = 3.0) -> WorkerRecord:
-        with self._call():
-            reply = self.stub.Describe(worker_pb2.DescribeRequest(), timeout=timeout)
-        return worker_from_pb(reply.worker)
-
-    def health(self, timeout: float = 3.0) -> worker_pb2.HealthReply:
-        with self._call():
-            return self.stub.Health(worker_pb2.HealthRequest(), timeout=timeout)
-
-    def prepare_rank(self, req: worker_pb2.StartRankRequest,
-                     on_progress: Callable[[FetchProgress], bool]) -> None:
-        """Streams the worker's fetch progress into ``on_progress`` until it is done; a False
-        from ``on_progress`` cancels the call (the worker stops fetching)."""
-        with self._call():
-            stream = self.stub.PrepareRank(req, timeout=PREPARE_DEADLINE_S)
-            for message in stream:
-                if not on_progress(fetch_from_pb(message)):
-                    stream.cancel()
-                    return
-
-    def start_rank(self, req: worker_pb2.StartRankRequest) -> None:
-        # StartRank fetches the dataset before it returns: a longer deadline than a plain call.
-        with self._call():
-            self.stub.StartRank(req, timeout=120.0)
-
-    def stop_job(self, job_id: str, attempt: int = 0) -> None:
-        with self._call():
-            self.stub.StopJob(worker_pb2.StopJobRequest(job_id=job_id, attempt=attempt),
-                              timeout=UNARY_DEADLINE_S)
-
-    def retire(self) -> None:
-        """Closes the channel once no call uses it (now, when none does); a call that starts
-        after it is closed fails with PeerLostError."""
-        with self._lock:
-            self._retired = True
-            close = self._calls == 0 and not self._closed
-            self._closed = self._closed or close
-        if close:
-            self.channel.close()
-
-    def close(self) -> None:
-        """Closes the channel now: calls in flight are cancelled (the coordinator shuts down)."""
-        with self._lock:
-            self._closed = True
-        self.channel.close()
 
 
 @dataclass(frozen=True)
@@ -132,7 +45,7 @@ class Refusal:
     """Why an advert (or static target) is not in the registry, for ``herd workers``."""
 
     target: str
-    kind: str     # "auth" | "unreachable" | "version" | "other"
+    kind: str     # "auth" | "unreachable" | "version" | "duplicate" | "other"
     reason: str
 
 
@@ -245,6 +158,9 @@ class Registry:
 
     def _verify(self, source: str, targets: list[str]) -> WorkerRecord | None:
         client, record = self._describe(source, targets)
+        if client is not None and (twin := self._twin(source, client, record)):
+            client.close()
+            client, record = None, twin
         if client is None:
             with self._lock:
                 old = self.refused.get(source)  # (logged per kind: gRPC's text varies each try)
@@ -356,6 +272,25 @@ class Registry:
         for name, targets in pending.items():
             if self._retry.get(name, (0.0, 0.0))[0] <= now:
                 self._verify_aside(name, targets)
+
+    def _twin(self, source: str, client: WorkerClient, record: WorkerRecord) -> Refusal | None:
+        """A second agent answering as an admitted worker's id from another advert (its
+        certificate copied: a cloned Mac, a copied ~/.herd), while the first still answers as
+        that id: refused, not taken (the id flipped between the two each second, and jobs ran
+        on either: an outside run). One whose first address no longer answers has moved."""
+        with self._lock:
+            held, held_by = self._clients.get(record.worker_id), self._source.get(record.worker_id)
+        if held is None or held_by == source or held.target == client.target:
+            return None
+        try:
+            if held.describe().worker_id != record.worker_id:
+                return None
+        except HerdError:
+            return None
+        return Refusal(client.target, "duplicate", (
+            f"answers as worker {record.worker_id}, which {held.target} already serves: two "
+            "agents hold one certificate; give this machine its own (`herd join TOKEN --id "
+            "NAME` with its own HERD_HOME), or stop one"))
 
     def _verify_aside(self, name: str, targets: list[str]) -> None:
         """``_verify`` on a thread of its own (one at a time per candidate): an unreachable

@@ -34,7 +34,7 @@ OVER_BUDGET = {
 # hand-encoded wire format is its own edge). Never in the scheduler, placement, the planner, the
 # rank or the pipeline.
 PROTO_EDGES = {
-    "coordinator/convert.py", "coordinator/service.py", "coordinator/registry.py",
+    "coordinator/convert.py", "coordinator/service.py", "coordinator/worker_client.py",
     "coordinator/join.py",  # JoinService, the join port's servicer
     "worker/agent/convert.py", "worker/agent/service.py", "worker/agent/coordinator_client.py",
 }

@@ -45,8 +45,10 @@ class Counting(grpc.ServerInterceptor):
         return continuation(details)
 
 
-def start_worker(root: Path, identity: pki.Identity, zc, advert_id: str, model_roots=()):
-    """A real worker agent (its service, policy and rank runner) advertised as ``advert_id``."""
+def start_worker(root: Path, identity: pki.Identity, zc, advert_id: str, model_roots=(),
+                 advert_name: str | None = None):
+    """A real worker agent (its service, policy and rank runner) advertised as ``advert_id``
+    (under the service name ``advert_name``, default the same)."""
     from herd.rpc.ports import kept_ports
     from worker.agent.machine import probe
     from worker.agent.policy import Policy
@@ -59,7 +61,8 @@ def start_worker(root: Path, identity: pki.Identity, zc, advert_id: str, model_r
     add_to_server(WorkerServicer(worker), server)
     server.start()
     txt = {**advert_txt(worker.info()), "id": advert_id}
-    advert = discovery.Advertiser(zc, discovery.WORKER_TYPE, advert_id, HOST, port, txt)
+    advert = discovery.Advertiser(zc, discovery.WORKER_TYPE, advert_name or advert_id, HOST,
+                                  port, txt)
     return server, advert, worker
 
 
@@ -253,6 +256,43 @@ def test_rogue_and_impostor_worker_adverts_never_get_work(cluster):
 
     verified, refused = _verified(c.coord.address, c.client)
     assert verified >= 1 and any("rogue" in r for r in refused), refused
+
+
+def test_a_second_agent_with_an_admitted_workers_certificate_is_refused_until_the_first_goes(
+        cluster):
+    """A copied ~/.herd (a cloned Mac): two agents answer as one worker id from two adverts. The
+    first keeps the id, the second is listed as refused with the reason (the id flipped between
+    them each second, and a job ran on either: an outside run); once the first is gone the second
+    is taken, as a worker that moved."""
+    c = cluster
+    twin = c.ca.issue("worker", "twin-w")
+    first = start_worker(c.root / "first", twin, c.zc, "twin-w")
+    second = None
+    try:
+        assert wait(lambda: "twin-w" in [w.worker_id for w in c.coord.registry.workers()], 20)
+        first_target = f"{HOST}:{first[2].port}"
+        second = start_worker(c.root / "second", twin, c.zc, "twin-w", advert_name="twin-w-copy")
+        second_target = f"{HOST}:{second[2].port}"
+        assert wait(lambda: any(r.kind == "duplicate" for r in c.coord.registry.refused.values()),
+                    20), c.coord.registry.refused
+        why = next(r for r in c.coord.registry.refused.values() if r.kind == "duplicate")
+        assert why.target == second_target and f"which {first_target} already serves" in \
+            why.reason, why
+        for _ in range(20):  # the id stays with the first
+            (held,) = [w for w in c.coord.registry.workers() if w.worker_id == "twin-w"]
+            assert f"{held.host}:{held.port}" == first_target
+            time.sleep(0.1)
+        first[1].close()
+        first[0].stop(0)
+        assert wait(lambda: [f"{w.host}:{w.port}" for w in c.coord.registry.workers()
+                             if w.worker_id == "twin-w"] == [second_target], 60), \
+            c.coord.registry.refused
+    finally:
+        for agent in (first, second):
+            if agent:
+                agent[1].close()
+                agent[0].stop(0)
+                agent[2].stop_all()
 
 
 def _expired_token(c, role: str) -> JoinToken:

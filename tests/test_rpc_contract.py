@@ -199,7 +199,7 @@ def _job(name: str, model: str = "/nonexistent/model", **cluster):
 def test_a_peer_the_server_lost_is_named_not_the_server(agent, tmp_path, cluster_ca):
     """The worker's agent cannot reach the coordinator it was given: the coordinator's call
     fails naming that address (the agent's own PeerLostError), not the worker it called."""
-    from coordinator.registry import WorkerClient
+    from coordinator.worker_client import WorkerClient
     from herd.rpc.ports import free_ports
     from protos.v1 import common_pb2, worker_pb2
 

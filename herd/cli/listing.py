@@ -112,7 +112,8 @@ def workers_table(workers: list[dict]) -> str:
 WORKER_HEADER = ["WORKER", "ADDRESS", "MEMORY", "FREE", "CHIP", "GPU", "MLX", "DATA", "JOB"]
 REFUSED = {"auth": "no certificate of this cluster for that id",
            "unreachable": "unreachable address",
-           "version": "version mismatch", "other": "refused"}
+           "version": "version mismatch", "duplicate": "worker id taken",
+           "other": "refused"}
 
 
 def _list_workers(coord: CoordinatorConnection):
