@@ -196,3 +196,10 @@ def test_every_herd_process_raises_its_open_file_limit_as_far_as_allowed():
                           timeout=60, preexec_fn=low_limit)
     assert proc.returncode == 0, proc.stderr
     assert int(proc.stderr.strip().splitlines()[-1]) == max(256, expect)
+
+
+def test_a_slow_link_is_said_in_mbit_not_as_zero_gbit():
+    from worker.agent.relay import link_rate
+
+    assert [link_rate(b) for b in (22.5e9, 1e9, 5e6, 0.3e6)] == [
+        "22.50 Gbit/s", "1.00 Gbit/s", "5 Mbit/s", "0.3 Mbit/s"]

@@ -80,7 +80,13 @@ def _events(coord: CoordinatorConnection, job_id: str, clock=time.monotonic, sle
                 print(f"herd watch: {e.message}; trying again for up to {PATIENCE_S:.0f}s",
                       file=sys.stderr)
             elif clock() - lost_since > PATIENCE_S:
-                raise
+                # (not "is the coordinator running?": cut off from this laptop, it and the job
+                # may be fine, the ranks training on: an outside run read it as a dead job)
+                raise PeerLostError(
+                    f"{e.message}; gave up watching {job_id} after {PATIENCE_S:.0f}s",
+                    hint="the job may still be training (ranks train on while the coordinator "
+                    f"is away): run `herd watch {job_id}` again once it answers; nothing is "
+                    "missed, it starts from the job's first event") from None
             sleep(2.0)
 
 

@@ -65,6 +65,13 @@ def _share(event: TrainReport) -> dict:
             "items_per_second": rates[r] if r < len(rates) else 0.0}
 
 
+def link_rate(bits_per_second: float) -> str:
+    """Gbit/s, or Mbit/s below one (a 5 Mbit/s link read "0.00 Gbit/s": an outside run)."""
+    if bits_per_second >= 1e9:
+        return f"{bits_per_second / 1e9:.2f} Gbit/s"
+    return f"{bits_per_second / 1e6:.3g} Mbit/s"
+
+
 class Relay:
     """Relays one rank process's events until it exits, then reports the exit."""
 
@@ -179,7 +186,7 @@ class Relay:
                     spec, self.worker_id, f"test loss {event.test_loss:.3f}, test ppl "
                     f"{event.test_ppl:.3f} (mlx_lm.lora's figures for the test set)"))
             case LinkProbe():
-                rate = (f"{event.bits_per_second / 1e9:.2f} Gbit/s over {event.seconds:.2f} s"
+                rate = (f"{link_rate(event.bits_per_second)} over {event.seconds:.2f} s"
                         if event.bits_per_second is not None else f"failed: {event.error}")
                 self._send(convert.log_report(
                     spec, self.worker_id, f"link probe: rank {event.rank} ({self.worker_id}) -> "
