@@ -445,6 +445,14 @@ class JobConfig(_Strict):
         name)."""
         return self.train or ("train" not in self.model_fields_set and not self.test)
 
+    def why_no_training(self) -> str:
+        """Why a config that does not train does not, in the user's own terms (a test: true
+        that left out train: read as "train: false", a key they never wrote: an outside run)."""
+        if "train" in self.model_fields_set:
+            return "train: false (test: true runs the test set on the adapter at adapter_path)"
+        return ("test: true and no `train: true` (mlx-lm's default is train: false): add "
+                "train: true to train first, then test")
+
     # mlx-lm's TrainingArgs and adapter_config.json speak these names.
     def first_adapted_layer(self, total_layers: int) -> int:
         """The first block with adapters: LoRA goes on the last ``num_layers`` (-1: all)."""

@@ -233,6 +233,29 @@ def test_the_good_job_passes_the_check(job: Job, capsys):
     assert "train: 8 records (text)" in out and "ok" in out
 
 
+def test_check_says_what_a_config_does_that_the_user_may_not_have_meant(job: Job, capsys):
+    """mlx-lm's defaults fill what a config leaves out: `test: true` without `train: true`
+    evaluates only, and no `model:` is Qwen3-0.6b. `herd check` said "ok" to both (an outside
+    run); `herd submit` blamed a `train: false` nobody wrote."""
+    from herd.cli import laptop
+
+    del job.config["train"]
+    del job.config["model"]
+    job.config["test"] = True
+    job.lines("test", records(4))
+    assert herd_main(["check", str(job.write())]) == 0
+    got = capsys.readouterr()
+    assert "evaluates only: test: true and no `train: true` (mlx-lm's default is train: " \
+        "false)" in got.out, got.out
+    assert "warning: model: the config sets none: mlx-lm's default 'Qwen/Qwen3-0.6b'" in got.err
+    from herd.config import load_config
+
+    with pytest.raises(ConfigError) as refused:  # (what `herd submit` says, before any call)
+        laptop.job_spec(load_config(job.write()), "j")
+    assert "this config evaluates only: test: true and no `train: true`" in str(refused.value)
+    assert "train: false:" not in str(refused.value)
+
+
 def test_long_sequences_are_a_warning_not_an_error(job: Job, tiny_model: Path, capsys):
     # With the model folder at hand the check tokenizes, as training will, and warns.
     job.lines("train", [json.dumps({"text": "the cat is red. " * 3})] * 2 + records(6))

@@ -85,7 +85,8 @@ def job_spec(cfg: JobConfig, name: str, model: str | None = None,
     from herd.dataset import reads_hub_dataset
 
     if not cfg.trains():
-        raise ConfigError("train: false: a cluster job trains; this config only evaluates",
+        raise ConfigError(f"a cluster job trains; this config evaluates only: "
+                          f"{cfg.why_no_training()}",
                           hint="evaluate an adapter on one machine: herd train CONFIG")
     data = Path(cfg.data)
     files = []

@@ -246,8 +246,14 @@ def main(argv: list[str]) -> int:
             if note := missing_here(job.model):
                 print(f"warning: {note}; the dataset was checked without its tokenizer",
                       file=sys.stderr)
+            for key in ("model", "data"):  # (mlx-lm's defaults fill a key the config lacks)
+                if key not in job.model_fields_set:
+                    print(f"warning: {key}: the config sets none: mlx-lm's default "
+                          f"{getattr(job, key)!r} is used", file=sys.stderr)
             for name, s in report.splits.items():
                 print(f"{name}: {s.records} records ({s.format}) in {s.path}")
+            if not job.trains():
+                print(f"evaluates only: {job.why_no_training()}")
             print("ok")
             return 0
         if cmd == "train":
