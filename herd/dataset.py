@@ -238,11 +238,13 @@ def _enable_thinking(tokenizer: Any) -> bool:
 class _Lengths:
     """Token counts of one file, tokenized in chunks exactly as mlx-lm's dataset classes do."""
 
-    def __init__(self, tokenizer: Any, fmt: str, feats: Features, fc: FileCheck):
+    def __init__(self, tokenizer: Any, fmt: str, feats: Features, fc: FileCheck,
+                 mask_prompt: bool = False):
         self.tok, self.fmt, self.feats, self.fc = tokenizer, fmt, feats, fc
+        self.mask_prompt = mask_prompt and fmt != "text"  # (mlx-lm masks no text record)
         self.pending: list[tuple[int, dict]] = []
         self.pending_bytes = 0
-        self.lengths: list[tuple[int, int]] = []  # (line, tokens)
+        self.lengths: list[tuple[int, int, int]] = []  # (line, tokens, masked prompt tokens)
         self.thinking = _enable_thinking(tokenizer) if fmt != "text" else False
 
     def add(self, line: int, rec: dict, size: int = 0) -> None:
@@ -271,7 +273,7 @@ class _Lengths:
                                 "empty text to no tokens, on which mlx-lm fails)")
                     continue
                 # TextDataset.process: encode, then append EOS unless it is already last.
-                self.lengths.append((line, len(ids) + (ids[-1] != eos)))
+                self.lengths.append((line, len(ids) + (ids[-1] != eos), 0))
         else:
             for line, rec in self.pending:
                 self._chat_length(line, rec)
@@ -299,7 +301,16 @@ class _Lengths:
                             "make the conversation fit the model's chat template (roles, order)",
                             f"{type(e).__name__}: {e}")
             return
-        self.lengths.append((line, len(ids)))
+        offset = 0
+        if self.mask_prompt:  # mlx-lm's process(): the prompt's tokens are not trained on
+            try:
+                offset = len(self.tok.apply_chat_template(
+                    messages[:-1], tools=rec.get("tools"), tokenize=True, return_dict=False,
+                    add_generation_prompt=messages[-1].get("role") == "assistant",
+                    enable_thinking=self.thinking))
+            except Exception:  # noqa: BLE001 - (the whole conversation rendered: not this)
+                offset = 0
+        self.lengths.append((line, len(ids), offset))
 
 
 @dataclass(frozen=True)
@@ -307,7 +318,7 @@ class _FileResult:
     check: FileCheck
     format: str  # "" when no record was readable
     records: int
-    lengths: list[tuple[int, int]]  # (line, tokens), empty without a tokenizer
+    lengths: list[tuple[int, int, int]]  # (line, tokens, prompt), empty without a tokenizer
     sha256: str
 
 
@@ -368,7 +379,7 @@ def check_records(fc: FileCheck, numbered: Iterator[tuple[int, dict]], feats: Fe
         if fmt is None:
             fmt, first_line = rec_fmt, line
             if tokenizer is not None:
-                lengths = _Lengths(tokenizer, fmt, feats, fc)
+                lengths = _Lengths(tokenizer, fmt, feats, fc, mask_prompt)
         elif rec_fmt != fmt and _format_keys_missing(rec, fmt, feats):
             fc.add(f"mixed_{rec_fmt}", line, f"{rec_fmt} record{{s}} in a {fmt} file",
                    f"mlx-lm reads a whole file in the format of its first record ({fmt}, {fc.unit} "
@@ -413,8 +424,24 @@ def _format_keys_missing(rec: dict, fmt: str, feats: Features) -> bool:
     return any(k not in rec for k in needed)
 
 
+def target_count(tokens: int, offset: int, max_seq_length: int) -> int:
+    """How many target positions mlx-lm's loss mask counts for one example of ``tokens`` tokens
+    whose first ``offset`` are its prompt (0: none masked).
+
+    The mask is ``offset <= s <= length`` over target positions ``s = 1 .. width - 1``; the batch
+    width exceeds every truncated length except when it is capped at ``max_seq_length``, so the
+    count depends on the example alone, never on the rest of its batch."""
+    length = min(tokens, max_seq_length)
+    return max(0, min(length, max_seq_length - 1) - max(offset, 1) + 1)
+
+
+def _lines_said(lines: list[int]) -> str:
+    return ", ".join(map(str, lines[:5])) + (f" and {len(lines) - 5} more" if len(lines) > 5
+                                             else "")
+
+
 def split_summary(name: str, split: str, path: Path | str, fmt: str, records: int,
-                  lengths: list[tuple[int, int]], tokenizer: Any, *, max_seq_length: int,
+                  lengths: list[tuple[int, int, int]], tokenizer: Any, *, max_seq_length: int,
                   batch_size: int | None, batched: bool, unit: str = "line"
                   ) -> tuple[SplitReport, list[str], list[str]]:
     """One checked split's report, problems and warnings: a split mlx-lm batches (train, valid,
@@ -427,8 +454,23 @@ def split_summary(name: str, split: str, path: Path | str, fmt: str, records: in
             f"{name}: {records} records, fewer than batch_size {batch_size}. Fix: add "
             f"records or lower batch_size to at most {records}"
         )
-    too_long = [(n, line) for line, n in lengths if n > max_seq_length]
-    longest = max((n for _, n in lengths), default=None) if tokenizer is not None else None
+    too_long = [(n, line) for line, n, _ in lengths if n > max_seq_length]
+    longest = max((n for _, n, _ in lengths), default=None) if tokenizer is not None else None
+    # mask_prompt: a record whose prompt fills max_seq_length keeps no token to train on; a
+    # batch of only such records fails its step (it failed at iteration 1 on the worker, after
+    # placement, with only the truncation warning at submit: an outside run).
+    empty = [line for line, n, offset in lengths
+             if offset and target_count(n, offset, max_seq_length) == 0]
+    if empty and len(empty) == len(lengths) and batched:
+        problems.append(
+            f"{name}: with mask_prompt, no record keeps a completion token within "
+            f"max_seq_length {max_seq_length} (every prompt fills it; {unit}s "
+            f"{_lines_said(empty)}). Fix: raise max_seq_length, or shorten the prompts")
+    elif empty:
+        warnings.append(
+            f"{name}: with mask_prompt, {len(empty)} of {records} records keep no completion "
+            f"token within max_seq_length {max_seq_length} ({unit}s {_lines_said(empty)}): "
+            "they train nothing, and a batch of only such records fails its step")
     if too_long:
         n_max, line_max = max(too_long)
         warnings.append(

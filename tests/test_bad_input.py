@@ -266,6 +266,27 @@ def test_long_sequences_are_a_warning_not_an_error(job: Job, tiny_model: Path, c
     assert "truncated to 8" in err
 
 
+def test_prompts_that_fill_max_seq_length_under_mask_prompt_are_said_at_check(
+        job: Job, tiny_model: Path, capsys):
+    """With mask_prompt a prompt as long as max_seq_length leaves nothing to train on: every
+    record so is refused (the job failed at iteration 1 on a worker, after a truncation warning
+    at submit: an outside run); some records so are a warning naming their lines."""
+    long = [json.dumps({"prompt": "what colour is the dog " * 4, "completion": "red"})] * 8
+    short = [json.dumps({"prompt": "dog?", "completion": "red"})] * 6
+    job.lines("train", long)
+    job.lines("valid", short[:4])
+    job.config.update(model=str(tiny_model), max_seq_length=12, mask_prompt=True)
+    assert herd_main(["check", str(job.write())]) == 3
+    err = capsys.readouterr().err
+    assert ("train.jsonl: with mask_prompt, no record keeps a completion token within "
+            "max_seq_length 12 (every prompt fills it; lines 1, 2, 3, 4, 5 and 3 more)") in err, err
+    job.lines("train", long[:2] + short)
+    assert herd_main(["check", str(job.write())]) == 0
+    err = capsys.readouterr().err
+    assert ("warning: train.jsonl: with mask_prompt, 2 of 8 records keep no completion token "
+            "within max_seq_length 12 (lines 1, 2)") in err, err
+
+
 def test_a_model_path_that_is_not_here_is_a_warning_naming_it(job: Job, tmp_path, capsys):
     # The workers may hold it at that path (allowed), but a typo would only fail on them.
     job.config.update(model="./no-such-model")

@@ -18,6 +18,7 @@ from typing import Iterator
 import mlx.core as mx
 import numpy as np
 
+from herd.dataset import target_count as dataset_target_count
 from herd.errors import DatasetError
 from worker.rank import balance
 from worker.rank.packing import collate_packed, counted_targets, document_slots, pack
@@ -38,14 +39,10 @@ def sorted_batches(dataset, batch_size: int, rank: int = 0, size: int = 1) -> li
 
 
 def target_count(item, max_seq_length: int) -> int:
-    """How many target positions mlx-lm's loss mask counts for one example.
-
-    The mask is ``offset <= s <= length`` over target positions ``s = 1 .. width - 1``; the batch
-    width exceeds every truncated length except when it is capped at ``max_seq_length``, so the
-    count depends on the example alone, never on the rest of its batch."""
+    """How many target positions mlx-lm's loss mask counts for one example (herd/dataset.py
+    ``target_count``, which `herd check` counts by too)."""
     tokens, offset = item if isinstance(item, tuple) and len(item) == 2 else (item, 0)
-    length = min(len(tokens), max_seq_length)
-    return max(0, min(length, max_seq_length - 1) - max(offset, 1) + 1)
+    return dataset_target_count(len(tokens), offset, max_seq_length)
 
 
 @dataclass(frozen=True)
