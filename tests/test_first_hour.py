@@ -325,7 +325,7 @@ def test_a_four_worker_job_through_the_cli(cluster, job_yaml, tmp_path):
 
 
 def test_a_qlora_adapter_records_its_quantization_and_a_full_precision_base_warns(
-        cluster, job_yaml, tiny_quantized, tmp_path):
+        cluster, job_yaml, tiny_quantized, tiny_model_16, tmp_path):
     cfg = job_yaml("qlora", iters=4, cluster={"workers": 1},
                    quantize={"bits": 4, "group_size": 64})
     job_id = cluster.ok("submit", cfg).stdout.strip()
@@ -344,6 +344,18 @@ def test_a_qlora_adapter_records_its_quantization_and_a_full_precision_base_warn
     assert "mlx_lm.convert --hf-path" in on_full.stderr
     on_4bit = cluster.herd(*gen, "--model", tiny_quantized)
     assert on_4bit.returncode == 0 and "warning" not in on_4bit.stderr, on_4bit.stderr[-2000:]
+    # Another model's shape: said (mlx-lm loaded it silently, or failed with a traceback: an
+    # outside run); a folder with no adapter: said, not a hub traceback.
+    other = cluster.herd(*gen, "--model", tiny_model_16)
+    assert f"has another shape (num_hidden_layers 16 vs {card_layers(card)})" in other.stderr
+    assert "Traceback" not in other.stderr, other.stderr[-2000:]
+    missing = cluster.herd("generate", "--adapter-path", tmp_path / "nope", "--prompt", "hi")
+    assert missing.returncode == 7 and "no adapters.safetensors there" in missing.stderr
+    assert "Traceback" not in missing.stderr, missing.stderr[-2000:]
+
+
+def card_layers(card: dict) -> int:
+    return json.loads((Path(card["model"]) / "config.json").read_text())["num_hidden_layers"]
 
 
 def test_a_job_the_cluster_cannot_place_warns_at_submit(cluster, job_yaml):

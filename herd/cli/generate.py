@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from herd.adapter_card import check_base, read_card
+from herd.errors import ConfigError, HerdError, NotFoundError
 
 DESCRIPTION = """\
 usage: herd generate [mlx_lm.generate options] --adapter-path DIR [--model BASE] --prompt TEXT
@@ -23,8 +25,27 @@ with the mlx_lm.convert command that makes the right one. Then mlx-lm's generate
 """
 
 
+SHAPE = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size",
+         "num_attention_heads", "num_key_value_heads", "vocab_size")
+
+
+def _other_shape(model: str, trained_on: str) -> str | None:
+    """How ``model`` differs in shape from the base the adapter was trained on (None: the same
+    shape, e.g. that base quantized, or either config unreadable here)."""
+    from herd.model_config import resolve_model_config
+
+    try:
+        a, b = (resolve_model_config(m) for m in (model, trained_on))
+    except HerdError:
+        return None
+    a, b = ({**c.get("text_config", {}), **c} for c in (a, b))
+    differ = [f"{k} {a.get(k)} vs {b.get(k)}" for k in SHAPE if a.get(k) != b.get(k)]
+    return ", ".join(differ) or None
+
+
 def main(argv: list[str]) -> int:
     args = argv[1:]
+    trained_on = None
     if any(a in ("-h", "--help") for a in args):
         print(DESCRIPTION + "\nmlx_lm.generate's own help follows.\n", flush=True)
     else:
@@ -33,14 +54,35 @@ def main(argv: list[str]) -> int:
         p.add_argument("--adapter-path")
         known, _ = p.parse_known_args(args)
         if known.adapter_path:
-            model = known.model or read_card(known.adapter_path).get("model")
+            folder = Path(known.adapter_path).expanduser()
+            if not (folder / "adapters.safetensors").is_file():
+                # (mlx-lm took the missing folder for a hub id: a hub traceback, an outside run)
+                print(f"herd generate: {known.adapter_path}: no adapters.safetensors there",
+                      file=sys.stderr)
+                print("  hint: give the folder `herd pull JOB -o DIR` wrote (or an "
+                      "mlx_lm.lora adapter_path)", file=sys.stderr)
+                return NotFoundError.exit_code
+            trained_on = read_card(folder).get("model")
+            model = known.model or trained_on
             if model and not known.model:
                 args = ["--model", model, *args]
                 print(f"herd generate: base model {model} (from the adapter)", file=sys.stderr)
-            if model and (warning := check_base(known.adapter_path, model)):
+            elif known.model and trained_on and (
+                    differ := _other_shape(known.model, trained_on)):
+                print(f"warning: this adapter was trained on {trained_on}; --model "
+                      f"{known.model} has another shape ({differ})", file=sys.stderr)
+            if model and (warning := check_base(folder, model)):
                 print(f"warning: {warning}", file=sys.stderr)
     import importlib
 
     sys.argv = ["mlx_lm.generate", *args]
-    importlib.import_module("mlx_lm.generate").main()
+    try:
+        importlib.import_module("mlx_lm.generate").main()
+    except ValueError as e:  # mlx-lm's "Adapter ... contains incompatible tensors" and the like
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"herd generate: {first}", file=sys.stderr)
+        if trained_on:
+            print(f"  hint: this adapter was trained on {trained_on}: generate with that base "
+                  "(leave out --model)", file=sys.stderr)
+        return ConfigError.exit_code
     return 0
