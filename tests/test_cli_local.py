@@ -121,3 +121,25 @@ def test_a_token_names_the_join_port_the_running_coordinator_serves(tmp_path):
     running.mkdir(parents=True)
     (running / "join.address").write_text("127.0.0.1:38511\n")
     assert token_address() == "127.0.0.1:38511"
+
+
+def test_a_worker_whose_port_is_taken_says_so_before_taking_a_name(tmp_path):
+    """`herd worker --port P` with P held: refused before a state folder is claimed or a
+    certificate issued (each failed start used up a worker name for good: an outside run)."""
+    import json
+    import socket
+
+    env = {"HERD_HOME": str(tmp_path / "home"), "HERD_ZEROCONF_INTERFACES": "127.0.0.1"}
+    herd("init", env=env)
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    try:
+        port = held.getsockname()[1]
+        out = herd("worker", "--port", port, env=env, check=False)
+    finally:
+        held.close()
+    assert out.returncode == 1 and f"port {port} is in use on this machine" in out.stderr
+    issued = json.loads((tmp_path / "home" / "tls" / "issued.json").read_text())
+    assert not [n for n in issued if n.startswith("worker/")], issued
+    assert not (tmp_path / "home" / "worker" / "worker-id").exists()

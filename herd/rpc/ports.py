@@ -26,6 +26,21 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
             s.close()
 
 
+def in_use(port: int, host: str = "") -> bool:
+    """Whether a server of this machine already listens on ``port`` (of ``host``; "" = any
+    IPv4 address). Asked before anything is made for a server that would fail to bind it."""
+    host = host.strip("[]")
+    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (TIME_WAIT is not in use)
+    try:
+        s.bind((host, port))
+        return False
+    except OSError:
+        return True
+    finally:
+        s.close()
+
+
 # Below every default ephemeral range (Linux 32768-60999, macOS 49152-65535) and above the
 # well-known and most registered service ports.
 KEPT_PORTS = range(20000, 32768)

@@ -22,7 +22,7 @@ from herd import log, netif
 from herd.errors import ConfigError, HerdError, PeerLostError
 from herd.rpc import discovery, pki
 from herd.rpc.channel import bind, secure_server
-from herd.rpc.ports import kept_ports
+from herd.rpc.ports import in_use, kept_ports
 from herd.usage import HelpFormatter
 from worker.agent import ray_join, state
 from worker.agent.machine import probe
@@ -124,6 +124,12 @@ def main(argv: list[str]) -> int:
             if args.allow_remote_code:
                 os.environ[REMOTE_CODE_ENV] = "1"
             return ray_join.join(machine, args.ray, args.host, extra[1:])
+        if args.port and in_use(args.port, (args.host or "").strip("[]")):
+            # (before a state folder is taken or a certificate issued: each failed start made
+            # a worker name no one could have again, and a folder the next agent skipped)
+            raise HerdError(f"port {args.port} is in use on this machine",
+                                hint="another `herd worker` may hold it (`herd worker --port "
+                                "0` takes a free one)")
         lock = state.claim(args.state_dir, pki.default_home())
         # The worker id is the name its certificate holds: the coordinator admits it by that. On
         # the CA's own machine each state folder gets its own (its kept id), so several agents
