@@ -370,3 +370,10 @@ def test_herd_help_lists_every_exit_code_herd_uses():
     used = {cls.exit_code for cls in vars(errors).values()
             if isinstance(cls, type) and issubclass(cls, errors.HerdError)}
     assert used - listed == set(), f"exit codes herd uses but --help does not list: {used - listed}"
+
+
+def test_herd_with_no_command_is_an_error_for_scripts(capsys):
+    """`herd $CMD` with an empty variable printed the help and exited 0 (an outside run)."""
+    assert herd_main([]) == 2
+    assert "usage" in capsys.readouterr().err.lower()
+    assert herd_main(["--help"]) == 0

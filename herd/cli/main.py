@@ -113,7 +113,10 @@ def main(argv: list[str] | None = None) -> int:
 
         reexec_with_openblas(argv[1:])
     _print_config_warnings()
-    if not argv or argv[0] in ("-h", "--help", "help"):
+    if not argv:  # (a script's empty variable: exit 2, as git and kubectl do, not success)
+        print(usage(), file=sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0
     if argv[0] in ("-V", "--version"):
