@@ -87,7 +87,8 @@ def cmd_token(args) -> int:
                or hostport(discovery.local_ip(), DEFAULT_JOIN_PORT))  # IPv6: [addr]
     token = make_token(ca, address, args.role, _seconds(args.ttl))
     print(token.encode())
-    print(f"(a {args.role} token for {address}, valid {args.ttl}: run `herd join TOKEN` on the "
+    ttl = args.ttl.strip() + ("s" if args.ttl.strip()[-1:].isdigit() else "")  # (60 -> 60s)
+    print(f"(a {args.role} token for {address}, valid {ttl}: run `herd join TOKEN` on the "
           "new machine)", file=sys.stderr)
     return 0
 
