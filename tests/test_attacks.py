@@ -156,14 +156,13 @@ def test_the_cli_never_uses_a_rogue_coordinator_advert(site, tmp_path, capsys, t
     assert [c.calls for c in counters] == [[], []]  # not one call, so no data and no token
 
 
-class Tarpit:
-    """A listener that accepts and never says a word (a rogue or half-dead coordinator): a
-    dial to it lasts its whole deadline. Counts the connections open at once."""
+class Listener:
+    """A loopback TCP listener that hands each connection to ``taken`` (on the accept thread)."""
 
-    def __init__(self, counts: dict[str, int], lock: threading.Lock):
+    def __init__(self):
         self.listener = socket.create_server((HOST, 0))
         self.port = self.listener.getsockname()[1]
-        self.counts, self.lock = counts, lock  # (open now and at the peak, over all tarpits)
+        self.address = f"{HOST}:{self.port}"
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -172,7 +171,25 @@ class Tarpit:
                 conn, _ = self.listener.accept()
             except OSError:
                 return
-            threading.Thread(target=self._hold, args=(conn,), daemon=True).start()
+            self.taken(conn)
+
+    def taken(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+class Tarpit(Listener):
+    """A listener that accepts and never says a word (a rogue or half-dead coordinator): a
+    dial to it lasts its whole deadline. Counts the connections open at once."""
+
+    def __init__(self, counts: dict[str, int], lock: threading.Lock):
+        self.counts, self.lock = counts, lock  # (open now and at the peak, over all tarpits)
+        super().__init__()
+
+    def taken(self, conn: socket.socket) -> None:
+        threading.Thread(target=self._hold, args=(conn,), daemon=True).start()
 
     def _hold(self, conn: socket.socket) -> None:
         with self.lock:
@@ -219,7 +236,7 @@ def test_rogue_adverts_that_never_answer_are_dialled_side_by_side(site, tmp_path
             advert.close()
         zc.close()
         for pit in pits:
-            pit.listener.close()
+            pit.close()
 
 
 def test_workers_wait_says_what_it_waits_for(site, capsys):
@@ -236,28 +253,21 @@ def test_workers_wait_says_what_it_waits_for(site, capsys):
 
 # --- replaying a captured session ------------------------------------------------------------
 
-class Relay:
+class Relay(Listener):
     """A TCP relay in front of ``target`` that records what clients send (a wiretap)."""
 
     def __init__(self, target: str):
         self.target = target
-        self.listener = socket.create_server((HOST, 0))
-        self.address = f"{HOST}:{self.listener.getsockname()[1]}"
         self.sent: list[bytearray] = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            host, port = self.target.rsplit(":", 1)
-            up = socket.create_connection((host, int(port)))
-            log = bytearray()
-            self.sent.append(log)
-            threading.Thread(target=self._pipe, args=(conn, up, log), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(up, conn, None), daemon=True).start()
+    def taken(self, conn: socket.socket) -> None:
+        host, port = self.target.rsplit(":", 1)
+        up = socket.create_connection((host, int(port)))
+        log = bytearray()
+        self.sent.append(log)
+        threading.Thread(target=self._pipe, args=(conn, up, log), daemon=True).start()
+        threading.Thread(target=self._pipe, args=(up, conn, None), daemon=True).start()
 
     @staticmethod
     def _pipe(src, dst, log) -> None:
@@ -273,9 +283,6 @@ class Relay:
                 s.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-
-    def close(self) -> None:
-        self.listener.close()
 
 
 def replay(target: str, data: bytes) -> bytes:
