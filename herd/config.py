@@ -84,9 +84,18 @@ class _Strict(BaseModel):
     @classmethod
     def _no_bool_for_number(cls, v, info: ValidationInfo):
         # pydantic reads true as 1 for a number (lax mode): `iters: yes` trained one step.
-        if isinstance(v, bool) and _takes_number_not_bool(cls.model_fields[info.field_name]):
+        # (Not for a job record: one stored before this rule stays readable, as in _cross.)
+        if isinstance(v, bool) and not _stored(info) and \
+                _takes_number_not_bool(cls.model_fields[info.field_name]):
             raise ValueError(f"a number is needed, not {str(v).lower()}")
         return v
+
+
+def _stored(info: ValidationInfo) -> bool:
+    """A job record's config, read back from the coordinator's store: the rules held when it
+    was submitted, and one added since must not make it unreadable (`herd jobs`, the scheduler
+    and the dashboard read every record)."""
+    return bool(info.context and info.context.get("stored"))
 
 
 def _takes_number_not_bool(field) -> bool:
@@ -135,7 +144,7 @@ class LrSchedule(_Strict):
 
         import mlx.optimizers as optim
 
-        if (name := info.data.get("name")) is None:
+        if (name := info.data.get("name")) is None or _stored(info):
             return v
         signature = inspect.signature(getattr(optim, name)).replace(
             return_annotation=inspect.Signature.empty)
@@ -347,7 +356,7 @@ class JobConfig(_Strict):
 
     @model_validator(mode="after")
     def _cross(self, info: ValidationInfo) -> "JobConfig":
-        if info.context and info.context.get("stored"):
+        if _stored(info):
             # A job record: these rules held when it was submitted, and a rule added since must
             # not make a stored job unreadable (`herd jobs` would fail for every job). What can
             # no longer run fails at its launch, with the reason.

@@ -26,7 +26,7 @@ from coordinator.domain import (
 )
 from coordinator.scheduler import Scheduler
 from coordinator.store import _MIGRATIONS, JobStore
-from herd.config import config_from_yaml, config_to_yaml, parse_config
+from herd.config import config_from_yaml, parse_config
 from herd.errors import (
     ChecksumError,
     ConfigError,
@@ -485,13 +485,19 @@ def test_a_job_stored_by_an_older_herd_stays_readable_when_a_rule_is_added(tmp_p
     with sqlite3.connect(tmp_path / "db") as db:  # what the older herd had written
         text = db.execute("SELECT config_yaml FROM jobs").fetchone()[0]
         assert "batch_size: 4" in text
-        db.execute("UPDATE jobs SET config_yaml=?", (text.replace("batch_size: 4",
-                                                                  "batch_size: 1"),))
+        # (and field rules added since: a schedule's argument count, true for a number)
+        db.execute("UPDATE jobs SET config_yaml=?", (
+            text.replace("batch_size: 4", "batch_size: 1")
+            + "lr_schedule: {name: cosine_decay, arguments: [1.0e-5]}\nseed: true\n",))
     store = JobStore(tmp_path / "db")
     [old] = store.list_jobs()
     assert (old.config.batch_size, old.config.cluster.workers) == (1, 2)
+    assert old.config.lr_schedule.arguments == [1e-5]
     with pytest.raises(ConfigError, match="smaller than the 2 data-parallel ranks"):
-        config_from_yaml(config_to_yaml(old.config), "a new submission")  # still refused
+        config_from_yaml(text.replace("batch_size: 4", "batch_size: 1"), "a new submission")
+    with pytest.raises(ConfigError, match="do not fit cosine_decay"):  # still refused, too
+        config_from_yaml(text + "lr_schedule: {name: cosine_decay, arguments: [1.0e-5]}\n",
+                         "a new submission")
 
 
 # --- artifacts -------------------------------------------------------------------------------
