@@ -139,7 +139,7 @@ def test_a_worker_whose_port_is_taken_says_so_before_taking_a_name(tmp_path):
         out = herd("worker", "--port", port, env=env, check=False)
     finally:
         held.close()
-    assert out.returncode == 1 and f"port {port} is in use on this machine" in out.stderr
+    assert out.returncode == 1 and f"port {port} is in use on 127.0.0.1" in out.stderr
     issued = json.loads((tmp_path / "home" / "tls" / "issued.json").read_text())
     assert not [n for n in issued if n.startswith("worker/")], issued
     assert not (tmp_path / "home" / "worker" / "worker-id").exists()

@@ -26,17 +26,20 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
             s.close()
 
 
-def in_use(port: int, host: str = "") -> bool:
-    """Whether a server of this machine already listens on ``port`` (of ``host``; "" = any
-    IPv4 address). Asked before anything is made for a server that would fail to bind it."""
+def in_use(port: int, host: str) -> bool:
+    """Whether a server of this machine already holds ``host``:``port``, the exact address a
+    server is about to bind (asked before anything is made for it). Only EADDRINUSE counts: an
+    address this machine lacks is the bind's own error to say, later."""
+    import errno
+
     host = host.strip("[]")
     s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (TIME_WAIT is not in use)
     try:
         s.bind((host, port))
         return False
-    except OSError:
-        return True
+    except OSError as e:
+        return e.errno == errno.EADDRINUSE
     finally:
         s.close()
 
