@@ -15,6 +15,8 @@ from functools import lru_cache
 
 from herd.errors import ConfigError
 
+MAX_LAYERS = 512  # more blocks than any model has; building them costs ~15 ms each
+
 
 @lru_cache(maxsize=8)
 def _module_names(config_json: str) -> tuple[frozenset[str], tuple[str, ...]] | None:
@@ -51,6 +53,9 @@ def check_lora_keys(cfg, model_config: dict) -> None:
     keys = cfg.lora_parameters.keys
     if not keys or cfg.fine_tune_type == "full":
         return
+    layers = {**model_config.get("text_config", {}), **model_config}.get("num_hidden_layers")
+    if not isinstance(layers, int) or not 0 < layers <= MAX_LAYERS:
+        return  # (a config.json sent to the coordinator could ask it to build a million blocks)
     found = _module_names(json.dumps(model_config, sort_keys=True))
     if found is None:
         return
