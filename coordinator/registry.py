@@ -283,10 +283,12 @@ class Registry:
         if held is None or held_by == source or held.target == client.target:
             return None
         try:
-            if held.describe().worker_id != record.worker_id:
-                return None
+            first = held.describe()
         except HerdError:
             return None
+        if first.worker_id != record.worker_id or (first.host, first.port) == (
+                record.host, record.port):
+            return None  # (one agent reached two ways: a --worker name and its advert)
         return Refusal(client.target, "duplicate", (
             f"answers as worker {record.worker_id}, which {held.target} already serves: two "
             "agents hold one certificate; give this machine its own (`herd join TOKEN --id "
