@@ -102,7 +102,7 @@ def _refusal(target: str, identity: pki.Identity) -> HerdError | None:
     this machine's certificate, else why not."""
     with CoordinatorConnection(target, identity) as c:
         try:
-            c.call("ListWorkers", coordinator_pb2.ListWorkersRequest(), timeout=2.0)
+            c.call("ListWorkers", coordinator_pb2.ListWorkersRequest(), timeout=DIAL_S)
             return None
         except HerdError as e:
             logger.debug("coordinator_candidate_refused", target=target, error=e.message)
@@ -110,7 +110,20 @@ def _refusal(target: str, identity: pki.Identity) -> HerdError | None:
 
 
 RETRY_S = 1.0  # a target that did not accept is tried again after this (it may be starting)
+DIAL_S = 2.0  # one candidate's deadline to prove it is this cluster's coordinator
 DIALS = 16  # candidates dialled at once: a dozen rogue or stale adverts cost one 2 s wait, not 24
+
+
+def _answered(done, dialling: dict, tried: dict, refused: dict) -> str | None:
+    """The target of the first finished dial that found this cluster's coordinator; the
+    refusals of the others recorded."""
+    for future in done:
+        target = dialling.pop(future)
+        if (why := future.result()) is None:
+            return target
+        tried[target] = time.monotonic()
+        refused[target] = why
+    return None
 
 
 def find_coordinator(explicit: str | None, identity: pki.Identity, wait_s: float = 4.0) -> str:
@@ -142,15 +155,15 @@ def find_coordinator(explicit: str | None, identity: pki.Identity, wait_s: float
                 time.sleep(0.05)
                 continue
             done, _ = wait(dialling, timeout=0.05, return_when=FIRST_COMPLETED)
-            for future in done:
-                target = dialling.pop(future)
-                if (why := future.result()) is None:
-                    return target
-                tried[target] = time.monotonic()
-                refused[target] = why
+            if (found := _answered(done, dialling, tried, refused)) is not None:
+                return found
         browser.close()
+        # The dials under way when wait_s ended still count (herd plan's wait is a dial's own
+        # 2 s deadline): waited for, not dropped; none is started after it.
+        done, _ = wait(dialling, timeout=DIAL_S + 1.0)
+        if (found := _answered(done, dialling, tried, refused)) is not None:
+            return found
     finally:
-        # (the dials still under way end at their own 2 s deadline; nothing waits for them)
         pool.shutdown(wait=False, cancel_futures=True)
         zc.close()
     seen = ", ".join(sorted(refused))
