@@ -130,14 +130,14 @@ def test_up_detach_uses_only_the_workers_it_started(cluster):
 def test_herd_ups_workers_advertise_nothing_another_coordinator_could_adopt(cluster,
                                                                             monkeypatch):
     """A Quickstart coordinator (same cluster CA, discovery on) took `herd up`'s workers and ran
-    its jobs there (an outside run): they are not advertised. (A probe advert shows the browse
-    sees what is there.)"""
+    its jobs there (an outside run): they are not advertised. (A probe advert from another
+    process shows the browse sees what other processes advertise.)"""
     from herd.rpc import discovery
 
     monkeypatch.setenv(discovery.INTERFACES_ENV, "127.0.0.1")
+    probe = subprocess.Popen([sys.executable, "-c", PROBE_ADVERT, str(free_ports(1)[0])],
+                             env={**os.environ, discovery.INTERFACES_ENV: "127.0.0.1"})
     zc = discovery.make_zeroconf()
-    probe = discovery.Advertiser(zc, discovery.WORKER_TYPE, "probe-worker", "127.0.0.1",
-                                 free_ports(1)[0], {"id": "probe-worker"})
     browser = discovery.Browser(zc, discovery.WORKER_TYPE)
     try:
         deadline = time.monotonic() + 30
@@ -149,8 +149,19 @@ def test_herd_ups_workers_advertise_nothing_another_coordinator_could_adopt(clus
         assert not [w for w in up_worker_ids(cluster.home, WORKERS) if w in seen], seen
     finally:
         browser.close()
-        probe.close()
+        probe.kill()
+        probe.wait()
         zc.close()
+
+
+PROBE_ADVERT = """
+import sys, time
+from herd.rpc import discovery
+zc = discovery.make_zeroconf()
+discovery.Advertiser(zc, discovery.WORKER_TYPE, "probe-worker", "127.0.0.1", int(sys.argv[1]),
+                     {"id": "probe-worker"})
+time.sleep(120)
+"""
 
 
 def test_agents_on_one_machine_get_their_own_folder_and_id_and_a_taken_folder_is_refused(

@@ -272,7 +272,7 @@ def assert_same_losses(ranks: Path, one: Path) -> None:
         for r in rows:
             if r.get("event") == kind:
                 by_rank.setdefault(r.get("rank", 0), []).append((r["iteration"], r[key]))
-        assert by_rank, (kind, rows)
+        assert sorted(by_rank) == [0, 1], (kind, sorted(by_rank))  # (each rank reports)
         for rank, got in by_rank.items():
             assert [i for i, _ in got] == [i for i, _ in want], (kind, rank, got, want)
             assert all(abs(g - w) <= LOSS_RTOL * abs(w) for (_, g), (_, w) in zip(got, want)), (

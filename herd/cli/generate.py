@@ -81,7 +81,7 @@ def main(argv: list[str]) -> int:
     except ValueError as e:  # mlx-lm's "Adapter ... contains incompatible tensors" and the like
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"herd generate: {first}", file=sys.stderr)
-        if trained_on:
+        if trained_on and "--model" in argv[1:] and "incompatible" in first:
             print(f"  hint: this adapter was trained on {trained_on}: generate with that base "
                   "(leave out --model)", file=sys.stderr)
         return ConfigError.exit_code
