@@ -151,12 +151,30 @@ def test_a_step_with_no_target_token_is_a_dataset_error_not_a_learning_rate(
     """mask_prompt with every prompt as long as max_seq_length: no completion token is left to
     train on (mlx-lm trains on NaN). herd used to stop on the non-finite loss and suggest a
     lower learning rate; it names the cause and the fix instead (an outside run)."""
+    # Every prompt that long: said by the dataset check, before anything trains.
     cfg = write_job(tmp_path / "job.yaml", tiny_model, tiny_completions_data, iters=2,
                     mask_prompt=True, max_seq_length=2, adapter_path=str(tmp_path / "a"))
     proc = herd("train", cfg, "--quiet", check=False)
     assert proc.returncode == DatasetError.exit_code, proc.stderr[-2000:]
-    assert "iteration 1's batch has no target token" in proc.stderr
+    assert "with mask_prompt, no record keeps a completion token" in proc.stderr
     assert "raise max_seq_length" in proc.stderr and "learning_rate" not in proc.stderr
+    # Only some (a warning at the check): a batch of only those (mlx-lm cuts batches in file
+    # order here: it sorts (tokens, offset) pairs by their len(), 2) stops its step, named.
+    data = tmp_path / "some"
+    data.mkdir()
+    long = {"prompt": "what colour is the dog " * 8, "completion": "red"}
+    short = {"prompt": "dog?", "completion": "red"}
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n"
+                                              for r in [long] * 4 + [short] * 4))
+    (data / "valid.jsonl").write_text("".join(json.dumps(short) + "\n" for _ in range(4)))
+    cfg = write_job(tmp_path / "some.yaml", tiny_model, data, iters=2, batch_size=4,
+                    mask_prompt=True, max_seq_length=16, adapter_path=str(tmp_path / "b"))
+    proc = herd("train", cfg, "--quiet", check=False)
+    assert proc.returncode == DatasetError.exit_code, proc.stderr[-2000:]
+    assert "4 of 8 records keep no completion token within max_seq_length 16 (lines 1, 2, 3, " \
+        "4)" in proc.stderr, proc.stderr[-2000:]
+    assert re.search(r"iteration [12]'s batch has no target token", proc.stderr), proc.stderr
+    assert "learning_rate" not in proc.stderr
 
 
 def test_report_to_wandb_logs_what_mlx_lm_logs(tmp_path, tiny_model, tiny_data):
