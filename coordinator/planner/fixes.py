@@ -72,13 +72,8 @@ def fixes(model_config: dict, job: JobConfig, workers: list[WorkerMemory]) -> li
         out.append(f"max_seq_length {seq} -> {_describe(p, model_config, j, workers)}")
     if found := more_workers(model_config, job, workers):
         extra, j, more, p = found
-        # (what to write in the config for it: a pipeline spelled out, since auto gives a
-        # batch smaller than the workers no data-parallel split)
-        setting = (f"cluster: {{workers: {len(more)}, parallelism: {{data: {p.data_parallel}, "
-                   f"pipeline: {p.pipeline_stages}}}}}" if p.pipeline_stages > 1 else
-                   f"cluster.workers: {len(more)}")
         out.append(f"{extra} more worker(s) of {max(w.memory_bytes for w in workers) / GB_SI:.0f}"
-                   f" GB ({setting}) -> {_describe(p, model_config, j, more)}")
+                   f" GB ({p.cluster_setting()}) -> {_describe(p, model_config, j, more)}")
     return out
 
 

@@ -30,6 +30,16 @@ class Plan:
     # order, may take of the global batch (cluster.max_shares); None: any split fits every one.
     max_shares: tuple[int, ...] | None = None
 
+    def cluster_setting(self) -> str:
+        """The config lines that run a job as this layout: placement takes cluster.workers (one
+        when unset), and a pipeline is spelled out (under auto, a batch smaller than the
+        workers is refused before the planner could choose stages)."""
+        n = self.data_parallel * self.pipeline_stages
+        if self.pipeline_stages > 1:
+            return (f"cluster: {{workers: {n}, parallelism: {{data: {self.data_parallel}, "
+                    f"pipeline: {self.pipeline_stages}}}}}")
+        return f"cluster: {{workers: {n}}}"
+
     def ring_order(self) -> list[str]:
         """Worker ids in MLX-ring rank order for ``python -m worker.pipeline``: replica 0's
         stages forward, then replica 1's backward, so every pipeline hop and every replica pair

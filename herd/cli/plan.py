@@ -166,12 +166,9 @@ def main(argv: list[str]) -> int:
     print(f"planned for {source}: {len(workers)} worker(s) of "
           + ", ".join(f"{w.memory_bytes / GIB:.1f}" for w in workers) + " GiB usable" + short)
     print(render(plan, workers, job))
-    if (n := plan.data_parallel * plan.pipeline_stages) > workers_needed(job):
-        # (placement takes cluster.workers, default one: the plan and the job must agree)
-        layout = (f"cluster: {{workers: {n}, parallelism: {{data: {plan.data_parallel}, "
-                  f"pipeline: {plan.pipeline_stages}}}}}" if plan.pipeline_stages > 1
-                  else f"cluster: {{workers: {n}}}")
-        print(f"note: this layout takes {n} workers; the config asks for "
-              f"{workers_needed(job)} (cluster.workers), so `herd submit` would place it on "
-              f"{workers_needed(job)}: add `{layout}` to run it as planned", file=sys.stderr)
+    asked = workers_needed(job)  # (placement takes cluster.workers, default one)
+    if (n := plan.data_parallel * plan.pipeline_stages) > asked:
+        print(f"note: this layout takes {n} workers; the config asks for {asked} "
+              f"(cluster.workers), so `herd submit` would place it on {asked}: add "
+              f"`{plan.cluster_setting()}` to run it as planned", file=sys.stderr)
     return 0

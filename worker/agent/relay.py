@@ -328,5 +328,5 @@ class Relay:
     def _final_log(self) -> None:
         try:
             self._send_log(final=True)
-        except FileNotFoundError:  # (a rank that never started wrote none)
-            pass
+        except OSError as e:  # (none written, or unreadable: it must not hold up the exit)
+            self.log.warning("rank_log_unreadable", error=str(e))
