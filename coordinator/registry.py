@@ -19,7 +19,9 @@ An advert is verified again whenever zeroconf reports it updated, which happens 
 the worker's (another cluster's same-named worker on the LAN, a stale record coming back). One
 that answers again at its address keeps its client; one at a new address (restarted on another
 port) gets a new client, the old one closed only when the calls using it end (``retire``): a
-PrepareRank streaming a model, or a StartRank, must never end as "Channel closed!".
+PrepareRank streaming a model, or a StartRank, must never end as "Channel closed!". Unless the
+old address still answers as that id: then two agents hold one certificate (a cloned Mac), and
+the newcomer is refused as a twin until the first is gone (``_twin``).
 """
 
 from __future__ import annotations
