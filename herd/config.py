@@ -342,7 +342,7 @@ class JobConfig(_Strict):
     @field_validator("model")
     @classmethod
     def _printable(cls, v: str, info: ValidationInfo) -> str:
-        stored = info.context and info.context.get("stored")  # (a record: readable as it is)
+        stored = _stored(info)  # (a record: readable as it is)
         if not v.isprintable() and not stored:  # (shown in other users' terminals: herd jobs)
             raise ValueError("holds control characters: give a hub id or a folder path")
         return v

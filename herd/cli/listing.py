@@ -148,7 +148,8 @@ def _wait_for_workers(args) -> list[dict]:
     """At least ``args.wait`` verified workers, waiting for the coordinator itself too (it may
     be starting); PeerLostError after ``args.timeout``."""
     deadline = time.monotonic() + args.timeout
-    have, last, said = 0, None, None
+    have: int | None = None  # verified at the last poll (None: none answered yet)
+    last = None
     while time.monotonic() < deadline:
         try:
             with connect_from_args(args) as coord:
@@ -156,12 +157,11 @@ def _wait_for_workers(args) -> list[dict]:
                     workers = _workers(coord)
                     if len(workers) >= args.wait:
                         return workers
-                    if len(workers) != said:  # (each change, not each poll)
+                    if len(workers) != have:  # (each change, not each poll)
                         names = ", ".join(w["worker_id"] for w in workers)
                         print(f"herd workers: {len(workers)} of {args.wait} verified"
                               + (f" ({names})" if names else "") + ", waiting up to "
                               f"{deadline - time.monotonic():.0f} s more", file=sys.stderr)
-                        said = len(workers)
                     have = len(workers)
                     time.sleep(0.5)
         except (PeerLostError, AuthError) as e:
@@ -171,7 +171,7 @@ def _wait_for_workers(args) -> list[dict]:
                 raise
             last = e
             time.sleep(0.5)
-    raise PeerLostError(f"{have} of {args.wait} workers verified after {args.timeout:.0f} s"
+    raise PeerLostError(f"{have or 0} of {args.wait} workers verified after {args.timeout:.0f} s"
                         + (f" ({last.message})" if last and not have else ""),
                         hint="are the coordinator and the workers running, joined to this "
                         "cluster (`herd join`)? `herd worker` logs why it is refused; if none "

@@ -40,6 +40,8 @@ def in_use(port: int, host: str) -> bool:
         return False
     except OSError as e:
         return e.errno == errno.EADDRINUSE
+    except UnicodeError:  # (a host name the resolver cannot encode: the bind says what is wrong)
+        return False
     finally:
         s.close()
 

@@ -124,12 +124,12 @@ def main(argv: list[str]) -> int:
             if args.allow_remote_code:
                 os.environ[REMOTE_CODE_ENV] = "1"
             return ray_join.join(machine, args.ray, args.host, extra[1:])
-        # (the address it will serve on when given or pinned; else found later, bind says)
-        early_host = (args.host or discovery.interfaces_host() or "").strip("[]")
-        if args.port and early_host and _held(args.port, early_host):
+        # (the address it will serve on when given or pinned; else chosen below, bind says)
+        host = (args.host or discovery.interfaces_host() or "").strip("[]")
+        if args.port and host and in_use(args.port, host):
             # (before a state folder is taken or a certificate issued: each failed start made
             # a worker name no one could have again, and a folder the next agent skipped)
-            raise HerdError(f"port {args.port} is in use on {early_host}",
+            raise HerdError(f"port {args.port} is in use on {host}",
                             hint="another `herd worker` may hold it (`herd worker --port 0` "
                             "takes a free one)")
         lock = state.claim(args.state_dir, pki.default_home())
@@ -157,7 +157,6 @@ def main(argv: list[str]) -> int:
     except ValueError as e:
         print(f"herd worker: {e}", flush=True)
         return 2
-    host = (args.host or discovery.interfaces_host() or "").strip("[]")
     if not host:
         choice = netif.choose_control(interfaces)
         host = choice.address
@@ -230,13 +229,6 @@ def main(argv: list[str]) -> int:
         zc.close()
     lock.release()
     return code
-
-
-def _held(port: int, host: str) -> bool:
-    try:
-        return in_use(port, host)
-    except (OSError, UnicodeError):  # (a host name, not an address: the bind says what is wrong)
-        return False
 
 
 class AddressWatch:
