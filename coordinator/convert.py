@@ -164,7 +164,7 @@ def event_from_pb(m: common_pb2.JobEvent) -> JobEvent:
 
 _WORKER_FIELDS = ("worker_id", "host", "port", "ring_port", "exchange_port", "memory_bytes",
                   "free_memory_bytes", "chip", "gpu_cores", "os", "mlx_version",
-                  "protocol_version", "running_job_id", "wired_limit_mb")
+                  "protocol_version", "running_job_id", "wired_limit_mb", "allow_remote_code")
 
 
 def interface_to_pb(i: Interface) -> common_pb2.NetInterface:
@@ -178,12 +178,13 @@ def interface_from_pb(m: common_pb2.NetInterface) -> Interface:
 
 def worker_to_pb(w: WorkerRecord) -> common_pb2.WorkerInfo:
     return common_pb2.WorkerInfo(**{f: getattr(w, f) for f in _WORKER_FIELDS},
-                                 resources=w.resources,
+                                 resources=w.resources, model_roots=w.model_roots,
                                  interfaces=[interface_to_pb(i) for i in w.interfaces])
 
 
 def worker_from_pb(m: common_pb2.WorkerInfo) -> WorkerRecord:
     return WorkerRecord(**{f: getattr(m, f) for f in _WORKER_FIELDS}, resources=dict(m.resources),
+                        model_roots=tuple(m.model_roots),
                         interfaces=[interface_from_pb(i) for i in m.interfaces])
 
 

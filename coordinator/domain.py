@@ -155,6 +155,10 @@ class WorkerRecord:
     interfaces: list[Interface] = field(default_factory=list)  # the data plane's candidates
     last_seen_ms: int = 0  # its last authenticated answer (Describe or Health), unix ms
     resources: dict[str, float] = field(default_factory=dict)  # a Ray node's (backend: ray)
+    # Its owner's policy (worker/agent/policy.py): resolved model roots (empty: not reported)
+    # and whether it runs code a model ships.
+    model_roots: tuple[str, ...] = ()
+    allow_remote_code: bool = False
 
     @property
     def target(self) -> str:

@@ -12,8 +12,9 @@ pipeline is refused (its cut needs the block count).
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field, replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from coordinator import planner
 from coordinator.domain import Job, JobState, WorkerRecord
@@ -157,6 +158,51 @@ def _place_by_memory(cfg: JobConfig, workers: list[WorkerRecord],
     return Placement([w.worker_id for w in chosen], per_worker)
 
 
+def policy_refusal(job: Job, w: WorkerRecord) -> str:
+    """Why worker ``w`` would refuse ``job`` at its owner's policy check (worker/agent/policy.py
+    Policy.check_job), as far as what it reported tells; "" when it would run it, or reported no
+    policy (an older agent, a Ray node). A local model folder (not the coordinator's stored copy)
+    is held to its model roots as the path reads: the CLI sends it resolved, the worker resolves
+    it again on its own disk."""
+    cfg = job.config
+    if not w.model_roots:
+        return ""
+    if cfg.trust_remote_code and not w.allow_remote_code:
+        return "it runs no code from jobs (the job sets trust_remote_code: true)"
+    if job.model_digest or not os.path.isabs(cfg.model):  # stored, a hub id, or ~ (its home)
+        return ""
+    path = PurePosixPath(os.path.normpath(cfg.model))
+    if any(path.is_relative_to(r) for r in w.model_roots):
+        return ""
+    return f"the model folder is outside its model roots ({', '.join(w.model_roots)})"
+
+
+def policy_refusals(job: Job, workers: list[WorkerRecord]) -> dict[str, str]:
+    """worker id -> why it would refuse ``job`` (policy_refusal), for those that would."""
+    return {w.worker_id: why for w in workers if (why := policy_refusal(job, w))}
+
+
+def refusals_text(refused: dict[str, str]) -> str:
+    return "; ".join(f"{w} would refuse it: {why}" for w, why in sorted(refused.items()))
+
+
+def check_policies(job: Job, workers: list[WorkerRecord]) -> None:
+    """At submit: PlacementError when enough workers are verified for the job and too few of
+    them would run it (their owners' policies), naming each refusal and its fix; a job only
+    short of workers waits, as in check_fits."""
+    need, refused = workers_needed(job.config), policy_refusals(job, workers)
+    if not refused or len(workers) < need or len(workers) - len(refused) >= need:
+        return
+    code = job.config.trust_remote_code and any("code" in why for why in refused.values())
+    raise PlacementError(
+        f"{job.config.model}: {len(workers) - len(refused)} of the {len(workers)} verified "
+        f"workers would run this job, and it needs {need}: {refusals_text(refused)}",
+        hint="remove trust_remote_code, or start those workers with --allow-remote-code if "
+        "their owners trust every job submitter and model" if code else
+        f"`herd models add {job.config.model}` (workers then fetch it from the coordinator), "
+        "or keep it under a model root on every worker (herd worker --model-root FOLDER)")
+
+
 def checkpoint_bytes(cfg: JobConfig) -> int:
     """One checkpoint's size (adapter and optimizer state) when the model's config.json is
     readable here; 0 when it is not."""
@@ -231,11 +277,14 @@ def decide_queued(job: Job, workers: list[WorkerRecord], now_ms: int,
                   placement_timeout_s: float, model_config: dict | None = None,
                   since_ms: int = 0) -> Placement | Wait | Fail:
     """What to do with a queued (or restarting) job now. ``workers``: every verified one, those
-    other jobs hold marked as running them (mark_held)."""
+    other jobs hold marked as running them (mark_held); those whose owners' policies refuse
+    the job are left out, and named while it waits."""
+    refused = policy_refusals(job, workers)
+    workers = [w for w in workers if w.worker_id not in refused]
     try:
         return place(job.config, workers, model_config)
     except PlacementError as e:
-        reason = e.message
+        reason = e.message + (f" ({refusals_text(refused)})" if refused else "")
         # A peer lost mid-job is first seen as the survivors' ranks failing ("lost a peer"):
         # here the waiting line names the worker of the last attempt that is not back.
         idle = {w.worker_id for w in workers if not w.running_job_id}

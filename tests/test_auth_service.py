@@ -563,14 +563,18 @@ def test_a_rank_holds_only_its_job_attempts_credential(cluster, tmp_path, tiny_m
 
 
 @pytest.mark.parametrize("case", ["trust_remote_code", "outside_roots", "job_relative"])
-def test_a_job_cannot_make_a_worker_run_code_or_read_models_its_owner_did_not_allow(
+def test_a_job_its_workers_owners_did_not_allow_is_refused_at_submit(
         cluster, tmp_path, tiny_model, tiny_data, case):
+    """Each worker reports its owner's policy (model roots, remote code): a job every verified
+    worker would refuse is refused at submit, each worker and its reason named, and nothing
+    starts (it failed at start, after placement, before)."""
     c = cluster
-    assert wait(lambda: "honest-w" in [w.worker_id for w in c.coord.registry.workers()], 20)
+    assert wait(lambda: {"honest-w", "doomed"} <= {w.worker_id for w in c.coord.registry.workers()},
+                20)
     model, overrides = tiny_model, {}
     if case == "trust_remote_code":
         overrides = {"trust_remote_code": True}
-    elif case == "outside_roots":  # the same model, in a folder the worker's owner did not list
+    elif case == "outside_roots":  # the same model, in a folder the workers' owners did not list
         model = shutil.copytree(tiny_model, tmp_path / "elsewhere")
     cfg = write_job(tmp_path / "job.yaml", model, tiny_data, cluster={"workers": 1}, **overrides)
     if case == "job_relative":  # `model: data` names the job's own shipped files on a worker
@@ -581,13 +585,46 @@ def test_a_job_cannot_make_a_worker_run_code_or_read_models_its_owner_did_not_al
         with pytest.raises(HerdError, match="model = 'data'"):
             submit(c, cfg, tiny_data)
         return
-    job_id = submit(c, cfg, tiny_data)
-    job = final(c, job_id, 60)
+    before = len(c.coord.store.list_jobs())
+    ranks = [w.rank for w in (c.honest[2], c.doomed[2])]  # (an earlier test's, or None)
+    with pytest.raises(HerdError) as e:
+        submit(c, cfg, tiny_data)
+    want = {"trust_remote_code": ("runs no code from jobs", "--allow-remote-code"),
+            "outside_roots": (f"outside its model roots ({tiny_model.parent.resolve()})",
+                              "herd models add")}[case]
+    text = f"{e.value.message} {e.value.hint}"
+    assert "0 of the 2 verified workers" in text and all(w in text for w in want), text
+    assert "doomed would refuse it" in text and "honest-w would refuse it" in text, text
+    assert len(c.coord.store.list_jobs()) == before  # nothing queued, nothing started
+    assert [w.rank for w in (c.honest[2], c.doomed[2])] == ranks
+
+
+def test_a_worker_still_refuses_what_the_coordinator_could_not_tell(cluster, tmp_path, tiny_model,
+                                                                    tiny_data):
+    """The coordinator holds a path to the roots as it reads (a folder of links there passes);
+    the worker resolves it on its own disk and refuses, before a rank starts."""
+    c = cluster
+    elsewhere = shutil.copytree(tiny_model, tmp_path / "elsewhere")
+    link = tiny_model.parent / f"link-{tmp_path.name}"
+    link.symlink_to(elsewhere, target_is_directory=True)
+    try:
+        cfg = write_job(tmp_path / "job.yaml", link, tiny_data, cluster={"workers": 1})
+        from herd.cli.connection import CoordinatorConnection
+        from herd.cli.laptop import job_spec
+        from herd.config import load_config
+
+        spec, files = job_spec(load_config(cfg), cfg.stem)  # (it resolves the link: as the
+        spec.config_yaml = spec.config_yaml.replace(str(elsewhere), str(link))  # job API, not)
+        assert str(link) in spec.config_yaml
+        with CoordinatorConnection(c.coord.address, c.client) as conn:
+            for path, sha in files:
+                conn.put_blob(path, sha)
+            job_id = conn.call("SubmitJob", coordinator_pb2.SubmitJobRequest(spec=spec)).job_id
+        job = final(c, job_id, 60)
+    finally:
+        link.unlink()
     assert job.state.value == "failed"
-    want = {"trust_remote_code": "runs no code from jobs",
-            "outside_roots": "model roots",
-            "job_relative": "names a file the job shipped itself"}[case]
-    assert want in job.message and "could not start" in job.message, job.message
+    assert "model roots" in job.message and "could not start" in job.message, job.message
     for worker in (c.honest[2], c.doomed[2]):  # refused before a rank was started
         assert worker.rank is None or worker.rank.spec.job_id != job_id
 

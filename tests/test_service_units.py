@@ -24,6 +24,7 @@ from coordinator.domain import (
     WorkerRecord,
     check_transition,
 )
+from coordinator.placement import policy_refusal
 from coordinator.scheduler import Scheduler
 from coordinator.store import _MIGRATIONS, JobStore
 from herd.config import config_from_yaml, parse_config
@@ -63,7 +64,7 @@ def test_converters_round_trip():
                      learning_rate=1e-4, tokens_per_second=900.0, trained_tokens=1234,
                      peak_memory_gb=0.5, exchange="mlx", world_size=2)
     assert convert.progress_from_pb(convert.progress_to_pb(p)) == p
-    w = worker(3, running_job_id="x")
+    w = worker(3, running_job_id="x", model_roots=("/models", "/hf"), allow_remote_code=True)
     assert convert.worker_from_pb(convert.worker_to_pb(w)) == w
     c = Checkpoint("j", 20, [FileDigest("adapters.safetensors", "b" * 64, 99)], 1700)
     assert convert.checkpoint_from_pb(convert.checkpoint_to_pb(c)) == c
@@ -300,6 +301,43 @@ def test_the_state_machine_refuses_what_its_table_does_not_allow():
     assert JobState.RUNNING not in TRANSITIONS[JobState.QUEUED] | TRANSITIONS[JobState.RESTARTING]
     assert all({JobState.FAILED, JobState.CANCELLED} <= TRANSITIONS[s]
                for s in JobState if not s.final)
+
+
+def test_a_worker_whose_owner_would_refuse_the_job_is_left_out_and_named(rig):
+    """Workers report their owners' policies: a job goes to those that would run it, waits
+    naming the others while too few would, and is refused at submit when every verified worker
+    would refuse it (the worker's own check stays: tests/test_auth_service.py)."""
+    s, workers, launcher, clock = rig
+    outside = worker(1, mem=64 * GB, model_roots=("/elsewhere",))  # (the most memory)
+    workers += [outside, worker(2, model_roots=("/nonexistent",)), worker(3)]  # (3: no report)
+    one = s.submit(job(workers=1))
+    s.tick()
+    assert s.store.get_job(one.job_id).worker_ids == ["w2"]
+    two = s.submit(job(workers=2))  # w2 busy, w1 refuses, w3 idle
+    s.tick()
+    got = s.store.get_job(two.job_id)
+    assert got.state is JobState.QUEUED
+    assert got.message == ("waiting: needs 2 workers, 2 verified (1 busy: running j1-10): 1 free"
+                           " (w1 would refuse it: the model folder is outside its model roots "
+                           "(/elsewhere))")
+    with pytest.raises(PlacementError, match="2 of the 3 verified workers would run this job, "
+                       "and it needs 3: w1 would refuse it: the model folder is outside"):
+        s.submit(job(workers=3))
+    code = job(workers=1)
+    code.config = parse_config({**code.config.model_dump(exclude_unset=True),
+                                "model": "org/model", "trust_remote_code": True})
+    workers[2] = worker(3, model_roots=("/nonexistent",))
+    with pytest.raises(PlacementError) as e:
+        s.submit(code)
+    assert e.value.message.startswith("org/model: 0 of the 3 verified workers would run this "
+                                       "job, and it needs 1: w1 would refuse it: it runs no code")
+    assert "--allow-remote-code" in e.value.hint
+    workers[0] = worker(1, model_roots=("/elsewhere",), allow_remote_code=True)
+    assert s.submit(code).state is JobState.QUEUED  # one worker runs code: it may go there
+    stored = job(workers=3)  # the coordinator's copy: no path on the workers
+    stored.model_digest = "d" * 64
+    clock.t += 1
+    assert not any(policy_refusal(stored, w) for w in workers)
 
 
 def test_placement_timeout_fails_with_what_is_missing(rig):

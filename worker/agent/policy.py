@@ -71,6 +71,15 @@ class Policy:
         return cls(os.environ.get(REMOTE_CODE_ENV) == "1",
                    tuple(Path(r) for r in roots.split(os.pathsep) if r) or default_model_roots())
 
+    def reported_roots(self) -> tuple[str, ...]:
+        """The model roots as the coordinator is told them (WorkerInfo.model_roots), so that a
+        job this worker would refuse is refused at submit (coordinator/placement.py
+        policy_refusal): each as given and resolved (``check_model`` holds the resolved path to
+        the resolved roots; the coordinator only reads the path, which a laptop sends resolved
+        and the job API as typed), so that it refuses nothing this check would run."""
+        forms = (f(r.expanduser()) for r in self.model_roots for f in (Path.absolute, Path.resolve))
+        return tuple(dict.fromkeys(map(str, forms)))
+
     def check_job(self, cfg: JobConfig, job_dir: Path, worker_id: str,
                   source: ModelSource | None = None, shipped_data: bool = True,
                   shipped_resume: bool = False) -> None:
