@@ -18,7 +18,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from coordinator.domain import Job, JobState, WorkerRecord
-from coordinator.placement import Placement, mark_held, place, workers_needed
+from coordinator.placement import Placement, mark_held, place, policy_refusal, workers_needed
 from herd import log
 from herd.config import JobConfig
 from herd.errors import PlacementError
@@ -79,7 +79,8 @@ class Elastic:
         if (not self.grace_s or job.state is not JobState.RESTARTING or waited_s < self.grace_s
                 or not elastic(job.config)):
             return None
-        placement = shrink_placement(job.config, workers)
+        # (only on workers whose owners' policies would run it, as decide_queued places)
+        placement = shrink_placement(job.config, [w for w in workers if not policy_refusal(job, w)])
         if placement is None:
             return None
         k, n = len(placement.worker_ids), workers_needed(job.config)
@@ -100,7 +101,7 @@ class Elastic:
             workers = {w.worker_id: w for w in s.workers()}
             current = [workers[w] for w in job.worker_ids if w in workers]
             free = [w for w in mark_held(s.backend(job).workers(), s.store.list_jobs())
-                    if w.worker_id not in job.worker_ids]
+                    if w.worker_id not in job.worker_ids and not policy_refusal(job, w)]
             if grow_placement(job.config, current, free) is None:
                 return
             s.reconcile.forget(job_id)

@@ -214,6 +214,13 @@ def checkpoint_bytes(cfg: JobConfig) -> int:
     return est.lora + est.optimizer
 
 
+def check_submit(job: Job, workers: list[WorkerRecord], model_config: dict | None) -> None:
+    """At submit: refused now, with numbers and fixes, if no set of the verified workers could
+    ever hold the job (check_fits) or their owners would not run it (check_policies)."""
+    check_fits(job.config, workers, model_config)
+    check_policies(job, workers)
+
+
 def check_fits(cfg: JobConfig, workers: list[WorkerRecord],
                model_config: dict | None = None) -> None:
     """At submit: raise DoesNotFitError when the job could not be placed even if every verified

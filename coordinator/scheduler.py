@@ -38,12 +38,10 @@ from coordinator.placement import (
     Fail,
     Placement,
     Wait,
-    check_fits,
-    check_policies,
+    check_submit,
     decide_queued,
     mark_held,
     placing_text,
-    policy_refusal,
     wait_limit_s,
     wait_or_fail,
 )
@@ -168,9 +166,7 @@ class Scheduler:
                 hint="use cluster.backend: zeroconf (workers found by mDNS and verified by their "
                 "certificates)")
         backend.connect(job)  # an unreachable Ray cluster fails here, naming the address tried
-        # Refused now, with numbers and fixes, if no worker set at hand could ever hold it.
-        check_fits(cfg, backend.workers(), self._models and self._models.config(job))
-        check_policies(job, backend.workers())  # (or its workers' owners would refuse it)
+        check_submit(job, backend.workers(), self._models and self._models.config(job))
         with self._lock:
             job.created_ms = job.updated_ms = self.now_ms()
             job.state = JobState.QUEUED
@@ -219,8 +215,7 @@ class Scheduler:
             workers = mark_held(backend.workers(), self.store.list_jobs(), job)
             decision = decide_queued(job, workers, self.now_ms(), self._timeout_s(job),
                                      self._models and self._models.config(job), self._started_ms)
-            shrunk = self.elastic.shrink(job, [w for w in workers if not policy_refusal(job, w)]
-                                         ) if isinstance(decision, Wait) else None
+            shrunk = self.elastic.shrink(job, workers) if isinstance(decision, Wait) else None
             decision, note = shrunk or (decision, "")  # (elastic: zeroconf only, nothing reserved)
             if isinstance(decision, Placement) and (why := ahead.holds_back(job, workers)):
                 decision = Wait(why, busy=True)
