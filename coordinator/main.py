@@ -199,6 +199,7 @@ class Coordinator:
 
     def stop(self) -> None:
         self._stop.set()
+        self.scheduler.stopping.set()  # (before the calls it makes are cut)
         if self.web is not None:
             self.web.stop()
         if self.tensorboard is not None:

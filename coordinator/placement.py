@@ -179,11 +179,12 @@ def policy_refusal(job: Job, w: WorkerRecord) -> str:
 
 def policy_refusals(job: Job, workers: list[WorkerRecord]) -> dict[str, str]:
     """worker id -> why it would refuse ``job`` (policy_refusal), for those that would."""
-    return {w.worker_id: why for w in workers if (why := policy_refusal(job, w))}
+    return {w.worker_id: f"would refuse it: {why}" for w in workers
+            if (why := policy_refusal(job, w))}
 
 
 def refusals_text(refused: dict[str, str]) -> str:
-    return "; ".join(f"{w} would refuse it: {why}" for w, why in sorted(refused.items()))
+    return "; ".join(f"{w} {why}" for w, why in sorted(refused.items()))
 
 
 def check_policies(job: Job, workers: list[WorkerRecord]) -> None:
@@ -282,11 +283,13 @@ class Fail:
 
 def decide_queued(job: Job, workers: list[WorkerRecord], now_ms: int,
                   placement_timeout_s: float, model_config: dict | None = None,
-                  since_ms: int = 0) -> Placement | Wait | Fail:
+                  since_ms: int = 0, refused: dict[str, str] | None = None
+                  ) -> Placement | Wait | Fail:
     """What to do with a queued (or restarting) job now. ``workers``: every verified one, those
     other jobs hold marked as running them (mark_held); those whose owners' policies refuse
-    the job are left out, and named while it waits."""
-    refused = policy_refusals(job, workers)
+    the job, and ``refused`` (worker id -> why: coordinator/refusals.py), are left out, and
+    named while it waits."""
+    refused = {**policy_refusals(job, workers), **(refused or {})}
     workers = [w for w in workers if w.worker_id not in refused]
     try:
         return place(job.config, workers, model_config)

@@ -25,6 +25,7 @@ import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from coordinator.domain import Checkpoint, Job, WorkerRecord
 from coordinator.store import Attempt, JobStore
@@ -104,6 +105,19 @@ def made_progress(a: Attempt, checkpoints: list[Checkpoint], until_ms: int) -> b
     """A checkpoint was stored while the attempt ran."""
     end = a.ended_ms if a.ended_ms is not None else until_ms
     return any(a.started_ms <= c.created_ms <= end for c in checkpoints)
+
+
+def resume_step(checkpoints: list[Checkpoint], verify: Callable[[Checkpoint], str | None],
+                say: Callable[[str], None]) -> int:
+    """The newest intact stored checkpoint's step (0: none); a damaged one (``verify`` names its
+    problem) is skipped, and ``say`` tells the job's log."""
+    for c in reversed(checkpoints):
+        problem = verify(c)
+        if problem is None:
+            return c.step
+        say(f"checkpoint {c.step} is damaged ({problem}); skipped, resuming from the one before it")
+        logger.warning("checkpoint_damaged", job_id=c.job_id, step=c.step, problem=problem)
+    return 0
 
 
 def decide_restart(history: list[Attempt], checkpoints: list[Checkpoint], now_ms: int,

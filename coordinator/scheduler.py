@@ -48,6 +48,7 @@ from coordinator.placement import (
 from coordinator.queue import Ahead, queue_order
 from coordinator.reconcile import Reconciler
 from coordinator.recovery import RestartPolicy, decide_restart, retryable
+from coordinator.refusals import Refusals
 from coordinator.store import JobStore
 from herd import log
 from herd.errors import ConfigError, HerdError, PeerLostError
@@ -78,10 +79,12 @@ class Scheduler:
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._not_before: dict[str, int] = {}  # job_id -> when its restart may be placed (ms)
+        self.stopping = threading.Event()  # set by the coordinator's stop(): see _try_place
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="launch")
         self.reconcile = Reconciler(self, unreachable_grace_s)
         self.elastic = Elastic(self, elastic_grace_s)  # 0: never shrink a job
         self.paths = FailedPaths()  # data subnets a job's attempt failed on: avoided after
+        self.refusals = Refusals()  # workers that refused a job's rank: others are tried
         self._started_ms = self.now_ms()  # a wait's clock: a restart of ours is not the job's
 
     def _timeout_s(self, job: Job) -> float:  # a restarting job waits at least until it may shrink
@@ -191,17 +194,6 @@ class Scheduler:
             self._try_place(job, ahead)
         self.reconcile.check_running()
 
-    def _resume_from(self, job: Job) -> int:
-        """The newest intact stored checkpoint; a damaged one is skipped with a log event."""
-        for c in reversed(self.store.checkpoints(job.job_id)):
-            problem = self._verify(c)
-            if problem is None:
-                return c.step
-            self._event(job, EventKind.LOG, message=f"checkpoint {c.step} is damaged ({problem})"
-                        "; skipped, resuming from the one before it")
-            logger.warning("checkpoint_damaged", job_id=job.job_id, step=c.step, problem=problem)
-        return 0
-
     def _try_place(self, job: Job, ahead: Ahead) -> None:
         with self._lock:
             job = self.store.get_job(job.job_id)
@@ -214,7 +206,8 @@ class Scheduler:
                 return
             workers = mark_held(backend.workers(), self.store.list_jobs(), job)
             decision = decide_queued(job, workers, self.now_ms(), self._timeout_s(job),
-                                     self._models and self._models.config(job), self._started_ms)
+                                     self._models and self._models.config(job), self._started_ms,
+                                     self.refusals.of(job.job_id))
             shrunk = self.elastic.shrink(job, workers) if isinstance(decision, Wait) else None
             decision, note = shrunk or (decision, "")  # (elastic: zeroconf only, nothing reserved)
             if isinstance(decision, Placement) and (why := ahead.holds_back(job, workers)):
@@ -245,7 +238,9 @@ class Scheduler:
                 return
             job.attempt += 1
             job.worker_ids = list(decision.worker_ids)
-            resume = self._resume_from(job)  # (a first attempt's: --resume-from's checkpoint)
+            resume = recovery.resume_step(  # (a first attempt's: --resume-from's checkpoint)
+                self.store.checkpoints(job.job_id), self._verify,
+                lambda m: self._event(job, EventKind.LOG, message=m))
             self.store.start_attempt(job.job_id, job.attempt, job.worker_ids, self.now_ms())
             self._set_state(job, JobState.PLACING, placing_text(decision, resume, note))
             if decision.path is not None and len(job.worker_ids) > 1:
@@ -256,13 +251,19 @@ class Scheduler:
         failed = [(launch, err) for launch, err in zip(plan, results) if err]
         with self._lock:
             job = self.store.get_job(job.job_id)
-            if job.state is not JobState.PLACING:
-                return  # cancelled meanwhile; cancel() stops what started
+            # Cancelled meanwhile (cancel() stops what started), or this coordinator is stopping:
+            # its calls were cut by its own exit (a job failed for good by a restart while its
+            # workers fetched: an outside run); its restart re-adopts or retries (reconcile.py).
+            if job.state is not JobState.PLACING or self.stopping.is_set():
+                return
             if failed:
                 launch, err = failed[0]
                 reason = f"rank {launch.rank} could not start on {launch.worker.worker_id}: "
                 if isinstance(err, PeerLostError):  # a link just back, say: worth another try
                     self._attempt_failed(job, reason + err.message, None)
+                elif self.refusals.place_elsewhere(job, failed, mark_held(  # (busy: not idle)
+                        backend.workers(), self.store.list_jobs())):
+                    self._attempt_failed(job, reason + err.message, None, interrupted=True)
                 else:
                     self._set_state(job, JobState.FAILED, reason + err.message)
             else:

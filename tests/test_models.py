@@ -382,11 +382,42 @@ def test_every_rank_is_prepared_before_any_starts_and_a_refusal_fails_the_job(tm
         assert got.state is JobState.RUNNING and len(launcher.started) == 2
         assert len(fetches) == 6 and sum(f.done for f in fetches) == 2
         assert {f.worker_id for f in fetches} == {"w1", "w2"}
-    else:
+    else:  # no other worker could take w2's place
         assert got.state is JobState.FAILED and not launcher.started
         assert "could not start on w2: worker w2 cannot hold the model: 9,000 bytes" in (
             got.message)
         assert sorted(launcher.stopped) == ["w1", "w2"]
+
+
+def test_a_worker_that_refuses_a_rank_is_passed_over_for_an_idle_one(tmp_path):
+    """An outside run: of three Macs, the one whose model cache could not hold the model was
+    picked, and the job failed for good while the third sat idle. Now it starts again at once on
+    the others (no restart counted); a job that then has too few waits, naming the refusal."""
+    from coordinator.domain import JobState
+    from coordinator.scheduler import Scheduler
+    from coordinator.store import JobStore
+    from tests.test_service_units import Clock, job, worker
+
+    launcher, clock = FetchingLauncher("w2"), Clock()
+    workers = [worker(1), worker(2), worker(3)]
+    s = Scheduler(JobStore(tmp_path / "db"), lambda: list(workers), launcher, clock,
+                  placement_timeout_s=60)
+    j = s.submit(job(workers=2))
+    s.tick()  # placed on w1, w2 (ids in order at equal memory): w2 refuses
+    assert s.store.get_job(j.job_id).state is JobState.RESTARTING
+    s.tick()
+    got = s.store.get_job(j.job_id)
+    assert got.state is JobState.RUNNING and got.worker_ids == ["w1", "w3"], got.message
+    assert [la.worker.worker_id for la in launcher.started] == ["w1", "w3"]
+    assert [a.outcome for a in s.store.attempt_history(j.job_id)][0] == "interrupted"
+    s.cancel(j.job_id)
+    launcher.started.clear()
+    k = s.submit(job(workers=3, iters=12))
+    s.tick()
+    s.tick()
+    got = s.store.get_job(k.job_id)
+    assert got.state is JobState.FAILED, got.message  # no three others: as before
+    assert "could not start on w2: worker w2 cannot hold the model" in got.message
 
 
 def test_a_job_from_either_door_is_pinned_to_its_commit(sharded, offline_hub, tmp_path):

@@ -464,6 +464,33 @@ def test_store_survives_a_reopen_and_a_restart_readopts_or_resumes_active_jobs(t
     assert launcher.started[-1].resume_step == 2
 
 
+def test_a_coordinator_stopped_while_its_workers_fetch_fails_nothing(tmp_path):
+    """An outside run: a coordinator stopped (SIGTERM, as a service restart sends) while its
+    workers fetched a model failed the job for good, with the gRPC error its own exit caused
+    ("Stream removed"). The job stays placing; the restarted coordinator retries it at once."""
+    workers, clock = [worker(1)], Clock()
+
+    class CutByStop(FakeLauncher):
+        def prepare_rank(self, launch, on_progress):
+            s.stopping.set()  # Coordinator.stop() sets it before it closes its channels
+            raise PeerLostError("Stream removed (Channel closed!)")
+
+    s = Scheduler(JobStore(tmp_path / "db"), lambda: list(workers), CutByStop(), clock)
+    j = s.submit(job(workers=1))
+    s.tick()
+    assert s.store.get_job(j.job_id).state is JobState.PLACING
+    s.store.close()
+    launcher = FakeLauncher()
+    again = Scheduler(JobStore(tmp_path / "db"), lambda: list(workers), launcher, clock)
+    again.recover()
+    clock.t += 31  # its adoption grace: no rank of attempt 1 reports
+    again.tick()
+    again.tick()
+    got = again.store.get_job(j.job_id)
+    assert (got.state, got.attempt) == (JobState.RUNNING, 2), got.message
+    assert again.store.attempt_history(j.job_id)[0].outcome == "interrupted"
+
+
 def test_resume_from_another_job_copies_its_checkpoint_or_says_why_not(tmp_path):
     """`herd submit --resume-from`: the checkpoint is copied as the new job's own (the first
     attempt then resumes from it, as a restart would); a step it could not resume at, or a

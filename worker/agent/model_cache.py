@@ -106,8 +106,9 @@ class ModelCache:
         protected = self.pinned() | keep
         evictable = sorted(h for h in held if h[1] not in protected)
         short = need - free
-        if self.max_bytes:
-            short = max(short, self.used_bytes() + need - self.max_bytes)
+        over_bound = self.max_bytes and self.used_bytes() + need - self.max_bytes > short
+        if over_bound:
+            short = self.used_bytes() + need - self.max_bytes
         can_free = sum(size for _, _, size in evictable)
         if short > can_free:
             bound = f", a cache bounded to {self.max_bytes:,} bytes" if self.max_bytes else ""
@@ -116,8 +117,10 @@ class ModelCache:
                 f"({human_bytes(need)}) more on {self.root}; the disk has {free:,} bytes "
                 f"({human_bytes(free)}) free{bound}, and {can_free:,} bytes of other models could "
                 "be evicted",
-                hint="free disk space on that worker, or start it with a --model-cache on a "
-                "larger disk")
+                # (the bound, not the disk, stops it: its hint said to free disk space)
+                hint="start that worker with a larger --model-cache-max (now "
+                f"{human_bytes(self.max_bytes)})" if over_bound else
+                "free disk space on that worker, or start it with a --model-cache on a larger disk")
         freed = 0
         for _, sha, size in evictable:
             if freed >= short:
