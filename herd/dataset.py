@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -207,21 +208,43 @@ def _check_record(rec: dict, fmt: str, feats: Features, line: int, fc: FileCheck
     return True
 
 
+_EOL = re.compile(rb"\r\n|\r|\n")
+_BLOCK = 1 << 16
+
+
 def _lines(path: Path, digest: Any) -> Iterator[tuple[int, bytes]]:
-    """Numbered lines (1-based) of a file, hashing its bytes on the way through. A line longer
-    than MAX_RECORD_BYTES is refused as soon as it is seen, so memory stays bounded whatever
-    the file holds (a tokenizer given one 50 MB record needs gigabytes)."""
+    """Numbered lines (1-based) of a file, each with its end, hashing its bytes on the way
+    through. Lines end as Python's text mode ends them (mlx-lm reads ``for l in open(path)``):
+    at \n, \r\n or a lone \r (an old Mac's line ends: a file of them read as one malformed
+    line, an outside run). A line longer than MAX_RECORD_BYTES is refused as soon as it is
+    seen, so memory stays bounded whatever the file holds (a tokenizer given one 50 MB record
+    needs gigabytes)."""
+    number, rest = 0, b""
     with path.open("rb") as f:
-        number = 0
-        while raw := f.readline(MAX_RECORD_BYTES + 1):
-            number += 1
-            if len(raw) > MAX_RECORD_BYTES:
-                raise DatasetError(
-                    f"{path.name}:{number}: a record longer than {MAX_RECORD_BYTES // 1024**2} MiB",
-                    hint="split it into shorter records: mlx-lm cuts every record to "
-                    "max_seq_length tokens anyway (1 MiB is ~250k tokens)")
-            digest.update(raw)
-            yield number, raw
+        while True:
+            block = f.read(_BLOCK)
+            digest.update(block)
+            rest += block
+            # (a \r last in what is read may be the first half of a \r\n: it waits for more)
+            end, start = len(rest) - (block[-1:] == b"\r"), 0
+            for m in _EOL.finditer(rest, 0, end):
+                number += 1
+                yield number, _bounded(path, number, rest[start:m.end()])
+                start = m.end()
+            rest = _bounded(path, number + 1, rest[start:])
+            if not block:
+                if rest:
+                    yield number + 1, rest
+                return
+
+
+def _bounded(path: Path, number: int, line: bytes) -> bytes:
+    if len(line) > MAX_RECORD_BYTES:
+        raise DatasetError(
+            f"{path.name}:{number}: a record longer than {MAX_RECORD_BYTES // 1024**2} MiB",
+            hint="split it into shorter records: mlx-lm cuts every record to "
+            "max_seq_length tokens anyway (1 MiB is ~250k tokens)")
+    return line
 
 
 def _enable_thinking(tokenizer: Any) -> bool:

@@ -98,6 +98,23 @@ def test_each_mlx_lm_format_is_recognised(tmp_path: Path, record, fmt, features)
     assert report.splits["valid"].records == 2
 
 
+@pytest.mark.parametrize("end", ["\r\n", "\r"])
+def test_line_ends_are_read_as_mlx_lm_reads_them(data: Path, end: str):
+    """mlx-lm reads a split with Python's text mode (``for l in open(path)``), where \n, \r\n
+    and an old Mac's lone \r all end a line: a CR-only file was refused as one malformed line
+    (an outside run). The same records, and a bad one named by its line."""
+    from mlx_lm.tuner.datasets import load_local_dataset
+
+    train = data / "train.jsonl"
+    train.write_bytes(train.read_bytes().replace(b"\n", end.encode()))
+    report = check_dataset(data)
+    assert report.splits["train"].records == 8
+    assert report.sha256["train.jsonl"] == hashlib.sha256(train.read_bytes()).hexdigest()
+    assert len(load_local_dataset(data, None, type("C", (), {})())[0]) == 8  # (mlx-lm: the same)
+    train.write_bytes(train.read_bytes().replace(b"}" + end.encode(), b"" + end.encode(), 1))
+    assert "train.jsonl: 1 malformed JSON line (line 1)" in error_of(data)
+
+
 # ---- each error names file, lines and count --------------------------------------------------
 
 
