@@ -51,7 +51,7 @@ def _free_bytes(folder: Path) -> int:
     return shutil.disk_usage(folder).free
 
 
-def require_free(folder: Path, need: int, what: str) -> None:
+def require_free(folder: Path, need: int, what: str, hint: str = "") -> None:
     """StorageError, with the numbers, when the disk holding ``folder`` cannot take ``need``
     bytes (and the reserve)."""
     free = _free_bytes(folder)
@@ -60,7 +60,8 @@ def require_free(folder: Path, need: int, what: str) -> None:
             f"the coordinator's disk holding {folder} is full: {what} needs "
             f"{need / 1e6:.1f} MB and {RESERVE_BYTES / 1e6:.1f} MB are kept free; "
             f"{free / 1e6:.1f} MB free",
-            hint="free space there or restart the coordinator with a --state-dir on a larger disk")
+            hint=(hint or "free space there") + ", or restart the coordinator with a "
+            "--state-dir on a larger disk")
 
 
 @contextlib.contextmanager

@@ -204,6 +204,15 @@ def check_policies(job: Job, workers: list[WorkerRecord]) -> None:
         "or keep it under a model root on every worker (herd worker --model-root FOLDER)")
 
 
+def checkpoints_held(cfg: JobConfig, keep: int) -> int:
+    """The most checkpoints of a job the coordinator holds at once: every one it saves (each
+    save_every steps, and the final), or with ``keep`` (--keep-checkpoints) that many and the
+    one written beside them before the oldest goes."""
+    last = cfg.last_step()
+    saves = last // cfg.save_every + (last % cfg.save_every != 0) if cfg.save_every else 1
+    return max(1, min(saves, keep + 1) if keep else saves)
+
+
 def checkpoint_bytes(cfg: JobConfig) -> int:
     """One checkpoint's size (adapter and optimizer state) when the model's config.json is
     readable here; 0 when it is not."""

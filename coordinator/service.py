@@ -21,7 +21,7 @@ from coordinator.domain import Job
 from coordinator.jobs import new_job, no_checkpoint, start_from
 from coordinator.logs import LogStore
 from coordinator.models import ModelCatalog, ModelStore, fetch_hub_model
-from coordinator.placement import checkpoint_bytes
+from coordinator.placement import checkpoint_bytes, checkpoints_held
 from coordinator.registry import Registry
 from coordinator.reports import adapter_with_report
 from coordinator.scheduler import Scheduler
@@ -105,8 +105,14 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                       self.models, spec.model_digest,
                       convert.digest_from_pb(spec.resume_adapter)
                       if spec.HasField("resume_adapter") else None, spec.model_config_json)
-        # Room for two of its checkpoints (a step is written beside the previous one), now.
-        require_free(self.adapters.root, 2 * checkpoint_bytes(job.config), "the job's checkpoints")
+        # Room for the checkpoints it will have stored at once (it counted two: a job was taken,
+        # then failed part-way on its own checkpoints, every one kept by default: an outside run).
+        n = checkpoints_held(job.config, self.keep_checkpoints)
+        require_free(self.adapters.root, n * checkpoint_bytes(job.config),
+                     f"the job's {n} checkpoint{'s' if n > 1 else ''}" + (
+                         "" if self.keep_checkpoints else " (the coordinator keeps them all)"),
+                     hint="free space there, save less often (save_every), keep fewer "
+                     "(herd coordinator --keep-checkpoints N)")
         return job
 
     def _workers_job(self, context, job_id: str, attempt: int | None = None) -> Job | None:

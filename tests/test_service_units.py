@@ -1223,6 +1223,42 @@ def test_a_jobs_events_say_who_submitted_and_who_cancelled_it(coordinator_rpc):
                     ("cancelled", "cancelled by client/tester")]
 
 
+def test_a_job_is_admitted_only_with_room_for_the_checkpoints_it_will_keep(
+        tmp_path, coordinator_rpc, tiny_model, tiny_data, monkeypatch):
+    """An outside run: admission counted two checkpoints, every one is kept by default, and the
+    job was taken, then failed part-way on its own checkpoints. The disk's free space is the
+    edge faked here (coordinator/artifacts.py _free_bytes)."""
+    from coordinator import artifacts
+    from coordinator.placement import checkpoint_bytes, checkpoints_held
+    from herd.cli.connection import CoordinatorConnection
+    from herd.cli.laptop import job_spec
+    from herd.config import load_config
+    from protos.v1 import coordinator_pb2
+    from tests.conftest import write_job
+
+    cfg = load_config(write_job(tmp_path / "j.yaml", tiny_model, tiny_data, iters=80,
+                                save_every=10, cluster={"workers": 1}))
+    assert checkpoints_held(cfg, 0) == 8 and checkpoints_held(cfg, 2) == 3
+    assert checkpoints_held(cfg.model_copy(update={"iters": 85}), 0) == 9  # and the final
+    one = checkpoint_bytes(cfg)
+    assert one > 0
+    target, ids, s = coordinator_rpc
+    spec, files = job_spec(cfg, "j")
+    with CoordinatorConnection(target, ids["client"]) as conn:
+        for path, sha in files:
+            conn.put_blob(path, sha)
+        monkeypatch.setattr(artifacts, "_free_bytes",
+                            lambda folder: artifacts.RESERVE_BYTES + 7 * one)
+        with pytest.raises(StorageError) as e:  # room for 7 of its 8
+            conn.call("SubmitJob", coordinator_pb2.SubmitJobRequest(spec=spec))
+        said = str(e.value)  # (the hint crosses the wire in the message)
+        assert "the job's 8 checkpoints (the coordinator keeps them all) needs" in said, said
+        assert "--keep-checkpoints" in said and "save_every" in said, said
+        monkeypatch.setattr(artifacts, "_free_bytes",
+                            lambda folder: artifacts.RESERVE_BYTES + 8 * one)
+        conn.call("SubmitJob", coordinator_pb2.SubmitJobRequest(spec=spec))
+
+
 def test_a_worker_that_cannot_prepare_stops_the_others_fetches():
     """A worker short of disk refused before its own fetch while the others went on pulling
     their shards (tens of GB for a 70B) for an attempt that had already failed (an outside run):
