@@ -18,6 +18,7 @@ thread pool; the stdlib's http.server has none of these, and starlette would nee
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import tarfile
@@ -263,6 +264,12 @@ class WebServer:
             self._loop.run_until_complete(self._serve())
         except BaseException as e:  # reported to start(), which raises it in the caller
             self._error = e
+            # (closed here, in its own thread: left to the garbage collector, the loop printed
+            # an "Exception ignored ... Invalid file descriptor" traceback after the message)
+            with contextlib.suppress(Exception):  # (a runner that never set up)
+                if self._runner is not None:
+                    self._loop.run_until_complete(self._runner.cleanup())
+            self._loop.close()
             self._started.set()
             return
         self._started.set()
