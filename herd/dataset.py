@@ -49,9 +49,10 @@ SHOWN_LINES = 5
 # Records tokenized per call: the fast tokenizer batches in Rust, and memory stays bounded.
 TOKENIZE_CHUNK = 512
 TOKENIZE_BYTES = 4 * 1024 * 1024  # ...and at most this much text per call
-# The longest record (line) read: far beyond any model's context, far below what tokenizing it
-# at once would cost in memory.
-MAX_RECORD_BYTES = 1024 * 1024
+# The longest record (line) read: far beyond any model's context (~4M tokens), far below what
+# reading a hostile file at once would cost. (It was 1 MiB: a 1.2 MB document, which mlx-lm
+# trains on truncated, was refused: an outside run.)
+MAX_RECORD_BYTES = 16 * 1024 * 1024
 FORMATS_HELP = (
     'mlx-lm reads one JSON object per line: {"text": ...}, {"prompt": ..., "completion": ...} or '
     '{"messages": [{"role": ..., "content": ...}, ...]} (optionally with "tools"); '
@@ -243,7 +244,7 @@ def _bounded(path: Path, number: int, line: bytes) -> bytes:
         raise DatasetError(
             f"{path.name}:{number}: a record longer than {MAX_RECORD_BYTES // 1024**2} MiB",
             hint="split it into shorter records: mlx-lm cuts every record to "
-            "max_seq_length tokens anyway (1 MiB is ~250k tokens)")
+            "max_seq_length tokens anyway (16 MiB is ~4M tokens)")
     return line
 
 

@@ -644,7 +644,7 @@ def test_a_yaml_bomb_and_a_50mb_record_are_refused_in_bounded_memory(tmp_path, t
         assert got[name]["error"] == ConfigError.__name__, got
         assert "expands to more than 100000 values" in got[name]["message"]
     assert got["long-line"]["error"] == DatasetError.__name__
-    assert "train.jsonl:65: a record longer than 1 MiB" in got["long-line"]["message"]
+    assert "train.jsonl:65: a record longer than 16 MiB" in got["long-line"]["message"]
     assert max(g["grew"] for g in got.values()) < 64 * 2**20, got
 
 
