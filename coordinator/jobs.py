@@ -107,9 +107,11 @@ def check_uploaded_dataset(cfg, dataset: list[FileDigest], blobs: BlobStore) -> 
     """The uploaded splits' records, checked as `herd check` checks them without a tokenizer (the
     coordinator holds no model): every bad line is refused here, by file and line, before a worker
     is touched, even when the laptop skipped its own check (`herd submit --no-check`, the HTTP job
-    API). The blobs are read in place, through a folder of links named as the splits."""
+    API). The blobs are read in place, through a folder of links named as the splits, made in
+    the state folder: a service's /tmp may be read-only (systemd's ProtectSystem=strict, where
+    every submit failed: an outside run)."""
     splits = {f"{s}.jsonl" for s in SPLITS}
-    with tempfile.TemporaryDirectory(prefix="herd-dataset-") as view:
+    with tempfile.TemporaryDirectory(prefix=".dataset-view-", dir=blobs.root.parent) as view:
         for d in dataset:
             if d.name in splits:
                 os.symlink(blobs.path(d.sha256), Path(view) / d.name)

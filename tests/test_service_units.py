@@ -1259,6 +1259,43 @@ def test_a_job_is_admitted_only_with_room_for_the_checkpoints_it_will_keep(
         conn.call("SubmitJob", coordinator_pb2.SubmitJobRequest(spec=spec))
 
 
+def test_a_submit_needs_no_writable_tmp(tmp_path, coordinator_rpc, tiny_model, tiny_data,
+                                        monkeypatch):
+    """Under the shipped systemd unit (ProtectSystem=strict: /tmp read-only) every submit failed
+    ("No usable temporary directory"): the dataset check's view of the uploaded files is made in
+    the state folder (an outside run). A read-only tmpfs as the temporary folder here."""
+    import subprocess
+    import tempfile
+
+    from herd.cli.connection import CoordinatorConnection
+    from herd.cli.laptop import job_spec
+    from herd.config import load_config
+    from protos.v1 import coordinator_pb2
+    from tests.conftest import write_job
+
+    spec, files = job_spec(load_config(write_job(tmp_path / "j.yaml", tiny_model, tiny_data,
+                                                 cluster={"workers": 1})), "j")
+    ro = tmp_path / "ro-tmp"
+    ro.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here: {mounted.stderr.strip()}")
+    try:
+        monkeypatch.setattr(tempfile, "tempdir", str(ro))
+        with pytest.raises(OSError):
+            tempfile.mkdtemp()  # (the premise: no temporary folder can be made)
+        target, ids, s = coordinator_rpc
+        with CoordinatorConnection(target, ids["client"]) as conn:
+            for path, sha in files:
+                conn.put_blob(path, sha)
+            job_id = conn.call("SubmitJob", coordinator_pb2.SubmitJobRequest(spec=spec)).job_id
+        assert s.store.get_job(job_id).state is JobState.QUEUED
+    finally:
+        monkeypatch.undo()
+        subprocess.run(["umount", str(ro)], check=True)
+
+
 def test_a_worker_that_cannot_prepare_stops_the_others_fetches():
     """A worker short of disk refused before its own fetch while the others went on pulling
     their shards (tens of GB for a 70B) for an attempt that had already failed (an outside run):
