@@ -203,3 +203,46 @@ def test_a_slow_link_is_said_in_mbit_not_as_zero_gbit():
 
     assert [link_rate(b) for b in (22.5e9, 1e9, 5e6, 0.3e6)] == [
         "22.50 Gbit/s", "1.00 Gbit/s", "5 Mbit/s", "0.3 Mbit/s"]
+
+
+def test_a_worker_keeps_only_its_newest_checkpoint_once_the_coordinator_holds_it(tmp_path,
+                                                                                 monkeypatch):
+    """The coordinator keeps every checkpoint it took; the worker kept a second copy of each,
+    per attempt, and on a long job its disk filled and the job failed (an outside run). Once a
+    checkpoint is delivered the older local ones go; one not yet delivered stays."""
+    from herd.config import JobConfig
+    from herd.errors import AuthError
+    from worker.agent.domain import RankSpec
+    from worker.rank.checkpoint import write_manifest
+
+    class Coordinator:
+        def __init__(self):
+            self.taken, self.refuse = [], False
+
+        def put_checkpoint(self, job_id, attempt, step, folder, piece):
+            if self.refuse:
+                raise AuthError("attempt 1 of job j is not running")
+            self.taken.append(step)
+
+        def report(self, request) -> bool:
+            return False
+
+    root = tmp_path / "adapters" / "checkpoints"
+    for step in (10, 20, 30):
+        folder = root / f"{step:07d}"
+        folder.mkdir(parents=True)
+        (folder / "adapters.safetensors").write_bytes(b"x" * step)
+        write_manifest(folder, step)
+    (root / ".0000040.tmp-1").mkdir()  # one being written: never touched
+    coordinator = Coordinator()
+    spec = RankSpec("j", 1, 0, 1, JobConfig(), [], "c:1", [], [])
+    relay = Relay(spec, "w", tmp_path, coordinator, threading.Event(), lambda: None,
+                  log.get("test").bind())
+    monkeypatch.setattr(relay_module, "REFUSED_TRIES", 1)
+    monkeypatch.setattr(relay._abandoned, "wait", lambda s: False)  # (no backoff)
+    relay._upload(20, str(root / "0000020"))
+    assert coordinator.taken == [20]
+    assert sorted(p.name for p in root.iterdir()) == [".0000040.tmp-1", "0000020", "0000030"]
+    coordinator.refuse = True  # not delivered: the older one stays
+    relay._upload(30, str(root / "0000030"))
+    assert sorted(p.name for p in root.iterdir()) == [".0000040.tmp-1", "0000020", "0000030"]

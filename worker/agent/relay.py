@@ -16,6 +16,7 @@ or a refusal that another try cannot change (a full disk, an unknown job).
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import signal
 import subprocess
 import threading
@@ -63,6 +64,19 @@ def _share(event: TrainReport) -> dict:
     shares, rates, r = event.shares or [], event.rank_rates or [], event.rank
     return {"share": shares[r] if r < len(shares) else 0,
             "items_per_second": rates[r] if r < len(rates) else 0.0}
+
+
+
+def drop_older(delivered: Path) -> None:
+    """Once the coordinator holds checkpoint ``delivered``, the worker's own copies of the older
+    ones go: the coordinator keeps every checkpoint it took (and serves a restart's resume), and
+    a second copy of each, kept per attempt, filled a worker's disk on a long job until the job
+    failed (an outside run). The newest stays: it is the rank's ``latest``."""
+    if not delivered.name.isdigit():
+        return
+    for old in delivered.parent.iterdir():
+        if old.is_dir() and old.name.isdigit() and int(old.name) < int(delivered.name):
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def link_rate(bits_per_second: float) -> str:
@@ -213,6 +227,7 @@ class Relay:
             self.log.info("checkpoint_uploaded", step=step,
                           seconds=round(time.monotonic() - t0, 2),
                           stage=piece.index if piece is not None else None)
+            drop_older(folder)
         elif self.last_refusal:
             self._send(convert.log_report(
                 self.spec, self.worker_id,
