@@ -15,6 +15,7 @@ the stored model with the same digest.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import queue
@@ -144,18 +145,29 @@ class ModelStore:
         check_complete(names, json.loads(self.blobs.path(index.sha256).read_text())
                        if index else None, repr(name))
         with self._lock:
+            # A name names one model: a second model under a name made `herd models rm NAME`
+            # remove either, with every other name of it (an outside run). (A pinned hub id the
+            # coordinator fetched itself is its own: only an old folder record can hold it.)
+            other = next((m for m in self.list() if name in m.names
+                          and m.digest != manifest.digest), None)
+            if other is not None and not from_hub:
+                raise ConfigError(f"model name {name!r} already names model {other.digest[:12]}",
+                                  hint=f"choose another --name, or `herd models rm {name}` first")
             old = self.get(manifest.digest)
             hub_ids = (*(old.hub_ids if old else ()), *((name,) if from_hub else ()))
             model = StoredModel(manifest, tuple(dict.fromkeys((*(old.names if old else ()),
                                                                name))),
                                 old.added_ms if old else now_ms, tuple(dict.fromkeys(hub_ids)))
-            doc = {"names": list(model.names), "added_ms": model.added_ms,
-                   "hub_ids": list(model.hub_ids), "files": [f.__dict__ for f in manifest.files]}
-            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".model-")
-            with os.fdopen(fd, "w") as f:
-                json.dump(doc, f, indent=1)
-            os.replace(tmp, self._path(manifest.digest))
+            self._write(model)
         return model
+
+    def _write(self, model: StoredModel) -> None:
+        doc = {"names": list(model.names), "added_ms": model.added_ms,
+               "hub_ids": list(model.hub_ids), "files": [f.__dict__ for f in model.files]}
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".model-")
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, indent=1)
+        os.replace(tmp, self._path(model.digest))
 
     def import_folder(self, folder: Path, name: str, now_ms: int, link: bool,
                       on_bytes: Callable[[int], None] | None = None,
@@ -173,6 +185,15 @@ class ModelStore:
     def read_json(self, model: StoredModel, name: str) -> dict[str, Any] | None:
         f = model.manifest.by_name().get(name)
         return json.loads(self.blobs.path(f.sha256).read_text()) if f else None
+
+    def unname(self, model: StoredModel, names: set[str]) -> StoredModel:
+        """The model without ``names`` (some of its names, not all), as now stored."""
+        with self._lock:
+            kept = dataclasses.replace(
+                model, names=tuple(n for n in model.names if n not in names),
+                hub_ids=tuple(n for n in model.hub_ids if n not in names))
+            self._write(kept)
+        return kept
 
     def remove(self, model: StoredModel, keep: set[str]) -> int:
         """Removes the model, and its files no other model holds and ``keep`` (datasets' blobs)
@@ -252,7 +273,11 @@ class ModelCatalog:
             return ModelSource()
         return ModelSource(hub_repo=ref.repo_id, hub_revision=ref.revision or "")
 
-    def remove(self, key: str, jobs: list[Job]) -> tuple[StoredModel, int]:
+    def remove(self, key: str, jobs: list[Job]) -> tuple[StoredModel, int, tuple[str, ...]]:
+        """``key`` removed: a name (or a hub id's one stored revision) only that name while the
+        model has others (a model's every name went with any one of them: an outside run), a
+        digest the whole model. (the model as it was, under the names removed; bytes freed; the
+        names it is still stored under)."""
         model = self.store.find(key)
         if model is None:
             several = sorted(n for m in self.store.revisions_of(key) for n in m.names
@@ -260,13 +285,18 @@ class ModelCatalog:
             raise NotFoundError(f"no stored model {key!r}" + (
                 f": {len(several)} revisions of it are stored ({', '.join(several)})"
                 if several else ""), hint="name one as listed by `herd models`")
+        named = {key} if key in model.names else {
+            n for n in model.names if n.startswith(f"{key}@")} or set(model.names)
+        if named != set(model.names):
+            kept = self.store.unname(model, named)
+            return dataclasses.replace(model, names=tuple(sorted(named))), 0, kept.names
         users = [j.job_id for j in jobs if j.model_digest == model.digest and not j.state.final]
         if users:
             # (exit 1, as removing an unfinished job is: a conflict, not a placement)
             raise HerdError(f"model {key} is used by unfinished jobs: {', '.join(users)}",
                             hint="wait for them, or `herd cancel` them")
         keep = {d.sha256 for j in jobs for d in j.dataset}
-        return model, self.store.remove(model, keep)
+        return model, self.store.remove(model, keep), ()
 
 
 def fetch_hub_model(store: ModelStore, hub, now_ms: int, active: Callable[[], bool]

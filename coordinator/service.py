@@ -288,9 +288,11 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
 
     @_unary
     def RemoveModel(self, request, context):
-        model, freed = self.models.remove(request.model, self.store.list_jobs())
-        logger.info("model_removed", digest=model.digest, freed_bytes=freed)
-        return coordinator_pb2.RemoveModelReply(model=self._model_info(model), freed_bytes=freed)
+        model, freed, still = self.models.remove(request.model, self.store.list_jobs())
+        logger.info("model_removed", digest=model.digest, names=list(model.names),
+                    freed_bytes=freed, still_named=list(still))
+        return coordinator_pb2.RemoveModelReply(model=self._model_info(model), freed_bytes=freed,
+                                                still_named=still)
 
     # --- ranks -----------------------------------------------------------------------------
 

@@ -90,7 +90,7 @@ def test_a_folder_never_stands_in_for_a_hub_id(
     assert fetched.manifest.by_name()[template] != squat.manifest.by_name()[template]
     assert submit("coordinator").model_digest == fetched.digest
     assert submit("auto").model_digest == fetched.digest
-    removed, _ = models.remove(squat.digest[:12], [])  # the old record still goes
+    removed, _, _ = models.remove(squat.digest[:12], [])  # the old record still goes
     assert removed.digest == squat.digest
     assert [m.digest for m in models.store.list()] == [fetched.digest]
 
@@ -191,6 +191,11 @@ def test_a_hub_cache_snapshot_may_link_into_its_own_blobs_only(
     snapshot = hf / "hub" / "models--org--tiny" / "snapshots" / commit
     assert {p.name for p in model_files(snapshot)} == {p.name for p in sharded.iterdir()
                                                        if p.is_file()}
+    # (named by its commit, which would read as a digest: it takes its repository's name)
+    from herd.cli.models import default_name
+    from herd.models.ref import check_folder_name
+
+    assert check_folder_name(default_name(snapshot)) == "org--tiny"
     secret = tmp_path / "client.key"
     secret.write_text("-----BEGIN PRIVATE KEY-----\n")
     os.symlink(os.path.relpath(secret, snapshot), snapshot / "vocab.txt")

@@ -514,7 +514,8 @@ def test_a_model_an_unfinished_job_uses_is_not_removed(sharded, tmp_path):
         models.remove("sharded", [job(JobState.RUNNING), job(JobState.SUCCEEDED)])
     assert type(refused.value) is HerdError  # exit 1, as for removing an unfinished job
     assert models.store.find("sharded") is not None
-    removed, freed = models.remove("sharded", [job(JobState.SUCCEEDED)])
+    removed, freed, still = models.remove("sharded", [job(JobState.SUCCEEDED)])
+    assert still == ()
     assert removed.digest == stored.digest
     assert freed == sum(f.bytes for f in stored.files) - config.bytes
     assert blobs.has(config.sha256) and models.store.find("sharded") is None
@@ -539,8 +540,37 @@ def test_a_hub_model_is_found_by_the_id_herd_models_add_took(sharded, tiny_model
     with pytest.raises(NotFoundError, match=f"2 revisions of it are stored \\(org/m@{'a' * 40}, "
                                             f"org/m@{'b' * 40}\\)"):
         models.remove("org/m", [])
-    removed, _ = models.remove(f"org/m@{'a' * 40}", [])
+    removed, _, _ = models.remove(f"org/m@{'a' * 40}", [])
     assert removed.digest == first.digest and models.store.find("org/m") is not None
+
+
+def test_a_name_names_one_model_and_rm_of_a_name_removes_only_that_name(sharded, tiny_model,
+                                                                        tmp_path):
+    """An outside run: a second folder took a name already in use, and `herd models rm NAME`
+    then removed one of the two with every other name it had (a hub revision the coordinator
+    had fetched, the user's 40 GB re-download); '..', 'has space' and another model's digest
+    were taken as names."""
+    from coordinator.artifacts import BlobStore
+    from coordinator.models import ModelCatalog, ModelStore
+
+    models = ModelCatalog(ModelStore(tmp_path / "models", BlobStore(tmp_path / "blobs")))
+    hub = models.store.import_folder(sharded, f"org/m@{'a' * 40}", 0, link=False, from_hub=True)
+    models.store.import_folder(sharded, "alias", 1, link=False)  # the same files: a 2nd name
+    other = models.store.import_folder(tiny_model, "tiny", 2, link=False)
+    with pytest.raises(ConfigError, match=f"'alias' already names model {hub.digest[:12]}"):
+        models.store.import_folder(tiny_model, "alias", 3, link=False)
+    for bad in ("..", ".", "has space", other.digest[:12], hub.digest, "x\ty"):
+        with pytest.raises(ConfigError):
+            models.store.import_folder(tiny_model, bad, 3, link=False)
+    models.store.import_folder(tiny_model, "ünïcode-v1.2+q4", 3, link=False)  # plain enough
+    removed, freed, still = models.remove("alias", [])
+    assert (removed.names, freed, still) == (("alias",), 0, (f"org/m@{'a' * 40}",))
+    assert models.store.find("org/m").digest == hub.digest  # the hub revision stays, its files
+    assert all(models.store.blobs.has(f.sha256) for f in hub.files)
+    removed, freed, still = models.remove("org/m", [])  # its one name left: the model goes
+    assert removed.digest == hub.digest and freed > 0 and still == ()
+    removed, _, still = models.remove(other.digest[:12], [])  # a digest: every name of it
+    assert set(removed.names) == {"tiny", "ünïcode-v1.2+q4"} and still == ()
 
 
 def test_a_model_folder_missing_a_shard_or_its_tokenizer_is_refused_before_any_worker(

@@ -149,11 +149,19 @@ def cmd_list(coord: CoordinatorConnection, args) -> int:
     return 0
 
 
+def default_name(folder: Path) -> str:
+    """A folder's name in the store: its own, or for a hub cache snapshot (named by its commit,
+    which reads as a digest) its repository's, models--org--name as org--name."""
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+        return folder.parent.parent.name.removeprefix("models--")
+    return folder.name
+
+
 def cmd_add(coord: CoordinatorConnection, args) -> int:
     plain = args.plain or not sys.stdout.isatty()
     ref = refs.parse(args.model)
     if ref.is_local:  # the name's rule said here, before anything is hashed or uploaded
-        name = refs.check_folder_name(args.name or ref.path.resolve().name)
+        name = refs.check_folder_name(args.name or default_name(ref.path.resolve()))
         info = add_folder(coord, ref.path.resolve(), name, plain)
     else:
         info = _add(coord, coordinator_pb2.AddModelRequest(hub_ref=args.model), plain)
@@ -163,6 +171,10 @@ def cmd_add(coord: CoordinatorConnection, args) -> int:
 
 def cmd_rm(coord: CoordinatorConnection, args) -> int:
     reply = coord.call("RemoveModel", coordinator_pb2.RemoveModelRequest(model=args.model))
+    if reply.still_named:  # a name of a model that has others: its files stay
+        print(f"removed the name {_names(reply.model)}; {reply.model.digest[:12]} is still "
+              f"stored as {', '.join(reply.still_named)}")
+        return 0
     print(f"removed {_names(reply.model)} ({reply.model.digest[:12]}); freed "
           f"{human_bytes(reply.freed_bytes)}")
     return 0

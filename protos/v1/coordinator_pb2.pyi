@@ -164,12 +164,14 @@ class RemoveModelRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class RemoveModelReply(_message.Message):
-    __slots__ = ("model", "freed_bytes")
+    __slots__ = ("model", "freed_bytes", "still_named")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     FREED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STILL_NAMED_FIELD_NUMBER: _ClassVar[int]
     model: _common_pb2.ModelInfo
     freed_bytes: int
-    def __init__(self, model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., freed_bytes: _Optional[int] = ...) -> None: ...
+    still_named: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., freed_bytes: _Optional[int] = ..., still_named: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ReportRankRequest(_message.Message):
     __slots__ = ("job_id", "attempt", "rank", "worker_id", "progress", "exit", "log", "rank_log")
