@@ -160,6 +160,50 @@ def test_a_worker_gets_a_hub_model_straight_from_its_hub_cache(sharded, offline_
     assert (status.source, status.done, status.bytes_received) == ("hub", True, 0)
 
 
+def test_fetch_figures_add_up_after_a_resumed_transfer(tmp_path):
+    """Bytes a transfer resumed from (its partial file) and a second name of the same content
+    were counted neither cached nor received (an outside run: 31,874 cached + 394,416,159
+    received of 608,357,537 needed). Now needed = cached + received once it is done."""
+    from herd.config import JobConfig
+    from herd.digest import FileDigest
+    from herd.models.source import ModelSource
+    from worker.agent.domain import RankSpec
+    from worker.agent.model_cache import ModelCache
+    from worker.agent.model_fetch import Preparation
+
+    content = {"config.json": b'{"model_type": "llama"}', "a.safetensors": os.urandom(50_000),
+               "tokenizer.json": b"{}"}
+    content["b.safetensors"] = content["a.safetensors"]  # the same bytes under a second name
+    files = tuple(FileDigest(n, hashlib.sha256(b).hexdigest(), len(b))
+                  for n, b in content.items())
+    by_sha = {hashlib.sha256(b).hexdigest(): b for b in content.values()}
+
+    class Store:
+        def read_blob(self, sha, size):
+            return by_sha[sha]
+
+        def blob_chunks(self, sha, offset):
+            data = by_sha[sha]
+            return [data[i:i + 4096] for i in range(offset, len(data), 4096)]
+
+        def close(self):
+            pass
+
+    cache = ModelCache(tmp_path / "cache", "w1")
+    shard = files[1]
+    cache.part(shard.sha256).parent.mkdir(parents=True, exist_ok=True)
+    cache.part(shard.sha256).write_bytes(content["a.safetensors"][:20_000])  # a cut transfer
+    spec = RankSpec("job-1", 1, 0, 1, JobConfig(model="m"), [], "", [], [],
+                    model=ModelSource(digest="d" * 64, files=files))
+    prep = Preparation(spec, cache, Store(), tmp_path / "view", "w1")
+    prep.result()
+    status = prep.status()
+    assert status.done and status.bytes_needed == sum(f.bytes for f in files)
+    # the shard's rest, the config and the tokenizer
+    assert status.bytes_received == 30_000 + len(content["config.json"]) + len(b"{}")
+    assert status.bytes_cached + status.bytes_received == status.bytes_needed, status
+
+
 def _blob(cache, sha: str) -> Path:
     return cache.blobs / sha
 

@@ -176,8 +176,13 @@ class Preparation:
         self._status.files, self._status.bytes_needed = len(files), sum(f.bytes for f in files)
         self.cache.pin(self.spec.key, shas)
         held, missing = self.cache.check(files)
-        self._status.bytes_cached = sum(f.bytes for f in held)
         todo = list({f.sha256: f for f in missing}.values())  # one transfer per content
+        # Here already: whole files, the partial bytes a transfer resumes from, and a second
+        # name of the same content (so that needed = cached + received once it is done: the
+        # resumed bytes were counted nowhere, an outside run).
+        self._status.bytes_cached = (
+            sum(f.bytes for f in held) + sum(self.cache.part_bytes(f.sha256) for f in todo)
+            + sum(f.bytes for f in missing) - sum(f.bytes for f in todo))
         self.cache.reserve(sum(f.bytes - self.cache.part_bytes(f.sha256) for f in todo), shas)
         todo.sort(key=lambda f: -f.bytes)
         with ThreadPoolExecutor(FETCH_STREAMS, thread_name_prefix="fetch") as pool:
