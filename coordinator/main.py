@@ -41,7 +41,7 @@ from herd.rpc.channel import bind, secure_server
 from herd.rpc.join import make_token
 from herd.rpc.ports import DEFAULT_COORDINATOR_PORT
 from herd.state_lock import StateLock
-from herd.usage import HelpFormatter
+from herd.usage import HelpFormatter, at_least, port_number, port_or_off
 
 logger = log.get(__name__)
 DEFAULT_PORT = DEFAULT_COORDINATOR_PORT
@@ -245,28 +245,29 @@ def main(argv: list[str], rank_actor: type | None = None) -> int:
                    help="address to serve and advertise (default: the first address in "
                    "$HERD_ZEROCONF_INTERFACES, else this machine's LAN address, Ethernet before "
                    "Wi-Fi; a warning if only loopback)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="0 = any free port")
+    p.add_argument("--port", type=port_number, default=DEFAULT_PORT, help="0 = any free port")
     p.add_argument("--worker", action="append", default=[], metavar="HOST:PORT",
                    help="a worker to use without zeroconf (repeatable); still verified")
     p.add_argument("--no-discovery", action="store_true",
                    help="use only the --worker workers, never ones found by zeroconf")
-    p.add_argument("--placement-timeout", type=float, default=600.0, metavar="SECONDS",
+    p.add_argument("--placement-timeout", type=at_least(0, float), default=600.0, metavar="SECONDS",
                    help="fail a job that cannot be placed for this long because too few workers "
                    "are verified (one queued behind other jobs waits for them)")
-    p.add_argument("--restart-backoff", type=float, default=RestartPolicy.base_s, metavar="S",
+    p.add_argument("--restart-backoff", type=at_least(0, float), default=RestartPolicy.base_s,
+                   metavar="S",
                    help="wait before restarting a failed attempt; doubles with each failure in "
                    f"{RestartPolicy.flap_window_s / 60:.0f} min, up to {RestartPolicy.cap_s:.0f}s")
-    p.add_argument("--elastic-grace", type=float, default=60.0, metavar="S",
+    p.add_argument("--elastic-grace", type=at_least(0, float), default=60.0, metavar="S",
                    help="a data-parallel job that lost a worker this long carries on with the "
                    "workers left (same global batch) and grows back at a checkpoint; 0: wait")
-    p.add_argument("--unreachable-grace", type=float, default=60.0, metavar="S",
+    p.add_argument("--unreachable-grace", type=at_least(0, float), default=60.0, metavar="S",
                    help="a worker that stops answering while its ranks may train on (this "
                    "machine's link broke?) is waited for this long before its attempt restarts; "
                    "a rank that loses it fails sooner; 0: restart at once")
-    p.add_argument("--keep-checkpoints", type=int, default=0, metavar="N",
+    p.add_argument("--keep-checkpoints", type=at_least(0), default=0, metavar="N",
                    help="keep each job's N newest checkpoints and delete older ones (0 = all); "
                    "`herd rm JOB` deletes a finished job whole")
-    p.add_argument("--join-port", type=int, default=None,
+    p.add_argument("--join-port", type=port_number, default=None,
                    help=f"port for `herd join` (default: --port + {JOIN_PORT_OFFSET}; 0 = any)")
     p.add_argument("--no-join", action="store_true", help="serve no join port")
     p.add_argument("--tls-dir", type=Path, default=None,
@@ -275,7 +276,7 @@ def main(argv: list[str], rank_actor: type | None = None) -> int:
     p.add_argument("--ray", metavar="ADDRESS", default=None,
                    help="connect to this Ray cluster at start ('auto': the local one) so `herd "
                    "workers` lists its nodes; else the first cluster.backend: ray job connects")
-    p.add_argument("--http-port", type=int, default=None,
+    p.add_argument("--http-port", type=port_or_off, default=None,
                    help=f"dashboard, /metrics and job API (default {DEFAULT_HTTP_PORT}, skipped "
                    "with a warning when busy; 0 = any; -1 = off)")
     p.add_argument("--http-host", default=None, help="address to serve HTTP on (default: --host)")
@@ -297,6 +298,8 @@ def main(argv: list[str], rank_actor: type | None = None) -> int:
     join_port = None if args.no_join else (
         args.join_port if args.join_port is not None
         else (args.port + JOIN_PORT_OFFSET if args.port else 0))
+    if join_port and join_port == args.port:  # (one bind failed, and a token named it)
+        p.error(f"--join-port {join_port} is --port: the join port needs its own")
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
@@ -325,7 +328,11 @@ def main(argv: list[str], rank_actor: type | None = None) -> int:
         return 1
     try:
         coord.start()
-    except HerdError as e:  # the HTTP port it was asked for is taken
+        if args.join_port and not coord.join_address:  # asked for: not only a warning
+            raise HerdError("the join port cannot listen on "
+                            f"{netif.hostport(host, args.join_port)}",
+                            hint="choose another --join-port")
+    except HerdError as e:  # the HTTP or join port it was asked for is taken
         print(f"herd coordinator: {e}", flush=True)
         coord.stop()
         return e.exit_code

@@ -20,6 +20,32 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         return super()._get_help_string(action)
 
 
+def port_number(text: str) -> int:
+    """An option's port: 0 (any free one) to 65535 (``--port 99999`` served on a random port,
+    which no one found: an outside run)."""
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port (0 to 65535)")
+    return value
+
+
+def port_or_off(text: str) -> int:
+    """A port, or -1: none (--http-port)."""
+    return -1 if text.strip() == "-1" else port_number(text)
+
+
+def at_least(low: float, kind: type = int):
+    """An option's number, ``low`` or more (``--workers 0`` crashed `herd up` in the
+    background after it said it had started: an outside run)."""
+    def parse(text: str):
+        value = kind(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{text} is below {low}")
+        return value
+    parse.__name__ = kind.__name__  # (argparse names it in "invalid int value")
+    return parse
+
+
 ENVIRONMENT = [
     ("HERD_HOME", "where `herd init` / `herd join` keep the certificates (tls/) and the "
                   "daemons their state (default ~/.herd)"),

@@ -143,3 +143,39 @@ def test_a_worker_whose_port_is_taken_says_so_before_taking_a_name(tmp_path):
     issued = json.loads((tmp_path / "home" / "tls" / "issued.json").read_text())
     assert not [n for n in issued if n.startswith("worker/")], issued
     assert not (tmp_path / "home" / "worker" / "worker-id").exists()
+
+
+def test_numbers_and_ports_out_of_range_are_refused_before_anything_starts(tmp_path):
+    """An outside run: `herd up --detach --workers 0` said it had started while its background
+    process died (ZeroDivisionError); `--port 99999` served on a random port; a --join-port equal
+    to --port printed a join token no one could use; negative counts passed silently."""
+    import socket
+
+    env = {"HERD_HOME": str(tmp_path / "home"), "HERD_ZEROCONF_INTERFACES": "127.0.0.1"}
+    herd("init", env=env)
+    state = ["--state-dir", str(tmp_path / "state")]
+    for args, said in [
+            (["up", "--detach", "--workers", "0"], "argument --workers: 0 is below 1"),
+            (["up", "--workers", "-1"], "argument --workers: -1 is below 1"),
+            (["coordinator", "--port", "99999"], "argument --port: 99999 is not a port"),
+            (["coordinator", "--port", "8481", "--join-port", "8481"],
+             "--join-port 8481 is --port"),
+            (["coordinator", "--keep-checkpoints", "-1"], "-1 is below 0"),
+            (["coordinator", "--placement-timeout", "-5"], "-5 is below 0"),
+            (["coordinator", "--http-port", "70000"], "70000 is not a port"),
+            (["worker", "--ring-port", "65536"], "65536 is not a port"),
+            (["worker", "--keep-attempts", "-2"], "-2 is below 0")]:
+        out = herd(*args, *state, env=env, check=False)
+        assert out.returncode == 2 and said in out.stderr, (args, out.stderr)
+    assert not (tmp_path / "state").exists()  # nothing was started
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    taken = held.getsockname()[1]
+    try:  # a join port asked for and taken: refused, not only a warning in the log
+        out = herd("coordinator", *state, "--no-discovery", "--host", "127.0.0.1", "--port", "0",
+                   "--http-port", "-1", "--join-port", taken, env=env, check=False)
+    finally:
+        held.close()
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert f"the join port cannot listen on 127.0.0.1:{taken}" in out.stdout

@@ -29,7 +29,7 @@ from herd.errors import AuthError, HerdError, NotFoundError
 from herd.rpc import discovery, pki
 from herd.rpc.ports import free_ports
 from herd.state_lock import StateLock, held, private_folder, read_holder
-from herd.usage import HelpFormatter
+from herd.usage import HelpFormatter, at_least, port_number, port_or_off
 
 logger = log.get(__name__)
 HOST = "127.0.0.1"
@@ -360,34 +360,34 @@ def main(argv: list[str]) -> int:
         return down(argv)
     p = argparse.ArgumentParser(prog="herd up", description=DESCRIPTION,
                                 formatter_class=HelpFormatter)
-    p.add_argument("--workers", type=int, default=2, help="worker agents to start")
+    p.add_argument("--workers", type=at_least(1), default=2, help="worker agents to start")
     p.add_argument("--state-dir", type=Path, default=None,
                    help="logs and state of every process (default: $HERD_HOME/local)")
-    p.add_argument("--port", type=int, default=7450, help="coordinator port")
+    p.add_argument("--port", type=port_number, default=7450, help="coordinator port")
     p.add_argument("-d", "--detach", action="store_true",
                    help="run in the background; return once every worker is verified")
-    p.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
+    p.add_argument("--timeout", type=at_least(0, float), default=120.0, metavar="SECONDS",
                    help="with --detach: how long to wait for the workers (then exit 5)")
     p.add_argument("--adopt", action="store_true",
                    help="also use workers it did not start, found by zeroconf (same cluster CA)")
     p.add_argument("--memory", default=None,
                    help="each worker reports this much memory instead of the machine's, e.g. "
                    "64GB")
-    p.add_argument("--placement-timeout", type=float, default=600.0, metavar="SECONDS",
+    p.add_argument("--placement-timeout", type=at_least(0, float), default=600.0, metavar="SECONDS",
                    help="fail a job that cannot be placed for this long because too few workers "
                    "are verified (one queued behind other jobs waits for them)")
-    p.add_argument("--restart-backoff", type=float, default=None, metavar="S",
+    p.add_argument("--restart-backoff", type=at_least(0, float), default=None, metavar="S",
                    help="a failed attempt restarts after S seconds, doubling with each failure "
                    "in 10 minutes (the coordinator's --restart-backoff; default: its own, 5 s)")
     p.add_argument("--model-root", action="append", default=None, metavar="FOLDER",
                    help="folders the workers take models from (repeatable; default: /)")
     p.add_argument("--allow-remote-code", action="store_true",
                    help="let jobs set trust_remote_code (passed to every worker)")
-    p.add_argument("--keep-checkpoints", type=int, default=0, metavar="N",
+    p.add_argument("--keep-checkpoints", type=at_least(0), default=0, metavar="N",
                    help="the coordinator keeps each job's N newest checkpoints (0 = all)")
-    p.add_argument("--keep-attempts", type=int, default=10, metavar="N",
+    p.add_argument("--keep-attempts", type=at_least(0), default=10, metavar="N",
                    help="each worker keeps its N newest job attempt folders (0 = all)")
-    p.add_argument("--http-port", type=int, default=None,
+    p.add_argument("--http-port", type=port_or_off, default=None,
                    help="the coordinator's dashboard, /metrics and job API (default 7480)")
     p.add_argument("--dashboard-open", action="store_true",
                    help="read access without the API token (already so on loopback)")

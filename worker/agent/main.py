@@ -23,7 +23,7 @@ from herd.errors import ConfigError, HerdError, PeerLostError
 from herd.rpc import discovery, pki
 from herd.rpc.channel import bind, secure_server
 from herd.rpc.ports import in_use, kept_ports
-from herd.usage import HelpFormatter
+from herd.usage import HelpFormatter, at_least, port_number
 from worker.agent import ray_join, state
 from worker.agent.machine import probe
 from worker.agent.model_cache import ModelCache
@@ -72,13 +72,13 @@ def main(argv: list[str]) -> int:
                    "10.0.0.2; repeatable; default: every interface, the coordinator picks the "
                    "fastest shared one. =KIND states its kind (thunderbolt, ethernet, wifi, "
                    "loopback, other) where the OS cannot tell")
-    p.add_argument("--port", type=int, default=0,
+    p.add_argument("--port", type=port_number, default=0,
                    help="WorkerService port (0 = the one this state folder used last, when free; "
                    "else any free)")
-    p.add_argument("--ring-port", type=int, default=0,
+    p.add_argument("--ring-port", type=port_number, default=0,
                    help="MLX ring port for ranks (0 = a free one in 20000-32767, outside the "
                    "OS's ephemeral range: no outgoing connection can take it between two jobs)")
-    p.add_argument("--exchange-port", type=int, default=0,
+    p.add_argument("--exchange-port", type=port_number, default=0,
                    help="gRPC exchange port for ranks (0 = as --ring-port)")
     p.add_argument("--id", default=None,
                    help="worker id: the name in this worker's certificate (default: that name; "
@@ -87,7 +87,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--no-advertise", action="store_true",
                    help="no zeroconf advert: only a coordinator started with --worker "
                    "HOST:PORT uses this worker (herd up's workers; a LAN without multicast)")
-    p.add_argument("--keep-attempts", type=int, default=10, metavar="N",
+    p.add_argument("--keep-attempts", type=at_least(0), default=10, metavar="N",
                    help="keep the N newest job attempt folders (rank logs, checkpoints, data "
                    "links) and delete older ones; 0 = keep all")
     p.add_argument("--memory", default=None,
