@@ -56,7 +56,7 @@ def _optimizer_arguments(name: str) -> list[str] | None:
             if p not in ("self", "learning_rate")]
 
 
-def _did_you_mean(word: str, choices) -> str:
+def did_you_mean(word: str, choices) -> str:
     close = difflib.get_close_matches(word, list(choices), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
@@ -312,11 +312,11 @@ class JobConfig(_Strict):
             known = _optimizer_arguments(name)
             if known is None:
                 raise ValueError(f"{name}: not an optimizer mlx-lm offers"
-                                 + _did_you_mean(name, OPTIMIZERS))
+                                 + did_you_mean(name, OPTIMIZERS))
             for arg in kwargs:
                 if arg not in known:
                     raise ValueError(f"{name}.{arg}: not an argument of mlx's {name} optimizer"
-                                     + _did_you_mean(arg, known)
+                                     + did_you_mean(arg, known)
                                      + f" (it takes {', '.join(known)})")
         return v
 

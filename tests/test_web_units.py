@@ -191,7 +191,15 @@ def test_an_openai_create_request_becomes_a_herd_config():
            ({**body, "config": "seed: 1\nseed: 2\n"}, "given twice"),
            ({**body, "config": "seed: ["}, "not valid YAML"),
            ({**body, "config": "data: /etc\n"}, "config.data: the job API takes training_file"),
-           ({**body, "config": _alias_bomb()}, "more than 100000 values")]
+           ({**body, "config": _alias_bomb()}, "more than 100000 values"),
+           # unknown fields are refused by name, as OpenAI refuses them (a typo was dropped and
+           # the job ran on one worker with default hyperparameters: an outside run)
+           ({**body, "clustr": {"workers": 2}}, "unknown field clustr \\(did you mean "
+                                                 "'cluster'\\?\\)"),
+           ({**body, "hyperparameters": {"n_epoch": 1}}, "unknown field hyperparameters.n_epoch"),
+           ({**body, "method": {"supervised": {"hyperparameter": {}}}},
+            "unknown field method.supervised.hyperparameter"),
+           ([body], "the request body is not a JSON object")]
     for request, words in bad:
         with pytest.raises((ConfigError, DatasetError), match=words):
             openai_shape.job_request(request, lambda s: 100)

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import yaml
 
 from coordinator.domain import Checkpoint, Job, JobEvent, JobState
-from herd.config import config_to_yaml, read_yaml
+from herd.config import config_to_yaml, did_you_mean, read_yaml
 from herd.digest import FileDigest
 from herd.errors import ConfigError, DatasetError, HerdError, NotFoundError, PlacementError
 
@@ -45,9 +45,34 @@ def file_object(sha256: str, size: int, created_s: int, filename: str = "") -> d
 
 # --- create ----------------------------------------------------------------------------------
 
+# The fields a create request may hold (OpenAI's, and herd's own config and cluster): another is
+# refused by name, as OpenAI refuses it ("clustr" was dropped without a word and the job ran on
+# one worker with default hyperparameters: an outside run).
+FIELDS = {"model", "training_file", "validation_file", "hyperparameters", "method", "suffix",
+          "seed", "integrations", "metadata", "config", "cluster"}
+HYPERPARAMETERS = {"n_epochs", "batch_size", "learning_rate_multiplier"}
+METHOD = {"type", "supervised", "dpo", "reinforcement"}
+
+
+def _known(given: Any, known: set[str], where: str) -> dict:
+    if given is None:
+        return {}
+    if not isinstance(given, dict):
+        raise ConfigError(f"{where or 'the request body'} is not a JSON object")
+    for key in given:
+        if key not in known:
+            raise ConfigError(f"unknown field {where + '.' if where else ''}{key}"
+                              + did_you_mean(str(key), known),
+                              hint=f"known: {', '.join(sorted(known))}")
+    return given
+
+
 def _hyperparameters(body: dict) -> dict:
-    hp = dict(body.get("hyperparameters") or {})
-    method = body.get("method") or {}
+    hp = dict(_known(body.get("hyperparameters"), HYPERPARAMETERS, "hyperparameters"))
+    method = _known(body.get("method"), METHOD, "method")
+    _known(method.get("supervised"), {"hyperparameters"}, "method.supervised")
+    _known((method.get("supervised") or {}).get("hyperparameters"), HYPERPARAMETERS,
+           "method.supervised.hyperparameters")
     for kind in ("supervised", "dpo", "reinforcement"):
         if kind in method and kind != "supervised":
             raise ConfigError(f"method.type {kind!r} is not available in herd",
@@ -60,8 +85,7 @@ def job_request(body: Any, count_examples: Callable[[str], int]) -> tuple[str, s
                                                                           list[FileDigest]]:
     """A create request as herd's (name, config YAML, dataset). ``count_examples(sha)``: the
     training examples in an uploaded file (for ``n_epochs``)."""
-    if not isinstance(body, dict):
-        raise ConfigError("the request body is not a JSON object")
+    _known(body, FIELDS, "")
     config = body.get("config") or {}
     if isinstance(config, str):
         config = read_yaml(config, "config") or {}
