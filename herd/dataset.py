@@ -332,8 +332,15 @@ class _Lengths:
                     messages[:-1], tools=rec.get("tools"), tokenize=True, return_dict=False,
                     add_generation_prompt=messages[-1].get("role") == "assistant",
                     enable_thinking=self.thinking))
-            except Exception:  # noqa: BLE001 - (the whole conversation rendered: not this)
-                offset = 0
+            except Exception as e:  # noqa: BLE001 - as mlx-lm's own call fails, mid-training
+                # (a conversation of one assistant message: "Cannot apply chat template to an
+                # empty conversation" killed the run with no file or line; the check had said
+                # ok: an outside run)
+                self.fc.add("prompt_template", line, "record{s} whose prompt (every message but "
+                            "the last) the chat template cannot render, as mask_prompt needs",
+                            "give each conversation its prompt before the last message (a user "
+                            "turn), or drop mask_prompt", f"{type(e).__name__}: {e}")
+                return
         self.lengths.append((line, len(ids), offset))
 
 

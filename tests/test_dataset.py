@@ -438,6 +438,20 @@ def test_records_the_chat_template_rejects_are_errors(data: Path, tokenizer_dir:
     assert "roles must alternate user/assistant" in msg
 
 
+def test_mask_prompt_on_a_conversation_without_a_prompt_is_an_error(data: Path, tokenizer):
+    """A conversation of one assistant message, with mask_prompt: mlx-lm renders every message
+    but the last to find the prompt's length, and transformers refuses an empty conversation,
+    mid-training. The check said ok and the run died with no file or line (an outside run)."""
+    alone = {"messages": [CHAT[1]]}
+    write(data, "train.jsonl", [{"messages": CHAT}, alone, {"messages": CHAT}, alone])
+    write(data, "valid.jsonl", [{"messages": CHAT}])
+    check_dataset(data, tokenizer=tokenizer)  # without mask_prompt it trains on everything
+    msg = error_of(data, tokenizer=tokenizer, mask_prompt=True)
+    assert ("train.jsonl: 2 records whose prompt (every message but the last) the chat "
+            "template cannot render, as mask_prompt needs (lines 2, 4)") in msg, msg
+    assert "empty conversation" in msg and "drop mask_prompt" in msg
+
+
 def test_load_tokenizer_for_a_path_without_a_model_is_none(tmp_path: Path):
     assert load_tokenizer_for("Qwen/Qwen3-0.6b") is None
     assert load_tokenizer_for(tmp_path) is None
