@@ -297,6 +297,13 @@ def test_a_model_path_that_is_not_here_is_a_warning_naming_it(job: Job, tmp_path
     job.config.update(model=str(tmp_path))  # a folder here: nothing to say
     assert herd_main(["check", str(job.write())]) == 0
     assert "is not a folder here" not in capsys.readouterr().err
+    # `herd train` trains here: a path with no folder is a typo, said before anything loads (it
+    # went to the hub as a repo id and failed after the data check: an outside run)
+    job.config.update(model=str(tmp_path / "mdoel"))
+    assert herd_main(["train", str(job.write())]) == 2
+    err = capsys.readouterr().err
+    assert f"model = '{tmp_path / 'mdoel'}': no such folder" in err, err
+    assert not job.adapters.exists()
 
 
 def test_custom_completion_keys_from_the_config_are_used(job: Job, capsys):

@@ -219,6 +219,18 @@ def run(job: JobConfig, adapter_path: Path, resume: Path | None, events: EventLo
     return progress
 
 
+def _check_model_here(model: str) -> None:
+    """A local model path names a folder on the machine that trains (mlx-lm took a mistyped one
+    for a hub repo id and failed after loading the data: an outside run)."""
+    from herd.models.ref import parse
+
+    ref = parse(model)
+    if ref.is_local and not ref.path.expanduser().is_dir():
+        raise ConfigError(f"model = {model!r}: no such folder "
+                          f"({ref.path.expanduser().resolve()})",
+                          hint="give the model folder's path, or a hub id (org/name)")
+
+
 def main(argv: list[str]) -> int:
     cmd = argv[0]
     args = _parser(cmd).parse_args(argv[1:])
@@ -237,6 +249,8 @@ def main(argv: list[str]) -> int:
         stage = _pipeline_stage(job, args) if cmd == "train" else None
         if cmd == "train" and stage is None:
             _check_world(job, _launcher_world())  # before any ring forms
+        if cmd == "train":  # (a path with nothing behind it went to the hub as a repo id)
+            _check_model_here(job.model)
         report = check(job)
         for w in report.warnings:
             print(f"warning: {w}", file=sys.stderr)
