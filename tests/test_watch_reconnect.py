@@ -62,3 +62,53 @@ def test_a_watch_gives_up_once_the_coordinator_stays_away():
     # (saying the job may train on, not that the coordinator died: it may only be cut off)
     assert "gave up watching j after 180s" in gone.value.message
     assert "the job may still be training" in gone.value.hint
+
+
+class RestartingLogs:
+    """GetJob and GetJobLog of a running job whose rank writes a line per call; away (calls
+    refused) from the third call for ``away_s``, then the job ends."""
+
+    target = "c:7450"
+
+    def __init__(self, clock: Clock, away_s: float):
+        from protos.v1 import coordinator_pb2
+
+        self.pb, self.clock, self.away_s = coordinator_pb2, clock, away_s
+        self.calls, self.back_at, self.log = 0, None, b""
+
+    def call(self, name, request):
+        self.calls += 1
+        if self.calls == 3:
+            self.back_at = self.clock.t + self.away_s
+        if self.back_at is not None and self.clock.t < self.back_at:
+            raise PeerLostError("c:7450 is unreachable: Connection refused")
+        if name == "GetJob":
+            self.log += f"line {self.calls}\n".encode()
+            ended = self.back_at is not None and self.calls > 8
+            return self.pb.GetJobReply(job=common_pb2.JobStatus(
+                job_id="j", attempt=1, state=common_pb2.JOB_STATE_SUCCEEDED if ended
+                else common_pb2.JOB_STATE_RUNNING))
+        data = self.log[request.offset:]
+        return self.pb.GetJobLogReply(data=data, next_offset=request.offset + len(data),
+                                      attempt=1, ranks=1)
+
+
+@pytest.mark.parametrize("away_s, code", [(60.0, 0), (watch.PATIENCE_S + 30, 5)])
+def test_logs_follow_goes_on_through_a_coordinator_restart(capsys, away_s, code):
+    """`herd logs -f` ended at once (exit 5) when the coordinator restarted, where `herd watch`
+    waits for it (an outside run): now it waits as long, and goes on from its offset, each line
+    once."""
+    from herd.cli import logs
+
+    clock = Clock()
+    coord = RestartingLogs(clock, away_s)
+    if code:
+        with pytest.raises(PeerLostError, match="gave up following j after 180s"):
+            logs.follow(coord, "j", 0, 0, True, clock=clock, sleep=clock.sleep)
+        return
+    assert logs.follow(coord, "j", 0, 0, True, clock=clock, sleep=clock.sleep) == 0
+    out = capsys.readouterr()
+    lines = out.out.splitlines()
+    # each once, the one written after the restart too
+    assert len(lines) == len(set(lines)) >= 2 and int(lines[-1].split()[1]) > 3, lines
+    assert "trying again for up to 180s" in out.err

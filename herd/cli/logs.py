@@ -12,8 +12,8 @@ import sys
 import time
 
 from herd.cli.connection import CoordinatorConnection, add_connection_args, connect_from_args
-from herd.cli.watch import FINAL
-from herd.errors import HerdError
+from herd.cli.watch import FINAL, PATIENCE_S
+from herd.errors import HerdError, PeerLostError
 from herd.usage import HelpFormatter
 from protos.v1 import coordinator_pb2
 
@@ -38,24 +38,40 @@ def _drain(coord, job_id: str, rank: int, attempt: int, offset: int) -> tuple[in
 
 
 def follow(coord: CoordinatorConnection, job_id: str, rank: int, attempt: int,
-           keep_going: bool) -> int:
+           keep_going: bool, clock=time.monotonic, sleep=time.sleep) -> int:
     attempt, offset, ranks = _drain(coord, job_id, rank, attempt, 0)
     if not ranks:
         print(f"({job_id} has no rank output: it was never placed)", file=sys.stderr)
+    lost_since = None
     while keep_going:
-        job = coord.call("GetJob", coordinator_pb2.GetJobRequest(job_id=job_id)).job
-        ended = job.state in FINAL
-        attempt, offset, ranks = _drain(coord, job_id, rank, attempt, offset)
-        if job.attempt > attempt:  # placed, or restarted: the new attempt's output from its start
-            if attempt:
-                print(f"--- attempt {job.attempt} ---", flush=True)
-            attempt, offset, ranks = _drain(coord, job_id, rank, job.attempt, 0)
-        elif ended:
-            # A rank's last words may arrive just after the job's final state: one more look.
-            time.sleep(POLL_S)
-            _drain(coord, job_id, rank, attempt, offset)
-            return 0
-        time.sleep(POLL_S)
+        try:
+            job = coord.call("GetJob", coordinator_pb2.GetJobRequest(job_id=job_id)).job
+            ended = job.state in FINAL
+            attempt, offset, ranks = _drain(coord, job_id, rank, attempt, offset)
+            if job.attempt > attempt:  # placed, or restarted: the new attempt's output, whole
+                if attempt:
+                    print(f"--- attempt {job.attempt} ---", flush=True)
+                attempt, offset, ranks = _drain(coord, job_id, rank, job.attempt, 0)
+            elif ended:
+                # A rank's last words may arrive just after the job's final state: one more look.
+                sleep(POLL_S)
+                _drain(coord, job_id, rank, attempt, offset)
+                return 0
+            lost_since = None
+        except PeerLostError as e:
+            # A coordinator restart (an upgrade, a crash) ended -f at once, where `herd watch`
+            # waits for it (an outside run): the same patience, on from the same offset.
+            if lost_since is None:
+                lost_since = clock()
+                print(f"herd logs: {e.message}; trying again for up to {PATIENCE_S:.0f}s",
+                      file=sys.stderr)
+            elif clock() - lost_since > PATIENCE_S:
+                raise PeerLostError(f"{e.message}; gave up following {job_id} after "
+                                    f"{PATIENCE_S:.0f}s", hint=f"`herd logs {job_id}` once it "
+                                    "answers prints the whole log again") from None
+            sleep(2.0)
+            continue
+        sleep(POLL_S)
     return 0
 
 
