@@ -400,13 +400,15 @@ def test_herd_plan_cli(tmp_path):
     cfg.write_text(f"model: {model}\nbatch_size: 1\nquantize: {{bits: 4}}\ngrad_checkpoint: true\n")
     ok = subprocess.run([sys.executable, "-m", "herd", "plan", str(cfg), "--workers", "64,64",
                          "--macos"], capture_output=True, text=True, timeout=60, cwd=REPO)
-    assert ok.returncode == 0, ok.stderr
     assert "weights" in ok.stdout and "1 x 2 (data x pipeline)" in ok.stdout
     # The config sets no cluster.workers: `herd submit` would place it on one worker, where it
-    # does not fit (an outside run: plan and submit disagreed). The note says what to add.
+    # does not fit (an outside run: plan and submit disagreed, plan exiting 0). The note says
+    # so and what to add, and the exit is submit's, 4.
     fix = "cluster: {workers: 2, parallelism: {data: 1, pipeline: 2}}"
-    assert (f"the config asks for 1 (cluster.workers), so `herd submit` would place it on 1: "
-            f"add `{fix}` to run it as planned") in ok.stderr, ok.stderr
+    assert ok.returncode == 4, ok.stderr
+    assert ("the config asks for 1 (cluster.workers), so `herd submit` would place it on 1; as "
+            "written it does not fit: ") in ok.stderr, ok.stderr
+    assert f"add `{fix}` to run it as planned" in ok.stderr, ok.stderr
     cfg.write_text(cfg.read_text() + fix + "\n")
     pinned = subprocess.run([sys.executable, "-m", "herd", "plan", str(cfg), "--workers",
                              "64,64", "--macos"], capture_output=True, text=True, timeout=60,

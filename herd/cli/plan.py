@@ -20,7 +20,7 @@ from coordinator.placement import usable_bytes, workers_needed
 from coordinator.planner import GB_SI, GIB, Plan, WorkerMemory, macos_usable_bytes, plan_job
 from herd.cli.connection import COORDINATOR_ENV, add_connection_args, client_identity, connect
 from herd.config import JobConfig, load_config
-from herd.errors import ConfigError, HerdError, PeerLostError
+from herd.errors import ConfigError, DoesNotFitError, HerdError, PeerLostError
 from herd.model_config import check_against_model, resolve_model_config
 from herd.usage import HelpFormatter
 from protos.v1 import coordinator_pb2
@@ -168,7 +168,17 @@ def main(argv: list[str]) -> int:
     print(render(plan, workers, job))
     asked = workers_needed(job)  # (placement takes cluster.workers, default one)
     if (n := plan.data_parallel * plan.pipeline_stages) > asked:
+        # As written the job takes `asked` workers (the roomiest): does it fit there? Said, and
+        # exit 4 when not, as `herd submit` would refuse it (plan said fits, rc 0, and submit
+        # refused it, rc 4: an outside run).
+        roomiest = sorted(workers, key=lambda w: -w.memory_bytes)[:asked]
+        try:
+            plan_job(model_config, job, roomiest)
+            written, code = "", 0
+        except DoesNotFitError as e:
+            written, code = f"; as written it does not fit: {e.message}", e.exit_code
         print(f"note: this layout takes {n} workers; the config asks for {asked} "
-              f"(cluster.workers), so `herd submit` would place it on {asked}: add "
+              f"(cluster.workers), so `herd submit` would place it on {asked}{written}: add "
               f"`{plan.cluster_setting()}` to run it as planned", file=sys.stderr)
+        return code
     return 0
