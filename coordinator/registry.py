@@ -74,6 +74,9 @@ class Registry:
         self._claims: dict[str, str] = {}     # candidate -> the worker id its advert claims
         self._retry: dict[str, tuple[float, float]] = {}  # refused -> (next try, back-off s)
         self._admitted_sources: set[str] = set()  # candidates that were admitted once
+        # Adverts withdrawn while their worker still answered (a goodbye sent as it shut down):
+        # once it is removed, its advert is gone too, not retried and listed as refused forever.
+        self._withdrawn: set[str] = set()
         self._verifying: set[str] = set()  # candidates whose retry is running now
         self.health_interval_s, self.max_failures = health_interval_s, max_failures
         self._stop = threading.Event()
@@ -87,6 +90,7 @@ class Registry:
 
     def _advert_added(self, advert: discovery.Advert) -> None:
         with self._lock:
+            self._withdrawn.discard(advert.name)
             self._candidates[advert.name] = advert.targets
             if advert.txt.get("id"):
                 self._claims[advert.name] = advert.txt["id"]
@@ -113,6 +117,8 @@ class Registry:
                 self._remove(wid, "its zeroconf record vanished and it does not answer: "
                              f"{e.message}")
             else:
+                with self._lock:
+                    self._withdrawn.add(name)
                 logger.info("worker_goodbye_ignored", worker_id=wid, advert=name,
                             reason="it still answers an authenticated health check")
 
@@ -211,7 +217,11 @@ class Registry:
         with self._lock:
             record = self._workers.pop(worker_id, None)
             client = self._clients.pop(worker_id, None)
-            self._source.pop(worker_id, None)
+            source = self._source.pop(worker_id, None)
+            if source in self._withdrawn:  # (a stopped worker stayed "refused: unreachable")
+                self._withdrawn.discard(source)
+                for table in (self._candidates, self.refused, self._retry):
+                    table.pop(source, None)
         if client:
             client.retire()
         if record:

@@ -81,6 +81,10 @@ def test_a_goodbye_from_anyone_does_not_drop_a_worker_that_answers(tmp_path, mon
         agent.wait(timeout=30)
         assert wait(lambda: worker_id not in [w.worker_id for w in registry.workers()])
         assert lost == [worker_id]
+        # and its advert, withdrawn while it still answered, is not kept, retried and listed as
+        # "refused: unreachable" for good (an outside run: a worker stopped with systemctl)
+        time.sleep(3.0)
+        assert name not in registry.refusals() and name not in registry._candidates
     finally:
         if agent.poll() is None:
             agent.kill()
