@@ -91,12 +91,14 @@ def loss_png(records: list[dict], title: str) -> bytes:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    ranks = [r["rank"] for r in records if r["event"] in ("train", "val")]
-    first = min(ranks, default=0)
+    # (the first rank that reports each: a pipeline's stages before the last hold no loss)
+    first = min((r["rank"] for r in records if r["event"] == "train" and r["train_loss"]),
+                default=0)
+    first_val = min((r["rank"] for r in records if r["event"] == "val"), default=0)
     train = {r["iteration"]: r["train_loss"] for r in records
              if r["event"] == "train" and r["rank"] == first and r["train_loss"]}
     val = {r["iteration"]: r["val_loss"] for r in records
-           if r["event"] == "val" and r["rank"] == first}
+           if r["event"] == "val" and r["rank"] == first_val}
     # A Figure of its own, not pyplot: no global state, safe in a server thread.
     fig = Figure(figsize=(7, 4), dpi=100)
     FigureCanvasAgg(fig)

@@ -69,7 +69,12 @@ def single_process_losses(metrics: Path) -> list[float]:
 
 
 def reported(rows: list[dict], kind: str, key: str) -> list[tuple[int, float]]:
-    return [(r["iteration"], r[key]) for r in rows if r.get("event") == kind]
+    """(A pipeline's stages before the last report train progress without the loss: 0.)"""
+    return [(r["iteration"], r[key]) for r in rows if r.get("event") == kind and r[key]]
+
+
+def loss_reports(events: list[dict]) -> list[dict]:
+    return [e for e in events if e["event"] == "train" and e["train_loss"]]
 
 
 def assert_same_reports(pipeline: list[dict], one: Path) -> None:
@@ -128,7 +133,7 @@ def test_pipeline_equals_one_process(tmp_path, arch, stages, cut, blas_kernels):
     from mlx_lm.utils import load
 
     load(str(model), adapter_path=str(tmp_path / "pp"))
-    train = [e for e in EVENTS[-1] if e["event"] == "train"]
+    train = loss_reports(EVENTS[-1])
     assert [e["train_loss"] for e in train] == got and EVENTS[-1][-1]["event"] == "done"
     assert_same_reports(EVENTS[-1], tmp_path / "one.jsonl")
 
@@ -212,8 +217,14 @@ def test_a_pipeline_with_accumulation_reports_every_steps_per_report_and_at_the_
                    iters=8, grad_accumulation_steps=3, steps_per_report=2, save_every=6,
                    batch_size=2, num_layers=-1)
     rows = run_stages(pp, tmp_path / "pp", 2, tmp_path)
-    train = [e for e in EVENTS[-1] if e["event"] == "train"]
+    train = loss_reports(EVENTS[-1])
     assert [e["iteration"] for e in train] == [3, 6, 8], train
+    # Stage 0 reports its own progress too, its speed and peak memory (only the last stage's
+    # reached watch, the dashboard and /metrics: an outside run), and no loss: it holds none.
+    first = [e for e in EVENTS[-1] if e["event"] == "train" and e["rank"] == 0]
+    assert [e["iteration"] for e in first] == [3, 6, 8] and train[0]["rank"] == 1, first
+    assert all(e["train_loss"] == 0 and e["peak_memory_gb"] > 0 and e["tokens_per_second"] > 0
+               for e in first), first
     fields = set(TrainReport.__dataclass_fields__)
     windows = [_window_iterations(TrainReport(**{k: v for k, v in e.items() if k in fields}))
                for e in train]

@@ -7,6 +7,7 @@ coordinator on the same state dir)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -263,11 +264,16 @@ def test_a_two_stage_pipeline_job_runs_and_pulls_one_merged_adapter(cluster, job
     assert any("as 1 x 2 (data x pipeline), blocks 0:1,1:2" in ln for ln in lines)
     assert f"{job_id}: checkpoint 4 stored" in lines and f"{job_id}: checkpoint 8 stored" in lines
     assert any(" loss " in ln for ln in lines)  # the last stage reports the loss
+    # and stage 0 its own progress, its peak memory (only the last stage's was seen anywhere:
+    # an outside run)
+    assert any(re.search(r"rank 0 \(\S+\): peak \d+\.\d+ GB tok/s", ln) for ln in lines), lines
     out = tmp_path / "pulled"
     cluster.herd("pull", job_id, "-o", str(out))
     # (with the report files every pulled adapter carries: coordinator/reports.py)
     assert sorted(p.name for p in out.iterdir()) == [
         "adapter_config.json", "adapters.safetensors", "loss.png", "metrics.jsonl"]
+    pulled = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {r["rank"] for r in pulled if r["event"] == "train"} == {0, 1}
     want, start = load_adapter(tmp_path / "single"), initial_adapter(single)
     rel = update_diff(load_adapter(out), want, start)
     print(f"2-stage pipeline (service) vs single process: the update differs by {rel:.2e}")

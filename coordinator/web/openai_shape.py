@@ -181,11 +181,13 @@ def event_object(e: JobEvent, iters: int) -> dict:
     if (p := e.progress) is not None:
         out["type"] = "metrics"
         out["data"] = {"step": p.iteration, "total_steps": iters, "rank": p.rank,
-                       "worker_id": p.worker_id, "train_loss": p.train_loss,
+                       "worker_id": p.worker_id, "train_loss": p.train_loss or None,
                        "valid_loss": p.val_loss or None,
                        "tokens_per_second": p.tokens_per_second,
                        "peak_memory_gb": p.peak_memory_gb}
-        out["message"] = (f"Step {p.iteration}/{iters}: training loss={p.train_loss:.4f}"
+        out["message"] = (f"Step {p.iteration}/{iters}: "
+                          + (f"training loss={p.train_loss:.4f}" if p.train_loss else
+                             f"peak memory={p.peak_memory_gb:.2f} GB")
                           + (f", validation loss={p.val_loss:.4f}" if p.val_loss else "")
                           + f" (rank {p.rank})")
     if e.step and e.progress is None:

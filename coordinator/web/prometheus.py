@@ -115,11 +115,12 @@ class HerdCollector:
             g["state"].add_metric(job + [v.state], 1)
             g["iteration"].add_metric(job, v.iteration)
             g["iters"].add_metric(job, v.iters)
-            rank0 = v.ranks.get(min(v.ranks)) if v.ranks else None
-            if rank0 and rank0.train_loss:
-                g["loss"].add_metric(job, rank0.train_loss)
-            if rank0 and rank0.val_loss:
-                g["val"].add_metric(job, rank0.val_loss)
+            # the lowest rank that holds each (a pipeline's last stage holds the losses)
+            ranked = [v.ranks[r] for r in sorted(v.ranks)]
+            if loss := next((p.train_loss for p in ranked if p.train_loss), None):
+                g["loss"].add_metric(job, loss)
+            if val := next((p.val_loss for p in ranked if p.val_loss), None):
+                g["val"].add_metric(job, val)
             if (eta := v.eta_s()) is not None:
                 g["eta"].add_metric(job, eta)
             c["steps"].add_metric(job, v.iterations_done)

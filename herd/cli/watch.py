@@ -33,7 +33,10 @@ def describe(e: common_pb2.JobEvent, iters: int) -> str:
         if p.validation:  # its own figure only: the train figures it carries are older
             return f"{who}: val_loss {p.val_loss:.4f}"
         via = f" [{p.exchange} x{p.world_size}]" if p.exchange else ""
-        return f"{who}: loss {p.train_loss:.4f} tok/s {p.tokens_per_second:.1f}{_share(p)}{via}"
+        # (a pipeline stage that holds no loss says its memory instead)
+        loss = (f"loss {p.train_loss:.4f}" if p.train_loss else
+                f"peak {p.peak_memory_gb:.2f} GB")
+        return f"{who}: {loss} tok/s {p.tokens_per_second:.1f}{_share(p)}{via}"
     if e.kind == KIND.KIND_CHECKPOINT:
         return f"checkpoint {e.step} stored"
     if e.kind == KIND.KIND_FETCH:
@@ -104,7 +107,8 @@ def stats_line(ranks: dict[int, common_pb2.RankProgress], val: float) -> str:
     """The figures under the bar. Every rank reports the job's loss and tok/s (summed over all
     ranks), so the lowest rank's stand for all of them and the line does not grow with the
     number of workers."""
-    p = ranks[min(ranks)]
+    # (a pipeline's stages before the last report their own speed and memory, not the loss)
+    p = next((ranks[r] for r in sorted(ranks) if ranks[r].train_loss), ranks[min(ranks)])
     parts = [f"loss {p.train_loss:.3f}" if p.train_loss else "loss -"]
     if val:
         parts.append(f"val {val:.3f}")

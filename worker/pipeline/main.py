@@ -14,8 +14,9 @@ the trainer's format (adapter with stage-local names, optimizer state, step, man
 resuming that stage, and beside it its adapter piece with the full model's names;
 ``merge_stage_adapters`` joins the pieces into one mlx-lm adapter folder (rank 0 does so into
 DIR when the pieces share a disk; under the herd service each stage uploads its checkpoint and
-the coordinator merges them). Events (worker/rank/events.py): train and done come from the rank
-that holds the loss; every stage of replica 0 reports its own checkpoints (with stage, stages,
+the coordinator merges them). Events (worker/rank/events.py): every rank reports train progress
+(its own speed and peak memory; the loss from replica 0's last stage, which holds it), done
+comes from that rank; every stage of replica 0 reports its own checkpoints (with stage, stages,
 layers); each rank adds a ``stage_done`` line with its timings and peak memory.
 """
 
@@ -188,6 +189,11 @@ def _run(job: JobConfig, opts: StageOptions) -> int:
             f"batch_size {job.batch_size} does not split over {topo.replicas} pipelines")
     reports = topo.replica == 0 and stage.spec.last  # the rank that holds the loss
     log = EventLog(opts.metrics_file)
+    # Every rank reports its own peak memory and speed, the loss only the one above (0 here:
+    # the other pipeline's last stage holds the same sum): only that rank's reached watch, the
+    # dashboard and /metrics, and stage 0, the fullest worker of a planned cut, was the one to
+    # watch (an outside run).
+    holds_loss = reports
 
     # mlx-lm reports the mean loss of the steps since its last report, and their token rate,
     # every steps_per_report iterations: here at the first step at or after each (a step ends
@@ -196,9 +202,7 @@ def _run(job: JobConfig, opts: StageOptions) -> int:
     window = {"loss": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0, "since": 0}
 
     def on_step(info: dict) -> None:
-        if not reports:
-            return
-        window["loss"] += info["train_loss"]
+        window["loss"] += info["train_loss"] if holds_loss else 0.0
         window["steps"] += 1
         window["tokens"] += info["tokens"]
         window["seconds"] += info["seconds"]
@@ -206,7 +210,8 @@ def _run(job: JobConfig, opts: StageOptions) -> int:
         if it // every > window["since"] // every or it == job.iters:
             seconds = max(window["seconds"], 1e-9)
             report = TrainReport(
-                rank=group.rank(), iteration=it, train_loss=window["loss"] / window["steps"],
+                rank=group.rank(), iteration=it,
+                train_loss=window["loss"] / window["steps"] if holds_loss else 0.0,
                 learning_rate=info["learning_rate"],
                 tokens_per_second=window["tokens"] / seconds,
                 trained_tokens=info["trained_tokens"], peak_memory_gb=info["peak_memory_gb"],

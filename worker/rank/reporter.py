@@ -72,7 +72,8 @@ class Reporter:
 
 def train_line(info: dict, iters: int) -> str:
     """A train report as the rank prints it (its log, `herd logs`)."""
-    return (f"iter {info['iteration']:>6}/{iters}  loss {info['train_loss']:.4f}  "
+    loss = f"{info['train_loss']:.4f}" if info["train_loss"] else "-"  # (a stage before last)
+    return (f"iter {info['iteration']:>6}/{iters}  loss {loss}  "
             f"tok/s {info['tokens_per_second']:8.1f}  lr {info['learning_rate']:.2e}  "
             f"peak {info['peak_memory_gb']:.3f} GB")
 
