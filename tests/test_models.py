@@ -586,6 +586,23 @@ def test_a_hub_model_is_found_by_the_id_herd_models_add_took(sharded, tiny_model
         models.remove("org/m", [])
     removed, _, _ = models.remove(f"org/m@{'a' * 40}", [])
     assert removed.digest == first.digest and models.store.find("org/m") is not None
+    # the forms `herd models add` takes: a short commit, a tag in this machine's hub cache
+    again = models.store.import_folder(sharded, f"org/m@{'c' * 40}", 0, link=False,
+                                       from_hub=True)
+    assert models.store.find("org/m@ccccccc").digest == again.digest
+    assert models.store.find("org/m@ccc") is None  # too short to name a commit
+    refs = tmp_path / "hf" / "hub" / "models--org--m" / "refs"
+    refs.mkdir(parents=True)
+    (refs / "v2").write_text("c" * 40)
+    mp = pytest.MonkeyPatch()
+    from huggingface_hub import constants
+
+    mp.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    try:
+        removed, _, _ = models.remove("org/m@v2", [])
+    finally:
+        mp.undo()
+    assert removed.digest == again.digest and removed.names == (f"org/m@{'c' * 40}",)
 
 
 def test_a_name_names_one_model_and_rm_of_a_name_removes_only_that_name(sharded, tiny_model,
