@@ -12,7 +12,7 @@ import sys
 import time
 
 from herd.cli.connection import CoordinatorConnection, add_connection_args, connect_from_args
-from herd.cli.watch import FINAL, PATIENCE_S
+from herd.cli.watch import FINAL, Patience
 from herd.errors import HerdError, PeerLostError
 from herd.usage import HelpFormatter
 from protos.v1 import coordinator_pb2
@@ -42,7 +42,7 @@ def follow(coord: CoordinatorConnection, job_id: str, rank: int, attempt: int,
     attempt, offset, ranks = _drain(coord, job_id, rank, attempt, 0)
     if not ranks:
         print(f"({job_id} has no rank output: it was never placed)", file=sys.stderr)
-    lost_since = None
+    patience = Patience("logs", clock)
     while keep_going:
         try:
             job = coord.call("GetJob", coordinator_pb2.GetJobRequest(job_id=job_id)).job
@@ -57,18 +57,12 @@ def follow(coord: CoordinatorConnection, job_id: str, rank: int, attempt: int,
                 sleep(POLL_S)
                 _drain(coord, job_id, rank, attempt, offset)
                 return 0
-            lost_since = None
+            patience.back()
         except PeerLostError as e:
             # A coordinator restart (an upgrade, a crash) ended -f at once, where `herd watch`
             # waits for it (an outside run): the same patience, on from the same offset.
-            if lost_since is None:
-                lost_since = clock()
-                print(f"herd logs: {e.message}; trying again for up to {PATIENCE_S:.0f}s",
-                      file=sys.stderr)
-            elif clock() - lost_since > PATIENCE_S:
-                raise PeerLostError(f"{e.message}; gave up following {job_id} after "
-                                    f"{PATIENCE_S:.0f}s", hint=f"`herd logs {job_id}` once it "
-                                    "answers prints the whole log again") from None
+            patience.lost(e, f"following {job_id}", hint=f"`herd logs {job_id}` once it "
+                          "answers prints the whole log again")
             sleep(2.0)
             continue
         sleep(POLL_S)

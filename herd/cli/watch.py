@@ -64,32 +64,48 @@ def describe_fetch(f: common_pb2.FetchProgress) -> str:
 PATIENCE_S = 180.0
 
 
+class Patience:
+    """A coordinator that stops answering a command that follows a job (`herd watch`, `herd
+    logs -f`) is waited for, said once, for up to PATIENCE_S without an answer."""
+
+    def __init__(self, command: str, clock=time.monotonic):
+        self.command, self.clock, self.since = command, clock, None
+
+    def lost(self, e: PeerLostError, doing: str, hint: str) -> None:
+        """Returns to try again; raises PeerLostError once PATIENCE_S have passed."""
+        if self.since is None:
+            self.since = self.clock()
+            print(f"herd {self.command}: {e.message}; trying again for up to {PATIENCE_S:.0f}s",
+                  file=sys.stderr)
+        elif self.clock() - self.since > PATIENCE_S:
+            raise PeerLostError(f"{e.message}; gave up {doing} after {PATIENCE_S:.0f}s",
+                                hint=hint) from None
+
+    def back(self) -> None:
+        self.since = None
+
+
 def _events(coord: CoordinatorConnection, job_id: str, clock=time.monotonic, sleep=time.sleep):
     """Every event of the job, from where a dropped stream left off, for as long as the
     coordinator comes back within PATIENCE_S."""
-    after, lost_since = 0, None
+    after, patience = 0, Patience("watch", clock)
     while True:
         try:
             stream = coord.stub.WatchJob(
                 coordinator_pb2.WatchJobRequest(job_id=job_id, after_seq=after), timeout=24 * 3600)
             with rpc_errors(coord.target):
                 for e in stream:
-                    after, lost_since = e.seq, None
+                    after = e.seq
+                    patience.back()
                     yield e
             return
         except PeerLostError as e:
-            if lost_since is None:
-                lost_since = clock()
-                print(f"herd watch: {e.message}; trying again for up to {PATIENCE_S:.0f}s",
-                      file=sys.stderr)
-            elif clock() - lost_since > PATIENCE_S:
-                # (not "is the coordinator running?": cut off from this laptop, it and the job
-                # may be fine, the ranks training on: an outside run read it as a dead job)
-                raise PeerLostError(
-                    f"{e.message}; gave up watching {job_id} after {PATIENCE_S:.0f}s",
-                    hint="the job may still be training (ranks train on while the coordinator "
-                    f"is away): run `herd watch {job_id}` again once it answers; nothing is "
-                    "missed, it starts from the job's first event") from None
+            # (not "is the coordinator running?": cut off from this laptop, it and the job may
+            # be fine, the ranks training on: an outside run read it as a dead job)
+            patience.lost(e, f"watching {job_id}", hint="the job may still be training (ranks "
+                          "train on while the coordinator is away): run `herd watch "
+                          f"{job_id}` again once it answers; nothing is missed, it starts from "
+                          "the job's first event")
             sleep(2.0)
 
 
