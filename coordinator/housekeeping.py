@@ -1,11 +1,15 @@
-"""What the coordinator forgets, and what it warns about at submit: an ended job `herd rm` removes
-(its record here; the servicer removes its files), the checkpoints beyond `--keep-checkpoints`,
-and the warning for a job the cluster cannot place now. Kept out of the scheduler: none of it
-moves a job between states."""
+"""What the coordinator forgets, and what it checks and warns about at submit: an ended job `herd
+rm` removes (its record here; the servicer removes its files), the checkpoints beyond
+`--keep-checkpoints`, the room a job's checkpoints need, and the warning for a job the cluster
+cannot place now. Kept out of the scheduler: none of it moves a job between states."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from coordinator.artifacts import require_free
 from coordinator.domain import Job
+from coordinator.placement import checkpoint_bytes, checkpoints_held
 from coordinator.store import JobStore
 from herd import log
 from herd.errors import HerdError
@@ -105,3 +109,15 @@ def sweep_blobs(store: JobStore, models, blobs, now_s: float,
     if count:
         logger.info("orphan_blobs_removed", files=count, bytes=freed)
     return count, freed
+
+
+def require_checkpoint_room(folder: Path, job: Job, keep: int) -> None:
+    """StorageError at submit unless the disk holding ``folder`` has room for the checkpoints
+    the coordinator will hold of the job at once (it counted two: a job was taken, then failed
+    part-way on its own checkpoints, every one kept by default: an outside run)."""
+    n = checkpoints_held(job.config, keep)
+    require_free(folder, n * checkpoint_bytes(job.config),
+                 f"the job's {n} checkpoint{'s' if n > 1 else ''}" + (
+                     "" if keep else " (the coordinator keeps them all)"),
+                 hint="free space there, save less often (save_every), keep fewer "
+                 "(herd coordinator --keep-checkpoints N)")

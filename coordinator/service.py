@@ -15,13 +15,12 @@ from typing import Callable, Iterator
 import grpc
 
 from coordinator import convert, housekeeping
-from coordinator.artifacts import AdapterStore, BlobStore, require_free
+from coordinator.artifacts import AdapterStore, BlobStore
 from coordinator.blob_access import check_upload_size, check_uploader, check_worker_may_read
 from coordinator.domain import Job
 from coordinator.jobs import new_job, no_checkpoint, start_from
 from coordinator.logs import LogStore
 from coordinator.models import ModelCatalog, ModelStore, fetch_hub_model
-from coordinator.placement import checkpoint_bytes, checkpoints_held
 from coordinator.registry import Registry
 from coordinator.reports import adapter_with_report
 from coordinator.scheduler import Scheduler
@@ -105,14 +104,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                       self.models, spec.model_digest,
                       convert.digest_from_pb(spec.resume_adapter)
                       if spec.HasField("resume_adapter") else None, spec.model_config_json)
-        # Room for the checkpoints it will have stored at once (it counted two: a job was taken,
-        # then failed part-way on its own checkpoints, every one kept by default: an outside run).
-        n = checkpoints_held(job.config, self.keep_checkpoints)
-        require_free(self.adapters.root, n * checkpoint_bytes(job.config),
-                     f"the job's {n} checkpoint{'s' if n > 1 else ''}" + (
-                         "" if self.keep_checkpoints else " (the coordinator keeps them all)"),
-                     hint="free space there, save less often (save_every), keep fewer "
-                     "(herd coordinator --keep-checkpoints N)")
+        housekeeping.require_checkpoint_room(self.adapters.root, job, self.keep_checkpoints)
         return job
 
     def _workers_job(self, context, job_id: str, attempt: int | None = None) -> Job | None:
@@ -289,8 +281,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     @_unary
     def RemoveModel(self, request, context):
         model, freed, still = self.models.remove(request.model, self.store.list_jobs())
-        logger.info("model_removed", digest=model.digest, names=list(model.names),
-                    freed_bytes=freed, still_named=list(still))
+        logger.info("model_removed", digest=model.digest, names=model.names, freed_bytes=freed)
         return coordinator_pb2.RemoveModelReply(model=self._model_info(model), freed_bytes=freed,
                                                 still_named=still)
 

@@ -209,34 +209,36 @@ def _check_record(rec: dict, fmt: str, feats: Features, line: int, fc: FileCheck
     return True
 
 
-_EOL = re.compile(rb"\r\n|\r|\n")
-_BLOCK = 1 << 16
+_LONE_CR = re.compile(rb"\r(?!\n)")
 
 
-def _lines(path: Path, digest: Any) -> Iterator[tuple[int, bytes]]:
+def numbered_lines(path: Path, digest: Any) -> Iterator[tuple[int, bytes]]:
     """Numbered lines (1-based) of a file, each with its end, hashing its bytes on the way
     through. Lines end as Python's text mode ends them (mlx-lm reads ``for l in open(path)``):
     at \n, \r\n or a lone \r (an old Mac's line ends: a file of them read as one malformed
     line, an outside run). A line longer than MAX_RECORD_BYTES is refused as soon as it is
     seen, so memory stays bounded whatever the file holds (a tokenizer given one 50 MB record
-    needs gigabytes)."""
-    number, rest = 0, b""
+    needs gigabytes). Linear in the file: readline's own \n scan, then lone \r's within what
+    it read, the unended tail carried to the next read."""
+    number, carry = 0, b""
     with path.open("rb") as f:
-        while True:
-            block = f.read(_BLOCK)
-            digest.update(block)
-            rest += block
-            # (a \r last in what is read may be the first half of a \r\n: it waits for more)
-            end, start = len(rest) - (block[-1:] == b"\r"), 0
-            for m in _EOL.finditer(rest, 0, end):
+        while raw := f.readline(MAX_RECORD_BYTES + 1):
+            digest.update(raw)
+            data, start = carry + raw if carry else raw, 0
+            ended = data.endswith(b"\n")
+            for m in _LONE_CR.finditer(data):
+                if m.end() == len(data) and not ended:
+                    break  # (a \r last in what was read may be the first half of a \r\n)
                 number += 1
-                yield number, _bounded(path, number, rest[start:m.end()])
+                yield number, _bounded(path, number, data[start:m.end()])
                 start = m.end()
-            rest = _bounded(path, number + 1, rest[start:])
-            if not block:
-                if rest:
-                    yield number + 1, rest
-                return
+            carry = _bounded(path, number + 1, data[start:])
+            if ended:
+                number += 1
+                yield number, carry
+                carry = b""
+        if carry:
+            yield number + 1, carry
 
 
 def _bounded(path: Path, number: int, line: bytes) -> bytes:
@@ -355,7 +357,7 @@ class _FileResult:
 
 def _jsonl_records(path: Path, digest: Any, fc: FileCheck) -> Iterator[tuple[int, dict]]:
     """The file's JSON objects with their line numbers; malformed lines go to ``fc``."""
-    for line, raw in _lines(path, digest):
+    for line, raw in numbered_lines(path, digest):
         try:
             rec = json.loads(raw.decode("utf-8").rstrip("\r\n"))
         except UnicodeDecodeError as e:

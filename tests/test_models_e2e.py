@@ -302,8 +302,9 @@ def test_a_worker_with_too_little_disk_refuses_before_any_transfer(world):
 
 def test_a_stored_model_is_listed_for_scripts_and_removed_once(world):
     """After the jobs above (or its own): `herd models --json` names the model, its files and
-    its jobs; `herd models rm` frees what no other model or dataset holds; a second rm exits 7,
-    naming it."""
+    its jobs; `herd models rm NAME` removes that name while the model has another (the hub id
+    the same files were fetched for), `rm DIGEST` the model, freeing what no other model or
+    dataset holds; a second rm exits 7, naming it."""
     import json
 
     _stored_and_fetched(world)
@@ -312,6 +313,11 @@ def test_a_stored_model_is_listed_for_scripts_and_removed_once(world):
     assert re.fullmatch(r"[0-9a-f]{64}", tiny["digest"]) and tiny["jobs"], tiny
     assert tiny["bytes"] == sum(f["bytes"] for f in tiny["files"]) > 0
     removed = _herd(world, "models", "rm", "tiny").stdout
+    others = [n for n in tiny["names"] if n != "tiny"]
+    if others:
+        assert removed.startswith(f"removed the name tiny; {tiny['digest'][:12]} is still "
+                                  f"stored as {', '.join(others)}"), removed
+        removed = _herd(world, "models", "rm", tiny["digest"][:12]).stdout
     assert f"({tiny['digest'][:12]}); freed " in removed, removed
     assert not [m for m in json.loads(_herd(world, "models", "--json").stdout)
                 if tiny["digest"] == m["digest"]]

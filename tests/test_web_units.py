@@ -396,3 +396,16 @@ def test_the_sample_grafana_board_queries_only_metrics_herd_exports(tmp_path):
     exported = {s.name for f in text_string_to_metric_families(text) for s in f.samples}
     assert queried and queried <= exported, queried - exported
     store.close()
+
+
+def test_an_uploaded_file_with_old_mac_line_ends_is_read_as_herd_check_reads_it(tmp_path):
+    """The job API's upload check split lines on \\n alone, so a file of lone \\r line ends,
+    which mlx-lm trains on and `herd check` takes, was one bad line there (a review)."""
+    from coordinator.web.openai_api import _check_jsonl
+
+    f = tmp_path / "train.jsonl"
+    f.write_bytes(b'{"text": "a"}\r{"text": "b"}\r\n{"text": "c"}\r')
+    assert _check_jsonl(str(f)) == 3
+    f.write_bytes(b'{"text": "a"}\r{"text": \r')
+    with pytest.raises(DatasetError, match="line 2 is not a JSON object"):
+        _check_jsonl(str(f))

@@ -31,7 +31,7 @@ from aiohttp import web
 from coordinator.jobs import new_job
 from coordinator.reports import all_events
 from coordinator.web import openai_shape as shape
-from herd.dataset import MAX_RECORD_BYTES
+from herd.dataset import numbered_lines
 from herd.errors import DatasetError, HerdError
 from herd.rpc.files import read_chunks
 
@@ -52,25 +52,22 @@ def _limit(request: web.Request) -> tuple[str | None, int]:
 
 
 def _check_jsonl(path: str) -> int:
-    """Every non-blank line a JSON object (DatasetError naming the line); returns the count."""
-    n = i = 0
-    with open(path, "rb") as f:
-        while line := f.readline(MAX_RECORD_BYTES + 1):  # bounded, as herd check reads
-            i += 1
-            if len(line) > MAX_RECORD_BYTES:
-                raise DatasetError(f"line {i} is longer than {MAX_RECORD_BYTES // 2**20} MiB",
-                                   hint="split it into shorter records")
-            if not line.strip():
-                continue
-            try:
-                ok = isinstance(json.loads(line), dict)
-            except ValueError:
-                ok = False
-            if not ok:
-                raise DatasetError(f"line {i} is not a JSON object",
-                                   hint="a fine-tuning file holds one JSON object per line, in "
-                                   "one of mlx-lm's formats (text, prompt/completion, chat)")
-            n += 1
+    """Every non-blank line a JSON object (DatasetError naming the line); returns the count.
+    Bounded, and with line ends as mlx-lm reads them, as herd check reads (herd/dataset.py; it
+    split on \n alone)."""
+    n = 0
+    for i, line in numbered_lines(Path(path), hashlib.sha256()):
+        if not line.strip():
+            continue
+        try:
+            ok = isinstance(json.loads(line), dict)
+        except ValueError:
+            ok = False
+        if not ok:
+            raise DatasetError(f"line {i} is not a JSON object",
+                               hint="a fine-tuning file holds one JSON object per line, in "
+                               "one of mlx-lm's formats (text, prompt/completion, chat)")
+        n += 1
     if not n:
         raise DatasetError("the file holds no examples")
     return n
