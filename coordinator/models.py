@@ -171,6 +171,13 @@ class ModelStore:
             if other is not None and not from_hub:
                 raise ConfigError(f"model name {name!r} already names model {other.digest[:12]}",
                                   hint=f"choose another --name, or `herd models rm {name}` first")
+            # (`herd models rm` takes a digest's prefix too: a name that reads as one was
+            # ambiguous, the name winning: an outside run)
+            digests = [m.digest for m in self.list()] + [manifest.digest]
+            if not from_hub and (hit := _DIGEST.match(name)) and any(
+                    d.startswith(hit.group(1)) for d in digests):
+                raise ConfigError(f"model name {name!r} reads as the digest of a stored model",
+                                  hint="choose another --name, e.g. my-llama")
             old = self.get(manifest.digest)
             hub_ids = (*(old.hub_ids if old else ()), *((name,) if from_hub else ()))
             model = StoredModel(manifest, tuple(dict.fromkeys((*(old.names if old else ()),

@@ -195,7 +195,7 @@ def test_a_hub_cache_snapshot_may_link_into_its_own_blobs_only(
     from herd.cli.models import default_name
     from herd.models.ref import check_folder_name
 
-    assert check_folder_name(default_name(snapshot)) == "org--tiny"
+    assert check_folder_name(default_name(snapshot)) == f"org--tiny-{commit[:8]}"
     secret = tmp_path / "client.key"
     secret.write_text("-----BEGIN PRIVATE KEY-----\n")
     os.symlink(os.path.relpath(secret, snapshot), snapshot / "vocab.txt")

@@ -150,10 +150,11 @@ def cmd_list(coord: CoordinatorConnection, args) -> int:
 
 
 def default_name(folder: Path) -> str:
-    """A folder's name in the store: its own, or for a hub cache snapshot (named by its commit,
-    which reads as a digest) its repository's, models--org--name as org--name."""
+    """A folder's name in the store: its own, or for a hub cache snapshot (named by its commit
+    alone) its repository's and the commit's start, models--org--name/snapshots/<commit> as
+    org--name-<commit[:8]>."""
     if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
-        return folder.parent.parent.name.removeprefix("models--")
+        return f"{folder.parent.parent.name.removeprefix('models--')}-{folder.name[:8]}"
     return folder.name
 
 

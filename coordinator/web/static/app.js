@@ -163,9 +163,13 @@ function renderJob(dirty) {
 
 function renderCharts(j, ranks, workerOf) {
   const points = j.points;
-  const first = ranks.length ? ranks[0] : 0;
+  // The lowest rank that reports each: every rank reports the same global loss, but a
+  // pipeline's stages before the last report their speed and memory only (loss null).
+  const lowest = (has) => Math.min(...points.filter(has).map((p) => p.rank));
+  const first = lowest((p) => p.loss !== null);
+  const firstVal = lowest((p) => p.val !== null);
   const train = lastBy(points, "loss", (p) => p.rank === first && p.loss !== null);
-  const val = lastBy(points, "val", (p) => p.rank === first && p.val !== null);
+  const val = lastBy(points, "val", (p) => p.rank === firstVal && p.val !== null);
   chart("chart-loss", ["train", "validation"]).setData(aligned([train, val]));
   $("#chart-loss").dataset.points = String(train.size);
   $("#chart-loss").dataset.valPoints = String(val.size);
