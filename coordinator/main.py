@@ -329,7 +329,7 @@ def main(argv: list[str], rank_actor: type | None = None) -> int:
         return 1
     try:
         coord.start()
-        if args.join_port and not coord.join_address:  # asked for: not only a warning
+        if args.join_port and join_port and not coord.join_address:  # asked for: not a warning
             raise HerdError("the join port cannot listen on "
                             f"{netif.hostport(host, args.join_port)}",
                             hint="choose another --join-port")

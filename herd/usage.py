@@ -39,8 +39,9 @@ def at_least(low: float, kind: type = int):
     background after it said it had started: an outside run)."""
     def parse(text: str):
         value = kind(text)
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{text} is below {low}")
+        if not low <= value < float("inf"):  # (nan compares false: a timeout that never came)
+            raise argparse.ArgumentTypeError(f"{text} is below {low}" if value < low else
+                                             f"{text} is not a finite number")
         return value
     parse.__name__ = kind.__name__  # (argparse names it in "invalid int value")
     return parse

@@ -162,6 +162,7 @@ def test_numbers_and_ports_out_of_range_are_refused_before_anything_starts(tmp_p
              "--join-port 8481 is --port"),
             (["coordinator", "--keep-checkpoints", "-1"], "-1 is below 0"),
             (["coordinator", "--placement-timeout", "-5"], "-5 is below 0"),
+            (["coordinator", "--placement-timeout", "nan"], "nan is not a finite number"),
             (["coordinator", "--http-port", "70000"], "70000 is not a port"),
             (["worker", "--ring-port", "65536"], "65536 is not a port"),
             (["worker", "--keep-attempts", "-2"], "-2 is below 0")]:

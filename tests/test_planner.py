@@ -409,6 +409,10 @@ def test_herd_plan_cli(tmp_path):
     assert ("the config asks for 1 (cluster.workers), so `herd submit` would place it on 1; as "
             "written it does not fit: ") in ok.stderr, ok.stderr
     assert f"add `{fix}` to run it as planned" in ok.stderr, ok.stderr
+    as_json = subprocess.run([sys.executable, "-m", "herd", "plan", str(cfg), "--workers", "64,64",
+                              "--macos", "--json"], capture_output=True, text=True, timeout=60,
+                             cwd=REPO)
+    assert as_json.returncode == 4 and json.loads(as_json.stdout)["fits_as_written"] is False
     cfg.write_text(cfg.read_text() + fix + "\n")
     pinned = subprocess.run([sys.executable, "-m", "herd", "plan", str(cfg), "--workers",
                              "64,64", "--macos"], capture_output=True, text=True, timeout=60,

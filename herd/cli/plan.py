@@ -158,27 +158,30 @@ def main(argv: list[str]) -> int:
     except HerdError as e:
         print(f"herd plan: {e}", file=sys.stderr)
         return e.exit_code
-    if args.json:
-        # (a job asking for more workers than there are waits for them: said as in the text)
-        print(json.dumps({**plan_dict(plan, source), "workers_asked": needed or None,
-                          "workers_available": len(workers)}, indent=2))
-        return 0
-    print(f"planned for {source}: {len(workers)} worker(s) of "
-          + ", ".join(f"{w.memory_bytes / GIB:.1f}" for w in workers) + " GiB usable" + short)
-    print(render(plan, workers, job))
     asked = workers_needed(job)  # (placement takes cluster.workers, default one)
-    if (n := plan.data_parallel * plan.pipeline_stages) > asked:
+    n, fits_as_written = plan.data_parallel * plan.pipeline_stages, None
+    if n > asked:
         # As written the job takes `asked` workers (the roomiest): does it fit there? Said, and
         # exit 4 when not, as `herd submit` would refuse it (plan said fits, rc 0, and submit
         # refused it, rc 4: an outside run).
-        roomiest = sorted(workers, key=lambda w: -w.memory_bytes)[:asked]
         try:
-            plan_job(model_config, job, roomiest)
-            written, code = "", 0
+            plan_job(model_config, job, sorted(workers, key=lambda w: -w.memory_bytes)[:asked])
         except DoesNotFitError as e:
-            written, code = f"; as written it does not fit: {e.message}", e.exit_code
+            fits_as_written = e
+    code = fits_as_written.exit_code if fits_as_written else 0
+    if args.json:
+        # (a job asking for more workers than there are waits for them: said as in the text)
+        print(json.dumps({**plan_dict(plan, source), "workers_asked": needed or None,
+                          "workers_available": len(workers),
+                          "fits_as_written": fits_as_written is None}, indent=2))
+        return code
+    print(f"planned for {source}: {len(workers)} worker(s) of "
+          + ", ".join(f"{w.memory_bytes / GIB:.1f}" for w in workers) + " GiB usable" + short)
+    print(render(plan, workers, job))
+    if n > asked:
+        written = (f"; as written it does not fit: {fits_as_written.message}"
+                   if fits_as_written else "")
         print(f"note: this layout takes {n} workers; the config asks for {asked} "
               f"(cluster.workers), so `herd submit` would place it on {asked}{written}: add "
               f"`{plan.cluster_setting()}` to run it as planned", file=sys.stderr)
-        return code
-    return 0
+    return code
