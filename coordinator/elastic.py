@@ -79,8 +79,10 @@ class Elastic:
         if (not self.grace_s or job.state is not JobState.RESTARTING or waited_s < self.grace_s
                 or not elastic(job.config)):
             return None
-        # (only on workers whose owners' policies would run it, as decide_queued places)
-        placement = shrink_placement(job.config, [w for w in workers if not policy_refusal(job, w)])
+        # (only on workers that would run it, as decide_queued places: coordinator/refusals.py)
+        refused = self.s.refusals.of(job.job_id)
+        placement = shrink_placement(job.config, [w for w in workers if not policy_refusal(job, w)
+                                                  and w.worker_id not in refused])
         if placement is None:
             return None
         k, n = len(placement.worker_ids), workers_needed(job.config)
@@ -101,7 +103,8 @@ class Elastic:
             workers = {w.worker_id: w for w in s.workers()}
             current = [workers[w] for w in job.worker_ids if w in workers]
             free = [w for w in mark_held(s.backend(job).workers(), s.store.list_jobs())
-                    if w.worker_id not in job.worker_ids and not policy_refusal(job, w)]
+                    if w.worker_id not in job.worker_ids and not policy_refusal(job, w)
+                    and w.worker_id not in s.refusals.of(job.job_id)]
             if grow_placement(job.config, current, free) is None:
                 return
             s.reconcile.forget(job_id)

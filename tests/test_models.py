@@ -436,8 +436,10 @@ def test_every_rank_is_prepared_before_any_starts_and_a_refusal_fails_the_job(tm
 def test_a_worker_that_refuses_a_rank_is_passed_over_for_an_idle_one(tmp_path):
     """An outside run: of three Macs, the one whose model cache could not hold the model was
     picked, and the job failed for good while the third sat idle. Now it starts again at once on
-    the others (no restart counted); a job that then has too few waits, naming the refusal."""
+    the others (no restart counted), and is asked again after refusals.FORGET_S; a job with too
+    few others left fails as before, naming the refusal."""
     from coordinator.domain import JobState
+    from coordinator.refusals import FORGET_S, Refusals
     from coordinator.scheduler import Scheduler
     from coordinator.store import JobStore
     from tests.test_service_units import Clock, job, worker
@@ -446,6 +448,7 @@ def test_a_worker_that_refuses_a_rank_is_passed_over_for_an_idle_one(tmp_path):
     workers = [worker(1), worker(2), worker(3)]
     s = Scheduler(JobStore(tmp_path / "db"), lambda: list(workers), launcher, clock,
                   placement_timeout_s=60)
+    s.refusals = Refusals(clock)
     j = s.submit(job(workers=2))
     s.tick()  # placed on w1, w2 (ids in order at equal memory): w2 refuses
     assert s.store.get_job(j.job_id).state is JobState.RESTARTING
@@ -454,6 +457,9 @@ def test_a_worker_that_refuses_a_rank_is_passed_over_for_an_idle_one(tmp_path):
     assert got.state is JobState.RUNNING and got.worker_ids == ["w1", "w3"], got.message
     assert [la.worker.worker_id for la in launcher.started] == ["w1", "w3"]
     assert [a.outcome for a in s.store.attempt_history(j.job_id)][0] == "interrupted"
+    assert list(s.refusals.of(j.job_id)) == ["w2"]
+    clock.t += FORGET_S  # (busy then, or its cache freed since: asked again)
+    assert s.refusals.of(j.job_id) == {}
     s.cancel(j.job_id)
     launcher.started.clear()
     k = s.submit(job(workers=3, iters=12))
