@@ -75,8 +75,9 @@ class Policy:
         """The model roots as the coordinator is told them (WorkerInfo.model_roots), so that a
         job this worker would refuse is refused at submit (coordinator/placement.py
         policy_refusal): each as given and resolved (``check_model`` holds the resolved path to
-        the resolved roots; the coordinator only reads the path, which a laptop sends resolved
-        and the job API as typed), so that it refuses nothing this check would run."""
+        the resolved roots; the coordinator only reads the path, which `herd submit` sends
+        resolved). A job API path that reaches a root only through a link of the worker's own
+        is the one case the coordinator refuses and this check would run: name it resolved."""
         forms = (f(r.expanduser()) for r in self.model_roots for f in (Path.absolute, Path.resolve))
         return tuple(dict.fromkeys(map(str, forms)))
 
