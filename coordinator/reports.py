@@ -57,6 +57,8 @@ def metric_records(events: list[JobEvent], up_to_step: int) -> list[dict]:
                 continue
             fields = dataclasses.asdict(p)
             fields.pop("val_loss")
+            # (null, not 0.0, from a pipeline stage that holds no loss)
+            fields["train_loss"] = fields["train_loss"] or None
             records.append({"event": "train", **base, **fields})
         elif e.kind is EventKind.STATE and e.state is not None and e.time_ms <= cutoff:
             records.append({"event": "state", **base, "state": e.state.value,
