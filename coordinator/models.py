@@ -106,18 +106,19 @@ class ModelStore:
                 return m
         if len(pinned := self.revisions_of(key)) == 1:
             return pinned[0]
-        if "@" in key and (hit := self._revision(*key.split("@", 1))) is not None:
-            return hit
+        if "@" in key and (hit := self.revision(*key.split("@", 1))) is not None:
+            return hit[0]
         if match := _DIGEST.match(key):
             hits = [m for m in models if m.digest.startswith(match.group(1))]
             if len(hits) == 1:
                 return hits[0]
         return None
 
-    def _revision(self, repo: str, rev: str) -> StoredModel | None:
+    def revision(self, repo: str, rev: str) -> tuple[StoredModel, set[str]] | None:
         """``repo@rev`` as `herd models add` took it: a stored commit that ``rev`` abbreviates,
         or that the branch or tag ``rev`` points to in this machine's hub cache (rm said "no
-        stored model" to the forms add takes: an outside run)."""
+        stored model" to the forms add takes: an outside run); the model and its names that
+        match."""
         from huggingface_hub import constants
 
         ref = Path(constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}" / "refs" / rev
@@ -125,9 +126,12 @@ class ModelStore:
             commit = ref.read_text().strip() if ".." not in rev else ""
         except (OSError, ValueError):
             commit = ""
-        hits = {m.digest: m for m in self.revisions_of(repo) for n in m.names
+        hits: dict[str, tuple[StoredModel, set[str]]] = {}
+        for m in self.revisions_of(repo):
+            for n in m.names:
                 if n.startswith(f"{repo}@") and (n == f"{repo}@{commit}" or (
-                    len(rev) >= 7 and n.split("@", 1)[1].startswith(rev)))}
+                        len(rev) >= 7 and n.split("@", 1)[1].startswith(rev))):
+                    hits.setdefault(m.digest, (m, set()))[1].add(n)
         return next(iter(hits.values())) if len(hits) == 1 else None
 
     def fetched(self, pinned: str) -> StoredModel | None:
@@ -310,9 +314,9 @@ class ModelCatalog:
             raise NotFoundError(f"no stored model {key!r}" + (
                 f": {len(several)} revisions of it are stored ({', '.join(several)})"
                 if several else ""), hint="name one as listed by `herd models`")
-        repo = key.split("@", 1)[0]  # (org/name, org/name@tag or @short-commit: its revision)
-        named = {key} if key in model.names else {
-            n for n in model.names if n.startswith(f"{repo}@")} or set(model.names)
+        revision = self.store.revision(*key.split("@", 1)) if "@" in key else None
+        named = {key} if key in model.names else revision[1] if revision else {
+            n for n in model.names if n.startswith(f"{key}@")} or set(model.names)
         if named != set(model.names):
             kept = self.store.unname(model, named)
             return dataclasses.replace(model, names=tuple(sorted(named))), 0, kept.names

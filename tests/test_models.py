@@ -609,6 +609,12 @@ def test_a_hub_model_is_found_by_the_id_herd_models_add_took(sharded, tiny_model
     finally:
         mp.undo()
     assert removed.digest == again.digest and removed.names == (f"org/m@{'c' * 40}",)
+    # a second revision of the same files: only the one named goes
+    two = models.store.import_folder(sharded, f"org/m@{'d' * 40}", 0, link=False, from_hub=True)
+    models.store.import_folder(sharded, f"org/m@{'e' * 40}", 0, link=False, from_hub=True)
+    removed, _, still = models.remove("org/m@ddddddd", [])
+    assert removed.names == (f"org/m@{'d' * 40}",) and still == (f"org/m@{'e' * 40}",), still
+    assert models.store.get(two.digest) is not None
 
 
 def test_a_name_names_one_model_and_rm_of_a_name_removes_only_that_name(sharded, tiny_model,
