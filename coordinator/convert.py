@@ -179,12 +179,13 @@ def interface_from_pb(m: common_pb2.NetInterface) -> Interface:
 def worker_to_pb(w: WorkerRecord) -> common_pb2.WorkerInfo:
     return common_pb2.WorkerInfo(**{f: getattr(w, f) for f in _WORKER_FIELDS},
                                  resources=w.resources, model_roots=w.model_roots,
+                                 cached_models=w.cached_models,
                                  interfaces=[interface_to_pb(i) for i in w.interfaces])
 
 
 def worker_from_pb(m: common_pb2.WorkerInfo) -> WorkerRecord:
     return WorkerRecord(**{f: getattr(m, f) for f in _WORKER_FIELDS}, resources=dict(m.resources),
-                        model_roots=tuple(m.model_roots),
+                        model_roots=tuple(m.model_roots), cached_models=tuple(m.cached_models),
                         interfaces=[interface_from_pb(i) for i in m.interfaces])
 
 

@@ -159,6 +159,7 @@ class WorkerRecord:
     # and whether it runs code a model ships.
     model_roots: tuple[str, ...] = ()
     allow_remote_code: bool = False
+    cached_models: tuple[str, ...] = ()  # stored models its cache holds whole (by digest)
 
     @property
     def target(self) -> str:

@@ -83,11 +83,13 @@ def _fmt(n: int) -> str:
 
 
 def place(cfg: JobConfig, workers: list[WorkerRecord],
-          model_config: dict | None = None) -> Placement:
+          model_config: dict | None = None, model_digest: str = "") -> Placement:
     """Chooses workers for every rank, most free memory first, and the data path between them
     (coordinator/planner/network.py), or raises PlacementError. ``model_config``: the model's
-    config.json (default: read from its folder, when one is here)."""
-    placement = _place_by_memory(cfg, workers, model_config)
+    config.json (default: read from its folder, when one is here). ``model_digest``: the stored
+    model's; among workers of the same memory (to the GiB), those whose cache holds it whole
+    go first (a warm pair was passed over and another re-fetched 40 GB each: an outside run)."""
+    placement = _place_by_memory(cfg, workers, model_config, model_digest)
     by_id = {w.worker_id: w for w in workers}
     path = choose_path([by_id[w] for w in placement.worker_ids], cfg.cluster.exchange,
                        cfg.cluster.allow_wifi, pipeline=placement.pipeline_stages > 1)
@@ -106,7 +108,7 @@ def with_path(placement: Placement, path: DataPath) -> Placement:
 
 
 def _place_by_memory(cfg: JobConfig, workers: list[WorkerRecord],
-                     model_config: dict | None) -> Placement:
+                     model_config: dict | None, model_digest: str = "") -> Placement:
     need = workers_needed(cfg)
     idle = [w for w in workers if not w.running_job_id]
     if len(idle) < need:
@@ -133,7 +135,10 @@ def _place_by_memory(cfg: JobConfig, workers: list[WorkerRecord],
             + (f" ({why})" if cfg.batch_size >= dp else ""),
             hint=f"use a batch_size that is a multiple of {dp}",
         )
-    ranked = sorted(idle, key=lambda w: (-usable_bytes(w), w.worker_id))
+    # (the memory to the GiB first: a cache never costs the job memory it would have had)
+    ranked = sorted(idle, key=lambda w: (-(usable_bytes(w) // planner.GIB),
+                                         model_digest not in w.cached_models,
+                                         -usable_bytes(w), w.worker_id))
     config_json = Path(cfg.model).expanduser() / "config.json"
     if model_config is None and config_json.exists():
         model_config = json.loads(config_json.read_text())
@@ -301,7 +306,7 @@ def decide_queued(job: Job, workers: list[WorkerRecord], now_ms: int,
     refused = {**policy_refusals(job, workers), **(refused or {})}
     workers = [w for w in workers if w.worker_id not in refused]
     try:
-        return place(job.config, workers, model_config)
+        return place(job.config, workers, model_config, job.model_digest)
     except PlacementError as e:
         reason = e.message + (f" ({refusals_text(refused)})" if refused else "")
         # A peer lost mid-job is first seen as the survivors' ranks failing ("lost a peer"):

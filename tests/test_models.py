@@ -202,6 +202,34 @@ def test_fetch_figures_add_up_after_a_resumed_transfer(tmp_path):
     # the shard's rest, the config and the tokenizer
     assert status.bytes_received == 30_000 + len(content["config.json"]) + len(b"{}")
     assert status.bytes_cached + status.bytes_received == status.bytes_needed, status
+    # The whole model is here now: the worker says so (WorkerInfo.cached_models), until a file
+    # of it goes.
+    assert cache.whole_models() == ["d" * 64]
+    cache.blob(files[2].sha256).unlink()
+    assert cache.whole_models() == []
+
+
+def test_placement_prefers_the_workers_that_hold_the_model_among_equal_memory(tmp_path):
+    """An outside run: two idle workers held a 600 MB model, and placement chose two others,
+    which fetched it all again (40 GB each for a 70B). Among workers of the same memory (to the
+    GiB) those holding the job's stored model go first; never one with less memory."""
+    from coordinator.domain import Job
+    from coordinator.placement import decide_queued
+    from herd.config import parse_config
+    from tests.test_service_units import GB, worker
+
+    cfg = parse_config({"model": "/m", "data": "d", "num_layers": -1, "batch_size": 4,
+                        "cluster": {"workers": 2}})
+    job = Job(job_id="j-1", name="j", config=cfg, dataset=[], workers_needed=2, iters=10,
+              model_digest="d" * 64)
+    warm, mem = ("d" * 64,), 16 * GB + 512 * 2**20
+    workers = [worker(1, mem=mem), worker(2, mem=mem, cached_models=warm), worker(3, mem=mem),
+               worker(4, mem=16 * GB + 100 * 2**20, cached_models=warm)]  # (less, same GiB)
+    assert decide_queued(job, workers, 0, 60).worker_ids == ["w2", "w4"]
+    workers[3] = worker(4, mem=15 * GB, cached_models=warm)  # a GiB less: not for a cache
+    assert decide_queued(job, workers, 0, 60).worker_ids == ["w2", "w1"]
+    cold = Job(job_id="j-2", name="j", config=cfg, dataset=[], workers_needed=2, iters=10)
+    assert decide_queued(cold, workers, 0, 60).worker_ids == ["w1", "w2"]  # as before
 
 
 def _blob(cache, sha: str) -> Path:

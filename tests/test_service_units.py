@@ -64,7 +64,8 @@ def test_converters_round_trip():
                      learning_rate=1e-4, tokens_per_second=900.0, trained_tokens=1234,
                      peak_memory_gb=0.5, exchange="mlx", world_size=2)
     assert convert.progress_from_pb(convert.progress_to_pb(p)) == p
-    w = worker(3, running_job_id="x", model_roots=("/models", "/hf"), allow_remote_code=True)
+    w = worker(3, running_job_id="x", model_roots=("/models", "/hf"), allow_remote_code=True,
+               cached_models=("d" * 64,))
     assert convert.worker_from_pb(convert.worker_to_pb(w)) == w
     c = Checkpoint("j", 20, [FileDigest("adapters.safetensors", "b" * 64, 99)], 1700)
     assert convert.checkpoint_from_pb(convert.checkpoint_to_pb(c)) == c

@@ -27,7 +27,7 @@ JOB_STATE_CANCELLED: JobState
 JOB_STATE_RESTARTING: JobState
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "host", "port", "ring_port", "exchange_port", "protocol_version", "memory_bytes", "free_memory_bytes", "chip", "gpu_cores", "os", "mlx_version", "running_job_id", "wired_limit_mb", "interfaces", "resources", "model_roots", "allow_remote_code")
+    __slots__ = ("worker_id", "host", "port", "ring_port", "exchange_port", "protocol_version", "memory_bytes", "free_memory_bytes", "chip", "gpu_cores", "os", "mlx_version", "running_job_id", "wired_limit_mb", "interfaces", "resources", "model_roots", "allow_remote_code", "cached_models")
     class ResourcesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -53,6 +53,7 @@ class WorkerInfo(_message.Message):
     RESOURCES_FIELD_NUMBER: _ClassVar[int]
     MODEL_ROOTS_FIELD_NUMBER: _ClassVar[int]
     ALLOW_REMOTE_CODE_FIELD_NUMBER: _ClassVar[int]
+    CACHED_MODELS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     host: str
     port: int
@@ -71,7 +72,8 @@ class WorkerInfo(_message.Message):
     resources: _containers.ScalarMap[str, float]
     model_roots: _containers.RepeatedScalarFieldContainer[str]
     allow_remote_code: bool
-    def __init__(self, worker_id: _Optional[str] = ..., host: _Optional[str] = ..., port: _Optional[int] = ..., ring_port: _Optional[int] = ..., exchange_port: _Optional[int] = ..., protocol_version: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., free_memory_bytes: _Optional[int] = ..., chip: _Optional[str] = ..., gpu_cores: _Optional[int] = ..., os: _Optional[str] = ..., mlx_version: _Optional[str] = ..., running_job_id: _Optional[str] = ..., wired_limit_mb: _Optional[int] = ..., interfaces: _Optional[_Iterable[_Union[NetInterface, _Mapping]]] = ..., resources: _Optional[_Mapping[str, float]] = ..., model_roots: _Optional[_Iterable[str]] = ..., allow_remote_code: _Optional[bool] = ...) -> None: ...
+    cached_models: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, worker_id: _Optional[str] = ..., host: _Optional[str] = ..., port: _Optional[int] = ..., ring_port: _Optional[int] = ..., exchange_port: _Optional[int] = ..., protocol_version: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., free_memory_bytes: _Optional[int] = ..., chip: _Optional[str] = ..., gpu_cores: _Optional[int] = ..., os: _Optional[str] = ..., mlx_version: _Optional[str] = ..., running_job_id: _Optional[str] = ..., wired_limit_mb: _Optional[int] = ..., interfaces: _Optional[_Iterable[_Union[NetInterface, _Mapping]]] = ..., resources: _Optional[_Mapping[str, float]] = ..., model_roots: _Optional[_Iterable[str]] = ..., allow_remote_code: _Optional[bool] = ..., cached_models: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class NetInterface(_message.Message):
     __slots__ = ("name", "kind", "addresses", "speed_mbps", "rdma_device", "data")

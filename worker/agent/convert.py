@@ -49,8 +49,8 @@ def fetch_to_pb(f: FetchProgress) -> common_pb2.FetchProgress:
 def worker_info(worker_id: str, host: str, port: int, ring_port: int, exchange_port: int,
                 machine: Machine, free_memory_bytes: int, protocol_version: int,
                 running_job_id: str, interfaces: list[Interface] = (),
-                model_roots: tuple[str, ...] = (),
-                allow_remote_code: bool = False) -> common_pb2.WorkerInfo:
+                model_roots: tuple[str, ...] = (), allow_remote_code: bool = False,
+                cached_models: list[str] = ()) -> common_pb2.WorkerInfo:
     return common_pb2.WorkerInfo(
         worker_id=worker_id, host=host, port=port, ring_port=ring_port,
         exchange_port=exchange_port, protocol_version=protocol_version,
@@ -58,7 +58,7 @@ def worker_info(worker_id: str, host: str, port: int, ring_port: int, exchange_p
         chip=machine.chip, gpu_cores=machine.gpu_cores, os=machine.os,
         mlx_version=machine.mlx_version, wired_limit_mb=machine.wired_limit_mb,
         running_job_id=running_job_id, model_roots=model_roots,
-        allow_remote_code=allow_remote_code,
+        allow_remote_code=allow_remote_code, cached_models=cached_models,
         interfaces=[common_pb2.NetInterface(name=i.name, kind=i.kind, addresses=i.addresses,
                                             speed_mbps=i.speed_mbps, rdma_device=i.rdma_device,
                                             data=i.data) for i in interfaces],

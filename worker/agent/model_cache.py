@@ -9,6 +9,7 @@ Files pinned by a job that runs (or is being prepared) are never evicted.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import threading
@@ -93,6 +94,32 @@ class ModelCache:
     def pinned(self) -> set[str]:
         with self._lock:
             return set().union(*self._pins.values())
+
+    # --- whole models held (coordinator/placement.py prefers a worker that holds the job's) --
+
+    def note_whole(self, digest: str, shas: set[str]) -> None:
+        """A stored model, ``digest``, is here whole: every one of its files (``shas``)."""
+        with self._lock:
+            held = {d: s for d, s in self._held().items() if self._all_here(s)}
+            held[digest] = sorted(shas)
+            tmp = self.root / ".held.json.tmp"
+            tmp.write_text(json.dumps(held))
+            os.replace(tmp, self.root / "held.json")
+
+    def whole_models(self) -> list[str]:
+        """The stored models whose every file is still here (none evicted or found corrupt)."""
+        return sorted(d for d, shas in self._held().items() if self._all_here(shas))
+
+    def _held(self) -> dict[str, list[str]]:
+        try:
+            held = json.loads((self.root / "held.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return held if isinstance(held, dict) else {}
+
+    def _all_here(self, shas) -> bool:
+        return isinstance(shas, list) and all(
+            isinstance(s, str) and len(s) == 64 and (self.blobs / s).exists() for s in shas)
 
     # --- room ------------------------------------------------------------------------------
 

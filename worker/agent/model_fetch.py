@@ -194,6 +194,8 @@ class Preparation:
             for f in futures:
                 f.result()
         self.cache.touch(shas)
+        if stage_of(self.spec) is None and self.spec.model.digest:  # the whole model is here
+            self.cache.note_whole(self.spec.model.digest, shas)
         return self.cache.view(self.folder, files)
 
     def _from_hub(self) -> Path:

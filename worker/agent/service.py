@@ -65,7 +65,8 @@ class Worker:
             self.worker_id, self.host, self.port, self.ring_port, self.exchange_port,
             self.machine, min(self.machine.memory_bytes, free_memory_bytes() or 2**62),
             PROTOCOL_VERSION, rank.spec.job_id if rank and rank.running() else "",
-            self.interfaces, self.policy.reported_roots(), self.policy.allow_remote_code)
+            self.interfaces, self.policy.reported_roots(), self.policy.allow_remote_code,
+            self.models.whole_models())
 
     def _busy_with_other(self, spec: RankSpec) -> None:
         cur = self.rank
