@@ -239,6 +239,31 @@ def test_rogue_adverts_that_never_answer_are_dialled_side_by_side(site, tmp_path
             pit.close()
 
 
+def test_a_second_coordinator_of_the_cluster_is_said_not_silently_split(site, tmp_path, capsys):
+    """Two coordinators of one cluster CA on a LAN: each CLI command reached either, and a job
+    submitted to one was "no job" to the other (an outside run). The CLI says so, naming both,
+    and uses the one that answered first."""
+    from coordinator.main import Coordinator
+    from herd.cli.connection import find_coordinator
+
+    other = Coordinator(tmp_path / "coord2", site.ca, HOST, 0, advertise=True, join_port=None)
+    other.start()
+    try:
+        ends = (f":{site.coord.port}", f":{other.port}")
+        # (tried again while the second advert is not yet seen: mDNS takes a moment)
+        deadline, said = time.monotonic() + 30, ""
+        while time.monotonic() < deadline and "more than one coordinator" not in said:
+            found = find_coordinator(None, site.client, wait_s=10.0)
+            said = capsys.readouterr().err
+        assert found.endswith(ends) and "more than one coordinator of this cluster" in said, said
+        assert all(e in said for e in ends) and "--coordinator" in said, said
+    finally:
+        other.stop()
+    assert "more than one" not in capsys.readouterr().err
+    find_coordinator(None, site.client, wait_s=10.0)  # (its advert withdrawn: one again)
+    assert "more than one" not in capsys.readouterr().err
+
+
 def test_workers_wait_says_what_it_waits_for(site, capsys):
     """`herd workers --wait N` said nothing for its whole timeout (an outside run): it says how
     many are verified, then the timeout names the count."""

@@ -11,6 +11,7 @@ CLI. The files ``herd pull`` writes are checked by name and kept inside ``-o``.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
@@ -126,6 +127,29 @@ def _answered(done, dialling: dict, tried: dict, refused: dict) -> str | None:
     return None
 
 
+OTHERS_S = 0.3  # how long, after one answered, the dials to other adverts may still answer
+
+
+def _said_others(found: str, adverts, dialling: dict) -> str:
+    """``found``; first a warning on stderr when another advert's coordinator also proves it is
+    this cluster's, among the dials already under way (waited for OTHERS_S at most): two
+    coordinators of one cluster CA split a team's commands between them, a job submitted to one
+    unknown to the other, silently (an outside run)."""
+    mine = next((a.name for a in adverts if found in a.targets), None)
+    # (another advert of the same address: this coordinator's own older record, restarted)
+    theirs = {t: a.name for a in adverts if a.name != mine for t in a.targets if t != found}
+    others = {f: t for f, t in dialling.items() if t in theirs}
+    done, _ = wait(others, timeout=OTHERS_S) if others else ((), ())
+    answered = sorted({theirs[others[f]]: others[f] for f in done
+                       if f.result() is None}.values())
+    if answered:
+        print(f"herd: warning: more than one coordinator of this cluster answers ({found}, "
+              f"{', '.join(answered)}); using {found}: a job one holds is unknown to the "
+              f"other. Pass --coordinator HOST[:PORT] (or set {COORDINATOR_ENV}), or stop one",
+              file=sys.stderr)
+    return found
+
+
 def find_coordinator(explicit: str | None, identity: pki.Identity, wait_s: float = 4.0) -> str:
     """The first advertised coordinator that proves it is this cluster's (TLS) and accepts this
     machine's certificate; others (another cluster, a stale record, an impostor) are skipped.
@@ -156,13 +180,13 @@ def find_coordinator(explicit: str | None, identity: pki.Identity, wait_s: float
                 continue
             done, _ = wait(dialling, timeout=0.05, return_when=FIRST_COMPLETED)
             if (found := _answered(done, dialling, tried, refused)) is not None:
-                return found
+                return _said_others(found, browser.snapshot(), dialling)
         browser.close()
         # The dials under way when wait_s ended still count (herd plan's wait is a dial's own
         # 2 s deadline): waited for, not dropped; none is started after it.
         done, _ = wait(dialling, timeout=DIAL_S + 1.0)
         if (found := _answered(done, dialling, tried, refused)) is not None:
-            return found
+            return _said_others(found, browser.snapshot(), dialling)
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
         zc.close()
