@@ -66,7 +66,6 @@ def _share(event: TrainReport) -> dict:
             "items_per_second": rates[r] if r < len(rates) else 0.0}
 
 
-
 def drop_older(delivered: Path) -> None:
     """Once the coordinator holds checkpoint ``delivered``, the worker's own copies of the older
     ones go: the coordinator keeps every checkpoint it took (and serves a restart's resume), and

@@ -187,13 +187,12 @@ def _run(job: JobConfig, opts: StageOptions) -> int:
     if job.batch_size % topo.replicas:
         raise ConfigError(
             f"batch_size {job.batch_size} does not split over {topo.replicas} pipelines")
-    reports = topo.replica == 0 and stage.spec.last  # the rank that holds the loss
+    # The rank that holds the loss (the other pipeline's last stage holds the same sum). Every
+    # rank reports its own peak memory and speed, the loss only this one (0 elsewhere): only its
+    # reports reached watch, the dashboard and /metrics, and stage 0, the fullest worker of a
+    # planned cut, was the one to watch (an outside run).
+    reports = topo.replica == 0 and stage.spec.last
     log = EventLog(opts.metrics_file)
-    # Every rank reports its own peak memory and speed, the loss only the one above (0 here:
-    # the other pipeline's last stage holds the same sum): only that rank's reached watch, the
-    # dashboard and /metrics, and stage 0, the fullest worker of a planned cut, was the one to
-    # watch (an outside run).
-    holds_loss = reports
 
     # mlx-lm reports the mean loss of the steps since its last report, and their token rate,
     # every steps_per_report iterations: here at the first step at or after each (a step ends
@@ -202,7 +201,7 @@ def _run(job: JobConfig, opts: StageOptions) -> int:
     window = {"loss": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0, "since": 0}
 
     def on_step(info: dict) -> None:
-        window["loss"] += info["train_loss"] if holds_loss else 0.0
+        window["loss"] += info["train_loss"] if reports else 0.0
         window["steps"] += 1
         window["tokens"] += info["tokens"]
         window["seconds"] += info["seconds"]
@@ -211,7 +210,7 @@ def _run(job: JobConfig, opts: StageOptions) -> int:
             seconds = max(window["seconds"], 1e-9)
             report = TrainReport(
                 rank=group.rank(), iteration=it,
-                train_loss=window["loss"] / window["steps"] if holds_loss else 0.0,
+                train_loss=window["loss"] / window["steps"] if reports else 0.0,
                 learning_rate=info["learning_rate"],
                 tokens_per_second=window["tokens"] / seconds,
                 trained_tokens=info["trained_tokens"], peak_memory_gb=info["peak_memory_gb"],
