@@ -112,3 +112,23 @@ def test_logs_follow_goes_on_through_a_coordinator_restart(capsys, away_s, code)
     # each once, the one written after the restart too
     assert len(lines) == len(set(lines)) >= 2 and int(lines[-1].split()[1]) > 3, lines
     assert "trying again for up to 180s" in out.err
+
+
+def test_a_watch_started_while_the_coordinator_restarts_waits_for_it(capsys):
+    """A `herd watch` started in the seconds a coordinator restarts exited 5 at once, where one
+    already running waits (an outside run): its first call waits the same way."""
+    from protos.v1 import coordinator_pb2
+
+    clock = Clock()
+
+    class Starting(RestartingCoordinator):
+        def call(self, name, request):
+            if clock.t < 30:
+                raise PeerLostError("c:7450 is unreachable: Connection refused")
+            return coordinator_pb2.GetJobReply(job=common_pb2.JobStatus(job_id="j", iters=3))
+
+    coord = Starting(clock, away_s=0)
+    watch.watch(coord, "j", plain=True, clock=clock, sleep=clock.sleep)
+    out = capsys.readouterr()
+    assert clock.t >= 30 and "trying again for up to 180s" in out.err, out.err
+    assert out.out.count("j: ") == 3  # then every event, once

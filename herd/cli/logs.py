@@ -39,10 +39,15 @@ def _drain(coord, job_id: str, rank: int, attempt: int, offset: int) -> tuple[in
 
 def follow(coord: CoordinatorConnection, job_id: str, rank: int, attempt: int,
            keep_going: bool, clock=time.monotonic, sleep=time.sleep) -> int:
-    attempt, offset, ranks = _drain(coord, job_id, rank, attempt, 0)
+    patience = Patience("logs", clock)
+    hint = f"`herd logs {job_id}` once it answers prints the whole log again"
+    if keep_going:  # (started while the coordinator restarts: it waits, as below)
+        attempt, offset, ranks = patience.call(lambda: _drain(coord, job_id, rank, attempt, 0),
+                                               f"following {job_id}", hint, sleep)
+    else:
+        attempt, offset, ranks = _drain(coord, job_id, rank, attempt, 0)
     if not ranks:
         print(f"({job_id} has no rank output: it was never placed)", file=sys.stderr)
-    patience = Patience("logs", clock)
     while keep_going:
         try:
             job = coord.call("GetJob", coordinator_pb2.GetJobRequest(job_id=job_id)).job
@@ -61,8 +66,7 @@ def follow(coord: CoordinatorConnection, job_id: str, rank: int, attempt: int,
         except PeerLostError as e:
             # A coordinator restart (an upgrade, a crash) ended -f at once, where `herd watch`
             # waits for it (an outside run): the same patience, on from the same offset.
-            patience.lost(e, f"following {job_id}", hint=f"`herd logs {job_id}` once it "
-                          "answers prints the whole log again")
+            patience.lost(e, f"following {job_id}", hint)
             sleep(2.0)
             continue
         sleep(POLL_S)

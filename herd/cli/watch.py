@@ -84,6 +84,28 @@ class Patience:
     def back(self) -> None:
         self.since = None
 
+    def call(self, fn, doing: str, hint: str, sleep=time.sleep):
+        """``fn()``, tried again every 2 s while the coordinator is away (a command started in
+        the seconds a coordinator restarts exited 5 at once, where one already running waits:
+        an outside run)."""
+        while True:
+            try:
+                result = fn()
+            except PeerLostError as e:
+                self.lost(e, doing, hint)
+                sleep(2.0)
+                continue
+            self.back()
+            return result
+
+
+def _watch_hint(job_id: str) -> str:
+    # (not "is the coordinator running?": cut off from this laptop, it and the job may be fine,
+    # the ranks training on: an outside run read it as a dead job)
+    return ("the job may still be training (ranks train on while the coordinator is away): run "
+            f"`herd watch {job_id}` again once it answers; nothing is missed, it starts from the "
+            "job's first event")
+
 
 def _events(coord: CoordinatorConnection, job_id: str, clock=time.monotonic, sleep=time.sleep):
     """Every event of the job, from where a dropped stream left off, for as long as the
@@ -100,12 +122,7 @@ def _events(coord: CoordinatorConnection, job_id: str, clock=time.monotonic, sle
                     yield e
             return
         except PeerLostError as e:
-            # (not "is the coordinator running?": cut off from this laptop, it and the job may
-            # be fine, the ranks training on: an outside run read it as a dead job)
-            patience.lost(e, f"watching {job_id}", hint="the job may still be training (ranks "
-                          "train on while the coordinator is away): run `herd watch "
-                          f"{job_id}` again once it answers; nothing is missed, it starts from "
-                          "the job's first event")
+            patience.lost(e, f"watching {job_id}", _watch_hint(job_id))
             sleep(2.0)
 
 
@@ -146,14 +163,17 @@ def fetch_line(fetching: dict[int, common_pb2.FetchProgress]) -> str:
             + (f" at {human_bytes(rate)}/s" if rate else ""))
 
 
-def watch(coord: CoordinatorConnection, job_id: str, plain: bool) -> tuple[int, str]:
+def watch(coord: CoordinatorConnection, job_id: str, plain: bool, clock=time.monotonic,
+          sleep=time.sleep) -> tuple[int, str]:
     """Follows the job to a final state; returns (state, message)."""
-    job = coord.call("GetJob", coordinator_pb2.GetJobRequest(job_id=job_id)).job
+    job = Patience("watch", clock).call(
+        lambda: coord.call("GetJob", coordinator_pb2.GetJobRequest(job_id=job_id)).job,
+        f"watching {job_id}", _watch_hint(job_id), sleep)
     iters = job.iters
     state, message = job.state, job.message
     seen_val: set[int] = set()
     if plain:
-        for e in _events(coord, job_id):
+        for e in _events(coord, job_id, clock, sleep):
             if _shown(e, seen_val):
                 print(f"{job_id}: {describe(e, iters)}", flush=True)
             if e.kind == KIND.KIND_STATE:
