@@ -170,14 +170,15 @@ class ModelStore:
             # A name names one model: a second model under a name made `herd models rm NAME`
             # remove either, with every other name of it (an outside run). (A pinned hub id the
             # coordinator fetched itself is its own: only an old folder record can hold it.)
-            other = next((m for m in self.list() if name in m.names
+            stored = self.list()
+            other = next((m for m in stored if name in m.names
                           and m.digest != manifest.digest), None)
             if other is not None and not from_hub:
                 raise ConfigError(f"model name {name!r} already names model {other.digest[:12]}",
                                   hint=f"choose another --name, or `herd models rm {name}` first")
             # (`herd models rm` takes a digest's prefix too: a name that reads as one was
             # ambiguous, the name winning: an outside run)
-            digests = [m.digest for m in self.list()] + [manifest.digest]
+            digests = [m.digest for m in stored] + [manifest.digest]
             if not from_hub and (hit := _DIGEST.match(name)) and any(
                     d.startswith(hit.group(1)) for d in digests):
                 raise ConfigError(f"model name {name!r} reads as the digest of a stored model",
@@ -314,9 +315,12 @@ class ModelCatalog:
             raise NotFoundError(f"no stored model {key!r}" + (
                 f": {len(several)} revisions of it are stored ({', '.join(several)})"
                 if several else ""), hint="name one as listed by `herd models`")
-        revision = self.store.revision(*key.split("@", 1)) if "@" in key else None
-        named = {key} if key in model.names else revision[1] if revision else {
-            n for n in model.names if n.startswith(f"{key}@")} or set(model.names)
+        if key in model.names:
+            named = {key}
+        elif "@" in key and (revision := self.store.revision(*key.split("@", 1))):
+            named = revision[1]  # (a short commit, a branch or tag)
+        else:  # a hub id's one stored revision, else a digest: every name
+            named = {n for n in model.names if n.startswith(f"{key}@")} or set(model.names)
         if named != set(model.names):
             kept = self.store.unname(model, named)
             return dataclasses.replace(model, names=tuple(sorted(named))), 0, kept.names
