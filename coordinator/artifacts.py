@@ -2,9 +2,10 @@
 (checkpoints per job and step).
 
 Both receive chunked streams, so no message ever nears a size limit, check every sha256 and move
-a complete result into place with one rename: a broken upload leaves nothing behind. A pipeline
-job's stages upload one piece each per step; the step's adapter is their merge (herd.adapter_merge),
-written once the last piece arrives.
+a complete result into place with one rename. A broken checkpoint upload leaves nothing behind; a
+broken blob upload keeps what arrived (``.<sha>.part-upload``), and the uploader resumes there.
+A pipeline job's stages upload one piece each per step; the step's adapter is their merge
+(herd.adapter_merge), written once the last piece arrives.
 
 A full or failing disk is a StorageError naming the folder and its free space (checked before a
 checkpoint is received, and on any write that fails); a stored checkpoint can be verified at rest
@@ -27,12 +28,20 @@ from typing import Iterable, Iterator
 from coordinator.domain import Checkpoint, FileDigest
 from herd.adapter_merge import ADAPTER_CONFIG, ADAPTERS, AdapterPiece, merge_pieces
 from herd.digest import file_digest, sha256_file
-from herd.errors import DISK_ERRNOS, DatasetError, HerdError, NotFoundError, StorageError
+from herd.errors import (
+    DISK_ERRNOS,
+    DatasetError,
+    HerdError,
+    NotFoundError,
+    PeerLostError,
+    StorageError,
+)
 from herd.rpc.files import (
     check_sha,
     read_chunks,
     receive_file,
     receive_folder,
+    receive_from,
     send_files,
 )
 from herd.rpc.names import check_step
@@ -79,10 +88,15 @@ def disk_errors(folder: Path, what: str) -> Iterator[None]:
             "disk") from None
 
 
+PARTIAL_SUFFIX = ".part-upload"  # what arrived of a broken blob upload, kept for the next try
+
+
 class BlobStore:
     def __init__(self, root: Path):
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
+        self._uploading: set[str] = set()  # blobs whose partial file one upload is writing
+        self._guard = threading.Lock()
 
     def has(self, sha: str) -> bool:
         return (self.root / check_sha(sha)).exists()
@@ -99,11 +113,34 @@ class BlobStore:
     def path(self, sha: str) -> Path:
         return self.root / check_sha(sha)
 
-    def put(self, sha: str, chunks: Iterable[bytes]) -> int:
-        """Stores a blob; the same bytes again replace it with themselves (idempotent)."""
-        with disk_errors(self.root, f"dataset file {sha[:12]}"):
-            return receive_file(chunks, check_sha(sha), self.root / sha, f"upload {sha[:12]}",
-                                hint="retry the upload")
+    def held(self, sha: str) -> int:
+        """The bytes kept of a broken upload of the blob: where the next one may resume."""
+        try:
+            return (self.root / f".{check_sha(sha)}{PARTIAL_SUFFIX}").stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def put(self, sha: str, chunks: Iterable[bytes], offset: int = 0) -> int:
+        """Stores a blob from ``chunks``, its bytes from ``offset`` on (a resumed upload: at most
+        ``held``); the same bytes again replace it with themselves (idempotent). A second upload of
+        a blob while one is in flight writes a file of its own, from byte 0 only."""
+        what = f"upload {check_sha(sha)[:12]}"
+        with self._guard:
+            mine = sha not in self._uploading
+            self._uploading.add(sha)
+        try:
+            with disk_errors(self.root, f"dataset or model file {sha[:12]}"):
+                if mine:
+                    return receive_from(chunks, sha, offset, self.root / f".{sha}{PARTIAL_SUFFIX}",
+                                        self.root / sha, what, hint="retry the upload")
+                if offset:
+                    raise PeerLostError(f"another {what} is in flight here",
+                                        hint="try again once it ends")
+                return receive_file(chunks, sha, self.root / sha, what, hint="retry the upload")
+        finally:
+            if mine:
+                with self._guard:
+                    self._uploading.discard(sha)
 
     def import_file(self, path: Path, sha: str, link: bool) -> None:
         """Stores the file at ``path`` (already hashed to ``sha``): a hard link when ``link`` (an

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from coordinator.artifacts import require_free
+from coordinator.artifacts import PARTIAL_SUFFIX, require_free
 from coordinator.domain import Job
 from coordinator.placement import checkpoint_bytes, checkpoints_held
 from coordinator.store import JobStore
@@ -67,6 +67,7 @@ def prune_checkpoints(store: JobStore, adapters, keep: int) -> int:
 ORPHAN_GRACE_S = 24 * 3600  # an upload waits this long for the job that uses it
 # A temporary file of an upload (".upload-*" from the job API, ".<sha>.part-*" from PutBlob) not
 # written to for this long was left by a crash or a bug: a live upload writes every few seconds.
+# (A broken PutBlob's ".<sha>.part-upload", which its uploader resumes, waits ORPHAN_GRACE_S.)
 TEMP_GRACE_S = 3600
 
 
@@ -96,7 +97,9 @@ def sweep_blobs(store: JobStore, models, blobs, now_s: float,
             continue  # (links being made are dot-files too: never a blob's name)
         try:
             st = path.lstat()
-            if not path.is_file() or now_s - st.st_mtime < (TEMP_GRACE_S if temp else grace_s):
+            # (what arrived of a broken upload waits a day for the uploader to resume it)
+            kept = grace_s if not temp or name.endswith(PARTIAL_SUFFIX) else TEMP_GRACE_S
+            if not path.is_file() or now_s - st.st_mtime < kept:
                 continue
             if temp:
                 path.unlink()

@@ -230,7 +230,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             for m in request_iterator:
                 yield m.data
 
-        size = self.blobs.put(first.sha256, chunks())
+        size = self.blobs.put(first.sha256, chunks(), first.offset)
         return coordinator_pb2.PutBlobReply(sha256=first.sha256, bytes=size)
 
     @_stream
@@ -245,8 +245,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     @_unary
     def MissingBlobs(self, request, context):
         # (one it holds is touched: about to be used again, it is not an orphan to sweep)
+        missing = [sha for sha in request.sha256 if not self.blobs.touch(check_sha(sha))]
         return coordinator_pb2.MissingBlobsReply(
-            sha256=[sha for sha in request.sha256 if not self.blobs.touch(check_sha(sha))])
+            sha256=missing, held=[self.blobs.held(sha) for sha in missing])
 
     # --- models ----------------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ call twice is (Ray's rule: idempotent, or say that it is not)."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import grpc
@@ -80,26 +81,31 @@ class Ids:
         self.worker = ca.issue("worker", "w1")
 
 
-@pytest.fixture
-def coordinator(tmp_path, cluster_ca):
-    """A real CoordinatorService on loopback (scheduler, stores under tmp_path/coordinator; no
-    zeroconf), whose workers the test lists and whose launcher only records. Yields its address,
-    the identities (``Ids``), the scheduler and the workers list."""
+def serve(ids: Ids, state, workers: list, port: int = 0):
+    """A real CoordinatorService on loopback over the stores in ``state`` (db, blobs/,
+    adapters/; no zeroconf), whose launcher only records: (server, port, scheduler)."""
     from coordinator.artifacts import AdapterStore, BlobStore
     from coordinator.registry import Registry
     from coordinator.scheduler import Scheduler
     from coordinator.service import RULES, CoordinatorServicer, add_to_server
     from coordinator.store import JobStore
 
-    ids = Ids(cluster_ca)
-    workers: list = []
     server = secure_server(ids.coordinator, RULES, max_workers=4)
-    port = bind(server, ids.coordinator, f"{HOST}:0")
-    state = tmp_path / "coordinator"  # db, blobs/, adapters/
+    port = bind(server, ids.coordinator, f"{HOST}:{port}")
     s = Scheduler(JobStore(state / "db"), lambda: list(workers), FakeLauncher())
     add_to_server(CoordinatorServicer(s, Registry(ids.coordinator), BlobStore(state / "blobs"),
                                       AdapterStore(state / "adapters")), server)
     server.start()
+    return server, port, s
+
+
+@pytest.fixture
+def coordinator(tmp_path, cluster_ca):
+    """A real coordinator (``serve``) under tmp_path/coordinator, whose workers the test lists.
+    Yields its address, the identities (``Ids``), the scheduler and the workers list."""
+    ids = Ids(cluster_ca)
+    workers: list = []
+    server, port, s = serve(ids, tmp_path / "coordinator", workers)
     yield f"{HOST}:{port}", ids, s, workers
     server.stop(grace=0).wait()
 
@@ -219,6 +225,127 @@ def test_a_peer_the_server_lost_is_named_not_the_server(agent, tmp_path, cluster
         client.close()
     assert lost.value.message.startswith(f"{gone} is unreachable"), lost.value.message
     assert f"{target} is unreachable" not in lost.value.message
+
+
+# --- uploads resume ----------------------------------------------------------------------
+
+MIB = 1024 * 1024
+
+
+def test_a_broken_upload_resumes_from_the_bytes_the_coordinator_kept(coordinator, tmp_path):
+    """A laptop's upload cut after 3 MiB of 8: the coordinator keeps what arrived, says how much
+    (MissingBlobs), and the next upload sends only the rest; the blob is whole and checked."""
+    from herd.cli.connection import CoordinatorConnection
+    from herd.digest import sha256_file
+    from herd.rpc.files import read_chunks
+    from protos.v1 import coordinator_pb2
+
+    target, ids, _, _ = coordinator
+    data = tmp_path / "big.bin"
+    data.write_bytes(os.urandom(8 * MIB))
+    sha = sha256_file(data)
+
+    partial = tmp_path / "coordinator" / "blobs" / f".{sha}.part-upload"
+
+    def cut_after_3_mib():
+        yield coordinator_pb2.PutBlobRequest(sha256=sha)
+        for n, block in enumerate(read_chunks(data)):
+            if n == 3:  # (once the server wrote them: a cancel may overtake chunks in flight)
+                for _ in range(100):
+                    if partial.exists() and partial.stat().st_size == 3 * MIB:
+                        break
+                    time.sleep(0.1)
+                raise ConnectionResetError("the laptop's Wi-Fi went away")
+            yield coordinator_pb2.PutBlobRequest(data=block)
+
+    with CoordinatorConnection(target, ids.client) as c:
+        with pytest.raises(errors.HerdError):
+            with rpc_errors(target):
+                c.stub.PutBlob(cut_after_3_mib(), timeout=30)
+        held = c.missing([sha])[sha]
+        assert held == 3 * MIB  # every chunk that arrived is kept
+        with pytest.raises(errors.ProtocolError, match="resumes at byte 4194304, but 3145728"):
+            c.put_blob(data, sha, held=4 * MIB)  # (past what is held: refused, not a hole)
+        sent = []
+        c.put_blob(data, sha, sent.append, held=held)
+        assert sum(sent) == 5 * MIB  # the rest, no more
+        assert c.missing([sha]) == {}
+    blobs = tmp_path / "coordinator" / "blobs"
+    assert [p.name for p in blobs.iterdir()] == [sha]  # (no partial left)
+    assert (blobs / sha).read_bytes() == data.read_bytes()
+
+
+def test_an_upload_goes_on_across_a_coordinator_restart(tmp_path, cluster_ca):
+    """The coordinator killed mid-upload and started again on the same state: put_blob waits for
+    it, asks where to resume, and sends the rest; a start-over would send 40 MiB before the cut
+    and all 64 again."""
+    import threading
+
+    from herd.cli.connection import CoordinatorConnection
+    from herd.digest import sha256_file
+
+    ids, state, workers = Ids(cluster_ca), tmp_path / "coordinator", []
+    server, port, _ = serve(ids, state, workers)
+    data = tmp_path / "shard.safetensors"
+    data.write_bytes(os.urandom(64 * MIB))
+    sha = sha256_file(data)
+    servers, bar, chunks = [server], [], []
+
+    def restart():
+        servers[0].stop(grace=0).wait()
+        time.sleep(1.0)  # (a supervisor's restart takes a while: the laptop's tries fail)
+        for _ in range(100):  # (the old listener's port is released soon after its stop)
+            again, bound, _ = serve(ids, state, workers, port)
+            servers.append(again)
+            if bound == port:
+                return
+            time.sleep(0.1)
+
+    def on_bytes(n: int) -> None:
+        bar.append(n)
+        if threading.current_thread() is not threading.main_thread():  # (gRPC's sending thread)
+            chunks.append(n)  # (the main thread's calls set the bar to what the server kept)
+            if sum(chunks) == 40 * MIB:
+                threading.Thread(target=restart).start()
+
+    try:
+        with CoordinatorConnection(f"{HOST}:{port}", ids.client) as c:
+            c.put_blob(data, sha, on_bytes, patience_s=60)
+            assert c.missing([sha]) == {}
+    finally:
+        for s in servers:
+            s.stop(grace=0).wait()
+    assert len(servers) >= 2  # (the cut happened)
+    assert sum(bar) == 64 * MIB  # the progress bar ends at the file's size
+    # What was in flight at the cut (gRPC's window, socket buffers: a few MiB) is sent again.
+    assert 64 * MIB < sum(chunks) < 64 * MIB + 16 * MIB
+    assert (state / "blobs" / sha).read_bytes() == data.read_bytes()
+
+
+def test_an_upload_of_a_blob_already_in_flight_does_not_share_its_partial_file(tmp_path):
+    """Two laptops uploading the same bytes at once: the second writes a file of its own (from
+    byte 0; a resume is told to wait), and both end with the one blob."""
+    from coordinator.artifacts import BlobStore
+    from herd.digest import sha256_file
+    from herd.rpc.files import read_chunks
+
+    blobs = BlobStore(tmp_path / "blobs")
+    data = tmp_path / "train.jsonl"
+    data.write_bytes(os.urandom(3 * MIB))
+    sha = sha256_file(data)
+    blobs.root.joinpath(f".{sha}.part-upload").write_bytes(data.read_bytes()[:MIB])
+
+    def first():  # the upload in flight, resumed at 1 MiB; the second runs within it
+        for n, block in enumerate(read_chunks(data, MIB)):
+            if n == 0:
+                with pytest.raises(errors.PeerLostError, match="in flight"):
+                    blobs.put(sha, read_chunks(data, MIB), offset=MIB)
+                assert blobs.put(sha, read_chunks(data)) == 3 * MIB
+            yield block
+
+    assert blobs.put(sha, first(), offset=MIB) == 3 * MIB
+    assert [p.name for p in blobs.root.iterdir()] == [sha]
+    assert (blobs.root / sha).read_bytes() == data.read_bytes()
 
 
 # --- rpcs whose proto comment says they are safe to call twice -------------------------------

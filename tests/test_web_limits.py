@@ -210,7 +210,7 @@ def test_an_upload_over_the_bound_is_refused_with_413(make_server, monkeypatch):
 
 
 def test_the_sweep_removes_stale_temporary_upload_files(tmp_path):
-    from coordinator.housekeeping import TEMP_GRACE_S, sweep_blobs
+    from coordinator.housekeeping import ORPHAN_GRACE_S, TEMP_GRACE_S, sweep_blobs
     from coordinator.models import ModelStore
 
     store, blobs = JobStore(tmp_path / "db"), BlobStore(tmp_path / "blobs")
@@ -222,7 +222,14 @@ def test_the_sweep_removes_stale_temporary_upload_files(tmp_path):
         (blobs.root / name).write_bytes(b"x" * 10)
         if stale or name.endswith(".link"):
             os.utime(blobs.root / name, (now - TEMP_GRACE_S - 30,) * 2)
+    # What arrived of a broken PutBlob waits a day for its uploader to resume it, then goes.
+    partial = blobs.root / f".{'c' * 64}.part-upload"
+    partial.write_bytes(b"y" * 7)
+    os.utime(partial, (now - TEMP_GRACE_S - 30,) * 2)
     assert sweep_blobs(store, models, blobs, now) == (2, 20)
     assert sorted(p.name for p in blobs.root.iterdir()) == sorted(
-        n for n, stale in names.items() if not stale)
+        [partial.name, *(n for n, stale in names.items() if not stale)])
+    # (a day on, the ".upload-live" written now is stale too)
+    assert sweep_blobs(store, models, blobs, now + ORPHAN_GRACE_S) == (2, 17)
+    assert not partial.exists()
     store.close()

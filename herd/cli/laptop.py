@@ -142,8 +142,12 @@ def cmd_submit(args) -> int:
         spec, files = job_spec(cfg, args.name or Path(args.config).stem, model, digest)
         spec.resume_from = args.resume_from or ""
         spec.model_config_json = _model_config_json(cfg, hub)
-        for path, sha in files:  # content-addressed: re-uploading the same bytes is a no-op
-            coord.put_blob(path, sha)
+        # Content-addressed: only the files the coordinator lacks go, each from where a broken
+        # upload of it stopped.
+        missing = coord.missing([sha for _, sha in files])
+        for path, sha in files:
+            if sha in missing:
+                coord.put_blob(path, sha, held=missing.pop(sha))
         # The coordinator reads the uploaded records (coordinator/jobs.py) and plans the job, or
         # the fixes that would make it fit, before it answers: the deadline grows with the
         # dataset, at a parse rate well below one core's, plus the planning on a loaded machine.

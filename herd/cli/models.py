@@ -108,13 +108,14 @@ def add_folder(coord: CoordinatorConnection, folder: Path, name: str,
     with Bar(plain) as bar:
         manifest = folder_manifest(folder, bar.task("hashing", sum(p.stat().st_size
                                                                    for p in paths)))
-        missing = set(coord.call("MissingBlobs", coordinator_pb2.MissingBlobsRequest(
-            sha256=[f.sha256 for f in manifest.files])).sha256)
+        missing = coord.missing([f.sha256 for f in manifest.files])
         todo = [f for f in manifest.files if f.sha256 in missing]
         sent = bar.task(f"uploading {len(todo)} of {len(manifest.files)} files",
                         sum(f.bytes for f in todo))
-        for f in todo:
-            coord.put_blob(folder / f.name, f.sha256, sent)
+        for f in todo:  # (a file the coordinator kept part of, from a broken upload: the rest)
+            if f.sha256 in missing:  # (two names of the same bytes: once)
+                sent(missing[f.sha256])
+                coord.put_blob(folder / f.name, f.sha256, sent, held=missing.pop(f.sha256))
     request = coordinator_pb2.AddModelRequest(name=name, files=[
         common_pb2.FileDigest(name=f.name, sha256=f.sha256, bytes=f.bytes)
         for f in manifest.files])

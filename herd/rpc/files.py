@@ -6,9 +6,10 @@ workers (GetBlob), checkpoints from ranks (PutCheckpoint) and back to laptops an
 A sender streams ``(name, bytes)`` chunks, file after file (``send_files``) or one file's bytes
 from an offset (``read_chunks``). A receiver writes them into scratch space, hashing as it goes,
 and moves the result into place with one rename only when every name, size and sha256 matches: a
-corrupted transfer leaves nothing behind and raises ``ChecksumError``. Large files (model shards)
-use ``receive_resumable``: a broken connection keeps the bytes received, and the next try asks
-for the rest from where they end.
+corrupted transfer leaves nothing behind and raises ``ChecksumError``. Large files use resumable
+transfers, where a broken connection keeps the bytes received and the next try sends only the
+rest: ``receive_resumable`` on the fetching side (model shards to workers), ``receive_from`` on
+the serving side of an upload (PutBlob: datasets and model files from a laptop).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from herd.digest import BLOCK_BYTES, FileDigest
-from herd.errors import ChecksumError, HerdError, PeerLostError
+from herd.errors import ChecksumError, HerdError, PeerLostError, ProtocolError
 from herd.rpc.names import check_name, check_sha, check_step, inside
 from protos.v1 import common_pb2, coordinator_pb2
 
@@ -71,6 +72,33 @@ def receive_file(chunks: Iterable[bytes], sha256: str, dest: Path, what: str, hi
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    return size
+
+
+def receive_from(chunks: Iterable[bytes], sha256: str, offset: int, part: Path, dest: Path,
+                 what: str, hint: str) -> int:
+    """An upload's bytes from ``offset`` on, appended to ``part`` (which holds at least its first
+    ``offset`` bytes from a broken try); ``part`` moves to ``dest`` once the whole file hashes to
+    ``sha256``. A stream that breaks leaves ``part`` holding what arrived, for the next try.
+    Returns the file's size."""
+    check_sha(sha256)
+    held = part.stat().st_size if part.exists() else 0
+    if not 0 <= offset <= held:
+        raise ProtocolError(f"{what} resumes at byte {offset}, but {held} are held",
+                            hint="resume from the byte MissingBlobs names")
+    with open(part, "ab") as f:
+        f.truncate(offset)  # (bytes past the resume point are sent again)
+    h, size = _hash_prefix(part)
+    with open(part, "ab") as f:
+        for data in chunks:
+            f.write(data)
+            h.update(data)
+            size += len(data)
+    if h.hexdigest() != sha256:
+        part.unlink()
+        raise ChecksumError(f"{what} arrived corrupted: its bytes do not hash to {sha256[:12]}",
+                            hint=hint)
+    os.replace(part, dest)
     return size
 
 

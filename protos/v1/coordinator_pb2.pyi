@@ -90,12 +90,14 @@ class RefusedWorker(_message.Message):
     def __init__(self, source: _Optional[str] = ..., target: _Optional[str] = ..., kind: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class PutBlobRequest(_message.Message):
-    __slots__ = ("sha256", "data")
+    __slots__ = ("sha256", "data", "offset")
     SHA256_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
     sha256: str
     data: bytes
-    def __init__(self, sha256: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
+    offset: int
+    def __init__(self, sha256: _Optional[str] = ..., data: _Optional[bytes] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class PutBlobReply(_message.Message):
     __slots__ = ("sha256", "bytes")
@@ -120,10 +122,12 @@ class MissingBlobsRequest(_message.Message):
     def __init__(self, sha256: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class MissingBlobsReply(_message.Message):
-    __slots__ = ("sha256",)
+    __slots__ = ("sha256", "held")
     SHA256_FIELD_NUMBER: _ClassVar[int]
+    HELD_FIELD_NUMBER: _ClassVar[int]
     sha256: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, sha256: _Optional[_Iterable[str]] = ...) -> None: ...
+    held: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, sha256: _Optional[_Iterable[str]] = ..., held: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class AddModelRequest(_message.Message):
     __slots__ = ("hub_ref", "name", "files")

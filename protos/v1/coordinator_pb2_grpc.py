@@ -171,8 +171,10 @@ class CoordinatorServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def PutBlob(self, request_iterator, context):
-        """Uploads one content-addressed blob (a dataset file). The first message names the sha256;
-        DATA_LOSS when the bytes do not hash to it. Idempotent: a blob already held is accepted.
+        """Uploads one content-addressed blob (a dataset or model file). The first message names the
+        sha256 and, for a resumed upload, the `offset` its bytes start at (at most what MissingBlobs
+        says is held: the coordinator keeps what arrived of a broken upload). DATA_LOSS when the
+        bytes do not hash to it. Idempotent: a blob already held is accepted.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -187,7 +189,8 @@ class CoordinatorServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def MissingBlobs(self, request, context):
-        """Which of these blobs the coordinator lacks, so an upload sends only those. Read-only.
+        """Which of these blobs the coordinator lacks, so an upload sends only those, and how many bytes
+        of each it already holds from a broken upload (where PutBlob may resume). Read-only.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
