@@ -35,6 +35,7 @@ from coordinator.web.hub import MetricsHub
 from coordinator.web.server import DEFAULT_HTTP_PORT, WebContext, WebServer
 from herd import PROTOCOL_VERSION, log, netif
 from herd.errors import HerdError
+from herd.rpc import api_token as api_tokens
 from herd.rpc import discovery, pki
 from herd.rpc.auth import Revocations
 from herd.rpc.channel import bind, secure_server
@@ -121,7 +122,8 @@ class Coordinator:
             http_host = http_host or host
             auth = WebAuth(authority.api_secret(),
                            anonymous_read=dashboard_open or is_loopback(http_host),
-                           bind_host=http_host)
+                           bind_host=http_host,
+                           generation=lambda: api_tokens.generation(authority.folder))
             self.web = WebServer(WebContext(self.store, self.scheduler, self.hub,
                                             self.scheduler.workers, blobs, adapters, auth,
                                             self.models),

@@ -64,6 +64,11 @@ def token(cluster) -> str:
 
 
 @pytest.fixture(scope="module")
+def read_token(cluster) -> str:
+    return cluster.herd("api-token", "--read-only", coordinator=False).stdout.strip()
+
+
+@pytest.fixture(scope="module")
 def job_yaml(tmp_path_factory, tiny_model, tiny_data):
     d = tmp_path_factory.mktemp("jobs")
     return lambda name, **kw: write_job(d / f"{name}.yaml", tiny_model, tiny_data, **kw)
@@ -97,14 +102,14 @@ RECORDER = """() => {
 
 
 def _scrape(url: str, token: str, stop: threading.Event, out: list[str]) -> None:
-    """/metrics once a second, as a Prometheus server would (with the bearer token)."""
+    """/metrics once a second, as a Prometheus server would (with the read token)."""
     with httpx.Client(timeout=10, headers={"Authorization": f"Bearer {token}"}) as http:
         while not stop.wait(1.0):
             out.append(http.get(f"{url}/metrics").text)
 
 
 @pytest.fixture(scope="module")
-def live(cluster, token, browser, job_yaml, tmp_path_factory):
+def live(cluster, read_token, browser, job_yaml, tmp_path_factory):
     """A 2-worker job run while the dashboard is open and /metrics is scraped every second."""
     page = browser.new_page(viewport={"width": 1300, "height": 1500})
     errors: list[str] = []
@@ -116,7 +121,7 @@ def live(cluster, token, browser, job_yaml, tmp_path_factory):
     page.evaluate(RECORDER)
     scrapes: list[str] = []
     stop = threading.Event()
-    scraper = threading.Thread(target=_scrape, args=(cluster.url, token, stop, scrapes))
+    scraper = threading.Thread(target=_scrape, args=(cluster.url, read_token, stop, scrapes))
     scraper.start()
     cfg = job_yaml("live", iters=ITERS, steps_per_report=REPORT, steps_per_eval=SAVE,
                    save_every=SAVE, cluster={"workers": 2})
@@ -289,3 +294,38 @@ def test_the_openai_client_creates_watches_and_cancels_jobs(cluster, token, job_
     with pytest.raises(openai.AuthenticationError):
         wrong.fine_tuning.jobs.list()
 
+
+
+def test_the_read_token_only_reads_and_a_rotation_ends_the_old_tokens(cluster, token, read_token):
+    """The read token (a Prometheus server's) reads /metrics and the dashboard's data, and is
+    refused the job API with 403 naming the full token; `herd api-token --rotate` makes the
+    running coordinator refuse both old tokens at once (sessions: test_web_units)."""
+    def get(path: str, tok: str | None = None, **kw) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {tok}"} if tok else {}
+        return httpx.get(cluster.url + path, headers=headers, timeout=10, **kw)
+
+    assert token != read_token and read_token.startswith("herd-read-")
+    assert get("/metrics", read_token).status_code == 200
+    assert get("/api/cluster", read_token).status_code == 200
+    for r in (get("/v1/fine_tuning/jobs", read_token),
+              httpx.post(cluster.url + "/v1/fine_tuning/jobs", json={}, timeout=10,
+                         headers={"Authorization": f"Bearer {read_token}"})):
+        assert r.status_code == 403 and "full token" in r.json()["error"]["message"], r.text
+    assert get("/v1/fine_tuning/jobs", token).status_code == 200
+    login = httpx.post(cluster.url + "/login", data={"token": read_token}, timeout=10)
+    assert login.status_code == 200  # (a session of the read token: reading, as any session)
+
+    generation = cluster.home / "tls" / "api-token.generation"
+    try:
+        rotated = cluster.herd("api-token", "--rotate", coordinator=False)
+        new = rotated.stdout.strip()
+        assert "refuses the old ones" in rotated.stderr and new not in (token, read_token)
+        for old in (token, read_token):
+            assert get("/metrics", old).status_code == 401
+            assert get("/v1/fine_tuning/jobs", old).status_code == 401
+        assert get("/v1/fine_tuning/jobs", new).status_code == 200
+        new_read = cluster.herd("api-token", "--read-only", coordinator=False).stdout.strip()
+        assert get("/metrics", new_read).status_code == 200
+    finally:  # (the module's other tests hold the first tokens)
+        generation.unlink(missing_ok=True)
+    assert get("/v1/fine_tuning/jobs", token).status_code == 200

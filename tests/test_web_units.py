@@ -109,6 +109,29 @@ def test_who_may_do_what():
     assert api_token(SECRET) != api_token(SECRET + "x") and SECRET not in TOKEN
 
 
+def test_the_read_token_reads_and_a_rotation_ends_tokens_and_sessions(tmp_path):
+    from herd.rpc import api_token as tokens
+
+    generation = tokens.generation(tmp_path)
+    auth = WebAuth(SECRET, anonymous_read=False, generation=lambda: tokens.generation(tmp_path))
+    read = api_token(SECRET, read_only=True)
+    assert read.startswith("herd-read-") and read != TOKEN and generation == 0
+    assert auth.access(f"Bearer {read}", None) is Access.READ
+    assert auth.access(f"Bearer {TOKEN}", None) is Access.FULL
+    session = auth.new_session()
+    assert auth.access(None, session) is Access.READ
+    assert tokens.rotate(tmp_path) == 1
+    for old in (TOKEN, read):
+        assert auth.access(f"Bearer {old}", None) is Access.NONE
+    assert auth.access(None, session) is Access.NONE  # a rotation ends every session
+    assert auth.access(f"Bearer {api_token(SECRET, 1)}", None) is Access.FULL
+    assert auth.access(f"Bearer {api_token(SECRET, 1, read_only=True)}", None) is Access.READ
+    (tmp_path / tokens.GENERATION_FILE).write_text("garbage\n")
+    with pytest.raises(ConfigError, match="holds no number"):
+        auth.access(f"Bearer {TOKEN}", None)
+    assert tokens.rotate(tmp_path) > 1  # (past any generation a token was printed for)
+
+
 def test_the_hub_counts_each_window_once_and_a_restarted_coordinator_counts_the_same(tmp_path):
     store = JobStore(tmp_path / "herd.db")
     feed_job(store)

@@ -1,9 +1,11 @@
 """Who may do what on the coordinator's HTTP side.
 
-- ``Authorization: Bearer <token>`` with the API token (herd/rpc/api_token.py): everything.
-- A wrong bearer token: nothing (401), whatever else the request carries.
-- The dashboard's session cookie (set by ``POST /login`` with the token): reading (GET) only, so a
-  page on another site can make a browser send the cookie but can change nothing; it is also
+- ``Authorization: Bearer <token>`` with the API token (herd/rpc/api_token.py): everything; with
+  the read token: reading only (the dashboard's data and /metrics: a Prometheus server).
+- A wrong bearer token, or one of an older generation (`herd api-token --rotate`): nothing (401),
+  whatever else the request carries.
+- The dashboard's session cookie (set by ``POST /login`` with either token): reading (GET) only,
+  so a page on another site can make a browser send the cookie but can change nothing; it is also
   SameSite=Strict and HttpOnly.
 - Anonymous: reading the dashboard and /metrics only when the coordinator's HTTP side is bound to
   loopback or started with ``--dashboard-open``, and only for a request that names this machine
@@ -29,6 +31,7 @@ import hmac
 import ipaddress
 import socket
 import time
+from typing import Callable
 
 from herd.rpc.api_token import api_token
 
@@ -62,8 +65,10 @@ def host_name(header: str) -> str:
 
 
 class WebAuth:
-    def __init__(self, secret: str, anonymous_read: bool, bind_host: str = "127.0.0.1"):
-        self._token = api_token(secret)
+    def __init__(self, secret: str, anonymous_read: bool, bind_host: str = "127.0.0.1",
+                 generation: Callable[[], int] = lambda: 0):
+        self._secret, self._generation = secret, generation
+        self._tokens: tuple[int, str, str] | None = None  # (generation, full, read)
         self.anonymous_read = anonymous_read
         self._names = {"localhost", host_name(bind_host)}
         self._lan = not is_loopback(host_name(bind_host))
@@ -87,11 +92,24 @@ class WebAuth:
             return False
         return address.is_loopback or self._lan
 
-    def token_ok(self, token: str) -> bool:
-        return hmac.compare_digest(token.encode(), self._token.encode())
+    def _current(self) -> tuple[str, str]:
+        """The full and the read token of the generation in force (read each request: a
+        rotation takes effect at once, with no restart)."""
+        gen = self._generation()
+        if self._tokens is None or self._tokens[0] != gen:
+            self._tokens = (gen, api_token(self._secret, gen),
+                            api_token(self._secret, gen, read_only=True))
+        return self._tokens[1], self._tokens[2]
+
+    def token_access(self, token: str) -> Access:
+        full, read = self._current()
+        if hmac.compare_digest(token.encode(), full.encode()):
+            return Access.FULL
+        return Access.READ if hmac.compare_digest(token.encode(), read.encode()) else Access.NONE
 
     def _session_mac(self, expiry: int) -> str:
-        return hmac.new(self._token.encode(), f"session|{expiry}".encode(),
+        # (keyed by the full token: a rotation ends every session)
+        return hmac.new(self._current()[0].encode(), f"session|{expiry}".encode(),
                         hashlib.sha256).hexdigest()
 
     def new_session(self, now: float | None = None) -> str:
@@ -115,8 +133,7 @@ class WebAuth:
         """What a request may do, from its Authorization header, session cookie and Host."""
         if authorization is not None:
             scheme, _, token = authorization.partition(" ")
-            ok = scheme.lower() == "bearer" and self.token_ok(token.strip())
-            return Access.FULL if ok else Access.NONE
+            return self.token_access(token.strip()) if scheme.lower() == "bearer" else Access.NONE
         if self.session_ok(cookie) or self.anonymous_ok(host):
             return Access.READ
         return Access.NONE

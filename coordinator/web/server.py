@@ -90,10 +90,17 @@ async def _guard(request: web.Request, handler):
     ctx: WebContext = request.app[CONTEXT]
     if request.path not in ("/login", "/logout"):
         need, host = _required(request), request.headers.get("Host")
-        have = ctx.auth.access(request.headers.get("Authorization"), request.cookies.get(COOKIE),
-                               host)
+        try:
+            have = ctx.auth.access(request.headers.get("Authorization"),
+                                   request.cookies.get(COOKIE), host)
+        except HerdError as e:  # (a hand-edited api-token.generation: said, not a 500)
+            return web.json_response(error_object(e), status=error_status(e))
         if have < need:
             why = "a valid API token is required (`herd api-token` prints it)"
+            if have is Access.READ and request.headers.get("Authorization"):
+                return web.json_response(error_object(
+                    "the read token only reads (the dashboard, /metrics): this wants the full "
+                    "token (`herd api-token` prints it)", "insufficient_scope"), status=403)
             if ctx.auth.anonymous_read and not ctx.auth.host_ok(host):
                 # 401, not 403: the dashboard then asks for the token, so a name the operator
                 # chose (an alias, a tunnel) still works after one login.
@@ -131,7 +138,7 @@ class Dashboard:
 
     async def login(self, request: web.Request) -> web.Response:
         form = await request.post()
-        if not self.ctx.auth.token_ok(str(form.get("token", "")).strip()):
+        if self.ctx.auth.token_access(str(form.get("token", "")).strip()) is Access.NONE:
             return web.json_response(error_object("wrong token", "invalid_api_key"), status=401)
         resp = web.json_response({"ok": True})
         resp.set_cookie(COOKIE, self.ctx.auth.new_session(), max_age=SESSION_S, httponly=True,
