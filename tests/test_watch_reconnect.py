@@ -132,3 +132,43 @@ def test_a_watch_started_while_the_coordinator_restarts_waits_for_it(capsys):
     out = capsys.readouterr()
     assert clock.t >= 30 and "trying again for up to 180s" in out.err, out.err
     assert out.out.count("j: ") == 3  # then every event, once
+
+
+class Terminal:
+    """A stdout that says it is a terminal (or not), keeping what was written to it."""
+
+    def __init__(self, tty: bool):
+        import io
+
+        self.tty, self.buffer, self.text = tty, io.BytesIO(), []
+
+    def isatty(self) -> bool:
+        return self.tty
+
+    def write(self, text: str) -> None:
+        self.text.append(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_logs_escape_a_ranks_control_characters_on_a_terminal_and_keep_its_bytes_in_a_file(
+        monkeypatch):
+    """A record quoted in a rank's error may carry an escape sequence (clear the screen, set the
+    title): shown escaped on a terminal, as `herd jobs` shows events; `herd logs > f` keeps the
+    bytes. A character split over two reads arrives whole."""
+    from herd.cli import logs
+
+    data = "bad record: \x1b]0;pwned\x07\x1b[2J é\n".encode()
+    tty = Terminal(True)
+    monkeypatch.setattr("sys.stdout", tty)
+    cut = data.index("é".encode()) + 1  # (between the two bytes of é)
+    logs._write(data[:cut])
+    logs._write(data[cut:])
+    text = "".join(tty.text)
+    assert "\x1b" not in text and "\x07" not in text
+    assert text == "bad record: \\x1b]0;pwned\\x07\\x1b[2J é\n"
+    pipe = Terminal(False)
+    monkeypatch.setattr("sys.stdout", pipe)
+    logs._write(data)
+    assert pipe.buffer.getvalue() == data and not pipe.text

@@ -8,16 +8,31 @@ follows it, across a restart's new attempt, until the job ends.
 from __future__ import annotations
 
 import argparse
+import codecs
 import sys
 import time
 
 from herd.cli.connection import CoordinatorConnection, add_connection_args, connect_from_args
 from herd.cli.watch import FINAL, Patience
 from herd.errors import HerdError, PeerLostError
+from herd.terminal import shown
 from herd.usage import HelpFormatter
 from protos.v1 import coordinator_pb2
 
 POLL_S = 1.0
+# To a terminal, a rank's output as text with its control characters escaped (a record quoted in
+# an error may carry escape sequences that clear the screen or draw fake lines: herd/terminal.py);
+# to a file or a pipe, its bytes as they are. (Incremental: a character may span two reads.)
+_TEXT = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+
+def _write(data: bytes) -> None:
+    if sys.stdout.isatty():
+        sys.stdout.write(shown(_TEXT.decode(data)))
+    else:
+        sys.stdout.flush()
+        sys.stdout.buffer.write(data)
+    sys.stdout.flush()
 
 
 def _read(coord: CoordinatorConnection, job_id: str, rank: int, attempt: int, offset: int):
@@ -30,8 +45,7 @@ def _drain(coord, job_id: str, rank: int, attempt: int, offset: int) -> tuple[in
     while True:
         reply = _read(coord, job_id, rank, attempt, offset)
         if reply.data:
-            sys.stdout.buffer.write(reply.data)
-            sys.stdout.flush()
+            _write(reply.data)
         offset = reply.next_offset
         if not reply.data:
             return reply.attempt, offset, reply.ranks
