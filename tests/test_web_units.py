@@ -184,6 +184,34 @@ def test_metrics_parse_with_the_prometheus_parser_and_carry_grafana_labels(tmp_p
     store.close()
 
 
+def test_a_worker_seen_before_and_gone_is_down_on_metrics_for_a_day(monkeypatch):
+    """herd_worker_up: 1 while verified; 0 once gone (an alert names the Mac that left, where
+    its other series just vanish); dropped a day later."""
+    import dataclasses
+
+    from coordinator.web import prometheus
+
+    now = [1_000_000.0]
+    monkeypatch.setattr(prometheus.time, "time", lambda: now[0])
+    other = dataclasses.replace(WORKER, worker_id="worker-9")
+    present = [WORKER, other]
+    registry = metrics_registry(MetricsHub(None, lambda s: None), lambda: list(present))
+
+    def up() -> dict[str, float]:
+        return {s.labels["worker_id"]: s.value
+                for f in text_string_to_metric_families(render(registry).decode())
+                for s in f.samples if s.name == "herd_worker_up"}
+
+    assert up() == {"worker-1": 1, "worker-9": 1}
+    present.remove(other)
+    now[0] += 60
+    assert up() == {"worker-1": 1, "worker-9": 0}
+    now[0] += prometheus.FINISHED_KEEP_S + 1
+    assert up() == {"worker-1": 1}
+    present.append(other)  # (back: up again)
+    assert up() == {"worker-1": 1, "worker-9": 1}
+
+
 def _alias_bomb() -> str:
     lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
     lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)]

@@ -37,6 +37,9 @@ class HerdCollector:
     def __init__(self, hub: MetricsHub, workers: Callable[[], list[WorkerRecord]],
                  health: Callable[[], str] = lambda: ""):
         self.hub, self.workers, self.health = hub, workers, health
+        # Workers an earlier scrape saw, and when: one gone since is reported down (0) for a
+        # day, so an alert can say which Mac left (a series that just vanished names none).
+        self._seen_ms: dict[str, float] = {}
 
     def collect(self) -> Iterator[Metric]:
         degraded = _gauge("herd_coordinator_degraded", "1 while the coordinator cannot write its "
@@ -69,7 +72,16 @@ class HerdCollector:
                 seen.add_metric([w.worker_id], max(now_ms - w.last_seen_ms, 0) / 1000)
         count = _gauge("herd_workers", "Verified workers", [])
         count.add_metric([], len(workers))
-        yield from (count, info, total, used, busy, seen)
+        up = _gauge("herd_worker_up", "1 while the worker is verified and healthy; 0 for a day "
+                    "once a worker seen before is gone (lost, stopped or removed)", ["worker_id"])
+        here = {w.worker_id for w in workers}
+        self._seen_ms |= {w: now_ms for w in here}
+        for worker_id, at_ms in sorted(self._seen_ms.items()):
+            if worker_id not in here and now_ms - at_ms > FINISHED_KEEP_S * 1000:
+                del self._seen_ms[worker_id]
+            else:
+                up.add_metric([worker_id], 1 if worker_id in here else 0)
+        yield from (count, up, info, total, used, busy, seen)
 
     def _jobs(self, views: list[JobView]) -> Iterator[Metric]:
         states = _gauge("herd_jobs", "Jobs the coordinator knows, by state", ["state"])
