@@ -236,6 +236,12 @@ class AdapterStore:
         """How many pipeline stages wrote this stored step (0: not a pipeline's)."""
         return max((p.count for p in self._pieces(job_id, step)), default=0)
 
+    def cut_of(self, job_id: str, step: int) -> tuple[tuple[int, int], ...]:
+        """Each pipeline stage's blocks [start, end) in this stored step, in stage order; ()
+        when data parallel wrote it (the layout a restart keeps: recovery.kept_cut)."""
+        return tuple((p.start, p.end) for p in sorted(self._pieces(job_id, step),
+                                                      key=lambda p: p.index))
+
     def _pieces(self, job_id: str, step: int) -> dict[StagePiece, Path]:
         root = self._job_dir(job_id) / "stages" / f"{int(step):07d}"
         out = {}

@@ -1,7 +1,7 @@
 """Bringing an attempt's ranks up: one launch per rank (``launches``); every rank's model onto its
 worker first (PrepareRank, each worker's progress handed on as it comes), then every rank started
 together, so the MLX ring forms with all its members ready (a ring waits only ~30 s for them) and
-no rank waits on another's download."""
+no rank waits on another's download. And down again (``stop_ranks``)."""
 
 from __future__ import annotations
 
@@ -14,10 +14,12 @@ from coordinator.backend import Backend
 from coordinator.domain import FetchProgress, Job, ModelSource, RankLaunch, WorkerRecord
 from coordinator.placement import Placement
 from coordinator.planner.network import CONTROL, DataPath
-from herd import jaccl
+from herd import jaccl, log
 from herd.config import JobConfig, with_cluster
 from herd.errors import HerdError
 from herd.netif import hostport
+
+logger = log.get(__name__)
 
 
 class ModelInfo(Protocol):  # what the scheduler asks about a job's model (ModelCatalog)
@@ -88,3 +90,14 @@ def _call(fn, *args) -> HerdError | None:
         return None
     except HerdError as e:
         return e
+
+
+def stop_ranks(pool: Executor, backend: Backend, job: Job) -> None:
+    """Stops the attempt's ranks now (a worker that does not answer: Reconciler.stop_stale)."""
+    workers = {w.worker_id: w for w in backend.workers()}
+    targets = [workers[w] for w in job.worker_ids if w in workers]
+    for fut in [pool.submit(backend.stop_job, w, job) for w in targets]:
+        try:
+            fut.result(timeout=15)
+        except Exception as e:
+            logger.warning("stop_rank_failed", job_id=job.job_id, error=str(e))

@@ -100,7 +100,7 @@ class Coordinator:
                                    backends={"ray": self.ray} if self.ray else None,
                                    models=self.models,
                                    restart_policy=RestartPolicy(base_s=restart_backoff_s),
-                                   verify_checkpoint=adapters.verify,
+                                   checkpoints=adapters,
                                    elastic_grace_s=elastic_grace_s,
                                    unreachable_grace_s=unreachable_grace_s)
         # The HTTP side (None: off): the metrics stream, and the server that shows it.

@@ -82,14 +82,15 @@ def _fmt(n: int) -> str:
     return f"{n / planner.GIB:.1f} GB"
 
 
-def place(cfg: JobConfig, workers: list[WorkerRecord],
-          model_config: dict | None = None, model_digest: str = "") -> Placement:
+def place(cfg: JobConfig, workers: list[WorkerRecord], model_config: dict | None = None,
+          model_digest: str = "", cut: tuple[tuple[int, int], ...] | None = None) -> Placement:
     """Chooses workers for every rank, most free memory first, and the data path between them
     (coordinator/planner/network.py), or raises PlacementError. ``model_config``: the model's
     config.json (default: read from its folder, when one is here). ``model_digest``: the stored
     model's; among workers of the same memory (to the GiB), those whose cache holds it whole
-    go first (a warm pair was passed over and another re-fetched 40 GB each: an outside run)."""
-    placement = _place_by_memory(cfg, workers, model_config, model_digest)
+    go first (a warm pair was passed over and another re-fetched 40 GB each: an outside run).
+    ``cut``: the layout a restart keeps (``kept_cut``); None: the planner's choice."""
+    placement = _place_by_memory(cfg, workers, model_config, model_digest, cut)
     by_id = {w.worker_id: w for w in workers}
     path = choose_path([by_id[w] for w in placement.worker_ids], cfg.cluster.exchange,
                        cfg.cluster.allow_wifi, pipeline=placement.pipeline_stages > 1)
@@ -107,8 +108,8 @@ def with_path(placement: Placement, path: DataPath) -> Placement:
                    max_shares=caps and tuple(caps[i] for i in path.order), path=path)
 
 
-def _place_by_memory(cfg: JobConfig, workers: list[WorkerRecord],
-                     model_config: dict | None, model_digest: str = "") -> Placement:
+def _place_by_memory(cfg: JobConfig, workers: list[WorkerRecord], model_config: dict | None,
+                     model_digest: str = "", cut: tuple | None = None) -> Placement:
     need = workers_needed(cfg)
     idle = [w for w in workers if not w.running_job_id]
     if len(idle) < need:
@@ -126,7 +127,7 @@ def _place_by_memory(cfg: JobConfig, workers: list[WorkerRecord],
             hint="it starts when they are free" if queued else
             "`herd join` and start more `herd worker`s, or lower cluster.workers",
             busy_only=queued)
-    stages = cfg.cluster.pipeline_stages()
+    stages = max(1, len(cut)) if cut is not None else cfg.cluster.pipeline_stages()
     dp = cfg.cluster.data_parallel() or need // stages
     if dp and not cfg.cluster.shares and (cfg.batch_size < dp or cfg.batch_size % dp and (
             why := cfg.cluster.uneven_split_why_not())):  # (shares split any batch)
@@ -143,7 +144,7 @@ def _place_by_memory(cfg: JobConfig, workers: list[WorkerRecord],
     if model_config is None and config_json.exists():
         model_config = json.loads(config_json.read_text())
     if model_config is not None:
-        return _place_with_planner(cfg, ranked[:need], model_config)
+        return _place_with_planner(cfg, ranked[:need], model_config, cut)
     if stages > 1:
         # The cut, the ring order and the stage pieces' merge all need the block count.
         raise PlacementError(
@@ -265,11 +266,11 @@ def check_fits(cfg: JobConfig, workers: list[WorkerRecord],
         return
 
 
-def _place_with_planner(cfg: JobConfig, chosen: list[WorkerRecord],
-                        model_config: dict) -> Placement:
+def _place_with_planner(cfg: JobConfig, chosen: list[WorkerRecord], model_config: dict,
+                        cut: tuple | None = None) -> Placement:
     mem = [planner.WorkerMemory(worker_id=w.worker_id, memory_bytes=usable_bytes(w))
            for w in chosen]
-    plan = planner.plan_job(model_config, cfg, mem)
+    plan = planner.plan_job(model_config, cfg, mem, cut)
     peak = int(max(plan.peak_bytes_per_worker.values(), default=0))
     ids = plan.ring_order()  # PlacementError for a layout the MLX ring cannot carry
     if plan.pipeline_stages == 1:
@@ -297,16 +298,16 @@ class Fail:
 
 def decide_queued(job: Job, workers: list[WorkerRecord], now_ms: int,
                   placement_timeout_s: float, model_config: dict | None = None,
-                  since_ms: int = 0, refused: dict[str, str] | None = None
-                  ) -> Placement | Wait | Fail:
+                  since_ms: int = 0, refused: dict[str, str] | None = None,
+                  cut: tuple | None = None) -> Placement | Wait | Fail:
     """What to do with a queued (or restarting) job now. ``workers``: every verified one, those
     other jobs hold marked as running them (mark_held); those whose owners' policies refuse
     the job, and ``refused`` (worker id -> why: coordinator/refusals.py), are left out, and
-    named while it waits."""
+    named while it waits. ``cut``: the layout its checkpoint keeps (``kept_cut``)."""
     refused = {**policy_refusals(job, workers), **(refused or {})}
     workers = [w for w in workers if w.worker_id not in refused]
     try:
-        return place(job.config, workers, model_config, job.model_digest)
+        return place(job.config, workers, model_config, job.model_digest, cut)
     except PlacementError as e:
         reason = e.message + (f" ({refusals_text(refused)})" if refused else "")
         # A peer lost mid-job is first seen as the survivors' ranks failing ("lost a peer"):

@@ -25,7 +25,7 @@ import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 from coordinator.domain import Checkpoint, Job, WorkerRecord
 from coordinator.store import Attempt, JobStore
@@ -105,6 +105,21 @@ def made_progress(a: Attempt, checkpoints: list[Checkpoint], until_ms: int) -> b
     """A checkpoint was stored while the attempt ran."""
     end = a.ended_ms if a.ended_ms is not None else until_ms
     return any(a.started_ms <= c.created_ms <= end for c in checkpoints)
+
+
+class StoredCheckpoints(Protocol):  # what the scheduler asks of the stored files (AdapterStore)
+    def verify(self, checkpoint: Checkpoint) -> str | None: ...
+    def cut_of(self, job_id: str, step: int) -> tuple[tuple[int, int], ...] | None: ...
+
+
+def kept_cut(checkpoints: list[Checkpoint], cut_of: Callable[[str, int], tuple | None]
+             ) -> tuple[tuple[int, int], ...] | None:
+    """The layout a job's next attempt keeps: its newest checkpoint's (each pipeline stage's
+    blocks; () when data parallel wrote it), or None with no checkpoint (the planner chooses).
+    A stage resumes only its own blocks' optimizer state: a restart on workers of other memory
+    re-cut the model and every stage refused its checkpoint; a planner that chose data parallel
+    there resumed a pipeline's checkpoint from iteration 1, and could not resume the other way."""
+    return cut_of(checkpoints[-1].job_id, checkpoints[-1].step) if checkpoints else None
 
 
 def resume_step(checkpoints: list[Checkpoint], verify: Callable[[Checkpoint], str | None],

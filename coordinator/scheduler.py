@@ -32,7 +32,7 @@ from coordinator.domain import (
     check_transition,
 )
 from coordinator.elastic import Elastic
-from coordinator.launching import ModelInfo, bring_up, launches
+from coordinator.launching import ModelInfo, bring_up, launches, stop_ranks
 from coordinator.paths import FailedPaths
 from coordinator.placement import (
     Fail,
@@ -47,7 +47,7 @@ from coordinator.placement import (
 )
 from coordinator.queue import Ahead, queue_order
 from coordinator.reconcile import Reconciler
-from coordinator.recovery import RestartPolicy, decide_restart, retryable
+from coordinator.recovery import RestartPolicy, StoredCheckpoints, decide_restart, retryable
 from coordinator.refusals import Refusals
 from coordinator.store import JobStore
 from herd import log
@@ -63,7 +63,7 @@ class Scheduler:
                  launcher: Launcher, clock: Callable[[], float] = time.time,
                  placement_timeout_s: float = 600.0, backends: dict[str, Backend] | None = None,
                  models: ModelInfo | None = None, restart_policy: RestartPolicy | None = None,
-                 verify_checkpoint: Callable[[Checkpoint], str | None] = lambda c: None,
+                 checkpoints: StoredCheckpoints | None = None,
                  adopt_grace_s: float = 30.0, elastic_grace_s: float = 60.0,
                  unreachable_grace_s: float = 60.0):
         self.store = store
@@ -74,7 +74,8 @@ class Scheduler:
         self._clock = clock
         self.placement_timeout_s = placement_timeout_s
         self.restart_policy = restart_policy or RestartPolicy()
-        self._verify = verify_checkpoint  # a problem with a stored checkpoint, or None
+        self._verify = checkpoints.verify if checkpoints else lambda c: None  # its problem
+        self._cut_of = checkpoints.cut_of if checkpoints else lambda job_id, step: None
         self.adopt_grace_s = adopt_grace_s  # how long a restarted coordinator waits for ranks
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
@@ -205,10 +206,11 @@ class Scheduler:
                 self._set_state(job, JobState.FAILED, unavailable(name))
                 return
             workers = mark_held(backend.workers(), self.store.list_jobs(), job)
+            cut = recovery.kept_cut(self.store.checkpoints(job.job_id), self._cut_of)
             decision = decide_queued(job, workers, self.now_ms(), self._timeout_s(job),
                                      self._models and self._models.config(job), self._started_ms,
-                                     self.refusals.of(job.job_id))
-            shrunk = self.elastic.shrink(job, workers) if isinstance(decision, Wait) else None
+                                     self.refusals.of(job.job_id), cut)
+            shrunk = self.elastic.shrink(job, workers, cut) if isinstance(decision, Wait) else None
             decision, note = shrunk or (decision, "")  # (elastic: zeroconf only, nothing reserved)
             if isinstance(decision, Placement) and (why := ahead.holds_back(job, workers)):
                 decision = Wait(why, busy=True)
@@ -281,15 +283,7 @@ class Scheduler:
             return True
 
     def _stop_ranks(self, job: Job) -> None:
-        """Stops the attempt's ranks now (a worker that does not answer: Reconciler.stop_stale)."""
-        backend = self.backend(job)
-        workers = {w.worker_id: w for w in backend.workers()}
-        targets = [workers[w] for w in job.worker_ids if w in workers]
-        for fut in [self._pool.submit(backend.stop_job, w, job) for w in targets]:
-            try:
-                fut.result(timeout=15)
-            except Exception as e:
-                logger.warning("stop_rank_failed", job_id=job.job_id, error=str(e))
+        stop_ranks(self._pool, self.backend(job), job)
 
     def cancel(self, job_id: str, by: str = "the user") -> JobState:
         with self._lock:

@@ -229,7 +229,7 @@ def test_a_damaged_checkpoint_is_skipped_for_the_previous_good_one(tmp_path):
     workers = [worker(1), worker(2)]
     launcher, clock = StopLog(), Clock()
     s = Scheduler(JobStore(tmp_path / "db"), lambda: list(workers), launcher, clock,
-                  verify_checkpoint=adapters.verify)
+                  checkpoints=adapters)
     j = s.submit(_job())
     s.tick()
     for step in (2, 4, 6):
@@ -423,6 +423,148 @@ def test_a_job_that_lost_a_worker_for_good_shrinks_and_grows_back_at_a_checkpoin
     assert [la.resume_step for la in launcher.started[-2:]] == [16, 16]
     assert [a.outcome for a in s.store.attempt_history(j.job_id)] == [
         "restarting", "grown", None]
+
+
+class Written:
+    """What the stored checkpoints were written as (AdapterStore.cut_of: each stage's blocks, ()
+    for data parallel), as the test sets it; every one intact."""
+
+    def __init__(self):
+        self.cuts: dict[tuple[str, int], tuple] = {}
+
+    def verify(self, checkpoint):
+        return None
+
+    def cut_of(self, job_id: str, step: int) -> tuple:
+        return self.cuts.get((job_id, step), ())
+
+
+class Llama70B:
+    """The job's model as the coordinator reads it (ModelCatalog): a 70B config.json."""
+
+    def config(self, job):
+        from tests.test_planner import LLAMA_70B
+
+        return LLAMA_70B
+
+    def source(self, job):
+        from coordinator.domain import ModelSource
+
+        return ModelSource()
+
+
+GB = 1 << 30
+BIG = {"model": "/nonexistent/llama-70b", "data": "d", "num_layers": -1, "iters": 40,
+       "quantize": {"bits": 4}, "grad_checkpoint": True}
+
+
+def _big_job(name: str, batch_size: int, cluster: dict):
+    from coordinator.domain import Job
+
+    cfg = parse_config({**BIG, "batch_size": batch_size, "cluster": cluster})
+    return Job(job_id=name, name=name, config=cfg, dataset=[FileDigest("train.jsonl", "a" * 64,
+               10)], workers_needed=cluster["workers"], iters=40)
+
+
+def test_a_restart_keeps_the_layout_its_checkpoint_was_written_in(tmp_path):
+    """A 70B job with parallelism auto, cut into 2 stages on two 48 GB Macs, restarted on two
+    64 GB ones, where the planner alone would run it data parallel (and the stages' checkpoint
+    would resume from iteration 1) or cut it elsewhere (and every stage would refuse its piece):
+    the restart keeps the checkpoint's stages and blocks. A data-parallel checkpoint likewise
+    keeps its job data parallel, waiting, named, where only a pipeline would fit."""
+    workers = [worker(1, mem=48 * GB), worker(2, mem=48 * GB)]
+    launcher, clock, written = StopLog(), Clock(), Written()
+    s = Scheduler(JobStore(tmp_path / "db"), lambda: list(workers), launcher, clock,
+                  models=Llama70B(), checkpoints=written, restart_policy=RestartPolicy(base_s=0))
+    j = s.submit(_big_job("auto", 2, {"workers": 2, "max_restarts": 5}))
+    s.tick()
+    cut = ((0, 32), (32, 80))
+    assert launcher.started[-1].stage_layers == cut  # the planner's choice on 48 GB
+    written.cuts[(j.job_id, 8)] = cut
+    s.on_checkpoint(_ckpt(j.job_id, 8, clock))
+    workers[:] = [worker(3, mem=64 * GB), worker(4, mem=64 * GB)]  # (alone: data parallel)
+    s.on_worker_lost("w1", "revoked")
+    s.tick()
+    assert _state(s, j.job_id)[:2] == (JobState.RUNNING, 2)
+    assert [(la.stage_layers, la.resume_step) for la in launcher.started[-2:]] == [(cut, 8)] * 2
+    s.cancel(j.job_id)
+
+    d = s.submit(_big_job("dp", 2, {"workers": 2, "max_restarts": 5}))
+    s.tick()
+    assert launcher.started[-1].job.job_id == d.job_id and launcher.started[-1].stage_layers == ()
+    s.on_checkpoint(_ckpt(d.job_id, 8, clock))  # written data parallel: cut_of says ()
+    workers[:] = [worker(5, mem=48 * GB), worker(6, mem=48 * GB)]  # (alone: 2 stages)
+    s.on_worker_lost("w3", "revoked")
+    s.tick()
+    state, attempt, message = _state(s, d.job_id)
+    assert (state, attempt) == (JobState.RESTARTING, 1)
+    assert "its checkpoint was written data parallel, the layout every later attempt keeps" in (
+        message)
+
+
+def test_a_data_by_pipeline_job_shrinks_by_whole_replicas_and_grows_back(tmp_path):
+    """2 x 2 (data x pipeline) on four Macs; one is lost for good: after the grace the job goes
+    on as 1 x 2 with the same blocks per stage (its checkpoint's), and grows back to 2 x 2 at a
+    checkpoint once the Mac returns. (The ranks' side of it: tests/test_pipeline.py.)"""
+    workers = [worker(i, mem=64 * GB) for i in range(1, 5)]
+    launcher, clock, written = StopLog(), Clock(), Written()
+    s = Scheduler(JobStore(tmp_path / "db"), lambda: list(workers), launcher, clock,
+                  models=Llama70B(), checkpoints=written, elastic_grace_s=60)
+    j = s.submit(_big_job("pp", 4, {"workers": 4, "parallelism": {"pipeline": 2}}))
+    s.tick()
+    cut = ((0, 32), (32, 80))
+    assert [la.stage_layers for la in launcher.started] == [cut] * 4
+    assert launcher.started[-1].data_parallel == 2
+    for step in (8, 16, 24):
+        written.cuts[(j.job_id, step)] = cut
+    s.on_checkpoint(_ckpt(j.job_id, 8, clock))
+    lost = workers.pop(1)
+    s.on_worker_lost(lost.worker_id)
+    clock.t += 61
+    s.tick()
+    assert _state(s, j.job_id)[:2] == (JobState.RUNNING, 2)
+    two = launcher.started[-2:]
+    assert [(la.stage_layers, la.data_parallel, la.resume_step) for la in two] == [(cut, 1, 8)] * 2
+    assert lost.worker_id not in [la.worker.worker_id for la in two]
+    placing = [e.message for e in s.store.events(j.job_id) if e.state is JobState.PLACING][-1]
+    assert "shrunk to 2 of 4 workers after waiting 61s for the rest (the same global batch of 4, " \
+           "over 1 replicas of 2 stages)" in placing, placing
+    s.on_checkpoint(_ckpt(j.job_id, 16, clock))  # nobody back: it carries on
+    assert _state(s, j.job_id)[0] is JobState.RUNNING
+    workers.append(lost)
+    s.on_checkpoint(_ckpt(j.job_id, 24, clock))
+    assert _state(s, j.job_id)[0] is JobState.RESTARTING
+    s.tick()
+    assert _state(s, j.job_id)[:2] == (JobState.RUNNING, 3)
+    assert [(la.stage_layers, la.data_parallel, la.resume_step)
+            for la in launcher.started[-4:]] == [(cut, 2, 24)] * 4
+
+
+def test_a_single_pipeline_does_not_shrink():
+    """Losing a stage's Mac leaves nothing whole to run on: it waits (the same layout)."""
+    from coordinator.elastic import shrink_placement
+
+    pp = parse_config({**BIG, "batch_size": 2, "cluster": {"workers": 2,
+                                                            "parallelism": {"pipeline": 2}}})
+    assert shrink_placement(pp, [worker(1, mem=192 * GB)], Llama70B().config(None),
+                            ((0, 32), (32, 80))) is None
+
+
+def test_the_adapter_store_says_which_blocks_each_stage_wrote(tmp_path):
+    from herd.digest import file_digest
+    from herd.rpc.files import send_files
+    from herd.stage_cut import StagePiece
+    from tests.test_service_units import _stage_checkpoint
+
+    adapters = AdapterStore(tmp_path / "adapters")
+    names = ["model.layers.0.q.lora_a"]
+    for index, (start, end) in enumerate([(0, 2), (2, 3)]):
+        folder = _stage_checkpoint(tmp_path / f"s{index}", 4, names, 1.0)
+        files = [file_digest(p) for p in sorted(folder.iterdir())]
+        adapters.receive_piece("j", 4, StagePiece(index, 2, start, end), files,
+                               send_files(folder, files), 0)
+    assert adapters.cut_of("j", 4) == ((0, 2), (2, 3))
+    assert adapters.cut_of("j", 8) == ()  # (no pieces: data parallel wrote it)
 
 
 def test_a_shrunk_job_keeps_the_most_ranks_the_workers_left_hold():

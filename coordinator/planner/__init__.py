@@ -27,15 +27,24 @@ __all__ = ["GB_SI", "GIB", "HEADROOM", "MemoryEstimate", "ModelShape", "Plan", "
            "estimate_memory", "fixes", "macos_usable_bytes", "plan_job"]
 
 
-def plan_job(model_config: dict, job: JobConfig, workers: list[WorkerMemory]) -> Plan:
+def plan_job(model_config: dict, job: JobConfig, workers: list[WorkerMemory],
+             cut: tuple[tuple[int, int], ...] | None = None) -> Plan:
     """The layout with the fewest pipeline stages that fits, using as many data-parallel replicas
-    as the workers allow; or PlacementError listing changes that fit, with their numbers."""
+    as the workers allow; or PlacementError listing changes that fit, with their numbers.
+    ``cut``: the layout a restart keeps (layout.layout)."""
     if not workers:
         raise PlacementError("no workers to place the job on", hint="start `herd worker` on a Mac")
     check_stages(model_config, job)
-    plan = layout(model_config, job, workers)
+    plan = layout(model_config, job, workers, cut)
     if plan is not None:
         return plan
+    if cut is not None:
+        kept = (f"{len(cut)} pipeline stages with blocks "
+                + ",".join(f"{a}:{b}" for a, b in cut) if cut else "data parallel")
+        raise PlacementError(
+            f"its checkpoint was written {kept}, the layout every later attempt keeps (a stage "
+            f"resumes only its own blocks' optimizer state), and these {len(workers)} workers "
+            "cannot hold it", hint="it waits for workers with the memory of its last attempt's")
     fixed = job.cluster.data_parallel() or 1, job.cluster.pipeline_stages()
     if job.cluster.parallelism != "auto" and fixed[0] * fixed[1] > len(workers):
         raise PlacementError(

@@ -161,7 +161,20 @@ def _data_parallel_by_memory(cfg: dict, job: JobConfig, shape: ModelShape,
                       caps=tuple(caps) if binding else None)
 
 
-def layout(cfg: dict, job: JobConfig, workers: list[WorkerMemory]) -> Plan | None:
+def _kept_cut_fits(cfg: dict, job: JobConfig, shape: ModelShape, cut: list[tuple[int, int]],
+                   mems: list[int], dp: int) -> list[tuple[int, int]] | None:
+    stages = len(cut)
+    if all(_stage_estimate(cfg, job, shape, span, stages, dp, s).total <= mem
+           for s, (span, mem) in enumerate(zip(cut, mems))):
+        return cut
+    return None
+
+
+def layout(cfg: dict, job: JobConfig, workers: list[WorkerMemory],
+           cut: tuple[tuple[int, int], ...] | None = None) -> Plan | None:
+    """The layout with the fewest stages that fits, on as many replicas as the workers allow.
+    ``cut``: the layout a restart keeps (its checkpoint's: the stages' blocks, or () for data
+    parallel), only the replicas free; None: any."""
     shape = ModelShape.from_config(cfg)
     budget = {w.worker_id: int(w.memory_bytes * (1 - HEADROOM)) for w in workers}
     pool = sorted(workers, key=lambda w: -w.memory_bytes)
@@ -169,6 +182,8 @@ def layout(cfg: dict, job: JobConfig, workers: list[WorkerMemory]) -> Plan | Non
         pool = pool[: job.cluster.workers]
     fixed_dp = job.cluster.data_parallel()
     fixed_pp = job.cluster.pipeline_stages() if job.cluster.parallelism != "auto" else None
+    if cut is not None:
+        fixed_pp = max(1, len(cut))
     # (auto plans no stages for a job or model a stage cannot run: herd.stage_cut)
     most = 1 if pipeline_refusal(job, cfg) else min(len(pool), shape.layers)
     for stages in ([fixed_pp] if fixed_pp else range(1, most + 1)):
@@ -189,7 +204,8 @@ def layout(cfg: dict, job: JobConfig, workers: list[WorkerMemory]) -> Plan | Non
             # One cut for every replica: data-parallel peers must hold the same blocks to sum
             # their gradients. Each stage is sized for the smallest worker that will run it.
             mems = [min(budget[rep[s].worker_id] for rep in replicas) for s in range(stages)]
-            spans = (_balanced_if_it_fits(cfg, job, shape, mems, dp)
+            spans = (_kept_cut_fits(cfg, job, shape, list(cut), mems, dp) if cut else
+                     _balanced_if_it_fits(cfg, job, shape, mems, dp)
                      or _split(cfg, job, shape, mems, dp))
             if spans is not None:
                 return _make_plan(cfg, job, shape, replicas, spans, dp, stages)
