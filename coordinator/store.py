@@ -68,6 +68,22 @@ _MIGRATIONS = [
     "ALTER TABLE jobs ADD COLUMN resume_adapter TEXT NOT NULL DEFAULT ''",
     # The model's config.json as the laptop read it at submit (JSON; '' = none sent).
     "ALTER TABLE jobs ADD COLUMN model_config TEXT NOT NULL DEFAULT ''",
+    # The cursor the dashboard and /metrics follow every job's events by (events_after): a
+    # rowid was reused once `herd rm` deleted the newest rows, and the next job's events, below
+    # a cursor already passed, never reached them (an outside run). AUTOINCREMENT never reuses.
+    """
+    CREATE TABLE events_by_cursor (
+        cursor INTEGER PRIMARY KEY AUTOINCREMENT,
+        job_id TEXT NOT NULL, seq INTEGER NOT NULL, time_ms INTEGER NOT NULL, kind TEXT NOT NULL,
+        state TEXT, message TEXT NOT NULL, progress TEXT, step INTEGER NOT NULL, fetch TEXT,
+        UNIQUE (job_id, seq));
+    INSERT INTO events_by_cursor
+        (cursor, job_id, seq, time_ms, kind, state, message, progress, step, fetch)
+        SELECT rowid, job_id, seq, time_ms, kind, state, message, progress, step, fetch
+        FROM events ORDER BY rowid;
+    DROP TABLE events;
+    ALTER TABLE events_by_cursor RENAME TO events;
+    """,
 ]
 
 
@@ -280,7 +296,8 @@ class JobStore:
             seq = self._db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE job_id=?",
                                    (job_id,)).fetchone()[0]
             self._db.execute(
-                "INSERT INTO events VALUES (?,?,?,?,?,?,?,?,?)",
+                "INSERT INTO events (job_id, seq, time_ms, kind, state, message, progress, step, "
+                "fetch) VALUES (?,?,?,?,?,?,?,?,?)",
                 (job_id, seq, time_ms, kind.value, state.value if state else None, message,
                  json.dumps(dataclasses.asdict(progress)) if progress else None, step,
                  json.dumps(dataclasses.asdict(fetch)) if fetch else None),
@@ -298,13 +315,13 @@ class JobStore:
     @_guarded(write=False)
     def events_after(self, cursor: int, limit: int = 1000) -> list[tuple[int, JobEvent]]:
         """Every job's events in the order they were recorded, after ``cursor`` (0 = from the
-        first), each with its cursor: SQLite's rowid, which grows with each insert since events
-        are never deleted. The dashboard and /metrics follow the whole cluster with it."""
+        first), each with its cursor, which only grows, even past the events of a removed job
+        (AUTOINCREMENT). The dashboard and /metrics follow the whole cluster with it."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT rowid, * FROM events WHERE rowid>? ORDER BY rowid LIMIT ?",
+                "SELECT * FROM events WHERE cursor>? ORDER BY cursor LIMIT ?",
                 (cursor, limit)).fetchall()
-        return [(r["rowid"], _event(r)) for r in rows]
+        return [(r["cursor"], _event(r)) for r in rows]
 
     @_guarded(write=False)
     def latest_progress(self, job_id: str, attempt_start_ms: int = 0) -> list[RankProgress]:

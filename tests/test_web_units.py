@@ -158,6 +158,52 @@ def test_the_hub_counts_each_window_once_and_a_restarted_coordinator_counts_the_
     store.close()
 
 
+def test_the_hub_follows_the_jobs_submitted_after_a_removed_one(tmp_path):
+    """`herd rm` of the newest job deleted the last event rows; SQLite gave their rowids to the
+    next job's events, below the cursor the hub had passed, and the dashboard and /metrics never
+    saw that job (an outside run). The cursor never goes back now."""
+    store = JobStore(tmp_path / "herd.db")
+    hub = MetricsHub(store, lambda s: None)
+    feed_job(store, "old-1")
+    hub.poll()
+    store.delete_job("old-1")
+    hub.forget("old-1")
+    feed_job(store, "new-1")
+    hub.poll()
+    assert hub.job("new-1")["iteration"] == 4
+    assert [c for c, _ in store.events_after(0)] == list(range(13, 25))  # (never reused)
+    store.close()
+
+
+def test_an_older_database_keeps_its_events_and_their_order_through_the_migration(tmp_path):
+    """A state folder of the last release (events keyed by rowid) opened by this one: the events
+    keep their content, order and cursors, and a removal no longer lets a cursor be reused."""
+    import sqlite3
+
+    from coordinator.store import _MIGRATIONS
+
+    path = tmp_path / "herd.db"
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("CREATE TABLE migrations (version INTEGER PRIMARY KEY)")
+    for version, sql in enumerate(_MIGRATIONS[:-1], start=1):
+        db.executescript(f"BEGIN; {sql}; INSERT INTO migrations VALUES ({version}); COMMIT;")
+    for seq in range(1, 6):  # as the last release wrote them; the first two removed since
+        db.execute("INSERT INTO events VALUES (?,?,?,?,?,?,?,?,?)",
+                   ("a-1" if seq > 2 else "gone-1", seq, 1000 * seq, "log", None,
+                    f"line {seq}", None, 0, None))
+    db.execute("DELETE FROM events WHERE job_id='gone-1'")
+    db.close()
+    store = JobStore(path)
+    assert store.schema_version() == len(_MIGRATIONS)
+    assert [(c, e.job_id, e.seq, e.message) for c, e in store.events_after(0)] == [
+        (3, "a-1", 3, "line 3"), (4, "a-1", 4, "line 4"), (5, "a-1", 5, "line 5")]
+    store.delete_job("a-1")
+    store.add_event("b-1", 9000, EventKind.LOG, message="next")
+    assert [c for c, _ in store.events_after(0)] == [6]  # (the rowid of old would be 1)
+    assert [e.seq for e in store.events("b-1")] == [1]
+    store.close()
+
+
 def test_metrics_parse_with_the_prometheus_parser_and_carry_grafana_labels(tmp_path):
     store = JobStore(tmp_path / "herd.db")
     feed_job(store)
