@@ -209,6 +209,33 @@ def test_an_upload_over_the_bound_is_refused_with_413(make_server, monkeypatch):
         assert _temp_files(web) == []
 
 
+def test_the_job_api_answers_a_malformed_request_with_a_json_error_not_a_500(make_server):
+    """What an outside run sent: a JSON null, a form that is not multipart, batch_size 0 with
+    n_epochs, a method herd does not train (it trained supervised, unsaid), an unknown path and
+    method: each a 4xx with an OpenAI-shaped JSON error (a 500, or text/plain, before)."""
+    web = make_server()
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    with httpx.Client(base_url=web.url, timeout=10, headers=auth) as http:
+        sha = http.post("/v1/files", files={"file": ("a.jsonl", JSONL * 8)},
+                        data={"purpose": "fine-tune"}).json()["id"]
+        base = {"model": "/nonexistent/model", "training_file": sha}
+        cases = [
+            (http.post("/v1/fine_tuning/jobs", content=b"null",
+                       headers={"Content-Type": "application/json"}), 400, "not a JSON object"),
+            (http.post("/v1/files", content=b"just bytes"), 400, "not multipart"),
+            (http.post("/v1/fine_tuning/jobs", json={**base, "hyperparameters": {
+                "n_epochs": 2, "batch_size": 0}}), 400, "batch_size = 0"),
+            (http.post("/v1/fine_tuning/jobs", json={**base, "method": {"type": "dpo"}}), 400,
+             "method.type 'dpo' is not available"),
+            (http.get("/v1/no_such_thing"), 404, "GET /v1/no_such_thing: Not Found"),
+            (http.delete("/v1/files"), 405, "Method Not Allowed"),
+        ]
+        for r, status, said in cases:
+            assert r.status_code == status, (r.request.url, r.text)
+            assert r.headers["Content-Type"].startswith("application/json"), r.text
+            assert said in r.json()["error"]["message"], r.text
+
+
 def test_the_sweep_removes_stale_temporary_upload_files(tmp_path):
     from coordinator.housekeeping import ORPHAN_GRACE_S, TEMP_GRACE_S, sweep_blobs
     from coordinator.models import ModelStore

@@ -107,7 +107,12 @@ class JobApi:
     async def upload(self, request: web.Request) -> web.Response:
         if (request.content_length or 0) > MAX_UPLOAD_BYTES + FORM_BYTES:
             raise _too_large()  # said before a byte of it is read
-        reader = await request.multipart()
+        try:
+            reader = await request.multipart()
+        except (AssertionError, ValueError, KeyError):  # (not multipart: it was a 500)
+            raise DatasetError("the upload is not multipart/form-data",
+                               hint="send the file as the 'file' field of a form, with purpose "
+                               "fine-tune (the openai client's files.create does)") from None
         purpose, filename, tmp, sha, size = None, "", None, None, 0
         blobs = self.ctx.blobs
         try:

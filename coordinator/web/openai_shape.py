@@ -73,6 +73,9 @@ def _hyperparameters(body: dict) -> dict:
     _known(method.get("supervised"), {"hyperparameters"}, "method.supervised")
     _known((method.get("supervised") or {}).get("hyperparameters"), HYPERPARAMETERS,
            "method.supervised.hyperparameters")
+    if method.get("type", "supervised") != "supervised":  # (it trained supervised, unsaid)
+        raise ConfigError(f"method.type {method['type']!r} is not available in herd",
+                          hint="herd trains LoRA/QLoRA adapters by supervised fine-tuning")
     for kind in ("supervised", "dpo", "reinforcement"):
         if kind in method and kind != "supervised":
             raise ConfigError(f"method.type {kind!r} is not available in herd",
@@ -85,6 +88,9 @@ def job_request(body: Any, count_examples: Callable[[str], int]) -> tuple[str, s
                                                                           list[FileDigest]]:
     """A create request as herd's (name, config YAML, dataset). ``count_examples(sha)``: the
     training examples in an uploaded file (for ``n_epochs``)."""
+    if not isinstance(body, dict):  # (`null` was an AttributeError, a 500: an outside run)
+        raise ConfigError("the request body is not a JSON object",
+                          hint='{"model": ..., "training_file": ...}')
     _known(body, FIELDS, "")
     config = body.get("config") or {}
     if isinstance(config, str):
@@ -121,7 +127,9 @@ def job_request(body: Any, count_examples: Callable[[str], int]) -> tuple[str, s
         epochs = hp["n_epochs"]
         if not isinstance(epochs, int) or epochs < 1:
             raise ConfigError(f"hyperparameters.n_epochs = {epochs!r}: a whole number >= 1")
-        batch = int(config.get("batch_size", 4))
+        batch = config.get("batch_size", 4)
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:  # (0: a 500)
+            raise ConfigError(f"batch_size = {batch!r}: a whole number >= 1")
         # An mlx-lm epoch is examples // batch_size batches (iterate_batches drops the rest); a
         # file smaller than one batch is refused by the dataset check with the figures.
         config["iters"] = max(1, epochs * (count_examples(train) // batch))

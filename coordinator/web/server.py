@@ -114,6 +114,12 @@ async def _guard(request: web.Request, handler):
         return await handler(request)
     except HerdError as e:
         return web.json_response(error_object(e), status=error_status(e))
+    except web.HTTPException as e:  # (404, 405, 413 from aiohttp: JSON too on the job API)
+        if not request.path.startswith("/v1/") or e.status < 400:
+            raise
+        said = f"{request.method} {request.path}: {e.reason}" + (
+            f" ({e.text})" if e.text and not e.text.startswith(f"{e.status}:") else "")
+        return web.json_response(error_object(said, "invalid_request_error"), status=e.status)
 
 
 class Dashboard:
