@@ -221,6 +221,11 @@ def test_metrics_parse_with_the_prometheus_parser_and_carry_grafana_labels(tmp_p
         0.8 + 0.2)
     assert samples[("herd_worker_memory_used_bytes", (("worker_id", "worker-1"),))] == 16 << 30
     assert samples[("herd_queue_length", ())] == 0
+    # The job's rate once (each rank measures the whole job's: a sum of theirs double-counts)
+    rates = {k: v for k, v in samples.items() if k[0] == "herd_rank_tokens_per_second"}
+    assert samples[("herd_job_tokens_per_second", job)] == rates[
+        ("herd_rank_tokens_per_second", tuple(sorted(job + (("rank", "0"),
+                                                            ("worker_id", "worker-1")))))]
     assert samples[("herd_coordinator_degraded", ())] == 0
     # A database it cannot write: a gauge to alert on (`herd jobs` and `herd status` say it too)
     text = render(metrics_registry(hub, lambda: [WORKER], lambda: "disk full")).decode()
@@ -262,6 +267,23 @@ def _alias_bomb() -> str:
     lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
     lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)]
     return "\n".join(lines) + "\n"
+
+
+def test_a_validation_event_says_its_validation_loss_and_no_training_loss_of_its_own():
+    """A validation's report carries the last window's training loss: the job API said step 50
+    twice with two training losses (an outside run)."""
+    from coordinator.domain import JobEvent
+    from coordinator.web.openai_shape import event_object
+
+    def said(p):
+        return event_object(JobEvent("j", 1, 1000, EventKind.PROGRESS, progress=p), 100)
+
+    val = said(progress(0, 50, loss=1.25, val=3.0))
+    assert val["message"] == "Step 50/100: validation loss=3.0000 (rank 0)"
+    assert (val["data"]["train_loss"], val["data"]["valid_loss"]) == (None, 3.0)
+    train = said(progress(0, 50, loss=1.5))
+    assert train["message"] == "Step 50/100: training loss=1.5000 (rank 0)"
+    assert (train["data"]["train_loss"], train["data"]["valid_loss"]) == (1.5, None)
 
 
 def test_an_openai_create_request_becomes_a_herd_config():

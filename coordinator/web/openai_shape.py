@@ -187,16 +187,19 @@ def event_object(e: JobEvent, iters: int) -> dict:
         elif e.state is JobState.RESTARTING:
             out["level"] = "warn"
     if (p := e.progress) is not None:
+        # A validation's report carries the last window's training loss too: said once, by that
+        # window's own report (a step showed two training losses: an outside run).
+        train = None if p.val_loss else p.train_loss or None
         out["type"] = "metrics"
         out["data"] = {"step": p.iteration, "total_steps": iters, "rank": p.rank,
-                       "worker_id": p.worker_id, "train_loss": p.train_loss or None,
+                       "worker_id": p.worker_id, "train_loss": train,
                        "valid_loss": p.val_loss or None,
                        "tokens_per_second": p.tokens_per_second,
                        "peak_memory_gb": p.peak_memory_gb}
         out["message"] = (f"Step {p.iteration}/{iters}: "
-                          + (f"training loss={p.train_loss:.4f}" if p.train_loss else
+                          + (f"validation loss={p.val_loss:.4f}" if p.val_loss else
+                             f"training loss={train:.4f}" if train else
                              f"peak memory={p.peak_memory_gb:.2f} GB")
-                          + (f", validation loss={p.val_loss:.4f}" if p.val_loss else "")
                           + f" (rank {p.rank})")
     if e.step and e.progress is None:
         out["data"]["step"] = e.step

@@ -101,6 +101,8 @@ class HerdCollector:
             "loss": _gauge("herd_job_train_loss", "Latest training loss", JOB),
             "val": _gauge("herd_job_val_loss", "Latest validation loss", JOB),
             "eta": _gauge("herd_job_eta_seconds", "Estimated seconds to the last iteration", JOB),
+            "tps": _gauge("herd_job_tokens_per_second", "Tokens per second over all ranks (as "
+                          "its lowest rank last measured it; not a sum of the ranks')", JOB),
         }
         c = {
             "steps": _counter("herd_job_iterations", "Iterations completed (an iteration redone "
@@ -113,7 +115,7 @@ class HerdCollector:
         }
         r = {
             "tps": _gauge("herd_rank_tokens_per_second", "Tokens per second over all ranks, as "
-                          "this rank last measured it", RANK),
+                          "this rank last measured it (the job's rate: not to be summed)", RANK),
             "mem": _gauge("herd_rank_peak_memory_bytes", "The rank's peak MLX memory", RANK),
             "step_s": _counter("herd_rank_step_seconds", "Seconds spent in training steps",
                                RANK),
@@ -135,12 +137,15 @@ class HerdCollector:
                 g["val"].add_metric(job, val)
             if (eta := v.eta_s()) is not None:
                 g["eta"].add_metric(job, eta)
+            running = JobState(v.state).active
+            if running and (rate := next((p.tokens_per_second for p in ranked
+                                          if p.tokens_per_second), None)):
+                g["tps"].add_metric(job, rate)
             c["steps"].add_metric(job, v.iterations_done)
             c["tokens"].add_metric(job, v.tokens_done)
             c["restarts"].add_metric(job, v.restarts)
             c["ckpt_bytes"].add_metric(job, v.checkpoint_bytes)
             c["ckpts"].add_metric(job, len(v.checkpoints))
-            running = JobState(v.state).active
             for rank, p in sorted(v.ranks.items()):
                 labels = job + [str(rank), p.worker_id]
                 if running:  # a finished job's last rate is not a rate any more
