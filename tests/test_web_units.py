@@ -269,6 +269,21 @@ def _alias_bomb() -> str:
     return "\n".join(lines) + "\n"
 
 
+def test_the_dashboard_says_why_a_queued_job_waits(tmp_path):
+    store = JobStore(tmp_path / "herd.db")
+    put_job(store, "q-1")
+    store.add_event("q-1", 1000, EventKind.STATE, state=JobState.QUEUED,
+                    message="submitted by client/laptop")
+    store.add_event("q-1", 1100, EventKind.LOG, message="waiting: needs 2 workers, 1 verified")
+    hub = MetricsHub(store, lambda s: None)
+    hub.poll()
+    assert hub.job("q-1")["message"] == "waiting: needs 2 workers, 1 verified"
+    store.add_event("q-1", 1200, EventKind.STATE, state=JobState.PLACING, message="starting")
+    hub.poll()
+    assert hub.job("q-1")["message"] == "starting"
+    store.close()
+
+
 def test_a_validation_event_says_its_validation_loss_and_no_training_loss_of_its_own():
     """A validation's report carries the last window's training loss: the job API said step 50
     twice with two training losses (an outside run)."""

@@ -219,6 +219,10 @@ class MetricsHub:
                 change.update(self._on_progress(view, e.time_ms, e.progress))
             elif e.kind is EventKind.CHECKPOINT:
                 change.update(self._on_checkpoint(view, e))
+            elif (e.kind is EventKind.LOG and e.message.startswith("waiting: ")
+                  and view.state and JobState(view.state).waiting):
+                # why a job waits, as `herd jobs` says it (the page said "submitted by ...")
+                view.message = change["message"] = e.message
             text = e.message
             if e.state is not None:
                 text = e.state.value + (f": {e.message}" if e.message else "")
