@@ -158,8 +158,9 @@ class Dashboard:
 
     def _cluster(self) -> dict:
         # The newest jobs only: the overview is re-sent every second or two to every browser.
+        jobs = self.ctx.hub.jobs()
         return {"workers": [worker_json(w) for w in self.ctx.workers()],
-                "jobs": self.ctx.hub.jobs()[:OVERVIEW_JOBS],
+                "jobs": jobs[:OVERVIEW_JOBS], "jobs_total": len(jobs),
                 "health": self.ctx.scheduler.health}  # why it cannot record jobs ("" if it can)
 
     async def cluster(self, request: web.Request) -> web.Response:

@@ -59,7 +59,9 @@ function renderCluster() {
     tr.dataset.worker = w.id;
     return tr;
   }));
-  $("#job-count").textContent = `(${jobs.length})`;
+  const total = state.cluster.jobs_total || jobs.length;  // (the newest 100 are sent)
+  $("#job-count").textContent = total > jobs.length
+    ? `(the newest ${jobs.length} of ${total}: \`herd jobs\` lists them all)` : `(${jobs.length})`;
   const jbody = $("#jobs tbody");
   jbody.replaceChildren(...jobs.map((j) => {
     const bar = el("span", null, "bar");
@@ -263,9 +265,17 @@ function connect() {
   const src = new EventSource(url);
   state.source = src;
   const conn = $("#conn");
-  src.onopen = () => { conn.textContent = "live"; conn.className = "conn live"; };
+  src.onopen = () => {
+    state.lostAt = null;
+    conn.textContent = "live"; conn.className = "conn live";
+  };
   src.onerror = () => {
-    conn.textContent = "reconnecting…"; conn.className = "conn";
+    // What the page shows stays as it was when the stream broke ("0 s ago" for ever, a frozen
+    // ETA: an outside run): say since when.
+    state.lostAt = state.lostAt || new Date();
+    conn.textContent = "coordinator unreachable since " + state.lostAt.toLocaleTimeString()
+      + ": the figures below are as of then; reconnecting…";
+    conn.className = "conn lost";
     if (src.readyState === EventSource.CLOSED) setTimeout(start, 2000);
   };
   src.addEventListener("cluster", (e) => {
