@@ -284,6 +284,33 @@ def test_the_dashboard_says_why_a_queued_job_waits(tmp_path):
     store.close()
 
 
+def test_the_dashboard_and_the_job_api_show_the_fetch_phase(tmp_path):
+    """While its workers fetch the model, the page said "placing" and nothing more for minutes,
+    and the job API's fetch events had no message (an outside run)."""
+    from coordinator.domain import FetchProgress
+    from coordinator.web.openai_shape import event_object
+
+    store = JobStore(tmp_path / "herd.db")
+    put_job(store, "f-1")
+    store.add_event("f-1", 1000, EventKind.STATE, state=JobState.PLACING, message="starting")
+    for rank, got in ((0, 200_000_000), (1, 100_000_000)):
+        store.add_event("f-1", 1100, EventKind.FETCH, fetch=FetchProgress(
+            rank=rank, worker_id=f"w{rank + 1}", source="store", files=3,
+            bytes_needed=400_000_000, bytes_received=got, bytes_per_second=50_000_000))
+    hub = MetricsHub(store, lambda s: None)
+    hub.poll()
+    assert hub.job("f-1")["message"] == (
+        "fetching the model: 0/2 workers done, 300.0 MB of 800.0 MB at 100.0 MB/s")
+    event = event_object(store.events("f-1")[-1], 10)
+    assert event["message"] == ("fetch rank 1 (w2) from store: 3 files, 400000000 bytes needed, "
+                                "0 cached, 100000000 received at 50.0 MB/s")
+    assert event["data"]["bytes_received"] == 100_000_000
+    store.add_event("f-1", 1200, EventKind.STATE, state=JobState.RUNNING)
+    hub.poll()
+    assert hub.job("f-1")["message"] == ""
+    store.close()
+
+
 def test_a_validation_event_says_its_validation_loss_and_no_training_loss_of_its_own():
     """A validation's report carries the last window's training loss: the job API said step 50
     twice with two training losses (an outside run)."""

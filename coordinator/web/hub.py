@@ -18,10 +18,11 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
-from coordinator.domain import EventKind, JobEvent, JobState, RankProgress
+from coordinator.domain import EventKind, FetchProgress, JobEvent, JobState, RankProgress
 from coordinator.store import JobStore
 from herd import log
 from herd.errors import NotFoundError
+from herd.models.source import fetch_line
 
 logger = log.get(__name__)
 MAX_POINTS = 4000  # per job and series; older points are thinned, never the newest
@@ -76,6 +77,7 @@ class JobView:
     timing: list[dict] = field(default_factory=list)  # mean split over ranks, per report window
     split: dict[int, dict[str, float]] = field(default_factory=dict)  # the latest, per rank
     checkpoints: list[dict] = field(default_factory=list)
+    fetching: dict[int, FetchProgress] = field(default_factory=dict)  # rank -> its latest fetch
     log: collections.deque = field(default_factory=lambda: collections.deque(maxlen=LOG_LINES))
     # Counters (monotonic): an iteration redone after a restart counts once.
     iterations_done: int = 0
@@ -219,6 +221,10 @@ class MetricsHub:
                 change.update(self._on_progress(view, e.time_ms, e.progress))
             elif e.kind is EventKind.CHECKPOINT:
                 change.update(self._on_checkpoint(view, e))
+            elif e.kind is EventKind.FETCH and e.fetch is not None and view.state == "placing":
+                # the fetch phase, as `herd watch` sums it (the page said nothing for minutes)
+                view.fetching[e.fetch.rank] = e.fetch
+                view.message = change["message"] = fetch_line(view.fetching.values())
             elif (e.kind is EventKind.LOG and e.message.startswith("waiting: ")
                   and view.state and JobState(view.state).waiting):
                 # why a job waits, as `herd jobs` says it (the page said "submitted by ...")
@@ -242,6 +248,7 @@ class MetricsHub:
 
     def _on_state(self, view: JobView, e: JobEvent) -> dict:
         view.state, view.message = e.state.value, e.message
+        view.fetching.clear()  # (a new attempt fetches again; running: done)
         if e.state is JobState.RESTARTING:
             view.restarts += 1
         if e.state in (JobState.PLACING, JobState.QUEUED, JobState.RESTARTING):

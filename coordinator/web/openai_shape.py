@@ -10,6 +10,7 @@ mlx-lm, so only "auto" is accepted and ``learning_rate`` is set in ``config``.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import yaml
@@ -18,6 +19,7 @@ from coordinator.domain import Checkpoint, Job, JobEvent, JobState
 from herd.config import config_to_yaml, did_you_mean, read_yaml
 from herd.digest import FileDigest
 from herd.errors import ConfigError, DatasetError, HerdError, NotFoundError, PlacementError
+from herd.models.source import describe_fetch
 
 FILE_PREFIX = "file-"
 STATUS = {JobState.QUEUED: "queued", JobState.PLACING: "running", JobState.RUNNING: "running",
@@ -201,6 +203,9 @@ def event_object(e: JobEvent, iters: int) -> dict:
                              f"training loss={train:.4f}" if train else
                              f"peak memory={p.peak_memory_gb:.2f} GB")
                           + f" (rank {p.rank})")
+    if (f := e.fetch) is not None:  # (its message was empty: an outside run)
+        out["message"] = describe_fetch(f)
+        out["data"].update(dataclasses.asdict(f))
     if e.step and e.progress is None:
         out["data"]["step"] = e.step
     return out

@@ -12,8 +12,8 @@ import sys
 import time
 
 from herd.cli.connection import CoordinatorConnection
-from herd.digest import human_bytes
 from herd.errors import PeerLostError
+from herd.models.source import describe_fetch, fetch_line
 from herd.rpc.status import rpc_errors
 from protos.v1 import common_pb2, coordinator_pb2
 
@@ -49,14 +49,6 @@ def _share(p: common_pb2.RankProgress) -> str:
     if not p.share:
         return ""
     return f" share {p.share}" + (f" ({p.items_per_second:.1f}/s)" if p.items_per_second else "")
-
-
-def describe_fetch(f: common_pb2.FetchProgress) -> str:
-    """A worker getting its rank's model, with exact byte counts (scripts read them)."""
-    head = (f"{'fetched' if f.done else 'fetch'} rank {f.rank} ({f.worker_id}) from {f.source}: "
-            f"{f.files} files, {f.bytes_needed} bytes needed, {f.bytes_cached} cached, "
-            f"{f.bytes_received} received")
-    return head + (f" at {human_bytes(f.bytes_per_second)}/s" if f.bytes_per_second else "")
 
 
 # How long a dropped stream is tried again: a coordinator restarted by hand, or by launchd or
@@ -153,16 +145,6 @@ def stats_line(ranks: dict[int, common_pb2.RankProgress], val: float) -> str:
     return "  ".join(parts)
 
 
-def fetch_line(fetching: dict[int, common_pb2.FetchProgress]) -> str:
-    """The fetch phase in one line, summed over the workers (it does not grow with them)."""
-    fs = list(fetching.values())
-    need = sum(max(0, f.bytes_needed - f.bytes_cached) for f in fs)
-    rate = sum(f.bytes_per_second for f in fs if not f.done)
-    return (f"fetching the model: {sum(f.done for f in fs)}/{len(fs)} workers done, "
-            f"{human_bytes(sum(f.bytes_received for f in fs))} of {human_bytes(need)}"
-            + (f" at {human_bytes(rate)}/s" if rate else ""))
-
-
 def watch(coord: CoordinatorConnection, job_id: str, plain: bool, clock=time.monotonic,
           sleep=time.sleep) -> tuple[int, str]:
     """Follows the job to a final state; returns (state, message)."""
@@ -201,7 +183,7 @@ def watch(coord: CoordinatorConnection, job_id: str, plain: bool, clock=time.mon
                 if e.fetch.done:
                     live.console.print(escape(describe_fetch(e.fetch)))
                 if not ranks:  # the fetch phase: its sum in the figures line
-                    stats.plain = fetch_line(fetching)
+                    stats.plain = fetch_line(fetching.values())
             elif e.kind == KIND.KIND_PROGRESS:
                 if e.progress.validation:
                     val = e.progress.val_loss
