@@ -221,7 +221,9 @@ def test_a_pulled_adapter_holds_metrics_jsonl_and_a_loss_png(cluster, live, tmp_
     assert r.status_code == 200
     with tarfile.open(fileobj=io.BytesIO(r.content)) as tar:
         names = {Path(n).name for n in tar.getnames()}
+        dated = {m.mtime for m in tar.getmembers()}
     assert {"adapters.safetensors", "adapter_config.json", "metrics.jsonl", "loss.png"} <= names
+    assert min(dated) > time.time() - 3600  # the checkpoint's time (it was 1970)
 
 
 def test_no_secret_in_a_page_a_url_or_a_log(cluster, live, token):

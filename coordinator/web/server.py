@@ -232,6 +232,7 @@ class Dashboard:
             for name, content in data.items():
                 info = tarfile.TarInfo(f"{job_id}-step{step}/{name}")
                 info.size, info.mode = len(content), 0o644
+                info.mtime = found[0].created_ms // 1000  # (0 unpacked as 1970: an outside run)
                 tar.addfile(info, io.BytesIO(bytes(content)))
         return out.getvalue()
 
