@@ -118,7 +118,7 @@ class Elastic:
             job = s.store.get_job(job_id)
             n = workers_needed(job.config)
             if (job.state is not JobState.RUNNING or len(job.worker_ids) >= n
-                    or step >= job.config.last_step()):
+                    or step >= job.config.last_step() or not elastic(job.config)):
                 return
             workers = {w.worker_id: w for w in s.workers()}
             current = [workers[w] for w in job.worker_ids if w in workers]
@@ -126,12 +126,16 @@ class Elastic:
                     if w.worker_id not in job.worker_ids and not policy_refusal(job, w)
                     and w.worker_id not in s.refusals.of(job.job_id)]
             cut = s._cut_of(job_id, step)  # (the layout this checkpoint was written in)
-            if grow_placement(job.config, current, free, self._model_config(job), cut) is None:
+            grown = grow_placement(job.config, current, free, self._model_config(job), cut)
+            # Only onto more workers: a job the planner placed on fewer than it asked for (one
+            # worker's memory too small) restarted onto the same ones at every checkpoint (an
+            # outside run).
+            if grown is None or len(grown.worker_ids) <= len(job.worker_ids):
                 return
             s.reconcile.forget(job_id)
             s._not_before.pop(job_id, None)
             s._set_state(job, JobState.RESTARTING,
-                         f"growing back to {n} workers from checkpoint {step}: enough are free "
-                         "again", outcome="grown")
-            logger.info("job_growing", job_id=job_id, workers=n, step=step)
+                         f"growing back to {len(grown.worker_ids)} workers from checkpoint {step}: "
+                         "enough are free again", outcome="grown")
+            logger.info("job_growing", job_id=job_id, workers=len(grown.worker_ids), step=step)
         s._stop_ranks(job)

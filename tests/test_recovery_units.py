@@ -540,6 +540,23 @@ def test_a_data_by_pipeline_job_shrinks_by_whole_replicas_and_grows_back(tmp_pat
             for la in launcher.started[-4:]] == [(cut, 2, 24)] * 4
 
 
+def test_a_job_placed_on_fewer_workers_than_it_asked_does_not_restart_at_each_checkpoint(
+        tmp_path):
+    """3 workers asked, one with too little memory: the planner runs it on 2; a checkpoint must
+    not 'grow it back' onto the same 2 (it restarted its ranks at every one: an outside run)."""
+    workers = [worker(1, mem=192 * GB), worker(2, mem=192 * GB), worker(3, mem=1 * GB)]
+    launcher, clock, written = StopLog(), Clock(), Written()
+    s = Scheduler(JobStore(tmp_path / "db"), lambda: list(workers), launcher, clock,
+                  models=Llama70B(), checkpoints=written)
+    j = s.submit(_big_job("three", 6, {"workers": 3}))
+    s.tick()
+    assert _state(s, j.job_id)[:2] == (JobState.RUNNING, 1)
+    assert [(la.worker.worker_id, la.stage_layers) for la in launcher.started] == [
+        ("w1", ()), ("w2", ())]  # (data parallel on the two that hold it)
+    s.on_checkpoint(_ckpt(j.job_id, 8, clock))
+    assert _state(s, j.job_id)[:2] == (JobState.RUNNING, 1) and not launcher.stopped
+
+
 def test_a_single_pipeline_does_not_shrink():
     """Losing a stage's Mac leaves nothing whole to run on: it waits (the same layout)."""
     from coordinator.elastic import shrink_placement
