@@ -20,6 +20,7 @@ scheduler's restart-from-checkpoint policy. A rank exits with its actor (PR_SET_
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -31,6 +32,7 @@ from coordinator.placement import Placement
 from coordinator.scheduler import Wait
 from herd import log
 from herd.errors import HerdError, PlacementError
+from herd.ray_auth import with_token_auth
 from herd.rpc import pki
 
 logger = log.get(__name__)
@@ -91,16 +93,28 @@ class RayBackend:
                         "coordinator")
                 return
             os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # before Ray loads; nothing leaves
+            with_token_auth(os.environ)  # (a head with a token file has token auth on)
             address = ray_nodes.resolve_address(asked)
             ray_nodes.check_reachable(address)
             ray_nodes.check_session_writable()
             import ray
 
+            # A Ray driver exits on SIGTERM (Ray's handler: sys.exit) and dumps a crash report
+            # on it (absl's): a coordinator stopped by systemd or `herd down` skipped its own
+            # stop and exited 134 or 15 (an outside run). Its own handler is kept.
+            os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
+            main = threading.current_thread() is threading.main_thread()
+            handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)
+                        if main}
             try:
                 ray.init(address=address, namespace=NAMESPACE, log_to_driver=False,
                          logging_level="warning", ignore_reinit_error=True)
             except Exception as e:  # ConnectionError, RuntimeError...: Ray's reason, verbatim
                 raise ray_nodes.connect_refusal(address, e) from None
+            finally:
+                for sig, handler in handlers.items():
+                    if handler is not None:
+                        signal.signal(sig, handler)
             self.address = address
             self._refresh_nodes()
         threading.Thread(target=self._monitor, daemon=True, name="ray-monitor").start()

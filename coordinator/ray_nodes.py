@@ -16,6 +16,7 @@ import socket
 from pathlib import Path
 
 from coordinator.domain import WorkerRecord
+from herd import ray_auth
 from herd.digest import GIB
 from herd.errors import PlacementError
 
@@ -110,12 +111,11 @@ def check_session_writable(root: str | None = None) -> None:
 def connect_refusal(address: str, error: Exception) -> PlacementError:
     """ray.init's failure, with what it hides: token authentication (Ray 2.60 turns it on where
     ~/.ray/auth_token exists) fails as a bare "Failed to connect"."""
-    token = Path.home() / ".ray" / "auth_token"
-    auth = os.environ.get("RAY_AUTH_MODE") or ("token" if token.exists() else "")
+    auth = os.environ.get(ray_auth.MODE) or ray_auth.token_file().exists()
     return PlacementError(
         f"cannot connect to the Ray cluster at {address}: {error}",
         hint="run the coordinator on a node of that Ray cluster (docs/ray.md)" + (
-            f"; Ray's token authentication (RAY_AUTH_MODE={auth or 'unset'}, {token}"
-            f"{' present' if token.exists() else ' absent'}) must match the cluster's: the same "
-            "token on every node and here, or RAY_AUTH_MODE=disabled everywhere"
+            f"; Ray's token authentication ({ray_auth.describe()}) must match the cluster's: "
+            "the head's ~/.ray/auth_token copied to every node and here with "
+            "RAY_AUTH_MODE=token, or RAY_AUTH_MODE=disabled everywhere"
             if auth or "auth" in str(error).lower() else ""))

@@ -75,7 +75,14 @@ class Reconciler:
                                        s.store.checkpoints(job.job_id), job.updated_ms, 1, True,
                                        s.restart_policy)
                     s._not_before[job.job_id] = job.updated_ms + int(d.delay_s * 1000)
-                if job.state.active:
+                if job.state.active and job.config.cluster.backend == "ray":
+                    # A rank actor is the driver's (this process's): it ended with it. Nothing to
+                    # wait for (it waited 30 s for ranks that could not exist: an outside run).
+                    self.adopting[job.job_id] = (s.now_ms(), (), "")
+                    s._event(job, EventKind.LOG, message=(
+                        "the coordinator restarted: the ranks of a Ray job end with it (their "
+                        "actors are its own); restarting from the last checkpoint"))
+                elif job.state.active:
                     self.adopting[job.job_id] = (deadline, (), "")
                     s._event(job, EventKind.LOG, message=(
                         f"the coordinator restarted: waiting up to {s.adopt_grace_s:.0f}s for "

@@ -375,3 +375,13 @@ def test_a_killed_raylet_restarts_the_job_from_its_checkpoint_once_a_node_joins(
                       initial_adapter(single))
     print(f"Ray job after a lost node vs one process: the update differs by {rel:.2e}")
     assert rel <= SAME_UPDATE_RTOL, f"resumed adapter differs from one process by {rel:.2e}"
+
+
+def test_the_coordinator_stops_cleanly_on_sigterm(rc):
+    """(Last: it stops the module's coordinator.) What systemd and `herd down` send: the
+    coordinator's own stop runs and it exits 0. A Ray driver exits on SIGTERM by Ray's handler
+    and dumps a crash report by absl's: exit 134 or 15 and a stack dump (an outside run)."""
+    rc.coordinator.send_signal(signal.SIGTERM)
+    assert rc.coordinator.wait(timeout=60) == 0, rc.log.read_text()[-3000:]
+    log = rc.log.read_text()
+    assert "SIGTERM received" not in log and "Traceback" not in log, log[-3000:]

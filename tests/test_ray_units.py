@@ -175,6 +175,25 @@ def test_a_ray_job_waits_for_its_reservation_then_starts_on_the_actors_ports(tmp
     assert fake.asked[-1][1] == 2 and s.store.get_job(job.job_id).attempt == 2
 
 
+def test_a_restarted_coordinator_restarts_a_ray_job_at_once(tmp_path):
+    """A rank actor is the coordinator's own (the Ray driver's): it ends with it. A restarted
+    coordinator restarts the job from its checkpoint at the next tick, saying why (it waited
+    30 s for ranks that could not exist: an outside run)."""
+    fake, clock = FakeRay(2, polls=0), Clock()
+    s = scheduler(tmp_path, fake, clock)
+    job = s.submit(ray_job())
+    s.tick()
+    assert s.store.get_job(job.job_id).state is JobState.RUNNING
+    again = Scheduler(s.store, lambda: [], None, clock, placement_timeout_s=60,
+                      backends={"ray": fake})
+    again.recover()
+    again.tick()  # (no time passes: no re-adopt wait)
+    got = again.store.get_job(job.job_id)
+    assert got.state is JobState.RUNNING and got.attempt == 2, got.message
+    said = [e.message for e in again.store.events(job.job_id)]
+    assert any("the ranks of a Ray job end with it" in m for m in said), said
+
+
 def test_an_unreachable_ray_cluster_fails_the_submit_and_queues_nothing(tmp_path):
     s = scheduler(tmp_path, FakeRay(2, unreachable=True))
     with pytest.raises(PlacementError, match="cannot reach the Ray cluster at 10.0.1.254:6379"):
@@ -245,3 +264,24 @@ def test_a_ray_session_folder_the_coordinator_cannot_write_is_refused_not_an_abo
     refusal = ray_nodes.connect_refusal("10.0.0.1:6379", ConnectionError(
         "AuthenticationError: InvalidAuthToken"))
     assert "token authentication" in refusal.hint and "RAY_AUTH_MODE" in refusal.hint
+
+
+def test_a_machine_holding_rays_token_file_joins_with_token_authentication(tmp_path,
+                                                                          monkeypatch):
+    """Ray 2.60 turns token authentication on for a head started where ~/.ray/auth_token
+    exists; a node or driver with the same file but RAY_AUTH_MODE unset reads it as disabled
+    and was refused (an outside run on the docs' commands). herd sets token where the file is and
+    the variable unset; an explicit choice is kept; the refusal's hint says what was read."""
+    from herd import ray_auth
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    assert "RAY_AUTH_MODE" not in ray_join.ray_env("linux")  # no token file: Ray's default
+    assert "RAY_AUTH_MODE unset (Ray reads it as disabled)" in ray_auth.describe()
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("secret\n")
+    assert ray_join.ray_env("linux")["RAY_AUTH_MODE"] == "token"
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    assert ray_join.ray_env("linux")["RAY_AUTH_MODE"] == "disabled"
+    refusal = ray_nodes.connect_refusal("10.0.0.1:6379", ConnectionError("Failed to connect"))
+    assert "RAY_AUTH_MODE=disabled" in refusal.hint and "auth_token present" in refusal.hint
