@@ -6,6 +6,7 @@ cannot place now. Kept out of the scheduler: none of it moves a job between stat
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 from coordinator.artifacts import PARTIAL_SUFFIX, require_free
 from coordinator.domain import Job
@@ -114,13 +115,23 @@ def sweep_blobs(store: JobStore, models, blobs, now_s: float,
     return count, freed
 
 
-def require_checkpoint_room(folder: Path, job: Job, keep: int) -> None:
+def require_checkpoint_room(folder: Path, job: Job, keep: int, store: JobStore | None = None,
+                            config_of: Callable[[Job], dict | None] = lambda j: None) -> None:
     """StorageError at submit unless the disk holding ``folder`` has room for the checkpoints
     the coordinator will hold of the job at once (it counted two: a job was taken, then failed
-    part-way on its own checkpoints, every one kept by default: an outside run)."""
+    part-way on its own checkpoints, every one kept by default: an outside run), beside those
+    the unfinished jobs in ``store`` have still to write (two jobs each passed alone, then the
+    second filled the disk). ``config_of``: a job's model config.json (ModelCatalog.config)."""
     n = checkpoints_held(job.config, keep)
-    require_free(folder, n * checkpoint_bytes(job.config),
+    pending = 0
+    for other in store.list_jobs() if store is not None else ():
+        if not other.state.final and other.job_id != job.job_id:
+            left = checkpoints_held(other.config, keep) - len(store.checkpoints(other.job_id))
+            pending += max(0, left) * checkpoint_bytes(other.config, config_of(other))
+    require_free(folder, n * checkpoint_bytes(job.config, config_of(job)) + pending,
                  f"the job's {n} checkpoint{'s' if n > 1 else ''}" + (
-                     "" if keep else " (the coordinator keeps them all)"),
+                     "" if keep else " (the coordinator keeps them all)") + (
+                     f", beside {pending / 1e6:.1f} MB the unfinished jobs will still write"
+                     if pending else ""),
                  hint="free space there, save less often (save_every), keep fewer "
                  "(herd coordinator --keep-checkpoints N)")

@@ -126,7 +126,7 @@ class Coordinator:
                            generation=lambda: api_tokens.generation(authority.folder))
             self.web = WebServer(WebContext(self.store, self.scheduler, self.hub,
                                             self.scheduler.workers, blobs, adapters, auth,
-                                            self.models),
+                                            self.models, keep_checkpoints),
                                  http_host, http_port)
         self._advertise = advertise
         self._discover = discover  # False: only the static workers (`herd up` adopts no others)

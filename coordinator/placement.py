@@ -219,15 +219,18 @@ def checkpoints_held(cfg: JobConfig, keep: int) -> int:
     return max(1, min(saves, keep + 1) if keep else saves)
 
 
-def checkpoint_bytes(cfg: JobConfig) -> int:
-    """One checkpoint's size (adapter and optimizer state) when the model's config.json is
-    readable here; 0 when it is not."""
-    config_json = Path(cfg.model).expanduser() / "config.json"
+def checkpoint_bytes(cfg: JobConfig, model_config: dict | None = None) -> int:
+    """One checkpoint's size on the coordinator: adapter and optimizer state, and for a pipeline
+    also the adapter merged from its stages' pieces (left out, a pipeline job passed submit and
+    failed on its last checkpoint: an outside run). ``model_config``: its config.json (default:
+    the model folder's, when readable here); 0 when unknown."""
     try:
-        est = planner.estimate_memory(json.loads(config_json.read_text()), cfg)
-    except (OSError, ValueError, KeyError, HerdError):
+        if model_config is None:
+            model_config = json.loads((Path(cfg.model).expanduser() / "config.json").read_text())
+        est = planner.estimate_memory(model_config, cfg)
+    except (OSError, ValueError, KeyError, TypeError, HerdError):
         return 0
-    return est.lora + est.optimizer
+    return est.lora + est.optimizer + (est.lora if cfg.cluster.pipeline_stages() > 1 else 0)
 
 
 def check_submit(job: Job, workers: list[WorkerRecord], model_config: dict | None) -> None:

@@ -104,7 +104,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                       self.models, spec.model_digest,
                       convert.digest_from_pb(spec.resume_adapter)
                       if spec.HasField("resume_adapter") else None, spec.model_config_json)
-        housekeeping.require_checkpoint_room(self.adapters.root, job, self.keep_checkpoints)
+        housekeeping.require_checkpoint_room(self.adapters.root, job, self.keep_checkpoints,
+                                             self.store, self.models.config)
         return job
 
     def _workers_job(self, context, job_id: str, attempt: int | None = None) -> Job | None:

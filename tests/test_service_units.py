@@ -1258,6 +1258,20 @@ def test_a_job_is_admitted_only_with_room_for_the_checkpoints_it_will_keep(
         monkeypatch.setattr(artifacts, "_free_bytes",
                             lambda folder: artifacts.RESERVE_BYTES + 8 * one)
         conn.call("SubmitJob", coordinator_pb2.SubmitJobRequest(spec=spec))
+        # A second job beside the first, which has all its 8 still to write (each passed alone,
+        # then the second filled the disk: an outside run).
+        with pytest.raises(StorageError, match=r"beside \d+\.\d MB the unfinished jobs will "
+                                               "still write"):
+            conn.call("SubmitJob", coordinator_pb2.SubmitJobRequest(spec=spec))
+        monkeypatch.setattr(artifacts, "_free_bytes",
+                            lambda folder: artifacts.RESERVE_BYTES + 16 * one)
+        conn.call("SubmitJob", coordinator_pb2.SubmitJobRequest(spec=spec))
+    # A pipeline's checkpoint is also the adapter merged from its stages' pieces.
+    from herd.config import Parallelism
+
+    stages = cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={
+        "parallelism": Parallelism(data=1, pipeline=2)})})
+    assert checkpoint_bytes(stages) > one
 
 
 def test_a_submit_needs_no_writable_tmp(tmp_path, coordinator_rpc, tiny_model, tiny_data,

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from coordinator.housekeeping import require_checkpoint_room
 from coordinator.jobs import new_job
 from coordinator.reports import all_events
 from coordinator.web import openai_shape as shape
@@ -166,6 +167,9 @@ class JobApi:
         dataset = [dataclasses.replace(d, bytes=(blobs.root / d.sha256).stat().st_size)
                    if blobs.has(d.sha256) else d for d in dataset]
         job = new_job(name, config_yaml, dataset, blobs, self.ctx.models)
+        require_checkpoint_room(self.ctx.adapters.root, job, self.ctx.keep_checkpoints,
+                                self.ctx.store, self.ctx.models.config if self.ctx.models
+                                else lambda j: None)  # (as herd submit's: it was not checked)
         job = self.ctx.scheduler.submit(job, by="the job API")
         return self._job(job.job_id)
 

@@ -66,6 +66,7 @@ class WebContext:
     adapters: AdapterStore
     auth: WebAuth
     models: ModelCatalog | None = None  # pins a hub model as gRPC SubmitJob does
+    keep_checkpoints: int = 0  # the coordinator's --keep-checkpoints (its disk check at submit)
 
 
 def worker_json(w: WorkerRecord) -> dict:
