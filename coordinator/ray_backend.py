@@ -32,8 +32,8 @@ from coordinator.placement import Placement
 from coordinator.scheduler import Wait
 from herd import log
 from herd.errors import HerdError, PlacementError
-from herd.ray_auth import with_token_auth
 from herd.rpc import pki
+from herd.rpc.auth import Revocations
 
 logger = log.get(__name__)
 NAMESPACE = "herd"
@@ -67,6 +67,8 @@ class RayBackend:
                  poll_s: float = 0.5, authority: pki.Authority | None = None):
         self._actor_cls, self._address = actor_cls, coordinator_address
         self._authority = authority  # signs each actor's worker and each rank's credential
+        # `herd revoke worker/ray-<node>` ends a node's part (it was chosen, the tick then failed)
+        self._revoked = Revocations(authority.folder if authority else None)
         self._on_worker_lost, self._on_rank_lost = on_worker_lost, on_rank_lost
         self._poll_s = poll_s
         self._lock = threading.RLock()
@@ -93,7 +95,6 @@ class RayBackend:
                         "coordinator")
                 return
             os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # before Ray loads; nothing leaves
-            with_token_auth(os.environ)  # (a head with a token file has token auth on)
             address = ray_nodes.resolve_address(asked)
             ray_nodes.check_reachable(address)
             ray_nodes.check_session_writable()
@@ -138,7 +139,7 @@ class RayBackend:
             busy = {a.worker_ids[r]: a.job_id for a in self._attempts.values() if a.started
                     for r in range(len(a.worker_ids)) if r not in a.done}
             records = [ray_nodes.node_record(n, busy.get(wid, ""))
-                       for wid, n in self._nodes.items()]
+                       for wid, n in self._nodes.items() if f"worker/{wid}" not in self._revoked]
         return sorted((r for r in records if r), key=lambda w: w.worker_id)
 
     def _refresh_nodes(self) -> None:
@@ -148,12 +149,14 @@ class RayBackend:
         for n in ray.nodes():
             if ray_nodes.node_record(n) is not None:
                 nodes[ray_nodes.worker_id(n["NodeID"])] = n
+        revoked = {wid for wid in nodes if f"worker/{wid}" in self._revoked}
         with self._lock:
-            lost = [wid for wid in self._nodes if wid not in nodes]
-            self._nodes = nodes
+            lost = [wid for wid in self._nodes if wid not in nodes or wid in revoked]
+            self._nodes = {wid: n for wid, n in nodes.items() if wid not in revoked}
         for wid in lost:
-            logger.warning("ray_node_lost", worker_id=wid)
-            self._on_worker_lost(wid, "Ray marked its node dead")
+            why = "its certificate was revoked" if wid in revoked else "Ray marked its node dead"
+            logger.warning("ray_node_lost", worker_id=wid, reason=why)
+            self._on_worker_lost(wid, why)
 
     # --- reserving -------------------------------------------------------------------------
 
@@ -217,9 +220,13 @@ class RayBackend:
             return Wait(f"reserving {len(a.worker_ids)} ranks on Ray: "
                         + ", ".join(a.worker_ids))
         remote = ray.remote(self._actor_cls)
-        for rank, wid in enumerate(a.worker_ids):
+        try:  # (signed before any actor starts: one that cannot be, a revoked node, waits)
+            idents = [self._issue("worker", wid, pki.RANK_DAYS) for wid in a.worker_ids]
+        except HerdError as e:
+            self._teardown_later(a)
+            return Wait(f"cannot start rank actors on Ray: {e.message}")
+        for rank, (wid, ident) in enumerate(zip(a.worker_ids, idents)):
             w = workers[wid]
-            ident = self._issue("worker", wid, pki.RANK_DAYS)
             actor = remote.options(
                 num_cpus=0, max_concurrency=4, max_restarts=0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(

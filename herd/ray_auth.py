@@ -3,8 +3,8 @@
 A head started where ``~/.ray/auth_token`` exists (a local ``ray.init`` writes one) turns token
 authentication on; a node or driver that joins it reads an unset ``RAY_AUTH_MODE`` as disabled
 and is refused ("InvalidAuthToken") even with the very same token file (an outside run on the
-docs' own commands). So where the file exists and the variable is unset, herd sets it to token:
-a head without authentication ignores a token it is sent.
+docs' own commands). herd does not set the variable for the user: a driver alone in token mode
+in a cluster whose nodes are not lost every actor it made. It says what it read, and the fix.
 """
 
 from __future__ import annotations
@@ -18,13 +18,6 @@ MODE = "RAY_AUTH_MODE"
 
 def token_file() -> Path:
     return Path.home() / ".ray" / "auth_token"
-
-
-def with_token_auth(env: MutableMapping[str, str]) -> MutableMapping[str, str]:
-    """``env`` with RAY_AUTH_MODE=token when the token file exists and the variable is unset."""
-    if MODE not in env and token_file().exists():
-        env[MODE] = "token"
-    return env
 
 
 def describe(env: MutableMapping[str, str] = os.environ) -> str:

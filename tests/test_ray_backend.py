@@ -87,7 +87,7 @@ class RayCluster:
 
     def herd(self, *args: str, timeout: float = 120, check: bool = True):
         argv = [sys.executable, "-m", "herd", *args]
-        if args[0] not in ("init", "train", "worker", "coordinator"):
+        if args[0] not in ("init", "train", "worker", "coordinator", "revoke"):
             argv += ["--coordinator", self.address]
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:
@@ -307,6 +307,31 @@ def test_cancel_stops_a_ray_jobs_ranks_and_frees_its_nodes(rc, job_yaml):
     assert all(r[-2] == "-" for r in rc.workers()), "a cancelled job's actors still hold a node"
     watch = rc.herd("watch", job_id, "--plain", check=False)
     assert watch.returncode == 11 and "cancelled by client/" in watch.stderr, watch.stderr
+
+
+def test_a_revoked_ray_node_is_no_worker_and_a_job_runs_on_the_others(rc, job_yaml):
+    """`herd revoke worker/ray-<node>` (docs/ray.md's remedy): that node leaves `herd workers`
+    and is never chosen. It stayed listed, the next job chose it, the scheduler's tick failed
+    signing its credential, and the job hung in placing with the queue behind it (an outside
+    run). (The revocation is undone after: the module's other tests use both nodes.)"""
+    victim = rc.wait_workers(2)[0][0]
+    revoked = rc.home / "tls" / "revoked.json"
+    before = revoked.read_text() if revoked.exists() else None
+    rc.herd("revoke", "--unissued", f"worker/{victim}")  # (issued or not: run alone, not)
+    try:
+        rows = rc.wait_workers(1, timeout=30)
+        assert victim not in [r[0] for r in rows], rows
+        cfg = job_yaml("ray-revoked", iters=4, save_every=4,
+                       cluster={"workers": 1, "backend": "ray"})
+        job_id = rc.submit(cfg)
+        seen = wait_for(rc, job_id, "state succeeded", timeout=200)
+        assert f"starting 1 ranks on {rows[0][0]}" in seen and victim not in seen, seen
+    finally:
+        if before is None:
+            revoked.unlink(missing_ok=True)
+        else:
+            revoked.write_text(before)
+    rc.wait_workers(2, timeout=60)
 
 
 def test_a_job_on_another_ray_cluster_is_refused_at_submit(rc, job_yaml):

@@ -266,22 +266,21 @@ def test_a_ray_session_folder_the_coordinator_cannot_write_is_refused_not_an_abo
     assert "token authentication" in refusal.hint and "RAY_AUTH_MODE" in refusal.hint
 
 
-def test_a_machine_holding_rays_token_file_joins_with_token_authentication(tmp_path,
-                                                                          monkeypatch):
+def test_a_refused_ray_connection_says_what_token_authentication_was_read(tmp_path,
+                                                                         monkeypatch):
     """Ray 2.60 turns token authentication on for a head started where ~/.ray/auth_token
     exists; a node or driver with the same file but RAY_AUTH_MODE unset reads it as disabled
-    and was refused (an outside run on the docs' commands). herd sets token where the file is and
-    the variable unset; an explicit choice is kept; the refusal's hint says what was read."""
+    and is refused (an outside run on the docs' commands): the hint says the variable is unset
+    (it said "token") and what fixes it."""
     from herd import ray_auth
 
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
-    assert "RAY_AUTH_MODE" not in ray_join.ray_env("linux")  # no token file: Ray's default
     assert "RAY_AUTH_MODE unset (Ray reads it as disabled)" in ray_auth.describe()
     (tmp_path / ".ray").mkdir()
     (tmp_path / ".ray" / "auth_token").write_text("secret\n")
-    assert ray_join.ray_env("linux")["RAY_AUTH_MODE"] == "token"
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    assert ray_join.ray_env("linux")["RAY_AUTH_MODE"] == "disabled"
     refusal = ray_nodes.connect_refusal("10.0.0.1:6379", ConnectionError("Failed to connect"))
-    assert "RAY_AUTH_MODE=disabled" in refusal.hint and "auth_token present" in refusal.hint
+    assert "RAY_AUTH_MODE unset (Ray reads it as disabled)" in refusal.hint, refusal.hint
+    assert "auth_token present" in refusal.hint and "RAY_AUTH_MODE=token" in refusal.hint
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    assert "RAY_AUTH_MODE=disabled" in ray_nodes.connect_refusal("h:1", ConnectionError("x")).hint

@@ -22,7 +22,6 @@ from pathlib import Path
 
 from herd.digest import GIB
 from herd.errors import ConfigError
-from herd.ray_auth import with_token_auth
 from worker.agent.machine import Machine
 
 HEAD = "head"
@@ -48,7 +47,7 @@ def labels(machine: Machine) -> dict[str, str]:
 
 
 def ray_env(platform: str = sys.platform) -> dict[str, str]:
-    env = with_token_auth(dict(os.environ, RAY_USAGE_STATS_ENABLED="0"))
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
     if platform == "darwin":
         env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "1"
     return env
