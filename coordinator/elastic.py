@@ -19,7 +19,14 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from coordinator.domain import Job, JobState, WorkerRecord
-from coordinator.placement import Placement, mark_held, place, policy_refusal, workers_needed
+from coordinator.placement import (
+    Placement,
+    mark_held,
+    place,
+    policy_refusal,
+    stages_of,
+    workers_needed,
+)
 from herd import log
 from herd.config import JobConfig
 from herd.errors import PlacementError
@@ -38,10 +45,6 @@ def elastic(cfg: JobConfig) -> bool:  # (Ray reserves its own bundles: not resiz
     return cfg.cluster.data_parallel() is None and cfg.cluster.backend == "zeroconf"
 
 
-def _stages(cfg: JobConfig, cut: tuple | None) -> int:
-    return max(1, len(cut)) if cut is not None else cfg.cluster.pipeline_stages()
-
-
 def shrink_placement(cfg: JobConfig, workers: list[WorkerRecord], model_config: dict | None = None,
                      cut: tuple | None = None) -> Placement | None:
     """The most ranks, fewer than asked, that the idle workers hold with the same global batch
@@ -49,7 +52,7 @@ def shrink_placement(cfg: JobConfig, workers: list[WorkerRecord], model_config: 
     (split evenly only where the job needs it: herd.config ``uneven_split_why_not``); None when
     none do, or when a single pipeline would have to lose a stage."""
     idle = [w for w in workers if not w.running_job_id]
-    stages = _stages(cfg, cut)
+    stages = stages_of(cfg, cut)
     for k in range(min(workers_needed(cfg) - 1, len(idle)), 0, -1):
         dp = k // stages
         if k % stages or dp > cfg.batch_size or (
@@ -75,7 +78,7 @@ def grow_placement(cfg: JobConfig, current: list[WorkerRecord], free: list[Worke
                           cut=cut)
     except PlacementError:
         return None
-    return placement if placement.pipeline_stages == _stages(cfg, cut) else None
+    return placement if placement.pipeline_stages == stages_of(cfg, cut) else None
 
 
 class Elastic:

@@ -61,6 +61,11 @@ def workers_needed(cfg: JobConfig) -> int:
     return (dp or 1) * cfg.cluster.pipeline_stages()
 
 
+def stages_of(cfg: JobConfig, cut: tuple | None) -> int:
+    """The pipeline stages a placement has: the kept layout's (``cut``), else the config's."""
+    return max(1, len(cut)) if cut is not None else cfg.cluster.pipeline_stages()
+
+
 def model_bytes(model: str) -> int:
     """Size of the weight files when the model folder is readable here; 0 when unknown."""
     path = Path(model).expanduser()
@@ -127,7 +132,7 @@ def _place_by_memory(cfg: JobConfig, workers: list[WorkerRecord], model_config: 
             hint="it starts when they are free" if queued else
             "`herd join` and start more `herd worker`s, or lower cluster.workers",
             busy_only=queued)
-    stages = max(1, len(cut)) if cut is not None else cfg.cluster.pipeline_stages()
+    stages = stages_of(cfg, cut)
     dp = cfg.cluster.data_parallel() or need // stages
     if dp and not cfg.cluster.shares and (cfg.batch_size < dp or cfg.batch_size % dp and (
             why := cfg.cluster.uneven_split_why_not())):  # (shares split any batch)
