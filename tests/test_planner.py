@@ -19,6 +19,7 @@ from coordinator.planner import (
     estimate_memory,
     macos_usable_bytes,
     plan_job,
+    why_unused,
 )
 from herd.config import parse_config
 from herd.errors import ConfigError, PlacementError
@@ -384,6 +385,28 @@ def test_pipeline_stages_a_model_or_job_cannot_have_are_refused_at_plan_not_on_a
         plan_job(six, parse_config({"cluster": eight}), macs * 4)
     with pytest.raises(ConfigError, match="test: not supported when the model is cut"):
         parse_config({"test": True, "cluster": two})
+
+
+def test_plan_says_why_a_worker_is_left_idle():
+    """`herd plan` listed "unused: w2" and nothing more (an outside run): each reason the
+    layout search meets, in its words."""
+    def why(job: dict, gbs: list[int]) -> str:
+        workers = [WorkerMemory(f"w{i}", gb * GIB) for i, gb in enumerate(gbs)]
+        cfg = parse_config({"quantize": {"bits": 4}, "grad_checkpoint": True, **job})
+        return why_unused(LLAMA_70B, cfg, workers, plan_job(LLAMA_70B, cfg, workers))
+
+    assert why({"batch_size": 2}, [48, 48, 48]) == \
+        "each replica of this 2-stage pipeline takes 2 workers"
+    assert "one example of the batch needs" in why({"batch_size": 8}, [192, 192, 8])
+    assert why({"batch_size": 2}, [192, 192, 192]) == \
+        "batch_size 2 gives at most 2 replicas an example each"
+    assert why({"batch_size": 4, "cluster": {"gradient_average": "mlx_lm"}}, [192] * 3) == (
+        "batch_size 4 does not split evenly over 3 replicas (cluster.gradient_average: mlx_lm "
+        "averages each rank's own mean, which is the global batch's only when the ranks take "
+        "equal shares)")
+    assert why({"batch_size": 4, "cluster": {"workers": 2}}, [192] * 3) == \
+        "the job asks for cluster.workers: 2"
+    assert why({"batch_size": 4}, [192, 192]) == ""  # every worker used
 
 
 def test_macos_wired_limit():

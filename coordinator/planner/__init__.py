@@ -8,7 +8,7 @@ data x pipeline layout, or refuses with the changes that would make the job fit.
 from __future__ import annotations
 
 from coordinator.planner.fixes import fixes, refusal
-from coordinator.planner.layout import Plan, layout
+from coordinator.planner.layout import Plan, layout, why_unused
 from coordinator.planner.memory import (
     GB_SI,
     GIB,
@@ -24,7 +24,7 @@ from herd.errors import DoesNotFitError, PlacementError
 from herd.stage_cut import check_stages
 
 __all__ = ["GB_SI", "GIB", "HEADROOM", "MemoryEstimate", "ModelShape", "Plan", "WorkerMemory",
-           "estimate_memory", "fixes", "macos_usable_bytes", "plan_job"]
+           "estimate_memory", "fixes", "macos_usable_bytes", "plan_job", "why_unused"]
 
 
 def plan_job(model_config: dict, job: JobConfig, workers: list[WorkerMemory],

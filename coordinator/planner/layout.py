@@ -243,3 +243,32 @@ def least_peak(cfg: dict, job: JobConfig, workers: list[WorkerMemory]) -> int:
     spans = [(s, min(s + per_stage, shape.layers)) for s in range(0, shape.layers, per_stage)]
     return max(_stage_estimate(cfg, job, shape, sp, len(spans), 1, s).total
                for s, sp in enumerate(spans))
+
+
+def why_unused(cfg: dict, job: JobConfig, workers: list[WorkerMemory], plan: Plan) -> str:
+    """Why ``plan`` leaves some of ``workers`` idle, the first reason layout() met, for `herd
+    plan` ("" when it uses them all; an outside run: "unused: w2" said nothing more)."""
+    idle = [w for w in workers if w.worker_id not in plan.peak_bytes_per_worker]
+    if not idle:
+        return ""
+    dp, stages, batch = plan.data_parallel, plan.pipeline_stages, job.batch_size
+    if job.cluster.workers and len(workers) > job.cluster.workers:
+        return f"the job asks for cluster.workers: {job.cluster.workers}"
+    if job.cluster.parallelism != "auto":
+        return (f"cluster.parallelism asks for {job.cluster.data_parallel() or dp} x "
+                f"{job.cluster.pipeline_stages()} (data x pipeline)")
+    if (dp + 1) * stages > len(workers):
+        return f"each replica of this {stages}-stage pipeline takes {stages} workers"
+    if dp + 1 > batch:
+        return f"batch_size {batch} gives at most {batch} replicas an example each"
+    if batch % (dp + 1) and (why := job.cluster.uneven_split_why_not(stages)):
+        return f"batch_size {batch} does not split evenly over {dp + 1} replicas ({why})"
+    if stages == 1 and job.cluster.gradient_average != "mlx_lm":
+        one = estimate_memory(cfg, job.model_copy(update={"batch_size": 1})).total
+        small = [w for w in idle if w.memory_bytes * (1 - HEADROOM) < one]
+        if small:
+            who = "" if len(small) == len(idle) else ", ".join(w.worker_id for w in small) + ": "
+            return (f"{who}less usable memory than the {one / 1e9:.2f} GB one example of the "
+                    f"batch needs (with {HEADROOM:.0%} headroom)")
+    return ("with them the layout does not fit: each stage is sized for the smallest worker "
+            "that runs it")

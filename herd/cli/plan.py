@@ -17,7 +17,15 @@ import sys
 
 from coordinator.convert import worker_from_pb
 from coordinator.placement import usable_bytes, workers_needed
-from coordinator.planner import GB_SI, GIB, Plan, WorkerMemory, macos_usable_bytes, plan_job
+from coordinator.planner import (
+    GB_SI,
+    GIB,
+    Plan,
+    WorkerMemory,
+    macos_usable_bytes,
+    plan_job,
+    why_unused,
+)
 from herd.cli.connection import COORDINATOR_ENV, add_connection_args, client_identity, connect
 from herd.config import JobConfig, load_config
 from herd.errors import ConfigError, DoesNotFitError, HerdError, PeerLostError
@@ -81,7 +89,7 @@ def choose_workers(args, backend: str = "zeroconf") -> tuple[list[WorkerMemory],
                                        "--coordinator, or --workers 64,64 for other machines)")
 
 
-def render(plan: Plan, workers: list[WorkerMemory], job: JobConfig) -> str:
+def render(plan: Plan, workers: list[WorkerMemory], job: JobConfig, model_config: dict) -> str:
     mem = {w.worker_id: w.memory_bytes for w in workers}
     width = max(14, *(len(w) for w in plan.estimates))
     lines = [
@@ -107,9 +115,8 @@ def render(plan: Plan, workers: list[WorkerMemory], job: JobConfig) -> str:
                      + ", ".join(f"{c} on {w}" for w, c in zip(ids, plan.max_shares)))
     unused = [w.worker_id for w in workers if w.worker_id not in plan.peak_bytes_per_worker]
     if unused:
-        why = (f" (the job asks for cluster.workers: {job.cluster.workers})"
-               if job.cluster.workers and len(workers) > job.cluster.workers else "")
-        lines.append(f"unused: {', '.join(unused)}{why}")
+        why = why_unused(model_config, job, workers, plan)
+        lines.append(f"unused: {', '.join(unused)} ({why})")
     lines.append("(GB = 1e9 bytes; usable = what a job may use: the GPU wired limit on a Mac)")
     return "\n".join(lines)
 
@@ -171,13 +178,16 @@ def main(argv: list[str]) -> int:
     code = fits_as_written.exit_code if fits_as_written else 0
     if args.json:
         # (a job asking for more workers than there are waits for them: said as in the text)
+        unused = [w.worker_id for w in workers if w.worker_id not in plan.peak_bytes_per_worker]
         print(json.dumps({**plan_dict(plan, source), "workers_asked": needed or None,
+                          "unused": unused,
+                          "unused_why": why_unused(model_config, job, workers, plan) or None,
                           "workers_available": len(workers),
                           "fits_as_written": fits_as_written is None}, indent=2))
         return code
     print(f"planned for {source}: {len(workers)} worker(s) of "
           + ", ".join(f"{w.memory_bytes / GIB:.1f}" for w in workers) + " GiB usable" + short)
-    print(render(plan, workers, job))
+    print(render(plan, workers, job, model_config))
     if n > asked:
         written = (f"; as written it does not fit: {fits_as_written.message}"
                    if fits_as_written else "")
