@@ -243,9 +243,15 @@ class Cluster(_Strict):
 
     @model_validator(mode="after")
     def _ray_address_needs_ray(self):
-        if self.ray_address != "auto" and self.backend != "ray":
+        # An explicit `auto` without a backend too: a job that named it so (as the README's
+        # snippet lists both keys) waited as a zeroconf job, "0 verified", beside Ray nodes (an
+        # outside run). (A whole dump, the job API's, names backend: zeroconf and passes.)
+        unsaid = "backend" not in self.model_fields_set
+        if self.backend != "ray" and (self.ray_address != "auto" or (
+                unsaid and "ray_address" in self.model_fields_set)):
             raise ValueError(f"ray_address is only read with backend: ray (backend is "
-                             f"{self.backend}); set backend: ray or drop ray_address")
+                             f"{self.backend}{', the default' if unsaid else ''}); set backend: "
+                             "ray or drop ray_address")
         return self
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import socket
 
 import pytest
 
@@ -13,7 +14,7 @@ from coordinator.scheduler import Scheduler, Wait
 from coordinator.store import JobStore
 from herd.config import parse_config
 from herd.digest import FileDigest
-from herd.errors import ConfigError, PlacementError
+from herd.errors import ConfigError, PeerLostError, PlacementError
 from worker.agent import ray_join
 from worker.agent.machine import Machine
 
@@ -92,7 +93,30 @@ def test_herd_worker_ray_joins_with_resources_and_labels_ray_accepts():
 def test_ray_address_is_refused_without_backend_ray():
     with pytest.raises(ConfigError, match="ray_address is only read with backend: ray"):
         parse_config({"cluster": {"ray_address": "10.0.0.1:6379"}})
+    # An explicit auto without the backend too (it waited as a zeroconf job: an outside run);
+    # a whole dump (the job API's "cluster", sent back) names the backend and passes.
+    with pytest.raises(ConfigError, match="backend is zeroconf, the default"):
+        parse_config({"cluster": {"ray_address": "auto"}})
+    whole = parse_config({"cluster": {"workers": 2}}).cluster.model_dump(mode="json")
+    assert parse_config({"cluster": whole}).cluster.workers == 2
     assert parse_config({"cluster": {"backend": "ray"}}).cluster.ray_address == "auto"
+
+
+def test_herd_worker_ray_checks_the_head_answers_before_ray_start():
+    """`ray start --address` where nothing listens retried for minutes, silent but for Ray's own
+    connect errors (an outside run): refused at once, with the fix."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]  # bound, never listening: refused
+    with pytest.raises(PeerLostError, match=f"no Ray head answers at 127.0.0.1:{closed}"):
+        ray_join.check_head(f"127.0.0.1:{closed}")
+    for bad in ("10.0.0.1", "10.0.0.1:x", "10.0.0.1:70000", ":6379"):
+        with pytest.raises(ConfigError, match="HOST:PORT"):
+            ray_join.check_head(bad)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        ray_join.check_head(f"127.0.0.1:{s.getsockname()[1]}")  # a listener passes
 
 
 # --- the scheduler's backend seam, with a fake Ray backend -----------------------------------

@@ -17,11 +17,12 @@ import json
 import os
 import re
 import shutil
+import socket
 import sys
 from pathlib import Path
 
 from herd.digest import GIB
-from herd.errors import ConfigError
+from herd.errors import ConfigError, PeerLostError
 from worker.agent.machine import Machine
 
 HEAD = "head"
@@ -74,8 +75,28 @@ def ray_binary() -> str:
     return found
 
 
+def check_head(address: str, timeout_s: float = 5.0) -> None:
+    """A plain TCP connect to the head's GCS port before ``ray start``, which, given an address
+    where nothing listens, retries for minutes printing only its own connect errors (an outside
+    run). The coordinator checks its --ray the same way (coordinator/ray_nodes.py)."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"--ray {address!r}: give the Ray head's HOST:PORT (its GCS port, "
+                          "6379 unless `ray start --port` said otherwise), or `head`",
+                          hint="`ray status` on the head prints its address")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as e:
+        raise PeerLostError(f"no Ray head answers at {address}: {e.strerror or e}",
+                            hint="start it first (`herd worker --ray head` there, docs/ray.md), "
+                            "or check the host and port (`ray status` on the head)") from None
+
+
 def join(machine: Machine, address: str, node_ip: str | None, extra: list[str]) -> int:
     """Replaces this process with ``ray start --block`` (signals go straight to it)."""
+    if address != HEAD:
+        check_head(address)
     cmd = ray_start_command(machine, address, node_ip, extra, ray_binary())
     print("herd worker: " + " ".join(cmd), flush=True)
     os.execve(cmd[0], cmd, ray_env())
