@@ -18,13 +18,21 @@ from herd.errors import HerdError
 logger = log.get(__name__)
 
 
-def wait_warning(job: Job, verified: int, placement_timeout_s: float) -> str:
-    """Said at submit when fewer workers are verified than the job needs ("" otherwise)."""
+def wait_warning(job: Job, verified: int, placement_timeout_s: float,
+                 elsewhere: dict[str, int] | None = None) -> str:
+    """Said at submit when fewer workers are verified than the job needs ("" otherwise).
+    ``elsewhere``: the other backends' workers, by backend (a job that forgot `backend: ray`
+    waited for agents beside two Ray nodes, "0 verified": an outside run)."""
     if verified >= job.workers_needed:
         return ""
+    others = {b: n for b, n in (elsewhere or {}).items()
+              if n and b != job.config.cluster.backend}
     return (f"{job.job_id} needs {job.workers_needed} workers and {verified} "
-            f"{'is' if verified == 1 else 'are'} verified: it waits for more for up to "
-            f"{placement_timeout_s:.0f} s (herd coordinator --placement-timeout), then fails")
+            f"{'is' if verified == 1 else 'are'} verified for cluster.backend "
+            f"{job.config.cluster.backend}: it waits for more for up to "
+            f"{placement_timeout_s:.0f} s (herd coordinator --placement-timeout), then fails"
+            + "".join(f"; {n} verified worker(s) are {b} workers: for them set cluster.backend: "
+                      f"{b}" for b, n in others.items()))
 
 
 def delete_ended_job(store: JobStore, job_id: str) -> Job:

@@ -99,6 +99,9 @@ class Scheduler:
     def backend(self, job: Job) -> Backend:
         return self._backends[job.config.cluster.backend]
 
+    def workers_by_backend(self) -> dict[str, int]:
+        return {name: len(b.workers()) for name, b in self._backends.items()}
+
     def workers(self) -> list[WorkerRecord]:
         """Every backend's workers: verified agents, and the Ray nodes once connected."""
         return [w for b in self._backends.values() for w in b.workers()]

@@ -137,10 +137,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                 self.store.delete_checkpoint(job.job_id, start.step)
                 self.adapters.remove_job(job.job_id)
             raise
-        # Every backend's workers count: a Ray job on a coordinator that also has agents is
-        # rare, and the warning is advice, never a refusal.
         warning = housekeeping.wait_warning(job, len(self.scheduler.backend(job).workers()),
-                                            self.scheduler.placement_timeout_s)
+                                            self.scheduler.placement_timeout_s,
+                                            self.scheduler.workers_by_backend())
         return coordinator_pb2.SubmitJobReply(job_id=job.job_id, warning=warning)
 
     def _status(self, job: Job):

@@ -374,8 +374,9 @@ def test_a_job_the_cluster_cannot_place_warns_at_submit(cluster, job_yaml):
     sub = cluster.herd("submit", cfg, "--no-check")
     assert sub.returncode == 0
     job_id = sub.stdout.strip()
-    assert (f"warning: {job_id} needs {WORKERS + 1} workers and {WORKERS} are verified: it waits "
-            "for more for up to 600 s (herd coordinator --placement-timeout)") in sub.stderr
+    assert (f"warning: {job_id} needs {WORKERS + 1} workers and {WORKERS} are verified for "
+            "cluster.backend zeroconf: it waits for more for up to 600 s (herd coordinator "
+            "--placement-timeout)") in sub.stderr
     assert cluster.ok("cancel", job_id).stdout.strip() == f"{job_id}: cancelled"
     again = cluster.ok("cancel", job_id).stdout.strip()
     assert again == f"{job_id}: already cancelled; nothing to cancel"

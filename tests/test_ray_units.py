@@ -218,6 +218,24 @@ def test_a_restarted_coordinator_restarts_a_ray_job_at_once(tmp_path):
     assert any("the ranks of a Ray job end with it" in m for m in said), said
 
 
+def test_a_job_that_forgot_backend_ray_is_told_at_submit_where_the_workers_are(tmp_path):
+    """It waited for agents beside two Ray nodes, "0 verified", and nothing said why (an
+    outside run)."""
+    from coordinator.housekeeping import wait_warning
+
+    s = scheduler(tmp_path, FakeRay(2))
+    job = ray_job()
+    job.config = parse_config({"model": "/nonexistent/model", "data": "data", "iters": 5,
+                               "batch_size": 4, "cluster": {"workers": 2}})
+    said = wait_warning(job, 0, 60, s.workers_by_backend())
+    assert said.startswith("rj needs 2 workers and 0 are verified for cluster.backend zeroconf")
+    assert said.endswith("; 2 verified worker(s) are ray workers: for them set cluster.backend: "
+                         "ray"), said
+    assert wait_warning(ray_job(), 2, 60, s.workers_by_backend()) == ""
+    # (its own backend's workers are the count, never a "set cluster.backend" to itself)
+    assert "set cluster.backend" not in wait_warning(ray_job(3), 2, 60, s.workers_by_backend())
+
+
 def test_an_unreachable_ray_cluster_fails_the_submit_and_queues_nothing(tmp_path):
     s = scheduler(tmp_path, FakeRay(2, unreachable=True))
     with pytest.raises(PlacementError, match="cannot reach the Ray cluster at 10.0.1.254:6379"):
