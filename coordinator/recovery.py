@@ -17,6 +17,10 @@ clock, applied by the scheduler (coordinator/scheduler.py), so tests step them w
   its worker (or already finished) carries on; one that is not complete within the grace period
   restarts from its last checkpoint.
 - **A database it cannot write is a state, not a traceback loop** (``control_loop``).
+- **A checkpoint a full disk refuses is ridden out** (``DiskGrace``): the rank keeps it and sends
+  it again, the job trains on, and it fails only when no checkpoint of it could be stored for
+  ``DISK_GRACE_S`` (an outside run: with a few MB free a job failed at its next checkpoint, while
+  with none, its database unwritable too, the same job rode it out).
 """
 
 from __future__ import annotations
@@ -246,3 +250,30 @@ def wait_until_writable(path: Path, stop: threading.Event, max_delay_s: float = 
         if stop.wait(delay):
             return False
         delay = min(max_delay_s, 2 * delay)
+
+
+DISK_GRACE_S = 600.0
+
+
+class DiskGrace:
+    """Jobs whose checkpoints the coordinator's disk refuses, since when (ms)."""
+
+    def __init__(self, grace_s: float = DISK_GRACE_S):
+        self.grace_ms = int(grace_s * 1000)
+        self._since: dict[str, int] = {}
+
+    def refused(self, job_id: str, step: int, reason: str, now_ms: int) -> str | None:
+        """None: the job fails now (refused for the whole grace); else what to say in its log
+        ("" once said)."""
+        since = self._since.setdefault(job_id, now_ms)
+        if now_ms - since >= self.grace_ms:
+            del self._since[job_id]
+            return None
+        if since != now_ms:
+            return ""
+        return (f"checkpoint {step} cannot be stored on the coordinator yet: {reason}; the rank "
+                "keeps it and sends it again, and the job trains on (it fails if none can be "
+                f"stored for {self.grace_ms / 60000:.0f} min)")
+
+    def stored(self, job_id: str) -> None:
+        self._since.pop(job_id, None)

@@ -86,21 +86,20 @@ class Scheduler:
         self.elastic = Elastic(self, elastic_grace_s)  # 0: never shrink a job
         self.paths = FailedPaths()  # data subnets a job's attempt failed on: avoided after
         self.refusals = Refusals()  # workers that refused a job's rank: others are tried
+        self.disk_grace = recovery.DiskGrace()  # checkpoints a full disk refused, ridden out
         self._started_ms = self.now_ms()  # a wait's clock: a restart of ours is not the job's
 
     def _timeout_s(self, job: Job) -> float:  # a restarting job waits at least until it may shrink
         return wait_limit_s(job, self.placement_timeout_s, self.elastic.grace_s)
 
     health = property(lambda self: self.store.health)  # empty, or what keeps jobs unrecorded
+    backends = property(lambda self: dict(self._backends))  # cluster.backend -> Backend
 
     def now_ms(self) -> int:
         return int(self._clock() * 1000)
 
     def backend(self, job: Job) -> Backend:
         return self._backends[job.config.cluster.backend]
-
-    def workers_by_backend(self) -> dict[str, int]:
-        return {name: len(b.workers()) for name, b in self._backends.items()}
 
     def workers(self) -> list[WorkerRecord]:
         """Every backend's workers: verified agents, and the Ray nodes once connected."""
@@ -313,11 +312,14 @@ class Scheduler:
             return False
 
     def on_storage_failed(self, job_id: str, step: int, reason: str) -> None:
-        """A checkpoint the coordinator could not store: the job fails with the reason now."""
+        """A checkpoint the coordinator could not store: said, and sent again by its rank; the
+        job fails with the reason once its grace is over (recovery.DiskGrace)."""
         with self._lock:
             job = self.store.get_job(job_id)
             if not job.state.active:
                 return
+            if (said := self.disk_grace.refused(job_id, step, reason, self.now_ms())) is not None:
+                return said and self._event(job, EventKind.LOG, message=said)
             self.reconcile.forget(job_id)
             self._set_state(job, JobState.FAILED,
                             f"checkpoint {step} could not be stored on the coordinator: {reason}")
@@ -361,6 +363,7 @@ class Scheduler:
     def on_checkpoint(self, checkpoint: Checkpoint) -> None:
         with self._lock:
             self.store.add_checkpoint(checkpoint)
+            self.disk_grace.stored(checkpoint.job_id)
             job = self.store.get_job(checkpoint.job_id)
             self._event(job, EventKind.CHECKPOINT, step=checkpoint.step,
                         message=f"checkpoint {checkpoint.step} stored")

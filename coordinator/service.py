@@ -139,7 +139,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             raise
         warning = housekeeping.wait_warning(job, len(self.scheduler.backend(job).workers()),
                                             self.scheduler.placement_timeout_s,
-                                            self.scheduler.workers_by_backend())
+                                            {name: len(b.workers()) for name, b
+                                             in self.scheduler.backends.items()})
         return coordinator_pb2.SubmitJobReply(job_id=job.job_id, warning=warning)
 
     def _status(self, job: Job):

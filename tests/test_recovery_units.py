@@ -196,7 +196,7 @@ def test_stale_ranks_are_stopped_until_gone_and_a_jobs_own_dead_attempt_is_not_b
     assert launcher.stopped == []
 
 
-def test_no_success_without_the_final_adapter_and_a_full_disk_fails_the_job(rig):
+def test_no_success_without_the_final_adapter_and_a_full_disk_fails_after_its_grace(rig):
     s, workers, launcher, clock = rig
     a = s.submit(_job(iters=8))
     s.tick()
@@ -211,11 +211,28 @@ def test_no_success_without_the_final_adapter_and_a_full_disk_fails_the_job(rig)
                        "stored on the coordinator; see the job's log lines")
     clock.t += 1
     s.tick()
-    s.on_storage_failed(b.job_id, 2, "the coordinator's disk holding /x is full")
+    # A full disk is ridden out: said once, the rank sends the checkpoint again, the job trains
+    # on; a checkpoint stored meanwhile starts the grace over. Refused for the whole grace, the
+    # job fails with the reason (an outside run: a few MB free failed a job at once).
+    full = "the coordinator's disk holding /x is full"
+    for _ in range(3):
+        s.on_storage_failed(b.job_id, 2, full)
+        clock.t += 60
+    assert _state(s, b.job_id)[0] is JobState.RUNNING
+    said = [e.message for e in s.store.events(b.job_id)
+            if e.kind is EventKind.LOG and "checkpoint" in e.message]
+    assert said == [f"checkpoint 2 cannot be stored on the coordinator yet: {full}; the rank "
+                    "keeps it and sends it again, and the job trains on (it fails if none can "
+                    "be stored for 10 min)"], said
+    s.on_checkpoint(_ckpt(b.job_id, 2, clock))
+    clock.t += s.disk_grace.grace_ms / 1000 - 1
+    s.on_storage_failed(b.job_id, 4, full)  # a new grace from here
+    assert _state(s, b.job_id)[0] is JobState.RUNNING
+    clock.t += s.disk_grace.grace_ms / 1000
+    s.on_storage_failed(b.job_id, 4, full)
     state, _, message = _state(s, b.job_id)
     assert state is JobState.FAILED
-    assert message == ("checkpoint 2 could not be stored on the coordinator: the coordinator's "
-                       "disk holding /x is full")
+    assert message == f"checkpoint 4 could not be stored on the coordinator: {full}"
     assert ("w1", b.job_id, 1) in launcher.stopped and ("w2", b.job_id, 1) in launcher.stopped
 
 
