@@ -317,9 +317,25 @@ def test_the_read_token_only_reads_and_a_rotation_ends_the_old_tokens(cluster, t
     login = httpx.post(cluster.url + "/login", data={"token": read_token}, timeout=10)
     assert login.status_code == 200  # (a session of the read token: reading, as any session)
 
+    # A dashboard stream already open, with the read token: it ends at the rotation too (open
+    # streams went on for ever: an outside run).
+    ended = threading.Event()
+    opened = threading.Event()
+
+    def follow() -> None:
+        with httpx.stream("GET", cluster.url + "/api/stream", timeout=60,
+                          headers={"Authorization": f"Bearer {read_token}"}) as r:
+            assert r.status_code == 200
+            for _ in r.iter_bytes():
+                opened.set()
+        ended.set()
+
+    threading.Thread(target=follow, daemon=True).start()
+    assert opened.wait(30) and not ended.wait(3)  # it streams, and goes on
     generation = cluster.home / "tls" / "api-token.generation"
     try:
         rotated = cluster.herd("api-token", "--rotate", coordinator=False)
+        assert ended.wait(15), "a stream opened with the old token outlived the rotation"
         new = rotated.stdout.strip()
         assert "refuses the old ones" in rotated.stderr and new not in (token, read_token)
         for old in (token, read_token):

@@ -86,6 +86,17 @@ def _required(request: web.Request) -> Access:
     return Access.NONE  # the page and its static files hold no data
 
 
+def _allowed(request: web.Request, ctx: WebContext) -> bool:
+    """What an open stream re-checks each turn (at least every CLUSTER_EVERY_S): streams opened
+    before `herd api-token --rotate`, or on a session since expired, went on for ever (an
+    outside run)."""
+    try:
+        return ctx.auth.access(request.headers.get("Authorization"), request.cookies.get(COOKIE),
+                               request.headers.get("Host")) >= _required(request)
+    except HerdError:
+        return False
+
+
 @web.middleware
 async def _guard(request: web.Request, handler):
     ctx: WebContext = request.app[CONTEXT]
@@ -193,7 +204,7 @@ class Dashboard:
             await _send(resp, "cluster", self._cluster())
             if detail is not None:
                 await _send(resp, "job", detail)
-            while True:
+            while _allowed(request, self.ctx):  # (a rotated token ends it at once too)
                 try:
                     change = await asyncio.wait_for(queue.get(), CLUSTER_EVERY_S)
                     if queue.qsize() > QUEUE_MAX:
