@@ -125,6 +125,34 @@ def test_a_request_head_dripped_slowly_is_cut_off_and_others_are_still_served(ma
     quick.close()
 
 
+def test_a_login_body_dripped_slowly_is_cut_off(make_server, monkeypatch):
+    """POST /login is the one body read before any credential: a body dripped a byte every few
+    seconds held every HTTP slot for ever (an outside run, 8 source addresses x 64)."""
+    from coordinator.web import server
+
+    monkeypatch.setattr(server, "LOGIN_BODY_S", 1.5)
+    web = make_server()
+    slow = socket.create_connection(("127.0.0.1", web.port), timeout=8)
+    slow.sendall(b"POST /login HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                 b"application/x-www-form-urlencoded\r\nContent-Length: 400\r\n\r\ntoken=")
+    for _ in range(20):
+        time.sleep(0.25)
+        try:
+            slow.sendall(b"a")
+        except OSError:
+            break
+    reply = b""
+    while b"\r\n" not in reply and (chunk := slow.recv(4096)):
+        reply += chunk
+    assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+    slow.close()
+    with httpx.Client(base_url=web.url, timeout=8) as http:
+        big = http.post("/login", content=b"token=" + b"a" * 5000,
+                        headers={"Content-Type": "application/x-www-form-urlencoded"})
+        assert big.status_code == 413, big.text
+        assert http.post("/login", data={"token": TOKEN}).status_code == 200
+
+
 def test_one_source_holds_a_bounded_number_of_connections(make_server):
     web = make_server(admission=Admission(max_per_peer=3, head_timeout_s=60))
     held = [socket.create_connection(("127.0.0.1", web.port), timeout=8) for _ in range(3)]

@@ -48,6 +48,7 @@ from herd.netif import hostport
 logger = log.get(__name__)
 DEFAULT_HTTP_PORT = 7480  # 7450: gRPC; 7451, 7460, 7461: a worker's (deploy/README.md)
 STATIC = Path(__file__).parent / "static"
+LOGIN_MAX_BYTES, LOGIN_BODY_S = 4096, 10.0
 CLUSTER_EVERY_S = 2.0  # worker heartbeats age: the overview is re-sent at least this often
 QUEUE_MAX = 2000  # a stream that falls this far behind is closed; the browser reconnects
 OVERVIEW_JOBS = 100
@@ -155,7 +156,21 @@ class Dashboard:
         return web.FileResponse(STATIC / "index.html")
 
     async def login(self, request: web.Request) -> web.Response:
-        form = await request.post()
+        # The one body read before any credential: small, with its length said, and whole
+        # within LOGIN_BODY_S (bodies dripped a byte every 5 s held every HTTP slot, the
+        # dashboard and the job API down for everyone: an outside run).
+        if not 0 < (request.content_length or 0) <= LOGIN_MAX_BYTES:
+            return web.json_response(error_object(
+                f"a login form has a Content-Length of at most {LOGIN_MAX_BYTES} bytes",
+                "invalid_request_error"), status=413 if request.content_length else 411)
+        try:
+            form = await asyncio.wait_for(request.post(), LOGIN_BODY_S)
+        except asyncio.TimeoutError:
+            late = web.json_response(error_object(
+                f"the login form did not arrive within {LOGIN_BODY_S:.0f} s",
+                "invalid_request_error"), status=408)
+            late.force_close()  # (the connection ends with this answer)
+            return late
         if self.ctx.auth.token_access(str(form.get("token", "")).strip()) is Access.NONE:
             return web.json_response(error_object("wrong token", "invalid_api_key"), status=401)
         resp = web.json_response({"ok": True})
