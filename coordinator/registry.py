@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Container
 
@@ -40,6 +41,10 @@ from herd.rpc import discovery, pki
 logger = log.get(__name__)
 MAX_RETRY_S = 30.0  # the longest wait before a refused candidate is tried again
 RETURN_RETRY_S = 1.0  # how often a lost worker (admitted before, now unreachable) is tried again
+# Retries dialled at once: a flood of adverts (anyone on the LAN may send them) costs a bounded
+# pool, not a thread each (an outside run: 1800 threads); the adverts themselves are bounded and
+# resolved on a pool too (herd/rpc/discovery.py MAX_ADVERTS, RESOLVERS).
+VERIFIERS = 8
 
 
 @dataclass(frozen=True)
@@ -77,7 +82,8 @@ class Registry:
         # Adverts withdrawn while their worker still answered (a goodbye sent as it shut down):
         # once it is removed, its advert is gone too, not retried and listed as refused forever.
         self._withdrawn: set[str] = set()
-        self._verifying: set[str] = set()  # candidates whose retry is running now
+        self._verifying: set[str] = set()  # candidates whose retry is queued or running now
+        self._pool = ThreadPoolExecutor(VERIFIERS, thread_name_prefix="verify")
         self.health_interval_s, self.max_failures = health_interval_s, max_failures
         self._stop = threading.Event()
         self._browser: discovery.Browser | None = None
@@ -307,9 +313,9 @@ class Registry:
             "NAME` with its own HERD_HOME), or stop one"))
 
     def _verify_aside(self, name: str, targets: list[str]) -> None:
-        """``_verify`` on a thread of its own (one at a time per candidate): an unreachable
-        address waits out its Describe deadline, and the health checks of the admitted workers
-        must not wait with it."""
+        """``_verify`` on the pool (one at a time per candidate): an unreachable address waits
+        out its Describe deadline, and the health checks of the admitted workers must not wait
+        with it."""
         with self._lock:
             if name in self._verifying:
                 return
@@ -324,7 +330,11 @@ class Registry:
                 with self._lock:
                     self._verifying.discard(name)
 
-        threading.Thread(target=verify, daemon=True, name=f"verify {name}").start()
+        try:
+            self._pool.submit(verify)
+        except RuntimeError:  # closed
+            with self._lock:
+                self._verifying.discard(name)
 
     def run(self) -> None:
         while not self._stop.wait(self.health_interval_s):
@@ -343,6 +353,7 @@ class Registry:
         self._stop.set()
         if self._browser:
             self._browser.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
         with self._lock:
             clients = list(self._clients.values())
         for c in clients:

@@ -44,3 +44,72 @@ def test_advert_is_seen_and_withdrawn(monkeypatch):
     finally:
         server.close()
         client.close()
+
+
+def _flood(count: int, prefix: str, address: str, port: int) -> None:
+    """Raw mDNS answers for ``count`` fake worker adverts, as anyone on the LAN may send them."""
+    import socket
+
+    from zeroconf import DNSAddress, DNSOutgoing, DNSPointer, DNSService, DNSText, const
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(HOST))
+    sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 1)
+    kind, unique = discovery.WORKER_TYPE, const._CLASS_IN | const._CLASS_UNIQUE
+    for start in range(0, count, 10):
+        out = DNSOutgoing(const._FLAGS_QR_RESPONSE | const._FLAGS_AA)
+        for i in range(start, min(count, start + 10)):
+            name, host = f"{prefix}{i}.{kind}", f"{prefix}{i}-h.local."
+            out.add_answer_at_time(DNSPointer(kind, const._TYPE_PTR, const._CLASS_IN, 120, name), 0)
+            out.add_answer_at_time(DNSService(name, const._TYPE_SRV, unique, 120, 0, 0, port, host),
+                                   0)
+            txt = f"id={prefix}{i}".encode()
+            out.add_answer_at_time(DNSText(name, const._TYPE_TXT, unique, 120,
+                                           bytes([len(txt)]) + txt), 0)
+            out.add_answer_at_time(DNSAddress(host, const._TYPE_A, unique, 120,
+                                              socket.inet_aton(address)), 0)
+        for packet in out.packets():
+            sock.sendto(packet, ("224.0.0.251", 5353))
+        time.sleep(0.005)
+    sock.close()
+
+
+def test_a_flood_of_fake_worker_adverts_costs_bounded_threads_and_candidates(monkeypatch):
+    """Anyone on the LAN may send adverts, without any credential: 3000 fake ones each got a
+    resolver thread and a verifying thread (29 -> 1800 threads, +140 MB: an outside run). Now
+    a bounded pool resolves and verifies them, and past MAX_ADVERTS new names are ignored."""
+    import tempfile
+    import threading
+    from pathlib import Path
+
+    from coordinator.registry import VERIFIERS, Registry
+    from herd.rpc import pki
+
+    monkeypatch.setenv(discovery.INTERFACES_ENV, HOST)
+    monkeypatch.setattr(discovery, "MAX_ADVERTS", 60)
+    with tempfile.TemporaryDirectory() as tmp:
+        ca = pki.Authority.create(Path(tmp))
+        zc = discovery.make_zeroconf()
+        registry = Registry(ca.issue("coordinator", "c"), health_interval_s=0.2)
+        before = threading.active_count()
+        try:
+            registry.browse(zc)
+            registry.start()
+            # 192.0.2.1 (TEST-NET-1) never answers: each Describe waits out its deadline.
+            _flood(400, "flood", "192.0.2.1", 7451)
+            peak = before
+            deadline = time.monotonic() + 8
+            while time.monotonic() < deadline:
+                peak = max(peak, threading.active_count())
+                time.sleep(0.05)
+            bound = discovery.RESOLVERS + VERIFIERS + 2  # + the registry loop, the browser's
+            assert peak - before <= bound, (before, peak)
+            assert registry._browser.ignored > 0
+            assert len(registry._browser.adverts) <= 60
+            with registry._lock:
+                assert len(registry._candidates) <= 60
+            refused = registry.refusals()
+            assert refused and all(r.kind == "unreachable" for r in refused.values())
+        finally:
+            registry.close()
+            zc.close()

@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 
 from herd.cli.connection import (
     COORDINATOR_ENV,
@@ -109,6 +110,7 @@ def workers_table(workers: list[dict]) -> str:
                  + [worker_row(w, ray) for w in workers])
 
 
+SHOWN_REFUSED = 20
 WORKER_HEADER = ["WORKER", "ADDRESS", "MEMORY", "FREE", "CHIP", "GPU", "MLX", "DATA", "JOB"]
 REFUSED = {"auth": "no certificate of this cluster for that id",
            "unreachable": "unreachable address",
@@ -194,9 +196,13 @@ def cmd_workers(args, coord: CoordinatorConnection | None) -> int:
         print(workers_table(workers))
     if refused:
         print("\nrefused (not used until fixed):", file=sys.stderr)
-        for r in refused:
+        for r in refused[:SHOWN_REFUSED]:
             print(f"  {r['source']} at {r['target']}: {REFUSED.get(r['kind'], r['kind'])}: "
                   f"{r['reason']}", file=sys.stderr)
+        if len(refused) > SHOWN_REFUSED:  # (a flood of adverts listed 3400 lines: outside run)
+            kinds = Counter(REFUSED.get(r["kind"], r["kind"]) for r in refused[SHOWN_REFUSED:])
+            print(f"  and {len(refused) - SHOWN_REFUSED} more: "
+                  + ", ".join(f"{n} {k}" for k, n in kinds.most_common()), file=sys.stderr)
     if not workers:
         print("herd workers: no usable worker"
               + (f" ({len(refused)} refused, above)" if refused else

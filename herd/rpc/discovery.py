@@ -16,6 +16,7 @@ import os
 import secrets
 import socket
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -32,6 +33,12 @@ from zeroconf import (
 from herd import log
 from herd.netif import family, hostport
 
+# Adverts resolved (and handed to on_add) at once, and kept at most: anyone on the LAN may send
+# adverts, without any credential (an outside run's 3000 fake ones each got a thread, and the
+# coordinator went from 29 to 1800 threads and +140 MB). Past MAX_ADVERTS new names are ignored,
+# said once; their records expire, or the adverts already known are withdrawn, to make room.
+RESOLVERS = 8
+MAX_ADVERTS = 512
 WORKER_TYPE = "_herd-worker._tcp.local."
 COORDINATOR_TYPE = "_herd._tcp.local."
 INTERFACES_ENV = "HERD_ZEROCONF_INTERFACES"
@@ -116,20 +123,44 @@ class Browser:
         self._on_add, self._on_remove = on_add, on_remove
         self._lock = threading.Lock()
         self.adverts: dict[str, Advert] = {}
+        self._pending: set[str] = set()  # names queued or resolving now
+        self.ignored = 0  # names past MAX_ADVERTS
+        self._pool = ThreadPoolExecutor(RESOLVERS, thread_name_prefix="zeroconf-resolve")
         self._browser = ServiceBrowser(zc, service_type, handlers=[self._changed])
 
     def _changed(self, zeroconf: Zeroconf, service_type: str, name: str,
                  state_change: ServiceStateChange) -> None:
-        # Called on zeroconf's thread: resolve in a helper thread so its loop is never blocked.
+        # Called on zeroconf's thread: resolved on the pool so its loop is never blocked.
         if state_change is ServiceStateChange.Removed:
             with self._lock:
                 self.adverts.pop(name, None)
             if self._on_remove:
                 self._on_remove(name)
             return
-        threading.Thread(target=self._resolve, args=(service_type, name), daemon=True).start()
+        with self._lock:
+            if name in self._pending:
+                return  # (its resolution, queued, reads the newest record)
+            if name not in self.adverts and len(self.adverts) + len(self._pending) >= MAX_ADVERTS:
+                self.ignored += 1
+                if self.ignored == 1:
+                    logger.warning("zeroconf_adverts_ignored", service=service_type,
+                                   kept=MAX_ADVERTS, reason="more adverts than any cluster has: "
+                                   "a flood? name machines with --worker/--coordinator")
+                return
+            self._pending.add(name)
+        try:
+            self._pool.submit(self._resolve, service_type, name)
+        except RuntimeError:  # closed
+            pass
 
     def _resolve(self, service_type: str, name: str) -> None:
+        try:
+            self._resolve_one(service_type, name)
+        finally:
+            with self._lock:
+                self._pending.discard(name)
+
+    def _resolve_one(self, service_type: str, name: str) -> None:
         try:
             info = self._zc.get_service_info(service_type, name, timeout=3000)
         except NotRunningException:  # closed while resolving: whoever browsed is done
@@ -155,6 +186,7 @@ class Browser:
 
     def close(self) -> None:
         self._browser.cancel()
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def interfaces_host() -> str | None:
