@@ -16,7 +16,9 @@ from typing import Iterable
 from coordinator import planner
 from coordinator.domain import Job
 from coordinator.models import ModelStore
+from coordinator.store import Attempt
 from herd.errors import AuthError, HerdError, ProtocolError
+from herd.stage_cut import StagePiece
 
 # A checkpoint holds the adapter, the optimizer state and small files (trainer state, manifest):
 # an upload declaring more than this many times the planner's estimate of the first two, plus
@@ -38,11 +40,20 @@ def check_worker_may_read(jobs: Iterable[Job], models: ModelStore, worker_id: st
     raise AuthError(f"worker {worker_id} runs no job with blob {sha[:12]}")
 
 
-def check_uploader(job: Job, worker_id: str, stage: int | None) -> None:
+def check_uploader(job: Job, worker_id: str, attempts: list[Attempt],
+                   piece: StagePiece | None) -> None:
     """Rank 0 uploads a data-parallel job's checkpoints; in a pipeline, replica 0's stage i runs
     on rank i and uploads that stage's piece (worker/pipeline/topology.py, worker/agent/relay.py).
-    Another worker of the job is refused."""
-    rank = 0 if stage is None else stage
+    Another worker of the job is refused, and so is a piece of a layout the running attempt does
+    not have (rank 1 of a data-parallel job stored "stage 1" pieces: an outside run)."""
+    stages = next((a.stages for a in attempts if a.attempt == job.attempt), 0)  # 0: unknown
+    if stages and (piece.count if piece is not None else 1) != stages:
+        runs = "data parallel" if stages == 1 else f"in {stages} pipeline stages"
+        sent = "a whole checkpoint" if piece is None else f"a piece of {piece.count} stages"
+        raise AuthError(f"attempt {job.attempt} of job {job.job_id} runs {runs}; worker "
+                        f"{worker_id} sent {sent}")
+    rank = 0 if piece is None else piece.index
+    stage = None if piece is None else piece.index
     if not 0 <= rank < len(job.worker_ids) or job.worker_ids[rank] != worker_id:
         what = "checkpoints" if stage is None else f"stage {stage}'s checkpoint pieces"
         raise AuthError(f"worker {worker_id} does not upload job {job.job_id}'s {what}: rank "

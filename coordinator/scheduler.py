@@ -7,7 +7,7 @@ every change as an event, and talks to workers through an injected launcher, so 
 with ``tick()`` and a fake clock.
 
 A job succeeds only with its final adapter stored; a checkpoint the coordinator cannot store
-fails it with the reason. A restarted coordinator re-adopts the attempts its workers still run.
+for DISK_GRACE_S fails it (recovery.py). A restarted coordinator re-adopts its workers' attempts.
 """
 
 from __future__ import annotations
@@ -245,7 +245,8 @@ class Scheduler:
             resume = recovery.resume_step(  # (a first attempt's: --resume-from's checkpoint)
                 self.store.checkpoints(job.job_id), self._verify,
                 lambda m: self._event(job, EventKind.LOG, message=m))
-            self.store.start_attempt(job.job_id, job.attempt, job.worker_ids, self.now_ms())
+            self.store.start_attempt(job.job_id, job.attempt, job.worker_ids, self.now_ms(),
+                                     decision.pipeline_stages)
             self._set_state(job, JobState.PLACING, placing_text(decision, resume, note))
             if decision.path is not None and len(job.worker_ids) > 1:
                 self._event(job, EventKind.LOG, message=decision.path.describe())
@@ -255,9 +256,8 @@ class Scheduler:
         failed = [(launch, err) for launch, err in zip(plan, results) if err]
         with self._lock:
             job = self.store.get_job(job.job_id)
-            # Cancelled meanwhile (cancel() stops what started), or this coordinator is stopping:
-            # its calls were cut by its own exit (a job failed for good by a restart while its
-            # workers fetched: an outside run); its restart re-adopts or retries (reconcile.py).
+            # Cancelled meanwhile (cancel() stops what started), or our own stop cut its calls (it
+            # failed for good while its workers fetched: an outside run): reconcile.py retries.
             if job.state is not JobState.PLACING or self.stopping.is_set():
                 return
             if failed:

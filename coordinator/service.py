@@ -335,8 +335,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         if job is None:
             raise AuthError("only a worker running the job uploads its checkpoints")
         check_step(h.step, job.iters)
-        check_uploader(job, auth.peer_of(context).name,
-                       h.stage.index if h.HasField("stage") else None)
+        check_uploader(job, auth.peer_of(context).name, self.store.attempt_history(h.job_id),
+                       convert.stage_from_pb(h.stage) if h.HasField("stage") else None)
         files = [convert.digest_from_pb(f) for f in h.files]
         for f in files:
             check_name(f.name, "checkpoint")

@@ -84,6 +84,10 @@ _MIGRATIONS = [
     DROP TABLE events;
     ALTER TABLE events_by_cursor RENAME TO events;
     """,
+    # The pipeline stages an attempt was laid out in (1: data parallel; 0: recorded before
+    # this), so a stage piece is taken only from a pipeline's stage (an outside run: rank 1 of a
+    # data-parallel job stored "stage 1" pieces, and --resume-from read the job as a pipeline's).
+    "ALTER TABLE attempts ADD COLUMN stages INTEGER NOT NULL DEFAULT 0",
 ]
 
 
@@ -94,6 +98,7 @@ class Attempt:
     started_ms: int
     ended_ms: int | None
     outcome: str | None
+    stages: int = 0  # pipeline stages (1: data parallel; 0: not recorded)
 
 
 def _guarded(write: bool):
@@ -242,10 +247,11 @@ class JobStore:
     # --- attempts --------------------------------------------------------------------------
 
     @_guarded(write=True)
-    def start_attempt(self, job_id: str, attempt: int, worker_ids: list[str], now_ms: int) -> None:
+    def start_attempt(self, job_id: str, attempt: int, worker_ids: list[str], now_ms: int,
+                      stages: int = 0) -> None:
         with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO attempts VALUES (?,?,?,?,NULL,NULL)",
-                             (job_id, attempt, json.dumps(worker_ids), now_ms))
+            self._db.execute("INSERT OR REPLACE INTO attempts VALUES (?,?,?,?,NULL,NULL,?)",
+                             (job_id, attempt, json.dumps(worker_ids), now_ms, stages))
 
     @_guarded(write=True)
     def end_attempt(self, job_id: str, attempt: int, outcome: str, now_ms: int) -> None:
@@ -267,7 +273,7 @@ class JobStore:
             rows = self._db.execute("SELECT * FROM attempts WHERE job_id=? ORDER BY attempt",
                                     (job_id,)).fetchall()
         return [Attempt(r["attempt"], json.loads(r["worker_ids"]), r["started_ms"], r["ended_ms"],
-                        r["outcome"]) for r in rows]
+                        r["outcome"], r["stages"]) for r in rows]
 
     @_guarded(write=True)
     def add_rank_exit(self, job_id: str, attempt: int, rank: int, exit_code: int,

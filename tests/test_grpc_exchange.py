@@ -533,10 +533,10 @@ def test_ranks_that_exit_without_closing_do_not_hang(ranks):
 
 @pytest.mark.slow
 def test_a_rank_of_another_cluster_cannot_join(ranks):
-    # The wait must outlast the other process's start under load (5 s did not, at load 20: it
-    # was then named as never up, not as foreign).
-    group = ranks(2, "join", "--timeout", "20", credentials=[CRED, FOREIGN])
-    codes = group.wait(timeout=60)
+    # The wait must outlast the other process's start under load (5 s did not, at load 20, nor
+    # 20 s at load 17: it was then named as never up, not as foreign). Only a failure waits it.
+    group = ranks(2, "join", "--timeout", "60", credentials=[CRED, FOREIGN])
+    codes = group.wait(timeout=150)
     assert codes == [AuthError.exit_code] * 2, group.events
     for r in range(2):
         error = group.of(r, "error")[0]

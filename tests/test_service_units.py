@@ -29,6 +29,7 @@ from coordinator.scheduler import Scheduler
 from coordinator.store import _MIGRATIONS, JobStore
 from herd.config import config_from_yaml, parse_config
 from herd.errors import (
+    AuthError,
     ChecksumError,
     ConfigError,
     DatasetError,
@@ -813,6 +814,7 @@ def test_stage_pieces_merge_into_one_adapter_and_each_stage_resumes_from_its_own
     # stage's rank uploads its own piece: coordinator/blob_access.py check_uploader).
     j.state, j.attempt, j.worker_ids = JobState.RUNNING, 1, ["w1", "w1"]
     s.store.put_job(j)
+    s.store.start_attempt(j.job_id, 1, j.worker_ids, 0, stages=2)
     # Blocks 0:2 and 2:3; each stage names its blocks from 0.
     a0, a1 = "model.layers.0.q.lora_a", "model.layers.1.q.lora_a"
     s0 = _stage_checkpoint(tmp_path / "s0", 4, [a0, a1], 1.0)
@@ -822,6 +824,19 @@ def test_stage_pieces_merge_into_one_adapter_and_each_stage_resumes_from_its_own
         return StagePiece(index=i, count=2, start=start, end=end)
 
     client = CoordinatorClient(target, ids["worker"])
+    # Only pieces of the attempt's own layout: a whole checkpoint, or a piece of 3 stages, is
+    # refused; so is a piece for a data-parallel attempt (an outside run: rank 1 of one stored
+    # "stage 1" pieces, and --resume-from then read the job as a pipeline's).
+    for wrong in (None, StagePiece(index=1, count=3, start=2, end=3)):
+        with pytest.raises(AuthError, match="runs in 2 pipeline stages"):
+            client.put_checkpoint(j.job_id, 1, 4, s1, wrong)
+    dp = s.submit(job(iters=12))
+    dp.state, dp.attempt, dp.worker_ids = JobState.RUNNING, 1, ["w0", "w1"]
+    s.store.put_job(dp)
+    s.store.start_attempt(dp.job_id, 1, dp.worker_ids, 0, stages=1)
+    with pytest.raises(AuthError, match="runs data parallel; worker w1 sent a piece of 2"):
+        client.put_checkpoint(dp.job_id, 1, 4, s1, piece(1, 2, 3))
+    assert s.store.checkpoints(dp.job_id) == []
     client.put_checkpoint(j.job_id, 1, 4, s1, piece(1, 2, 3))
     assert s.store.checkpoints(j.job_id) == []  # waits for stage 0
     client.put_checkpoint(j.job_id, 1, 4, s0, piece(0, 0, 2))
