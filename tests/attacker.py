@@ -10,9 +10,11 @@ so its sends do not compete with the test's own calls for the interpreter).
 - ``--big N``: N connections at once, each sending one message of M MB without credentials: on
   a join port an HTTP/2 DATA stream whose gRPC prefix declares M MB, on a TLS port M MB of an
   HTTP/2 stream as plaintext (what it would send if TLS were not there).
+- ``--flood N``: after those, N more half-open TLS connections to the first TLS port, as fast as
+  they open (the server may close those past its bound at once).
 Prints ``{"event": "half-open", "open": n}`` once the half-open calls are up, ``{"event": "big",
-"sent": [bytes per connection]}`` when the big sends are done, then holds every socket open until
-stdin closes.
+"sent": [bytes per connection]}`` when the big sends are done, ``{"event": "flood", "opened": n}``
+after a flood, then holds every socket open until stdin closes.
 """
 
 from __future__ import annotations
@@ -90,6 +92,7 @@ def main() -> int:
     p.add_argument("--half-open", type=int, default=200)
     p.add_argument("--big", type=int, default=20)
     p.add_argument("--big-mb", type=int, default=60)
+    p.add_argument("--flood", type=int, default=0)
     args = p.parse_args()
     targets = [(t, True) for t in args.tls] + [(t, False) for t in args.join]
     held = []
@@ -108,6 +111,18 @@ def main() -> int:
     for t in threads:
         t.join()
     print(json.dumps({"event": "big", "sent": sent}), flush=True)
+    if args.flood:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, args.flood + 4096), hard))
+        tls_target = next(t for t, tls in targets if tls)
+        for _ in range(args.flood):
+            try:
+                held.append(half_open(tls_target, True))
+            except OSError:
+                pass
+        print(json.dumps({"event": "flood", "opened": args.flood}), flush=True)
     sys.stdin.read()  # hold the half-open connections until told to go
     return 0
 

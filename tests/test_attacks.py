@@ -28,7 +28,7 @@ import pytest
 
 from herd.errors import ConfigError, DatasetError, HerdError, PlacementError
 from herd.rpc import discovery, pki
-from herd.rpc.channel import bind, secure_channel, secure_server
+from herd.rpc.channel import MAX_INCOMING_CONNECTIONS, bind, secure_channel, secure_server
 from protos.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, worker_pb2, worker_pb2_grpc
 from tests.conftest import REPO, free_ports, write_job
 
@@ -608,6 +608,25 @@ def test_strangers_cannot_starve_or_bloat_the_coordinator(tmp_path):
         assert peak - base < 100 * 2**20
         time.sleep(3.0)  # a few health checks later, with the half-open calls still held
         assert [w.worker_id for w in call()] == ["w1"]
+        attacker.stdin.close()
+        attacker.wait(timeout=30)
+        # A flood of connections that never finish TLS, past the servers' bound: the coordinator
+        # holds at most MAX_INCOMING_CONNECTIONS of them (1.35 GB and 17,700 descriptors before:
+        # an outside run), and answers a new call once the flood is over.
+        attacker = subprocess.Popen(
+            [sys.executable, str(REPO / "tests" / "attacker.py"), "--tls", target,
+             "--half-open", "0", "--big", "0", "--flood", str(MAX_INCOMING_CONNECTIONS + 1500)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        while json.loads(attacker.stdout.readline() or '{"event": "flood"}')["event"] != "flood":
+            pass
+        held = len(os.listdir(f"/proc/{procs[0].pid}/fd"))
+        grew = _rss(procs[0].pid) - base
+        print(f"coordinator under a flood: {held} descriptors, RSS +{grew / 2**20:.0f} MB")
+        assert held < MAX_INCOMING_CONNECTIONS + 200 and grew < 100 * 2**20
+        attacker.stdin.close()
+        attacker.wait(timeout=30)
+        attacker = None
+        assert wait(listed, 20), "the coordinator did not answer after the flood"
     finally:
         if attacker is not None:
             attacker.stdin.close()
