@@ -250,6 +250,8 @@ def test_the_job_api_answers_a_malformed_request_with_a_json_error_not_a_500(mak
         cases = [
             (http.post("/v1/fine_tuning/jobs", content=b"null",
                        headers={"Content-Type": "application/json"}), 400, "not a JSON object"),
+            (http.post("/v1/fine_tuning/jobs", content=b"[" * 100_000 + b"]" * 100_000,
+                       headers={"Content-Type": "application/json"}), 400, "nested too deeply"),
             (http.post("/v1/files", content=b"just bytes"), 400, "not multipart"),
             (http.post("/v1/fine_tuning/jobs", json={**base, "hyperparameters": {
                 "n_epochs": 2, "batch_size": 0}}), 400, "batch_size = 0"),
@@ -288,3 +290,20 @@ def test_the_sweep_removes_stale_temporary_upload_files(tmp_path):
     assert sweep_blobs(store, models, blobs, now + ORPHAN_GRACE_S) == (2, 17)
     assert not partial.exists()
     store.close()
+
+
+def test_no_other_site_may_frame_the_dashboard_and_a_session_over_tls_is_secure(make_server):
+    """An outside run found no anti-framing or script policy, and the session cookie without
+    Secure where a TLS proxy fronts the dashboard."""
+    web = make_server()
+    with httpx.Client(base_url=web.url, timeout=10) as http:
+        for path in ("/", "/api/cluster", "/v1/fine_tuning/jobs"):
+            r = http.get(path)
+            assert r.headers["X-Frame-Options"] == "DENY", path
+            assert "frame-ancestors 'none'" in r.headers["Content-Security-Policy"], path
+            assert r.headers["X-Content-Type-Options"] == "nosniff", path
+        plain = http.post("/login", data={"token": TOKEN})
+        assert "secure" not in plain.headers["set-cookie"].lower()  # (plain HTTP: it must work)
+        proxied = http.post("/login", data={"token": TOKEN},
+                            headers={"X-Forwarded-Proto": "https"})
+        assert "secure" in proxied.headers["set-cookie"].lower()

@@ -178,6 +178,8 @@ class JobApi:
             body = await request.json()
         except ValueError:
             raise DatasetError("the request body is not JSON") from None
+        except RecursionError:  # (nested past Python's parser: a 500, an outside run)
+            raise DatasetError("the request body is JSON nested too deeply") from None
         return web.json_response(await asyncio.to_thread(self._create, body))
 
     def _list(self) -> list[dict]:
