@@ -715,3 +715,20 @@ def test_plan_names_a_revision_the_cache_does_not_hold(offline_hub, sharded):
     with pytest.raises(ConfigError, match=r"org/tiny has no revision 'nope' with config.json in "
                                           r"the local Hugging Face cache \(cached: .*main"):
         resolve_model_config("org/tiny@nope")
+
+
+def test_herd_generate_loads_a_hub_jobs_base_at_its_pinned_revision(sharded, offline_hub):
+    """A hub job's adapter records its base as the model store pins it, org/name@commit, which
+    no mlx-lm tool reads (an outside run: `herd generate` exited 2 on the recorded base): the
+    commit's snapshot folder is what mlx-lm gets; one not cached is said, with the way out."""
+    from herd.cli.generate import _loadable
+    from herd.errors import NotFoundError
+
+    commit = write_hub_cache(offline_hub, "org/tiny", sharded)
+    folder = Path(_loadable(f"org/tiny@{commit}"))
+    assert folder.name == commit and (folder / "config.json").is_file()
+    assert _loadable("org/tiny") == "org/tiny"  # (mlx-lm resolves a bare id itself)
+    assert _loadable(str(sharded)) == str(sharded)
+    with pytest.raises(NotFoundError, match=f"org/tiny@{'0' * 40} is not in the local") as e:
+        _loadable(f"org/tiny@{'0' * 40}")
+    assert "pass --model" in e.value.hint

@@ -43,6 +43,26 @@ def _other_shape(model: str, trained_on: str) -> str | None:
     return ", ".join(differ) or None
 
 
+def _loadable(model: str) -> str:
+    """``model`` as mlx-lm takes it: a hub job's base is recorded as the model store pins it,
+    org/name@commit, which no mlx-lm tool reads (an outside run: exit 2 on the recorded base):
+    that commit's snapshot folder, from the local cache (or downloaded, when online)."""
+    from herd.model_config import is_hub_id
+
+    repo, _, revision = model.partition("@")
+    if not revision or not is_hub_id(repo):
+        return model
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo, revision=revision)
+    except Exception as e:  # offline without it, no such revision, refused: one message
+        raise NotFoundError(f"the adapter's base {model} is not in the local Hugging Face cache "
+                            f"and could not be fetched ({type(e).__name__})",
+                            hint=f"pass --model (a folder, or {repo} for its current "
+                            "revision)") from None
+
+
 def main(argv: list[str]) -> int:
     args = argv[1:]
     trained_on = None
@@ -65,8 +85,13 @@ def main(argv: list[str]) -> int:
             trained_on = read_card(folder).get("model")
             model = known.model or trained_on
             if model and not known.model:
-                args = ["--model", model, *args]
                 print(f"herd generate: base model {model} (from the adapter)", file=sys.stderr)
+                try:
+                    model = _loadable(model)
+                except HerdError as e:
+                    print(f"herd generate: {e}", file=sys.stderr)
+                    return e.exit_code
+                args = ["--model", model, *args]
             elif known.model and trained_on and (
                     differ := _other_shape(known.model, trained_on)):
                 print(f"warning: this adapter was trained on {trained_on}; --model "
