@@ -103,17 +103,32 @@ def more_workers(model_config: dict, job: JobConfig, workers: list[WorkerMemory]
     return high, j, hit[0], hit[1]
 
 
+def _gb(n: float) -> str:
+    """GB with a figure that shows below one (tiny test models read "needs 0.0 GB ... offers 0.0
+    GB": an outside run)."""
+    gb = n / GB_SI
+    return f"{gb:.1f} GB" if gb >= 1 else f"{gb:.3g} GB"
+
+
 def refusal(cfg: dict, job: JobConfig, workers: list[WorkerMemory]) -> str:
     shape = ModelShape.from_config(cfg)
-    mems = ", ".join(f"{w.worker_id} {w.memory_bytes / GB_SI:.0f} GB" for w in workers)
+    mems = ", ".join(f"{w.worker_id} {_gb(w.memory_bytes)}" for w in workers)
     need = least_peak(cfg, job, workers)
-    top = max(w.memory_bytes for w in workers)
+    stages = min(len(workers), shape.layers)
+    low, top = (min(workers, key=lambda w: w.memory_bytes),
+                max(workers, key=lambda w: w.memory_bytes))
+    # Every worker holds a stage of an even cut: the smallest binds, not the largest (a 64 and a
+    # 128 GB Mac read "needs 78.0 GB ... the largest worker offers 92.8 GB": an outside run).
+    offers = (f"the smallest of them, {low.worker_id}, offers "
+              if stages > 1 and low.memory_bytes < top.memory_bytes else
+              "each worker offers " if stages > 1 else "the largest worker offers ")
+    worker = low if stages > 1 else top
     lines = [
         f"the job does not fit: its {shape.layers}-block {shape.model_type} model needs "
-        f"{need / GB_SI:.1f} GB on the fullest worker even cut into "
-        f"{min(len(workers), shape.layers)} "
-        f"pipeline stage(s); the largest worker offers {top * (1 - HEADROOM) / GB_SI:.1f} GB "
-        f"({top / GB_SI:.1f} GB usable less {HEADROOM:.0%} headroom). Workers: {mems}",
+        f"{_gb(need)} on the fullest worker even cut into {stages} pipeline stage(s)"
+        + (", and no uneven cut fits either" if stages > 1 else "")
+        + f"; {offers}{_gb(worker.memory_bytes * (1 - HEADROOM))} ({_gb(worker.memory_bytes)} "
+        f"usable less {HEADROOM:.0%} headroom). Workers: {mems}",
         "changes that would fit:",
     ]
     lines += [f"  - {f}" for f in fixes(cfg, job, workers)] or ["  - none found"]

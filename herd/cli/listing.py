@@ -24,7 +24,8 @@ from protos.v1 import common_pb2, coordinator_pb2
 
 
 def _gb(n: int) -> str:
-    return f"{n / 1024**3:.1f} GiB"  # as macOS and Apple's specs count a Mac's memory
+    gib = n / 1024**3  # as macOS and Apple's specs count a Mac's memory
+    return f"{gib:.1f} GiB" if gib >= 1 or not n else f"{gib:.2g} GiB"  # (25 MB read 0.0 GiB)
 
 
 def table(rows: list[list[str]]) -> str:

@@ -43,7 +43,7 @@ def _given(spec: str, macos: bool) -> list[WorkerMemory]:
     out = []
     for i, gb in enumerate(sizes):
         total = int(gb * GIB)  # a "64 GB" Mac has 64 GiB
-        out.append(WorkerMemory(f"w{i}-{gb:.0f}GB", macos_usable_bytes(total) if macos else total))
+        out.append(WorkerMemory(f"w{i}-{gb:g}GB", macos_usable_bytes(total) if macos else total))
     return out
 
 
