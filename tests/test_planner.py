@@ -409,6 +409,22 @@ def test_plan_says_why_a_worker_is_left_idle():
     assert why({"batch_size": 4}, [192, 192]) == ""  # every worker used
 
 
+def test_a_refusal_names_the_worker_that_binds():
+    """An even cut over a 64 and a 128 GB Mac is bound by the 64 GB one: the refusal said "needs
+    78.0 GB ... the largest worker offers 92.8 GB" (an outside run: it read as a contradiction)."""
+    cfg = parse_config({"batch_size": 4, "grad_checkpoint": True, "max_seq_length": 2048,
+                        "num_layers": 16, "cluster": {"workers": 2, "parallelism": {
+                            "data": 1, "pipeline": 2}}})
+    macs = [WorkerMemory("small", macos_usable_bytes(64 * GIB)),
+            WorkerMemory("big", macos_usable_bytes(128 * GIB))]
+    with pytest.raises(PlacementError) as e:
+        plan_job(LLAMA_70B, cfg, macs)
+    said = e.value.message
+    assert "even cut into 2 pipeline stage(s), and no uneven cut fits either; the smallest of " \
+           "them, small, offers 46.4 GB (51.5 GB usable less 10% headroom)" in said, said
+    assert "largest" not in said.splitlines()[0]
+
+
 def test_macos_wired_limit():
     assert macos_usable_bytes(64 * GIB) == int(64 * GIB * 0.75)
     assert macos_usable_bytes(64 * GIB, wired_limit_mb=60_000) == 60_000 * (1 << 20)
