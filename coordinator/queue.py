@@ -11,6 +11,7 @@ workers are left for both; no job's length is known, so nothing is backfilled on
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from coordinator.domain import Job, JobState, WorkerRecord
@@ -45,3 +46,15 @@ class Ahead:
         names = ", ".join(job_id for job_id, _ in ahead[:3]) + (" ..." if len(ahead) > 3 else "")
         return (f"queued behind {names}: first in, first out (the workers they wait for are "
                 "kept for them)")
+
+
+def same_wait(said: str, reason: str) -> bool:
+    """Whether a waiting job's ``reason`` says what it already ``said``: the same words and
+    counts in any order, measures (figures with a decimal point) aside. Free memory moves by a
+    tenth of a GB each tick and the workers named change order: each made a new event, 28
+    four-line ones a minute in `herd watch` (an outside run). Said again when the words or a
+    count change (another worker, another cause, "1 verified" to "2")."""
+    def words(text: str) -> set[str]:
+        return set(re.findall(r"[A-Za-z_][\w.-]*|(?<![\d.])\d+(?![\d.])", text))
+
+    return words(said) == words(f"waiting: {reason}")

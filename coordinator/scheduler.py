@@ -45,7 +45,7 @@ from coordinator.placement import (
     wait_limit_s,
     wait_or_fail,
 )
-from coordinator.queue import Ahead, queue_order
+from coordinator.queue import Ahead, queue_order, same_wait
 from coordinator.reconcile import Reconciler
 from coordinator.recovery import RestartPolicy, StoredCheckpoints, decide_restart, retryable
 from coordinator.refusals import Refusals
@@ -235,7 +235,7 @@ class Scheduler:
                 return
             if isinstance(decision, Wait):
                 ahead.keep(job, decision.busy or job.state is JobState.RESTARTING)
-                if job.message != f"waiting: {decision.reason}":
+                if not same_wait(job.message, decision.reason):
                     job.message = f"waiting: {decision.reason}"
                     self.store.put_job(job)
                     self._event(job, EventKind.LOG, message=job.message)

@@ -146,6 +146,30 @@ def test_job_waits_with_a_reason_then_runs_and_succeeds(rig):
     assert s.on_progress(j.job_id, 1, RankProgress(rank=0)) is True  # late report: stop
 
 
+def test_a_waiting_job_says_its_reason_once_until_the_words_or_counts_change(rig):
+    """Free memory drifting a tenth of a GB, and the workers named changing order, made a new
+    "waiting:" event each tick: 28 four-line ones a minute in `herd watch` (an outside run)."""
+    from coordinator.queue import same_wait
+
+    s, workers, launcher, clock = rig
+    workers.append(worker(1))
+    j = s.submit(job(workers=4, iters=12))
+    for _ in range(3):
+        s.tick()
+    workers.append(worker(2))
+    for _ in range(3):
+        s.tick()
+    said = [e.message for e in s.store.events(j.job_id) if e.message.startswith("waiting:")]
+    assert said == ["waiting: needs 4 workers, 1 verified: missing 3",
+                    "waiting: needs 4 workers, 2 verified: missing 2"], said
+    drifted = ("the job does not fit: needs 78.0 GB on the fullest worker; the largest offers "
+               "{} GB. Workers: w128 {} GB, w64 {} GB")
+    before = "waiting: " + drifted.format(20.9, 20.9, 20.8)
+    assert same_wait(before, drifted.replace("w128 {} GB, w64 {} GB", "w64 {} GB, w128 {} GB")
+                     .format(21.0, 21.0, 20.9))
+    assert not same_wait(before, drifted.replace("w64", "w96").format(20.9, 20.9, 20.8))
+
+
 def test_a_job_ending_in_a_partial_accumulation_succeeds_with_its_last_step(rig):
     """iters 7 with accumulation 3: the last optimizer step ends micro-batch 6, whose checkpoint
     is the final adapter (micro-batch 7 is computed and never applied, as in mlx-lm)."""
