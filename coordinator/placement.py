@@ -278,7 +278,21 @@ def _place_with_planner(cfg: JobConfig, chosen: list[WorkerRecord], model_config
                         cut: tuple | None = None) -> Placement:
     mem = [planner.WorkerMemory(worker_id=w.worker_id, memory_bytes=usable_bytes(w))
            for w in chosen]
-    plan = planner.plan_job(model_config, cfg, mem, cut)
+    try:
+        plan = planner.plan_job(model_config, cfg, mem, cut)
+    except DoesNotFitError as e:
+        # Submit and `herd plan` count a worker's whole memory (an app open then refuses no
+        # job); placement, what is free now. Said, or it read as a plan that lied (an outside run).
+        whole = [replace(m, memory_bytes=usable_bytes(replace(w, free_memory_bytes=0)))
+                 for m, w in zip(mem, chosen)]
+        try:
+            if whole == mem or not planner.plan_job(model_config, cfg, whole, cut):
+                raise
+        except (PlacementError, ConfigError):
+            raise e from None
+        raise DoesNotFitError("it fits these workers' whole memory, not what is free on them "
+                              f"now (other programs hold the rest): {e.message}",
+                              hint="it starts once that memory is free") from None
     peak = int(max(plan.peak_bytes_per_worker.values(), default=0))
     ids = plan.ring_order()  # PlacementError for a layout the MLX ring cannot carry
     if plan.pipeline_stages == 1:

@@ -533,3 +533,35 @@ def test_quantizing_on_load_peaks_near_the_quantized_model_not_the_full_one(tmp_
     # the steady quantized weights, one or two blocks' full-precision ones in flight, slack
     assert got["peak"] <= got["steady"] + 2 * block + 0.05 * full, (got, full)
     assert got["peak"] < 0.5 * full, (got, full)  # it was 0.86-1.0 of it
+
+
+def test_a_job_that_fits_whole_memory_but_not_what_is_free_says_so():
+    """Submit and `herd plan` count a worker's whole memory, placement what is free now: the job
+    waited with "does not fit" after plan said it fits (an outside run). The wait says why; and
+    a worker that declares more than its RAM (--memory, a local cluster posing as big Macs)
+    reports free memory against the declared size."""
+    from coordinator.domain import WorkerRecord
+    from coordinator.placement import place
+    from herd.errors import DoesNotFitError
+    from worker.agent.machine import Machine
+
+    cfg = parse_config({"model": "m", "data": "d", "batch_size": 1, "quantize": {"bits": 4},
+                        "grad_checkpoint": True, "cluster": {"workers": 1}})
+    busy = WorkerRecord("big", "10.0.0.1", 7000, 8000, 9000, memory_bytes=192 * GIB,
+                        free_memory_bytes=20 * GIB, chip="Apple M2 Ultra")
+    with pytest.raises(DoesNotFitError, match="it fits these workers' whole memory, not what is "
+                       "free on them now") as e:
+        place(cfg, [busy], LLAMA_70B)
+    assert e.value.hint == "it starts once that memory is free"
+    small = WorkerRecord("small", "10.0.0.2", 7000, 8000, 9000, memory_bytes=16 * GIB,
+                         free_memory_bytes=16 * GIB, chip="Apple M2")
+    with pytest.raises(DoesNotFitError) as e:  # too small whole: the planner's own refusal
+        place(cfg, [small], LLAMA_70B)
+    assert "whole memory" not in e.value.message
+    posing = Machine("x", memory_bytes=128 * GIB, gpu_cores=0, os="Linux", mlx_version="",
+                     ram_bytes=24 * GIB)
+    assert posing.free_bytes(20 * GIB) == 124 * GIB  # 4 GiB held by others, of 128 declared
+    share = Machine("x", memory_bytes=64 * GIB, gpu_cores=0, os="macOS", mlx_version="",
+                    ram_bytes=128 * GIB)
+    assert (share.free_bytes(100 * GIB), share.free_bytes(30 * GIB)) == (64 * GIB, 30 * GIB)
+    assert share.free_bytes(0) == 64 * GIB  # (nothing known: the declared size)

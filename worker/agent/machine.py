@@ -26,6 +26,18 @@ class Machine:
     os: str
     mlx_version: str
     wired_limit_mb: int = 0  # macOS: how much the GPU may wire (0 = macOS's default share)
+    ram_bytes: int = 0  # the RAM probed, when --memory declared memory_bytes (0: the same)
+
+    def free_bytes(self, free_now: int | None) -> int:
+        """What is free of the memory this worker declares, ``free_now`` being what the system
+        says is available. A --memory above the RAM (a local cluster posing as big Macs) counts
+        what other programs hold against the declared size: reporting min(declared, free) made
+        placement refuse the jobs `herd plan` had planned on the declared memory (an outside
+        run). Below the RAM it is the declared share, or less when less is free."""
+        if not free_now:
+            return self.memory_bytes
+        beyond = max(0, self.memory_bytes - (self.ram_bytes or self.memory_bytes))
+        return max(0, min(self.memory_bytes, free_now + beyond))
 
 
 def _run(cmd: list[str], timeout: float = 5.0) -> str | None:
@@ -136,5 +148,5 @@ def probe(memory_override: int | None = None, chip_override: str | None = None) 
     if memory_override or chip_override:
         m = Machine(chip=chip_override or m.chip, memory_bytes=memory_override or m.memory_bytes,
                     gpu_cores=m.gpu_cores, os=m.os, mlx_version=m.mlx_version,
-                    wired_limit_mb=m.wired_limit_mb)
+                    wired_limit_mb=m.wired_limit_mb, ram_bytes=m.memory_bytes)
     return m

@@ -63,7 +63,7 @@ class Worker:
         rank = self.rank
         return convert.worker_info(
             self.worker_id, self.host, self.port, self.ring_port, self.exchange_port,
-            self.machine, min(self.machine.memory_bytes, free_memory_bytes() or 2**62),
+            self.machine, self.machine.free_bytes(free_memory_bytes()),
             PROTOCOL_VERSION, rank.spec.job_id if rank and rank.running() else "",
             self.interfaces, self.policy.reported_roots(), self.policy.allow_remote_code,
             self.models.whole_models())
