@@ -48,9 +48,15 @@ def run_stages(cfg: Path, adapters: Path, stages: int, tmp: Path, *extra: str) -
             env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         ))
     try:
+        outs = []
         for p in procs:
-            _, err = p.communicate(timeout=180)
+            out, err = p.communicate(timeout=180)
             assert p.returncode == 0, f"stage exited {p.returncode}:\n{err[-3000:]}"
+            outs.append(out)
+        # A stage without the loss says where it is (`herd logs` shows rank 0's log, whose
+        # lines read "loss -": an outside run); the last stage holds it.
+        said = [out for out in outs if "the loss is the last stage's, in rank" in out]
+        assert outs[0] in said and len(said) == len(outs) - 1, outs  # (one rank reports it)
     finally:
         for p in procs:
             if p.poll() is None:

@@ -192,6 +192,10 @@ def _run(job: JobConfig, opts: StageOptions) -> int:
     # reports reached watch, the dashboard and /metrics, and stage 0, the fullest worker of a
     # planned cut, was the one to watch (an outside run).
     reports = topo.replica == 0 and stage.spec.last
+    if not reports:  # (its log's lines read "loss -": `herd logs` shows rank 0's by default)
+        print(f"pipeline stage {topo.stage} of {topo.stages} (replica {topo.replica}): the loss "
+              f"is the last stage's, in rank {topo.stages - 1}'s log (herd logs JOB --rank "
+              f"{topo.stages - 1})", flush=True)
     log = EventLog(opts.metrics_file)
 
     # mlx-lm reports the mean loss of the steps since its last report, and their token rate,
