@@ -40,6 +40,15 @@ class LogStore:
         if not 0 <= offset <= size + MAX_GAP:
             raise ProtocolError(f"rank log piece at byte {offset}: the log has {size} bytes")
         data = data[:max(0, MAX_LOG_BYTES - offset)]
+        if offset < size:
+            # Only a piece sent again (its reply lost) may cover stored bytes, and only with the
+            # same bytes: a worker rewrote a finished job's log from byte 0 (an outside run).
+            with open(path, "rb") as f:
+                f.seek(offset)
+                if f.read(min(len(data), size - offset)) != data[:size - offset]:
+                    raise ProtocolError(f"rank log piece at byte {offset} rewrites what is "
+                                        f"stored ({size} bytes): a log only grows")
+            data, offset = data[size - offset:], size
         if not data:
             return
         path.parent.mkdir(parents=True, exist_ok=True)

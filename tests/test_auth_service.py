@@ -223,8 +223,16 @@ def test_a_worker_writes_only_the_logs_of_the_ranks_it_ran(cluster):
         assert code_of(lambda: honest.ReportRank(piece(attempt, rank), timeout=5)) == denied
     far = piece(1, 0, offset=1 << 40, data=b"x")
     assert code_of(lambda: honest.ReportRank(far, timeout=5)) == grpc.StatusCode.INVALID_ARGUMENT
+    # A log only grows: a piece sent again (its reply lost) is taken, its new tail added; one
+    # that rewrites stored bytes is refused (a worker rewrote a finished job's log from byte 0:
+    # an outside run).
+    honest.ReportRank(piece(1, 0, 0, b"ok\nmore\n"), timeout=5)
+    rewrite = piece(1, 0, 0, b"XX")
+    assert code_of(lambda: honest.ReportRank(rewrite, timeout=5)) == \
+        grpc.StatusCode.INVALID_ARGUMENT
     logs = LogStore(c.root / "coord" / "logs")  # the coordinator's (coordinator/service.py)
-    assert (logs.read(job_id, 1, 0, 0), logs.read(job_id, 2, 1, 0)) == (b"ok\n", b"ok\n")
+    assert logs.read(job_id, 1, 0, 0) == b"ok\nmore\n"
+    assert (logs.read(job_id, 1, 0, 0)[:3], logs.read(job_id, 2, 1, 0)) == (b"ok\n", b"ok\n")
     assert [logs.read(job_id, a, r, 0) for a, r in ((1, 1), (2, 0))] == [b"", b""]
 
 
