@@ -19,6 +19,7 @@ from herd.dataset import SPLITS, check_job_dataset
 from herd.digest import FileDigest
 from herd.errors import ConfigError, DatasetError, NotFoundError
 from herd.hf_dataset import check_cluster_source
+from herd.model_config import looks_like_hub_id
 from herd.rpc.names import check_job_id, check_name, check_sha
 
 REQUIRED_DATA = "train.jsonl"
@@ -64,6 +65,8 @@ def new_job(name: str, config_yaml: str, dataset: list[FileDigest], blobs: BlobS
                           "job", hint="`herd submit` sends it when the file exists where it runs")
     if models is not None:
         cfg, model_digest = models.pin(cfg, model_digest)
+    if not model_digest:
+        check_model_reference(cfg.model)
     name = job_name(name)
     return Job(job_id=f"{name}-{uuid.uuid4().hex[:6]}", name=name, config=cfg, dataset=dataset,
                model_digest=model_digest, workers_needed=workers_needed(cfg), iters=cfg.iters,
@@ -200,3 +203,18 @@ def _get(cfg, key: str):
     for part in key.split("."):
         cfg = getattr(cfg, part)
     return cfg.model_dump() if hasattr(cfg, "model_dump") else cfg
+
+
+def check_model_reference(model: str) -> None:
+    """A model the workers can name: an absolute path, one in their user's home (``~/``), or a
+    hub id (``org/name``, or a legacy ``name``). Refused at submit otherwise: `../x` or
+    `~root/x` were queued, then every worker's policy refused them as the job started (an
+    outside run)."""
+    legacy = re.fullmatch(r"[A-Za-z0-9][\w.-]*(@[\w.-]+)?", model)  # a hub id without org: gpt2
+    if (os.path.isabs(model) or model == "~" or model.startswith("~/")
+            or looks_like_hub_id(model) or legacy):
+        return
+    raise ConfigError(f"model = {model!r}: the workers load a model from an absolute path, from "
+                      "~/ (their own user's home) or by hub id (org/name)",
+                      hint="`herd submit` resolves a relative path from the current folder; "
+                      "send that absolute path")

@@ -23,7 +23,12 @@ _SNAPSHOT = re.compile(r"/snapshots/([0-9a-f]{40})(/|$)")
 
 def is_hub_id(model: str) -> bool:
     """``org/name`` that is not a local path."""
-    return bool(_HUB_ID.match(model)) and not Path(model).expanduser().exists()
+    return looks_like_hub_id(model) and not Path(model).expanduser().exists()
+
+
+def looks_like_hub_id(model: str) -> bool:
+    """``org/name``, optionally ``@revision``, whatever this machine's disk holds."""
+    return bool(_HUB_ID.match(model.split("@", 1)[0]))
 
 
 def missing_here(model: str) -> str | None:

@@ -1437,3 +1437,15 @@ def test_plan_counts_only_the_jobs_backends_workers(tmp_path, coordinator_rpc, t
         got = json.loads(capsys.readouterr().out)
         assert got["workers_available"] == len(expect), got
         assert set(got["peak_bytes_per_worker"]) | set(got.get("unused", [])) == expect, got
+
+
+def test_a_model_the_workers_cannot_name_is_refused_at_submit():
+    """`../x` or `~root/x` were queued, then every worker's policy refused them as the job
+    started (an outside run): refused at submit, with what the workers take."""
+    from coordinator.jobs import check_model_reference
+
+    for fine in ("/models/llama", "~/models/m", "org/name", f"org/name@{'a' * 40}", "gpt2"):
+        check_model_reference(fine)
+    for bad in ("../x", "./m", "~root/.ssh", "a/b/c", ".."):
+        with pytest.raises(ConfigError, match="absolute path, from ~/"):
+            check_model_reference(bad)
