@@ -732,3 +732,18 @@ def test_herd_generate_loads_a_hub_jobs_base_at_its_pinned_revision(sharded, off
     with pytest.raises(NotFoundError, match=f"org/tiny@{'0' * 40} is not in the local") as e:
         _loadable(f"org/tiny@{'0' * 40}")
     assert "pass --model" in e.value.hint
+
+
+def test_the_convert_command_for_a_hub_base_names_what_mlx_lm_convert_reads(sharded, offline_hub):
+    """mlx_lm.convert has no --revision, and failed on the recorded org/name@commit (an outside
+    run): the commit's cached folder, or the repo with its revision said."""
+    from herd.adapter_card import convert_hint
+
+    commit = write_hub_cache(offline_hub, "org/tiny", sharded)
+    q = {"bits": 4, "group_size": 64}
+    cached = convert_hint(f"org/tiny@{commit}", q)
+    assert f"--hf-path {offline_hub}" in cached and commit in cached, cached
+    assert cached.endswith("--mlx-path tiny-4bit")
+    gone = convert_hint(f"org/tiny@{'0' * 40}", q)
+    assert "--hf-path org/tiny -q" in gone and f"the adapter's base is {'0' * 40}" in gone
+    assert convert_hint("/models/llama", q).startswith("mlx_lm.convert --hf-path /models/llama")
