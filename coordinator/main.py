@@ -260,9 +260,10 @@ def main(argv: list[str], rank_actor: type | None = None) -> int:
                    help="wait before restarting a failed attempt; doubles with each failure in "
                    f"{RestartPolicy.flap_window_s / 60:.0f} min, up to {RestartPolicy.cap_s:.0f}s")
     p.add_argument("--elastic-grace", type=at_least(0, float), default=60.0, metavar="S",
-                   help="a data-parallel job (no pipeline stages) that lost a worker this long "
-                   "carries on with the workers left (same global batch) and grows back at a "
-                   "checkpoint; 0: wait")
+                   help="a job that lost a worker this long carries on with the workers left "
+                   "(same global batch; a data x pipeline job by whole replicas) and grows back "
+                   "at a checkpoint; not a single pipeline, nor a job whose cluster.parallelism "
+                   "pins data; 0: wait")
     p.add_argument("--unreachable-grace", type=at_least(0, float), default=60.0, metavar="S",
                    help="a worker that stops answering while its ranks may train on (this "
                    "machine's link broke?) is waited for this long before its attempt restarts; "

@@ -338,7 +338,9 @@ def decide_queued(job: Job, workers: list[WorkerRecord], now_ms: int,
         gone = [w for w in job.worker_ids if w not in idle] if job.attempt else []
         if gone and isinstance(e, TooFewWorkers):
             reason += (f" (of attempt {job.attempt}'s workers, {', '.join(gone)} "
-                       + ("is" if len(gone) == 1 else "are") + " gone or busy)")
+                       + ("is" if len(gone) == 1 else "are") + " gone or busy" + (
+                           "; cluster.parallelism pins data: it waits, never shrinks"
+                           if job.config.cluster.data_parallel() else "") + ")")
         if isinstance(e, TooFewWorkers) and e.busy_only:
             return Wait(reason, busy=True)  # a queue behind other jobs: as long as they run
         return wait_or_fail(job, Wait(reason), now_ms, placement_timeout_s, since_ms)

@@ -1449,3 +1449,23 @@ def test_a_model_the_workers_cannot_name_is_refused_at_submit():
     for bad in ("../x", "./m", "~root/.ssh", "a/b/c", ".."):
         with pytest.raises(ConfigError, match="absolute path, from ~/"):
             check_model_reference(bad)
+
+
+def test_a_job_that_pins_its_data_parallelism_says_it_waits_rather_than_shrink():
+    """A pinned {data: 2, ...} job that lost a worker for good waited "needs 4 workers, 3
+    verified" with nothing said of the shrink the README describes (an outside run)."""
+    from coordinator.placement import Wait, decide_queued
+
+    def lost(parallelism) -> str:
+        j = job(workers=4, iters=12)
+        cfg = j.config.model_dump(exclude_unset=True)
+        j.config = parse_config({**cfg, "cluster": {"workers": 4, "parallelism": parallelism}})
+        j.state, j.attempt, j.worker_ids = JobState.RESTARTING, 1, ["w1", "w2", "w3", "w4"]
+        decision = decide_queued(j, [worker(1), worker(2), worker(3)], 0, 600)
+        assert isinstance(decision, Wait)
+        return decision.reason
+
+    said = lost({"data": 4, "pipeline": 1})
+    assert said.endswith("(of attempt 1's workers, w4 is gone or busy; cluster.parallelism "
+                         "pins data: it waits, never shrinks)"), said
+    assert "pins data" not in lost("auto")
