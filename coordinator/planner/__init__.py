@@ -39,7 +39,7 @@ def plan_job(model_config: dict, job: JobConfig, workers: list[WorkerMemory],
     if plan is not None:
         return plan
     if cut is not None:
-        kept = (f"{len(cut)} pipeline stages with blocks "
+        kept = (f"by {len(cut)} pipeline stages with blocks "
                 + ",".join(f"{a}:{b}" for a, b in cut) if cut else "data parallel")
         raise PlacementError(
             f"its checkpoint was written {kept}, the layout every later attempt keeps (a stage "
