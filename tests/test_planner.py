@@ -446,8 +446,10 @@ def test_herd_plan_cli(tmp_path):
     fix = "cluster: {workers: 2, parallelism: {data: 1, pipeline: 2}}"
     assert ok.returncode == 4, ok.stderr
     assert ("the config asks for 1 (cluster.workers), so `herd submit` would place it on 1; as "
-            "written it does not fit: ") in ok.stderr, ok.stderr
+            "written it does not fit (its 80-block") in ok.stderr, ok.stderr
     assert f"add `{fix}` to run it as planned" in ok.stderr, ok.stderr
+    # (the refusal's reason only: its fixes, with their own `cluster:` lines, ran into this one)
+    assert "changes that would fit" not in ok.stderr and ok.stderr.count("cluster:") == 1
     as_json = subprocess.run([sys.executable, "-m", "herd", "plan", str(cfg), "--workers", "64,64",
                               "--macos", "--json"], capture_output=True, text=True, timeout=60,
                              cwd=REPO)

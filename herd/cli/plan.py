@@ -189,8 +189,11 @@ def main(argv: list[str]) -> int:
           + ", ".join(f"{w.memory_bytes / GIB:.1f}" for w in workers) + " GiB usable" + short)
     print(render(plan, workers, job, model_config))
     if n > asked:
-        written = (f"; as written it does not fit: {fits_as_written.message}"
-                   if fits_as_written else "")
+        # (the refusal's first line only: its list of fixes is for the job as written, and
+        # read as advice for the planned layout, two `cluster:` lines in one sentence)
+        why = fits_as_written.message.splitlines()[0].removeprefix("the job does not fit: ") \
+            if fits_as_written else ""
+        written = f"; as written it does not fit ({why})" if fits_as_written else ""
         print(f"note: this layout takes {n} workers; the config asks for {asked} "
               f"(cluster.workers), so `herd submit` would place it on {asked}{written}: add "
               f"`{plan.cluster_setting()}` to run it as planned", file=sys.stderr)
