@@ -177,6 +177,10 @@ def main() -> int:
     lines += [f"| {r[0]} | {r[1]:.3f} | {r[2]:.3f} | {r[1] / r[2]:.2f} | {r[3]} | {r[4]} |"
               for r in rows]
     out = REPO / "bench" / "results" / f"mtls-{date}.md"
+    n = 1
+    while out.exists():  # (a second run of the day overwrote the first's figures)
+        n += 1
+        out = out.with_name(f"mtls-{date}-{n}.md")
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
