@@ -113,3 +113,34 @@ def test_a_flood_of_fake_worker_adverts_costs_bounded_threads_and_candidates(mon
         finally:
             registry.close()
             zc.close()
+
+
+def test_an_advert_ignored_in_a_flood_is_resolved_once_there_is_room(monkeypatch):
+    """zeroconf reports a name once: a real worker's advert that arrived while the browser was
+    full of fake ones would stay unseen after the flood. It waits, and is resolved when a name
+    leaves."""
+    from zeroconf import ServiceStateChange
+
+    monkeypatch.setenv(discovery.INTERFACES_ENV, HOST)
+    monkeypatch.setattr(discovery, "MAX_ADVERTS", 2)
+    zc = discovery.make_zeroconf()
+    try:
+        browser = discovery.Browser(zc, "_herd-test-flood._tcp.local.")
+        resolved: list[str] = []
+
+        def resolve_one(service_type: str, name: str) -> None:
+            resolved.append(name)
+            with browser._lock:
+                browser.adverts[name] = discovery.Advert(name, HOST, 1)
+
+        monkeypatch.setattr(browser, "_resolve_one", resolve_one)
+        kind, added = "_herd-test-flood._tcp.local.", ServiceStateChange.Added
+        for name in ("fake-1", "fake-2", "real"):
+            browser._changed(zc, kind, name, added)
+        assert wait(lambda: sorted(resolved) == ["fake-1", "fake-2"])
+        assert browser.ignored == 1 and "real" not in browser.adverts
+        browser._changed(zc, kind, "fake-1", ServiceStateChange.Removed)  # its record expired
+        assert wait(lambda: "real" in resolved) and "real" in browser.adverts
+        browser.close()
+    finally:
+        zc.close()

@@ -125,6 +125,9 @@ class Browser:
         self.adverts: dict[str, Advert] = {}
         self._pending: set[str] = set()  # names queued or resolving now
         self.ignored = 0  # names past MAX_ADVERTS
+        # ...kept (the newest MAX_ADVERTS) and resolved as room frees: zeroconf says a name once,
+        # and a real worker's advert ignored in a flood would stay unseen after it.
+        self._waiting: dict[str, str] = {}  # name -> service type
         self._pool = ThreadPoolExecutor(RESOLVERS, thread_name_prefix="zeroconf-resolve")
         self._browser = ServiceBrowser(zc, service_type, handlers=[self._changed])
 
@@ -134,14 +137,23 @@ class Browser:
         if state_change is ServiceStateChange.Removed:
             with self._lock:
                 self.adverts.pop(name, None)
+                self._waiting.pop(name, None)
+                freed = next(iter(self._waiting.items()), None)
             if self._on_remove:
                 self._on_remove(name)
+            if freed is not None:  # room for one that waited (its record may be gone: no harm)
+                with self._lock:
+                    self._waiting.pop(freed[0], None)
+                self._changed(zeroconf, freed[1], freed[0], ServiceStateChange.Added)
             return
         with self._lock:
             if name in self._pending:
                 return  # (its resolution, queued, reads the newest record)
             if name not in self.adverts and len(self.adverts) + len(self._pending) >= MAX_ADVERTS:
                 self.ignored += 1
+                self._waiting[name] = service_type
+                while len(self._waiting) > MAX_ADVERTS:
+                    self._waiting.pop(next(iter(self._waiting)))
                 if self.ignored == 1:
                     logger.warning("zeroconf_adverts_ignored", service=service_type,
                                    kept=MAX_ADVERTS, reason="more adverts than any cluster has: "
