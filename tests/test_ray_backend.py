@@ -352,7 +352,10 @@ def test_a_killed_raylet_restarts_the_job_from_its_checkpoint_once_a_node_joins(
     then the node's; the attempt fails, and with one herd node left the job waits and says so.
     A node joins with `herd worker --ray`; the job resumes on it from the last checkpoint stored
     before the kill, and its adapter equals one uninterrupted process's."""
-    kw = dict(iters=60, save_every=4, steps_per_report=4, **SAME_UPDATE)
+    # Long enough to outlast Ray's own detection of the dead node (10 health checks of 1 s)
+    # after the kill: 60 iterations finished first on a faster host, and the job succeeded
+    # before Ray said the node was gone (seen in CI).
+    kw = dict(iters=150, save_every=4, steps_per_report=4, **SAME_UPDATE)
     cfg = job_yaml("ray-killed", cluster={"workers": 2, "backend": "ray", "max_restarts": 2},
                    **kw)
     job_id = rc.submit(cfg)
