@@ -65,9 +65,11 @@ def require_free(folder: Path, need: int, what: str, hint: str = "") -> None:
     bytes (and the reserve)."""
     free = _free_bytes(folder)
     if free < need + RESERVE_BYTES:
+        keep = f"{RESERVE_BYTES / 1e6:.1f} MB"
+        needs = (f"{need / 1e6:.1f} MB and {keep} are kept free" if need
+                 else f"the {keep} kept free")
         raise StorageError(
-            f"the coordinator's disk holding {folder} is full: {what} needs "
-            f"{need / 1e6:.1f} MB and {RESERVE_BYTES / 1e6:.1f} MB are kept free; "
+            f"the coordinator's disk holding {folder} is full: {what} needs {needs}; "
             f"{free / 1e6:.1f} MB free",
             hint=(hint or "free space there") + ", or restart the coordinator with a "
             "--state-dir on a larger disk")

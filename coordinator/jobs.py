@@ -10,7 +10,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from coordinator.artifacts import AdapterStore, BlobStore
+from coordinator.artifacts import AdapterStore, BlobStore, disk_errors, require_free
 from coordinator.domain import Checkpoint, Job, JobState
 from coordinator.models import ModelCatalog
 from coordinator.placement import workers_needed
@@ -113,8 +113,13 @@ def check_uploaded_dataset(cfg, dataset: list[FileDigest], blobs: BlobStore) -> 
     API). The blobs are read in place, through a folder of links named as the splits, made in
     the state folder: a service's /tmp may be read-only (systemd's ProtectSystem=strict, where
     every submit failed: an outside run)."""
-    splits = {f"{s}.jsonl" for s in SPLITS}
-    with tempfile.TemporaryDirectory(prefix=".dataset-view-", dir=blobs.root.parent) as view:
+    splits, state = {f"{s}.jsonl" for s in SPLITS}, blobs.root.parent
+    # A full disk is a StorageError (exit 8) here too: the links need a few blocks, and a
+    # coordinator's disk that rank logs had filled failed the submit as "Exception calling
+    # application" (CI, after a checkpoint had been refused for want of room).
+    require_free(state, 0, "a new job (its dataset is checked through links written there)")
+    with disk_errors(state, "the links to check the uploaded dataset"), \
+            tempfile.TemporaryDirectory(prefix=".dataset-view-", dir=state) as view:
         for d in dataset:
             if d.name in splits:
                 os.symlink(blobs.path(d.sha256), Path(view) / d.name)

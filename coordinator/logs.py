@@ -11,6 +11,7 @@ import re
 import shutil
 from pathlib import Path
 
+from coordinator.artifacts import disk_errors, require_free
 from herd.errors import NotFoundError, ProtocolError
 
 _JOB = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -51,8 +52,13 @@ class LogStore:
             data, offset = data[size - offset:], size
         if not data:
             return
+        # Logs never take the room kept for the job database and checkpoints: a StorageError
+        # makes the agent keep the piece and send it again later (rank logs had filled a
+        # coordinator's last megabytes, and a submit then failed on the links it writes: CI).
+        require_free(self.root, len(data), f"rank {rank}'s log")
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "r+b" if path.exists() else "wb") as f:
+        with disk_errors(self.root, f"rank {rank}'s log"), \
+                open(path, "r+b" if path.exists() else "wb") as f:
             # A piece past the end (an earlier one lost) leaves a hole of zero bytes, not a shift.
             f.seek(offset)
             f.write(data)

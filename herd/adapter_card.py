@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from herd.errors import ConfigError
-from herd.model_config import looks_like_hub_id, model_revision, resolve_model_config
+from herd.model_config import model_revision, resolve_model_config, snapshot_folder
 
 ADAPTER_CONFIG = "adapter_config.json"
 # Training-run keys that are paths on the machine that ran it: not part of the adapter.
@@ -65,13 +65,11 @@ def convert_hint(model: str, q: dict) -> str:
     outside run): that commit's folder in the local cache, else the repo at its current one."""
     repo, _, revision = model.partition("@")
     source, note = model, ""
-    if revision and looks_like_hub_id(model):
-        from huggingface_hub import snapshot_download
-
-        try:
-            source = snapshot_download(repo, revision=revision, local_files_only=True)
-        except Exception:  # not cached here: the repo's current revision, said
-            source, note = repo, f" (its current revision; the adapter's base is {revision})"
+    try:
+        if found := snapshot_folder(model):
+            source = found[1]
+    except Exception:  # not cached here: the repo's current revision, said
+        source, note = repo, f" (its current revision; the adapter's base is {revision})"
     return (f"mlx_lm.convert --hf-path {source} -q --q-bits {q['bits']} --q-group-size "
             f"{q['group_size']} --mlx-path {Path(repo).name}-{q['bits']}bit{note}")
 

@@ -112,6 +112,19 @@ def model_revision(model: str) -> str | None:
     return None
 
 
+def snapshot_folder(model: str, download: bool = False) -> tuple[str, str] | None:
+    """For a pinned hub reference, ``org/name@commit`` (a hub job's base as the model store
+    records it, which no mlx-lm tool reads: they have no --revision), ``(repo, folder)``: that
+    commit's snapshot folder in the local cache, fetched when ``download`` and online. None when
+    ``model`` is not one; whatever huggingface_hub raises when the snapshot is not to be had."""
+    repo, _, revision = model.partition("@")
+    if not revision or not is_hub_id(repo):
+        return None
+    from huggingface_hub import snapshot_download
+
+    return repo, snapshot_download(repo, revision=revision, local_files_only=not download)
+
+
 RESUME_HINT = ("an adapter .safetensors file or a folder holding adapters.safetensors; paths "
                "resolve from the current folder")
 

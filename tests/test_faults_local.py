@@ -150,7 +150,7 @@ def test_a_full_coordinator_disk_is_ridden_out_and_loses_no_checkpoint(local, tm
             # touched.
             again = local.herd("submit", str(cfg), check=False)
             assert again.returncode == 8, again.stderr
-            assert f"disk holding {local.state}/adapters is full" in again.stderr
+            assert re.search(rf"disk holding {local.state}(/adapters)? is full", again.stderr)
         finally:
             ballast.unlink()
         freed = time.monotonic()

@@ -283,13 +283,13 @@ def tiny_disk(path: Path, size: str):
 
 def _fill(folder: Path) -> Path:
     ballast = folder / "ballast"
-    with open(ballast, "wb") as f:
-        try:
-            while True:
-                f.write(b"\0" * 65536)
-                f.flush()
-        except OSError:
-            pass
+    with open(ballast, "wb", buffering=0) as f:  # (unbuffered: nothing left to fail at close)
+        for size in (65536, 4096, 1):
+            try:
+                while f.write(b"\0" * size):
+                    pass
+            except OSError:
+                pass
     return ballast
 
 
@@ -360,6 +360,60 @@ def test_a_rank_event_on_a_full_worker_disk_is_a_storage_error_naming_it(tmp_pat
                                                "written: No space left on device"):
             for _ in range(10_000):  # (until the page cache's last free block is used)
                 log.append(Done(rank=0, iteration=1))
+
+
+def test_a_submit_to_a_full_coordinator_disk_is_a_storage_error_before_a_worker_is_touched(
+        tmp_path, monkeypatch):
+    """The uploaded dataset is checked through links written in the state folder: on a disk
+    the rank logs had filled, `herd submit` failed as "Exception calling application: [Errno 28]"
+    (exit 1, seen in CI). Under the reserve it is refused by name (exit 8); a disk that fills
+    between that check and the links is the same StorageError."""
+    from coordinator import artifacts
+    from coordinator.artifacts import BlobStore
+    from coordinator.jobs import new_job
+
+    with tiny_disk(tmp_path / "disk", "8m") as disk:
+        blobs = BlobStore(disk / "blobs")
+        train = b'{"text": "hello"}\n' * 4
+        sha = hashlib.sha256(train).hexdigest()
+        blobs.put(sha, [train])
+        dataset = [FileDigest("train.jsonl", sha, len(train))]
+
+        def submit():
+            return new_job("j", "model: m/x\ndata: d\nbatch_size: 4\n", dataset, blobs)
+
+        assert submit().job_id.startswith("j-")  # room: taken
+        ballast = _fill(disk)
+        with pytest.raises(StorageError, match=f"disk holding {disk} is full: a new job") as e:
+            submit()
+        assert e.value.exit_code == 8
+        # The reserve check passed (a disk that filled just after): the links' ENOSPC is named.
+        monkeypatch.setattr(artifacts, "_free_bytes", lambda folder: 1 << 30)
+        with pytest.raises(StorageError, match=f"disk holding {disk} failed writing the links"):
+            submit()
+        ballast.unlink()
+        assert not list(disk.glob(".dataset-view-*"))  # nothing left behind
+
+
+def test_rank_logs_leave_the_reserve_to_the_job_database_and_checkpoints(tmp_path):
+    """A rank log piece that would eat into artifacts.RESERVE_BYTES is refused (the agent keeps
+    it and sends it again), so logs cannot fill the disk under SQLite; taken once there is
+    room, at the same offset."""
+    from coordinator.artifacts import RESERVE_BYTES
+    from coordinator.logs import LogStore
+
+    with tiny_disk(tmp_path / "disk", "8m") as disk:
+        logs = LogStore(disk / "logs")
+        logs.write("j-1", 1, 0, 0, b"first\n")
+        ballast = disk / "ballast"
+        ballast.write_bytes(b"\0" * (8 * 1024 * 1024 - RESERVE_BYTES - 64 * 1024))
+        with pytest.raises(StorageError, match=f"disk holding {disk / 'logs'} is full: rank 0's "
+                                               "log needs"):
+            logs.write("j-1", 1, 0, 6, b"x" * 128 * 1024)
+        assert logs.read("j-1", 1, 0, 0) == b"first\n"
+        ballast.unlink()
+        logs.write("j-1", 1, 0, 6, b"second\n")
+        assert logs.read("j-1", 1, 0, 0) == b"first\nsecond\n"
 
 
 def test_a_full_disk_is_a_health_state_and_a_clear_refusal_not_a_traceback_loop(tmp_path,

@@ -44,23 +44,18 @@ def _other_shape(model: str, trained_on: str) -> str | None:
 
 
 def _loadable(model: str) -> str:
-    """``model`` as mlx-lm takes it: a hub job's base is recorded as the model store pins it,
-    org/name@commit, which no mlx-lm tool reads (an outside run: exit 2 on the recorded base):
-    that commit's snapshot folder, from the local cache (or downloaded, when online)."""
-    from herd.model_config import is_hub_id
-
-    repo, _, revision = model.partition("@")
-    if not revision or not is_hub_id(repo):
-        return model
-    from huggingface_hub import snapshot_download
+    """``model`` as mlx-lm takes it: a pinned org/name@commit base (exit 2 from mlx-lm on the
+    recorded base: an outside run) as that commit's snapshot folder, fetched when online."""
+    from herd.model_config import snapshot_folder
 
     try:
-        return snapshot_download(repo, revision=revision)
+        found = snapshot_folder(model, download=True)
     except Exception as e:  # offline without it, no such revision, refused: one message
         raise NotFoundError(f"the adapter's base {model} is not in the local Hugging Face cache "
                             f"and could not be fetched ({type(e).__name__})",
-                            hint=f"pass --model (a folder, or {repo} for its current "
-                            "revision)") from None
+                            hint=f"pass --model (a folder, or {model.partition('@')[0]} for its "
+                            "current revision)") from None
+    return found[1] if found else model
 
 
 def main(argv: list[str]) -> int:

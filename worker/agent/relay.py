@@ -107,6 +107,7 @@ class Relay:
         self._dropped = 0  # reports lost because the queue was full
         self._log_sent = 0  # bytes of rank.log relayed so far
         self._log_at = 0.0
+        self._log_refused = ""  # why the coordinator last refused a log piece, said once
         self._troubled_since = self._troubled_said = 0.0  # failed turns of run(), for the log
 
     def _deliver(self, what: str, call: Callable[[], object]) -> bool:
@@ -293,7 +294,12 @@ class Relay:
         except OSError:
             pass
         except HerdError as e:  # the coordinator may be restarting: the next call resends
-            self.log.warning("rank_log_relay_failed", error=str(e))
+            # (once per kind of refusal: a full disk lasts minutes, its free MB change)
+            if type(e).__name__ != self._log_refused:
+                self.log.warning("rank_log_relay_failed", error=str(e))
+            self._log_refused = type(e).__name__
+        else:
+            self._log_refused = ""
 
     def _send_log(self, final: bool, chunk: int = 256 * 1024) -> None:
         """rank.log from where the last piece the coordinator stored ended (one piece, or all
