@@ -239,6 +239,44 @@ def test_rogue_adverts_that_never_answer_are_dialled_side_by_side(site, tmp_path
             pit.close()
 
 
+def test_the_coordinator_found_last_time_is_dialled_first_advertised_or_not(site, tmp_path):
+    """Rogue adverts by the hundred (each a 2 s dial, 16 at once) made every command wait them
+    out, or fail before reaching the real one (an outside run). The coordinator that proved
+    itself last time is dialled first, advertised or not (here: not at all, its advert lost in
+    the flood), and still has to prove itself: a stranger's memo buys nothing."""
+    from coordinator.main import Coordinator
+    from herd.cli import connection
+    from herd.cli.connection import find_coordinator
+
+    ca = pki.Authority.create(tmp_path / "ca")
+    me = ca.issue("client", "laptop")
+    quiet = Coordinator(tmp_path / "coord", ca, HOST, 0, advertise=False, join_port=None)
+    quiet.start()
+    pits = [Tarpit({"open": 0, "peak": 0}, threading.Lock()) for _ in range(4)]
+    zc = discovery.make_zeroconf()
+    adverts = [discovery.Advertiser(zc, discovery.COORDINATOR_TYPE, f"herd-flood-{i}", HOST,
+                                    pit.port, {}) for i, pit in enumerate(pits)]
+    try:
+        with pytest.raises(HerdError):  # only adverts: the rogues' and another cluster's
+            find_coordinator(None, me, wait_s=2.0)
+        assert connection._recall(me) is None
+        connection._remember(me, f"{HOST}:{quiet.port}")  # found once, when it was advertised
+        assert find_coordinator(None, me, wait_s=2.0) == f"{HOST}:{quiet.port}"
+        # Another cluster's client reading that memo (same HERD_HOME) does not take it: the memo
+        # is per CA, and its coordinator would have to prove itself anyway.
+        assert connection._recall(site.client) != f"{HOST}:{quiet.port}"
+        connection._memo(site.client).write_text(f"{HOST}:{quiet.port}\n")
+        assert find_coordinator(None, site.client, wait_s=5.0) == f"{HOST}:{site.coord.port}"
+        assert connection._recall(site.client) == f"{HOST}:{site.coord.port}"  # (corrected)
+    finally:
+        for advert in adverts:
+            advert.close()
+        zc.close()
+        for pit in pits:
+            pit.close()
+        quiet.stop()
+
+
 def test_a_second_coordinator_of_the_cluster_is_said_not_silently_split(site, tmp_path, capsys):
     """Two coordinators of one cluster CA on a LAN: each CLI command reached either, and a job
     submitted to one was "no job" to the other (an outside run). The CLI says so, naming both,

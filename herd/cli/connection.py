@@ -196,6 +196,33 @@ def _said_others(found: str, adverts, dialling: dict) -> str:
     return found
 
 
+def _memo(identity: pki.Identity) -> Path:
+    """Where the last coordinator of this cluster (by its CA) that proved itself is kept."""
+    import hashlib
+
+    return pki.default_home() / "found" / hashlib.sha256(identity.ca_pem).hexdigest()[:16]
+
+
+def _recall(identity: pki.Identity) -> str | None:
+    try:
+        target = _memo(identity).read_text().strip()
+        return with_port(target) if target else None
+    except (OSError, ConfigError):
+        return None
+
+
+def _remember(identity: pki.Identity, target: str) -> None:
+    if _recall(identity) != target:
+        try:
+            _memo(identity).parent.mkdir(parents=True, exist_ok=True)
+            _memo(identity).write_text(target + "\n")
+        except OSError:  # (a read-only home: discovery works without it)
+            pass
+
+
+SEEN_S = 0.3  # browsing at least this long, so a second coordinator's advert is dialled too
+
+
 def find_coordinator(explicit: str | None, identity: pki.Identity, wait_s: float = 4.0) -> str:
     """The first advertised coordinator that proves it is this cluster's (TLS) and accepts this
     machine's certificate; others (another cluster, a stale record, an impostor) are skipped.
@@ -203,7 +230,13 @@ def find_coordinator(explicit: str | None, identity: pki.Identity, wait_s: float
     ``wait_s`` is over: a record may carry a stale or unreachable address next to the good one,
     and zeroconf expires stale records on its own. None accepting: AuthError (exit 6) when one
     seen refused this machine's certificate (the likely fix is joining the cluster, even beside
-    a stale advert that does not answer), else PeerLostError (exit 5)."""
+    a stale advert that does not answer), else PeerLostError (exit 5).
+
+    The coordinator found last time (kept per cluster CA in $HERD_HOME/found) is dialled first,
+    advertised or not: a LAN flooded with rogue adverts (hundreds, each a 2 s dial) made every
+    command wait them out, or fail (an outside run). It proves itself as any advert must; the
+    adverts are still browsed and dialled for SEEN_S at least, so a second coordinator of the
+    cluster is still said."""
     if explicit or (explicit := os.environ.get(COORDINATOR_ENV)):
         return with_port(explicit)
     zc = discovery.make_zeroconf()
@@ -211,27 +244,35 @@ def find_coordinator(explicit: str | None, identity: pki.Identity, wait_s: float
     refused: dict[str, HerdError] = {}
     dialling: dict[Future, str] = {}
     pool = ThreadPoolExecutor(DIALS, thread_name_prefix="herd-dial")
+    found = None
     try:
+        if last := _recall(identity):
+            dialling[pool.submit(_refusal, last, identity)] = last
         browser = discovery.Browser(zc, discovery.COORDINATOR_TYPE)
-        deadline = time.monotonic() + wait_s
+        start = time.monotonic()
+        deadline = start + wait_s
         while time.monotonic() < deadline:
             for advert in browser.snapshot():
                 for target in advert.targets:
-                    if target in dialling.values() or \
+                    if target in dialling.values() or target == found or \
                             time.monotonic() - tried.get(target, -RETRY_S) < RETRY_S:
                         continue
                     dialling[pool.submit(_refusal, target, identity)] = target
-            if not dialling:
-                time.sleep(0.05)
-                continue
-            done, _ = wait(dialling, timeout=0.05, return_when=FIRST_COMPLETED)
-            if (found := _answered(done, dialling, tried, refused)) is not None:
-                return _said_others(found, browser.snapshot(), dialling)
+            if found is None and dialling:
+                done, _ = wait(dialling, timeout=0.05, return_when=FIRST_COMPLETED)
+                found = _answered(done, dialling, tried, refused)
+            elif found is None or time.monotonic() - start < SEEN_S:
+                time.sleep(0.02)  # (once found, the other dials are left to _said_others)
+            else:
+                break
         browser.close()
-        # The dials under way when wait_s ended still count (herd plan's wait is a dial's own
-        # 2 s deadline): waited for, not dropped; none is started after it.
-        done, _ = wait(dialling, timeout=DIAL_S + 1.0)
-        if (found := _answered(done, dialling, tried, refused)) is not None:
+        if found is None:
+            # The dials under way when wait_s ended still count (herd plan's wait is a dial's
+            # own 2 s deadline): waited for, not dropped; none is started after it.
+            done, _ = wait(dialling, timeout=DIAL_S + 1.0)
+            found = _answered(done, dialling, tried, refused)
+        if found is not None:
+            _remember(identity, found)
             return _said_others(found, browser.snapshot(), dialling)
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
