@@ -41,23 +41,32 @@ def launches(job: Job, placement: Placement, workers: dict[str, WorkerRecord],
         extra = dict(ibv_devices_json=jaccl.devices_json(path.rdma),
                      jaccl_coordinator=hostport(chosen[0].host, chosen[0].ring_port))
     stages = tuple(tuple(s) for s in placement.stage_layers)
-    if placement.max_shares:
-        job = replace(job, config=with_memory_caps(job.config, placement.max_shares))
+    job = replace(job, config=planned_config(job.config, placement))
     return [RankLaunch(job, r, w, ring if path.kind == "ring" else [], peers, resume_step, stages,
                        placement.data_parallel, path.kind, **extra, model=model or ModelSource(),
                        neighbors_only=path.neighbors_only)
             for r, w in enumerate(chosen)]
 
 
-def with_memory_caps(cfg: JobConfig, caps: tuple[int, ...]) -> JobConfig:
-    """The config the ranks get when the planner capped each rank's share by its memory
-    (coordinator/planner/layout.py): cluster.max_shares, the lower of the planner's and the
-    user's own where both are set and still cover the batch. The stored job keeps the user's."""
+def planned_config(cfg: JobConfig, placement: Placement) -> JobConfig:
+    """The config the ranks get; the stored job keeps the user's. A job shrunk to fewer workers
+    (coordinator/elastic.py) says the workers it runs on: max_shares are checked against them (a
+    shrunk job on Macs of different memory failed that check after it was PLACING, and stayed
+    there: a review); a user's max_shares of the old rank count are dropped. Where the planner
+    capped each rank's share by its memory (coordinator/planner/layout.py): cluster.max_shares,
+    the lower of the planner's and the user's own where both are set and still cover the batch."""
+    ranks, changes = len(placement.worker_ids), {}
     mine = cfg.cluster.max_shares
-    if mine and len(mine) == len(caps):
-        lower = [min(a, b) for a, b in zip(mine, caps)]
-        caps = tuple(lower) if sum(lower) >= cfg.batch_size else caps
-    return with_cluster(cfg, "the planned config", max_shares=list(caps))
+    if cfg.cluster.workers and ranks != cfg.cluster.workers:
+        changes["workers"] = ranks
+        if mine and len(mine) != placement.data_parallel:
+            mine = changes["max_shares"] = None
+    if caps := placement.max_shares:
+        if mine and len(mine) == len(caps):
+            lower = [min(a, b) for a, b in zip(mine, caps)]
+            caps = tuple(lower) if sum(lower) >= cfg.batch_size else caps
+        changes["max_shares"] = list(caps)
+    return with_cluster(cfg, "the planned config", **changes) if changes else cfg
 
 
 def bring_up(pool: Executor, backend: Backend, plan: list[RankLaunch],

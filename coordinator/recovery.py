@@ -255,6 +255,15 @@ def wait_until_writable(path: Path, stop: threading.Event, max_delay_s: float = 
 DISK_GRACE_S = 600.0
 
 
+def restarting(attempt: int, reason: str, d, checkpoints: list[Checkpoint],
+               policy: RestartPolicy) -> str:
+    """The RESTARTING state's message for ``d`` (decide_restart's restart)."""
+    start = f"from checkpoint {checkpoints[-1].step}" if checkpoints else "from the start"
+    flapping = (f"; flapping: {d.recent} attempts failed in the last "
+                f"{policy.flap_window_s / 60:.0f} min" if d.flapping else "")
+    return f"attempt {attempt} failed: {reason}; restarting {start} in {d.delay_s:.0f}s{flapping}"
+
+
 class DiskGrace:
     """Jobs whose checkpoints the coordinator's disk refuses, since when (ms)."""
 

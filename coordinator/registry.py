@@ -105,6 +105,9 @@ class Registry:
         self._verify(advert.name, advert.targets)
 
     def _advert_removed(self, name: str) -> None:
+        """On zeroconf's own thread: the health checks of the workers the advert named run on
+        the pool (a goodbye for an unreachable worker, which anyone on the LAN can send, held
+        that thread for the check's deadline, every other advert waiting behind it)."""
         with self._lock:
             named = [wid for wid, src in self._source.items() if src == name]
             if not named:
@@ -113,20 +116,28 @@ class Registry:
                 self._retry.pop(name, None)
         for wid in named:
             try:
-                client = self.client(wid)
-                client.health()
-            except HerdError as e:
-                with self._lock:
-                    if self._clients.get(wid) is not client:
-                        continue  # replaced meanwhile: the new client was just verified
-                    self._candidates.pop(name, None)
-                self._remove(wid, "its zeroconf record vanished and it does not answer: "
-                             f"{e.message}")
-            else:
-                with self._lock:
-                    self._withdrawn.add(name)
-                logger.info("worker_goodbye_ignored", worker_id=wid, advert=name,
-                            reason="it still answers an authenticated health check")
+                self._pool.submit(self._goodbye, name, wid)
+            except RuntimeError:  # closed
+                return
+
+    def _goodbye(self, name: str, wid: str) -> None:
+        with self._lock:
+            client = self._clients.get(wid)
+        if client is None:  # removed meanwhile, by the health loop (this raised on zeroconf's
+            return  # thread, and its browser ended there, seeing no advert after: a review)
+        try:
+            client.health()
+        except HerdError as e:
+            with self._lock:
+                if self._clients.get(wid) is not client:
+                    return  # replaced meanwhile: the new client was just verified
+                self._candidates.pop(name, None)
+            self._remove(wid, f"its zeroconf record vanished and it does not answer: {e.message}")
+        else:
+            with self._lock:
+                self._withdrawn.add(name)
+            logger.info("worker_goodbye_ignored", worker_id=wid, advert=name,
+                        reason="it still answers an authenticated health check")
 
     def _describe_one(self, target: str, claimed: str | None
                       ) -> tuple[WorkerClient, WorkerRecord]:

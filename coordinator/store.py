@@ -235,14 +235,22 @@ class JobStore:
                 "SELECT * FROM jobs ORDER BY created_ms DESC, job_id").fetchall()
         return [_job(r, self._config(r)) for r in rows]
 
+    @_guarded(write=True)
     def delete_job(self, job_id: str) -> None:
-        """Forgets the job: its row, attempts, events and checkpoint records (files are the
-        AdapterStore's)."""
+        """Forgets the job: its row, attempts, events, checkpoint records and rank exits (files
+        are the AdapterStore's), all or none. A DELETE that failed used to leave the shared
+        connection inside the transaction: every later write went into it, lost at the next
+        stop, and every later `herd rm` failed (a review)."""
         with self._lock:
             self._db.execute("BEGIN")
-            for table in ("jobs", "attempts", "events", "checkpoints"):
-                self._db.execute(f"DELETE FROM {table} WHERE job_id=?", (job_id,))
-            self._db.execute("COMMIT")
+            try:
+                for table in ("jobs", "attempts", "events", "checkpoints", "rank_exits"):
+                    self._db.execute(f"DELETE FROM {table} WHERE job_id=?", (job_id,))
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
 
     # --- attempts --------------------------------------------------------------------------
 
@@ -360,6 +368,7 @@ class JobStore:
                            [FileDigest(**f) for f in json.loads(r["files"])], r["created_ms"])
                 for r in rows]
 
+    @_guarded(write=True)
     def delete_checkpoint(self, job_id: str, step: int) -> None:
         with self._lock:
             self._db.execute("DELETE FROM checkpoints WHERE job_id=? AND step=?", (job_id, step))

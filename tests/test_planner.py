@@ -226,8 +226,8 @@ def test_data_parallel_on_macs_of_different_memory_caps_each_ranks_share():
     fit the MacBook, but token-weighted DP is exact for any split, so both train: each rank is
     capped at what its memory holds (sent to the ranks as cluster.max_shares, which the speed
     balancer respects). Before, the MacBook sat idle (one rank of 8)."""
-    from coordinator.launching import launches, with_memory_caps
-    from coordinator.placement import _place_with_planner
+    from coordinator.launching import launches, planned_config
+    from coordinator.placement import Placement, _place_with_planner
     from coordinator.planner import HEADROOM
     from coordinator.planner.layout import max_examples
     from tests.test_service_units import job as service_job
@@ -271,8 +271,23 @@ def test_data_parallel_on_macs_of_different_memory_caps_each_ranks_share():
     assert sent == [list(placed.max_shares)] * 2
     assert sj.config.cluster.max_shares is None  # the stored job keeps the user's config
     mine = parse_config({**per_rank(8), "cluster": {"max_shares": [6, 6]}})
-    assert with_memory_caps(mine, (8, 3)).cluster.max_shares == [6, 3]
-    assert with_memory_caps(mine, (8, 1)).cluster.max_shares == [8, 1]  # 6 + 1 < 8: the planner's
+
+    def capped(cfg, caps, ranks=2):
+        return planned_config(cfg, Placement([f"w{i}" for i in range(ranks)], 0,
+                                             data_parallel=ranks, max_shares=caps))
+
+    assert capped(mine, (8, 3)).cluster.max_shares == [6, 3]
+    assert capped(mine, (8, 1)).cluster.max_shares == [8, 1]  # 6 + 1 < 8: the planner's
+    # An elastic job of 4 shrunk to 3 Macs of different memory: its caps name 3 ranks. (They
+    # were checked against the 4 it asked for, after the job was PLACING: stuck there.)
+    four = parse_config({**per_rank(8), "cluster": {"workers": 4}})
+    shrunk = capped(four, (4, 3, 2), ranks=3).cluster
+    assert (shrunk.workers, shrunk.max_shares) == (3, [4, 3, 2])
+    assert four.cluster.workers == 4
+    users = parse_config({**per_rank(8), "cluster": {"workers": 4, "max_shares": [2, 2, 2, 2]}})
+    assert capped(users, None, ranks=3).cluster.max_shares is None  # (4 entries: not for 3)
+    assert capped(users, (4, 3, 2), ranks=3).cluster.max_shares == [4, 3, 2]
+    assert capped(users, None, ranks=4) is users  # (nothing to change)
 
 
 def test_three_macs_train_mlx_lms_default_batch_of_four():

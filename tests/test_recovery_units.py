@@ -416,6 +416,37 @@ def test_rank_logs_leave_the_reserve_to_the_job_database_and_checkpoints(tmp_pat
         assert logs.read("j-1", 1, 0, 0) == b"first\nsecond\n"
 
 
+def test_a_failed_herd_rm_leaves_the_job_database_as_it_was_and_writable(tmp_path):
+    """A DELETE that fails part-way (a trigger stands in for the disk's I/O error) is a
+    StorageError with everything of the job still there; the connection is left outside any
+    transaction, so a later write survives a restart and a later `herd rm` works. (It stayed
+    inside: later writes were lost at the next stop, every later rm failed: a review.)"""
+    clock = Clock()
+    store = JobStore(tmp_path / "herd.db")
+    s = Scheduler(store, lambda: [worker(1), worker(2)], StopLog(), clock)
+    j = s.submit(_job())
+    s.tick()
+    s.on_checkpoint(_ckpt(j.job_id, 2, clock))
+    s.cancel(j.job_id)
+    store._db.execute("CREATE TRIGGER failing BEFORE DELETE ON checkpoints "
+                      "BEGIN SELECT RAISE(ABORT, 'disk I/O error'); END")
+    with pytest.raises(StorageError, match="disk I/O error"):
+        store.delete_job(j.job_id)
+    assert not store._db.in_transaction
+    assert store.get_job(j.job_id).state is JobState.CANCELLED  # (rolled back: all still there)
+    later = s.submit(_job(iters=12))
+    store.close()
+    store = JobStore(tmp_path / "herd.db")
+    assert {x.job_id for x in store.list_jobs()} == {j.job_id, later.job_id}
+    store._db.execute("DROP TRIGGER failing")
+    store.delete_job(j.job_id)
+    assert [x.job_id for x in store.list_jobs()] == [later.job_id]
+    assert not store.checkpoints(j.job_id)
+    assert not store._db.execute("SELECT * FROM rank_exits WHERE job_id=?",
+                                 (j.job_id,)).fetchall()
+    store.close()
+
+
 def test_a_full_disk_is_a_health_state_and_a_clear_refusal_not_a_traceback_loop(tmp_path,
                                                                                 capsys):
     """SQLite on a real full disk: writes raise StorageError naming the database and its disk,

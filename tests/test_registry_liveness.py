@@ -250,3 +250,30 @@ def test_a_retry_that_ends_after_close_admits_nothing(tmp_path):
     finally:
         registry.close()
         server.stop(grace=0).wait()
+
+
+def test_a_handler_that_fails_does_not_end_discovery(monkeypatch):
+    """zeroconf's browser thread runs our handlers with no guard of its own: a handler that
+    raised there (the registry's goodbye handler could, racing its health loop: a review) ended
+    discovery for good, every later advert unseen. Errors are logged; the next advert is seen."""
+    monkeypatch.setenv(discovery.INTERFACES_ENV, HOST)
+    tag = secrets.token_hex(4)
+    seen: list[str] = []
+
+    def failing(name: str) -> None:
+        raise RuntimeError("a handler's bug")
+
+    zc, other = discovery.make_zeroconf(), discovery.make_zeroconf()
+    browser = discovery.Browser(zc, discovery.WORKER_TYPE, lambda a: seen.append(a.name), failing)
+    try:
+        first = discovery.Advertiser(other, discovery.WORKER_TYPE, f"fail-{tag}-a", HOST, 1, {})
+        assert wait(lambda: any(f"fail-{tag}-a" in n for n in seen), timeout=30)
+        first.close()  # its goodbye: the failing handler runs on zeroconf's thread
+        assert wait(lambda: not any(f"fail-{tag}-a" in n for n in browser.adverts), timeout=30)
+        second = discovery.Advertiser(other, discovery.WORKER_TYPE, f"fail-{tag}-b", HOST, 2, {})
+        assert wait(lambda: any(f"fail-{tag}-b" in n for n in seen), timeout=30), seen
+        second.close()
+    finally:
+        browser.close()
+        zc.close()
+        other.close()

@@ -113,6 +113,15 @@ def _advert(info: ServiceInfo) -> Advert | None:
                   hosts=tuple(addrs))
 
 
+def _handled(handler: Callable, arg) -> None:
+    """A handler's error logged, never raised: on zeroconf's thread it would end the browser
+    (its loop has no guard), every later advert unseen."""
+    try:
+        handler(arg)
+    except Exception:
+        logger.exception("zeroconf_handler_failed", handler=getattr(handler, "__name__", "?"))
+
+
 class Browser:
     """Keeps the current set of adverts of one service type; calls back on add and remove."""
 
@@ -140,7 +149,7 @@ class Browser:
                 self._waiting.pop(name, None)
                 freed = next(iter(self._waiting.items()), None)
             if self._on_remove:
-                self._on_remove(name)
+                _handled(self._on_remove, name)
             if freed is not None:  # room for one that waited (its record may be gone: no harm)
                 with self._lock:
                     self._waiting.pop(freed[0], None)
@@ -190,7 +199,7 @@ class Browser:
         with self._lock:
             self.adverts[name] = advert
         if self._on_add:
-            self._on_add(advert)
+            _handled(self._on_add, advert)
 
     def snapshot(self) -> list[Advert]:
         with self._lock:
