@@ -71,8 +71,11 @@ def progress_to_pb(p: RankProgress) -> common_pb2.RankProgress:
     return common_pb2.RankProgress(**{f: getattr(p, f) for f in _PROGRESS_FIELDS})
 
 
-def progress_from_pb(m: common_pb2.RankProgress) -> RankProgress:
-    return RankProgress(**{f: getattr(m, f) for f in _PROGRESS_FIELDS})
+def progress_from_pb(m: common_pb2.RankProgress, **checked) -> RankProgress:
+    """``checked``: fields the caller vouches for (a report's rank and worker, as its TLS peer
+    and the attempt say), over what the message claims (any rank of a job could write another's
+    progress: a review)."""
+    return RankProgress(**{f: getattr(m, f) for f in _PROGRESS_FIELDS} | checked)
 
 
 _FETCH_FIELDS = ("rank", "worker_id", "source", "files", "bytes_needed", "bytes_cached",

@@ -38,6 +38,7 @@ def new_job(name: str, config_yaml: str, dataset: list[FileDigest], blobs: BlobS
     ``resume_adapter``: the config's resume_adapter_file, uploaded (``check_resume_adapter``).
     ``model_config_json``: the model's config.json as the laptop read it."""
     cfg = config_from_yaml(config_yaml, name or "<submitted config>")
+    cfg.check_trains_on_a_cluster()  # (the HTTP job API's evaluate-only config was trained)
     names = [check_name(d.name, "dataset") for d in dataset]
     for d in dataset:
         check_sha(d.sha256)

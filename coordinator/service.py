@@ -144,7 +144,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         return coordinator_pb2.SubmitJobReply(job_id=job.job_id, warning=warning)
 
     def _status(self, job: Job):
-        return convert.job_to_pb(job, self.store.latest_progress(job.job_id),
+        return convert.job_to_pb(job, self.store.shown_progress(job.job_id, job.attempt),
                                  self.store.checkpoints(job.job_id))
 
     @_unary
@@ -308,8 +308,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             return coordinator_pb2.ReportRankReply(stop=True)  # not a rank of this job (now)
         s = self.scheduler
         if kind == "progress":
-            stop = s.on_progress(request.job_id, request.attempt,
-                                 convert.progress_from_pb(request.progress))
+            stop = s.on_progress(request.job_id, request.attempt, convert.progress_from_pb(
+                request.progress, rank=request.rank, worker_id=peer.name))  # (as checked above)
         elif kind == "log":
             stop = s.on_log(request.job_id, request.attempt, request.log)
         elif kind == "rank_log":  # kept whatever the job's state: a stopped rank's last words

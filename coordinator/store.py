@@ -338,6 +338,15 @@ class JobStore:
         return [(r["cursor"], _event(r)) for r in rows]
 
     @_guarded(write=False)
+    def shown_progress(self, job_id: str, attempt: int) -> list[RankProgress]:
+        """Each rank's last progress in ``attempt``, as `herd jobs` shows it; before that attempt
+        reports, the job's last (where the attempt before it got). Every attempt's mixed, a
+        shrunk job showed its old iteration and its gone ranks (a review)."""
+        started = next((a.started_ms for a in reversed(self.attempt_history(job_id))
+                        if a.attempt == attempt), 0)
+        return self.latest_progress(job_id, started) or self.latest_progress(job_id)
+
+    @_guarded(write=False)
     def latest_progress(self, job_id: str, attempt_start_ms: int = 0) -> list[RankProgress]:
         """The last progress of each rank (rebuilt from events, so it survives a restart)."""
         with self._lock:

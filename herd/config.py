@@ -406,6 +406,11 @@ class JobConfig(_Strict):
             raise ValueError(f"cluster.max_shares {caps} sum below batch_size {self.batch_size}")
         if self.cluster.gradient_average == "mlx_lm" and (shares or caps or self.cluster.packing):
             raise ValueError("cluster.gradient_average: mlx_lm takes no shares or packing")
+        if (stages := self.cluster.pipeline_stages()) > 1 and (dp or 0) > 2:
+            # (placement refused it on every try, after submit: Plan.ring_order)
+            raise ValueError(f"cluster.parallelism {{data: {dp}, pipeline: {stages}}}: the MLX "
+                             "ring carries at most 2 pipelines; pin data to 1 or 2, or leave "
+                             "it auto")
         if self.cluster.pipeline_stages() > 1 and (refused := job_refusal(self)) is not None:
             raise ValueError(f"cluster.parallelism.pipeline {self.cluster.pipeline_stages()}: "
                              f"{refused[0]} ({refused[1]})")
@@ -467,6 +472,14 @@ class JobConfig(_Strict):
             return "train: false (test: true runs the test set on the adapter at adapter_path)"
         return ("test: true and no `train: true` (mlx-lm's default is train: false): add "
                 "train: true to train first, then test")
+
+    def check_trains_on_a_cluster(self) -> None:
+        """ConfigError unless the config trains: a cluster job does (its ranks train whatever
+        the config says), whichever door it comes in by (the CLI, gRPC, the HTTP job API)."""
+        if not self.trains():
+            raise ConfigError(f"a cluster job trains; this config evaluates only: "
+                              f"{self.why_no_training()}",
+                              hint="evaluate an adapter on one machine: herd train CONFIG")
 
     # mlx-lm's TrainingArgs and adapter_config.json speak these names.
     def first_adapted_layer(self, total_layers: int) -> int:

@@ -236,6 +236,28 @@ def test_a_worker_writes_only_the_logs_of_the_ranks_it_ran(cluster):
     assert [logs.read(job_id, a, r, 0) for a, r in ((1, 1), (2, 0))] == [b"", b""]
 
 
+def test_a_rank_reports_progress_only_as_itself(cluster):
+    """ReportRank(progress): the report's rank and worker are checked against the attempt and
+    the TLS peer; the progress inside claimed its own (any worker of a job could overwrite
+    another rank's loss and iteration: a review). What is recorded is the checked pair."""
+    from coordinator.domain import Job, JobState
+    from herd.config import parse_config
+
+    c = cluster
+    job_id = "prog-5eed00"
+    c.coord.store.put_job(Job(job_id, "prog", parse_config({"model": "m", "data": "d"}), [], 2,
+                              10, state=JobState.RUNNING, attempt=1,
+                              worker_ids=["doomed", "honest-w"]))
+    c.coord.store.start_attempt(job_id, 1, ["doomed", "honest-w"], 0)
+    honest = coordinator_stub(c, c.ca.issue("worker", "honest-w"))
+    lie = common_pb2.RankProgress(rank=0, worker_id="doomed", iteration=9, train_loss=0.01)
+    honest.ReportRank(coordinator_pb2.ReportRankRequest(
+        job_id=job_id, attempt=1, rank=1, worker_id="honest-w", progress=lie), timeout=5)
+    recorded = c.coord.store.latest_progress(job_id)
+    assert [(p.rank, p.worker_id, p.iteration) for p in recorded] == [(1, "honest-w", 9)]
+    c.coord.scheduler.cancel(job_id)
+
+
 def test_rogue_and_impostor_worker_adverts_never_get_work(cluster):
     c = cluster
     assert wait(lambda: "honest-w" in [w.worker_id for w in c.coord.registry.workers()], 20)

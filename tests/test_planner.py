@@ -582,3 +582,18 @@ def test_a_job_that_fits_whole_memory_but_not_what_is_free_says_so():
                     ram_bytes=128 * GIB)
     assert (share.free_bytes(100 * GIB), share.free_bytes(30 * GIB)) == (64 * GIB, 30 * GIB)
     assert share.free_bytes(0) == 64 * GIB  # (nothing known: the declared size)
+
+
+def test_auto_plans_at_most_two_pipelines_the_mlx_ring_can_carry():
+    """A 70B bf16 job on six equal Macs: on 64 GiB ones auto planned 2 x 3, on bigger ones 3 x 2,
+    which the MLX ring cannot carry (Plan.ring_order refused it at every placement: a review).
+    Auto stays within 2 pipelines; a pinned 3 x 2 is refused at `herd check`, not after submit."""
+    job = parse_config({"batch_size": 12, "max_seq_length": 2048, "grad_checkpoint": True,
+                        "num_layers": -1, "cluster": {"workers": 6}})
+    for gib in (64, 96, 128):
+        plan = plan_job(LLAMA_70B, job, [WorkerMemory(f"m{i}", gib * GIB) for i in range(6)])
+        assert plan.pipeline_stages == 1 or plan.data_parallel <= 2, (gib, plan.data_parallel,
+                                                                    plan.pipeline_stages)
+        assert len(plan.ring_order()) == plan.data_parallel * plan.pipeline_stages
+    with pytest.raises(ConfigError, match="carries at most 2 pipelines"):
+        parse_config({"batch_size": 12, "cluster": {"parallelism": {"data": 3, "pipeline": 2}}})

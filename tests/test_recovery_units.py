@@ -527,6 +527,41 @@ def test_a_job_that_lost_a_worker_for_good_shrinks_and_grows_back_at_a_checkpoin
         "restarting", "grown", None]
 
 
+def test_a_shrunk_job_shows_its_new_attempts_ranks_once_they_report(tmp_path):
+    """2 ranks at iteration 30, one worker lost for good, the job shrunk to 1 rank resuming from
+    checkpoint 8: until the new attempt reports, `herd jobs` and the dashboard show where the
+    last one got; then only the new attempt's rank (every attempt's mixed, they showed 30 until
+    the new one passed it, and /metrics kept the gone rank: a review)."""
+    from coordinator.domain import RankProgress
+    from coordinator.web.hub import MetricsHub
+
+    workers = [worker(1), worker(2)]
+    launcher, clock = StopLog(), Clock()
+    s = Scheduler(JobStore(tmp_path / "db"), lambda: list(workers), launcher, clock,
+                  elastic_grace_s=60)
+    hub = MetricsHub(s.store, lambda t: None)
+    j = s.submit(_job(iters=40))
+    s.tick()
+    s.on_checkpoint(_ckpt(j.job_id, 8, clock))
+    for rank in (0, 1):
+        s.on_progress(j.job_id, 1, RankProgress(rank=rank, worker_id=f"w{rank + 1}",
+                                                iteration=30, train_loss=2.0))
+    s.on_worker_lost(workers.pop(1).worker_id)
+    clock.t += 61
+    s.tick()
+    assert _state(s, j.job_id)[:2] == (JobState.RUNNING, 2)
+    hub.poll()
+    assert [p.iteration for p in s.store.shown_progress(j.job_id, 2)] == [30, 30]
+    assert hub.job(j.job_id)["iteration"] == 30
+    clock.t += 1
+    s.on_progress(j.job_id, 2, RankProgress(rank=0, worker_id="w1", iteration=9, train_loss=1.5))
+    hub.poll()
+    assert [(p.rank, p.iteration) for p in s.store.shown_progress(j.job_id, 2)] == [(0, 9)]
+    view = {v.job_id: v for v in hub.views()}[j.job_id]
+    assert (view.iteration, sorted(view.ranks)) == (9, [0])
+    assert view.iterations_done == 30  # (the counter /metrics exports still only moves forward)
+
+
 class Written:
     """What the stored checkpoints were written as (AdapterStore.cut_of: each stage's blocks, ()
     for data parallel), as the test sets it; every one intact."""

@@ -1063,6 +1063,10 @@ def test_a_shipped_resume_adapter_is_checked_kept_and_readable_only_by_the_jobs_
     blobs.put(shas[1], [adapter])
     with pytest.raises(ConfigError, match="has no resume_adapter_file"):
         submit("model: /nonexistent/model\ndata: d\n")
+    # Evaluate-only, as the HTTP job API may send it: refused as `herd submit` refuses it (the
+    # ranks trained it anyway, 1000 iterations nobody asked for: a review).
+    with pytest.raises(ConfigError, match="a cluster job trains; this config evaluates only"):
+        submit(config + "test: true\n")
     with pytest.raises(ConfigError, match="not a .safetensors file"):
         submit(f=dataclasses.replace(shipped, name="adapter_config.json"))
     with pytest.raises(DatasetError, match="was not uploaded"):  # a size the upload does not have

@@ -187,7 +187,9 @@ def layout(cfg: dict, job: JobConfig, workers: list[WorkerMemory],
     # (auto plans no stages for a job or model a stage cannot run: herd.stage_cut)
     most = 1 if pipeline_refusal(job, cfg) else min(len(pool), shape.layers)
     for stages in ([fixed_pp] if fixed_pp else range(1, most + 1)):
-        max_dp = len(pool) // stages
+        # (the MLX ring carries at most 2 pipelines, Plan.ring_order: 3 x 2 planned on big Macs
+        # was then refused, where 2 x 2 fits: a review)
+        max_dp = len(pool) // stages if stages == 1 or fixed_dp else min(2, len(pool) // stages)
         if max_dp == 0:
             continue
         for dp in ([fixed_dp] if fixed_dp else range(max_dp, 0, -1)):

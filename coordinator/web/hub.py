@@ -91,6 +91,9 @@ class JobView:
     _windows: dict[int, dict[int, tuple[int, float, float]]] = field(default_factory=dict)
     # (rank, iteration) -> the iterations its charted train loss covers (coordinator/reports.py)
     _charted: dict[tuple[int, int], int] = field(default_factory=dict)
+    # ``ranks`` are the attempt before's until the new one reports (then only its own: a shrunk
+    # job showed its old iteration, and /metrics its gone ranks, for good: a review)
+    _old_ranks: bool = False
 
     @property
     def iteration(self) -> int:
@@ -253,11 +256,16 @@ class MetricsHub:
             view.restarts += 1
         if e.state in (JobState.PLACING, JobState.QUEUED, JobState.RESTARTING):
             self._refresh(view)  # a new attempt: its workers; the ETA starts over
+            view._old_ranks = True
             view._rate_base = view._rate_last = None
             view._windows.clear()
         return {"state": e.state.value, "message": e.message}
 
     def _on_progress(self, view: JobView, time_ms: int, p: RankProgress) -> dict:
+        if view._old_ranks:
+            view.ranks.clear()
+            view.split.clear()
+            view._old_ranks = False
         before = view.ranks.get(p.rank)
         view.ranks[p.rank] = p
         point = {"it": p.iteration, "rank": p.rank, "worker": p.worker_id, "t": time_ms,

@@ -84,10 +84,7 @@ def job_spec(cfg: JobConfig, name: str, model: str | None = None,
              model_digest: str = "") -> tuple[common_pb2.JobSpec, list[tuple[Path, str]]]:
     from herd.dataset import reads_hub_dataset
 
-    if not cfg.trains():
-        raise ConfigError(f"a cluster job trains; this config evaluates only: "
-                          f"{cfg.why_no_training()}",
-                          hint="evaluate an adapter on one machine: herd train CONFIG")
+    cfg.check_trains_on_a_cluster()
     data = Path(cfg.data)
     files = []
     if not reads_hub_dataset(cfg):  # a hub dataset: each rank loads it through `datasets`
