@@ -122,7 +122,7 @@ class BlobStore:
         except FileNotFoundError:
             return 0
 
-    def put(self, sha: str, chunks: Iterable[bytes], offset: int = 0) -> int:
+    def put(self, sha: str, chunks: Iterable[bytes], offset: int = 0, size_said: int = 0) -> int:
         """Stores a blob from ``chunks``, its bytes from ``offset`` on (a resumed upload: at most
         ``held``); the same bytes again replace it with themselves (idempotent). A second upload of
         a blob while one is in flight writes a file of its own, from byte 0 only."""
@@ -134,7 +134,7 @@ class BlobStore:
             with disk_errors(self.root, f"dataset or model file {sha[:12]}"):
                 if mine:
                     return receive_from(chunks, sha, offset, self.root / f".{sha}{PARTIAL_SUFFIX}",
-                                        self.root / sha, what, hint="retry the upload")
+                                        self.root / sha, what, "retry the upload", size_said)
                 if offset:
                     raise PeerLostError(f"another {what} is in flight here",
                                         hint="try again once it ends")

@@ -5,6 +5,9 @@ cannot place now. Kept out of the scheduler: none of it moves a job between stat
 
 from __future__ import annotations
 
+import contextlib
+import shutil
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -89,6 +92,32 @@ def blobs_in_use(store: JobStore, models) -> set[str]:
     holds: blobs are shared, so only the others may go."""
     return ({sha for j in store.list_jobs() for sha in j.blobs()}
             | {f.sha256 for m in models.list() for f in m.files})
+
+
+SUBMIT_GRACE_S = 600  # a blob MissingBlobs vouched for this recently may be a submit's in flight
+
+
+def remove_unused(shas: set[str], store: JobStore, models, blobs) -> None:
+    """A removed job's blobs that no other job or stored model holds, except those a submit may
+    be about to use (MissingBlobs said "held" and touched them: it ran beside `herd rm` of a job
+    of the same dataset, whose ranks then found no blob and failed: a review); the hourly sweep
+    takes those later, if still unused."""
+    for sha in shas - blobs_in_use(store, models):
+        with contextlib.suppress(FileNotFoundError):
+            if time.time() - (blobs.root / sha).stat().st_mtime >= SUBMIT_GRACE_S:
+                blobs.remove(sha)
+
+
+def sweep_adapters(store: JobStore, adapters, now_s: float, grace_s: float = 3600) -> int:
+    """Removes the adapter folders of jobs the store no longer holds (a checkpoint's pieces that
+    arrived after `herd rm` of their job), once ``grace_s`` old. Returns how many."""
+    known = {j.job_id for j in store.list_jobs()}
+    gone = [p for p in adapters.root.iterdir() if p.is_dir() and not p.name.startswith(".")
+            and p.name not in known and now_s - p.stat().st_mtime >= grace_s]
+    for folder in gone:
+        shutil.rmtree(folder, ignore_errors=True)
+        logger.info("orphan_adapters_removed", job_id=folder.name)
+    return len(gone)
 
 
 def sweep_blobs(store: JobStore, models, blobs, now_s: float,

@@ -188,12 +188,13 @@ class Coordinator:
         logger.info("coordinator_started", address=self.address, state_dir=str(self.state_dir))
 
     def _housekeeping(self, every_s: float = 3600.0) -> None:
-        """Unused uploads swept, and checkpoints beyond --keep-checkpoints pruned, at start and
-        then hourly (coordinator/housekeeping.py)."""
+        """Unused uploads and removed jobs' adapters swept, and checkpoints beyond
+        --keep-checkpoints pruned, at start and then hourly (coordinator/housekeeping.py)."""
         while True:
             try:
                 housekeeping.prune_checkpoints(self.store, self.adapters, self.keep_checkpoints)
                 housekeeping.sweep_blobs(self.store, self.models.store, self.blobs, time.time())
+                housekeeping.sweep_adapters(self.store, self.adapters, time.time())
             except Exception:  # (a full disk, a store being closed): next time
                 logger.exception("housekeeping_failed")
             if self._stop.wait(every_s):

@@ -361,9 +361,9 @@ class Scheduler:
 
     def on_checkpoint(self, checkpoint: Checkpoint) -> None:
         with self._lock:
+            job = self.store.get_job(checkpoint.job_id)  # (NotFoundError: removed meanwhile)
             self.store.add_checkpoint(checkpoint)
             self.disk_grace.stored(checkpoint.job_id)
-            job = self.store.get_job(checkpoint.job_id)
             self._event(job, EventKind.CHECKPOINT, step=checkpoint.step,
                         message=f"checkpoint {checkpoint.step} stored")
         self.elastic.on_checkpoint(checkpoint.job_id, checkpoint.step)

@@ -8,7 +8,6 @@ a worker's calls are further held to the jobs it runs here (``_workers_job``).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from typing import Callable, Iterator
 
@@ -28,7 +27,6 @@ from herd import log
 from herd.errors import (
     AuthError,
     ConfigError,
-    HerdError,
     NotFoundError,
     ProtocolError,
     StorageError,
@@ -36,7 +34,7 @@ from herd.errors import (
 from herd.models import ref as refs
 from herd.rpc import auth
 from herd.rpc.names import check_job_id, check_name, check_sha, check_step
-from herd.rpc.status import abort, streaming
+from herd.rpc.status import handlers
 from protos.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
 logger = log.get(__name__)
@@ -57,19 +55,7 @@ RULES = auth.rules(SERVICE, {
 }, sizes={"SubmitJob": 1024 * 1024, "MissingBlobs": 1024 * 1024, "AddModel": 1024 * 1024})
 
 
-def _unary(fn):
-    @functools.wraps(fn)
-    def wrapper(self, request, context):
-        try:
-            return fn(self, request, context)
-        except HerdError as e:
-            logger.info("rpc_refused", rpc=fn.__name__, error=e.message)
-            abort(context, e)
-
-    return wrapper
-
-
-_stream = streaming
+_unary, _stream = handlers("the coordinator", lambda servicer: servicer.adapters.root.parent)
 
 
 FINAL_EVENT_GRACE_S = 5  # WatchJob: how long a final job's stream waits for its final event
@@ -187,8 +173,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         job = housekeeping.delete_ended_job(self.store, check_job_id(request.job_id))
         self.adapters.remove_job(job.job_id)
         self.logs.remove(job.job_id)
-        for sha in job.blobs() - housekeeping.blobs_in_use(self.store, self.models.store):
-            self.blobs.remove(sha)
+        housekeeping.remove_unused(job.blobs(), self.store, self.models.store, self.blobs)
         self.on_deleted(job.job_id)
         return coordinator_pb2.DeleteJobReply()
 
@@ -231,7 +216,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             for m in request_iterator:
                 yield m.data
 
-        size = self.blobs.put(first.sha256, chunks(), first.offset)
+        size = self.blobs.put(first.sha256, chunks(), first.offset, first.size)
         return coordinator_pb2.PutBlobReply(sha256=first.sha256, bytes=size)
 
     @_stream
@@ -360,7 +345,11 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             logger.error("checkpoint_not_stored", job_id=h.job_id, step=h.step, error=e.message)
             self.scheduler.on_storage_failed(h.job_id, h.step, e.message)
             raise
-        self.scheduler.on_checkpoint(checkpoint)
+        try:
+            self.scheduler.on_checkpoint(checkpoint)
+        except NotFoundError:  # `herd rm` while it was sent: its files, never listed, go too
+            self.adapters.remove_job(h.job_id)
+            raise
         for step in housekeeping.expired_checkpoints(self.store, h.job_id, self.keep_checkpoints):
             self.adapters.remove_step(h.job_id, step)
         logger.info("checkpoint_stored", job_id=h.job_id, step=h.step,

@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -445,6 +446,44 @@ def test_a_failed_herd_rm_leaves_the_job_database_as_it_was_and_writable(tmp_pat
     assert not store._db.execute("SELECT * FROM rank_exits WHERE job_id=?",
                                  (j.job_id,)).fetchall()
     store.close()
+
+
+def test_what_arrives_for_a_removed_job_is_not_kept_and_a_submit_in_flight_keeps_its_data(
+        tmp_path):
+    """`herd rm` beside a checkpoint upload and a submit (a review): the checkpoint that arrives
+    after is refused and adds no record (it re-created the job's folder and a row nothing
+    listed); a removed job's adapter folder left behind goes with the hourly sweep; a dataset a
+    submit has just been told is held (MissingBlobs touches it) is not removed with the job."""
+    from coordinator import housekeeping
+    from coordinator.artifacts import BlobStore
+    from herd.errors import NotFoundError
+
+    clock = Clock()
+    store = JobStore(tmp_path / "herd.db")
+    s = Scheduler(store, lambda: [worker(1), worker(2)], StopLog(), clock)
+    j, other = s.submit(_job()), s.submit(_job(iters=12))
+    s.tick()
+    s.cancel(j.job_id)
+    housekeeping.delete_ended_job(store, j.job_id)
+    with pytest.raises(NotFoundError):
+        s.on_checkpoint(_ckpt(j.job_id, 2, clock))
+    assert not store.checkpoints(j.job_id)
+
+    adapters = AdapterStore(tmp_path / "adapters")
+    for name in (j.job_id, other.job_id, "gone-2"):
+        (adapters.root / name / "0000002").mkdir(parents=True)
+    os.utime(adapters.root / "gone-2", (0, 0))
+    os.utime(adapters.root / j.job_id, (0, 0))
+    assert housekeeping.sweep_adapters(store, adapters, time.time()) == 2
+    assert sorted(p.name for p in adapters.root.iterdir()) == [other.job_id]
+
+    blobs = BlobStore(tmp_path / "blobs")
+    fresh, old = hashlib.sha256(b"fresh").hexdigest(), hashlib.sha256(b"old").hexdigest()
+    blobs.put(fresh, [b"fresh"])
+    blobs.put(old, [b"old"])
+    os.utime(blobs.root / old, (0, 0))
+    housekeeping.remove_unused({fresh, old}, store, type("Models", (), {"list": list})(), blobs)
+    assert (blobs.has(fresh), blobs.has(old)) == (True, False)
 
 
 def test_a_full_disk_is_a_health_state_and_a_clear_refusal_not_a_traceback_loop(tmp_path,

@@ -109,7 +109,7 @@ class CoordinatorConnection:
     def _put_from(self, path: Path, sha: str, offset: int, size: int, sent: list[int],
                   on_bytes: Callable[[int], None] | None) -> None:
         def parts() -> Iterator[coordinator_pb2.PutBlobRequest]:
-            yield coordinator_pb2.PutBlobRequest(sha256=sha, offset=offset)
+            yield coordinator_pb2.PutBlobRequest(sha256=sha, offset=offset, size=size)
             for block in read_chunks(path, offset):
                 yield coordinator_pb2.PutBlobRequest(data=block)
                 sent[0] += len(block)

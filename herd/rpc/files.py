@@ -76,11 +76,11 @@ def receive_file(chunks: Iterable[bytes], sha256: str, dest: Path, what: str, hi
 
 
 def receive_from(chunks: Iterable[bytes], sha256: str, offset: int, part: Path, dest: Path,
-                 what: str, hint: str) -> int:
+                 what: str, hint: str, size_said: int = 0) -> int:
     """An upload's bytes from ``offset`` on, appended to ``part`` (which holds at least its first
     ``offset`` bytes from a broken try); ``part`` moves to ``dest`` once the whole file hashes to
-    ``sha256``. A stream that breaks leaves ``part`` holding what arrived, for the next try.
-    Returns the file's size."""
+    ``sha256``. A stream that breaks, or ends short of ``size_said`` (the sender's whole size, 0:
+    not said), leaves ``part`` holding what arrived, for the next try. Returns the file's size."""
     check_sha(sha256)
     held = part.stat().st_size if part.exists() else 0
     if not 0 <= offset <= held:
@@ -94,6 +94,9 @@ def receive_from(chunks: Iterable[bytes], sha256: str, offset: int, part: Path, 
             f.write(data)
             h.update(data)
             size += len(data)
+    if size < size_said:  # (gRPC may end a cancelled call's requests as a clean end: a cut)
+        raise PeerLostError(f"{what} was cut at byte {size} of {size_said}",
+                            hint="send the rest (MissingBlobs says where it resumes)")
     if h.hexdigest() != sha256:
         part.unlink()
         raise ChecksumError(f"{what} arrived corrupted: its bytes do not hash to {sha256[:12]}",

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import grpc
 
 from herd import log
 from herd.errors import (
+    DISK_ERRNOS,
     AuthError,
     ChecksumError,
     ConfigError,
@@ -126,16 +127,41 @@ def rpc_errors(target: str = "") -> Iterator[None]:
         raise error_from_rpc(e, target) from None
 
 
-def streaming(fn):
-    """A server-streaming servicer method whose HerdError, raised before or between messages,
-    ends the call with its status (``abort``)."""
+def handlers(owner: str, folder: Callable[[Any], object]):
+    """The decorators of one server's servicer methods, (unary, server-streaming): a HerdError,
+    raised before or between messages, ends the call with its status (``abort``); so does an
+    OSError of a full or failing disk, as a StorageError naming ``owner``'s disk (``folder``: of
+    the servicer), never grpcio's "Exception calling application" (each handler of the
+    coordinator's was patched one by one until it was said here once: a review)."""
 
-    @functools.wraps(fn)
-    def wrapper(self, request, context):
-        try:
-            yield from fn(self, request, context)
-        except HerdError as e:
-            logger.info("rpc_refused", rpc=fn.__name__, error=e.message)
-            abort(context, e)
+    def refused(fn, context, e: Exception, servicer) -> None:
+        if isinstance(e, OSError):
+            if e.errno not in DISK_ERRNOS:
+                raise e
+            e = StorageError(f"{owner}'s disk cannot be written ({e.strerror}: "
+                             f"{e.filename or folder(servicer)})",
+                             hint=f"free space on {owner}'s disk (its --state-dir)")
+        logger.info("rpc_refused", rpc=fn.__name__, error=str(e))
+        abort(context, e)
 
-    return wrapper
+    def unary(fn):
+        @functools.wraps(fn)
+        def wrapper(self, request, context):
+            try:
+                return fn(self, request, context)
+            except (HerdError, OSError) as e:
+                refused(fn, context, e, self)
+
+        return wrapper
+
+    def streaming(fn):
+        @functools.wraps(fn)
+        def wrapper(self, request, context):
+            try:
+                yield from fn(self, request, context)
+            except (HerdError, OSError) as e:
+                refused(fn, context, e, self)
+
+        return wrapper
+
+    return unary, streaming

@@ -90,14 +90,16 @@ class RefusedWorker(_message.Message):
     def __init__(self, source: _Optional[str] = ..., target: _Optional[str] = ..., kind: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class PutBlobRequest(_message.Message):
-    __slots__ = ("sha256", "data", "offset")
+    __slots__ = ("sha256", "data", "offset", "size")
     SHA256_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
     sha256: str
     data: bytes
     offset: int
-    def __init__(self, sha256: _Optional[str] = ..., data: _Optional[bytes] = ..., offset: _Optional[int] = ...) -> None: ...
+    size: int
+    def __init__(self, sha256: _Optional[str] = ..., data: _Optional[bytes] = ..., offset: _Optional[int] = ..., size: _Optional[int] = ...) -> None: ...
 
 class PutBlobReply(_message.Message):
     __slots__ = ("sha256", "bytes")

@@ -3,16 +3,15 @@ and its thin servicer."""
 
 from __future__ import annotations
 
-import functools
 import threading
 from pathlib import Path
 from typing import Callable
 
 from herd import PROTOCOL_VERSION, log
-from herd.errors import DISK_ERRNOS, HerdError, PlacementError, StorageError
+from herd.errors import PlacementError
 from herd.netif import Interface
 from herd.rpc import auth, pki
-from herd.rpc.status import abort, streaming
+from herd.rpc.status import handlers
 from protos.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from worker.agent import convert
 from worker.agent.coordinator_client import CoordinatorClient
@@ -148,24 +147,7 @@ class Worker:
             self.rank.stop()
 
 
-def _unary(fn):
-    @functools.wraps(fn)
-    def wrapper(self, request, context):
-        try:
-            return fn(self, request, context)
-        except HerdError as e:
-            logger.warning("rpc_refused", rpc=fn.__name__, error=str(e))
-            abort(context, e)
-        except OSError as e:  # a full or failing disk (an attempt's folder, its files): named,
-            if e.errno not in DISK_ERRNOS:  # not grpcio's "Exception calling application"
-                raise
-            err = StorageError(f"the worker's disk cannot be written ({e.strerror}: "
-                               f"{e.filename or self.worker.state_dir})",
-                               hint="free space on the worker's disk (its --state-dir)")
-            logger.warning("rpc_refused", rpc=fn.__name__, error=str(err))
-            abort(context, err)
-
-    return wrapper
+_unary, _streaming = handlers("the worker", lambda servicer: servicer.worker.state_dir)
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
@@ -178,7 +160,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     def Describe(self, request, context):
         return worker_pb2.DescribeReply(worker=self.worker.info())
 
-    @streaming
+    @_streaming
     def PrepareRank(self, request, context):
         prep = self.worker.prepare(convert.spec_from_pb(request))
         while not prep.wait(PROGRESS_INTERVAL_S):
