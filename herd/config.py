@@ -305,6 +305,9 @@ class JobConfig(_Strict):
     report_to: str | None = None
     project_name: str | None = None
     trust_remote_code: bool = False
+    # mlx-lm's example lora_config.yaml on its main branch names it (mlx-lm 0.32 ignores it):
+    # "normal" is what herd trains; "dpo" is refused by name (it was "unknown key": an outside run).
+    training_mode: str = "normal"
 
     cluster: Cluster = Field(default_factory=Cluster)
     quantize: Quantize | None = None
@@ -324,6 +327,14 @@ class JobConfig(_Strict):
                     raise ValueError(f"{name}.{arg}: not an argument of mlx's {name} optimizer"
                                      + did_you_mean(arg, known)
                                      + f" (it takes {', '.join(known)})")
+        return v
+
+    @field_validator("training_mode")
+    @classmethod
+    def _supervised(cls, v: str) -> str:
+        if v != "normal":
+            raise ValueError(f"training_mode {v}: herd trains normal (supervised) fine-tuning, "
+                             "as mlx-lm 0.32 does; remove the key or set it to normal")
         return v
 
     @field_validator("report_to")
@@ -488,7 +499,7 @@ class JobConfig(_Strict):
         return total_layers - n
 
     def mlx_lm_dict(self) -> dict[str, Any]:
-        d = self.model_dump(exclude={"cluster", "quantize"}, mode="json")
+        d = self.model_dump(exclude={"cluster", "quantize", "training_mode"}, mode="json")
         return d
 
 

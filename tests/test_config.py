@@ -266,3 +266,13 @@ def test_odd_numbers_in_a_config_or_a_sent_config_json_are_refused_by_name():
         ModelShape.from_config({k: v for k, v in base.items() if k != "vocab_size"})
     with pytest.raises(ConfigError, match="not JSON"):
         sent_model_config("[" * 20_000 + "]" * 20_000)
+
+
+def test_mlx_lms_newer_example_key_training_mode_is_read():
+    """mlx-lm's example lora_config.yaml on its main branch says `training_mode: normal`
+    (mlx-lm 0.32 ignores it): herd refused it as an unknown key (an outside run). normal is what
+    herd trains, and is not passed on; dpo is refused by name."""
+    cfg = parse_config({"model": "m", "training_mode": "normal"})
+    assert "training_mode" not in cfg.mlx_lm_dict()
+    with pytest.raises(ConfigError, match="training_mode dpo: herd trains normal"):
+        parse_config({"model": "m", "training_mode": "dpo"})

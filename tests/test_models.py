@@ -734,6 +734,16 @@ def test_herd_generate_loads_a_hub_jobs_base_at_its_pinned_revision(sharded, off
     assert "pass --model" in e.value.hint
 
 
+def test_herd_generate_given_a_job_id_says_how_to_get_its_adapter(capsys):
+    """`herd generate JOB` printed mlx_lm.generate's whole usage and "unrecognized arguments"
+    (an outside run): it names the way, `herd pull JOB -o DIR` first."""
+    from herd.cli.generate import main
+
+    assert main(["generate", "comp-5ab429", "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert "herd pull comp-5ab429 -o DIR" in err and "usage:" not in err
+
+
 def test_the_convert_command_for_a_hub_base_names_what_mlx_lm_convert_reads(sharded, offline_hub):
     """mlx_lm.convert has no --revision, and failed on the recorded org/name@commit (an outside
     run): the commit's cached folder, or the repo with its revision said."""

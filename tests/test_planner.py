@@ -7,6 +7,7 @@ Run as a script (``python tests/test_planner.py '<json>'``) it is the measuring 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -103,6 +104,14 @@ CASES = {
 CHECKPOINTED = {
     "grad-checkpoint-bf16": ("llama", 256, 4, 2048, "bfloat16", {"grad_checkpoint": True}),
 }
+# Full fine-tuning, shaped so the trained weights dominate (it was sized as LoRA: 0.25-0.37 of
+# the measured peak): gradients, optimizer states and the update's transient copy.
+SHORT = {"fine_tune_type": "full", "max_seq_length": 32, "batch_size": 1}
+FULL = {
+    "full-adam-fp32": ("llama", 512, 4, 256, "float32", {**SHORT, "optimizer": "adam"}),
+    "full-sgd-bf16": ("llama", 512, 4, 256, "bfloat16", {**SHORT, "optimizer": "sgd"}),
+    "full-adamw-bf16-half": ("llama", 512, 4, 256, "bfloat16", {**SHORT, "num_layers": 2}),
+}
 
 
 def _compare(case) -> tuple[int, int]:
@@ -117,7 +126,7 @@ def measured() -> dict[str, tuple[int, int]]:
     """(predicted, measured) per case; two fresh processes at a time (one per core)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    cases = {**CASES, **CHECKPOINTED}
+    cases = {**CASES, **CHECKPOINTED, **FULL}
     with ThreadPoolExecutor(2) as pool:
         return dict(zip(cases, pool.map(_compare, cases.values())))
 
@@ -133,6 +142,15 @@ def test_checkpointed_estimate_is_close_and_never_low(measured):
     for name in CHECKPOINTED:
         predicted, m = measured[name]
         assert 0.95 * m <= predicted <= 1.25 * m, (name, predicted, m)
+
+
+@pytest.mark.slow
+def test_full_fine_tuning_is_sized_by_the_weights_it_trains(measured):
+    """(The update's transients vary with MLX's order of evaluation: a looser bound, within
+    what HEADROOM covers.)"""
+    for name in FULL:
+        predicted, m = measured[name]
+        assert 0.88 * m <= predicted <= 1.2 * m, (name, predicted, m, predicted / m)
 
 
 def test_seventy_b_table_is_physical():
@@ -372,6 +390,35 @@ def test_refusal_lists_fixes_with_numbers():
     text = str(e.value)
     assert "QLoRA" in text and "grad_checkpoint" in text and "more worker" in text
     assert " GB" in text
+
+
+LLAMA_8B = {**LLAMA_70B, "hidden_size": 4096, "intermediate_size": 14336,
+            "num_hidden_layers": 32, "num_attention_heads": 32}
+
+
+def test_full_fine_tuning_is_planned_for_the_weights_it_trains_and_never_cut():
+    """An 8B, full fine-tuning of 16 blocks, on two 25 GB workers: it was sized as LoRA and cut
+    into 2 stages, which it cannot be ("needs 12.6 GB ... offers 22.7 GB", not fitting), and
+    QLoRA was offered, which full fine-tuning refuses (an outside run). Now: its own figure, on
+    one worker, more than LoRA's by its gradients and Adam states; LoRA on a 4-bit base offered."""
+    full = parse_config({"fine_tune_type": "full", "num_layers": 16, "batch_size": 4,
+                         "max_seq_length": 2048, "cluster": {"workers": 2}})
+    lora = parse_config({"num_layers": 16, "batch_size": 4, "max_seq_length": 2048})
+    trained = 16 * sum(i * o for i, o in
+                       ((4096, 4096), (4096, 1024), (4096, 1024), (4096, 4096),
+                        (4096, 14336), (4096, 14336), (14336, 4096))) * 2  # bf16 bytes
+    gap = estimate_memory(LLAMA_8B, full).total - estimate_memory(LLAMA_8B, lora).total
+    assert 3.5 * trained < gap < 4.5 * trained  # gradients, 2 Adam states, the update's copy
+    with pytest.raises(PlacementError) as e:
+        plan_job(LLAMA_8B, full, [WorkerMemory(f"w{i}", int(25.3e9)) for i in range(2)])
+    text = str(e.value)
+    assert "on one worker (it cannot be cut into pipeline stages: pipeline stages train " \
+           "LoRA/DoRA adapters, not fine_tune_type: full)" in text, text
+    need = float(re.search(r"needs ([\d.]+) GB on one worker", text).group(1))
+    offers = float(re.search(r"the largest worker offers ([\d.]+) GB", text).group(1))
+    assert need > offers, text  # (the figure that binds: it said 12.6 needed, 22.7 offered)
+    assert "LoRA on a 4-bit base (fine_tune_type: lora, quantize: {bits: 4}) -> fits" in text
+    assert "  - QLoRA" not in text
 
 
 def test_pipeline_stages_a_model_or_job_cannot_have_are_refused_at_plan_not_on_a_worker():

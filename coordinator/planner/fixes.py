@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from typing import Iterable, Iterator
 
-from coordinator.planner.layout import Plan, layout, least_peak
+from coordinator.planner.layout import Plan, layout, least_peak, most_stages
 from coordinator.planner.memory import GB_SI, HEADROOM, ModelShape, WorkerMemory
 from herd.config import JobConfig, Quantize
 from herd.errors import ConfigError
+from herd.stage_cut import pipeline_refusal
 
 
 def _fits(cfg: dict, job: JobConfig, workers: list[WorkerMemory]) -> Plan | None:
@@ -49,9 +50,14 @@ def fixes(model_config: dict, job: JobConfig, workers: list[WorkerMemory]) -> li
     shape = ModelShape.from_config(model_config)
     out: list[str] = []
     if shape.bits is None and job.quantize is None:
-        j = job.model_copy(update={"quantize": Quantize(bits=4, group_size=64)})
+        # (full fine-tuning cannot train a quantized base: LoRA on it, then; it was offered as
+        # QLoRA alone, which the config check refuses: an outside run)
+        lora = {"fine_tune_type": "lora"} if job.fine_tune_type == "full" else {}
+        j = job.model_copy(update={"quantize": Quantize(bits=4, group_size=64), **lora})
         fit = _describe(_fits(model_config, j, workers), model_config, j, workers)
-        out.append(f"QLoRA (quantize: {{bits: 4}}) -> {fit}")
+        what = "LoRA on a 4-bit base (fine_tune_type: lora, quantize: {bits: 4})" if lora \
+            else "QLoRA (quantize: {bits: 4})"
+        out.append(f"{what} -> {fit}")
     if not job.grad_checkpoint:
         j = job.model_copy(update={"grad_checkpoint": True})
         fit = _describe(_fits(model_config, j, workers), model_config, j, workers)
@@ -114,7 +120,8 @@ def refusal(cfg: dict, job: JobConfig, workers: list[WorkerMemory]) -> str:
     shape = ModelShape.from_config(cfg)
     mems = ", ".join(f"{w.worker_id} {_gb(w.memory_bytes)}" for w in workers)
     need = least_peak(cfg, job, workers)
-    stages = min(len(workers), shape.layers)
+    stages = most_stages(cfg, job, len(workers))
+    uncut = pipeline_refusal(job, cfg) if stages == 1 and len(workers) > 1 else None
     low, top = (min(workers, key=lambda w: w.memory_bytes),
                 max(workers, key=lambda w: w.memory_bytes))
     # Every worker holds a stage of an even cut: the smallest binds, not the largest (a 64 and a
@@ -125,8 +132,9 @@ def refusal(cfg: dict, job: JobConfig, workers: list[WorkerMemory]) -> str:
     worker = low if stages > 1 else top
     lines = [
         f"the job does not fit: its {shape.layers}-block {shape.model_type} model needs "
-        f"{_gb(need)} on the fullest worker even cut into {stages} pipeline stage(s)"
-        + (", and no uneven cut fits either" if stages > 1 else "")
+        + (f"{_gb(need)} on one worker (it cannot be cut into pipeline stages: {uncut[0]})"
+           if uncut else f"{_gb(need)} on the fullest worker even cut into {stages} pipeline "
+           "stage(s)" + (", and no uneven cut fits either" if stages > 1 else ""))
         + f"; {offers}{_gb(worker.memory_bytes * (1 - HEADROOM))} ({_gb(worker.memory_bytes)} "
         f"usable less {HEADROOM:.0%} headroom). Workers: {mems}",
         "changes that would fit:",

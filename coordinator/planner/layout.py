@@ -237,10 +237,16 @@ def _make_plan(cfg: dict, job: JobConfig, shape: ModelShape, replicas: list[list
     )
 
 
+def most_stages(cfg: dict, job: JobConfig, workers: int) -> int:
+    """The most pipeline stages ``job`` may be cut into on ``workers`` workers: one when no stage
+    can run it (herd.stage_cut: full fine-tuning, a model a stage cannot hold)."""
+    return 1 if pipeline_refusal(job, cfg) else min(workers, ModelShape.from_config(cfg).layers)
+
+
 def least_peak(cfg: dict, job: JobConfig, workers: list[WorkerMemory]) -> int:
     """The smallest per-worker peak any layout over ``workers`` can reach (for the refusal text)."""
     shape = ModelShape.from_config(cfg)
-    stages = min(len(workers), shape.layers)
+    stages = most_stages(cfg, job, len(workers))
     per_stage = -(-shape.layers // stages)
     spans = [(s, min(s + per_stage, shape.layers)) for s in range(0, shape.layers, per_stage)]
     return max(_stage_estimate(cfg, job, shape, sp, len(spans), 1, s).total

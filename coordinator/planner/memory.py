@@ -222,6 +222,15 @@ def estimate_memory(
     lora = params * 4
     grads = params * 4
     optimizer = params * 4 * _OPTIMIZER_STATES.get(job.optimizer, 2)
+    if job.fine_tune_type == "full":
+        # The adapted blocks' own weights train (worker/rank/model.py apply_adapters): their
+        # gradients and optimizer states at the weights' dtype, as MLX keeps them, and the
+        # update's new weights while the old are alive (measured: 2.25-2.4 + states copies of the
+        # trained weights, tests/test_planner.py). It was sized as LoRA: a full 8B read as
+        # fitting with a third of what it needs (an outside run).
+        lora, grads = 0, adapted * block
+        optimizer = int(grads * (_OPTIMIZER_STATES.get(job.optimizer, 2) + 1.25))
+        r = 0  # (no adapter activations)
 
     # Activations. Only blocks with trainable parameters (and those after them) keep anything for
     # the backward pass; blocks before the first adapted one run forward only.

@@ -67,7 +67,13 @@ def main(argv: list[str]) -> int:
         p = argparse.ArgumentParser(add_help=False)
         p.add_argument("--model")
         p.add_argument("--adapter-path")
-        known, _ = p.parse_known_args(args)
+        known, rest = p.parse_known_args(args)
+        if rest and not rest[0].startswith("-"):  # `herd generate JOB`: mlx-lm's usage, no more
+            print(f"herd generate: {rest[0]}: takes options only (mlx_lm.generate's)",
+                  file=sys.stderr)
+            print(f"  hint: a job's adapter: `herd pull {rest[0]} -o DIR`, then `herd generate "
+                  "--adapter-path DIR --prompt ...`", file=sys.stderr)
+            return 2
         if known.adapter_path:
             folder = Path(known.adapter_path).expanduser()
             if not (folder / "adapters.safetensors").is_file():
