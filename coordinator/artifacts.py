@@ -18,7 +18,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import re
 import shutil
 import tempfile
 import threading
@@ -44,10 +43,9 @@ from herd.rpc.files import (
     receive_from,
     send_files,
 )
-from herd.rpc.names import check_step
+from herd.rpc.names import check_step, is_job_id
 from herd.stage_cut import StagePiece
 
-_JOB = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 # Leading dots: never names a peer may upload (herd.rpc.files.check_name).
 PIECE_META = ".piece.json"  # a stage piece's stage, blocks and files
 MERGED_FROM = ".merged-from"  # in a merged step: which pieces it was made of
@@ -196,7 +194,7 @@ class AdapterStore:
             shutil.rmtree(part, ignore_errors=True)
 
     def _job_dir(self, job_id: str) -> Path:
-        if not _JOB.match(job_id):
+        if not is_job_id(job_id):
             raise NotFoundError(f"bad job id {job_id!r}")
         return self.root / job_id
 

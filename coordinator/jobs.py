@@ -26,7 +26,8 @@ REQUIRED_DATA = "train.jsonl"
 
 
 def job_name(raw: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_-]+", "-", raw).strip("-")[:40] or "job"
+    # (a leading "_" made an id every call refused: herd/rpc/names.py check_job_id)
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", raw).lstrip("-_").rstrip("-")[:40] or "job"
 
 
 def new_job(name: str, config_yaml: str, dataset: list[FileDigest], blobs: BlobStore,

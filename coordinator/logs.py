@@ -7,14 +7,13 @@ from, so a retried report rewrites the same bytes.
 
 from __future__ import annotations
 
-import re
 import shutil
 from pathlib import Path
 
 from coordinator.artifacts import disk_errors, require_free
 from herd.errors import NotFoundError, ProtocolError
+from herd.rpc.names import is_job_id
 
-_JOB = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_READ = 1 << 20  # one reply's worth; a client pages with the offsets
 # A rank's log is kept up to this much (a long run's output is a few MB); the rest is dropped.
 MAX_LOG_BYTES = 256 * 1024 * 1024
@@ -29,7 +28,7 @@ class LogStore:
         root.mkdir(parents=True, exist_ok=True)
 
     def _path(self, job_id: str, attempt: int, rank: int) -> Path:
-        if not _JOB.match(job_id) or attempt < 1 or rank < 0:
+        if not is_job_id(job_id) or attempt < 1 or rank < 0:
             raise NotFoundError(f"no log for job {job_id!r} attempt {attempt} rank {rank}")
         return self.root / job_id / f"attempt-{int(attempt)}" / f"rank-{int(rank)}.log"
 
@@ -73,5 +72,5 @@ class LogStore:
             return f.read(min(max_bytes or MAX_READ, MAX_READ))
 
     def remove(self, job_id: str) -> None:
-        if _JOB.match(job_id):
+        if is_job_id(job_id):
             shutil.rmtree(self.root / job_id, ignore_errors=True)

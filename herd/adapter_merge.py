@@ -13,16 +13,15 @@ is the stage's first block); ``AdapterPiece.layer_offset`` maps the latter back.
 from __future__ import annotations
 
 import json
-import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 from herd.errors import HerdError
+from herd.stage_cut import shift_block
 
 ADAPTERS = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
 
 
 @dataclass(frozen=True)
@@ -44,11 +43,6 @@ def _read(path: Path) -> tuple[dict, bytes]:
     return header, raw[8 + n:]
 
 
-def _global(name: str, offset: int) -> str:
-    m = _LAYER.match(name)
-    return f"model.layers.{int(m.group(1)) + offset}.{m.group(2)}" if m and offset else name
-
-
 def merge_pieces(pieces: list[AdapterPiece], out_dir: Path) -> Path:
     """Write ``out_dir/{adapters.safetensors, adapter_config.json}`` from every stage's piece.
     Refuses a missing stage, a stage given twice, pieces of different layouts, and a tensor
@@ -65,7 +59,7 @@ def merge_pieces(pieces: list[AdapterPiece], out_dir: Path) -> Path:
         for name, info in header.items():
             if name == "__metadata__":
                 continue
-            full = _global(name, p.layer_offset)
+            full = shift_block(name, p.layer_offset)
             if full in tensors:
                 raise HerdError(f"{p.folder}: {full} is in two stages' adapters")
             b, e = info["data_offsets"]

@@ -39,15 +39,21 @@ class StagePiece:
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
 
 
+def shift_block(key: str, offset: int) -> str:
+    """``model.layers.N.rest`` as ``model.layers.{N + offset}.rest`` (a stage's local names to the
+    model's, or back with a negative offset); any other key as it is. The one renumbering the
+    stages' saves, their loads and the coordinator's merge all use."""
+    m = _LAYER.match(key)
+    return f"model.layers.{int(m.group(1)) + offset}.{m.group(2)}" if m and offset else key
+
+
 def owned_key(key: str, start: int, end: int, first: bool, last: bool, tied: bool) -> str | None:
     """The stage-local name of a checkpoint key that the stage holding blocks [start, end) owns
     (blocks renumbered from 0), else None: the first stage owns the embedding, the last the final
     norm and the head (and the embedding too when the head is tied to it). The stage loader reads
     only these weights, and a worker fetches only the shards that hold them."""
-    m = _LAYER.match(key)
-    if m:
-        g = int(m.group(1))
-        return f"model.layers.{g - start}.{m.group(2)}" if start <= g < end else None
+    if m := _LAYER.match(key):
+        return shift_block(key, -start) if start <= int(m.group(1)) < end else None
     if key.startswith("model.embed_tokens."):
         return key if first or (last and tied) else None
     if key.startswith(("model.norm.", "lm_head.")):

@@ -1473,3 +1473,13 @@ def test_a_job_that_pins_its_data_parallelism_says_it_waits_rather_than_shrink()
     assert said.endswith("(of attempt 1's workers, w4 is gone or busy; cluster.parallelism "
                          "pins data: it waits, never shrinks)"), said
     assert "pins data" not in lost("auto")
+
+
+def test_a_job_named_from_any_file_gets_an_id_every_call_takes():
+    """A config named _draft.yaml made the job "_draft-xxxxxx", which every call that checks a
+    job id refused (herd watch, herd pull, herd rm: a review's twin regexes)."""
+    from coordinator.jobs import job_name
+    from herd.rpc.names import check_job_id
+
+    for raw in ("_draft", "--x__", "___", "a b/c", "é"):
+        check_job_id(f"{job_name(raw)}-abc123")

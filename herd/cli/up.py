@@ -26,6 +26,7 @@ from pathlib import Path
 
 from herd import log
 from herd.errors import AuthError, HerdError, NotFoundError
+from herd.parent_death import die_with_parent
 from herd.rpc import discovery, pki
 from herd.rpc.ports import free_ports
 from herd.state_lock import StateLock, held, private_folder, read_holder
@@ -68,14 +69,9 @@ def _worker_tls(ca: pki.Authority, folder: Path, worker_id: str) -> Path:
 
 
 def _die_with_parent() -> None:
-    """Linux: the child gets SIGTERM if `herd up` dies, even by SIGKILL (no orphaned cluster).
-    Safe here because children are spawned from the main thread, which lives as long as we do."""
-    if sys.platform != "linux":
-        return
-    import ctypes
-
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    """The child gets SIGTERM if `herd up` dies, even by SIGKILL (no orphaned cluster). Safe:
+    children are spawned from the main thread, which lives as long as we do."""
+    die_with_parent(signal.SIGTERM)
 
 
 def _port_in_use(host: str, port: int) -> str:

@@ -34,8 +34,12 @@ EXTENSIONS = {
 MAX_DEPTH = 4  # folders a model file may sit in (a hub repo's tokenizer/ or original/ ...)
 
 
+def is_job_id(job_id: str) -> bool:
+    return isinstance(job_id, str) and bool(_JOB_ID.match(job_id))
+
+
 def check_job_id(job_id: str) -> str:
-    if not isinstance(job_id, str) or not _JOB_ID.match(job_id):
+    if not is_job_id(job_id):
         raise ProtocolError(f"refusing job id {job_id[:80]!r}",
                             hint="job ids are letters, digits, '-' and '_' (at most 64)")
     return job_id

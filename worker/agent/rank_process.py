@@ -53,18 +53,6 @@ HEARTBEAT_FILE = "heartbeat"
 _SPAWNER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rank-spawner")
 
 
-def die_with_parent() -> None:
-    """In the child, before exec (Linux): SIGKILL when the thread that started it dies, so a rank
-    never outlives a Ray actor killed with its node. The starting thread must live as long as its
-    rank (worker/agent/ray_actor.py starts ranks from one long-lived thread). Elsewhere (macOS
-    has no such call) an orphaned rank ends at its ring's lost-peer error instead."""
-    if sys.platform == "linux":
-        import ctypes
-
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
 class RankProcess:
     """A running rank: started by ``start``, watched by its relay thread, killed by ``stop``."""
 

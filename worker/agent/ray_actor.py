@@ -30,12 +30,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from herd import PROTOCOL_VERSION
+from herd.parent_death import die_with_parent
 from herd.rpc import pki
 from herd.rpc.ports import kept_ports
 from worker.agent import convert
 from worker.agent.machine import Machine
 from worker.agent.policy import Policy
-from worker.agent.rank_process import die_with_parent
 from worker.agent.service import Worker
 
 
@@ -59,7 +59,7 @@ class RankActor:
         """In the rank's child, before exec: die with this actor, and run at the raylet's
         priority (lowering niceness needs CAP_SYS_NICE or a raised RLIMIT_NICE; without them the
         rank keeps Ray's worker niceness, which only matters when the machine is shared)."""
-        die_with_parent()
+        die_with_parent()  # (SIGKILL: a rank never outlives a Ray actor killed with its node)
         try:
             os.setpriority(os.PRIO_PROCESS, 0, self._nice)  # the child has one thread here
         except OSError:

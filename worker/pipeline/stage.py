@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import glob
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,11 +28,9 @@ from herd.config import JobConfig
 from herd.errors import ConfigError
 from herd.models.manifest import stage_shards
 from herd.models.ref import INDEX, local_folder
-from herd.stage_cut import StagePiece, model_refusal, owned_key
+from herd.stage_cut import StagePiece, model_refusal, owned_key, shift_block
 from worker.rank.model import materialize, quantize_in_place, read_model_config
 from worker.rank.packing import DocumentAttention, enable_packing
-
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
 
 
 @dataclass(frozen=True)
@@ -82,8 +79,7 @@ class Stage:
         return h
 
     def global_name(self, local: str) -> str:
-        m = _LAYER.match(local)
-        return f"model.layers.{int(m.group(1)) + self.spec.start}.{m.group(2)}" if m else local
+        return shift_block(local, self.spec.start)
 
 
 def _owned(key: str, spec: StageSpec, tied: bool) -> str | None:

@@ -17,31 +17,18 @@ Plain POSIX and ctypes: no MLX, no third-party package.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import signal
-import sys
 import threading
+
+from herd.parent_death import die_with_parent
 
 AGENT_PID_ENV = "HERD_AGENT_PID"
 LIFELINE_FD_ENV = "HERD_LIFELINE_FD"
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def _die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
-
-
-def set_parent_death_signal() -> bool:
-    """Linux only: SIGKILL this process when its parent thread exits. False where unavailable."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        return libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
-    except (OSError, AttributeError):
-        return False
 
 
 def watch_pipe(fd: int) -> threading.Thread:
@@ -66,7 +53,7 @@ def tie_to_agent(pdeathsig: bool = True) -> list[str]:
     agent = os.environ.get(AGENT_PID_ENV)
     fd = os.environ.get(LIFELINE_FD_ENV)
     ties = []
-    if agent and pdeathsig and set_parent_death_signal():
+    if agent and pdeathsig and die_with_parent():
         ties.append("pdeathsig")
         if os.getppid() != int(agent):  # the agent died before the signal was armed
             _die()
