@@ -207,7 +207,8 @@ class Cluster(_Strict):
     packing: bool = Field(False, description="pack documents into rows (worker/rank/packing.py)")
     balance: bool = Field(True, description="each data-parallel rank's share follows its speed")
     shares: list[Annotated[int, Field(ge=1)]] | None = Field(  # a split of the global batch
-        None, min_length=1, description="each data-parallel rank's examples (or rows)")
+        None, min_length=1, description="each data-parallel rank's examples (or rows): the "
+        "first split, which follows the ranks' speed after unless balance is false")
     max_shares: list[Annotated[int, Field(ge=1)]] | None = Field(  # planner: memory's limits
         None, min_length=1, description="the most examples (or rows) each rank may take")
     on_non_finite: Literal["fail", "rollback"] = Field(

@@ -421,6 +421,20 @@ def test_full_fine_tuning_is_planned_for_the_weights_it_trains_and_never_cut():
     assert "  - QLoRA" not in text
 
 
+def test_a_refusal_speaks_of_the_workers_the_job_asks_for_and_offers_the_idle_ones():
+    """`cluster.workers: 2` on three verified 16 GB Macs: the refusal said "even cut into 3
+    stages" (the 3 verified, not the 2 asked for) and offered "1 more worker" to buy, where the
+    third sat idle (an outside run)."""
+    job = parse_config({"num_layers": 16, "batch_size": 4, "max_seq_length": 2048,
+                        "cluster": {"workers": 2}})
+    with pytest.raises(PlacementError) as e:
+        plan_job(LLAMA_8B, job, [WorkerMemory(f"w{i}", 16 * GIB) for i in range(3)])
+    text = str(e.value)
+    assert "even cut into 2 pipeline stage(s)" in text and "(cluster.workers: 2)" in text, text
+    assert "cluster.workers: 3 (3 are verified) -> fits: 1 x 3" in text, text
+    assert "more worker" not in text, text
+
+
 def test_pipeline_stages_a_model_or_job_cannot_have_are_refused_at_plan_not_on_a_worker():
     """A stage runs embed -> blocks -> norm -> head: a gemma cut into stages trained a different
     network silently (its embedding scale skipped) and gemma2 crashed on the worker; 8 stages of

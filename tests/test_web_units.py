@@ -25,7 +25,7 @@ from coordinator.web.hub import MetricsHub, split_step_time
 from coordinator.web.prometheus import metrics_registry, render
 from coordinator.web.server import WebContext, WebServer
 from herd.config import parse_config
-from herd.errors import ConfigError, DatasetError
+from herd.errors import ConfigError, DatasetError, HerdError
 from herd.rpc.api_token import api_token
 
 SECRET = "s3cret-" + "x" * 40
@@ -367,6 +367,36 @@ def test_an_openai_create_request_becomes_a_herd_config():
     for request, words in bad:
         with pytest.raises((ConfigError, DatasetError), match=words):
             openai_shape.job_request(request, lambda s: 100)
+
+
+def test_a_job_echoes_the_epochs_it_was_created_with(tmp_path):
+    """n_epochs 2 became iters 24 (100 examples, batch 8), and the job read back "auto" (an
+    outside run): the whole epochs its iters make of its training file are echoed."""
+    import dataclasses
+    import hashlib
+    import types
+
+    from coordinator.artifacts import BlobStore
+    from coordinator.domain import FileDigest, Job
+    from coordinator.web.openai_api import JobApi
+
+    blobs = BlobStore(tmp_path / "blobs")
+    text = b'{"text": "an example"}\n' * 100
+    sha = hashlib.sha256(text).hexdigest()
+    blobs.put(sha, [text])
+    store = JobStore(tmp_path / "herd.db")
+
+    def no_summary(job_id):
+        raise HerdError("not yet")
+
+    api = JobApi(types.SimpleNamespace(blobs=blobs, store=store,
+                                          hub=types.SimpleNamespace(job=no_summary)))
+    job = Job("api-1", "api", parse_config({"model": "m", "batch_size": 8, "iters": 24}),
+              [FileDigest("train.jsonl", sha, len(text))], 1, 24)
+    store.put_job(job)
+    assert api._job("api-1")["hyperparameters"]["n_epochs"] == 2
+    store.put_job(dataclasses.replace(job, job_id="api-2", iters=25))
+    assert api._job("api-2")["hyperparameters"]["n_epochs"] == "auto"  # (not whole epochs)
 
 
 def test_a_bad_upload_is_named_as_uploaded_not_as_mlx_lm_s_default_dataset(tmp_path):

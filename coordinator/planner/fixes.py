@@ -49,6 +49,12 @@ def fixes(model_config: dict, job: JobConfig, workers: list[WorkerMemory]) -> li
     """Changes that would make the job fit, each with the layout and peak it would give."""
     shape = ModelShape.from_config(model_config)
     out: list[str] = []
+    if job.cluster.workers and len(workers) > job.cluster.workers:
+        # (idle verified workers: "1 more worker" read as buying a Mac: an outside run)
+        j = job.model_copy(update={"cluster": job.cluster.model_copy(
+            update={"workers": len(workers)})})
+        fit = _describe(_fits(model_config, j, workers), model_config, j, workers)
+        out.append(f"cluster.workers: {len(workers)} ({len(workers)} are verified) -> {fit}")
     if shape.bits is None and job.quantize is None:
         # (full fine-tuning cannot train a quantized base: LoRA on it, then; it was offered as
         # QLoRA alone, which the config check refuses: an outside run)
@@ -95,6 +101,8 @@ def more_workers(model_config: dict, job: JobConfig, workers: list[WorkerMemory]
         more = workers + [WorkerMemory(f"new-{i}", biggest) for i in range(extra)]
         return more, _fits(model_config, j, more)
 
+    if attempt(0)[1] is not None:
+        return None  # (the workers there hold it: cluster.workers is the fix, said first)
     low, high, hit = 0, 1, None  # low: known not to fit
     while high <= most and (hit := attempt(high))[1] is None:
         low, high = high, min(2 * high, most) if high < most else most + 1
@@ -119,6 +127,9 @@ def _gb(n: float) -> str:
 def refusal(cfg: dict, job: JobConfig, workers: list[WorkerMemory]) -> str:
     shape = ModelShape.from_config(cfg)
     mems = ", ".join(f"{w.worker_id} {_gb(w.memory_bytes)}" for w in workers)
+    every = workers  # (the fixes weigh them all)
+    if job.cluster.workers:  # the figures are of the workers the job asks for, as layout's
+        workers = sorted(workers, key=lambda w: -w.memory_bytes)[:job.cluster.workers]
     need = least_peak(cfg, job, workers)
     stages = most_stages(cfg, job, len(workers))
     uncut = pipeline_refusal(job, cfg) if stages == 1 and len(workers) > 1 else None
@@ -135,9 +146,10 @@ def refusal(cfg: dict, job: JobConfig, workers: list[WorkerMemory]) -> str:
         + (f"{_gb(need)} on one worker (it cannot be cut into pipeline stages: {uncut[0]})"
            if uncut else f"{_gb(need)} on the fullest worker even cut into {stages} pipeline "
            "stage(s)" + (", and no uneven cut fits either" if stages > 1 else ""))
+        + (f" (cluster.workers: {len(workers)})" if len(every) > len(workers) else "")
         + f"; {offers}{_gb(worker.memory_bytes * (1 - HEADROOM))} ({_gb(worker.memory_bytes)} "
         f"usable less {HEADROOM:.0%} headroom). Workers: {mems}",
         "changes that would fit:",
     ]
-    lines += [f"  - {f}" for f in fixes(cfg, job, workers)] or ["  - none found"]
+    lines += [f"  - {f}" for f in fixes(cfg, job, every)] or ["  - none found"]
     return "\n".join(lines)

@@ -238,8 +238,10 @@ def _make_plan(cfg: dict, job: JobConfig, shape: ModelShape, replicas: list[list
 
 
 def most_stages(cfg: dict, job: JobConfig, workers: int) -> int:
-    """The most pipeline stages ``job`` may be cut into on ``workers`` workers: one when no stage
-    can run it (herd.stage_cut: full fine-tuning, a model a stage cannot hold)."""
+    """The most pipeline stages ``job`` may be cut into on ``workers`` workers (at most its
+    cluster.workers): one when no stage can run it (herd.stage_cut: full fine-tuning, a model a
+    stage cannot hold)."""
+    workers = min(workers, job.cluster.workers or workers)
     return 1 if pipeline_refusal(job, cfg) else min(workers, ModelShape.from_config(cfg).layers)
 
 

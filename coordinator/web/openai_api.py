@@ -82,6 +82,7 @@ def _too_large() -> shape.TooLargeError:
 class JobApi:
     def __init__(self, ctx):
         self.ctx = ctx  # coordinator/web/server.py WebContext
+        self._examples: dict[str, int] = {}  # an uploaded file's examples (n_epochs), by sha
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -101,7 +102,21 @@ class JobApi:
             summary = self.ctx.hub.job(job_id)
         except HerdError:  # the hub has not read its first event yet
             summary = None
-        return shape.job_object(job, summary, time.time())
+        return shape.job_object(job, summary, time.time(), self._epochs(job))
+
+    def _epochs(self, job) -> int | None:
+        """The epochs a job's iters make of its training file, when whole (the API echoed
+        n_epochs "auto" for a job created with 2: an outside run); None when not, or when the
+        file is not one the job API takes (a CLI job's dataset, read only up to that size)."""
+        train = next((d for d in job.dataset if d.name == "train.jsonl"), None)
+        try:
+            if train is None or (self.ctx.blobs.root / train.sha256).stat().st_size > \
+                    MAX_UPLOAD_BYTES:
+                return None
+            per = self._count_examples(train.sha256) // job.config.batch_size
+        except (OSError, HerdError):
+            return None
+        return job.iters // per if per and job.iters % per == 0 else None
 
     # --- files -----------------------------------------------------------------------------
 
@@ -139,8 +154,9 @@ class JobApi:
                 raise DatasetError(f"purpose = {purpose!r}: herd stores fine-tune files only")
             if tmp is None:
                 raise DatasetError("no file in the upload", hint="send it as the 'file' field")
-            await asyncio.to_thread(_check_jsonl, tmp)
+            examples = await asyncio.to_thread(_check_jsonl, tmp)
             size = await asyncio.to_thread(blobs.put, sha, read_chunks(tmp))
+            self._examples[sha] = examples
         finally:
             if tmp is not None:
                 Path(tmp).unlink(missing_ok=True)
@@ -159,7 +175,9 @@ class JobApi:
     def _count_examples(self, sha: str) -> int:
         if not self.ctx.blobs.has(sha):
             raise DatasetError(f"file-{sha} was not uploaded", hint="POST /v1/files first")
-        return _check_jsonl(str(self.ctx.blobs.root / sha))
+        if sha not in self._examples:
+            self._examples[sha] = _check_jsonl(str(self.ctx.blobs.root / sha))
+        return self._examples[sha]
 
     def _create(self, body) -> dict:
         name, config_yaml, dataset = shape.job_request(body, self._count_examples)

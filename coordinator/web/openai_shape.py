@@ -145,13 +145,15 @@ def job_request(body: Any, count_examples: Callable[[str], int]) -> tuple[str, s
 
 # --- replies ---------------------------------------------------------------------------------
 
-def job_object(job: Job, summary: dict | None, now_s: float) -> dict:
+def job_object(job: Job, summary: dict | None, now_s: float, epochs: int | None = None) -> dict:
+    """``epochs``: the whole epochs the job's iters make of its training file, when known."""
     cfg = job.config
     summary = summary or {}
     files = {d.name: file_id(d.sha256) for d in job.dataset}
     status = STATUS[job.state]
     eta = summary.get("eta_s")
-    hp = {"n_epochs": "auto", "batch_size": cfg.batch_size, "learning_rate_multiplier": "auto"}
+    hp = {"n_epochs": epochs or "auto", "batch_size": cfg.batch_size,
+          "learning_rate_multiplier": "auto"}
     model_name = cfg.model.rstrip("/").rsplit("/", 1)[-1]
     return {
         "object": "fine_tuning.job", "id": job.job_id, "model": cfg.model,
