@@ -33,8 +33,9 @@ class LogStore:
         return self.root / job_id / f"attempt-{int(attempt)}" / f"rank-{int(rank)}.log"
 
     def write(self, job_id: str, attempt: int, rank: int, offset: int, data: bytes) -> None:
-        """A piece at ``offset``: ProtocolError for one far past the end (never a sparse file
-        a reader would page through); beyond MAX_LOG_BYTES the rest is dropped."""
+        """A piece at ``offset``: ProtocolError for one more than MAX_GAP past the end (a hole
+        of at most that, zeros where a lost piece was, never a 1 TB sparse file a reader would
+        page through); beyond MAX_LOG_BYTES the rest is dropped."""
         path = self._path(job_id, attempt, rank)
         size = path.stat().st_size if path.exists() else 0
         if not 0 <= offset <= size + MAX_GAP:

@@ -540,3 +540,25 @@ def test_an_upload_has_time_for_its_size_on_a_slow_uplink():
         at_4_mbit = size / (4e6 / 8)
         assert transfer_deadline_s(size) > 1.5 * at_4_mbit, size
         assert transfer_deadline_s(size) >= TRANSFER_DEADLINE_S
+
+
+def test_a_file_stream_longer_than_declared_stops_at_the_declared_size(tmp_path):
+    """PutCheckpoint's sizes are bounded when declared (blob_access.check_upload_size); the
+    stream itself was written on past them until it ended, filling the coordinator's disk with
+    whatever a peer sent (a review). It stops at the first byte past what was declared."""
+    from herd.digest import FileDigest
+    from herd.rpc.files import write_files
+
+    sent = [0]
+
+    def endless():
+        while True:
+            sent[0] += 1
+            yield "adapters.safetensors", b"x" * MIB
+
+    declared = [FileDigest("adapters.safetensors", hashlib.sha256(b"x" * MIB).hexdigest(), MIB)]
+    (tmp_path / "into").mkdir()
+    with pytest.raises(errors.ChecksumError, match="longer than the 1048576 bytes declared"):
+        write_files(endless(), declared, tmp_path / "into", "checkpoint 2", "send it again",
+                    "checkpoint")
+    assert sent[0] == 2 and (tmp_path / "into" / "adapters.safetensors").stat().st_size == MIB

@@ -186,11 +186,17 @@ def write_files(chunks: Iterable[tuple[str, bytes]], files: list[FileDigest], in
     empty). The caller moves the files into place once this returns."""
     expected = {check_name(f.name, kind): f for f in files}
     hashes = {name: hashlib.sha256() for name in expected}
+    written = dict.fromkeys(expected, 0)
     handles = {}
     try:
         for name, data in chunks:
             if name not in expected:
                 raise ChecksumError(f"unexpected file {name!r} in the {what} stream", hint=hint)
+            written[name] += len(data)
+            if written[name] > expected[name].bytes:  # (the declared sizes bound the disk used:
+                raise ChecksumError(  # a stream past them wrote on until it ended: a review)
+                    f"{what}: {name} is longer than the {expected[name].bytes} bytes declared",
+                    hint=hint)
             if name not in handles:
                 # "x": a fresh file in fresh scratch space, never through a planted link.
                 handles[name] = open(inside(into, name), "xb")

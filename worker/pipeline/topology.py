@@ -18,7 +18,8 @@ class Topology:
 
     Replica 0 runs stages 0..S-1 on ranks 0..S-1; replica 1 runs them on ranks 2S-1..S (reversed),
     so every pipeline hop is a ring hop, and for S <= 2 so is every data-parallel pair (rank r and
-    2S-1-r). Wider layouts need a transport that reaches any peer (herd's gRPC); refused here."""
+    2S-1-r). Wider layouts would need a transport that reaches any peer; refused here (and at
+    `herd check`, herd/config.py; pipelines pass activations over the MLX ring only)."""
 
     replica: int
     replicas: int
@@ -32,7 +33,7 @@ class Topology:
         if replicas not in (1, 2) or world % replicas:
             raise ConfigError(
                 f"{replicas} data-parallel pipelines on {world} ranks: the MLX ring carries 1 or 2",
-                hint="use cluster.parallelism.data 1 or 2 (more needs the gRPC transport)",
+                hint="use cluster.parallelism.data 1 or 2",
             )
         stages = world // replicas
         ranks0 = tuple(range(stages))
