@@ -166,6 +166,8 @@ def test_a_pipeline_stage_fetches_only_the_shards_of_its_blocks(world, baseline)
                **KW)
     job_id, lines = _run(world, cfg)
     assert f"{job_id}: state succeeded" in lines, "\n".join(lines[-30:])
+    # (submit says which copy: it said nothing for a stored folder, an outside run)
+    assert f"the coordinator's stored copy {_digest(world)}" in world["submitted"]
     assert any("blocks 0:2,2:4" in ln for ln in lines)
     fetched = _fetched(lines)
     sizes = _sizes(model)
@@ -194,6 +196,10 @@ def test_a_hub_id_is_planned_and_pinned_from_config_json_alone(world):
     for model, named in (("org/nope", "org/nope"), ("org/tiny@v9", "'v9'")):
         bad = _herd(world, "submit", str(_job(world, "bad", model)), check=False)
         assert bad.returncode == 2 and named in bad.stderr, bad.stderr  # ConfigError, named
+    # A store's own name (`herd models add --name tiny`) read as a bare hub id: the hint says
+    # what a job names instead (it spoke only of the hub: an outside run).
+    bare = _herd(world, "submit", str(_job(world, "bad", "tiny")), check=False)
+    assert bare.returncode == 2 and "herd models add --name" in bare.stderr, bare.stderr
     assert not list((world["root"] / "hf-laptop").rglob("*.safetensors"))  # no weights moved
 
 

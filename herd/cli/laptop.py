@@ -126,7 +126,14 @@ def cmd_submit(args) -> int:
     ref = refs.parse(cfg.model)
     # A hub id pinned to its commit from config.json alone (never weights): a wrong id or
     # revision fails here, first, before the coordinator is asked anything.
-    hub = None if ref.is_local else refs.resolve(ref)
+    try:
+        hub = None if ref.is_local else refs.resolve(ref)
+    except ConfigError as e:
+        if "/" not in cfg.model:  # (a store's --name read as a hub id: an outside run)
+            e.hint = (e.hint + "; " if e.hint else "") + (
+                f"a name given by `herd models add --name` ({cfg.model}?) is the store's own: "
+                "a job names the model's folder or hub id, and the stored copy is used")
+        raise
     from herd.dataset import reads_hub_dataset
     from herd.hf_dataset import check_cluster_source
 
@@ -161,6 +168,9 @@ def cmd_submit(args) -> int:
         print(f"model {hub.pinned}: " + (f"the coordinator's copy {stored[:12]}, which it "
                                          "fetched from the hub" if stored else
                                          "the workers fetch it from the hub"), file=sys.stderr)
+    elif digest:  # (README: "herd submit says which copy"; it said nothing for a folder)
+        print(f"model {model}: the coordinator's stored copy {digest[:12]}, which the workers "
+              "fetch from it", file=sys.stderr)
     if reply.warning:
         print(f"warning: {reply.warning}", file=sys.stderr)
     if args.watch:
