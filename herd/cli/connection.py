@@ -220,7 +220,9 @@ def _remember(identity: pki.Identity, target: str) -> None:
             pass
 
 
-SEEN_S = 0.3  # browsing at least this long, so a second coordinator's advert is dialled too
+# When the adverts dialled for this long gave none of ours, the last one found is taken (with
+# no advert at all, once wait_s is over).
+LAST_WAIT_S = 1.0
 
 
 def find_coordinator(explicit: str | None, identity: pki.Identity, wait_s: float = 4.0) -> str:
@@ -232,11 +234,12 @@ def find_coordinator(explicit: str | None, identity: pki.Identity, wait_s: float
     seen refused this machine's certificate (the likely fix is joining the cluster, even beside
     a stale advert that does not answer), else PeerLostError (exit 5).
 
-    The coordinator found last time (kept per cluster CA in $HERD_HOME/found) is dialled first,
+    The coordinator found last time (kept per cluster CA in $HERD_HOME/found) is dialled too,
     advertised or not: a LAN flooded with rogue adverts (hundreds, each a 2 s dial) made every
-    command wait them out, or fail (an outside run). It proves itself as any advert must; the
-    adverts are still browsed and dialled for SEEN_S at least, so a second coordinator of the
-    cluster is still said."""
+    command wait them out, or fail (an outside run). It proves itself as any advert must, and is
+    taken when the adverts dialled for LAST_WAIT_S gave none of ours (its advert lost in the
+    flood), or none was seen by ``wait_s``; otherwise the adverts decide as before, and a second
+    coordinator is still said."""
     if explicit or (explicit := os.environ.get(COORDINATOR_ENV)):
         return with_port(explicit)
     zc = discovery.make_zeroconf()
@@ -244,35 +247,43 @@ def find_coordinator(explicit: str | None, identity: pki.Identity, wait_s: float
     refused: dict[str, HerdError] = {}
     dialling: dict[Future, str] = {}
     pool = ThreadPoolExecutor(DIALS, thread_name_prefix="herd-dial")
-    found = None
+    found, last_ok, first = None, False, 0.0  # first: when the first advert was dialled
     try:
-        if last := _recall(identity):
-            dialling[pool.submit(_refusal, last, identity)] = last
+        last = _recall(identity)
+        recalled = pool.submit(_refusal, last, identity) if last else None
         browser = discovery.Browser(zc, discovery.COORDINATOR_TYPE)
-        start = time.monotonic()
-        deadline = start + wait_s
-        while time.monotonic() < deadline:
-            for advert in browser.snapshot():
+        deadline = time.monotonic() + wait_s
+        while found is None and time.monotonic() < deadline:
+            adverts = browser.snapshot()
+            for advert in adverts:
                 for target in advert.targets:
-                    if target in dialling.values() or target == found or \
+                    if target in dialling.values() or \
                             time.monotonic() - tried.get(target, -RETRY_S) < RETRY_S:
                         continue
                     dialling[pool.submit(_refusal, target, identity)] = target
-            if found is None and dialling:
+                    first = first or time.monotonic()
+            if recalled is not None and recalled.done():
+                if (why := recalled.result()) is None:
+                    last_ok = True
+                else:  # (an advert of that address is dialled again after RETRY_S)
+                    tried[last], refused[last], recalled = time.monotonic(), why, None
+            if last_ok and first and time.monotonic() - first >= LAST_WAIT_S:
+                found = last  # (adverts dialled for a while, none of them ours: a flood)
+            elif dialling:
                 done, _ = wait(dialling, timeout=0.05, return_when=FIRST_COMPLETED)
                 found = _answered(done, dialling, tried, refused)
-            elif found is None or time.monotonic() - start < SEEN_S:
-                time.sleep(0.02)  # (once found, the other dials are left to _said_others)
             else:
-                break
+                time.sleep(0.02)
         browser.close()
         if found is None:
             # The dials under way when wait_s ended still count (herd plan's wait is a dial's
             # own 2 s deadline): waited for, not dropped; none is started after it.
             done, _ = wait(dialling, timeout=DIAL_S + 1.0)
-            found = _answered(done, dialling, tried, refused)
+            found = _answered(done, dialling, tried, refused) or (last if last_ok else None)
         if found is not None:
             _remember(identity, found)
+            if recalled is not None and found != last:  # (it may be a second coordinator)
+                dialling[recalled] = last
             return _said_others(found, browser.snapshot(), dialling)
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
