@@ -277,6 +277,41 @@ def test_the_coordinator_found_last_time_is_dialled_first_advertised_or_not(site
         quiet.stop()
 
 
+UNREACHABLE = """
+import os, pathlib, sys
+from herd.rpc import pki
+from herd.cli import connection
+ca = pki.Authority.create(pathlib.Path(sys.argv[1]))
+me = ca.issue("client", "laptop")
+connection._remember(me, "127.0.0.1:1")
+try:
+    connection.find_coordinator(None, me, wait_s=1.5)
+except Exception as e:
+    print(type(e).__name__, e)
+"""
+
+
+def test_a_coordinator_that_does_not_answer_is_said_unreachable_not_unproven(tmp_path):
+    """The coordinator's link down: every command said "no coordinator found by zeroconf that
+    proves it is this cluster's" and hinted to start one (an outside run, its cable pulled).
+    In a network namespace of its own (no other cluster's adverts), the last one found, gone."""
+    import shutil
+    import subprocess
+    import sys
+
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("a network namespace of its own needs root and unshare")
+    env = {**os.environ, "HERD_HOME": str(tmp_path / "home"),
+           discovery.INTERFACES_ENV: HOST}
+    out = subprocess.run(["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$0" "$@"',
+                          sys.executable, "-c", UNREACHABLE, str(tmp_path / "ca")],
+                         env=env, capture_output=True, text=True, timeout=120)
+    said = out.stdout + out.stderr
+    assert said.startswith("PeerLostError no coordinator found by zeroconf (or last time) "
+                           "answered: 127.0.0.1:1 is unreachable"), said
+    assert "(the one found last time)" in said and "proves it is" not in said, said
+
+
 def test_a_second_coordinator_of_the_cluster_is_said_not_silently_split(site, tmp_path, capsys):
     """Two coordinators of one cluster CA on a LAN: each CLI command reached either, and a job
     submitted to one was "no job" to the other (an outside run). The CLI says so, naming both,

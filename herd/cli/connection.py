@@ -297,12 +297,26 @@ def find_coordinator(explicit: str | None, identity: pki.Identity, wait_s: float
             hint="is this cluster's `herd coordinator` running? Else join the cluster you mean "
             "(`herd token --role client` on its coordinator's machine, then `herd join TOKEN` "
             "here), or pass --coordinator HOST[:PORT]")
+    if refused and all(isinstance(e, PeerLostError) for e in refused.values()):
+        # (every one seen was unreachable: "proves it is this cluster's" and "start a
+        # coordinator" sent a user whose link was down after certificates: an outside run)
+        raise PeerLostError(
+            "no coordinator found by zeroconf (or last time) answered: " + "; ".join(
+                (_first_line(e) if t in e.message else f"{t}: {_first_line(e)}")
+                + (" (the one found last time)" if t == last else "")
+                for t, e in sorted(refused.items())),
+            hint="is it running, and is this machine's network to it up? (--coordinator "
+            "HOST[:PORT] names another)")
     raise PeerLostError(
         "no coordinator found by zeroconf"
         + (f" that proves it is this cluster's (saw {seen})" if refused else ""),
         hint="start `herd coordinator` (or `herd up`), or pass --coordinator HOST[:PORT] "
         f"(or set {COORDINATOR_ENV})",
     )
+
+
+def _first_line(e: HerdError) -> str:
+    return e.message.strip().splitlines()[0][:200] if e.message.strip() else type(e).__name__
 
 
 def connect(explicit: str | None, identity: pki.Identity,

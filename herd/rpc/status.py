@@ -109,7 +109,9 @@ def error_from_rpc(e: grpc.RpcError, target: str = "") -> HerdError:
     if code == grpc.StatusCode.UNAVAILABLE:
         return PeerLostError(
             f"{target or 'the server'} is unreachable: {details}",
-            hint="is `herd coordinator` running? pass --coordinator HOST:PORT to skip discovery",
+            # (said by workers and the coordinator too: "is `herd coordinator` running?" sent
+            # a user after a coordinator that ran, where a worker's link was lossy: outside run)
+            hint="is it running, and is the network between here and there up?",
         )
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return PeerLostError(f"{target or 'the server'} did not answer in time")
