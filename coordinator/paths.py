@@ -16,6 +16,7 @@ from __future__ import annotations
 from coordinator.domain import Job, JobState, WorkerRecord
 from coordinator.placement import Fail, Placement, with_path
 from coordinator.planner.network import CONTROL, choose_path
+from coordinator.recovery import retryable
 from coordinator.store import JobStore
 from herd.errors import PlacementError
 
@@ -45,14 +46,16 @@ class FailedPaths:
             self._used[job.job_id] = path.network
         return placement
 
-    def on_failed(self, job: Job, store: JobStore, retryable: bool = True) -> str:
-        """The job's current attempt failed: its subnet is avoided from now on when every rank
-        started (the ring forms after) and none reported a step. Returns what to add to the
-        failure's message. Not ``retryable`` (a rank refused its config or data, exit 2 or 3):
-        the link is not in question."""
+    def on_failed(self, job: Job, store: JobStore, exit_code: int | None) -> str:
+        """The job's current attempt failed with a rank's ``exit_code``: its subnet is avoided
+        from now on when every rank started (the ring forms after) and none reported a step.
+        Returns what to add to the failure's message. The link is not in question when a rank
+        refused its config or data (exit 2 or 3), nor when a worker itself was lost (None: its
+        agent killed or gone while the ranks loaded a large dataset moved the job off its fast
+        subnet for good: an outside run)."""
         network = self._used.pop(job.job_id, None)
         if (network is None or network == CONTROL or job.state is not JobState.RUNNING
-                or not retryable):
+                or exit_code is None or not retryable(exit_code)):
             return ""
         started = next((a.started_ms for a in reversed(store.attempt_history(job.job_id))
                         if a.attempt == job.attempt), 0)

@@ -141,7 +141,7 @@ class Scheduler:
             self._set_state(job, JobState.RESTARTING, f"attempt {job.attempt} failed: {reason}; "
                             + recovery.rolling_back(lowered, self.store.checkpoints(job.job_id)))
             return
-        reason += self.paths.on_failed(job, self.store, retryable(exit_code))
+        reason += self.paths.on_failed(job, self.store, exit_code)
         d = decide_restart(self.store.attempt_history(job.job_id),
                            self.store.checkpoints(job.job_id), now, max_restarts,
                            retryable(exit_code), self.restart_policy, interrupted)

@@ -296,7 +296,7 @@ def test_a_cut_that_ends_as_a_clean_end_of_stream_keeps_what_arrived(tmp_path):
     assert blobs.held(other) == 0
 
 
-def test_an_upload_goes_on_across_a_coordinator_restart(tmp_path, cluster_ca):
+def test_an_upload_goes_on_across_a_coordinator_restart(tmp_path, cluster_ca, capsys):
     """The coordinator killed mid-upload and started again on the same state: put_blob waits for
     it, asks where to resume, and sends the rest; a start-over would send 40 MiB before the cut
     and all 64 again."""
@@ -337,6 +337,7 @@ def test_an_upload_goes_on_across_a_coordinator_restart(tmp_path, cluster_ca):
         for s in servers:
             s.stop(grace=0).wait()
     assert len(servers) >= 2  # (the cut happened)
+    assert "herd: the upload of shard.safetensors was cut" in capsys.readouterr().err  # said once
     assert sum(bar) == 64 * MIB  # the progress bar ends at the file's size
     # What was in flight at the cut (gRPC's window, socket buffers: a few MiB, or nothing when
     # the server had read it all, as on a loaded machine: CI) is sent again.

@@ -1186,6 +1186,15 @@ def test_an_attempt_that_never_stepped_on_its_data_subnet_sends_the_next_one_els
     s.on_exit(k.job_id, 1, 0, "w3", 2, "cluster.shares has 3 entries for 2 ranks")
     got = s.store.get_job(k.job_id)
     assert got.state is JobState.FAILED and "data subnet" not in got.message, got.message
+    # A worker lost (its agent killed) while the ranks still load: not the link's doing (the
+    # job was moved off its fast subnet for good: an outside run).
+    m = s.submit(job(workers=2, iters=14))
+    clock.t += 60
+    s.tick()
+    assert s.store.get_job(m.job_id).state is JobState.RUNNING
+    s.on_worker_lost("w4", "its agent was killed")
+    got = s.store.get_job(m.job_id)
+    assert got.state is JobState.RESTARTING and "data subnet" not in got.message, got.message
 
 
 def test_a_delivery_cut_by_a_coordinator_crash_leaves_nothing_behind_after_a_restart(tmp_path):

@@ -90,6 +90,10 @@ class CoordinatorConnection:
                     last = time.monotonic()  # (bytes went out: a try of ten minutes cut at last)
                 if not transient(e) or time.monotonic() - last > patience_s:
                     raise
+                if not tries:  # (silent for 80 s of a cut link, without a terminal: outside run)
+                    print(f"herd: the upload of {path.name} was cut ({_first_line(e)}); "
+                          f"resuming for up to {patience_s:.0f}s without progress",
+                          file=sys.stderr, flush=True)
                 tries += 1
                 sleep(min(0.2 * 2 ** min(tries, 5), 5.0))
                 try:
