@@ -172,6 +172,12 @@ def test_the_hub_follows_the_jobs_submitted_after_a_removed_one(tmp_path):
     hub.poll()
     assert hub.job("new-1")["iteration"] == 4
     assert [c for c, _ in store.events_after(0)] == list(range(13, 25))  # (never reused)
+    # A batch the hub read before the removal, applied after it: no ghost job (name "", state
+    # queued) on the dashboard until a restart (a review).
+    for event in [e for _, e in store.events_after(12) if e.job_id == "new-1"]:
+        hub.forget("new-1")
+        hub._apply(event)
+    assert "new-1" not in [j["id"] for j in hub.jobs()]
     store.close()
 
 

@@ -133,6 +133,7 @@ class MetricsHub:
         self._wait = wait_for_events
         self._lock = threading.Lock()
         self._jobs: dict[str, JobView] = {}
+        self._removed: set[str] = set()  # (ids are never reused: a late event finds it here)
         self._listeners: list[Listener] = []
         self.cursor = 0
 
@@ -171,6 +172,7 @@ class MetricsHub:
         download links that 404, until the coordinator restarted: an outside run)."""
         with self._lock:
             self._jobs.pop(job_id, None)
+            self._removed.add(job_id)
 
     def unsubscribe(self, listener: Listener) -> None:
         with self._lock:
@@ -214,6 +216,8 @@ class MetricsHub:
 
     def _apply(self, e: JobEvent) -> None:
         with self._lock:
+            if e.job_id in self._removed:  # (a batch read before `herd rm`: no ghost view)
+                return
             view = self._view(e.job_id)
             view.updated_ms = e.time_ms
             change = {"job_id": e.job_id, "seq": e.seq, "time_ms": e.time_ms,
