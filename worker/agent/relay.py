@@ -332,7 +332,7 @@ class Relay:
     def report_exit(self, code: int) -> None:
         error = "" if code == 0 else (self.error or self._last_error())
         if code < 0 and not self.error:
-            error = f"killed by {signal.Signals(-code).name}"
+            error = f"killed by {_signal_name(-code)}"
         if self._stopping.is_set() and code != 0 and (code < 0 or not error):
             # (stopped: a signal; a rank that exited with a code of its own said why itself)
             error = self._stop_reason() or "stopped by the agent"
@@ -350,3 +350,12 @@ class Relay:
             self._send_log(final=True)
         except OSError as e:  # (none written, or unreadable: it must not hold up the exit)
             self.log.warning("rank_log_unreadable", error=str(e))
+
+
+def _signal_name(number: int) -> str:
+    """SIGKILL, or "signal 40" for one Python has no name for (a real-time signal: it raised,
+    and the exit report went out only through the relay's fallback: a review)."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
