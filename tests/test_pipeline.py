@@ -255,6 +255,10 @@ def test_a_pipeline_with_accumulation_reports_every_steps_per_report_and_at_the_
     assert [e["iteration"] for e in first] == [3, 6, 8] and train[0]["rank"] == 1, first
     assert all(e["train_loss"] == 0 and e["peak_memory_gb"] > 0 and e["tokens_per_second"] > 0
                for e in first), first
+    # Each stage's time in send/recv and the activations (or cotangents) it sent: the dashboard
+    # split read 100% compute for a pipeline (an outside run). Both stages send every microbatch.
+    for e in first + train:
+        assert 0 < e["exchange_seconds"] <= e["step_seconds"] and e["exchange_bytes"] > 0, e
     fields = set(TrainReport.__dataclass_fields__)
     windows = [_window_iterations(TrainReport(**{k: v for k, v in e.items() if k in fields}))
                for e in train]

@@ -19,7 +19,8 @@ class Link(Protocol):
     """Point-to-point transport between neighbouring stages (no autodiff through it), and a sum over
     every rank (the finiteness check)."""
 
-    seconds: float  # time spent inside send/recv, for the benchmark
+    seconds: float  # time spent inside send/recv: the transfers and the waits for a neighbour
+    sent_bytes: int  # activations and cotangents sent to other stages
 
     def send(self, x: mx.array, dst: int) -> None: ...
     def recv(self, shape: tuple[int, ...], dtype: mx.Dtype, src: int) -> mx.array: ...
@@ -31,13 +32,14 @@ class MLXLink:
     peer."""
 
     def __init__(self, group: mx.distributed.Group, topology: Topology):
-        self.group, self.topo, self.seconds = group, topology, 0.0
+        self.group, self.topo, self.seconds, self.sent_bytes = group, topology, 0.0, 0
 
     def send(self, x: mx.array, dst: int) -> None:
         mx.eval(x)  # compute first, so the timer measures the transfer only
         tic = time.perf_counter()
         mx.eval(mx.distributed.send(x, self.topo.stage_ranks[dst], group=self.group))
         self.seconds += time.perf_counter() - tic
+        self.sent_bytes += x.nbytes
 
     def recv(self, shape, dtype, src: int) -> mx.array:
         tic = time.perf_counter()

@@ -202,13 +202,16 @@ def _run(job: JobConfig, opts: StageOptions) -> int:
     # every steps_per_report iterations: here at the first step at or after each (a step ends
     # grad_accumulation_steps iterations) and at the last iteration (it reported only at steps
     # on a multiple of steps_per_report, and never the last: an outside run).
-    window = {"loss": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0, "since": 0}
+    window = {"loss": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0, "since": 0, "link": 0.0,
+              "bytes": 0}
 
     def on_step(info: dict) -> None:
         window["loss"] += info["train_loss"] if reports else 0.0
         window["steps"] += 1
         window["tokens"] += info["tokens"]
         window["seconds"] += info["seconds"]
+        window["link"] += info["link_seconds"]
+        window["bytes"] += info["link_bytes"]
         it, every = info["iteration"], job.steps_per_report
         if it // every > window["since"] // every or it == job.iters:
             seconds = max(window["seconds"], 1e-9)
@@ -219,10 +222,14 @@ def _run(job: JobConfig, opts: StageOptions) -> int:
                 tokens_per_second=window["tokens"] / seconds,
                 trained_tokens=info["trained_tokens"], peak_memory_gb=info["peak_memory_gb"],
                 exchange="mlx", world_size=group.size(),
-                iterations_per_second=(it - window["since"]) / seconds, step_seconds=seconds)
+                iterations_per_second=(it - window["since"]) / seconds, step_seconds=seconds,
+                # the stage's time in send/recv, as the dashboard splits a step (it read 100%
+                # compute for a pipeline: an outside run)
+                exchange_seconds=window["link"], exchange_bytes=window["bytes"])
             log.append(report)
             print(train_line(vars(report), job.iters), flush=True)  # the stage's log
-            window.update(loss=0.0, steps=0, tokens=0, seconds=0.0, since=it)
+            window.update(loss=0.0, steps=0, tokens=0, seconds=0.0, since=it, link=0.0,
+                          bytes=0)
 
     def on_val(info: dict) -> None:
         if reports:

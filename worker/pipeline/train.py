@@ -103,7 +103,7 @@ def train_stage(job: JobConfig, stage: Stage, link: Link, train_set, microbatche
     stage.model.train()
     accum = job.grad_accumulation_steps
     acc, acc_tokens, acc_loss = None, 0, 0.0
-    t_step = time.perf_counter()
+    t_step, link_at = time.perf_counter(), (link.seconds, link.sent_bytes)
     for it in range(start + 1, last + 1):
         if valid_set is not None and it in order.val:
             tic = time.perf_counter()
@@ -113,6 +113,7 @@ def train_stage(job: JobConfig, stage: Stage, link: Link, train_set, microbatche
                 on_val({"iteration": it, "val_loss": val_loss,
                         "val_time": time.perf_counter() - tic})
             t_step = time.perf_counter()  # the step's rate leaves the validation out
+            link_at = (link.seconds, link.sent_bytes)
         step_seed = position_seed(job.seed, dp_rank, it)
         if (it - 1) % accum == 0:
             denominator = stream.targets(it, accum)
@@ -143,8 +144,11 @@ def train_stage(job: JobConfig, stage: Stage, link: Link, train_set, microbatche
                          "learning_rate": optimizer.learning_rate.item(),
                          "trained_tokens": run.trained_tokens, "tokens": acc_tokens,
                          "seconds": time.perf_counter() - t_step,
+                         # in send/recv (transfers, and waits on a neighbour: the bubble)
+                         "link_seconds": link.seconds - link_at[0],
+                         "link_bytes": link.sent_bytes - link_at[1],
                          "peak_memory_gb": mx.get_peak_memory() / 1e9})
-            t_step = time.perf_counter()
+            t_step, link_at = time.perf_counter(), (link.seconds, link.sent_bytes)
             acc, acc_tokens, acc_loss = None, 0, 0.0
             if on_save is not None and checkpoint_due(it, accum, job.save_every, last) and (
                     it % accum == 0):
