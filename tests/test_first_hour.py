@@ -473,3 +473,11 @@ def test_workers_keep_only_their_newest_attempt_and_herd_down_stops_the_cluster(
     assert gone.returncode == 5 and "unreachable" in gone.stderr
     again = cluster.herd("down", "--state-dir", cluster.state)
     assert again.returncode == 7 and "no `herd up` runs on" in again.stderr
+
+
+def test_help_piped_into_head_ends_without_a_traceback():
+    """`herd --help | head` ended in a BrokenPipeError traceback (an outside run)."""
+    proc = subprocess.run(f"{sys.executable} -m herd --help | head -1", shell=True,
+                          capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.stdout.startswith("herd:") and "Traceback" not in proc.stderr, proc.stderr
