@@ -179,6 +179,13 @@ def test_a_restarted_agent_stops_the_ranks_its_state_folder_names(tmp_path):
         (folders[0] / "rank.pid").write_text(f"{orphan.pid}\n")
         (folders[1] / "rank.pid").write_text(f"{stranger.pid}\n")  # a pid reused by another
         (folders[2] / "rank.pid").write_text("999999999\n")        # long gone
+        # (each exec'd: just after fork, /proc shows the parent's command line, and a loaded
+        # machine ran stop_orphans before the orphan's exec: CI)
+        for p in (orphan, stranger):
+            cmdline = Path(f"/proc/{p.pid}/cmdline")
+            deadline = time.monotonic() + 30
+            while b"worker.rank" not in cmdline.read_bytes() and time.monotonic() < deadline:
+                time.sleep(0.05)
         assert stop_orphans(tmp_path) == [orphan.pid]
         assert orphan.wait(timeout=30) == -signal.SIGTERM
         assert stranger.poll() is None
