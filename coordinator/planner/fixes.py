@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Iterable, Iterator
 
-from coordinator.planner.layout import Plan, layout, least_peak, most_stages
+from coordinator.planner.layout import Plan, asked_for, layout, least_peak, most_stages
 from coordinator.planner.memory import GB_SI, HEADROOM, ModelShape, WorkerMemory
 from herd.config import JobConfig, Quantize
 from herd.errors import ConfigError
@@ -128,8 +128,7 @@ def refusal(cfg: dict, job: JobConfig, workers: list[WorkerMemory]) -> str:
     shape = ModelShape.from_config(cfg)
     mems = ", ".join(f"{w.worker_id} {_gb(w.memory_bytes)}" for w in workers)
     every = workers  # (the fixes weigh them all)
-    if job.cluster.workers:  # the figures are of the workers the job asks for, as layout's
-        workers = sorted(workers, key=lambda w: -w.memory_bytes)[:job.cluster.workers]
+    workers = asked_for(job, workers)  # the figures are of those the job asks for, as layout's
     need = least_peak(cfg, job, workers)
     stages = most_stages(cfg, job, len(workers))
     uncut = pipeline_refusal(job, cfg) if stages == 1 and len(workers) > 1 else None

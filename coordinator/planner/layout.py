@@ -177,15 +177,13 @@ def layout(cfg: dict, job: JobConfig, workers: list[WorkerMemory],
     parallel), only the replicas free; None: any."""
     shape = ModelShape.from_config(cfg)
     budget = {w.worker_id: int(w.memory_bytes * (1 - HEADROOM)) for w in workers}
-    pool = sorted(workers, key=lambda w: -w.memory_bytes)
-    if job.cluster.workers:
-        pool = pool[: job.cluster.workers]
+    pool = asked_for(job, workers)
     fixed_dp = job.cluster.data_parallel()
     fixed_pp = job.cluster.pipeline_stages() if job.cluster.parallelism != "auto" else None
     if cut is not None:
         fixed_pp = max(1, len(cut))
     # (auto plans no stages for a job or model a stage cannot run: herd.stage_cut)
-    most = 1 if pipeline_refusal(job, cfg) else min(len(pool), shape.layers)
+    most = most_stages(cfg, job, len(pool))
     for stages in ([fixed_pp] if fixed_pp else range(1, most + 1)):
         # (the MLX ring carries at most 2 pipelines, Plan.ring_order: 3 x 2 planned on big Macs
         # was then refused, where 2 x 2 fits: a review)
@@ -235,6 +233,11 @@ def _make_plan(cfg: dict, job: JobConfig, shape: ModelShape, replicas: list[list
         estimates=estimates,
         max_shares=caps,
     )
+
+
+def asked_for(job: JobConfig, workers: list[WorkerMemory]) -> list[WorkerMemory]:
+    """The workers a layout uses: the largest first, at most cluster.workers of them."""
+    return sorted(workers, key=lambda w: -w.memory_bytes)[:job.cluster.workers or None]
 
 
 def most_stages(cfg: dict, job: JobConfig, workers: int) -> int:
